@@ -1,0 +1,399 @@
+"""The one client for Wiro's task API.
+
+Every method makes exactly one attempt: retry policy belongs to the callers, which know
+whether a retry is safe. For Run it never is blindly: Run is not idempotent and takes no
+idempotency key, so a request that timed out after it was sent may already have started a
+billable task, and resubmitting it can start a second one. That is why Run's failures are
+split three ways: ``WiroUnavailable`` when the request provably did not start anything
+(the connection was never made, or Wiro said "not now"), ``WiroRejected`` when Wiro
+refused it, and ``WiroAmbiguous`` when nobody can tell, which callers must reconcile
+rather than retry.
+
+Wiro's HTTP status is unreliable (it may answer 200 with an error body, or 4xx/5xx with
+one), so the body is parsed on every status, and success needs HTTP 2xx AND
+``result: true`` (AND, for Run, a task id).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import re
+import time
+from datetime import UTC
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import httpx
+from pydantic import SecretStr
+
+from app.wiro.errors import (
+    WiroAmbiguous,
+    WiroAuthError,
+    WiroConcurrencyLimit,
+    WiroError,
+    WiroInsufficientBalance,
+    WiroRateLimited,
+    WiroRejected,
+    WiroStateError,
+    WiroUnavailable,
+)
+from app.wiro.models import RunAccepted, UpstreamTask
+from app.wiro.signing import NonceSource, sign
+
+__all__ = ["DEFAULT_TIMEOUT", "WiroClient", "error_for_code", "parse_retry_after"]
+
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=5.0)
+
+# Transport errors raised before any byte of the request left: Run can safely be retried.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+# A Run answered by one of these without a Wiro error body was refused by the server or a
+# proxy in front of it. Any other 5xx (504, Cloudflare's 524, ...) can mean "the origin is
+# still working on it", so it is ambiguous.
+_RUN_NOT_STARTED_5XX = frozenset({500, 502, 503})
+# A gateway gave up waiting for Wiro: whatever the body, the Run may be in progress behind it.
+_GATEWAY_TIMEOUTS = frozenset({504, 524})
+
+_AUTH_MESSAGE = re.compile(r"authori[sz]|authenticat|api[ -]?key|signature", re.IGNORECASE)
+_NO_TASK_MESSAGE = re.compile(r"\bno task\b", re.IGNORECASE)
+
+
+def _secret(value: str | SecretStr | None) -> SecretStr | None:
+    if value is None:
+        return None
+    secret = value if isinstance(value, SecretStr) else SecretStr(value)
+    return secret if secret.get_secret_value() else None
+
+
+def _truthy(value: Any) -> bool:
+    """Wiro's ``result``: accepts ``true``, ``"true"`` and ``1``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value == 1
+    if isinstance(value, str):
+        return value.strip().lower() in {"true", "1"}
+    return False
+
+
+def _falsy(value: Any) -> bool:
+    """An explicit ``result: false`` (not merely a missing one)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value == 0
+    if isinstance(value, str):
+        return value.strip().lower() in {"false", "0"}
+    return False
+
+
+def _code(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The body as a JSON object, or None when it is anything else."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _task_id(body: dict[str, Any] | None) -> str | None:
+    if body is None:
+        return None
+    value = body.get("taskid")
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    return str(value).strip() or None
+
+
+def _error_body(body: dict[str, Any] | None) -> tuple[int | None, str] | None:
+    """``(code, message)`` of a Wiro error body, or None when the body is not one.
+
+    An error body has an explicit false ``result`` or, lacking a true one, a non-empty
+    ``errors`` list. Items may be objects or plain strings; the first one gives the code,
+    and the message joins all of them.
+    """
+    if body is None or _truthy(body.get("result")):
+        return None
+    errors = body.get("errors")
+    if isinstance(errors, (str, dict)):
+        errors = [errors]
+    if not isinstance(errors, list):
+        errors = []
+    if not errors and not _falsy(body.get("result")):
+        return None
+    code: int | None = None
+    messages: list[str] = []
+    for index, item in enumerate(errors):
+        if isinstance(item, dict):
+            if index == 0:
+                code = _code(item.get("code"))
+            message = item.get("message")
+            text = str(message).strip() if message is not None else ""
+        else:
+            text = str(item).strip() if item is not None else ""
+        if text:
+            messages.append(text)
+    return code, "; ".join(messages) or "Wiro answered result: false without a message"
+
+
+def error_for_code(code: int | None, message: str, *, http_status: int | None) -> WiroError:
+    """The exception for a Wiro error code (before any adjustment for the HTTP status)."""
+    kwargs: dict[str, Any] = {"code": code, "http_status": http_status}
+    if code == 96:
+        return WiroConcurrencyLimit(message, **kwargs)
+    if code == 97:
+        return WiroInsufficientBalance(message, **kwargs)
+    if code in (98, 99):
+        return WiroAuthError(message, **kwargs)
+    if code == 1:
+        return WiroStateError(message, **kwargs)
+    if code in (0, None):
+        # Code 0 is Wiro's catch-all; its message is the only way to tell auth apart.
+        if _AUTH_MESSAGE.search(message):
+            return WiroAuthError(message, **kwargs)
+        if _NO_TASK_MESSAGE.search(message):
+            return WiroStateError(message, **kwargs)
+    return WiroRejected(message, **kwargs)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+class WiroClient:
+    """Wiro's task API over one shared ``httpx.AsyncClient``; one attempt per call."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | SecretStr | None,
+        api_secret: str | SecretStr | None,
+        http: httpx.AsyncClient,
+        nonce_source: NonceSource | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._api_key = _secret(api_key)
+        self._api_secret = _secret(api_secret)
+        self._http = http
+        self._nonces = nonce_source if nonce_source is not None else NonceSource()
+        self._timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
+
+    def __repr__(self) -> str:
+        return f"WiroClient(base_url={self._base_url!r})"
+
+    def auth_headers(self) -> dict[str, str]:
+        """Signature headers, ``x-api-key`` alone without a secret, or none without a key."""
+        if self._api_key is None:
+            return {}
+        key = self._api_key.get_secret_value()
+        if self._api_secret is None:
+            return {"x-api-key": key}
+        nonce = str(self._nonces.next())
+        return {
+            "x-api-key": key,
+            "x-nonce": nonce,
+            "x-signature": sign(key, self._api_secret.get_secret_value(), nonce),
+        }
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    async def run(
+        self, model: str, inputs: dict[str, str], *, callback_url: str | None
+    ) -> RunAccepted:
+        """Start a task. Never retried here; see the module docstring."""
+        payload = {key: "" if value is None else str(value) for key, value in inputs.items()}
+        if callback_url is not None:
+            payload["callbackUrl"] = callback_url
+        path = "/Run/" + "/".join(quote(part, safe="") for part in model.strip("/").split("/"))
+        body = await self._post(path, json=payload, is_run=True)
+        task_id = _task_id(body)
+        assert task_id is not None  # _post checked it for Run
+        token = body.get("socketaccesstoken")
+        return RunAccepted(task_id=task_id, socket_token="" if token is None else str(token))
+
+    async def detail(
+        self, *, task_id: str | None = None, task_token: str | None = None
+    ) -> UpstreamTask:
+        """The task by id or by task token; "no task yet" raises ``WiroStateError``."""
+        if (task_id is None) == (task_token is None):
+            raise ValueError("give exactly one of task_id and task_token")
+        payload = {"taskid": task_id} if task_id is not None else {"tasktoken": task_token}
+        body = await self._post("/Task/Detail", json=payload)
+        tasks = self._tasklist(body, "/Task/Detail")
+        if not tasks:
+            raise WiroStateError("There is no task yet.", code=1, http_status=None)
+        return tasks[0]
+
+    async def cancel(self, task_id: str) -> UpstreamTask | None:
+        """Cancel a queued task; the task when Wiro returns it."""
+        body = await self._post("/Task/Cancel", json={"taskid": task_id})
+        tasks = self._tasklist(body, "/Task/Cancel")
+        return tasks[0] if tasks else None
+
+    async def kill(self, task_id: str) -> UpstreamTask | None:
+        """Kill an assigned or running task; the task when Wiro returns it."""
+        body = await self._post("/Task/Kill", json={"taskid": task_id})
+        tasks = self._tasklist(body, "/Task/Kill")
+        return tasks[0] if tasks else None
+
+    async def input_output_delete(self, task_token: str) -> None:
+        """Delete a finished task's input and output files at Wiro (idempotent)."""
+        await self._post("/Task/InputOutputDelete", json={"tasktoken": task_token})
+
+    async def list_tasks(self, *, limit: int = 50) -> list[UpstreamTask]:
+        """The project's most recent tasks, newest first (undocumented endpoint)."""
+        payload = {
+            "type": "model",
+            "sort": "id",
+            "order": "DESC",
+            "start": "0",
+            "limit": str(limit),
+        }
+        body = await self._post("/Task/List", json=payload)
+        return self._tasklist(body, "/Task/List")
+
+    async def upload(self, *, filename: str, content: bytes, content_type: str) -> str:
+        """Upload a file to Wiro's storage; its public URL (to pass as an input URL)."""
+        body = await self._post("/File/Upload", files={"file": (filename, content, content_type)})
+        items = body.get("list")
+        first = items[0] if isinstance(items, list) and items else None
+        url = first.get("url") if isinstance(first, dict) else None
+        if not isinstance(url, str) or not url.strip():
+            raise WiroUnavailable("/File/Upload: success without a file URL", http_status=200)
+        return url.strip()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @staticmethod
+    def _tasklist(body: dict[str, Any], path: str) -> list[UpstreamTask]:
+        tasks = body.get("tasklist")
+        if tasks is None:
+            return []
+        if not isinstance(tasks, list):
+            raise WiroUnavailable(f"{path}: tasklist is not a list", http_status=None)
+        return [UpstreamTask.from_wire(item) for item in tasks if isinstance(item, dict)]
+
+    async def _post(
+        self,
+        path: str,
+        *,
+        json: dict[str, Any] | None = None,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
+        is_run: bool = False,
+    ) -> dict[str, Any]:
+        """One POST; the body of a success, or the classified ``WiroError``."""
+        try:
+            response = await self._http.post(
+                self._base_url + path,
+                json=json,
+                files=files,
+                headers=self.auth_headers(),
+                timeout=self._timeout,
+            )
+        except httpx.RequestError as exc:
+            # Only the exception's type and text: its .request carries our headers.
+            detail = str(exc).strip()
+            message = f"{path}: {type(exc).__name__}" + (f": {detail}" if detail else "")
+            if is_run and not isinstance(exc, _NOT_SENT):
+                raise WiroAmbiguous(message) from exc
+            raise WiroUnavailable(message) from exc
+        return self._interpret(response, path, is_run=is_run)
+
+    @staticmethod
+    def _interpret(response: httpx.Response, path: str, *, is_run: bool) -> dict[str, Any]:
+        status = response.status_code
+        body = _json_object(response)
+        error = _error_body(body)
+
+        if 200 <= status < 300:
+            if body is None:
+                _unusable(
+                    f"{path}: HTTP {status} with a body that is not a JSON object", status, is_run
+                )
+            if _truthy(body.get("result")):
+                if is_run and _task_id(body) is None:
+                    raise WiroAmbiguous(f"{path}: result true without a taskid", http_status=status)
+                return body
+            if error is None:
+                _unusable(f"{path}: HTTP {status} without a result", status, is_run)
+            raise error_for_code(*error, http_status=status)
+
+        # Not 2xx. For Run, a visible task id means a task may exist, whatever the status
+        # and the body say: never let that look retryable.
+        hint = _task_id(body) if is_run else None
+        if hint is not None:
+            raise WiroAmbiguous(
+                f"{path}: HTTP {status} with taskid {hint}", http_status=status, task_id=hint
+            )
+
+        if status == 429:
+            code, message = error if error is not None else (None, f"{path}: rate limited")
+            raise WiroRateLimited(
+                message,
+                code=code,
+                http_status=status,
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+
+        if status >= 500:
+            if is_run and (
+                status in _GATEWAY_TIMEOUTS
+                or (error is None and status not in _RUN_NOT_STARTED_5XX)
+            ):
+                raise WiroAmbiguous(f"{path}: HTTP {status}", http_status=status)
+            if error is None:
+                raise WiroUnavailable(f"{path}: HTTP {status}", http_status=status)
+            exc = error_for_code(*error, http_status=status)
+            if type(exc) is WiroRejected:
+                # Code 0 or an unknown code on a 5xx is server trouble, not a refusal.
+                raise WiroUnavailable(exc.message, code=exc.code, http_status=status)
+            raise exc
+
+        if error is None:
+            message = f"{path}: HTTP {status}"
+            if status in (401, 403):
+                raise WiroAuthError(message, http_status=status)
+            raise WiroRejected(message, http_status=status)
+        exc = error_for_code(*error, http_status=status)
+        if status in (401, 403) and type(exc) is WiroRejected:
+            raise WiroAuthError(exc.message, code=exc.code, http_status=status)
+        raise exc
+
+
+def _unusable(message: str, status: int, is_run: bool) -> NoReturn:
+    """A 2xx without a usable answer: ambiguous for Run, "try later" for the rest."""
+    if is_run:
+        raise WiroAmbiguous(message, http_status=status)
+    raise WiroUnavailable(message, http_status=status)
