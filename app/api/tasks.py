@@ -1,0 +1,121 @@
+"""The task routes: thin — parse, call ``app.tasks``, present."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+
+from app import tasks
+from app.api.deps import Principal, event_out, get_ctx, principal, task_out
+from app.errors import InvalidRequest
+from app.lifecycle import Status
+from app.schemas import EventList, Problem, TaskCreate, TaskOut, TaskPage
+from app.tasks import Ctx
+
+PROBLEMS = {
+    401: {"model": Problem, "description": "Missing or unknown API key"},
+    404: {"model": Problem, "description": "Unknown task (or another client's)"},
+    422: {"model": Problem, "description": "Invalid request"},
+}
+
+router = APIRouter(prefix="/v1", tags=["tasks"], responses={401: PROBLEMS[401]})
+Caller = Annotated[Principal, Depends(principal)]
+Context = Annotated[Ctx, Depends(get_ctx)]
+
+
+@router.post(
+    "/tasks", status_code=202, response_model=TaskOut, operation_id="createTask",
+    summary="Submit a headshot task",
+    responses={200: {"model": TaskOut, "description": "Idempotent replay of an earlier "
+                     "request with the same Idempotency-Key (header Idempotent-Replayed: true)"},
+               409: {"model": Problem, "description": "The same Idempotency-Key is in flight"},
+               413: {"model": Problem, "description": "Body too large"},
+               422: PROBLEMS[422]},
+)
+async def create_task(
+    body: TaskCreate, response: Response, caller: Caller, ctx: Context,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> TaskOut:
+    """Validate against the model's parameter sheet, record, and forward to Wiro."""
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise InvalidRequest("Idempotency-Key must not be empty.",
+                             errors=[{"loc": ["header", "Idempotency-Key"], "msg": "empty"}])
+    task, replayed = await tasks.create_task(ctx, client=caller.client, body=body,
+                                             idempotency_key=idempotency_key)
+    if replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        # Dispatch now, shielded: if the caller goes away mid-Run the attempt still
+        # finishes and is recorded; if this process dies, the lease lapses and a worker
+        # takes over (and will not re-send blindly).
+        await asyncio.shield(tasks.check(ctx, task.id))
+        task = await tasks.get_task(ctx, task_id=task.id, client=None)
+    response.headers["Location"] = f"/v1/tasks/{task.id}"
+    return task_out(task)
+
+
+@router.get("/tasks/{task_id}", response_model=TaskOut, operation_id="getTask",
+            summary="Read a task", responses={404: PROBLEMS[404]})
+async def get_task(task_id: str, caller: Caller, ctx: Context) -> TaskOut:
+    return task_out(await tasks.get_task(ctx, task_id=task_id, client=caller.scope))
+
+
+@router.get("/tasks", response_model=TaskPage, operation_id="listTasks",
+            summary="List and filter the task history, newest first",
+            responses={422: PROBLEMS[422]})
+async def list_tasks(
+    request: Request, caller: Caller, ctx: Context,
+    status: Annotated[list[Status] | None, Query()] = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    client: Annotated[str | None, Query(max_length=100,
+                                        description="admin keys only: one client's tasks")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> TaskPage:
+    """Filters: ``status`` (repeatable), ``model``, ``created_after``/``created_before``
+    (RFC 3339), ``metadata.<key>=<value>`` (any number); ``cursor`` from ``next_cursor``."""
+    metadata: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key.startswith("metadata."):
+            name = key.removeprefix("metadata.")
+            if not name or len(name) > 40 or len(value) > 500:
+                raise InvalidRequest("Bad metadata filter.",
+                                     errors=[{"loc": ["query", key], "msg": "invalid filter"}])
+            metadata[name] = value
+    for name, ts in (("created_after", created_after), ("created_before", created_before)):
+        if ts is not None and ts.tzinfo is None:
+            raise InvalidRequest("Timestamps need a time zone (RFC 3339).",
+                                 errors=[{"loc": ["query", name], "msg": "missing offset"}])
+    scope = caller.scope
+    if client is not None:
+        if not caller.admin:
+            raise InvalidRequest("Only admin keys may filter by client.",
+                                 errors=[{"loc": ["query", "client"], "msg": "admin only"}])
+        scope = client
+    rows, next_cursor = await tasks.list_tasks(
+        ctx, client=scope, statuses=status or (), model=model, created_after=created_after,
+        created_before=created_before, metadata=metadata, limit=limit, cursor=cursor)
+    return TaskPage(data=[task_out(t) for t in rows], next_cursor=next_cursor)
+
+
+@router.get("/tasks/{task_id}/events", response_model=EventList, operation_id="listTaskEvents",
+            summary="The task's event timeline, oldest first", responses={404: PROBLEMS[404]})
+async def list_events(task_id: str, caller: Caller, ctx: Context) -> EventList:
+    events = await tasks.list_events(ctx, task_id=task_id, client=caller.scope)
+    return EventList(data=[event_out(e) for e in events])
+
+
+@router.post("/tasks/{task_id}/cancel", status_code=202, response_model=TaskOut,
+             operation_id="cancelTask", summary="Cancel a task",
+             responses={404: PROBLEMS[404],
+                        409: {"model": Problem, "description": "The task is already terminal"}})
+async def cancel_task(task_id: str, caller: Caller, ctx: Context) -> TaskOut:
+    """Pending: cancelled at once. Otherwise Wiro is asked (Cancel when queued, Kill when
+    running); the task becomes ``cancelled`` only once Wiro confirms."""
+    return task_out(await tasks.cancel_task(ctx, task_id=task_id, client=caller.scope))

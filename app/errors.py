@@ -1,0 +1,110 @@
+"""The gateway's error tree and its problem+json (RFC 9457) rendering.
+
+```
+GatewayError                  status, title, detail
+├── NotFound                  404 unknown task (or another client's)
+├── Conflict                  409 terminal task, concurrent idempotent request
+├── Unauthorized              401 missing or unknown key
+├── PayloadTooLarge           413
+└── InvalidRequest            422 (with ``errors``: [{"loc", "msg"}])
+```
+Every handler answers ``application/problem+json``; unexpected exceptions become a bare
+500 with no detail, so no stack trace or secret can leave the process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+
+
+class GatewayError(Exception):
+    status = 500
+    title = "Internal Server Error"
+    type = "about:blank"
+
+    def __init__(self, detail: str | None = None, *, errors: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.errors = errors
+        self.headers = headers
+
+
+class NotFound(GatewayError):
+    status, title = 404, "Not Found"
+
+
+class Conflict(GatewayError):
+    status, title = 409, "Conflict"
+
+
+class Unauthorized(GatewayError):
+    status, title = 401, "Unauthorized"
+
+
+class PayloadTooLarge(GatewayError):
+    status, title = 413, "Payload Too Large"
+
+
+class InvalidRequest(GatewayError):
+    status, title = 422, "Unprocessable Content"
+
+
+def problem(status: int, title: str, detail: str | None = None, *,
+            errors: list[dict[str, Any]] | None = None, type_: str = "about:blank",
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status,
+                            "detail": detail or title}
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _clean_loc(loc: Any) -> list[str | int]:
+    return [p for p in loc if p not in ("body",)] or list(loc)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for e in exc.errors():
+        msg = str(e.get("msg", "invalid"))
+        # pydantic's messages never echo secrets, but they may echo the input; keep them short.
+        out.append({"loc": _clean_loc(e.get("loc", ())), "msg": msg[:300]})
+    return out
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status == 401:
+            headers.setdefault("WWW-Authenticate", "Bearer")
+        return problem(exc.status, exc.title, exc.detail, errors=exc.errors, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem(422, "Unprocessable Content", "The request is not valid.",
+                       errors=_validation_errors(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {404: "Not Found", 405: "Method Not Allowed", 401: "Unauthorized",
+                  413: "Payload Too Large", 400: "Bad Request"}
+        title = titles.get(exc.status_code, "Error")
+        detail = exc.detail if isinstance(exc.detail, str) else title
+        return problem(exc.status_code, title, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+        return problem(500, "Internal Server Error", "An unexpected error occurred.")

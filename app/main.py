@@ -1,0 +1,133 @@
+"""``create_app(settings)``: the API, the upstream client and the background workers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api import callbacks, health
+from app.api import tasks as task_routes
+from app.api.deps import key_digests
+from app.db import make_engine, make_sessionmaker
+from app.errors import install_handlers, problem
+from app.migrate import head_revision
+from app.settings import Settings
+from app.tasks import Ctx
+from app.wiro import WiroClient
+from app.workers.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+A gateway in front of Wiro's `wiro/professional-headshot` model: submit headshot tasks,
+read them, list and filter the history, read each task's event timeline, cancel.
+
+Every `/v1` route takes `Authorization: Bearer <key>`. Errors are
+`application/problem+json` (RFC 9457). Statuses only move forward:
+`pending → queued → running → succeeded | failed | cancelled | timed_out`.
+"""
+
+
+class BodyLimit:
+    """413 for bodies over the limit, by Content-Length or by counting the stream."""
+
+    def __init__(self, app: ASGIApp, *, default: int, callbacks: int) -> None:
+        self.app, self.default, self.callbacks = app, default, callbacks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.callbacks if scope["path"].startswith("/callbacks/") else self.default
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await _too_large(scope, receive, send, limit)
+                    return
+        seen = 0
+        responded = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.start":
+                responded = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not responded:
+                await _too_large(scope, receive, send, limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    resp = problem(413, "Payload Too Large", f"The request body is over {limit} bytes.")
+    await resp(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, start_workers: bool = True,
+               wiro_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.effective_database_url)
+        http = httpx.AsyncClient(transport=wiro_transport, follow_redirects=False,
+                                 limits=httpx.Limits(max_connections=100,
+                                                     max_keepalive_connections=20))
+        wiro = WiroClient(
+            base_url=settings.wiro_base_url, api_key=settings.wiro_api_key,
+            api_secret=settings.wiro_api_secret, http=http,
+            timeout=httpx.Timeout(settings.wiro_read_timeout_s,
+                                  connect=settings.wiro_connect_timeout_s))
+        ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro)
+        scheduler = Scheduler(ctx)
+        ctx.wake = scheduler.wake
+        app.state.ctx = ctx
+        app.state.scheduler = scheduler
+        if start_workers:
+            scheduler.start()
+        log.info("gateway started", extra={"owner": ctx.owner})
+        try:
+            yield
+        finally:
+            await scheduler.stop()
+            await http.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="headshot-gateway", version="1.0.0", description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.key_digests = key_digests(settings.client_keys)
+    app.state.migration_head = head_revision()
+    install_handlers(app)
+    app.include_router(task_routes.router)
+    app.include_router(callbacks.router)
+    app.include_router(health.router)
+    app.add_middleware(BodyLimit, default=settings.body_limit_bytes,
+                       callbacks=settings.callback_body_limit_bytes)
+    return app

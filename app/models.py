@@ -1,0 +1,99 @@
+"""ORM rows only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, UTCDateTime
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+TS = UTCDateTime()
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    client: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))
+    status_rank: Mapped[int] = mapped_column(Integer)
+    input: Mapped[dict[str, Any]] = mapped_column(Json)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", Json, default=dict)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+
+    upstream_task_id: Mapped[str | None] = mapped_column(String(64))
+    upstream_token: Mapped[str | None] = mapped_column(String(128))  # Wiro's socketaccesstoken
+    upstream_status: Mapped[str | None] = mapped_column(String(40))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+
+    outputs: Mapped[list[dict[str, Any]]] = mapped_column(Json, default=list)
+    cost_usd: Mapped[str | None] = mapped_column(String(32))
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    upstream_error_code: Mapped[str | None] = mapped_column(String(16))
+
+    created_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS)
+    completed_at: Mapped[datetime | None] = mapped_column(TS)
+    deadline_at: Mapped[datetime] = mapped_column(TS)
+
+    # Work scheduling: when a worker should next look at the task, and who holds it.
+    next_check_at: Mapped[datetime | None] = mapped_column(TS)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(TS)
+    retries: Mapped[int] = mapped_column(Integer, default=0)  # dispatch retries or polls
+    hint_at: Mapped[datetime | None] = mapped_column(TS)  # last accepted callback
+    first_miss_at: Mapped[datetime | None] = mapped_column(TS)  # "There is no task yet."
+    first_error_at: Mapped[datetime | None] = mapped_column(TS)  # task_error seen
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(TS)
+    upstream_started_at: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (
+        Index("ix_tasks_client_id", "client", "id"),
+        Index("ix_tasks_next_check_at", "next_check_at"),
+        Index("uq_tasks_client_idempotency_key", "client", "idempotency_key", unique=True),
+        Index("ix_tasks_upstream_task_id", "upstream_task_id"),
+    )
+
+
+class Attempt(Base):
+    """One submission of a task to Wiro. The callback token names the attempt."""
+
+    __tablename__ = "task_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    sent_at: Mapped[datetime] = mapped_column(TS)
+    # sent → accepted | rejected | not_sent | ambiguous | abandoned
+    outcome: Mapped[str] = mapped_column(String(20))
+    upstream_task_id: Mapped[str | None] = mapped_column(String(64))
+    # An upstream task id named by a callback for this attempt, not yet verified.
+    hint_upstream_id: Mapped[str | None] = mapped_column(String(64))
+    resolved_at: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (Index("uq_task_attempts_task_id_number", "task_id", "number", unique=True),)
+
+
+class Event(Base):
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(TS)
+    source: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str | None] = mapped_column(String(20))
+    upstream_status: Mapped[str | None] = mapped_column(String(40))
+    message: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_task_events_task_id_id", "task_id", "id"),)

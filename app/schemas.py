@@ -1,0 +1,137 @@
+"""API shapes only (pydantic); never the ORM classes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, WithJsonSchema, field_validator
+
+from app.catalog import DEFAULT_MODEL, MODELS, check_url
+from app.lifecycle import Status
+
+MAX_METADATA_KEYS = 16
+MAX_METADATA_VALUE = 500
+MAX_METADATA_KEY = 40
+
+
+def _input_schema() -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    required = []
+    for p in MODELS[DEFAULT_MODEL]:
+        if p.kind == "select":
+            props[p.name] = {"type": "string", "enum": list(p.options), "default": p.default}
+        elif p.kind == "integer":
+            props[p.name] = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 4294967295},
+                                       {"type": "string", "pattern": "^[0-9]{1,10}$"}],
+                             "default": p.default}
+        else:
+            props[p.name] = {"type": "string", "format": "uri", "maxLength": 2048}
+            required.append(p.name)
+        if p.help:
+            props[p.name]["description"] = p.help
+    return {"type": "object", "title": "HeadshotInput", "properties": props,
+            "required": required, "additionalProperties": False,
+            "description": "The model's own parameter names; omitted inputs take the "
+                           "model's defaults. Validated against the model's parameter sheet."}
+
+
+InputField = Annotated[dict[str, Any], WithJsonSchema(_input_schema())]
+
+
+class TaskCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr = Field(DEFAULT_MODEL, max_length=200)
+    input: InputField
+    webhook_url: StrictStr | None = Field(None, max_length=2048)
+    metadata: dict[StrictStr, StrictStr] | None = Field(
+        None, description=f"At most {MAX_METADATA_KEYS} string keys to string values of at "
+                          f"most {MAX_METADATA_VALUE} characters; filterable in history.")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        if v is not None and (why := check_url(v)):
+            raise ValueError(f"webhook_url {why}")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
+        for k, val in v.items():
+            if not k or len(k) > MAX_METADATA_KEY or not all(c.isalnum() or c in "_-." for c in k):
+                raise ValueError(f"keys are 1-{MAX_METADATA_KEY} characters of [A-Za-z0-9_.-]")
+            if len(val) > MAX_METADATA_VALUE:
+                raise ValueError(f"values are at most {MAX_METADATA_VALUE} characters")
+        return v
+
+
+class TaskOutput(BaseModel):
+    name: str
+    content_type: str | None = None
+    size: int | None = None
+    url: str
+    upstream_url: str | None = None
+
+
+class TaskError(BaseModel):
+    code: str
+    message: str
+    upstream_code: str | None = None
+
+
+class UpstreamRef(BaseModel):
+    task_id: str | None
+    status: str | None
+
+
+class TaskOut(BaseModel):
+    id: str
+    model: str
+    status: Status
+    input: dict[str, str]
+    outputs: list[TaskOutput]
+    error: TaskError | None
+    upstream: UpstreamRef
+    cost_usd: str | None
+    metadata: dict[str, str]
+    webhook_url: str | None
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+
+class TaskPage(BaseModel):
+    data: list[TaskOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    id: int
+    at: datetime
+    source: Literal["api", "callback", "poll", "dispatcher", "cancel", "timeout", "delivery"]
+    status: Status | None
+    upstream_status: str | None
+    message: str | None
+
+
+class EventList(BaseModel):
+    data: list[EventOut]
+
+
+class Problem(BaseModel):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,124 @@
+"""All configuration, from the environment (prefix ``GATEWAY_``) or a ``.env`` file."""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+WIRO_CDN_HOSTS = "cdn.wiro.ai,cdn1.wiro.ai,cdn2.wiro.ai,cdn3.wiro.ai,api.wiro.ai"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
+
+    env: Literal["dev", "prod", "test"] = "prod"
+    database_url: str | None = None
+    data_dir: Path = Path("./var")
+
+    wiro_base_url: str = "https://api.wiro.ai/v1"
+    wiro_api_key: SecretStr | None = None
+    wiro_api_secret: SecretStr | None = None
+    wiro_connect_timeout_s: float = 5.0
+    wiro_read_timeout_s: float = 30.0
+
+    public_url: str = "http://127.0.0.1:8000"
+    api_keys: SecretStr | None = None
+    admin_clients: str = ""
+    webhook_secret: SecretStr | None = None
+
+    poll_initial_s: float = 10.0
+    poll_max_s: float = 60.0
+    task_timeout_s: float = 3600.0
+    notify_retry_s: str = "0,5,300,1800,7200,18000,36000,36000"
+    output_hosts: str = WIRO_CDN_HOSTS
+    allow_private_networks: bool = False
+
+    # Beyond the contract's table: queueing, leases and grace periods.
+    max_in_flight: int = Field(default=0, ge=0, description="0 = no local cap")
+    dispatch_retry_initial_s: float = 1.0
+    dispatch_retry_max_s: float = 60.0
+    retry_after_cap_s: float = 60.0
+    run_grace_s: float = Field(
+        default=300.0,
+        description="how long an ambiguous Run waits for a sign of life before a new attempt",
+    )
+    lost_grace_s: float = Field(
+        default=120.0, description="how long 'There is no task yet.' is tolerated"
+    )
+    task_error_grace_s: float = Field(
+        default=60.0, description="how long task_error must persist to fail a task"
+    )
+    reconcile_with_task_list: bool = Field(
+        default=True,
+        description="look for an unanswered Run's upstream task in Task/List (undocumented)",
+    )
+    lease_s: float = 30.0
+    worker_idle_s: float = 1.0
+    worker_batch: int = 20
+    worker_concurrency: int = 16
+    body_limit_bytes: int = 64 * 1024
+    callback_body_limit_bytes: int = 1024 * 1024
+    log_level: str = "INFO"
+
+    @field_validator("public_url", "wiro_base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.poll_initial_s <= 0 or self.poll_max_s < self.poll_initial_s:
+            raise ValueError("need 0 < GATEWAY_POLL_INITIAL_S <= GATEWAY_POLL_MAX_S")
+        if self.wiro_api_secret is not None and self.wiro_api_key is None:
+            raise ValueError("GATEWAY_WIRO_API_SECRET is set without GATEWAY_WIRO_API_KEY")
+        self.client_keys  # noqa: B018 - parse early so a malformed value fails at start-up
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    @cached_property
+    def client_keys(self) -> dict[str, str]:
+        """``GATEWAY_API_KEYS`` as ``{key: client_name}``."""
+        out: dict[str, str] = {}
+        if self.api_keys is None:
+            return out
+        for part in self.api_keys.get_secret_value().split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, key = part.partition("=")
+            if not sep or not name.strip() or not key.strip():
+                raise ValueError("GATEWAY_API_KEYS must look like name=key,name2=key2")
+            out[key.strip()] = name.strip()
+        return out
+
+    @property
+    def admin_client_names(self) -> frozenset[str]:
+        return frozenset(n.strip() for n in self.admin_clients.split(",") if n.strip())
+
+    @property
+    def notify_schedule(self) -> list[float]:
+        return [float(x) for x in self.notify_retry_s.split(",") if x.strip()]
+
+    @property
+    def output_host_set(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.output_hosts.split(",") if h.strip())
+
+
+def new_secret_token(nbytes: int = 24) -> str:
+    return secrets.token_urlsafe(nbytes)

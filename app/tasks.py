@@ -1,0 +1,852 @@
+"""The only code that writes task rows: create, check (dispatch / poll / deadline),
+callbacks, cancel, and the history reads.
+
+How a task moves:
+
+1. ``create_task`` commits the row as ``pending`` (the outbox) with a lease held by this
+   process, so the request can dispatch it at once while a crash leaves it for a worker.
+2. ``check`` is the one unit of background work, run by whoever holds the task's lease:
+   a pending task is dispatched (a new *attempt*, committed before Run is sent), a
+   submitted one is polled with ``Task/Detail``, a late one is stopped at its deadline.
+3. Callbacks (``accept_callback``) only mark the task due; ``check`` then reads Detail.
+
+Every status write is conditional on the rank (``status_rank < new``), so statuses only
+move forward and terminal ones never change; each change writes its event in the same
+transaction. No transaction is held across an upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import secrets
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.catalog import validate_input
+from app.db import unit_of_work, utcnow
+from app.errors import Conflict, InvalidRequest, NotFound
+from app.lifecycle import (
+    TERMINAL_RANK,
+    UPSTREAM_QUEUED,
+    ErrorCode,
+    Status,
+    observe,
+)
+from app.models import Attempt, Event, Task
+from app.schemas import TaskCreate
+from app.settings import Settings
+from app.wiro import (
+    RunAccepted,
+    UpstreamTask,
+    WiroAmbiguous,
+    WiroClient,
+    WiroConcurrencyLimit,
+    WiroError,
+    WiroInsufficientBalance,
+    WiroRateLimited,
+    WiroRejected,
+    WiroStateError,
+    WiroUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_task_id(now: datetime | None = None) -> str:
+    """``tsk_`` + a ULID: 48 bits of milliseconds then 80 random bits, so ids sort by
+    creation time and the history's keyset can order by id alone."""
+    ms = int((now or utcnow()).timestamp() * 1000)
+    n = (ms << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[n & 31])
+        n >>= 5
+    return "tsk_" + "".join(reversed(chars))
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()[:30]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Ctx:
+    """What the domain functions need; one per process (tests build their own)."""
+
+    settings: Settings
+    sm: async_sessionmaker[AsyncSession]
+    wiro: WiroClient
+    owner: str = field(default_factory=default_owner)
+    clock: Callable[[], datetime] = utcnow
+    wake: Callable[[], None] = lambda: None
+    dispatch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+# ---------------------------------------------------------------- writes, in one place
+
+
+def _event(session: AsyncSession, task_id: str, source: str, at: datetime, *,
+           status: str | None = None, upstream_status: str | None = None,
+           message: str | None = None) -> None:
+    session.add(Event(task_id=task_id, at=at, source=source, status=status,
+                      upstream_status=upstream_status, message=message))
+
+
+async def _transition(session: AsyncSession, task_id: str, new: Status, *, source: str,
+                      now: datetime, message: str | None = None, **values: Any) -> bool:
+    """Move the task to ``new`` if that is forward; record the event. True if it moved."""
+    if new.terminal:
+        values.setdefault("completed_at", now)
+        values.setdefault("next_check_at", None)
+    res = await session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.status_rank < new.rank)
+        .values(status=new.value, status_rank=new.rank, updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    _event(session, task_id, source, now, status=new.value,
+           upstream_status=values.get("upstream_status"), message=message)
+    return True
+
+
+async def _set(session: AsyncSession, task_id: str, **values: Any) -> None:
+    await session.execute(
+        update(Task).where(Task.id == task_id).values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+# ---------------------------------------------------------------- create and read
+
+
+def _request_hash(model: str, inputs: dict[str, str], body: TaskCreate) -> str:
+    canon = json.dumps({"model": model, "input": inputs, "webhook_url": body.webhook_url,
+                        "metadata": body.metadata or {}}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+async def create_task(ctx: Ctx, *, client: str, body: TaskCreate,
+                      idempotency_key: str | None) -> tuple[Task, bool]:
+    """Validate and record a task as ``pending``. Returns ``(task, replayed)``.
+
+    The row commits holding a short lease for this process so the caller may dispatch
+    it at once; if the process dies first, the lease runs out and a worker sends it.
+    """
+    inputs, errors = validate_input(body.model, body.input)
+    if errors:
+        raise InvalidRequest("The task's input does not match the model's parameters.",
+                             errors=errors)
+    rhash = _request_hash(body.model, inputs, body)
+    if idempotency_key is not None:
+        existing = await _by_idempotency_key(ctx, client, idempotency_key)
+        if existing is not None:
+            return _replay(existing, rhash), True
+    now = ctx.clock()
+    task = Task(
+        id=new_task_id(now), client=client, model=body.model, status=Status.pending.value,
+        status_rank=Status.pending.rank, input=inputs, metadata_=body.metadata or {},
+        webhook_url=body.webhook_url, idempotency_key=idempotency_key, request_hash=rhash,
+        attempt=0, outputs=[], created_at=now, updated_at=now,
+        deadline_at=now + timedelta(seconds=ctx.settings.task_timeout_s),
+        next_check_at=now, lease_owner=ctx.owner,
+        lease_until=now + timedelta(seconds=ctx.settings.lease_s), retries=0,
+    )
+    try:
+        async with unit_of_work(ctx.sm) as s:
+            s.add(task)
+            await s.flush()
+            _event(s, task.id, "api", now, status=Status.pending.value,
+                   message="task accepted by the gateway")
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        existing = await _by_idempotency_key(ctx, client, idempotency_key)
+        if existing is None:  # the other request has not committed yet
+            raise Conflict("A request with this Idempotency-Key is still being processed; "
+                           "retry shortly.") from None
+        return _replay(existing, rhash), True
+    return task, False
+
+
+def _replay(existing: Task, rhash: str) -> Task:
+    if existing.request_hash != rhash:
+        raise InvalidRequest(
+            "This Idempotency-Key was already used with a different request body.",
+            errors=[{"loc": ["header", "Idempotency-Key"],
+                     "msg": "reused with different parameters"}])
+    return existing
+
+
+async def _by_idempotency_key(ctx: Ctx, client: str, key: str) -> Task | None:
+    async with ctx.sm() as s:
+        return (await s.scalars(select(Task).where(
+            Task.client == client, Task.idempotency_key == key))).first()
+
+
+async def get_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
+    """The task, if ``client`` may see it (``None`` = admin, sees all)."""
+    async with ctx.sm() as s:
+        task = await s.get(Task, task_id)
+    if task is None or (client is not None and task.client != client):
+        raise NotFound(f"No task {task_id!r}.")
+    return task
+
+
+async def list_events(ctx: Ctx, *, task_id: str, client: str | None) -> Sequence[Event]:
+    await get_task(ctx, task_id=task_id, client=client)
+    async with ctx.sm() as s:
+        return (await s.scalars(
+            select(Event).where(Event.task_id == task_id).order_by(Event.id))).all()
+
+
+def encode_cursor(task_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"id": task_id}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = json.loads(raw)["id"]
+        if not isinstance(value, str) or not value.startswith("tsk_") or len(value) > 40:
+            raise ValueError
+        return value
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest("The cursor is not valid.",
+                             errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}]) from None
+
+
+async def list_tasks(ctx: Ctx, *, client: str | None, statuses: Sequence[Status] = (),
+                     model: str | None = None, created_after: datetime | None = None,
+                     created_before: datetime | None = None,
+                     metadata: dict[str, str] | None = None, limit: int = 50,
+                     cursor: str | None = None) -> tuple[Sequence[Task], str | None]:
+    """Newest first, keyset-paginated on the id (ids sort by creation time)."""
+    q = select(Task)
+    if client is not None:
+        q = q.where(Task.client == client)
+    if statuses:
+        q = q.where(Task.status.in_([s.value for s in statuses]))
+    if model:
+        q = q.where(Task.model == model)
+    if created_after:
+        q = q.where(Task.created_at > created_after)
+    if created_before:
+        q = q.where(Task.created_at < created_before)
+    for key, value in (metadata or {}).items():
+        q = q.where(Task.metadata_[key].as_string() == value)
+    if cursor:
+        q = q.where(Task.id < decode_cursor(cursor))
+    q = q.order_by(Task.id.desc()).limit(limit + 1)
+    async with ctx.sm() as s:
+        rows = (await s.scalars(q)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (encode_cursor(rows[-1].id) if more and rows else None)
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+def _hint_id(body: bytes) -> str | None:
+    """An upstream task id named in a callback body, if any (the body is undocumented:
+    Wiro's task object, a ``tasklist``, or form fields). Only ever a hint to verify."""
+    try:
+        data: Any = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if data is None:
+        try:
+            from urllib.parse import parse_qs
+
+            form = parse_qs(body.decode(), max_num_fields=50)
+            data = {k: v[0] for k, v in form.items()}
+        except (ValueError, UnicodeDecodeError):
+            return None
+    for candidate in (data, (data.get("tasklist") or [None])[0] if isinstance(data, dict)
+                      and isinstance(data.get("tasklist"), list) else None,
+                      data.get("data") if isinstance(data, dict) else None):
+        if isinstance(candidate, dict):
+            for key in ("taskid", "id", "task_id"):
+                v = candidate.get(key)
+                if isinstance(v, str | int) and not isinstance(v, bool):
+                    s = str(v).strip()
+                    if s and len(s) <= 64 and s.isalnum():
+                        return s
+    return None
+
+
+def _match_attempt(attempts: Sequence[Attempt], token: str) -> Attempt | None:
+    """Constant-time comparison against every attempt (no early exit)."""
+    h = token_hash(token)
+    found = None
+    for a in attempts:
+        if hmac.compare_digest(a.token_hash, h):
+            found = a
+    return found
+
+
+async def accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -> bool:
+    """A callback is a hint: mark the task due now. False if task or token is unknown."""
+    if not task_id.startswith("tsk_") or len(task_id) > 40 or len(token) > 128:
+        return False
+    hint = _hint_id(body)
+    now = ctx.clock()
+    async with unit_of_work(ctx.sm) as s:
+        task = (await s.execute(select(Task.status_rank, Task.upstream_task_id)
+                                .where(Task.id == task_id))).first()
+        if task is None:
+            return False
+        attempts = (await s.scalars(select(Attempt).where(Attempt.task_id == task_id))).all()
+        attempt = _match_attempt(attempts, token)
+        if attempt is None:
+            return False
+        linked = attempt.upstream_task_id is not None
+        if not linked and hint and attempt.hint_upstream_id != hint:
+            attempt.hint_upstream_id = hint
+        if task.status_rank >= TERMINAL_RANK:
+            # Only an unlinked attempt of a finished task needs a look (a second
+            # upstream task to stop); duplicates and late callbacks change nothing.
+            if linked or not hint or attempt.outcome in ("extra_killed", "accepted"):
+                return True
+        await _set(s, task_id, hint_at=now, next_check_at=now)
+    ctx.wake()
+    return True
+
+
+# ---------------------------------------------------------------- the background unit
+
+
+async def claim_due(ctx: Ctx, *, limit: int) -> list[str]:
+    """Lease up to ``limit`` due tasks for this process.
+
+    The lease is a compare-and-set on ``lease_until``, correct on both databases; on
+    PostgreSQL ``FOR UPDATE SKIP LOCKED`` also keeps replicas from queueing on one row.
+    """
+    now = ctx.clock()
+    until = now + timedelta(seconds=ctx.settings.lease_s)
+    free = or_(Task.lease_until.is_(None), Task.lease_until < now)
+    async with unit_of_work(ctx.sm) as s:
+        ids = (await s.scalars(
+            select(Task.id).where(Task.next_check_at <= now, free)
+            .order_by(Task.next_check_at).limit(limit)
+            .with_for_update(skip_locked=True))).all()
+        claimed = []
+        for task_id in ids:
+            res = await s.execute(
+                update(Task).where(Task.id == task_id, free)
+                .values(lease_owner=ctx.owner, lease_until=until)
+                .execution_options(synchronize_session=False))
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append(task_id)
+    return claimed
+
+
+async def release_all(ctx: Ctx) -> None:
+    """Give back every lease this process holds (graceful shutdown)."""
+    async with unit_of_work(ctx.sm) as s:
+        await s.execute(update(Task).where(Task.lease_owner == ctx.owner)
+                        .values(lease_owner=None, lease_until=None)
+                        .execution_options(synchronize_session=False))
+
+
+def _jitter(seconds: float) -> float:
+    return seconds * random.uniform(0.8, 1.2)
+
+
+def _backoff(ctx: Ctx, retries: int) -> float:
+    s = ctx.settings
+    return _jitter(min(s.dispatch_retry_max_s, s.dispatch_retry_initial_s * 2 ** min(retries, 20)))
+
+
+async def check(ctx: Ctx, task_id: str) -> None:
+    """Do what the task needs now. The caller holds its lease; this gives it back."""
+    started = ctx.clock()
+    async with ctx.sm() as s:
+        task = await s.get(Task, task_id)
+        attempts = list((await s.scalars(
+            select(Attempt).where(Attempt.task_id == task_id).order_by(Attempt.number))).all())
+    if task is None or task.lease_owner != ctx.owner:
+        return
+    # If anything below fails, look again after a backoff rather than never.
+    fallback = started + timedelta(seconds=_backoff(ctx, task.retries))
+    nxt: datetime | None = fallback
+    try:
+        await _reconcile_attempts(ctx, task, attempts)
+        async with ctx.sm() as s:
+            task = await s.get(Task, task_id)
+        assert task is not None
+        if task.status_rank >= TERMINAL_RANK:
+            nxt = None
+        elif started >= task.deadline_at:
+            await _on_deadline(ctx, task)
+            nxt = None
+        elif task.status == Status.pending:
+            nxt = await _dispatch(ctx, task, attempts)
+        else:
+            source = "callback" if (task.hint_at and task.next_check_at
+                                    and task.hint_at >= task.next_check_at) else "poll"
+            nxt = await _poll(ctx, task, source)
+    except Exception:
+        log.exception("check failed", extra={"task_id": task_id})
+    finally:
+        await _release(ctx, task_id, nxt or fallback, started)
+
+
+async def _release(ctx: Ctx, task_id: str, nxt: datetime, started: datetime) -> None:
+    # A callback that came in while we worked moved hint_at past ``started``: look again
+    # at once rather than lose it. Terminal tasks are not scheduled again.
+    now = ctx.clock()
+    async with unit_of_work(ctx.sm) as s:
+        await s.execute(
+            update(Task).where(Task.id == task_id, Task.lease_owner == ctx.owner)
+            .values(lease_owner=None, lease_until=None, next_check_at=case(
+                (Task.hint_at > started, now),
+                (Task.status_rank >= TERMINAL_RANK, None),
+                else_=nxt))
+            .execution_options(synchronize_session=False))
+    if nxt <= now:
+        ctx.wake()
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def _callback_url(ctx: Ctx, task_id: str, token: str) -> str:
+    return f"{ctx.settings.public_url}/callbacks/wiro/{task_id}/{token}"
+
+
+def _url_matches(url: str | None, task_id: str, attempt: Attempt) -> bool:
+    """Whether an upstream task's ``callbackurl`` is the one this attempt sent."""
+    if not url:
+        return False
+    parts = urlsplit(url).path.rstrip("/").split("/")
+    if len(parts) < 4 or parts[-4:-2] != ["callbacks", "wiro"] or parts[-2] != task_id:
+        return False
+    return hmac.compare_digest(token_hash(parts[-1]), attempt.token_hash)
+
+
+async def _in_flight(ctx: Ctx) -> int:
+    async with ctx.sm() as s:
+        n = await s.scalar(select(func.count()).select_from(Task).where(
+            Task.status.in_([Status.queued.value, Status.running.value])))
+        m = await s.scalar(select(func.count()).select_from(Attempt).where(
+            Attempt.outcome == "sent"))
+    return int(n or 0) + int(m or 0)
+
+
+async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime | None:
+    """Send a pending task to Wiro, unless an earlier attempt may still be alive."""
+    s = ctx.settings
+    now = ctx.clock()
+    last = attempts[-1] if attempts else None
+    if last is not None and last.outcome in ("sent", "ambiguous"):
+        # Never re-send blindly: that attempt may have started a billable run.
+        if last.outcome == "sent":
+            async with unit_of_work(ctx.sm) as ses:
+                await ses.execute(update(Attempt).where(Attempt.id == last.id)
+                                  .values(outcome="ambiguous"))
+                _event(ses, task.id, "dispatcher", now, message=(
+                    f"attempt {last.number}: no answer was recorded for the upstream Run "
+                    "(interrupted); waiting for a sign of it before sending again"))
+            last.outcome = "ambiguous"
+        found = await _find_by_task_list(ctx, task, last)
+        if found is not None:
+            await _link(ctx, task.id, last, found.id, found.socket_token, source="dispatcher")
+            return now
+        grace_end = last.sent_at + timedelta(seconds=s.run_grace_s)
+        if now < grace_end:
+            return min(grace_end, now + timedelta(seconds=min(s.poll_initial_s, s.run_grace_s)))
+        async with unit_of_work(ctx.sm) as ses:
+            await ses.execute(update(Attempt).where(Attempt.id == last.id)
+                              .values(outcome="abandoned", resolved_at=now))
+            _event(ses, task.id, "dispatcher", now, message=(
+                f"attempt {last.number}: no sign of an upstream task after "
+                f"{s.run_grace_s:g}s; sending again as attempt {last.number + 1}"))
+
+    async with ctx.dispatch_lock:
+        if s.max_in_flight and await _in_flight(ctx) >= s.max_in_flight:
+            return now + timedelta(seconds=_jitter(min(1.0, s.poll_initial_s)))
+        token = secrets.token_urlsafe(24)
+        number = task.attempt + 1
+        async with unit_of_work(ctx.sm) as ses:
+            res = await ses.execute(
+                update(Task).where(Task.id == task.id, Task.status == Status.pending.value,
+                                   Task.attempt == task.attempt)
+                .values(attempt=number).execution_options(synchronize_session=False))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return None  # cancelled or moved on meanwhile
+            attempt = Attempt(task_id=task.id, number=number, token_hash=token_hash(token),
+                              sent_at=now, outcome="sent")
+            ses.add(attempt)
+    # The attempt is committed: from here a crash leaves a "sent" attempt, never a
+    # silent second Run.
+    return await _send(ctx, task, attempt, token)
+
+
+async def _send(ctx: Ctx, task: Task, attempt: Attempt, token: str) -> datetime | None:
+    s = ctx.settings
+    try:
+        accepted: RunAccepted = await ctx.wiro.run(
+            task.model, task.input, callback_url=_callback_url(ctx, task.id, token))
+    except WiroRateLimited as e:
+        delay = min(e.retry_after if e.retry_after is not None else _backoff(ctx, task.retries),
+                    s.retry_after_cap_s)
+        return await _retry_later(ctx, task, attempt, "rejected",
+                                  f"upstream rate limit (429); retrying in {delay:.1f}s",
+                                  _jitter(delay) if e.retry_after is None else delay)
+    except WiroConcurrencyLimit:
+        return await _retry_later(ctx, task, attempt, "rejected",
+                                  "upstream concurrency limit (code 96); will retry",
+                                  _backoff(ctx, task.retries))
+    except WiroUnavailable as e:
+        return await _retry_later(ctx, task, attempt, "not_sent",
+                                  f"upstream unavailable: {_short(e)}; will retry",
+                                  _backoff(ctx, task.retries))
+    except WiroInsufficientBalance as e:
+        await _fail(ctx, task.id, attempt, ErrorCode.insufficient_balance, e)
+        return None
+    except WiroRejected as e:
+        await _fail(ctx, task.id, attempt, ErrorCode.upstream_rejected, e)
+        return None
+    except WiroAmbiguous as e:
+        now = ctx.clock()
+        async with unit_of_work(ctx.sm) as ses:
+            await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
+                outcome="ambiguous", hint_upstream_id=e.task_id))
+            _event(ses, task.id, "dispatcher", now, message=(
+                f"attempt {attempt.number}: the upstream Run gave no usable answer "
+                f"({_short(e)}); not re-sending until it is known whether it started"))
+        return now + timedelta(seconds=min(s.poll_initial_s, s.run_grace_s))
+    await _link(ctx, task.id, attempt, accepted.task_id, accepted.socket_token,
+                source="dispatcher")
+    return ctx.clock() + timedelta(seconds=s.poll_initial_s)
+
+
+def _short(e: Exception) -> str:
+    return str(e)[:300]
+
+
+async def _retry_later(ctx: Ctx, task: Task, attempt: Attempt, outcome: str, message: str,
+                       delay: float) -> datetime:
+    now = ctx.clock()
+    async with unit_of_work(ctx.sm) as ses:
+        await ses.execute(update(Attempt).where(Attempt.id == attempt.id)
+                          .values(outcome=outcome, resolved_at=now))
+        await _set(ses, task.id, retries=Task.retries + 1)
+        _event(ses, task.id, "dispatcher", now, message=f"attempt {attempt.number}: {message}")
+    return now + timedelta(seconds=delay)
+
+
+async def _fail(ctx: Ctx, task_id: str, attempt: Attempt, code: ErrorCode,
+                e: WiroError) -> None:
+    now = ctx.clock()
+    async with unit_of_work(ctx.sm) as ses:
+        await ses.execute(update(Attempt).where(Attempt.id == attempt.id)
+                          .values(outcome="rejected", resolved_at=now))
+        await _transition(ses, task_id, Status.failed, source="dispatcher", now=now,
+                          message=f"upstream rejected the task: {_short(e)}",
+                          error_code=code.value, error_message=e.message[:1000],
+                          upstream_error_code=None if e.code is None else str(e.code))
+
+
+async def _link(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str,
+                upstream_token: str | None, *, source: str) -> None:
+    """Record that ``attempt`` started upstream task ``upstream_id``.
+
+    The first upstream task linked to a gateway task is its one; any other (an earlier
+    attempt that turns out to have started after all) is stopped and recorded.
+    """
+    now = ctx.clock()
+    extra = False
+    async with unit_of_work(ctx.sm) as ses:
+        task = await ses.get(Task, task_id, with_for_update=True)
+        assert task is not None
+        if task.upstream_task_id in (None, upstream_id) and task.status == Status.pending:
+            await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
+                outcome="accepted", upstream_task_id=upstream_id, resolved_at=now))
+            await _transition(
+                ses, task_id, Status.queued, source=source, now=now,
+                message=f"attempt {attempt.number}: accepted upstream as task {upstream_id}",
+                upstream_task_id=upstream_id, upstream_token=upstream_token,
+                upstream_status="task_queue", upstream_started_at=now, retries=0)
+        elif task.upstream_task_id == upstream_id:
+            await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
+                outcome="accepted", upstream_task_id=upstream_id, resolved_at=now))
+        else:
+            extra = True
+    if extra:
+        await _stop_extra(ctx, task_id, attempt, upstream_id)
+
+
+async def _stop_extra(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str) -> None:
+    confirmed, _, how = await _stop_upstream(ctx, upstream_id, None)
+    now = ctx.clock()
+    async with unit_of_work(ctx.sm) as ses:
+        await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
+            outcome="extra_killed", upstream_task_id=upstream_id, hint_upstream_id=None,
+            resolved_at=now))
+        _event(ses, task_id, "dispatcher", now, message=(
+            f"attempt {attempt.number} started a second upstream task {upstream_id}; "
+            f"stopping it ({how}{'' if confirmed else ', not confirmed'})"))
+
+
+async def _verified(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str
+                    ) -> UpstreamTask | None:
+    """Detail of ``upstream_id`` if its callback URL proves it belongs to ``attempt``."""
+    try:
+        ut = await ctx.wiro.detail(task_id=upstream_id)
+    except WiroError:
+        return None
+    return ut if _url_matches(ut.callback_url, task_id, attempt) else None
+
+
+async def _find_by_task_list(ctx: Ctx, task: Task, attempt: Attempt) -> UpstreamTask | None:
+    """Look for the upstream task an unanswered attempt may have started.
+
+    ``Task/List`` is used by Wiro's own MCP server but not documented, so any failure
+    just means "not found"; the grace period is the fallback.
+    """
+    if attempt.hint_upstream_id:
+        return await _verified(ctx, task.id, attempt, attempt.hint_upstream_id)
+    if not ctx.settings.reconcile_with_task_list:
+        return None
+    try:
+        recent = await ctx.wiro.list_tasks(limit=100)
+    except WiroError:
+        return None
+    for ut in recent:
+        if _url_matches(ut.callback_url, task.id, attempt):
+            return ut
+    return None
+
+
+async def _reconcile_attempts(ctx: Ctx, task: Task, attempts: list[Attempt]) -> None:
+    """Follow callbacks that named an upstream task for an attempt not yet linked."""
+    for a in attempts:
+        if not a.hint_upstream_id or a.upstream_task_id is not None:
+            continue
+        ut = await _verified(ctx, task.id, a, a.hint_upstream_id)
+        if ut is None:
+            async with unit_of_work(ctx.sm) as ses:
+                await ses.execute(update(Attempt).where(Attempt.id == a.id)
+                                  .values(hint_upstream_id=None))
+            continue
+        if task.status == Status.pending and task.upstream_task_id is None:
+            await _link(ctx, task.id, a, ut.id, ut.socket_token, source="callback")
+            async with ctx.sm() as s:
+                fresh = await s.get(Task, task.id)
+            assert fresh is not None
+            task = fresh
+        elif ut.id != task.upstream_task_id:
+            await _stop_extra(ctx, task.id, a, ut.id)
+
+
+# ---------------------------------------------------------------- poll and apply
+
+
+async def _poll(ctx: Ctx, task: Task, source: str) -> datetime | None:
+    s = ctx.settings
+    now = ctx.clock()
+    assert task.upstream_task_id is not None
+    try:
+        ut = await ctx.wiro.detail(task_id=task.upstream_task_id)
+    except WiroStateError as e:
+        if not e.no_task:
+            return now + timedelta(seconds=_backoff(ctx, task.retries))
+        first = task.first_miss_at or now
+        async with unit_of_work(ctx.sm) as ses:
+            if (now - first).total_seconds() >= s.lost_grace_s:
+                await _transition(
+                    ses, task.id, Status.failed, source=source, now=now,
+                    error_code=ErrorCode.lost.value, upstream_error_code=str(e.code),
+                    error_message=(f"the upstream has answered 'There is no task yet.' for "
+                                   f"{s.lost_grace_s:g}s; the task is lost"),
+                    message="upstream lost the task")
+                return None
+            await _set(ses, task.id, first_miss_at=first, retries=Task.retries + 1)
+        return now + timedelta(seconds=_jitter(min(s.poll_initial_s, 5.0)))
+    except WiroError as e:
+        # Detail trouble never fails a task: back off and look again.
+        async with unit_of_work(ctx.sm) as ses:
+            await _set(ses, task.id, retries=Task.retries + 1)
+            if task.retries == 0:
+                _event(ses, task.id, source, now, message=f"Detail failed: {_short(e)}")
+        return now + timedelta(seconds=_backoff(ctx, task.retries))
+    status = await apply_detail(ctx, task, ut, source=source)
+    if status.terminal:
+        return None
+    if task.cancel_requested_at is not None:
+        await _stop_upstream(ctx, task.upstream_task_id, ut.status)
+    interval = min(s.poll_max_s, s.poll_initial_s * 2 ** min(task.retries + 1, 20))
+    if ut.status in ("task_error", "task_error_full"):
+        interval = min(interval, max(1.0, s.task_error_grace_s / 3))
+    if task.cancel_requested_at is not None:
+        interval = min(interval, 2.0)
+    async with unit_of_work(ctx.sm) as ses:
+        await _set(ses, task.id, retries=Task.retries + 1)
+    return ctx.clock() + timedelta(seconds=_jitter(interval))
+
+
+def _outputs(ut: UpstreamTask) -> list[dict[str, Any]]:
+    return [{"name": o.name, "content_type": o.content_type, "size": o.size, "url": o.url,
+             "upstream_url": o.url} for o in ut.outputs]
+
+
+async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -> Status:
+    """Apply what one Detail says. Returns the task's status afterwards."""
+    s = ctx.settings
+    now = ctx.clock()
+    obs = observe(ut.status, ut.pexit, ut.debug_error)
+    values: dict[str, Any] = {"upstream_status": ut.status, "first_miss_at": None}
+    target = obs.status
+    message = f"upstream status {ut.status}"
+    if obs.error_seen:
+        first = task.first_error_at or now
+        values["first_error_at"] = first
+        if (now - first).total_seconds() >= s.task_error_grace_s:
+            target = Status.failed
+            values.update(error_code=ErrorCode.upstream_failed.value,
+                          error_message=(f"the upstream task stayed in {ut.status} for "
+                                         f"{s.task_error_grace_s:g}s: "
+                                         f"{(ut.debug_error or '').strip()[:500]}").strip(),
+                          cost_usd=ut.total_cost)
+            message = f"{ut.status} persisted for {s.task_error_grace_s:g}s"
+    else:
+        values["first_error_at"] = None
+    if target == Status.succeeded:
+        values.update(outputs=_outputs(ut), cost_usd=ut.total_cost)
+    elif target == Status.failed and obs.error_code is not None:
+        values.update(error_code=obs.error_code.value, error_message=obs.message,
+                      cost_usd=ut.total_cost, upstream_error_code=ut.pexit)
+    elif target == Status.cancelled:
+        values.update(cost_usd=ut.total_cost)
+        message = ("upstream confirmed the cancel" if task.cancel_requested_at
+                   else "upstream cancelled the task")
+    current = Status(task.status)
+    async with unit_of_work(ctx.sm) as ses:
+        if target.rank > current.rank:
+            if await _transition(ses, task.id, target, source=source, now=now,
+                                 message=message, **values):
+                return target
+            fresh = await ses.get(Task, task.id)
+            return Status(fresh.status) if fresh else current
+        if current.terminal:
+            return current
+        await ses.execute(update(Task).where(Task.id == task.id, Task.status_rank < TERMINAL_RANK)
+                          .values(updated_at=now, **values)
+                          .execution_options(synchronize_session=False))
+        if ut.status != task.upstream_status:
+            _event(ses, task.id, source, now, status=current.value, upstream_status=ut.status,
+                   message=message)
+    return current
+
+
+# ---------------------------------------------------------------- stop: cancel, timeout
+
+
+async def _stop_upstream(ctx: Ctx, upstream_id: str, upstream_status: str | None
+                         ) -> tuple[bool, UpstreamTask | None, str]:
+    """Cancel (queued) or Kill (running), falling back to the other on a stage race.
+
+    Returns ``(confirmed, task from the answer, what was done)``.
+    """
+    order = (["cancel", "kill"] if upstream_status in UPSTREAM_QUEUED or upstream_status is None
+             else ["kill", "cancel"])
+    last = "no answer"
+    for verb in order:
+        try:
+            ut = await getattr(ctx.wiro, verb)(upstream_id)
+            return True, ut, f"Task/{verb.capitalize()} accepted"
+        except WiroStateError as e:
+            last = f"Task/{verb.capitalize()}: {_short(e)}"
+            continue
+        except WiroError as e:
+            return False, None, f"Task/{verb.capitalize()} failed: {_short(e)}"
+    return False, None, last
+
+
+async def _on_deadline(ctx: Ctx, task: Task) -> None:
+    s = ctx.settings
+    now = ctx.clock()
+    note = "never accepted upstream"
+    if task.upstream_task_id is not None:
+        try:
+            ut = await ctx.wiro.detail(task_id=task.upstream_task_id)
+            if (await apply_detail(ctx, task, ut, source="timeout")).terminal:
+                return
+            status = ut.status
+        except WiroError:
+            status = task.upstream_status
+        confirmed, _, how = await _stop_upstream(ctx, task.upstream_task_id, status)
+        note = f"upstream task stopped ({how})" if confirmed else f"stopping failed ({how})"
+    async with unit_of_work(ctx.sm) as ses:
+        await _transition(
+            ses, task.id, Status.timed_out, source="timeout", now=now,
+            message=f"deadline of {s.task_timeout_s:g}s passed; {note}",
+            error_code=ErrorCode.timed_out.value,
+            error_message=f"the task did not finish within {s.task_timeout_s:g}s; {note}")
+
+
+async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
+    """Cancel: locally while pending, else ask Wiro; ``cancelled`` once Wiro confirms."""
+    task = await get_task(ctx, task_id=task_id, client=client)
+    if Status(task.status).terminal:
+        raise Conflict(f"Task {task_id} is already {task.status}.")
+    now = ctx.clock()
+    if task.status == Status.pending:
+        async with unit_of_work(ctx.sm) as ses:
+            res = await ses.execute(
+                update(Task).where(Task.id == task_id, Task.status == Status.pending.value)
+                .values(status=Status.cancelled.value, status_rank=Status.cancelled.rank,
+                        updated_at=now, completed_at=now, next_check_at=None)
+                .execution_options(synchronize_session=False))
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                _event(ses, task_id, "cancel", now, status=Status.cancelled.value,
+                       message="cancelled before it was sent upstream")
+        task = await get_task(ctx, task_id=task_id, client=client)
+        if Status(task.status).terminal:
+            return task
+    assert task.upstream_task_id is not None
+    async with unit_of_work(ctx.sm) as ses:
+        await _set(ses, task_id, cancel_requested_at=func.coalesce(Task.cancel_requested_at, now))
+        _event(ses, task_id, "cancel", now, status=task.status,
+               upstream_status=task.upstream_status, message="cancel requested")
+    confirmed, _, how = await _stop_upstream(ctx, task.upstream_task_id, task.upstream_status)
+    async with unit_of_work(ctx.sm) as ses:
+        _event(ses, task_id, "cancel", ctx.clock(), message=how)
+    try:
+        ut = await ctx.wiro.detail(task_id=task.upstream_task_id)
+        task = await get_task(ctx, task_id=task_id, client=client)
+        await apply_detail(ctx, task, ut, source="cancel")
+    except WiroError:
+        pass
+    # Whatever happened, a worker keeps looking until Wiro says it is over.
+    async with unit_of_work(ctx.sm) as ses:
+        await ses.execute(update(Task).where(Task.id == task_id,
+                                             Task.status_rank < TERMINAL_RANK)
+                          .values(next_check_at=ctx.clock() + timedelta(seconds=1))
+                          .execution_options(synchronize_session=False))
+    return await get_task(ctx, task_id=task_id, client=client)
