@@ -1,0 +1,219 @@
+"""HTTP face of the simulator: Wiro's routes under ``/v1``, files, and ``/__sim`` control.
+
+Routes only parse and hand over to ``Simulator`` (engine.py). Wiro routes accept JSON,
+multipart or urlencoded bodies with the same fields and check auth first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.types import Receive, Scope, Send
+
+from app.simulator.config import SimConfig
+from app.simulator.engine import (
+    MAX_UPLOAD_BYTES,
+    Simulator,
+    WiroFail,
+    normalize_fields,
+)
+
+JSONBody = dict[str, Any]
+
+
+def get_sim(request: Request) -> Simulator:
+    return request.app.state.sim
+
+
+async def wiro_auth(request: Request) -> Simulator:
+    sim = get_sim(request)
+    sim.check_auth(request.headers)
+    return sim
+
+
+async def read_fields(request: Request) -> dict[str, str]:
+    """The request's fields from JSON, multipart or urlencoded (even if mislabelled)."""
+    body = await request.body()  # cached, so form() below can re-read it
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        try:
+            form = await request.form()
+            return normalize_fields({k: v for k, v in form.multi_items() if isinstance(v, str)})
+        except Exception:  # noqa: S110 - e.g. Wiro's own sample: a JSON body labelled multipart
+            pass
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise WiroFail(0, "Request body is invalid.") from None
+    if not isinstance(data, dict):
+        raise WiroFail(0, "Request body is invalid.")
+    return normalize_fields(data)
+
+
+class BrokenResponse(Response):
+    """Declares a body it never finishes: the server then drops the connection mid-body."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        partial = b'{"errors": [], "taskid": "'
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"4096")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": partial, "more_body": True})
+
+
+wiro = APIRouter(prefix="/v1")
+
+
+@wiro.post("/Run/{owner}/{model}")
+async def run(
+    owner: str, model: str, request: Request, sim: Simulator = Depends(wiro_auth)
+) -> Response:
+    outcome = await sim.run(owner, model, await read_fields(request))
+    if outcome.drop_connection:
+        return BrokenResponse()
+    return JSONResponse(outcome.body)
+
+
+@wiro.post("/Task/Detail")
+async def task_detail(request: Request, sim: Simulator = Depends(wiro_auth)) -> JSONBody:
+    return sim.detail(await read_fields(request))
+
+
+@wiro.post("/Task/Cancel")
+async def task_cancel(request: Request, sim: Simulator = Depends(wiro_auth)) -> JSONBody:
+    return sim.cancel(await read_fields(request))
+
+
+@wiro.post("/Task/Kill")
+async def task_kill(request: Request, sim: Simulator = Depends(wiro_auth)) -> JSONBody:
+    return sim.kill(await read_fields(request))
+
+
+@wiro.post("/Task/InputOutputDelete")
+async def task_io_delete(request: Request, sim: Simulator = Depends(wiro_auth)) -> JSONBody:
+    return sim.input_output_delete(await read_fields(request))
+
+
+@wiro.post("/Task/List")
+async def task_list(request: Request, sim: Simulator = Depends(wiro_auth)) -> JSONBody:
+    return sim.list_tasks(await read_fields(request))
+
+
+@wiro.post("/File/Upload")
+async def file_upload(request: Request, sim: Simulator = Depends(wiro_auth)) -> JSONBody:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES + 64 * 1024:
+        raise WiroFail(0, "File is too large (max 100 MB).", http_status=413)
+    try:
+        form = await request.form()
+    except Exception:
+        raise WiroFail(0, "Request parameter [file] required") from None
+    file = form.get("file")
+    if not isinstance(file, UploadFile):
+        raise WiroFail(0, "Request parameter [file] required")
+    if file.size is not None and file.size > MAX_UPLOAD_BYTES:
+        raise WiroFail(0, "File is too large (max 100 MB).", http_status=413)
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    ctype = file.content_type or "application/octet-stream"
+    return sim.upload(file.filename or "file", ctype, data)
+
+
+public = APIRouter()
+
+
+@public.get("/samples/portrait.jpg")
+async def sample_portrait(sim: Simulator = Depends(get_sim)) -> Response:
+    return Response(sim.sample_jpeg, media_type="image/jpeg")
+
+
+@public.get("/cdn/{folder}/{name}")
+async def cdn_output(folder: str, name: str, sim: Simulator = Depends(get_sim)) -> Response:
+    output = sim.output_file(folder, name)
+    if output is None:
+        return Response("Not Found", status_code=404, media_type="text/plain")
+    return Response(output.data, media_type=output.contenttype)
+
+
+@public.get("/files/{file_id}/{name}")
+async def uploaded_file(file_id: str, name: str, sim: Simulator = Depends(get_sim)) -> Response:
+    file = sim.uploaded_file(file_id, name)
+    if file is None:
+        return Response("Not Found", status_code=404, media_type="text/plain")
+    return Response(file.data, media_type=file.contenttype)
+
+
+control = APIRouter(prefix="/__sim")
+
+
+@control.get("/config")
+async def get_config(sim: Simulator = Depends(get_sim)) -> JSONBody:
+    return sim.config.public_view()
+
+
+@control.patch("/config")
+async def patch_config(request: Request, sim: Simulator = Depends(get_sim)) -> Response:
+    try:
+        patch = await request.json()
+        if not isinstance(patch, dict):
+            raise ValueError("expected a JSON object")
+        config = sim.set_config(patch)
+    except ValidationError as exc:
+        errors = json.loads(exc.json(include_url=False, include_input=False))
+        return JSONResponse({"detail": errors}, status_code=422)
+    except ValueError as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+    return JSONResponse(config.public_view())
+
+
+@control.post("/reset")
+async def reset(sim: Simulator = Depends(get_sim)) -> JSONBody:
+    await sim.reset()
+    return {"ok": True}
+
+
+@control.get("/stats")
+async def stats(sim: Simulator = Depends(get_sim)) -> JSONBody:
+    return sim.stats()
+
+
+@control.get("/tasks/{taskid}")
+async def task_record(taskid: str, sim: Simulator = Depends(get_sim)) -> Response:
+    record = sim.task_record(taskid)
+    if record is None:
+        return JSONResponse({"detail": "unknown task"}, status_code=404)
+    return JSONResponse(record)
+
+
+async def _wiro_fail(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, WiroFail)
+    return JSONResponse(exc.body(), status_code=exc.http_status, headers=exc.headers)
+
+
+def create_sim_app(
+    config: SimConfig | None = None, *, http_client: httpx.AsyncClient | None = None
+) -> FastAPI:
+    """The simulator as an ASGI app. ``http_client`` (optional) carries callbacks and
+    input downloads; by default the app makes its own and closes it on shutdown."""
+    sim = Simulator(config if config is not None else SimConfig.from_env(), http_client=http_client)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await sim.aclose()
+
+    app = FastAPI(title="Wiro simulator", version="1", lifespan=lifespan)
+    app.state.sim = sim
+    app.add_exception_handler(WiroFail, _wiro_fail)
+    app.include_router(wiro)
+    app.include_router(public)
+    app.include_router(control)
+    return app
