@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.catalog import validate_input
 from app.db import unit_of_work, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
+from app.faults import crash_point
 from app.lifecycle import (
     TERMINAL_RANK,
     UPSTREAM_QUEUED,
@@ -188,6 +189,7 @@ async def create_task(ctx: Ctx, *, client: str, body: TaskCreate,
             raise Conflict("A request with this Idempotency-Key is still being processed; "
                            "retry shortly.") from None
         return _replay(existing, rhash), True
+    crash_point("after_commit")
     return task, False
 
 
@@ -540,6 +542,7 @@ async def _send(ctx: Ctx, task: Task, attempt: Attempt, token: str) -> datetime 
                 f"attempt {attempt.number}: the upstream Run gave no usable answer "
                 f"({_short(e)}); not re-sending until it is known whether it started"))
         return now + timedelta(seconds=min(s.poll_initial_s, s.run_grace_s))
+    crash_point("after_run_accepted")
     await _link(ctx, task.id, attempt, accepted.task_id, accepted.socket_token,
                 source="dispatcher")
     return ctx.clock() + timedelta(seconds=s.poll_initial_s)
@@ -695,6 +698,7 @@ async def _poll(ctx: Ctx, task: Task, source: str) -> datetime | None:
             if task.retries == 0:
                 _event(ses, task.id, source, now, message=f"Detail failed: {_short(e)}")
         return now + timedelta(seconds=_backoff(ctx, task.retries))
+    crash_point("applying_callback" if source == "callback" else "polling")
     status = await apply_detail(ctx, task, ut, source=source)
     if status.terminal:
         return None

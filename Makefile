@@ -1,0 +1,53 @@
+# headshot-gateway: a handful of verbs. Everything installs from the locks.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: run test test-fast lint openapi bench lock install install-dev clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: requirements.lock pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -r requirements.lock
+	$(PIP) install --no-deps --no-build-isolation -e . || $(PIP) install --no-deps -e .
+	touch $@
+
+$(VENV)/.dev: requirements-dev.lock $(VENV)/.runtime
+	$(PIP) install -r requirements-dev.lock
+	touch $@
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+## make run: SQLite + the simulator + the gateway on loopback; prints a key and a curl line
+run: install
+	$(VENV)/bin/headshot-gateway dev
+
+## make test: every test, SQLite and (when reachable) PostgreSQL
+test: install-dev
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check app tests
+	$(VENV)/bin/mypy app
+
+openapi: install
+	$(VENV)/bin/headshot-gateway openapi --output openapi/openapi.json
+
+bench: install-dev
+	$(PY) -m bench
+
+## make lock: re-resolve the locks from pyproject.toml in a throwaway venv
+lock:
+	rm -rf /tmp/hgw-lock && $(PYTHON) -m venv /tmp/hgw-lock
+	/tmp/hgw-lock/bin/pip install -q --upgrade pip setuptools wheel
+	/tmp/hgw-lock/bin/pip install -q .
+	/tmp/hgw-lock/bin/pip freeze --exclude headshot-gateway --exclude pip > requirements.lock
+	/tmp/hgw-lock/bin/pip install -q '.[test]'
+	/tmp/hgw-lock/bin/pip freeze --exclude headshot-gateway --exclude pip > requirements-dev.lock
+	rm -rf /tmp/hgw-lock
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,226 @@
+"""Shared fixtures: a migrated database, the simulator over loopback, gateways.
+
+Everything real: SQLite (and PostgreSQL, where the suite is parametrised for it) migrated
+by alembic, the simulator as a subprocess on a free port, the gateway either in-process
+under uvicorn on a free port (so tests can look at its database) or as a `serve`
+subprocess (end-to-end and crash tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from app.migrate import upgrade
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM_KEY, SIM_SECRET = "test-sim-key", "test-sim-secret"
+CLIENT_KEYS = {"alpha": "key-alpha-0123456789", "beta": "key-beta-0123456789",
+               "root": "key-root-0123456789"}
+SIM_DEFAULTS: dict[str, Any] = {
+    "queue_s": 0.2, "run_s": 0.6, "callback_drop": 0.0, "callback_duplicate": 0,
+    "callback_delay_s": 0.0, "callback_reorder": False, "callback_early": False,
+    "run_5xx_rate": 0.0, "run_429_rate": 0.0, "detail_5xx_rate": 0.0, "fail_rate": 0.0,
+    "lost_rate": 0.0, "task_error_s": 0.0, "task_error_fatal_rate": 0.0, "run_hang_s": 0.0,
+    "run_drop_connection": False, "max_concurrency": 0, "balance_exhausted": False,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} came up")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def bin_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "SIM_"))}
+    env.update(extra)
+    return env
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    fh = open(log, "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env,
+                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@dataclass
+class Sim:
+    url: str
+    proc: subprocess.Popen
+
+    @property
+    def base(self) -> str:
+        return f"{self.url}/v1"
+
+    def configure(self, **knobs: Any) -> dict[str, Any]:
+        r = httpx.patch(f"{self.url}/__sim/config", json=knobs, timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/__sim/reset", timeout=5).raise_for_status()
+        self.configure(**SIM_DEFAULTS)
+
+    def stats(self) -> dict[str, Any]:
+        r = httpx.get(f"{self.url}/__sim/stats", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    @property
+    def portrait(self) -> str:
+        return f"{self.url}/samples/portrait.jpg"
+
+
+@pytest.fixture(scope="session")
+def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("sim") / "sim.log"
+    proc = spawn(["simulate", "--port", str(port)],
+                 bin_env(SIM_API_KEY=SIM_KEY, SIM_API_SECRET=SIM_SECRET, SIM_PUBLIC_URL=url),
+                 log)
+    wait_http(f"{url}/__sim/config", proc=proc)
+    yield Sim(url=url, proc=proc)
+    stop(proc)
+
+
+@pytest.fixture
+def sim(sim_server: Sim) -> Sim:
+    sim_server.reset()
+    return sim_server
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    upgrade(url)
+    return url
+
+
+def gateway_settings(*, db_url: str, sim: Sim, public_url: str, data_dir: Path,
+                     **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        env="test", database_url=db_url, data_dir=data_dir, wiro_base_url=sim.base,
+        wiro_api_key=SIM_KEY, wiro_api_secret=SIM_SECRET, public_url=public_url,
+        api_keys=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()), admin_clients="root",
+        poll_initial_s=0.5, poll_max_s=2.0, task_timeout_s=60, lease_s=5, worker_idle_s=0.2,
+        dispatch_retry_initial_s=0.2, dispatch_retry_max_s=1.0, run_grace_s=5,
+        lost_grace_s=2, task_error_grace_s=2, wiro_read_timeout_s=5,
+        allow_private_networks=True,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Gateway:
+    url: str
+    settings: Settings
+    app: Any
+    clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)
+
+    @property
+    def ctx(self):
+        return self.app.state.ctx
+
+    def client(self, name: str = "alpha") -> httpx.AsyncClient:
+        if name not in self.clients:
+            self.clients[name] = httpx.AsyncClient(
+                base_url=self.url, timeout=30,
+                headers={"Authorization": f"Bearer {CLIENT_KEYS[name]}"})
+        return self.clients[name]
+
+    async def wait_terminal(self, task_id: str, timeout: float = 30.0,
+                            client: str = "alpha") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = await self.client(client).get(f"/v1/tasks/{task_id}")
+            r.raise_for_status()
+            body = r.json()
+            if body["status"] in ("succeeded", "failed", "cancelled", "timed_out"):
+                return body
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{task_id} still {body['status']}")
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(*, db_url: str, sim: Sim, data_dir: Path,
+                      **overrides: Any) -> AsyncIterator[Gateway]:
+    """The gateway in this event loop, under uvicorn on a free loopback port."""
+    from app.main import create_app
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = gateway_settings(db_url=db_url, sim=sim, public_url=url, data_dir=data_dir,
+                                **overrides)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()
+        await asyncio.sleep(0.01)
+    gw = Gateway(url=url, settings=settings, app=app)
+    try:
+        yield gw
+    finally:
+        for c in gw.clients.values():
+            await c.aclose()
+        server.should_exit = True
+        await serving
+
+
+@pytest.fixture
+async def gateway(db_url: str, sim: Sim, tmp_path: Path) -> AsyncIterator[Gateway]:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        yield gw
+
+
+def task_body(sim: Sim, **input_overrides: Any) -> dict[str, Any]:
+    inp = {"inputImageUrl": sim.portrait, "background": "office", "aspectRatio": "1:1",
+           "outputFormat": "png"}
+    inp.update(input_overrides)
+    return {"input": inp}
