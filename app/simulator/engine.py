@@ -368,7 +368,7 @@ class Simulator:
                 try:
                     data = await self._load_input(task.parameters["inputImageUrl"])
                     rendered = await asyncio.to_thread(
-                        images.render_headshot,
+                        images.render_cached,
                         data,
                         background=task.parameters["background"],
                         aspect_ratio=task.parameters["aspectRatio"],

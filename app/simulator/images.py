@@ -7,7 +7,10 @@ background. Everything here is synchronous and CPU-bound: callers run it in a th
 
 from __future__ import annotations
 
+import hashlib
 import io
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -81,6 +84,7 @@ def _center_crop(img: Image.Image, ratio: float | None) -> Image.Image:
     return img.crop((0, top, w, top + new_h))
 
 
+@lru_cache(maxsize=64)
 def _office(size: tuple[int, int]) -> Image.Image:
     """A blurred office: warm wall gradient, a window, a shelf and a desk edge."""
     w, h = size
@@ -105,8 +109,15 @@ def _office(size: tuple[int, int]) -> Image.Image:
 
 def _background(name: str, size: tuple[int, int]) -> Image.Image:
     if name == "office":
-        return _office(size)
+        return _office(size).copy()  # cached: never paste onto the original
     return Image.new("RGB", size, BACKGROUNDS[name])
+
+
+@lru_cache(maxsize=64)
+def _oval_mask(size: tuple[int, int]) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).ellipse((0, 0, size[0] - 1, size[1] * 1.4), fill=255)
+    return mask.filter(ImageFilter.GaussianBlur(radius=max(1, min(size) // 30)))
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -135,10 +146,7 @@ def render_headshot(
     # The subject: the photo at 90 %, bottom-centred, through a soft oval mask.
     inner = (max(1, round(size[0] * 0.9)), max(1, round(size[1] * 0.9)))
     subject = photo.resize(inner, Image.Resampling.BILINEAR)
-    mask = Image.new("L", inner, 0)
-    ImageDraw.Draw(mask).ellipse((0, 0, inner[0] - 1, inner[1] * 1.4), fill=255)
-    mask = mask.filter(ImageFilter.GaussianBlur(radius=max(1, min(inner) // 30)))
-    canvas.paste(subject, ((size[0] - inner[0]) // 2, size[1] - inner[1]), mask)
+    canvas.paste(subject, ((size[0] - inner[0]) // 2, size[1] - inner[1]), _oval_mask(inner))
 
     pil_format, contenttype = FORMATS[output_format]
     buf = io.BytesIO()
@@ -147,3 +155,31 @@ def render_headshot(
     else:
         canvas.save(buf, pil_format, compress_level=3)
     return RenderedImage(buf.getvalue(), f"0.{output_format}", contenttype, *size)
+
+
+_cache: OrderedDict[tuple[str, str, str, str], RenderedImage] = OrderedDict()
+_cache_lock = threading.Lock()  # render_cached runs in worker threads
+
+
+def render_cached(
+    data: bytes, *, background: str, aspect_ratio: str, output_format: str
+) -> RenderedImage:
+    """``render_headshot`` behind a small LRU keyed by the input's hash and the options.
+
+    Benchmarks submit the same sample over and over; without this the simulator's
+    rendering, not the gateway, would set the pace.
+    """
+    key = (hashlib.sha256(data).hexdigest(), background, aspect_ratio, output_format)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    rendered = render_headshot(
+        data, background=background, aspect_ratio=aspect_ratio, output_format=output_format
+    )
+    with _cache_lock:
+        _cache[key] = rendered
+        while len(_cache) > 64:
+            _cache.popitem(last=False)
+    return rendered
