@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -24,14 +27,35 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
+@contextmanager
+def _sqlite_file_lock(database_url: str) -> Iterator[None]:
+    """Serialise migrations of one SQLite file across processes (PostgreSQL uses an
+    advisory lock inside migrations/env.py)."""
+    path = database_url.split("///", 1)[-1] if database_url.startswith("sqlite") else ""
+    if not path or path == ":memory:":
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.migrate.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the database to ``revision``. Runs its own event loop: call from sync code."""
-    if database_url.startswith("sqlite"):
-        path = database_url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(database_url), revision)
+    """Bring the database to ``revision``; safe to run from several processes at once.
+    Runs its own event loop: call from sync code."""
+    with _sqlite_file_lock(database_url):
+        command.upgrade(alembic_config(database_url), revision)
 
 
 def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), revision)
+    with _sqlite_file_lock(database_url):
+        command.downgrade(alembic_config(database_url), revision)
+
+
+def check(database_url: str) -> None:
+    """Fail if the models and the newest migration disagree (``alembic check``)."""
+    command.check(alembic_config(database_url))

@@ -59,6 +59,8 @@ class Task(Base):
 
     __table_args__ = (
         Index("ix_tasks_client_id", "client", "id"),
+        Index("ix_tasks_client_status_id", "client", "status", "id"),
+        Index("ix_tasks_status_id", "status", "id"),
         Index("ix_tasks_next_check_at", "next_check_at"),
         Index("uq_tasks_client_idempotency_key", "client", "idempotency_key", unique=True),
         Index("ix_tasks_upstream_task_id", "upstream_task_id"),

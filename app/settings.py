@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         return self.effective_database_url.startswith("sqlite")
 
+    @property
+    def is_postgres(self) -> bool:
+        return self.effective_database_url.startswith("postgresql")
+
     @cached_property
     def client_keys(self) -> dict[str, str]:
         """``GATEWAY_API_KEYS`` as ``{key: client_name}``."""

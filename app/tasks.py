@@ -34,7 +34,8 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import case, func, or_, select, type_coerce, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -257,8 +258,13 @@ async def list_tasks(ctx: Ctx, *, client: str | None, statuses: Sequence[Status]
         q = q.where(Task.created_at > created_after)
     if created_before:
         q = q.where(Task.created_at < created_before)
-    for key, value in (metadata or {}).items():
-        q = q.where(Task.metadata_[key].as_string() == value)
+    if metadata:
+        if ctx.settings.is_postgres:
+            # jsonb @> {...}: served by the GIN index of migration 0002
+            q = q.where(type_coerce(Task.metadata_, JSONB).contains(metadata))
+        else:
+            for key, value in metadata.items():
+                q = q.where(Task.metadata_[key].as_string() == value)
     if cursor:
         q = q.where(Task.id < decode_cursor(cursor))
     q = q.order_by(Task.id.desc()).limit(limit + 1)

@@ -7,6 +7,7 @@ import asyncio
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from app.db import Base, make_engine
@@ -17,6 +18,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+MIGRATION_LOCK_KEY = 0x48475720  # "HGW ", any constant shared by every replica
 
 
 def _url() -> str:
@@ -26,6 +28,14 @@ def _url() -> str:
     from app.settings import Settings
 
     return Settings().effective_database_url
+
+
+# Indexes that exist on one database only (declared in migrations, not in the models).
+DIALECT_ONLY_INDEXES = {"ix_tasks_metadata_gin"}
+
+
+def include_object(obj, name, type_, reflected, compare_to) -> bool:
+    return not (type_ == "index" and name in DIALECT_ONLY_INDEXES)
 
 
 def run_migrations_offline() -> None:
@@ -38,7 +48,7 @@ def run_migrations_offline() -> None:
 def _do_run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata,
                       render_as_batch=connection.dialect.name == "sqlite",
-                      compare_type=True)
+                      compare_type=True, include_object=include_object)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -47,6 +57,13 @@ async def run_async_migrations() -> None:
     engine = make_engine(_url())
     try:
         async with engine.connect() as connection:
+            if connection.dialect.name == "postgresql":
+                # Every replica may run migrations at start-up: one at a time. The
+                # session-level lock is released when this connection closes, even if
+                # the process dies.
+                await connection.execute(text("SELECT pg_advisory_lock(:k)"),
+                                         {"k": MIGRATION_LOCK_KEY})
+                await connection.commit()
             await connection.run_sync(_do_run)
             await connection.commit()
     finally:

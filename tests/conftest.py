@@ -131,11 +131,89 @@ def sim(sim_server: Sim) -> Sim:
     return sim_server
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+PG_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL",
+                        "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+_pg_state: dict[str, Any] = {}
+
+
+def _pg_admin_dsn() -> str:
+    return PG_URL.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def postgres_available() -> str | None:
+    """None if PostgreSQL answers, else why not (checked once per session)."""
+    if "why" not in _pg_state:
+        import asyncpg
+
+        async def probe() -> None:
+            conn = await asyncpg.connect(_pg_admin_dsn(), timeout=3)
+            await conn.close()
+
+        try:
+            asyncio.run(probe())
+            _pg_state["why"] = None
+        except Exception as e:  # noqa: BLE001 - any failure means "not reachable"
+            _pg_state["why"] = f"{type(e).__name__}: {e}"
+    return _pg_state["why"]
+
+
+def fresh_postgres_database(name: str) -> str:
+    """Create an empty database ``name`` on the test server; returns its URL."""
+    import asyncpg
+
+    async def create() -> None:
+        conn = await asyncpg.connect(_pg_admin_dsn(), timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    base, _, _ = PG_URL.rpartition("/")
+    return f"{base}/{name}"
+
+
+def drop_postgres_database(name: str) -> None:
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(_pg_admin_dsn(), timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    with contextlib.suppress(Exception):
+        asyncio.run(drop())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A freshly migrated database: SQLite, and PostgreSQL where one answers.
+
+    Under CI=true an unreachable PostgreSQL fails the run instead of skipping it.
+    """
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+        upgrade(url)
+        yield url
+        return
+    why = postgres_available()
+    if why is not None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"PostgreSQL tests must run in CI but the server is unreachable: {why}")
+        pytest.skip(f"PostgreSQL not reachable ({why})")
+    name = f"hgw_test_{os.getpid()}_{next(_db_counter)}"
+    url = fresh_postgres_database(name)
     upgrade(url)
-    return url
+    try:
+        yield url
+    finally:
+        drop_postgres_database(name)
+
+
+_db_counter = __import__("itertools").count()
 
 
 def gateway_settings(*, db_url: str, sim: Sim, public_url: str, data_dir: Path,
