@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,7 +19,7 @@ from app.errors import install_handlers, problem
 from app.migrate import head_revision
 from app.settings import Settings
 from app.tasks import Ctx
-from app.wiro import WiroClient
+from app.wiro import NonceSource, WiroClient
 from app.workers.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
         wiro = WiroClient(
             base_url=settings.wiro_base_url, api_key=settings.wiro_api_key,
             api_secret=settings.wiro_api_secret, http=http,
+            # A random slot per process keeps nonces unique across replicas.
+            nonce_source=NonceSource(replica_slot=secrets.randbelow(1000)),
             timeout=httpx.Timeout(settings.wiro_read_timeout_s,
                                   connect=settings.wiro_connect_timeout_s))
         ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro)

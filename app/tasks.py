@@ -57,6 +57,7 @@ from app.wiro import (
     RunAccepted,
     UpstreamTask,
     WiroAmbiguous,
+    WiroAuthError,
     WiroClient,
     WiroConcurrencyLimit,
     WiroError,
@@ -536,6 +537,12 @@ async def _send(ctx: Ctx, task: Task, attempt: Attempt, token: str) -> datetime 
     except WiroInsufficientBalance as e:
         await _fail(ctx, task.id, attempt, ErrorCode.insufficient_balance, e)
         return None
+    except WiroAuthError as e:
+        # Nothing was created upstream, so a retry is safe; a key being rotated or a
+        # clock-skewed nonce should not fail every task at once. The deadline bounds it.
+        return await _retry_later(ctx, task, attempt, "rejected",
+                                  f"upstream refused our credentials: {_short(e)}; will retry",
+                                  _backoff(ctx, task.retries))
     except WiroRejected as e:
         await _fail(ctx, task.id, attempt, ErrorCode.upstream_rejected, e)
         return None

@@ -162,3 +162,13 @@ async def test_key_only_requests_send_only_the_key() -> None:
     assert request.headers["x-api-key"] == KEY
     assert "x-nonce" not in request.headers
     assert "x-signature" not in request.headers
+
+
+def test_replica_slots_keep_nonces_unique_across_processes() -> None:
+    a = NonceSource(clock=lambda: 1734513807.0, replica_slot=1)
+    b = NonceSource(clock=lambda: 1734513807.0, replica_slot=2)
+    va = [a.next() for _ in range(500)]
+    vb = [b.next() for _ in range(500)]
+    assert va == sorted(set(va)) and vb == sorted(set(vb))
+    assert not set(va) & set(vb)
+    assert va[0] == 1734513807000 * 1000 + 1

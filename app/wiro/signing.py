@@ -29,16 +29,23 @@ def verify(api_key: str, api_secret: str, nonce: str, signature: str) -> bool:
 class NonceSource:
     """Strictly increasing integers: ``max(previous + 1, now in ms)``.
 
+    With ``replica_slot`` (0-999) the value is that counter × 1000 + the slot: still
+    strictly increasing, shaped like unix time in microseconds, and never equal to the
+    nonce of a replica with another slot, even when both sign in the same millisecond.
+
     A lock, because the same client may be used from worker threads as well as the
     event loop; the critical section is two integer operations.
     """
 
-    def __init__(self, clock=time.time) -> None:
+    def __init__(self, clock=time.time, *, replica_slot: int | None = None) -> None:
+        if replica_slot is not None and not 0 <= replica_slot < 1000:
+            raise ValueError("replica_slot must be in 0..999")
         self._clock = clock
         self._last = 0
+        self._slot = replica_slot
         self._lock = threading.Lock()
 
     def next(self) -> int:
         with self._lock:
             self._last = max(self._last + 1, int(self._clock() * 1000))
-            return self._last
+            return self._last if self._slot is None else self._last * 1000 + self._slot
