@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -34,11 +35,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     settings = _settings()
     _logging(settings.log_level)
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal, which under
+    # the default disposition kills the process (exit -15/143) although it stopped
+    # cleanly. Make SIGTERM end the process with 0, before and after uvicorn's handling.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     uvicorn.run(create_app(settings), host=args.host, port=args.port,
                 log_level=settings.log_level.lower(), access_log=False,
                 timeout_graceful_shutdown=15)
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="headshot-gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("migrate", help="bring the database to the newest revision")
-    p.add_argument("--revision", default="head")
+    p.add_argument("--revision", default="heads")
     p.set_defaults(func=cmd_migrate)
     for name, func, port in (("serve", cmd_serve, 8000), ("simulate", cmd_simulate, 8100)):
         p = sub.add_parser(name)

@@ -16,7 +16,7 @@ from app.api import tasks as task_routes
 from app.api.deps import key_digests
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers, problem
-from app.migrate import head_revision
+from app.migrate import head_revisions
 from app.settings import Settings
 from app.tasks import Ctx
 from app.wiro import NonceSource, WiroClient
@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     )
     app.state.settings = settings
     app.state.key_digests = key_digests(settings.client_keys)
-    app.state.migration_head = head_revision()
+    app.state.migration_heads = head_revisions()
     install_handlers(app)
     app.include_router(task_routes.router)
     app.include_router(callbacks.router)

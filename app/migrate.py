@@ -23,8 +23,9 @@ def alembic_config(database_url: str) -> Config:
     return cfg
 
 
-def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+def head_revisions() -> frozenset[str]:
+    """Every head (branches are allowed while features land; ``upgrade`` applies all)."""
+    return frozenset(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads())
 
 
 @contextmanager
@@ -44,7 +45,7 @@ def _sqlite_file_lock(database_url: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(database_url: str, revision: str = "heads") -> None:
     """Bring the database to ``revision``; safe to run from several processes at once.
     Runs its own event loop: call from sync code."""
     with _sqlite_file_lock(database_url):

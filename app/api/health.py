@@ -21,13 +21,13 @@ async def healthz() -> Health:
             responses={503: {"model": Health, "description": "Not ready"}})
 async def readyz(request: Request) -> Health | JSONResponse:
     ctx = request.app.state.ctx
-    head = request.app.state.migration_head
+    heads = request.app.state.migration_heads
     try:
         async with ctx.sm() as s:
-            current = await s.scalar(text("SELECT version_num FROM alembic_version"))
+            current = set((await s.scalars(text("SELECT version_num FROM alembic_version"))).all())
     except Exception:
         return JSONResponse({"status": "unavailable", "detail": "database unreachable"}, 503)
-    if current != head:
-        return JSONResponse({"status": "unavailable",
-                             "detail": f"database at migration {current}, need {head}"}, 503)
+    if current != heads:
+        return JSONResponse({"status": "unavailable", "detail": (
+            f"database at migration {sorted(current)}, need {sorted(heads)}")}, 503)
     return Health(status="ok")
