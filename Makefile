@@ -27,7 +27,7 @@ run: install
 
 ## make test: every test, SQLite and (when reachable) PostgreSQL
 test: install-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 4 --dist loadfile
 
 lint: install-dev
 	$(VENV)/bin/ruff check app tests

@@ -302,3 +302,33 @@ def task_body(sim: Sim, **input_overrides: Any) -> dict[str, Any]:
            "outputFormat": "png"}
     inp.update(input_overrides)
     return {"input": inp}
+
+
+# ---------------------------------------------------------------- figures for the reader
+# Tests that measure invariants (crash tests, multi-replica runs) call report_figure();
+# the lines are printed at the end of the run, also under pytest-xdist where each worker's
+# own stdout is captured.
+FIGURES = ROOT / ".pytest_cache" / "hgw-figures"
+
+
+def report_figure(line: str) -> None:
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    with open(FIGURES / f"{os.getpid()}.txt", "a") as fh:
+        fh.write(line.rstrip() + "\n")
+    print(line)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller, not an xdist worker
+        for f in FIGURES.glob("*.txt") if FIGURES.exists() else ():
+            f.unlink()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    lines = []
+    for f in sorted(FIGURES.glob("*.txt")) if FIGURES.exists() else ():
+        lines += f.read_text().splitlines()
+    if lines:
+        terminalreporter.section("invariant figures")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)
