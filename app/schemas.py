@@ -115,7 +115,9 @@ class EventOut(BaseModel):
     id: int
     at: datetime
     source: Literal["api", "callback", "poll", "dispatcher", "cancel", "timeout", "delivery"]
-    status: Status | None
+    status: Status | None = Field(
+        description="the status the task moved to, when this event is a transition; "
+                    "null for events that changed no status")
     upstream_status: str | None
     message: str | None
 

@@ -112,6 +112,8 @@ class Ctx:
 def _event(session: AsyncSession, task_id: str, source: str, at: datetime, *,
            status: str | None = None, upstream_status: str | None = None,
            message: str | None = None) -> None:
+    """Add an event row. ``status`` is set only when the event is a transition (the
+    status the task moved to), so a task's events name each status at most once."""
     session.add(Event(task_id=task_id, at=at, source=source, status=status,
                       upstream_status=upstream_status, message=message))
 
@@ -776,7 +778,7 @@ async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -
                           .values(updated_at=now, **values)
                           .execution_options(synchronize_session=False))
         if ut.status != task.upstream_status:
-            _event(ses, task.id, source, now, status=current.value, upstream_status=ut.status,
+            _event(ses, task.id, source, now, upstream_status=ut.status,
                    message=message)
     return current
 
@@ -849,7 +851,7 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
     assert task.upstream_task_id is not None
     async with unit_of_work(ctx.sm) as ses:
         await _set(ses, task_id, cancel_requested_at=func.coalesce(Task.cancel_requested_at, now))
-        _event(ses, task_id, "cancel", now, status=task.status,
+        _event(ses, task_id, "cancel", now, status=None,
                upstream_status=task.upstream_status, message="cancel requested")
     confirmed, _, how = await _stop_upstream(ctx, task.upstream_task_id, task.upstream_status)
     async with unit_of_work(ctx.sm) as ses:
