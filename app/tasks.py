@@ -551,8 +551,14 @@ async def _send(ctx: Ctx, task: Task, attempt: Attempt, token: str) -> datetime 
     except WiroAmbiguous as e:
         now = ctx.clock()
         async with unit_of_work(ctx.sm) as ses:
-            await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
-                outcome="ambiguous", hint_upstream_id=e.task_id))
+            # Only "sent" becomes "ambiguous", and an upstream id already named by a
+            # callback that came while the Run was waiting (a hung Run's task finishes
+            # and calls back before the read timeout) is kept: writing None over it threw
+            # away the only sign of the task, and the grace period then sent a second Run.
+            hint = {} if e.task_id is None else {"hint_upstream_id": e.task_id}
+            await ses.execute(update(Attempt).where(Attempt.id == attempt.id,
+                                                    Attempt.outcome == "sent")
+                              .values(outcome="ambiguous", **hint))
             _event(ses, task.id, "dispatcher", now, message=(
                 f"attempt {attempt.number}: the upstream Run gave no usable answer "
                 f"({_short(e)}); not re-sending until it is known whether it started"))
