@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import uvicorn
+from pydantic import SecretStr
 
 
 def _settings(**overrides):
@@ -111,7 +112,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     sim_config = SimConfig.from_env()
     sim_config.public_url = sim_url
     sim_config.api_key = "dev-project-key"
-    sim_config.api_secret = sim_secret
+    sim_config.api_secret = SecretStr(sim_secret)
 
     curl = (
         f"curl -sS -X POST {gw_url}/v1/tasks -H 'Authorization: Bearer {key}' "

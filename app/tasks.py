@@ -240,8 +240,9 @@ def decode_cursor(cursor: str) -> str:
             raise ValueError
         return value
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest("The cursor is not valid.",
-                             errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}]) from None
+        raise InvalidRequest(
+            "The cursor is not valid.",
+            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}]) from None
 
 
 async def list_tasks(ctx: Ctx, *, client: str | None, statuses: Sequence[Status] = (),
@@ -822,7 +823,7 @@ async def _on_deadline(ctx: Ctx, task: Task) -> None:
             ut = await ctx.wiro.detail(task_id=task.upstream_task_id)
             if (await apply_detail(ctx, task, ut, source="timeout")).terminal:
                 return
-            status = ut.status
+            status: str | None = ut.status
         except WiroError:
             status = task.upstream_status
         confirmed, _, how = await _stop_upstream(ctx, task.upstream_task_id, status)
@@ -859,7 +860,7 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
         await _set(ses, task_id, cancel_requested_at=func.coalesce(Task.cancel_requested_at, now))
         _event(ses, task_id, "cancel", now, status=None,
                upstream_status=task.upstream_status, message="cancel requested")
-    confirmed, _, how = await _stop_upstream(ctx, task.upstream_task_id, task.upstream_status)
+    _, _, how = await _stop_upstream(ctx, task.upstream_task_id, task.upstream_status)
     async with unit_of_work(ctx.sm) as ses:
         _event(ses, task_id, "cancel", ctx.clock(), message=how)
     try:

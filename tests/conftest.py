@@ -68,7 +68,7 @@ def bin_env(**extra: str) -> dict[str, str]:
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    fh = open(log, "ab")  # noqa: SIM115 - closed with the process
+    fh = open(log, "ab")
     return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env,
                             stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -152,7 +152,7 @@ def postgres_available() -> str | None:
         try:
             asyncio.run(probe())
             _pg_state["why"] = None
-        except Exception as e:  # noqa: BLE001 - any failure means "not reachable"
+        except Exception as e:
             _pg_state["why"] = f"{type(e).__name__}: {e}"
     return _pg_state["why"]
 

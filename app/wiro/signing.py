@@ -29,7 +29,7 @@ def verify(api_key: str, api_secret: str, nonce: str, signature: str) -> bool:
 class NonceSource:
     """Strictly increasing integers: ``max(previous + 1, now in ms)``.
 
-    With ``replica_slot`` (0-999) the value is that counter × 1000 + the slot: still
+    With ``replica_slot`` (0-999) the value is that counter * 1000 + the slot: still
     strictly increasing, shaped like unix time in microseconds, and never equal to the
     nonce of a replica with another slot, even when both sign in the same millisecond.
 
