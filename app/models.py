@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -99,3 +99,35 @@ class Event(Base):
     message: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_task_events_task_id_id", "task_id", "id"),)
+
+
+class Client(Base):
+    """A calling service. Its limits; ``None`` takes the gateway-wide default."""
+
+    __tablename__ = "clients"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    rate_per_s: Mapped[float | None] = mapped_column(Float)  # 0 = no rate limit
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)  # 0 = no per-client cap
+    created_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS)
+
+
+class ClientKey(Base):
+    """One API key of a client: only its SHA-256 and a short non-secret prefix are kept."""
+
+    __tablename__ = "client_keys"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    client: Mapped[str] = mapped_column(ForeignKey("clients.name", ondelete="CASCADE"))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    admin: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    revoked_at: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (
+        Index("uq_client_keys_key_hash", "key_hash", unique=True),
+        Index("uq_client_keys_prefix", "prefix", unique=True),
+        Index("ix_client_keys_client", "client"),
+    )
