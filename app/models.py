@@ -131,3 +131,20 @@ class ClientKey(Base):
         Index("uq_client_keys_prefix", "prefix", unique=True),
         Index("ix_client_keys_client", "client"),
     )
+
+
+class ConsoleSession(Base):
+    """A signed-in operator console session. The browser holds a random token; only its
+    SHA-256 is kept here, with the SHA-256 of the client key it was opened with (resolved
+    again on every request, so a revoked key ends its sessions) and its CSRF token."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256(cookie token)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(100))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(TS)
+    expires_at: Mapped[datetime] = mapped_column(TS)
+
+    __table_args__ = (Index("ix_console_sessions_expires_at", "expires_at"),)
