@@ -1,4 +1,4 @@
-"""The console script: ``headshot-gateway migrate|serve|simulate|dev|openapi``."""
+"""The console script: ``headshot-gateway migrate|serve|simulate|dev|openapi|keys``."""
 
 from __future__ import annotations
 
@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("openapi", help="write the OpenAPI spec")
     p.add_argument("--output", default="openapi/openapi.json")
     p.set_defaults(func=cmd_openapi)
+    from app import cli_keys
+
+    cli_keys.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

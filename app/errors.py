@@ -6,7 +6,8 @@ GatewayError                  status, title, detail
 ├── Conflict                  409 terminal task, concurrent idempotent request
 ├── Unauthorized              401 missing or unknown key
 ├── PayloadTooLarge           413
-└── InvalidRequest            422 (with ``errors``: [{"loc", "msg"}])
+├── InvalidRequest            422 (with ``errors``: [{"loc", "msg"}])
+└── TooManyRequests           429 per-client rate limit (with ``Retry-After``)
 ```
 Every handler answers ``application/problem+json``; unexpected exceptions become a bare
 500 with no detail, so no stack trace or secret can leave the process.
@@ -60,6 +61,12 @@ class InvalidRequest(GatewayError):
     status, title = 422, "Unprocessable Content"
 
 
+class TooManyRequests(GatewayError):
+    """The client's request rate is over its limit; ``Retry-After`` says when to retry."""
+
+    status, title = 429, "Too Many Requests"
+
+
 def problem(status: int, title: str, detail: str | None = None, *,
             errors: list[dict[str, Any]] | None = None, type_: str = "about:blank",
             headers: dict[str, str] | None = None) -> JSONResponse:
@@ -99,7 +106,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         titles = {404: "Not Found", 405: "Method Not Allowed", 401: "Unauthorized",
-                  413: "Payload Too Large", 400: "Bad Request"}
+                  413: "Payload Too Large", 400: "Bad Request", 414: "URI Too Long",
+                  429: "Too Many Requests", 431: "Request Header Fields Too Large"}
         title = titles.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else title
         return problem(exc.status_code, title, detail, headers=getattr(exc, "headers", None))

@@ -14,9 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api import callbacks, health
 from app.api import tasks as task_routes
 from app.api.deps import key_digests
+from app.clients import Keyring
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers, problem
 from app.migrate import head_revisions
+from app.ratelimit import RateLimiter
 from app.settings import Settings
 from app.tasks import Ctx
 from app.wiro import NonceSource, WiroClient
@@ -126,6 +128,8 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     )
     app.state.settings = settings
     app.state.key_digests = key_digests(settings.client_keys)
+    app.state.keyring = Keyring(settings)
+    app.state.rate_limiter = RateLimiter()
     app.state.migration_heads = head_revisions()
     install_handlers(app)
     app.include_router(task_routes.router)

@@ -67,6 +67,24 @@ class Settings(BaseSettings):
     callback_body_limit_bytes: int = 1024 * 1024
     log_level: str = "INFO"
 
+    # Clients: keys, fair use, hostile input (docs/security.md).
+    key_cache_ttl_s: float = Field(
+        default=5.0, ge=0,
+        description="how long a key lookup is cached per process: the delay before a "
+                    "revoked key stops working")
+    client_rate_per_s: float = Field(
+        default=0.0, ge=0,
+        description="default per-client request rate, per process (0 = no limit); "
+                    "`keys create --rate` overrides it per client")
+    client_rate_burst_s: float = Field(
+        default=2.0, gt=0, description="the rate bucket holds this many seconds of requests")
+    client_max_in_flight: int = Field(
+        default=0, ge=0,
+        description="default per-client cap on tasks in flight (0 = none); "
+                    "`keys create --max-in-flight` overrides it per client")
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_query_bytes: int = Field(default=8 * 1024, ge=256)
+
     @field_validator("public_url", "wiro_base_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:

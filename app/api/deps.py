@@ -2,69 +2,58 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from dataclasses import dataclass
+import math
 
 from fastapi import Request
 
-from app.errors import Unauthorized
+from app.clients import MAX_KEY_LEN, Principal, key_digest
+from app.errors import TooManyRequests, Unauthorized
 from app.lifecycle import Status
 from app.models import Event, Task
 from app.schemas import EventOut, TaskError, TaskOut, TaskOutput, UpstreamRef
 from app.tasks import Ctx
 
 
-@dataclass(frozen=True)
-class Principal:
-    client: str
-    admin: bool
-
-    @property
-    def scope(self) -> str | None:
-        """The client whose tasks this caller may see; None = every client."""
-        return None if self.admin else self.client
-
-
 def get_ctx(request: Request) -> Ctx:
     return request.app.state.ctx
 
 
-def key_digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-def principal(request: Request) -> Principal:
-    """Bearer auth: the header's key, resolved by ``principal_for_key``."""
+async def principal(request: Request) -> Principal:
+    """Bearer auth (``principal_for_key``), then the client's request rate limit."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer":
         raise Unauthorized("Missing or malformed bearer token.")
-    return principal_for_key(request, key.strip())
+    caller = await principal_for_key(request, key.strip())
+    wait = request.app.state.rate_limiter.take(
+        caller.client, rate=caller.limits.rate_per_s, burst=caller.limits.burst)
+    if wait > 0:
+        raise TooManyRequests(
+            f"Over this client's limit of {caller.limits.rate_per_s:g} requests/s; "
+            f"retry after {math.ceil(wait)}s.",
+            headers={"Retry-After": str(math.ceil(wait))})
+    return caller
 
 
-def principal_for_key(request: Request, key: str) -> Principal:
+async def principal_for_key(request: Request, key: str) -> Principal:
     """A client key → its Principal. The API's bearer header and the console's sign-in
     form both come through here."""
-    if not key or len(key) > 512:
+    if not key or len(key) > MAX_KEY_LEN:
         raise Unauthorized("Missing or malformed bearer token.")
-    return principal_for_digest(request, key_digest(key))
+    return await principal_for_digest(request, key_digest(key))
 
 
-def principal_for_digest(request: Request, digest: bytes) -> Principal:
-    """The client whose key has this SHA-256 digest (compared in constant time).
+async def principal_for_digest(request: Request, digest: bytes) -> Principal:
+    """The client whose key has this SHA-256 digest: a bootstrap key (compared in
+    constant time) or a stored one (``app.clients.Keyring``, cached a few seconds).
 
     The console keeps only the digest in its server-side session and resolves it here on
     every request, so a key that stops being valid ends its console sessions too.
     """
-    ctx = get_ctx(request)
-    found = None
-    for candidate, name in request.app.state.key_digests:
-        if hmac.compare_digest(candidate, digest):
-            found = name
+    found = await request.app.state.keyring.authenticate_digest(get_ctx(request).sm, digest)
     if found is None:
         raise Unauthorized("Unknown API key.")
-    return Principal(client=found, admin=found in ctx.settings.admin_client_names)
+    return found
 
 
 def key_digests(keys: dict[str, str]) -> list[tuple[bytes, str]]:

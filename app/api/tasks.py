@@ -19,9 +19,12 @@ PROBLEMS = {
     401: {"model": Problem, "description": "Missing or unknown API key"},
     404: {"model": Problem, "description": "Unknown task (or another client's)"},
     422: {"model": Problem, "description": "Invalid request"},
+    429: {"model": Problem, "description": "Over the client's request rate limit "
+                                           "(header Retry-After: seconds)"},
 }
 
-router = APIRouter(prefix="/v1", tags=["tasks"], responses={401: PROBLEMS[401]})
+router = APIRouter(prefix="/v1", tags=["tasks"],
+                   responses={401: PROBLEMS[401], 429: PROBLEMS[429]})
 Caller = Annotated[Principal, Depends(principal)]
 Context = Annotated[Ctx, Depends(get_ctx)]
 
