@@ -56,6 +56,7 @@ class Task(Base):
     first_error_at: Mapped[datetime | None] = mapped_column(TS)  # task_error seen
     cancel_requested_at: Mapped[datetime | None] = mapped_column(TS)
     upstream_started_at: Mapped[datetime | None] = mapped_column(TS)
+    images_erased_at: Mapped[datetime | None] = mapped_column(TS)  # DELETE …/images, retention
 
     __table_args__ = (
         Index("ix_tasks_client_id", "client", "id"),
@@ -64,6 +65,8 @@ class Task(Base):
         Index("ix_tasks_next_check_at", "next_check_at"),
         Index("uq_tasks_client_idempotency_key", "client", "idempotency_key", unique=True),
         Index("ix_tasks_upstream_task_id", "upstream_task_id"),
+        # The retention sweep: tasks not yet erased, oldest completion first.
+        Index("ix_tasks_images_erased_at_completed_at", "images_erased_at", "completed_at"),
     )
 
 
@@ -148,3 +151,124 @@ class ConsoleSession(Base):
     expires_at: Mapped[datetime] = mapped_column(TS)
 
     __table_args__ = (Index("ix_console_sessions_expires_at", "expires_at"),)
+
+
+class Delivery(Base):
+    """One notification of a task's terminal event to its ``webhook_url`` (the outbox row,
+    written in the transaction of the terminal status change, or by a redeliver)."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the webhook-id, msg_…
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(40))  # task.succeeded, …
+    reason: Mapped[str] = mapped_column(String(20))  # terminal | redeliver
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    payload: Mapped[str | None] = mapped_column(Text)  # the exact body, fixed at attempt 1
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TS)  # None once finished
+    finished_at: Mapped[datetime | None] = mapped_column(TS)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (
+        Index("ix_deliveries_task_id", "task_id"),
+        Index("ix_deliveries_next_attempt_at", "next_attempt_at"),
+    )
+
+
+class DeliveryAttempt(Base):
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("deliveries.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(TS)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    response_body: Mapped[str | None] = mapped_column(Text)  # first KiB
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("uq_delivery_attempts_delivery_id_number", "delivery_id", "number", unique=True),
+    )
+
+
+class StoredOutput(Base):
+    """One output of a succeeded task and the gateway's copy of it."""
+
+    __tablename__ = "task_outputs"
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(255))
+    upstream_url: Mapped[str] = mapped_column(Text)
+    upstream_content_type: Mapped[str | None] = mapped_column(String(100))
+    upstream_size: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(20))  # pending | stored | failed | erased
+    storage_key: Mapped[str] = mapped_column(String(200))
+    content_type: Mapped[str | None] = mapped_column(String(100))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    stored_at: Mapped[datetime | None] = mapped_column(TS)
+    next_try_at: Mapped[datetime | None] = mapped_column(TS)  # None unless pending
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (Index("ix_task_outputs_next_try_at", "next_try_at"),)
+
+
+class Upload(Base):
+    """A photo a client uploaded (``POST /v1/uploads``), kept so erasure can find it."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # unguessable; in the URL
+    client: Mapped[str] = mapped_column(String(100))
+    mode: Mapped[str] = mapped_column(String(10))  # local | wiro
+    url: Mapped[str] = mapped_column(Text)
+    url_hash: Mapped[str] = mapped_column(String(64))  # sha256(url): erasure looks it up
+    storage_key: Mapped[str | None] = mapped_column(String(200))  # local mode only
+    content_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    erased_at: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (
+        Index("ix_uploads_url_hash", "url_hash"),
+        Index("ix_uploads_created_at", "created_at"),
+    )
+
+
+class Erasure(Base):
+    """A task's images being erased: the files to delete here and Wiro's copies to delete
+    there (``Task/InputOutputDelete``), retried by a worker until done."""
+
+    __tablename__ = "erasures"
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    reason: Mapped[str] = mapped_column(String(20))  # request | retention
+    requested_at: Mapped[datetime] = mapped_column(TS)
+    keys: Mapped[list[str]] = mapped_column(Json, default=list)  # store keys to delete
+    upstream_state: Mapped[str] = mapped_column(String(20))  # pending|done|skipped|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    done_at: Mapped[datetime | None] = mapped_column(TS)
+    next_try_at: Mapped[datetime | None] = mapped_column(TS)  # None once finished
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (Index("ix_erasures_next_try_at", "next_try_at"),)

@@ -1,0 +1,246 @@
+"""Every connection the gateway makes to a URL that came from a caller or the upstream
+(notifications to a caller's ``webhook_url``, downloads of Wiro's outputs) goes through
+``Outbound.request``, which enforces, in order:
+
+1. the scheme is ``http`` or ``https`` and the URL carries no user info;
+2. the host is in the allowlist, where the caller gives one (``GATEWAY_OUTPUT_HOSTS``);
+3. the host is resolved **once** and every address it resolves to is checked: loopback,
+   private, link-local, shared (CGNAT), reserved, multicast and unspecified addresses are
+   refused unless ``allow_private`` (``GATEWAY_ALLOW_PRIVATE_NETWORKS``); cloud metadata
+   addresses, multicast and unspecified ones are refused even then;
+4. the connection goes to the address that was checked (the URL's host is replaced by
+   that IP; ``Host`` and the TLS SNI/certificate check keep the original name), so a
+   second DNS answer cannot redirect it (no DNS rebinding);
+5. redirects are never followed (a 3xx comes back as a response for the caller to treat
+   as a failure), environment proxies are ignored, and time and size are bounded: the
+   body is streamed and reading stops at the cap.
+
+Errors::
+
+    OutboundError            transport trouble (DNS, connect, timeout): worth a retry
+    └── OutboundRefused      the policy refused the URL or its addresses: do not retry
+        └── OutboundTooLarge the body is over the cap
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+# Instance metadata services; refused even when private networks are allowed.
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean...
+    "169.254.170.2",  # AWS ECS task metadata
+    "169.254.169.123",  # AWS time sync
+    "fd00:ec2::254",  # AWS IPv6 metadata
+    "100.100.100.200",  # Alibaba Cloud
+))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class OutboundError(Exception):
+    """The request could not be made or finished (DNS, connect, timeout, protocol)."""
+
+
+class OutboundRefused(OutboundError):
+    """The URL, its host or one of its addresses is not allowed. Retrying will not help."""
+
+
+class OutboundTooLarge(OutboundRefused):
+    """The response body is over the size cap."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What one kind of outbound request may reach."""
+
+    allow_private: bool = False
+    hosts: frozenset[str] | None = None  # None: any host; else exact names or "*.suffix"
+
+    def host_allowed(self, host: str) -> bool:
+        if self.hosts is None:
+            return True
+        host = host.lower().rstrip(".")
+        for allowed in self.hosts:
+            if allowed.startswith("*.") and host.endswith(allowed[1:]):
+                return True
+            if host == allowed:
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class Response:
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+    truncated: bool  # only with ``truncate=True``: the body went on past ``max_bytes``
+    elapsed_ms: float
+    address: str  # the IP that was connected to
+
+
+def _embedded_v4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in _NAT64:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+    return None
+
+
+def refusal(ip: IPAddress, *, allow_private: bool) -> str | None:
+    """Why connecting to ``ip`` is not allowed, or None."""
+    inner = _embedded_v4(ip)
+    if inner is not None:
+        why = refusal(inner, allow_private=allow_private)
+        return f"{why} (embedded in {ip})" if why else None
+    if ip in METADATA_ADDRESSES:
+        return f"{ip} is a cloud metadata address"
+    if ip.is_multicast:
+        return f"{ip} is a multicast address"
+    if ip.is_unspecified:
+        return f"{ip} is the unspecified address"
+    if ip.is_global:
+        return None
+    if allow_private and (ip.is_loopback or ip.is_private or ip.is_link_local
+                          or ip in ipaddress.ip_network("100.64.0.0/10")):
+        return None
+    for attr, what in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
+                       ("is_reserved", "reserved"), ("is_private", "private")):
+        if getattr(ip, attr):
+            return f"{ip} is a {what} address"
+    return f"{ip} is not a public address"
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def check_url(url: str, policy: Policy) -> httpx.URL:
+    """Scheme, user info and host allowlist; the parsed URL."""
+    try:
+        parts = urlsplit(url)
+        parsed = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as e:
+        raise OutboundRefused(f"not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise OutboundRefused(f"scheme {parts.scheme!r} is not allowed (http or https only)")
+    if parts.username is not None or parts.password is not None:
+        raise OutboundRefused("URLs with user info are not allowed")
+    if not parsed.host:
+        raise OutboundRefused("the URL has no host")
+    if not policy.host_allowed(parsed.host):
+        raise OutboundRefused(f"host {parsed.host!r} is not in the allowlist")
+    return parsed
+
+
+class Outbound:
+    """Safe outbound HTTP over one ``httpx.AsyncClient`` (made here: no redirects, no
+    environment proxies). ``resolver`` is replaceable for tests."""
+
+    def __init__(self, *, resolver: Resolver | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.resolver = resolver or system_resolver
+        self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                                      transport=transport,
+                                      limits=httpx.Limits(max_connections=50,
+                                                          max_keepalive_connections=10))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def resolve(self, url: httpx.URL, policy: Policy) -> IPAddress:
+        """The one address to connect to: every answer must pass, the first is used."""
+        host = url.host
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            addresses: Iterable[IPAddress] = [literal]
+        else:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            try:
+                answers = await self.resolver(host, port)
+            except (OSError, UnicodeError) as e:
+                raise OutboundError(f"cannot resolve {host!r}: {e}") from None
+            addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in answers]
+        addresses = list(addresses)
+        if not addresses:
+            raise OutboundError(f"{host!r} resolved to no address")
+        for ip in addresses:
+            why = refusal(ip, allow_private=policy.allow_private)
+            if why:
+                raise OutboundRefused(f"{host!r} resolves to a refused address: {why}")
+        return addresses[0]
+
+    async def request(self, method: str, url: str, *, policy: Policy,
+                      headers: dict[str, str] | None = None, content: bytes | None = None,
+                      timeout: float = 10.0, max_bytes: int = 1024 * 1024,
+                      truncate: bool = False) -> Response:
+        """One request, no redirects; the whole exchange within ``timeout`` seconds.
+
+        The body is read up to ``max_bytes``: past that, ``truncate=True`` keeps the first
+        ``max_bytes`` and stops reading, otherwise ``OutboundTooLarge`` is raised.
+        """
+        parsed = check_url(url, policy)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                ip = await self.resolve(parsed, policy)
+                return await self._send(method, parsed, ip, headers or {}, content, timeout,
+                                        max_bytes, truncate, started)
+        except TimeoutError:
+            raise OutboundError(f"no complete answer within {timeout:g}s") from None
+        except httpx.HTTPError as e:
+            # Only the type and text: never the request (it may carry signatures).
+            raise OutboundError(f"{type(e).__name__}: {e}".rstrip(": ")) from None
+
+    async def _send(self, method: str, url: httpx.URL, ip: IPAddress, headers: dict[str, str],
+                    content: bytes | None, timeout: float, max_bytes: int, truncate: bool,
+                    started: float) -> Response:
+        # Connect to the checked address; the name stays in Host and in TLS (SNI and the
+        # certificate check), so the server sees an ordinary request for its name.
+        target = url.copy_with(host=str(ip))
+        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        request = self.http.build_request(
+            method, target, content=content,
+            # identity: the cap counts the bytes as sent, and no decompression bomb
+            headers={"Accept-Encoding": "identity", **headers,
+                     "Host": url.netloc.decode("ascii")},
+            timeout=httpx.Timeout(timeout), extensions=extensions)
+        response = await self.http.send(request, stream=True, follow_redirects=False)
+        try:
+            declared = response.headers.get("content-length", "")
+            if not truncate and declared.isdigit() and int(declared) > max_bytes:
+                raise OutboundTooLarge(f"the body is {declared} bytes, over the {max_bytes} cap")
+            chunks: list[bytes] = []
+            seen = 0
+            cut = False
+            async for chunk in response.aiter_raw():
+                seen += len(chunk)
+                if seen > max_bytes:
+                    if not truncate:
+                        raise OutboundTooLarge(f"the body is over the {max_bytes} byte cap")
+                    chunks.append(chunk[: max_bytes - (seen - len(chunk))])
+                    cut = True
+                    break
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        return Response(status_code=response.status_code, headers=response.headers,
+                        content=b"".join(chunks), truncated=cut,
+                        elapsed_ms=(time.monotonic() - started) * 1000, address=str(ip))
