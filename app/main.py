@@ -15,6 +15,7 @@ from app.api import callbacks, health
 from app.api import tasks as task_routes
 from app.api.deps import key_digests
 from app.clients import Keyring
+from app.console import router as console_router
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers, problem
 from app.migrate import head_revisions
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     app.include_router(task_routes.router)
     app.include_router(callbacks.router)
     app.include_router(health.router)
+    app.include_router(console_router)
     app.add_middleware(BodyLimit, default=settings.body_limit_bytes,
                        callbacks=settings.callback_body_limit_bytes)
     return app
