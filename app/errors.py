@@ -4,10 +4,13 @@
 GatewayError                  status, title, detail
 ├── NotFound                  404 unknown task (or another client's)
 ├── Conflict                  409 terminal task, concurrent idempotent request
+├── Gone                      410 an erased task's images
 ├── Unauthorized              401 missing or unknown key
 ├── PayloadTooLarge           413
+├── UnsupportedMediaType      415 an upload that is not a JPEG or PNG
 ├── InvalidRequest            422 (with ``errors``: [{"loc", "msg"}])
-└── TooManyRequests           429 per-client rate limit (with ``Retry-After``)
+├── TooManyRequests           429 per-client rate limit (with ``Retry-After``)
+└── BadGateway                502 the upstream failed a call made for the caller (uploads)
 ```
 Every handler answers ``application/problem+json``; unexpected exceptions become a bare
 500 with no detail, so no stack trace or secret can leave the process.
@@ -65,6 +68,18 @@ class TooManyRequests(GatewayError):
     """The client's request rate is over its limit; ``Retry-After`` says when to retry."""
 
     status, title = 429, "Too Many Requests"
+
+
+class Gone(GatewayError):
+    status, title = 410, "Gone"
+
+
+class UnsupportedMediaType(GatewayError):
+    status, title = 415, "Unsupported Media Type"
+
+
+class BadGateway(GatewayError):
+    status, title = 502, "Bad Gateway"
 
 
 def problem(status: int, title: str, detail: str | None = None, *,
