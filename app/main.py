@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import callbacks, health
+from app.api import results as result_routes
 from app.api import tasks as task_routes
 from app.api.deps import key_digests
 from app.clients import Keyring
@@ -19,10 +20,14 @@ from app.console import router as console_router
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers, problem
 from app.migrate import head_revisions
+from app.outbound import Outbound
+from app.outbox import Services
 from app.ratelimit import RateLimiter
 from app.settings import Settings
+from app.store import DirectoryStore
 from app.tasks import Ctx
 from app.wiro import NonceSource, WiroClient
+from app.workers.jobs import result_workers
 from app.workers.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -40,14 +45,18 @@ Every `/v1` route takes `Authorization: Bearer <key>`. Errors are
 class BodyLimit:
     """413 for bodies over the limit, by Content-Length or by counting the stream."""
 
-    def __init__(self, app: ASGIApp, *, default: int, callbacks: int) -> None:
+    def __init__(self, app: ASGIApp, *, default: int, callbacks: int,
+                 uploads: int | None = None) -> None:
         self.app, self.default, self.callbacks = app, default, callbacks
+        self.uploads = uploads or default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.callbacks if scope["path"].startswith("/callbacks/") else self.default
+        path = scope["path"]
+        limit = (self.callbacks if path.startswith("/callbacks/")
+                 else self.uploads if path == "/v1/uploads" else self.default)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -113,13 +122,25 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
         ctx.wake = scheduler.wake
         app.state.ctx = ctx
         app.state.scheduler = scheduler
+        services = Services(ctx=ctx, store=DirectoryStore(settings.data_dir),
+                            outbound=Outbound())
+        result_loops = result_workers(services)
+        app.state.services = services
+        if settings.webhook_secret is None:
+            log.warning("GATEWAY_WEBHOOK_SECRET is not set: tasks with a webhook_url are "
+                        "accepted but their notifications are recorded as failed")
         if start_workers:
             scheduler.start()
+            for loop in result_loops:
+                loop.start()
         log.info("gateway started", extra={"owner": ctx.owner})
         try:
             yield
         finally:
             await scheduler.stop()
+            for loop in result_loops:
+                await loop.stop()
+            await services.outbound.aclose()
             await http.aclose()
             await engine.dispose()
 
@@ -135,8 +156,12 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     install_handlers(app)
     app.include_router(task_routes.router)
     app.include_router(callbacks.router)
+    app.include_router(result_routes.router)
+    app.include_router(result_routes.files)
     app.include_router(health.router)
     app.include_router(console_router)
     app.add_middleware(BodyLimit, default=settings.body_limit_bytes,
-                       callbacks=settings.callback_body_limit_bytes)
+                       callbacks=settings.callback_body_limit_bytes,
+                       # the file plus room for the multipart framing
+                       uploads=settings.upload_max_bytes + 64 * 1024)
     return app

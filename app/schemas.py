@@ -72,11 +72,18 @@ class TaskCreate(BaseModel):
 
 
 class TaskOutput(BaseModel):
+    """One output. Once the gateway has stored its copy, ``url`` is the gateway's
+    (``/v1/tasks/{id}/outputs/{index}``, same auth as the task) and ``sha256``, ``size``,
+    ``width``, ``height`` describe that copy; until then ``url`` is Wiro's."""
+
     name: str
     content_type: str | None = None
     size: int | None = None
     url: str
     upstream_url: str | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 class TaskError(BaseModel):
@@ -104,11 +111,48 @@ class TaskOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+    images_erased_at: datetime | None = Field(
+        None, description="when the task's images were erased (on request or by retention); "
+                          "its output URLs answer 410 from then on")
 
 
 class TaskPage(BaseModel):
     data: list[TaskOut]
     next_cursor: str | None
+
+
+class DeliveryAttemptOut(BaseModel):
+    number: int
+    at: datetime
+    status_code: int | None = Field(description="the receiver's HTTP status; null if none")
+    latency_ms: int
+    response_body: str | None = Field(description="the first KiB of the receiver's answer")
+    error: str | None
+
+
+class DeliveryOut(BaseModel):
+    id: str = Field(description="the webhook-id header of every attempt of this delivery")
+    type: str = Field(description="task.succeeded | task.failed | task.cancelled | "
+                                  "task.timed_out")
+    reason: Literal["terminal", "redeliver"]
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    created_at: datetime
+    next_attempt_at: datetime | None
+    finished_at: datetime | None
+    attempts: list[DeliveryAttemptOut]
+
+
+class DeliveryList(BaseModel):
+    data: list[DeliveryOut]
+
+
+class UploadOut(BaseModel):
+    url: str = Field(description="pass it as input.inputImageUrl")
+    content_type: Literal["image/jpeg", "image/png"]
+    size: int = Field(description="bytes, after metadata was stripped")
+    width: int
+    height: int
 
 
 class EventOut(BaseModel):

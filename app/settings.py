@@ -89,6 +89,39 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, v: str) -> str:
         return v.rstrip("/")
+    # Results: notifications, stored outputs, uploads, erasure (README, docs/privacy.md).
+    notify_timeout_s: float = Field(
+        default=10.0, gt=0, description="one notification attempt, connect to last byte")
+    notify_retry_after_cap_s: float = Field(
+        default=3600.0, ge=0, description="the longest Retry-After of a 429 that is honoured")
+    notify_wait_for_outputs_s: float = Field(
+        default=30.0, ge=0,
+        description="how long a task.succeeded notification waits for the outputs to be "
+                    "stored, so that it carries the gateway's durable URLs")
+    webhook_hosts: str = Field(
+        default="", description="if set, the only hosts notifications may go to "
+                                "(comma-separated; `*.example.com` allowed)")
+    output_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    output_timeout_s: float = Field(default=60.0, gt=0)
+    output_retry_s: str = Field(
+        default="1,5,30,120,600,1800,3600",
+        description="seconds before each further output download attempt, comma-separated")
+    image_max_pixels: int = Field(
+        default=50_000_000, gt=0,
+        description="the largest width x height accepted, in uploads and outputs")
+    upload_mode: Literal["local", "wiro"] = Field(
+        default="local", description="local: the gateway serves uploads at an unguessable "
+                                     "URL; wiro: they are forwarded to Wiro's File/Upload")
+    upload_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    retention_days: float = Field(
+        default=0.0, ge=0,
+        description="erase a task's images (here and at Wiro) and uploads this many days "
+                    "after completion / upload; 0 = keep until erased on request")
+    retention_sweep_s: float = Field(default=60.0, gt=0)
+    erase_retry_s: str = Field(
+        default="5,30,120,600,1800,3600,7200,21600",
+        description="seconds before each further attempt to delete Wiro's copies")
+
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -101,6 +134,10 @@ class Settings(BaseSettings):
 
     @property
     def effective_database_url(self) -> str:
+        for name in ("notify_retry_s", "output_retry_s", "erase_retry_s"):
+            _schedule(name, getattr(self, name))
+        if self.webhook_secret is not None:
+            _check_webhook_secret(self.webhook_secret.get_secret_value())
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'gateway.db').resolve()}"
@@ -135,7 +172,21 @@ class Settings(BaseSettings):
 
     @property
     def notify_schedule(self) -> list[float]:
-        return [float(x) for x in self.notify_retry_s.split(",") if x.strip()]
+        return _schedule("notify_retry_s", self.notify_retry_s)
+
+    @property
+    def output_retry_schedule(self) -> list[float]:
+        return _schedule("output_retry_s", self.output_retry_s)
+
+    @property
+    def erase_retry_schedule(self) -> list[float]:
+        return _schedule("erase_retry_s", self.erase_retry_s)
+
+    @property
+    def webhook_host_set(self) -> frozenset[str] | None:
+        """None: any host."""
+        hosts = frozenset(h.strip().lower() for h in self.webhook_hosts.split(",") if h.strip())
+        return hosts or None
 
     @property
     def output_host_set(self) -> frozenset[str]:
@@ -144,3 +195,29 @@ class Settings(BaseSettings):
 
 def new_secret_token(nbytes: int = 24) -> str:
     return secrets.token_urlsafe(nbytes)
+
+
+def _schedule(name: str, value: str) -> list[float]:
+    """``"0,5,300"`` → ``[0.0, 5.0, 300.0]``; at least one entry, none negative."""
+    try:
+        out = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"GATEWAY_{name.upper()} must be comma-separated seconds") from None
+    if not out or any(x < 0 or x != x for x in out):
+        raise ValueError(f"GATEWAY_{name.upper()} needs at least one delay, none negative")
+    return out
+
+
+def _check_webhook_secret(secret: str) -> None:
+    """A Standard Webhooks secret: ``whsec_`` + base64 of at least 24 random bytes."""
+    import base64
+    import binascii
+
+    body = secret.removeprefix("whsec_")
+    try:
+        raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not secret.startswith("whsec_") or len(raw) < 24:
+        raise ValueError("GATEWAY_WEBHOOK_SECRET must be 'whsec_' followed by the base64 of "
+                         "at least 24 random bytes")

@@ -53,6 +53,7 @@ from app.lifecycle import (
 from app.models import Attempt, Event, Task
 from app.schemas import TaskCreate
 from app.settings import Settings
+from app.outbox import record_terminal
 from app.wiro import (
     RunAccepted,
     UpstreamTask,
@@ -143,6 +144,9 @@ async def _set(session: AsyncSession, task_id: str, **values: Any) -> None:
         .execution_options(synchronize_session=False)
     )
 
+    if new.terminal:
+        # The notification and the output downloads commit with the change or not at all.
+        await record_terminal(session, task_id, new, now, outputs=values.get("outputs"))
 
 # ---------------------------------------------------------------- create and read
 
@@ -872,6 +876,7 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
     # Whatever happened, a worker keeps looking until Wiro says it is over.
     async with unit_of_work(ctx.sm) as ses:
         await ses.execute(update(Task).where(Task.id == task_id,
+                await record_terminal(ses, task_id, Status.cancelled, now)
                                              Task.status_rank < TERMINAL_RANK)
                           .values(next_check_at=ctx.clock() + timedelta(seconds=1))
                           .execution_options(synchronize_session=False))

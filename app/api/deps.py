@@ -71,6 +71,7 @@ def task_out(t: Task) -> TaskOut:
         error=error, upstream=UpstreamRef(task_id=t.upstream_task_id, status=t.upstream_status),
         cost_usd=t.cost_usd, metadata=t.metadata_ or {}, webhook_url=t.webhook_url,
         created_at=t.created_at, updated_at=t.updated_at, completed_at=t.completed_at,
+        images_erased_at=t.images_erased_at,
     )
 
 

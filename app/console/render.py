@@ -103,13 +103,13 @@ env.filters.update(time=time_tag, duration=duration, seconds=seconds, usd=usd, s
                    status=status_badge)
 
 
-def render(name: str, context: dict[str, Any], *, status_code: int = 200) -> HTMLResponse:
+def render(name: str, context: dict[str, Any], *, status_code: int = 200) -> Response:
     html = env.get_template(name).render(context)
     return secure(HTMLResponse(html, status_code=status_code))
 
 
 def error_page(status_code: int, title: str, detail: str, *,
-               context: dict[str, Any] | None = None) -> HTMLResponse:
+               context: dict[str, Any] | None = None) -> Response:
     return render("error.html", {**(context or {}), "title": title, "detail": detail},
                   status_code=status_code)
 

@@ -8,12 +8,11 @@ resolution, and passes ``viewer.scope`` to the domain functions exactly as the A
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -34,7 +33,6 @@ from app.models import ConsoleSession
 from app.tasks import Ctx
 
 COOKIE = "hgw_console"
-T = TypeVar("T")
 
 
 class SignInRequired(Exception):
@@ -52,7 +50,7 @@ class ConsoleRoute(APIRoute):
     sign-in page, domain errors (404, 409, 422) render an error page, and every answer
     carries the console's security headers."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def guarded(request: Request) -> Response:
@@ -91,11 +89,6 @@ def _here(request: Request) -> str:
     return request.url.path + (f"?{q}" if q else "")
 
 
-async def _resolved(value: T | Awaitable[T]) -> T:
-    """Key resolution may be a plain function or a coroutine function."""
-    return await value if inspect.isawaitable(value) else value  # type: ignore[return-value]
-
-
 # ---------------------------------------------------------------- who is looking
 
 
@@ -118,7 +111,7 @@ async def viewer(request: Request) -> Viewer:
     if session is None:
         raise SignInRequired("expired" if token else None)
     try:
-        who = await _resolved(principal_for_digest(request, bytes.fromhex(session.key_hash)))
+        who = await principal_for_digest(request, bytes.fromhex(session.key_hash))
     except Unauthorized:
         await close_session(ctx, token=token)
         raise SignInRequired("key no longer valid") from None
@@ -194,7 +187,7 @@ async def sign_in(request: Request, ctx: Context, key: Annotated[str, Form()] = 
     if not _same_origin(request):
         raise CsrfRejected
     try:
-        who = await _resolved(principal_for_key(request, key.strip()))
+        who = await principal_for_key(request, key.strip())
     except Unauthorized:
         return render("sign_in.html", {
             "next": _safe_next(next), "section": "sign-in", "key_error": True,

@@ -1,0 +1,120 @@
+"""Routes for what a task leaves behind: notifications, stored outputs, uploads, erasure.
+Thin: parse, call ``app.notify`` / ``app.results`` / ``app.uploads``, present."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response, UploadFile
+
+from app import notify, results, uploads
+from app.api.deps import principal
+from app.api.tasks import PROBLEMS
+from app.clients import Principal
+from app.errors import InvalidRequest
+from app.outbox import Services
+from app.schemas import DeliveryList, DeliveryOut, Problem, UploadOut
+
+router = APIRouter(prefix="/v1", responses={401: PROBLEMS[401], 429: PROBLEMS[429]})
+files = APIRouter(tags=["uploads"])
+Caller = Annotated[Principal, Depends(principal)]
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+Svc = Annotated[Services, Depends(get_services)]
+TaskId = str
+
+
+@router.get("/tasks/{task_id}/deliveries", response_model=DeliveryList, tags=["notifications"],
+            operation_id="listTaskDeliveries", summary="The task's notifications and attempts",
+            responses={404: PROBLEMS[404]})
+async def list_deliveries(task_id: TaskId, caller: Caller, svc: Svc) -> DeliveryList:
+    """Oldest first, each with every attempt (time, HTTP status, latency, the first KiB of
+    the answer, the error)."""
+    rows = await notify.list_deliveries(svc, task_id=task_id, client=caller.scope)
+    return DeliveryList.model_validate({"data": notify.presentable(rows)})
+
+
+@router.post("/tasks/{task_id}/deliveries/redeliver", status_code=202,
+             response_model=DeliveryOut, tags=["notifications"],
+             operation_id="redeliverTaskNotification",
+             summary="Send the task's terminal event again, as a new delivery",
+             responses={404: PROBLEMS[404],
+                        409: {"model": Problem,
+                              "description": "The task is not finished or has no webhook_url"}})
+async def redeliver(task_id: TaskId, caller: Caller, svc: Svc) -> DeliveryOut:
+    """A new delivery (with its own ``webhook-id``) of the task as it is now, on the same
+    retry schedule."""
+    d = await notify.redeliver(svc, task_id=task_id, client=caller.scope)
+    return DeliveryOut.model_validate(notify.presentable([(d, [])])[0])
+
+
+@router.get("/tasks/{task_id}/outputs/{index}", tags=["results"], operation_id="getTaskOutput",
+            summary="The gateway's stored copy of one output",
+            response_class=Response,
+            responses={200: {"content": {"image/png": {}, "image/jpeg": {}},
+                             "description": "The image"},
+                       404: {"model": Problem, "description": "Unknown task, or output not "
+                                                              "stored (yet)"},
+                       410: {"model": Problem, "description": "The task's images were erased"}})
+async def get_output(task_id: TaskId, index: Annotated[int, Path(ge=0, le=1000)],
+                     caller: Caller, svc: Svc) -> Response:
+    data, row = await results.open_output(svc, task_id=task_id, index=index,
+                                          client=caller.scope)
+    return Response(data, media_type=row.content_type, headers={
+        "ETag": f'"{row.sha256}"', "Cache-Control": "private, max-age=86400",
+        "Content-Disposition": f'inline; filename="{task_id}-{index}.'
+                               f'{"png" if row.content_type == "image/png" else "jpg"}"',
+        "X-Content-Type-Options": "nosniff"})
+
+
+@router.delete("/tasks/{task_id}/images", status_code=204, tags=["results"],
+               operation_id="eraseTaskImages",
+               summary="Erase the task's images here and at Wiro",
+               responses={404: PROBLEMS[404],
+                          409: {"model": Problem, "description": "The task is not finished"}})
+async def erase_images(task_id: TaskId, caller: Caller, svc: Svc) -> Response:
+    """Deletes the stored outputs and the task's input if it was uploaded here, and asks
+    Wiro to delete its copies (retried until it succeeds). The task stays, with
+    ``images_erased_at``; its output URLs answer 410. Repeating it changes nothing."""
+    await results.erase_task_images(svc, task_id=task_id, client=caller.scope)
+    return Response(status_code=204)
+
+
+@router.post("/uploads", status_code=201, response_model=UploadOut, tags=["uploads"],
+             operation_id="createUpload", summary="Upload a photo to use as inputImageUrl",
+             responses={413: {"model": Problem, "description": "The file is too large"},
+                        415: {"model": Problem, "description": "Not a JPEG or PNG"},
+                        422: {"model": Problem, "description": "No file, or it does not "
+                                                              "decode, or too many pixels"},
+                        502: {"model": Problem, "description": "Wiro's File/Upload failed "
+                                                              "(upload mode wiro)"}})
+async def create_upload(file: UploadFile, caller: Caller, svc: Svc) -> UploadOut:
+    """Multipart, field ``file``: one JPEG or PNG. It is decoded to check it and re-encoded
+    without its metadata (EXIF, XMP, IPTC, text chunks). The returned URL can be passed as
+    ``inputImageUrl``."""
+    limit = svc.ctx.settings.upload_max_bytes
+    data = await file.read(limit + 1)
+    if not isinstance(data, bytes):
+        raise InvalidRequest("The file field must be a file.",
+                             errors=[{"loc": ["file"], "msg": "not a file"}])
+    row = await uploads.create_upload(svc, client=caller.client, data=data)
+    return UploadOut(url=row.url, content_type=row.content_type,  # type: ignore[arg-type]
+                     size=row.size, width=row.width, height=row.height)
+
+
+@files.get("/files/{upload_id}/{name}", operation_id="getUploadedFile",
+           summary="An uploaded photo, for Wiro to fetch (no auth: the URL is the secret)",
+           response_class=Response,
+           responses={200: {"content": {"image/png": {}, "image/jpeg": {}},
+                            "description": "The image"},
+                      404: {"model": Problem, "description": "Unknown or erased"}})
+async def get_file(upload_id: Annotated[str, Path(max_length=64)],
+                   name: Annotated[str, Path(max_length=32)], svc: Svc) -> Response:
+    data, row = await uploads.open_upload(svc, upload_id=upload_id, name=name)
+    return Response(data, media_type=row.content_type, headers={
+        "Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer"})

@@ -1,0 +1,299 @@
+"""Notifications to the caller: signed POSTs of a task's terminal event, with retries.
+
+A delivery row is written in the transaction of the terminal status change
+(``app.outbox.record_terminal``) or by a redeliver. The notifier worker claims due rows
+with a lease (compare-and-set on ``lease_until``; ``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL), makes one attempt per claim and records it. Per delivery:
+
+- the body is ``{"type": "task.<status>", "timestamp": <completed_at>, "data": <the task
+  as GET /v1/tasks/{id} shows it>}``, fixed at the first attempt so every retry sends the
+  same bytes under the same ``webhook-id`` (the delivery id), signed per Standard Webhooks;
+- a ``task.succeeded`` delivery waits (up to ``GATEWAY_NOTIFY_WAIT_FOR_OUTPUTS_S``) for the
+  outputs to be stored, so the caller receives the gateway's durable URLs;
+- attempt *n* happens ``GATEWAY_NOTIFY_RETRY_S[n-1]`` seconds (jittered ±20 %) after the
+  previous one; 2xx delivers; 410 stops at once; 429 waits at least its ``Retry-After``
+  (capped); a 3xx is a failure (redirects are never followed); a URL or address the
+  outbound policy refuses fails at once; the last failure marks the delivery failed.
+
+A crash between the POST and its record means the attempt is made again after the lease
+runs out: receivers dedupe on ``webhook-id``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import or_, select, update
+from standardwebhooks.webhooks import Webhook
+
+from app.db import unit_of_work
+from app.errors import Conflict
+from app.lifecycle import Status
+from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
+from app.outbound import OutboundError, OutboundRefused, Policy
+from app.outbox import Services, new_delivery
+from app.tasks import get_task
+from app.wiro.client import parse_retry_after
+
+log = logging.getLogger(__name__)
+
+RESPONSE_BODY_BYTES = 1024
+NO_SECRET = ("GATEWAY_WEBHOOK_SECRET is not set: the gateway signs every notification and "
+             "cannot send this one. Set the secret, restart, then redeliver.")
+
+
+def _jitter(seconds: float) -> float:
+    return seconds * random.uniform(0.8, 1.2)
+
+
+def _lease_s(svc: Services) -> float:
+    s = svc.ctx.settings
+    return max(s.lease_s, s.notify_timeout_s + 10)
+
+
+def _host(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or "?"
+    except ValueError:
+        return "?"
+
+
+def payload(task: Task) -> str:
+    """The notification body, compact JSON."""
+    from app.api.deps import task_out  # the one presentation of a task
+
+    data = task_out(task).model_dump(mode="json")
+    body = {"type": f"task.{task.status}",
+            "timestamp": data["completed_at"] or data["updated_at"], "data": data}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def sign(secret: str, msg_id: str, at: datetime, body: str) -> dict[str, str]:
+    """Standard Webhooks headers, by the ``standardwebhooks`` library itself."""
+    return {"webhook-id": msg_id, "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": Webhook(secret).sign(msg_id, at, body)}
+
+
+# ---------------------------------------------------------------- the API side
+
+
+async def list_deliveries(svc: Services, *, task_id: str, client: str | None
+                          ) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
+    await get_task(svc.ctx, task_id=task_id, client=client)
+    async with svc.ctx.sm() as s:
+        deliveries = (await s.scalars(select(Delivery).where(Delivery.task_id == task_id)
+                                      .order_by(Delivery.id))).all()
+        attempts = (await s.scalars(
+            select(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(
+                [d.id for d in deliveries])).order_by(DeliveryAttempt.number))).all()
+    by: dict[str, list[DeliveryAttempt]] = {d.id: [] for d in deliveries}
+    for a in attempts:
+        by[a.delivery_id].append(a)
+    return [(d, by[d.id]) for d in deliveries]
+
+
+async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Delivery:
+    """A new delivery (new ``webhook-id``) of the task's terminal event, as it is now."""
+    task = await get_task(svc.ctx, task_id=task_id, client=client)
+    if not Status(task.status).terminal:
+        raise Conflict(f"Task {task_id} is {task.status}; only a finished task has an event "
+                       "to deliver.")
+    if not task.webhook_url:
+        raise Conflict(f"Task {task_id} has no webhook_url.")
+    now = svc.ctx.clock()
+    d = new_delivery(task.id, task.status, task.webhook_url, now, reason="redeliver")
+    async with unit_of_work(svc.ctx.sm) as s:
+        s.add(d)
+    svc.wake_notifier()
+    return d
+
+
+# ---------------------------------------------------------------- the worker side
+
+
+async def claim_due(svc: Services, *, limit: int) -> list[str]:
+    """Lease up to ``limit`` due deliveries for this process (as ``tasks.claim_due``)."""
+    ctx = svc.ctx
+    now = ctx.clock()
+    until = now + timedelta(seconds=_lease_s(svc))
+    free = or_(Delivery.lease_until.is_(None), Delivery.lease_until < now)
+    async with unit_of_work(ctx.sm) as s:
+        ids = (await s.scalars(
+            select(Delivery.id).where(Delivery.next_attempt_at <= now, free)
+            .order_by(Delivery.next_attempt_at).limit(limit)
+            .with_for_update(skip_locked=True))).all()
+        claimed = []
+        for delivery_id in ids:
+            res = await s.execute(
+                update(Delivery).where(Delivery.id == delivery_id, free)
+                .values(lease_owner=ctx.owner, lease_until=until)
+                .execution_options(synchronize_session=False))
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append(delivery_id)
+    return claimed
+
+
+async def release_all(svc: Services) -> None:
+    async with unit_of_work(svc.ctx.sm) as s:
+        await s.execute(update(Delivery).where(Delivery.lease_owner == svc.ctx.owner)
+                        .values(lease_owner=None, lease_until=None)
+                        .execution_options(synchronize_session=False))
+
+
+async def _wait_for_outputs(svc: Services, d: Delivery, until: datetime) -> bool:
+    """Postpone to ``until`` if some output is still being stored; True if postponed.
+
+    One conditional statement, so a download finishing meanwhile either makes it a no-op
+    or finds the postponed row and brings it forward (``outputs_settled``)."""
+    pending = (select(StoredOutput.idx).where(StoredOutput.task_id == d.task_id,
+                                              StoredOutput.state == "pending").exists())
+    async with unit_of_work(svc.ctx.sm) as s:
+        res = await s.execute(
+            update(Delivery).where(Delivery.id == d.id, Delivery.lease_owner == svc.ctx.owner,
+                                   pending)
+            .values(next_attempt_at=until, lease_owner=None, lease_until=None)
+            .execution_options(synchronize_session=False))
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def _postpone(svc: Services, d: Delivery, until: datetime) -> None:
+    async with unit_of_work(svc.ctx.sm) as s:
+        await s.execute(update(Delivery).where(Delivery.id == d.id,
+                                               Delivery.lease_owner == svc.ctx.owner)
+                        .values(next_attempt_at=until, lease_owner=None, lease_until=None)
+                        .execution_options(synchronize_session=False))
+
+
+async def attempt(svc: Services, delivery_id: str) -> None:
+    """One attempt of a delivery this process has leased; records it, releases the lease."""
+    ctx, s = svc.ctx, svc.ctx.settings
+    async with ctx.sm() as ses:
+        d = await ses.get(Delivery, delivery_id)
+        task = await ses.get(Task, d.task_id) if d is not None else None
+    if d is None or task is None or d.lease_owner != ctx.owner or d.status != "pending":
+        return
+    now = ctx.clock()
+    schedule = s.notify_schedule
+    if d.payload is None:
+        first = d.created_at + timedelta(seconds=schedule[0])
+        if now < first:
+            await _postpone(svc, d, first)
+            return
+        waited = d.created_at + timedelta(seconds=s.notify_wait_for_outputs_s)
+        if (task.status == Status.succeeded and now < waited
+                and await _wait_for_outputs(svc, d, waited)):
+            return
+    body = d.payload or payload(task)
+    number = d.attempts + 1
+    status_code: int | None = None
+    response_body: str | None = None
+    final = False
+    retry_after: float | None = None
+    latency_ms = 0
+    if s.webhook_secret is None:
+        error: str | None = NO_SECRET
+        final = True
+    else:
+        headers = {"content-type": "application/json",
+                   "user-agent": "headshot-gateway (+notifications)",
+                   **sign(s.webhook_secret.get_secret_value(), d.id, now, body)}
+        policy = Policy(allow_private=s.allow_private_networks, hosts=s.webhook_host_set)
+        error = None
+        try:
+            resp = await svc.outbound.request(
+                "POST", d.url, policy=policy, headers=headers, content=body.encode(),
+                timeout=s.notify_timeout_s, max_bytes=RESPONSE_BODY_BYTES, truncate=True)
+        except OutboundRefused as e:
+            error, final = f"refused: {e}", True
+            latency_ms = _ms(ctx.clock() - now)
+        except OutboundError as e:
+            error = str(e) or type(e).__name__
+            latency_ms = _ms(ctx.clock() - now)
+        else:
+            latency_ms = round(resp.elapsed_ms)
+            status_code = resp.status_code
+            response_body = resp.content.decode("utf-8", "replace")
+            if 300 <= status_code < 400:
+                error = "redirects are not followed"
+            elif status_code == 410:
+                error, final = "the receiver answered 410 Gone: no further attempts", True
+            elif status_code == 429:
+                retry_after = parse_retry_after(resp.headers.get("retry-after"))
+    delivered = error is None and status_code is not None and 200 <= status_code < 300
+    if not delivered and error is None:
+        error = f"HTTP {status_code}"
+    if not delivered and not final and number >= len(schedule):
+        final = True
+    nxt: datetime | None = None
+    if not delivered and not final:
+        delay = _jitter(schedule[number])
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, s.notify_retry_after_cap_s))
+        nxt = ctx.clock() + timedelta(seconds=delay)
+    await _record(svc, d, task, number=number, at=now, body=body, status_code=status_code,
+                  latency_ms=latency_ms, response_body=response_body, error=error,
+                  delivered=delivered, final=final, nxt=nxt)
+
+
+def _ms(delta: timedelta) -> int:
+    return max(0, round(delta.total_seconds() * 1000))
+
+
+async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: datetime,
+                  body: str, status_code: int | None, latency_ms: int,
+                  response_body: str | None, error: str | None, delivered: bool, final: bool,
+                  nxt: datetime | None) -> None:
+    ctx = svc.ctx
+    now = ctx.clock()
+    status = "delivered" if delivered else ("failed" if final else "pending")
+    values: dict[str, Any] = dict(
+        attempts=number, payload=body, status=status, last_error=None if delivered else error,
+        next_attempt_at=nxt, lease_owner=None, lease_until=None)
+    if status != "pending":
+        values["finished_at"] = now
+    async with unit_of_work(ctx.sm) as s:
+        res = await s.execute(update(Delivery).where(Delivery.id == d.id,
+                                                     Delivery.lease_owner == ctx.owner)
+                              .values(**values).execution_options(synchronize_session=False))
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            return  # our lease ran out and another worker took over: its record wins
+        s.add(DeliveryAttempt(delivery_id=d.id, number=number, at=at, status_code=status_code,
+                              latency_ms=latency_ms, response_body=response_body,
+                              error=None if delivered else (error or "")[:1000]))
+        if status != "pending":
+            what = (f"HTTP {status_code}" if delivered else (error or "failed"))[:300]
+            s.add(Event(task_id=task.id, at=now, source="delivery", status=None,
+                        upstream_status=None, message=(
+                            f"notification {d.event_type} ({d.id}) to {_host(d.url)} "
+                            f"{status} after {number} attempt{'s' if number > 1 else ''}: "
+                            f"{what}")))
+    if status == "failed":
+        log.warning("notification failed", extra={"task_id": task.id, "delivery_id": d.id})
+
+
+async def outputs_settled(svc: Services, task_id: str) -> None:
+    """The task's outputs are stored (or given up on): send its waiting notification now."""
+    now = svc.ctx.clock()
+    async with unit_of_work(svc.ctx.sm) as s:
+        res = await s.execute(
+            update(Delivery).where(Delivery.task_id == task_id, Delivery.status == "pending",
+                                   Delivery.payload.is_(None), Delivery.next_attempt_at > now)
+            .values(next_attempt_at=now).execution_options(synchronize_session=False))
+    if res.rowcount:  # type: ignore[attr-defined]
+        svc.wake_notifier()
+
+
+def presentable(rows: Sequence[tuple[Delivery, list[DeliveryAttempt]]]) -> list[dict[str, Any]]:
+    return [{"id": d.id, "type": d.event_type, "reason": d.reason, "url": d.url,
+             "status": d.status, "created_at": d.created_at,
+             "next_attempt_at": d.next_attempt_at, "finished_at": d.finished_at,
+             "attempts": [{"number": a.number, "at": a.at, "status_code": a.status_code,
+                           "latency_ms": a.latency_ms, "response_body": a.response_body,
+                           "error": a.error} for a in attempts]}
+            for d, attempts in rows]

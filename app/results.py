@@ -1,0 +1,404 @@
+"""Durable outputs and erasure.
+
+Outputs: a succeeded task's outputs are recorded (``task_outputs``, in the transaction of
+the status change) and a worker downloads each one through ``app.outbound`` (only from
+``GATEWAY_OUTPUT_HOSTS``, size-capped, ``image/jpeg`` or ``image/png`` that decodes),
+keeps it in the store, and rewrites the task's ``outputs`` so ``url`` points at the
+gateway. Until then ``url`` is Wiro's; a download that keeps failing is retried per
+``GATEWAY_OUTPUT_RETRY_S`` and then given up, and never fails the task.
+
+Erasure (``DELETE /v1/tasks/{id}/images`` or the retention sweep): in one transaction the
+task gets ``images_erased_at``, its outputs and its input upload (if it was one of ours)
+are marked erased, and an ``erasures`` row records the files to delete and whether Wiro
+must be asked to delete its copies; then the files are deleted and Wiro is asked
+(``Task/InputOutputDelete``), at once and, if that fails, by the eraser worker until done.
+
+Besides ``app.tasks``, this is the only code that writes task rows, and only the two
+columns ``tasks.py`` never touches once a task is terminal: ``outputs`` (their
+presentation) and ``images_erased_at``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import imaging, notify
+from app.db import unit_of_work
+from app.errors import Conflict, Gone, NotFound
+from app.lifecycle import TERMINAL_RANK, Status
+from app.models import Erasure, Event, StoredOutput, Task, Upload
+from app.outbound import OutboundError, OutboundRefused, Policy
+from app.outbox import Services
+from app.tasks import get_task
+from app.wiro import WiroError, WiroStateError
+
+log = logging.getLogger(__name__)
+
+ALLOWED_TYPES = frozenset(imaging.FORMATS.values())
+
+
+def _jitter(seconds: float) -> float:
+    return seconds * random.uniform(0.8, 1.2)
+
+
+def url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def output_url(public_url: str, task_id: str, index: int) -> str:
+    return f"{public_url}/v1/tasks/{task_id}/outputs/{index}"
+
+
+def present(row: StoredOutput, public_url: str, *, erased: bool = False) -> dict[str, Any]:
+    """One item of the task's ``outputs``: the gateway's URL once stored (or erased)."""
+    stored = row.state == "stored"
+    return {
+        "name": row.name,
+        "content_type": (row.content_type if stored else None) or row.upstream_content_type,
+        "size": row.size if stored else row.upstream_size,
+        "url": (output_url(public_url, row.task_id, row.idx) if stored or erased
+                or row.state == "erased" else row.upstream_url),
+        "upstream_url": row.upstream_url,
+        "sha256": row.sha256, "width": row.width, "height": row.height,
+    }
+
+
+async def _lock_task(session: AsyncSession, task_id: str) -> Task | None:
+    """The task row, locked on PostgreSQL so that rewrites of its ``outputs`` serialise
+    (on SQLite the first write of the transaction already does)."""
+    return (await session.scalars(select(Task).where(Task.id == task_id)
+                                  .with_for_update())).first()
+
+
+async def _rewrite_outputs(session: AsyncSession, task_id: str, public_url: str) -> None:
+    rows = (await session.scalars(select(StoredOutput).where(StoredOutput.task_id == task_id)
+                                  .order_by(StoredOutput.idx))).all()
+    await session.execute(update(Task).where(Task.id == task_id)
+                          .values(outputs=[present(r, public_url) for r in rows])
+                          .execution_options(synchronize_session=False))
+
+
+# ---------------------------------------------------------------- outputs: the worker
+
+
+async def claim_outputs(svc: Services, *, limit: int) -> list[tuple[str, int]]:
+    ctx = svc.ctx
+    now = ctx.clock()
+    until = now + timedelta(seconds=max(ctx.settings.lease_s,
+                                        ctx.settings.output_timeout_s + 10))
+    free = or_(StoredOutput.lease_until.is_(None), StoredOutput.lease_until < now)
+    async with unit_of_work(ctx.sm) as s:
+        keys = (await s.execute(
+            select(StoredOutput.task_id, StoredOutput.idx)
+            .where(StoredOutput.next_try_at <= now, free)
+            .order_by(StoredOutput.next_try_at).limit(limit)
+            .with_for_update(skip_locked=True))).all()
+        claimed = []
+        for task_id, idx in keys:
+            res = await s.execute(
+                update(StoredOutput).where(StoredOutput.task_id == task_id,
+                                           StoredOutput.idx == idx, free)
+                .values(lease_owner=ctx.owner, lease_until=until)
+                .execution_options(synchronize_session=False))
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append((task_id, idx))
+    return claimed
+
+
+class _Permanent(Exception):
+    """A download failure that a retry will not fix."""
+
+
+async def _download(svc: Services, row: StoredOutput) -> tuple[bytes, imaging.ImageInfo]:
+    s = svc.ctx.settings
+    policy = Policy(allow_private=s.allow_private_networks, hosts=s.output_host_set)
+    try:
+        resp = await svc.outbound.request("GET", row.upstream_url, policy=policy,
+                                          headers={"accept": "image/png, image/jpeg"},
+                                          timeout=s.output_timeout_s,
+                                          max_bytes=s.output_max_bytes)
+    except OutboundRefused as e:
+        raise _Permanent(str(e)) from None
+    if resp.status_code != 200:
+        why = f"the upstream answered HTTP {resp.status_code}"
+        if 300 <= resp.status_code < 400:
+            raise _Permanent(why + " (redirects are not followed)")
+        if resp.status_code in (404, 410):
+            raise _Permanent(why + " (the file is gone)")
+        raise OutboundError(why)
+    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ALLOWED_TYPES:
+        raise _Permanent(f"content type {ctype or 'none'!r} is not image/jpeg or image/png")
+    try:
+        info = await asyncio.to_thread(imaging.inspect, resp.content,
+                                       max_pixels=s.image_max_pixels)
+    except imaging.ImageRejected as e:
+        raise _Permanent(e.message) from None
+    return resp.content, info
+
+
+async def store_output(svc: Services, task_id: str, idx: int) -> None:
+    """One download attempt of an output this process has leased; records the outcome."""
+    ctx, s = svc.ctx, svc.ctx.settings
+    async with ctx.sm() as ses:
+        row = await ses.get(StoredOutput, (task_id, idx))
+    if row is None or row.lease_owner != ctx.owner or row.state != "pending":
+        return
+    now = ctx.clock()
+    error: str | None = None
+    permanent = False
+    try:
+        data, info = await _download(svc, row)
+    except _Permanent as e:
+        error, permanent = str(e), True
+    except OutboundError as e:
+        error = str(e) or type(e).__name__
+    else:
+        await svc.store.put(row.storage_key, data)
+        async with unit_of_work(ctx.sm) as ses:
+            await _lock_task(ses, task_id)
+            res = await ses.execute(
+                update(StoredOutput).where(StoredOutput.task_id == task_id,
+                                           StoredOutput.idx == idx,
+                                           StoredOutput.state == "pending",
+                                           StoredOutput.lease_owner == ctx.owner)
+                .values(state="stored", content_type=info.content_type, size=info.size,
+                        sha256=info.sha256, width=info.width, height=info.height,
+                        attempts=row.attempts + 1, error=None, stored_at=now,
+                        next_try_at=None, lease_owner=None, lease_until=None)
+                .execution_options(synchronize_session=False))
+            stored = res.rowcount == 1  # type: ignore[attr-defined]
+            if stored:
+                await _rewrite_outputs(ses, task_id, s.public_url)
+        if not stored:
+            # Erased (or taken over) while downloading: leave no copy behind.
+            await svc.store.delete(row.storage_key)
+            return
+        await _settled(svc, task_id)
+        return
+    attempts = row.attempts + 1
+    schedule = s.output_retry_schedule
+    give_up = permanent or attempts > len(schedule)
+    values: dict[str, Any] = dict(attempts=attempts, error=error[:1000], lease_owner=None,
+                                  lease_until=None)
+    if give_up:
+        values.update(state="failed", next_try_at=None)
+    else:
+        values["next_try_at"] = ctx.clock() + timedelta(seconds=_jitter(schedule[attempts - 1]))
+    async with unit_of_work(ctx.sm) as ses:
+        await ses.execute(update(StoredOutput).where(
+            StoredOutput.task_id == task_id, StoredOutput.idx == idx,
+            StoredOutput.state == "pending", StoredOutput.lease_owner == ctx.owner)
+            .values(**values).execution_options(synchronize_session=False))
+        if give_up:
+            log.warning("output not stored", extra={"task_id": task_id, "index": idx})
+    if give_up:
+        await _settled(svc, task_id)
+
+
+async def _settled(svc: Services, task_id: str) -> None:
+    async with svc.ctx.sm() as s:
+        pending = await s.scalar(select(StoredOutput.idx).where(
+            StoredOutput.task_id == task_id, StoredOutput.state == "pending").limit(1))
+    if pending is None:
+        await notify.outputs_settled(svc, task_id)
+
+
+async def release_all(svc: Services) -> None:
+    owner = svc.ctx.owner
+    async with unit_of_work(svc.ctx.sm) as s:
+        for model in (StoredOutput, Erasure):
+            await s.execute(update(model).where(model.lease_owner == owner)
+                            .values(lease_owner=None, lease_until=None)
+                            .execution_options(synchronize_session=False))
+
+
+# ---------------------------------------------------------------- outputs: serving
+
+
+async def open_output(svc: Services, *, task_id: str, index: int, client: str | None
+                      ) -> tuple[bytes, StoredOutput]:
+    task = await get_task(svc.ctx, task_id=task_id, client=client)
+    if task.images_erased_at is not None:
+        raise Gone(f"The images of task {task_id} were erased.")
+    async with svc.ctx.sm() as s:
+        row = await s.get(StoredOutput, (task_id, index))
+    if row is None:
+        raise NotFound(f"Task {task_id} has no output {index}.")
+    if row.state != "stored":
+        raise NotFound(f"Output {index} of task {task_id} is not stored here "
+                       f"({'not yet' if row.state == 'pending' else 'the download failed'}); "
+                       "its upstream_url may still work.")
+    data = await svc.store.get(row.storage_key)
+    if data is None:
+        raise NotFound(f"Output {index} of task {task_id} is missing from the store.")
+    return data, row
+
+
+# ---------------------------------------------------------------- erasure
+
+
+async def erase_task_images(svc: Services, *, task_id: str, client: str | None,
+                            reason: str = "request") -> None:
+    """Erase a finished task's images here and (via a retried job) at Wiro. Idempotent."""
+    ctx = svc.ctx
+    task = await get_task(ctx, task_id=task_id, client=client)
+    if not Status(task.status).terminal:
+        raise Conflict(f"Task {task_id} is {task.status}; erase its images once it has "
+                       "finished (or cancel it first).")
+    now = ctx.clock()
+    async with unit_of_work(ctx.sm) as s:
+        res = await s.execute(update(Task).where(Task.id == task_id,
+                                                 Task.images_erased_at.is_(None))
+                              .values(images_erased_at=now)
+                              .execution_options(synchronize_session=False))
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            return  # already erased
+        outputs = (await s.scalars(select(StoredOutput)
+                                   .where(StoredOutput.task_id == task_id))).all()
+        keys = [o.storage_key for o in outputs]
+        await s.execute(update(StoredOutput).where(StoredOutput.task_id == task_id)
+                        .values(state="erased", next_try_at=None)
+                        .execution_options(synchronize_session=False))
+        uploads = await _our_uploads(s, task)
+        keys += [u.storage_key for u in uploads if u.storage_key]
+        for u in uploads:
+            u.erased_at = now
+        await _rewrite_outputs(s, task_id, ctx.settings.public_url)
+        upstream = "pending" if task.upstream_token else "skipped"
+        s.add(Erasure(task_id=task_id, reason=reason, requested_at=now, keys=keys,
+                      upstream_state=upstream, attempts=0, next_try_at=now,
+                      lease_owner=ctx.owner,
+                      lease_until=now + timedelta(seconds=ctx.settings.lease_s)))
+        why = ("at the caller's request" if reason == "request" else
+               f"after the retention period of {ctx.settings.retention_days:g} days")
+        s.add(Event(task_id=task_id, at=now, source="api", status=None, upstream_status=None,
+                    message=(f"images erased {why}: {len(outputs)} output(s) and "
+                             f"{len(uploads)} uploaded input(s) deleted here"
+                             + ("; asking Wiro to delete its copies" if upstream == "pending"
+                                else ""))))
+    await process_erasure(svc, task_id)
+
+
+async def _our_uploads(s: AsyncSession, task: Task) -> list[Upload]:
+    url = task.input.get("inputImageUrl") if isinstance(task.input, dict) else None
+    if not isinstance(url, str):
+        return []
+    return list((await s.scalars(select(Upload).where(
+        Upload.url_hash == url_hash(url), Upload.client == task.client,
+        Upload.erased_at.is_(None)))).all())
+
+
+async def claim_erasures(svc: Services, *, limit: int) -> list[str]:
+    ctx = svc.ctx
+    now = ctx.clock()
+    until = now + timedelta(seconds=max(ctx.settings.lease_s, ctx.settings.wiro_read_timeout_s
+                                        + 10))
+    free = or_(Erasure.lease_until.is_(None), Erasure.lease_until < now)
+    async with unit_of_work(ctx.sm) as s:
+        ids = (await s.scalars(
+            select(Erasure.task_id).where(Erasure.next_try_at <= now, free)
+            .order_by(Erasure.next_try_at).limit(limit)
+            .with_for_update(skip_locked=True))).all()
+        claimed = []
+        for task_id in ids:
+            res = await s.execute(
+                update(Erasure).where(Erasure.task_id == task_id, free)
+                .values(lease_owner=ctx.owner, lease_until=until)
+                .execution_options(synchronize_session=False))
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append(task_id)
+    return claimed
+
+
+async def process_erasure(svc: Services, task_id: str) -> None:
+    """Delete the files (idempotent) and ask Wiro to delete its copies; record the outcome.
+    The caller holds the erasure's lease."""
+    ctx, s = svc.ctx, svc.ctx.settings
+    async with ctx.sm() as ses:
+        e = await ses.get(Erasure, task_id)
+        task = await ses.get(Task, task_id)
+    if e is None or task is None or e.lease_owner != ctx.owner:
+        return
+    error: str | None = None
+    try:
+        for key in e.keys:
+            await svc.store.delete(key)
+    except OSError as exc:
+        error = f"deleting stored files failed: {type(exc).__name__}"
+    upstream = e.upstream_state
+    if upstream == "pending" and task.upstream_token:
+        try:
+            await ctx.wiro.input_output_delete(task.upstream_token)
+            upstream = "done"
+        except WiroStateError as exc:
+            if exc.no_task:
+                upstream = "done"  # nothing left upstream to delete
+            else:
+                error = f"Task/InputOutputDelete: {str(exc)[:300]}"
+        except WiroError as exc:
+            error = f"Task/InputOutputDelete: {str(exc)[:300]}"
+    now = ctx.clock()
+    attempts = e.attempts + 1
+    schedule = s.erase_retry_schedule
+    values: dict[str, Any] = dict(attempts=attempts, upstream_state=upstream,
+                                  last_error=error, lease_owner=None, lease_until=None)
+    message = None
+    if error is None:
+        values.update(next_try_at=None, done_at=now)
+        if upstream == "done":
+            message = "Wiro deleted its copies of the task's input and outputs"
+    elif attempts > len(schedule):
+        values.update(next_try_at=None, upstream_state="failed" if upstream == "pending"
+                      else upstream)
+        message = f"erasure gave up after {attempts} attempts: {error}"
+    else:
+        values["next_try_at"] = now + timedelta(seconds=_jitter(schedule[attempts - 1]))
+        if attempts == 1:
+            message = f"erasure incomplete, will retry: {error}"
+    async with unit_of_work(ctx.sm) as ses:
+        res = await ses.execute(update(Erasure).where(Erasure.task_id == task_id,
+                                                      Erasure.lease_owner == ctx.owner)
+                                .values(**values).execution_options(synchronize_session=False))
+        if res.rowcount == 1 and message:  # type: ignore[attr-defined]
+            ses.add(Event(task_id=task_id, at=now, source="api", status=None,
+                          upstream_status=None, message=message))
+    if error is not None and values.get("next_try_at") is not None:
+        svc.wake_eraser()
+
+
+async def retention_sweep(svc: Services, *, limit: int = 100) -> int:
+    """Erase what is older than ``GATEWAY_RETENTION_DAYS``; the number of items erased."""
+    ctx, s = svc.ctx, svc.ctx.settings
+    if s.retention_days <= 0:
+        return 0
+    cutoff = ctx.clock() - timedelta(days=s.retention_days)
+    async with ctx.sm() as ses:
+        task_ids = (await ses.scalars(
+            select(Task.id).where(Task.images_erased_at.is_(None), Task.completed_at < cutoff,
+                                  Task.status_rank >= TERMINAL_RANK)
+            .order_by(Task.completed_at).limit(limit))).all()
+        uploads = (await ses.scalars(
+            select(Upload).where(Upload.erased_at.is_(None), Upload.created_at < cutoff)
+            .order_by(Upload.created_at).limit(limit))).all()
+    for task_id in task_ids:
+        try:
+            await erase_task_images(svc, task_id=task_id, client=None, reason="retention")
+        except Exception:
+            log.exception("retention erasure failed", extra={"task_id": task_id})
+    for u in uploads:
+        if u.storage_key:
+            await svc.store.delete(u.storage_key)
+        async with unit_of_work(ctx.sm) as ses:
+            await ses.execute(update(Upload).where(Upload.id == u.id)
+                              .values(erased_at=ctx.clock())
+                              .execution_options(synchronize_session=False))
+    return len(task_ids) + len(uploads)

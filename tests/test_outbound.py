@@ -1,0 +1,204 @@
+"""Outbound URL safety: what the gateway may connect to when a URL came from a caller
+(webhook_url) or the upstream (output URLs)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+import pytest
+
+from app.outbound import (
+    Outbound,
+    OutboundError,
+    OutboundRefused,
+    OutboundTooLarge,
+    Policy,
+    check_url,
+    refusal,
+)
+from tests.receivers import Answer, serve_receiver
+
+PUBLIC = Policy(allow_private=False)
+PRIVATE_OK = Policy(allow_private=True)
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "127.9.9.9", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1",
+    "169.254.1.1", "fe80::1", "fc00::1", "100.64.0.1", "0.0.0.0", "::",
+    "224.0.0.1", "ff02::1", "240.0.0.1", "255.255.255.255", "169.254.169.254",
+    "fd00:ec2::254", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a00:1",
+    "2002:7f00:1::1",
+])
+def test_non_public_addresses_are_refused(address: str) -> None:
+    assert refusal(ipaddress.ip_address(address), allow_private=False)
+
+
+@pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700::1111", "8.8.8.8"])
+def test_public_addresses_pass(address: str) -> None:
+    assert refusal(ipaddress.ip_address(address), allow_private=False) is None
+
+
+@pytest.mark.parametrize(("address", "allowed"), [
+    ("127.0.0.1", True), ("::1", True), ("10.0.0.5", True), ("169.254.1.1", True),
+    ("::ffff:10.0.0.5", True),
+    # never, whatever the setting: metadata services, multicast, unspecified
+    ("169.254.169.254", False), ("fd00:ec2::254", False), ("::ffff:169.254.169.254", False),
+    ("100.100.100.200", False), ("224.0.0.1", False), ("0.0.0.0", False),
+])
+def test_allow_private_networks_still_refuses_metadata(address: str, allowed: bool) -> None:
+    assert (refusal(ipaddress.ip_address(address), allow_private=True) is None) is allowed
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://example.com/a", "file:///etc/passwd", "gopher://x/", "javascript:alert(1)",
+    "https://user:pw@example.com/", "http:///nohost", "not a url",
+])
+def test_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(OutboundRefused):
+        check_url(url, PUBLIC)
+
+
+def test_host_allowlist() -> None:
+    policy = Policy(hosts=frozenset({"cdn1.wiro.ai", "*.example.net"}))
+    check_url("https://cdn1.wiro.ai/a/0.png", policy)
+    check_url("https://CDN1.wiro.ai./a/0.png", policy)
+    check_url("https://a.b.example.net/x", policy)
+    for url in ("https://cdn1.wiro.ai.evil.com/", "https://evil.com/cdn1.wiro.ai",
+                "https://example.net.evil.com/", "https://wiro.ai/"):
+        with pytest.raises(OutboundRefused, match="allowlist"):
+            check_url(url, policy)
+
+
+async def test_loopback_targets_are_refused_before_connecting() -> None:
+    async with serve_receiver() as rec:
+        port = rec.url.rsplit(":", 1)[1]
+        out = Outbound()
+        try:
+            for url in (f"http://127.0.0.1:{port}/a", f"http://localhost:{port}/a",
+                        f"http://[::1]:{port}/a", "http://169.254.169.254/latest/meta-data/",
+                        f"http://[::ffff:127.0.0.1]:{port}/a", f"http://0.0.0.0:{port}/a"):
+                with pytest.raises(OutboundRefused):
+                    await out.request("GET", url, policy=PUBLIC)
+            # metadata stays refused with private networks allowed
+            with pytest.raises(OutboundRefused, match="metadata"):
+                await out.request("GET", "http://169.254.169.254/latest/", policy=PRIVATE_OK)
+        finally:
+            await out.aclose()
+        assert rec.calls == []
+
+
+async def test_a_name_resolving_to_loopback_is_refused() -> None:
+    async def resolver(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"] if host == "innocent.example" else ["93.184.215.14"]
+
+    out = Outbound(resolver=resolver)
+    try:
+        with pytest.raises(OutboundRefused, match="127.0.0.1"):
+            await out.request("GET", "http://innocent.example/hook", policy=PUBLIC)
+    finally:
+        await out.aclose()
+
+
+async def test_every_resolved_address_must_pass() -> None:
+    async def resolver(host: str, port: int) -> list[str]:
+        return ["93.184.215.14", "10.0.0.7"]
+
+    out = Outbound(resolver=resolver)
+    try:
+        with pytest.raises(OutboundRefused, match="10.0.0.7"):
+            await out.request("GET", "http://mixed.example/", policy=PUBLIC)
+    finally:
+        await out.aclose()
+
+
+async def test_connects_to_the_checked_address_with_the_original_host() -> None:
+    """Resolved once; the connection goes to that IP and Host keeps the name, so a second
+    DNS answer (rebinding) cannot change where it goes."""
+    answers = iter([["127.0.0.1"], ["169.254.169.254"]])
+    seen: list[str] = []
+
+    async def resolver(host: str, port: int) -> list[str]:
+        seen.append(host)
+        return next(answers)
+
+    async with serve_receiver() as rec:
+        port = int(rec.url.rsplit(":", 1)[1])
+        out = Outbound(resolver=resolver)
+        try:
+            r = await out.request("GET", f"http://hooks.internal.test:{port}/ping",
+                                  policy=PRIVATE_OK)
+        finally:
+            await out.aclose()
+    assert r.status_code == 204 and r.address == "127.0.0.1"
+    assert seen == ["hooks.internal.test"]  # one lookup only
+    assert rec.calls[0].headers["host"] == f"hooks.internal.test:{port}"
+
+
+async def test_ipv6_loopback_is_reachable_only_when_allowed() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    out = Outbound()
+    try:
+        with pytest.raises(OutboundRefused, match="loopback"):
+            await out.request("GET", "http://[::1]:9/", policy=PUBLIC)
+        # allowed: it gets as far as connecting (nothing listens on port 9)
+        with pytest.raises(OutboundError) as info:
+            await out.request("GET", "http://[::1]:9/", policy=PRIVATE_OK, timeout=2)
+        assert not isinstance(info.value, OutboundRefused)
+    finally:
+        await out.aclose()
+
+
+async def test_redirects_are_not_followed() -> None:
+    async with serve_receiver() as rec:
+        rec.on("/start", default=Answer(302, headers={"location": f"{rec.url}/target"}))
+        out = Outbound()
+        try:
+            r = await out.request("GET", f"{rec.url}/start", policy=PRIVATE_OK)
+        finally:
+            await out.aclose()
+    assert r.status_code == 302
+    assert rec.hits("/target") == []
+
+
+async def test_body_size_is_capped() -> None:
+    async with serve_receiver() as rec:
+        rec.on("/big", default=Answer(200, body=b"x" * 300_000))
+        out = Outbound()
+        try:
+            with pytest.raises(OutboundTooLarge):
+                await out.request("GET", f"{rec.url}/big", policy=PRIVATE_OK,
+                                  max_bytes=100_000)
+            r = await out.request("GET", f"{rec.url}/big", policy=PRIVATE_OK, max_bytes=1024,
+                                  truncate=True)
+        finally:
+            await out.aclose()
+    assert r.truncated and r.content == b"x" * 1024
+
+
+async def test_time_is_bounded() -> None:
+    async with serve_receiver() as rec:
+        rec.on("/slow", default=Answer(200, body=b"late", delay_s=1.2))
+        out = Outbound()
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(OutboundError, match="within"):
+                await out.request("GET", f"{rec.url}/slow", policy=PRIVATE_OK, timeout=0.3)
+            assert asyncio.get_running_loop().time() - started < 1
+        finally:
+            await out.aclose()
+
+
+async def test_unresolvable_host_is_a_retryable_error() -> None:
+    out = Outbound()
+    try:
+        with pytest.raises(OutboundError) as info:
+            await out.request("GET", "http://no-such-host.invalid/", policy=PUBLIC, timeout=5)
+        assert not isinstance(info.value, OutboundRefused)
+    finally:
+        await out.aclose()
