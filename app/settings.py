@@ -85,10 +85,6 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     max_query_bytes: int = Field(default=8 * 1024, ge=256)
 
-    @field_validator("public_url", "wiro_base_url")
-    @classmethod
-    def _strip_slash(cls, v: str) -> str:
-        return v.rstrip("/")
     # Results: notifications, stored outputs, uploads, erasure (README, docs/privacy.md).
     notify_timeout_s: float = Field(
         default=10.0, gt=0, description="one notification attempt, connect to last byte")
@@ -122,6 +118,10 @@ class Settings(BaseSettings):
         default="5,30,120,600,1800,3600,7200,21600",
         description="seconds before each further attempt to delete Wiro's copies")
 
+    @field_validator("public_url", "wiro_base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -130,14 +130,14 @@ class Settings(BaseSettings):
         if self.wiro_api_secret is not None and self.wiro_api_key is None:
             raise ValueError("GATEWAY_WIRO_API_SECRET is set without GATEWAY_WIRO_API_KEY")
         self.client_keys  # noqa: B018 - parse early so a malformed value fails at start-up
-        return self
-
-    @property
-    def effective_database_url(self) -> str:
         for name in ("notify_retry_s", "output_retry_s", "erase_retry_s"):
             _schedule(name, getattr(self, name))
         if self.webhook_secret is not None:
             _check_webhook_secret(self.webhook_secret.get_secret_value())
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'gateway.db').resolve()}"

@@ -51,9 +51,9 @@ from app.lifecycle import (
     observe,
 )
 from app.models import Attempt, Event, Task
+from app.outbox import record_terminal
 from app.schemas import TaskCreate
 from app.settings import Settings
-from app.outbox import record_terminal
 from app.wiro import (
     RunAccepted,
     UpstreamTask,
@@ -135,6 +135,9 @@ async def _transition(session: AsyncSession, task_id: str, new: Status, *, sourc
         return False
     _event(session, task_id, source, now, status=new.value,
            upstream_status=values.get("upstream_status"), message=message)
+    if new.terminal:
+        # The notification and the output downloads commit with the change or not at all.
+        await record_terminal(session, task_id, new, now, outputs=values.get("outputs"))
     return True
 
 
@@ -144,9 +147,6 @@ async def _set(session: AsyncSession, task_id: str, **values: Any) -> None:
         .execution_options(synchronize_session=False)
     )
 
-    if new.terminal:
-        # The notification and the output downloads commit with the change or not at all.
-        await record_terminal(session, task_id, new, now, outputs=values.get("outputs"))
 
 # ---------------------------------------------------------------- create and read
 
@@ -856,6 +856,7 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 _event(ses, task_id, "cancel", now, status=Status.cancelled.value,
                        message="cancelled before it was sent upstream")
+                await record_terminal(ses, task_id, Status.cancelled, now)
         task = await get_task(ctx, task_id=task_id, client=client)
         if Status(task.status).terminal:
             return task
@@ -876,7 +877,6 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
     # Whatever happened, a worker keeps looking until Wiro says it is over.
     async with unit_of_work(ctx.sm) as ses:
         await ses.execute(update(Task).where(Task.id == task_id,
-                await record_terminal(ses, task_id, Status.cancelled, now)
                                              Task.status_rank < TERMINAL_RANK)
                           .values(next_check_at=ctx.clock() + timedelta(seconds=1))
                           .execution_options(synchronize_session=False))
