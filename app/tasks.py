@@ -644,10 +644,16 @@ async def _stop_extra(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str
 
 async def _verified(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str
                     ) -> UpstreamTask | None:
-    """Detail of ``upstream_id`` if its callback URL proves it belongs to ``attempt``."""
+    """Detail of ``upstream_id`` if its callback URL proves it belongs to ``attempt``;
+    None if Wiro shows it does not (another callback URL, or no such task).
+
+    Any other Detail failure (5xx, timeout, 429) proves nothing either way and is
+    raised: callers keep the hint for a later look instead of forgetting the only sign
+    of an unanswered Run's task (which let the grace period send a second Run).
+    """
     try:
         ut = await ctx.wiro.detail(task_id=upstream_id)
-    except WiroError:
+    except WiroStateError:
         return None
     return ut if _url_matches(ut.callback_url, task_id, attempt) else None
 
@@ -659,7 +665,12 @@ async def _find_by_task_list(ctx: Ctx, task: Task, attempt: Attempt) -> Upstream
     just means "not found"; the grace period is the fallback.
     """
     if attempt.hint_upstream_id:
-        return await _verified(ctx, task.id, attempt, attempt.hint_upstream_id)
+        try:
+            found = await _verified(ctx, task.id, attempt, attempt.hint_upstream_id)
+        except WiroError:
+            found = None
+        if found is not None:
+            return found
     if not ctx.settings.reconcile_with_task_list:
         return None
     try:
@@ -677,11 +688,17 @@ async def _reconcile_attempts(ctx: Ctx, task: Task, attempts: list[Attempt]) -> 
     for a in attempts:
         if not a.hint_upstream_id or a.upstream_task_id is not None:
             continue
-        ut = await _verified(ctx, task.id, a, a.hint_upstream_id)
+        try:
+            ut = await _verified(ctx, task.id, a, a.hint_upstream_id)
+        except WiroError:
+            continue  # Detail failed: keep the hint, look again at the next check
         if ut is None:
+            # Not this attempt's task. Clear only that hint: a callback may have named
+            # another one meanwhile.
             async with unit_of_work(ctx.sm) as ses:
-                await ses.execute(update(Attempt).where(Attempt.id == a.id)
-                                  .values(hint_upstream_id=None))
+                await ses.execute(update(Attempt).where(
+                    Attempt.id == a.id, Attempt.hint_upstream_id == a.hint_upstream_id)
+                    .values(hint_upstream_id=None))
             continue
         if task.status == Status.pending and task.upstream_task_id is None:
             await _link(ctx, task.id, a, ut.id, ut.socket_token, source="callback")
