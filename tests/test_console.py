@@ -17,7 +17,9 @@ from sqlalchemy import select
 from app.main import create_app
 from app.models import ConsoleSession, Event
 from app.settings import Settings
-from tests.conftest import CLIENT_KEYS, Gateway, Sim, task_body
+from tests.conftest import CLIENT_KEYS, Gateway, Sim, run_gateway, task_body
+from tests.receivers import serve_receiver
+from tests.results_helpers import SECRET as WEBHOOK_SECRET
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -307,3 +309,57 @@ async def test_task_page_shows_every_field_and_the_timeline(gateway: Gateway, si
         if e["message"]:
             assert e["message"].replace("'", "&#39;") in html, e["message"]
     assert re.search(r'<time datetime="\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ" data-local>', html)
+
+
+# ---------------------------------------------------------------- outputs, notifications, erasure
+
+
+async def test_stored_outputs_notifications_redeliver_and_erase(db_url: str, sim: Sim,
+                                                                tmp_path: Path) -> None:
+    """The console serves the stored headshot through the API's own function, lists the
+    notification attempts, redelivers, and erases: the same results as the API."""
+    async with serve_receiver() as rec, run_gateway(
+            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=WEBHOOK_SECRET,
+            output_hosts="127.0.0.1", notify_retry_s="0,0.2") as gw:
+        body = task_body(sim) | {"webhook_url": f"{rec.url}/hooks/h"}
+        task_id = (await gw.client().post("/v1/tasks", json=body)).json()["id"]
+        await rec.wait_calls("/hooks/h", 1)  # sent once the outputs are stored
+        api_task = (await gw.client().get(f"/v1/tasks/{task_id}")).json()
+        assert api_task["outputs"][0]["url"] == f"{gw.url}/v1/tasks/{task_id}/outputs/0"
+
+        alpha = await signed_in(gw, "alpha")
+        page = (await alpha.get(f"/console/tasks/{task_id}")).text
+        assert f'src="/console/tasks/{task_id}/outputs/0"' in page
+        assert "HTTP 204" in page and "delivery-delivered" in page
+        r = await alpha.get(f"/console/tasks/{task_id}/outputs/0")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.content == (await gw.client().get(f"/v1/tasks/{task_id}/outputs/0")).content
+        beta = await signed_in(gw, "beta")
+        assert (await beta.get(f"/console/tasks/{task_id}/outputs/0")).status_code == 404
+        async with httpx.AsyncClient(base_url=gw.url) as anonymous:
+            r = await anonymous.get(f"/console/tasks/{task_id}/outputs/0")
+            assert r.status_code == 303
+
+        csrf = await csrf_of(alpha, f"/console/tasks/{task_id}")
+        r = await alpha.post(f"/console/tasks/{task_id}/redeliver",
+                             data={"csrf": csrf, "confirmed": "1"})
+        assert r.status_code == 303 and r.headers["location"].endswith("?done=redeliver")
+        await rec.wait_calls("/hooks/h", 2)
+        page = (await alpha.get(r.headers["location"])).text
+        assert "queued for delivery again" in page and "(redelivery)" in page
+
+        r = await alpha.post(f"/console/tasks/{task_id}/erase", data={"csrf": csrf})
+        assert r.status_code == 200 and "Erase this task&#39;s images?" in r.text  # asks first
+        r = await alpha.post(f"/console/tasks/{task_id}/erase",
+                             data={"csrf": csrf, "confirmed": "1"})
+        assert r.status_code == 303
+        page = (await alpha.get(r.headers["location"])).text
+        assert "The images were erased" in page
+        assert f"/console/tasks/{task_id}/outputs/0" not in page and "<img" not in page
+        assert (await alpha.get(f"/console/tasks/{task_id}/outputs/0")).status_code == 410
+        listing = (await alpha.get("/console/tasks")).text
+        assert '<span class="erased">erased</span>' in listing
+        api_task = (await gw.client().get(f"/v1/tasks/{task_id}")).json()
+        assert api_task["images_erased_at"] is not None
+        # Nothing left to erase: the button is gone.
+        assert f"/console/tasks/{task_id}/erase" not in page

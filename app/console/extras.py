@@ -1,35 +1,34 @@
-"""How the console presents a task, and the features other modules bring.
+"""How the console presents a task, and what it shows from the other domain modules.
 
-Deliveries and redelivery, stored outputs and erasure, and job statistics are domain
-functions of their own modules; the console calls those same functions. Where a module
-is not part of this build, ``has()`` is false and the console leaves out the page or
-button that needs it instead of failing.
+Deliveries and redelivery (``app.notify``), stored outputs and erasure (``app.results``)
+and job statistics (``app.stats``) are called exactly as the API's routes call them.
+Statistics are optional: where ``app.stats`` is not part of the build, ``has("stats")``
+is false and the statistics page says so instead of failing.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
+from markupsafe import Markup
 from starlette.responses import Response
 
+from app import notify, results
 from app.api.deps import task_out
+from app.console import charts
 from app.errors import NotFound
 from app.lifecycle import Status
 from app.models import Task
-from app.schemas import TaskOut
+from app.outbox import Services
+from app.schemas import DeliveryList, DeliveryOut, TaskOut
 from app.tasks import Ctx
 
 WINDOWS = ("24h", "7d", "30d")
-
-
-def _function(module: str, name: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
 
 
 def has(feature: str) -> bool:
@@ -73,12 +72,10 @@ def present(ctx: Ctx, task: Task) -> TaskView:
     """The API's view of the task plus what a page needs: image sources. Outputs stored
     by the gateway are served to the browser by the console's own auth-checked route."""
     api = task_out(task)
-    erased_at = getattr(api, "images_erased_at", None) or getattr(task, "images_erased_at",
-                                                                  None)
+    erased_at = api.images_erased_at
     gateway_outputs = f"{ctx.settings.public_url}/v1/tasks/"
     outputs = []
     for i, out in enumerate(api.outputs):
-        extra = out.model_dump()
         src: str | None = out.url
         if erased_at is not None:
             src = None
@@ -86,7 +83,7 @@ def present(ctx: Ctx, task: Task) -> TaskView:
             src = f"/console/tasks/{api.id}/outputs/{i}"
         outputs.append(OutputView(
             index=i, name=out.name, src=src, content_type=out.content_type, size=out.size,
-            width=extra.get("width"), height=extra.get("height"), sha256=extra.get("sha256"),
+            width=out.width, height=out.height, sha256=out.sha256,
             upstream_url=out.upstream_url))
     input_src = None if erased_at is not None else api.input.get("inputImageUrl")
     return TaskView(api=api, client=task.client, erased_at=erased_at, input_src=input_src,
@@ -94,48 +91,117 @@ def present(ctx: Ctx, task: Task) -> TaskView:
 
 
 def actions(view: TaskView) -> dict[str, bool]:
+    """The buttons that can do something (the domain functions still decide: a race
+    with the task's own progress ends as the API's 409, shown on the page)."""
     return {
         "cancel": not view.terminal,
-        "redeliver": has("redeliver") and view.terminal and bool(view.api.webhook_url),
-        "erase": has("erase") and view.erased_at is None,
+        "redeliver": view.terminal and bool(view.api.webhook_url),
+        "erase": view.terminal and view.erased_at is None,
     }
 
 
 # ---------------------------------------------------------------- other modules' features
 
-_FEATURES: dict[str, Any] = {
-    "deliveries": lambda: None,
-    "redeliver": lambda: None,
-    "erase": lambda: None,
-    "output": lambda: None,
-    "stats": lambda: None,
+
+def _stats_module() -> Any:
+    try:
+        return importlib.import_module("app.stats")
+    except ImportError:
+        return None
+
+
+_FEATURES: dict[str, Callable[[], Any]] = {
+    "deliveries": lambda: notify.list_deliveries,
+    "redeliver": lambda: notify.redeliver,
+    "erase": lambda: results.erase_task_images,
+    "output": lambda: results.open_output,
+    "stats": lambda: getattr(_stats_module(), "task_stats", None),
 }
 
 
-async def deliveries(ctx: Ctx, *, task_id: str, client: str | None) -> list[Any] | None:
-    """The task's notification attempts, or None where this build has none."""
-    fn = _FEATURES["deliveries"]()
-    if fn is None:
-        return None
-    return list(await fn(ctx, task_id=task_id, client=client))
+async def deliveries(svc: Services, *, task_id: str, client: str | None
+                     ) -> list[DeliveryOut]:
+    """The task's notifications and their attempts, as ``GET …/deliveries`` shows them."""
+    rows = await notify.list_deliveries(svc, task_id=task_id, client=client)
+    return DeliveryList.model_validate({"data": notify.presentable(rows)}).data
 
 
-async def act(action: str, ctx: Ctx, *, task_id: str, client: str | None) -> None:
-    fn = _FEATURES[action]()
-    if fn is None:
+async def act(action: str, svc: Services, *, task_id: str, client: str | None) -> None:
+    if action == "redeliver":
+        await notify.redeliver(svc, task_id=task_id, client=client)
+    elif action == "erase":
+        await results.erase_task_images(svc, task_id=task_id, client=client)
+    else:
         raise NotFound(f"No action {action!r}.")
-    await fn(ctx, task_id=task_id, client=client)
 
 
-async def output(ctx: Ctx, *, task_id: str, index: int, client: str | None) -> Response:
-    fn = _FEATURES["output"]()
-    if fn is None:
-        raise NotFound("This gateway does not store outputs.")
-    return await fn(ctx, task_id=task_id, index=index, client=client)
+async def output(svc: Services, *, task_id: str, index: int, client: str | None) -> Response:
+    """The stored image, through the function behind ``GET /v1/tasks/{id}/outputs/{i}``."""
+    data, row = await results.open_output(svc, task_id=task_id, index=index, client=client)
+    return Response(data, media_type=row.content_type, headers={
+        "ETag": f'"{row.sha256}"', "Cache-Control": "private, max-age=86400",
+        "X-Content-Type-Options": "nosniff"})
 
 
-async def stats(ctx: Ctx, viewer: Any, *, window: str, client: str | None) -> Any:
-    fn = _FEATURES["stats"]()
-    if fn is None:
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass
+class StatsView:
+    scope_label: str
+    since: datetime
+    until: datetime
+    total: int
+    counts: list[tuple[str, int]]
+    success_rate_label: str
+    cost_total: Decimal
+    times: list[tuple[str, float | None, float | None]]
+    cost_per_day: list[tuple[str, Decimal, int]]
+    finished_by: list[tuple[str, int]]
+    status_chart: Markup
+    times_chart: Markup
+    cost_chart: Markup
+
+
+async def stats(ctx: Ctx, *, scope: str | None, window: str) -> StatsView | None:
+    """``app.stats`` as ``GET /v1/stats`` calls it, drawn; None where it is not built in.
+
+    ``scope`` is what the API computes from the caller: their own client, the chosen one
+    for an admin key, or None (every client)."""
+    mod = _stats_module()
+    if mod is None or not hasattr(mod, "task_stats"):
         return None
-    return await fn(ctx, viewer, window=window, client=client)
+    span = mod.parse_window(window)
+    s = await mod.task_stats(ctx, client=scope, window=span)
+    daily: list[tuple[str, Decimal, int]] = []
+    if hasattr(mod, "cost_per_day"):
+        daily = [(str(d), Decimal(c), int(n))
+                 for d, c, n in await mod.cost_per_day(ctx, client=scope, window=span)]
+    counts = [(st.value, int(s.counts.get(st.value, 0))) for st in Status]
+    times = [("End-to-end time", s.end_to_end.p50_s, s.end_to_end.p95_s),
+             ("Queue time", s.queue_time.p50_s, s.queue_time.p95_s),
+             ("Run time", s.run_time.p50_s, s.run_time.p95_s)]
+    time_rows: list[tuple[str, float]] = []
+    time_classes: list[str] = []
+    for label, p50, p95 in times:
+        time_rows += [(f"{label} p50", p50 or 0.0), (f"{label} p95", p95 or 0.0)]
+        time_classes += ["p50", "p95"]
+    return StatsView(
+        scope_label="Every client" if scope is None else f"Client {scope}",
+        since=s.since, until=s.until, total=sum(n for _, n in counts), counts=counts,
+        success_rate_label=("—" if s.success_rate is None
+                            else f"{s.success_rate * 100:.1f} %"),
+        cost_total=s.cost_usd, times=times, cost_per_day=daily,
+        finished_by=sorted(((k, int(v)) for k, v in s.finished_by.items() if v),
+                           key=lambda kv: -kv[1]),
+        status_chart=charts.bars([(st.replace("_", " "), n) for st, n in counts],
+                                 chart_id="chart-status", title="Tasks by status",
+                                 fmt=lambda v: f"{v:.0f}",
+                                 classes=[f"s-{st}" for st, _ in counts]),
+        times_chart=charts.bars(time_rows, chart_id="chart-times",
+                                title="p50 and p95 times, in seconds", classes=time_classes,
+                                fmt=lambda v: f"{v:.1f} s"),
+        cost_chart=charts.columns([(d[5:], float(c)) for d, c, _ in daily],
+                                  chart_id="chart-cost", title="Upstream cost per day, USD",
+                                  fmt=lambda v: f"${v:.2f}" if v >= 1 else f"${v:.4f}"),
+    )

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.responses import RedirectResponse, Response
@@ -30,6 +30,7 @@ from app.console.sessions import close_session, csrf_matches, find_session, open
 from app.errors import GatewayError, InvalidRequest, NotFound, Unauthorized
 from app.lifecycle import Status
 from app.models import ConsoleSession
+from app.outbox import Services
 from app.tasks import Ctx
 
 COOKIE = "hgw_console"
@@ -146,6 +147,13 @@ async def checked_viewer(request: Request, csrf: Annotated[str, Form()] = "") ->
 Looker = Annotated[Viewer, Depends(viewer)]
 Actor = Annotated[Viewer, Depends(checked_viewer)]
 Context = Annotated[Ctx, Depends(get_ctx)]
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+Svc = Annotated[Services, Depends(get_services)]
 
 
 def _cookie_secure(ctx: Ctx) -> bool:
@@ -333,12 +341,13 @@ DONE = {
 }
 
 
-async def _task_page(ctx: Ctx, me: Viewer, task_id: str, *, notice: dict[str, str] | None,
-                     status_code: int = 200) -> Response:
+async def _task_page(svc: Services, me: Viewer, task_id: str, *,
+                     notice: dict[str, str] | None, status_code: int = 200) -> Response:
+    ctx = svc.ctx
     task = await tasks.get_task(ctx, task_id=task_id, client=me.scope)
     events = await tasks.list_events(ctx, task_id=task_id, client=me.scope)
     view = extras.present(ctx, task)
-    deliveries = await extras.deliveries(ctx, task_id=task_id, client=me.scope)
+    deliveries = await extras.deliveries(svc, task_id=task_id, client=me.scope)
     return render("task.html", {
         "viewer": me, "section": "tasks", "t": view, "notice": notice,
         "events": [event_out(e) for e in events], "deliveries": deliveries,
@@ -348,16 +357,17 @@ async def _task_page(ctx: Ctx, me: Viewer, task_id: str, *, notice: dict[str, st
 
 
 @router.get("/tasks/{task_id}")
-async def task_page(task_id: str, me: Looker, ctx: Context, done: str | None = None
+async def task_page(task_id: str, me: Looker, svc: Svc, done: str | None = None
                     ) -> Response:
     notice = {"kind": "ok", "text": DONE[done]} if done in DONE else None
-    return await _task_page(ctx, me, task_id, notice=notice)
+    return await _task_page(svc, me, task_id, notice=notice)
 
 
 @router.get("/tasks/{task_id}/outputs/{index}")
-async def task_output(task_id: str, index: int, me: Looker, ctx: Context) -> Response:
+async def task_output(task_id: str, index: Annotated[int, Path(ge=0, le=1000)], me: Looker,
+                      svc: Svc) -> Response:
     """A stored output, through the function the API's output route uses."""
-    return await extras.output(ctx, task_id=task_id, index=index, client=me.scope)
+    return await extras.output(svc, task_id=task_id, index=index, client=me.scope)
 
 
 ACTIONS: dict[str, tuple[str, str, str]] = {  # name: (title, explanation, button)
@@ -374,10 +384,11 @@ ACTIONS: dict[str, tuple[str, str, str]] = {  # name: (title, explanation, butto
 
 
 @router.post("/tasks/{task_id}/{action}")
-async def task_action(task_id: str, action: str, me: Actor, ctx: Context,
+async def task_action(task_id: str, action: str, me: Actor, svc: Svc,
                       confirmed: Annotated[str, Form()] = "") -> Response:
-    if action not in ACTIONS or (action != "cancel" and not extras.has(action)):
+    if action not in ACTIONS:
         raise NotFound(f"No action {action!r}.")
+    ctx = svc.ctx
     task = await tasks.get_task(ctx, task_id=task_id, client=me.scope)  # 404 before asking
     if confirmed != "1":  # no script to ask: ask with a page
         title, text, button = ACTIONS[action]
@@ -388,11 +399,11 @@ async def task_action(task_id: str, action: str, me: Actor, ctx: Context,
         if action == "cancel":
             await tasks.cancel_task(ctx, task_id=task_id, client=me.scope)
         else:
-            await extras.act(action, ctx, task_id=task_id, client=me.scope)
+            await extras.act(action, svc, task_id=task_id, client=me.scope)
     except GatewayError as e:
         if e.status == 404:
             raise
-        return await _task_page(ctx, me, task_id, status_code=e.status,
+        return await _task_page(svc, me, task_id, status_code=e.status,
                                 notice={"kind": "error", "text": e.detail})
     return RedirectResponse(f"/console/tasks/{task_id}?done={action}", 303)
 
@@ -406,11 +417,15 @@ async def stats_page(me: Looker, ctx: Context,
                      client: Annotated[str, Query(max_length=100)] = "") -> Response:
     data = None
     error = None
-    if extras.has("stats"):
-        try:
-            data = await extras.stats(ctx, me, window=window, client=client.strip() or None)
-        except InvalidRequest as e:
-            error = e.detail
+    try:
+        scope = me.scope
+        if client.strip():
+            if not me.admin:
+                raise InvalidRequest("Only admin keys may choose a client.")
+            scope = client.strip()
+        data = await extras.stats(ctx, scope=scope, window=window)
+    except InvalidRequest as e:
+        error = e.detail
     return render("stats.html", {"viewer": me, "section": "stats", "stats": data,
                                  "available": extras.has("stats"), "error": error,
                                  "window": window, "windows": extras.WINDOWS,
