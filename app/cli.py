@@ -10,7 +10,9 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from pydantic import SecretStr
@@ -40,19 +42,45 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app to stop taking work the moment SIGTERM arrives
+    (uvicorn notices on its next tick, then waits for open requests before the lifespan
+    shutdown; the scheduler should not claim new tasks meanwhile)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # not serving yet: nothing to drain
+            else:
+                loop.call_soon_threadsafe(self._on_exit)  # we are in a signal handler
+        super().handle_exit(sig, frame)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.main import create_app
+    from app import logs
+    from app.main import begin_drain, create_app
 
     settings = _settings()
-    _logging(settings.log_level)
+    logs.setup(settings)
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal, which under
     # the default disposition kills the process (exit -15/143) although it stopped
     # cleanly. Make SIGTERM end the process with 0, before and after uvicorn's handling.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port,
-                log_level=settings.log_level.lower(), access_log=False,
-                timeout_graceful_shutdown=15)
-    return 0
+    app = create_app(settings)
+    # One grace period bounds the whole drain: open requests (uvicorn), then the checks
+    # still running (the scheduler counts from the same SIGTERM), then leases released.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                            log_level=settings.log_level.lower(), access_log=False,
+                            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)))
+    server = _DrainingServer(config, on_exit=lambda: begin_drain(app))
+    server.run()
+    return 0 if server.started else 3
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -107,7 +135,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         poll_initial_s=float(os.environ.get("GATEWAY_POLL_INITIAL_S", 3)),
         output_hosts=f"{args.host},{base.output_hosts}",
     )
-    _logging(settings.log_level)
+    from app import logs
+
+    logs.setup(settings)  # env=dev: readable lines, not JSON
     upgrade(settings.effective_database_url)
     sim_config = SimConfig.from_env()
     sim_config.public_url = sim_url
@@ -130,9 +160,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     async def both() -> None:
         sim = uvicorn.Server(uvicorn.Config(create_sim_app(sim_config), host=args.host,
-                                            port=args.sim_port, log_level="warning"))
+                                            port=args.sim_port, log_level="warning",
+                                            log_config=None))
         gw = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host,
-                                           port=args.port, log_level="warning"))
+                                           port=args.port, log_level="warning",
+                                           log_config=None))
         await asyncio.gather(sim.serve(), gw.serve())
 
     asyncio.run(both())

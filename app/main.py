@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import logs, metrics, stats
 from app.api import callbacks, health
+from app.api import stats as stats_routes
 from app.api import results as result_routes
 from app.api import tasks as task_routes
 from app.api.deps import key_digests
@@ -100,6 +102,40 @@ async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> 
     await resp(scope, receive, send)
 
 
+class DrainGate:
+    """While the process drains (SIGTERM), refuse new API requests with 503 so callers
+    retry on another replica. Callbacks, health and metrics still answer: a callback only
+    marks its task due, which whichever replica continues will act on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith("/v1/")
+                and getattr(scope["app"].state, "draining", False)):
+            resp = problem(503, "Service Unavailable", "This instance is shutting down; retry.",
+                           headers={"Retry-After": "1", "Connection": "close"})
+            await resp(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def begin_drain(app: FastAPI) -> None:
+    """Stop taking work (SIGTERM, before uvicorn's own shutdown): readiness fails, new API
+    requests get 503, the scheduler stops claiming and its grace period starts."""
+    app.state.draining = True
+    scheduler = getattr(app.state, "scheduler", None)
+    if scheduler is not None:
+        scheduler.drain()
+
+
+def _log_task_id(request: Request) -> None:
+    """Every log line of a request about one task names it."""
+    task_id = request.path_params.get("task_id")
+    if task_id:
+        logs.bind(task_id=str(task_id)[:40])
+
+
 def create_app(settings: Settings | None = None, *, start_workers: bool = True,
                wiro_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -118,8 +154,10 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
             timeout=httpx.Timeout(settings.wiro_read_timeout_s,
                                   connect=settings.wiro_connect_timeout_s))
         ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro)
-        scheduler = Scheduler(ctx)
+        scheduler = Scheduler(ctx, grace_s=settings.shutdown_grace_s)
         ctx.wake = scheduler.wake
+        ctx.track = scheduler.track
+        app.state.db_gauges = metrics.DbGauges(read=lambda: stats.live_counts(ctx))
         app.state.ctx = ctx
         app.state.scheduler = scheduler
         services = Services(ctx=ctx, store=DirectoryStore(settings.data_dir),
@@ -146,8 +184,9 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
 
     app = FastAPI(
         title="headshot-gateway", version="1.0.0", description=DESCRIPTION,
-        lifespan=lifespan,
+        lifespan=lifespan, dependencies=[Depends(_log_task_id)],
     )
+    app.state.draining = False
     app.state.settings = settings
     app.state.key_digests = key_digests(settings.client_keys)
     app.state.keyring = Keyring(settings)
@@ -158,10 +197,13 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     app.include_router(callbacks.router)
     app.include_router(result_routes.router)
     app.include_router(result_routes.files)
+    app.include_router(stats_routes.router)
     app.include_router(health.router)
     app.include_router(console_router)
     app.add_middleware(BodyLimit, default=settings.body_limit_bytes,
                        callbacks=settings.callback_body_limit_bytes,
                        # the file plus room for the multipart framing
                        uploads=settings.upload_max_bytes + 64 * 1024)
+    app.add_middleware(DrainGate)
+    app.add_middleware(logs.RequestContext)  # outermost: sees every answer, 413s included
     return app

@@ -181,3 +181,52 @@ class Problem(BaseModel):
 class Health(BaseModel):
     status: str
     detail: str | None = None
+
+
+class StatusCounts(BaseModel):
+    pending: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    timed_out: int
+
+
+class DurationStats(BaseModel):
+    count: int = Field(description="tasks measured")
+    p50_s: float | None = Field(description="median, seconds; null when nothing was measured")
+    p95_s: float | None = Field(description="95th percentile, seconds")
+
+
+class FinishedBy(BaseModel):
+    callback: int = Field(description="terminal status applied after a Wiro callback")
+    poll: int = Field(description="terminal status found by a scheduled poll")
+    other: int = Field(description="rejected at dispatch, cancelled before dispatch, "
+                                   "or timed out")
+
+
+class DurationSample(BaseModel):
+    rows: int = Field(description="tasks the percentiles were computed over")
+    limit: int
+    truncated: bool = Field(description="true when the window held more tasks than "
+                                        "`limit`: percentiles describe the newest `limit`")
+
+
+class TaskStatsOut(BaseModel):
+    window: str
+    since: datetime
+    until: datetime
+    client: str | None = Field(description="the client counted; null = every client")
+    total: int
+    counts: StatusCounts
+    success_rate: float | None = Field(
+        description="succeeded / terminal tasks; null when none is terminal")
+    queue_time: DurationStats = Field(
+        description="created → accepted by Wiro, over tasks Wiro accepted")
+    run_time: DurationStats = Field(
+        description="accepted by Wiro → completed, over succeeded tasks")
+    end_to_end: DurationStats = Field(description="created → completed, over succeeded tasks")
+    cost_usd: str = Field(description="sum of Wiro's totalcost, as an exact decimal string")
+    finished_by: FinishedBy
+    durations: DurationSample

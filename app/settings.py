@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     body_limit_bytes: int = 64 * 1024
     callback_body_limit_bytes: int = 1024 * 1024
     log_level: str = "INFO"
+    shutdown_grace_s: float = Field(
+        default=8.0, ge=0,
+        description="on SIGTERM, how long in-flight requests and checks (upstream calls "
+                    "included) may run before they are cancelled and their leases released")
 
     # Clients: keys, fair use, hostile input (docs/security.md).
     key_cache_ttl_s: float = Field(

@@ -39,6 +39,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app import metrics
 from app.catalog import validate_input
 from app.db import unit_of_work, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
@@ -104,6 +105,8 @@ class Ctx:
     owner: str = field(default_factory=default_owner)
     clock: Callable[[], datetime] = utcnow
     wake: Callable[[], None] = lambda: None
+    # Shutdown waits for (then cancels) the checks it is given; set by the scheduler.
+    track: Callable[[asyncio.Task[Any]], None] = lambda t: None
     dispatch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -117,6 +120,9 @@ def _event(session: AsyncSession, task_id: str, source: str, at: datetime, *,
     status the task moved to), so a task's events name each status at most once."""
     session.add(Event(task_id=task_id, at=at, source=source, status=status,
                       upstream_status=upstream_status, message=message))
+    log.info("%s", message or f"status {status}", extra={
+        "task_id": task_id, "source": source, "status": status,
+        "upstream_status": upstream_status})
 
 
 async def _transition(session: AsyncSession, task_id: str, new: Status, *, source: str,
@@ -133,6 +139,8 @@ async def _transition(session: AsyncSession, task_id: str, new: Status, *, sourc
     )
     if res.rowcount != 1:  # type: ignore[attr-defined]
         return False
+    if new.terminal:
+        metrics.task_finished(new.value, source)
     _event(session, task_id, source, now, status=new.value,
            upstream_status=values.get("upstream_status"), message=message)
     if new.terminal:
@@ -326,19 +334,26 @@ def _match_attempt(attempts: Sequence[Attempt], token: str) -> Attempt | None:
 
 async def accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -> bool:
     """A callback is a hint: mark the task due now. False if task or token is unknown."""
+    outcome = await _accept_callback(ctx, task_id=task_id, token=token, body=body)
+    metrics.callback(outcome)
+    return outcome != "unknown"
+
+
+async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -> str:
+    """One of ``metrics.CALLBACK_OUTCOMES``: accepted, unknown, duplicate."""
     if not task_id.startswith("tsk_") or len(task_id) > 40 or len(token) > 128:
-        return False
+        return "unknown"
     hint = _hint_id(body)
     now = ctx.clock()
     async with unit_of_work(ctx.sm) as s:
         task = (await s.execute(select(Task.status_rank, Task.upstream_task_id)
                                 .where(Task.id == task_id))).first()
         if task is None:
-            return False
+            return "unknown"
         attempts = (await s.scalars(select(Attempt).where(Attempt.task_id == task_id))).all()
         attempt = _match_attempt(attempts, token)
         if attempt is None:
-            return False
+            return "unknown"
         linked = attempt.upstream_task_id is not None
         if not linked and hint and attempt.hint_upstream_id != hint:
             attempt.hint_upstream_id = hint
@@ -346,10 +361,10 @@ async def accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) ->
             # Only an unlinked attempt of a finished task needs a look (a second
             # upstream task to stop); duplicates and late callbacks change nothing.
             if linked or not hint or attempt.outcome in ("extra_killed", "accepted"):
-                return True
+                return "duplicate"
         await _set(s, task_id, hint_at=now, next_check_at=now)
     ctx.wake()
-    return True
+    return "accepted"
 
 
 # ---------------------------------------------------------------- the background unit
@@ -717,6 +732,7 @@ async def _poll(ctx: Ctx, task: Task, source: str) -> datetime | None:
     s = ctx.settings
     now = ctx.clock()
     assert task.upstream_task_id is not None
+    metrics.poll(source)
     try:
         ut = await ctx.wiro.detail(task_id=task.upstream_task_id)
     except WiroStateError as e:

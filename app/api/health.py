@@ -1,14 +1,19 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import asyncio
+
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from app import metrics
+from app.lifecycle import Status
 from app.schemas import Health
 
 router = APIRouter(tags=["operations"])
+READY_TIMEOUT_S = 3.0
 
 
 @router.get("/healthz", response_model=Health, operation_id="healthz", summary="Process alive")
@@ -20,10 +25,13 @@ async def healthz() -> Health:
             summary="Database reachable and at the newest migration",
             responses={503: {"model": Health, "description": "Not ready"}})
 async def readyz(request: Request) -> Health | JSONResponse:
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "unavailable", "detail": "shutting down"}, 503)
     ctx = request.app.state.ctx
     heads = request.app.state.migration_heads
     try:
-        async with ctx.sm() as s:
+        # Bounded: a probe that hangs on a black-holed database is a failed probe.
+        async with asyncio.timeout(READY_TIMEOUT_S), ctx.sm() as s:
             current = set((await s.scalars(text("SELECT version_num FROM alembic_version"))).all())
     except Exception:
         return JSONResponse({"status": "unavailable", "detail": "database unreachable"}, 503)
@@ -31,3 +39,15 @@ async def readyz(request: Request) -> Health | JSONResponse:
         return JSONResponse({"status": "unavailable", "detail": (
             f"database at migration {sorted(current)}, need {sorted(heads)}")}, 503)
     return Health(status="ok")
+
+
+@router.get("/metrics", operation_id="metrics", summary="Prometheus metrics (text format)",
+            response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus exposition format"}})
+async def prometheus_metrics(request: Request) -> Response:
+    """Counters and histograms of this process (of every worker process when
+    ``PROMETHEUS_MULTIPROC_DIR`` is set) and task gauges read from the database."""
+    snapshot = await request.app.state.db_gauges.get()
+    body = metrics.render(snapshot, [s.value for s in Status])
+    return Response(body, media_type=metrics.CONTENT_TYPE)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
-from app import tasks
+from app import logs, tasks
 from app.api.deps import Principal, event_out, get_ctx, principal, task_out
 from app.errors import InvalidRequest
 from app.lifecycle import Status
@@ -48,14 +48,18 @@ async def create_task(
                              errors=[{"loc": ["header", "Idempotency-Key"], "msg": "empty"}])
     task, replayed = await tasks.create_task(ctx, client=caller.client, body=body,
                                              idempotency_key=idempotency_key)
+    logs.bind(task_id=task.id)
     if replayed:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     else:
         # Dispatch now, shielded: if the caller goes away mid-Run the attempt still
         # finishes and is recorded; if this process dies, the lease lapses and a worker
-        # takes over (and will not re-send blindly).
-        await asyncio.shield(tasks.check(ctx, task.id))
+        # takes over (and will not re-send blindly). Tracked, so a graceful shutdown
+        # waits for it (bounded) before giving the lease back.
+        check = asyncio.create_task(tasks.check(ctx, task.id))
+        ctx.track(check)
+        await asyncio.shield(check)
         task = await tasks.get_task(ctx, task_id=task.id, client=None)
     response.headers["Location"] = f"/v1/tasks/{task.id}"
     return task_out(task)

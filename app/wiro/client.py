@@ -27,6 +27,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr
 
+from app import metrics
 from app.wiro.errors import (
     WiroAmbiguous,
     WiroAuthError,
@@ -312,6 +313,26 @@ class WiroClient:
         json: dict[str, Any] | None = None,
         files: dict[str, tuple[str, bytes, str]] | None = None,
         is_run: bool = False,
+    ) -> dict[str, Any]:
+        """``_post_once``, timed and counted by endpoint and outcome (app/metrics.py)."""
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await self._post_once(path, json=json, files=files, is_run=is_run)
+        except BaseException as e:  # cancellation included: it is an outcome too
+            error = e
+            raise
+        finally:
+            metrics.upstream_call(metrics.upstream_endpoint(path), error,
+                                  time.perf_counter() - started)
+
+    async def _post_once(
+        self,
+        path: str,
+        *,
+        json: dict[str, Any] | None,
+        files: dict[str, tuple[str, bytes, str]] | None,
+        is_run: bool,
     ) -> dict[str, Any]:
         """One POST; the body of a success, or the classified ``WiroError``."""
         try:

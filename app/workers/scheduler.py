@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-from app import tasks
+from app import logs, tasks
 from app.tasks import Ctx
 
 log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, ctx: Ctx) -> None:
+    def __init__(self, ctx: Ctx, *, grace_s: float = 10.0) -> None:
         self.ctx = ctx
+        self.grace_s = grace_s
         self._wake = asyncio.Event()
         self._stopping = False
+        self._drain_deadline: float | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._tracked: set[asyncio.Task[Any]] = set()  # checks run outside the loop
         self._loop_task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
@@ -43,7 +47,8 @@ class Scheduler:
                 except Exception:
                     log.exception("claiming due tasks failed")
             for task_id in claimed:
-                t = asyncio.create_task(tasks.check(self.ctx, task_id), name=f"check:{task_id}")
+                t = asyncio.create_task(tasks.check(self.ctx, task_id), name=f"check:{task_id}",
+                                        context=logs.task_context(task_id))
                 self._running.add(t)
                 t.add_done_callback(self._done)
             if claimed and len(claimed) == min(s.worker_batch, max(free, 0)):
@@ -58,16 +63,38 @@ class Scheduler:
         if not self._stopping:
             self._wake.set()  # a slot is free
 
-    async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop claiming, let running checks finish (bounded), give back the leases."""
+    def track(self, t: asyncio.Task[Any]) -> None:
+        """Let shutdown wait for a check started elsewhere (a submit's inline dispatch)."""
+        self._tracked.add(t)
+        t.add_done_callback(self._tracked.discard)
+
+    def drain(self) -> None:
+        """Stop claiming work now (SIGTERM); what runs may finish within the grace period."""
+        if self._drain_deadline is None:
+            self._drain_deadline = asyncio.get_running_loop().time() + self.grace_s
         self._stopping = True
         self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming, let running checks finish until the grace period ends (counted
+        from ``drain``), cancel the rest, and give back every lease this process holds so
+        another replica can continue at once instead of waiting for leases to lapse."""
+        self.drain()
+        assert self._drain_deadline is not None
+        loop = asyncio.get_running_loop()
         if self._loop_task is not None:
-            await asyncio.wait([self._loop_task], timeout=grace_s)
-        if self._running:
-            _, pending = await asyncio.wait(list(self._running), timeout=grace_s)
+            await asyncio.wait([self._loop_task],
+                               timeout=max(0.1, self._drain_deadline - loop.time()))
+        running = self._running | self._tracked
+        if running:
+            _, pending = await asyncio.wait(
+                running, timeout=max(0.0, self._drain_deadline - loop.time()))
             for t in pending:
-                t.cancel()
+                t.cancel()  # interrupts the upstream call; check's finally releases the lease
+            if pending:
+                log.warning("shutdown: cancelled %d check(s) still running after %.1fs",
+                            len(pending), self.grace_s)
+                await asyncio.wait(pending, timeout=2.0)
         try:
             await tasks.release_all(self.ctx)
         except Exception:

@@ -1,0 +1,222 @@
+"""Prometheus metrics: the metric objects, tiny helpers to record them, and ``render``.
+
+Instrumented code calls the helpers (``metrics.callback("accepted")``), never the objects,
+so the names and labels live here and nowhere else. Labels are closed sets (route
+templates, endpoint names, outcome words) so the number of series stays bounded.
+
+Counters and histograms are per process. With ``PROMETHEUS_MULTIPROC_DIR`` set (several
+worker processes behind one port) ``prometheus_client`` writes them to files in that
+directory and ``render`` merges every process's files with ``MultiProcessCollector``.
+The task gauges (``gateway_tasks``, ``gateway_pending_tasks``, the oldest unfinished age)
+are not kept in memory at all: they are read from the database at scrape time (one
+cheap ``GROUP BY``, cached a few seconds; see ``DbGauges``), so every replica and
+process reports the same, correct numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+HTTP_REQUESTS = Counter(
+    "gateway_http_requests", "HTTP requests answered, by route template and status.",
+    ["method", "route", "status"])
+HTTP_DURATION = Histogram(
+    "gateway_http_request_duration_seconds", "Time to answer an HTTP request.",
+    ["method", "route"], buckets=_SLOW)
+UPSTREAM_REQUESTS = Counter(
+    "gateway_upstream_requests", "Calls to Wiro, by endpoint and outcome "
+    "(ok, or the error class: unavailable, rate_limited, concurrency_limit, ambiguous, "
+    "rejected, insufficient_balance, auth_error, state_error).", ["endpoint", "outcome"])
+UPSTREAM_DURATION = Histogram(
+    "gateway_upstream_request_duration_seconds", "Latency of calls to Wiro.",
+    ["endpoint", "outcome"], buckets=_SLOW)
+CALLBACKS = Counter(
+    "gateway_callbacks", "Wiro callbacks received: accepted (task marked due), unknown "
+    "(no such task or wrong token: forged or stale), duplicate (the task was already "
+    "terminal: a duplicate or late callback).", ["outcome"])
+POLLS = Counter(
+    "gateway_polls", "Task/Detail reads of submitted tasks, by what triggered them "
+    "(poll: the schedule; callback: a callback marked the task due).", ["trigger"])
+TASKS_FINISHED = Counter(
+    "gateway_tasks_finished", "Tasks that reached a terminal status, by status and by "
+    "what finished them (callback, poll, dispatcher, cancel, timeout).", ["status", "source"])
+SUBMIT_OVERHEAD = Histogram(
+    "gateway_submit_overhead_seconds", "Time to handle a successful POST /v1/tasks minus "
+    "the time spent waiting for Wiro (the gateway's own cost per submit).", buckets=_FAST)
+NOTIFICATION_ATTEMPTS = Counter(
+    "gateway_notification_attempts", "Webhook deliveries attempted, by outcome "
+    "(delivered, failed: non-2xx, timeout or refused, will be retried or gives up).",
+    ["outcome"])
+NOTIFICATIONS_EXHAUSTED = Counter(
+    "gateway_notifications_exhausted", "Webhook deliveries abandoned after the last retry.")
+
+CALLBACK_OUTCOMES = ("accepted", "unknown", "duplicate")
+for _outcome in CALLBACK_OUTCOMES:  # series exist at 0, so rate() and alerts work at once
+    CALLBACKS.labels(_outcome)
+for _outcome in ("delivered", "failed"):
+    NOTIFICATION_ATTEMPTS.labels(_outcome)
+
+
+# ---------------------------------------------------------------- helpers to call
+
+
+def http_request(method: str, route: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_DURATION.labels(method, route).observe(seconds)
+
+
+def callback(outcome: str) -> None:
+    """One of ``CALLBACK_OUTCOMES``."""
+    CALLBACKS.labels(outcome).inc()
+
+
+def poll(trigger: str) -> None:
+    POLLS.labels(trigger).inc()
+
+
+def task_finished(status: str, source: str) -> None:
+    TASKS_FINISHED.labels(status, source).inc()
+
+
+def notification_attempt(outcome: str) -> None:
+    """Call once per webhook delivery attempt: ``"delivered"`` or ``"failed"``."""
+    NOTIFICATION_ATTEMPTS.labels(outcome).inc()
+
+
+def notification_exhausted() -> None:
+    """Call when a delivery is given up after its last attempt."""
+    NOTIFICATIONS_EXHAUSTED.inc()
+
+
+def submit_overhead(seconds: float) -> None:
+    SUBMIT_OVERHEAD.observe(max(0.0, seconds))
+
+
+# Time spent waiting for Wiro in the current request. A mutable holder, so the check that
+# a submit runs in its own asyncio task (which copies the context) adds to the same one.
+_upstream_wait: ContextVar[list[float] | None] = ContextVar("upstream_wait", default=None)
+
+
+def start_upstream_clock() -> list[float]:
+    holder = [0.0]
+    _upstream_wait.set(holder)
+    return holder
+
+
+def upstream_endpoint(path: str) -> str:
+    """``/Run/wiro/professional-headshot`` → ``Run``; ``/Task/Detail`` → ``Task/Detail``."""
+    return "Run" if path.startswith("/Run/") else path.strip("/")
+
+
+def upstream_call(endpoint: str, error: BaseException | None, seconds: float) -> None:
+    outcome = "ok" if error is None else _error_outcome(error)
+    UPSTREAM_REQUESTS.labels(endpoint, outcome).inc()
+    UPSTREAM_DURATION.labels(endpoint, outcome).observe(seconds)
+    holder = _upstream_wait.get()
+    if holder is not None:
+        holder[0] += seconds
+
+
+_OUTCOMES = {
+    "WiroUnavailable": "unavailable", "WiroRateLimited": "rate_limited",
+    "WiroConcurrencyLimit": "concurrency_limit", "WiroAmbiguous": "ambiguous",
+    "WiroRejected": "rejected", "WiroInsufficientBalance": "insufficient_balance",
+    "WiroAuthError": "auth_error", "WiroStateError": "state_error",
+}
+
+
+def _error_outcome(error: BaseException) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    return _OUTCOMES.get(type(error).__name__, "error")
+
+
+# ---------------------------------------------------------------- scrape
+
+
+@dataclass
+class DbSnapshot:
+    """What the database says about all tasks, read at scrape time."""
+
+    by_status: dict[str, int]
+    oldest_unfinished_created: float | None  # epoch seconds
+
+
+@dataclass
+class DbGauges:
+    """The database-backed gauges, re-read at most every ``ttl_s`` seconds (a scrape from
+    each of several Prometheis must not each cost a query)."""
+
+    read: Callable[[], Awaitable[DbSnapshot]]
+    ttl_s: float = 5.0
+    _value: DbSnapshot | None = None
+    _at: float = float("-inf")
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def get(self) -> DbSnapshot | None:
+        """The snapshot, or None when the database cannot be read."""
+        async with self._lock:
+            if time.monotonic() - self._at >= self.ttl_s:
+                try:
+                    self._value = await self.read()
+                except Exception:  # reported as gateway_database_up 0
+                    self._value = None
+                self._at = time.monotonic()
+            return self._value
+
+
+def _db_families(snap: DbSnapshot | None, statuses: Iterable[str]) -> Iterator[Metric]:
+    up = GaugeMetricFamily("gateway_database_up",
+                           "1 if the last scrape could read the database, else 0.")
+    up.add_metric([], 0.0 if snap is None else 1.0)
+    yield up
+    if snap is None:
+        return
+    tasks = GaugeMetricFamily("gateway_tasks", "Tasks in the database, by status.",
+                              labels=["status"])
+    for status in statuses:
+        tasks.add_metric([status], float(snap.by_status.get(status, 0)))
+    yield tasks
+    yield GaugeMetricFamily("gateway_pending_tasks", "Queue depth: tasks recorded but not "
+                            "yet accepted by Wiro.", value=float(snap.by_status.get("pending", 0)))
+    age = 0.0
+    if snap.oldest_unfinished_created is not None:
+        age = max(0.0, time.time() - snap.oldest_unfinished_created)
+    yield GaugeMetricFamily("gateway_oldest_unfinished_task_age_seconds",
+                            "Age of the oldest task not yet terminal (0 when there is none).",
+                            value=age)
+
+
+class _Collect:
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self.collect = collect
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def render(snap: DbSnapshot | None, statuses: Iterable[str]) -> bytes:
+    """The exposition text: this process's (or every process's) metrics + the DB gauges."""
+    registry = CollectorRegistry(auto_describe=False)
+    if multiprocess_dir():
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_Collect(REGISTRY.collect))  # type: ignore[arg-type]
+    statuses = list(statuses)
+    registry.register(_Collect(lambda: _db_families(snap, statuses)))  # type: ignore[arg-type]
+    return generate_latest(registry)
