@@ -55,7 +55,8 @@ async def browser() -> AsyncIterator[Any]:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def gw(db_url: str, sim: Sim, tmp_path: Path) -> AsyncIterator[Gateway]:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as g:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
+                           output_hosts="127.0.0.1") as g:
         yield g
 
 
@@ -88,6 +89,16 @@ async def submit(gw: Gateway, sim: Sim, client: str = "alpha", **fields: Any) ->
     return r.json()["id"]
 
 
+async def stored(gw: Gateway, task_id: str) -> None:
+    """Wait until the task succeeded and the gateway has stored its headshot."""
+    await gw.wait_terminal(task_id)
+    deadline = time.monotonic() + 15
+    while not (await gw.client().get(f"/v1/tasks/{task_id}")).json()["outputs"][0][
+            "url"].startswith(gw.url):
+        assert time.monotonic() < deadline, "output not stored"
+        await asyncio.sleep(0.1)
+
+
 async def images_loaded(page: Any, selector: str) -> list[int]:
     """naturalWidth of every image matched, once each has finished loading."""
     loc = page.locator(selector)
@@ -102,8 +113,8 @@ async def test_sign_in_filter_and_open_a_task_with_both_images(
         page: Any, gw: Gateway, sim: Sim) -> None:
     wanted = await submit(gw, sim, metadata={"user_id": "u_wanted"})
     other = await submit(gw, sim, metadata={"user_id": "u_other"})
-    await gw.wait_terminal(wanted)
-    await gw.wait_terminal(other)
+    for task_id in (wanted, other):
+        await stored(gw, task_id)
 
     await sign_in(page, "alpha")
     rows = page.locator("table.tasks tbody tr")
@@ -131,6 +142,9 @@ async def test_sign_in_filter_and_open_a_task_with_both_images(
     assert await page.get_by_role("heading", level=1).inner_text() == f"Task {wanted} succeeded"
     widths = await images_loaded(page, "figure img")
     assert len(widths) == 2 and min(widths) > 0, widths  # input photo and headshot
+    # The headshot is the gateway's stored copy, through the console's auth-checked route.
+    headshot = page.get_by_alt_text(f"Headshot 1 of task {wanted}")
+    assert await headshot.get_attribute("src") == f"/console/tasks/{wanted}/outputs/0"
     assert await page.get_by_alt_text(f"Input photo of task {wanted}").is_visible()
     assert await page.get_by_alt_text(f"Headshot 1 of task {wanted}").is_visible()
     # Side by side at desktop width.
@@ -199,7 +213,7 @@ async def test_a_client_does_not_see_another_clients_tasks(
 
 async def test_readable_at_phone_width(page: Any, gw: Gateway, sim: Sim) -> None:
     task_id = await submit(gw, sim, metadata={"user_id": "u_phone"})
-    await gw.wait_terminal(task_id)
+    await stored(gw, task_id)
     await page.set_viewport_size({"width": 375, "height": 800})
     await sign_in(page, "alpha")
     for path in ("/console/tasks", f"/console/tasks/{task_id}", "/console/stats"):
