@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
@@ -164,6 +164,43 @@ async def task_stats(ctx: Ctx, *, client: str | None, window: timedelta,
         queue_time=Durations.of(queue), run_time=Durations.of(run),
         end_to_end=Durations.of(e2e), cost_usd=cost, finished_by=finished,
         duration_rows=len(rows), truncated=truncated)
+
+
+async def cost_per_day(ctx: Ctx, *, client: str | None, window: timedelta
+                       ) -> list[tuple[date, Decimal, int]]:
+    """Wiro's cost and the number of tasks per UTC day of creation over the last
+    ``window``, oldest day first, days without tasks included (the console's chart).
+
+    One ``GROUP BY`` (day, cost text) over the window's id range; the cost is summed in
+    Python with ``Decimal``, exact as in ``task_stats``.
+    """
+    until = ctx.clock()
+    since = until - window
+    if ctx.settings.is_postgres:
+        day = func.date(func.timezone("UTC", Task.created_at))
+    else:  # SQLite keeps naive UTC text: its date() is the UTC day
+        day = func.date(Task.created_at)
+    q = (select(day, Task.cost_usd, func.count()).where(Task.id >= id_floor(since))
+         .group_by(day, Task.cost_usd))
+    if client is not None:
+        q = q.where(Task.client == client)
+    async with ctx.sm() as s:
+        rows = (await s.execute(q)).all()
+    first, last = since.astimezone(UTC).date(), until.astimezone(UTC).date()
+    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    cost = {d: Decimal(0) for d in days}
+    count = dict.fromkeys(days, 0)
+    for value, amount, n in rows:
+        d = date.fromisoformat(str(value)[:10])
+        if d not in count:
+            continue
+        count[d] += int(n)
+        if amount is not None:
+            try:
+                cost[d] += Decimal(str(amount).strip()) * int(n)
+            except InvalidOperation:
+                continue
+    return [(d, cost[d], count[d]) for d in days]
 
 
 async def live_counts(ctx: Ctx) -> DbSnapshot:

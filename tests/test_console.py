@@ -363,3 +363,48 @@ async def test_stored_outputs_notifications_redeliver_and_erase(db_url: str, sim
         assert api_task["images_erased_at"] is not None
         # Nothing left to erase: the button is gone.
         assert f"/console/tasks/{task_id}/erase" not in page
+
+
+# ---------------------------------------------------------------- statistics
+
+
+async def test_statistics_page_and_cost_per_day(gateway: Gateway, sim: Sim) -> None:
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from app import stats
+
+    ids = [await submit(gateway, sim) for _ in range(2)]
+    theirs = await submit(gateway, sim, "beta")
+    done = [await gateway.wait_terminal(i) for i in ids]
+    await gateway.wait_terminal(theirs, client="beta")
+    spent = sum(Decimal(t["cost_usd"]) for t in done)
+    assert spent > 0
+
+    daily = await stats.cost_per_day(gateway.ctx, client="alpha", window=timedelta(days=3))
+    today = datetime.now(UTC).date()
+    assert [d for d, _, _ in daily] == [today - timedelta(days=i) for i in (3, 2, 1, 0)]
+    assert daily[-1][1:] == (spent, 2)
+    assert all(c == 0 and n == 0 for _, c, n in daily[:-1])
+    everyone = await stats.cost_per_day(gateway.ctx, client=None, window=timedelta(days=1))
+    assert everyone[-1][2] == 3
+
+    c = await signed_in(gateway, "alpha")
+    r = await c.get("/console/stats", params={"window": "24h"})
+    assert r.status_code == 200
+    html = r.text
+    assert 'role="img"' in html and "<title id=\"chart-status-t\">Tasks by status</title>" in html
+    assert "succeeded: 2" in html  # the chart's description names every value
+    assert "100.0 %" in html  # success rate
+    assert "Client alpha" in html
+    assert f"{today.isoformat()}</th>" in html  # the per-day table
+    r = await c.get("/console/stats", params={"client": "beta"})
+    assert r.status_code == 422 and "Only admin keys" in r.text
+    r = await c.get("/console/stats", params={"window": "forever"})
+    assert r.status_code == 422 and "window must look like" in r.text
+
+    root = await signed_in(gateway, "root")
+    r = await root.get("/console/stats", params={"window": "24h"})
+    assert "Every client" in r.text and "succeeded: 3" in r.text
+    r = await root.get("/console/stats", params={"window": "24h", "client": "beta"})
+    assert "Client beta" in r.text and "succeeded: 1" in r.text
