@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test test-fast lint openapi bench lock install install-dev clean
+.PHONY: run test test-fast lint openapi bench screenshots lock install install-dev clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ openapi: install
 
 bench: install-dev
 	$(PY) -m bench
+
+## make screenshots: the console's pages from a real run, into docs/screenshots/
+screenshots: install-dev
+	$(PY) -m tests.screenshots
 
 ## make lock: re-resolve the locks from pyproject.toml in a throwaway venv
 lock:
