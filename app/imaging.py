@@ -108,8 +108,7 @@ def clean(data: bytes, *, max_pixels: int) -> tuple[bytes, ImageInfo]:
     icc = im.info.get("icc_profile")
     im = ImageOps.exif_transpose(im) or im
     # Pillow writes some of ``info`` back by itself (a JPEG comment, for one): start clean.
-    keep = {k: v for k, v in im.info.items() if k == "transparency"}
-    im.info = keep
+    im.info = {k: v for k, v in im.info.items() if k == "transparency"}
     out = io.BytesIO()
     extra = {"icc_profile": icc} if icc else {}
     if fmt == "JPEG":

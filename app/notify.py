@@ -44,7 +44,7 @@ from app.wiro.client import parse_retry_after
 log = logging.getLogger(__name__)
 
 RESPONSE_BODY_BYTES = 1024
-NO_SECRET = ("GATEWAY_WEBHOOK_SECRET is not set: the gateway signs every notification and "
+UNSIGNED = ("GATEWAY_WEBHOOK_SECRET is not set: the gateway signs every notification and "
              "cannot send this one. Set the secret, restart, then redeliver.")
 
 
@@ -197,7 +197,7 @@ async def attempt(svc: Services, delivery_id: str) -> None:
     retry_after: float | None = None
     latency_ms = 0
     if s.webhook_secret is None:
-        error: str | None = NO_SECRET
+        error: str | None = UNSIGNED
         final = True
     else:
         headers = {"content-type": "application/json",
@@ -208,7 +208,7 @@ async def attempt(svc: Services, delivery_id: str) -> None:
         try:
             resp = await svc.outbound.request(
                 "POST", d.url, policy=policy, headers=headers, content=body.encode(),
-                timeout=s.notify_timeout_s, max_bytes=RESPONSE_BODY_BYTES, truncate=True)
+                timeout_s=s.notify_timeout_s, max_bytes=RESPONSE_BODY_BYTES, truncate=True)
         except OutboundRefused as e:
             error, final = f"refused: {e}", True
             latency_ms = _ms(ctx.clock() - now)

@@ -189,9 +189,9 @@ class Outbound:
 
     async def request(self, method: str, url: str, *, policy: Policy,
                       headers: dict[str, str] | None = None, content: bytes | None = None,
-                      timeout: float = 10.0, max_bytes: int = 1024 * 1024,
+                      timeout_s: float = 10.0, max_bytes: int = 1024 * 1024,
                       truncate: bool = False) -> Response:
-        """One request, no redirects; the whole exchange within ``timeout`` seconds.
+        """One request, no redirects; the whole exchange within ``timeout_s`` seconds.
 
         The body is read up to ``max_bytes``: past that, ``truncate=True`` keeps the first
         ``max_bytes`` and stops reading, otherwise ``OutboundTooLarge`` is raised.
@@ -199,18 +199,18 @@ class Outbound:
         parsed = check_url(url, policy)
         started = time.monotonic()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout_s):
                 ip = await self.resolve(parsed, policy)
-                return await self._send(method, parsed, ip, headers or {}, content, timeout,
+                return await self._send(method, parsed, ip, headers or {}, content, timeout_s,
                                         max_bytes, truncate, started)
         except TimeoutError:
-            raise OutboundError(f"no complete answer within {timeout:g}s") from None
+            raise OutboundError(f"no complete answer within {timeout_s:g}s") from None
         except httpx.HTTPError as e:
             # Only the type and text: never the request (it may carry signatures).
             raise OutboundError(f"{type(e).__name__}: {e}".rstrip(": ")) from None
 
     async def _send(self, method: str, url: httpx.URL, ip: IPAddress, headers: dict[str, str],
-                    content: bytes | None, timeout: float, max_bytes: int, truncate: bool,
+                    content: bytes | None, timeout_s: float, max_bytes: int, truncate: bool,
                     started: float) -> Response:
         # Connect to the checked address; the name stays in Host and in TLS (SNI and the
         # certificate check), so the server sees an ordinary request for its name.
@@ -221,7 +221,7 @@ class Outbound:
             # identity: the cap counts the bytes as sent, and no decompression bomb
             headers={"Accept-Encoding": "identity", **headers,
                      "Host": url.netloc.decode("ascii")},
-            timeout=httpx.Timeout(timeout), extensions=extensions)
+            timeout=httpx.Timeout(timeout_s), extensions=extensions)
         response = await self.http.send(request, stream=True, follow_redirects=False)
         try:
             declared = response.headers.get("content-length", "")

@@ -123,7 +123,7 @@ async def _download(svc: Services, row: StoredOutput) -> tuple[bytes, imaging.Im
     try:
         resp = await svc.outbound.request("GET", row.upstream_url, policy=policy,
                                           headers={"accept": "image/png, image/jpeg"},
-                                          timeout=s.output_timeout_s,
+                                          timeout_s=s.output_timeout_s,
                                           max_bytes=s.output_max_bytes)
     except OutboundRefused as e:
         raise _Permanent(str(e)) from None

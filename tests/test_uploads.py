@@ -57,8 +57,9 @@ def png_bomb(side: int = 20_000) -> bytes:
     row = b"\x00" * (1 + (side + 7) // 8)
     co = zlib.compressobj(9)
     data = b"".join(co.compress(row) for _ in range(side)) + co.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
 
 
 async def upload(gw: Gateway, data: bytes, *, name: str = "me.jpg", ctype: str = "image/jpeg",
@@ -72,7 +73,8 @@ async def upload_rows(gw: Gateway) -> int:
 
 
 def stored_files(root: Path) -> list[Path]:
-    return [p for p in (root / "uploads").rglob("*") if p.is_file()] if (root / "uploads").exists() else []
+    folder = root / "uploads"
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
 
 async def test_upload_is_cleaned_and_served(db_url: str, sim: Sim, tmp_path: Path) -> None:
@@ -109,7 +111,8 @@ async def test_upload_is_cleaned_and_served(db_url: str, sim: Sim, tmp_path: Pat
         assert len(stored_files(tmp_path)) == 2
         # a wrong name or id is simply not there
         async with httpx.AsyncClient() as anon:
-            assert (await anon.get(body["url"].replace("input.jpg", "input.png"))).status_code == 404
+            wrong_name = body["url"].replace("input.jpg", "input.png")
+            assert (await anon.get(wrong_name)).status_code == 404
             assert (await anon.get(f"{gw.url}/files/{'A' * 32}/input.jpg")).status_code == 404
 
 

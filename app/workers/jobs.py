@@ -81,13 +81,13 @@ class JobLoop:
         if not self._stopping:
             self._wake.set()
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, grace_s: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:
-            await asyncio.wait([self._loop_task], timeout=timeout)
+            await asyncio.wait([self._loop_task], timeout=grace_s)
         if self._running:
-            _, pending = await asyncio.wait(list(self._running), timeout=timeout)
+            _, pending = await asyncio.wait(list(self._running), timeout=grace_s)
             for t in pending:
                 t.cancel()
         try:
