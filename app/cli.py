@@ -157,6 +157,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
     print("submit a task with:", flush=True)
     print(curl, flush=True)
     print(f"then: curl -sS {gw_url}/v1/tasks -H 'Authorization: Bearer {key}'", flush=True)
+    print("and once it has succeeded, the headshot the gateway stored (open headshot.png):",
+          flush=True)
+    print(f"curl -sS {gw_url}/v1/tasks/<task id>/outputs/0 -H 'Authorization: Bearer {key}' "
+          "-o headshot.png", flush=True)
 
     async def both() -> None:
         sim = uvicorn.Server(uvicorn.Config(create_sim_app(sim_config), host=args.host,
