@@ -157,9 +157,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     print("submit a task with:", flush=True)
     print(curl, flush=True)
     print(f"then: curl -sS {gw_url}/v1/tasks -H 'Authorization: Bearer {key}'", flush=True)
-    print("and once it has succeeded, the headshot the gateway stored (open headshot.png):",
-          flush=True)
-    print(f"curl -sS {gw_url}/v1/tasks/<task id>/outputs/0 -H 'Authorization: Bearer {key}' "
+    # Only the submit line starts with "curl " (scripts look for it).
+    print(f"and once it has succeeded, the stored headshot: curl -sS "
+          f"{gw_url}/v1/tasks/<task id>/outputs/0 -H 'Authorization: Bearer {key}' "
           "-o headshot.png", flush=True)
 
     async def both() -> None:
