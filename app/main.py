@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 A gateway in front of Wiro's `wiro/professional-headshot` model: submit headshot tasks,
-read them, list and filter the history, read each task's event timeline, cancel.
+read them, list and filter the history, read each task's event timeline, cancel; be
+notified (signed webhooks, every attempt logged, redeliver), fetch the outputs the gateway
+keeps, upload your own photo, and erase a task's images here and at Wiro.
 
-Every `/v1` route takes `Authorization: Bearer <key>`. Errors are
+Every `/v1` route takes `Authorization: Bearer <key>` (the upload files under `/files/`,
+which Wiro fetches, are public at unguessable URLs). Errors are
 `application/problem+json` (RFC 9457). Statuses only move forward:
 `pending → queued → running → succeeded | failed | cancelled | timed_out`.
 """
