@@ -58,14 +58,15 @@ def output_url(public_url: str, task_id: str, index: int) -> str:
 
 
 def present(row: StoredOutput, public_url: str, *, erased: bool = False) -> dict[str, Any]:
-    """One item of the task's ``outputs``: the gateway's URL once stored (or erased)."""
-    stored = row.state == "stored"
+    """One item of the task's ``outputs``: the gateway's URL once stored (or erased, so
+    that it answers 410); the facts of the gateway's copy once there was one."""
+    copied = row.sha256 is not None
     return {
         "name": row.name,
-        "content_type": (row.content_type if stored else None) or row.upstream_content_type,
-        "size": row.size if stored else row.upstream_size,
-        "url": (output_url(public_url, row.task_id, row.idx) if stored or erased
-                or row.state == "erased" else row.upstream_url),
+        "content_type": (row.content_type if copied else None) or row.upstream_content_type,
+        "size": row.size if copied else row.upstream_size,
+        "url": (output_url(public_url, row.task_id, row.idx)
+                if erased or row.state in ("stored", "erased") else row.upstream_url),
         "upstream_url": row.upstream_url,
         "sha256": row.sha256, "width": row.width, "height": row.height,
     }

@@ -72,7 +72,7 @@ async def events_of(gw: Gateway, task_id: str, source: str | None = None) -> lis
         return list((await s.scalars(q.order_by(Event.id))).all())
 
 
-async def until(predicate, timeout: float = 15.0, every: float = 0.05):  # noqa: ANN001
+async def until(predicate, timeout: float = 15.0, every: float = 0.05):
     """Poll an async predicate until it returns something truthy; that value."""
     deadline = time.monotonic() + timeout
     while True:

@@ -32,7 +32,7 @@ def jpeg() -> bytes:
     return buf.getvalue()
 
 
-async def erasure_of(gw, task_id: str) -> Erasure | None:  # noqa: ANN001
+async def erasure_of(gw, task_id: str) -> Erasure | None:
     async with gw.ctx.sm() as s:
         return await s.get(Erasure, task_id)
 
@@ -84,7 +84,7 @@ async def test_erasure_here_and_at_wiro(db_url: str, sim: Sim, tmp_path: Path) -
             == after["images_erased_at"]
 
 
-async def _stored(gw, task_id: str) -> bool:  # noqa: ANN001
+async def _stored(gw, task_id: str) -> bool:
     rows = await outputs_of(gw, task_id)
     return bool(rows) and all(o.state == "stored" for o in rows)
 

@@ -16,7 +16,7 @@ from tests.results_helpers import SECRET, attempts, deliveries, events_of, finis
 FAST = "0,0.2,0.2,0.2"
 
 
-def verified(call) -> dict:  # noqa: ANN001
+def verified(call) -> dict:
     """The payload, if and only if the signature is good (raises otherwise)."""
     return Webhook(SECRET).verify(call.body, call.headers)
 
@@ -64,7 +64,7 @@ async def test_one_signed_notification_per_terminal_transition(db_url: str, sim:
         assert len(delivery_events) == 1 and "delivered" in (delivery_events[0].message or "")
 
 
-async def _settled(gw, task_id: str) -> bool:  # noqa: ANN001
+async def _settled(gw, task_id: str) -> bool:
     return all(d.status != "pending" for d in await deliveries(gw, task_id))
 
 

@@ -57,6 +57,10 @@ async def test_outputs_outlive_the_upstream_copy(db_url: str, sim: Sim, tmp_path
         im = Image.open(io.BytesIO(r.content))
         assert (im.width, im.height) == (out["width"], out["height"])
         assert (tmp_path / "outputs" / task_id / "0").read_bytes() == r.content
+        assert r.headers["etag"] == f'"{out["sha256"]}"'
+        again = await gw.client().get(f"/v1/tasks/{task_id}/outputs/0",
+                                      headers={"if-none-match": r.headers["etag"]})
+        assert again.status_code == 304 and again.content == b""
 
         # same scoping as the task
         assert (await gw.client("beta").get(f"/v1/tasks/{task_id}/outputs/0")).status_code == 404

@@ -57,15 +57,22 @@ async def redeliver(task_id: TaskId, caller: Caller, svc: Svc) -> DeliveryOut:
             response_class=Response,
             responses={200: {"content": {"image/png": {}, "image/jpeg": {}},
                              "description": "The image"},
+                       304: {"description": "Not modified (If-None-Match)"},
                        404: {"model": Problem, "description": "Unknown task, or output not "
                                                               "stored (yet)"},
                        410: {"model": Problem, "description": "The task's images were erased"}})
 async def get_output(task_id: TaskId, index: Annotated[int, Path(ge=0, le=1000)],
-                     caller: Caller, svc: Svc) -> Response:
+                     request: Request, caller: Caller, svc: Svc) -> Response:
+    """The image, with an ``ETag`` (its SHA-256; ``If-None-Match`` answers 304). Caches
+    must revalidate, so an erased image is not served from one."""
     data, row = await results.open_output(svc, task_id=task_id, index=index,
                                           client=caller.scope)
+    etag = f'"{row.sha256}"'
+    cache = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=cache)
     return Response(data, media_type=row.content_type, headers={
-        "ETag": f'"{row.sha256}"', "Cache-Control": "private, max-age=86400",
+        **cache,
         "Content-Disposition": f'inline; filename="{task_id}-{index}.'
                                f'{"png" if row.content_type == "image/png" else "jpg"}"',
         "X-Content-Type-Options": "nosniff"})
