@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.migrate import upgrade
@@ -134,6 +135,7 @@ async def test_forged_and_duplicate_callbacks(gateway: Gateway, sim: Sim) -> Non
                  route="/callbacks/wiro/{task_id}/{token}", status="404") == 2
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # HTTP only: one database
 async def test_unmatched_and_refused_requests_keep_labels_bounded(gateway: Gateway) -> None:
     before = await scrape(gateway)
     c = gateway.client()

@@ -1,0 +1,207 @@
+"""Readiness and graceful shutdown: /readyz fails on an old schema or a lost database;
+draining refuses new work and stops claiming; SIGTERM mid-Run exits 0 within the grace
+period with its leases given back, so another process continues at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from app import tasks
+from app.db import make_engine
+from app.main import begin_drain
+from app.migrate import upgrade
+from app.models import Attempt, Task
+from app.schemas import TaskCreate
+from tests.conftest import (
+    CLIENT_KEYS,
+    SIM_KEY,
+    SIM_SECRET,
+    Gateway,
+    Sim,
+    bin_env,
+    drop_postgres_database,
+    free_port,
+    fresh_postgres_database,
+    run_gateway,
+    spawn,
+    stop,
+    task_body,
+    wait_http,
+)
+
+FIRST_REVISION = "0001"
+
+
+async def wait_ready(gw: Gateway, status: int, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=gw.url, timeout=5) as c:
+        while True:
+            r = await c.get("/readyz")
+            if r.status_code == status:
+                return r.json()
+            assert time.monotonic() < deadline, (r.status_code, r.text)
+            await asyncio.sleep(0.1)
+
+
+async def test_readyz_fails_until_the_database_is_migrated(db_url: str, sim: Sim,
+                                                           tmp_path: Path) -> None:
+    if db_url.startswith("sqlite"):
+        old, name = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}", None
+    else:
+        name = f"hgw_old_{os.getpid()}"
+        old = await asyncio.to_thread(fresh_postgres_database, name)
+    try:
+        await asyncio.to_thread(upgrade, old, FIRST_REVISION)
+        async with run_gateway(db_url=old, sim=sim, data_dir=tmp_path) as gw:
+            body = await wait_ready(gw, 503)
+            assert body["status"] == "unavailable"
+            assert f"['{FIRST_REVISION}']" in body["detail"] and "need" in body["detail"]
+            assert (await gw.client().get("/healthz")).status_code == 200  # alive, not ready
+            await asyncio.to_thread(upgrade, old)
+            assert (await wait_ready(gw, 200))["status"] == "ok"
+    finally:
+        if name:
+            await asyncio.to_thread(drop_postgres_database, name)
+
+
+async def test_readyz_fails_while_the_database_is_unreachable(db_url: str, sim: Sim,
+                                                              tmp_path: Path) -> None:
+    sqlite = db_url.startswith("sqlite")
+    url = db_url
+    if sqlite:  # a database in its own directory, which can then be taken away
+        home = tmp_path / "db"
+        home.mkdir()
+        for f in tmp_path.glob("gateway.db*"):
+            shutil.copy(f, home / f.name)
+        url = f"sqlite+aiosqlite:///{home / 'gateway.db'}"
+    async with run_gateway(db_url=url, sim=sim, data_dir=tmp_path) as gw:
+        await wait_ready(gw, 200)
+        if sqlite:
+            home.rename(tmp_path / "gone")
+            await gw.ctx.sm.kw["bind"].dispose()  # open connections would still work
+        else:
+            await asyncio.to_thread(drop_postgres_database, db_url.rsplit("/", 1)[1])
+        body = await wait_ready(gw, 503)
+        assert body == {"status": "unavailable", "detail": "database unreachable"}
+        assert (await gw.client().get("/healthz")).status_code == 200
+        gw.app.state.db_gauges.ttl_s = 0
+        metrics = (await gw.client().get("/metrics")).text
+        assert "gateway_database_up 0.0" in metrics
+        if sqlite:  # and it comes back
+            (tmp_path / "gone").rename(home)
+            await wait_ready(gw, 200)
+
+
+async def test_draining_refuses_new_work_and_stops_claiming(gateway: Gateway, sim: Sim) -> None:
+    ctx = gateway.ctx
+    begin_drain(gateway.app)
+    assert (await wait_ready(gateway, 503))["detail"] == "shutting down"
+    c = gateway.client()
+    r = await c.post("/v1/tasks", json=task_body(sim))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert (await c.get("/healthz")).status_code == 200
+    assert (await c.get("/metrics")).status_code == 200
+    # callbacks are still taken: they only mark a task due for whoever continues
+    r = await httpx.AsyncClient().post(f"{gateway.url}/callbacks/wiro/tsk_X/token")
+    assert r.status_code == 404
+
+    # a task due now and unleased (as after a crash elsewhere) is left for other replicas
+    task, _ = await tasks.create_task(ctx, client="alpha", body=TaskCreate(**task_body(sim)),
+                                      idempotency_key=None)
+    await tasks.release_all(ctx)
+    await asyncio.sleep(8 * gateway.settings.worker_idle_s)
+    async with ctx.sm() as s:
+        row = await s.get(Task, task.id)
+    assert row is not None and row.status == "pending" and row.lease_owner is None
+    assert sim.stats()["runs"] == 0
+
+
+def _rows(db_url: str) -> tuple[list[Task], list[Attempt]]:
+    async def read() -> tuple[list[Task], list[Attempt]]:
+        engine = make_engine(db_url)
+        try:
+            async with engine.connect() as conn:
+                ts = (await conn.execute(select(Task))).all()
+                ats = (await conn.execute(select(Attempt))).all()
+        finally:
+            await engine.dispose()
+        return list(ts), list(ats)
+
+    return asyncio.run(read())
+
+
+async def test_sigterm_mid_run_exits_0_in_time_and_another_process_continues(
+        sim: Sim, db_url: str, tmp_path: Path) -> None:
+    grace = 1.0
+    sim.configure(run_hang_s=6)  # Wiro takes the Run, then answers long after the grace
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = bin_env(
+        GATEWAY_ENV="test", GATEWAY_DATABASE_URL=db_url, GATEWAY_DATA_DIR=str(tmp_path),
+        GATEWAY_WIRO_BASE_URL=sim.base, GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET, GATEWAY_PUBLIC_URL=url,
+        GATEWAY_API_KEYS=f"alpha={CLIENT_KEYS['alpha']}", GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
+        GATEWAY_SHUTDOWN_GRACE_S=str(grace), GATEWAY_LEASE_S="60",
+        GATEWAY_WIRO_READ_TIMEOUT_S="60", GATEWAY_LOG_LEVEL="INFO")
+    log = tmp_path / "serve.log"
+    proc = spawn(["serve", "--port", str(port)], env, log)
+    outcome: dict[str, Any] = {}
+    try:
+        wait_http(f"{url}/healthz", proc=proc)
+
+        def submit() -> None:
+            try:
+                outcome["response"] = httpx.post(
+                    f"{url}/v1/tasks", json=task_body(sim), timeout=30,
+                    headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"})
+            except httpx.HTTPError as e:
+                outcome["error"] = e
+
+        submitter = threading.Thread(target=submit)
+        submitter.start()
+        deadline = time.monotonic() + 15
+        while sim.stats()["runs"] < 1:
+            assert time.monotonic() < deadline, "the Run never reached the simulator"
+            time.sleep(0.05)
+        (task_id,) = sim.stats()["runs_by_gateway_task"]
+
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(grace + 15)
+        elapsed = time.monotonic() - started
+        submitter.join(10)
+    finally:
+        stop(proc)
+    assert rc == 0, log.read_text()[-3000:]
+    assert elapsed < grace + 4, f"took {elapsed:.1f}s to stop with a grace of {grace}s"
+    # The submit still waiting on Wiro at the bound was cut off (uvicorn answers 500);
+    # its task is recorded, and a retry with the same Idempotency-Key would return it.
+    assert "error" in outcome or outcome["response"].status_code == 500, outcome
+
+    # What it held is given back: no lease, the Run recorded as sent (maybe started).
+    (task,), (attempt,) = await asyncio.to_thread(_rows, db_url)
+    assert (task.id, task.status, task.lease_owner) == (task_id, "pending", None)
+    assert attempt.outcome == "sent"
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    assert any(x["level"] == "warning" and x["msg"].startswith("shutdown: cancelled 1 check")
+               for x in lines)
+
+    # Another process takes over at once (its lease would otherwise last 60 s), finds the
+    # upstream task the interrupted Run started, and never sends a second Run.
+    sim.configure(run_hang_s=0)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path / "next") as gw:
+        done = await gw.wait_terminal(task_id, timeout=20)
+    assert done["status"] == "succeeded"
+    assert sim.stats()["runs_by_gateway_task"][task_id] == 1
