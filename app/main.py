@@ -13,8 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs, metrics, stats
 from app.api import callbacks, health
-from app.api import stats as stats_routes
 from app.api import results as result_routes
+from app.api import stats as stats_routes
 from app.api import tasks as task_routes
 from app.api.deps import key_digests
 from app.clients import Keyring

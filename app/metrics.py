@@ -7,10 +7,10 @@ templates, endpoint names, outcome words) so the number of series stays bounded.
 Counters and histograms are per process. With ``PROMETHEUS_MULTIPROC_DIR`` set (several
 worker processes behind one port) ``prometheus_client`` writes them to files in that
 directory and ``render`` merges every process's files with ``MultiProcessCollector``.
-The task gauges (``gateway_tasks``, ``gateway_pending_tasks``, the oldest unfinished age)
-are not kept in memory at all: they are read from the database at scrape time (one
-cheap ``GROUP BY``, cached a few seconds; see ``DbGauges``), so every replica and
-process reports the same, correct numbers.
+The task gauges (``gateway_tasks`` by unfinished status, ``gateway_pending_tasks``, the
+oldest unfinished task's age) are not kept in memory at all: they are read from the
+database at scrape time (a ``GROUP BY`` over the few unfinished rows, cached a few
+seconds; see ``DbGauges``), so every replica and process reports the same numbers.
 """
 
 from __future__ import annotations
@@ -186,8 +186,9 @@ def _db_families(snap: DbSnapshot | None, statuses: Iterable[str]) -> Iterator[M
     yield up
     if snap is None:
         return
-    tasks = GaugeMetricFamily("gateway_tasks", "Tasks in the database, by status.",
-                              labels=["status"])
+    tasks = GaugeMetricFamily(
+        "gateway_tasks", "Unfinished tasks by status (pending, queued, running). Finished "
+        "ones accumulate forever: see gateway_tasks_finished_total.", labels=["status"])
     for status in statuses:
         tasks.add_metric([status], float(snap.by_status.get(status, 0)))
     yield tasks

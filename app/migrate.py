@@ -11,7 +11,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def _root() -> Path:
+    """Where ``alembic.ini`` and ``migrations/`` are: the checkout this package sits in,
+    else the working directory. An installed package (the Docker image) has no migrations
+    beside it; the image copies them to its WORKDIR."""
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "migrations").is_dir() else Path.cwd()
+
+
+ROOT = _root()
 
 
 def alembic_config(database_url: str) -> Config:

@@ -49,5 +49,5 @@ async def prometheus_metrics(request: Request) -> Response:
     """Counters and histograms of this process (of every worker process when
     ``PROMETHEUS_MULTIPROC_DIR`` is set) and task gauges read from the database."""
     snapshot = await request.app.state.db_gauges.get()
-    body = metrics.render(snapshot, [s.value for s in Status])
+    body = metrics.render(snapshot, [s.value for s in Status if not s.terminal])
     return Response(body, media_type=metrics.CONTENT_TYPE)
