@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import or_, select, update
 from standardwebhooks.webhooks import Webhook
 
+from app import metrics
 from app.db import unit_of_work
 from app.errors import Conflict
 from app.lifecycle import Status
@@ -263,6 +264,9 @@ async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: da
                               .values(**values).execution_options(synchronize_session=False))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             return  # our lease ran out and another worker took over: its record wins
+        metrics.notification_attempt("delivered" if delivered else "failed")
+        if status == "failed":
+            metrics.notification_exhausted()
         s.add(DeliveryAttempt(delivery_id=d.id, number=number, at=at, status_code=status_code,
                               latency_ms=latency_ms, response_body=response_body,
                               error=None if delivered else (error or "")[:1000]))

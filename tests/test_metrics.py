@@ -19,6 +19,7 @@ from tests.conftest import (
     Sim,
     bin_env,
     free_port,
+    run_gateway,
     spawn,
     stop,
     task_body,
@@ -185,3 +186,28 @@ def test_multiprocess_mode_merges_worker_files(sim: Sim, tmp_path: Path) -> None
         assert any(p.name.startswith("counter_") for p in mp.iterdir()), list(mp.iterdir())
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # counting only: one database
+async def test_notification_attempts_and_failures(db_url: str, sim: Sim, tmp_path: Path) -> None:
+    from tests.receivers import Answer, serve_receiver
+    from tests.results_helpers import SECRET, deliveries, finished_task, until
+
+    async with serve_receiver() as rec, run_gateway(
+            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
+            notify_retry_s="0,0.2") as gw:
+        rec.on("/ok", default=Answer(204))
+        rec.on("/down", default=Answer(503))
+        before = await scrape(gw)
+        ok = await finished_task(gw, webhook_url=f"{rec.url}/ok")
+        down = await finished_task(gw, webhook_url=f"{rec.url}/down")
+
+        async def settled() -> bool:
+            found = [d for t in (ok, down) for d in await deliveries(gw, t)]
+            return len(found) == 2 and all(d.status != "pending" for d in found)
+
+        await until(settled)
+        after = await scrape(gw)
+    assert delta(before, after, "gateway_notification_attempts_total", outcome="delivered") == 1
+    assert delta(before, after, "gateway_notification_attempts_total", outcome="failed") == 2
+    assert delta(before, after, "gateway_notifications_exhausted_total") == 1
