@@ -200,7 +200,8 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
             StoredOutput.state == "pending", StoredOutput.lease_owner == ctx.owner)
             .values(**values).execution_options(synchronize_session=False))
         if give_up:
-            log.warning("output not stored", extra={"task_id": task_id, "index": idx})
+            log.warning("output not stored: %s", error[:200],
+                        extra={"task_id": task_id, "index": idx})
     if give_up:
         await _settled(svc, task_id)
 
