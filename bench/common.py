@@ -1,0 +1,130 @@
+"""What every measurement shares: the run's context, statistics, database look-ups from
+the benchmark's own engine, and the lost / run-twice checks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bench.harness import TERMINAL, BenchFailure, Database, Sim
+
+log = logging.getLogger("bench")
+
+
+@dataclass
+class Run:
+    """Options and shared state of one benchmark run."""
+
+    quick: bool
+    workdir: Path
+    soak_s: float
+    only: set[str]
+    invariants: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def wants(self, pid: str) -> bool:
+        return not self.only or pid in self.only
+
+    def pick(self, quick: Any, full: Any) -> Any:
+        return quick if self.quick else full
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def pct(xs: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100)."""
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+def median(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.median(xs) if xs else math.nan
+
+
+def r2(x: float | None, nd: int = 2) -> float | None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    if isinstance(x, float) and math.isinf(x):
+        return x
+    return round(x, nd)
+
+
+# ---------------------------------------------------------------- database look-ups
+
+
+def bench_engine(db: Database) -> AsyncEngine:
+    from app.db import make_engine
+
+    return make_engine(db.url)
+
+
+async def count_tasks(engine: AsyncEngine, *, terminal: bool | None = None,
+                      ids: Sequence[str] | None = None) -> int:
+    from app.models import Task
+
+    q = select(func.count()).select_from(Task)
+    if terminal is True:
+        q = q.where(Task.status.in_(TERMINAL))
+    elif terminal is False:
+        q = q.where(Task.status.not_in(TERMINAL))
+    if ids is not None:
+        q = q.where(Task.id.in_(list(ids)))
+    async with engine.connect() as conn:
+        return int((await conn.execute(q)).scalar_one())
+
+
+async def wait_all_terminal(engine: AsyncEngine, timeout: float, *,
+                            poll_s: float = 0.25) -> tuple[int, float]:
+    """Wait until no task is left non-terminal; ``(left, seconds waited)``."""
+    t0 = time.monotonic()
+    while True:
+        left = await count_tasks(engine, terminal=False)
+        if left == 0 or time.monotonic() - t0 > timeout:
+            return left, time.monotonic() - t0
+        await asyncio.sleep(poll_s)
+
+
+async def check_invariants(run: Run, label: str, engine: AsyncEngine, sim: Sim | None, *,
+                           timeout: float = 120.0) -> dict[str, Any]:
+    """Every task terminal (waiting up to ``timeout``) and no gateway task run twice
+    upstream. Records the figures; a violation fails the run at the end."""
+    left, waited = await wait_all_terminal(engine, timeout)
+    total = await count_tasks(engine)
+    dup: dict[str, int] = {}
+    if sim is not None:
+        stats = await asyncio.to_thread(sim.stats)
+        dup = {k: v for k, v in stats["runs_by_gateway_task"].items() if v > 1}
+    row = {"phase": label, "tasks": total, "not_terminal": left, "duplicated_upstream": len(dup),
+           "waited_s": round(waited, 1)}
+    run.invariants.append(row)
+    if left:
+        run.failures.append(f"{label}: {left} of {total} tasks not terminal after "
+                            f"{timeout:g}s (lost)")
+    if dup:
+        run.failures.append(f"{label}: {len(dup)} gateway tasks started more than once "
+                            f"upstream: {sorted(dup.items())[:5]}")
+    say(f"  invariants {label}: {total} tasks, {left} not terminal, {len(dup)} run twice")
+    return row
+
+
+def fail_now(run: Run) -> None:
+    if run.failures:
+        raise BenchFailure("; ".join(run.failures))

@@ -1,0 +1,368 @@
+"""Processes and databases for the benchmark: the simulator, gateways (``serve``
+subprocesses or in-process under uvicorn), the one-insert baseline, fresh SQLite files and
+PostgreSQL databases, and /proc readings (RSS, CPU time) of the processes it started.
+
+Modelled on tests/conftest.py, without importing pytest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM_KEY, SIM_SECRET = "bench-sim-key", "bench-sim-secret"
+CLIENT_KEYS = {"alpha": "key-alpha-bench-0123456789", "beta": "key-beta-bench-0123456789",
+               "root": "key-root-bench-0123456789"}
+PG_URL = os.environ.get("GATEWAY_BENCH_POSTGRES_URL",
+                        os.environ.get("GATEWAY_TEST_POSTGRES_URL",
+                                       "postgresql+asyncpg://postgres@127.0.0.1:5432/test"))
+TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
+SIM_DEFAULTS: dict[str, Any] = {
+    "queue_s": 0.2, "run_s": 0.5, "callback_drop": 0.0, "callback_duplicate": 0,
+    "callback_delay_s": 0.0, "callback_reorder": False, "callback_early": False,
+    "run_5xx_rate": 0.0, "run_429_rate": 0.0, "detail_5xx_rate": 0.0, "fail_rate": 0.0,
+    "lost_rate": 0.0, "task_error_s": 0.0, "task_error_fatal_rate": 0.0, "run_hang_s": 0.0,
+    "run_drop_connection": False, "max_concurrency": 0, "balance_exhausted": False,
+}
+_counter = itertools.count()
+# alembic's ``context`` is process-global: migrations in threads of one process must take
+# turns.
+_migrate_lock = threading.Lock()
+# Every process the benchmark starts, so that any exit stops them all.
+_children: list[subprocess.Popen] = []
+
+
+class BenchFailure(RuntimeError):
+    """A task lost or run twice upstream: the benchmark must exit non-zero."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} came up")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def bin_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "SIM_"))}
+    env.update(extra)
+    return env
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    fh = open(log, "ab")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    _children.append(proc)
+    return proc
+
+
+def stop_all() -> None:
+    """Stop every process this run started that is still alive."""
+    for proc in _children:
+        with contextlib.suppress(Exception):
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+# ---------------------------------------------------------------- /proc readings
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (not its children)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * _PAGE
+
+
+# ---------------------------------------------------------------- databases
+
+
+def _pg_admin_dsn() -> str:
+    return PG_URL.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def postgres_available() -> str | None:
+    import asyncpg
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(_pg_admin_dsn(), timeout=3)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+async def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(_pg_admin_dsn(), timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Database:
+    kind: str  # "sqlite" | "postgres"
+    url: str
+    name: str
+    path: Path | None = None
+
+    def drop(self) -> None:
+        if self.kind == "postgres":
+            with contextlib.suppress(Exception):
+                _run_sync(_pg_admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        elif self.path is not None:
+            for suffix in ("", "-wal", "-shm", ".migrate.lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(f"{self.path}{suffix}").unlink()
+
+
+def _run_sync(coro: Any) -> Any:
+    """Run a coroutine from sync code, also when an event loop is already running here."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def new_database(kind: str, workdir: Path, label: str, *, migrate: bool = True) -> Database:
+    """A fresh, alembic-migrated database of ``kind``."""
+    from app.migrate import upgrade
+
+    name = f"hgw_bench_{os.getpid()}_{next(_counter)}_{label}"
+    if kind == "sqlite":
+        path = workdir / f"{name}.db"
+        db = Database(kind, f"sqlite+aiosqlite:///{path}", name, path)
+    else:
+        _run_sync(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _run_sync(_pg_admin(f'CREATE DATABASE "{name}"'))
+        base, _, _ = PG_URL.rpartition("/")
+        db = Database(kind, f"{base}/{name}", name)
+    if migrate:
+        with _migrate_lock:
+            _run_sync(asyncio.to_thread(upgrade, db.url))
+    return db
+
+
+# ---------------------------------------------------------------- the simulator
+
+
+@dataclass
+class Sim:
+    url: str
+    proc: subprocess.Popen
+
+    @property
+    def base(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def portrait(self) -> str:
+        return f"{self.url}/samples/portrait.jpg"
+
+    def configure(self, **knobs: Any) -> dict[str, Any]:
+        r = httpx.patch(f"{self.url}/__sim/config", json=knobs, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def reset(self, **knobs: Any) -> None:
+        httpx.post(f"{self.url}/__sim/reset", timeout=30).raise_for_status()
+        self.configure(**{**SIM_DEFAULTS, **knobs})
+
+    def stats(self) -> dict[str, Any]:
+        r = httpx.get(f"{self.url}/__sim/stats", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+
+def start_sim(logdir: Path, **knobs: Any) -> Sim:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = bin_env(SIM_API_KEY=SIM_KEY, SIM_API_SECRET=SIM_SECRET, SIM_PUBLIC_URL=url,
+                  SIM_LOG_LEVEL="WARNING")
+    proc = spawn([sys.executable, "-m", "app.cli", "simulate", "--port", str(port)], env,
+                 logdir / f"sim-{port}.log")
+    wait_http(f"{url}/__sim/config", proc=proc)
+    sim = Sim(url=url, proc=proc)
+    sim.reset(**knobs)
+    return sim
+
+
+# ---------------------------------------------------------------- gateways
+
+
+def gateway_env(*, db: Database, sim: Sim, public_url: str, data_dir: Path,
+                **overrides: Any) -> dict[str, str]:
+    values: dict[str, Any] = dict(
+        env="test", database_url=db.url, data_dir=str(data_dir), wiro_base_url=sim.base,
+        wiro_api_key=SIM_KEY, wiro_api_secret=SIM_SECRET, public_url=public_url,
+        api_keys=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()), admin_clients="root",
+        allow_private_networks="true", log_level="WARNING",
+    )
+    values.update(overrides)
+    return {f"GATEWAY_{k.upper()}": str(v) for k, v in values.items()}
+
+
+@dataclass
+class GatewayProc:
+    url: str
+    proc: subprocess.Popen
+    db: Database
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def start_gateway(*, db: Database, sim: Sim, logdir: Path, **overrides: Any) -> GatewayProc:
+    """``headshot-gateway serve`` as a subprocess, as in production."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = bin_env(**gateway_env(db=db, sim=sim, public_url=url, data_dir=logdir, **overrides))
+    proc = spawn([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env,
+                 logdir / f"gateway-{db.kind}-{port}.log")
+    wait_http(f"{url}/healthz", proc=proc)
+    return GatewayProc(url=url, proc=proc, db=db)
+
+
+@dataclass
+class InProcessGateway:
+    url: str
+    app: Any
+    settings: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ctx(self) -> Any:
+        return self.app.state.ctx
+
+    @property
+    def engine(self) -> Any:
+        return self.ctx.sm.kw["bind"]
+
+
+@contextlib.asynccontextmanager
+async def in_process_gateway(*, db: Database, sim: Sim, data_dir: Path,
+                             **overrides: Any) -> AsyncIterator[InProcessGateway]:
+    """The gateway in this event loop under uvicorn (so its engine can be watched)."""
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = gateway_env(db=db, sim=sim, public_url=url, data_dir=data_dir, **overrides)
+    settings = Settings(**{k.removeprefix("GATEWAY_").lower(): v for k, v in env.items()})
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield InProcessGateway(url=url, app=app, settings=settings)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@dataclass
+class BaselineProc:
+    url: str
+    proc: subprocess.Popen
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def start_baseline(*, db: Database, logdir: Path) -> BaselineProc:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = bin_env(BENCH_DATABASE_URL=db.url)
+    proc = spawn([sys.executable, "-m", "bench.baseline", "--port", str(port)], env,
+                 logdir / f"baseline-{db.kind}-{port}.log")
+    wait_http(f"{url}/healthz", proc=proc)
+    return BaselineProc(url=url, proc=proc)
+
+
+def task_body(sim: Sim, **metadata: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"input": {"inputImageUrl": sim.portrait, "background": "office",
+                                      "aspectRatio": "1:1", "outputFormat": "png"}}
+    if metadata:
+        body["metadata"] = metadata
+    return body

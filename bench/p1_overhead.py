@@ -1,0 +1,103 @@
+"""P1: what the gateway adds to one submit, one request at a time.
+
+The gateway's ``POST /v1/tasks`` records the task and sends Wiro's Run inline before it
+answers. The baseline is the same signed Run sent straight to the simulator with
+``app.wiro.WiroClient`` (same inputs, a callback URL of the same shape, a fresh nonce).
+Both go over one ``httpx.AsyncClient`` from this process and alternate request by
+request, so noise hits both alike. Added = gateway - direct, per round, for p50 and p99;
+the figure is the median of the round values.
+
+The simulator keeps every task queued for an hour so nothing completes (and no callback
+or poll runs) while measuring; afterwards the gateway's tasks are cancelled through the
+API, which makes them terminal for the lost-task check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any
+
+import httpx
+
+from bench.common import Run, bench_engine, check_invariants, median, pct, r2, say
+from bench.harness import CLIENT_KEYS, SIM_KEY, SIM_SECRET, Database, Sim, start_gateway, task_body
+
+
+async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
+    from app.catalog import validate_input
+    from app.tasks import new_task_id
+    from app.wiro import NonceSource, WiroClient
+
+    rounds, per_round = run.pick((3, 40), (7, 100))
+    sim.reset(queue_s=3600, run_s=1)
+    gw = start_gateway(db=db, sim=sim, logdir=run.workdir, poll_initial_s=600, poll_max_s=600)
+    engine = bench_engine(db)
+    body = task_body(sim)
+    inputs, _ = validate_input("wiro/professional-headshot", body["input"])
+    headers = {"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
+    out: dict[str, Any] = {"rounds": rounds, "per_round": per_round, "round_values": []}
+    ids: list[str] = []
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            wiro = WiroClient(base_url=sim.base, api_key=SIM_KEY, api_secret=SIM_SECRET,
+                              http=http, nonce_source=NonceSource(replica_slot=999))
+
+            async def via_gateway() -> float:
+                t = time.perf_counter()
+                r = await http.post(f"{gw.url}/v1/tasks", json=body, headers=headers)
+                dt = (time.perf_counter() - t) * 1000
+                if r.status_code != 202 or r.json()["status"] != "queued":
+                    raise RuntimeError(f"P1 submit: {r.status_code} {r.text[:300]}")
+                ids.append(r.json()["id"])
+                return dt
+
+            async def direct() -> float:
+                cb = (f"{gw.url}/callbacks/wiro/{new_task_id()}/"
+                      f"{secrets.token_urlsafe(24)}")
+                t = time.perf_counter()
+                await wiro.run("wiro/professional-headshot", inputs, callback_url=cb)
+                return (time.perf_counter() - t) * 1000
+
+            for _ in range(10):  # warm both paths (connections, caches)
+                await via_gateway()
+                await direct()
+            for rnd in range(rounds):
+                g: list[float] = []
+                d: list[float] = []
+                for j in range(per_round):
+                    if (j + rnd) % 2:
+                        g.append(await via_gateway())
+                        d.append(await direct())
+                    else:
+                        d.append(await direct())
+                        g.append(await via_gateway())
+                row = {"gateway_p50": pct(g, 50), "gateway_p99": pct(g, 99),
+                       "direct_p50": pct(d, 50), "direct_p99": pct(d, 99)}
+                row["added_p50"] = row["gateway_p50"] - row["direct_p50"]
+                row["added_p99"] = row["gateway_p99"] - row["direct_p99"]
+                row["ratio_p50"] = row["gateway_p50"] / row["direct_p50"]
+                out["round_values"].append({k: r2(v) for k, v in row.items()})
+            say(f"  P1 {db.kind}: rounds done, cancelling {len(ids)} tasks")
+            sem = asyncio.Semaphore(8)
+
+            async def cancel(task_id: str) -> None:
+                async with sem:
+                    await http.post(f"{gw.url}/v1/tasks/{task_id}/cancel", headers=headers)
+
+            await asyncio.gather(*(cancel(i) for i in ids))
+        rv = out["round_values"]
+        for key in ("gateway_p50", "gateway_p99", "direct_p50", "direct_p99", "added_p50",
+                    "added_p99", "ratio_p50"):
+            out[key] = r2(median([r[key] for r in rv]))
+        out["target"] = "added p50 <= 2 ms, p99 <= 10 ms"
+        out["met"] = bool(out["added_p50"] <= 2 and out["added_p99"] <= 10)
+        out["invariants"] = await check_invariants(run, f"P1/{db.kind}", engine, sim,
+                                                   timeout=60)
+    finally:
+        gw.stop()
+        await engine.dispose()
+    say(f"  P1 {db.kind}: added p50 {out['added_p50']} ms, p99 {out['added_p99']} ms "
+        f"(gateway p50 {out['gateway_p50']}, direct p50 {out['direct_p50']})")
+    return out

@@ -1,0 +1,148 @@
+"""The result table (markdown), printed after a run and pasted into docs/benchmarks.md
+between its ``<!-- bench:begin -->`` / ``<!-- bench:end -->`` markers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from bench.harness import ROOT
+
+DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+
+
+def _yes(v: Any) -> str:
+    return "—" if v is None else ("yes" if v else "**no**")
+
+
+def _f(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
+    """(text, met) of one measurement on one database."""
+    d = res.get(pid, {})
+    if pid in ("P5", "P6"):
+        x = d.get(kind)
+    else:
+        x = d.get(kind)
+    if not x:
+        return "not run", None
+    if pid == "P1":
+        return (f"+{_f(x['added_p50'], 2)} / +{_f(x['added_p99'], 2)} ms "
+                f"(gateway {_f(x['gateway_p50'], 2)} vs direct {_f(x['direct_p50'], 2)} ms "
+                f"p50; x{_f(x['ratio_p50'], 2)})", x.get("met"))
+    if pid == "P2":
+        return (f"{_f(x['gateway_rps'])}/s vs {_f(x['baseline_rps'])}/s = "
+                f"**x{_f(x['ratio'], 2)}**", x.get("met"))
+    if pid == "P3":
+        b = x.get("burst", {})
+        return (f"{_f(x['ingest_rps'])}/s vs {_f(x['baseline_rps'])}/s = "
+                f"**x{_f(x['ratio'], 2)}** (applied: {_f(x['applied_rps'])}/s = "
+                f"x{_f(x['applied_ratio'], 2)}); burst {b.get('callbacks')}: "
+                f"{b.get('lost')} lost, {b.get('non_2xx', 0) + b.get('errors', 0)} non-2xx, "
+                f"all applied in {_f(b.get('all_applied_s'))} s", x.get("met"))
+    if pid == "P4":
+        q = x["queries"]
+        parts = [f"{name} {_f(q[k]['p95_ms_big'], 2)} ms (x{_f(q[k]['ratio'], 2)})"
+                 for k, name in (("first_page", "first"), ("deep_page", "deep"),
+                                 ("status_metadata", "status+meta"))]
+        return f"{x['rows_big']:,} rows: " + ", ".join(parts), x.get("met")
+    if pid == "P5":
+        return (f"{_f(x['callbacks']['detail_per_task'], 2)} with callbacks, "
+                f"{_f(x['no_callbacks']['detail_per_task'], 2)} without "
+                f"(T = {_f(d.get('task_duration_s'), 0)} s, bound "
+                f"{d.get('bound_without_callbacks')})", x.get("met"))
+    if pid == "P6":
+        s = x.get("soak", {})
+        return (f"{_f(x.get('per_task_kib'), 2)} KiB/task ({x.get('inflight_tasks')} in "
+                f"flight, idle {_f(x.get('idle_rss_mib'))} MiB); soak {_f(s.get('seconds'), 0)} s: "
+                f"{_f(s.get('slope_kib_per_min'))} KiB/min, "
+                f"{_f(s.get('implied_rise_mib'), 2)} MiB rise", x.get("met"))
+    if pid == "P7":
+        if not x.get("measured"):
+            return f"not measured: {x.get('why')}", None
+        return (f"p50 {_f(x['p50_ms'])} ms, p90 {_f(x['p90_ms'])} ms "
+                f"({x['received']}/{x['tasks']} received)", x.get("met"))
+    return "?", None
+
+
+WHAT = {
+    "P1": ("added per submit, one at a time, p50 / p99", "direct Run to the simulator",
+           "≤ 2 / ≤ 10 ms"),
+    "P2": ("submits/s at p99 ≤ 250 ms (open loop)", "one-insert FastAPI endpoint",
+           "≥ 0.5 x"),
+    "P3": ("callbacks/s at p99 ≤ 250 ms; burst", "one-insert FastAPI endpoint",
+           "≥ 1.0 x; 0 lost, 0 non-2xx"),
+    "P4": ("history p95 (first page, deep page, status+metadata)", "same queries at 10,000",
+           "≤ 10 ms, ratio ≤ 1.5"),
+    "P5": ("Detail calls per task", "—", "≤ 1; ≤ ⌈log2(T/3 s)⌉+2"),
+    "P6": ("memory per in-flight task; RSS drift", "the idle process",
+           "≤ 32 KiB; no upward drift"),
+    "P7": ("upstream completion → signed notification", "—", "p50 ≤ 50 ms"),
+}
+
+
+def table(results: dict[str, Any]) -> str:
+    res = results.get("results", {})
+    kinds = results.get("databases", ["sqlite", "postgres"])
+    m = results.get("machine", {})
+    lines = [
+        f"Run {m.get('date')} ({results.get('mode')}, {results.get('elapsed_s')} s), "
+        f"{m.get('nproc')} x {m.get('cpu_model')}, Python {m.get('python')}, "
+        f"commit {m.get('git_commit')}, load average {m.get('load_avg_start')} → "
+        f"{m.get('load_avg_end')}.",
+        "",
+        "| id | what | database | result | baseline (same run) | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pid, (what, base, target) in WHAT.items():
+        for kind in kinds:
+            text, met = _cells(res, pid, kind)
+            lines.append(f"| {pid} | {what} | {NAMES[kind]} | {text} | {base} | {target} | "
+                         f"{_yes(met)} |")
+    p5 = res.get("P5", {})
+    if any(k in p5 for k in kinds):
+        lines += ["", "Database work per task (the P5 runs: 12 s tasks, statements the "
+                  "gateway's engine ran while they lived, minus its idle rate):", "",
+                  "| database | callbacks | SELECT | INSERT | UPDATE | commits | rows inserted "
+                  "| idle statements/s |", "|---|---|---|---|---|---|---|---|"]
+        for kind in kinds:
+            for key, label in (("callbacks", "healthy"), ("no_callbacks", "all dropped")):
+                x = p5.get(kind, {}).get(key)
+                if not x:
+                    continue
+                st = x["statements_per_task"]
+                rows = ", ".join(f"{k} {_f(v, 1)}" for k, v in
+                                 x["rows_inserted_per_task"].items())
+                lines.append(f"| {NAMES[kind]} | {label} | {_f(st.get('SELECT', 0), 1)} | "
+                             f"{_f(st.get('INSERT', 0), 1)} | {_f(st.get('UPDATE', 0), 1)} | "
+                             f"{_f(x['commits_per_task'], 1)} | {rows} | "
+                             f"{_f(x['idle_statements_per_s'], 1)} |")
+    inv = results.get("invariants", [])
+    if inv:
+        tasks = sum(r["tasks"] for r in inv)
+        lost = sum(r["not_terminal"] for r in inv)
+        dup = sum(r["duplicated_upstream"] for r in inv)
+        lines += ["", f"Invariants: {tasks:,} tasks in {len(inv)} phases, {lost} not terminal "
+                      f"at the end, {dup} started twice upstream."]
+    if results.get("failures"):
+        lines += ["", "**FAILED:** " + "; ".join(results["failures"])]
+    return "\n".join(lines)
+
+
+def write_docs(results: dict[str, Any]) -> None:
+    block = f"{BEGIN}\n{table(results)}\n{END}"
+    text = DOCS.read_text() if DOCS.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text,
+                      flags=re.DOTALL)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOCS.write_text(text)
