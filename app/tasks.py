@@ -43,6 +43,7 @@ from app import metrics
 from app.catalog import validate_input
 from app.db import unit_of_work, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
+from app.fairness import in_flight, may_dispatch
 from app.faults import crash_point
 from app.lifecycle import (
     TERMINAL_RANK,
@@ -480,12 +481,11 @@ def _url_matches(url: str | None, task_id: str, attempt: Attempt) -> bool:
 
 
 async def _in_flight(ctx: Ctx) -> int:
+    # One statement: two separate counts could each miss a task moving from "being
+    # sent" (a sent attempt) to queued between them, and let the cap be overshot.
     async with ctx.sm() as s:
-        n = await s.scalar(select(func.count()).select_from(Task).where(
-            Task.status.in_([Status.queued.value, Status.running.value])))
-        m = await s.scalar(select(func.count()).select_from(Attempt).where(
-            Attempt.outcome == "sent"))
-    return int(n or 0) + int(m or 0)
+        n = await s.scalar(select(func.count()).select_from(Task).where(in_flight()))
+    return int(n or 0)
 
 
 async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime | None:
@@ -519,6 +519,9 @@ async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime |
 
     async with ctx.dispatch_lock:
         if s.max_in_flight and await _in_flight(ctx) >= s.max_in_flight:
+            return now + timedelta(seconds=_jitter(min(1.0, s.poll_initial_s)))
+        # Per-client caps and a fair share of the free slots (app/fairness.py).
+        if not await may_dispatch(ctx, client=task.client, task_id=task.id, now=now):
             return now + timedelta(seconds=_jitter(min(1.0, s.poll_initial_s)))
         token = secrets.token_urlsafe(24)
         number = task.attempt + 1

@@ -1,0 +1,95 @@
+"""Fair shares of the upstream's concurrency between clients.
+
+*In flight* is what ``GATEWAY_MAX_IN_FLIGHT`` caps: tasks queued or running upstream,
+plus pending tasks whose Run is being sent (an attempt with outcome ``sent``), here
+counted per client. The dispatcher asks ``may_dispatch`` (under its lock, after the
+global cap check) before it sends a task of client C:
+
+1. C at its own cap (``keys create --max-in-flight``, else
+   ``GATEWAY_CLIENT_MAX_IN_FLIGHT``; 0 = none): wait. Its tasks stay ``pending`` while
+   other clients' are sent.
+2. With a global cap, ``free`` slots left: the other clients that are *waiting* (a
+   pending task due within ``WAITING_WINDOW_S``, and under their own cap) and come
+   before C, that is with fewer tasks in flight, or as many and a task waiting longer,
+   get those slots first. If at least ``free`` of them come before C, C waits.
+
+So when slots are scarce they go to the client with the fewest in flight, round robin
+among equals, instead of to whichever task a worker happened to check first; a burst
+of one client fills only the slots nobody else is waiting for.
+
+The counts are read from the database, so they hold across replicas; the decision is
+serialised only per process (as the global cap is), so replicas deciding at the same
+instant may overshoot a cap by one task each.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+
+from app.lifecycle import Status
+from app.models import Attempt, Client, Task
+
+if TYPE_CHECKING:
+    from app.tasks import Ctx
+
+# A task that had to wait is looked at again within about a second; a pending task due
+# within this window is "waiting" for a slot (one further away is backing off).
+WAITING_WINDOW_S = 3.0
+
+_ACTIVE = (Status.queued.value, Status.running.value)
+
+
+def in_flight() -> ColumnElement[bool]:
+    """Tasks in flight, as one condition: a task moving from "being sent" to "queued"
+    commits both changes at once, so one statement (one snapshot) never misses it where
+    two separate counts could."""
+    sending = exists().where(Attempt.task_id == Task.id, Attempt.outcome == "sent")
+    return or_(Task.status.in_(_ACTIVE), and_(Task.status == Status.pending.value, sending))
+
+
+def _cap(settings_default: int, own: int | None) -> int:
+    return settings_default if own is None else own
+
+
+async def may_dispatch(ctx: Ctx, *, client: str, task_id: str, now: datetime) -> bool:
+    """Whether a task of ``client`` may take an upstream slot now (see the module doc)."""
+    s = ctx.settings
+    async with ctx.sm() as ses:
+        if not s.max_in_flight:
+            own = await ses.scalar(select(Client.max_in_flight).where(Client.name == client))
+            cap = _cap(s.client_max_in_flight, own)
+            if not cap:
+                return True
+            n = await ses.scalar(select(func.count()).select_from(Task).where(
+                Task.client == client, in_flight()))
+            return int(n or 0) < cap
+
+        caps = dict((await ses.execute(select(Client.name, Client.max_in_flight))).all())
+        flying: dict[str, int] = defaultdict(int)
+        for name, n in (await ses.execute(
+                select(Task.client, func.count()).where(in_flight())
+                .group_by(Task.client))).all():
+            flying[name] = int(n)
+        waiting = (await ses.execute(
+            select(Task.client, func.min(Task.id))
+            .where(Task.status == Status.pending.value, Task.client != client,
+                   Task.next_check_at <= now + timedelta(seconds=WAITING_WINDOW_S))
+            .group_by(Task.client))).all()
+
+    def under_cap(name: str) -> bool:
+        cap = _cap(s.client_max_in_flight, caps.get(name))
+        return not cap or flying[name] < cap
+
+    if not under_cap(client):
+        return False
+    free = s.max_in_flight - sum(flying.values())
+    if free <= 0:
+        return False
+    mine = (flying[client], task_id)
+    ahead = sum(1 for name, oldest in waiting
+                if under_cap(name) and (flying[name], oldest) < mine)
+    return ahead < free
