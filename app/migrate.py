@@ -37,6 +37,12 @@ def head_revisions() -> frozenset[str]:
     return frozenset(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads())
 
 
+def known_revisions() -> frozenset[str]:
+    """Every revision this version of the code ships."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return frozenset(rev.revision for rev in script.walk_revisions())
+
+
 @contextmanager
 def _sqlite_file_lock(database_url: str) -> Iterator[None]:
     """Serialise migrations of one SQLite file across processes (PostgreSQL uses an

@@ -1,6 +1,6 @@
-"""Readiness and graceful shutdown: /readyz fails on an old schema or a lost database;
-draining refuses new work and stops claiming; SIGTERM mid-Run exits 0 within the grace
-period with its leases given back, so another process continues at once."""
+"""Readiness and graceful shutdown: /readyz fails on an older schema (not a newer one)
+or a lost database; draining refuses new work and stops claiming; SIGTERM mid-Run exits
+0 within the grace period with its leases given back, so another process continues."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from app import tasks
-from app.db import make_engine
+from app.db import make_engine, unit_of_work
 from app.main import begin_drain
 from app.migrate import upgrade
 from app.models import Attempt, Task
@@ -69,7 +69,14 @@ async def test_readyz_fails_until_the_database_is_migrated(db_url: str, sim: Sim
             assert f"['{FIRST_REVISION}']" in body["detail"] and "need" in body["detail"]
             assert (await gw.client().get("/healthz")).status_code == 200  # alive, not ready
             await asyncio.to_thread(upgrade, old)
-            assert (await wait_ready(gw, 200))["status"] == "ok"
+            assert (await wait_ready(gw, 200)) == {"status": "ok", "detail": None}
+            # A newer release migrated past this one (a rolling deploy): still ready.
+            head = sorted(gw.app.state.migration_heads)[0]
+            async with unit_of_work(gw.ctx.sm) as s:
+                await s.execute(text("UPDATE alembic_version SET version_num = '9999_next' "
+                                     "WHERE version_num = :head"), {"head": head})
+            body = await wait_ready(gw, 200)
+            assert "newer migration" in body["detail"] and "9999_next" in body["detail"]
     finally:
         if name:
             await asyncio.to_thread(drop_postgres_database, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -10,6 +11,7 @@ from sqlalchemy import text
 
 from app import metrics
 from app.lifecycle import Status
+from app.migrate import known_revisions
 from app.schemas import Health
 
 router = APIRouter(tags=["operations"])
@@ -22,7 +24,7 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, operation_id="readyz",
-            summary="Database reachable and at the newest migration",
+            summary="Database reachable and at the newest migration (or a newer one)",
             responses={503: {"model": Health, "description": "Not ready"}})
 async def readyz(request: Request) -> Health | JSONResponse:
     if getattr(request.app.state, "draining", False):
@@ -35,10 +37,19 @@ async def readyz(request: Request) -> Health | JSONResponse:
             current = set((await s.scalars(text("SELECT version_num FROM alembic_version"))).all())
     except Exception:
         return JSONResponse({"status": "unavailable", "detail": "database unreachable"}, 503)
-    if current != heads:
-        return JSONResponse({"status": "unavailable", "detail": (
-            f"database at migration {sorted(current)}, need {sorted(heads)}")}, 503)
-    return Health(status="ok")
+    if current == heads:
+        return Health(status="ok")
+    if current - _known_revisions():
+        # A newer version already migrated it (a rolling deploy): this one keeps serving
+        # until it is replaced, as expand-then-contract migrations allow.
+        return Health(status="ok", detail=f"database at newer migration {sorted(current)}")
+    return JSONResponse({"status": "unavailable", "detail": (
+        f"database at migration {sorted(current)}, need {sorted(heads)}")}, 503)
+
+
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    return known_revisions()
 
 
 @router.get("/metrics", operation_id="metrics", summary="Prometheus metrics (text format)",
