@@ -249,7 +249,8 @@ def decode_cursor(cursor: str) -> str:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         value = json.loads(raw)["id"]
-        if not isinstance(value, str) or not value.startswith("tsk_") or len(value) > 40:
+        if (not isinstance(value, str) or not value.startswith("tsk_") or len(value) > 40
+                or not (value[4:].isascii() and value[4:].isalnum())):
             raise ValueError
         return value
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
@@ -424,6 +425,7 @@ async def check(ctx: Ctx, task_id: str) -> None:
         return
     # If anything below fails, look again after a backoff rather than never.
     fallback = started + timedelta(seconds=_backoff(ctx, task.retries))
+    deadline = task.deadline_at
     nxt: datetime | None = fallback
     try:
         await _reconcile_attempts(ctx, task, attempts)
@@ -444,7 +446,8 @@ async def check(ctx: Ctx, task_id: str) -> None:
     except Exception:
         log.exception("check failed", extra={"task_id": task_id})
     finally:
-        await _release(ctx, task_id, nxt or fallback, started)
+        # Never sleep past the deadline: a timeout is acted on when it falls due.
+        await _release(ctx, task_id, min(nxt or fallback, deadline), started)
 
 
 async def _release(ctx: Ctx, task_id: str, nxt: datetime, started: datetime) -> None:
