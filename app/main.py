@@ -21,6 +21,7 @@ from app.clients import Keyring
 from app.console import router as console_router
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers, problem
+from app.hardening import RequestLimits
 from app.migrate import head_revisions
 from app.outbound import Outbound
 from app.outbox import Services
@@ -208,6 +209,8 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
                        callbacks=settings.callback_body_limit_bytes,
                        # the file plus room for the multipart framing
                        uploads=settings.upload_max_bytes + 64 * 1024)
+    app.add_middleware(RequestLimits, max_header_bytes=settings.max_header_bytes,
+                       max_query_bytes=settings.max_query_bytes)
     app.add_middleware(DrainGate)
     app.add_middleware(logs.RequestContext)  # outermost: sees every answer, 413s included
     return app

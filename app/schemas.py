@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from app.catalog import DEFAULT_MODEL, MODELS, check_url
 from app.lifecycle import Status
@@ -39,6 +47,31 @@ def _input_schema() -> dict[str, Any]:
 InputField = Annotated[dict[str, Any], WithJsonSchema(_input_schema())]
 
 
+def unstorable(value: Any, depth: int = 0) -> str | None:
+    """Why a JSON value could not be stored as given, or None: PostgreSQL text and jsonb
+    take no NUL character, and no encoding takes a lone surrogate (JSON's ``\\ud800``)."""
+    if depth > 32:
+        return "nested too deeply"
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "strings must not contain NUL characters"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "strings must be valid Unicode (no lone surrogates)"
+        return None
+    if isinstance(value, dict):
+        items: list[Any] = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        if (why := unstorable(item, depth + 1)) is not None:
+            return why
+    return None
+
+
 class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +81,13 @@ class TaskCreate(BaseModel):
     metadata: dict[StrictStr, StrictStr] | None = Field(
         None, description=f"At most {MAX_METADATA_KEYS} string keys to string values of at "
                           f"most {MAX_METADATA_VALUE} characters; filterable in history.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        if (why := unstorable(data)) is not None:
+            raise ValueError(why)
+        return data
 
     @field_validator("webhook_url")
     @classmethod
@@ -64,7 +104,8 @@ class TaskCreate(BaseModel):
         if len(v) > MAX_METADATA_KEYS:
             raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
         for k, val in v.items():
-            if not k or len(k) > MAX_METADATA_KEY or not all(c.isalnum() or c in "_-." for c in k):
+            if not k or len(k) > MAX_METADATA_KEY or not all(
+                    c.isascii() and (c.isalnum() or c in "_-.") for c in k):
                 raise ValueError(f"keys are 1-{MAX_METADATA_KEY} characters of [A-Za-z0-9_.-]")
             if len(val) > MAX_METADATA_VALUE:
                 raise ValueError(f"values are at most {MAX_METADATA_VALUE} characters")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -12,7 +12,7 @@ from app import logs, tasks
 from app.api.deps import Principal, event_out, get_ctx, principal, task_out
 from app.errors import InvalidRequest
 from app.lifecycle import Status
-from app.schemas import EventList, Problem, TaskCreate, TaskOut, TaskPage
+from app.schemas import MAX_METADATA_KEYS, EventList, Problem, TaskCreate, TaskOut, TaskPage
 from app.tasks import Ctx
 
 PROBLEMS = {
@@ -71,6 +71,15 @@ async def get_task(task_id: str, caller: Caller, ctx: Context) -> TaskOut:
     return task_out(await tasks.get_task(ctx, task_id=task_id, client=caller.scope))
 
 
+def _in_utc_range(ts: datetime) -> bool:
+    """Whether ``ts`` is still a datetime in UTC (0001-01-01T00:00+01:00 is not)."""
+    try:
+        ts.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True
+
+
 @router.get("/tasks", response_model=TaskPage, operation_id="listTasks",
             summary="List and filter the task history, newest first",
             responses={422: PROBLEMS[422]})
@@ -95,10 +104,16 @@ async def list_tasks(
                 raise InvalidRequest("Bad metadata filter.",
                                      errors=[{"loc": ["query", key], "msg": "invalid filter"}])
             metadata[name] = value
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidRequest(f"At most {MAX_METADATA_KEYS} metadata filters.",
+                             errors=[{"loc": ["query", "metadata"], "msg": "too many filters"}])
     for name, ts in (("created_after", created_after), ("created_before", created_before)):
         if ts is not None and ts.tzinfo is None:
             raise InvalidRequest("Timestamps need a time zone (RFC 3339).",
                                  errors=[{"loc": ["query", name], "msg": "missing offset"}])
+        if ts is not None and not _in_utc_range(ts):
+            raise InvalidRequest("Timestamp out of range.",
+                                 errors=[{"loc": ["query", name], "msg": "out of range"}])
     scope = caller.scope
     if client is not None:
         if not caller.admin:
