@@ -411,3 +411,29 @@ async def test_statistics_page_and_cost_per_day(gateway: Gateway, sim: Sim) -> N
     assert "Every client" in r.text and "succeeded: 3" in r.text
     r = await root.get("/console/stats", params={"window": "24h", "client": "beta"})
     assert "Client beta" in r.text and "succeeded: 1" in r.text
+
+
+async def test_a_revoked_key_ends_its_console_sessions(db_url: str, sim: Sim,
+                                                       tmp_path: Path) -> None:
+    """Sessions resolve the key again on every request: revoking it (keys revoke) signs
+    its sessions out, and a stored admin key sees every client, as in the API."""
+    from app import clients
+
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
+                           key_cache_ttl_s=0) as gw:
+        key, _ = await clients.create_key(gw.ctx.sm, client="ops", admin=True)
+        c = httpx.AsyncClient(base_url=gw.url, timeout=30)
+        gw.clients["console-ops"] = c
+        r = await c.post("/console/sign-in", data={"key": key})
+        assert r.status_code == 303
+        r = await c.get("/console/tasks")
+        assert r.status_code == 200 and "admin: every client" in r.text
+        await clients.revoke_keys(gw.ctx.sm, client="ops")
+        r = await c.get("/console/tasks")
+        assert r.status_code == 303
+        assert r.headers["location"].startswith("/console/sign-in?")
+        assert "expired=1" in r.headers["location"]
+        async with gw.ctx.sm() as s:
+            assert (await s.scalars(select(ConsoleSession))).all() == []
+        r = await c.post("/console/sign-in", data={"key": key})
+        assert r.status_code == 401
