@@ -34,6 +34,9 @@ from app.workers.jobs import result_workers
 from app.workers.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+# aiosqlite logs every statement with its parameters at DEBUG: stored tokens, hashes and
+# callers' metadata would reach the logs whenever the level is lowered.
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 DESCRIPTION = """\
 A gateway in front of Wiro's `wiro/professional-headshot` model: submit headshot tasks,
