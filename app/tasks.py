@@ -301,7 +301,7 @@ def _hint_id(body: bytes) -> str | None:
     Wiro's task object, a ``tasklist``, or form fields). Only ever a hint to verify."""
     try:
         data: Any = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[…" nests too deep
         data = None
     if data is None:
         try:

@@ -17,10 +17,15 @@ __all__ = ["RunAccepted", "UpstreamOutput", "UpstreamTask"]
 
 
 def _str(value: Any) -> str | None:
-    """A non-empty, stripped string, or None."""
+    """A non-empty, stripped string that can be stored, or None."""
     if value is None or isinstance(value, (dict, list)):
         return None
-    text = str(value).strip()
+    text = str(value).replace("\x00", "")  # PostgreSQL takes no NUL in text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800") cannot be stored
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    text = text.strip()
     return text or None
 
 
