@@ -1,0 +1,665 @@
+"""Issue 3: never lose a task, never pay twice, against a hostile upstream.
+
+The gateway runs in-process (so the tests can read its database) against the simulator's
+fault knobs; where the simulator cannot misbehave the way a case needs (a Run that never
+reached Wiro, a Run whose answer is lost after Wiro created the task, a validation
+rejection), an ``Interposer`` transport sits between the gateway's Wiro client and the
+simulator and changes just that one answer.
+
+Upstream-behaviour cases run on SQLite only (the database plays no part in them); the
+cases where concurrent writers race (idempotency, callback storms, linking an ambiguous
+Run) run on every database the suite has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from sqlalchemy import func, select, update
+
+from app.models import Attempt, Task
+from tests.conftest import Gateway, Sim, run_gateway, task_body
+
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
+PROBLEM = "application/problem+json"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def sim_get(sim: Sim, path: str) -> Any:
+    async with httpx.AsyncClient(timeout=5) as c:
+        r = await c.get(f"{sim.url}{path}")
+        r.raise_for_status()
+        return r.json()
+
+
+async def sim_stats(sim: Sim) -> dict[str, Any]:
+    return await sim_get(sim, "/__sim/stats")
+
+
+async def sim_configure(sim: Sim, **knobs: Any) -> None:
+    async with httpx.AsyncClient(timeout=5) as c:
+        (await c.patch(f"{sim.url}/__sim/config", json=knobs)).raise_for_status()
+
+
+async def submit(gw: Gateway, sim: Sim, n: int = 1, **input_overrides: Any) -> list[str]:
+    c = gw.client()
+    rs = await asyncio.gather(*(c.post("/v1/tasks", json=task_body(sim, **input_overrides))
+                                for _ in range(n)))
+    for r in rs:
+        assert r.status_code == 202, r.text
+    return [r.json()["id"] for r in rs]
+
+
+async def finish(gw: Gateway, ids: list[str], timeout: float = 30.0) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(gw.wait_terminal(i, timeout) for i in ids)))
+
+
+async def events(gw: Gateway, tid: str) -> list[dict[str, Any]]:
+    r = await gw.client().get(f"/v1/tasks/{tid}/events")
+    r.raise_for_status()
+    return r.json()["data"]
+
+
+async def attempts(gw: Gateway, tid: str) -> list[Attempt]:
+    async with gw.ctx.sm() as s:
+        return list((await s.scalars(select(Attempt).where(Attempt.task_id == tid)
+                                     .order_by(Attempt.number))).all())
+
+
+def assert_one_terminal(evs: list[dict[str, Any]], status: str) -> None:
+    """Exactly one event moved the task to a terminal status, and none after it changed it."""
+    terminal = [i for i, e in enumerate(evs) if e["status"] in TERMINAL]
+    assert len(terminal) == 1, [(e["source"], e["status"], e["message"]) for e in evs]
+    assert evs[terminal[0]]["status"] == status
+    assert all(e["status"] is None for e in evs[terminal[0] + 1:]), evs
+
+
+async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 15.0,
+                     what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.05)
+
+
+async def wait_status(gw: Gateway, tid: str, status: str, timeout: float = 15.0) -> None:
+    async def reached() -> bool:
+        return (await gw.client().get(f"/v1/tasks/{tid}")).json()["status"] == status
+    await eventually(reached, timeout, f"{tid} to become {status}")
+
+
+class Interposer(httpx.AsyncBaseTransport):
+    """Between the gateway's Wiro client and the simulator: forwards everything, except
+    that ``on_run(n, request)`` may answer (or raise for) the n-th Run itself."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.runs = 0
+        self.on_run: Callable[[int, httpx.Request], Awaitable[httpx.Response | None]] | None = None
+
+    async def forward(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        await response.aread()
+        return response
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/v1/Run/"):
+            self.runs += 1
+            await request.aread()
+            if self.on_run is not None:
+                answer = await self.on_run(self.runs, request)
+                if answer is not None:
+                    return answer
+        return await self.forward(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@contextlib.asynccontextmanager
+async def gateway_via(monkeypatch: pytest.MonkeyPatch, transport: httpx.AsyncBaseTransport,
+                      *, db_url: str, sim: Sim, data_dir: Path,
+                      **overrides: Any) -> AsyncIterator[Gateway]:
+    """``run_gateway`` with the Wiro client going through ``transport``."""
+    import app.main
+
+    real = app.main.create_app
+    monkeypatch.setattr(app.main, "create_app",
+                        lambda settings, **kw: real(settings, wiro_transport=transport, **kw))
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=data_dir, **overrides) as gw:
+        yield gw
+
+
+def gateway_task_of(request: httpx.Request) -> str:
+    """The gateway task id named by a Run's callback URL."""
+    callback = json.loads(request.content)["callbackUrl"]
+    return urlsplit(callback).path.split("/")[-2]
+
+
+# ---------------------------------------------------------------- 1. outbox
+
+
+async def test_row_and_attempt_commit_before_run_is_sent(
+        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path) -> None:
+    """At the moment the Run leaves, another session already sees the task ``pending``
+    and the attempt ``sent``: a crash at any later point cannot lose the task or hide
+    that a Run may have started."""
+    seen: list[tuple[str, str | None, list[str]]] = []
+    tx = Interposer()
+    gw_box: list[Gateway] = []
+
+    async def look(n: int, request: httpx.Request) -> None:
+        tid = gateway_task_of(request)
+        async with gw_box[0].ctx.sm() as s:
+            task = await s.get(Task, tid)
+            outcomes = list((await s.scalars(
+                select(Attempt.outcome).where(Attempt.task_id == tid))).all())
+        seen.append((tid, task.status if task else None, outcomes))
+        return None
+
+    tx.on_run = look
+    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        gw_box.append(gw)
+        ids = await submit(gw, sim, 3)
+        done = await finish(gw, ids)
+    assert sorted(t for t, _, _ in seen) == sorted(ids)
+    assert all(status == "pending" and outcomes == ["sent"] for _, status, outcomes in seen), seen
+    assert [t["status"] for t in done] == ["succeeded"] * 3
+    stats = await sim_stats(sim)
+    assert all(stats["runs_by_gateway_task"][i] == 1 for i in ids)
+
+
+# ---------------------------------------------------------------- 2. ambiguous Run
+
+
+@pytest.mark.parametrize(("fault", "finder", "db_url"), [
+    ("hang", "callback", "sqlite"), ("hang", "callback", "postgres"),
+    ("hang", "task_list", "sqlite"),
+    ("drop", "callback", "sqlite"),
+    ("drop", "task_list", "sqlite"), ("drop", "task_list", "postgres"),
+], indirect=["db_url"])
+async def test_ambiguous_run_is_linked_not_resent(db_url: str, sim: Sim, tmp_path: Path,
+                                                  fault: str, finder: str) -> None:
+    """Wiro created the task but the gateway never got the answer (read timeout, or the
+    connection broke mid-response). The gateway must not send again: the callback (which
+    names the attempt) or Task/List links the upstream task, and exactly one run exists."""
+    knobs: dict[str, Any] = ({"run_hang_s": 2.5} if fault == "hang"
+                             else {"run_drop_connection": True})
+    if finder == "task_list":
+        knobs["callback_drop"] = 1.0  # no callback: only Task/List can find it
+    sim.configure(**knobs)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, wiro_read_timeout_s=1.0,
+                           run_grace_s=4.0,
+                           reconcile_with_task_list=(finder == "task_list")) as gw:
+        [tid] = await submit(gw, sim)
+        final = await gw.wait_terminal(tid, timeout=20)
+        evs = await events(gw, tid)
+        rows = await attempts(gw, tid)
+    assert final["status"] == "succeeded", final
+    assert (await sim_stats(sim))["runs_by_gateway_task"] == {tid: 1}
+    assert [(a.number, a.outcome) for a in rows] == [(1, "accepted")]
+    assert final["upstream"]["task_id"] == rows[0].upstream_task_id
+    assert any("not re-sending" in (e["message"] or "") for e in evs), evs
+    assert not any("sending again" in (e["message"] or "") for e in evs), evs
+    assert_one_terminal(evs, "succeeded")
+
+
+@SQLITE_ONLY
+async def test_callback_hint_survives_detail_errors(db_url: str, sim: Sim,
+                                                    tmp_path: Path) -> None:
+    """The callback named the upstream task of an unanswered Run, but Detail failed when
+    the gateway went to verify it. That is no evidence against the hint: it must be
+    kept and verified later, not dropped (which would lead to a second Run)."""
+    sim.configure(run_drop_connection=True, detail_5xx_rate=1.0)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, run_grace_s=4.0,
+                           reconcile_with_task_list=False) as gw:
+        [tid] = await submit(gw, sim)
+
+        async def verify_failed() -> bool:
+            s = await sim_stats(sim)
+            return s["callbacks_sent"] >= 1 and s["detail_calls"] >= 2
+        await eventually(verify_failed, what="a callback and a failed verification")
+        await sim_configure(sim, detail_5xx_rate=0.0)
+        final = await gw.wait_terminal(tid, timeout=20)
+    assert final["status"] == "succeeded"
+    assert (await sim_stats(sim))["runs_by_gateway_task"] == {tid: 1}
+
+
+@SQLITE_ONLY
+async def test_run_that_never_arrived_is_sent_again_after_grace(
+        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path) -> None:
+    """The first Run times out and truly created nothing: no callback, nothing in
+    Task/List. Only after GATEWAY_RUN_GRACE_S is a second attempt sent, and the story
+    says so."""
+    tx = Interposer()
+
+    async def lose_first(n: int, request: httpx.Request) -> None:
+        if n == 1:
+            raise httpx.ReadTimeout("timed out (test: never reached Wiro)", request=request)
+
+    tx.on_run = lose_first
+    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path,
+                           run_grace_s=1.5) as gw:
+        [tid] = await submit(gw, sim)
+        final = await gw.wait_terminal(tid)
+        evs = await events(gw, tid)
+        rows = await attempts(gw, tid)
+    assert final["status"] == "succeeded"
+    assert [(a.number, a.outcome) for a in rows] == [(1, "abandoned"), (2, "accepted")]
+    assert (rows[1].sent_at - rows[0].sent_at).total_seconds() >= 1.5
+    assert any("sending again as attempt 2" in (e["message"] or "") for e in evs), evs
+    assert (await sim_stats(sim))["runs_by_gateway_task"] == {tid: 1}
+    assert_one_terminal(evs, "succeeded")
+
+
+@SQLITE_ONLY
+async def test_second_upstream_task_is_killed_and_recorded(
+        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path) -> None:
+    """Attempt 1 did start a task but its answer was lost and no sign came within the
+    grace period, so attempt 2 went out. When attempt 1's callback finally shows up,
+    its upstream task is the extra one: it is killed and the events say so."""
+    sim.configure(run_s=2.5, callback_drop=1.0)
+    tx = Interposer()
+    first: list[str] = []
+
+    async def swallow_first(n: int, request: httpx.Request) -> None:
+        if n == 1:
+            answer = await tx.forward(request)
+            first.append(answer.json()["taskid"])
+            raise httpx.ReadTimeout("timed out (test: answer lost)", request=request)
+
+    tx.on_run = swallow_first
+    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path,
+                           run_grace_s=0.8, reconcile_with_task_list=False) as gw:
+        [tid] = await submit(gw, sim)
+
+        async def second_linked() -> bool:
+            return (await gw.client().get(f"/v1/tasks/{tid}")).json()["upstream"]["task_id"] \
+                not in (None, first[0])
+        await eventually(second_linked, what="attempt 2 accepted")
+        # Attempt 1's late callback (the URL only the simulator knows).
+        extra = await sim_get(sim, f"/__sim/tasks/{first[0]}")
+        assert extra["status"] not in ("task_postprocess_end", "task_cancel")
+        async with httpx.AsyncClient() as c:
+            r = await c.post(extra["detail"]["callbackurl"], json=extra["detail"])
+        assert r.status_code == 204
+
+        async def killed() -> bool:
+            return (await sim_get(sim, f"/__sim/tasks/{first[0]}"))["status"] == "task_cancel"
+        await eventually(killed, what="the extra upstream task stopped")
+        final = await gw.wait_terminal(tid)
+        evs = await events(gw, tid)
+        rows = await attempts(gw, tid)
+    assert final["status"] == "succeeded"
+    assert final["upstream"]["task_id"] != first[0]
+    assert [(a.number, a.outcome) for a in rows] == [(1, "extra_killed"), (2, "accepted")]
+    assert rows[0].upstream_task_id == first[0]
+    notes = [e["message"] for e in evs if f"second upstream task {first[0]}" in
+             (e["message"] or "")]
+    assert len(notes) == 1 and "accepted" in notes[0], evs
+    assert (await sim_stats(sim))["runs_by_gateway_task"] == {tid: 2}
+    assert_one_terminal(evs, "succeeded")
+
+
+# ---------------------------------------------------------------- 3. Idempotency-Key
+
+
+async def count_tasks(gw: Gateway) -> int:
+    async with gw.ctx.sm() as s:
+        return int(await s.scalar(select(func.count()).select_from(Task)) or 0)
+
+
+@SQLITE_ONLY
+async def test_idempotency_replay_and_mismatch(gateway: Gateway, sim: Sim) -> None:
+    c = gateway.client()
+    body = task_body(sim, seed="11")
+    first = await c.post("/v1/tasks", json=body, headers={"Idempotency-Key": "order-1"})
+    assert first.status_code == 202
+    tid = first.json()["id"]
+    await gateway.wait_terminal(tid)
+    runs_before = (await sim_stats(sim))["runs"]
+    again = await c.post("/v1/tasks", json=body, headers={"Idempotency-Key": "order-1"})
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == tid and again.json()["status"] == "succeeded"
+    different = await c.post("/v1/tasks", json=task_body(sim, seed="12"),
+                             headers={"Idempotency-Key": "order-1"})
+    assert different.status_code == 422
+    assert different.headers["content-type"].startswith(PROBLEM)
+    # Still honoured a day later (keys are kept at least 24 h).
+    async with gateway.ctx.sm() as s, s.begin():
+        created = await s.scalar(select(Task.created_at).where(Task.id == tid))
+        await s.execute(update(Task).where(Task.id == tid).values(
+            created_at=created - timedelta(hours=25)))
+    later = await c.post("/v1/tasks", json=body, headers={"Idempotency-Key": "order-1"})
+    assert later.status_code == 200 and later.json()["id"] == tid
+    assert (await sim_stats(sim))["runs"] == runs_before == 1
+    assert await count_tasks(gateway) == 1
+
+
+async def test_concurrent_duplicates_make_one_task(gateway: Gateway, sim: Sim) -> None:
+    c = gateway.client()
+    body = task_body(sim, seed="21")
+    rs = await asyncio.gather(*(c.post("/v1/tasks", json=body,
+                                       headers={"Idempotency-Key": "burst"})
+                                for _ in range(10)))
+    codes = sorted(r.status_code for r in rs)
+    assert set(codes) <= {200, 202, 409} and codes.count(202) == 1, codes
+    tid = next(r.json()["id"] for r in rs if r.status_code == 202)
+    for r in rs:
+        if r.status_code == 200:
+            assert r.json()["id"] == tid and r.headers["idempotent-replayed"] == "true"
+        if r.status_code == 409:
+            assert r.headers["content-type"].startswith(PROBLEM)
+    await gateway.wait_terminal(tid)
+    assert await count_tasks(gateway) == 1
+    assert (await sim_stats(sim))["runs_by_gateway_task"] == {tid: 1}
+
+
+# ---------------------------------------------------------------- 4. upstream behaviour
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("knob", ["run_5xx_rate", "run_429_rate"])
+async def test_run_errors_are_retried_and_run_once(db_url: str, sim: Sim, tmp_path: Path,
+                                                   knob: str) -> None:
+    sim.configure(**{knob: 0.7, "seed": 3})
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
+                           retry_after_cap_s=0.3) as gw:
+        ids = await submit(gw, sim, 5)
+        done = await finish(gw, ids, timeout=40)
+        stories = [await events(gw, i) for i in ids]
+    stats = await sim_stats(sim)
+    assert [t["status"] for t in done] == ["succeeded"] * 5
+    assert stats["runs_by_gateway_task"] == {i: 1 for i in ids}
+    reason = "http_500" if knob == "run_5xx_rate" else "http_429"
+    assert stats["run_rejections"].get(reason, 0) >= 3, stats["run_rejections"]
+    word = "unavailable" if knob == "run_5xx_rate" else "rate limit (429)"
+    assert sum(word in (e["message"] or "") for evs in stories for e in evs) \
+        == stats["run_rejections"][reason]
+    for evs in stories:
+        assert_one_terminal(evs, "succeeded")
+
+
+@SQLITE_ONLY
+async def test_concurrency_limit_keeps_tasks_pending(db_url: str, sim: Sim,
+                                                     tmp_path: Path) -> None:
+    """Code 96: the task stays pending and goes out when capacity returns."""
+    sim.configure(max_concurrency=1)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        ids = await submit(gw, sim, 3)
+        done = await finish(gw, ids)
+        stories = [await events(gw, i) for i in ids]
+    stats = await sim_stats(sim)
+    assert [t["status"] for t in done] == ["succeeded"] * 3
+    assert stats["runs_by_gateway_task"] == {i: 1 for i in ids}
+    assert stats["run_rejections"].get("code_96", 0) >= 1
+    limited = [evs for evs in stories if any("code 96" in (e["message"] or "") for e in evs)]
+    assert limited
+    for evs in limited:  # 96 while pending, then queued: never failed by it
+        statuses = [e["status"] for e in evs if e["status"]]
+        assert statuses[:2] == ["pending", "queued"], statuses
+        i96 = next(i for i, e in enumerate(evs) if "code 96" in (e["message"] or ""))
+        iq = next(i for i, e in enumerate(evs) if e["status"] == "queued")
+        assert i96 < iq
+
+
+@SQLITE_ONLY
+async def test_max_in_flight_queues_locally(db_url: str, sim: Sim, tmp_path: Path) -> None:
+    """GATEWAY_MAX_IN_FLIGHT=1 in front of an account limited to 1: never a 96."""
+    sim.configure(max_concurrency=1)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, max_in_flight=1) as gw:
+        ids = await submit(gw, sim, 3)
+        done = await finish(gw, ids)
+        stories = [await events(gw, i) for i in ids]
+    stats = await sim_stats(sim)
+    assert [t["status"] for t in done] == ["succeeded"] * 3
+    assert stats["run_rejections"] == {}
+    assert stats["runs_by_gateway_task"] == {i: 1 for i in ids}
+    assert not any("code 96" in (e["message"] or "") for evs in stories for e in evs)
+
+
+@SQLITE_ONLY
+async def test_insufficient_balance_fails(db_url: str, sim: Sim, tmp_path: Path) -> None:
+    sim.configure(balance_exhausted=True)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        [tid] = await submit(gw, sim)
+        final = await gw.wait_terminal(tid)
+        evs = await events(gw, tid)
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "insufficient_balance"
+    assert final["error"]["upstream_code"] == "97"
+    assert (await sim_stats(sim))["runs"] == 0
+    assert_one_terminal(evs, "failed")
+
+
+REJECTIONS = [
+    (200, {"result": False, "errors": [{"code": 0,
+                                        "message": "Request parameter [seed] is invalid"}]}, "0"),
+    (400, {"result": False, "errors": [{"code": "0",
+                                        "message": "Request parameter [inputImageUrl] required"}]},
+     "0"),
+    (200, {"result": False, "errors": ["Model is not available for this project"]}, None),
+]
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(("http_status", "answer", "upstream_code"), REJECTIONS)
+async def test_upstream_rejection_fails(monkeypatch: pytest.MonkeyPatch, db_url: str,
+                                        sim: Sim, tmp_path: Path, http_status: int,
+                                        answer: dict[str, Any], upstream_code: str | None) -> None:
+    """Wiro refused the Run (``result: false``, even inside a 200): failed, not retried."""
+    tx = Interposer()
+
+    async def refuse(n: int, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(http_status, json=answer)
+
+    tx.on_run = refuse
+    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        [tid] = await submit(gw, sim)
+        final = await gw.wait_terminal(tid)
+        evs = await events(gw, tid)
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "upstream_rejected"
+    assert final["error"]["upstream_code"] == upstream_code
+    assert tx.runs == 1  # not retried
+    assert_one_terminal(evs, "failed")
+
+
+@SQLITE_ONLY
+async def test_detail_errors_never_fail_a_task(db_url: str, sim: Sim, tmp_path: Path) -> None:
+    sim.configure(detail_5xx_rate=0.7, seed=5)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        ids = await submit(gw, sim, 4)
+        done = await finish(gw, ids, timeout=40)
+        stories = [await events(gw, i) for i in ids]
+    stats = await sim_stats(sim)
+    assert [t["status"] for t in done] == ["succeeded"] * 4
+    assert stats["runs_by_gateway_task"] == {i: 1 for i in ids}
+    assert any("Detail failed" in (e["message"] or "") for evs in stories for e in evs)
+
+
+@SQLITE_ONLY
+async def test_lost_task_fails_after_grace(db_url: str, sim: Sim, tmp_path: Path) -> None:
+    sim.configure(lost_rate=1.0)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, lost_grace_s=1.5) as gw:
+        [tid] = await submit(gw, sim)
+        final = await gw.wait_terminal(tid)
+        evs = await events(gw, tid)
+    assert final["status"] == "failed" and final["error"]["code"] == "lost"
+    queued = next(e for e in evs if e["status"] == "queued")
+    failed = next(e for e in evs if e["status"] == "failed")
+    gap = (datetime.fromisoformat(failed["at"]) - datetime.fromisoformat(queued["at"]))
+    assert gap.total_seconds() >= 1.5
+    assert (await sim_stats(sim))["runs_by_gateway_task"] == {tid: 1}
+    assert_one_terminal(evs, "failed")
+
+
+@SQLITE_ONLY
+async def test_task_error_persisting_fails_interim_one_does_not(db_url: str, sim: Sim,
+                                                                tmp_path: Path) -> None:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, task_error_grace_s=1.5,
+                           poll_max_s=0.5) as gw:
+        await sim_configure(sim, task_error_fatal_rate=1.0)
+        [stuck] = await submit(gw, sim)
+        await sim_configure(sim, task_error_fatal_rate=0.0, task_error_s=1.0)
+        [flaky] = await submit(gw, sim)
+        f_stuck, f_flaky = await finish(gw, [stuck, flaky])
+        ev_stuck, ev_flaky = await events(gw, stuck), await events(gw, flaky)
+    assert f_stuck["status"] == "failed" and f_stuck["error"]["code"] == "upstream_failed"
+    first_err = next(e for e in ev_stuck if e["upstream_status"] == "task_error")
+    gap = datetime.fromisoformat(f_stuck["completed_at"]) - datetime.fromisoformat(
+        first_err["at"])
+    assert gap.total_seconds() >= 1.5
+    assert f_flaky["status"] == "succeeded" and f_flaky["outputs"]
+    assert any(e["upstream_status"] == "task_error" for e in ev_flaky), ev_flaky
+    assert_one_terminal(ev_stuck, "failed")
+    assert_one_terminal(ev_flaky, "succeeded")
+
+
+# ---------------------------------------------------------------- 5. callbacks under abuse
+
+
+async def storm(url: str, body: dict[str, Any], n: int) -> list[httpx.Response]:
+    """``n`` POSTs at once, over 20 clients of up to 50 connections each (one httpx pool
+    queueing 1,000 requests spends quadratic time on its own bookkeeping)."""
+    clients = [httpx.AsyncClient(timeout=httpx.Timeout(120),
+                                 limits=httpx.Limits(max_connections=50)) for _ in range(20)]
+    try:
+        return list(await asyncio.gather(*(clients[i % 20].post(url, json=body)
+                                           for i in range(n))))
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+async def test_thousand_duplicate_callbacks_one_transition(db_url: str, sim: Sim,
+                                                           tmp_path: Path) -> None:
+    """The simulator's own callback is dropped and polling is far off: 1,000 copies of the
+    real callback, all at once, are what finishes the task, exactly once."""
+    sim.configure(callback_drop=1.0)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=60,
+                           poll_max_s=60) as gw:
+        [tid] = await submit(gw, sim)
+        upstream = (await gw.client().get(f"/v1/tasks/{tid}")).json()["upstream"]["task_id"]
+
+        async def upstream_done() -> bool:
+            rec = await sim_get(sim, f"/__sim/tasks/{upstream}")
+            return rec["status"] == "task_postprocess_end"
+        await eventually(upstream_done, what="upstream task finished")
+        rec = await sim_get(sim, f"/__sim/tasks/{upstream}")
+        url, body = rec["detail"]["callbackurl"], rec["detail"]
+        assert urlsplit(url).path.startswith(f"/callbacks/wiro/{tid}/")
+        details_before = (await sim_stats(sim))["detail_calls"]
+        rs = await storm(url, body, 1000)
+        codes = sorted({r.status_code for r in rs})
+        assert codes == [204], codes
+        final = await gw.wait_terminal(tid)
+        evs = await events(gw, tid)
+        late = await storm(url, body, 100)
+        assert {r.status_code for r in late} == {204}
+        assert await events(gw, tid) == evs  # late duplicates change nothing
+    assert final["status"] == "succeeded" and final["outputs"]
+    assert_one_terminal(evs, "succeeded")
+    # The callbacks were hints: a handful of Detail reads, not a thousand.
+    assert (await sim_stats(sim))["detail_calls"] - details_before < 50
+
+
+@SQLITE_ONLY
+async def test_reordered_duplicated_and_early_callbacks(db_url: str, sim: Sim,
+                                                        tmp_path: Path) -> None:
+    sim.configure(callback_reorder=True, callback_duplicate=5, callback_early=True)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=10,
+                           poll_max_s=10) as gw:
+        ids = await submit(gw, sim, 3)
+        done = await finish(gw, ids)
+
+        async def stale_delivered() -> bool:
+            recs = [await sim_get(sim, f"/__sim/tasks/{t['upstream']['task_id']}")
+                    for t in done]
+            return all(any(cb["kind"] == "reorder" for cb in r["callbacks"]) for r in recs)
+        await eventually(stale_delivered, what="the stale callbacks")
+        await asyncio.sleep(0.3)  # let the gateway act on the last (stale) one
+        after = [(await gw.client().get(f"/v1/tasks/{i}")).json() for i in ids]
+        stories = [await events(gw, i) for i in ids]
+    recs = [await sim_get(sim, f"/__sim/tasks/{t['upstream']['task_id']}") for t in done]
+    for rec in recs:
+        kinds = [cb["kind"] for cb in rec["callbacks"]]
+        assert kinds[0] == "early" and "final" in kinds and kinds[-1] == "reorder", kinds
+        assert all(cb["outcome"] == 204 for cb in rec["callbacks"]), rec["callbacks"]
+    for t, evs in zip(after, stories, strict=True):
+        assert t["status"] == "succeeded" and t["upstream"]["status"] == "task_postprocess_end"
+        assert_one_terminal(evs, "succeeded")
+    assert (await sim_stats(sim))["runs_by_gateway_task"] == {i: 1 for i in ids}
+
+
+async def hint_at(gw: Gateway, tid: str) -> datetime | None:
+    """When the gateway last accepted a callback for the task (only callbacks set it)."""
+    async with gw.ctx.sm() as s:
+        return await s.scalar(select(Task.hint_at).where(Task.id == tid))
+
+
+async def test_forged_and_oversized_callbacks_change_nothing(db_url: str, sim: Sim,
+                                                             tmp_path: Path) -> None:
+    sim.configure(run_s=5.0, callback_drop=1.0)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        [tid] = await submit(gw, sim)
+        await wait_status(gw, tid, "running")
+        before = (await gw.client().get(f"/v1/tasks/{tid}")).json()
+        upstream = before["upstream"]["task_id"]
+        rec = await sim_get(sim, f"/__sim/tasks/{upstream}")
+        url = rec["detail"]["callbackurl"]
+        base, _, token = url.rpartition("/")
+        claim = {**rec["detail"], "status": "task_postprocess_end", "pexit": "0",
+                 "outputs": [{"name": "0.png", "url": "https://evil.example/0.png"}]}
+        assert await hint_at(gw, tid) is None
+        async with httpx.AsyncClient(timeout=10) as c:
+            for bad in (f"{base}/{token[:-1]}{'x' if token[-1] != 'x' else 'y'}",
+                        f"{base}/{'a' * 200}",
+                        url.replace(tid, "tsk_01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+                        url.replace(tid, "nope")):
+                r = await c.post(bad, json=claim)
+                assert r.status_code == 404, (bad, r.text)
+                assert r.headers["content-type"].startswith(PROBLEM)
+            huge = b"{" + b" " * (1024 * 1024) + b"}"
+            r = await c.post(url, content=huge, headers={"content-type": "application/json"})
+            assert r.status_code == 413
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(20):
+                    yield b" " * 65536
+            r = await c.post(url, content=chunks())
+            assert r.status_code == 413
+            assert await hint_at(gw, tid) is None  # none of that was taken as a callback
+            # The right URL with a lying body: a hint, so Detail (still running) wins.
+            details = (await sim_stats(sim))["detail_calls"]
+            r = await c.post(url, json=claim)
+            assert r.status_code == 204
+            assert await hint_at(gw, tid) is not None
+
+            async def looked() -> bool:
+                return (await sim_stats(sim))["detail_calls"] > details
+            await eventually(looked, what="the gateway to read Detail")
+            await asyncio.sleep(0.2)  # let it apply what it read
+        mid = (await gw.client().get(f"/v1/tasks/{tid}")).json()
+        assert mid["status"] == "running" and mid["outputs"] == [], mid
+        assert mid["upstream"]["status"] != "task_postprocess_end"
+        final = await gw.wait_terminal(tid)
+        evs = await events(gw, tid)
+    assert final["status"] == "succeeded"
+    assert final["outputs"] and all(not o["upstream_url"].startswith("https://evil")
+                                    for o in final["outputs"])
+    assert_one_terminal(evs, "succeeded")
