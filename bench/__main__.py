@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="fewer rounds, 100k rows for P4, a 30 s soak (about 3 minutes)")
+                   help="fewer rounds, 100k rows for P4, a 20 s soak, a 500-callback burst")
     p.add_argument("--only", default="", help="comma-separated subset, e.g. P1,P3")
     p.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     p.add_argument("--soak-s", type=float, default=None,
-                   help="P6 soak length (default 120 s, quick 30 s; the issue's: 600)")
+                   help="P6 soak length (default 120 s, quick 20 s; the issue's: 600)")
     p.add_argument("--docs", action="store_true",
                    help="write the table into docs/benchmarks.md even for a partial run")
     args = p.parse_args(argv)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"PostgreSQL is not reachable at {harness.PG_URL}: {why}\n"
                   "(run with --db sqlite to measure SQLite only)", file=sys.stderr)
             return 2
-    soak_s = args.soak_s if args.soak_s is not None else (30.0 if args.quick else 120.0)
+    soak_s = args.soak_s if args.soak_s is not None else (20.0 if args.quick else 120.0)
     workdir = Path(tempfile.mkdtemp(prefix="hgw-bench-"))
     run = Run(quick=args.quick, workdir=workdir, soak_s=soak_s, only=only)
     results: dict[str, Any] = {

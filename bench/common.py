@@ -102,6 +102,21 @@ async def wait_all_terminal(engine: AsyncEngine, timeout: float, *,
         await asyncio.sleep(poll_s)
 
 
+async def wait_idle(cpu: Any, *, below: float = 0.1, window_s: float = 0.5,
+                    timeout: float = 60.0) -> float:
+    """Wait until ``cpu()`` (a process's CPU seconds) grows by less than ``below`` of the
+    wall time over two windows in a row: background work left over from a step (output
+    downloads, notifications) must not run into the next one. Returns seconds waited."""
+    t0 = time.monotonic()
+    quiet = 0
+    while quiet < 2 and time.monotonic() - t0 < timeout:
+        c0, w0 = cpu(), time.monotonic()
+        await asyncio.sleep(window_s)
+        share = (cpu() - c0) / (time.monotonic() - w0)
+        quiet = quiet + 1 if share < below else 0
+    return time.monotonic() - t0
+
+
 async def check_invariants(run: Run, label: str, engine: AsyncEngine, sim: Sim | None, *,
                            timeout: float = 120.0) -> dict[str, Any]:
     """Every task terminal (waiting up to ``timeout``) and no gateway task run twice

@@ -25,6 +25,9 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+# The checkout whose gateway the subprocesses run (``BENCH_APP_ROOT`` points at another
+# one to compare two versions of the code on the same run conditions).
+APP_ROOT = Path(os.environ.get("BENCH_APP_ROOT", ROOT))
 SIM_KEY, SIM_SECRET = "bench-sim-key", "bench-sim-secret"
 CLIENT_KEYS = {"alpha": "key-alpha-bench-0123456789", "beta": "key-beta-bench-0123456789",
                "root": "key-root-bench-0123456789"}
@@ -79,7 +82,7 @@ def bin_env(**extra: str) -> dict[str, str]:
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     fh = open(log, "ab")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(args, cwd=APP_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
                             start_new_session=True)
     _children.append(proc)
     return proc

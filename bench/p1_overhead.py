@@ -30,7 +30,7 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
     from app.tasks import new_task_id
     from app.wiro import NonceSource, WiroClient
 
-    rounds, per_round = run.pick((3, 40), (7, 100))
+    rounds, per_round = run.pick((3, 40), (5, 80))
     sim.reset(queue_s=3600, run_s=1)
     gw = start_gateway(db=db, sim=sim, logdir=run.workdir, poll_initial_s=600, poll_max_s=600)
     engine = bench_engine(db)

@@ -165,7 +165,7 @@ async def _not_terminal(engine: Any) -> int:
 
 async def measure(run: Run, kinds: list[str]) -> dict[str, Any]:
     n = run.pick(10, 20)
-    t_s = 12.0
+    t_s = run.pick(6.0, 12.0)
     bound = math.ceil(math.log2(t_s / 3)) + 2
     jobs = {(k, h): _one(run, k, h, n, t_s) for k in kinds for h in (True, False)}
     results = await asyncio.gather(*jobs.values(), return_exceptions=True)

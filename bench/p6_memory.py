@@ -3,9 +3,10 @@
 A ``serve`` subprocess per database (both at once: RSS does not care that they share
 the CPU), each with its own simulator:
 
-1. warm-up: 200 tasks through their whole life (pools, caches, code paths all touched);
+1. warm-up: 200 tasks (quick: 100) through their whole life (pools, caches, code paths);
 2. idle RSS: the median of samples over 3 s;
-3. in flight: the simulator keeps tasks queued for an hour; N tasks are submitted, RSS
+3. in flight: the simulator keeps tasks queued for an hour; N tasks (1000; quick: 200)
+   are submitted, RSS
    is sampled again, and (RSS - idle) / N is the memory per in-flight task; the tasks
    are then cancelled through the API (so they end terminal);
 4. soak: a steady open-loop load (full task lives: 0.2 s queued + 0.5 s running,
@@ -82,8 +83,8 @@ def _slope_per_min(samples: list[tuple[float, float]]) -> float:
     return sxy / sxx * 60 if sxx else 0.0
 
 
-async def _one(run: Run, kind: str, n_inflight: int, soak_s: float, soak_rps: float
-               ) -> dict[str, Any]:
+async def _one(run: Run, kind: str, n_inflight: int, soak_s: float, soak_rps: float,
+               warm: int) -> dict[str, Any]:
     sim = await asyncio.to_thread(start_sim, run.workdir)
     db = await asyncio.to_thread(new_database, kind, run.workdir, "p6")
     gw = await asyncio.to_thread(start_gateway, db=db, sim=sim, logdir=run.workdir,
@@ -92,7 +93,7 @@ async def _one(run: Run, kind: str, n_inflight: int, soak_s: float, soak_rps: fl
     body = task_body(sim)
     out: dict[str, Any] = {}
     try:
-        await _submit_many(gw.url, body, 200)
+        await _submit_many(gw.url, body, warm)
         from bench.common import wait_all_terminal
         await wait_all_terminal(engine, 120)
         await asyncio.sleep(2)
@@ -157,10 +158,11 @@ async def _one(run: Run, kind: str, n_inflight: int, soak_s: float, soak_rps: fl
 
 
 async def measure(run: Run, kinds: list[str]) -> dict[str, Any]:
-    n = run.pick(300, 1000)
+    n = run.pick(200, 1000)
+    warm = run.pick(100, 200)
     soak_s = run.soak_s
     rps = 10.0
-    results = await asyncio.gather(*(_one(run, k, n, soak_s, rps) for k in kinds),
+    results = await asyncio.gather(*(_one(run, k, n, soak_s, rps, warm) for k in kinds),
                                    return_exceptions=True)
     out: dict[str, Any] = {"soak_s": soak_s, "target": "<= 32 KiB per task; no upward drift"}
     for kind, res in zip(kinds, results, strict=True):

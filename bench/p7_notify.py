@@ -116,10 +116,12 @@ async def _one(run: Run, kind: str, n: int) -> dict[str, Any]:
                         finished[tid] = (t0 + t1) / 2 - rec["age_s"] + rec["finished_after_s"]
         lat = [(receiver.arrivals[t] - finished[t]) * 1000 for t in upstream
                if t in receiver.arrivals and t in finished]
+        stages = await _stages(engine, finished, receiver.arrivals)
         out = {"tasks": n, "received": len(receiver.arrivals), "requests": receiver.count,
                "bad_signatures": receiver.bad_signatures,
                "p50_ms": r2(pct(lat, 50)), "p90_ms": r2(pct(lat, 90)),
-               "max_ms": r2(pct(lat, 100)), "latencies_ms": [r2(x, 1) for x in lat]}
+               "max_ms": r2(pct(lat, 100)), "latencies_ms": [r2(x, 1) for x in lat],
+               "stages_p50_ms": stages}
         out["invariants"] = await check_invariants(run, f"P7/{kind}", engine, sim)
     finally:
         await asyncio.to_thread(gw.stop)
@@ -129,6 +131,52 @@ async def _one(run: Run, kind: str, n: int) -> dict[str, Any]:
         server.should_exit = True
         await serving
     return out
+
+
+async def _stages(engine: Any, finished: dict[str, float], arrived: dict[str, float]
+                  ) -> dict[str, Any]:
+    """Where the time goes, from the gateway's own timestamps (same clock): upstream
+    finished -> callback accepted (``hint_at``) -> terminal (``completed_at``) -> outputs
+    stored (``task_outputs.stored_at``) -> notification received. Medians, ms."""
+    from sqlalchemy import text
+
+    marks: dict[str, dict[str, float]] = {}
+    try:
+        async with engine.connect() as conn:
+            for tid in finished:
+                row = (await conn.execute(text(
+                    "SELECT hint_at, completed_at FROM tasks WHERE id = :i"), {"i": tid})).first()
+                stored = (await conn.execute(text(
+                    "SELECT max(stored_at) FROM task_outputs WHERE task_id = :i"),
+                    {"i": tid})).scalar()
+                marks[tid] = {k: _epoch(v) for k, v in (("hint", row[0]), ("terminal", row[1]),
+                                                        ("stored", stored)) if v is not None}
+    except Exception as e:  # the breakdown is a nicety; the schema may move
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    out: dict[str, Any] = {}
+    for name, a, b in (("finished_to_callback", None, "hint"),
+                       ("callback_to_terminal", "hint", "terminal"),
+                       ("terminal_to_outputs_stored", "terminal", "stored"),
+                       ("outputs_stored_to_received", "stored", None),
+                       ("terminal_to_received", "terminal", None)):
+        xs = []
+        for tid, m in marks.items():
+            start = finished.get(tid) if a is None else m.get(a)
+            end = arrived.get(tid) if b is None else m.get(b)
+            if start is not None and end is not None:
+                xs.append((end - start) * 1000)
+        out[name] = r2(pct(xs, 50), 1) if xs else None
+    return out
+
+
+def _epoch(v: Any) -> float:
+    from datetime import UTC, datetime
+
+    if isinstance(v, str):  # SQLite text through a raw query
+        v = datetime.fromisoformat(v)
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=UTC)
+    return float(v.timestamp())
 
 
 async def measure(run: Run, kind: str) -> dict[str, Any]:
