@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from app import notify, results
-from app.outbox import Services
+from app.outbox import Services, wake_after_terminal
 
 log = logging.getLogger(__name__)
 
@@ -114,4 +114,7 @@ def result_workers(svc: Services) -> list[JobLoop]:
                      tick_every_s=s.retention_sweep_s)
     svc.wake_notifier, svc.wake_outputs, svc.wake_eraser = (
         notifier.wake, outputs.wake, eraser.wake)
+    engine = svc.ctx.sm.kw.get("bind")
+    if engine is not None:
+        wake_after_terminal(engine, notifier.wake, outputs.wake)
     return [notifier, outputs, eraser]
