@@ -500,7 +500,9 @@ async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime |
         # Never re-send blindly: that attempt may have started a billable run.
         if last.outcome == "sent":
             async with unit_of_work(ctx.sm) as ses:
-                await ses.execute(update(Attempt).where(Attempt.id == last.id)
+                # Conditional: the Run may be answered (and recorded) right now.
+                await ses.execute(update(Attempt).where(Attempt.id == last.id,
+                                                        Attempt.outcome == "sent")
                                   .values(outcome="ambiguous"))
                 _event(ses, task.id, "dispatcher", now, message=(
                     f"attempt {last.number}: no answer was recorded for the upstream Run "
@@ -510,15 +512,22 @@ async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime |
         if found is not None:
             await _link(ctx, task.id, last, found.id, found.socket_token, source="dispatcher")
             return now
-        grace_end = last.sent_at + timedelta(seconds=s.run_grace_s)
+        # Never before the attempt's own request is over: a worker that took the task
+        # when the lease lapsed during a slow Run used to send a second Run while the
+        # first could still answer (and bill).
+        grace = max(s.run_grace_s, _run_budget_s(s) + 1.0)
+        grace_end = last.sent_at + timedelta(seconds=grace)
         if now < grace_end:
-            return min(grace_end, now + timedelta(seconds=min(s.poll_initial_s, s.run_grace_s)))
+            return min(grace_end, now + timedelta(seconds=min(s.poll_initial_s, grace)))
         async with unit_of_work(ctx.sm) as ses:
-            await ses.execute(update(Attempt).where(Attempt.id == last.id)
-                              .values(outcome="abandoned", resolved_at=now))
+            res = await ses.execute(update(Attempt).where(
+                Attempt.id == last.id, Attempt.outcome == "ambiguous")
+                .values(outcome="abandoned", resolved_at=now))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return now  # answered meanwhile: look again
             _event(ses, task.id, "dispatcher", now, message=(
                 f"attempt {last.number}: no sign of an upstream task after "
-                f"{s.run_grace_s:g}s; sending again as attempt {last.number + 1}"))
+                f"{grace:g}s; sending again as attempt {last.number + 1}"))
 
     async with ctx.dispatch_lock:
         if s.max_in_flight and await _in_flight(ctx) >= s.max_in_flight:
@@ -543,11 +552,22 @@ async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime |
     return await _send(ctx, task, attempt, token)
 
 
+def _run_budget_s(s: Settings) -> float:
+    """The longest one Run request may take (enforced in ``_send``)."""
+    return s.wiro_connect_timeout_s + s.wiro_read_timeout_s
+
+
 async def _send(ctx: Ctx, task: Task, attempt: Attempt, token: str) -> datetime | None:
     s = ctx.settings
     try:
-        accepted: RunAccepted = await ctx.wiro.run(
-            task.model, task.input, callback_url=_callback_url(ctx, task.id, token))
+        try:
+            # httpx's timeouts are per operation; bound the whole request so the grace
+            # period in ``_dispatch`` can never end while it may still be answered.
+            accepted: RunAccepted = await asyncio.wait_for(ctx.wiro.run(
+                task.model, task.input, callback_url=_callback_url(ctx, task.id, token)),
+                timeout=_run_budget_s(s))
+        except TimeoutError:
+            raise WiroAmbiguous(f"Run: no answer within {_run_budget_s(s):g}s") from None
     except WiroRateLimited as e:
         delay = min(e.retry_after if e.retry_after is not None else _backoff(ctx, task.retries),
                     s.retry_after_cap_s)
@@ -582,9 +602,9 @@ async def _send(ctx: Ctx, task: Task, attempt: Attempt, token: str) -> datetime 
             # and calls back before the read timeout) is kept: writing None over it threw
             # away the only sign of the task, and the grace period then sent a second Run.
             hint = {} if e.task_id is None else {"hint_upstream_id": e.task_id}
-            await ses.execute(update(Attempt).where(Attempt.id == attempt.id,
-                                                    Attempt.outcome == "sent")
-                              .values(outcome="ambiguous", **hint))
+            await ses.execute(update(Attempt).where(
+                Attempt.id == attempt.id, Attempt.outcome.in_(("sent", "ambiguous")))
+                .values(outcome="ambiguous", **hint))
             _event(ses, task.id, "dispatcher", now, message=(
                 f"attempt {attempt.number}: the upstream Run gave no usable answer "
                 f"({_short(e)}); not re-sending until it is known whether it started"))
