@@ -18,6 +18,7 @@ Every handler answers ``application/problem+json``; unexpected exceptions become
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -131,3 +132,43 @@ def install_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
         return problem(500, "Internal Server Error", "An unexpected error occurred.")
+
+
+def problems_in_spec(app: FastAPI) -> None:
+    """Make the OpenAPI spec say what the handlers do: error bodies are
+    ``application/problem+json`` (FastAPI would write ``application/json``), and every
+    operation has a ``default`` problem response for the errors any route may answer
+    before it runs (400, 404, 405, 413, 414, 429, 431)."""
+    generate = app.openapi
+    ref = "#/components/schemas/Problem"
+    # FastAPI documents its own 422 shape; the handler answers a problem there too.
+    refs = (ref, "#/components/schemas/HTTPValidationError")
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = generate()
+        if ref.rsplit("/", 1)[1] not in spec.get("components", {}).get("schemas", {}):
+            return spec
+        for path in spec.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                for response in responses.values():
+                    content = response.get("content") or {}
+                    body = content.get("application/json")
+                    if body is not None and body.get("schema", {}).get("$ref") in refs:
+                        response["content"] = {PROBLEM: {"schema": {"$ref": ref}}}
+                responses.setdefault("default", {
+                    "description": "Any other error, as RFC 9457 problem details",
+                    "content": {PROBLEM: {"schema": {"$ref": ref}}}})
+        schemas = spec["components"]["schemas"]
+        for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's, now unused
+            rest = {k: v for k, v in spec.items() if k != "components"}
+            others = {n: d for n, d in schemas.items() if n != unused}
+            if f"#/components/schemas/{unused}" not in json.dumps([rest, others]):
+                schemas.pop(unused, None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+

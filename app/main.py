@@ -20,7 +20,7 @@ from app.api.deps import key_digests
 from app.clients import Keyring
 from app.console import router as console_router
 from app.db import make_engine, make_sessionmaker
-from app.errors import install_handlers, problem
+from app.errors import install_handlers, problem, problems_in_spec
 from app.hardening import RequestLimits
 from app.migrate import head_revisions
 from app.outbound import Outbound
@@ -201,6 +201,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     app.state.rate_limiter = RateLimiter()
     app.state.migration_heads = head_revisions()
     install_handlers(app)
+    problems_in_spec(app)
     app.include_router(task_routes.router)
     app.include_router(callbacks.router)
     app.include_router(result_routes.router)

@@ -75,7 +75,8 @@ def unstorable(value: Any, depth: int = 0) -> str | None:
 class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr = Field(DEFAULT_MODEL, max_length=200)
+    model: StrictStr = Field(DEFAULT_MODEL, max_length=200,
+                             json_schema_extra={"enum": list(MODELS)})
     input: InputField
     webhook_url: StrictStr | None = Field(None, max_length=2048)
     metadata: dict[StrictStr, StrictStr] | None = Field(

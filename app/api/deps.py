@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.clients import MAX_KEY_LEN, Principal, key_digest
 from app.errors import TooManyRequests, Unauthorized
@@ -18,7 +20,15 @@ def get_ctx(request: Request) -> Ctx:
     return request.app.state.ctx
 
 
-async def principal(request: Request) -> Principal:
+# Declares the scheme in the OpenAPI spec only; ``principal`` reads the header itself so
+# that every refusal is the same problem+json 401.
+bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth",
+                    description="A client key: `Authorization: Bearer <key>`.")
+
+
+async def principal(request: Request,
+                    _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None
+                    ) -> Principal:
     """Bearer auth (``principal_for_key``), then the client's request rate limit."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BeforeValidator
 
 from app import logs, tasks
 from app.api.deps import Principal, event_out, get_ctx, principal, task_out
@@ -40,7 +42,11 @@ Context = Annotated[Ctx, Depends(get_ctx)]
 )
 async def create_task(
     body: TaskCreate, response: Response, caller: Caller, ctx: Context,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(
+        max_length=255, pattern=r"\S",
+        description="Up to 255 characters, not blank, scoped to the client: a repeat with "
+                    "the same body returns the original task (200, Idempotent-Replayed: true)"
+    )] = None,
 ) -> TaskOut:
     """Validate against the model's parameter sheet, record, and forward to Wiro."""
     if idempotency_key is not None and not idempotency_key.strip():
@@ -71,6 +77,20 @@ async def get_task(task_id: str, caller: Caller, ctx: Context) -> TaskOut:
     return task_out(await tasks.get_task(ctx, task_id=task_id, client=caller.scope))
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?"
+                     r"([Zz]|[+-]\d{2}:?\d{2})?")
+
+
+def _rfc3339(value: object) -> object:
+    """Only RFC 3339 text: pydantic would also read ``1732500000`` as a Unix time."""
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 timestamp, e.g. 2026-11-25T10:00:00Z")
+    return value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_rfc3339)]
+
+
 def _in_utc_range(ts: datetime) -> bool:
     """Whether ``ts`` is still a datetime in UTC (0001-01-01T00:00+01:00 is not)."""
     try:
@@ -87,8 +107,8 @@ async def list_tasks(
     request: Request, caller: Caller, ctx: Context,
     status: Annotated[list[Status] | None, Query()] = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: Timestamp | None = None,
+    created_before: Timestamp | None = None,
     client: Annotated[str | None, Query(max_length=100,
                                         description="admin keys only: one client's tasks")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
