@@ -655,13 +655,21 @@ async def _link(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str,
         task = await ses.get(Task, task_id, with_for_update=True)
         assert task is not None
         if task.upstream_task_id in (None, upstream_id) and task.status == Status.pending:
-            await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
-                outcome="accepted", upstream_task_id=upstream_id, resolved_at=now))
-            await _transition(
+            # The conditional transition decides, not the read above: on SQLite that read
+            # locks nothing, so two links (a late callback for attempt 1, attempt 2's
+            # answer) could both get here and both attempts were marked accepted, the
+            # loser's upstream task never stopped. Only the one that moved the task wins.
+            moved = await _transition(
                 ses, task_id, Status.queued, source=source, now=now,
                 message=f"attempt {attempt.number}: accepted upstream as task {upstream_id}",
                 upstream_task_id=upstream_id, upstream_token=upstream_token,
                 upstream_status="task_queue", upstream_started_at=now, retries=0)
+            if moved or await ses.scalar(select(Task.upstream_task_id)
+                                         .where(Task.id == task_id)) == upstream_id:
+                await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
+                    outcome="accepted", upstream_task_id=upstream_id, resolved_at=now))
+            else:
+                extra = True
         elif task.upstream_task_id == upstream_id:
             await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
                 outcome="accepted", upstream_task_id=upstream_id, resolved_at=now))

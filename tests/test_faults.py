@@ -692,3 +692,39 @@ async def test_slow_run_is_not_declared_dead_while_its_request_is_in_flight(
     assert [(a.number, a.outcome) for a in rows] == [(1, "accepted")]
     assert stats["runs_by_gateway_task"] == {tid: 1}
     assert stats["billable_by_gateway_task"] == {tid: 1}
+
+
+async def test_two_attempts_linked_at_once_leave_one_upstream_task(db_url: str, sim: Sim,
+                                                                   tmp_path: Path) -> None:
+    """Narrow case: two attempts of one task turn out to have started upstream tasks and
+    are linked at the same moment (say a late callback for attempt 1 while attempt 2's
+    answer is recorded). Exactly one becomes the task's; the other is stopped and
+    recorded, never silently marked accepted too."""
+    from app import tasks as domain
+    from app.schemas import TaskCreate
+
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        ctx = gw.ctx
+        body = TaskCreate.model_validate(task_body(sim))
+        task, _ = await domain.create_task(ctx, client="alpha", body=body, idempotency_key=None)
+        async with ctx.sm() as s, s.begin():  # out of the workers' sight
+            await s.execute(update(Task).where(Task.id == task.id).values(
+                next_check_at=None, lease_owner=None, lease_until=None, attempt=2))
+            now = datetime.now(task.created_at.tzinfo)
+            s.add_all([Attempt(task_id=task.id, number=n, token_hash=f"{n:064d}", sent_at=now,
+                               outcome=o) for n, o in ((1, "abandoned"), (2, "sent"))])
+        a1, a2 = await attempts(gw, task.id)
+        await asyncio.gather(
+            domain._link(ctx, task.id, a1, "8100001", None, source="callback"),
+            domain._link(ctx, task.id, a2, "8100002", "tok", source="dispatcher"))
+        rows = await attempts(gw, task.id)
+        async with ctx.sm() as s:
+            fresh = await s.get(Task, task.id)
+        evs = await events(gw, task.id)
+    assert fresh is not None and fresh.status == "queued"
+    outcomes = {a.upstream_task_id: a.outcome for a in rows}
+    assert sorted(outcomes.values()) == ["accepted", "extra_killed"], outcomes
+    assert outcomes[fresh.upstream_task_id] == "accepted"
+    extra = next(u for u, o in outcomes.items() if o == "extra_killed")
+    assert sum(f"second upstream task {extra}" in (e["message"] or "") for e in evs) == 1
+    assert [e["status"] for e in evs if e["status"]] == ["pending", "queued"]
