@@ -8,6 +8,9 @@ text) from reaching a query.
 
 from __future__ import annotations
 
+import ipaddress
+from urllib.parse import urlsplit
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import problem
@@ -40,3 +43,19 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         await problem(*why)(scope, receive, send)
+
+
+def insecure_public_url(url: str) -> bool:
+    """Whether callbacks to ``url`` would cross a network in the clear: plain http to a
+    host that is not loopback (behind a TLS proxy, GATEWAY_PUBLIC_URL is its https URL)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+

@@ -21,7 +21,7 @@ from app.clients import Keyring
 from app.console import router as console_router
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers, problem, problems_in_spec
-from app.hardening import RequestLimits
+from app.hardening import RequestLimits, insecure_public_url
 from app.migrate import head_revisions
 from app.outbound import Outbound
 from app.outbox import Services
@@ -175,6 +175,9 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
         if settings.webhook_secret is None:
             log.warning("GATEWAY_WEBHOOK_SECRET is not set: tasks with a webhook_url are "
                         "accepted but their notifications are recorded as failed")
+        if settings.env == "prod" and insecure_public_url(settings.public_url):
+            log.warning("GATEWAY_PUBLIC_URL is plain http on a non-loopback host: callback "
+                        "tokens and uploaded images travel unencrypted (docs/security.md)")
         if start_workers:
             scheduler.start()
             for loop in result_loops:
