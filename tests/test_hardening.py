@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import func, select
 
 from app.models import Task
@@ -46,6 +45,8 @@ HOSTILE: list[tuple[str, str, dict[str, Any], bytes | None, int]] = [
     ("GET", "/v1/tasks", {"Authorization": "Bearer \u00e9t\u00e9".encode("latin-1")}, None,
      401),
     ("GET", "/v1/tasks", {**AUTH, "X-Padding": "p" * 20_000}, None, 431),
+    ("GET", "/v1/tasks", {"Authorization": "Bearer " + "k" * 17_000}, None, 431),
+    ("POST", "/v1/tasks", {**AUTH, "Idempotency-Key": "i" * 17_000}, b"{}", 431),
     ("POST", "/v1/tasks", {**AUTH, "Idempotency-Key": "i" * 256}, b"{}", 422),
     ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"}, b'{"input": "\xff"}',
      400),  # not UTF-8: undecodable, as opposed to invalid JSON (422)
@@ -132,11 +133,3 @@ async def test_strict_types_and_limits_still_accept_good_input(gateway: Gateway,
         "/v1/tasks", params={"metadata.k3": "\u00e9" * 500,
                              "created_after": "2000-01-01T00:00:00+14:00"})
     assert [t["id"] for t in listed.json()["data"]] == [r.json()["id"]]
-
-
-@pytest.mark.parametrize("header", ["Authorization", "Idempotency-Key", "X-Anything"])
-async def test_oversized_single_headers(gateway: Gateway, header: str) -> None:
-    headers = {**AUTH, header: "v" * 17_000}
-    r = await gateway.client().post("/v1/tasks", headers=headers, json={})
-    assert r.status_code in (400, 401, 413, 422, 431)
-    assert r.headers["content-type"].startswith(PROBLEM), r.text

@@ -40,7 +40,7 @@ wire_values = st.one_of(st.none(), st.text(max_size=40), st.sampled_from(NASTY),
                         st.integers(), st.floats(),
                         st.booleans(), st.lists(st.text(max_size=5), max_size=2),
                         st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2))
-PROPS = settings(max_examples=60, deadline=None, derandomize=True,
+PROPS = settings(max_examples=40, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture,
                                         HealthCheck.too_slow])
 
