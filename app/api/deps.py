@@ -27,8 +27,8 @@ bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth",
 
 
 async def principal(request: Request,
-                    _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None
-                    ) -> Principal:
+                    _credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                            Security(bearer)] = None) -> Principal:
     """Bearer auth (``principal_for_key``), then the client's request rate limit."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
