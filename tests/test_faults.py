@@ -275,7 +275,7 @@ async def test_second_upstream_task_is_killed_and_recorded(
     """Attempt 1 did start a task but its answer was lost and no sign came within the
     grace period, so attempt 2 went out. When attempt 1's callback finally shows up,
     its upstream task is the extra one: it is killed and the events say so."""
-    sim.configure(run_s=4.0, callback_drop=1.0)
+    sim.configure(run_s=3.5, callback_drop=1.0)
     tx = Interposer()
     first: list[str] = []
 
@@ -383,11 +383,11 @@ async def test_run_errors_are_retried_and_run_once(db_url: str, sim: Sim, tmp_pa
     sim.configure(**{knob: 0.7, "seed": 3})
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
                            retry_after_cap_s=0.3) as gw:
-        ids = await submit(gw, sim, 5)
+        ids = await submit(gw, sim, 4)
         done = await finish(gw, ids, timeout=40)
         stories = [await events(gw, i) for i in ids]
     stats = await sim_stats(sim)
-    assert [t["status"] for t in done] == ["succeeded"] * 5
+    assert [t["status"] for t in done] == ["succeeded"] * 4
     assert stats["runs_by_gateway_task"] == {i: 1 for i in ids}
     reason = "http_500" if knob == "run_5xx_rate" else "http_429"
     assert stats["run_rejections"].get(reason, 0) >= 3, stats["run_rejections"]
@@ -550,12 +550,12 @@ async def storm(url: str, body: dict[str, Any], n: int) -> list[httpx.Response]:
             await c.aclose()
 
 
-@pytest.mark.parametrize(("db_url", "copies"), [("sqlite", 1000), ("postgres", 300)],
+@pytest.mark.parametrize(("db_url", "copies"), [("sqlite", 1000), ("postgres", 200)],
                          indirect=["db_url"])
 async def test_thousand_duplicate_callbacks_one_transition(db_url: str, sim: Sim,
                                                            tmp_path: Path, copies: int) -> None:
     """The simulator's own callback is dropped and polling is far off: 1,000 copies of the
-    real callback, all at once, are what finishes the task, exactly once. (300 on
+    real callback, all at once, are what finishes the task, exactly once. (200 on
     PostgreSQL, where the row locks are what is being exercised: each request costs the
     in-process gateway ~10 ms, and the suite has a time budget.)"""
     sim.configure(callback_drop=1.0)
@@ -577,7 +577,7 @@ async def test_thousand_duplicate_callbacks_one_transition(db_url: str, sim: Sim
         assert codes == [204], codes
         final = await gw.wait_terminal(tid)
         evs = await events(gw, tid)
-        late = await storm(url, body, 100)
+        late = await storm(url, body, 50)
         assert {r.status_code for r in late} == {204}
         assert await events(gw, tid) == evs  # late duplicates change nothing
     assert final["status"] == "succeeded" and final["outputs"]
@@ -623,7 +623,7 @@ async def hint_at(gw: Gateway, tid: str) -> datetime | None:
 @SQLITE_ONLY
 async def test_forged_and_oversized_callbacks_change_nothing(db_url: str, sim: Sim,
                                                              tmp_path: Path) -> None:
-    sim.configure(run_s=5.0, callback_drop=1.0)
+    sim.configure(run_s=3.5, callback_drop=1.0)
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
         [tid] = await submit(gw, sim)
         await wait_status(gw, tid, "running")
