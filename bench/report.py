@@ -47,7 +47,12 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
                 f"**x{_f(x['ratio'], 2)}** (applied: {_f(x['applied_rps'])}/s = "
                 f"x{_f(x['applied_ratio'], 2)}); burst {b.get('callbacks')}: "
                 f"{b.get('lost')} lost, {b.get('non_2xx', 0) + b.get('errors', 0)} non-2xx, "
-                f"all applied in {_f(b.get('all_applied_s'))} s", x.get("met"))
+                f"answered in {_f(b.get('all_answered_s'))} s, "
+                + (f"all applied in {_f(b.get('all_applied_s'))} s"
+                   if b.get("all_applied_s") is not None else
+                   f"{b.get('not_terminal_after_wait')} still being applied after "
+                   f"{_f(b.get('wait_s'), 0)} s")
+                + f" ({_f(b.get('applied_per_s'))}/s)", x.get("met"))
     if pid == "P4":
         q = x["queries"]
         parts = [f"{name} {_f(q[k]['p95_ms_big'], 2)} ms (x{_f(q[k]['ratio'], 2)})"
