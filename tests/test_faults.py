@@ -728,3 +728,39 @@ async def test_two_attempts_linked_at_once_leave_one_upstream_task(db_url: str, 
     extra = next(u for u, o in outcomes.items() if o == "extra_killed")
     assert sum(f"second upstream task {extra}" in (e["message"] or "") for e in evs) == 1
     assert [e["status"] for e in evs if e["status"]] == ["pending", "queued"]
+
+
+@SQLITE_ONLY
+async def test_callback_naming_another_upstream_task_is_not_linked(
+        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path) -> None:
+    """While a Run is unanswered, a callback on its (secret) URL names an upstream task
+    that belongs to another gateway task. Detail shows that task's callback URL is not
+    this attempt's: it is neither adopted (its outputs would leak) nor stopped."""
+    tx = Interposer()
+    callback_urls: dict[str, str] = {}
+
+    async def lose_second(n: int, request: httpx.Request) -> None:
+        callback_urls[gateway_task_of(request)] = json.loads(request.content)["callbackUrl"]
+        if n == 2:
+            raise httpx.ReadTimeout("timed out (test: never reached Wiro)", request=request)
+
+    tx.on_run = lose_second
+    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path,
+                           run_grace_s=2.5, wiro_connect_timeout_s=0.5, wiro_read_timeout_s=1.0,
+                           reconcile_with_task_list=False) as gw:
+        [victim] = await submit(gw, sim)
+        foreign = (await gw.client().get(f"/v1/tasks/{victim}")).json()["upstream"]["task_id"]
+        [tid] = await submit(gw, sim)
+        async with httpx.AsyncClient() as c:
+            r = await c.post(callback_urls[tid], json={"id": foreign,
+                                                       "status": "task_postprocess_end"})
+        assert r.status_code == 204
+        v_final, final = await finish(gw, [victim, tid])
+        rows = await attempts(gw, tid)
+    assert v_final["status"] == "succeeded" and v_final["upstream"]["task_id"] == foreign
+    assert final["status"] == "succeeded" and final["upstream"]["task_id"] != foreign
+    assert [(a.number, a.outcome, a.hint_upstream_id) for a in rows] == [
+        (1, "abandoned", None), (2, "accepted", None)]
+    rec = await sim_get(sim, f"/__sim/tasks/{foreign}")
+    assert rec["cancel_kind"] is None  # the other task's run was left alone
+    assert (await sim_stats(sim))["kill_calls"] == 0
