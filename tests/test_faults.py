@@ -391,7 +391,8 @@ async def test_run_errors_are_retried_and_run_once(db_url: str, sim: Sim, tmp_pa
     assert stats["runs_by_gateway_task"] == {i: 1 for i in ids}
     reason = "http_500" if knob == "run_5xx_rate" else "http_429"
     assert stats["run_rejections"].get(reason, 0) >= 3, stats["run_rejections"]
-    word = "unavailable" if knob == "run_5xx_rate" else "rate limit (429)"
+    # 429: Retry-After (1 s) is honoured up to GATEWAY_RETRY_AFTER_CAP_S (0.3 s here).
+    word = "unavailable" if knob == "run_5xx_rate" else "rate limit (429); retrying in 0.3s"
     assert sum(word in (e["message"] or "") for evs in stories for e in evs) \
         == stats["run_rejections"][reason]
     for evs in stories:
