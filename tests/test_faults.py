@@ -275,7 +275,7 @@ async def test_second_upstream_task_is_killed_and_recorded(
     """Attempt 1 did start a task but its answer was lost and no sign came within the
     grace period, so attempt 2 went out. When attempt 1's callback finally shows up,
     its upstream task is the extra one: it is killed and the events say so."""
-    sim.configure(run_s=3.5, callback_drop=1.0)
+    sim.configure(run_s=5.0, callback_drop=1.0)  # attempt 1's task still runs at 2.5 s
     tx = Interposer()
     first: list[str] = []
 
@@ -486,7 +486,7 @@ async def test_upstream_rejection_fails(monkeypatch: pytest.MonkeyPatch, db_url:
 
 @SQLITE_ONLY
 async def test_detail_errors_never_fail_a_task(db_url: str, sim: Sim, tmp_path: Path) -> None:
-    sim.configure(detail_5xx_rate=0.7, seed=5)
+    sim.configure(detail_5xx_rate=0.8, seed=5)
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
         ids = await submit(gw, sim, 4)
         done = await finish(gw, ids, timeout=40)
@@ -624,7 +624,7 @@ async def hint_at(gw: Gateway, tid: str) -> datetime | None:
 @SQLITE_ONLY
 async def test_forged_and_oversized_callbacks_change_nothing(db_url: str, sim: Sim,
                                                              tmp_path: Path) -> None:
-    sim.configure(run_s=3.5, callback_drop=1.0)
+    sim.configure(run_s=6.0, callback_drop=1.0)  # long enough to be "running" throughout
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
         [tid] = await submit(gw, sim)
         await wait_status(gw, tid, "running")
