@@ -16,7 +16,6 @@ from app.api import callbacks, health
 from app.api import results as result_routes
 from app.api import stats as stats_routes
 from app.api import tasks as task_routes
-from app.api.deps import key_digests
 from app.clients import Keyring
 from app.console import router as console_router
 from app.db import make_engine, make_sessionmaker
@@ -199,7 +198,6 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     )
     app.state.draining = False
     app.state.settings = settings
-    app.state.key_digests = key_digests(settings.client_keys)
     app.state.keyring = Keyring(settings)
     app.state.rate_limiter = RateLimiter()
     app.state.migration_heads = head_revisions()

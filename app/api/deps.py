@@ -66,10 +66,6 @@ async def principal_for_digest(request: Request, digest: bytes) -> Principal:
     return found
 
 
-def key_digests(keys: dict[str, str]) -> list[tuple[bytes, str]]:
-    return [(key_digest(k), name) for k, name in keys.items()]
-
-
 def task_out(t: Task) -> TaskOut:
     error = None
     if t.error_code:
