@@ -136,13 +136,16 @@ async def test_a_burst_does_not_starve_another_client(db_url: str, sim: Sim,
         sim.configure(queue_s=60, run_s=0.4)
         blockers = [(await gw.client("root").post("/v1/tasks", json=task_body(sim))).json()["id"]
                     for _ in range(2)]
-        sim.configure(queue_s=0.1, run_s=0.4)
+        # Runs long enough that alpha's first task is still in flight when the second slot
+        # frees, however slowly the two cancels go through on a loaded machine.
+        sim.configure(queue_s=0.1, run_s=2.0)
         a = [(await gw.client("alpha").post("/v1/tasks", json=task_body(sim))).json()["id"]
              for _ in range(6)]
         b = [(await gw.client("beta").post("/v1/tasks", json=task_body(sim))).json()["id"]
              for _ in range(2)]
-        for t in blockers:  # both slots free at once
-            assert (await gw.client("root").post(f"/v1/tasks/{t}/cancel")).status_code == 202
+        cancels = await asyncio.gather(*(gw.client("root").post(f"/v1/tasks/{t}/cancel")
+                                         for t in blockers))  # both slots free at once
+        assert [r.status_code for r in cancels] == [202, 202]
         await asyncio.gather(*(gw.wait_terminal(t) for t in a),
                              *(gw.wait_terminal(t, client="beta") for t in b))
         async with gw.ctx.sm() as s:
