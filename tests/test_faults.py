@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -190,7 +191,7 @@ async def test_row_and_attempt_commit_before_run_is_sent(
     ("hang", "callback", "sqlite"), ("hang", "callback", "postgres"),
     ("hang", "task_list", "sqlite"),
     ("drop", "callback", "sqlite"),
-    ("drop", "task_list", "sqlite"), ("drop", "task_list", "postgres"),
+    ("drop", "task_list", "sqlite"),
 ], indirect=["db_url"])
 async def test_ambiguous_run_is_linked_not_resent(db_url: str, sim: Sim, tmp_path: Path,
                                                   fault: str, finder: str) -> None:
@@ -553,17 +554,38 @@ async def test_task_error_persisting_fails_interim_one_does_not(db_url: str, sim
 # ---------------------------------------------------------------- 5. callbacks under abuse
 
 
-async def storm(url: str, body: dict[str, Any], n: int) -> list[httpx.Response]:
-    """``n`` POSTs at once, over 20 clients of up to 50 connections each (one httpx pool
-    queueing 1,000 requests spends quadratic time on its own bookkeeping)."""
-    clients = [httpx.AsyncClient(timeout=httpx.Timeout(120),
-                                 limits=httpx.Limits(max_connections=50)) for _ in range(20)]
-    try:
-        return list(await asyncio.gather(*(clients[i % 20].post(url, json=body)
-                                           for i in range(n))))
-    finally:
-        for c in clients:
-            await c.aclose()
+STORM = """
+import asyncio, collections, json, sys
+import httpx
+
+async def main(url, body, n):
+    # 20 clients of up to 50 connections: one httpx pool queueing 1,000 requests
+    # spends quadratic time on its own bookkeeping.
+    clients = [httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=50))
+               for _ in range(20)]
+    async def one(i):
+        try:
+            return (await clients[i % 20].post(url, content=body,
+                    headers={"content-type": "application/json"})).status_code
+        except httpx.HTTPError as e:
+            return type(e).__name__
+    codes = await asyncio.gather(*(one(i) for i in range(n)))
+    print(json.dumps(collections.Counter(map(str, codes))))
+
+asyncio.run(main(sys.argv[1], sys.stdin.buffer.read(), int(sys.argv[2])))
+"""
+
+
+async def storm(url: str, body: dict[str, Any], n: int) -> dict[str, int]:
+    """``n`` POSTs of ``body`` to ``url`` all at once, from another process (so the
+    client's work does not share the in-process gateway's event loop); the count of
+    each status code (or transport error)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", STORM, url, str(n), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate(json.dumps(body).encode())
+    assert proc.returncode == 0
+    return json.loads(out)
 
 
 @pytest.mark.parametrize(("db_url", "copies"), [("sqlite", 1000), ("postgres", 200)],
@@ -588,13 +610,12 @@ async def test_thousand_duplicate_callbacks_one_transition(db_url: str, sim: Sim
         url, body = rec["detail"]["callbackurl"], rec["detail"]
         assert urlsplit(url).path.startswith(f"/callbacks/wiro/{tid}/")
         details_before = (await sim_stats(sim))["detail_calls"]
-        rs = await storm(url, body, copies)
-        codes = sorted({r.status_code for r in rs})
-        assert codes == [204], codes
+        codes = await storm(url, body, copies)
+        assert codes == {"204": copies}, codes
         final = await gw.wait_terminal(tid)
         evs = await events(gw, tid)
         late = await storm(url, body, 50)
-        assert {r.status_code for r in late} == {204}
+        assert late == {"204": 50}, late
         assert await events(gw, tid) == evs  # late duplicates change nothing
     assert final["status"] == "succeeded" and final["outputs"]
     assert_one_terminal(evs, "succeeded")
@@ -710,6 +731,7 @@ async def test_slow_run_is_not_declared_dead_while_its_request_is_in_flight(
     assert stats["billable_by_gateway_task"] == {tid: 1}
 
 
+@SQLITE_ONLY  # where the read in _link locks nothing; PostgreSQL's FOR UPDATE serialises
 async def test_two_attempts_linked_at_once_leave_one_upstream_task(db_url: str, sim: Sim,
                                                                    tmp_path: Path) -> None:
     """Narrow case: two attempts of one task turn out to have started upstream tasks and
