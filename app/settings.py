@@ -59,7 +59,9 @@ class Settings(BaseSettings):
         default=True,
         description="look for an unanswered Run's upstream task in Task/List (undocumented)",
     )
-    lease_s: float = 30.0
+    # Longer than one upstream call can take (connect + read timeouts), so a check that is
+    # still waiting on Wiro never loses its task to another worker.
+    lease_s: float = 60.0
     worker_idle_s: float = 1.0
     worker_batch: int = 20
     worker_concurrency: int = 16
