@@ -64,7 +64,7 @@ async def page(browser: Any, gw: Gateway) -> AsyncIterator[Any]:
     # A zone far from UTC, to see times converted.
     context = await browser.new_context(base_url=gw.url, timezone_id="Asia/Tokyo",
                                         viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(10_000)
+    context.set_default_timeout(30_000)  # a loaded 2-core CI machine
     p = await context.new_page()
     yield p
     await context.close()

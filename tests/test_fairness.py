@@ -146,8 +146,9 @@ async def test_a_burst_does_not_starve_another_client(db_url: str, sim: Sim,
         cancels = await asyncio.gather(*(gw.client("root").post(f"/v1/tasks/{t}/cancel")
                                          for t in blockers))  # both slots free at once
         assert [r.status_code for r in cancels] == [202, 202]
-        await asyncio.gather(*(gw.wait_terminal(t) for t in a),
-                             *(gw.wait_terminal(t, client="beta") for t in b))
+        # Four rounds of two 2 s runs; generous, for a loaded CI machine.
+        await asyncio.gather(*(gw.wait_terminal(t, timeout=120) for t in a),
+                             *(gw.wait_terminal(t, timeout=120, client="beta") for t in b))
         async with gw.ctx.sm() as s:
             started = dict((await s.execute(select(Task.id, Task.upstream_started_at))).all())
         labels = "".join("a" if t in a else "b"
