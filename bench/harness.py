@@ -325,7 +325,8 @@ async def in_process_gateway(*, db: Database, sim: Sim, data_dir: Path,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = gateway_env(db=db, sim=sim, public_url=url, data_dir=data_dir, **overrides)
-    settings = Settings(**{k.removeprefix("GATEWAY_").lower(): v for k, v in env.items()})
+    settings = Settings.model_validate(
+        {k.removeprefix("GATEWAY_").lower(): v for k, v in env.items()})
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))

@@ -253,7 +253,7 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
         for q, rs in per_round.items():
             rows_big = len((await t.list_tasks(ctxs["big"], **queries["big"][q]))[0])
             rows_small = len((await t.list_tasks(ctxs["small"], **queries["small"][q]))[0])
-            res = {
+            res: dict[str, Any] = {
                 "p95_ms_small": r2(median([r["small_p95"] for r in rs])),
                 "p95_ms_big": r2(median([r["big_p95"] for r in rs])),
                 "p50_ms_big": r2(pct(samples[q]["big"], 50)),

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import secrets
 from datetime import timedelta
+from typing import cast
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 INPUT = {"inputImageUrl": "https://example.com/me.jpg", "background": "office",
@@ -55,7 +56,8 @@ async def insert_submitted_tasks(engine: AsyncEngine, n: int, *, upstream_id: st
         t["metadata"] = t.pop("metadata_")
     async with engine.begin() as conn:
         for i in range(0, n, 2000):
-            await conn.execute(insert(Task.__table__), tasks[i:i + 2000])
-            await conn.execute(insert(Attempt.__table__), attempts[i:i + 2000])
-            await conn.execute(insert(Event.__table__), events[2 * i:2 * i + 4000])
+            await conn.execute(insert(cast(Table, Task.__table__)), tasks[i:i + 2000])
+            await conn.execute(insert(cast(Table, Attempt.__table__)), attempts[i:i + 2000])
+            await conn.execute(insert(cast(Table, Event.__table__)),
+                               events[2 * i:2 * i + 4000])
     return out
