@@ -12,17 +12,17 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.procs import bin_env, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 # The checkout whose gateway the subprocesses run (``BENCH_APP_ROOT`` points at another
@@ -52,32 +52,6 @@ _children: list[subprocess.Popen] = []
 
 class BenchFailure(RuntimeError):
     """A task lost or run twice upstream: the benchmark must exit non-zero."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} came up")
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(url)
-
-
-def bin_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "SIM_"))}
-    env.update(extra)
-    return env
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -245,7 +219,7 @@ def start_sim(logdir: Path, **knobs: Any) -> Sim:
                   SIM_LOG_LEVEL="WARNING")
     proc = spawn([sys.executable, "-m", "app.cli", "simulate", "--port", str(port)], env,
                  logdir / f"sim-{port}.log")
-    wait_http(f"{url}/__sim/config", proc=proc)
+    wait_http(f"{url}/__sim/config", timeout=30.0, proc=proc)
     sim = Sim(url=url, proc=proc)
     sim.reset(**knobs)
     return sim
@@ -293,7 +267,7 @@ def start_gateway(*, db: Database, sim: Sim, logdir: Path, **overrides: Any) -> 
     env = bin_env(**gateway_env(db=db, sim=sim, public_url=url, data_dir=logdir, **overrides))
     proc = spawn([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env,
                  logdir / f"gateway-{db.kind}-{port}.log")
-    wait_http(f"{url}/healthz", proc=proc)
+    wait_http(f"{url}/healthz", timeout=30.0, proc=proc)
     return GatewayProc(url=url, proc=proc, db=db)
 
 
@@ -360,7 +334,7 @@ def start_baseline(*, db: Database, logdir: Path) -> BaselineProc:
     env = bin_env(BENCH_DATABASE_URL=db.url)
     proc = spawn([sys.executable, "-m", "bench.baseline", "--port", str(port)], env,
                  logdir / f"baseline-{db.kind}-{port}.log")
-    wait_http(f"{url}/healthz", proc=proc)
+    wait_http(f"{url}/healthz", timeout=30.0, proc=proc)
     return BaselineProc(url=url, proc=proc)
 
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import uvicorn
 
 from app.migrate import upgrade
 from app.settings import Settings
+from tests.procs import bin_env, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_KEY, SIM_SECRET = "test-sim-key", "test-sim-secret"
@@ -39,32 +39,6 @@ SIM_DEFAULTS: dict[str, Any] = {
     "lost_rate": 0.0, "task_error_s": 0.0, "task_error_fatal_rate": 0.0, "run_hang_s": 0.0,
     "run_drop_connection": False, "max_concurrency": 0, "balance_exhausted": False,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} came up")
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(url)
-
-
-def bin_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "SIM_"))}
-    env.update(extra)
-    return env
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
