@@ -61,8 +61,13 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     if url.startswith("sqlite"):
         # One file shared by the API and the workers: WAL lets readers run beside the
         # single writer, and the busy timeout makes writers wait instead of failing.
+        # ``module``: one thread hop per statement instead of three or four
+        # (app/sqlite_driver.py).
+        from app.sqlite_driver import dbapi
+
         engine = create_async_engine(
-            url, echo=echo, connect_args={"timeout": 30}, pool_size=8, max_overflow=8
+            url, echo=echo, connect_args={"timeout": 30}, pool_size=8, max_overflow=8,
+            module=dbapi(),
         )
 
         @event.listens_for(engine.sync_engine, "connect")
