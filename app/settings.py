@@ -35,6 +35,27 @@ class Settings(BaseSettings):
 
     poll_initial_s: float = 10.0
     poll_max_s: float = 60.0
+    # The adaptive poll schedule (app/pollplan.py).
+    poll_adaptive: bool = Field(
+        default=True,
+        description="adapt the first poll to how healthy callbacks are; false: always "
+                    "POLL_INITIAL_S then doubling")
+    poll_safety_factor: float = Field(
+        default=2.0, ge=1.0,
+        description="while callbacks are healthy, the first poll comes this many times "
+                    "the recent p95 upstream duration after Run")
+    poll_safety_max_s: float | None = Field(
+        default=None, gt=0,
+        description="the latest that first poll comes (and the first poll of a gateway "
+                    "with no finished task yet); unset = POLL_MAX_S")
+    poll_health_window: int = Field(
+        default=20, ge=1, description="callbacks are judged on this many newest finished tasks")
+    poll_health_max_missing: float = Field(
+        default=0.25, ge=0.0, le=1.0,
+        description="callbacks are unhealthy when more than this share of those tasks "
+                    "finished without one")
+    poll_plan_refresh_s: float = Field(
+        default=10.0, gt=0, description="how often each process re-reads that history")
     task_timeout_s: float = 3600.0
     notify_retry_s: str = "0,5,300,1800,7200,18000,36000,36000"
     output_hosts: str = WIRO_CDN_HOSTS
@@ -133,6 +154,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.poll_initial_s <= 0 or self.poll_max_s < self.poll_initial_s:
             raise ValueError("need 0 < GATEWAY_POLL_INITIAL_S <= GATEWAY_POLL_MAX_S")
+        if self.poll_safety_max_s is not None and self.poll_safety_max_s < self.poll_initial_s:
+            raise ValueError("need GATEWAY_POLL_INITIAL_S <= GATEWAY_POLL_SAFETY_MAX_S")
         if self.wiro_api_secret is not None and self.wiro_api_key is None:
             raise ValueError("GATEWAY_WIRO_API_SECRET is set without GATEWAY_WIRO_API_KEY")
         self.client_keys  # noqa: B018 - parse early so a malformed value fails at start-up
@@ -147,6 +170,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+
+    @property
+    def poll_safety_cap_s(self) -> float:
+        """The latest first poll of the adaptive schedule."""
+        return self.poll_max_s if self.poll_safety_max_s is None else self.poll_safety_max_s
 
     @property
     def is_sqlite(self) -> bool:

@@ -54,6 +54,7 @@ from app.lifecycle import (
 )
 from app.models import Attempt, Event, Task
 from app.outbox import record_terminal
+from app.pollplan import PollPlan
 from app.schemas import TaskCreate
 from app.settings import Settings
 from app.wiro import (
@@ -109,6 +110,8 @@ class Ctx:
     # Shutdown waits for (then cancels) the checks it is given; set by the scheduler.
     track: Callable[[asyncio.Task[Any]], None] = lambda t: None
     dispatch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # When to poll, learned from how recent tasks finished (app/pollplan.py).
+    polls: PollPlan = field(default_factory=PollPlan)
 
 
 # ---------------------------------------------------------------- writes, in one place
@@ -612,7 +615,7 @@ async def _send(ctx: Ctx, task: Task, attempt: Attempt, token: str) -> datetime 
     crash_point("after_run_accepted")
     await _link(ctx, task.id, attempt, accepted.task_id, accepted.socket_token,
                 source="dispatcher")
-    return ctx.clock() + timedelta(seconds=s.poll_initial_s)
+    return ctx.clock() + timedelta(seconds=ctx.polls.first_delay(s))
 
 
 def _short(e: Exception) -> str:
@@ -797,7 +800,7 @@ async def _poll(ctx: Ctx, task: Task, source: str) -> datetime | None:
         return None
     if task.cancel_requested_at is not None:
         await _stop_upstream(ctx, task.upstream_task_id, ut.status)
-    interval = min(s.poll_max_s, s.poll_initial_s * 2 ** min(task.retries + 1, 20))
+    interval = ctx.polls.interval(s, task.retries)
     if ut.status in ("task_error", "task_error_full"):
         interval = min(interval, max(1.0, s.task_error_grace_s / 3))
     if task.cancel_requested_at is not None:

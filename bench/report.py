@@ -60,8 +60,13 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
                                  ("status_metadata", "status+meta"))]
         return f"{x['rows_big']:,} rows: " + ", ".join(parts), x.get("met")
     if pid == "P5":
+        waves = x["no_callbacks"].get("waves")
+        split = (f": cold start {_f(waves[0]['detail_per_task'], 2)} (detected "
+                 f"{_f(waves[0]['lag_p50_s'])} s late, p50), then "
+                 f"{_f(waves[1]['detail_per_task'], 2)} ({_f(waves[1]['lag_p50_s'])} s)"
+                 if waves else "")
         return (f"{_f(x['callbacks']['detail_per_task'], 2)} with callbacks, "
-                f"{_f(x['no_callbacks']['detail_per_task'], 2)} without "
+                f"{_f(x['no_callbacks']['detail_per_task'], 2)} without{split} "
                 f"(T = {_f(d.get('task_duration_s'), 0)} s, bound "
                 f"{d.get('bound_without_callbacks')})", x.get("met"))
     if pid == "P6":

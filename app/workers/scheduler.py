@@ -28,12 +28,15 @@ class Scheduler:
         self._running: set[asyncio.Task[None]] = set()
         self._tracked: set[asyncio.Task[Any]] = set()  # checks run outside the loop
         self._loop_task: asyncio.Task[None] | None = None
+        self._plan_task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="scheduler")
+        # Keeps the poll schedule in step with how callbacks are doing (app/pollplan.py).
+        self._plan_task = asyncio.create_task(self.ctx.polls.run(self.ctx), name="poll-plan")
 
     async def _loop(self) -> None:
         s = self.ctx.settings
@@ -81,6 +84,9 @@ class Scheduler:
         another replica can continue at once instead of waiting for leases to lapse."""
         self.drain()
         assert self._drain_deadline is not None
+        if self._plan_task is not None:
+            self._plan_task.cancel()
+            await asyncio.wait([self._plan_task], timeout=2.0)
         loop = asyncio.get_running_loop()
         if self._loop_task is not None:
             await asyncio.wait([self._loop_task],

@@ -1,0 +1,259 @@
+"""The adaptive poll schedule (app/pollplan.py): the plan on its own, its refresh and
+pull-forward against both databases, and a gateway with the simulator where callbacks
+arrive (one Detail per task) and where they are all dropped (the doubling fallback)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from app.db import make_engine, make_sessionmaker, unit_of_work, utcnow
+from app.lifecycle import Status
+from app.models import Task
+from app.pollplan import PollPlan, Sample, Summary, quantile, summarize
+from app.settings import Settings
+from app.tasks import Ctx, new_task_id
+from tests.conftest import Gateway, Sim, run_gateway, task_body
+
+T0 = datetime(2026, 1, 1, 12, 0, 0).astimezone()
+
+
+def settings(**kw: Any) -> Settings:
+    return Settings(poll_initial_s=3, poll_max_s=60, **kw)
+
+
+def sample(i: int, duration: float, callback: bool = True) -> Sample:
+    done = T0 + timedelta(seconds=i)
+    return Sample(started_at=done - timedelta(seconds=duration), completed_at=done,
+                  callback=callback)
+
+
+def plan_with(healthy: bool | None, p95: float | None) -> PollPlan:
+    plan = PollPlan()
+    plan.summary = Summary(healthy=healthy, p95_s=p95, window=0, missing=0)
+    return plan
+
+
+# ---------------------------------------------------------------- the plan alone
+
+
+def test_quantile_is_nearest_rank() -> None:
+    assert quantile([5.0], 0.95) == 5.0
+    assert quantile([float(i) for i in range(1, 21)], 0.95) == 19.0
+    assert quantile([float(i) for i in range(1, 101)], 0.95) == 95.0
+    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+def test_summary_judges_the_newest_window_and_times_callback_tasks_only() -> None:
+    assert summarize([], window=20, max_missing=0.25) == Summary(None, None, 0, 0)
+    # 30 finished tasks; the 10 oldest had no callback, so the newest 20 all had one.
+    old = [sample(i, 50.0, callback=False) for i in range(10)]
+    new = [sample(10 + i, 10.0 + i % 3) for i in range(20)]
+    s = summarize(old + new, window=20, max_missing=0.25)
+    assert (s.healthy, s.window, s.missing) == (True, 20, 0)
+    assert s.p95_s == 12.0  # the poll-finished tasks' durations are not used
+    # 5 of the newest 20 without a callback: still healthy at 25 %; 6 is not.
+    five = new[:15] + [sample(100 + i, 10.0, callback=False) for i in range(5)]
+    assert summarize(five, window=20, max_missing=0.25).healthy is True
+    six = new[:14] + [sample(100 + i, 10.0, callback=False) for i in range(6)]
+    assert summarize(six, window=20, max_missing=0.25).healthy is False
+    # One finished task is enough to judge: a gateway whose callbacks never worked
+    # learns it from the first task its safety poll finds.
+    one = summarize([sample(0, 5.0, callback=False)], window=20, max_missing=0.25)
+    assert (one.healthy, one.p95_s) == (False, None)
+
+
+def test_healthy_callbacks_put_the_first_poll_past_the_p95() -> None:
+    s = settings()
+    plan = plan_with(True, 12.0)
+    assert plan.safety_s(s) == 24.0
+    for _ in range(200):
+        assert 0.8 * 24.0 <= plan.first_delay(s) <= 24.0
+    # Bounded: never before POLL_INITIAL_S, never after the safety maximum.
+    assert plan_with(True, 0.5).safety_s(s) == 3.0
+    assert plan_with(True, 500.0).safety_s(s) == 60.0
+    assert plan_with(True, 500.0).safety_s(settings(poll_safety_max_s=300)) == 300.0
+    assert plan_with(True, 12.0).safety_s(settings(poll_safety_factor=3)) == 36.0
+    # A task that outlives it is polled at the larger of the two schedules.
+    assert plan.interval(s, 0) == 24.0
+    assert plan.interval(s, 3) == 48.0
+    assert plan.interval(s, 9) == 60.0
+
+
+def test_unhealthy_callbacks_or_no_adaptation_keep_the_doubling_schedule() -> None:
+    s = settings()
+    for plan, st in ((plan_with(False, 12.0), s), (plan_with(True, 12.0),
+                                                    settings(poll_adaptive=False))):
+        assert plan.first_delay(st) == 3.0
+        assert [plan.interval(st, r) for r in range(6)] == [6, 12, 24, 48, 60, 60]
+
+
+def test_no_history_is_optimistic_and_bounded() -> None:
+    s = settings()
+    plan = PollPlan()
+    assert plan.healthy is None
+    delays = [plan.first_delay(s) for _ in range(200)]
+    assert min(delays) >= 48.0 and max(delays) <= 60.0
+    assert plan.interval(s, 0) == 60.0
+
+
+def test_settings_are_checked() -> None:
+    assert settings().poll_safety_cap_s == 60.0
+    assert settings(poll_safety_max_s=90).poll_safety_cap_s == 90.0
+    for bad in ({"poll_safety_max_s": 1.0}, {"poll_safety_factor": 0.5},
+                {"poll_health_window": 0}, {"poll_health_max_missing": 1.5},
+                {"poll_plan_refresh_s": 0}):
+        with pytest.raises(ValidationError):
+            settings(**bad)
+
+
+# ---------------------------------------------------------------- refresh, against a database
+
+
+def _row(status: Status, *, now: datetime, **kw: Any) -> Task:
+    at = kw.pop("created_at", now)
+    values: dict[str, Any] = dict(
+        id=new_task_id(at), client="alpha", model="wiro/professional-headshot",
+        status=status.value, status_rank=status.rank, input={}, metadata_={}, attempt=1,
+        outputs=[], created_at=at, updated_at=now, deadline_at=now + timedelta(hours=1),
+        next_check_at=None, retries=0)
+    values.update(kw)
+    return Task(**values)
+
+
+async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward(
+        db_url: str) -> None:
+    engine = make_engine(db_url)
+    woken = []
+    ctx = Ctx(settings=Settings(database_url=db_url, poll_initial_s=3, poll_max_s=60),
+              sm=make_sessionmaker(engine), wiro=None,  # type: ignore[arg-type]
+              wake=lambda: woken.append(1))
+    now = utcnow()
+    try:
+        plan = ctx.polls
+        assert (await plan.refresh(ctx)).healthy is None  # empty database
+        async with unit_of_work(ctx.sm) as s:
+            # Four tasks finished by their callback, after 8-11 s upstream.
+            for i in range(4):
+                done = now - timedelta(seconds=30 - i)
+                s.add(_row(Status.succeeded, now=now, created_at=done - timedelta(seconds=20),
+                           upstream_started_at=done - timedelta(seconds=8 + i),
+                           completed_at=done, hint_at=done))
+            # Not counted: never ran upstream, or cancelled.
+            s.add(_row(Status.failed, now=now, completed_at=now))
+            s.add(_row(Status.cancelled, now=now, completed_at=now,
+                       upstream_started_at=now - timedelta(seconds=1)))
+        got = await plan.refresh(ctx)
+        assert (got.healthy, got.window, got.missing) == (True, 4, 0)
+        assert got.p95_s == pytest.approx(11.0)
+        assert plan.safety_s(ctx.settings) == pytest.approx(22.0)
+
+        far, soon = now + timedelta(seconds=40), now + timedelta(seconds=2)
+        async with unit_of_work(ctx.sm) as s:
+            waiting = _row(Status.queued, now=now, next_check_at=far)  # pulled
+            running = _row(Status.running, now=now, next_check_at=far)  # pulled
+            due_soon = _row(Status.running, now=now, next_check_at=soon)  # already close
+            polled = _row(Status.running, now=now, next_check_at=far, retries=2)  # schedule
+            pending = _row(Status.pending, now=now, next_check_at=far, attempt=0)
+            s.add_all([waiting, running, due_soon, polled, pending])
+            # Then callbacks stop: three tasks are found by polls, without one.
+            for i in range(3):
+                s.add(_row(Status.succeeded, now=now,
+                           upstream_started_at=now - timedelta(seconds=20),
+                           completed_at=now - timedelta(seconds=3 - i)))
+        got = await plan.refresh(ctx)
+        assert (got.healthy, got.window, got.missing) == (False, 7, 3)
+        assert plan.first_delay(ctx.settings) == 3.0
+        async with ctx.sm() as s:
+            nxt = dict((await s.execute(select(Task.id, Task.next_check_at))).all())
+        assert nxt[waiting.id] <= utcnow() and nxt[running.id] <= utcnow()
+        assert nxt[due_soon.id] == soon and nxt[polled.id] == far and nxt[pending.id] == far
+        assert woken
+        # Still unhealthy at the next refresh: nothing is pulled again.
+        async with unit_of_work(ctx.sm) as s:
+            again = _row(Status.queued, now=now, next_check_at=far)
+            s.add(again)
+        assert (await plan.refresh(ctx)).healthy is False
+        async with ctx.sm() as s:
+            assert await s.scalar(select(Task.next_check_at).where(Task.id == again.id)) == far
+    finally:
+        await engine.dispose()
+
+
+# ---------------------------------------------------------------- a gateway and the simulator
+
+
+async def _wave(gw: Gateway, sim: Sim, n: int) -> list[dict[str, Any]]:
+    c = gw.client()
+    rs = await asyncio.gather(*(c.post("/v1/tasks", json=task_body(sim)) for _ in range(n)))
+    assert [r.status_code for r in rs] == [202] * n, [r.text for r in rs]
+    return list(await asyncio.gather(*(gw.wait_terminal(r.json()["id"], timeout=30)
+                                       for r in rs)))
+
+
+async def _finished_by(gw: Gateway, task_id: str) -> str:
+    r = await gw.client().get(f"/v1/tasks/{task_id}/events")
+    return next(e["source"] for e in r.json()["data"] if e["status"] == "succeeded")
+
+
+async def _until(what: str, cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_healthy_callbacks_cost_one_detail_per_task(db_url: str, sim: Sim,
+                                                          tmp_path: Path) -> None:
+    """A fresh gateway (no history: the first wave's safety polls at 4-5 s) and the same
+    gateway once it has learned the tasks' 2 s (safety polls at ~3.2-4 s): every task is
+    finished by its callback, with the one Detail read the callback prompts."""
+    sim.configure(queue_s=0.5, run_s=1.5)
+    n = 6
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=0.5,
+                           poll_max_s=5, poll_plan_refresh_s=0.2) as gw:
+        first = await _wave(gw, sim, n)
+        await _until("the plan to learn", lambda: gw.ctx.polls.summary.window >= n)
+        plan = gw.ctx.polls
+        assert plan.healthy is True and 1.5 <= plan.summary.p95_s < 4, plan.summary
+        second = await _wave(gw, sim, n)
+        sources = {await _finished_by(gw, t["id"]) for t in first + second}
+    assert [t["status"] for t in first + second] == ["succeeded"] * 2 * n
+    assert sources == {"callback"}
+    stats = sim.stats()
+    assert stats["detail_calls"] == 2 * n, stats
+
+
+async def test_dropped_callbacks_fall_back_to_the_doubling_schedule(db_url: str, sim: Sim,
+                                                                    tmp_path: Path) -> None:
+    """Callbacks never arrive. The fresh gateway's first tasks are found by their safety
+    poll (within the 4 s maximum); the plan then turns unhealthy and the next tasks are
+    polled 0.5 s, 1.5 s, 3.5 s … after Run, as without the adaptive schedule."""
+    sim.configure(callback_drop=1.0)  # tasks take 0.8 s upstream
+    n = 4
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=0.5,
+                           poll_max_s=4, poll_plan_refresh_s=0.2) as gw:
+        first = await _wave(gw, sim, n)
+        await _until("the plan to turn", lambda: gw.ctx.polls.healthy is False)
+        details_first = sim.stats()["detail_calls"]
+        second = await _wave(gw, sim, 2 * n)
+        sources = {await _finished_by(gw, t["id"]) for t in first + second}
+        async with gw.ctx.sm() as s:
+            rows = (await s.execute(select(Task.id, Task.upstream_started_at, Task.completed_at)
+                                    .where(Task.id.in_([t["id"] for t in second])))).all()
+    assert [t["status"] for t in first + second] == ["succeeded"] * 3 * n
+    assert sources == {"poll"}
+    assert n <= details_first <= 2 * n  # one safety poll each (or a pulled-forward one first)
+    bound = math.ceil(math.log2(0.8 / 0.5)) + 2
+    assert sim.stats()["detail_calls"] - details_first <= bound * 2 * n
+    # Found on the doubling schedule (0.5 s, 1.5 s), not at the 4 s safety maximum.
+    lags = sorted((done - started).total_seconds() for _, started, done in rows)
+    assert lags[len(lags) // 2] < 3.0, lags
