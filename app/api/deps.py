@@ -16,8 +16,14 @@ from app.schemas import EventOut, TaskError, TaskOut, TaskOutput, UpstreamRef
 from app.tasks import Ctx
 
 
-def get_ctx(request: Request) -> Ctx:
+def ctx_of(request: Request) -> Ctx:
     return request.app.state.ctx
+
+
+async def get_ctx(request: Request) -> Ctx:
+    """``ctx_of`` as a dependency: async, or FastAPI would run it in its thread pool (a
+    thread hop on every request)."""
+    return ctx_of(request)
 
 
 # Declares the scheme in the OpenAPI spec only; ``principal`` reads the header itself so
@@ -60,7 +66,7 @@ async def principal_for_digest(request: Request, digest: bytes) -> Principal:
     The console keeps only the digest in its server-side session and resolves it here on
     every request, so a key that stops being valid ends its console sessions too.
     """
-    found = await request.app.state.keyring.authenticate_digest(get_ctx(request).sm, digest)
+    found = await request.app.state.keyring.authenticate_digest(ctx_of(request).sm, digest)
     if found is None:
         raise Unauthorized("Unknown API key.")
     return found

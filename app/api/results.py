@@ -20,7 +20,7 @@ files = APIRouter(tags=["uploads"])
 Caller = Annotated[Principal, Depends(principal)]
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 

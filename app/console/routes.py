@@ -22,7 +22,7 @@ from fastapi.routing import APIRoute
 from starlette.responses import RedirectResponse, Response
 
 from app import tasks
-from app.api.deps import event_out, get_ctx, principal_for_digest, principal_for_key
+from app.api.deps import ctx_of, event_out, get_ctx, principal_for_digest, principal_for_key
 from app.clients import key_digest
 from app.console import extras
 from app.console.render import STATIC, error_page, render, secure
@@ -106,7 +106,7 @@ class Viewer:
 
 
 async def viewer(request: Request) -> Viewer:
-    ctx = get_ctx(request)
+    ctx = ctx_of(request)
     token = request.cookies.get(COOKIE, "")
     session = await find_session(ctx, token=token) if token else None
     if session is None:
@@ -132,7 +132,7 @@ def _same_origin(request: Request) -> bool:
     if origin is None or origin == "null":
         return origin is None
     host = urlsplit(origin).netloc
-    public = urlsplit(get_ctx(request).settings.public_url).netloc
+    public = urlsplit(ctx_of(request).settings.public_url).netloc
     return host in (request.headers.get("host"), public)
 
 
@@ -149,7 +149,7 @@ Actor = Annotated[Viewer, Depends(checked_viewer)]
 Context = Annotated[Ctx, Depends(get_ctx)]
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 

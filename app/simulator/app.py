@@ -29,12 +29,17 @@ from app.simulator.engine import (
 JSONBody = dict[str, Any]
 
 
-def get_sim(request: Request) -> Simulator:
+def sim_of(request: Request) -> Simulator:
     return request.app.state.sim
 
 
+async def get_sim(request: Request) -> Simulator:
+    """``sim_of`` as a dependency (async: no thread pool hop)."""
+    return sim_of(request)
+
+
 async def wiro_auth(request: Request) -> Simulator:
-    sim = get_sim(request)
+    sim = sim_of(request)
     sim.check_auth(request.headers)
     return sim
 
