@@ -70,6 +70,21 @@ class Task(Base):
     )
 
 
+class TaskMetadata(Base):
+    """One ``metadata`` pair of a task, copied from ``tasks.metadata`` when the task is
+    created (metadata never changes afterwards). ``(key, value, task_id)`` makes a history
+    filter on one pair an index range scan in id order, newest first."""
+
+    __tablename__ = "task_metadata"
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    key: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[str] = mapped_column(String(500))
+
+    __table_args__ = (Index("ix_task_metadata_key_value_task_id", "key", "value", "task_id"),)
+
+
 class Attempt(Base):
     """One submission of a task to Wiro. The callback token names the attempt."""
 

@@ -31,13 +31,13 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
-from sqlalchemy import case, func, or_, select, type_coerce, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import Table, case, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from app import metrics
 from app.catalog import validate_input
@@ -52,7 +52,7 @@ from app.lifecycle import (
     Status,
     observe,
 )
-from app.models import Attempt, Event, Task
+from app.models import Attempt, Event, Task, TaskMetadata
 from app.outbox import record_terminal
 from app.pollplan import PollPlan
 from app.schemas import TaskCreate
@@ -199,6 +199,7 @@ async def create_task(ctx: Ctx, *, client: str, body: TaskCreate,
         async with unit_of_work(ctx.sm) as s:
             s.add(task)
             await s.flush()
+            await insert_metadata(s, task.id, task.metadata_)
             _event(s, task.id, "api", now, status=Status.pending.value,
                    message="task accepted by the gateway")
     except IntegrityError:
@@ -262,6 +263,34 @@ def decode_cursor(cursor: str) -> str:
             errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}]) from None
 
 
+_TASK_METADATA = cast(Table, TaskMetadata.__table__)
+
+
+async def insert_metadata(ses: AsyncSession, task_id: str, metadata: dict[str, str] | None
+                          ) -> None:
+    """A new task's ``task_metadata`` rows (one per pair; what history filters read), in
+    the caller's transaction."""
+    if metadata:
+        await ses.execute(insert(_TASK_METADATA), [
+            {"task_id": task_id, "key": k, "value": v} for k, v in metadata.items()])
+
+
+_PAIR_COUNT_CAP = 1000
+
+
+async def _rarest_first(ses: AsyncSession, pairs: list[tuple[str, str]]
+                        ) -> list[tuple[str, str]]:
+    """``pairs``, the one with the fewest tasks first (counted index-only, up to a cap).
+    The first pair drives the history query; SQLite's planner cannot tell a rare value
+    from a common one, so ``source=web&user_id=u_42`` would otherwise walk every web task."""
+    counts = (await ses.execute(select(*(
+        select(func.count()).select_from(
+            select(TaskMetadata.task_id).where(TaskMetadata.key == k, TaskMetadata.value == v)
+            .limit(_PAIR_COUNT_CAP).subquery()).scalar_subquery()
+        for k, v in pairs)))).one()
+    return [pairs[i] for i in sorted(range(len(pairs)), key=lambda i: counts[i])]
+
+
 async def list_tasks(ctx: Ctx, *, client: str | None, statuses: Sequence[Status] = (),
                      model: str | None = None, created_after: datetime | None = None,
                      created_before: datetime | None = None,
@@ -279,17 +308,26 @@ async def list_tasks(ctx: Ctx, *, client: str | None, statuses: Sequence[Status]
         q = q.where(Task.created_at > created_after)
     if created_before:
         q = q.where(Task.created_at < created_before)
-    if metadata:
-        if ctx.settings.is_postgres:
-            # jsonb @> {...}: served by the GIN index of migration 0002
-            q = q.where(type_coerce(Task.metadata_, JSONB).contains(metadata))
-        else:
-            for key, value in metadata.items():
-                q = q.where(Task.metadata_[key].as_string() == value)
-    if cursor:
-        q = q.where(Task.id < decode_cursor(cursor))
-    q = q.order_by(Task.id.desc()).limit(limit + 1)
+    order = Task.id
     async with ctx.sm() as s:
+        if metadata:
+            # One pair drives the query (the rarest, when there are several): its range of
+            # the (key, value, task_id) index, read backwards, is already newest first (no
+            # sort, no scan of other tasks); each other pair is a primary-key probe.
+            pairs = list(metadata.items())
+            if len(pairs) > 1:
+                pairs = await _rarest_first(s, pairs)
+            (key, value), *others = pairs
+            q = q.join(TaskMetadata, TaskMetadata.task_id == Task.id).where(
+                TaskMetadata.key == key, TaskMetadata.value == value)
+            for other_key, other_value in others:
+                m = aliased(TaskMetadata)
+                q = q.where(select(m.task_id).where(
+                    m.task_id == Task.id, m.key == other_key, m.value == other_value).exists())
+            order = TaskMetadata.task_id
+        if cursor:
+            q = q.where(order < decode_cursor(cursor))
+        q = q.order_by(order.desc()).limit(limit + 1)
         rows = (await s.scalars(q)).all()
     more = len(rows) > limit
     rows = rows[:limit]

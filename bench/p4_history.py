@@ -2,9 +2,11 @@
 10,000, timed server-side around ``app.tasks.list_tasks`` (the route's whole database
 part: building the query, running it, loading the rows).
 
-Synthetic rows go straight into fresh, migrated databases: COPY on PostgreSQL, batched
+Synthetic rows go straight into fresh, migrated databases (``tasks`` and, as
+``create_task`` writes them, their ``task_metadata`` pairs): COPY on PostgreSQL, batched
 ``executemany`` in one transaction on SQLite, in both cases with the secondary indexes
-dropped first and re-created from their own definitions afterwards, then ANALYZE. The
+(and on PostgreSQL the foreign key of ``task_metadata``) dropped first and re-created from
+their own definitions afterwards, then ANALYZE. The
 mix: clients alpha/beta/root 50/30/20 %, statuses succeeded 90 %, failed 6 %, cancelled
 3 %, timed_out 1 %, creation times spread over 30 days (ids are ULIDs of those times),
 ``metadata = {"user_id": one of 1,000 users, "source": one of 3}``, inputs and outputs
@@ -20,6 +22,7 @@ Rounds alternate the small and the large database; p95 per round, median of roun
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 import time
@@ -32,6 +35,7 @@ from bench.harness import Database, new_database
 STATUSES = [("succeeded", 90), ("failed", 6), ("cancelled", 3), ("timed_out", 1)]
 CLIENTS = [("alpha", 50), ("beta", 30), ("root", 20)]
 USERS = 1000
+TABLES = ("tasks", "task_metadata")
 COLUMNS = ["id", "client", "model", "status", "status_rank", "input", "metadata",
            "upstream_task_id", "upstream_status", "attempt", "outputs", "cost_usd",
            "error_code", "error_message", "created_at", "updated_at", "completed_at",
@@ -94,23 +98,31 @@ def rows(n: int, kind: str, seed: int = 1) -> list[tuple[Any, ...]]:
     return out
 
 
+def metadata_rows(data: list[tuple[Any, ...]]) -> list[tuple[str, str, str]]:
+    """The ``task_metadata`` rows of ``rows(...)``: (task_id, key, value), in id order."""
+    meta = COLUMNS.index("metadata")
+    return [(r[0], k, v) for r in data for k, v in json.loads(r[meta]).items()]
+
+
 def load_sqlite(path: str, data: list[tuple[Any, ...]]) -> None:
     conn = sqlite3.connect(path)
     try:
         conn.execute("PRAGMA synchronous=OFF")
-        idx = [r[0] for r in conn.execute(
-            "SELECT sql FROM sqlite_master WHERE type='index' AND tbl_name='tasks' "
-            "AND sql IS NOT NULL")]
-        names = [r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='tasks' "
-            "AND sql IS NOT NULL")]
+        where = (f"type='index' AND tbl_name IN ({', '.join(repr(t) for t in TABLES)}) "
+                 "AND sql IS NOT NULL")
+        idx = [r[0] for r in conn.execute(f"SELECT sql FROM sqlite_master WHERE {where}")]
+        names = [r[0] for r in conn.execute(f"SELECT name FROM sqlite_master WHERE {where}")]
         for name in names:
             conn.execute(f'DROP INDEX "{name}"')
         sql = (f"INSERT INTO tasks ({', '.join(COLUMNS)}) "
                f"VALUES ({', '.join('?' * len(COLUMNS))})")
+        meta = metadata_rows(data)
         with conn:
             for i in range(0, len(data), 20000):
                 conn.executemany(sql, data[i:i + 20000])
+            for i in range(0, len(meta), 20000):
+                conn.executemany("INSERT INTO task_metadata (task_id, key, value) "
+                                 "VALUES (?, ?, ?)", meta[i:i + 20000])
         with conn:
             for ddl in idx:
                 conn.execute(ddl)
@@ -125,17 +137,32 @@ async def load_postgres(url: str, data: list[tuple[Any, ...]]) -> None:
     conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
     try:
         idx = await conn.fetch(
-            "SELECT i.indexname, i.indexdef FROM pg_indexes i WHERE i.tablename = 'tasks' "
-            "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)")
+            "SELECT i.indexname, i.indexdef FROM pg_indexes i "
+            "WHERE i.tablename = ANY($1::text[]) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)",
+            list(TABLES))
+        fks = await conn.fetch(
+            "SELECT conname, pg_get_constraintdef(oid) AS def FROM pg_constraint "
+            "WHERE conrelid = 'task_metadata'::regclass AND contype = 'f'")
         for r in idx:
             await conn.execute(f'DROP INDEX "{r["indexname"]}"')
+        for r in fks:
+            await conn.execute(f'ALTER TABLE task_metadata DROP CONSTRAINT "{r["conname"]}"')
         for i in range(0, len(data), 100_000):
             await conn.copy_records_to_table("tasks", records=data[i:i + 100_000],
                                              columns=COLUMNS)
+        meta = metadata_rows(data)
+        for i in range(0, len(meta), 200_000):
+            await conn.copy_records_to_table("task_metadata", records=meta[i:i + 200_000],
+                                             columns=["task_id", "key", "value"])
         await conn.execute("SET maintenance_work_mem = '256MB'")
         for r in idx:
             await conn.execute(r["indexdef"])
-        await conn.execute("VACUUM ANALYZE tasks")
+        for r in fks:
+            await conn.execute(
+                f'ALTER TABLE task_metadata ADD CONSTRAINT "{r["conname"]}" {r["def"]}')
+        for table in TABLES:
+            await conn.execute(f"VACUUM ANALYZE {table}")
     finally:
         await conn.close()
 

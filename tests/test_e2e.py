@@ -22,7 +22,7 @@ from sqlalchemy import select
 from app.db import make_engine, unit_of_work
 from app.lifecycle import Status
 from app.models import Task
-from app.tasks import new_task_id
+from app.tasks import insert_metadata, new_task_id
 from tests.conftest import (
     CLIENT_KEYS,
     SIM_KEY,
@@ -423,6 +423,9 @@ async def _insert_history(gw: Gateway, sim: Sim, *, per_client: dict[str, int],
                           "model": model, "metadata": meta, "created_at": at})
     async with unit_of_work(gw.ctx.sm) as s:
         s.add_all(rows)
+        await s.flush()
+        for task in rows:
+            await insert_metadata(s, task.id, task.metadata_)
     return truth
 
 
