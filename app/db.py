@@ -80,7 +80,13 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # No pre-ping: it cost a round trip on every checkout (several per request and per
+    # task check). Disconnects are handled optimistically instead: the statement that
+    # meets a dead connection fails (its request answers 503 / its check retries later)
+    # and SQLAlchemy then invalidates the whole pool, so one failure per process follows
+    # a database restart. ``pool_recycle`` retires connections before idle timeouts.
+    return create_async_engine(url, echo=echo, pool_size=10, max_overflow=10,
+                               pool_recycle=1800)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -34,14 +35,25 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from sqlalchemy import Table, case, func, insert, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    Table,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from app import metrics
 from app.catalog import validate_input
-from app.db import unit_of_work, utcnow
+from app.db import UTCDateTime, unit_of_work, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.fairness import in_flight, may_dispatch
 from app.faults import crash_point
@@ -110,6 +122,28 @@ class Ctx:
     # Shutdown waits for (then cancels) the checks it is given; set by the scheduler.
     track: Callable[[asyncio.Task[Any]], None] = lambda t: None
     dispatch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    _reads: async_sessionmaker[AsyncSession] | None = field(default=None, repr=False)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine behind ``sm``, for the hot paths' plain Core transactions."""
+        return cast(AsyncEngine, self.sm.kw["bind"])
+
+    @property
+    def reads(self) -> async_sessionmaker[AsyncSession]:
+        """Sessions for reads that need no transaction: autocommit on PostgreSQL, which
+        saves the BEGIN and ROLLBACK round trips around them; ``sm`` on SQLite (reads
+        there open no transaction, and switching modes would cost thread hops)."""
+        if self._reads is None:
+            engine = self.engine
+            if engine.dialect.name == "postgresql":
+                kw = {k: v for k, v in self.sm.kw.items() if k != "bind"}
+                self._reads = async_sessionmaker(
+                    engine.execution_options(isolation_level="AUTOCOMMIT"), **kw)
+            else:
+                self._reads = self.sm
+        return self._reads
     # When to poll, learned from how recent tasks finished (app/pollplan.py).
     polls: PollPlan = field(default_factory=PollPlan)
 
@@ -117,16 +151,25 @@ class Ctx:
 # ---------------------------------------------------------------- writes, in one place
 
 
-def _event(session: AsyncSession, task_id: str, source: str, at: datetime, *,
-           status: str | None = None, upstream_status: str | None = None,
-           message: str | None = None) -> None:
-    """Add an event row. ``status`` is set only when the event is a transition (the
-    status the task moved to), so a task's events name each status at most once."""
-    session.add(Event(task_id=task_id, at=at, source=source, status=status,
-                      upstream_status=upstream_status, message=message))
+def _event_values(task_id: str, source: str, at: datetime, *, status: str | None = None,
+                  upstream_status: str | None = None, message: str | None = None
+                  ) -> dict[str, Any]:
+    """An event row's values (and its log line). ``status`` is set only when the event is
+    a transition (the status the task moved to), so a task's events name each status at
+    most once."""
     log.info("%s", message or f"status {status}", extra={
         "task_id": task_id, "source": source, "status": status,
         "upstream_status": upstream_status})
+    return {"task_id": task_id, "at": at, "source": source, "status": status,
+            "upstream_status": upstream_status, "message": message}
+
+
+def _event(session: AsyncSession, task_id: str, source: str, at: datetime, *,
+           status: str | None = None, upstream_status: str | None = None,
+           message: str | None = None) -> None:
+    """Add an event row to the session (see ``_event_values``)."""
+    session.add(Event(**_event_values(task_id, source, at, status=status,
+                                      upstream_status=upstream_status, message=message)))
 
 
 async def _transition(session: AsyncSession, task_id: str, new: Status, *, source: str,
@@ -135,6 +178,9 @@ async def _transition(session: AsyncSession, task_id: str, new: Status, *, sourc
     if new.terminal:
         values.setdefault("completed_at", now)
         values.setdefault("next_check_at", None)
+        # Nothing more to do for anyone: whoever holds the lease need not give it back.
+        values.setdefault("lease_owner", None)
+        values.setdefault("lease_until", None)
     res = await session.execute(
         update(Task)
         .where(Task.id == task_id, Task.status_rank < new.rank)
@@ -169,49 +215,219 @@ def _request_hash(model: str, inputs: dict[str, str], body: TaskCreate) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def _prepare(ctx: Ctx, client: str, body: TaskCreate,
+             idempotency_key: str | None) -> tuple[Task, str]:
+    """Validate ``body`` into a new (unsaved) pending task held by this process."""
+    inputs, errors = validate_input(body.model, body.input)
+    if errors:
+        raise InvalidRequest("The task's input does not match the model's parameters.",
+                             errors=errors)
+    rhash = _request_hash(body.model, inputs, body)
+    now = ctx.clock()
+    task = Task(
+        id=new_task_id(now), client=client, model=body.model, status=Status.pending.value,
+        status_rank=Status.pending.rank, input=inputs, metadata_=body.metadata or {},
+        webhook_url=body.webhook_url, idempotency_key=idempotency_key, request_hash=rhash,
+        attempt=0, outputs=[], cost_usd=None, error_code=None, error_message=None,
+        upstream_error_code=None, upstream_task_id=None, upstream_token=None,
+        upstream_status=None, created_at=now, updated_at=now, completed_at=None,
+        deadline_at=now + timedelta(seconds=ctx.settings.task_timeout_s),
+        next_check_at=now, lease_owner=ctx.owner,
+        lease_until=now + timedelta(seconds=ctx.settings.lease_s), retries=0,
+        hint_at=None, first_miss_at=None, first_error_at=None, cancel_requested_at=None,
+        upstream_started_at=None, images_erased_at=None,
+    )
+    return task, rhash
+
+
+# Core tables for the hot inserts (a Core insert costs a fraction of an ORM flush).
+_TASKS = cast(Table, Task.__table__)
+_EVENTS = cast(Table, Event.__table__)
+_ATTEMPTS = cast(Table, Attempt.__table__)
+
+
+def _row(task: Task) -> dict[str, Any]:
+    """The task's column values, for a Core insert (cheaper than the ORM's flush)."""
+    return {attr.columns[0].name: getattr(task, attr.key)
+            for attr in Task.__mapper__.column_attrs}
+
+
+async def _insert_new(ses: AsyncSession | AsyncConnection, task: Task,
+                      attempt: dict[str, Any] | None) -> int | None:
+    """Insert a prepared task, its ``api`` event and (if given) its first attempt in the
+    caller's transaction; the attempt's id."""
+    await ses.execute(insert(_TASKS), [_row(task)])
+    await insert_metadata(ses, task.id, task.metadata_)
+    await ses.execute(insert(_EVENTS), [_event_values(
+        task.id, "api", task.created_at, status=Status.pending.value,
+        message="task accepted by the gateway")])
+    if attempt is None:
+        return None
+    return (await ses.execute(insert(_ATTEMPTS).values(**attempt)
+                              .returning(_ATTEMPTS.c.id))).scalar_one()
+
+
+async def _idempotent_replay(ctx: Ctx, client: str, key: str, rhash: str) -> Task:
+    """The task an Idempotency-Key already names (after a unique-key conflict)."""
+    existing = await _by_idempotency_key(ctx, client, key)
+    if existing is None:  # the other request has not committed yet
+        raise Conflict("A request with this Idempotency-Key is still being processed; "
+                       "retry shortly.")
+    return _replay(existing, rhash)
+
+
 async def create_task(ctx: Ctx, *, client: str, body: TaskCreate,
                       idempotency_key: str | None) -> tuple[Task, bool]:
     """Validate and record a task as ``pending``. Returns ``(task, replayed)``.
 
     The row commits holding a short lease for this process so the caller may dispatch
     it at once; if the process dies first, the lease runs out and a worker sends it.
+    (The API uses ``submit``, which also sends it.)
     """
-    inputs, errors = validate_input(body.model, body.input)
-    if errors:
-        raise InvalidRequest("The task's input does not match the model's parameters.",
-                             errors=errors)
-    rhash = _request_hash(body.model, inputs, body)
+    task, rhash = _prepare(ctx, client, body, idempotency_key)
     if idempotency_key is not None:
         existing = await _by_idempotency_key(ctx, client, idempotency_key)
         if existing is not None:
             return _replay(existing, rhash), True
-    now = ctx.clock()
-    task = Task(
-        id=new_task_id(now), client=client, model=body.model, status=Status.pending.value,
-        status_rank=Status.pending.rank, input=inputs, metadata_=body.metadata or {},
-        webhook_url=body.webhook_url, idempotency_key=idempotency_key, request_hash=rhash,
-        attempt=0, outputs=[], created_at=now, updated_at=now,
-        deadline_at=now + timedelta(seconds=ctx.settings.task_timeout_s),
-        next_check_at=now, lease_owner=ctx.owner,
-        lease_until=now + timedelta(seconds=ctx.settings.lease_s), retries=0,
-    )
     try:
         async with unit_of_work(ctx.sm) as s:
-            s.add(task)
-            await s.flush()
-            await insert_metadata(s, task.id, task.metadata_)
-            _event(s, task.id, "api", now, status=Status.pending.value,
-                   message="task accepted by the gateway")
+            await _insert_new(s, task, None)
     except IntegrityError:
         if idempotency_key is None:
             raise
-        existing = await _by_idempotency_key(ctx, client, idempotency_key)
-        if existing is None:  # the other request has not committed yet
-            raise Conflict("A request with this Idempotency-Key is still being processed; "
-                           "retry shortly.") from None
-        return _replay(existing, rhash), True
+        return await _idempotent_replay(ctx, client, idempotency_key, rhash), True
     crash_point("after_commit")
     return task, False
+
+
+async def _slot_free(ctx: Ctx, client: str, task_id: str, now: datetime) -> bool:
+    """Whether a task of ``client`` may be sent now (global cap, then fair shares)."""
+    s = ctx.settings
+    if s.max_in_flight and await _in_flight(ctx) >= s.max_in_flight:
+        return False
+    # Per-client caps and a fair share of the free slots (app/fairness.py).
+    return await may_dispatch(ctx, client=client, task_id=task_id, now=now)
+
+
+async def submit(ctx: Ctx, *, client: str, body: TaskCreate, idempotency_key: str | None,
+                 client_cap: int | None = None) -> tuple[Task, bool]:
+    """The API's submit: record the task and send it, the cheap way when all goes well.
+
+    1. One transaction: the task, its ``api`` event and, if a slot is free, its first
+       attempt (outcome ``sent``). From here a crash leaves a sent attempt, never a
+       silent second Run (``_dispatch`` reconciles it).
+    2. Run, inline, outside any transaction.
+    3. One transaction: the link (task ``queued``, attempt ``accepted``, event) and the
+       lease given back, with the first poll scheduled.
+
+    The answer is built from what was written. Anything unusual (no free slot, an
+    upstream error, a link race) takes the general path of ``check``. ``client_cap`` is
+    the caller's own in-flight cap if known (0 = none): with no cap anywhere, no
+    fairness query is needed before sending. Returns ``(task, replayed)``.
+    """
+    s = ctx.settings
+    task, rhash = _prepare(ctx, client, body, idempotency_key)
+    if idempotency_key is not None:
+        existing = await _by_idempotency_key(ctx, client, idempotency_key)
+        if existing is not None:
+            return _replay(existing, rhash), True
+    now = task.created_at
+    token = secrets.token_urlsafe(24)
+    gated = bool(s.max_in_flight) or client_cap is None or bool(client_cap)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if gated:
+                # As in ``_dispatch``: the decision and the attempt commit under one lock.
+                await stack.enter_async_context(ctx.dispatch_lock)
+            send = not gated or await _slot_free(ctx, client, task.id, now)
+            if send:
+                task.attempt = 1
+            else:
+                task.lease_owner = task.lease_until = None
+                task.next_check_at = now + timedelta(seconds=_jitter(min(1.0, s.poll_initial_s)))
+            async with ctx.engine.begin() as conn:
+                attempt_id = await _insert_new(conn, task, dict(
+                    task_id=task.id, number=1, token_hash=token_hash(token), sent_at=now,
+                    outcome="sent") if send else None)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        return await _idempotent_replay(ctx, client, idempotency_key, rhash), True
+    crash_point("after_commit")
+    if not send:
+        ctx.wake()
+        return task, False
+    attempt = Attempt(id=attempt_id, task_id=task.id, number=1, token_hash=token_hash(token),
+                      sent_at=now, outcome="sent", upstream_task_id=None,
+                      hint_upstream_id=None, resolved_at=None)
+    nxt: datetime | None = now + timedelta(seconds=_backoff(ctx, 0))
+    try:
+        outcome = await _run(ctx, task, attempt, token)
+        if isinstance(outcome, RunAccepted):
+            crash_point("after_run_accepted")
+            if await _link_new(ctx, task, attempt, outcome, started=now):
+                return task, False
+            await _link(ctx, task.id, attempt, outcome.task_id, outcome.socket_token,
+                        source="dispatcher")
+            nxt = _first_poll_at(ctx)
+        else:
+            nxt = outcome
+    except Exception:
+        log.exception("dispatch failed", extra={"task_id": task.id})
+    await _release(ctx, task.id, min(nxt or task.deadline_at, task.deadline_at), now)
+    return await get_task(ctx, task_id=task.id, client=None), False
+
+
+def _ts(name: str) -> BindParameter[datetime]:
+    return bindparam(name, type_=UTCDateTime())
+
+
+_T = _TASKS.c
+# The link of a fresh task and the release of its lease, prebuilt (building a statement
+# costs more than running it here). Only a task still pending, unlinked and leased by
+# this process moves; a callback that came during the Run (hint_at) makes it due now.
+_LINK_NEW = (
+    update(_TASKS)
+    .where(_T.id == bindparam("b_id"), _T.status == Status.pending.value,
+           _T.upstream_task_id.is_(None), _T.lease_owner == bindparam("b_owner"))
+    .values(status=Status.queued.value, status_rank=Status.queued.rank,
+            updated_at=_ts("b_now"), upstream_task_id=bindparam("b_upstream"),
+            upstream_token=bindparam("b_token"), upstream_status="task_queue",
+            upstream_started_at=_ts("b_now2"), retries=0, lease_owner=None, lease_until=None,
+            next_check_at=case((_T.hint_at > _ts("b_started"), _ts("b_now3")),
+                               else_=_ts("b_first")))
+)
+_ACCEPT_ATTEMPT = (
+    update(_ATTEMPTS).where(_ATTEMPTS.c.id == bindparam("b_id"))
+    .values(outcome="accepted", upstream_task_id=bindparam("b_upstream"),
+            resolved_at=_ts("b_now"))
+)
+
+
+async def _link_new(ctx: Ctx, task: Task, attempt: Attempt, accepted: RunAccepted, *,
+                    started: datetime) -> bool:
+    """``_link`` + ``_release`` in one transaction for a task nobody else has touched:
+    pending, no upstream task, still leased by us. False (nothing written) otherwise.
+    Updates ``task`` to what was written."""
+    now = ctx.clock()
+    first = min(_first_poll_at(ctx), task.deadline_at)
+    async with ctx.engine.begin() as conn:
+        res = await conn.execute(_LINK_NEW, {
+            "b_id": task.id, "b_owner": ctx.owner, "b_now": now, "b_now2": now,
+            "b_now3": now, "b_upstream": accepted.task_id, "b_token": accepted.socket_token,
+            "b_started": started, "b_first": first})
+        if res.rowcount != 1:
+            return False
+        await conn.execute(insert(_EVENTS), [_event_values(
+            task.id, "dispatcher", now, status=Status.queued.value, upstream_status="task_queue",
+            message=f"attempt {attempt.number}: accepted upstream as task {accepted.task_id}")])
+        await conn.execute(_ACCEPT_ATTEMPT, {"b_id": attempt.id, "b_upstream": accepted.task_id,
+                                             "b_now": now})
+    task.status, task.status_rank, task.updated_at = Status.queued.value, Status.queued.rank, now
+    task.upstream_task_id, task.upstream_token = accepted.task_id, accepted.socket_token
+    task.upstream_status, task.upstream_started_at, task.retries = "task_queue", now, 0
+    task.lease_owner = task.lease_until = None
+    return True
 
 
 def _replay(existing: Task, rhash: str) -> Task:
@@ -224,14 +440,14 @@ def _replay(existing: Task, rhash: str) -> Task:
 
 
 async def _by_idempotency_key(ctx: Ctx, client: str, key: str) -> Task | None:
-    async with ctx.sm() as s:
+    async with ctx.reads() as s:
         return (await s.scalars(select(Task).where(
             Task.client == client, Task.idempotency_key == key))).first()
 
 
 async def get_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
     """The task, if ``client`` may see it (``None`` = admin, sees all)."""
-    async with ctx.sm() as s:
+    async with ctx.reads() as s:
         task = await s.get(Task, task_id)
     if task is None or (client is not None and task.client != client):
         raise NotFound(f"No task {task_id!r}.")
@@ -240,7 +456,7 @@ async def get_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
 
 async def list_events(ctx: Ctx, *, task_id: str, client: str | None) -> Sequence[Event]:
     await get_task(ctx, task_id=task_id, client=client)
-    async with ctx.sm() as s:
+    async with ctx.reads() as s:
         return (await s.scalars(
             select(Event).where(Event.task_id == task_id).order_by(Event.id))).all()
 
@@ -266,7 +482,8 @@ def decode_cursor(cursor: str) -> str:
 _TASK_METADATA = cast(Table, TaskMetadata.__table__)
 
 
-async def insert_metadata(ses: AsyncSession, task_id: str, metadata: dict[str, str] | None
+async def insert_metadata(ses: AsyncSession | AsyncConnection, task_id: str,
+                          metadata: dict[str, str] | None
                           ) -> None:
     """A new task's ``task_metadata`` rows (one per pair; what history filters read), in
     the caller's transaction."""
@@ -309,7 +526,7 @@ async def list_tasks(ctx: Ctx, *, client: str | None, statuses: Sequence[Status]
     if created_before:
         q = q.where(Task.created_at < created_before)
     order = Task.id
-    async with ctx.sm() as s:
+    async with ctx.reads() as s:
         if metadata:
             # One pair drives the query (the rarest, when there are several): its range of
             # the (key, value, task_id) index, read backwards, is already newest first (no
@@ -382,12 +599,34 @@ async def accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) ->
     return outcome != "unknown"
 
 
+# The common callback in one statement: the token of the attempt that started the
+# task's upstream task, the task not finished yet -> due now. The token is matched by its
+# SHA-256 in the index (a timing difference there tells nothing about the token itself).
+_A = _ATTEMPTS.c
+_CALLBACK_DUE = (
+    update(_TASKS)
+    .where(_T.id == bindparam("b_id"), _T.status_rank < TERMINAL_RANK,
+           _T.upstream_task_id.is_not(None),
+           exists().where(_A.task_id == _T.id, _A.token_hash == bindparam("b_hash"),
+                          _A.upstream_task_id == _T.upstream_task_id))
+    .values(hint_at=_ts("b_now"), next_check_at=_ts("b_now2"))
+)
+
+
 async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -> str:
     """One of ``metrics.CALLBACK_OUTCOMES``: accepted, unknown, duplicate."""
     if not task_id.startswith("tsk_") or len(task_id) > 40 or len(token) > 128:
         return "unknown"
-    hint = _hint_id(body)
     now = ctx.clock()
+    async with ctx.engine.begin() as conn:
+        res = await conn.execute(_CALLBACK_DUE, {"b_id": task_id, "b_hash": token_hash(token),
+                                                 "b_now": now, "b_now2": now})
+    if res.rowcount == 1:
+        ctx.wake()
+        return "accepted"
+    # Anything else: an unknown task or token, a finished task, or an attempt not (yet)
+    # linked whose callback may name its upstream task.
+    hint = _hint_id(body)
     async with unit_of_work(ctx.sm) as s:
         task = (await s.execute(select(Task.status_rank, Task.upstream_task_id)
                                 .where(Task.id == task_id))).first()
@@ -413,29 +652,32 @@ async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -
 # ---------------------------------------------------------------- the background unit
 
 
-async def claim_due(ctx: Ctx, *, limit: int) -> list[str]:
-    """Lease up to ``limit`` due tasks for this process.
+def _claim_statement() -> Any:
+    free = or_(_T.lease_until.is_(None), _T.lease_until < _ts("b_now"))
+    due = (select(_T.id).where(_T.next_check_at <= _ts("b_now"), free)
+           .order_by(_T.next_check_at).limit(bindparam("b_limit"))
+           .with_for_update(skip_locked=True))
+    return (update(_TASKS).where(_T.id.in_(due), free)
+            .values(lease_owner=bindparam("b_owner"), lease_until=_ts("b_until"))
+            .returning(_T.id))
 
-    The lease is a compare-and-set on ``lease_until``, correct on both databases; on
-    PostgreSQL ``FOR UPDATE SKIP LOCKED`` also keeps replicas from queueing on one row.
+
+_CLAIM = _claim_statement()
+
+
+async def claim_due(ctx: Ctx, *, limit: int) -> list[str]:
+    """Lease up to ``limit`` due tasks for this process, in one statement.
+
+    The lease is a compare-and-set on ``lease_until`` (the outer condition), correct on
+    both databases; on PostgreSQL ``FOR UPDATE SKIP LOCKED`` in the inner select also
+    keeps replicas from queueing on one row.
     """
     now = ctx.clock()
     until = now + timedelta(seconds=ctx.settings.lease_s)
-    free = or_(Task.lease_until.is_(None), Task.lease_until < now)
-    async with unit_of_work(ctx.sm) as s:
-        ids = (await s.scalars(
-            select(Task.id).where(Task.next_check_at <= now, free)
-            .order_by(Task.next_check_at).limit(limit)
-            .with_for_update(skip_locked=True))).all()
-        claimed = []
-        for task_id in ids:
-            res = await s.execute(
-                update(Task).where(Task.id == task_id, free)
-                .values(lease_owner=ctx.owner, lease_until=until)
-                .execution_options(synchronize_session=False))
-            if res.rowcount == 1:  # type: ignore[attr-defined]
-                claimed.append(task_id)
-    return claimed
+    async with ctx.engine.begin() as conn:
+        rows = await conn.execute(_CLAIM, {"b_now": now, "b_limit": limit,
+                                           "b_owner": ctx.owner, "b_until": until})
+        return [r[0] for r in rows]
 
 
 async def release_all(ctx: Ctx) -> None:
@@ -458,7 +700,7 @@ def _backoff(ctx: Ctx, retries: int) -> float:
 async def check(ctx: Ctx, task_id: str) -> None:
     """Do what the task needs now. The caller holds its lease; this gives it back."""
     started = ctx.clock()
-    async with ctx.sm() as s:
+    async with ctx.reads() as s:
         task = await s.get(Task, task_id)
         attempts = list((await s.scalars(
             select(Attempt).where(Attempt.task_id == task_id).order_by(Attempt.number))).all())
@@ -468,11 +710,12 @@ async def check(ctx: Ctx, task_id: str) -> None:
     fallback = started + timedelta(seconds=_backoff(ctx, task.retries))
     deadline = task.deadline_at
     nxt: datetime | None = fallback
+    step = _Step()
     try:
-        await _reconcile_attempts(ctx, task, attempts)
-        async with ctx.sm() as s:
-            task = await s.get(Task, task_id)
-        assert task is not None
+        if await _reconcile_attempts(ctx, task, attempts):
+            async with ctx.sm() as s:
+                task = await s.get(Task, task_id)
+            assert task is not None
         if task.status_rank >= TERMINAL_RANK:
             nxt = None
         elif started >= task.deadline_at:
@@ -483,26 +726,42 @@ async def check(ctx: Ctx, task_id: str) -> None:
         else:
             source = "callback" if (task.hint_at and task.next_check_at
                                     and task.hint_at >= task.next_check_at) else "poll"
-            nxt = await _poll(ctx, task, source)
+            nxt = await _poll(ctx, task, source, step)
     except Exception:
         log.exception("check failed", extra={"task_id": task_id})
+        step = _Step()
     finally:
         # Never sleep past the deadline: a timeout is acted on when it falls due.
-        await _release(ctx, task_id, min(nxt or fallback, deadline), started)
+        if not step.released:
+            await _release(ctx, task_id, min(nxt or fallback, deadline), started,
+                           bump=step.bump)
 
 
-async def _release(ctx: Ctx, task_id: str, nxt: datetime, started: datetime) -> None:
-    # A callback that came in while we worked moved hint_at past ``started``: look again
-    # at once rather than lose it. Terminal tasks are not scheduled again.
+@dataclass
+class _Step:
+    """What a poll leaves for ``check``'s release of the lease."""
+
+    bump: bool = False  # count the poll in ``retries`` (the backoff) with the release
+    released: bool = False  # a terminal transition already gave the lease back
+
+
+# A callback that came in while we worked moved hint_at past ``started``: look again at
+# once rather than lose it. Terminal tasks are not scheduled again.
+_RELEASE = (
+    update(_TASKS).where(_T.id == bindparam("b_id"), _T.lease_owner == bindparam("b_owner"))
+    .values(lease_owner=None, lease_until=None, retries=_T.retries + bindparam("b_bump"),
+            next_check_at=case((_T.hint_at > _ts("b_started"), _ts("b_now")),
+                               (_T.status_rank >= TERMINAL_RANK, None),
+                               else_=_ts("b_next")))
+)
+
+
+async def _release(ctx: Ctx, task_id: str, nxt: datetime, started: datetime, *,
+                   bump: bool = False) -> None:
     now = ctx.clock()
-    async with unit_of_work(ctx.sm) as s:
-        await s.execute(
-            update(Task).where(Task.id == task_id, Task.lease_owner == ctx.owner)
-            .values(lease_owner=None, lease_until=None, next_check_at=case(
-                (Task.hint_at > started, now),
-                (Task.status_rank >= TERMINAL_RANK, None),
-                else_=nxt))
-            .execution_options(synchronize_session=False))
+    async with ctx.engine.begin() as conn:
+        await conn.execute(_RELEASE, {"b_id": task_id, "b_owner": ctx.owner, "b_bump": int(bump),
+                                      "b_started": started, "b_now": now, "b_next": nxt})
     if nxt <= now:
         ctx.wake()
 
@@ -599,6 +858,25 @@ def _run_budget_s(s: Settings) -> float:
 
 
 async def _send(ctx: Ctx, task: Task, attempt: Attempt, token: str) -> datetime | None:
+    """Send Run for a committed attempt and record the answer; the next check's time."""
+    outcome = await _run(ctx, task, attempt, token)
+    if not isinstance(outcome, RunAccepted):
+        return outcome
+    crash_point("after_run_accepted")
+    await _link(ctx, task.id, attempt, outcome.task_id, outcome.socket_token,
+                source="dispatcher")
+    return _first_poll_at(ctx)
+
+
+def _first_poll_at(ctx: Ctx) -> datetime:
+    """When to look at a task first after the upstream accepted its Run."""
+    return ctx.clock() + timedelta(seconds=ctx.polls.first_delay(ctx.settings))
+
+
+async def _run(ctx: Ctx, task: Task, attempt: Attempt, token: str
+               ) -> RunAccepted | datetime | None:
+    """Run for a committed attempt: the upstream's answer, or (after recording why it
+    failed) when to look at the task again (None: it is over)."""
     s = ctx.settings
     try:
         try:
@@ -650,10 +928,7 @@ async def _send(ctx: Ctx, task: Task, attempt: Attempt, token: str) -> datetime 
                 f"attempt {attempt.number}: the upstream Run gave no usable answer "
                 f"({_short(e)}); not re-sending until it is known whether it started"))
         return now + timedelta(seconds=min(s.poll_initial_s, s.run_grace_s))
-    crash_point("after_run_accepted")
-    await _link(ctx, task.id, attempt, accepted.task_id, accepted.socket_token,
-                source="dispatcher")
-    return ctx.clock() + timedelta(seconds=ctx.polls.first_delay(s))
+    return accepted
 
 
 def _short(e: Exception) -> str:
@@ -773,11 +1048,14 @@ async def _find_by_task_list(ctx: Ctx, task: Task, attempt: Attempt) -> Upstream
     return None
 
 
-async def _reconcile_attempts(ctx: Ctx, task: Task, attempts: list[Attempt]) -> None:
-    """Follow callbacks that named an upstream task for an attempt not yet linked."""
+async def _reconcile_attempts(ctx: Ctx, task: Task, attempts: list[Attempt]) -> bool:
+    """Follow callbacks that named an upstream task for an attempt not yet linked.
+    True if it looked at any (the task may have changed)."""
+    looked = False
     for a in attempts:
         if not a.hint_upstream_id or a.upstream_task_id is not None:
             continue
+        looked = True
         try:
             ut = await _verified(ctx, task.id, a, a.hint_upstream_id)
         except WiroError:
@@ -798,12 +1076,13 @@ async def _reconcile_attempts(ctx: Ctx, task: Task, attempts: list[Attempt]) -> 
             task = fresh
         elif ut.id != task.upstream_task_id:
             await _stop_extra(ctx, task.id, a, ut.id)
+    return looked
 
 
 # ---------------------------------------------------------------- poll and apply
 
 
-async def _poll(ctx: Ctx, task: Task, source: str) -> datetime | None:
+async def _poll(ctx: Ctx, task: Task, source: str, step: _Step | None = None) -> datetime | None:
     s = ctx.settings
     now = ctx.clock()
     assert task.upstream_task_id is not None
@@ -835,6 +1114,8 @@ async def _poll(ctx: Ctx, task: Task, source: str) -> datetime | None:
     crash_point("applying_callback" if source == "callback" else "polling")
     status = await apply_detail(ctx, task, ut, source=source)
     if status.terminal:
+        if step is not None:
+            step.released = True  # every terminal transition clears the lease
         return None
     if task.cancel_requested_at is not None:
         await _stop_upstream(ctx, task.upstream_task_id, ut.status)
@@ -843,8 +1124,11 @@ async def _poll(ctx: Ctx, task: Task, source: str) -> datetime | None:
         interval = min(interval, max(1.0, s.task_error_grace_s / 3))
     if task.cancel_requested_at is not None:
         interval = min(interval, 2.0)
-    async with unit_of_work(ctx.sm) as ses:
-        await _set(ses, task.id, retries=Task.retries + 1)
+    if step is not None:
+        step.bump = True
+    else:
+        async with unit_of_work(ctx.sm) as ses:
+            await _set(ses, task.id, retries=Task.retries + 1)
     return ctx.clock() + timedelta(seconds=_jitter(interval))
 
 

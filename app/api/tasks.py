@@ -52,21 +52,19 @@ async def create_task(
     if idempotency_key is not None and not idempotency_key.strip():
         raise InvalidRequest("Idempotency-Key must not be empty.",
                              errors=[{"loc": ["header", "Idempotency-Key"], "msg": "empty"}])
-    task, replayed = await tasks.create_task(ctx, client=caller.client, body=body,
-                                             idempotency_key=idempotency_key)
+    # Record and send now, shielded: if the caller goes away mid-Run the attempt still
+    # finishes and is recorded; if this process dies, the lease lapses and a worker
+    # takes over (and will not re-send blindly). Tracked, so a graceful shutdown waits
+    # for it (bounded) before giving the lease back.
+    job = asyncio.create_task(tasks.submit(
+        ctx, client=caller.client, body=body, idempotency_key=idempotency_key,
+        client_cap=caller.limits.max_in_flight))
+    ctx.track(job)
+    task, replayed = await asyncio.shield(job)
     logs.bind(task_id=task.id)
     if replayed:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    else:
-        # Dispatch now, shielded: if the caller goes away mid-Run the attempt still
-        # finishes and is recorded; if this process dies, the lease lapses and a worker
-        # takes over (and will not re-send blindly). Tracked, so a graceful shutdown
-        # waits for it (bounded) before giving the lease back.
-        check = asyncio.create_task(tasks.check(ctx, task.id))
-        ctx.track(check)
-        await asyncio.shield(check)
-        task = await tasks.get_task(ctx, task_id=task.id, client=None)
     response.headers["Location"] = f"/v1/tasks/{task.id}"
     return task_out(task)
 
