@@ -58,6 +58,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
+    """``hide_parameters``: a statement's values (token hashes, URLs, inputs) never appear
+    in an exception's text, so never in a log line."""
     if url.startswith("sqlite"):
         # One file shared by the API and the workers: WAL lets readers run beside the
         # single writer, and the busy timeout makes writers wait instead of failing.
@@ -67,7 +69,7 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
 
         engine = create_async_engine(
             url, echo=echo, connect_args={"timeout": 30}, pool_size=8, max_overflow=8,
-            module=dbapi(),
+            module=dbapi(), hide_parameters=True,
         )
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -86,7 +88,7 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     # and SQLAlchemy then invalidates the whole pool, so one failure per process follows
     # a database restart. ``pool_recycle`` retires connections before idle timeouts.
     return create_async_engine(url, echo=echo, pool_size=10, max_overflow=10,
-                               pool_recycle=1800)
+                               pool_recycle=1800, hide_parameters=True)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

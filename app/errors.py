@@ -12,8 +12,10 @@ GatewayError                  status, title, detail
 ├── TooManyRequests           429 per-client rate limit (with ``Retry-After``)
 └── BadGateway                502 the upstream failed a call made for the caller (uploads)
 ```
-Every handler answers ``application/problem+json``; unexpected exceptions become a bare
-500 with no detail, so no stack trace or secret can leave the process.
+A database that cannot be reached (or a pooled connection that died with a restart) is a
+503 with ``Retry-After``. Every handler answers ``application/problem+json``; unexpected
+exceptions become a bare 500 with no detail, so no stack trace or secret can leave the
+process.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,17 @@ def install_handlers(app: FastAPI) -> None:
         title = titles.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else title
         return problem(exc.status_code, title, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        # A dead connection (the database restarted: the pool does not pre-ping) or a
+        # database that cannot be reached or is locked: nothing was written, retry.
+        if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+            log.warning("database unavailable: %s", type(exc.orig).__name__)
+            return problem(503, "Service Unavailable", "The database is unavailable; retry.",
+                           headers={"Retry-After": "1"})
+        log.error("unhandled database error: %s", type(exc).__name__, exc_info=exc)
+        return problem(500, "Internal Server Error", "An unexpected error occurred.")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
