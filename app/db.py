@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import DateTime, MetaData, event
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -95,8 +100,43 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+# SQLite has one writer at a time. Writers of one process that collide there are put to
+# sleep by SQLite's busy handler (1 ... 100 ms steps, often waking long after the lock is
+# free: bench P2/P3 saw single statements wait over a second under load). So on SQLite the
+# writing transactions of a process take turns on an asyncio lock instead, and queue
+# without sleeping. Nesting a write transaction inside another would deadlock on it:
+# ``_writing`` turns that mistake into an error at once.
+_write_locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+_writing: contextvars.ContextVar[bool] = contextvars.ContextVar("hgw_writing", default=False)
+
+
+@asynccontextmanager
+async def _write_turn(engine: AsyncEngine) -> AsyncIterator[None]:
+    if engine.dialect.name != "sqlite":
+        yield
+        return
+    if _writing.get():
+        raise RuntimeError("a write transaction inside another one (SQLite writer lock)")
+    lock = _write_locks.get(engine.sync_engine)
+    if lock is None:
+        lock = _write_locks[engine.sync_engine] = asyncio.Lock()
+    async with lock:
+        token = _writing.set(True)
+        try:
+            yield
+        finally:
+            _writing.reset(token)
+
+
 @asynccontextmanager
 async def unit_of_work(sm: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """One session, committed on success, rolled back on error."""
-    async with sm() as session, session.begin():
+    async with _write_turn(sm.kw["bind"]), sm() as session, session.begin():
         yield session
+
+
+@asynccontextmanager
+async def write(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One Core transaction (``engine.begin()``), taking its turn like ``unit_of_work``."""
+    async with _write_turn(engine), engine.begin() as conn:
+        yield conn

@@ -53,7 +53,7 @@ from sqlalchemy.orm import aliased
 
 from app import metrics
 from app.catalog import validate_input
-from app.db import UTCDateTime, unit_of_work, utcnow
+from app.db import UTCDateTime, unit_of_work, utcnow, write
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.fairness import in_flight, may_dispatch
 from app.faults import crash_point
@@ -345,7 +345,7 @@ async def submit(ctx: Ctx, *, client: str, body: TaskCreate, idempotency_key: st
             else:
                 task.lease_owner = task.lease_until = None
                 task.next_check_at = now + timedelta(seconds=_jitter(min(1.0, s.poll_initial_s)))
-            async with ctx.engine.begin() as conn:
+            async with write(ctx.engine) as conn:
                 attempt_id = await _insert_new(conn, task, dict(
                     task_id=task.id, number=1, token_hash=token_hash(token), sent_at=now,
                     outcome="sent") if send else None)
@@ -411,7 +411,7 @@ async def _link_new(ctx: Ctx, task: Task, attempt: Attempt, accepted: RunAccepte
     Updates ``task`` to what was written."""
     now = ctx.clock()
     first = min(_first_poll_at(ctx), task.deadline_at)
-    async with ctx.engine.begin() as conn:
+    async with write(ctx.engine) as conn:
         res = await conn.execute(_LINK_NEW, {
             "b_id": task.id, "b_owner": ctx.owner, "b_now": now, "b_now2": now,
             "b_now3": now, "b_upstream": accepted.task_id, "b_token": accepted.socket_token,
@@ -618,7 +618,7 @@ async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -
     if not task_id.startswith("tsk_") or len(task_id) > 40 or len(token) > 128:
         return "unknown"
     now = ctx.clock()
-    async with ctx.engine.begin() as conn:
+    async with write(ctx.engine) as conn:
         res = await conn.execute(_CALLBACK_DUE, {"b_id": task_id, "b_hash": token_hash(token),
                                                  "b_now": now, "b_now2": now})
     if res.rowcount == 1:
@@ -674,7 +674,7 @@ async def claim_due(ctx: Ctx, *, limit: int) -> list[str]:
     """
     now = ctx.clock()
     until = now + timedelta(seconds=ctx.settings.lease_s)
-    async with ctx.engine.begin() as conn:
+    async with write(ctx.engine) as conn:
         rows = await conn.execute(_CLAIM, {"b_now": now, "b_limit": limit,
                                            "b_owner": ctx.owner, "b_until": until})
         return [r[0] for r in rows]
@@ -759,7 +759,7 @@ _RELEASE = (
 async def _release(ctx: Ctx, task_id: str, nxt: datetime, started: datetime, *,
                    bump: bool = False) -> None:
     now = ctx.clock()
-    async with ctx.engine.begin() as conn:
+    async with write(ctx.engine) as conn:
         await conn.execute(_RELEASE, {"b_id": task_id, "b_owner": ctx.owner, "b_bump": int(bump),
                                       "b_started": started, "b_now": now, "b_next": nxt})
     if nxt <= now:
