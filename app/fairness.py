@@ -17,6 +17,16 @@ So when slots are scarce they go to the client with the fewest in flight, round 
 among equals, instead of to whichever task a worker happened to check first; a burst
 of one client fills only the slots nobody else is waiting for.
 
+Each check decides for its own task only, so a slot kept for C is used when C's check
+gets the lock. The lock is therefore handed on in the same order (``dispatch_turn``): to
+the waiting check whose client had the fewest in flight at the last decision (then the
+oldest task), not to the one that came first. Handed on first come, C's check could wait
+behind a row of checks of the client just sent a task, each refused only after its
+queries; under load that outlasted that client's short task, whose end made the two
+equal again, and the burst's older tasks won the slot ("aab…"). A check that has waited
+``TURN_PATIENCE_S`` for its turn goes first, so none is starved. (The API's inline
+submit takes the lock directly, first come; it excludes and is excluded all the same.)
+
 The counts are read from the database, so they hold across replicas; the decision is
 serialised only per process (as the global cap is), so replicas deciding at the same
 instant may overshoot a cap by one task each.
@@ -24,7 +34,12 @@ instant may overshoot a cap by one task each.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -39,6 +54,8 @@ if TYPE_CHECKING:
 # A task that had to wait is looked at again within about a second; a pending task due
 # within this window is "waiting" for a slot (one further away is backing off).
 WAITING_WINDOW_S = 3.0
+# A check waiting this long for its turn at the dispatch lock goes first (first come).
+TURN_PATIENCE_S = 3.0
 
 _ACTIVE = (Status.queued.value, Status.running.value)
 
@@ -49,6 +66,78 @@ def in_flight() -> ColumnElement[bool]:
     two separate counts could."""
     sending = exists().where(Attempt.task_id == Task.id, Attempt.outcome == "sent")
     return or_(Task.status.in_(_ACTIVE), and_(Task.status == Status.pending.value, sending))
+
+
+@dataclass(eq=False)
+class _Waiter:
+    client: str
+    task_id: str
+    since: float
+    turn: asyncio.Future[None]
+
+
+@dataclass(eq=False)
+class _Turns:
+    """Who takes ``ctx.dispatch_lock`` next, and the counts that order it."""
+
+    busy: bool = False
+    waiters: list[_Waiter] = field(default_factory=list)
+    # Tasks in flight per client as the last decision counted them (its own send
+    # included): only an order for the waiters, every decision counts again.
+    flying: dict[str, int] = field(default_factory=dict)
+
+    async def acquire(self, client: str, task_id: str) -> None:
+        if not self.busy:  # any waiter left is a cancelled one on its way out
+            self.busy = True
+            return
+        loop = asyncio.get_running_loop()
+        me = _Waiter(client, task_id, loop.time(), loop.create_future())
+        self.waiters.append(me)
+        try:
+            await me.turn
+        except BaseException:
+            if me in self.waiters:
+                self.waiters.remove(me)
+            elif me.turn.done() and not me.turn.cancelled():
+                self.release()  # handed the turn as it was cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        ready = [w for w in self.waiters if not w.turn.done()]
+        if not ready:
+            self.busy = False
+            return
+        now = asyncio.get_running_loop().time()
+        overdue = [w for w in ready if now - w.since >= TURN_PATIENCE_S]
+        nxt = overdue[0] if overdue else min(
+            ready, key=lambda w: (self.flying.get(w.client, 0), w.task_id))
+        self.waiters.remove(nxt)
+        nxt.turn.set_result(None)
+
+
+# One per dispatch lock, that is per ``Ctx``.
+_TURNS: weakref.WeakKeyDictionary[asyncio.Lock, _Turns] = weakref.WeakKeyDictionary()
+
+
+def _turns(ctx: Ctx) -> _Turns:
+    turns = _TURNS.get(ctx.dispatch_lock)
+    if turns is None:
+        turns = _TURNS[ctx.dispatch_lock] = _Turns()
+    return turns
+
+
+@asynccontextmanager
+async def dispatch_turn(ctx: Ctx, *, client: str, task_id: str) -> AsyncIterator[None]:
+    """Hold ``ctx.dispatch_lock`` to decide about (and record the attempt of) a task of
+    ``client``, taking turns in fair-share order rather than in order of arrival (see the
+    module doc). Code that takes the lock directly still excludes and is excluded."""
+    turns = _turns(ctx)
+    await turns.acquire(client, task_id)
+    try:
+        async with ctx.dispatch_lock:
+            yield
+    finally:
+        turns.release()
 
 
 def _cap(settings_default: int, own: int | None) -> int:
@@ -84,6 +173,8 @@ async def may_dispatch(ctx: Ctx, *, client: str, task_id: str, now: datetime) ->
         cap = _cap(s.client_max_in_flight, caps.get(name))
         return not cap or flying[name] < cap
 
+    turns = _turns(ctx)
+    turns.flying = dict(flying)
     if not under_cap(client):
         return False
     free = s.max_in_flight - sum(flying.values())
@@ -92,4 +183,7 @@ async def may_dispatch(ctx: Ctx, *, client: str, task_id: str, now: datetime) ->
     mine = (flying[client], task_id)
     ahead = sum(1 for name, oldest in waiting
                 if under_cap(name) and (flying[name], oldest) < mine)
-    return ahead < free
+    if ahead >= free:
+        return False
+    turns.flying[client] = flying[client] + 1  # the caller sends it now
+    return True

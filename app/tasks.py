@@ -55,7 +55,7 @@ from app import metrics
 from app.catalog import validate_input
 from app.db import UTCDateTime, unit_of_work, utcnow, write
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.fairness import in_flight, may_dispatch
+from app.fairness import dispatch_turn, in_flight, may_dispatch
 from app.faults import crash_point
 from app.lifecycle import (
     TERMINAL_RANK,
@@ -301,12 +301,15 @@ async def create_task(ctx: Ctx, *, client: str, body: TaskCreate,
 
 
 async def _slot_free(ctx: Ctx, client: str, task_id: str, now: datetime) -> bool:
-    """Whether a task of ``client`` may be sent now (global cap, then fair shares)."""
+    """Whether a task of ``client`` may be sent now (global cap, then fair shares).
+    Called under the dispatch lock, which the caller (started at ``now``) may have
+    waited for: who counts as waiting is judged at the time of the decision."""
     s = ctx.settings
     if s.max_in_flight and await _in_flight(ctx) >= s.max_in_flight:
         return False
     # Per-client caps and a fair share of the free slots (app/fairness.py).
-    return await may_dispatch(ctx, client=client, task_id=task_id, now=now)
+    return await may_dispatch(ctx, client=client, task_id=task_id,
+                              now=max(now, ctx.clock()))
 
 
 async def submit(ctx: Ctx, *, client: str, body: TaskCreate, idempotency_key: str | None,
@@ -829,11 +832,9 @@ async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime |
                 f"attempt {last.number}: no sign of an upstream task after "
                 f"{grace:g}s; sending again as attempt {last.number + 1}"))
 
-    async with ctx.dispatch_lock:
-        if s.max_in_flight and await _in_flight(ctx) >= s.max_in_flight:
-            return now + timedelta(seconds=_jitter(min(1.0, s.poll_initial_s)))
-        # Per-client caps and a fair share of the free slots (app/fairness.py).
-        if not await may_dispatch(ctx, client=task.client, task_id=task.id, now=now):
+    # Turns at the lock go in fair-share order (app/fairness.py), not first come.
+    async with dispatch_turn(ctx, client=task.client, task_id=task.id):
+        if not await _slot_free(ctx, task.client, task.id, now):
             return now + timedelta(seconds=_jitter(min(1.0, s.poll_initial_s)))
         token = secrets.token_urlsafe(24)
         number = task.attempt + 1
