@@ -340,8 +340,10 @@ async def submit(ctx: Ctx, *, client: str, body: TaskCreate, idempotency_key: st
     try:
         async with contextlib.AsyncExitStack() as stack:
             if gated:
-                # As in ``_dispatch``: the decision and the attempt commit under one lock.
-                await stack.enter_async_context(ctx.dispatch_lock)
+                # As in ``_dispatch``: the decision and the attempt commit under one lock,
+                # taken in fair-share order (app/fairness.py).
+                await stack.enter_async_context(
+                    dispatch_turn(ctx, client=client, task_id=task.id))
             send = not gated or await _slot_free(ctx, client, task.id, now)
             if send:
                 task.attempt = 1
