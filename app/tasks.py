@@ -228,15 +228,11 @@ def _prepare(ctx: Ctx, client: str, body: TaskCreate,
         id=new_task_id(now), client=client, model=body.model, status=Status.pending.value,
         status_rank=Status.pending.rank, input=inputs, metadata_=body.metadata or {},
         webhook_url=body.webhook_url, idempotency_key=idempotency_key, request_hash=rhash,
-        attempt=0, outputs=[], cost_usd=None, error_code=None, error_message=None,
-        upstream_error_code=None, upstream_task_id=None, upstream_token=None,
-        upstream_status=None, created_at=now, updated_at=now, completed_at=None,
+        attempt=0, outputs=[], created_at=now, updated_at=now,
         deadline_at=now + timedelta(seconds=ctx.settings.task_timeout_s),
         next_check_at=now, lease_owner=ctx.owner,
         lease_until=now + timedelta(seconds=ctx.settings.lease_s), retries=0,
-        hint_at=None, first_miss_at=None, first_error_at=None, cancel_requested_at=None,
-        upstream_started_at=None, images_erased_at=None,
-    )
+    )  # the columns left out read as None on this unsaved object (and in ``_row``)
     return task, rhash
 
 
@@ -488,8 +484,7 @@ _TASK_METADATA = cast(Table, TaskMetadata.__table__)
 
 
 async def insert_metadata(ses: AsyncSession | AsyncConnection, task_id: str,
-                          metadata: dict[str, str] | None
-                          ) -> None:
+                          metadata: dict[str, str] | None) -> None:
     """A new task's ``task_metadata`` rows (one per pair; what history filters read), in
     the caller's transaction."""
     if metadata:
