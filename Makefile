@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test test-fast lint openapi bench screenshots lock install install-dev clean
+.PHONY: run test test-fast lint openapi bench screenshots lock install install-dev browser clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,16 @@ install-dev: $(VENV)/.dev
 run: install
 	$(VENV)/bin/headshot-gateway dev
 
-## make test: every test, SQLite and (when reachable) PostgreSQL
-test: install-dev
+# The console's browser tests drive Debian's chromium (never a downloaded browser build).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the console's browser tests"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+## make test: every test, SQLite and (when reachable) PostgreSQL; installs what they need
+test: install-dev browser
 	$(PY) -m pytest -q -n 4 --dist loadfile
 
 lint: install-dev

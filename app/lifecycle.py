@@ -45,10 +45,15 @@ UPSTREAM_CANCEL = "task_cancel"
 
 
 class ErrorCode(StrEnum):
-    upstream_rejected = "upstream_rejected"
-    upstream_failed = "upstream_failed"
-    insufficient_balance = "insufficient_balance"
-    lost = "lost"
+    """The stable ``error.code`` of a failed or timed-out task (callers branch on these)."""
+
+    upstream_rejected = "upstream_rejected"  # Wiro refused the request (validation, code 1)
+    upstream_failed = "upstream_failed"  # the run finished with a non-zero pexit
+    insufficient_balance = "insufficient_balance"  # code 97
+    account_suspended = "account_suspended"  # code 0 "Your account has been suspended."
+    access_denied = "access_denied"  # no permission, tool-not-accessible, codes 98 and 99
+    model_not_found = "model_not_found"  # code 1 "slug-owner-project-not-exist"
+    lost = "lost"  # Wiro kept answering "There is no task yet."
     timed_out = "timed_out"
 
 
@@ -56,23 +61,38 @@ class ErrorCode(StrEnum):
 class Observation:
     """What one Detail says, in our vocabulary.
 
-    ``error_seen`` marks ``task_error``: Wiro's docs call it a log event, its MCP server
-    a fatal failure, so it only fails a task when it persists (the caller decides).
+    ``error_seen`` marks ``task_error``: an interim log event in Wiro's docs ("always wait
+    for task_postprocess_end"), shown but never a verdict. ``unsettled`` marks a finished
+    task whose Detail carries neither a ``pexit`` nor outputs: the caller reads Detail
+    again a few times before calling it a failure (Wiro's own sample has no ``pexit``).
     """
 
     status: Status
     error_code: ErrorCode | None = None
     message: str | None = None
     error_seen: bool = False
+    unsettled: bool = False
 
 
-def observe(upstream_status: str, pexit: str | None, debug_error: str | None = None) -> Observation:
-    """Map an upstream status (and ``pexit``) to ours. Unknown statuses count as running."""
+def observe(upstream_status: str, pexit: str | None, debug_error: str | None = None,
+            *, has_outputs: bool = False) -> Observation:
+    """Map an upstream status (with ``pexit`` and whether outputs came) to ours.
+
+    Only ``task_postprocess_end`` and ``task_cancel`` decide. Success is ``pexit`` "0";
+    where ``pexit`` is absent or empty the outputs decide (Wiro's docs: judge by "pexit
+    or outputs"), and with neither the verdict waits (``unsettled``). Unknown statuses
+    count as running.
+    """
     if upstream_status == UPSTREAM_DONE:
-        if pexit == "0":
+        code = (pexit or "").strip()
+        if code == "0" or (not code and has_outputs):
             return Observation(Status.succeeded)
         detail = (debug_error or "").strip()[:500]
-        msg = f"upstream exited with pexit {pexit!r}" + (f": {detail}" if detail else "")
+        if not code:
+            return Observation(Status.running, unsettled=True, message=(
+                "upstream finished without pexit and without outputs"
+                + (f": {detail}" if detail else "")))
+        msg = f"upstream exited with pexit {code!r}" + (f": {detail}" if detail else "")
         return Observation(Status.failed, ErrorCode.upstream_failed, msg)
     if upstream_status == UPSTREAM_CANCEL:
         return Observation(Status.cancelled)

@@ -50,7 +50,12 @@ HTTP_DURATION = Histogram(
 UPSTREAM_REQUESTS = Counter(
     "gateway_upstream_requests", "Calls to Wiro, by endpoint and outcome "
     "(ok, or the error class: unavailable, rate_limited, concurrency_limit, ambiguous, "
-    "rejected, insufficient_balance, auth_error, state_error).", ["endpoint", "outcome"])
+    "rejected, insufficient_balance, auth_error, state_error, server_error, "
+    "validation_error, access_denied, config_error).", ["endpoint", "outcome"])
+UPSTREAM_CONFIG_FAULTS = Counter(
+    "gateway_upstream_config_faults", "Runs refused because of the gateway's own upstream "
+    "configuration (credentials, base URL): retried with backoff, but an operator must "
+    "fix the cause. Alert on any increase.", ["kind"])
 UPSTREAM_DURATION = Histogram(
     "gateway_upstream_request_duration_seconds", "Latency of calls to Wiro.",
     ["endpoint", "outcome"], buckets=_SLOW)
@@ -79,6 +84,8 @@ for _outcome in CALLBACK_OUTCOMES:  # series exist at 0, so rate() and alerts wo
     CALLBACKS.labels(_outcome)
 for _outcome in ("delivered", "failed"):
     NOTIFICATION_ATTEMPTS.labels(_outcome)
+for _kind in ("auth", "url"):
+    UPSTREAM_CONFIG_FAULTS.labels(_kind)
 
 
 # ---------------------------------------------------------------- helpers to call
@@ -100,6 +107,10 @@ def poll(trigger: str) -> None:
 
 def task_finished(status: str, source: str) -> None:
     TASKS_FINISHED.labels(status, source).inc()
+
+
+def upstream_config_fault(kind: str) -> None:
+    UPSTREAM_CONFIG_FAULTS.labels(kind).inc()
 
 
 def notification_attempt(outcome: str) -> None:
@@ -146,6 +157,8 @@ _OUTCOMES = {
     "WiroConcurrencyLimit": "concurrency_limit", "WiroAmbiguous": "ambiguous",
     "WiroRejected": "rejected", "WiroInsufficientBalance": "insufficient_balance",
     "WiroAuthError": "auth_error", "WiroStateError": "state_error",
+    "WiroServerError": "server_error", "WiroValidationError": "validation_error",
+    "WiroAccessDenied": "access_denied", "WiroConfigError": "config_error",
 }
 
 

@@ -95,12 +95,15 @@ class Attempt(Base):
     number: Mapped[int] = mapped_column(Integer)
     token_hash: Mapped[str] = mapped_column(String(64))
     sent_at: Mapped[datetime] = mapped_column(TS)
-    # sent → accepted | rejected | not_sent | ambiguous | abandoned
+    # sent → accepted | rejected | not_sent | ambiguous | abandoned | extra_killed
     outcome: Mapped[str] = mapped_column(String(20))
     upstream_task_id: Mapped[str | None] = mapped_column(String(64))
     # An upstream task id named by a callback for this attempt, not yet verified.
     hint_upstream_id: Mapped[str | None] = mapped_column(String(64))
     resolved_at: Mapped[datetime | None] = mapped_column(TS)
+    # When the Run became of unknown outcome (timed out, or its sender died): the wait
+    # before a new attempt counts from here.
+    ambiguous_at: Mapped[datetime | None] = mapped_column(TS)
 
     __table_args__ = (Index("uq_task_attempts_task_id_number", "task_id", "number", unique=True),)
 

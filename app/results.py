@@ -279,7 +279,8 @@ async def erase_task_images(svc: Services, *, task_id: str, client: str | None,
         s.add(Erasure(task_id=task_id, reason=reason, requested_at=now, keys=keys,
                       upstream_state=upstream, attempts=0, next_try_at=now,
                       lease_owner=ctx.owner,
-                      lease_until=now + timedelta(seconds=ctx.settings.lease_s)))
+                      lease_until=now + timedelta(seconds=max(
+                          ctx.settings.lease_s, ctx.settings.wiro_read_timeout_s + 10))))
         why = ("at the caller's request" if reason == "request" else
                f"after the retention period of {ctx.settings.retention_days:g} days")
         s.add(Event(task_id=task_id, at=now, source="api", status=None, upstream_status=None,
@@ -342,8 +343,8 @@ async def process_erasure(svc: Services, task_id: str) -> None:
             await ctx.wiro.input_output_delete(task.upstream_token)
             upstream = "done"
         except WiroStateError as exc:
-            if exc.no_task:
-                upstream = "done"  # nothing left upstream to delete
+            if exc.gone:
+                upstream = "done"  # "task-not-exist": nothing left upstream to delete
             else:
                 error = f"Task/InputOutputDelete: {str(exc)[:300]}"
         except WiroError as exc:

@@ -67,22 +67,35 @@ class Settings(BaseSettings):
     dispatch_retry_max_s: float = 60.0
     retry_after_cap_s: float = 60.0
     run_grace_s: float = Field(
-        default=300.0,
-        description="how long an ambiguous Run waits for a sign of life before a new attempt",
-    )
+        default=8.0, ge=0,
+        description="once a Run is known unanswered (its request timed out, or the process "
+                    "that sent it died), how long Task/List is searched for its upstream "
+                    "task before a new attempt is sent")
+    run_grace_unlisted_s: float = Field(
+        default=300.0, ge=0,
+        description="the same wait when Task/List cannot tell (reconciliation off, "
+                    "failing, or listing tasks without their callbackurl)")
+    submit_wait_s: float = Field(
+        default=3.0, ge=0,
+        description="how long POST /v1/tasks waits for Wiro's answer to Run; after it the "
+                    "task is answered as it stands (pending) while the Run goes on")
     lost_grace_s: float = Field(
         default=120.0, description="how long 'There is no task yet.' is tolerated"
     )
-    task_error_grace_s: float = Field(
-        default=60.0, description="how long task_error must persist to fail a task"
-    )
+    verdict_rereads: int = Field(
+        default=3, ge=0,
+        description="a task that finished upstream without pexit and without outputs is "
+                    "read again this many times before it is failed")
+    verdict_reread_s: float = Field(
+        default=2.0, gt=0, description="seconds between those reads")
     reconcile_with_task_list: bool = Field(
         default=True,
         description="look for an unanswered Run's upstream task in Task/List (undocumented)",
     )
-    # Longer than one upstream call can take (connect + read timeouts), so a check that is
-    # still waiting on Wiro never loses its task to another worker.
-    lease_s: float = 60.0
+    # Renewed every third of itself while the work goes on (the heartbeat), so a check
+    # waiting on a slow upstream call keeps its task, and a crashed process's tasks are
+    # taken over within one lease.
+    lease_s: float = Field(default=10.0, gt=0)
     worker_idle_s: float = 1.0
     worker_batch: int = 20
     worker_concurrency: int = 16

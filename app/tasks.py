@@ -31,7 +31,7 @@ import secrets
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -59,6 +59,7 @@ from app.fairness import dispatch_turn, in_flight, may_dispatch
 from app.faults import crash_point
 from app.lifecycle import (
     TERMINAL_RANK,
+    UPSTREAM_DONE,
     UPSTREAM_QUEUED,
     ErrorCode,
     Status,
@@ -72,14 +73,17 @@ from app.settings import Settings
 from app.wiro import (
     RunAccepted,
     UpstreamTask,
+    WiroAccessDenied,
     WiroAmbiguous,
     WiroAuthError,
     WiroClient,
     WiroConcurrencyLimit,
+    WiroConfigError,
     WiroError,
     WiroInsufficientBalance,
     WiroRateLimited,
     WiroRejected,
+    WiroServerError,
     WiroStateError,
     WiroUnavailable,
 )
@@ -89,16 +93,31 @@ log = logging.getLogger(__name__)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+_last_id = [0]  # the last id's 128-bit value in this process (monotonic ids)
+
+
 def new_task_id(now: datetime | None = None) -> str:
     """``tsk_`` + a ULID: 48 bits of milliseconds then 80 random bits, so ids sort by
-    creation time and the history's keyset can order by id alone."""
+    creation time and the history's keyset can order by id alone. Monotonic within a
+    process: an id made in the same millisecond as the last one is the last one plus
+    one, so it never sorts before an earlier task's (random low bits alone did)."""
     ms = int((now or utcnow()).timestamp() * 1000)
-    n = (ms << 80) | secrets.randbits(80)
+    last = _last_id[0]
+    n = last + 1 if last >> 80 == ms else (ms << 80) | secrets.randbits(79)
+    _last_id[0] = n
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[n & 31])
         n >>= 5
     return "tsk_" + "".join(reversed(chars))
+
+
+def id_time(task_id: str) -> datetime:
+    """The millisecond a task id was made in (its first 48 bits)."""
+    n = 0
+    for ch in task_id.removeprefix("tsk_")[:10]:
+        n = n * 32 + _CROCKFORD.index(ch)
+    return datetime.fromtimestamp(n / 1000, tz=UTC)
 
 
 def token_hash(token: str) -> str:
@@ -173,8 +192,10 @@ def _event(session: AsyncSession, task_id: str, source: str, at: datetime, *,
 
 
 async def _transition(session: AsyncSession, task_id: str, new: Status, *, source: str,
-                      now: datetime, message: str | None = None, **values: Any) -> bool:
-    """Move the task to ``new`` if that is forward; record the event. True if it moved."""
+                      now: datetime, message: str | None = None,
+                      expect: Status | None = None, **values: Any) -> bool:
+    """Move the task to ``new`` if that is forward (and, given ``expect``, only from that
+    status); record the event. True if it moved."""
     if new.terminal:
         values.setdefault("completed_at", now)
         values.setdefault("next_check_at", None)
@@ -183,7 +204,8 @@ async def _transition(session: AsyncSession, task_id: str, new: Status, *, sourc
         values.setdefault("lease_until", None)
     res = await session.execute(
         update(Task)
-        .where(Task.id == task_id, Task.status_rank < new.rank)
+        .where(Task.id == task_id, Task.status_rank < new.rank,
+               *(() if expect is None else (Task.status == expect.value,)))
         .values(status=new.value, status_rank=new.rank, updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
@@ -223,9 +245,12 @@ def _prepare(ctx: Ctx, client: str, body: TaskCreate,
         raise InvalidRequest("The task's input does not match the model's parameters.",
                              errors=errors)
     rhash = _request_hash(body.model, inputs, body)
-    now = ctx.clock()
+    task_id = new_task_id(ctx.clock())
+    # created_at is the id's own millisecond: history sorted by id is sorted by
+    # created_at too, within a millisecond and across replicas alike.
+    now = id_time(task_id)
     task = Task(
-        id=new_task_id(now), client=client, model=body.model, status=Status.pending.value,
+        id=task_id, client=client, model=body.model, status=Status.pending.value,
         status_rank=Status.pending.rank, input=inputs, metadata_=body.metadata or {},
         webhook_url=body.webhook_url, idempotency_key=idempotency_key, request_hash=rhash,
         attempt=0, outputs=[], created_at=now, updated_at=now,
@@ -360,14 +385,30 @@ async def submit(ctx: Ctx, *, client: str, body: TaskCreate, idempotency_key: st
         return task, False
     attempt = Attempt(id=attempt_id, task_id=task.id, number=1, token_hash=token_hash(token),
                       sent_at=now, outcome="sent", upstream_task_id=None,
-                      hint_upstream_id=None, resolved_at=None)
+                      hint_upstream_id=None, resolved_at=None, ambiguous_at=None)
+    # Wiro's Run can take long (its own MCP server handles Runs of over 45 s): the caller
+    # gets an answer within SUBMIT_WAIT_S whatever happens, while the Run goes on in its
+    # own asyncio task (tracked, so a graceful shutdown waits for it) and is recorded
+    # as usual; the lease is renewed meanwhile by the heartbeat.
+    run = asyncio.ensure_future(_send_first(ctx, task, attempt, token, now))
+    ctx.track(run)
+    done, _ = await asyncio.wait({run}, timeout=s.submit_wait_s)
+    if run in done:
+        return run.result(), False
+    return await get_task(ctx, task_id=task.id, client=None), False
+
+
+async def _send_first(ctx: Ctx, task: Task, attempt: Attempt, token: str,
+                      now: datetime) -> Task:
+    """Run for a fresh task's first attempt and record the answer (``submit``'s step 2-3);
+    the task as written."""
     nxt: datetime | None = now + timedelta(seconds=_backoff(ctx, 0))
     try:
         outcome = await _run(ctx, task, attempt, token)
         if isinstance(outcome, RunAccepted):
             crash_point("after_run_accepted")
             if await _link_new(ctx, task, attempt, outcome, started=now):
-                return task, False
+                return task
             await _link(ctx, task.id, attempt, outcome.task_id, outcome.socket_token,
                         source="dispatcher")
             nxt = _first_poll_at(ctx)
@@ -376,7 +417,7 @@ async def submit(ctx: Ctx, *, client: str, body: TaskCreate, idempotency_key: st
     except Exception:
         log.exception("dispatch failed", extra={"task_id": task.id})
     await _release(ctx, task.id, min(nxt or task.deadline_at, task.deadline_at), now)
-    return await get_task(ctx, task_id=task.id, client=None), False
+    return await get_task(ctx, task_id=task.id, client=None)
 
 
 def _ts(name: str) -> BindParameter[datetime]:
@@ -688,6 +729,20 @@ async def release_all(ctx: Ctx) -> None:
                         .execution_options(synchronize_session=False))
 
 
+_RENEW = (update(_TASKS).where(_T.lease_owner == bindparam("b_owner"))
+          .values(lease_until=_ts("b_until")))
+
+
+async def renew_leases(ctx: Ctx) -> int:
+    """Extend every lease this process holds (the heartbeat): work in progress keeps its
+    task however long an upstream call takes, so the lease itself can be short and a
+    crashed process's tasks are taken over within one lease. The number renewed."""
+    until = ctx.clock() + timedelta(seconds=ctx.settings.lease_s)
+    async with write(ctx.engine) as conn:
+        res = await conn.execute(_RENEW, {"b_owner": ctx.owner, "b_until": until})
+        return int(res.rowcount or 0)
+
+
 def _jitter(seconds: float) -> float:
     return seconds * random.uniform(0.8, 1.2)
 
@@ -710,6 +765,7 @@ async def check(ctx: Ctx, task_id: str) -> None:
     fallback = started + timedelta(seconds=_backoff(ctx, task.retries))
     deadline = task.deadline_at
     nxt: datetime | None = fallback
+    sweep: datetime | None = None  # a finished task's unanswered Run is still looked for
     step = _Step()
     try:
         if await _reconcile_attempts(ctx, task, attempts):
@@ -717,10 +773,9 @@ async def check(ctx: Ctx, task_id: str) -> None:
                 task = await s.get(Task, task_id)
             assert task is not None
         if task.status_rank >= TERMINAL_RANK:
-            nxt = None
+            nxt = sweep = await _sweep(ctx, task, attempts)
         elif started >= task.deadline_at:
-            await _on_deadline(ctx, task)
-            nxt = None
+            nxt = sweep = await _on_deadline(ctx, task, attempts)
         elif task.status == Status.pending:
             nxt = await _dispatch(ctx, task, attempts)
         else:
@@ -733,8 +788,8 @@ async def check(ctx: Ctx, task_id: str) -> None:
     finally:
         # Never sleep past the deadline: a timeout is acted on when it falls due.
         if not step.released:
-            await _release(ctx, task_id, min(nxt or fallback, deadline), started,
-                           bump=step.bump)
+            await _release(ctx, task_id, sweep or min(nxt or fallback, deadline), started,
+                           bump=step.bump, after_end=sweep)
 
 
 @dataclass
@@ -751,17 +806,20 @@ _RELEASE = (
     update(_TASKS).where(_T.id == bindparam("b_id"), _T.lease_owner == bindparam("b_owner"))
     .values(lease_owner=None, lease_until=None, retries=_T.retries + bindparam("b_bump"),
             next_check_at=case((_T.hint_at > _ts("b_started"), _ts("b_now")),
-                               (_T.status_rank >= TERMINAL_RANK, None),
+                               (_T.status_rank >= TERMINAL_RANK, _ts("b_after_end")),
                                else_=_ts("b_next")))
 )
 
 
 async def _release(ctx: Ctx, task_id: str, nxt: datetime, started: datetime, *,
-                   bump: bool = False) -> None:
+                   bump: bool = False, after_end: datetime | None = None) -> None:
+    """Give the lease back with the next check at ``nxt`` (a finished task: at
+    ``after_end``, the look for an unanswered Run's upstream task, or never)."""
     now = ctx.clock()
     async with write(ctx.engine) as conn:
         await conn.execute(_RELEASE, {"b_id": task_id, "b_owner": ctx.owner, "b_bump": int(bump),
-                                      "b_started": started, "b_now": now, "b_next": nxt})
+                                      "b_started": started, "b_now": now, "b_next": nxt,
+                                      "b_after_end": after_end})
     if nxt <= now:
         ctx.wake()
 
@@ -799,35 +857,30 @@ async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime |
     if last is not None and last.outcome in ("sent", "ambiguous"):
         # Never re-send blindly: that attempt may have started a billable run.
         if last.outcome == "sent":
-            async with unit_of_work(ctx.sm) as ses:
-                # Conditional: the Run may be answered (and recorded) right now.
-                await ses.execute(update(Attempt).where(Attempt.id == last.id,
-                                                        Attempt.outcome == "sent")
-                                  .values(outcome="ambiguous"))
-                _event(ses, task.id, "dispatcher", now, message=(
-                    f"attempt {last.number}: no answer was recorded for the upstream Run "
-                    "(interrupted); waiting for a sign of it before sending again"))
-            last.outcome = "ambiguous"
-        found = await _find_by_task_list(ctx, task, last)
+            # We hold the lease, so the process that sent it is gone (a live sender
+            # renews its lease until the Run is answered): its request is over.
+            await _mark_ambiguous(ctx, task.id, last, now, message=(
+                f"attempt {last.number}: no answer was recorded for the upstream Run "
+                "(its process stopped); looking for it before sending again"))
+        found, conclusive = await _look_up(ctx, task, last)
         if found is not None:
             await _link(ctx, task.id, last, found.id, found.socket_token, source="dispatcher")
             return now
-        # Never before the attempt's own request is over: a worker that took the task
-        # when the lease lapsed during a slow Run used to send a second Run while the
-        # first could still answer (and bill).
-        grace = max(s.run_grace_s, _run_budget_s(s) + 1.0)
-        grace_end = last.sent_at + timedelta(seconds=grace)
+        grace = s.run_grace_s if conclusive else s.run_grace_unlisted_s
+        grace_end = _ambiguous_since(s, last) + timedelta(seconds=grace)
         if now < grace_end:
-            return min(grace_end, now + timedelta(seconds=min(s.poll_initial_s, grace)))
+            return min(grace_end, now + timedelta(seconds=min(2.0, s.poll_initial_s, grace)))
         async with unit_of_work(ctx.sm) as ses:
             res = await ses.execute(update(Attempt).where(
                 Attempt.id == last.id, Attempt.outcome == "ambiguous")
                 .values(outcome="abandoned", resolved_at=now))
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 return now  # answered meanwhile: look again
+            why = ("Task/List shows no trace of it" if conclusive
+                   else "it could not be looked up")
             _event(ses, task.id, "dispatcher", now, message=(
-                f"attempt {last.number}: no sign of an upstream task after "
-                f"{grace:g}s; sending again as attempt {last.number + 1}"))
+                f"attempt {last.number}: {why} {grace:g}s after its Run went unanswered; "
+                f"sending again as attempt {last.number + 1}"))
 
     # Turns at the lock go in fair-share order (app/fairness.py), not first come.
     async with dispatch_turn(ctx, client=task.client, task_id=task.id):
@@ -848,6 +901,12 @@ async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime |
     # The attempt is committed: from here a crash leaves a "sent" attempt, never a
     # silent second Run.
     return await _send(ctx, task, attempt, token)
+
+
+def _run_grace_s(s: Settings) -> float:
+    """How long after it was sent an unanswered Run is looked for before a new attempt:
+    never before the Run's own request is over, plus a margin for Wiro to list it."""
+    return max(s.run_grace_s, _run_budget_s(s) + 5.0)
 
 
 def _run_budget_s(s: Settings) -> float:
@@ -895,6 +954,12 @@ async def _run(ctx: Ctx, task: Task, attempt: Attempt, token: str
         return await _retry_later(ctx, task, attempt, "rejected",
                                   "upstream concurrency limit (code 96); will retry",
                                   _backoff(ctx, task.retries))
+    except WiroServerError as e:
+        # Code 0 server trouble: Wiro's error reference says retry with backoff, and a
+        # ``result: false`` answer carries no taskid, so nothing was started or billed.
+        return await _retry_later(ctx, task, attempt, "rejected",
+                                  f"upstream server error (code 0): {_short(e)}; will retry",
+                                  _backoff(ctx, task.retries))
     except WiroUnavailable as e:
         return await _retry_later(ctx, task, attempt, "not_sent",
                                   f"upstream unavailable: {_short(e)}; will retry",
@@ -902,12 +967,20 @@ async def _run(ctx: Ctx, task: Task, attempt: Attempt, token: str
     except WiroInsufficientBalance as e:
         await _fail(ctx, task.id, attempt, ErrorCode.insufficient_balance, e)
         return None
-    except WiroAuthError as e:
-        # Nothing was created upstream, so a retry is safe; a key being rotated or a
-        # clock-skewed nonce should not fail every task at once. The deadline bounds it.
+    except WiroAccessDenied as e:
+        await _fail(ctx, task.id, attempt, ErrorCode(e.reason), e)
+        return None
+    except WiroConfigError as e:
+        # Our credentials or base URL: nothing was created upstream, so a retry is safe,
+        # and a key being rotated or a clock-skewed nonce should not fail every task at
+        # once. The deadline bounds it; the metric and the log make it loud.
+        kind = "auth" if isinstance(e, WiroAuthError) else "url"
+        metrics.upstream_config_fault(kind)
+        log.error("upstream refused the gateway's configuration (%s): %s", kind, _short(e),
+                  extra={"task_id": task.id})
         return await _retry_later(ctx, task, attempt, "rejected",
-                                  f"upstream refused our credentials: {_short(e)}; will retry",
-                                  _backoff(ctx, task.retries))
+                                  f"upstream refused our configuration ({kind}): "
+                                  f"{_short(e)}; will retry", _backoff(ctx, task.retries))
     except WiroRejected as e:
         await _fail(ctx, task.id, attempt, ErrorCode.upstream_rejected, e)
         return None
@@ -921,11 +994,12 @@ async def _run(ctx: Ctx, task: Task, attempt: Attempt, token: str
             hint = {} if e.task_id is None else {"hint_upstream_id": e.task_id}
             await ses.execute(update(Attempt).where(
                 Attempt.id == attempt.id, Attempt.outcome.in_(("sent", "ambiguous")))
-                .values(outcome="ambiguous", **hint))
+                .values(outcome="ambiguous", ambiguous_at=func.coalesce(
+                    Attempt.ambiguous_at, now), **hint))
             _event(ses, task.id, "dispatcher", now, message=(
                 f"attempt {attempt.number}: the upstream Run gave no usable answer "
                 f"({_short(e)}); not re-sending until it is known whether it started"))
-        return now + timedelta(seconds=min(s.poll_initial_s, s.run_grace_s))
+        return now + timedelta(seconds=min(2.0, s.poll_initial_s, s.run_grace_s))
     return accepted
 
 
@@ -1021,11 +1095,32 @@ async def _verified(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str
     return ut if _url_matches(ut.callback_url, task_id, attempt) else None
 
 
-async def _find_by_task_list(ctx: Ctx, task: Task, attempt: Attempt) -> UpstreamTask | None:
+async def _mark_ambiguous(ctx: Ctx, task_id: str, attempt: Attempt, now: datetime, *,
+                          message: str) -> None:
+    """A ``sent`` attempt whose Run will never be answered here becomes ``ambiguous``."""
+    async with unit_of_work(ctx.sm) as ses:
+        # Conditional: the Run may be answered (and recorded) right now.
+        res = await ses.execute(update(Attempt).where(
+            Attempt.id == attempt.id, Attempt.outcome == "sent")
+            .values(outcome="ambiguous", ambiguous_at=now))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            _event(ses, task_id, "dispatcher", now, message=message)
+    attempt.outcome, attempt.ambiguous_at = "ambiguous", attempt.ambiguous_at or now
+
+
+def _ambiguous_since(s: Settings, attempt: Attempt) -> datetime:
+    """When the attempt's Run was known unanswered (rows from before that was recorded:
+    the end of its request's time budget)."""
+    return attempt.ambiguous_at or attempt.sent_at + timedelta(seconds=_run_budget_s(s))
+
+
+async def _look_up(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[UpstreamTask | None, bool]:
     """Look for the upstream task an unanswered attempt may have started.
 
-    ``Task/List`` is used by Wiro's own MCP server but not documented, so any failure
-    just means "not found"; the grace period is the fallback.
+    Returns ``(the task if found, whether the look was conclusive)``: a callback's hint
+    checked with Detail, else Wiro's recent tasks (``Task/List``, used by Wiro's own MCP
+    server but undocumented) searched for this attempt's callback URL. Not conclusive
+    when Task/List is off, fails, or lists tasks without their ``callbackurl``.
     """
     if attempt.hint_upstream_id:
         try:
@@ -1033,16 +1128,56 @@ async def _find_by_task_list(ctx: Ctx, task: Task, attempt: Attempt) -> Upstream
         except WiroError:
             found = None
         if found is not None:
-            return found
+            return found, True
     if not ctx.settings.reconcile_with_task_list:
-        return None
+        return None, False
     try:
         recent = await ctx.wiro.list_tasks(limit=100)
     except WiroError:
-        return None
+        return None, False
     for ut in recent:
         if _url_matches(ut.callback_url, task.id, attempt):
-            return ut
+            return ut, True
+    return None, not recent or any(ut.callback_url for ut in recent)
+
+
+def _unresolved(attempts: Sequence[Attempt]) -> Attempt | None:
+    """The latest attempt whose Run may have started an upstream task nobody has linked."""
+    for a in reversed(attempts):
+        if a.outcome in ("sent", "ambiguous") and a.upstream_task_id is None:
+            return a
+    return None
+
+
+async def _sweep(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> datetime | None:
+    """For a finished task (cancelled or timed out before its Run was answered): find the
+    upstream task an unanswered attempt may have started and stop it, so nothing runs
+    (and bills) for a task the caller was told is over. When to look again, or None."""
+    s = ctx.settings
+    now = ctx.clock()
+    attempt = _unresolved(attempts)
+    if attempt is None:
+        return None
+    found, conclusive = await _look_up(ctx, task, attempt)
+    if found is not None:
+        await _stop_extra(ctx, task.id, attempt, found.id)
+        return None
+    if attempt.outcome == "sent" and attempt.sent_at + timedelta(
+            seconds=_run_budget_s(s) + s.lease_s) > now:
+        return now + timedelta(seconds=2.0)  # its Run may still be answered by its sender
+    since = _ambiguous_since(s, attempt)
+    grace = s.run_grace_s if conclusive else s.run_grace_unlisted_s
+    if now < since + timedelta(seconds=grace):
+        return min(since + timedelta(seconds=grace), now + timedelta(seconds=2.0))
+    async with unit_of_work(ctx.sm) as ses:
+        res = await ses.execute(update(Attempt).where(
+            Attempt.id == attempt.id, Attempt.outcome.in_(("sent", "ambiguous")))
+            .values(outcome="abandoned", resolved_at=now))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            _event(ses, task.id, "dispatcher", now, message=(
+                f"attempt {attempt.number}: no upstream task found for it "
+                f"({'Task/List shows no trace' if conclusive else 'it could not be looked up'}"
+                "); nothing to stop"))
     return None
 
 
@@ -1118,8 +1253,8 @@ async def _poll(ctx: Ctx, task: Task, source: str, step: _Step | None = None) ->
     if task.cancel_requested_at is not None:
         await _stop_upstream(ctx, task.upstream_task_id, ut.status)
     interval = ctx.polls.interval(s, task.retries)
-    if ut.status in ("task_error", "task_error_full"):
-        interval = min(interval, max(1.0, s.task_error_grace_s / 3))
+    if ut.status == UPSTREAM_DONE:
+        interval = s.verdict_reread_s  # finished without a verdict yet: read it again soon
     if task.cancel_requested_at is not None:
         interval = min(interval, 2.0)
     if step is not None:
@@ -1139,21 +1274,21 @@ async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -
     """Apply what one Detail says. Returns the task's status afterwards."""
     s = ctx.settings
     now = ctx.clock()
-    obs = observe(ut.status, ut.pexit, ut.debug_error)
+    obs = observe(ut.status, ut.pexit, ut.debug_error, has_outputs=bool(ut.outputs))
     values: dict[str, Any] = {"upstream_status": ut.status, "first_miss_at": None}
     target = obs.status
     message = f"upstream status {ut.status}"
-    if obs.error_seen:
-        first = task.first_error_at or now
-        values["first_error_at"] = first
-        if (now - first).total_seconds() >= s.task_error_grace_s:
+    if obs.unsettled:
+        # Finished, but neither pexit nor outputs say how: Detail is read again (every
+        # VERDICT_REREAD_S, counted in ``retries``) before the task is called failed.
+        # ``first_error_at`` marks when that was first seen.
+        if task.first_error_at is None:
+            values.update(first_error_at=now, retries=0)
+        elif task.retries >= s.verdict_rereads:
             target = Status.failed
-            values.update(error_code=ErrorCode.upstream_failed.value,
-                          error_message=(f"the upstream task stayed in {ut.status} for "
-                                         f"{s.task_error_grace_s:g}s: "
-                                         f"{(ut.debug_error or '').strip()[:500]}").strip(),
-                          cost_usd=ut.total_cost)
-            message = f"{ut.status} persisted for {s.task_error_grace_s:g}s"
+            values.update(error_code=ErrorCode.upstream_failed.value, cost_usd=ut.total_cost,
+                          error_message=f"{obs.message} (Detail read {task.retries + 1} times)")
+            message = "upstream finished without pexit and without outputs"
     else:
         values["first_error_at"] = None
     if target == Status.succeeded:
@@ -1208,26 +1343,57 @@ async def _stop_upstream(ctx: Ctx, upstream_id: str, upstream_status: str | None
     return False, None, last
 
 
-async def _on_deadline(ctx: Ctx, task: Task) -> None:
+async def _on_deadline(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> datetime | None:
+    """Stop the task at its deadline: ``timed_out``, with the upstream task stopped. An
+    attempt whose Run went unanswered is looked up first, and the message says what was
+    found: never sent, stopped, or upstream state unknown (then it is looked for after
+    the verdict, and stopped if it appears). When to look again, or None."""
     s = ctx.settings
-    now = ctx.clock()
-    note = "never accepted upstream"
+    sweep: datetime | None = None
+    if task.upstream_task_id is None:
+        unresolved = _unresolved(attempts)
+        if not attempts:
+            note = "never sent upstream"
+        elif unresolved is None:
+            note = "never accepted upstream"
+        else:
+            found, conclusive = await _look_up(ctx, task, unresolved)
+            if found is not None:
+                # It did start: follow it like any linked task (stopped below unless
+                # it has already finished, which is then the truth).
+                await _link(ctx, task.id, unresolved, found.id, found.socket_token,
+                            source="timeout")
+                async with ctx.reads() as ses:
+                    fresh = await ses.get(Task, task.id)
+                assert fresh is not None
+                task = fresh
+                note = ""
+            elif conclusive and _ambiguous_since(s, unresolved) + timedelta(
+                    seconds=s.run_grace_s) <= ctx.clock():
+                note = "never started upstream (Task/List shows no trace of its Run)"
+                sweep = await _sweep(ctx, task, attempts)  # marks it abandoned
+            else:
+                note = ("upstream state unknown (its Run was never answered); it is looked "
+                        "for and stopped if it appears")
+                sweep = ctx.clock() + timedelta(seconds=2.0)
     if task.upstream_task_id is not None:
         try:
             ut = await ctx.wiro.detail(task_id=task.upstream_task_id)
             if (await apply_detail(ctx, task, ut, source="timeout")).terminal:
-                return
+                return None
             status: str | None = ut.status
         except WiroError:
             status = task.upstream_status
         confirmed, _, how = await _stop_upstream(ctx, task.upstream_task_id, status)
         note = f"upstream task stopped ({how})" if confirmed else f"stopping failed ({how})"
+    now = ctx.clock()
     async with unit_of_work(ctx.sm) as ses:
         await _transition(
             ses, task.id, Status.timed_out, source="timeout", now=now,
             message=f"deadline of {s.task_timeout_s:g}s passed; {note}",
-            error_code=ErrorCode.timed_out.value,
+            error_code=ErrorCode.timed_out.value, next_check_at=sweep,
             error_message=f"the task did not finish within {s.task_timeout_s:g}s; {note}")
+    return sweep
 
 
 async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
@@ -1237,16 +1403,19 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
         raise Conflict(f"Task {task_id} is already {task.status}.")
     now = ctx.clock()
     if task.status == Status.pending:
+        async with ctx.reads() as ses:
+            attempts = (await ses.scalars(select(Attempt).where(Attempt.task_id == task_id)
+                                          .order_by(Attempt.number))).all()
+        # A Run in flight or unanswered may have started an upstream task: a worker looks
+        # for it and stops it (``_sweep``); an answer that comes later is stopped on
+        # arrival (``_link``).
+        sweep = now if _unresolved(attempts) is not None else None
         async with unit_of_work(ctx.sm) as ses:
-            res = await ses.execute(
-                update(Task).where(Task.id == task_id, Task.status == Status.pending.value)
-                .values(status=Status.cancelled.value, status_rank=Status.cancelled.rank,
-                        updated_at=now, completed_at=now, next_check_at=None)
-                .execution_options(synchronize_session=False))
-            if res.rowcount == 1:  # type: ignore[attr-defined]
-                _event(ses, task_id, "cancel", now, status=Status.cancelled.value,
-                       message="cancelled before it was sent upstream")
-                await record_terminal(ses, task_id, Status.cancelled, now)
+            await _transition(ses, task_id, Status.cancelled, source="cancel", now=now,
+                              expect=Status.pending, next_check_at=sweep,
+                              message="cancelled before it was accepted upstream")
+        if sweep is not None:
+            ctx.wake()
         task = await get_task(ctx, task_id=task_id, client=client)
         if Status(task.status).terminal:
             return task

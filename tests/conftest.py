@@ -198,7 +198,7 @@ def gateway_settings(*, db_url: str, sim: Sim, public_url: str, data_dir: Path,
         api_keys=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()), admin_clients="root",
         poll_initial_s=0.5, poll_max_s=2.0, task_timeout_s=60, lease_s=5, worker_idle_s=0.2,
         dispatch_retry_initial_s=0.2, dispatch_retry_max_s=1.0, run_grace_s=5,
-        lost_grace_s=2, task_error_grace_s=2, wiro_read_timeout_s=5,
+        lost_grace_s=2, run_grace_unlisted_s=5, verdict_reread_s=0.3, wiro_read_timeout_s=5,
         allow_private_networks=True, output_hosts="127.0.0.1",
     )
     values.update(overrides)

@@ -25,13 +25,24 @@ FIXTURES = Path(__file__).parent / "fixtures" / "wiro"
     ("task_postprocess_start", None, Status.running),
     ("task_postprocess_end", "0", Status.succeeded),
     ("task_postprocess_end", "1", Status.failed),
-    ("task_postprocess_end", None, Status.failed),
+    ("task_postprocess_end", "", Status.running),  # no verdict yet: outputs decide
+    ("task_postprocess_end", None, Status.running),
     ("task_cancel", None, Status.cancelled),
     ("task_error", None, Status.running),
     ("task_something_new", None, Status.running),
 ])
 def test_mapping(upstream: str, pexit: str | None, expected: Status) -> None:
     assert observe(upstream, pexit).status == expected
+
+
+def test_without_pexit_the_outputs_decide() -> None:
+    ok = observe("task_postprocess_end", None, has_outputs=True)
+    assert ok.status == Status.succeeded and not ok.unsettled
+    open_ = observe("task_postprocess_end", "", has_outputs=False)
+    assert open_.status == Status.running and open_.unsettled
+    # A pexit, when there is one, decides whatever the outputs.
+    assert observe("task_postprocess_end", "1", has_outputs=True).status == Status.failed
+    assert observe("task_postprocess_end", "0", has_outputs=False).status == Status.succeeded
 
 
 def test_task_error_is_only_a_flag() -> None:
@@ -54,9 +65,11 @@ def test_ranks_move_forward_and_terminals_share_the_top() -> None:
     ("detail_postprocessing.json", Status.running),
     ("detail_task_error_interim.json", Status.running),
     ("detail_succeeded.json", Status.succeeded),
+    ("detail_succeeded_no_pexit.json", Status.succeeded),
     ("detail_failed.json", Status.failed),
     ("detail_cancelled.json", Status.cancelled),
 ])
 def test_recorded_details(fixture: str, expected: Status) -> None:
     ut = UpstreamTask.from_wire(json.loads((FIXTURES / fixture).read_text())["tasklist"][0])
-    assert observe(ut.status, ut.pexit, ut.debug_error).status == expected
+    assert observe(ut.status, ut.pexit, ut.debug_error,
+                   has_outputs=bool(ut.outputs)).status == expected

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.db import make_engine, make_sessionmaker, unit_of_work, utcnow
 from app.lifecycle import RANK, TERMINAL, ErrorCode, Status, observe
@@ -52,7 +52,8 @@ def test_observe_maps_everything_into_the_vocabulary(status: str, pexit: str | N
     obs = observe(status, pexit, debug)
     assert isinstance(obs.status, Status)
     assert (obs.status == Status.succeeded) == (status == "task_postprocess_end"
-                                                and pexit == "0")
+                                                and (pexit or "").strip() == "0")
+    assert obs.unsettled == (status == "task_postprocess_end" and not (pexit or "").strip())
     if obs.status == Status.failed:
         assert obs.error_code == ErrorCode.upstream_failed and obs.message
     else:
@@ -72,20 +73,23 @@ details = st.fixed_dictionaries(
               "elapsedseconds": wire_values, "createtime": wire_values})
 
 
-def model(sequence: list[tuple[dict[str, Any], float]], grace: float) -> list[Status]:
-    """What the status should be after each Detail (``apply_detail``, purely)."""
-    current, first_error, out, now = Status.queued, None, [], 0.0
-    for raw, step in sequence:
-        now += step
+def model(sequence: list[tuple[dict[str, Any], float]], rereads: int) -> list[Status]:
+    """What the status should be after each Detail (``apply_detail``, purely): task_error
+    never decides; a finished task without pexit and outputs fails only after it was
+    read ``rereads`` more times (each read counted in ``retries``)."""
+    current, unsettled_reads, out = Status.queued, None, []
+    for raw, _step in sequence:
         ut = UpstreamTask.from_wire(raw)
-        obs = observe(ut.status, ut.pexit, ut.debug_error)
+        obs = observe(ut.status, ut.pexit, ut.debug_error, has_outputs=bool(ut.outputs))
         target = obs.status
-        if obs.error_seen:
-            first_error = now if first_error is None else first_error
-            if now - first_error >= grace:
+        if obs.unsettled:
+            if unsettled_reads is None:
+                unsettled_reads = 0
+            elif unsettled_reads >= rereads:
                 target = Status.failed
+            unsettled_reads += 1
         else:
-            first_error = None
+            unsettled_reads = None
         if not current.terminal and RANK[target] > RANK[current]:
             current = target
         out.append(current)
@@ -95,12 +99,12 @@ def model(sequence: list[tuple[dict[str, Any], float]], grace: float) -> list[St
 @PROPS
 @given(sequence=st.lists(st.tuples(details, st.floats(0, 3)), min_size=1, max_size=8))
 def test_ranks_only_move_forward(db_url: str, sequence: list[tuple[dict, float]]) -> None:
-    grace = 2.0
+    rereads = 2
 
     async def run() -> list[Status]:
         engine = make_engine(db_url)
         clock = [utcnow()]
-        ctx = Ctx(settings=Settings(database_url=db_url, task_error_grace_s=grace),
+        ctx = Ctx(settings=Settings(database_url=db_url, verdict_rereads=rereads),
                   sm=make_sessionmaker(engine), wiro=None,  # type: ignore[arg-type]
                   clock=lambda: clock[0])
         t0 = clock[0]
@@ -120,6 +124,10 @@ def test_ranks_only_move_forward(db_url: str, sequence: list[tuple[dict, float]]
                 assert fresh is not None
                 returned = await apply_detail(ctx, fresh, UpstreamTask.from_wire(raw),
                                               source="poll")
+                if not returned.terminal:  # as _poll does: each read counts in retries
+                    async with unit_of_work(ctx.sm) as s:
+                        await s.execute(update(Task).where(Task.id == task.id)
+                                        .values(retries=Task.retries + 1))
                 async with ctx.sm() as s:
                     after = await s.get(Task, task.id)
                 assert after is not None and Status(after.status) == returned
@@ -138,7 +146,7 @@ def test_ranks_only_move_forward(db_url: str, sequence: list[tuple[dict, float]]
     assert ranks == sorted(ranks)
     terminal = [s for s in seen if s in TERMINAL]
     assert len(set(terminal)) <= 1  # once terminal, always the same one
-    assert seen == model(sequence, grace)
+    assert seen == model(sequence, rereads)
 
 
 # ---------------------------------------------------------------- the callback route

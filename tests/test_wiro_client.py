@@ -17,16 +17,21 @@ from app.wiro import (
     RunAccepted,
     UpstreamOutput,
     UpstreamTask,
+    WiroAccessDenied,
     WiroAmbiguous,
     WiroAuthError,
     WiroClient,
     WiroConcurrencyLimit,
+    WiroConfigError,
     WiroError,
     WiroInsufficientBalance,
     WiroRateLimited,
     WiroRejected,
+    WiroServerError,
     WiroStateError,
     WiroUnavailable,
+    WiroValidationError,
+    error_for_code,
     parse_retry_after,
 )
 
@@ -125,6 +130,7 @@ def call_for_fixture(name: str) -> Callable[[WiroClient], Any]:
         "kill_": "kill",
         "file_upload_": "upload",
         "input_output_delete_": "input_output_delete",
+        "error_": "detail",
     }
     for start, call in prefix.items():
         if name.startswith(start):
@@ -144,8 +150,12 @@ ERROR_FIXTURES = {
         "you can run up to 1 tasks at the same time.",
     ),
     "run_error_auth": (WiroAuthError, 0, "Project authorization is not valid."),
-    "run_error_validation": (WiroRejected, 0, "Request parameter [inputImageUrl] required"),
-    "run_error_string_errors": (WiroRejected, None, "Request parameters are invalid."),
+    "run_error_validation": (WiroValidationError, 0,
+                             "Request parameter [inputImageUrl] required"),
+    "run_error_string_errors": (WiroValidationError, None, "Request parameters are invalid."),
+    "run_error_server_0": (WiroServerError, 0, "Internal server error, please try again."),
+    "error_parsing_url_404": (WiroConfigError, 0, "Error parsing url."),
+    "input_output_delete_not_exist": (WiroStateError, 1, "task-not-exist"),
     "detail_not_found": (WiroStateError, 1, "There is no task yet."),
     "cancel_not_cancellable": (WiroStateError, 1, "Task is not in a cancellable state."),
     "kill_failed": (WiroStateError, 1, "Task could not be killed: task is not running"),
@@ -158,6 +168,7 @@ DETAIL_FIXTURES = {
     "detail_postprocessing": ("task_postprocess_start", None, 0, "0", None),
     "detail_task_error_interim": ("task_error", None, 0, "0", "UserWarning: xformers not found"),
     "detail_succeeded": ("task_postprocess_end", "0", 1, "0.003510000000", None),
+    "detail_succeeded_no_pexit": ("task_postprocess_end", None, 1, "0.003510000000", None),
     "detail_failed": ("task_postprocess_end", "1", 0, "0", "RuntimeError: CUDA out of memory"),
     "detail_cancelled": ("task_cancel", None, 0, "0", None),
 }
@@ -536,8 +547,11 @@ async def test_non_run_5xx_without_error_body_is_unavailable(wiro: FakeWiro, sta
         ("run_error_balance_97", WiroInsufficientBalance, 97),
         ("run_error_concurrency_96", WiroConcurrencyLimit, 96),
         ("run_error_auth", WiroAuthError, 0),
-        ("run_error_validation", WiroUnavailable, 0),  # code 0 on a 5xx: server trouble
-        ("run_error_string_errors", WiroUnavailable, None),
+        # The documented messages decide, whatever the status (Wiro's statuses are
+        # unreliable); other code-0 bodies on a 5xx are server trouble.
+        ("run_error_validation", WiroValidationError, 0),
+        ("run_error_string_errors", WiroValidationError, None),
+        ("run_error_server_0", WiroServerError, 0),
     ],
 )
 async def test_5xx_with_error_body_classifies_by_code(
@@ -632,10 +646,53 @@ async def test_several_errors_join_messages_and_use_the_first_code(wiro: FakeWir
 
 
 @pytest.mark.parametrize("code", [98, 99, "98"])
-async def test_auth_codes(wiro: FakeWiro, code: Any) -> None:
+async def test_sign_in_codes_are_access_denied(wiro: FakeWiro, code: Any) -> None:
     wiro.reply(200, {"result": False, "errors": [{"code": code, "message": "Sign in required"}]})
-    with pytest.raises(WiroAuthError):
+    with pytest.raises(WiroAccessDenied) as info:
         await wiro.client.detail(task_id=TASK_ID)
+    assert info.value.reason == "access_denied"
+
+
+# Wiro's error reference, message by message: what each means to the gateway.
+@pytest.mark.parametrize(("code", "message", "exc_type", "reason"), [
+    (0, "Request parameter [seed] must be integer or float", WiroValidationError, None),
+    (0, "Request parameter [safetyTolerance] must be between 0 and 6", WiroValidationError,
+     None),
+    (0, "Request files [inputImage] required", WiroValidationError, None),
+    (0, "Project authorization is not founded.", WiroAuthError, None),
+    (0, "Project requires signature authentication. Please use x-signature.", WiroAuthError,
+     None),
+    (0, "Requested ip 203.0.113.7 is not allowed.", WiroAuthError, None),
+    (0, "Your account has been suspended. Please contact support.", WiroAccessDenied,
+     "account_suspended"),
+    (0, "You don't have any permission for this action.", WiroAccessDenied, "access_denied"),
+    (1, "tool-not-accessible", WiroAccessDenied, "access_denied"),
+    (1, "slug-owner-project-not-exist", WiroAccessDenied, "model_not_found"),
+    (1, "Task is not in a cancellable state.", WiroStateError, None),
+    (0, "Something went wrong on our side", WiroServerError, None),
+    (0, "Error parsing url.", WiroConfigError, None),
+    (42, "Something new", WiroRejected, None),
+])
+def test_error_reference_classification(code: int, message: str, exc_type: type,
+                                        reason: str | None) -> None:
+    exc = error_for_code(code, message, http_status=200)
+    assert type(exc) is exc_type
+    assert getattr(exc, "reason", None) == reason
+
+
+def test_server_errors_are_retryable_and_config_errors_are_rejections() -> None:
+    assert issubclass(WiroServerError, WiroUnavailable)
+    assert issubclass(WiroAuthError, WiroConfigError)
+    assert issubclass(WiroConfigError, WiroRejected)
+    assert issubclass(WiroValidationError, WiroRejected)
+
+
+def test_task_not_exist_counts_as_gone() -> None:
+    gone = error_for_code(1, "task-not-exist", http_status=200)
+    busy = error_for_code(1, "Task must be completed or cancelled before deleting files",
+                          http_status=200)
+    assert isinstance(gone, WiroStateError) and gone.gone
+    assert isinstance(busy, WiroStateError) and not busy.gone
 
 
 async def test_result_false_without_errors_is_rejected(wiro: FakeWiro) -> None:

@@ -2,15 +2,19 @@
 
 from app.wiro.client import DEFAULT_TIMEOUT, WiroClient, error_for_code, parse_retry_after
 from app.wiro.errors import (
+    WiroAccessDenied,
     WiroAmbiguous,
     WiroAuthError,
     WiroConcurrencyLimit,
+    WiroConfigError,
     WiroError,
     WiroInsufficientBalance,
     WiroRateLimited,
     WiroRejected,
+    WiroServerError,
     WiroStateError,
     WiroUnavailable,
+    WiroValidationError,
 )
 from app.wiro.models import RunAccepted, UpstreamOutput, UpstreamTask
 from app.wiro.signing import NonceSource, sign, verify
@@ -21,16 +25,20 @@ __all__ = [
     "RunAccepted",
     "UpstreamOutput",
     "UpstreamTask",
+    "WiroAccessDenied",
     "WiroAmbiguous",
     "WiroAuthError",
     "WiroClient",
     "WiroConcurrencyLimit",
+    "WiroConfigError",
     "WiroError",
     "WiroInsufficientBalance",
     "WiroRateLimited",
     "WiroRejected",
+    "WiroServerError",
     "WiroStateError",
     "WiroUnavailable",
+    "WiroValidationError",
     "error_for_code",
     "parse_retry_after",
     "sign",

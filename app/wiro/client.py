@@ -29,15 +29,19 @@ from pydantic import SecretStr
 
 from app import metrics
 from app.wiro.errors import (
+    WiroAccessDenied,
     WiroAmbiguous,
     WiroAuthError,
     WiroConcurrencyLimit,
+    WiroConfigError,
     WiroError,
     WiroInsufficientBalance,
     WiroRateLimited,
     WiroRejected,
+    WiroServerError,
     WiroStateError,
     WiroUnavailable,
+    WiroValidationError,
 )
 from app.wiro.models import RunAccepted, UpstreamTask
 from app.wiro.signing import NonceSource, sign
@@ -56,8 +60,18 @@ _RUN_NOT_STARTED_5XX = frozenset({500, 502, 503})
 # A gateway gave up waiting for Wiro: whatever the body, the Run may be in progress behind it.
 _GATEWAY_TIMEOUTS = frozenset({504, 524})
 
-_AUTH_MESSAGE = re.compile(r"authori[sz]|authenticat|api[ -]?key|signature", re.IGNORECASE)
-_NO_TASK_MESSAGE = re.compile(r"\bno task\b", re.IGNORECASE)
+# Code 0 is Wiro's catch-all; its documented messages (the error reference) are the only
+# way to tell its kinds apart. What matches none of them is a server error (retryable).
+_AUTH_MESSAGE = re.compile(
+    r"authori[sz]|authenticat|api[ -]?key|signature|requested ip .* not allowed", re.IGNORECASE)
+_SUSPENDED_MESSAGE = re.compile(r"account has been suspended", re.IGNORECASE)
+_NO_PERMISSION_MESSAGE = re.compile(r"permission for this action|tool-not-accessible",
+                                    re.IGNORECASE)
+_NO_MODEL_MESSAGE = re.compile(r"slug-owner-project-not-exist", re.IGNORECASE)
+_VALIDATION_MESSAGE = re.compile(
+    r"\brequest (parameters?|files?)\b|must be (integer|float|between|one of)", re.IGNORECASE)
+_URL_MESSAGE = re.compile(r"error parsing url", re.IGNORECASE)
+_NO_TASK_MESSAGE = re.compile(r"\bno task\b|task-not-exist", re.IGNORECASE)
 
 
 def _secret(value: str | SecretStr | None) -> SecretStr | None:
@@ -152,22 +166,35 @@ def _error_body(body: dict[str, Any] | None) -> tuple[int | None, str] | None:
 
 
 def error_for_code(code: int | None, message: str, *, http_status: int | None) -> WiroError:
-    """The exception for a Wiro error code (before any adjustment for the HTTP status)."""
+    """The exception for a Wiro error code (before any adjustment for the HTTP status),
+    following the retry table of Wiro's error reference."""
     kwargs: dict[str, Any] = {"code": code, "http_status": http_status}
     if code == 96:
         return WiroConcurrencyLimit(message, **kwargs)
     if code == 97:
         return WiroInsufficientBalance(message, **kwargs)
-    if code in (98, 99):
-        return WiroAuthError(message, **kwargs)
+    if code in (98, 99):  # sign-in / bearer token required: not for a project key
+        return WiroAccessDenied(message, reason="access_denied", **kwargs)
+    if code in (0, 1, None):
+        if _NO_MODEL_MESSAGE.search(message):
+            return WiroAccessDenied(message, reason="model_not_found", **kwargs)
+        if _NO_PERMISSION_MESSAGE.search(message):
+            return WiroAccessDenied(message, reason="access_denied", **kwargs)
     if code == 1:
         return WiroStateError(message, **kwargs)
     if code in (0, None):
-        # Code 0 is Wiro's catch-all; its message is the only way to tell auth apart.
         if _AUTH_MESSAGE.search(message):
             return WiroAuthError(message, **kwargs)
+        if _SUSPENDED_MESSAGE.search(message):
+            return WiroAccessDenied(message, reason="account_suspended", **kwargs)
         if _NO_TASK_MESSAGE.search(message):
             return WiroStateError(message, **kwargs)
+        if _VALIDATION_MESSAGE.search(message):
+            return WiroValidationError(message, **kwargs)
+        if _URL_MESSAGE.search(message):
+            return WiroConfigError(message, **kwargs)
+        if code == 0:
+            return WiroServerError(message, **kwargs)
     return WiroRejected(message, **kwargs)
 
 
@@ -408,7 +435,9 @@ class WiroClient:
                 raise WiroAuthError(message, http_status=status)
             raise WiroRejected(message, http_status=status)
         exc = error_for_code(*error, http_status=status)
-        if status in (401, 403) and type(exc) is WiroRejected:
+        if status in (401, 403) and type(exc) in (WiroRejected, WiroValidationError,
+                                                  WiroServerError):
+            # The 401 family is Wiro's answer to credentials, whatever the message says.
             raise WiroAuthError(exc.message, code=exc.code, http_status=status)
         raise exc
 

@@ -29,6 +29,7 @@ class Scheduler:
         self._tracked: set[asyncio.Task[Any]] = set()  # checks run outside the loop
         self._loop_task: asyncio.Task[None] | None = None
         self._plan_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -37,6 +38,19 @@ class Scheduler:
         self._loop_task = asyncio.create_task(self._loop(), name="scheduler")
         # Keeps the poll schedule in step with how callbacks are doing (app/pollplan.py).
         self._plan_task = asyncio.create_task(self.ctx.polls.run(self.ctx), name="poll-plan")
+        self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="lease-heartbeat")
+
+    async def _heartbeat(self) -> None:
+        """Renew this process's task leases every third of a lease, so a check waiting on
+        a slow upstream call keeps its task while a dead process's tasks are free again
+        one lease after its last beat (``GATEWAY_LEASE_S``)."""
+        interval = max(0.05, self.ctx.settings.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await tasks.renew_leases(self.ctx)
+            except Exception:
+                log.exception("renewing leases failed")
 
     async def _loop(self) -> None:
         s = self.ctx.settings
@@ -84,9 +98,10 @@ class Scheduler:
         another replica can continue at once instead of waiting for leases to lapse."""
         self.drain()
         assert self._drain_deadline is not None
-        if self._plan_task is not None:
-            self._plan_task.cancel()
-            await asyncio.wait([self._plan_task], timeout=2.0)
+        for background in (self._plan_task, self._heartbeat_task):
+            if background is not None:
+                background.cancel()
+                await asyncio.wait([background], timeout=2.0)
         loop = asyncio.get_running_loop()
         if self._loop_task is not None:
             await asyncio.wait([self._loop_task],
