@@ -29,7 +29,7 @@ from bench.common import Run, say
 from bench.harness import BenchFailure
 
 RESULTS = harness.ROOT / "bench" / "results"
-ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"]
+ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"]
 
 
 def machine() -> dict[str, Any]:
@@ -66,7 +66,15 @@ def save(results: dict[str, Any]) -> Path:
 
 async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
                      results: dict[str, Any]) -> None:
-    from bench import p1_overhead, p4_history, p5_polls, p6_memory, p7_notify, throughput
+    from bench import (
+        p1_overhead,
+        p4_history,
+        p5_polls,
+        p6_memory,
+        p7_notify,
+        p8_recovery,
+        throughput,
+    )
 
     res = results["results"]
     if run.wants("P1"):
@@ -113,6 +121,11 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
         for kind in kinds:
             say(f"P7 on {kind}")
             res.setdefault("P7", {})[kind] = await p7_notify.measure(run, kind)
+            save(results)
+    if run.wants("P8"):
+        for kind in kinds:
+            say(f"P8 on {kind}")
+            res.setdefault("P8", {})[kind] = await p8_recovery.measure(run, kind)
             save(results)
 
 

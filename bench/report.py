@@ -80,6 +80,10 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
             return f"not measured: {x.get('why')}", None
         return (f"p50 {_f(x['p50_ms'])} ms, p90 {_f(x['p90_ms'])} ms "
                 f"({x['received']}/{x['tasks']} received)", x.get("met"))
+    if pid == "P8":
+        return (f"{_f(x.get('restart_to_converged_s'))} s restart → all converged "
+                f"(no crash: {_f(x.get('baseline_converged_s'))} s; x{_f(x.get('ratio'), 2)})",
+                x.get("met"))
     return "?", None
 
 
@@ -96,6 +100,8 @@ WHAT = {
     "P6": ("memory per in-flight task; RSS drift", "the idle process",
            "≤ 32 KiB; no upward drift"),
     "P7": ("upstream completion → signed notification", "—", "p50 ≤ 50 ms"),
+    "P8": ("kill -9 mid-submit, restart at defaults: until all converged",
+           "the same batch without a crash", "≤ 20 s, none run twice"),
 }
 
 

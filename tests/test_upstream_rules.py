@@ -161,3 +161,76 @@ async def test_history_is_newest_first_by_id_and_created_at(db_url: str, sim: Si
     created = [datetime.fromisoformat(t["created_at"]) for t in listed]
     assert ids == sorted(ids, reverse=True)
     assert created == sorted(created, reverse=True)
+
+
+@SQLITE_ONLY
+async def test_success_without_pexit_is_succeeded_with_outputs(db_url: str, sim: Sim,
+                                                               tmp_path: Path) -> None:
+    """The seed's own Detail sample has no pexit: a finished task with outputs and no
+    pexit is a success, outputs kept."""
+    sim.configure(omit_pexit=True)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        r = await gw.client().post("/v1/tasks", json=task_body(sim))
+        final = await gw.wait_terminal(r.json()["id"])
+    upstream = await sim_get(sim, f"/__sim/tasks/{final['upstream']['task_id']}")
+    assert "pexit" not in upstream["detail"]  # the simulator really left it out
+    assert final["status"] == "succeeded" and final["outputs"], final
+
+
+# Wiro's error reference, answered to the first Run: (HTTP status, body, what follows).
+RUN_REFUSALS: dict[str, tuple[int, dict[str, Any], str, str | None]] = {
+    "server_error": (200, {"code": 0, "message": "Internal server error, please try again."},
+                     "succeeded", None),
+    "auth": (401, {"code": 0, "message": "Project authorization is not valid."},
+             "succeeded", None),
+    "validation": (200, {"code": 0, "message": "Request parameter [inputImageUrl] required"},
+                   "failed", "upstream_rejected"),
+    "suspended": (200, {"code": 0, "message": "Your account has been suspended."},
+                  "failed", "account_suspended"),
+    "no_model": (200, {"code": 1, "message": "slug-owner-project-not-exist"},
+                 "failed", "model_not_found"),
+    "sign_in": (200, {"code": 98, "message": "Sign in required"}, "failed", "access_denied"),
+}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("kind", sorted(RUN_REFUSALS))
+async def test_run_refusals_follow_the_error_reference(
+        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path,
+        kind: str) -> None:
+    """Retryable refusals (code-0 server errors, our credentials) are sent again and end
+    with one upstream task; the others fail at once with a stable code, nothing sent."""
+    http_status, error, status, code = RUN_REFUSALS[kind]
+    tx = Interposer()
+
+    async def refuse_first(n: int, request: httpx.Request) -> httpx.Response | None:
+        if n == 1:
+            return httpx.Response(http_status, json={"result": False, "errors": [error]})
+        return None
+
+    tx.on_run = refuse_first
+    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        before = await auth_faults(gw)
+        r = await gw.client().post("/v1/tasks", json=task_body(sim))
+        tid = r.json()["id"]
+        final = await gw.wait_terminal(tid)
+        rows = await attempts(gw, tid)
+        after = await auth_faults(gw)
+    assert final["status"] == status, final
+    runs = (await sim_stats(sim))["runs_by_gateway_task"]
+    if status == "succeeded":
+        assert [(a.number, a.outcome) for a in rows] == [(1, "rejected"), (2, "accepted")]
+        assert runs == {tid: 1}
+    else:
+        assert final["error"]["code"] == code
+        assert final["error"]["upstream_code"] == str(error["code"])
+        assert [a.outcome for a in rows] == ["rejected"] and runs == {}
+    assert after - before == (1.0 if kind == "auth" else 0.0)  # loud when it is ours
+
+
+async def auth_faults(gw: Any) -> float:
+    """gateway_upstream_config_faults_total{kind="auth"} (the registry is per process)."""
+    text = (await gw.client().get("/metrics")).text
+    [line] = [x for x in text.splitlines()
+              if x.startswith('gateway_upstream_config_faults_total{kind="auth"}')]
+    return float(line.split()[-1])
