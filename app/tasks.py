@@ -866,6 +866,11 @@ async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime |
         if found is not None:
             await _link(ctx, task.id, last, found.id, found.socket_token, source="dispatcher")
             return now
+        if last.hint_upstream_id:
+            # A callback named its upstream task but Detail could not be read to verify
+            # it (``_reconcile_attempts`` clears a hint Wiro disproves): the only sign of
+            # a task that may be running is never traded for a second Run.
+            return now + timedelta(seconds=_backoff(ctx, task.retries))
         grace = s.run_grace_s if conclusive else s.run_grace_unlisted_s
         grace_end = _ambiguous_since(s, last) + timedelta(seconds=grace)
         if now < grace_end:
@@ -1162,6 +1167,8 @@ async def _sweep(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> datetime 
     if found is not None:
         await _stop_extra(ctx, task.id, attempt, found.id)
         return None
+    if attempt.hint_upstream_id:  # named by a callback, not yet verifiable: keep looking
+        return now + timedelta(seconds=_backoff(ctx, task.retries))
     if attempt.outcome == "sent" and attempt.sent_at + timedelta(
             seconds=_run_budget_s(s) + s.lease_s) > now:
         return now + timedelta(seconds=2.0)  # its Run may still be answered by its sender
