@@ -13,8 +13,9 @@ Before any byte of a body is read, in this order:
 4. a declared ``Content-Length`` over the route's limit (413);
 5. ``POST /v1/uploads``: at most ``GATEWAY_MAX_CONCURRENT_UPLOADS`` at once (503).
 
-401 and 413 answers (and any refusal while a body is still on the wire) carry
-``Connection: close``: the unread body is not read, the connection ends. A body without
+A refusal with a large (over 64 KiB) or chunked body still on the wire carries
+``Connection: close``: the body is not read, the connection ends (so do 401s without a
+body); a small unread body is left for the server to discard. A body without
 a usable ``Content-Length`` (chunked) is counted as it streams to the route, never
 buffered here: past the limit the route's read fails and the answer is 413.
 
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 PRINCIPAL = "hgw.principal"  # the scope key of the authenticated caller
 MAX_PATH_CHARS = 2048
 MULTIPART_ROOM = 64 * 1024  # an upload's limit: the file plus room for the framing
+# A refused request's unread body up to this size is left for the server to discard
+# (uvicorn reads and drops it, keeping the connection); a larger or unbounded one ends
+# the connection. Closing a socket with unread input sends a reset, which can destroy
+# the answer before the client reads it: acceptable for a 10 MB body sent with a wrong
+# key, not for a small request with a typo in its key.
+DISCARD_BYTES = 64 * 1024
 
 
 class BodyTooLarge(HTTPException):
@@ -90,8 +97,7 @@ class EdgeGate:
             refusal = problem(503, "Service Unavailable",
                               f"Over {cap} uploads at once; retry.", headers={"Retry-After": "1"})
         if refusal is not None:
-            if headers.has_body:
-                refusal.headers["Connection"] = "close"
+            _connection(refusal, headers)
             await refusal(scope, receive, send)
             return
         if upload:
@@ -190,12 +196,12 @@ class EdgeGate:
 class _Head:
     """What the gate reads of the request headers, in one pass."""
 
-    __slots__ = ("authorization", "content_length", "has_body", "size")
+    __slots__ = ("authorization", "chunked", "content_length", "has_body", "size")
 
     def __init__(self, scope: Scope) -> None:
         self.authorization = ""
         self.content_length: int | None = None
-        self.has_body = False
+        self.has_body = self.chunked = False
         size = 0
         for name, value in scope.get("headers") or ():
             size += len(name) + len(value) + 4
@@ -208,8 +214,22 @@ class _Head:
                     self.content_length = None
                 self.has_body = self.has_body or self.content_length != 0
             elif name == b"transfer-encoding":
-                self.has_body = True
+                self.has_body = self.chunked = True
         self.size = size
+
+    @property
+    def large_body(self) -> bool:
+        return self.chunked or (self.content_length or 0) > DISCARD_BYTES
+
+
+def _connection(refusal: Response, head: _Head) -> None:
+    """``Connection: close`` on a refusal with a large or unbounded body still to come
+    (that body is never read); none on one with a small body (see ``DISCARD_BYTES``).
+    Without a body, 401s (and the penalty box's 429s) close, other refusals keep it."""
+    if head.large_body:
+        refusal.headers["Connection"] = "close"
+    elif head.has_body and refusal.status_code in (401, 429):
+        del refusal.headers["connection"]
 
 
 def _unauthorized(detail: str) -> Response:

@@ -28,11 +28,12 @@ async def wiro_callback(task_id: str, token: str, request: Request,
     the gateway reads Task/Detail and applies what that says."""
     verdict = await screen(ctx, task_id=task_id, token=token)
     if verdict != "proceed":
-        # Answered without reading the body: the connection cannot carry another request.
+        # Answered without reading the body (at most the callback limit: the server
+        # discards it and keeps the connection).
         metrics.callback(verdict)
         if verdict == "unknown":
-            raise NotFound("Unknown task or token.", headers={"Connection": "close"})
-        return Response(status_code=204, headers={"Connection": "close"})
+            raise NotFound("Unknown task or token.")
+        return Response(status_code=204)
     body = await request.body()
     if not await tasks.accept_callback(ctx, task_id=task_id, token=token, body=body):
         raise NotFound("Unknown task or token.")
