@@ -25,6 +25,8 @@ matched before their body is read.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 
@@ -45,10 +47,10 @@ MAX_PATH_CHARS = 2048
 MULTIPART_ROOM = 64 * 1024  # an upload's limit: the file plus room for the framing
 # A refused request's unread body up to this size is left for the server to discard
 # (uvicorn reads and drops it, keeping the connection); a larger or unbounded one ends
-# the connection. Closing a socket with unread input sends a reset, which can destroy
-# the answer before the client reads it: acceptable for a 10 MB body sent with a wrong
-# key, not for a small request with a typo in its key.
+# the connection after a short linger (``_linger_and_close``).
 DISCARD_BYTES = 64 * 1024
+LINGER_S = 2.0
+LINGER_IDLE_S = 0.5
 
 
 class BodyTooLarge(HTTPException):
@@ -97,8 +99,7 @@ class EdgeGate:
             refusal = problem(503, "Service Unavailable",
                               f"Over {cap} uploads at once; retry.", headers={"Retry-After": "1"})
         if refusal is not None:
-            _connection(refusal, headers)
-            await refusal(scope, receive, send)
+            await _refuse(refusal, headers, scope, receive, send)
             return
         if upload:
             self.uploads_streaming += 1
@@ -178,7 +179,7 @@ class EdgeGate:
             nonlocal started
             if over and not started:
                 started = True
-                await _too_large(limit)(scope, receive, send)
+                await _linger_and_close(_too_large(limit), receive, send)
             if over:
                 return
             if message["type"] == "http.response.start":
@@ -190,7 +191,7 @@ class EdgeGate:
         except BodyTooLarge:
             if not started:
                 started = True
-                await _too_large(limit)(scope, receive, send)
+                await _linger_and_close(_too_large(limit), receive, send)
 
 
 class _Head:
@@ -222,14 +223,42 @@ class _Head:
         return self.chunked or (self.content_length or 0) > DISCARD_BYTES
 
 
-def _connection(refusal: Response, head: _Head) -> None:
-    """``Connection: close`` on a refusal with a large or unbounded body still to come
-    (that body is never read); none on one with a small body (see ``DISCARD_BYTES``).
-    Without a body, 401s (and the penalty box's 429s) close, other refusals keep it."""
+async def _refuse(refusal: Response, head: _Head, scope: Scope, receive: Receive,
+                  send: Send) -> None:
+    """Answer a refusal decided from the head. A large or unbounded body still to come
+    ends the connection (``_linger_and_close``); a small one is left for the server to
+    discard, keeping the connection (see ``DISCARD_BYTES``). Without a body, 401s and the
+    penalty box's 429s close the connection, other refusals keep it."""
     if head.large_body:
-        refusal.headers["Connection"] = "close"
-    elif head.has_body and refusal.status_code in (401, 429):
+        await _linger_and_close(refusal, receive, send)
+        return
+    if head.has_body and refusal.status_code in (401, 429):
         del refusal.headers["connection"]
+    await refusal(scope, receive, send)
+
+
+async def _linger_and_close(refusal: Response, receive: Receive, send: Send) -> None:
+    """The answer at once, with ``Connection: close``; then, before the connection is
+    closed, up to ``LINGER_S`` (``LINGER_IDLE_S`` without data) of the body still arriving
+    is read and dropped, never kept. Closing a socket with unread input sends a reset,
+    which can destroy the answer before the client has read it (nginx's "lingering
+    close"): this gives the client time to read it. Memory stays at the server's read
+    buffer per connection."""
+    refusal.headers["Connection"] = "close"
+    await send({"type": "http.response.start", "status": refusal.status_code,
+                "headers": refusal.raw_headers})
+    await send({"type": "http.response.body", "body": refusal.body, "more_body": True})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_S
+    with contextlib.suppress(TimeoutError):
+        while True:
+            wait = min(LINGER_IDLE_S, deadline - loop.time())
+            if wait <= 0:
+                break
+            message = await asyncio.wait_for(receive(), wait)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _unauthorized(detail: str) -> Response:
