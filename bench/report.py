@@ -80,7 +80,17 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
             return f"not measured: {x.get('why')}", None
         return (f"p50 {_f(x['p50_ms'])} ms, p90 {_f(x['p90_ms'])} ms "
                 f"({x['received']}/{x['tasks']} received)", x.get("met"))
+    if pid == "P8":
+        w, o = x["wrong_key"], x["over_limit"]
+        return (f"{w['clients']} x 10 MB with a wrong key: +{_f(w['peak_rise_mib'], 2)} MiB peak "
+                f"({_statuses(w)}, answered in {_f(w['answer_ms_p50'])} ms p50); "
+                f"{o['clients']} x 11 MiB chunked over the limit: "
+                f"+{_f(o['peak_rise_mib'], 2)} MiB ({_statuses(o)})", x.get("met"))
     return "?", None
+
+
+def _statuses(wave: dict[str, Any]) -> str:
+    return ", ".join(f"{n} x {code}" for code, n in sorted(wave["statuses"].items()))
 
 
 WHAT = {
@@ -96,6 +106,8 @@ WHAT = {
     "P6": ("memory per in-flight task; RSS drift", "the idle process",
            "≤ 32 KiB; no upward drift"),
     "P7": ("upstream completion → signed notification", "—", "p50 ≤ 50 ms"),
+    "P8": ("peak RSS rise under concurrent hostile uploads", "the idle process",
+           "≤ 8 MiB"),
 }
 
 
