@@ -63,6 +63,9 @@ class BodyTooLarge(HTTPException):
 
 
 class EdgeGate:
+    """The checks of the module doc, in that order; then the app, with the body counted.
+    State per process: the penalty box (by address) and the uploads streaming."""
+
     def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
         self.app = app
         self.s = settings
