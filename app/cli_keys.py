@@ -140,7 +140,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
         for row in table:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        print(f"defaults: rate {_fmt_limit(settings.client_rate_per_s, '/s')}, max in flight "
+        rate = settings.default_client_rate_per_s
+        print(f"defaults: rate {_fmt_limit(rate, '/s')}, max in flight "
               f"{_fmt_limit(settings.client_max_in_flight)} (GATEWAY_CLIENT_RATE_PER_S, "
               f"GATEWAY_CLIENT_MAX_IN_FLIGHT)", file=sys.stderr)
         return 0

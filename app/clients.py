@@ -24,9 +24,11 @@ import hmac
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -34,6 +36,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db import unit_of_work, utcnow
 from app.models import Client, ClientKey
 from app.settings import Settings
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 KEY_PREFIX = "hgw_"
 PREFIX_LEN = 12
@@ -91,7 +96,7 @@ def check_name(name: str) -> str:
 def limits_for(settings: Settings, rate_per_s: float | None,
                max_in_flight: int | None) -> Limits:
     """A client's limits: its own where set, else the gateway-wide defaults."""
-    rate = settings.client_rate_per_s if rate_per_s is None else rate_per_s
+    rate = settings.default_client_rate_per_s if rate_per_s is None else rate_per_s
     cap = settings.client_max_in_flight if max_in_flight is None else max_in_flight
     return Limits(rate_per_s=rate, burst=max(1.0, rate * settings.client_rate_burst_s),
                   max_in_flight=cap)
@@ -250,7 +255,14 @@ class Keyring:
     """Who a bearer key belongs to, with a small per-process cache (see the module doc).
 
     Unknown keys are cached too, so a caller retrying a bad key does not reach the
-    database on every request; the cache is cleared when it grows past ``MAX_ENTRIES``.
+    database on every request. Both caches hold at most ``MAX_ENTRIES`` entries and drop
+    the least recently used one first, so a flood of random keys evicts random keys, not
+    every good one at once.
+
+    ``vouched`` answers, without a database read, whether a key is known good here (a
+    bootstrap key, or one that authenticated in this process): the edge gate
+    (``app.gate``) lets such keys past the penalty box for wrong keys. It only skips the
+    penalty box: the key is still authenticated (and a revoked one refused) as usual.
     """
 
     MAX_ENTRIES = 10_000
@@ -260,8 +272,9 @@ class Keyring:
         self.settings = settings
         self._clock = clock
         self._bootstrap = [(key_digest(k), name) for k, name in settings.client_keys.items()]
-        self._keys: dict[str, tuple[float, Principal | None]] = {}
+        self._keys: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
         self._limits: dict[str, tuple[float, Limits]] = {}
+        self._good: OrderedDict[bytes, None] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"Keyring(bootstrap={len(self._bootstrap)}, cached={len(self._keys)})"
@@ -270,6 +283,14 @@ class Keyring:
         """Drop every cached lookup (after a revoke in this process)."""
         self._keys.clear()
         self._limits.clear()
+        self._good.clear()
+
+    def vouched(self, digest: bytes) -> bool:
+        """Whether the key with this digest is known good in this process (no I/O)."""
+        if digest in self._good:
+            self._good.move_to_end(digest)
+            return True
+        return self._bootstrap_client(digest) is not None
 
     def _fresh(self, at: float) -> bool:
         return self._clock() - at < self.settings.key_cache_ttl_s
@@ -298,6 +319,7 @@ class Keyring:
         h = digest.hex()
         cached = self._keys.get(h)
         if cached is not None and self._fresh(cached[0]):
+            self._keys.move_to_end(h)
             return cached[1]
         async with sm() as s:
             row = (await s.execute(
@@ -312,9 +334,8 @@ class Keyring:
             found = Principal(client=client, admin=bool(admin) or client in admins,
                               limits=limits)
             self._limits[client] = (self._clock(), limits)
-        if len(self._keys) >= self.MAX_ENTRIES:
-            self._keys.clear()
-        self._keys[h] = (self._clock(), found)
+            _remember(self._good, digest, None)
+        _remember(self._keys, h, (self._clock(), found))
         return found
 
     async def limits(self, sm: async_sessionmaker[AsyncSession], client: str) -> Limits:
@@ -325,7 +346,15 @@ class Keyring:
             row = (await s.execute(select(Client.rate_per_s, Client.max_in_flight)
                                    .where(Client.name == client))).first()
         limits = limits_for(self.settings, *(row or (None, None)))
-        if len(self._limits) >= self.MAX_ENTRIES:
+        if len(self._limits) >= self.MAX_ENTRIES:  # one per client: clients are few
             self._limits.clear()
         self._limits[client] = (self._clock(), limits)
         return limits
+
+
+def _remember(cache: OrderedDict[_K, _V], key: _K, value: _V) -> None:
+    """Put ``key`` in a bounded LRU (``Keyring.MAX_ENTRIES``), newest last."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > Keyring.MAX_ENTRIES:
+        cache.popitem(last=False)

@@ -96,6 +96,18 @@ def problem(status: int, title: str, detail: str | None = None, *,
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def database_problem(exc: DBAPIError) -> JSONResponse:
+    """A dead connection (the database restarted: the pool does not pre-ping) or a
+    database that cannot be reached or is locked: nothing was written, 503 and retry.
+    Anything else from the database: a bare 500."""
+    if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+        log.warning("database unavailable: %s", type(exc.orig).__name__)
+        return problem(503, "Service Unavailable", "The database is unavailable; retry.",
+                       headers={"Retry-After": "1"})
+    log.error("unhandled database error: %s", type(exc).__name__, exc_info=exc)
+    return problem(500, "Internal Server Error", "An unexpected error occurred.")
+
+
 def _clean_loc(loc: Any) -> list[str | int]:
     return [p for p in loc if p not in ("body",)] or list(loc)
 
@@ -133,14 +145,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
-        # A dead connection (the database restarted: the pool does not pre-ping) or a
-        # database that cannot be reached or is locked: nothing was written, retry.
-        if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
-            log.warning("database unavailable: %s", type(exc.orig).__name__)
-            return problem(503, "Service Unavailable", "The database is unavailable; retry.",
-                           headers={"Retry-After": "1"})
-        log.error("unhandled database error: %s", type(exc).__name__, exc_info=exc)
-        return problem(500, "Internal Server Error", "An unexpected error occurred.")
+        return database_problem(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import Depends, FastAPI, Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs, metrics, stats
 from app.api import callbacks, health
@@ -19,8 +18,9 @@ from app.api import tasks as task_routes
 from app.clients import Keyring
 from app.console import router as console_router
 from app.db import make_engine, make_sessionmaker
-from app.errors import install_handlers, problem, problems_in_spec
-from app.hardening import RequestLimits, insecure_public_url
+from app.errors import install_handlers, problems_in_spec
+from app.gate import EdgeGate
+from app.hardening import insecure_public_url
 from app.migrate import head_revisions
 from app.outbound import Outbound
 from app.outbox import Services
@@ -50,85 +50,11 @@ which Wiro fetches, are public at unguessable URLs). Errors are
 """
 
 
-class BodyLimit:
-    """413 for bodies over the limit, by Content-Length or by counting the stream."""
-
-    def __init__(self, app: ASGIApp, *, default: int, callbacks: int,
-                 uploads: int | None = None) -> None:
-        self.app, self.default, self.callbacks = app, default, callbacks
-        self.uploads = uploads or default
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        limit = (self.callbacks if path.startswith("/callbacks/")
-                 else self.uploads if path == "/v1/uploads" else self.default)
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > limit
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await _too_large(scope, receive, send, limit)
-                    return
-        # No usable Content-Length (chunked): buffer up to the limit, then replay.
-        # Bodies here are small (64 KiB, 1 MiB for callbacks), so this costs little.
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > limit:
-                await _too_large(scope, receive, send, limit)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    resp = problem(413, "Payload Too Large", f"The request body is over {limit} bytes.")
-    await resp(scope, receive, send)
-
-
-class DrainGate:
-    """While the process drains (SIGTERM), refuse new API requests with 503 so callers
-    retry on another replica. Callbacks, health and metrics still answer: a callback only
-    marks its task due, which whichever replica continues will act on."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["path"].startswith("/v1/")
-                and getattr(scope["app"].state, "draining", False)):
-            resp = problem(503, "Service Unavailable", "This instance is shutting down; retry.",
-                           headers={"Retry-After": "1", "Connection": "close"})
-            await resp(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
 def begin_drain(app: FastAPI) -> None:
     """Stop taking work (SIGTERM, before uvicorn's own shutdown): readiness fails, new API
-    requests get 503, the scheduler stops claiming and its grace period starts."""
+    requests get 503 (``app.gate``), the scheduler stops claiming and its grace period
+    starts. Callbacks, health and metrics still answer: a callback only marks its task
+    due, which whichever replica continues will act on."""
     app.state.draining = True
     scheduler = getattr(app.state, "scheduler", None)
     if scheduler is not None:
@@ -195,11 +121,14 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     app = FastAPI(
         title="headshot-gateway", version="1.0.0", description=DESCRIPTION,
         lifespan=lifespan, dependencies=[Depends(_log_task_id)],
+        # ``/v1/tasks/`` is a 404, not a redirect to a URL built from the Host header.
+        redirect_slashes=False,
     )
     app.state.draining = False
     app.state.settings = settings
     app.state.keyring = Keyring(settings)
     app.state.rate_limiter = RateLimiter()
+    app.state.stats_cache = stats_routes.StatsCache()
     app.state.migration_heads = head_revisions()
     install_handlers(app)
     problems_in_spec(app)
@@ -210,12 +139,8 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     app.include_router(stats_routes.router)
     app.include_router(health.router)
     app.include_router(console_router)
-    app.add_middleware(BodyLimit, default=settings.body_limit_bytes,
-                       callbacks=settings.callback_body_limit_bytes,
-                       # the file plus room for the multipart framing
-                       uploads=settings.upload_max_bytes + 64 * 1024)
-    app.add_middleware(RequestLimits, max_header_bytes=settings.max_header_bytes,
-                       max_query_bytes=settings.max_query_bytes)
-    app.add_middleware(DrainGate)
-    app.add_middleware(logs.RequestContext)  # outermost: sees every answer, 413s included
+    # Two layers around the routes: the request's log context outermost (it sees every
+    # answer), then the edge gate (limits, drain, keys, rates, bodies: app/gate.py).
+    app.add_middleware(EdgeGate, settings=settings)
+    app.add_middleware(logs.RequestContext)
     return app

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The default per-client request rate when GATEWAY_ENV=prod (docs/security.md).
+PROD_CLIENT_RATE_PER_S = 20.0
 WIRO_CDN_HOSTS = "cdn.wiro.ai,cdn1.wiro.ai,cdn2.wiro.ai,cdn3.wiro.ai,api.wiro.ai"
 
 
@@ -100,7 +102,10 @@ class Settings(BaseSettings):
     worker_batch: int = 20
     worker_concurrency: int = 16
     body_limit_bytes: int = 64 * 1024
-    callback_body_limit_bytes: int = 1024 * 1024
+    callback_body_limit_bytes: int = Field(
+        default=64 * 1024, gt=0, le=1024 * 1024,
+        description="largest Wiro callback body (the contract allows up to 1 MiB; Wiro's "
+                    "task object is a few KiB, docs/security.md)")
     log_level: str = "INFO"
     shutdown_grace_s: float = Field(
         default=8.0, ge=0,
@@ -112,9 +117,10 @@ class Settings(BaseSettings):
         default=5.0, ge=0,
         description="how long a key lookup is cached per process: the delay before a "
                     "revoked key stops working")
-    client_rate_per_s: float = Field(
-        default=0.0, ge=0,
-        description="default per-client request rate, per process (0 = no limit); "
+    client_rate_per_s: float | None = Field(
+        default=None, ge=0,
+        description="default per-client request rate, per process (0 = no limit); unset: "
+                    f"{PROD_CLIENT_RATE_PER_S:g}/s when GATEWAY_ENV=prod, else none; "
                     "`keys create --rate` overrides it per client")
     client_rate_burst_s: float = Field(
         default=2.0, gt=0, description="the rate bucket holds this many seconds of requests")
@@ -122,6 +128,20 @@ class Settings(BaseSettings):
         default=0, ge=0,
         description="default per-client cap on tasks in flight (0 = none); "
                     "`keys create --max-in-flight` overrides it per client")
+    auth_failure_burst: float = Field(
+        default=20.0, ge=0,
+        description="wrong keys one address may send before it is answered 429 without "
+                    "a key lookup (0 = no penalty box)")
+    auth_failure_rate_per_s: float = Field(
+        default=1.0, gt=0, description="how fast an address earns back wrong-key attempts")
+    max_concurrent_uploads: int = Field(
+        default=8, ge=0,
+        description="authenticated POST /v1/uploads bodies streaming at once, per process; "
+                    "more are answered 503 with Retry-After (0 = no cap)")
+    stats_cache_s: float = Field(
+        default=5.0, ge=0,
+        description="how long a GET /v1/stats answer is reused for the same scope and "
+                    "window (0 = not cached)")
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     max_query_bytes: int = Field(default=8 * 1024, ge=256)
 
@@ -183,6 +203,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'gateway.db').resolve()}"
+
+    @property
+    def default_client_rate_per_s(self) -> float:
+        """``GATEWAY_CLIENT_RATE_PER_S``, or its default for ``env``."""
+        if self.client_rate_per_s is not None:
+            return self.client_rate_per_s
+        return PROD_CLIENT_RATE_PER_S if self.env == "prod" else 0.0
 
     @property
     def poll_safety_cap_s(self) -> float:

@@ -32,7 +32,7 @@ from app.metrics import DbSnapshot
 from app.models import Event, Task
 from app.tasks import Ctx
 
-MAX_WINDOW = timedelta(days=90)
+MAX_WINDOW = timedelta(days=30)  # bounds the rows one call reads (docs/security.md)
 MAX_DURATION_ROWS = 50_000
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([mhd])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
@@ -41,15 +41,15 @@ _Q = TypeVar("_Q", bound=Select)  # type: ignore[type-arg]
 
 
 def parse_window(text: str) -> timedelta:
-    """``15m``, ``1h``, ``24h``, ``7d``...: a positive duration of at most 90 days."""
+    """``15m``, ``1h``, ``24h``, ``7d``...: a positive duration of at most 30 days."""
     m = _WINDOW.match(text.strip())
     if m is None:
         raise InvalidRequest("window must look like 15m, 1h, 24h or 7d.",
                              errors=[{"loc": ["query", "window"], "msg": "invalid window"}])
     window = timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
     if window > MAX_WINDOW:
-        raise InvalidRequest("window is at most 90d.",
-                             errors=[{"loc": ["query", "window"], "msg": "over 90d"}])
+        raise InvalidRequest("window is at most 30d.",
+                             errors=[{"loc": ["query", "window"], "msg": "over 30d"}])
     return window
 
 

@@ -1,8 +1,8 @@
 """``python -m bench [--quick] [--only P1,P3] [--db sqlite|postgres|both] [--soak-s S]``
 
 Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
-statements per task), writes ``bench/results/latest.json`` and prints the table; a full
-run (no --quick, no --only, both databases) also writes the table into
+statements per task; P8 crash recovery of issue 13; P9 of issue 16), writes ``bench/results/latest.json`` and prints the
+table; a full run (no --quick, no --only, both databases) also writes the table into
 ``docs/benchmarks.md`` (``--docs`` forces that). Exits non-zero when any task in it was
 lost (not terminal at the end) or started twice upstream.
 """
@@ -29,7 +29,7 @@ from bench.common import Run, say
 from bench.harness import BenchFailure
 
 RESULTS = harness.ROOT / "bench" / "results"
-ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"]
+ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9"]
 
 
 def machine() -> dict[str, Any]:
@@ -73,6 +73,7 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
         p6_memory,
         p7_notify,
         p8_recovery,
+        p9_hostile,
         throughput,
     )
 
@@ -126,6 +127,11 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
         for kind in kinds:
             say(f"P8 on {kind}")
             res.setdefault("P8", {})[kind] = await p8_recovery.measure(run, kind)
+            save(results)
+    if run.wants("P9"):
+        for kind in kinds:
+            say(f"P9 on {kind}")
+            res.setdefault("P9", {})[kind] = await p9_hostile.measure(run, kind)
             save(results)
 
 

@@ -84,7 +84,17 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
         return (f"{_f(x.get('restart_to_converged_s'))} s restart → all converged "
                 f"(no crash: {_f(x.get('baseline_converged_s'))} s; x{_f(x.get('ratio'), 2)})",
                 x.get("met"))
+    if pid == "P9":
+        w, o = x["wrong_key"], x["over_limit"]
+        return (f"{w['clients']} x 10 MB with a wrong key: +{_f(w['peak_rise_mib'], 2)} MiB peak "
+                f"({_statuses(w)}, answered in {_f(w['answer_ms_p50'])} ms p50); "
+                f"{o['clients']} x 11 MiB chunked over the limit: "
+                f"+{_f(o['peak_rise_mib'], 2)} MiB ({_statuses(o)})", x.get("met"))
     return "?", None
+
+
+def _statuses(wave: dict[str, Any]) -> str:
+    return ", ".join(f"{n} x {code}" for code, n in sorted(wave["statuses"].items()))
 
 
 WHAT = {
@@ -102,6 +112,8 @@ WHAT = {
     "P7": ("upstream completion → signed notification", "—", "p50 ≤ 50 ms"),
     "P8": ("kill -9 mid-submit, restart at defaults: until all converged",
            "the same batch without a crash", "≤ 20 s, none run twice"),
+    "P9": ("peak RSS rise under concurrent hostile uploads", "the idle process",
+           "≤ 8 MiB"),
 }
 
 

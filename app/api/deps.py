@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.clients import MAX_KEY_LEN, Principal, key_digest
 from app.errors import TooManyRequests, Unauthorized
+from app.gate import PRINCIPAL
 from app.lifecycle import Status
 from app.models import Event, Task
 from app.schemas import EventOut, TaskError, TaskOut, TaskOutput, UpstreamRef
@@ -35,7 +36,12 @@ bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth",
 async def principal(request: Request,
                     _credentials: Annotated[HTTPAuthorizationCredentials | None,
                                             Security(bearer)] = None) -> Principal:
-    """Bearer auth (``principal_for_key``), then the client's request rate limit."""
+    """The caller the edge gate authenticated (``app.gate``: bearer key, then the
+    client's request rate limit, before the body is read). Without the gate in front,
+    the same checks here."""
+    found = request.scope.get(PRINCIPAL)
+    if isinstance(found, Principal):
+        return found
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer":

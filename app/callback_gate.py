@@ -1,0 +1,52 @@
+"""A Wiro callback screened before its body is read: one read, no write lock.
+
+``screen`` matches the callback's token against the stored hashes of its task's attempts
+(constant time, as ``tasks._match_attempt``) and says what ``tasks.accept_callback``
+would do with it, where that needs no body:
+
+- ``unknown``: no such task, or no attempt with this token: 404, nothing read or parsed;
+- ``duplicate``: the task is finished and this attempt is linked to its upstream task
+  (or was already dealt with): a duplicate or late callback, which changes nothing;
+- ``proceed``: the body is read (within its limit) and ``accept_callback`` does the rest.
+
+Only ``proceed`` reaches ``accept_callback``, whose write (on SQLite, the process's write
+turn, ``app.db.write``) is then for a callback that changes something.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Literal
+
+from sqlalchemy import select
+
+from app.lifecycle import TERMINAL_RANK
+from app.models import Attempt, Task
+from app.tasks import Ctx, token_hash
+
+Verdict = Literal["unknown", "duplicate", "proceed"]
+# Outcomes of an attempt that a finished task's late callback has nothing left to do for
+# (as in ``tasks._accept_callback``).
+_SETTLED = ("extra_killed", "accepted")
+
+
+async def screen(ctx: Ctx, *, task_id: str, token: str) -> Verdict:
+    if not task_id.startswith("tsk_") or len(task_id) > 40 or len(token) > 128:
+        return "unknown"
+    h = token_hash(token)
+    async with ctx.reads() as s:
+        rows = (await s.execute(
+            select(Task.status_rank, Attempt.token_hash, Attempt.upstream_task_id,
+                   Attempt.outcome)
+            .join(Attempt, Attempt.task_id == Task.id)
+            .where(Task.id == task_id))).all()
+    match = None
+    for row in rows:  # no early exit: constant time in the token
+        if hmac.compare_digest(row.token_hash, h):
+            match = row
+    if match is None:
+        return "unknown"
+    if match.status_rank >= TERMINAL_RANK and (
+            match.upstream_task_id is not None or match.outcome in _SETTLED):
+        return "duplicate"
+    return "proceed"
