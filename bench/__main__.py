@@ -1,10 +1,11 @@
 """``python -m bench [--quick] [--only P1,P3] [--db sqlite|postgres|both] [--soak-s S]``
 
 Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
-statements per task; P8 crash recovery of issue 13; P9 of issue 16), writes ``bench/results/latest.json`` and prints the
-table; a full run (no --quick, no --only, both databases) also writes the table into
-``docs/benchmarks.md`` (``--docs`` forces that). Exits non-zero when any task in it was
-lost (not terminal at the end) or started twice upstream.
+statements per task), P8 (crash recovery, issue 13) and P9 (hostile uploads, issue 16),
+writes ``bench/results/latest.json`` and prints the table; a full run (no --quick, no
+--only, both databases) also writes the table into ``docs/benchmarks.md`` (``--docs``
+forces that). Exits non-zero when any task in it was lost (not terminal at the end) or
+started twice upstream.
 """
 
 from __future__ import annotations
