@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -745,3 +746,122 @@ async def test_stats_by_gateway_task(harness: Harness) -> None:
         "runs", "runs_by_gateway_task", "billable_by_gateway_task", "detail_calls",
         "cancel_calls", "kill_calls", "callbacks_sent", "callbacks_failed", "status_counts",
     }  # fmt: skip
+
+
+# -- Wiro's documented shapes and the knobs for what it does not document -----------------
+
+
+async def test_omit_pexit_leaves_the_key_out_and_outputs_decide(harness: Harness) -> None:
+    h = harness
+    await h.configure(omit_pexit=True)
+    taskid = await h.run_ok()
+    task, _ = await h.wait_terminal(taskid)
+    assert "pexit" not in task
+    assert task["status"] == "task_postprocess_end" and task["outputs"]
+    assert float(task["totalcost"]) > 0  # a success is billed, pexit shown or not
+    expected = list(fixture("detail_succeeded_no_pexit")["tasklist"][0])
+    assert list(task) == expected
+    listed = (await h.wiro("Task/List", {"limit": "1"})).json()["tasklist"][0]
+    assert "pexit" not in listed
+    assert "pexit" not in (await h.record(taskid))["detail"]
+
+
+async def test_failed_and_cancelled_tasks_cost_nothing(harness: Harness) -> None:
+    h = harness
+    await h.configure(fail_rate=1.0)
+    failed, _ = await h.wait_terminal(await h.run_ok(callbackUrl=callback_url("tsk_f")))
+    await h.configure(fail_rate=0.0, queue_s=5.0)
+    cancelled = await h.run_ok(callbackUrl=callback_url("tsk_c"))
+    (await h.wiro("Task/Cancel", {"taskid": cancelled})).json()
+    await h.configure(queue_s=0.1)
+    ok, _ = await h.wait_terminal(await h.run_ok(callbackUrl=callback_url("tsk_ok")))
+    assert (failed["pexit"], failed["totalcost"]) == ("1", "0")
+    assert (await h.detail(cancelled))["totalcost"] == "0"
+    assert ok["pexit"] == "0" and float(ok["totalcost"]) > 0
+    stats = await h.stats()
+    assert stats["billable_by_gateway_task"] == {"tsk_f": 0, "tsk_c": 0, "tsk_ok": 1}
+    assert stats["billable_runs"] == 1
+
+
+async def test_run_server_error_count_is_deterministic(harness: Harness) -> None:
+    h = harness
+    await h.configure(run_server_error_count=2)
+    for _ in range(2):
+        r = await h.run(callbackUrl=callback_url("tsk_srv"))
+        assert (r.status_code, r.json()) == (200, fixture("run_error_server_0"))
+    assert (await h.client.get("/__sim/config")).json()["run_server_error_count"] == 0
+    taskid = await h.run_ok(callbackUrl=callback_url("tsk_srv"))  # then normal
+    stats = await h.stats()
+    assert (stats["run_server_errors"], stats["run_calls"], stats["tasks_created"]) == (2, 3, 1)
+    assert stats["runs_by_gateway_task"] == {"tsk_srv": 1}  # no task for the refused Runs
+    assert stats["run_rejections"] == {"code_0": 2}
+    assert (await h.record(taskid))["gateway_task_id"] == "tsk_srv"
+
+
+async def test_run_server_error_rate_with_its_http_status(harness: Harness) -> None:
+    h = harness
+    await h.configure(run_server_error_rate=1.0, run_server_error_status=503)
+    r = await h.run()
+    assert (r.status_code, r.json()) == (503, fixture("run_error_server_0"))
+    stats = await h.stats()
+    assert (stats["run_server_errors"], stats["runs"]) == (1, 0)
+    assert stats["run_rejections"] == {"http_503": 1}
+
+
+async def test_unknown_route_is_error_parsing_url(harness: Harness) -> None:
+    h = harness
+    for method, path in (("POST", "/v1/Task/Nope"), ("POST", "/v1/Nope"), ("GET", "/v1/Run/x")):
+        r = await h.client.request(method, path, json={}, headers=h.headers())
+        assert (r.status_code, r.json()) == (404, PARSING_URL), (method, path)
+    assert (await h.client.get("/__sim/nope")).status_code == 404  # control routes: plain
+
+
+async def test_task_list_can_be_switched_off_or_lose_callbackurl(harness: Harness) -> None:
+    h = harness
+    await h.run_ok(callbackUrl=callback_url("tsk_l"))
+    query = {"type": "model", "sort": "id", "order": "DESC", "start": "0", "limit": "20"}
+    (item,) = (await h.wiro("Task/List", query)).json()["tasklist"]
+    assert item["callbackurl"] == callback_url("tsk_l")
+
+    await h.configure(task_list_callbackurl=False)
+    (item,) = (await h.wiro("Task/List", query)).json()["tasklist"]
+    assert "callbackurl" not in item and item["status"]
+
+    await h.configure(task_list_enabled=False)
+    r = await h.wiro("Task/List", query)
+    assert (r.status_code, r.json()) == (404, PARSING_URL)
+
+
+@pytest.mark.parametrize("shape", ["form", "empty"])
+async def test_callback_body_shapes(harness: Harness, shape: str) -> None:
+    h = harness
+    await h.configure(callback_body=shape)
+    taskid = await h.run_ok(callbackUrl=callback_url("tsk_body"))
+    task, _ = await h.wait_terminal(taskid)
+    deadline = time.monotonic() + 5
+    while not h.callbacks:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    (request,) = h.callbacks
+    assert request.method == "POST"
+    if shape == "empty":
+        assert request.content == b""
+    else:
+        assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+        form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
+        assert (form["id"], form["status"], form["pexit"]) == (taskid, task["status"], "0")
+        assert json.loads(form["outputs"]) == task["outputs"]
+    (sent,) = (await h.record(taskid))["callbacks"]
+    assert (sent["body"], sent["outcome"]) == (shape, 204)
+
+
+async def test_sim_task_records_by_gateway_task(harness: Harness) -> None:
+    h = harness
+    first = await h.run_ok(callbackUrl=callback_url("tsk_a"))
+    await h.run_ok(callbackUrl=callback_url("tsk_b"))
+    every = (await h.client.get("/__sim/tasks")).json()["tasks"]
+    assert len(every) == 2
+    (only,) = (await h.client.get("/__sim/tasks", params={"gateway_task": "tsk_a"})).json()[
+        "tasks"
+    ]
+    assert only["id"] == first and only["history"][0]["status"] == "task_queue"
