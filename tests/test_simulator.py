@@ -533,7 +533,8 @@ INVALID = "Request parameters are invalid."
         ({"outputFormat": "webp"}, INVALID),
         ({"safetyTolerance": "6"}, INVALID),  # in range, not an option of the select
         ({"safetyTolerance": "9"}, "Request parameter [safetyTolerance] must be between 0 and 6"),
-        ({"safetyTolerance": "lax"}, "Request parameter [safetyTolerance] must be integer or float"),
+        ({"safetyTolerance": "lax"}, "Request parameter [safetyTolerance] must be integer or"
+         " float"),
         ({"seed": "forty-two"}, "Request parameter [seed] must be integer or float"),
         ({"callbackUrl": "http://u:p@gw.test/x"}, INVALID),
     ],
@@ -772,7 +773,7 @@ async def test_failed_and_cancelled_tasks_cost_nothing(harness: Harness) -> None
     failed, _ = await h.wait_terminal(await h.run_ok(callbackUrl=callback_url("tsk_f")))
     await h.configure(fail_rate=0.0, queue_s=5.0)
     cancelled = await h.run_ok(callbackUrl=callback_url("tsk_c"))
-    (await h.wiro("Task/Cancel", {"taskid": cancelled})).json()
+    assert (await h.wiro("Task/Cancel", {"taskid": cancelled})).json()["result"] is True
     await h.configure(queue_s=0.1)
     ok, _ = await h.wait_terminal(await h.run_ok(callbackUrl=callback_url("tsk_ok")))
     assert (failed["pexit"], failed["totalcost"]) == ("1", "0")
