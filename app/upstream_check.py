@@ -25,6 +25,7 @@ import asyncio
 import io
 import json
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,10 +234,20 @@ class CallbackCatcher:
         await send({"type": "http.response.body", "body": b""})
 
     async def __aenter__(self) -> CallbackCatcher:
-        self._serving = asyncio.create_task(self.server.serve())
+        # Bound here, so that a taken port is an OSError (uvicorn would sys.exit).
+        config = self.server.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((config.host, config.port))
+        except OSError:
+            sock.close()
+            raise
+        self._serving = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
             if self._serving.done():
-                self._serving.result()  # raises why it could not listen
+                self._serving.result()
                 raise OSError("the callback listener stopped before it started")
             await asyncio.sleep(0.02)
         return self
@@ -297,10 +308,17 @@ class UpstreamCheck:
         return self.checks[name]
 
     async def run(self) -> Report:
-        if await self.probe():
-            await self.task_list()
-            if self.o.run:
-                await self.billed_run()
+        note = "not checked: an earlier check failed"
+        try:
+            if await self.probe():
+                await self.task_list()
+                if self.o.run:
+                    await self.billed_run()
+        except httpx.HTTPError as exc:  # a later call lost the connection
+            note = f"not checked: Wiro stopped answering ({type(exc).__name__})"
+        for c in self.checks.values():
+            if c.verdict == UNKNOWN and not c.detail:
+                c.detail = note
         return Report(self.s.wiro_base_url, self.mode, self.o.run, self.checks)
 
     # -- free checks -------------------------------------------------------------------
@@ -430,16 +448,24 @@ class UpstreamCheck:
     # -- the billed run ----------------------------------------------------------------
 
     async def billed_run(self) -> None:
+        for name in RUN_CHECKS:
+            self.c(name).detail = ""
         token = secrets.token_urlsafe(18)
         path = CALLBACK_PREFIX + token
         base = (self.o.callback_base or self.s.public_url).rstrip("/")
         callback_url = base + path
+        catcher = CallbackCatcher(self.o.listen_host, self.o.listen_port, path)
         try:
-            async with CallbackCatcher(self.o.listen_host, self.o.listen_port, path) as catcher:
-                await self._run_with(catcher, callback_url)
-        except (OSError, SystemExit) as exc:
+            await catcher.__aenter__()
+        except OSError as exc:
             self.c("callback").set(UNKNOWN, f"could not listen on {self.o.listen_host}:"
-                                            f"{self.o.listen_port}: {exc}")  # fmt: skip
+                                            f"{self.o.listen_port} ({type(exc).__name__}): "
+                                            "no task was started")  # fmt: skip
+            return
+        try:
+            await self._run_with(catcher, callback_url)
+        finally:
+            await catcher.__aexit__(None, None, None)
 
     async def _run_with(self, catcher: CallbackCatcher, callback_url: str) -> None:
         from app.simulator.images import sample_portrait

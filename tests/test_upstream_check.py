@@ -208,3 +208,20 @@ def test_cli_run_needs_yes_and_prints_no_secret(usim: Sim) -> None:
     wrong = _cli(["--json"], usim, secret="wrong")
     assert wrong.returncode == 1
     assert json.loads(wrong.stdout)["checks"]["auth"]["verdict"] == "not_held"
+
+
+async def test_no_billed_task_without_a_listener(usim: Sim) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        options = Options(run=True, listen_host="127.0.0.1", listen_port=port, wait_s=5,
+                          callback_wait_s=1, poll_s=0.05)  # fmt: skip
+        report = (await check_upstream(settings_for(usim), options)).to_json()
+    v = verdicts(report)
+    assert v["callback"] == "unknown" and v["run_answer"] == "unknown"
+    assert report["checks"]["callback"]["detail"].endswith("no task was started")
+    stats = usim.stats()
+    assert (stats["run_calls"], stats["upload_calls"]) == (0, 0)
