@@ -1,4 +1,5 @@
-"""The console script: ``headshot-gateway migrate|serve|simulate|dev|openapi|keys``."""
+"""The console script: ``headshot-gateway migrate|serve|simulate|dev|openapi|keys|
+upstream-check``."""
 
 from __future__ import annotations
 
@@ -175,6 +176,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upstream_check(args: argparse.Namespace) -> int:
+    from app import upstream_check
+
+    return upstream_check.main(args, _settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="headshot-gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     from app import cli_keys
 
     cli_keys.add_parser(sub)
+    from app import upstream_check
+
+    upstream_check.add_parser(sub)
+    sub.choices["upstream-check"].set_defaults(func=cmd_upstream_check)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

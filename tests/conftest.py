@@ -38,6 +38,10 @@ SIM_DEFAULTS: dict[str, Any] = {
     "run_5xx_rate": 0.0, "run_429_rate": 0.0, "detail_5xx_rate": 0.0, "fail_rate": 0.0,
     "lost_rate": 0.0, "task_error_s": 0.0, "task_error_fatal_rate": 0.0, "run_hang_s": 0.0,
     "run_drop_connection": False, "max_concurrency": 0, "balance_exhausted": False,
+    "task_error_stuck_rate": 0.0, "run_server_error_rate": 0.0, "run_server_error_count": 0,
+    "run_server_error_status": 200, "omit_pexit": False, "task_list_enabled": True,
+    "task_list_callbackurl": True, "callback_body": "detail", "callback_retries": 3,
+    "sign_required": True, "nonce_reuse_rejected": True,
 }
 
 

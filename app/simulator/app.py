@@ -1,7 +1,9 @@
 """HTTP face of the simulator: Wiro's routes under ``/v1``, files, and ``/__sim`` control.
 
 Routes only parse and hand over to ``Simulator`` (engine.py). Wiro routes accept JSON,
-multipart or urlencoded bodies with the same fields and check auth first.
+multipart or urlencoded bodies with the same fields and check auth first. A route Wiro
+does not have (or Task/List when ``task_list_enabled`` is off) answers as Wiro does: HTTP
+404 with code 0 "Error parsing url.".
 """
 
 from __future__ import annotations
@@ -16,15 +18,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from app.simulator.config import SimConfig
-from app.simulator.engine import (
-    MAX_UPLOAD_BYTES,
-    Simulator,
-    WiroFail,
-    normalize_fields,
-)
+from app.simulator.engine import MAX_UPLOAD_BYTES, Simulator
+from app.simulator.wire import WiroFail, normalize_fields, parsing_url
 
 JSONBody = dict[str, Any]
 
@@ -108,8 +107,17 @@ async def task_io_delete(request: Request, sim: Simulator = Depends(wiro_auth)) 
     return sim.input_output_delete(await read_fields(request))
 
 
+async def task_list_auth(request: Request) -> Simulator:
+    """Task/List is undocumented: switched off, it is an unknown route (before auth)."""
+    sim = sim_of(request)
+    if not sim.config.task_list_enabled:
+        raise parsing_url()
+    sim.check_auth(request.headers)
+    return sim
+
+
 @wiro.post("/Task/List")
-async def task_list(request: Request, sim: Simulator = Depends(wiro_auth)) -> JSONBody:
+async def task_list(request: Request, sim: Simulator = Depends(task_list_auth)) -> JSONBody:
     return sim.list_tasks(await read_fields(request))
 
 
@@ -190,6 +198,14 @@ async def stats(sim: Simulator = Depends(get_sim)) -> JSONBody:
     return sim.stats()
 
 
+@control.get("/tasks")
+async def task_records(
+    gateway_task: str | None = None, sim: Simulator = Depends(get_sim)
+) -> JSONBody:
+    """Every task the simulator holds (``?gateway_task=tsk_...``: that gateway task's)."""
+    return {"tasks": sim.task_records(gateway_task)}
+
+
 @control.get("/tasks/{taskid}")
 async def task_record(taskid: str, sim: Simulator = Depends(get_sim)) -> Response:
     record = sim.task_record(taskid)
@@ -201,6 +217,14 @@ async def task_record(taskid: str, sim: Simulator = Depends(get_sim)) -> Respons
 async def _wiro_fail(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, WiroFail)
     return JSONResponse(exc.body(), status_code=exc.http_status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes (and wrong methods) outside ``/__sim``: Wiro's "Error parsing url."."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code in (404, 405) and not request.url.path.startswith("/__sim"):
+        return await _wiro_fail(request, parsing_url())
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def create_sim_app(
@@ -218,6 +242,7 @@ def create_sim_app(
     app = FastAPI(title="Wiro simulator", version="1", lifespan=lifespan)
     app.state.sim = sim
     app.add_exception_handler(WiroFail, _wiro_fail)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(wiro)
     app.include_router(public)
     app.include_router(control)

@@ -8,7 +8,7 @@ the same way.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +47,14 @@ class SimConfig(BaseSettings):
     callback_reorder: bool = False  # also send a stale intermediate stage after the final
     callback_early: bool = False  # a task_queue callback before Run answers
     callback_retries: int = Field(default=3, ge=0, le=20)  # 0.5 s, 1 s, 2 s, ... apart
+    # The callback's body: the task as Detail shows it (JSON), its top-level fields
+    # form-encoded (objects and lists as JSON text), or nothing at all.
+    callback_body: Literal["detail", "form", "empty"] = "detail"
+
+    # Shapes Wiro does not document: what the gateway must not depend on.
+    omit_pexit: bool = False  # Detail has no "pexit" key (judge a finished task by outputs)
+    task_list_enabled: bool = True  # False: Task/List answers 404 "Error parsing url."
+    task_list_callbackurl: bool = True  # False: Task/List items have no "callbackurl"
 
     # Faults.
     run_5xx_rate: Rate = 0.0
@@ -54,9 +62,17 @@ class SimConfig(BaseSettings):
     detail_5xx_rate: Rate = 0.0
     fail_rate: Rate = 0.0  # task ends with pexit "1"
     lost_rate: Rate = 0.0  # accepted, then "There is no task yet." forever
-    task_error_s: Seconds = 0.0  # task_error shown this long after task_start
-    task_error_fatal_rate: Rate = 0.0  # task stays in task_error forever
+    task_error_s: Seconds = 0.0  # task_error shown this long after task_start, then on
+    # The task stays in task_error until killed (then task_cancel); it never ends by itself.
+    # The two names are one knob (the larger applies); "stuck" is the clearer one.
+    task_error_fatal_rate: Rate = 0.0
+    task_error_stuck_rate: Rate = 0.0
     run_hang_s: Seconds = 0.0  # Run creates the task, then sleeps before answering
+    # Run answers result:false, code 0 "Internal server error, please try again." (no task
+    # made) with this HTTP status: drawn per Run, or for the next N Runs (counted down).
+    run_server_error_rate: Rate = 0.0
+    run_server_error_count: int = Field(default=0, ge=0)
+    run_server_error_status: int = Field(default=200, ge=200, le=599)
     run_drop_connection: bool = False  # Run creates the task, then breaks the response
 
     @field_validator("public_url")
@@ -71,6 +87,10 @@ class SimConfig(BaseSettings):
     @property
     def secret(self) -> str:
         return self.api_secret.get_secret_value()
+
+    @property
+    def stuck_rate(self) -> float:
+        return max(self.task_error_fatal_rate, self.task_error_stuck_rate)
 
     def updated(self, patch: dict[str, Any]) -> SimConfig:
         """A validated copy with ``patch`` applied (unknown keys raise ValidationError)."""

@@ -1,9 +1,10 @@
-"""What the simulator does: auth, the Wiro calls, task drivers, callbacks, stores, stats.
+"""What the simulator does: the Wiro calls, task drivers, stores, stats.
 
-Every task gets one driver (an asyncio task) that wakes at ``task_assign``, fetches and
-renders the input in a thread, sleeps until the planned end and then finishes the task
-and fires its callback. Status between those points is computed from the clock
-(see ``state.py``), so Detail is exact without a polling loop.
+Every task gets one driver (an asyncio task) that wakes when its queue time is over,
+fetches and renders the input in a thread, sleeps until the planned end and then
+finishes the task and fires its callback (callbacks.py). Status between those points is
+computed from the clock (see ``state.py``), so Detail is exact without a polling loop.
+Error bodies, auth and Run's validation are in ``wire.py``.
 
 All state lives on one event loop; a check-then-set with no ``await`` in between is
 therefore atomic, which is what makes the Kill/completion race well defined.
@@ -12,8 +13,6 @@ therefore atomic, which is what makes the Kill/completion race well defined.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import random
 import re
@@ -21,7 +20,7 @@ import secrets
 import string
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +29,31 @@ from urllib.parse import urlsplit
 import httpx
 
 from app.simulator import images
+from app.simulator.callbacks import CALLBACK_TIMEOUT_S, Callbacks
 from app.simulator.config import SimConfig
-from app.simulator.state import MODEL, QUEUED, TERMINAL, Fate, SimFile, SimOutput, SimTask
-from app.wiro.signing import verify
+from app.simulator.state import (
+    CANCELLABLE,
+    MODEL,
+    TERMINAL,
+    Fate,
+    SimFile,
+    SimOutput,
+    SimTask,
+)
+from app.simulator.wire import (
+    NO_TASK,
+    NOT_DELETABLE,
+    SERVER_ERROR,
+    TASK_NOT_EXIST,
+    NonceBook,
+    WiroFail,
+    check_auth,
+    normalize_fields,
+    parsing_url,
+    validate_run,
+)
+
+__all__ = ["MAX_UPLOAD_BYTES", "RunOutcome", "Simulator", "WiroFail", "normalize_fields"]
 
 log = logging.getLogger("app.simulator")
 
@@ -42,102 +63,17 @@ MAX_FILES = 500
 MAX_FILES_BYTES = 512 * 1024 * 1024
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 MAX_INPUT_BYTES = 100 * 1024 * 1024
-MAX_NONCES = 200_000
 INPUT_TIMEOUT_S = 10.0
-CALLBACK_TIMEOUT_S = 10.0
 FAIL_MESSAGE = "RuntimeError: CUDA out of memory"
-NO_TASK = "There is no task yet."
 
-ENUMS: dict[str, tuple[str, frozenset[str]]] = {
-    "background": ("neutral", frozenset({"white", "black", "neutral", "gray", "office"})),
-    "safetyTolerance": ("2", frozenset({"2"})),
-    "aspectRatio": (
-        "",
-        frozenset(
-            {"", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4"}
-            | {"21:9", "9:21", "2:1", "1:2"}
-        ),
-    ),
-    "outputFormat": ("jpeg", frozenset({"jpeg", "png"})),
-}
-_SEED = re.compile(r"-?\d{1,19}")
 _GATEWAY_TASK = re.compile(r"/callbacks/wiro/([^/?#]+)/")
 _TOKEN_CHARS = string.ascii_letters + string.digits
-
-
-class WiroFail(Exception):
-    """A Wiro error answer: ``{"result": false, "errors": [{"code", "message"}]}``."""
-
-    def __init__(
-        self,
-        code: int,
-        message: str,
-        *,
-        http_status: int = 200,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.http_status = http_status
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"result": False, "errors": [{"code": self.code, "message": self.message}]}
-
-
-def auth_failure() -> WiroFail:
-    return WiroFail(0, "Project authorization is not valid.", http_status=401)
 
 
 @dataclass(frozen=True)
 class RunOutcome:
     body: dict[str, Any]
     drop_connection: bool
-
-
-def normalize_fields(raw: dict[str, Any]) -> dict[str, str]:
-    """Wiro's values are strings: turn JSON numbers/booleans into their string form."""
-    out: dict[str, str] = {}
-    for key, value in raw.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            out[key] = "true" if value else "false"
-        elif isinstance(value, float) and value.is_integer():
-            out[key] = str(int(value))
-        elif isinstance(value, dict | list):
-            out[key] = json.dumps(value)
-        else:
-            out[key] = str(value)
-    return out
-
-
-def validate_run(fields: dict[str, str]) -> tuple[dict[str, str], str]:
-    """The model's parameters with defaults filled in, and the callback URL ("" if none)."""
-    url = fields.get("inputImageUrl", "").strip()
-    if not url:
-        raise WiroFail(0, "Request parameter [inputImageUrl] required")
-    params = {"inputImageUrl": url}
-    for name, (default, allowed) in ENUMS.items():
-        value = fields.get(name, default)
-        if value not in allowed:
-            raise WiroFail(0, f"Request parameter [{name}] is invalid")
-        params[name] = value
-    seed = fields.get("seed", "").strip() or "42"
-    if not _SEED.fullmatch(seed):
-        raise WiroFail(0, "Request parameter [seed] is invalid")
-    params["seed"] = seed
-    ordered = {k: params[k] for k in ("inputImageUrl", "background", "safetyTolerance")}
-    ordered |= {k: params[k] for k in ("aspectRatio", "seed", "outputFormat")}
-    callback = fields.get("callbackUrl", "").strip()
-    if callback:
-        parts = urlsplit(callback)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise WiroFail(0, "Request parameter [callbackUrl] is invalid")
-        if parts.username is not None or parts.password is not None or parts.fragment:
-            raise WiroFail(0, "Request parameter [callbackUrl] is invalid")
-    return ordered, callback
 
 
 def _token(n: int = 30) -> str:
@@ -167,8 +103,8 @@ class Simulator:
         self._owns_http = http_client is None
         self._next_id = int(time.time() * 1000)  # distinct across restarts
         self._background: set[asyncio.Task[Any]] = set()
-        self._nonces: set[str] = set()
-        self._nonce_order: deque[str] = deque()
+        self._nonces = NonceBook()
+        self.callbacks = Callbacks(self)
         self.sample_jpeg = images.sample_portrait()
         self.files: OrderedDict[str, SimFile] = OrderedDict()
         self._files_bytes = 0
@@ -182,7 +118,6 @@ class Simulator:
         self.counters: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self.runs_by_gateway: Counter[str] = Counter()
-        self.billable_by_gateway: Counter[str] = Counter()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -195,13 +130,17 @@ class Simulator:
             self._owns_http = True
         return self._http
 
-    def _draw(self, rate: float) -> bool:
+    def draw(self, rate: float) -> bool:
         return rate > 0 and self.rng.random() < rate
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def wire(self, task: SimTask, at: float) -> dict[str, Any]:
+        """The task as Detail shows it at ``at``, in the configured shape."""
+        return task.to_wire(at, self.config.public_url, omit_pexit=self.config.omit_pexit)
 
     async def _cancel_background(self) -> None:
         pending = list(self._background)
@@ -231,47 +170,36 @@ class Simulator:
     # -- auth ----------------------------------------------------------------------------
 
     def check_auth(self, headers: Any) -> None:
-        cfg = self.config
         try:
-            self._check_auth(cfg, headers)
+            check_auth(self.config, headers, self._nonces)
         except WiroFail:
             self.counters["auth_failures"] += 1
             raise
 
-    def _check_auth(self, cfg: SimConfig, headers: Any) -> None:
-        key = headers.get("x-api-key") or ""
-        if not hmac.compare_digest(key.encode(), cfg.api_key.encode()):
-            raise auth_failure()
-        if not cfg.secret:
-            return  # key-only project
-        nonce = headers.get("x-nonce") or ""
-        signature = headers.get("x-signature") or ""
-        if not nonce and not signature and not cfg.sign_required:
-            return
-        if not nonce or not signature or not verify(key, cfg.secret, nonce, signature):
-            raise auth_failure()
-        if cfg.nonce_reuse_rejected and nonce in self._nonces:
-            raise auth_failure()
-        if nonce not in self._nonces:
-            self._nonces.add(nonce)
-            self._nonce_order.append(nonce)
-            if len(self._nonce_order) > MAX_NONCES:
-                self._nonces.discard(self._nonce_order.popleft())
-
     # -- Run -----------------------------------------------------------------------------
+
+    def _server_error_due(self, cfg: SimConfig) -> bool:
+        """The next Run gets the code-0 server error: counted down, else drawn."""
+        if cfg.run_server_error_count > 0:
+            cfg.run_server_error_count -= 1
+            return True
+        return self.draw(cfg.run_server_error_rate)
 
     async def run(self, owner: str, model: str, fields: dict[str, str]) -> RunOutcome:
         self.counters["run_calls"] += 1
         cfg = self.config
         try:
             if (owner, model) != MODEL:
-                raise WiroFail(1, f"Model {owner}/{model} not found.")
-            if self._draw(cfg.run_429_rate):
+                raise WiroFail(1, "slug-owner-project-not-exist")
+            if self.draw(cfg.run_429_rate):
                 raise WiroFail(
                     0, "Too many requests.", http_status=429, headers={"Retry-After": "1"}
                 )
-            if self._draw(cfg.run_5xx_rate):
+            if self.draw(cfg.run_5xx_rate):
                 raise WiroFail(0, "Internal server error.", http_status=500)
+            if self._server_error_due(cfg):
+                self.counters["run_server_errors"] += 1
+                raise WiroFail(0, SERVER_ERROR, http_status=cfg.run_server_error_status)
             params, callback = validate_run(fields)
             if cfg.balance_exhausted:
                 raise WiroFail(97, "Insufficient balance")
@@ -291,8 +219,8 @@ class Simulator:
         task = self._create(cfg, params, callback)
         if cfg.callback_early and task.callbackurl:
             # Wiro has been seen to call back before Run answers: wait for that POST.
-            body = task.to_wire(task.created_mono, cfg.public_url)
-            await self._post_callback(task, body, kind="early", retries=0)
+            await self.callbacks.post(task, self.wire(task, task.created_mono), kind="early",
+                                      retries=0)  # fmt: skip
         if cfg.run_hang_s > 0:
             await asyncio.sleep(cfg.run_hang_s)
         body = {"errors": [], "taskid": task.id, "socketaccesstoken": task.token, "result": True}
@@ -300,11 +228,11 @@ class Simulator:
 
     def _create(self, cfg: SimConfig, params: dict[str, str], callback: str) -> SimTask:
         fate = Fate.OK
-        if self._draw(cfg.lost_rate):
+        if self.draw(cfg.lost_rate):
             fate = Fate.LOST
-        elif self._draw(cfg.task_error_fatal_rate):
+        elif self.draw(cfg.stuck_rate):
             fate = Fate.STUCK
-        elif self._draw(cfg.fail_rate):
+        elif self.draw(cfg.fail_rate):
             fate = Fate.FAIL
         self._next_id += 1
         match = _GATEWAY_TASK.search(urlsplit(callback).path) if callback else None
@@ -329,7 +257,7 @@ class Simulator:
         self.counters["runs"] += 1
         if task.gateway_task_id:
             self.runs_by_gateway[task.gateway_task_id] += 1
-        self._spawn(self._drive(task))
+        self.spawn(self._drive(task))
         self._prune_tasks()
         return task
 
@@ -343,23 +271,11 @@ class Simulator:
                 del self.tasks[task.id]
                 self.by_token.pop(task.token, None)
 
-    def _mark_billable(self, task: SimTask, now: float) -> None:
-        """A run is billable once assigned (i.e. not cancelled while queued)."""
-        if task.billable or now < task.assign_at:
-            return
-        if task.cancelled_at is not None and task.cancelled_at < task.assign_at:
-            return
-        task.billable = True
-        self.counters["billable_runs"] += 1
-        if task.gateway_task_id:
-            self.billable_by_gateway[task.gateway_task_id] += 1
-
     # -- the task driver -----------------------------------------------------------------
 
     async def _drive(self, task: SimTask) -> None:
         try:
-            await _sleep_until(task.assign_at)
-            self._mark_billable(task, time.monotonic())
+            await _sleep_until(task.run_at)
             if task.cancelled_at is not None or task.fate in (Fate.LOST, Fate.STUCK):
                 return
             rendered: images.RenderedImage | None = None
@@ -443,86 +359,13 @@ class Simulator:
             while len(self.outputs) > MAX_OUTPUTS:
                 self.outputs.popitem(last=False)
             task.pexit = "0"
+            self.counters["billable_runs"] += 1
         else:
             task.pexit = "1"
             task.failure = failure or FAIL_MESSAGE
         task.finished_at = now
         self.active.discard(task.id)
-        self._on_terminal(task)
-
-    # -- callbacks -----------------------------------------------------------------------
-
-    def _on_terminal(self, task: SimTask) -> None:
-        """Schedule the completion callback(s) of a task that just became terminal."""
-        if not task.callbackurl:
-            return
-        cfg = self.config
-        if self._draw(cfg.callback_drop):
-            self.counters["callbacks_dropped"] += 1
-            task.callbacks.append({"kind": "final", "outcome": "dropped"})
-            return
-        now = time.monotonic()
-        final = task.to_wire(now, cfg.public_url)
-        stale_at = task.stale_time() if cfg.callback_reorder else None
-        stale = task.to_wire(stale_at, cfg.public_url) if stale_at is not None else None
-        self._spawn(
-            self._deliver(
-                task,
-                final,
-                stale,
-                copies=1 + cfg.callback_duplicate,
-                delay=cfg.callback_delay_s,
-                retries=cfg.callback_retries,
-            )
-        )
-
-    async def _deliver(
-        self,
-        task: SimTask,
-        final: dict[str, Any],
-        stale: dict[str, Any] | None,
-        *,
-        copies: int,
-        delay: float,
-        retries: int,
-    ) -> None:
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await asyncio.gather(
-            *(
-                self._post_callback(task, final, kind="final", retries=retries)
-                for _ in range(copies)
-            )
-        )
-        if stale is not None:
-            await self._post_callback(task, stale, kind="reorder", retries=retries)
-
-    async def _post_callback(
-        self, task: SimTask, body: dict[str, Any], *, kind: str, retries: int
-    ) -> bool:
-        """POST ``body`` with retries; never raises (a callback must not break anything)."""
-        for attempt in range(retries + 1):
-            if attempt:
-                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
-            self.counters["callback_attempts"] += 1
-            try:
-                response = await self.http.post(
-                    task.callbackurl, json=body, timeout=CALLBACK_TIMEOUT_S
-                )
-                outcome: int | str = response.status_code
-                ok = 200 <= response.status_code < 300
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                outcome, ok = f"{type(exc).__name__}: {exc}".rstrip(": "), False
-            task.callbacks.append(
-                {"kind": kind, "status": body["status"], "attempt": attempt, "outcome": outcome}
-            )
-            if ok:
-                self.counters["callbacks_sent"] += 1
-                return True
-        self.counters["callbacks_failed"] += 1
-        return False
+        self.callbacks.on_terminal(task)
 
     # -- Task/* --------------------------------------------------------------------------
 
@@ -538,45 +381,50 @@ class Simulator:
 
     def detail(self, fields: dict[str, str]) -> dict[str, Any]:
         self.counters["detail_calls"] += 1
-        if self._draw(self.config.detail_5xx_rate):
+        if self.draw(self.config.detail_5xx_rate):
             raise WiroFail(0, "Internal server error.", http_status=500)
         task = self._find(fields)
-        now = time.monotonic()
-        self._mark_billable(task, now)
-        wire = task.to_wire(now, self.config.public_url)
+        wire = self.wire(task, time.monotonic())
         return {"total": "1", "errors": [], "tasklist": [wire], "result": True}
 
     def cancel(self, fields: dict[str, str]) -> dict[str, Any]:
+        """Task/Cancel: only while queued (task_queue, task_accept)."""
         self.counters["cancel_calls"] += 1
         task = self._find(fields)
         now = time.monotonic()
-        if task.status_at(now) not in QUEUED:
+        if task.status_at(now) not in CANCELLABLE:
             raise WiroFail(1, "Task is not in a cancellable state.")
         return self._stop(task, now, "cancel")
 
     def kill(self, fields: dict[str, str]) -> dict[str, Any]:
+        """Task/Kill (by taskid or socketaccesstoken): once past the queue, until the end."""
         self.counters["kill_calls"] += 1
         task = self._find(fields)
         now = time.monotonic()
         status = task.status_at(now)
-        if status in QUEUED or status in TERMINAL:
+        if status in CANCELLABLE or status in TERMINAL:
             raise WiroFail(1, "Task could not be killed: task is not running")
-        self._mark_billable(task, now)
         return self._stop(task, now, "kill")
 
     def _stop(self, task: SimTask, now: float, kind: str) -> dict[str, Any]:
         task.cancelled_at = now
         task.cancel_kind = kind
         self.active.discard(task.id)
-        self._on_terminal(task)
-        wire = task.to_wire(now, self.config.public_url)
-        return {"errors": [], "tasklist": [wire], "result": True}
+        self.callbacks.on_terminal(task)
+        return {"errors": [], "tasklist": [self.wire(task, now)], "result": True}
 
     def input_output_delete(self, fields: dict[str, str]) -> dict[str, Any]:
+        """Documented answers: "task-not-exist" for an unknown or already cleaned task."""
         self.counters["delete_calls"] += 1
-        task = self._find(fields)
+        token = fields.get("tasktoken") or fields.get("socketaccesstoken") or ""
+        taskid = fields.get("taskid", "")
+        if not token and not taskid:
+            raise WiroFail(0, "Request parameter [tasktoken] required")
+        task = self.by_token.get(token) if token else self.tasks.get(taskid)
+        if task is None or task.fate == Fate.LOST or task.outputs_deleted:
+            raise WiroFail(1, TASK_NOT_EXIST)
         if not task.is_terminal(time.monotonic()):
-            raise WiroFail(1, "Task is not finished yet.")
+            raise WiroFail(1, NOT_DELETABLE)
         for output in task.outputs:
             self.outputs.pop(output.folder, None)
             output.data = b""
@@ -584,14 +432,21 @@ class Simulator:
         return {"result": True, "errors": []}
 
     def list_tasks(self, fields: dict[str, str]) -> dict[str, Any]:
+        """Task/List: the project's tasks, newest first unless ``order`` is ASC."""
+        cfg = self.config
+        if not cfg.task_list_enabled:
+            raise parsing_url()
         self.counters["list_calls"] += 1
         start = max(0, _int(fields.get("start"), 0))
         limit = min(1000, max(1, _int(fields.get("limit"), 20)))
         visible = [t for t in self.tasks.values() if t.fate != Fate.LOST]
         if fields.get("order", "DESC").upper() != "ASC":
             visible.reverse()
-        now, base = time.monotonic(), self.config.public_url
-        page = [t.to_wire(now, base) for t in visible[start : start + limit]]
+        now = time.monotonic()
+        page = [self.wire(t, now) for t in visible[start : start + limit]]
+        if not cfg.task_list_callbackurl:
+            for item in page:
+                del item["callbackurl"]
         return {"result": True, "errors": [], "total": str(len(visible)), "tasklist": page}
 
     # -- files ---------------------------------------------------------------------------
@@ -635,16 +490,23 @@ class Simulator:
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
         statuses: Counter[str] = Counter()
+        billable: Counter[str] = Counter()
+        killed: Counter[str] = Counter()
         for task in self.tasks.values():
-            self._mark_billable(task, now)
             statuses["lost" if task.fate == Fate.LOST else task.status_at(now)] += 1
+            gateway_task = task.gateway_task_id
+            if gateway_task and task.billable:
+                billable[gateway_task] += 1
+            if gateway_task and task.cancel_kind is not None:
+                killed[gateway_task] += 1
         c = self.counters
         return {
             "runs": c["runs"],
             "runs_by_gateway_task": dict(self.runs_by_gateway),
-            "billable_by_gateway_task": {
-                g: self.billable_by_gateway[g] for g in self.runs_by_gateway
-            },
+            # Billed like Wiro's pricing page: finished with pexit "0" (forgotten tasks,
+            # beyond MAX_TASKS, are no longer counted here; billable_runs keeps them).
+            "billable_by_gateway_task": {g: billable[g] for g in self.runs_by_gateway},
+            "stopped_by_gateway_task": {g: killed[g] for g in self.runs_by_gateway if killed[g]},
             "detail_calls": c["detail_calls"],
             "cancel_calls": c["cancel_calls"],
             "kill_calls": c["kill_calls"],
@@ -653,7 +515,9 @@ class Simulator:
             "status_counts": dict(statuses),
             # Extras beyond the brief.
             "run_calls": c["run_calls"],
+            "tasks_created": c["runs"],
             "run_rejections": dict(self.rejections),
+            "run_server_errors": c["run_server_errors"],
             "billable_runs": c["billable_runs"],
             "active_tasks": len(self.active),
             "callbacks_dropped": c["callbacks_dropped"],
@@ -669,9 +533,17 @@ class Simulator:
         task = self.tasks.get(taskid)
         if task is None:
             return None
-        now = time.monotonic()
-        self._mark_billable(task, now)
-        return task.internal(now, self.config.public_url)
+        cfg = self.config
+        return task.internal(time.monotonic(), cfg.public_url, omit_pexit=cfg.omit_pexit)
+
+    def task_records(self, gateway_task: str | None = None) -> list[dict[str, Any]]:
+        """Every task's record, oldest first; only one gateway task's when given."""
+        now, cfg = time.monotonic(), self.config
+        return [
+            t.internal(now, cfg.public_url, omit_pexit=cfg.omit_pexit)
+            for t in self.tasks.values()
+            if gateway_task is None or t.gateway_task_id == gateway_task
+        ]
 
 
 async def _sleep_until(t: float) -> None:

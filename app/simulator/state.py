@@ -6,6 +6,14 @@ reads it. Only two things are written later: ``finished_at`` (set by the task's 
 once the output exists, so ``task_postprocess_end`` never shows without its image) and
 ``cancelled_at`` (Cancel/Kill). ``to_wire(at)`` renders the Detail shape as it was, or
 would have been, at any time ``at``; callbacks and the stale "reorder" callback use that.
+``history_at(at)`` lists the stages the task went through, so a test can see a stage that
+lasted a few milliseconds without polling for it.
+
+The stage order is the documented one (wiro-api.md): task_queue, task_accept,
+task_preprocess_start, task_preprocess_end, task_assign, task_start, task_output,
+task_output_full, task_end, task_postprocess_start, task_postprocess_end; task_cancel
+instead of the rest when stopped. task_error, when configured, comes between task_start
+and task_output (interim), or is where the walk stops (a stuck task).
 """
 
 from __future__ import annotations
@@ -18,23 +26,27 @@ from typing import Any
 MODEL = ("wiro", "professional-headshot")
 CATEGORIES = json.dumps(["tool", "image-to-image", "compare-landscape", "use-agent"])
 CPS = Decimal("0.000585000000")
-QUEUED = frozenset({"task_queue", "task_accept"})
+CANCELLABLE = frozenset({"task_queue", "task_accept"})  # Task/Cancel; Task/Kill after these
+QUEUED = CANCELLABLE
 TERMINAL = frozenset({"task_postprocess_end", "task_cancel"})
 TRANSIENT_ERROR = "UserWarning: xformers not found"
 FATAL_ERROR = "RuntimeError: worker failed to load the model"
 
-# Run phase: stage -> offset after task_assign, in eighths of run_s. task_postprocess_start
-# gets two eighths because that is where the real output is rendered.
+# After the queue (queue_s): stage -> offset in tenths of run_s. task_postprocess_start
+# gets three tenths because that is where the real output is rendered. An interim
+# task_error takes task_output's slot and delays everything from there by task_error_s.
 _RUN_STAGES = [
-    ("task_assign", 0),
-    ("task_preprocess_start", 1),
-    ("task_preprocess_end", 2),
+    ("task_preprocess_start", 0),
+    ("task_preprocess_end", 1),
+    ("task_assign", 2),
     ("task_start", 3),
     ("task_output", 4),
-    ("task_end", 5),
-    ("task_postprocess_start", 6),
-    ("task_postprocess_end", 8),
+    ("task_output_full", 5),
+    ("task_end", 6),
+    ("task_postprocess_start", 7),
+    ("task_postprocess_end", 10),
 ]
+_ERROR_SLOT = 4
 
 
 class Fate:
@@ -114,21 +126,20 @@ class SimTask:
     failure: str = ""
     outputs: list[SimOutput] = field(default_factory=list)
     outputs_deleted: bool = False
-    billable: bool = False
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[tuple[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        t0, q, step, err = self.created_mono, self.queue_s, self.run_s / 8, self.error_s
-        assign = t0 + q
+        t0, q, step, err = self.created_mono, self.queue_s, self.run_s / 10, self.error_s
+        run = t0 + q
         tl = [("task_queue", t0), ("task_accept", t0 + q / 2)]
-        for name, eighths in _RUN_STAGES:
-            if name == "task_output" and (err > 0 or self.fate == Fate.STUCK):
-                tl.append(("task_error", assign + 4 * step))
+        for name, tenths in _RUN_STAGES:
+            if tenths == _ERROR_SLOT and (err > 0 or self.fate == Fate.STUCK):
+                tl.append(("task_error", run + tenths * step))
                 if self.fate == Fate.STUCK:
                     break
-            extra = err if eighths >= 4 else 0.0
-            tl.append((name, assign + eighths * step + extra))
+            extra = err if tenths >= _ERROR_SLOT else 0.0
+            tl.append((name, run + tenths * step + extra))
         self.timeline = tl
 
     # -- the clock -----------------------------------------------------------------------
@@ -142,8 +153,14 @@ class SimTask:
         return None
 
     @property
-    def assign_at(self) -> float:
+    def run_at(self) -> float:
+        """The end of the queue: pre-processing (the input download) starts."""
         return self.created_mono + self.queue_s
+
+    @property
+    def billable(self) -> bool:
+        """Wiro's pricing page: only a successful run (pexit "0") is billed."""
+        return self.finished_at is not None and self.pexit == "0"
 
     @property
     def planned_end(self) -> float:
@@ -170,6 +187,20 @@ class SimTask:
     def is_terminal(self, at: float) -> bool:
         return self.status_at(at) in TERMINAL
 
+    def history_at(self, at: float) -> list[tuple[str, float]]:
+        """Every stage the task went through up to ``at``, with its start time, in order."""
+        limit = at if self.cancelled_at is None else min(at, self.cancelled_at)
+        seen = [
+            (stage, t)
+            for stage, t in self.timeline
+            if t <= limit and stage != "task_postprocess_end"
+        ]
+        if self.cancelled_at is not None and self.cancelled_at <= at:
+            seen.append(("task_cancel", self.cancelled_at))
+        elif self.finished_at is not None and self.finished_at <= at:
+            seen.append(("task_postprocess_end", self.finished_at))
+        return seen
+
     def stale_time(self) -> float | None:
         """A time at an intermediate stage before the end (task_start if reached)."""
         end = self.ended_at
@@ -188,10 +219,14 @@ class SimTask:
 
     def elapsed_at(self, at: float) -> float:
         stop = min([at, *(t for t in (self.finished_at, self.cancelled_at) if t is not None)])
-        return max(0.0, stop - self.assign_at)
+        return max(0.0, stop - self.run_at)
 
-    def to_wire(self, at: float, public_url: str) -> dict[str, Any]:
-        """The task exactly as Wiro's Detail would show it at monotonic time ``at``."""
+    def to_wire(self, at: float, public_url: str, *, omit_pexit: bool = False) -> dict[str, Any]:
+        """The task exactly as Wiro's Detail would show it at monotonic time ``at``.
+
+        Only a success costs anything (``totalcost``); ``omit_pexit`` leaves the ``pexit``
+        key out, as the seed's own Detail sample does.
+        """
         status = self.status_at(at)
         limit = at if self.cancelled_at is None else min(at, self.cancelled_at)
 
@@ -199,13 +234,12 @@ class SimTask:
             t = self.stage_time(stage)
             return self._wall(t) if t is not None and t <= limit else "0"
 
-        assigned = self.assign_at <= limit
-        elapsed = self.elapsed_at(at) if assigned else 0.0
+        started = self.run_at <= limit
+        elapsed = self.elapsed_at(at) if started else 0.0
         elapsed_text = f"{elapsed:.4f}"
         done = status == "task_postprocess_end"
         succeeded = done and self.pexit == "0"
-        killed = status == "task_cancel" and self.cancel_kind == "kill"
-        totalcost = _money(CPS * Decimal(elapsed_text)) if succeeded or killed else "0"
+        totalcost = _money(CPS * Decimal(elapsed_text)) if succeeded else "0"
 
         errors = []
         error_at = self.stage_time("task_error")
@@ -215,7 +249,7 @@ class SimTask:
             errors.append(self.failure)
 
         outputs = [o.to_wire(public_url) for o in self.outputs] if succeeded else []
-        return {
+        wire: dict[str, Any] = {
             "id": self.id,
             "uuid": self.uuid,
             "name": "",
@@ -254,8 +288,11 @@ class SimTask:
             "outputs": outputs,
             "size": str(sum(o.size for o in self.outputs) if succeeded else 0),
         }
+        if omit_pexit:
+            del wire["pexit"]
+        return wire
 
-    def internal(self, at: float, public_url: str) -> dict[str, Any]:
+    def internal(self, at: float, public_url: str, *, omit_pexit: bool = False) -> dict[str, Any]:
         """Everything the simulator knows about the task (``GET /__sim/tasks/{id}``)."""
         return {
             "id": self.id,
@@ -266,12 +303,18 @@ class SimTask:
             "cancel_kind": self.cancel_kind,
             "age_s": round(at - self.created_mono, 4),
             "timeline": {stage: round(t - self.created_mono, 4) for stage, t in self.timeline},
+            "history": [
+                {"status": stage, "after_s": round(t - self.created_mono, 4)}
+                for stage, t in self.history_at(at)
+            ],
             "finished_after_s": _rel(self.finished_at, self.created_mono),
             "cancelled_after_s": _rel(self.cancelled_at, self.created_mono),
             "failure": self.failure,
             "outputs_deleted": self.outputs_deleted,
             "callbacks": list(self.callbacks),
-            "detail": None if self.fate == Fate.LOST else self.to_wire(at, public_url),
+            "detail": None
+            if self.fate == Fate.LOST
+            else self.to_wire(at, public_url, omit_pexit=omit_pexit),
         }
 
 

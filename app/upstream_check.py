@@ -1,0 +1,758 @@
+"""``headshot-gateway upstream-check``: what the real Wiro API does, with the operator's keys.
+
+The gateway is built on assumptions about Wiro that only the live API can settle
+(``../shared/docs/wiro-api.md``, "What only real keys can settle"). This command checks
+them and reports each as held / not held / unknown:
+
+- without ``--run`` (free): reachability, the credentials, the project's auth mode
+  (signature vs key only), the nonce, Task/List and whether its items carry
+  ``callbackurl``. It sends Task/Detail for a task id that does not exist and Task/List,
+  and classifies the answers (an authorization answer means "not held").
+- with ``--run --yes`` (ONE REAL, BILLED TASK): File/Upload of a bundled sample portrait,
+  Run with a callback URL under ``GATEWAY_PUBLIC_URL`` (a temporary listener on
+  ``--listen`` catches the callback), Detail until the task ends, then the Run answer's
+  shape, Detail's fields, the stages seen, Task/List for this task, the callback's
+  method / content type / body shape, the output download and InputOutputDelete.
+
+Secrets (API key and secret, signatures, socket tokens, the callback token) are never
+printed. Exit status: 0 when nothing checked was "not held", 1 when something was,
+2 when the command could not start (missing settings, ``--run`` without ``--yes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import uvicorn
+
+from app.catalog import DEFAULT_MODEL
+from app.settings import Settings
+from app.wiro.client import WiroClient, error_for_code
+from app.wiro.errors import WiroAuthError, WiroError, WiroStateError
+from app.wiro.signing import NonceSource, sign
+
+HELD, NOT_HELD, UNKNOWN = "held", "not_held", "unknown"
+# Documented statuses (wiro-api.md); Detail's answers are judged against this set.
+STATUSES = frozenset({
+    "task_queue", "task_accept", "task_assign", "task_preprocess_start", "task_preprocess_end",
+    "task_start", "task_output", "task_output_full", "task_end", "task_postprocess_start",
+    "task_postprocess_end", "task_error", "task_error_full", "task_cancel",
+})  # fmt: skip
+TERMINAL = frozenset({"task_postprocess_end", "task_cancel"})
+LIST_QUERY = {"type": "model", "sort": "id", "order": "DESC", "start": "0", "limit": "20"}
+NO_SUCH_TASK = "0"  # a task id no project has: Detail must answer "no task", not "who are you"
+CALLBACK_PREFIX = "/callbacks/wiro/upstream-check/"
+SAMPLE_INPUTS = {"background": "neutral", "safetyTolerance": "2", "aspectRatio": "",
+                 "seed": "42", "outputFormat": "jpeg"}  # fmt: skip
+MAX_DOWNLOAD = 100 * 1024 * 1024
+
+# The checks, in report order; those after "upload" need --run.
+CHECKS = [
+    "reachable", "auth", "auth_mode", "nonce", "task_list", "task_list_callbackurl",
+    "upload", "run_answer", "stages", "detail_pexit", "detail_outputs", "detail_totalcost",
+    "detail_callbackurl", "output_download", "callback", "callback_body", "input_output_delete",
+]  # fmt: skip
+RUN_CHECKS = CHECKS[CHECKS.index("upload") :]
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: str = UNKNOWN
+    detail: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, verdict: str, detail: str, **data: Any) -> None:
+        self.verdict, self.detail = verdict, detail
+        self.data.update(data)
+
+
+@dataclass
+class Report:
+    target: str
+    configured_mode: str
+    ran_task: bool
+    checks: dict[str, Check]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.verdict != NOT_HELD for c in self.checks.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "configured_mode": self.configured_mode,
+            "ran_task": self.ran_task,
+            "ok": self.ok,
+            "checks": {
+                c.name: {"verdict": c.verdict, "detail": c.detail, "data": c.data}
+                for c in self.checks.values()
+            },
+        }
+
+    def table(self) -> str:
+        lines = [f"Wiro at {self.target} ({self.configured_mode} mode configured)", ""]
+        width = max(len(name) for name in self.checks)
+        lines.append(f"{'CHECK':<{width}}  {'RESULT':<9} DETAIL")
+        for c in self.checks.values():
+            lines.append(f"{c.name:<{width}}  {c.verdict.replace('_', ' '):<9} {c.detail}")
+        held = sum(c.verdict == HELD for c in self.checks.values())
+        bad = sum(c.verdict == NOT_HELD for c in self.checks.values())
+        lines += ["", f"{held} held, {bad} not held, {len(self.checks) - held - bad} unknown"]
+        return "\n".join(lines)
+
+
+@dataclass
+class Options:
+    run: bool = False
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8000
+    callback_base: str | None = None  # default: GATEWAY_PUBLIC_URL
+    wait_s: float = 600.0  # for the task to end
+    callback_wait_s: float = 30.0  # for the callback, once the task has ended
+    poll_s: float = 3.0
+
+
+@dataclass
+class Answer:
+    """One raw answer: HTTP status and the body when it is a JSON object."""
+
+    status: int
+    body: dict[str, Any] | None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300 and self.body is not None and (
+            self.body.get("result") in (True, "true", 1)
+        )
+
+    def error(self) -> tuple[int | None, str]:
+        errors = (self.body or {}).get("errors")
+        first = errors[0] if isinstance(errors, list) and errors else None
+        if isinstance(first, dict):
+            code = first.get("code")
+            try:
+                number = int(code) if code is not None else None
+            except (TypeError, ValueError):
+                number = None
+            return number, str(first.get("message") or "")
+        return None, str(first) if first is not None else ""
+
+    def auth_refused(self) -> bool:
+        if self.ok:
+            return False
+        if self.status in (401, 403):
+            return True
+        return isinstance(error_for_code(*self.error(), http_status=self.status), WiroAuthError)
+
+    def summary(self) -> dict[str, Any]:
+        code, message = self.error() if not self.ok else (None, "")
+        out: dict[str, Any] = {"http_status": self.status}
+        if not self.ok:
+            out |= {"code": code, "message": message[:200]}
+        return out
+
+
+class Raw:
+    """Thin signed POSTs that keep the whole answer (WiroClient parses it away)."""
+
+    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+        self.http = http
+        self.base = settings.wiro_base_url
+        self.key = settings.wiro_api_key.get_secret_value() if settings.wiro_api_key else ""
+        secret = settings.wiro_api_secret
+        self.secret = secret.get_secret_value() if secret else ""
+        self.nonces = NonceSource()
+
+    def headers(self, *, signed: bool = True, nonce: str | None = None) -> dict[str, str]:
+        if not signed or not self.secret:
+            return {"x-api-key": self.key}
+        nonce = nonce if nonce is not None else str(self.nonces.next())
+        return {"x-api-key": self.key, "x-nonce": nonce,
+                "x-signature": sign(self.key, self.secret, nonce)}  # fmt: skip
+
+    async def post(self, path: str, body: dict[str, Any], **headers: Any) -> Answer:
+        url, auth = self.base + path, self.headers(**headers)
+        response = await self.http.post(url, json=body, headers=auth)
+        try:
+            parsed = response.json()
+        except ValueError:
+            parsed = None
+        return Answer(response.status_code, parsed if isinstance(parsed, dict) else None)
+
+
+# -- the callback listener ---------------------------------------------------------------
+
+
+@dataclass
+class Caught:
+    method: str
+    content_type: str
+    body: bytes
+
+
+class CallbackCatcher:
+    """A tiny HTTP server that records requests under one secret path and answers 204."""
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        self.path = path
+        self.caught: list[Caught] = []
+        self.arrived = asyncio.Event()
+        config = uvicorn.Config(self._app, host=host, port=port, log_level="warning",
+                                lifespan="off", access_log=False, log_config=None,
+                                interface="asgi3")  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self._serving: asyncio.Task[None] | None = None
+
+    async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False) and sum(map(len, chunks)) < 1024 * 1024
+        status = 404
+        if scope["path"] == self.path:
+            headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            self.caught.append(Caught(scope["method"], headers.get("content-type", ""),
+                                      b"".join(chunks)))  # fmt: skip
+            self.arrived.set()
+            status = 204
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def __aenter__(self) -> CallbackCatcher:
+        # Bound here, so that a taken port is an OSError (uvicorn would sys.exit).
+        config = self.server.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((config.host, config.port))
+        except OSError:
+            sock.close()
+            raise
+        self._serving = asyncio.create_task(self.server.serve(sockets=[sock]))
+        while not self.server.started:
+            if self._serving.done():
+                self._serving.result()
+                raise OSError("the callback listener stopped before it started")
+            await asyncio.sleep(0.02)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        if self._serving is not None:
+            await self._serving
+
+
+def body_shape(caught: Caught, task_id: str) -> dict[str, Any]:
+    """What a callback body looks like (never the body itself: it holds tokens)."""
+    text = caught.body
+    shape, data = "other", None
+    if not text.strip():
+        shape = "empty"
+    else:
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict):
+            if isinstance(data.get("tasklist"), list) and data["tasklist"]:
+                shape, data = "tasklist", data["tasklist"][0]
+            elif "status" in data and ("id" in data or "taskid" in data):
+                shape = "detail"
+            else:
+                shape = "json"
+        elif data is not None:
+            shape = "json"
+        else:
+            try:
+                form = parse_qs(text.decode(), max_num_fields=200, strict_parsing=True)
+            except (ValueError, UnicodeDecodeError):
+                form = {}
+            if form:
+                shape, data = "form", {k: v[0] for k, v in form.items()}
+    names = isinstance(data, dict) and task_id in (str(data.get("id")), str(data.get("taskid")))
+    fields = sorted(data)[:40] if isinstance(data, dict) else []
+    return {"shape": shape, "names_task": bool(names), "fields": fields, "bytes": len(text)}
+
+
+# -- the checks --------------------------------------------------------------------------
+
+
+class UpstreamCheck:
+    def __init__(self, settings: Settings, options: Options, http: httpx.AsyncClient) -> None:
+        self.s, self.o, self.http = settings, options, http
+        self.raw = Raw(http, settings)
+        self.client = WiroClient(base_url=settings.wiro_base_url, api_key=settings.wiro_api_key,
+                                 api_secret=settings.wiro_api_secret, http=http)  # fmt: skip
+        self.checks = {name: Check(name) for name in CHECKS}
+        self.mode = "signature" if self.raw.secret else "key_only"
+        for name in RUN_CHECKS:
+            self.checks[name].detail = "needs --run"
+
+    def c(self, name: str) -> Check:
+        return self.checks[name]
+
+    async def run(self) -> Report:
+        note = "not checked: an earlier check failed"
+        try:
+            if await self.probe():
+                await self.task_list()
+                if self.o.run:
+                    await self.billed_run()
+        except httpx.HTTPError as exc:  # a later call lost the connection
+            note = f"not checked: Wiro stopped answering ({type(exc).__name__})"
+        for c in self.checks.values():
+            if c.verdict == UNKNOWN and not c.detail:
+                c.detail = note
+        return Report(self.s.wiro_base_url, self.mode, self.o.run, self.checks)
+
+    # -- free checks -------------------------------------------------------------------
+
+    async def probe(self) -> bool:
+        """Reachability, credentials, auth mode, nonce. True when calls are accepted."""
+        try:
+            primary = await self.raw.post("/Task/Detail", {"taskid": NO_SUCH_TASK})
+        except httpx.HTTPError as exc:
+            self.c("reachable").set(NOT_HELD, f"no answer: {type(exc).__name__}")
+            return False
+        self.c("reachable").set(
+            HELD if primary.body is not None else NOT_HELD,
+            f"Task/Detail answered HTTP {primary.status}"
+            + ("" if primary.body is not None else " without a JSON object"),
+            http_status=primary.status,
+        )
+        if primary.body is None:
+            return False
+        accepted = not primary.auth_refused()
+        bare = primary if self.mode == "key_only" else await self.raw.post(
+            "/Task/Detail", {"taskid": NO_SUCH_TASK}, signed=False)  # fmt: skip
+        bare_ok = not bare.auth_refused()
+        _, bare_message = bare.error()
+        project = "key_accepted" if bare_ok else "unknown"
+        if not bare_ok and "signature" in bare_message.lower():
+            project = "signature"
+
+        nonce = self.c("nonce")
+        if self.mode == "signature" and not accepted:
+            # A wrong secret and a nonce format the server dislikes look the same: try
+            # once with unix seconds, the other format Wiro's docs name.
+            seconds = str(int(time.time()))
+            retry = await self.raw.post("/Task/Detail", {"taskid": NO_SUCH_TASK}, nonce=seconds)
+            if not retry.auth_refused():
+                accepted = True
+                nonce.set(NOT_HELD, "millisecond nonces refused, unix seconds accepted",
+                          accepted_format="unix seconds")  # fmt: skip
+        auth = self.c("auth")
+        if accepted:
+            auth.set(HELD, f"credentials accepted (Task/Detail for a missing task: "
+                           f"{_said(primary)})", probe=primary.summary())  # fmt: skip
+        else:
+            auth.set(NOT_HELD, f"refused: {_said(primary)}", probe=primary.summary())
+
+        mode = self.c("auth_mode")
+        facts = {"configured": self.mode, "project": project, "bare_key_accepted": bare_ok}
+        if self.mode == "key_only":
+            if bare_ok:
+                mode.set(HELD, "key-only requests are accepted", **facts)
+            elif project == "signature":
+                mode.set(NOT_HELD, "the project requires signatures: set "
+                                   "GATEWAY_WIRO_API_SECRET", **facts)  # fmt: skip
+            else:
+                mode.set(UNKNOWN, "key-only requests refused; see auth", **facts)
+        elif accepted:
+            note = ("; the key alone is accepted too (signatures not enforced)" if bare_ok
+                    else "; the key alone is refused")  # fmt: skip
+            mode.set(HELD, "signed requests accepted" + note, **facts)
+        elif bare_ok:
+            mode.set(NOT_HELD, "signed requests refused but the key alone is accepted: a "
+                               "key-only project (unset GATEWAY_WIRO_API_SECRET)", **facts)
+        elif project == "signature":
+            mode.set(HELD, "the project is in signature mode (the signature is wrong: see "
+                           "auth)", **facts)  # fmt: skip
+        else:
+            mode.set(UNKNOWN, "every request refused; see auth", **facts)
+
+        if self.mode == "key_only":
+            nonce.set(UNKNOWN, "key-only mode: no nonce is sent")
+        elif nonce.verdict == UNKNOWN:
+            if accepted:
+                replay = await self._replay_rejected()
+                nonce.set(HELD, "millisecond counter nonces accepted"
+                          + {True: "; a reused nonce is refused",
+                             False: "; a reused nonce is accepted too",
+                             None: ""}[replay],
+                          replay_rejected=replay)  # fmt: skip
+            else:
+                nonce.set(UNKNOWN, "no signed request was accepted")
+        return accepted
+
+    async def _replay_rejected(self) -> bool | None:
+        fixed = str(self.raw.nonces.next())
+        first = await self.raw.post("/Task/Detail", {"taskid": NO_SUCH_TASK}, nonce=fixed)
+        if first.auth_refused():
+            return None
+        return (await self.raw.post("/Task/Detail", {"taskid": NO_SUCH_TASK},
+                                    nonce=fixed)).auth_refused()  # fmt: skip
+
+    async def task_list(self, *, ours: str | None = None, callback_url: str = "") -> None:
+        try:
+            answer = await self.raw.post("/Task/List", LIST_QUERY)
+        except httpx.HTTPError as exc:
+            self.c("task_list").set(UNKNOWN, f"no answer: {type(exc).__name__}")
+            return
+        items = (answer.body or {}).get("tasklist")
+        if not answer.ok or not isinstance(items, list):
+            self.c("task_list").set(NOT_HELD, f"Task/List: {_said(answer)}", **answer.summary())
+            self.c("task_list_callbackurl").set(UNKNOWN, "Task/List not usable")
+            return
+        tasks = [t for t in items if isinstance(t, dict)]
+        self.c("task_list").set(HELD, f"{len(tasks)} recent task(s) listed", items=len(tasks))
+        line = self.c("task_list_callbackurl")
+        if ours is not None:
+            mine = next((t for t in tasks if str(t.get("id")) == ours), None)
+            if mine is None:
+                line.set(UNKNOWN, "this run's task is not on Task/List's first page",
+                         found=False)  # fmt: skip
+            elif "callbackurl" not in mine:
+                line.set(NOT_HELD, "this run's task is listed without callbackurl", found=True)
+            else:
+                same = _same_url(mine.get("callbackurl"), callback_url)
+                line.set(HELD if same else NOT_HELD,
+                         "listed with the callback URL sent" if same
+                         else "listed with a different callbackurl", found=True)  # fmt: skip
+            return
+        if not tasks:
+            line.set(UNKNOWN, "no task listed yet (--run makes one)")
+        with_key = sum("callbackurl" in t for t in tasks)
+        if tasks and with_key == len(tasks):
+            line.set(HELD, "every listed task has callbackurl")
+        elif tasks:
+            line.set(NOT_HELD, f"{len(tasks) - with_key} of {len(tasks)} listed tasks lack "
+                               "callbackurl")  # fmt: skip
+
+    # -- the billed run ----------------------------------------------------------------
+
+    async def billed_run(self) -> None:
+        for name in RUN_CHECKS:
+            self.c(name).detail = ""
+        token = secrets.token_urlsafe(18)
+        path = CALLBACK_PREFIX + token
+        base = (self.o.callback_base or self.s.public_url).rstrip("/")
+        callback_url = base + path
+        catcher = CallbackCatcher(self.o.listen_host, self.o.listen_port, path)
+        try:
+            await catcher.__aenter__()
+        except OSError as exc:
+            self.c("callback").set(UNKNOWN, f"could not listen on {self.o.listen_host}:"
+                                            f"{self.o.listen_port} ({type(exc).__name__}): "
+                                            "no task was started")  # fmt: skip
+            return
+        try:
+            await self._run_with(catcher, callback_url)
+        finally:
+            await catcher.__aexit__(None, None, None)
+
+    async def _run_with(self, catcher: CallbackCatcher, callback_url: str) -> None:
+        from app.simulator.images import sample_portrait
+
+        try:
+            input_url = await self.client.upload(filename="upstream-check.jpg",
+                                                 content=sample_portrait(),
+                                                 content_type="image/jpeg")  # fmt: skip
+        except WiroError as exc:
+            self.c("upload").set(NOT_HELD, f"File/Upload: {exc.message[:200]}")
+            return
+        self.c("upload").set(HELD, f"sample portrait uploaded ({urlsplit(input_url).hostname})")
+
+        model = "/Run/" + DEFAULT_MODEL
+        body = {"inputImageUrl": input_url, **SAMPLE_INPUTS, "callbackUrl": callback_url}
+        try:
+            answer = await self.raw.post(model, body)
+        except httpx.HTTPError as exc:
+            self.c("run_answer").set(UNKNOWN, f"no answer ({type(exc).__name__}): a task may "
+                                              "exist; look at Wiro's dashboard")  # fmt: skip
+            return
+        task_id = _text((answer.body or {}).get("taskid"))
+        token = _text((answer.body or {}).get("socketaccesstoken"))
+        keys = sorted(answer.body or {})
+        if answer.ok and task_id and token:
+            self.c("run_answer").set(HELD, "result true with taskid and socketaccesstoken",
+                                     keys=keys)  # fmt: skip
+        else:
+            self.c("run_answer").set(NOT_HELD, f"Run: {_said(answer)}", keys=keys,
+                                     **answer.summary())  # fmt: skip
+        if not task_id:
+            return
+
+        final = await self._follow(task_id)
+        if final is None:
+            return
+        token = token or _text(final.get("socketaccesstoken"))
+        self._judge_detail(final, callback_url)
+        await self.task_list(ours=task_id, callback_url=callback_url)
+        await self._download(final)
+        await self._callback(catcher, task_id)
+        if token:
+            await self._delete(token)
+        else:
+            self.c("input_output_delete").set(UNKNOWN, "no task token to delete with")
+
+    async def _follow(self, task_id: str) -> dict[str, Any] | None:
+        """Detail until the task ends (or the wait is over, then it is stopped)."""
+        seen: list[str] = []
+        deadline = time.monotonic() + self.o.wait_s
+        last: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            try:
+                task = await self.client.detail(task_id=task_id)
+            except WiroStateError:
+                task = None  # "There is no task yet." just after Run
+            except WiroError:
+                task = None
+            if task is not None:
+                last = task.raw
+                if not seen or seen[-1] != task.status:
+                    seen.append(task.status)
+                if task.status in TERMINAL:
+                    break
+            await asyncio.sleep(self.o.poll_s)
+        stages = self.c("stages")
+        unknown = [s for s in seen if s not in STATUSES]
+        if not seen or seen[-1] not in TERMINAL:
+            stopped = await self._stop(task_id)
+            stages.set(UNKNOWN, f"the task did not end within {self.o.wait_s:g} s ({stopped})",
+                       seen=seen)  # fmt: skip
+            return None
+        if unknown:
+            stages.set(NOT_HELD, f"undocumented statuses: {', '.join(unknown)}", seen=seen)
+        elif seen[-1] != "task_postprocess_end":
+            stages.set(NOT_HELD, f"ended in {seen[-1]}", seen=seen)
+        else:
+            stages.set(HELD, " > ".join(seen), seen=seen)
+        return last
+
+    async def _stop(self, task_id: str) -> str:
+        for verb in ("kill", "cancel"):
+            try:
+                await getattr(self.client, verb)(task_id)
+                return f"stopped with Task/{verb.capitalize()}"
+            except WiroError:
+                continue
+        return "could not stop it: look at Wiro's dashboard"
+
+    def _judge_detail(self, task: dict[str, Any], callback_url: str) -> None:
+        succeeded_by_outputs = bool(_output_urls(task))
+        pexit = self.c("detail_pexit")
+        if "pexit" not in task:
+            pexit.set(NOT_HELD, "a finished task's Detail has no pexit (judge by outputs)",
+                      present=False)  # fmt: skip
+        elif _text(task.get("pexit")) is None:
+            pexit.set(NOT_HELD, "pexit is empty on a finished task", present=True, value="")
+        else:
+            value = str(task["pexit"])
+            pexit.set(HELD, f"pexit {value!r}", present=True, value=value)
+        outputs = self.c("detail_outputs")
+        if succeeded_by_outputs:
+            count = len(_output_urls(task))
+            outputs.set(HELD, f"{count} output(s) with a url", count=count)
+        else:
+            outputs.set(NOT_HELD, "no output with a url", count=0)
+        cost = self.c("detail_totalcost")
+        raw_cost = task.get("totalcost")
+        try:
+            amount = Decimal(str(raw_cost)) if raw_cost is not None else None
+        except InvalidOperation:
+            amount = None
+        if amount is None:
+            cost.set(NOT_HELD, "totalcost missing or not a number", present="totalcost" in task)
+        else:
+            cost.set(HELD, f"totalcost {raw_cost} USD", value=str(raw_cost))
+        cb = self.c("detail_callbackurl")
+        if "callbackurl" not in task:
+            cb.set(NOT_HELD, "Detail has no callbackurl", present=False)
+        elif _same_url(task.get("callbackurl"), callback_url):
+            cb.set(HELD, "callbackurl is the URL sent", present=True)
+        else:
+            cb.set(NOT_HELD, "callbackurl differs from the URL sent", present=True)
+
+    async def _download(self, task: dict[str, Any]) -> None:
+        line = self.c("output_download")
+        urls = _output_urls(task)
+        if not urls:
+            line.set(UNKNOWN, "no output URL")
+            return
+        try:
+            response = await self.http.get(urls[0], follow_redirects=True)
+        except httpx.HTTPError as exc:
+            line.set(NOT_HELD, f"GET failed: {type(exc).__name__}")
+            return
+        facts = {"http_status": response.status_code, "host": urlsplit(urls[0]).hostname,
+                 "content_type": response.headers.get("content-type", ""),
+                 "bytes": len(response.content)}  # fmt: skip
+        if response.status_code != 200 or len(response.content) > MAX_DOWNLOAD:
+            line.set(NOT_HELD, f"GET answered HTTP {response.status_code}", **facts)
+            return
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(response.content)) as image:
+                image.load()
+                facts |= {"format": image.format, "size": list(image.size)}
+        except (UnidentifiedImageError, OSError):
+            line.set(NOT_HELD, "downloaded, but not an image", **facts)
+            return
+        line.set(HELD, f"{facts['format']} {facts['size'][0]}x{facts['size'][1]}, "
+                       f"{facts['bytes']} bytes", **facts)  # fmt: skip
+
+    async def _callback(self, catcher: CallbackCatcher, task_id: str) -> None:
+        try:
+            await asyncio.wait_for(catcher.arrived.wait(), self.o.callback_wait_s)
+        except TimeoutError:
+            msg = (f"none within {self.o.callback_wait_s:g} s of the end (is "
+                   "GATEWAY_PUBLIC_URL reachable from Wiro and routed to --listen?)")
+            self.c("callback").set(UNKNOWN, msg)
+            self.c("callback_body").set(UNKNOWN, "no callback arrived")
+            return
+        first = catcher.caught[0]
+        ctype = first.content_type.split(";")[0].strip().lower()
+        facts = {"method": first.method, "content_type": ctype, "count": len(catcher.caught)}
+        line = self.c("callback")
+        if first.method == "POST":
+            line.set(HELD, f"POST, {ctype or 'no content type'}", **facts)
+        else:
+            line.set(NOT_HELD, f"{first.method}, not POST", **facts)
+        shape = body_shape(first, task_id)
+        body = self.c("callback_body")
+        if shape["shape"] in ("detail", "tasklist") and ctype == "application/json":
+            body.set(HELD, f"JSON task object ({shape['shape']})", content_type=ctype, **shape)
+        else:
+            body.set(NOT_HELD, f"{shape['shape']} body, {ctype or 'no content type'} (the "
+                               "gateway only takes it as a hint)", content_type=ctype,
+                     **shape)  # fmt: skip
+
+    async def _delete(self, token: str) -> None:
+        line = self.c("input_output_delete")
+        try:
+            first = await self.raw.post("/Task/InputOutputDelete", {"tasktoken": token})
+            again = await self.raw.post("/Task/InputOutputDelete", {"tasktoken": token})
+        except httpx.HTTPError as exc:
+            line.set(UNKNOWN, f"no answer: {type(exc).__name__}")
+            return
+        gone = again.ok or again.error() == (1, "task-not-exist")
+        facts = {"first": first.summary(), "again": again.summary()}
+        if first.ok and gone:
+            line.set(HELD, "accepted; a second delete answers "
+                           + ("success" if again.ok else '"task-not-exist"'), **facts)
+        elif first.ok:
+            line.set(NOT_HELD, f"accepted; a second delete answers {_said(again)}", **facts)
+        else:
+            line.set(NOT_HELD, f"refused: {_said(first)}", **facts)
+
+
+def _said(answer: Answer) -> str:
+    if answer.ok:
+        return f"HTTP {answer.status}, result true"
+    code, message = answer.error()
+    return f"HTTP {answer.status}, code {code}: {message[:160] or 'no message'}"
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    return str(value).strip() or None
+
+
+def _same_url(value: Any, sent: str) -> bool:
+    return isinstance(value, str) and value.strip().rstrip("/") == sent.rstrip("/")
+
+
+def _output_urls(task: dict[str, Any]) -> list[str]:
+    outputs = task.get("outputs")
+    if isinstance(outputs, str):
+        try:
+            outputs = json.loads(outputs)
+        except ValueError:
+            outputs = None
+    if not isinstance(outputs, list):
+        return []
+    return [o["url"] for o in outputs if isinstance(o, dict) and isinstance(o.get("url"), str)
+            and o["url"].strip()]  # fmt: skip
+
+
+async def check_upstream(settings: Settings, options: Options,
+                         http: httpx.AsyncClient | None = None) -> Report:  # fmt: skip
+    """Run the checks; ``http`` (optional) is the client to use, else one is made."""
+    if http is not None:
+        return await UpstreamCheck(settings, options, http).run()
+    timeout = httpx.Timeout(connect=settings.wiro_connect_timeout_s,
+                            read=max(settings.wiro_read_timeout_s, 60.0), write=60.0, pool=5.0)
+    async with httpx.AsyncClient(timeout=timeout, headers={"user-agent": "headshot-gateway "
+                                                           "upstream-check"}) as client:
+        return await UpstreamCheck(settings, options, client).run()
+
+
+def main(args: Any, settings_factory: Callable[[], Settings]) -> int:
+    """The CLI command (wired in app/cli.py)."""
+    import sys
+
+    try:
+        settings = settings_factory()
+    except Exception as exc:  # pydantic's message, never a secret (hide_input_in_errors)
+        print(f"upstream-check: settings: {exc}", file=sys.stderr)
+        return 2
+    if settings.wiro_api_key is None:
+        print("upstream-check: GATEWAY_WIRO_API_KEY is not set", file=sys.stderr)
+        return 2
+    if args.run and not args.yes:
+        print("upstream-check: --run starts ONE REAL, BILLED task at Wiro (one headshot of "
+              "a sample portrait). Add --yes to go ahead.", file=sys.stderr)
+        return 2
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        print("upstream-check: --listen takes HOST:PORT", file=sys.stderr)
+        return 2
+    options = Options(run=args.run, listen_host=host, listen_port=int(port),
+                      callback_base=args.callback_base, wait_s=args.wait,
+                      callback_wait_s=args.callback_wait, poll_s=args.poll)  # fmt: skip
+    if args.run:
+        print("upstream-check: starting one billed task at Wiro", file=sys.stderr)
+    report = asyncio.run(check_upstream(settings, options))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.table())
+    return 0 if report.ok else 1
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("upstream-check",
+                       help="check what the gateway assumes about Wiro, with your keys")
+    p.add_argument("--run", action="store_true",
+                   help="also run ONE REAL, BILLED task (needs --yes)")
+    p.add_argument("--yes", action="store_true", help="agree to the billed task of --run")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--listen", default="127.0.0.1:8000",
+                   help="HOST:PORT of the temporary callback listener GATEWAY_PUBLIC_URL "
+                        "reaches (default 127.0.0.1:8000)")
+    p.add_argument("--callback-base", default=None,
+                   help="base of the callback URL (default GATEWAY_PUBLIC_URL)")
+    p.add_argument("--wait", type=float, default=600.0,
+                   help="seconds to wait for the task to end (then it is stopped)")
+    p.add_argument("--callback-wait", type=float, default=30.0,
+                   help="seconds to wait for the callback once the task has ended")
+    p.add_argument("--poll", type=float, default=3.0, help="seconds between Detail calls")
