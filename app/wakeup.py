@@ -38,6 +38,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import metrics
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "hgw_task"
@@ -79,6 +81,7 @@ class Hub:
         self._by_task: dict[str, set[Watch]] = {}
         self._per_client: Counter[str] = Counter()
         self.wakeups = 0  # notifications that found a waiter (tests, bench)
+        self.draining = False
 
     def watch(self, task_id: str, client: str) -> Watch:
         """Register a waiter; ``TooManyWaiters`` over the client's cap. Register *before*
@@ -88,6 +91,7 @@ class Hub:
         w = Watch(self, task_id, client)
         self._by_task.setdefault(task_id, set()).add(w)
         self._per_client[client] += 1
+        metrics.waiters(1)
         return w
 
     def _remove(self, w: Watch) -> None:
@@ -97,6 +101,7 @@ class Hub:
             if not waiters:
                 del self._by_task[w.task_id]
         self._per_client[w.client] -= 1
+        metrics.waiters(-1)
         if self._per_client[w.client] <= 0:
             del self._per_client[w.client]
 
@@ -115,6 +120,12 @@ class Hub:
         for waiters in self._by_task.values():
             for w in waiters:
                 w.event.set()
+
+    def drain(self) -> None:
+        """SIGTERM: waits answer now and streams end (callers resume on another replica),
+        so open requests do not hold up the shutdown."""
+        self.draining = True
+        self.wake_all()
 
 
 # ---------------------------------------------------------------- SQLite: after commit
@@ -218,7 +229,7 @@ class PgListener:
             lost = asyncio.Event()
             try:
                 self._conn = await asyncpg.connect(self._dsn, timeout=10)
-                self._conn.add_termination_listener(lambda _c: lost.set())
+                self._conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await self._conn.add_listener(CHANNEL, self._notified)
             except asyncio.CancelledError:
                 raise
