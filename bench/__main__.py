@@ -1,8 +1,9 @@
 """``python -m bench [--quick] [--only P1,P3] [--db sqlite|postgres|both] [--soak-s S]``
 
 Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
-statements per task), writes ``bench/results/latest.json`` and prints the table; a full
-run (no --quick, no --only, both databases) also writes the table into
+statements per task) and of issue 17 (P8: 1,000 held ``Prefer: wait`` callers), writes
+``bench/results/latest.json`` and prints the table; a full run (no --quick, no --only,
+both databases) also writes the table into
 ``docs/benchmarks.md`` (``--docs`` forces that). Exits non-zero when any task in it was
 lost (not terminal at the end) or started twice upstream.
 """
@@ -29,7 +30,7 @@ from bench.common import Run, say
 from bench.harness import BenchFailure
 
 RESULTS = harness.ROOT / "bench" / "results"
-ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"]
+ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"]
 
 
 def machine() -> dict[str, Any]:
@@ -66,7 +67,15 @@ def save(results: dict[str, Any]) -> Path:
 
 async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
                      results: dict[str, Any]) -> None:
-    from bench import p1_overhead, p4_history, p5_polls, p6_memory, p7_notify, throughput
+    from bench import (
+        p1_overhead,
+        p4_history,
+        p5_polls,
+        p6_memory,
+        p7_notify,
+        p8_wait,
+        throughput,
+    )
 
     res = results["results"]
     if run.wants("P1"):
@@ -113,6 +122,11 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
         for kind in kinds:
             say(f"P7 on {kind}")
             res.setdefault("P7", {})[kind] = await p7_notify.measure(run, kind)
+            save(results)
+    if run.wants("P8"):
+        for kind in kinds:
+            say(f"P8 on {kind}")
+            res.setdefault("P8", {})[kind] = await p8_wait.measure(run, kind)
             save(results)
 
 

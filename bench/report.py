@@ -80,6 +80,11 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
             return f"not measured: {x.get('why')}", None
         return (f"p50 {_f(x['p50_ms'])} ms, p90 {_f(x['p90_ms'])} ms "
                 f"({x['received']}/{x['tasks']} received)", x.get("met"))
+    if pid == "P8":
+        return (f"{_f(x['kib_per_waiter'])} KiB/waiter (RSS {_f(x['rss_before_mb'])} → "
+                f"{_f(x['rss_held_mb'])} MiB); wake-up p50 {_f(x['wake_p50_ms'])} ms, p95 "
+                f"{_f(x['wake_p95_ms'])} ms ({x['answered_terminal']}/{x['waiters']} "
+                f"answered terminal, {x.get('missed_wakeups')} missed wake-ups)", x.get("met"))
     return "?", None
 
 
@@ -96,6 +101,8 @@ WHAT = {
     "P6": ("memory per in-flight task; RSS drift", "the idle process",
            "≤ 32 KiB; no upward drift"),
     "P7": ("upstream completion → signed notification", "—", "p50 ≤ 50 ms"),
+    "P8": ("1,000 `Prefer: wait` callers on one process: memory each; terminal commit → "
+           "answer", "the process before they came", "all answered; p50 ≤ 50 ms"),
 }
 
 
