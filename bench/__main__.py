@@ -1,11 +1,12 @@
 """``python -m bench [--quick] [--only P1,P3] [--db sqlite|postgres|both] [--soak-s S]``
 
 Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
-statements per task), P8 (crash recovery, issue 13) and P9 (hostile uploads, issue 16),
-writes ``bench/results/latest.json`` and prints the table; a full run (no --quick, no
---only, both databases) also writes the table into ``docs/benchmarks.md`` (``--docs``
-forces that). Exits non-zero when any task in it was lost (not terminal at the end) or
-started twice upstream.
+Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
+statements per task), P8 (crash recovery, issue 13), P9 (hostile uploads, issue 16) and
+P10 (1,000 held ``Prefer: wait`` callers, issue 17), writes ``bench/results/latest.json``
+and prints the table; a full run (no --quick, no --only, both databases) also writes the
+table into ``docs/benchmarks.md`` (``--docs`` forces that). Exits non-zero when any task
+in it was lost (not terminal at the end) or started twice upstream.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from bench.common import Run, say
 from bench.harness import BenchFailure
 
 RESULTS = harness.ROOT / "bench" / "results"
-ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9"]
+ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10"]
 
 
 def machine() -> dict[str, Any]:
@@ -75,6 +76,7 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
         p7_notify,
         p8_recovery,
         p9_hostile,
+        p10_wait,
         throughput,
     )
 
@@ -133,6 +135,11 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
         for kind in kinds:
             say(f"P9 on {kind}")
             res.setdefault("P9", {})[kind] = await p9_hostile.measure(run, kind)
+            save(results)
+    if run.wants("P10"):
+        for kind in kinds:
+            say(f"P10 on {kind}")
+            res.setdefault("P10", {})[kind] = await p10_wait.measure(run, kind)
             save(results)
 
 

@@ -90,6 +90,11 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
                 f"({_statuses(w)}, answered in {_f(w['answer_ms_p50'])} ms p50); "
                 f"{o['clients']} x 11 MiB chunked over the limit: "
                 f"+{_f(o['peak_rise_mib'], 2)} MiB ({_statuses(o)})", x.get("met"))
+    if pid == "P10":
+        return (f"{_f(x['kib_per_waiter'])} KiB/waiter (RSS {_f(x['rss_before_mb'])} → "
+                f"{_f(x['rss_held_mb'])} MiB); wake-up p50 {_f(x['wake_p50_ms'])} ms, p95 "
+                f"{_f(x['wake_p95_ms'])} ms ({x['answered_terminal']}/{x['waiters']} "
+                f"answered terminal, {x.get('missed_wakeups')} missed wake-ups)", x.get("met"))
     return "?", None
 
 
@@ -114,6 +119,8 @@ WHAT = {
            "the same batch without a crash", "≤ 20 s, none run twice"),
     "P9": ("peak RSS rise under concurrent hostile uploads", "the idle process",
            "≤ 8 MiB"),
+    "P10": ("1,000 `Prefer: wait` callers on one process: memory each; terminal commit → "
+           "answer", "the process before they came", "all answered; p50 ≤ 50 ms"),
 }
 
 

@@ -225,3 +225,30 @@ async def test_readable_at_phone_width(page: Any, gw: Gateway, sim: Sim) -> None
     a = await page.locator("figure").nth(0).bounding_box()
     b = await page.locator("figure").nth(1).bounding_box()
     assert b["y"] >= a["y"] + a["height"] - 1
+
+
+async def test_timeline_grows_live(page: Any, gw: Gateway, sim: Sim) -> None:
+    """The task page follows the event stream: a change committed after the page loaded
+    appears in its timeline without a reload."""
+    sim.configure(run_s=120)
+    task_id = await submit(gw, sim)
+    await sign_in(page, "alpha", then=f"/console/tasks/{task_id}")
+    rows = page.locator("table.events tbody tr")
+    before = await rows.count()
+    assert before >= 1
+    await page.evaluate("window.hgwSamePage = true")  # gone if the page reloads
+    assert (await gw.client().post(f"/v1/tasks/{task_id}/cancel")).status_code == 202
+    cancelled = page.locator("table.events tbody tr.transition", has_text="cancelled")
+    await cancelled.wait_for()
+    assert await page.evaluate("window.hgwSamePage === true")
+    assert await rows.count() > before
+    # Built like the server's rows: a local time, the status badge.
+    assert await cancelled.locator("time[data-local]").count() == 1
+    assert await cancelled.locator("span.status-cancelled").count() == 1
+    note = page.locator("section[data-live-events] p.notice")
+    assert "now cancelled" in await note.inner_text()
+    events = (await gw.client().get(f"/v1/tasks/{task_id}/events",
+                                    params={"limit": 200})).json()["data"]
+    last = next(e["id"] for e in events if e["status"] == "cancelled")
+    # Every event up to the terminal one, each once (the stream began after the page's).
+    assert await rows.count() == len([e for e in events if e["id"] <= last])

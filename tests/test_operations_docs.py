@@ -35,7 +35,7 @@ def test_every_metric_is_documented() -> None:
         assert name in documented, name
     text = metrics.render(metrics.DbSnapshot({"pending": 2}, None), ["pending"]).decode()
     gauges = set(re.findall(r"^# TYPE (gateway_\S+) gauge$", text, re.M))
-    assert len(gauges) == 4 and gauges <= documented
+    assert len(gauges) == 5 and gauges <= documented
 
 
 def test_compose_sets_real_settings_and_a_long_enough_stop_grace() -> None:

@@ -19,9 +19,11 @@ STATIC = {  # the only assets: read once, served by the app itself
 }
 
 # Images may come from wherever the task's URLs point (Wiro's CDN, the caller's host);
-# everything else only from the gateway. No inline script or style is needed.
+# everything else only from the gateway (connect-src: the task page's live timeline).
+# No inline script or style is needed.
 CSP = ("default-src 'none'; img-src 'self' https: http: data:; style-src 'self'; "
-       "script-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+       "script-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+       "frame-ancestors 'none'")
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",

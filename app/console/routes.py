@@ -16,22 +16,31 @@ from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import APIRouter, Depends, Form, Path, Query, Request
+from fastapi import APIRouter, Depends, Form, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.responses import RedirectResponse, Response
 
-from app import tasks
-from app.api.deps import ctx_of, event_out, get_ctx, principal_for_digest, principal_for_key
+from app import live, tasks
+from app.api.deps import (
+    ctx_of,
+    event_out,
+    get_ctx,
+    get_hub,
+    principal_for_digest,
+    principal_for_key,
+)
+from app.api.streaming import EventStream
 from app.clients import key_digest
 from app.console import extras
 from app.console.render import STATIC, error_page, render, secure
 from app.console.sessions import close_session, csrf_matches, find_session, open_session
-from app.errors import GatewayError, InvalidRequest, NotFound, Unauthorized
+from app.errors import GatewayError, InvalidRequest, NotFound, TooManyRequests, Unauthorized
 from app.lifecycle import Status
 from app.models import ConsoleSession
 from app.outbox import Services
 from app.tasks import Ctx
+from app.wakeup import Hub, TooManyWaiters
 
 COOKIE = "hgw_console"
 
@@ -351,6 +360,8 @@ async def _task_page(svc: Services, me: Viewer, task_id: str, *,
     return render("task.html", {
         "viewer": me, "section": "tasks", "t": view, "notice": notice,
         "events": [event_out(e) for e in events], "deliveries": deliveries,
+        # Where the live timeline continues (console.js follows it until terminal).
+        "stream_cursor": live.encode_event_cursor(events[-1].id if events else 0),
         "can": extras.actions(view), "api_json": json.dumps(
             view.api.model_dump(mode="json"), indent=2, ensure_ascii=False),
     }, status_code=status_code)
@@ -361,6 +372,29 @@ async def task_page(task_id: str, me: Looker, svc: Svc, done: str | None = None
                     ) -> Response:
     notice = {"kind": "ok", "text": DONE[done]} if done in DONE else None
     return await _task_page(svc, me, task_id, notice=notice)
+
+
+@router.get("/tasks/{task_id}/events")
+async def task_events(task_id: str, me: Looker, ctx: Context,
+                      hub: Annotated[Hub, Depends(get_hub)],
+                      cursor: Annotated[str | None, Query(max_length=200)] = None,
+                      last_event_id: Annotated[str | None, Header(
+                          alias="Last-Event-ID", max_length=40)] = None) -> Response:
+    """The task's live timeline for the task page (the API's event stream, behind the
+    console's session instead of a bearer key: EventSource cannot send one)."""
+    after = live.decode_event_cursor(cursor) if cursor else 0
+    if last_event_id is not None:
+        after = live.parse_last_event_id(last_event_id)
+    try:
+        watch = await live.open_stream(ctx, hub, task_id=task_id, scope=me.scope,
+                                       client=me.client)
+    except TooManyWaiters:
+        raise TooManyRequests("Too many open waits and streams for this client.",
+                              headers={"Retry-After": "5"}) from None
+    s = ctx.settings
+    return secure(EventStream(
+        live.follow(ctx, hub, watch, after=after, heartbeat_s=s.stream_heartbeat_s,
+                    reread_s=s.stream_reread_s), on_close=watch.close))
 
 
 @router.get("/tasks/{task_id}/outputs/{index}")
