@@ -137,6 +137,9 @@ def get_call(task_id: str) -> Call:
 
 
 def wait_call(task_id: str, seconds: int, timeout: httpx.Timeout) -> Call:
+    """GET the task, held up to ``seconds`` (0: a plain read)."""
+    if seconds <= 0:
+        return get_call(task_id)
     # The read timeout must outlast the hold.
     read = max(timeout.read or 0.0, seconds + 15.0)
     return Call("GET", task_path(task_id), idempotent=True,
@@ -146,10 +149,19 @@ def wait_call(task_id: str, seconds: int, timeout: httpx.Timeout) -> Call:
 
 
 def wait_chunk(remaining: float | None) -> int:
-    """Seconds to ask for in the next ``Prefer: wait``: at most 60, at least 1."""
+    """Seconds to ask for in the next ``Prefer: wait``: at most 60; 0 once the time is up
+    (one last plain read)."""
     if remaining is None:
         return MAX_WAIT_CHUNK_S
+    if remaining <= 0:
+        return 0
     return max(1, min(MAX_WAIT_CHUNK_S, math.ceil(remaining)))
+
+
+def answered_early(chunk: int, elapsed: float) -> bool:
+    """A non-terminal answer well before the hold ran out: the gateway does not know
+    ``Prefer: wait`` (or holds less than asked), so the caller should pause itself."""
+    return elapsed < chunk * 0.9
 
 
 def _timestamp(name: str, value: datetime | str) -> str:

@@ -156,7 +156,7 @@ class Client(_Common):
             now = time.monotonic()
             if task.done or (deadline is not None and now >= deadline):
                 return task
-            if now - started < chunk - 1:
+            if b.answered_early(chunk, now - started):
                 # Answered before the hold ran out and not terminal: a gateway that does
                 # not know ``Prefer: wait``. Poll it, gently.
                 self._sleep(pause if deadline is None else min(pause, deadline - now))
@@ -341,7 +341,7 @@ class AsyncClient(_Common):
             now = time.monotonic()
             if task.done or (deadline is not None and now >= deadline):
                 return task
-            if now - started < chunk - 1:
+            if b.answered_early(chunk, now - started):
                 await self._sleep(pause if deadline is None else min(pause, deadline - now))
                 pause = min(pause * 2, 5.0)
 
