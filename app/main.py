@@ -28,6 +28,7 @@ from app.ratelimit import RateLimiter
 from app.settings import Settings
 from app.store import DirectoryStore
 from app.tasks import Ctx
+from app.wakeup import Hub, PgListener, attach_local
 from app.wiro import NonceSource, WiroClient
 from app.workers.jobs import result_workers
 from app.workers.scheduler import Scheduler
@@ -133,6 +134,9 @@ def begin_drain(app: FastAPI) -> None:
     scheduler = getattr(app.state, "scheduler", None)
     if scheduler is not None:
         scheduler.drain()
+    hub = getattr(app.state, "hub", None)
+    if hub is not None:
+        hub.drain()
 
 
 async def _log_task_id(request: Request) -> None:
@@ -171,6 +175,15 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
                             outbound=Outbound())
         result_loops = result_workers(services)
         app.state.services = services
+        # What wakes `Prefer: wait` and event streams: commits that wrote task events.
+        hub = app.state.hub = Hub(max_per_client=settings.max_waiters_per_client)
+        listener = None
+        if engine.dialect.name == "postgresql":
+            listener = PgListener(settings.effective_database_url, hub)
+            listener.start()
+        else:
+            attach_local(engine, hub)
+        app.state.listener = listener
         if settings.webhook_secret is None:
             log.warning("GATEWAY_WEBHOOK_SECRET is not set: tasks with a webhook_url are "
                         "accepted but their notifications are recorded as failed")
@@ -186,6 +199,8 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
             yield
         finally:
             await scheduler.stop()
+            if listener is not None:
+                await listener.stop()
             for loop in result_loops:
                 await loop.stop()
             await services.outbound.aclose()

@@ -26,6 +26,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -73,6 +74,10 @@ NOTIFICATION_ATTEMPTS = Counter(
     ["outcome"])
 NOTIFICATIONS_EXHAUSTED = Counter(
     "gateway_notifications_exhausted", "Webhook deliveries abandoned after the last retry.")
+WAITERS = Gauge(
+    "gateway_waiters", "Requests held open waiting on a task: `Prefer: wait` calls and "
+    "event streams (GATEWAY_MAX_WAITERS_PER_CLIENT bounds them per client).",
+    multiprocess_mode="livesum")
 
 CALLBACK_OUTCOMES = ("accepted", "unknown", "duplicate")
 for _outcome in CALLBACK_OUTCOMES:  # series exist at 0, so rate() and alerts work at once
@@ -110,6 +115,10 @@ def notification_attempt(outcome: str) -> None:
 def notification_exhausted() -> None:
     """Call when a delivery is given up after its last attempt."""
     NOTIFICATIONS_EXHAUSTED.inc()
+
+
+def waiters(delta: int) -> None:
+    WAITERS.inc(delta)
 
 
 def submit_overhead(seconds: float) -> None:

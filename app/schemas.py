@@ -210,6 +210,9 @@ class EventOut(BaseModel):
 
 class EventList(BaseModel):
     data: list[EventOut]
+    next_cursor: str | None = Field(
+        description="the next page's `cursor`; null when there are no more events now "
+                    "(to follow a live task, use the event stream)")
 
 
 class Problem(BaseModel):

@@ -109,6 +109,17 @@ class Settings(BaseSettings):
         default=0, ge=0,
         description="default per-client cap on tasks in flight (0 = none); "
                     "`keys create --max-in-flight` overrides it per client")
+    max_waiters_per_client: int = Field(
+        default=100, ge=0,
+        description="per process, how many `Prefer: wait` requests and event streams one "
+                    "client may hold open; over it a wait answers at once (without "
+                    "Preference-Applied) and a stream is refused with 429")
+    stream_heartbeat_s: float = Field(
+        default=15.0, gt=0, description="an event stream sends a comment line after this "
+                                        "much quiet, so proxies keep it open")
+    stream_reread_s: float = Field(
+        default=30.0, gt=0, description="an event stream re-reads after this much quiet "
+                                        "even unwoken (a safety net; commits wake it)")
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     max_query_bytes: int = Field(default=8 * 1024, ge=256)
 

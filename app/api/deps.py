@@ -14,6 +14,7 @@ from app.lifecycle import Status
 from app.models import Event, Task
 from app.schemas import EventOut, TaskError, TaskOut, TaskOutput, UpstreamRef
 from app.tasks import Ctx
+from app.wakeup import Hub
 
 
 def ctx_of(request: Request) -> Ctx:
@@ -70,6 +71,11 @@ async def principal_for_digest(request: Request, digest: bytes) -> Principal:
     if found is None:
         raise Unauthorized("Unknown API key.")
     return found
+
+
+async def get_hub(request: Request) -> Hub:
+    """The process's waiters (app/wakeup.py)."""
+    return request.app.state.hub
 
 
 def task_out(t: Task) -> TaskOut:

@@ -10,12 +10,15 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BeforeValidator
 
-from app import logs, tasks
-from app.api.deps import Principal, event_out, get_ctx, principal, task_out
-from app.errors import InvalidRequest
+from app import live, logs, tasks
+from app.api.deps import Principal, event_out, get_ctx, get_hub, principal, task_out
+from app.api.streaming import EventStream, applied, caller_gone
+from app.errors import InvalidRequest, TooManyRequests
 from app.lifecycle import Status
+from app.models import Task
 from app.schemas import MAX_METADATA_KEYS, EventList, Problem, TaskCreate, TaskOut, TaskPage
 from app.tasks import Ctx
+from app.wakeup import Hub, TooManyWaiters
 
 PROBLEMS = {
     401: {"model": Problem, "description": "Missing or unknown API key"},
@@ -29,19 +32,49 @@ router = APIRouter(prefix="/v1", tags=["tasks"],
                    responses={401: PROBLEMS[401], 429: PROBLEMS[429]})
 Caller = Annotated[Principal, Depends(principal)]
 Context = Annotated[Ctx, Depends(get_ctx)]
+Waiters = Annotated[Hub, Depends(get_hub)]
+PreferHeader = Annotated[str | None, Header(
+    alias="Prefer",
+    description="`wait=N` (seconds, at most 60; more is read as 60): answer once the task "
+                "is terminal or after N seconds, whichever is first (the status tells "
+                "which). Honoured: `Preference-Applied: wait=N`. Not honoured (malformed, "
+                "or the client already holds GATEWAY_MAX_WAITERS_PER_CLIENT waits): the "
+                "answer is immediate, without that header.")]
+WAIT_HEADERS = {"Preference-Applied": {
+    "description": "`wait=N` when the `Prefer: wait` was honoured",
+    "schema": {"type": "string"}}}
+
+
+async def _wait(request: Request, response: Response, ctx: Ctx, hub: Hub, caller: Principal,
+                task: Task, seconds: int | None) -> Task:
+    """``task`` as it is after the ``Prefer: wait`` (if any)."""
+    if seconds is None:
+        return task
+    honoured = True
+    if not Status(task.status).terminal:
+        async with caller_gone(request) as gone:
+            task, honoured = await live.wait_for_task(
+                ctx, hub, task_id=task.id, scope=caller.scope, client=caller.client,
+                seconds=seconds, gone=gone)
+    applied(response, seconds if honoured else None)
+    return task
 
 
 @router.post(
     "/tasks", status_code=202, response_model=TaskOut, operation_id="createTask",
     summary="Submit a headshot task",
     responses={200: {"model": TaskOut, "description": "Idempotent replay of an earlier "
-                     "request with the same Idempotency-Key (header Idempotent-Replayed: true)"},
+                     "request with the same Idempotency-Key (header Idempotent-Replayed: true)",
+                     "headers": WAIT_HEADERS},
+               202: {"description": "Accepted (with `Prefer: wait`: as it is once terminal "
+                                    "or after the wait)", "headers": WAIT_HEADERS},
                409: {"model": Problem, "description": "The same Idempotency-Key is in flight"},
                413: {"model": Problem, "description": "Body too large"},
                422: PROBLEMS[422]},
 )
 async def create_task(
-    body: TaskCreate, response: Response, caller: Caller, ctx: Context,
+    body: TaskCreate, request: Request, response: Response, caller: Caller, ctx: Context,
+    hub: Waiters, prefer: PreferHeader = None,
     idempotency_key: Annotated[str | None, Header(
         max_length=255, pattern=r"\S",
         description="Up to 255 characters, not blank, scoped to the client: a repeat with "
@@ -66,13 +99,19 @@ async def create_task(
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/tasks/{task.id}"
+    task = await _wait(request, response, ctx, hub, caller, task,
+                       live.prefer_wait(request.headers.getlist("prefer")))
     return task_out(task)
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut, operation_id="getTask",
-            summary="Read a task", responses={404: PROBLEMS[404]})
-async def get_task(task_id: str, caller: Caller, ctx: Context) -> TaskOut:
-    return task_out(await tasks.get_task(ctx, task_id=task_id, client=caller.scope))
+            summary="Read a task",
+            responses={200: {"headers": WAIT_HEADERS}, 404: PROBLEMS[404]})
+async def get_task(task_id: str, request: Request, response: Response, caller: Caller,
+                   ctx: Context, hub: Waiters, prefer: PreferHeader = None) -> TaskOut:
+    task = await tasks.get_task(ctx, task_id=task_id, client=caller.scope)
+    return task_out(await _wait(request, response, ctx, hub, caller, task,
+                                live.prefer_wait(request.headers.getlist("prefer"))))
 
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?"
@@ -144,11 +183,48 @@ async def list_tasks(
     return TaskPage(data=[task_out(t) for t in rows], next_cursor=next_cursor)
 
 
-@router.get("/tasks/{task_id}/events", response_model=EventList, operation_id="listTaskEvents",
-            summary="The task's event timeline, oldest first", responses={404: PROBLEMS[404]})
-async def list_events(task_id: str, caller: Caller, ctx: Context) -> EventList:
-    events = await tasks.list_events(ctx, task_id=task_id, client=caller.scope)
-    return EventList(data=[event_out(e) for e in events])
+@router.get(
+    "/tasks/{task_id}/events", response_model=EventList, operation_id="listTaskEvents",
+    summary="The task's event timeline, oldest first (JSON pages, or a live stream)",
+    responses={200: {"content": {"text/event-stream": {
+                   "schema": {"type": "string"},
+                   "example": 'id: 42\ndata: {"id": 42, "status": "running", ...}\n\n'}},
+                     "description": "JSON: one page. `Accept: text/event-stream`: each event "
+                                    "as it commits (`id:` the event id, `data:` the event), "
+                                    "comment lines as heartbeats; it ends once the task is "
+                                    "terminal and the events committed by then are sent."},
+               404: PROBLEMS[404], 422: PROBLEMS[422],
+               429: {"model": Problem, "description": "Over the client's request rate, or "
+                                                      "(streams) its cap of open waits"}})
+async def list_events(
+    task_id: str, request: Request, caller: Caller, ctx: Context, hub: Waiters,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200, description=(
+        "from `next_cursor`; for a stream, where to start (after that page)"))] = None,
+    last_event_id: Annotated[str | None, Header(
+        alias="Last-Event-ID", max_length=40,
+        description="streams: resume after this event id (sent by EventSource on "
+                    "reconnect)")] = None,
+) -> EventList | Response:
+    after = live.decode_event_cursor(cursor) if cursor else 0
+    if "text/event-stream" in request.headers.get("accept", ""):
+        if last_event_id is not None:
+            after = live.parse_last_event_id(last_event_id)
+        try:
+            watch = await live.open_stream(ctx, hub, task_id=task_id, scope=caller.scope,
+                                           client=caller.client)
+        except TooManyWaiters:
+            raise TooManyRequests(
+                "This client already holds its limit of open waits and streams "
+                "(GATEWAY_MAX_WAITERS_PER_CLIENT); close one or retry later.",
+                headers={"Retry-After": "5"}) from None
+        s = ctx.settings
+        return EventStream(live.follow(ctx, hub, watch, after=after,
+                                       heartbeat_s=s.stream_heartbeat_s,
+                                       reread_s=s.stream_reread_s), on_close=watch.close)
+    events, next_cursor = await live.events_page(ctx, task_id=task_id, client=caller.scope,
+                                                 after=after, limit=limit)
+    return EventList(data=[event_out(e) for e in events], next_cursor=next_cursor)
 
 
 @router.post("/tasks/{task_id}/cancel", status_code=202, response_model=TaskOut,

@@ -1,0 +1,242 @@
+"""``Prefer: wait=N`` on POST /v1/tasks and GET /v1/tasks/{id} (issue 17 item 2).
+
+Over real sockets against a gateway and the simulator, on SQLite and PostgreSQL; on
+PostgreSQL also across two ``serve`` processes, so the wake-up must come through
+LISTEN/NOTIFY. Timing assertions leave wide margins: a 30 s wait on a task that takes
+under a second, a 1 s wait on a task that takes a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.live import prefer_wait
+from tests.conftest import (
+    CLIENT_KEYS,
+    SIM_KEY,
+    SIM_SECRET,
+    Gateway,
+    Sim,
+    bin_env,
+    drop_postgres_database,
+    free_port,
+    fresh_postgres_database,
+    postgres_available,
+    run_gateway,
+    spawn,
+    stop,
+    task_body,
+    wait_http,
+)
+
+TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Until ``check`` holds (a state that stays once reached, never a transient one)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.05)
+
+
+def test_prefer_parsing() -> None:
+    assert prefer_wait(["wait=5"]) == 5
+    assert prefer_wait(["respond-async, WAIT = 7"]) == 7
+    assert prefer_wait(['wait="9"; foo=bar']) == 9
+    assert prefer_wait(["handling=lenient", "wait=3"]) == 3
+    assert prefer_wait(["wait=600"]) == 60  # clamped to the contract's maximum
+    for bad in (["wait=-1"], ["wait=soon"], ["wait=1.5"], ["wait="], ["waiting=5"],
+                ["wait=0"], []):
+        assert prefer_wait(bad) is None, bad
+
+
+async def test_post_wait_returns_terminal_early(gateway: Gateway, sim: Sim) -> None:
+    client = gateway.client()
+    started = time.monotonic()
+    r = await client.post("/v1/tasks", json=task_body(sim), headers={"Prefer": "wait=30"},
+                          timeout=40)
+    elapsed = time.monotonic() - started
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "succeeded"
+    assert r.headers["Preference-Applied"] == "wait=30"
+    assert elapsed < 15, elapsed  # woken by the commit, far before the 30 s
+
+
+async def test_get_wait_returns_terminal_early(gateway: Gateway, sim: Sim) -> None:
+    client = gateway.client()
+    sim.configure(run_s=1.5)
+    r = await client.post("/v1/tasks", json=task_body(sim))
+    assert r.status_code == 202
+    assert r.headers.get("Preference-Applied") is None  # no preference, none applied
+    started = time.monotonic()
+    r = await client.get(f"/v1/tasks/{r.json()['id']}", headers={"Prefer": "wait=30"},
+                         timeout=40)
+    elapsed = time.monotonic() - started
+    assert r.json()["status"] == "succeeded"
+    assert r.headers["Preference-Applied"] == "wait=30"
+    assert elapsed < 15, elapsed
+    hub = gateway.app.state.hub
+    assert hub.waiting() == 0  # the waiter was released
+
+
+async def test_wait_times_out_on_a_running_task(gateway: Gateway, sim: Sim) -> None:
+    client = gateway.client()
+    sim.configure(run_s=120)
+    tid = (await client.post("/v1/tasks", json=task_body(sim))).json()["id"]
+    started = time.monotonic()
+    r = await client.get(f"/v1/tasks/{tid}", headers={"Prefer": "wait=1"})
+    elapsed = time.monotonic() - started
+    assert r.status_code == 200
+    assert r.json()["status"] not in TERMINAL
+    assert r.headers["Preference-Applied"] == "wait=1"
+    assert 0.9 <= elapsed < 10, elapsed
+    # Malformed: ignored (RFC 7240), the answer is immediate and says nothing applied.
+    r = await client.get(f"/v1/tasks/{tid}", headers={"Prefer": "wait=soon"})
+    assert r.status_code == 200 and "Preference-Applied" not in r.headers
+    # Over 60: read as 60 (said so in Preference-Applied); the cancel below ends it.
+    waiting = asyncio.create_task(
+        client.get(f"/v1/tasks/{tid}", headers={"Prefer": "wait=3600"}, timeout=70))
+    hub = gateway.app.state.hub
+
+    async def registered() -> bool:
+        return hub.waiting("alpha") == 1
+
+    await until(registered)
+    assert (await client.post(f"/v1/tasks/{tid}/cancel")).status_code == 202
+    r = await waiting
+    assert r.json()["status"] == "cancelled"
+    assert r.headers["Preference-Applied"] == "wait=60"
+
+
+async def test_terminal_task_answers_at_once(gateway: Gateway, sim: Sim) -> None:
+    client = gateway.client()
+    tid = (await client.post("/v1/tasks", json=task_body(sim))).json()["id"]
+    await gateway.wait_terminal(tid)
+    r = await client.get(f"/v1/tasks/{tid}", headers={"Prefer": "wait=30"}, timeout=5)
+    assert r.json()["status"] == "succeeded"
+    assert r.headers["Preference-Applied"] == "wait=30"
+    r = await client.get("/v1/tasks/tsk_nope", headers={"Prefer": "wait=30"}, timeout=5)
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_waiter_cap_per_client(db_url: str, sim: Sim, tmp_path: Path) -> None:
+    sim.configure(run_s=120)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
+                           max_waiters_per_client=2) as gw:
+        alpha, beta = gw.client("alpha"), gw.client("beta")
+        hub = gw.app.state.hub
+        tid = (await alpha.post("/v1/tasks", json=task_body(sim))).json()["id"]
+        held = [asyncio.create_task(alpha.get(f"/v1/tasks/{tid}", headers={
+            "Prefer": "wait=30"}, timeout=40)) for _ in range(2)]
+
+        async def both_held() -> bool:
+            return hub.waiting("alpha") == 2
+
+        await until(both_held)
+        # Over the cap: answered at once, the preference not applied.
+        started = time.monotonic()
+        r = await alpha.get(f"/v1/tasks/{tid}", headers={"Prefer": "wait=30"})
+        assert r.status_code == 200 and r.json()["status"] not in TERMINAL
+        assert "Preference-Applied" not in r.headers
+        assert time.monotonic() - started < 10
+        # A stream is refused outright (it cannot degrade to an immediate answer).
+        r = await alpha.get(f"/v1/tasks/{tid}/events",
+                            headers={"Accept": "text/event-stream"})
+        assert r.status_code == 429
+        assert r.headers["content-type"].startswith("application/problem+json")
+        # The cap is per client: beta still waits (on its own task).
+        btid = (await beta.post("/v1/tasks", json=task_body(sim))).json()["id"]
+        r = await beta.get(f"/v1/tasks/{btid}", headers={"Prefer": "wait=1"})
+        assert r.headers["Preference-Applied"] == "wait=1"
+        # A caller that goes away gives its slot back at once, not at its deadline.
+        held[0].cancel()
+
+        async def one_left() -> bool:
+            return hub.waiting("alpha") == 1
+
+        await until(one_left)
+        assert (await alpha.post(f"/v1/tasks/{tid}/cancel")).status_code == 202
+        r = await held[1]
+        assert r.json()["status"] == "cancelled"
+        assert hub.waiting() == 0
+
+
+# ---------------------------------------------------------------- two replicas
+
+
+@pytest.fixture
+def pg_url() -> str:
+    why = postgres_available()
+    if why is not None:
+        pytest.skip(f"PostgreSQL not reachable ({why})")
+    name = f"hgw_wait_{__import__('os').getpid()}"
+    url = fresh_postgres_database(name)
+    from app.migrate import upgrade
+
+    upgrade(url)
+    yield url
+    drop_postgres_database(name)
+
+
+def _env(pg_url: str, sim: Sim, public_url: str, data_dir: Path, **extra: str
+         ) -> dict[str, str]:
+    return bin_env(
+        GATEWAY_DATABASE_URL=pg_url, GATEWAY_DATA_DIR=str(data_dir),
+        GATEWAY_WIRO_BASE_URL=sim.base, GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET, GATEWAY_PUBLIC_URL=public_url,
+        GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
+        GATEWAY_POLL_INITIAL_S="0.5", GATEWAY_POLL_MAX_S="2", GATEWAY_LEASE_S="3",
+        GATEWAY_WORKER_IDLE_S="0.2", GATEWAY_LOG_LEVEL="WARNING",
+        GATEWAY_ALLOW_PRIVATE_NETWORKS="true", **extra)
+
+
+async def test_waiter_on_one_replica_woken_by_another(pg_url: str, sim: Sim,
+                                                      tmp_path: Path) -> None:
+    """A waits, B does all the work: A claims no task (WORKER_CONCURRENCY=0), B submits,
+    receives the callbacks and applies the cancel's outcome. Only NOTIFY can wake A."""
+    sim.configure(run_s=120)
+    port_a, port_b = free_port(), free_port()
+    url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
+    procs = [
+        spawn(["serve", "--port", str(port_a)],
+              _env(pg_url, sim, url_a, tmp_path, GATEWAY_WORKER_CONCURRENCY="0"),
+              tmp_path / "a.log"),
+        spawn(["serve", "--port", str(port_b)], _env(pg_url, sim, url_b, tmp_path),
+              tmp_path / "b.log"),
+    ]
+    headers = {"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
+    try:
+        for url, proc in zip((url_a, url_b), procs, strict=True):
+            wait_http(f"{url}/healthz", proc=proc)
+        async with httpx.AsyncClient(headers=headers, timeout=40) as client:
+            r = await client.post(f"{url_b}/v1/tasks", json=task_body(sim))
+            tid = r.json()["id"]
+            started = time.monotonic()
+            waiting = asyncio.create_task(client.get(f"{url_a}/v1/tasks/{tid}",
+                                                     headers={"Prefer": "wait=30"}))
+
+            async def a_waits() -> bool:
+                text = (await client.get(f"{url_a}/metrics")).text
+                m = re.search(r"^gateway_waiters (\S+)$", text, re.MULTILINE)
+                return m is not None and float(m.group(1)) == 1.0
+
+            await until(a_waits)
+            assert (await client.post(f"{url_b}/v1/tasks/{tid}/cancel")).status_code == 202
+            r = await waiting
+            elapsed = time.monotonic() - started
+            assert r.json()["status"] == "cancelled"
+            assert r.headers["Preference-Applied"] == "wait=30"
+            assert elapsed < 20, elapsed
+    finally:
+        for proc in procs:
+            stop(proc)
