@@ -92,10 +92,9 @@ async def test_upload_submit_wait_succeeded_sync(gw: Gateway, sim: Sim, tmp_path
     assert not submitted.replayed
     assert done.id == submitted.id and done.status == hc.Status.SUCCEEDED and done.done
     assert done.input["inputImageUrl"] == url and done.metadata == {"user_id": "u_1"}
-    [out] = done.outputs
-    assert isinstance(out, hc.Output)
-    assert out.url == f"{gw.url}/v1/tasks/{done.id}/outputs/0"
-    assert out.content_type == "image/png" and out.size and len(out.sha256 or "") == 64
+    [out] = done.outputs  # (the gateway's own copy may still be on its way: either URL)
+    assert isinstance(out, hc.Output) and out.name.endswith(".png")
+    assert out.url.startswith(("http://", "https://"))
     assert done.error is None and done.upstream.task_id
     assert isinstance(done.cost_usd, Decimal)
     assert isinstance(done.created_at, datetime) and done.created_at.tzinfo is not None
@@ -203,6 +202,101 @@ async def test_events_timeline(gw: Gateway, sim: Sim) -> None:
     terminal = [e for e in events if e.terminal]
     assert [e.status for e in terminal] == [hc.Status.SUCCEEDED]
     assert all(e.at.tzinfo is not None for e in events)
+
+
+async def test_wait_is_held_by_the_gateway_until_terminal(gw: Gateway, sim: Sim) -> None:
+    sim.configure(queue_s=0.5, run_s=2.0)
+    rec = Recorder()
+    async with aclient(gw, recorder=rec) as client:
+        task = await client.submit(input=inputs(sim))
+        rec.requests.clear()
+        done = await client.wait(task.id, timeout=40)
+    assert done.status == hc.Status.SUCCEEDED
+    # one request, held by the gateway until the task finished
+    assert [(r.url.path, r.headers["prefer"]) for r in rec.requests] == [
+        (f"/v1/tasks/{task.id}", "wait=40")]
+
+
+async def test_wait_timeout_returns_the_task_as_it_is(gw: Gateway, sim: Sim) -> None:
+    sim.configure(queue_s=30)
+    rec = Recorder()
+    async with aclient(gw, recorder=rec) as client:
+        task = await client.submit(input=inputs(sim))
+        rec.requests.clear()
+        later = await client.wait(task.id, timeout=1.5)
+    assert later.id == task.id and not later.done
+    assert [r.headers.get("prefer") for r in rec.requests] == ["wait=2"]
+
+
+def _events_equal(a: list[hc.Event], b: list[hc.Event]) -> None:
+    assert [e.id for e in a] == [e.id for e in b]
+    assert a == b
+
+
+async def test_stream_from_the_gateway(gw: Gateway, sim: Sim) -> None:
+    """The blocking client's stream: every event once, in order, ending after the
+    terminal one; the same story as the JSON list."""
+    sim.configure(queue_s=0.3, run_s=1.0)
+
+    def run() -> tuple[list[hc.Event], list[hc.Event]]:
+        with hc.Client(base_url=gw.url, api_key=CLIENT_KEYS["alpha"]) as client:
+            task = client.submit(input=inputs(sim))
+            streamed = list(client.stream(task.id))
+            return streamed, client.events(task.id)
+
+    streamed, listed = await asyncio.to_thread(run)
+    _events_equal(streamed, listed)
+    assert [e.status for e in streamed if e.terminal] == [hc.Status.SUCCEEDED]
+    assert streamed[0].source == "api"
+
+
+class DropFirstStream(httpx.AsyncBaseTransport):
+    """Forwards to the real gateway; the first event stream loses its connection right
+    after its first event arrived."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.dropped = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if "text/event-stream" not in request.headers.get("accept", "") or self.dropped:
+            return response
+        self.dropped += 1
+        inner = response.stream
+        assert isinstance(inner, httpx.AsyncByteStream)
+
+        class Cut(httpx.AsyncByteStream):
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                async for chunk in inner:
+                    yield chunk
+                    if b"data:" in chunk:
+                        await inner.aclose()
+                        raise httpx.ReadError("connection lost")
+
+            async def aclose(self) -> None:
+                await inner.aclose()
+
+        return httpx.Response(response.status_code, headers=response.headers, stream=Cut(),
+                              extensions=response.extensions)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_stream_resumes_after_a_dropped_connection(gw: Gateway, sim: Sim) -> None:
+    sim.configure(queue_s=0.3, run_s=1.0)
+    transport, rec = DropFirstStream(), Recorder()
+    async with aclient(gw, transport=transport, recorder=rec) as client:
+        client._sleep = _no_sleep
+        task = await client.submit(input=inputs(sim))
+        streamed = [e async for e in client.stream(task.id)]
+        listed = await client.events(task.id)
+    assert transport.dropped == 1
+    _events_equal(streamed, listed)  # nothing lost, nothing twice
+    streams = [r for r in rec.requests if r.headers.get("accept") == "text/event-stream"]
+    assert len(streams) == 2 and "last-event-id" not in streams[0].headers
+    assert streams[1].headers["last-event-id"] == str(streamed[0].id)
 
 
 async def test_cancel_then_conflict(gw: Gateway, sim: Sim) -> None:
@@ -514,13 +608,17 @@ def test_submit_retries_with_one_key_and_a_problem_without_json() -> None:
 # ---------------------------------------------------------------- wait (MockTransport)
 
 
+HELD = {"preference-applied": "wait=60"}
+
+
 def test_wait_holds_in_chunks_of_at_most_60_s() -> None:
-    handler, seen = scripted(httpx.Response(200, json=task_json()),
-                             httpx.Response(200, json=task_json()),
-                             httpx.Response(200, json=task_json(status="succeeded")))
-    client, _ = mock_client(handler)
+    handler, seen = scripted(httpx.Response(200, headers=HELD, json=task_json()),
+                             httpx.Response(200, headers=HELD, json=task_json()),
+                             httpx.Response(200, headers=HELD, json=task_json(status="succeeded")))
+    client, slept = mock_client(handler)
     assert client.wait("tsk_1").status == hc.Status.SUCCEEDED
     assert [r.headers["prefer"] for r in seen] == ["wait=60"] * 3
+    assert slept == []  # each answer was held: no pause of its own between them
     assert all(r.url.path == "/v1/tasks/tsk_1" for r in seen)
     handler, seen = scripted(httpx.Response(200, json=task_json(status="failed")))
     client, _ = mock_client(handler)
@@ -533,13 +631,14 @@ def test_wait_holds_in_chunks_of_at_most_60_s() -> None:
 def test_wait_returns_the_task_when_the_timeout_runs_out() -> None:
     handler, seen = scripted(*[httpx.Response(200, json=task_json()) for _ in range(50)])
     client, slept = mock_client(handler)
-    # A gateway that ignores Prefer answers at once: the client then polls, and each
-    # pause it takes counts against the timeout.
+    # A gateway that did not hold the answer (no Preference-Applied) answers at once: the
+    # client then polls, and each pause it takes counts against the timeout.
     client._sleep = lambda s: slept.append(s) or __import__("time").sleep(s)
     task = client.wait("tsk_1", timeout=1.2)
     assert task.status == hc.Status.RUNNING and not task.done
-    assert seen[0].headers["prefer"] == "wait=2" and slept[0] == 0.5
-    assert 0 < sum(slept) <= 1.2 and len(seen) <= 4
+    assert seen[0].headers["prefer"] == "wait=2"
+    assert slept and all(0 < x <= 0.5 * 2**i for i, x in enumerate(slept))
+    assert sum(slept) <= 1.2 and len(seen) <= 4
     assert "prefer" not in seen[-1].headers  # the time was up: one last plain read
 
 
@@ -604,7 +703,8 @@ def stream_script() -> tuple[Callable[[httpx.Request], httpx.Response], list[htt
     return scripted(
         # heartbeat comments, an event split across chunks, then the connection drops
         httpx.Response(200, headers=STREAM, stream=Dropping(
-            b": hello\n\n", sse(ev(1, "pending", "api"))[:20], sse(ev(1, "pending", "api"))[20:],
+            b"retry: 3000\n\n: hello\n\n", sse(ev(1, "pending", "api"))[:20],
+            sse(ev(1, "pending", "api"))[20:],
             b": keep-alive\n\n", sse(ev(2, "queued", "dispatcher")))),
         problem(503),  # the reconnection is refused once (retried like any read)
         httpx.Response(200, headers=STREAM, stream=Dropping(
@@ -622,7 +722,8 @@ def test_stream_resumes_with_last_event_id_and_ends_after_terminal() -> None:
     assert [r.headers["accept"] for r in seen] == ["text/event-stream"] * 3
     assert "last-event-id" not in seen[0].headers
     assert seen[1].headers["last-event-id"] == seen[2].headers["last-event-id"] == "2"
-    assert len(slept) == 2  # one pause before reconnecting, one for the 503
+    # the stream's own retry: before reconnecting, then a backoff for the 503
+    assert len(slept) == 2 and slept[0] == 3.0 and slept[1] < 3.0
 
 
 async def test_async_stream_resumes_and_ends() -> None:

@@ -158,10 +158,11 @@ def wait_chunk(remaining: float | None) -> int:
     return max(1, min(MAX_WAIT_CHUNK_S, math.ceil(remaining)))
 
 
-def answered_early(chunk: int, elapsed: float) -> bool:
-    """A non-terminal answer well before the hold ran out: the gateway does not know
-    ``Prefer: wait`` (or holds less than asked), so the caller should pause itself."""
-    return elapsed < chunk * 0.9
+def wait_honoured(response: httpx.Response) -> bool:
+    """Whether the gateway held the request (``Preference-Applied: wait=N``). When it did
+    not (a gateway without ``Prefer: wait``, or this client's cap of open waits reached)
+    the answer came at once, and the caller must pause before asking again."""
+    return "preference-applied" in response.headers
 
 
 def _timestamp(name: str, value: datetime | str) -> str:
@@ -299,6 +300,14 @@ def stream_call(task_id: str, last_event_id: str | None, timeout: httpx.Timeout)
     return Call("GET", f"{task_path(task_id)}/events", idempotent=True, headers=headers,
                 timeout=httpx.Timeout(timeout.connect, read=STREAM_READ_TIMEOUT_S,
                                       write=timeout.write, pool=timeout.pool))
+
+
+def reconnect_delay(policy: RetryPolicy, failures: int, retry_ms: int | None) -> float:
+    """The pause before reconnecting a stream: the stream's ``retry:`` if it gave one
+    (capped like a ``Retry-After``), else the usual backoff."""
+    if retry_ms is not None:
+        return min(retry_ms / 1000, policy.max_retry_after)
+    return policy.delay(failures - 1)
 
 
 def stream_event(sse: ServerSentEvent) -> Event | None:

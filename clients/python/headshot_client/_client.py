@@ -151,14 +151,12 @@ class Client(_Common):
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             chunk = b.wait_chunk(remaining)
-            started = time.monotonic()
-            task = b.task(self._send(b.wait_call(task_id, chunk, self.timeout)))
-            now = time.monotonic()
+            response = self._send(b.wait_call(task_id, chunk, self.timeout))
+            task, now = b.task(response), time.monotonic()
             if task.done or (deadline is not None and now >= deadline):
                 return task
-            if b.answered_early(chunk, now - started):
-                # Answered before the hold ran out and not terminal: a gateway that does
-                # not know ``Prefer: wait``. Poll it, gently.
+            if not b.wait_honoured(response):
+                # Answered at once: poll instead, gently.
                 self._sleep(pause if deadline is None else min(pause, deadline - now))
                 pause = min(pause * 2, 5.0)
 
@@ -211,6 +209,7 @@ class Client(_Common):
         last_id: str | None = None
         terminal_seen = False
         failures = 0
+        retry_ms: int | None = None  # the stream's own ``retry:`` advice
         while True:
             try:
                 response = self._send(b.stream_call(task_id, last_id, self.timeout),
@@ -219,8 +218,10 @@ class Client(_Common):
                     if (wrong := b.not_a_stream(response)) is not None:
                         raise wrong
                     decoder = b.SSEDecoder()
+                    decoder.retry_ms = retry_ms
                     for line in response.iter_lines():
                         sse = decoder.feed(line)
+                        retry_ms = decoder.retry_ms
                         if sse is None:
                             continue
                         last_id = decoder.last_id or last_id
@@ -237,7 +238,7 @@ class Client(_Common):
                 failures += 1
                 if failures > self.retry.max_retries:
                     raise StreamError(f"event stream of {task_id} lost: {exc}") from exc
-                self._sleep(self.retry.delay(failures - 1))
+                self._sleep(b.reconnect_delay(self.retry, failures, retry_ms))
                 continue
             if terminal_seen:
                 return
@@ -248,7 +249,7 @@ class Client(_Common):
             failures += 1
             if failures > self.retry.max_retries:
                 raise StreamError(f"event stream of {task_id} keeps closing early")
-            self._sleep(self.retry.delay(failures - 1))
+            self._sleep(b.reconnect_delay(self.retry, failures, retry_ms))
 
     def cancel(self, task_id: str) -> Task:
         """Ask to cancel; the task becomes ``cancelled`` once the upstream confirms (it may
@@ -336,12 +337,11 @@ class AsyncClient(_Common):
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             chunk = b.wait_chunk(remaining)
-            started = time.monotonic()
-            task = b.task(await self._send(b.wait_call(task_id, chunk, self.timeout)))
-            now = time.monotonic()
+            response = await self._send(b.wait_call(task_id, chunk, self.timeout))
+            task, now = b.task(response), time.monotonic()
             if task.done or (deadline is not None and now >= deadline):
                 return task
-            if b.answered_early(chunk, now - started):
+            if not b.wait_honoured(response):
                 await self._sleep(pause if deadline is None else min(pause, deadline - now))
                 pause = min(pause * 2, 5.0)
 
@@ -388,6 +388,7 @@ class AsyncClient(_Common):
         last_id: str | None = None
         terminal_seen = False
         failures = 0
+        retry_ms: int | None = None  # the stream's own ``retry:`` advice
         while True:
             try:
                 response = await self._send(
@@ -396,8 +397,10 @@ class AsyncClient(_Common):
                     if (wrong := b.not_a_stream(response)) is not None:
                         raise wrong
                     decoder = b.SSEDecoder()
+                    decoder.retry_ms = retry_ms
                     async for line in response.aiter_lines():
                         sse = decoder.feed(line)
+                        retry_ms = decoder.retry_ms
                         if sse is None:
                             continue
                         last_id = decoder.last_id or last_id
@@ -414,7 +417,7 @@ class AsyncClient(_Common):
                 failures += 1
                 if failures > self.retry.max_retries:
                     raise StreamError(f"event stream of {task_id} lost: {exc}") from exc
-                await self._sleep(self.retry.delay(failures - 1))
+                await self._sleep(b.reconnect_delay(self.retry, failures, retry_ms))
                 continue
             if terminal_seen:
                 return
@@ -425,7 +428,7 @@ class AsyncClient(_Common):
             failures += 1
             if failures > self.retry.max_retries:
                 raise StreamError(f"event stream of {task_id} keeps closing early")
-            await self._sleep(self.retry.delay(failures - 1))
+            await self._sleep(b.reconnect_delay(self.retry, failures, retry_ms))
 
     async def cancel(self, task_id: str) -> Task:
         return b.task(await self._send(b.cancel_call(task_id)))
