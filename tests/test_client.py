@@ -598,6 +598,17 @@ def test_submit_retries_with_one_key_and_a_problem_without_json() -> None:
                                            "model": "m", "webhook_url": "https://h",
                                            "metadata": {"a": "b"}}
     assert seen[0].headers["authorization"] == "Bearer k"
+    # the same key still in flight (409) is waited out on submit, not on other calls
+    handler, seen = scripted(problem(409), httpx.Response(200, json=task_json(),
+                                                          headers={"Idempotent-Replayed": "true"}))
+    client, slept = mock_client(handler)
+    assert client.submit(input={}, idempotency_key="k1").replayed and len(slept) == 1
+    assert [r.headers["idempotency-key"] for r in seen] == ["k1", "k1"]
+    handler, seen = scripted(problem(409))
+    client, slept = mock_client(handler)
+    with pytest.raises(hc.Conflict):
+        client.cancel("tsk_1")
+    assert len(seen) == 1 and slept == []
     handler, _ = scripted(httpx.Response(502, text="<html>bad gateway</html>"))
     client, _ = mock_client(handler)
     with pytest.raises(hc.ServerError) as err:

@@ -36,6 +36,7 @@ class RetryPolicy:
     """When and how long to wait before another attempt.
 
     - 429 is retried for every call: the gateway refused it before doing anything.
+    - 409 on ``submit`` (its Idempotency-Key still in flight) is retried with backoff.
     - 503 and a connection lost mid-request are retried only for calls that are safe to
       repeat: reads, cancel, and ``submit`` (it always sends an Idempotency-Key, so a
       repeat returns the task the first attempt made).
@@ -56,10 +57,11 @@ class RetryPolicy:
         return base * (0.5 + random.random() / 2)
 
     def after_response(self, attempt: int, response: httpx.Response, *,
-                       idempotent: bool) -> float | None:
-        """Seconds to wait before retrying this answer; None: do not retry."""
+                       idempotent: bool, also: frozenset[int] = frozenset()) -> float | None:
+        """Seconds to wait before retrying this answer (``also``: statuses this call may
+        retry besides 429/503); None: do not retry."""
         status = response.status_code
-        if attempt >= self.max_retries or status not in (429, 503):
+        if attempt >= self.max_retries or status not in (429, 503, *also):
             return None
         if status == 503 and not idempotent:
             return None
@@ -93,6 +95,7 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     files: dict[str, tuple[str, bytes, str]] | None = None
     timeout: httpx.Timeout | None = None
+    retry_also: frozenset[int] = frozenset()
 
 
 def make_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
@@ -122,8 +125,10 @@ def submit_call(*, input: Mapping[str, Any], webhook_url: str | None,
     # Made once per submit and sent on every attempt: a retry after a lost answer gets
     # the task the first attempt created instead of a second one.
     key = idempotency_key if idempotency_key is not None else f"hgc-{uuid.uuid4()}"
+    # A 409 here means "the same key is still being processed" (a first attempt whose
+    # answer was lost is still running): retried, it becomes that attempt's task.
     return Call("POST", "/v1/tasks", idempotent=True, json=body,
-                headers={"Idempotency-Key": key})
+                headers={"Idempotency-Key": key}, retry_also=frozenset({409}))
 
 
 def task_path(task_id: str) -> str:

@@ -118,7 +118,8 @@ class Client(_Common):
                 if response.is_success:
                     return response
                 delay = self.retry.after_response(attempt, response,
-                                                  idempotent=call.idempotent)
+                                                  idempotent=call.idempotent,
+                                                  also=call.retry_also)
                 if delay is None:
                     response.read()
                     response.close()
@@ -308,7 +309,8 @@ class AsyncClient(_Common):
                 if response.is_success:
                     return response
                 delay = self.retry.after_response(attempt, response,
-                                                  idempotent=call.idempotent)
+                                                  idempotent=call.idempotent,
+                                                  also=call.retry_also)
                 if delay is None:
                     await response.aread()
                     await response.aclose()
