@@ -14,8 +14,11 @@ $(VENV)/.runtime: requirements.lock pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: requirements-dev.lock $(VENV)/.runtime
+# The Python client (clients/python) too: its tests run against this gateway. Its own
+# dependencies (httpx, standardwebhooks) are the gateway's, pinned in the locks.
+$(VENV)/.dev: requirements-dev.lock clients/python/pyproject.toml $(VENV)/.runtime
 	$(PIP) install -r requirements-dev.lock
+	$(PIP) install --no-deps -e clients/python
 	touch $@
 
 install: $(VENV)/.runtime
@@ -38,8 +41,9 @@ test: install-dev browser
 	$(PY) -m pytest -q -n 4 --dist loadfile
 
 lint: install-dev
-	$(VENV)/bin/ruff check app tests
+	$(VENV)/bin/ruff check app tests clients/python
 	$(VENV)/bin/mypy app
+	$(VENV)/bin/mypy --strict clients/python/headshot_client
 
 openapi: install
 	$(VENV)/bin/headshot-gateway openapi --output openapi/openapi.json
