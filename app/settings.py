@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The default per-client request rate when GATEWAY_ENV=prod (docs/security.md).
-PROD_CLIENT_RATE_PER_S = 20.0
+PROD_CLIENT_RATE_PER_S = 100.0  # as Stripe's live-mode default per account
 WIRO_CDN_HOSTS = "cdn.wiro.ai,cdn1.wiro.ai,cdn2.wiro.ai,cdn3.wiro.ai,api.wiro.ai"
 
 
@@ -129,7 +129,7 @@ class Settings(BaseSettings):
         description="default per-client cap on tasks in flight (0 = none); "
                     "`keys create --max-in-flight` overrides it per client")
     auth_failure_burst: float = Field(
-        default=20.0, ge=0,
+        default=50.0, ge=0,
         description="wrong keys one address may send before it is answered 429 without "
                     "a key lookup (0 = no penalty box)")
     auth_failure_rate_per_s: float = Field(
