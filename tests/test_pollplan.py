@@ -223,7 +223,9 @@ async def test_healthy_callbacks_cost_one_detail_per_task(db_url: str, sim: Sim,
         first = await _wave(gw, sim, n)
         await _until("the plan to learn", lambda: gw.ctx.polls.summary.window >= n)
         plan = gw.ctx.polls
-        assert plan.healthy is True and 1.5 <= plan.summary.p95_s < 4, plan.summary
+        # Learned from the tasks' ~2 s upstream; wide above for a loaded machine, where
+        # the simulator's walk itself runs late (the callbacks still come first below).
+        assert plan.healthy is True and 1.5 <= plan.summary.p95_s < 8, plan.summary
         second = await _wave(gw, sim, n)
         sources = {await _finished_by(gw, t["id"]) for t in first + second}
     assert [t["status"] for t in first + second] == ["succeeded"] * 2 * n
