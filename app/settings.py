@@ -130,8 +130,13 @@ class Settings(BaseSettings):
         default="1,5,30,120,600,1800,3600",
         description="seconds before each further output download attempt, comma-separated")
     image_max_pixels: int = Field(
-        default=50_000_000, gt=0,
-        description="the largest width x height accepted, in uploads and outputs")
+        default=40_000_000, gt=0,
+        description="the largest width x height accepted, in uploads and outputs, checked "
+                    "from the header before decoding (a portrait needs far less)")
+    image_decode_concurrency: int = Field(
+        default=2, ge=1,
+        description="images decoded at once per process (uploads and outputs); the rest "
+                    "wait their turn")
     upload_mode: Literal["local", "wiro"] = Field(
         default="local", description="local: the gateway serves uploads at an unguessable "
                                      "URL; wiro: they are forwarded to Wiro's File/Upload")

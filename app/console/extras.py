@@ -172,12 +172,13 @@ async def input_image(svc: Services, *, task_id: str, client: str | None) -> Res
     return image(data, row.content_type, etag=row.sha256)
 
 
-def image(data: bytes, content_type: str, *, etag: str) -> Response:
+def image(data: bytes, content_type: str | None, *, etag: str | None) -> Response:
     """A stored image for the operator's browser: never kept in a cache (an erased image
     must not outlive its erasure there), as the API serves them."""
-    return Response(data, media_type=content_type, headers={
-        "ETag": f'"{etag}"', "Cache-Control": "private, no-store",
-        "X-Content-Type-Options": "nosniff"})
+    headers = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
+    if etag:
+        headers["ETag"] = f'"{etag}"'
+    return Response(data, media_type=content_type, headers=headers)
 
 
 # ---------------------------------------------------------------- statistics
