@@ -260,9 +260,10 @@ class Outbound:
 
     async def request(self, method: str, url: str, *, policy: Policy,
                       headers: dict[str, str] | None = None, content: bytes | None = None,
-                      timeout_s: float = 10.0, max_bytes: int = 1024 * 1024,
-                      truncate: bool = False) -> Response:
-        """One request, no redirects; the whole exchange within ``timeout_s`` seconds.
+                      timeout_s: float = 10.0, connect_timeout_s: float | None = None,
+                      max_bytes: int = 1024 * 1024, truncate: bool = False) -> Response:
+        """One request, no redirects; the whole exchange within ``timeout_s`` seconds, the
+        TCP (and TLS) connect within ``connect_timeout_s`` if given.
 
         The body is read up to ``max_bytes``: past that, ``truncate=True`` keeps the first
         ``max_bytes`` and stops reading, otherwise ``OutboundTooLarge`` is raised.
@@ -272,7 +273,9 @@ class Outbound:
         try:
             async with asyncio.timeout(timeout_s):
                 ip = await self.resolve(parsed, policy)
-                return await self._send(method, parsed, ip, headers or {}, content, timeout_s,
+                timeout = httpx.Timeout(timeout_s, connect=min(
+                    timeout_s, connect_timeout_s if connect_timeout_s else timeout_s))
+                return await self._send(method, parsed, ip, headers or {}, content, timeout,
                                         max_bytes, truncate, started)
         except TimeoutError:
             raise OutboundError(f"no complete answer within {timeout_s:g}s") from None
@@ -281,8 +284,8 @@ class Outbound:
             raise OutboundError(f"{type(e).__name__}: {e}".rstrip(": ")) from None
 
     async def _send(self, method: str, url: httpx.URL, ip: IPAddress, headers: dict[str, str],
-                    content: bytes | None, timeout_s: float, max_bytes: int, truncate: bool,
-                    started: float) -> Response:
+                    content: bytes | None, timeouts: httpx.Timeout, max_bytes: int,
+                    truncate: bool, started: float) -> Response:
         # Connect to the checked address; the name stays in Host and in TLS (SNI and the
         # certificate check), so the server sees an ordinary request for its name.
         target = url.copy_with(host=str(ip))
@@ -292,7 +295,7 @@ class Outbound:
             # identity: the cap counts the bytes as sent, and no decompression bomb
             headers={"Accept-Encoding": "identity", **headers,
                      "Host": url.netloc.decode("ascii")},
-            timeout=httpx.Timeout(timeout_s), extensions=extensions)
+            timeout=timeouts, extensions=extensions)
         response = await self.http.send(request, stream=True, follow_redirects=False)
         try:
             declared = response.headers.get("content-length", "")

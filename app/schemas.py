@@ -201,6 +201,8 @@ class DeliveryOut(BaseModel):
 
 class DeliveryList(BaseModel):
     data: list[DeliveryOut]
+    next_cursor: str | None = Field(
+        None, description="pass as `cursor` for the next page; null on the last one")
 
 
 class UploadOut(BaseModel):

@@ -276,3 +276,25 @@ async def test_unresolvable_host_is_a_retryable_error() -> None:
         assert not isinstance(info.value, OutboundRefused)
     finally:
         await out.aclose()
+
+
+async def test_the_connect_timeout_is_its_own() -> None:
+    """A notification's connect is bounded apart from the whole exchange
+    (GATEWAY_NOTIFY_CONNECT_TIMEOUT_S), so an address that never accepts fails fast."""
+    import httpx
+
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(204, stream=httpx.ByteStream(b""))
+
+    out = Outbound(transport=httpx.MockTransport(handler))
+    try:
+        await out.request("POST", "http://127.0.0.1:9/h", policy=PRIVATE_OK, timeout_s=10,
+                          connect_timeout_s=3)
+        await out.request("POST", "http://127.0.0.1:9/h", policy=PRIVATE_OK, timeout_s=10)
+    finally:
+        await out.aclose()
+    assert seen[0]["connect"] == 3 and seen[0]["read"] == 10
+    assert seen[1]["connect"] == 10

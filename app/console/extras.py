@@ -139,7 +139,7 @@ _FEATURES: dict[str, Callable[[], Any]] = {
 async def deliveries(svc: Services, *, task_id: str, client: str | None
                      ) -> list[DeliveryOut]:
     """The task's notifications and their attempts, as ``GET …/deliveries`` shows them."""
-    rows = await notify.list_deliveries(svc, task_id=task_id, client=client)
+    rows, _ = await notify.list_deliveries(svc, task_id=task_id, client=client, limit=200)
     return DeliveryList.model_validate({"data": notify.presentable(rows)}).data
 
 
