@@ -2,17 +2,28 @@
 
 Only the JPEG and PNG decoders are ever asked to open anything (a smaller attack surface
 than letting Pillow guess among all its formats), the pixel count is checked from the
-header before any pixel is decoded (decompression bombs), and a decode must finish.
-Both functions are CPU-bound and synchronous: call them through ``asyncio.to_thread``.
+header before any pixel is decoded (decompression bombs: ``GATEWAY_IMAGE_MAX_PIXELS``,
+with Pillow's own bomb check, which warns from ~89 MP, made an error too), and a decode
+must finish. Both functions are CPU-bound and synchronous: call them through
+``in_thread``, which runs at most ``GATEWAY_IMAGE_DECODE_CONCURRENCY`` of them at once per
+process, so a burst of uploads queues instead of holding that many decoded images in
+memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import warnings
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+T = TypeVar("T")
 
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png"}
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
@@ -69,15 +80,17 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected("type", f"only JPEG and PNG images are accepted (this is "
                                     f"{'a ' + other + ' image' if other else 'not one'})")
     try:
-        # Pillow itself refuses past 2 x Image.MAX_IMAGE_PIXELS at open; the check below,
-        # made from the header before any pixel is decoded, applies our own limit.
-        im = Image.open(io.BytesIO(data), formats=list(FORMATS))
+        # Image.open reads only the header (the size); the check below applies our own
+        # limit before any pixel is decoded. Pillow's own check (at open) is a second line.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=list(FORMATS))
         width, height = im.size
         if width * height > max_pixels:
             raise ImageRejected("pixels", f"the image is {width}x{height} pixels, over "
                                           f"the limit of {max_pixels} pixels")
         im.load()
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected("pixels", f"the image has too many pixels: {e}") from None
     except ImageRejected:
         raise
@@ -97,28 +110,73 @@ def inspect(data: bytes, *, max_pixels: int) -> ImageInfo:
                      size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
+    """The pixels converted from their embedded ICC profile to sRGB; as they are where
+    the profile does not parse or the mode has no transform (the profile is dropped
+    either way: it is caller-supplied bytes that would otherwise be stored and served)."""
+    mode = {"RGB": "RGB", "RGBA": "RGBA", "CMYK": "RGB", "L": "RGB"}.get(im.mode)
+    if mode is None:
+        return im
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        converted = ImageCms.profileToProfile(im, source, _SRGB, outputMode=mode)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return im
+    return converted if converted is not None else im
+
+
 def clean(data: bytes, *, max_pixels: int) -> tuple[bytes, ImageInfo]:
     """Re-encode an uploaded photo: same format, EXIF orientation applied to the pixels,
     and every piece of metadata (EXIF with its GPS position and camera serial, XMP, IPTC,
-    comments, PNG text chunks) left behind. Only the ICC colour profile is kept, so the
-    colours do not change."""
+    comments, PNG text chunks, the ICC profile) left behind. Pixels with an ICC profile
+    are converted to sRGB first, so the colours do not change."""
     im = _open(data, max_pixels)
     fmt = im.format
     assert fmt in FORMATS
     icc = im.info.get("icc_profile")
     im = ImageOps.exif_transpose(im) or im
-    # Pillow writes some of ``info`` back by itself (a JPEG comment, for one): start clean.
+    if icc:
+        im = _to_srgb(im, icc)
+    # Pillow writes some of ``info`` back by itself (a JPEG comment, the ICC profile):
+    # start clean.
     im.info = {k: v for k, v in im.info.items() if k == "transparency"}
     out = io.BytesIO()
-    extra = {"icc_profile": icc} if icc else {}
     if fmt == "JPEG":
         if im.mode not in ("RGB", "L"):
             im = im.convert("RGB")
-        im.save(out, "JPEG", quality=95, **extra)
+        im.save(out, "JPEG", quality=95)
     else:
         if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "1", "I", "I;16"):
             im = im.convert("RGBA")
-        im.save(out, "PNG", **extra)
+        im.save(out, "PNG")
     cleaned = out.getvalue()
     return cleaned, ImageInfo(content_type=FORMATS[fmt], width=im.width, height=im.height,
                               size=len(cleaned), sha256=hashlib.sha256(cleaned).hexdigest())
+
+
+# ---------------------------------------------------------------- bounded decoding
+
+_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary())
+
+
+async def in_thread(fn: Callable[..., T], data: bytes, *, max_pixels: int,
+                    concurrency: int) -> T:
+    """``fn(data, max_pixels=…)`` (``inspect`` or ``clean``) in the thread pool, at most
+    ``concurrency`` at once in this process (the rest wait their turn). A caller that is
+    cancelled while its decode runs keeps the slot until the thread ends: the thread
+    cannot be stopped, and its memory is still in use."""
+    loop = asyncio.get_running_loop()
+    gate = _GATES.get(loop)
+    if gate is None:
+        gate = _GATES[loop] = asyncio.Semaphore(concurrency)
+    async with gate:
+        job = asyncio.ensure_future(asyncio.to_thread(fn, data, max_pixels=max_pixels))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            await asyncio.wait([job])
+            raise

@@ -1,9 +1,10 @@
 """Notifications to the caller: signed POSTs of a task's terminal event, with retries.
 
 A delivery row is written in the transaction of the terminal status change
-(``app.outbox.record_terminal``) or by a redeliver. The notifier worker claims due rows
-with a lease (compare-and-set on ``lease_until``; ``FOR UPDATE SKIP LOCKED`` on
-PostgreSQL), makes one attempt per claim and records it. Per delivery:
+(``app.outbox.record_terminal``) or by a redeliver (one pending redelivery per task). The
+notifier worker claims due rows with a lease (compare-and-set on ``lease_until``), its
+slots shared fairly between clients and capped per host (``claim_due``), makes one
+attempt per claim and records it. Per delivery:
 
 - the body is ``{"type": "task.<status>", "timestamp": <completed_at>, "data": <the task
   as GET /v1/tasks/{id} shows it>}``, fixed at the first attempt so every retry sends the
@@ -21,20 +22,23 @@ runs out: receivers dedupe on ``webhook-id``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from standardwebhooks.webhooks import Webhook
 
 from app import metrics
 from app.db import unit_of_work
-from app.errors import Conflict
+from app.errors import Conflict, InvalidRequest
 from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
 from app.outbound import OutboundError, OutboundRefused, Policy
@@ -84,23 +88,56 @@ def sign(secret: str, msg_id: str, at: datetime, body: str) -> dict[str, str]:
 # ---------------------------------------------------------------- the API side
 
 
-async def list_deliveries(svc: Services, *, task_id: str, client: str | None
-                          ) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
+def encode_cursor(delivery_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"id": delivery_id}).encode()
+                                    ).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = json.loads(raw)["id"]
+        if (not isinstance(value, str) or not value.startswith("msg_") or len(value) > 40
+                or not (value[4:].isascii() and value[4:].isalnum())):
+            raise ValueError
+        return value
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest(
+            "The cursor is not valid.",
+            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}]) from None
+
+
+async def list_deliveries(svc: Services, *, task_id: str, client: str | None, limit: int = 50,
+                          cursor: str | None = None
+                          ) -> tuple[list[tuple[Delivery, list[DeliveryAttempt]]], str | None]:
+    """Oldest first (ids are time-ordered), keyset-paginated on the id like history; each
+    delivery with its attempts (at most one per entry of the retry schedule)."""
+    after = decode_cursor(cursor) if cursor else None
     await get_task(svc.ctx, task_id=task_id, client=client)
     async with svc.ctx.sm() as s:
-        deliveries = (await s.scalars(select(Delivery).where(Delivery.task_id == task_id)
-                                      .order_by(Delivery.id))).all()
+        q = select(Delivery).where(Delivery.task_id == task_id)
+        if after is not None:
+            q = q.where(Delivery.id > after)
+        deliveries = (await s.scalars(q.order_by(Delivery.id).limit(limit + 1))).all()
+        more = len(deliveries) > limit
+        deliveries = deliveries[:limit]
         attempts = (await s.scalars(
             select(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(
                 [d.id for d in deliveries])).order_by(DeliveryAttempt.number))).all()
     by: dict[str, list[DeliveryAttempt]] = {d.id: [] for d in deliveries}
     for a in attempts:
         by[a.delivery_id].append(a)
-    return [(d, by[d.id]) for d in deliveries]
+    return ([(d, by[d.id]) for d in deliveries],
+            encode_cursor(deliveries[-1].id) if more and deliveries else None)
 
 
 async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Delivery:
-    """A new delivery (new ``webhook-id``) of the task's terminal event, as it is now."""
+    """A new delivery (new ``webhook-id``) of the task's terminal event, as it is now.
+
+    One at a time: while an earlier redelivery of the task is still pending (being
+    retried), another is a 409, so a caller cannot queue up attempts at a host of its
+    choosing. The task row is locked (PostgreSQL) or the write lock held (SQLite) for the
+    check and the insert, so two concurrent requests cannot both pass."""
     task = await get_task(svc.ctx, task_id=task_id, client=client)
     if not Status(task.status).terminal:
         raise Conflict(f"Task {task_id} is {task.status}; only a finished task has an event "
@@ -110,6 +147,14 @@ async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Deliv
     now = svc.ctx.clock()
     d = new_delivery(task.id, task.status, task.webhook_url, now, reason="redeliver")
     async with unit_of_work(svc.ctx.sm) as s:
+        await s.get(Task, task.id, with_for_update=True)
+        pending = await s.scalar(
+            select(Delivery.id).where(Delivery.task_id == task.id,
+                                      Delivery.reason == "redeliver",
+                                      Delivery.status == "pending").limit(1))
+        if pending is not None:
+            raise Conflict(f"A redelivery of task {task_id} is still pending ({pending}); "
+                           "ask again once it is delivered or has failed.")
         s.add(d)
     svc.wake_notifier()
     return d
@@ -119,24 +164,60 @@ async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Deliv
 
 
 async def claim_due(svc: Services, *, limit: int) -> list[str]:
-    """Lease up to ``limit`` due deliveries for this process (as ``tasks.claim_due``)."""
-    ctx = svc.ctx
+    """Lease up to ``limit`` due deliveries for this process, shared fairly.
+
+    A slot goes to the client with the fewest attempts running here (counting the ones
+    picked in this claim), oldest delivery first among equals, as dispatch shares the
+    upstream; a client never holds more than ``GATEWAY_NOTIFY_CLIENT_CONCURRENCY`` slots,
+    and no host more than ``GATEWAY_NOTIFY_HOST_CONCURRENCY``. So a receiver that accepts
+    and never answers ties up a few of its owner's slots for ``GATEWAY_NOTIFY_TIMEOUT_S``,
+    never everyone's. The lease itself is a compare-and-set on ``lease_until``, as in
+    ``tasks.claim_due``; counts are per process, like the slots."""
+    ctx, st = svc.ctx, svc.ctx.settings
     now = ctx.clock()
     until = now + timedelta(seconds=_lease_s(svc))
     free = or_(Delivery.lease_until.is_(None), Delivery.lease_until < now)
-    async with unit_of_work(ctx.sm) as s:
-        ids = (await s.scalars(
-            select(Delivery.id).where(Delivery.next_attempt_at <= now, free)
-            .order_by(Delivery.next_attempt_at).limit(limit)
-            .with_for_update(skip_locked=True))).all()
-        claimed = []
-        for delivery_id in ids:
-            res = await s.execute(
-                update(Delivery).where(Delivery.id == delivery_id, free)
-                .values(lease_owner=ctx.owner, lease_until=until)
-                .execution_options(synchronize_session=False))
-            if res.rowcount == 1:  # type: ignore[attr-defined]
-                claimed.append(delivery_id)
+    async with ctx.sm() as s:
+        running = (await s.execute(
+            select(Delivery.url, Task.client).join(Task, Task.id == Delivery.task_id)
+            .where(Delivery.lease_owner == ctx.owner, Delivery.lease_until >= now))).all()
+        # Each client's ``limit`` oldest due deliveries: whatever one client has queued,
+        # every other client's are among the candidates.
+        rank = func.row_number().over(partition_by=Task.client,
+                                      order_by=(Delivery.next_attempt_at, Delivery.id))
+        due = (select(Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client,
+                      rank.label("rank"))
+               .join(Task, Task.id == Delivery.task_id)
+               .where(Delivery.next_attempt_at <= now, free).subquery())
+        candidates = (await s.execute(
+            select(due.c.id, due.c.url, due.c.next_attempt_at, due.c.client, due.c.rank)
+            .where(due.c.rank <= limit))).all()
+    by_client = Counter(client for _, client in running)
+    by_host = Counter(_host(url) for url, _ in running)
+    # Fewest running first: a client's n-th candidate comes when it has n-1 more.
+    candidates = sorted(candidates, key=lambda c: (by_client[c.client] + c.rank,
+                                                   c.next_attempt_at, c.id))
+    picked: list[str] = []
+    for c in candidates:
+        if len(picked) >= limit:
+            break
+        host = _host(c.url)
+        if (by_client[c.client] >= st.notify_client_concurrency
+                or by_host[host] >= st.notify_host_concurrency):
+            continue
+        by_client[c.client] += 1
+        by_host[host] += 1
+        picked.append(c.id)
+    claimed = []
+    if picked:
+        async with unit_of_work(ctx.sm) as s:
+            for delivery_id in picked:
+                res = await s.execute(
+                    update(Delivery).where(Delivery.id == delivery_id, free)
+                    .values(lease_owner=ctx.owner, lease_until=until)
+                    .execution_options(synchronize_session=False))
+                if res.rowcount == 1:  # type: ignore[attr-defined]
+                    claimed.append(delivery_id)
     return claimed
 
 
@@ -209,7 +290,8 @@ async def attempt(svc: Services, delivery_id: str) -> None:
         try:
             resp = await svc.outbound.request(
                 "POST", d.url, policy=policy, headers=headers, content=body.encode(),
-                timeout_s=s.notify_timeout_s, max_bytes=RESPONSE_BODY_BYTES, truncate=True)
+                timeout_s=s.notify_timeout_s, connect_timeout_s=s.notify_connect_timeout_s,
+                max_bytes=RESPONSE_BODY_BYTES, truncate=True)
         except OutboundRefused as e:
             error, final = f"refused: {e}", True
             latency_ms = _ms(ctx.clock() - now)

@@ -7,7 +7,11 @@
 3. the host is resolved **once** and every address it resolves to is checked: loopback,
    private, link-local, shared (CGNAT), reserved, multicast and unspecified addresses are
    refused unless ``allow_private`` (``GATEWAY_ALLOW_PRIVATE_NETWORKS``); cloud metadata
-   addresses, multicast and unspecified ones are refused even then;
+   addresses, multicast and unspecified ones are refused even then. IPv6 forms that carry
+   an IPv4 address (mapped, compatible ``::a.b.c.d``, translated, NAT64 ``64:ff9b::/96``
+   and the local-use ``64:ff9b:1::/48``, 6to4, Teredo) are judged by that IPv4 address;
+   site-local (``fec0::/10``), local-use NAT64 and reserved IPv6 space count as private
+   (Python's ``is_global`` passes them);
 4. the connection goes to the address that was checked (the URL's host is replaced by
    that IP; ``Host`` and the TLS SNI/certificate check keep the original name), so a
    second DNS answer cannot redirect it (no DNS rebinding);
@@ -45,7 +49,14 @@ METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
     "fd00:ec2::254",  # AWS IPv6 metadata
     "100.100.100.200",  # Alibaba Cloud
 ))
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# IPv6 forms that carry an IPv4 address (RFC 4291, 2765, 6052, 3056, 4380); the IPv4
+# address is what a packet to them ends up reaching, so it is the one judged.
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated, but routed by some stacks
+_V4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # a local network's own translator
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")  # deprecated, still routed internally
 
 
 class OutboundError(Exception):
@@ -89,14 +100,37 @@ class Response:
     address: str  # the IP that was connected to
 
 
+def _low32(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+
+
 def _embedded_v4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        if ip in _NAT64:
-            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if ip.sixtofour is not None:
-            return ip.sixtofour
+    """The IPv4 address an IPv6 one stands for, where it stands for one."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _V4_COMPATIBLE:
+        return _low32(ip) if int(ip) > 1 else None  # "::" and "::1" are judged as they are
+    if ip in _V4_TRANSLATED or ip in _NAT64 or ip in _NAT64_LOCAL:
+        return _low32(ip)  # local-use NAT64: the /96 layout, the likeliest one
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]  # the client's address (de-obfuscated)
+    return None
+
+
+def _non_public_v6(ip: IPAddress) -> str | None:
+    """What Python's ``is_global`` lets through in IPv6 that is no public address."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip in _SITE_LOCAL:
+        return "site-local"
+    if ip in _NAT64_LOCAL:
+        return "local-use NAT64"
+    if ip.is_reserved:  # outside 2000::/3 and the special blocks: not unicast anyone routes
+        return "reserved"
     return None
 
 
@@ -105,23 +139,60 @@ def refusal(ip: IPAddress, *, allow_private: bool) -> str | None:
     inner = _embedded_v4(ip)
     if inner is not None:
         why = refusal(inner, allow_private=allow_private)
-        return f"{why} (embedded in {ip})" if why else None
+        if why:
+            return f"{why} (embedded in {ip})"
+        relayed = isinstance(ip, ipaddress.IPv6Address) and (
+            ip in _NAT64_LOCAL or ip.teredo is not None)
+        if not relayed:
+            return None  # a plain translation of a public (or allowed) IPv4 address
+        # a local translator or a Teredo relay: the IPv6 address is judged as well
     if ip in METADATA_ADDRESSES:
         return f"{ip} is a cloud metadata address"
     if ip.is_multicast:
         return f"{ip} is a multicast address"
     if ip.is_unspecified:
         return f"{ip} is the unspecified address"
-    if ip.is_global:
+    local_v6 = _non_public_v6(ip)
+    if ip.is_global and local_v6 is None:
         return None
     if allow_private and (ip.is_loopback or ip.is_private or ip.is_link_local
-                          or ip in ipaddress.ip_network("100.64.0.0/10")):
+                          or ip in _CGNAT or local_v6 in ("site-local", "local-use NAT64")):
         return None
     for attr, what in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
                        ("is_reserved", "reserved"), ("is_private", "private")):
         if getattr(ip, attr):
-            return f"{ip} is a {what} address"
+            return f"{ip} is a {local_v6 if attr == 'is_reserved' and local_v6 else what} address"
+    if local_v6 is not None:
+        return f"{ip} is a {local_v6} address"
     return f"{ip} is not a public address"
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """``host`` (as a URL gives it) as an address, if it is a literal one: IPv6 in
+    brackets, dotted IPv4, and the legacy IPv4 forms resolvers still accept (``127.1``,
+    ``0x7f.0.0.1``, ``2130706433``). None for a name."""
+    h = host.strip().strip("[]").split("%", 1)[0].rstrip(".")
+    try:
+        return ipaddress.ip_address(h)
+    except ValueError:
+        pass
+    if h and all(c in "0123456789abcdefxABCDEFX." for c in h) and (h[0].isdigit()):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(h))
+        except OSError:
+            return None
+    return None
+
+
+def literal_refusal(url: str, *, allow_private: bool) -> str | None:
+    """Why ``url`` can never be delivered to because its host is a literal refused
+    address, or None (a name is judged when it is resolved, at delivery)."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    ip = literal_address(host) if host else None
+    return None if ip is None else refusal(ip, allow_private=allow_private)
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -189,9 +260,10 @@ class Outbound:
 
     async def request(self, method: str, url: str, *, policy: Policy,
                       headers: dict[str, str] | None = None, content: bytes | None = None,
-                      timeout_s: float = 10.0, max_bytes: int = 1024 * 1024,
-                      truncate: bool = False) -> Response:
-        """One request, no redirects; the whole exchange within ``timeout_s`` seconds.
+                      timeout_s: float = 10.0, connect_timeout_s: float | None = None,
+                      max_bytes: int = 1024 * 1024, truncate: bool = False) -> Response:
+        """One request, no redirects; the whole exchange within ``timeout_s`` seconds, the
+        TCP (and TLS) connect within ``connect_timeout_s`` if given.
 
         The body is read up to ``max_bytes``: past that, ``truncate=True`` keeps the first
         ``max_bytes`` and stops reading, otherwise ``OutboundTooLarge`` is raised.
@@ -201,7 +273,9 @@ class Outbound:
         try:
             async with asyncio.timeout(timeout_s):
                 ip = await self.resolve(parsed, policy)
-                return await self._send(method, parsed, ip, headers or {}, content, timeout_s,
+                timeout = httpx.Timeout(timeout_s, connect=min(
+                    timeout_s, connect_timeout_s if connect_timeout_s else timeout_s))
+                return await self._send(method, parsed, ip, headers or {}, content, timeout,
                                         max_bytes, truncate, started)
         except TimeoutError:
             raise OutboundError(f"no complete answer within {timeout_s:g}s") from None
@@ -210,8 +284,8 @@ class Outbound:
             raise OutboundError(f"{type(e).__name__}: {e}".rstrip(": ")) from None
 
     async def _send(self, method: str, url: httpx.URL, ip: IPAddress, headers: dict[str, str],
-                    content: bytes | None, timeout_s: float, max_bytes: int, truncate: bool,
-                    started: float) -> Response:
+                    content: bytes | None, timeouts: httpx.Timeout, max_bytes: int,
+                    truncate: bool, started: float) -> Response:
         # Connect to the checked address; the name stays in Host and in TLS (SNI and the
         # certificate check), so the server sees an ordinary request for its name.
         target = url.copy_with(host=str(ip))
@@ -221,7 +295,7 @@ class Outbound:
             # identity: the cap counts the bytes as sent, and no decompression bomb
             headers={"Accept-Encoding": "identity", **headers,
                      "Host": url.netloc.decode("ascii")},
-            timeout=httpx.Timeout(timeout_s), extensions=extensions)
+            timeout=timeouts, extensions=extensions)
         response = await self.http.send(request, stream=True, follow_redirects=False)
         try:
             declared = response.headers.get("content-length", "")

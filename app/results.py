@@ -20,7 +20,6 @@ presentation) and ``images_erased_at``.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import random
@@ -139,8 +138,9 @@ async def _download(svc: Services, row: StoredOutput) -> tuple[bytes, imaging.Im
     if ctype not in ALLOWED_TYPES:
         raise _Permanent(f"content type {ctype or 'none'!r} is not image/jpeg or image/png")
     try:
-        info = await asyncio.to_thread(imaging.inspect, resp.content,
-                                       max_pixels=s.image_max_pixels)
+        info = await imaging.in_thread(imaging.inspect, resp.content,
+                                       max_pixels=s.image_max_pixels,
+                                       concurrency=s.image_decode_concurrency)
     except imaging.ImageRejected as e:
         raise _Permanent(e.message) from None
     return resp.content, info

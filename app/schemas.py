@@ -17,6 +17,7 @@ from pydantic import (
 
 from app.catalog import DEFAULT_MODEL, MODELS, check_url
 from app.lifecycle import Status
+from app.outbound import literal_refusal
 
 MAX_METADATA_KEYS = 16
 MAX_METADATA_VALUE = 500
@@ -96,6 +97,19 @@ class TaskCreate(BaseModel):
         if v is not None and (why := check_url(v)):
             raise ValueError(f"webhook_url {why}")
         return v
+
+    def webhook_refusal(self, *, allow_private: bool) -> dict[str, Any] | None:
+        """The validation error of a ``webhook_url`` whose host is a literal address the
+        notifier would refuse (``app.outbound.refusal``: loopback, private, metadata, also
+        embedded in IPv6), or None. Needs the setting, so the route asks after parsing;
+        names are judged when they are resolved, at delivery."""
+        if self.webhook_url is None:
+            return None
+        why = literal_refusal(self.webhook_url, allow_private=allow_private)
+        if why is None:
+            return None
+        return {"loc": ["webhook_url"],
+                "msg": f"the gateway never delivers to this host: {why}"}
 
     @field_validator("metadata")
     @classmethod
@@ -187,6 +201,8 @@ class DeliveryOut(BaseModel):
 
 class DeliveryList(BaseModel):
     data: list[DeliveryOut]
+    next_cursor: str | None = Field(
+        None, description="pass as `cursor` for the next page; null on the last one")
 
 
 class UploadOut(BaseModel):

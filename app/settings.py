@@ -159,6 +159,16 @@ class Settings(BaseSettings):
     # Results: notifications, stored outputs, uploads, erasure (README, docs/privacy.md).
     notify_timeout_s: float = Field(
         default=10.0, gt=0, description="one notification attempt, connect to last byte")
+    notify_connect_timeout_s: float = Field(
+        default=3.0, gt=0, description="the TCP/TLS connect of a notification attempt")
+    notify_host_concurrency: int = Field(
+        default=4, ge=1,
+        description="notification attempts at once to one host, per process: a receiver "
+                    "that never answers holds at most this many of the notifier's slots")
+    notify_client_concurrency: int = Field(
+        default=8, ge=1,
+        description="notification attempts at once for one client's tasks, per process; "
+                    "free slots go to the client with the fewest running")
     notify_retry_after_cap_s: float = Field(
         default=3600.0, ge=0, description="the longest Retry-After of a 429 that is honoured")
     notify_wait_for_outputs_s: float = Field(
@@ -174,8 +184,13 @@ class Settings(BaseSettings):
         default="1,5,30,120,600,1800,3600",
         description="seconds before each further output download attempt, comma-separated")
     image_max_pixels: int = Field(
-        default=50_000_000, gt=0,
-        description="the largest width x height accepted, in uploads and outputs")
+        default=40_000_000, gt=0,
+        description="the largest width x height accepted, in uploads and outputs, checked "
+                    "from the header before decoding (a portrait needs far less)")
+    image_decode_concurrency: int = Field(
+        default=2, ge=1,
+        description="images decoded at once per process (uploads and outputs); the rest "
+                    "wait their turn")
     upload_mode: Literal["local", "wiro"] = Field(
         default="local", description="local: the gateway serves uploads at an unguessable "
                                      "URL; wiro: they are forwarded to Wiro's File/Upload")

@@ -3,7 +3,8 @@
 The file must be a JPEG or PNG (by its bytes, not its declared type) within
 ``GATEWAY_UPLOAD_MAX_BYTES`` and ``GATEWAY_IMAGE_MAX_PIXELS``, and must decode whole. It
 is then re-encoded (``imaging.clean``), which drops EXIF (GPS position, camera serial…),
-XMP, IPTC and text chunks, so none of that reaches Wiro or lingers here. Nothing is
+XMP, IPTC, text chunks and the ICC profile (the pixels converted to sRGB first), so none
+of that reaches Wiro or lingers here. Nothing is
 stored and no row is written unless every check passes.
 
 ``GATEWAY_UPLOAD_MODE``: ``local`` keeps the file in the store and serves it without auth
@@ -14,7 +15,6 @@ upload is recorded with its client so that erasure can find it.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -40,8 +40,9 @@ async def create_upload(svc: Services, *, client: str, data: bytes) -> Upload:
     if not data:
         raise InvalidRequest("The file is empty.", errors=[{"loc": ["file"], "msg": "empty"}])
     try:
-        cleaned, info = await asyncio.to_thread(imaging.clean, data,
-                                                max_pixels=s.image_max_pixels)
+        cleaned, info = await imaging.in_thread(
+            imaging.clean, data, max_pixels=s.image_max_pixels,
+            concurrency=s.image_decode_concurrency)
     except imaging.ImageRejected as e:
         if e.kind == "type":
             raise UnsupportedMediaType(f"The file must be a JPEG or PNG image: {e.message}."

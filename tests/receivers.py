@@ -93,3 +93,46 @@ async def serve_receiver(**_: Any) -> AsyncIterator[Receiver]:
     finally:
         server.should_exit = True
         await serving
+
+
+@dataclass
+class Tarpit:
+    """Accepts connections, reads what comes, never answers: the worst webhook receiver.
+    ``open``/``most`` count connections held now / at most at once."""
+
+    url: str = ""
+    accepted: int = 0
+    open: int = 0
+    most: int = 0
+
+
+@contextlib.asynccontextmanager
+async def serve_tarpit(host: str = "127.0.0.2") -> AsyncIterator[Tarpit]:
+    """On its own loopback address by default, so that it is another host than the
+    receivers on 127.0.0.1."""
+    pit = Tarpit()
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pit.accepted += 1
+        pit.open += 1
+        pit.most = max(pit.most, pit.open)
+        writers.add(writer)
+        try:
+            while await reader.read(65536):
+                pass
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            pit.open -= 1
+            writers.discard(writer)
+
+    server = await asyncio.start_server(hold, host, 0)
+    pit.url = f"http://{host}:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield pit
+    finally:
+        server.close()
+        for w in list(writers):
+            w.close()
+        await server.wait_closed()

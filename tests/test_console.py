@@ -293,6 +293,50 @@ async def test_empty_and_error_states(gateway: Gateway) -> None:
     assert r.status_code == 422 and "Invalid address" in r.text
 
 
+async def test_out_of_range_dates_are_a_4xx_page(gateway: Gateway) -> None:
+    c = await signed_in(gateway, "alpha")
+    for query in ({"date_to": "9999-12-31"}, {"date_from": "0001-01-01", "tz": "Asia/Tokyo"},
+                  {"date_to": "9999-12-31", "tz": "America/New_York"},
+                  {"date_from": "2026-02-30"}, {"date_to": "31/12/2026"},
+                  {"date_from": "0001-01-01"}):
+        r = await c.get("/console/tasks", params=query)
+        assert 400 <= r.status_code < 500, (query, r.status_code)
+        assert "Traceback" not in r.text and "<form" in r.text, query  # the page, with filters
+    r = await c.get("/console/tasks", params={"date_from": "2026-01-01",
+                                              "date_to": "9999-12-30"})
+    assert r.status_code == 200
+
+
+async def test_the_input_photo_is_shown_only_when_stored_here(db_url: str, sim: Sim,
+                                                              tmp_path: Path) -> None:
+    """An upload stored by the gateway is served by the console (auth-checked, no-store);
+    any other inputImageUrl is only a link: the page never loads the caller's URL."""
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        async with httpx.AsyncClient() as plain:
+            photo = (await plain.get(sim.portrait)).content
+        r = await gw.client().post("/v1/uploads", files={"file": ("me.png", photo, "image/png")})
+        assert r.status_code == 201, r.text
+        uploaded = r.json()["url"]
+        mine = await submit(gw, sim, input={**task_body(sim)["input"],
+                                            "inputImageUrl": uploaded})
+        elsewhere = await submit(gw, sim)  # the caller's own URL (the simulator's here)
+        alpha = await signed_in(gw, "alpha")
+
+        page = (await alpha.get(f"/console/tasks/{mine}")).text
+        assert f'<img src="/console/tasks/{mine}/input"' in page
+        r = await alpha.get(f"/console/tasks/{mine}/input")
+        assert r.status_code == 200 and r.headers["cache-control"] == "private, no-store"
+        async with httpx.AsyncClient() as plain:
+            assert r.content == (await plain.get(uploaded)).content
+        beta = await signed_in(gw, "beta")
+        assert (await beta.get(f"/console/tasks/{mine}/input")).status_code == 404
+
+        page = (await alpha.get(f"/console/tasks/{elsewhere}")).text
+        assert 'id="input-image"' not in page and f'src="{sim.portrait}"' not in page
+        assert f'<a href="{sim.portrait}" rel="noreferrer noopener"' in page
+        assert (await alpha.get(f"/console/tasks/{elsewhere}/input")).status_code == 404
+
+
 async def test_task_page_shows_every_field_and_the_timeline(gateway: Gateway, sim: Sim) -> None:
     task_id = await submit(gateway, sim, metadata={"user_id": "u_123"},
                            webhook_url="https://hooks.example/x")
@@ -307,7 +351,10 @@ async def test_task_page_shows_every_field_and_the_timeline(gateway: Gateway, si
     for value in (task["id"], task["model"], task["upstream"]["task_id"], "u_123",
                   "https://hooks.example/x", task["input"]["background"]):
         assert value in html, value
-    assert 'alt="Input photo of task' in html and 'alt="Headshot 1 of task' in html
+    assert 'alt="Headshot 1 of task' in html
+    # the input is the caller's URL: a link, never an image the operator's browser loads
+    assert 'alt="Input photo of task' not in html and f'src="{sim.portrait}"' not in html
+    assert f'<a href="{sim.portrait}" rel="noreferrer noopener"' in html
     for e in events:
         if e["message"]:
             assert e["message"].replace("'", "&#39;") in html, e["message"]
@@ -336,6 +383,7 @@ async def test_stored_outputs_notifications_redeliver_and_erase(db_url: str, sim
         assert "HTTP 204" in page and "delivery-delivered" in page
         r = await alpha.get(f"/console/tasks/{task_id}/outputs/0")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.headers["cache-control"] == "private, no-store"  # gone once erased
         assert r.content == (await gw.client().get(f"/v1/tasks/{task_id}/outputs/0")).content
         beta = await signed_in(gw, "beta")
         assert (await beta.get(f"/console/tasks/{task_id}/outputs/0")).status_code == 404

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 
@@ -110,7 +111,14 @@ async def images_loaded(page: Any, selector: str) -> list[int]:
 
 async def test_sign_in_filter_and_open_a_task_with_both_images(
         page: Any, gw: Gateway, sim: Sim) -> None:
-    wanted = await submit(gw, sim, metadata={"user_id": "u_wanted"})
+    # The input photo is shown only where it is an upload stored here (a caller's own URL
+    # is a link the browser never loads): upload it first.
+    async with httpx.AsyncClient() as plain:
+        photo = (await plain.get(sim.portrait)).content
+    r = await gw.client().post("/v1/uploads", files={"file": ("me.png", photo, "image/png")})
+    assert r.status_code == 201, r.text
+    wanted = await submit(gw, sim, metadata={"user_id": "u_wanted"},
+                          input={**task_body(sim)["input"], "inputImageUrl": r.json()["url"]})
     other = await submit(gw, sim, metadata={"user_id": "u_other"})
     for task_id in (wanted, other):
         await stored(gw, task_id)
@@ -144,7 +152,9 @@ async def test_sign_in_filter_and_open_a_task_with_both_images(
     # The headshot is the gateway's stored copy, through the console's auth-checked route.
     headshot = page.get_by_alt_text(f"Headshot 1 of task {wanted}")
     assert await headshot.get_attribute("src") == f"/console/tasks/{wanted}/outputs/0"
-    assert await page.get_by_alt_text(f"Input photo of task {wanted}").is_visible()
+    photo = page.get_by_alt_text(f"Input photo of task {wanted}")
+    assert await photo.get_attribute("src") == f"/console/tasks/{wanted}/input"
+    assert await photo.is_visible()
     assert await page.get_by_alt_text(f"Headshot 1 of task {wanted}").is_visible()
     # Side by side at desktop width.
     a = await page.locator("figure").nth(0).bounding_box()

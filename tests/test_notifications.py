@@ -10,8 +10,9 @@ from pathlib import Path
 from standardwebhooks.webhooks import Webhook
 
 from app.lifecycle import Status
+from app.models import Task
 from tests.conftest import Sim, run_gateway, task_body
-from tests.receivers import Answer, serve_receiver
+from tests.receivers import Answer, serve_receiver, serve_tarpit
 from tests.results_helpers import SECRET, attempts, deliveries, events_of, finished_task, until
 
 FAST = "0,0.2,0.2,0.2"
@@ -174,3 +175,70 @@ async def test_unsafe_webhook_urls_and_a_missing_secret_fail_without_sending(
             [a] = await attempts(gw, d.id)
             assert "GATEWAY_WEBHOOK_SECRET" in (a.error or "") and a.status_code is None
         assert rec.calls == []
+
+
+async def test_a_tarpit_costs_its_owner_not_others(db_url: str, sim: Sim, tmp_path: Path
+                                                   ) -> None:
+    """alice's notifications and redeliveries at a receiver that accepts and never answers
+    hold at most GATEWAY_NOTIFY_HOST_CONCURRENCY of the notifier's slots; bob's
+    notification still goes out at once. Measured on the ledger: his first attempt's time
+    minus his task's completion (before: >= one GATEWAY_NOTIFY_TIMEOUT_S, since every slot
+    was held by the tarpit). A second redeliver while one is pending is 409."""
+    async with serve_tarpit() as pit, serve_receiver() as rec, run_gateway(
+            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
+            notify_retry_s="0,0.2", notify_timeout_s=6) as gw:
+        cap = gw.settings.notify_host_concurrency
+        assert cap < gw.settings.worker_concurrency
+        hers = [await finished_task(gw, webhook_url=f"{pit.url}/hook/{i}")
+                for i in range(gw.settings.worker_concurrency)]
+        for task_id in hers:
+            r = await gw.client("alpha").post(f"/v1/tasks/{task_id}/deliveries/redeliver")
+            assert r.status_code == 202, r.text
+            r = await gw.client("alpha").post(f"/v1/tasks/{task_id}/deliveries/redeliver")
+            assert r.status_code == 409, r.text
+            assert r.headers["content-type"].startswith("application/problem+json")
+        assert [len(await deliveries(gw, t)) for t in hers] == [2] * len(hers)
+
+        async def pit_full() -> bool:
+            return pit.open >= cap
+
+        await until(pit_full)  # alice's attempts are hanging
+        bob = await finished_task(gw, client="beta", webhook_url=f"{rec.url}/bob")
+        await rec.wait_calls("/bob", 1)
+        await until(lambda: _settled(gw, bob))
+        [d] = await deliveries(gw, bob)
+        [a] = await attempts(gw, d.id)
+        async with gw.ctx.sm() as s:
+            completed = (await s.get(Task, bob)).completed_at
+        delay = (a.at - completed).total_seconds()
+        assert a.status_code == 204 and delay < 3.0, delay
+        assert pit.most <= cap, pit.most  # never more of alice's at once than the host cap
+        assert pit.open == cap  # still hanging: it was her slots that were tied up
+
+
+async def test_deliveries_are_paginated(db_url: str, sim: Sim, tmp_path: Path) -> None:
+    async with serve_receiver() as rec, run_gateway(
+            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
+            notify_retry_s=FAST) as gw:
+        task_id = await finished_task(gw, webhook_url=f"{rec.url}/h")
+        for n in range(2, 5):
+            await until(lambda: _settled(gw, task_id))
+            r = await gw.client().post(f"/v1/tasks/{task_id}/deliveries/redeliver")
+            assert r.status_code == 202, r.text
+            await rec.wait_calls("/h", n)
+        await until(lambda: _settled(gw, task_id))
+        url = f"/v1/tasks/{task_id}/deliveries"
+        everything = (await gw.client().get(url)).json()
+        assert everything["next_cursor"] is None and len(everything["data"]) == 4
+        ids = [d["id"] for d in everything["data"]]
+        assert ids == sorted(ids)  # oldest first
+        first = (await gw.client().get(url, params={"limit": 3})).json()
+        assert [d["id"] for d in first["data"]] == ids[:3] and first["next_cursor"]
+        rest = (await gw.client().get(url, params={"limit": 3,
+                                                   "cursor": first["next_cursor"]})).json()
+        assert [d["id"] for d in rest["data"]] == ids[3:] and rest["next_cursor"] is None
+        assert all(d["attempts"] for d in everything["data"])
+        for params in ({"cursor": "garbage"}, {"limit": 0}, {"limit": 201}):
+            r = await gw.client().get(url, params=params)
+            assert r.status_code == 422, params
+            assert r.headers["content-type"].startswith("application/problem+json")

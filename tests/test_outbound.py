@@ -16,8 +16,10 @@ from app.outbound import (
     OutboundTooLarge,
     Policy,
     check_url,
+    literal_refusal,
     refusal,
 )
+from tests.conftest import Sim, run_gateway, task_body
 from tests.receivers import Answer, serve_receiver
 
 PUBLIC = Policy(allow_private=False)
@@ -35,9 +37,81 @@ def test_non_public_addresses_are_refused(address: str) -> None:
     assert refusal(ipaddress.ip_address(address), allow_private=False)
 
 
-@pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700::1111", "8.8.8.8"])
+@pytest.mark.parametrize(("address", "why"), [
+    # IPv4-compatible ::a.b.c.d (Python's is_global says True for these)
+    ("::10.0.0.1", "10.0.0.1 is a private address"),
+    ("::127.0.0.1", "127.0.0.1 is a loopback address"),
+    ("::169.254.169.254", "cloud metadata"),
+    # IPv4-mapped and IPv4-translated (::ffff:0:a.b.c.d)
+    ("::ffff:10.0.0.1", "10.0.0.1 is a private address"),
+    ("::ffff:0:7f00:1", "127.0.0.1 is a loopback address"),
+    # NAT64: the well-known prefix, and the local-use one even with a public IPv4 inside
+    ("64:ff9b::7f00:1", "127.0.0.1 is a loopback address"),
+    ("64:ff9b:1::a00:1", "10.0.0.1 is a private address"),
+    ("64:ff9b:1::808:808", "local-use NAT64"),
+    # 6to4 and Teredo with a private IPv4 inside (Teredo's client address is inverted)
+    ("2002:a9fe:a9fe::1", "cloud metadata"),
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "10.0.0.1 is a private address"),
+    # site-local (deprecated, still routed internally) and other reserved IPv6 space
+    ("fec0::1", "site-local"), ("feff::1", "site-local"), ("4000::1", "reserved"),
+])
+def test_ipv6_forms_are_judged_by_what_they_reach(address: str, why: str) -> None:
+    refused = refusal(ipaddress.ip_address(address), allow_private=False)
+    assert refused is not None and why in refused, refused
+
+
+@pytest.mark.parametrize(("address", "allowed"), [
+    ("::10.0.0.1", True), ("fec0::1", True), ("64:ff9b:1::a00:1", True),
+    ("::169.254.169.254", False), ("64:ff9b::a9fe:a9fe", False), ("4000::1", False),
+])
+def test_ipv6_forms_with_private_networks_allowed(address: str, allowed: bool) -> None:
+    assert (refusal(ipaddress.ip_address(address), allow_private=True) is None) is allowed
+
+
+@pytest.mark.parametrize("address", [
+    "93.184.215.14", "2606:4700::1111", "8.8.8.8",
+    "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1",  # a public IPv4 inside
+])
 def test_public_addresses_pass(address: str) -> None:
     assert refusal(ipaddress.ip_address(address), allow_private=False) is None
+
+
+@pytest.mark.parametrize(("url", "refused"), [
+    ("http://10.0.0.1/x", True), ("http://[::ffff:127.0.0.1]/", True),
+    ("http://169.254.169.254/latest", True), ("http://[::a00:1]/", True),
+    ("http://[fec0::1]:8080/", True), ("http://127.1/", True), ("http://2130706433/", True),
+    ("http://0x7f.0.0.1/", True), ("https://[fe80::1%25eth0]/", True),
+    ("https://hooks.example.com/x", False), ("https://8.8.8.8/x", False),
+    ("https://127.example.com/", False), ("https://1e100.net/", False),
+])
+def test_literal_hosts_are_judged_without_resolving(url: str, refused: bool) -> None:
+    assert (literal_refusal(url, allow_private=False) is not None) is refused
+
+
+async def test_a_literal_private_webhook_url_is_refused_at_submit(
+        db_url: str, sim: Sim, tmp_path) -> None:
+    """422 at submit with the error at ``webhook_url``; nothing recorded. A name is
+    accepted (it is resolved and judged at delivery), as is any address with
+    GATEWAY_ALLOW_PRIVATE_NETWORKS."""
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
+                           allow_private_networks=False) as gw:
+        for url in ("http://10.0.0.1/x", "http://[::ffff:127.0.0.1]/",
+                    "http://169.254.169.254/", "http://[::7f00:1]/"):
+            r = await gw.client().post("/v1/tasks",
+                                       json=task_body(sim) | {"webhook_url": url})
+            assert r.status_code == 422, (url, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert [e["loc"] for e in r.json()["errors"]] == [["webhook_url"]], r.text
+        listed = (await gw.client().get("/v1/tasks")).json()["data"]
+        assert listed == []
+        r = await gw.client().post("/v1/tasks", json=task_body(sim) | {
+            "webhook_url": "https://hooks.example.invalid/x"})
+        assert r.status_code == 202, r.text
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
+                           allow_private_networks=True) as gw:
+        r = await gw.client().post("/v1/tasks", json=task_body(sim) | {
+            "webhook_url": "http://10.0.0.1/x"})
+        assert r.status_code == 202, r.text
 
 
 @pytest.mark.parametrize(("address", "allowed"), [
@@ -202,3 +276,25 @@ async def test_unresolvable_host_is_a_retryable_error() -> None:
         assert not isinstance(info.value, OutboundRefused)
     finally:
         await out.aclose()
+
+
+async def test_the_connect_timeout_is_its_own() -> None:
+    """A notification's connect is bounded apart from the whole exchange
+    (GATEWAY_NOTIFY_CONNECT_TIMEOUT_S), so an address that never accepts fails fast."""
+    import httpx
+
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(204, stream=httpx.ByteStream(b""))
+
+    out = Outbound(transport=httpx.MockTransport(handler))
+    try:
+        await out.request("POST", "http://127.0.0.1:9/h", policy=PRIVATE_OK, timeout_s=10,
+                          connect_timeout_s=3)
+        await out.request("POST", "http://127.0.0.1:9/h", policy=PRIVATE_OK, timeout_s=10)
+    finally:
+        await out.aclose()
+    assert seen[0]["connect"] == 3 and seen[0]["read"] == 10
+    assert seen[1]["connect"] == 10

@@ -4,6 +4,7 @@ behind."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import struct
@@ -11,10 +12,13 @@ import zlib
 from pathlib import Path
 
 import httpx
-from PIL import Image, PngImagePlugin
+import pytest
+from PIL import Image, ImageCms, PngImagePlugin
 from sqlalchemy import func, select
 
+from app import imaging
 from app.models import Upload
+from app.settings import Settings
 from tests.conftest import Gateway, Sim, run_gateway
 
 PROBLEM = "application/problem+json"
@@ -156,3 +160,82 @@ async def test_wiro_mode_forwards_to_file_upload(db_url: str, sim: Sim, tmp_path
             [row] = (await s.scalars(select(Upload))).all()
         assert (row.mode, row.url, row.storage_key, row.client) == ("wiro", url, None, "alpha")
         assert stored_files(tmp_path) == []
+
+
+def png_of(side: int) -> bytes:
+    """A real side x side PNG, 1-bit, a few hundred KB at most (it compresses to nothing)."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+HOSTILE_ICC = b"\x00\x00\x02\x00<script>alert(document.domain)</script>" + b"\x00" * 400
+
+
+async def test_the_pixel_cap_is_sized_for_portraits(db_url: str, sim: Sim,
+                                                    tmp_path: Path) -> None:
+    """Under the default GATEWAY_IMAGE_MAX_PIXELS (40 MP), a 7000x7000 PNG (49 MP, a few
+    KB on the wire, ~50-200 MB decoded) is refused with 422 from its header, before any
+    pixel is decoded; nothing is stored."""
+    data = png_of(7000)
+    assert len(data) < 300_000
+    with pytest.raises(imaging.ImageRejected) as info:  # from the header: no decode
+        imaging.inspect(data[:64], max_pixels=Settings().image_max_pixels)
+    assert info.value.kind == "pixels"
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        assert gw.settings.image_max_pixels == 40_000_000
+        r = await upload(gw, data, name="huge.png", ctype="image/png")
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"].startswith(PROBLEM)
+        assert r.json()["errors"][0]["loc"] == ["file"]
+        assert await upload_rows(gw) == 0 and stored_files(tmp_path) == []
+        r = await upload(gw, png_of(6000), name="big.png", ctype="image/png")  # 36 MP: fine
+        assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+async def test_icc_profiles_are_not_stored(fmt: str, db_url: str, sim: Sim,
+                                           tmp_path: Path) -> None:
+    """An ICC profile is caller-supplied bytes: a hostile one (here carrying a <script>) is
+    dropped; a real one is applied to the pixels (converted to sRGB), then dropped too."""
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        for icc in (HOSTILE_ICC, srgb):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 30), (200, 40, 10)).save(buf, fmt, icc_profile=icc)
+            sent = buf.getvalue()
+            assert Image.open(io.BytesIO(sent)).info["icc_profile"] == icc
+            ctype = f"image/{fmt.lower()}"
+            r = await upload(gw, sent, name=f"x.{fmt.lower()}", ctype=ctype)
+            assert r.status_code == 201, r.text
+            async with httpx.AsyncClient() as anon:
+                stored = (await anon.get(r.json()["url"])).content
+            im = Image.open(io.BytesIO(stored))
+            assert "icc_profile" not in im.info and b"<script>" not in stored
+            assert b"acsp" not in stored  # the ICC signature, anywhere in the file
+            r_, g_, b_ = im.convert("RGB").getpixel((20, 15))
+            assert abs(r_ - 200) < 8 and abs(g_ - 40) < 8 and abs(b_ - 10) < 8
+
+
+async def test_decoding_is_bounded_per_process() -> None:
+    """imaging.in_thread runs at most `concurrency` decodes at once; the others queue."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    running = 0
+    most = 0
+
+    def decode(data: bytes, *, max_pixels: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)  # holds the slot; what is measured is the overlap
+        with lock:
+            running -= 1
+        return len(data)
+
+    got = await asyncio.gather(*(imaging.in_thread(decode, b"x" * i, max_pixels=1,
+                                                   concurrency=2) for i in range(8)))
+    assert got == list(range(8)) and most == 2

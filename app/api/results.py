@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, UploadFile
 
 from app import notify, results, uploads
 from app.api.deps import principal
@@ -30,12 +30,19 @@ TaskId = str
 
 @router.get("/tasks/{task_id}/deliveries", response_model=DeliveryList, tags=["notifications"],
             operation_id="listTaskDeliveries", summary="The task's notifications and attempts",
-            responses={404: PROBLEMS[404]})
-async def list_deliveries(task_id: TaskId, caller: Caller, svc: Svc) -> DeliveryList:
+            responses={404: PROBLEMS[404], 422: PROBLEMS[422]})
+async def list_deliveries(
+    task_id: TaskId, caller: Caller, svc: Svc,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> DeliveryList:
     """Oldest first, each with every attempt (time, HTTP status, latency, the first KiB of
-    the answer, the error)."""
-    rows = await notify.list_deliveries(svc, task_id=task_id, client=caller.scope)
-    return DeliveryList.model_validate({"data": notify.presentable(rows)})
+    the answer, the error). Keyset-paginated like history: ``limit`` (1-200, default 50),
+    ``cursor`` from ``next_cursor`` (null on the last page)."""
+    rows, next_cursor = await notify.list_deliveries(svc, task_id=task_id, client=caller.scope,
+                                                     limit=limit, cursor=cursor)
+    return DeliveryList.model_validate({"data": notify.presentable(rows),
+                                        "next_cursor": next_cursor})
 
 
 @router.post("/tasks/{task_id}/deliveries/redeliver", status_code=202,
@@ -44,7 +51,8 @@ async def list_deliveries(task_id: TaskId, caller: Caller, svc: Svc) -> Delivery
              summary="Send the task's terminal event again, as a new delivery",
              responses={404: PROBLEMS[404],
                         409: {"model": Problem,
-                              "description": "The task is not finished or has no webhook_url"}})
+                              "description": "The task is not finished, has no webhook_url, "
+                                             "or an earlier redelivery is still pending"}})
 async def redeliver(task_id: TaskId, caller: Caller, svc: Svc) -> DeliveryOut:
     """A new delivery (with its own ``webhook-id``) of the task as it is now, on the same
     retry schedule."""

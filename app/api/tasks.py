@@ -70,7 +70,9 @@ async def _wait(request: Request, response: Response, ctx: Ctx, hub: Hub, caller
                                     "or after the wait)", "headers": WAIT_HEADERS},
                409: {"model": Problem, "description": "The same Idempotency-Key is in flight"},
                413: {"model": Problem, "description": "Body too large"},
-               422: PROBLEMS[422]},
+               422: {"model": Problem, "description": "Invalid request (also: a webhook_url "
+                     "whose host is a literal loopback, private, link-local, metadata or "
+                     "reserved address, unless GATEWAY_ALLOW_PRIVATE_NETWORKS)"}},
 )
 async def create_task(
     body: TaskCreate, request: Request, response: Response, caller: Caller, ctx: Context,
@@ -82,6 +84,10 @@ async def create_task(
     )] = None,
 ) -> TaskOut:
     """Validate against the model's parameter sheet, record, and forward to Wiro."""
+    if (bad := body.webhook_refusal(
+            allow_private=ctx.settings.allow_private_networks)) is not None:
+        raise InvalidRequest("webhook_url points at an address the gateway never delivers "
+                             "to.", errors=[bad])
     if idempotency_key is not None and not idempotency_key.strip():
         raise InvalidRequest("Idempotency-Key must not be empty.",
                              errors=[{"loc": ["header", "Idempotency-Key"], "msg": "empty"}])

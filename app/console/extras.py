@@ -18,7 +18,7 @@ from typing import Any
 from markupsafe import Markup
 from starlette.responses import Response
 
-from app import notify, results
+from app import notify, results, uploads
 from app.api.deps import task_out
 from app.console import charts
 from app.errors import NotFound
@@ -26,7 +26,7 @@ from app.lifecycle import Status
 from app.models import Task
 from app.outbox import Services
 from app.schemas import DeliveryList, DeliveryOut, TaskOut
-from app.tasks import Ctx
+from app.tasks import Ctx, get_task
 
 WINDOWS = ("24h", "7d", "30d")
 
@@ -56,7 +56,8 @@ class TaskView:
     api: TaskOut  # exactly what the API returns for this task
     client: str
     erased_at: datetime | None
-    input_src: str | None
+    input_src: str | None  # the console's own route, for an upload stored here; else None
+    input_url: str | None  # the caller's inputImageUrl: shown as a link, never loaded
     outputs: list[OutputView] = field(default_factory=list)
 
     @property
@@ -85,9 +86,25 @@ def present(ctx: Ctx, task: Task) -> TaskView:
             index=i, name=out.name, src=src, content_type=out.content_type, size=out.size,
             width=out.width, height=out.height, sha256=out.sha256,
             upstream_url=out.upstream_url))
-    input_src = None if erased_at is not None else api.input.get("inputImageUrl")
+    input_url = api.input.get("inputImageUrl") or None
+    input_src = None
+    if erased_at is None and input_url and local_upload(ctx, input_url) is not None:
+        input_src = f"/console/tasks/{api.id}/input"
     return TaskView(api=api, client=task.client, erased_at=erased_at, input_src=input_src,
-                    outputs=outputs)
+                    input_url=None if erased_at is not None else input_url, outputs=outputs)
+
+
+def local_upload(ctx: Ctx, url: str) -> tuple[str, str] | None:
+    """``(upload_id, name)`` if ``url`` is an upload this gateway stores and serves
+    (``GATEWAY_UPLOAD_MODE=local``), else None. Any other input URL is the caller's
+    choice: the console never makes the operator's browser fetch it."""
+    prefix = f"{ctx.settings.public_url}/files/"
+    if not url.startswith(prefix):
+        return None
+    upload_id, sep, name = url.removeprefix(prefix).partition("/")
+    if not sep or not upload_id or not name or "/" in name or "?" in name or "#" in name:
+        return None
+    return upload_id, name
 
 
 def actions(view: TaskView) -> dict[str, bool]:
@@ -122,7 +139,7 @@ _FEATURES: dict[str, Callable[[], Any]] = {
 async def deliveries(svc: Services, *, task_id: str, client: str | None
                      ) -> list[DeliveryOut]:
     """The task's notifications and their attempts, as ``GET …/deliveries`` shows them."""
-    rows = await notify.list_deliveries(svc, task_id=task_id, client=client)
+    rows, _ = await notify.list_deliveries(svc, task_id=task_id, client=client, limit=200)
     return DeliveryList.model_validate({"data": notify.presentable(rows)}).data
 
 
@@ -138,9 +155,30 @@ async def act(action: str, svc: Services, *, task_id: str, client: str | None) -
 async def output(svc: Services, *, task_id: str, index: int, client: str | None) -> Response:
     """The stored image, through the function behind ``GET /v1/tasks/{id}/outputs/{i}``."""
     data, row = await results.open_output(svc, task_id=task_id, index=index, client=client)
-    return Response(data, media_type=row.content_type, headers={
-        "ETag": f'"{row.sha256}"', "Cache-Control": "private, max-age=86400",
-        "X-Content-Type-Options": "nosniff"})
+    return image(data, row.content_type, etag=row.sha256)
+
+
+async def input_image(svc: Services, *, task_id: str, client: str | None) -> Response:
+    """The task's input photo, only where it is an upload stored here by the task's own
+    client (``uploads.open_upload``, as ``GET /files/…`` serves it to Wiro)."""
+    task = await get_task(svc.ctx, task_id=task_id, client=client)
+    url = (task.input or {}).get("inputImageUrl")
+    where = local_upload(svc.ctx, url) if isinstance(url, str) else None
+    if where is None or task.images_erased_at is not None:
+        raise NotFound("This task's input photo is not stored by the gateway.")
+    data, row = await uploads.open_upload(svc, upload_id=where[0], name=where[1])
+    if row.client != task.client:
+        raise NotFound("This task's input photo is not stored by the gateway.")
+    return image(data, row.content_type, etag=row.sha256)
+
+
+def image(data: bytes, content_type: str | None, *, etag: str | None) -> Response:
+    """A stored image for the operator's browser: never kept in a cache (an erased image
+    must not outlive its erasure there), as the API serves them."""
+    headers = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
+    if etag:
+        headers["ETag"] = f'"{etag}"'
+    return Response(data, media_type=content_type, headers=headers)
 
 
 # ---------------------------------------------------------------- statistics

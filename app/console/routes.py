@@ -294,9 +294,15 @@ def _history_args(f: Filters, me: Viewer) -> dict[str, Any]:
     start, end = _day(f.date_from, "From"), _day(f.date_to, "To")
     if start and end and start > end:
         raise InvalidRequest("The range starts after it ends.")
-    after = (datetime.combine(start, time.min, zone) - timedelta(microseconds=1)
-             if start else None)
-    before = datetime.combine(end + timedelta(days=1), time.min, zone) if end else None
+    try:
+        after = (datetime.combine(start, time.min, zone) - timedelta(microseconds=1)
+                 if start else None)
+        before = datetime.combine(end + timedelta(days=1), time.min, zone) if end else None
+        for bound in (after, before):
+            if bound is not None:
+                bound.astimezone(UTC)  # 9999-12-31 + 1 day, or 0001-01-01 east of UTC
+    except (OverflowError, ValueError):
+        raise InvalidRequest("That date is out of range.") from None
     metadata = {}
     if f.meta_key:
         if len(f.meta_key) > 40 or len(f.meta_value) > 500:
@@ -402,6 +408,13 @@ async def task_output(task_id: str, index: Annotated[int, Path(ge=0, le=1000)], 
                       svc: Svc) -> Response:
     """A stored output, through the function the API's output route uses."""
     return await extras.output(svc, task_id=task_id, index=index, client=me.scope)
+
+
+@router.get("/tasks/{task_id}/input")
+async def task_input(task_id: str, me: Looker, svc: Svc) -> Response:
+    """The input photo, only where it is an upload stored here: the console never makes
+    the operator's browser fetch a URL the caller chose."""
+    return await extras.input_image(svc, task_id=task_id, client=me.scope)
 
 
 ACTIONS: dict[str, tuple[str, str, str]] = {  # name: (title, explanation, button)
