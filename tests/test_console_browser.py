@@ -75,6 +75,9 @@ async def sign_in(page: Any, client: str, then: str = "/console/tasks") -> None:
     """By keyboard only: the key field has focus, Enter submits."""
     await page.goto(then)
     assert "/console/sign-in" in page.url
+    # Autofocus lands after the load event on a busy machine: keys typed before it are
+    # lost (a wrong key, and the sign-in page again). Wait until the field has focus.
+    await page.wait_for_function("document.activeElement && document.activeElement.id === 'key'")
     await page.keyboard.type(CLIENT_KEYS[client])
     await page.keyboard.press("Enter")
     await page.wait_for_url(re.compile(re.escape(then.split("?")[0]) + r"(\?|$)"))
