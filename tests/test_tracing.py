@@ -132,8 +132,8 @@ async def test_a_task_leaves_request_upstream_and_notification_spans(
 async def test_the_callers_traceparent_reaches_its_webhook(db_url: str, sim: Sim,
                                                            tmp_path: Path) -> None:
     incoming = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
-    task_id, call, exporter, row = await _traced_task(db_url, sim, tmp_path,
-                                                      {"traceparent": incoming})
+    _, call, exporter, row = await _traced_task(db_url, sim, tmp_path,
+                                                {"traceparent": incoming})
     [server] = _named(exporter, "POST /v1/tasks")
     assert _trace_id(server) == CALLER_TRACE
     assert server.parent is not None and format(server.parent.span_id, "016x") == CALLER_SPAN
