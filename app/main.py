@@ -6,11 +6,12 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import httpx
 from fastapi import Depends, FastAPI, Request
 
-from app import logs, metrics, stats
+from app import logs, metrics, stats, tracing
 from app.api import callbacks, health
 from app.api import results as result_routes
 from app.api import stats as stats_routes
@@ -32,6 +33,9 @@ from app.wakeup import Hub, PgListener, attach_local
 from app.wiro import NonceSource, WiroClient
 from app.workers.jobs import result_workers
 from app.workers.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 # aiosqlite logs every statement with its parameters at DEBUG: stored tokens, hashes and
@@ -74,11 +78,18 @@ async def _log_task_id(request: Request) -> None:
 
 
 def create_app(settings: Settings | None = None, *, start_workers: bool = True,
-               wiro_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+               wiro_transport: httpx.AsyncBaseTransport | None = None,
+               tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """``tracer_provider``: trace with this one (tests); by default the ``OTEL_*``
+    variables decide whether there are traces at all (app/tracing.py)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        provider = (tracer_provider if tracer_provider is not None
+                    else tracing.provider_from_env())
+        if provider is not None:
+            tracing.install(provider)
         engine = make_engine(settings.effective_database_url)
         http = httpx.AsyncClient(transport=wiro_transport, follow_redirects=False,
                                  limits=httpx.Limits(max_connections=100,
@@ -132,6 +143,10 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
             await services.outbound.aclose()
             await http.aclose()
             await engine.dispose()
+            if provider is not None:
+                tracing.uninstall(provider)
+                if tracer_provider is None:
+                    provider.shutdown()  # flushes the spans still queued for export
 
     app = FastAPI(
         title="headshot-gateway", version="1.0.0", description=DESCRIPTION,
@@ -154,8 +169,10 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     app.include_router(stats_routes.router)
     app.include_router(health.router)
     app.include_router(console_router)
-    # Two layers around the routes: the request's log context outermost (it sees every
-    # answer), then the edge gate (limits, drain, keys, rates, bodies: app/gate.py).
+    # Three layers around the routes: the request's log context outermost (it sees every
+    # answer), then the request's span when tracing is on (app/tracing.py), then the edge
+    # gate (limits, drain, keys, rates, bodies: app/gate.py).
     app.add_middleware(EdgeGate, settings=settings)
+    app.add_middleware(tracing.ServerSpans)
     app.add_middleware(logs.RequestContext)
     return app

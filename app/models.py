@@ -57,6 +57,9 @@ class Task(Base):
     cancel_requested_at: Mapped[datetime | None] = mapped_column(TS)
     upstream_started_at: Mapped[datetime | None] = mapped_column(TS)
     images_erased_at: Mapped[datetime | None] = mapped_column(TS)  # DELETE …/images, retention
+    # The creating request's W3C trace context (tracing on only): the notification
+    # continues that trace (app/tracing.py).
+    traceparent: Mapped[str | None] = mapped_column(String(55))
 
     __table_args__ = (
         Index("ix_tasks_client_id", "client", "id"),

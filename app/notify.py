@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, or_, select, update
 from standardwebhooks.webhooks import Webhook
 
-from app import metrics
+from app import metrics, tracing
 from app.db import unit_of_work
 from app.errors import Conflict, InvalidRequest
 from app.lifecycle import Status
@@ -287,27 +287,38 @@ async def attempt(svc: Services, delivery_id: str) -> None:
                    **sign(s.webhook_secret.get_secret_value(), d.id, now, body)}
         policy = Policy(allow_private=s.allow_private_networks, hosts=s.webhook_host_set)
         error = None
-        try:
-            resp = await svc.outbound.request(
-                "POST", d.url, policy=policy, headers=headers, content=body.encode(),
-                timeout_s=s.notify_timeout_s, connect_timeout_s=s.notify_connect_timeout_s,
-                max_bytes=RESPONSE_BODY_BYTES, truncate=True)
-        except OutboundRefused as e:
-            error, final = f"refused: {e}", True
-            latency_ms = _ms(ctx.clock() - now)
-        except OutboundError as e:
-            error = str(e) or type(e).__name__
-            latency_ms = _ms(ctx.clock() - now)
-        else:
-            latency_ms = round(resp.elapsed_ms)
-            status_code = resp.status_code
-            response_body = resp.content.decode("utf-8", "replace")
-            if 300 <= status_code < 400:
-                error = "redirects are not followed"
-            elif status_code == 410:
-                error, final = "the receiver answered 410 Gone: no further attempts", True
-            elif status_code == 429:
-                retry_after = parse_retry_after(resp.headers.get("retry-after"))
+        # A span per attempt when tracing is on, continuing the trace of the request that
+        # created the task; the receiver gets it as ``traceparent`` (app/tracing.py).
+        with tracing.notification(task.id, task.traceparent, delivery_id=d.id, attempt=number,
+                                  host=_host(d.url)) as traced:
+            if traced is not None and traced[1]:
+                headers["traceparent"] = traced[1]
+            try:
+                resp = await svc.outbound.request(
+                    "POST", d.url, policy=policy, headers=headers, content=body.encode(),
+                    timeout_s=s.notify_timeout_s, connect_timeout_s=s.notify_connect_timeout_s,
+                    max_bytes=RESPONSE_BODY_BYTES, truncate=True)
+            except OutboundRefused as e:
+                error, final = f"refused: {e}", True
+                latency_ms = _ms(ctx.clock() - now)
+            except OutboundError as e:
+                error = str(e) or type(e).__name__
+                latency_ms = _ms(ctx.clock() - now)
+            else:
+                latency_ms = round(resp.elapsed_ms)
+                status_code = resp.status_code
+                response_body = resp.content.decode("utf-8", "replace")
+                if 300 <= status_code < 400:
+                    error = "redirects are not followed"
+                elif status_code == 410:
+                    error, final = "the receiver answered 410 Gone: no further attempts", True
+                elif status_code == 429:
+                    retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            if traced is not None:
+                tracing.notification_result(
+                    traced[0], status_code=status_code, error=error,
+                    delivered=error is None and status_code is not None
+                    and 200 <= status_code < 300)
     delivered = error is None and status_code is not None and 200 <= status_code < 300
     if not delivered and error is None:
         error = f"HTTP {status_code}"

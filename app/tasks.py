@@ -51,7 +51,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
-from app import metrics
+from app import metrics, tracing
 from app.catalog import validate_input
 from app.db import UTCDateTime, unit_of_work, utcnow, write
 from app.errors import Conflict, InvalidRequest, NotFound
@@ -257,6 +257,7 @@ def _prepare(ctx: Ctx, client: str, body: TaskCreate,
         deadline_at=now + timedelta(seconds=ctx.settings.task_timeout_s),
         next_check_at=now, lease_owner=ctx.owner,
         lease_until=now + timedelta(seconds=ctx.settings.lease_s), retries=0,
+        traceparent=tracing.new_task(task_id),  # tracing (app/tracing.py): None when off
     )  # the columns left out read as None on this unsaved object (and in ``_row``)
     return task, rhash
 

@@ -242,16 +242,17 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(*, db_url: str, sim: Sim, data_dir: Path,
+async def run_gateway(*, db_url: str, sim: Sim, data_dir: Path, tracer_provider: Any = None,
                       **overrides: Any) -> AsyncIterator[Gateway]:
-    """The gateway in this event loop, under uvicorn on a free loopback port."""
+    """The gateway in this event loop, under uvicorn on a free loopback port
+    (``tracer_provider``: traced with it, as tests/test_tracing.py does)."""
     from app.main import create_app
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = gateway_settings(db_url=db_url, sim=sim, public_url=url, data_dir=data_dir,
                                 **overrides)
-    app = create_app(settings)
+    app = create_app(settings, tracer_provider=tracer_provider)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     serving = asyncio.create_task(server.serve())

@@ -27,7 +27,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr
 
-from app import metrics
+from app import metrics, tracing
 from app.wiro.errors import (
     WiroAccessDenied,
     WiroAmbiguous,
@@ -344,14 +344,20 @@ class WiroClient:
         """``_post_once``, timed and counted by endpoint and outcome (app/metrics.py)."""
         started = time.perf_counter()
         error: BaseException | None = None
+        endpoint = metrics.upstream_endpoint(path)
         try:
-            return await self._post_once(path, json=json, files=files, is_run=is_run)
+            # A span per call when tracing is on (app/tracing.py): Wiro's task id, never
+            # a task token, a key or a signature.
+            with tracing.wiro_call(endpoint, _task_id(json)) as span:
+                body = await self._post_once(path, json=json, files=files, is_run=is_run)
+                if is_run:
+                    tracing.set_wiro_task_id(span, _task_id(body))
+                return body
         except BaseException as e:  # cancellation included: it is an outcome too
             error = e
             raise
         finally:
-            metrics.upstream_call(metrics.upstream_endpoint(path), error,
-                                  time.perf_counter() - started)
+            metrics.upstream_call(endpoint, error, time.perf_counter() - started)
 
     async def _post_once(
         self,
