@@ -103,9 +103,10 @@ class Settings(BaseSettings):
     worker_concurrency: int = 16
     body_limit_bytes: int = 64 * 1024
     callback_body_limit_bytes: int = Field(
-        default=64 * 1024, gt=0, le=1024 * 1024,
-        description="largest Wiro callback body (the contract allows up to 1 MiB; Wiro's "
-                    "task object is a few KiB, docs/security.md)")
+        default=1024 * 1024, gt=0, le=1024 * 1024,
+        description="largest Wiro callback body: the contract's 1 MiB (the token is matched "
+                    "before any body is read, so only the holder of a task's secret URL "
+                    "can make the gateway read one); lower it if you like (docs/security.md)")
     log_level: str = "INFO"
     shutdown_grace_s: float = Field(
         default=8.0, ge=0,

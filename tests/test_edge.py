@@ -267,9 +267,9 @@ async def test_callbacks_are_screened_before_the_body_and_the_write_lock(
         a = await exchange(gateway, _head("POST", path, {"Content-Length": "60000"}),
                            closes=False)
         assert a.status == 204
-    # Over the callback limit (64 KiB): 413 from the declared length, the token unread.
+    # Over the callback limit (the contract's 1 MiB): 413 from the declared length.
     limit = gateway.settings.callback_body_limit_bytes
-    assert limit == 64 * 1024
+    assert limit == 1024 * 1024
     a = await exchange(gateway, _head("POST", path, {"Content-Length": str(limit + 1)}))
     assert a.status == 413
     async with httpx.AsyncClient(timeout=30) as c:
@@ -316,7 +316,7 @@ def test_production_defaults_limit_each_client() -> None:
     assert limits.burst == PROD_CLIENT_RATE_PER_S * prod.client_rate_burst_s
     assert Settings(env="test").default_client_rate_per_s == 0
     assert Settings(env="prod", client_rate_per_s=0).default_client_rate_per_s == 0
-    assert prod.callback_body_limit_bytes == 64 * 1024
+    assert prod.callback_body_limit_bytes == 1024 * 1024  # the contract's
     assert prod.max_concurrent_uploads > 0 and prod.auth_failure_burst > 0
     assert prod.stats_cache_s > 0
     assert timedelta(days=30) >= __import__("app.stats").stats.MAX_WINDOW

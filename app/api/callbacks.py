@@ -19,11 +19,11 @@ router = APIRouter(tags=["upstream"])
     summary="Wiro's completion callback (per-task secret URL)",
     responses={404: {"model": Problem, "description": "Unknown task or token"},
                413: {"model": Problem, "description": "Body over the callback limit "
-                                                      "(64 KiB by default)"}},
+                                                      "(1 MiB by default, the contract's)"}},
 )
 async def wiro_callback(task_id: str, token: str, request: Request,
                         ctx: Ctx = Depends(get_ctx)) -> Response:
-    """Any body and content type up to ``GATEWAY_CALLBACK_BODY_LIMIT_BYTES`` (64 KiB by
+    """Any body and content type up to ``GATEWAY_CALLBACK_BODY_LIMIT_BYTES`` (1 MiB by
     default). The token is matched before the body is read; the body is never trusted:
     the gateway reads Task/Detail and applies what that says."""
     verdict = await screen(ctx, task_id=task_id, token=token)
