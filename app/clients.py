@@ -56,6 +56,14 @@ class Limits:
     rate_per_s: float = 0.0  # 0 = no request rate limit
     burst: float = 1.0  # bucket size, in requests
     max_in_flight: int = 0  # 0 = no per-client cap on tasks in flight
+    # The gateway-wide default rate counts only requests that change something (POST,
+    # DELETE, ...): a caller polling its tasks is never throttled by a default it did not
+    # choose. A rate set for the client itself (`keys create --rate`) counts every request.
+    reads_limited: bool = True
+
+    def limits(self, method: str) -> bool:
+        """Whether a request with ``method`` counts against the rate."""
+        return self.reads_limited or method.upper() not in ("GET", "HEAD", "OPTIONS")
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,7 @@ def limits_for(settings: Settings, rate_per_s: float | None,
     rate = settings.default_client_rate_per_s if rate_per_s is None else rate_per_s
     cap = settings.client_max_in_flight if max_in_flight is None else max_in_flight
     return Limits(rate_per_s=rate, burst=max(1.0, rate * settings.client_rate_burst_s),
-                  max_in_flight=cap)
+                  max_in_flight=cap, reads_limited=rate_per_s is not None)
 
 
 # ---------------------------------------------------------------- key management (CLI)

@@ -154,8 +154,9 @@ class EdgeGate:
             if boxed:
                 self.auth_failures.take(address, rate=rate, burst=burst)
             return _unauthorized("Unknown API key.")
-        wait = state.rate_limiter.take(caller.client, rate=caller.limits.rate_per_s,
-                                       burst=caller.limits.burst)
+        wait = (state.rate_limiter.take(caller.client, rate=caller.limits.rate_per_s,
+                                        burst=caller.limits.burst)
+                if caller.limits.limits(scope.get("method", "GET")) else 0.0)
         if wait > 0:
             return _too_many(f"Over this client's limit of {caller.limits.rate_per_s:g} "
                              f"requests/s; retry after {math.ceil(wait)}s.", wait)

@@ -320,3 +320,20 @@ def test_production_defaults_limit_each_client() -> None:
     assert prod.max_concurrent_uploads > 0 and prod.auth_failure_burst > 0
     assert prod.stats_cache_s > 0
     assert timedelta(days=30) >= __import__("app.stats").stats.MAX_WINDOW
+
+
+@SQLITE_ONLY
+async def test_the_default_rate_counts_writes_not_reads(db_url: str, sim: Sim,
+                                                        tmp_path: Path) -> None:
+    """The gateway-wide default rate throttles what changes something (submits, cancels,
+    uploads); a caller polling its tasks is not throttled by a default it never chose.
+    A rate set for the client itself counts every request (test_keys)."""
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, client_rate_per_s=2,
+                           client_rate_burst_s=1.0) as gw:
+        c = gw.client()
+        reads = [(await c.get("/v1/tasks")).status_code for _ in range(10)]
+        writes = [(await c.post("/v1/tasks/tsk_none/cancel")).status_code for _ in range(6)]
+    assert reads == [200] * 10
+    assert 429 in writes and set(writes) <= {404, 429}, writes
+    own = clients.limits_for(Settings(env="prod"), 5.0, None)
+    assert own.limits("GET") and own.limits("POST")

@@ -48,8 +48,9 @@ async def principal(request: Request,
     if scheme.lower() != "bearer":
         raise Unauthorized("Missing or malformed bearer token.")
     caller = await principal_for_key(request, key.strip())
-    wait = request.app.state.rate_limiter.take(
+    wait = (request.app.state.rate_limiter.take(
         caller.client, rate=caller.limits.rate_per_s, burst=caller.limits.burst)
+        if caller.limits.limits(request.method) else 0.0)
     if wait > 0:
         raise TooManyRequests(
             f"Over this client's limit of {caller.limits.rate_per_s:g} requests/s; "
