@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     auth_failure_rate_per_s: float = Field(
         default=1.0, gt=0, description="how fast an address earns back wrong-key attempts")
     max_concurrent_uploads: int = Field(
-        default=8, ge=0,
+        default=32, ge=0,
         description="authenticated POST /v1/uploads bodies streaming at once, per process; "
                     "more are answered 503 with Retry-After (0 = no cap)")
     stats_cache_s: float = Field(
