@@ -23,6 +23,7 @@ import headshot_client as hc
 import httpx
 import pytest
 
+from app import clients
 from app.migrate import upgrade
 from tests.conftest import CLIENT_KEYS, ROOT, Gateway, Sim, run_gateway
 from tests.receivers import serve_receiver
@@ -346,8 +347,11 @@ async def test_errors_are_typed(gw: Gateway, sim: Sim, tmp_path: Path) -> None:
 async def test_rate_limit_429_is_retried_after_retry_after(sqlite_url: str, sim: Sim,
                                                            tmp_path: Path) -> None:
     """A real gateway's per-client rate limit: the client waits out each Retry-After."""
-    async with run_gateway(db_url=sqlite_url, sim=sim, data_dir=tmp_path, client_rate_per_s=2.0,
+    async with run_gateway(db_url=sqlite_url, sim=sim, data_dir=tmp_path,
                            client_rate_burst_s=1.0) as gateway:
+        # A rate set for the client counts reads too (the default one only writes).
+        await clients.set_limits(gateway.ctx.sm, client="alpha", rate_per_s=2.0,
+                                 max_in_flight=None)
         retry_afters: list[str] = []
         slept: list[float] = []
 
