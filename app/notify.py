@@ -271,6 +271,11 @@ async def attempt(svc: Services, delivery_id: str) -> None:
         if (task.status == Status.succeeded and now < waited
                 and await _wait_for_outputs(svc, d, waited)):
             return
+        if task.status == Status.succeeded:
+            # Read again: an output stored between the first read and that check has
+            # rewritten the task's output URLs, and the payload must carry them.
+            async with ctx.sm() as ses:
+                task = await ses.get(Task, d.task_id) or task
     body = d.payload or payload(task)
     number = d.attempts + 1
     status_code: int | None = None
