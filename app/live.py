@@ -9,15 +9,12 @@ again: the database is the truth, a wake-up only says when to look.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import re
 from collections.abc import AsyncIterator, Sequence
 
 from sqlalchemy import select
 
-from app import tasks
+from app import cursors, tasks
 from app.errors import InvalidRequest
 from app.lifecycle import Status
 from app.models import Event, Task
@@ -89,20 +86,12 @@ async def wait_for_task(ctx: Ctx, hub: Hub, *, task_id: str, scope: str | None, 
 
 
 def encode_event_cursor(after: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode().rstrip("=")
+    return cursors.encode("after", after)
 
 
 def decode_event_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        value = json.loads(raw)["after"]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError
-        return value
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest(
-            "The cursor is not valid.",
-            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}]) from None
+    return int(cursors.decode(cursor, "after", lambda v: isinstance(v, int)
+                              and not isinstance(v, bool) and v >= 0))
 
 
 def parse_last_event_id(value: str) -> int:

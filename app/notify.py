@@ -22,8 +22,6 @@ runs out: receivers dedupe on ``webhook-id``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import random
@@ -36,9 +34,9 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, or_, select, update
 from standardwebhooks.webhooks import Webhook
 
-from app import metrics, tracing
+from app import cursors, metrics, tracing
 from app.db import unit_of_work
-from app.errors import Conflict, InvalidRequest
+from app.errors import Conflict
 from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
 from app.outbound import OutboundError, OutboundRefused, Policy
@@ -89,22 +87,11 @@ def sign(secret: str, msg_id: str, at: datetime, body: str) -> dict[str, str]:
 
 
 def encode_cursor(delivery_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"id": delivery_id}).encode()
-                                    ).decode().rstrip("=")
+    return cursors.encode("id", delivery_id)
 
 
 def decode_cursor(cursor: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        value = json.loads(raw)["id"]
-        if (not isinstance(value, str) or not value.startswith("msg_") or len(value) > 40
-                or not (value[4:].isascii() and value[4:].isalnum())):
-            raise ValueError
-        return value
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest(
-            "The cursor is not valid.",
-            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}]) from None
+    return str(cursors.decode(cursor, "id", cursors.prefixed_id("msg_")))
 
 
 async def list_deliveries(svc: Services, *, task_id: str, client: str | None, limit: int = 50,

@@ -18,8 +18,6 @@ transaction. No transaction is held across an upstream call.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import hmac
@@ -51,7 +49,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
-from app import metrics, tracing
+from app import cursors, metrics, tracing
 from app.catalog import validate_input
 from app.db import UTCDateTime, unit_of_work, utcnow, write
 from app.errors import Conflict, InvalidRequest, NotFound
@@ -505,21 +503,11 @@ async def list_events(ctx: Ctx, *, task_id: str, client: str | None) -> Sequence
 
 
 def encode_cursor(task_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"id": task_id}).encode()).decode().rstrip("=")
+    return cursors.encode("id", task_id)
 
 
 def decode_cursor(cursor: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        value = json.loads(raw)["id"]
-        if (not isinstance(value, str) or not value.startswith("tsk_") or len(value) > 40
-                or not (value[4:].isascii() and value[4:].isalnum())):
-            raise ValueError
-        return value
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest(
-            "The cursor is not valid.",
-            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}]) from None
+    return str(cursors.decode(cursor, "id", cursors.prefixed_id("tsk_")))
 
 
 _TASK_METADATA = cast(Table, TaskMetadata.__table__)
