@@ -48,9 +48,12 @@ class EventKind(StrEnum):
     cancel_sent = "cancel_sent"  # what Task/Cancel or Task/Kill answered
     cancelled = "cancelled"  # cancelled (locally while pending, or confirmed upstream)
     # after the end
+    notification_delivered = "notification_delivered"  # a webhook was answered 2xx
     notification_failed = "notification_failed"  # a webhook delivery gave up
     images_erased = "images_erased"  # stored images and inputs erased (DELETE, retention)
-    upstream_erased = "upstream_erased"  # Wiro's copies deleted (or gave up / will retry)
+    upstream_erased = "upstream_erased"  # Wiro deleted its copies of inputs and outputs
+    upstream_erase_retry = "upstream_erase_retry"  # deleting Wiro's copies: will retry
+    upstream_erase_failed = "upstream_erase_failed"  # deleting Wiro's copies gave up
 
 
 class DeliveryStatus(StrEnum):
