@@ -118,6 +118,10 @@ class Event(Base):
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     at: Mapped[datetime] = mapped_column(TS)
     source: Mapped[str] = mapped_column(String(20))
+    # What the event records (app.states.EventKind): readers decide on this, never on
+    # ``message``. Null only on rows a gateway older than migration 0021 wrote while a
+    # rolling upgrade ran (the migration backfilled every earlier row).
+    kind: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str | None] = mapped_column(String(20))
     upstream_status: Mapped[str | None] = mapped_column(String(40))
     message: Mapped[str | None] = mapped_column(Text)

@@ -41,6 +41,7 @@ from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
 from app.outbound import OutboundError, OutboundRefused, Policy
 from app.outbox import Services, new_delivery
+from app.states import EventKind
 from app.tasks import get_task
 from app.wiro.client import parse_retry_after
 
@@ -357,7 +358,9 @@ async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: da
                               error=None if delivered else (error or "")[:1000]))
         if status != "pending":
             what = (f"HTTP {status_code}" if delivered else (error or "failed"))[:300]
-            s.add(Event(task_id=task.id, at=now, source="delivery", status=None,
+            kind = (EventKind.notification_delivered if delivered
+                    else EventKind.notification_failed)
+            s.add(Event(task_id=task.id, at=now, source="delivery", kind=kind, status=None,
                         upstream_status=None, message=(
                             f"notification {d.event_type} ({d.id}) to {_host(d.url)} "
                             f"{status} after {number} attempt{'s' if number > 1 else ''}: "

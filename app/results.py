@@ -36,6 +36,7 @@ from app.lifecycle import TERMINAL_RANK, Status
 from app.models import Erasure, Event, StoredOutput, Task, Upload
 from app.outbound import OutboundError, OutboundRefused, Policy
 from app.outbox import Services
+from app.states import EventKind
 from app.tasks import get_task
 from app.wiro import WiroError, WiroStateError
 
@@ -283,7 +284,8 @@ async def erase_task_images(svc: Services, *, task_id: str, client: str | None,
                           ctx.settings.lease_s, ctx.settings.wiro_read_timeout_s + 10))))
         why = ("at the caller's request" if reason == "request" else
                f"after the retention period of {ctx.settings.retention_days:g} days")
-        s.add(Event(task_id=task_id, at=now, source="api", status=None, upstream_status=None,
+        s.add(Event(task_id=task_id, at=now, source="api", kind=EventKind.images_erased,
+                    status=None, upstream_status=None,
                     message=(f"images erased {why}: {len(outputs)} output(s) and "
                              f"{len(uploads)} uploaded input(s) deleted here"
                              + ("; asking Wiro to delete its copies" if upstream == "pending"
@@ -355,6 +357,7 @@ async def process_erasure(svc: Services, task_id: str) -> None:
     values: dict[str, Any] = dict(attempts=attempts, upstream_state=upstream,
                                   last_error=error, lease_owner=None, lease_until=None)
     message = None
+    kind = EventKind.upstream_erased
     if error is None:
         values.update(next_try_at=None, done_at=now)
         if upstream == "done":
@@ -362,9 +365,11 @@ async def process_erasure(svc: Services, task_id: str) -> None:
     elif attempts > len(schedule):
         values.update(next_try_at=None, upstream_state="failed" if upstream == "pending"
                       else upstream)
+        kind = EventKind.upstream_erase_failed
         message = f"erasure gave up after {attempts} attempts: {error}"
     else:
         values["next_try_at"] = now + timedelta(seconds=_jitter(schedule[attempts - 1]))
+        kind = EventKind.upstream_erase_retry
         if attempts == 1:
             message = f"erasure incomplete, will retry: {error}"
     async with unit_of_work(ctx.sm) as ses:
@@ -372,7 +377,7 @@ async def process_erasure(svc: Services, task_id: str) -> None:
                                                       Erasure.lease_owner == ctx.owner)
                                 .values(**values).execution_options(synchronize_session=False))
         if res.rowcount == 1 and message:  # type: ignore[attr-defined]
-            ses.add(Event(task_id=task_id, at=now, source="api", status=None,
+            ses.add(Event(task_id=task_id, at=now, source="api", kind=kind, status=None,
                           upstream_status=None, message=message))
     if error is not None and values.get("next_try_at") is not None:
         svc.wake_eraser()

@@ -68,6 +68,7 @@ from app.outbox import record_terminal
 from app.pollplan import PollPlan
 from app.schemas import TaskCreate
 from app.settings import Settings
+from app.states import EventKind
 from app.wiro import (
     RunAccepted,
     UpstreamTask,
@@ -168,29 +169,29 @@ class Ctx:
 # ---------------------------------------------------------------- writes, in one place
 
 
-def _event_values(task_id: str, source: str, at: datetime, *, status: str | None = None,
-                  upstream_status: str | None = None, message: str | None = None
-                  ) -> dict[str, Any]:
+def _event_values(task_id: str, source: str, at: datetime, kind: EventKind, *,
+                  status: str | None = None, upstream_status: str | None = None,
+                  message: str | None = None) -> dict[str, Any]:
     """An event row's values (and its log line). ``status`` is set only when the event is
     a transition (the status the task moved to), so a task's events name each status at
     most once."""
     log.info("%s", message or f"status {status}", extra={
-        "task_id": task_id, "source": source, "status": status,
+        "task_id": task_id, "source": source, "kind": kind.value, "status": status,
         "upstream_status": upstream_status})
-    return {"task_id": task_id, "at": at, "source": source, "status": status,
-            "upstream_status": upstream_status, "message": message}
+    return {"task_id": task_id, "at": at, "source": source, "kind": kind.value,
+            "status": status, "upstream_status": upstream_status, "message": message}
 
 
-def _event(session: AsyncSession, task_id: str, source: str, at: datetime, *,
-           status: str | None = None, upstream_status: str | None = None,
+def _event(session: AsyncSession, task_id: str, source: str, at: datetime, kind: EventKind,
+           *, status: str | None = None, upstream_status: str | None = None,
            message: str | None = None) -> None:
     """Add an event row to the session (see ``_event_values``)."""
-    session.add(Event(**_event_values(task_id, source, at, status=status,
+    session.add(Event(**_event_values(task_id, source, at, kind, status=status,
                                       upstream_status=upstream_status, message=message)))
 
 
 async def _transition(session: AsyncSession, task_id: str, new: Status, *, source: str,
-                      now: datetime, message: str | None = None,
+                      now: datetime, kind: EventKind, message: str | None = None,
                       expect: Status | None = None, **values: Any) -> bool:
     """Move the task to ``new`` if that is forward (and, given ``expect``, only from that
     status); record the event. True if it moved."""
@@ -211,7 +212,7 @@ async def _transition(session: AsyncSession, task_id: str, new: Status, *, sourc
         return False
     if new.terminal:
         metrics.task_finished(new.value, source)
-    _event(session, task_id, source, now, status=new.value,
+    _event(session, task_id, source, now, kind, status=new.value,
            upstream_status=values.get("upstream_status"), message=message)
     if new.terminal:
         # The notification and the output downloads commit with the change or not at all.
@@ -279,7 +280,7 @@ async def _insert_new(ses: AsyncSession | AsyncConnection, task: Task,
     await ses.execute(insert(_TASKS), [_row(task)])
     await insert_metadata(ses, task.id, task.metadata_)
     await ses.execute(insert(_EVENTS), [_event_values(
-        task.id, "api", task.created_at, status=Status.pending.value,
+        task.id, "api", task.created_at, EventKind.created, status=Status.pending.value,
         message="task accepted by the gateway")])
     if attempt is None:
         return None
@@ -460,7 +461,8 @@ async def _link_new(ctx: Ctx, task: Task, attempt: Attempt, accepted: RunAccepte
         if res.rowcount != 1:
             return False
         await conn.execute(insert(_EVENTS), [_event_values(
-            task.id, "dispatcher", now, status=Status.queued.value, upstream_status="task_queue",
+            task.id, "dispatcher", now, EventKind.linked, status=Status.queued.value,
+            upstream_status="task_queue",
             message=f"attempt {attempt.number}: accepted upstream as task {accepted.task_id}")])
         await conn.execute(_ACCEPT_ATTEMPT, {"b_id": attempt.id, "b_upstream": accepted.task_id,
                                              "b_now": now})
@@ -872,7 +874,7 @@ async def _dispatch(ctx: Ctx, task: Task, attempts: list[Attempt]) -> datetime |
                 return now  # answered meanwhile: look again
             why = ("Task/List shows no trace of it" if conclusive
                    else "it could not be looked up")
-            _event(ses, task.id, "dispatcher", now, message=(
+            _event(ses, task.id, "dispatcher", now, EventKind.run_abandoned, message=(
                 f"attempt {last.number}: {why} {grace:g}s after its Run went unanswered; "
                 f"sending again as attempt {last.number + 1}"))
 
@@ -990,7 +992,7 @@ async def _run(ctx: Ctx, task: Task, attempt: Attempt, token: str
                 Attempt.id == attempt.id, Attempt.outcome.in_(("sent", "ambiguous")))
                 .values(outcome="ambiguous", ambiguous_at=func.coalesce(
                     Attempt.ambiguous_at, now), **hint))
-            _event(ses, task.id, "dispatcher", now, message=(
+            _event(ses, task.id, "dispatcher", now, EventKind.run_ambiguous, message=(
                 f"attempt {attempt.number}: the upstream Run gave no usable answer "
                 f"({_short(e)}); not re-sending until it is known whether it started"))
         return now + timedelta(seconds=min(2.0, s.poll_initial_s, s.run_grace_s))
@@ -1008,7 +1010,8 @@ async def _retry_later(ctx: Ctx, task: Task, attempt: Attempt, outcome: str, mes
         await ses.execute(update(Attempt).where(Attempt.id == attempt.id)
                           .values(outcome=outcome, resolved_at=now))
         await _set(ses, task.id, retries=Task.retries + 1)
-        _event(ses, task.id, "dispatcher", now, message=f"attempt {attempt.number}: {message}")
+        _event(ses, task.id, "dispatcher", now, EventKind.run_retry,
+               message=f"attempt {attempt.number}: {message}")
     return now + timedelta(seconds=delay)
 
 
@@ -1019,7 +1022,7 @@ async def _fail(ctx: Ctx, task_id: str, attempt: Attempt, code: ErrorCode,
         await ses.execute(update(Attempt).where(Attempt.id == attempt.id)
                           .values(outcome="rejected", resolved_at=now))
         await _transition(ses, task_id, Status.failed, source="dispatcher", now=now,
-                          message=f"upstream rejected the task: {_short(e)}",
+                          kind=EventKind.failed, message=f"upstream rejected the task: {_short(e)}",
                           error_code=code.value, error_message=e.message[:1000],
                           upstream_error_code=None if e.code is None else str(e.code))
 
@@ -1042,7 +1045,7 @@ async def _link(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str,
             # answer) could both get here and both attempts were marked accepted, the
             # loser's upstream task never stopped. Only the one that moved the task wins.
             moved = await _transition(
-                ses, task_id, Status.queued, source=source, now=now,
+                ses, task_id, Status.queued, source=source, now=now, kind=EventKind.linked,
                 message=f"attempt {attempt.number}: accepted upstream as task {upstream_id}",
                 upstream_task_id=upstream_id, upstream_token=upstream_token,
                 upstream_status="task_queue", upstream_started_at=now, retries=0)
@@ -1068,7 +1071,7 @@ async def _stop_extra(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str
         await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
             outcome="extra_killed", upstream_task_id=upstream_id, hint_upstream_id=None,
             resolved_at=now))
-        _event(ses, task_id, "dispatcher", now, message=(
+        _event(ses, task_id, "dispatcher", now, EventKind.extra_stopped, message=(
             f"attempt {attempt.number} started a second upstream task {upstream_id}; "
             f"stopping it ({how}{'' if confirmed else ', not confirmed'})"))
 
@@ -1098,7 +1101,7 @@ async def _mark_ambiguous(ctx: Ctx, task_id: str, attempt: Attempt, now: datetim
             Attempt.id == attempt.id, Attempt.outcome == "sent")
             .values(outcome="ambiguous", ambiguous_at=now))
         if res.rowcount == 1:  # type: ignore[attr-defined]
-            _event(ses, task_id, "dispatcher", now, message=message)
+            _event(ses, task_id, "dispatcher", now, EventKind.run_ambiguous, message=message)
     attempt.outcome, attempt.ambiguous_at = "ambiguous", attempt.ambiguous_at or now
 
 
@@ -1170,7 +1173,7 @@ async def _sweep(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> datetime 
             Attempt.id == attempt.id, Attempt.outcome.in_(("sent", "ambiguous")))
             .values(outcome="abandoned", resolved_at=now))
         if res.rowcount == 1:  # type: ignore[attr-defined]
-            _event(ses, task.id, "dispatcher", now, message=(
+            _event(ses, task.id, "dispatcher", now, EventKind.run_abandoned, message=(
                 f"attempt {attempt.number}: no upstream task found for it "
                 f"({'Task/List shows no trace' if conclusive else 'it could not be looked up'}"
                 "); nothing to stop"))
@@ -1225,7 +1228,7 @@ async def _poll(ctx: Ctx, task: Task, source: str, step: _Step | None = None) ->
         async with unit_of_work(ctx.sm) as ses:
             if (now - first).total_seconds() >= s.lost_grace_s:
                 await _transition(
-                    ses, task.id, Status.failed, source=source, now=now,
+                    ses, task.id, Status.failed, source=source, now=now, kind=EventKind.failed,
                     error_code=ErrorCode.lost.value, upstream_error_code=str(e.code),
                     error_message=(f"the upstream has answered 'There is no task yet.' for "
                                    f"{s.lost_grace_s:g}s; the task is lost"),
@@ -1238,7 +1241,8 @@ async def _poll(ctx: Ctx, task: Task, source: str, step: _Step | None = None) ->
         async with unit_of_work(ctx.sm) as ses:
             await _set(ses, task.id, retries=Task.retries + 1)
             if task.retries == 0:
-                _event(ses, task.id, source, now, message=f"Detail failed: {_short(e)}")
+                _event(ses, task.id, source, now, EventKind.detail_failed,
+                       message=f"Detail failed: {_short(e)}")
         return now + timedelta(seconds=_backoff(ctx, task.retries))
     crash_point("applying_callback" if source == "callback" else "polling")
     status = await apply_detail(ctx, task, ut, source=source)
@@ -1299,7 +1303,8 @@ async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -
     current = Status(task.status)
     async with unit_of_work(ctx.sm) as ses:
         if target.rank > current.rank:
-            if await _transition(ses, task.id, target, source=source, now=now,
+            kind = EventKind.cancelled if target == Status.cancelled else EventKind.progressed
+            if await _transition(ses, task.id, target, source=source, now=now, kind=kind,
                                  message=message, **values):
                 return target
             fresh = await ses.get(Task, task.id)
@@ -1310,7 +1315,7 @@ async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -
                           .values(updated_at=now, **values)
                           .execution_options(synchronize_session=False))
         if ut.status != task.upstream_status:
-            _event(ses, task.id, source, now, upstream_status=ut.status,
+            _event(ses, task.id, source, now, EventKind.upstream_status, upstream_status=ut.status,
                    message=message)
     return current
 
@@ -1385,7 +1390,7 @@ async def _on_deadline(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> dat
     now = ctx.clock()
     async with unit_of_work(ctx.sm) as ses:
         await _transition(
-            ses, task.id, Status.timed_out, source="timeout", now=now,
+            ses, task.id, Status.timed_out, source="timeout", now=now, kind=EventKind.timed_out,
             message=f"deadline of {s.task_timeout_s:g}s passed; {note}",
             error_code=ErrorCode.timed_out.value, next_check_at=sweep,
             error_message=f"the task did not finish within {s.task_timeout_s:g}s; {note}")
@@ -1408,7 +1413,7 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
         sweep = now if _unresolved(attempts) is not None else None
         async with unit_of_work(ctx.sm) as ses:
             await _transition(ses, task_id, Status.cancelled, source="cancel", now=now,
-                              expect=Status.pending, next_check_at=sweep,
+                              kind=EventKind.cancelled, expect=Status.pending, next_check_at=sweep,
                               message="cancelled before it was accepted upstream")
         if sweep is not None:
             ctx.wake()
@@ -1418,11 +1423,11 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
     assert task.upstream_task_id is not None
     async with unit_of_work(ctx.sm) as ses:
         await _set(ses, task_id, cancel_requested_at=func.coalesce(Task.cancel_requested_at, now))
-        _event(ses, task_id, "cancel", now, status=None,
+        _event(ses, task_id, "cancel", now, EventKind.cancel_requested, status=None,
                upstream_status=task.upstream_status, message="cancel requested")
     _, _, how = await _stop_upstream(ctx, task.upstream_task_id, task.upstream_status)
     async with unit_of_work(ctx.sm) as ses:
-        _event(ses, task_id, "cancel", ctx.clock(), message=how)
+        _event(ses, task_id, "cancel", ctx.clock(), EventKind.cancel_sent, message=how)
     try:
         ut = await ctx.wiro.detail(task_id=task.upstream_task_id)
         task = await get_task(ctx, task_id=task_id, client=client)
