@@ -20,9 +20,10 @@ from typing import Literal
 
 from sqlalchemy import select
 
+from app.context import Ctx
+from app.ids import sha256_hex as token_hash
 from app.lifecycle import TERMINAL_RANK
 from app.models import Attempt, Task
-from app.tasks import Ctx, token_hash
 
 Verdict = Literal["unknown", "duplicate", "proceed"]
 # Outcomes of an attempt that a finished task's late callback has nothing left to do for

@@ -35,21 +35,32 @@ instant may overshoot a cap by one task each.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.lifecycle import Status
 from app.models import Attempt, Client, Task
+from app.settings import Settings
+from app.states import Outcome
 
-if TYPE_CHECKING:
-    from app.tasks import Ctx
+
+class _Ctx(Protocol):
+    """What of ``app.context.Ctx`` this module uses (kept structural: ``Ctx`` holds the
+    ``Turns`` defined here, so importing it would be a cycle)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def sm(self) -> async_sessionmaker[AsyncSession]: ...
+    @property
+    def turns(self) -> Turns: ...
 
 # A task that had to wait is looked at again within about a second; a pending task due
 # within this window is "waiting" for a slot (one further away is backing off).
@@ -64,7 +75,7 @@ def in_flight() -> ColumnElement[bool]:
     """Tasks in flight, as one condition: a task moving from "being sent" to "queued"
     commits both changes at once, so one statement (one snapshot) never misses it where
     two separate counts could."""
-    sending = exists().where(Attempt.task_id == Task.id, Attempt.outcome == "sent")
+    sending = exists().where(Attempt.task_id == Task.id, Attempt.outcome == Outcome.sent)
     return or_(Task.status.in_(_ACTIVE), and_(Task.status == Status.pending.value, sending))
 
 
@@ -77,9 +88,11 @@ class _Waiter:
 
 
 @dataclass(eq=False)
-class _Turns:
-    """Who takes ``ctx.dispatch_lock`` next, and the counts that order it."""
+class Turns:
+    """The dispatch lock of one process, who takes it next, and the counts that order
+    it (one per ``Ctx``)."""
 
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     busy: bool = False
     waiters: list[_Waiter] = field(default_factory=list)
     # Tasks in flight per client as the last decision counted them (its own send
@@ -115,26 +128,16 @@ class _Turns:
         nxt.turn.set_result(None)
 
 
-# One per dispatch lock, that is per ``Ctx``.
-_TURNS: weakref.WeakKeyDictionary[asyncio.Lock, _Turns] = weakref.WeakKeyDictionary()
-
-
-def _turns(ctx: Ctx) -> _Turns:
-    turns = _TURNS.get(ctx.dispatch_lock)
-    if turns is None:
-        turns = _TURNS[ctx.dispatch_lock] = _Turns()
-    return turns
-
-
 @asynccontextmanager
-async def dispatch_turn(ctx: Ctx, *, client: str, task_id: str) -> AsyncIterator[None]:
-    """Hold ``ctx.dispatch_lock`` to decide about (and record the attempt of) a task of
-    ``client``, taking turns in fair-share order rather than in order of arrival (see the
-    module doc). Code that takes the lock directly still excludes and is excluded."""
-    turns = _turns(ctx)
+async def dispatch_turn(ctx: _Ctx, *, client: str, task_id: str) -> AsyncIterator[None]:
+    """Hold the dispatch lock (``ctx.turns.lock``) to decide about (and record the attempt
+    of) a task of ``client``, taking turns in fair-share order rather than in order of
+    arrival (see the module doc). Code that takes the lock directly still excludes and is
+    excluded."""
+    turns = ctx.turns
     await turns.acquire(client, task_id)
     try:
-        async with ctx.dispatch_lock:
+        async with turns.lock:
             yield
     finally:
         turns.release()
@@ -144,7 +147,7 @@ def _cap(settings_default: int, own: int | None) -> int:
     return settings_default if own is None else own
 
 
-async def may_dispatch(ctx: Ctx, *, client: str, task_id: str, now: datetime) -> bool:
+async def may_dispatch(ctx: _Ctx, *, client: str, task_id: str, now: datetime) -> bool:
     """Whether a task of ``client`` may take an upstream slot now (see the module doc)."""
     s = ctx.settings
     async with ctx.sm() as ses:
@@ -173,7 +176,7 @@ async def may_dispatch(ctx: Ctx, *, client: str, task_id: str, now: datetime) ->
         cap = _cap(s.client_max_in_flight, caps.get(name))
         return not cap or flying[name] < cap
 
-    turns = _turns(ctx)
+    turns = ctx.turns
     turns.flying = dict(flying)
     if not under_cap(client):
         return False

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Sequence
 from sqlalchemy import select
 
 from app import cursors, tasks
+from app.context import Ctx
 from app.errors import InvalidRequest
 from app.lifecycle import Status
 from app.models import Event, Task
-from app.tasks import Ctx
 from app.wakeup import Hub, TooManyWaiters, Watch
 
 MAX_WAIT_S = 60

@@ -18,6 +18,7 @@ from app.api import stats as stats_routes
 from app.api import tasks as task_routes
 from app.clients import Keyring
 from app.console import router as console_router
+from app.context import Ctx
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers, problems_in_spec
 from app.gate import EdgeGate
@@ -28,7 +29,6 @@ from app.outbox import Services
 from app.ratelimit import RateLimiter
 from app.settings import Settings
 from app.store import DirectoryStore
-from app.tasks import Ctx
 from app.wakeup import Hub, PgListener, attach_local
 from app.wiro import NonceSource, WiroClient
 from app.workers.jobs import result_workers

@@ -70,6 +70,10 @@ POLLS = Counter(
 TASKS_FINISHED = Counter(
     "gateway_tasks_finished", "Tasks that reached a terminal status, by status and by "
     "what finished them (callback, poll, dispatcher, cancel, timeout).", ["status", "source"])
+TASK_TRANSITIONS = Counter(
+    "gateway_task_transitions", "Status changes of tasks, by the status moved to (a new "
+    "task counts as its move to pending); each one also wrote exactly one event.",
+    ["status"])
 SUBMIT_OVERHEAD = Histogram(
     "gateway_submit_overhead_seconds", "Time to handle a successful POST /v1/tasks minus "
     "the time spent waiting for Wiro (the gateway's own cost per submit).", buckets=_FAST)
@@ -112,6 +116,10 @@ def poll(trigger: str) -> None:
 
 def task_finished(status: str, source: str) -> None:
     TASKS_FINISHED.labels(status, source).inc()
+
+
+def task_transition(status: str) -> None:
+    TASK_TRANSITIONS.labels(status).inc()
 
 
 def upstream_config_fault(kind: str) -> None:

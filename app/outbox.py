@@ -28,9 +28,9 @@ from app.lifecycle import Status
 from app.models import Delivery, StoredOutput, Task
 
 if TYPE_CHECKING:
+    from app.context import Ctx
     from app.outbound import Outbound
     from app.store import Store
-    from app.tasks import Ctx
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 

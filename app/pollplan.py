@@ -39,20 +39,32 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlalchemy import select, union_all, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import unit_of_work
 from app.lifecycle import Status
 from app.models import Task
 from app.settings import Settings
 
-if TYPE_CHECKING:
-    from app.tasks import Ctx
+
+class _Ctx(Protocol):
+    """What of ``app.context.Ctx`` this module uses (kept structural: ``Ctx`` holds the
+    ``PollPlan`` defined here, so importing it would be a cycle)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def sm(self) -> async_sessionmaker[AsyncSession]: ...
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
+    @property
+    def wake(self) -> Callable[[], None]: ...
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +145,7 @@ class PollPlan:
 
     # ------------------------------------------------------------ learning
 
-    async def run(self, ctx: Ctx) -> None:
+    async def run(self, ctx: _Ctx) -> None:
         """Refresh every ``GATEWAY_POLL_PLAN_REFRESH_S`` until cancelled."""
         if not ctx.settings.poll_adaptive:
             return
@@ -144,7 +156,7 @@ class PollPlan:
                 log.exception("refreshing the poll plan failed")
             await asyncio.sleep(ctx.settings.poll_plan_refresh_s)
 
-    async def refresh(self, ctx: Ctx) -> Summary:
+    async def refresh(self, ctx: _Ctx) -> Summary:
         s = ctx.settings
         samples = await load_samples(ctx)
         new = summarize(samples, window=s.poll_health_window,
@@ -165,7 +177,7 @@ class PollPlan:
         return new
 
 
-async def load_samples(ctx: Ctx) -> list[Sample]:
+async def load_samples(ctx: _Ctx) -> list[Sample]:
     """The newest finished tasks that ran upstream: one statement, each half an index
     range scan of ``(status, id)`` read backwards (ids sort by creation time)."""
     cols = (Task.upstream_started_at, Task.completed_at, Task.hint_at)
@@ -194,7 +206,7 @@ def _ts(value: datetime | str | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-async def pull_forward(ctx: Ctx) -> int:
+async def pull_forward(ctx: _Ctx) -> int:
     """Callbacks just turned unhealthy: tasks waiting for their first (safety) poll
     further off than the doubling schedule's first one are made due now."""
     now = ctx.clock()

@@ -23,7 +23,7 @@ class Outcome(StrEnum):
 
 
 # An attempt whose Run may have started an upstream task nobody has linked yet.
-UNANSWERED = frozenset({Outcome.sent, Outcome.ambiguous})
+UNANSWERED = (Outcome.sent, Outcome.ambiguous)
 
 
 class EventKind(StrEnum):

@@ -26,11 +26,11 @@ from typing import TypeVar
 from sqlalchemy import func, or_, select
 from sqlalchemy.sql import Select
 
+from app.context import Ctx
 from app.errors import InvalidRequest
 from app.lifecycle import TERMINAL, TERMINAL_RANK, Status
 from app.metrics import DbSnapshot
 from app.models import Event, Task
-from app.tasks import Ctx
 
 MAX_WINDOW = timedelta(days=30)  # bounds the rows one call reads (docs/security.md)
 MAX_DURATION_ROWS = 50_000

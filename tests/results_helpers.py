@@ -1,5 +1,5 @@
 """Helpers for the results tests: a webhook secret, and tasks brought to a terminal
-status through the real ``tasks._transition`` (so the outbox hook runs) without a trip
+status through the real ``tasks._writes.transition`` (so the outbox hook runs) without a trip
 through the upstream, which keeps these tests fast."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from app import tasks
 from app.db import unit_of_work, utcnow
 from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
+from app.states import EventKind
+from app.tasks import _writes
 from tests.conftest import Gateway
 
 SECRET = "whsec_" + base64.b64encode(b"results-tests-secret-0123456789ab").decode()
@@ -41,8 +43,9 @@ async def finished_task(gw: Gateway, *, status: Status = Status.failed, client: 
     async with unit_of_work(gw.ctx.sm) as s:
         s.add(task)
         await s.flush()
-        assert await tasks._transition(s, task.id, status, source="poll", now=now,
-                                       message="made terminal by the test", **values)
+        assert await _writes.transition(s, task.id, status, kind=EventKind.progressed,
+                                        source="poll", now=now,
+                                        message="made terminal by the test", **values)
     return task.id
 
 

@@ -745,6 +745,7 @@ async def test_two_attempts_linked_at_once_leave_one_upstream_task(db_url: str, 
     recorded, never silently marked accepted too."""
     from app import tasks as domain
     from app.schemas import TaskCreate
+    from app.tasks import _dispatch
 
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
         ctx = gw.ctx
@@ -758,8 +759,8 @@ async def test_two_attempts_linked_at_once_leave_one_upstream_task(db_url: str, 
                                outcome=o) for n, o in ((1, "abandoned"), (2, "sent"))])
         a1, a2 = await attempts(gw, task.id)
         await asyncio.gather(
-            domain._link(ctx, task.id, a1, "8100001", None, source="callback"),
-            domain._link(ctx, task.id, a2, "8100002", "tok", source="dispatcher"))
+            _dispatch.link(ctx, task.id, a1, "8100001", None, source="callback"),
+            _dispatch.link(ctx, task.id, a2, "8100002", "tok", source="dispatcher"))
         rows = await attempts(gw, task.id)
         async with ctx.sm() as s:
             fresh = await s.get(Task, task.id)

@@ -7,9 +7,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from app import metrics, tasks
 from app.api.deps import get_ctx
 from app.callback_gate import screen
+from app.context import Ctx
 from app.errors import NotFound
 from app.schemas import Problem
-from app.tasks import Ctx
 
 router = APIRouter(tags=["upstream"])
 

@@ -9,12 +9,12 @@ from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.clients import MAX_KEY_LEN, Principal, key_digest
+from app.context import Ctx
 from app.errors import TooManyRequests, Unauthorized
 from app.gate import PRINCIPAL
 from app.lifecycle import Status
 from app.models import Event, Task
 from app.schemas import EventOut, TaskError, TaskOut, TaskOutput, UpstreamRef
-from app.tasks import Ctx
 from app.wakeup import Hub
 
 

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from app import stats
 from app.api.deps import get_ctx, principal
 from app.clients import Principal
+from app.context import Ctx
 from app.errors import InvalidRequest
 from app.schemas import (
     DurationSample,
@@ -23,7 +24,6 @@ from app.schemas import (
     StatusCounts,
     TaskStatsOut,
 )
-from app.tasks import Ctx
 
 
 class StatsCache:

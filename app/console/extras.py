@@ -21,12 +21,13 @@ from starlette.responses import Response
 from app import notify, results, uploads
 from app.api.deps import task_out
 from app.console import charts
+from app.context import Ctx
 from app.errors import NotFound
 from app.lifecycle import Status
 from app.models import Task
 from app.outbox import Services
 from app.schemas import DeliveryList, DeliveryOut, TaskOut
-from app.tasks import Ctx, get_task
+from app.tasks import get_task
 
 WINDOWS = ("24h", "7d", "30d")
 

@@ -35,11 +35,11 @@ from app.clients import key_digest
 from app.console import extras
 from app.console.render import STATIC, error_page, render, secure
 from app.console.sessions import close_session, csrf_matches, find_session, open_session
+from app.context import Ctx
 from app.errors import GatewayError, InvalidRequest, NotFound, TooManyRequests, Unauthorized
 from app.lifecycle import Status
 from app.models import ConsoleSession
 from app.outbox import Services
-from app.tasks import Ctx
 from app.wakeup import Hub, TooManyWaiters
 
 COOKIE = "hgw_console"

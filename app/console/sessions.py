@@ -17,9 +17,9 @@ from datetime import timedelta
 
 from sqlalchemy import delete, select
 
+from app.context import Ctx
 from app.db import unit_of_work
 from app.models import ConsoleSession
-from app.tasks import Ctx
 
 SESSION_TTL = timedelta(hours=12)
 

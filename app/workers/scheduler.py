@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from app import logs, tasks
-from app.tasks import Ctx
+from app.context import Ctx
 
 log = logging.getLogger(__name__)
 

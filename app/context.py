@@ -1,0 +1,70 @@
+"""``Ctx``: what the task engine needs, one per process (tests build their own).
+
+It sits below everything that uses it: it imports no module of the engine, the API or the
+workers, and the Wiro client only for its type. The per-process state of the engine lives
+on it (the dispatch turns, the poll plan), not in module globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db import utcnow
+from app.fairness import Turns
+from app.pollplan import PollPlan
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.wiro import WiroClient
+
+
+def default_owner() -> str:
+    """This process's name on the leases it takes: host, pid and a random suffix."""
+    return f"{socket.gethostname()[:30]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Ctx:
+    settings: Settings
+    sm: async_sessionmaker[AsyncSession]
+    wiro: WiroClient
+    owner: str = field(default_factory=default_owner)
+    clock: Callable[[], datetime] = utcnow
+    wake: Callable[[], None] = lambda: None
+    # Shutdown waits for (then cancels) the checks it is given; set by the scheduler.
+    track: Callable[[asyncio.Task[Any]], None] = lambda t: None
+    # Who sends next, in fair-share order (app/fairness.py).
+    turns: Turns = field(default_factory=Turns)
+    # When to poll, learned from how recent tasks finished (app/pollplan.py).
+    polls: PollPlan = field(default_factory=PollPlan)
+
+    _reads: async_sessionmaker[AsyncSession] | None = field(default=None, repr=False)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine behind ``sm``, for the hot paths' plain Core transactions."""
+        return cast(AsyncEngine, self.sm.kw["bind"])
+
+    @property
+    def reads(self) -> async_sessionmaker[AsyncSession]:
+        """Sessions for reads that need no transaction: autocommit on PostgreSQL, which
+        saves the BEGIN and ROLLBACK round trips around them; ``sm`` on SQLite (reads
+        there open no transaction, and switching modes would cost thread hops)."""
+        if self._reads is None:
+            engine = self.engine
+            if engine.dialect.name == "postgresql":
+                kw = {k: v for k, v in self.sm.kw.items() if k != "bind"}
+                self._reads = async_sessionmaker(
+                    engine.execution_options(isolation_level="AUTOCOMMIT"), **kw)
+            else:
+                self._reads = self.sm
+        return self._reads

@@ -1,0 +1,150 @@
+"""Every write of a task's status and events, in one place.
+
+``transition`` is the only writer of ``tasks.status``: a conditional update (the status
+only moves forward: ``status_rank < new``, and given ``expect`` only from that status),
+then, if the row moved, exactly one event and one ``gateway_task_transitions_total``
+increment, and for a terminal status the outbox's intents (notification, downloads), all
+in the caller's transaction. ``event`` writes the events that change no status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, insert, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.sql.elements import BindParameter
+
+from app import metrics
+from app.db import UTCDateTime
+from app.lifecycle import Status
+from app.models import Attempt, Event, Task
+from app.outbox import record_terminal
+from app.states import EventKind
+
+log = logging.getLogger("app.tasks")
+
+# Core tables: the engine's statements are Core (a Core statement costs a fraction of an
+# ORM flush), prebuilt where they are hot (building one costs more than running it).
+TASKS = cast(Table, Task.__table__)
+EVENTS = cast(Table, Event.__table__)
+ATTEMPTS = cast(Table, Attempt.__table__)
+T = TASKS.c
+A = ATTEMPTS.c
+
+Db = AsyncSession | AsyncConnection
+
+
+def ts(name: str) -> BindParameter[datetime]:
+    """A bound timestamp (stored as UTC on both databases)."""
+    return bindparam(name, type_=UTCDateTime())
+
+
+def short(e: BaseException) -> str:
+    """An error as a short line for an event or a log."""
+    return str(e)[:300]
+
+
+def event_row(task_id: str, source: str, at: datetime, kind: EventKind, *,
+              status: str | None = None, upstream_status: str | None = None,
+              message: str | None = None) -> dict[str, Any]:
+    """An event row's values (and its log line). ``status`` is set only when the event is
+    a transition (the status the task moved to), so a task's events name each status at
+    most once."""
+    log.info("%s", message or f"status {status}", extra={
+        "task_id": task_id, "source": source, "kind": kind.value, "status": status,
+        "upstream_status": upstream_status})
+    return {"task_id": task_id, "at": at, "source": source, "kind": kind.value,
+            "status": status, "upstream_status": upstream_status, "message": message}
+
+
+async def event(db: Db, task_id: str, source: str, at: datetime, kind: EventKind, *,
+                upstream_status: str | None = None, message: str | None = None) -> None:
+    """Record an event that changes no status, in the caller's transaction."""
+    await db.execute(insert(EVENTS), [event_row(task_id, source, at, kind,
+                                                upstream_status=upstream_status,
+                                                message=message)])
+
+
+@dataclass(frozen=True, eq=False)
+class Guard:
+    """Extra conditions and computed values for a status change (a prebuilt shape of
+    ``transition``'s statement): ``where`` and ``exprs`` may use bind parameters, given
+    to ``transition`` as ``params``."""
+
+    where: tuple[ColumnElement[bool], ...] = ()
+    exprs: Mapping[str, Any] = field(default_factory=dict)
+
+
+_NO_GUARD = Guard()
+_statements: dict[tuple[Status, Status | None, Guard, tuple[str, ...]], Any] = {}
+
+
+def _statement(new: Status, expect: Status | None, guard: Guard, keys: tuple[str, ...]) -> Any:
+    """The conditional update for one shape of status change, built once."""
+    key = (new, expect, guard, keys)
+    stmt = _statements.get(key)
+    if stmt is None:
+        where = [T.id == bindparam("w_id"), T.status_rank < new.rank, *guard.where]
+        if expect is not None:
+            where.append(T.status == expect.value)
+        stmt = _statements[key] = (
+            update(TASKS).where(*where).values(
+                status=new.value, status_rank=new.rank,
+                **{k: bindparam(f"v_{k}", type_=T[k].type) for k in keys}, **guard.exprs))
+    return stmt
+
+
+async def transition(db: Db, task_id: str, new: Status, *, kind: EventKind, source: str,
+                     now: datetime, message: str | None = None, expect: Status | None = None,
+                     guard: Guard = _NO_GUARD, params: Mapping[str, Any] | None = None,
+                     **values: Any) -> bool:
+    """Move the task to ``new`` if that is forward (and, given ``expect``, only from that
+    status, and given ``guard``, only where its conditions hold), setting ``values``; then
+    its one event and metric (and, terminal, the outbox's intents). True if it moved.
+
+    A terminal status needs an ORM session (the outbox adds its rows to it)."""
+    values["updated_at"] = now
+    if new.terminal:
+        values.setdefault("completed_at", now)
+        values.setdefault("next_check_at", None)
+        # Nothing more to do for anyone: whoever holds the lease need not give it back.
+        values.setdefault("lease_owner", None)
+        values.setdefault("lease_until", None)
+    stmt = _statement(new, expect, guard, tuple(sorted(values)))
+    res = await db.execute(stmt, {"w_id": task_id, **(params or {}),
+                                  **{f"v_{k}": v for k, v in values.items()}})
+    if cast(CursorResult[Any], res).rowcount != 1:
+        return False
+    metrics.task_transition(new.value)
+    if new.terminal:
+        metrics.task_finished(new.value, source)
+    await db.execute(insert(EVENTS), [event_row(
+        task_id, source, now, kind, status=new.value,
+        upstream_status=values.get("upstream_status"), message=message)])
+    if new.terminal:
+        # The notification and the output downloads commit with the change or not at all.
+        assert isinstance(db, AsyncSession), "a terminal status is written in a session"
+        await record_terminal(db, task_id, new, now, outputs=values.get("outputs"))
+    return True
+
+
+async def set_task(db: Db, task_id: str, **values: Any) -> None:
+    """Set columns of a task that are not its status (counters, schedule, hints)."""
+    await db.execute(update(TASKS).where(T.id == task_id).values(**values))
+
+
+def created(task_id: str, at: datetime) -> dict[str, Any]:
+    """A new task's first event (its move to ``pending``); the caller inserts it with the
+    task, and counts it with ``counted_created`` once that committed."""
+    return event_row(task_id, "api", at, EventKind.created, status=Status.pending.value,
+                     message="task accepted by the gateway")
+
+
+def counted_created() -> None:
+    """A new task committed: its move to ``pending`` counts like any transition."""
+    metrics.task_transition(Status.pending.value)
