@@ -11,12 +11,29 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
+import httpx
+
+from app.simulator.config import SimConfig
 from app.simulator.state import SimTask
 
-if TYPE_CHECKING:
-    from app.simulator.engine import Simulator
+
+class Simulator(Protocol):
+    """What of ``engine.Simulator`` the callbacks use (structural: the engine owns a
+    ``Callbacks``, so importing it here would be a cycle)."""
+
+    config: SimConfig
+    counters: Counter[str]
+
+    @property
+    def http(self) -> httpx.AsyncClient: ...
+
+    def draw(self, rate: float) -> bool: ...
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+    def wire(self, task: SimTask, at: float) -> dict[str, Any]: ...
 
 CALLBACK_TIMEOUT_S = 10.0
 
