@@ -24,8 +24,8 @@ oldest task), not to the one that came first. Handed on first come, C's check co
 behind a row of checks of the client just sent a task, each refused only after its
 queries; under load that outlasted that client's short task, whose end made the two
 equal again, and the burst's older tasks won the slot ("aab…"). A check that has waited
-``TURN_PATIENCE_S`` for its turn goes first, so none is starved. (The API's inline
-submit takes the lock directly, first come; it excludes and is excluded all the same.)
+``TURN_PATIENCE_S`` for its turn goes first, so none is starved. The API's submit and
+the workers take the same turns (``app.tasks._dispatch.open_attempt`` is their one path).
 
 The counts are read from the database, so they hold across replicas; the decision is
 serialised only per process (as the global cap is), so replicas deciding at the same

@@ -99,3 +99,16 @@ def test_no_module_is_longer_than_a_reader_takes_in() -> None:
     long = {str(p.relative_to(ROOT)): n for p in _modules().values()
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_one_writer_of_a_task_status() -> None:
+    """Only ``app/tasks/_writes.py`` updates ``tasks.status`` (with its rank: no other
+    table has ``status_rank``); creating a task row (``_intake``) is not an update."""
+    writers = set()
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "values"
+                    and any(k.arg == "status_rank" for k in node.keywords)):
+                writers.add(str(path.relative_to(ROOT)))
+    assert writers == {"app/tasks/_writes.py"}
