@@ -67,13 +67,14 @@ async def accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) ->
 # The common callback in one statement: the token of the attempt that started the
 # task's upstream task, the task not finished yet -> due now. The token is matched by its
 # SHA-256 in the index (a timing difference there tells nothing about the token itself).
+_NOW = ts("b_now")
 _CALLBACK_DUE = (
     update(TASKS)
     .where(T.id == bindparam("b_id"), T.status_rank < TERMINAL_RANK,
            T.upstream_task_id.is_not(None),
            exists().where(A.task_id == T.id, A.token_hash == bindparam("b_hash"),
                           A.upstream_task_id == T.upstream_task_id))
-    .values(hint_at=ts("b_now"), next_check_at=ts("b_now2"))
+    .values(hint_at=_NOW, next_check_at=_NOW)
 )
 
 
@@ -84,7 +85,7 @@ async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -
     now = ctx.clock()
     async with write(ctx.engine) as conn:
         res = await conn.execute(_CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex(token),
-                                                 "b_now": now, "b_now2": now})
+                                                 "b_now": now})
     if res.rowcount == 1:
         ctx.wake()
         return "accepted"
