@@ -14,12 +14,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import SecretStr
 
+if TYPE_CHECKING:
+    from app.settings import Settings
 
-def _settings(**overrides):
+
+def _settings(**overrides: Any) -> Settings:
     from app.settings import Settings
 
     return Settings(**overrides)

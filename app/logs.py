@@ -207,7 +207,7 @@ SUBMIT_ROUTE = ("POST", "/v1/tasks")
 def _request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", []):
         if name == b"x-request-id":
-            rid = value.decode("latin-1").strip()
+            rid: str = value.decode("latin-1").strip()
             if _REQUEST_ID.match(rid):
                 return rid
             break

@@ -138,7 +138,7 @@ class PollPlan:
     def interval(self, s: Settings, retries: int) -> float:
         """Seconds to the next poll after one that found the task still going (the
         caller applies its ±20 % jitter). ``retries`` counts the task's polls so far."""
-        doubling = min(s.poll_max_s, s.poll_initial_s * 2 ** min(retries + 1, 20))
+        doubling = min(s.poll_max_s, s.poll_initial_s * 2.0 ** min(retries + 1, 20))
         if not s.poll_adaptive or self.summary.healthy is False:
             return doubling
         return max(doubling, self.safety_s(s))

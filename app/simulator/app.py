@@ -29,7 +29,8 @@ JSONBody = dict[str, Any]
 
 
 def sim_of(request: Request) -> Simulator:
-    return request.app.state.sim
+    sim: Simulator = request.app.state.sim
+    return sim
 
 
 async def get_sim(request: Request) -> Simulator:

@@ -98,7 +98,8 @@ async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int 
     await db.execute(insert(EVENTS), [created(task.id, task.created_at)])
     if attempt is None:
         return None
-    return (await db.execute(insert(ATTEMPTS).values(**attempt).returning(A.id))).scalar_one()
+    return int((await db.execute(insert(ATTEMPTS).values(**attempt)
+                                 .returning(A.id))).scalar_one())
 
 
 _NEXT_ATTEMPT = (

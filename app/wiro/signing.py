@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import threading
 import time
+from collections.abc import Callable
 
 
 def sign(api_key: str, api_secret: str, nonce: str) -> str:
@@ -37,7 +38,8 @@ class NonceSource:
     event loop; the critical section is two integer operations.
     """
 
-    def __init__(self, clock=time.time, *, replica_slot: int | None = None) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *,
+                 replica_slot: int | None = None) -> None:
         if replica_slot is not None and not 0 <= replica_slot < 1000:
             raise ValueError("replica_slot must be in 0..999")
         self._clock = clock
