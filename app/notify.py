@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -37,6 +36,7 @@ from standardwebhooks.webhooks import Webhook
 from app import cursors, metrics, tracing
 from app.db import unit_of_work
 from app.errors import Conflict
+from app.ids import jitter
 from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
 from app.outbound import OutboundError, OutboundRefused, Policy
@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 RESPONSE_BODY_BYTES = 1024
 UNSIGNED = ("GATEWAY_WEBHOOK_SECRET is not set: the gateway signs every notification and "
              "cannot send this one. Set the secret, restart, then redeliver.")
-
-
-def _jitter(seconds: float) -> float:
-    return seconds * random.uniform(0.8, 1.2)
 
 
 def _lease_s(svc: Services) -> float:
@@ -318,7 +314,7 @@ async def attempt(svc: Services, delivery_id: str) -> None:
         final = True
     nxt: datetime | None = None
     if not delivered and not final:
-        delay = _jitter(schedule[number])
+        delay = jitter(schedule[number])
         if retry_after is not None:
             delay = max(delay, min(retry_after, s.notify_retry_after_cap_s))
         nxt = ctx.clock() + timedelta(seconds=delay)

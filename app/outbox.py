@@ -13,7 +13,6 @@ the import graph, so that ``tasks`` can call the hook without a cycle.
 
 from __future__ import annotations
 
-import secrets
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from app.ids import new_message_id
 from app.lifecycle import Status
 from app.models import Delivery, StoredOutput, Task
 
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from app.outbound import Outbound
     from app.store import Store
     from app.tasks import Ctx
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 def _noop() -> None:
@@ -48,16 +46,6 @@ class Services:
     wake_outputs: Callable[[], None] = _noop
     wake_eraser: Callable[[], None] = _noop
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def new_message_id(now: datetime) -> str:
-    """``msg_`` + a ULID (time-ordered): the delivery's id and its ``webhook-id``."""
-    n = (int(now.timestamp() * 1000) << 80) | secrets.randbits(80)
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[n & 31])
-        n >>= 5
-    return "msg_" + "".join(reversed(chars))
 
 
 def output_key(task_id: str, index: int) -> str:

@@ -20,9 +20,7 @@ presentation) and ``images_erased_at``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import random
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import imaging, notify
 from app.db import unit_of_work
 from app.errors import Conflict, Gone, NotFound
+from app.ids import jitter, sha256_hex
 from app.lifecycle import TERMINAL_RANK, Status
 from app.models import Erasure, Event, StoredOutput, Task, Upload
 from app.outbound import OutboundError, OutboundRefused, Policy
@@ -42,14 +41,6 @@ from app.wiro import WiroError, WiroStateError
 log = logging.getLogger(__name__)
 
 ALLOWED_TYPES = frozenset(imaging.FORMATS.values())
-
-
-def _jitter(seconds: float) -> float:
-    return seconds * random.uniform(0.8, 1.2)
-
-
-def url_hash(url: str) -> str:
-    return hashlib.sha256(url.encode()).hexdigest()
 
 
 def output_url(public_url: str, task_id: str, index: int) -> str:
@@ -193,7 +184,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     if give_up:
         values.update(state="failed", next_try_at=None)
     else:
-        values["next_try_at"] = ctx.clock() + timedelta(seconds=_jitter(schedule[attempts - 1]))
+        values["next_try_at"] = ctx.clock() + timedelta(seconds=jitter(schedule[attempts - 1]))
     async with unit_of_work(ctx.sm) as ses:
         await ses.execute(update(StoredOutput).where(
             StoredOutput.task_id == task_id, StoredOutput.idx == idx,
@@ -296,7 +287,7 @@ async def _our_uploads(s: AsyncSession, task: Task) -> list[Upload]:
     if not isinstance(url, str):
         return []
     return list((await s.scalars(select(Upload).where(
-        Upload.url_hash == url_hash(url), Upload.client == task.client,
+        Upload.url_hash == sha256_hex(url), Upload.client == task.client,
         Upload.erased_at.is_(None)))).all())
 
 
@@ -364,7 +355,7 @@ async def process_erasure(svc: Services, task_id: str) -> None:
                       else upstream)
         message = f"erasure gave up after {attempts} attempts: {error}"
     else:
-        values["next_try_at"] = now + timedelta(seconds=_jitter(schedule[attempts - 1]))
+        values["next_try_at"] = now + timedelta(seconds=jitter(schedule[attempts - 1]))
         if attempts == 1:
             message = f"erasure incomplete, will retry: {error}"
     async with unit_of_work(ctx.sm) as ses:
