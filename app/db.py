@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.types import TypeDecorator
 
 NAMING = {
@@ -97,7 +97,11 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+    """Sessions of a ``Session`` subclass of their own, so that session events (the
+    result workers' wake-ups, ``outbox.wake_after_terminal``) belong to this sessionmaker
+    and its process rather than to every ``Session`` there is."""
+    session_class = type("GatewaySession", (Session,), {})
+    return async_sessionmaker(engine, expire_on_commit=False, sync_session_class=session_class)
 
 
 # SQLite has one writer at a time. Writers of one process that collide there are put to

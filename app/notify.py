@@ -34,9 +34,10 @@ from sqlalchemy import func, or_, select, update
 from standardwebhooks.webhooks import Webhook
 
 from app import cursors, metrics, tracing
-from app.db import unit_of_work
+from app.db import unit_of_work, write
 from app.errors import Conflict
 from app.ids import jitter
+from app.leases import FREE, Leases
 from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
 from app.outbound import OutboundError, OutboundRefused, Policy
@@ -51,7 +52,11 @@ UNSIGNED = ("GATEWAY_WEBHOOK_SECRET is not set: the gateway signs every notifica
              "cannot send this one. Set the secret, restart, then redeliver.")
 
 
+LEASES = Leases(Delivery.__table__, key="id", due="next_attempt_at")
+
+
 def _lease_s(svc: Services) -> float:
+    """Long enough for one attempt (a delivery is not renewed while its POST runs)."""
     s = svc.ctx.settings
     return max(s.lease_s, s.notify_timeout_s + 10)
 
@@ -155,7 +160,7 @@ async def claim_due(svc: Services, *, limit: int) -> list[str]:
     and no host more than ``GATEWAY_NOTIFY_HOST_CONCURRENCY``. So a receiver that accepts
     and never answers ties up a few of its owner's slots for ``GATEWAY_NOTIFY_TIMEOUT_S``,
     never everyone's. The lease itself is a compare-and-set on ``lease_until``, as in
-    ``tasks.claim_due``; counts are per process, like the slots."""
+    ``tasks.claim_due`` (``app.leases``); counts are per process, like the slots."""
     ctx, st = svc.ctx, svc.ctx.settings
     now = ctx.clock()
     until = now + timedelta(seconds=_lease_s(svc))
@@ -191,24 +196,17 @@ async def claim_due(svc: Services, *, limit: int) -> list[str]:
         by_client[c.client] += 1
         by_host[host] += 1
         picked.append(c.id)
-    claimed = []
-    if picked:
-        async with unit_of_work(ctx.sm) as s:
-            for delivery_id in picked:
-                res = await s.execute(
-                    update(Delivery).where(Delivery.id == delivery_id, free)
-                    .values(lease_owner=ctx.owner, lease_until=until)
-                    .execution_options(synchronize_session=False))
-                if res.rowcount == 1:  # type: ignore[attr-defined]
-                    claimed.append(delivery_id)
-    return claimed
+    if not picked:
+        return []
+    async with write(ctx.engine) as conn:
+        claimed = await LEASES.claim_keys(conn, picked, owner=ctx.owner, now=now, until=until)
+    order = {key: i for i, key in enumerate(picked)}
+    return sorted(claimed, key=order.__getitem__)
 
 
 async def release_all(svc: Services) -> None:
-    async with unit_of_work(svc.ctx.sm) as s:
-        await s.execute(update(Delivery).where(Delivery.lease_owner == svc.ctx.owner)
-                        .values(lease_owner=None, lease_until=None)
-                        .execution_options(synchronize_session=False))
+    async with write(svc.ctx.engine) as conn:
+        await LEASES.release_all(conn, owner=svc.ctx.owner)
 
 
 async def _wait_for_outputs(svc: Services, d: Delivery, until: datetime) -> bool:
@@ -222,7 +220,7 @@ async def _wait_for_outputs(svc: Services, d: Delivery, until: datetime) -> bool
         res = await s.execute(
             update(Delivery).where(Delivery.id == d.id, Delivery.lease_owner == svc.ctx.owner,
                                    pending)
-            .values(next_attempt_at=until, lease_owner=None, lease_until=None)
+            .values(next_attempt_at=until, **FREE)
             .execution_options(synchronize_session=False))
     return res.rowcount == 1  # type: ignore[attr-defined]
 
@@ -231,7 +229,7 @@ async def _postpone(svc: Services, d: Delivery, until: datetime) -> None:
     async with unit_of_work(svc.ctx.sm) as s:
         await s.execute(update(Delivery).where(Delivery.id == d.id,
                                                Delivery.lease_owner == svc.ctx.owner)
-                        .values(next_attempt_at=until, lease_owner=None, lease_until=None)
+                        .values(next_attempt_at=until, **FREE)
                         .execution_options(synchronize_session=False))
 
 
@@ -336,7 +334,7 @@ async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: da
     status = "delivered" if delivered else ("failed" if final else "pending")
     values: dict[str, Any] = dict(
         attempts=number, payload=body, status=status, last_error=None if delivered else error,
-        next_attempt_at=nxt, lease_owner=None, lease_until=None)
+        next_attempt_at=nxt, **FREE)
     if status != "pending":
         values["finished_at"] = now
     async with unit_of_work(ctx.sm) as s:

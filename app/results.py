@@ -24,13 +24,14 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import imaging, notify
-from app.db import unit_of_work
+from app.db import unit_of_work, write
 from app.errors import Conflict, Gone, NotFound
 from app.ids import jitter, sha256_hex
+from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK, Status
 from app.models import Erasure, Event, StoredOutput, Task, Upload
 from app.outbound import OutboundError, OutboundRefused, Policy
@@ -80,28 +81,30 @@ async def _rewrite_outputs(session: AsyncSession, task_id: str, public_url: str)
 # ---------------------------------------------------------------- outputs: the worker
 
 
+OUTPUT_LEASES = Leases(StoredOutput.__table__, key=("task_id", "idx"), due="next_try_at")
+ERASURE_LEASES = Leases(Erasure.__table__, key="task_id", due="next_try_at")
+
+
+def _output_lease_s(svc: Services) -> float:
+    """Long enough for one download (an output is not renewed while it runs)."""
+    s = svc.ctx.settings
+    return max(s.lease_s, s.output_timeout_s + 10)
+
+
+def _erasure_lease_s(svc: Services) -> float:
+    """Long enough for one ``Task/InputOutputDelete`` (not renewed while it runs)."""
+    s = svc.ctx.settings
+    return max(s.lease_s, s.wiro_read_timeout_s + 10)
+
+
 async def claim_outputs(svc: Services, *, limit: int) -> list[tuple[str, int]]:
+    """Lease up to ``limit`` due downloads for this process (``app.leases``)."""
     ctx = svc.ctx
     now = ctx.clock()
-    until = now + timedelta(seconds=max(ctx.settings.lease_s,
-                                        ctx.settings.output_timeout_s + 10))
-    free = or_(StoredOutput.lease_until.is_(None), StoredOutput.lease_until < now)
-    async with unit_of_work(ctx.sm) as s:
-        keys = (await s.execute(
-            select(StoredOutput.task_id, StoredOutput.idx)
-            .where(StoredOutput.next_try_at <= now, free)
-            .order_by(StoredOutput.next_try_at).limit(limit)
-            .with_for_update(skip_locked=True))).all()
-        claimed = []
-        for task_id, idx in keys:
-            res = await s.execute(
-                update(StoredOutput).where(StoredOutput.task_id == task_id,
-                                           StoredOutput.idx == idx, free)
-                .values(lease_owner=ctx.owner, lease_until=until)
-                .execution_options(synchronize_session=False))
-            if res.rowcount == 1:  # type: ignore[attr-defined]
-                claimed.append((task_id, idx))
-    return claimed
+    until = now + timedelta(seconds=_output_lease_s(svc))
+    async with write(ctx.engine) as conn:
+        return await OUTPUT_LEASES.claim(conn, owner=ctx.owner, now=now, until=until,
+                                         limit=limit)
 
 
 class _Permanent(Exception):
@@ -165,7 +168,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
                 .values(state="stored", content_type=info.content_type, size=info.size,
                         sha256=info.sha256, width=info.width, height=info.height,
                         attempts=row.attempts + 1, error=None, stored_at=now,
-                        next_try_at=None, lease_owner=None, lease_until=None)
+                        next_try_at=None, **FREE)
                 .execution_options(synchronize_session=False))
             stored = res.rowcount == 1  # type: ignore[attr-defined]
             if stored:
@@ -179,8 +182,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     attempts = row.attempts + 1
     schedule = s.output_retry_schedule
     give_up = permanent or attempts > len(schedule)
-    values: dict[str, Any] = dict(attempts=attempts, error=error[:1000], lease_owner=None,
-                                  lease_until=None)
+    values: dict[str, Any] = dict(attempts=attempts, error=error[:1000], **FREE)
     if give_up:
         values.update(state="failed", next_try_at=None)
     else:
@@ -205,13 +207,13 @@ async def _settled(svc: Services, task_id: str) -> None:
         await notify.outputs_settled(svc, task_id)
 
 
-async def release_all(svc: Services) -> None:
-    owner = svc.ctx.owner
-    async with unit_of_work(svc.ctx.sm) as s:
-        for model in (StoredOutput, Erasure):
-            await s.execute(update(model).where(model.lease_owner == owner)
-                            .values(lease_owner=None, lease_until=None)
-                            .execution_options(synchronize_session=False))
+async def release_all(svc: Services, *, outputs: bool = True, erasures: bool = True) -> None:
+    """Give back the output and/or erasure leases this process holds (shutdown: each
+    loop its own, so the first loop to stop leaves the other's running jobs theirs)."""
+    async with write(svc.ctx.engine) as conn:
+        for leases, chosen in ((OUTPUT_LEASES, outputs), (ERASURE_LEASES, erasures)):
+            if chosen:
+                await leases.release_all(conn, owner=svc.ctx.owner)
 
 
 # ---------------------------------------------------------------- outputs: serving
@@ -270,8 +272,7 @@ async def erase_task_images(svc: Services, *, task_id: str, client: str | None,
         s.add(Erasure(task_id=task_id, reason=reason, requested_at=now, keys=keys,
                       upstream_state=upstream, attempts=0, next_try_at=now,
                       lease_owner=ctx.owner,
-                      lease_until=now + timedelta(seconds=max(
-                          ctx.settings.lease_s, ctx.settings.wiro_read_timeout_s + 10))))
+                      lease_until=now + timedelta(seconds=_erasure_lease_s(svc))))
         why = ("at the caller's request" if reason == "request" else
                f"after the retention period of {ctx.settings.retention_days:g} days")
         s.add(Event(task_id=task_id, at=now, source="api", status=None, upstream_status=None,
@@ -292,25 +293,13 @@ async def _our_uploads(s: AsyncSession, task: Task) -> list[Upload]:
 
 
 async def claim_erasures(svc: Services, *, limit: int) -> list[str]:
+    """Lease up to ``limit`` due erasures for this process (``app.leases``)."""
     ctx = svc.ctx
     now = ctx.clock()
-    until = now + timedelta(seconds=max(ctx.settings.lease_s, ctx.settings.wiro_read_timeout_s
-                                        + 10))
-    free = or_(Erasure.lease_until.is_(None), Erasure.lease_until < now)
-    async with unit_of_work(ctx.sm) as s:
-        ids = (await s.scalars(
-            select(Erasure.task_id).where(Erasure.next_try_at <= now, free)
-            .order_by(Erasure.next_try_at).limit(limit)
-            .with_for_update(skip_locked=True))).all()
-        claimed = []
-        for task_id in ids:
-            res = await s.execute(
-                update(Erasure).where(Erasure.task_id == task_id, free)
-                .values(lease_owner=ctx.owner, lease_until=until)
-                .execution_options(synchronize_session=False))
-            if res.rowcount == 1:  # type: ignore[attr-defined]
-                claimed.append(task_id)
-    return claimed
+    until = now + timedelta(seconds=_erasure_lease_s(svc))
+    async with write(ctx.engine) as conn:
+        return await ERASURE_LEASES.claim(conn, owner=ctx.owner, now=now, until=until,
+                                          limit=limit)
 
 
 async def process_erasure(svc: Services, task_id: str) -> None:
@@ -344,7 +333,7 @@ async def process_erasure(svc: Services, task_id: str) -> None:
     attempts = e.attempts + 1
     schedule = s.erase_retry_schedule
     values: dict[str, Any] = dict(attempts=attempts, upstream_state=upstream,
-                                  last_error=error, lease_owner=None, lease_until=None)
+                                  last_error=error, **FREE)
     message = None
     if error is None:
         values.update(next_try_at=None, done_at=now)
