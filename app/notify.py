@@ -42,6 +42,8 @@ from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
 from app.outbound import OutboundError, OutboundRefused, Policy
 from app.outbox import Services, new_delivery
+from app.schemas import task_out
+from app.states import DeliveryStatus, OutputState
 from app.tasks import get_task
 from app.wiro.client import parse_retry_after
 
@@ -70,8 +72,6 @@ def _host(url: str) -> str:
 
 def payload(task: Task) -> str:
     """The notification body, compact JSON."""
-    from app.api.deps import task_out  # the one presentation of a task
-
     data = task_out(task).model_dump(mode="json")
     body = {"type": f"task.{task.status}",
             "timestamp": data["completed_at"] or data["updated_at"], "data": data}
@@ -139,7 +139,7 @@ async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Deliv
         pending = await s.scalar(
             select(Delivery.id).where(Delivery.task_id == task.id,
                                       Delivery.reason == "redeliver",
-                                      Delivery.status == "pending").limit(1))
+                                      Delivery.status == DeliveryStatus.pending).limit(1))
         if pending is not None:
             raise Conflict(f"A redelivery of task {task_id} is still pending ({pending}); "
                            "ask again once it is delivered or has failed.")
@@ -215,7 +215,7 @@ async def _wait_for_outputs(svc: Services, d: Delivery, until: datetime) -> bool
     One conditional statement, so a download finishing meanwhile either makes it a no-op
     or finds the postponed row and brings it forward (``outputs_settled``)."""
     pending = (select(StoredOutput.idx).where(StoredOutput.task_id == d.task_id,
-                                              StoredOutput.state == "pending").exists())
+                                              StoredOutput.state == OutputState.pending).exists())
     async with unit_of_work(svc.ctx.sm) as s:
         res = await s.execute(
             update(Delivery).where(Delivery.id == d.id, Delivery.lease_owner == svc.ctx.owner,
@@ -239,7 +239,8 @@ async def attempt(svc: Services, delivery_id: str) -> None:
     async with ctx.sm() as ses:
         d = await ses.get(Delivery, delivery_id)
         task = await ses.get(Task, d.task_id) if d is not None else None
-    if d is None or task is None or d.lease_owner != ctx.owner or d.status != "pending":
+    if (d is None or task is None or d.lease_owner != ctx.owner
+            or d.status != DeliveryStatus.pending):
         return
     now = ctx.clock()
     schedule = s.notify_schedule
@@ -331,11 +332,12 @@ async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: da
                   nxt: datetime | None) -> None:
     ctx = svc.ctx
     now = ctx.clock()
-    status = "delivered" if delivered else ("failed" if final else "pending")
+    status = (DeliveryStatus.delivered if delivered
+              else DeliveryStatus.failed if final else DeliveryStatus.pending)
     values: dict[str, Any] = dict(
         attempts=number, payload=body, status=status, last_error=None if delivered else error,
         next_attempt_at=nxt, **FREE)
-    if status != "pending":
+    if status != DeliveryStatus.pending:
         values["finished_at"] = now
     async with unit_of_work(ctx.sm) as s:
         res = await s.execute(update(Delivery).where(Delivery.id == d.id,
@@ -343,20 +345,21 @@ async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: da
                               .values(**values).execution_options(synchronize_session=False))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             return  # our lease ran out and another worker took over: its record wins
-        metrics.notification_attempt("delivered" if delivered else "failed")
-        if status == "failed":
+        metrics.notification_attempt(DeliveryStatus.delivered if delivered
+                                     else DeliveryStatus.failed)
+        if status == DeliveryStatus.failed:
             metrics.notification_exhausted()
         s.add(DeliveryAttempt(delivery_id=d.id, number=number, at=at, status_code=status_code,
                               latency_ms=latency_ms, response_body=response_body,
                               error=None if delivered else (error or "")[:1000]))
-        if status != "pending":
+        if status != DeliveryStatus.pending:
             what = (f"HTTP {status_code}" if delivered else (error or "failed"))[:300]
             s.add(Event(task_id=task.id, at=now, source="delivery", status=None,
                         upstream_status=None, message=(
                             f"notification {d.event_type} ({d.id}) to {_host(d.url)} "
                             f"{status} after {number} attempt{'s' if number > 1 else ''}: "
                             f"{what}")))
-    if status == "failed":
+    if status == DeliveryStatus.failed:
         log.warning("notification failed", extra={"task_id": task.id, "delivery_id": d.id})
 
 
@@ -365,7 +368,8 @@ async def outputs_settled(svc: Services, task_id: str) -> None:
     now = svc.ctx.clock()
     async with unit_of_work(svc.ctx.sm) as s:
         res = await s.execute(
-            update(Delivery).where(Delivery.task_id == task_id, Delivery.status == "pending",
+            update(Delivery).where(Delivery.task_id == task_id,
+                                   Delivery.status == DeliveryStatus.pending,
                                    Delivery.payload.is_(None), Delivery.next_attempt_at > now)
             .values(next_attempt_at=now).execution_options(synchronize_session=False))
     if res.rowcount:  # type: ignore[attr-defined]

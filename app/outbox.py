@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.ids import new_message_id
 from app.lifecycle import Status
 from app.models import Delivery, StoredOutput, Task
+from app.states import DeliveryStatus, OutputState
 
 if TYPE_CHECKING:
     from app.outbound import Outbound
@@ -55,8 +56,8 @@ def new_delivery(task_id: str, status: str, url: str, now: datetime, *,
                  reason: str) -> Delivery:
     """Due at once; the notifier applies the schedule's first delay itself."""
     return Delivery(id=new_message_id(now), task_id=task_id, event_type=f"task.{status}",
-                    reason=reason, url=url, status="pending", attempts=0, created_at=now,
-                    next_attempt_at=now)
+                    reason=reason, url=url, status=DeliveryStatus.pending, attempts=0,
+                    created_at=now, next_attempt_at=now)
 
 
 def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[], None]
@@ -97,5 +98,5 @@ async def record_terminal(session: AsyncSession, task_id: str, status: Status, n
                 task_id=task_id, idx=i, name=str(o.get("name") or i)[:255], upstream_url=url,
                 upstream_content_type=(o.get("content_type") or None),
                 upstream_size=o.get("size") if isinstance(o.get("size"), int) else None,
-                state="pending", storage_key=output_key(task_id, i), attempts=0,
+                state=OutputState.pending, storage_key=output_key(task_id, i), attempts=0,
                 created_at=now, next_try_at=now))

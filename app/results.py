@@ -36,6 +36,7 @@ from app.lifecycle import TERMINAL_RANK, Status
 from app.models import Erasure, Event, StoredOutput, Task, Upload
 from app.outbound import OutboundError, OutboundRefused, Policy
 from app.outbox import Services
+from app.states import ErasureState, OutputState
 from app.tasks import get_task
 from app.wiro import WiroError, WiroStateError
 
@@ -57,7 +58,8 @@ def present(row: StoredOutput, public_url: str, *, erased: bool = False) -> dict
         "content_type": (row.content_type if copied else None) or row.upstream_content_type,
         "size": row.size if copied else row.upstream_size,
         "url": (output_url(public_url, row.task_id, row.idx)
-                if erased or row.state in ("stored", "erased") else row.upstream_url),
+                if erased or row.state in (OutputState.stored, OutputState.erased)
+                else row.upstream_url),
         "upstream_url": row.upstream_url,
         "sha256": row.sha256, "width": row.width, "height": row.height,
     }
@@ -145,7 +147,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     ctx, s = svc.ctx, svc.ctx.settings
     async with ctx.sm() as ses:
         row = await ses.get(StoredOutput, (task_id, idx))
-    if row is None or row.lease_owner != ctx.owner or row.state != "pending":
+    if row is None or row.lease_owner != ctx.owner or row.state != OutputState.pending:
         return
     now = ctx.clock()
     error: str | None = None
@@ -163,9 +165,9 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
             res = await ses.execute(
                 update(StoredOutput).where(StoredOutput.task_id == task_id,
                                            StoredOutput.idx == idx,
-                                           StoredOutput.state == "pending",
+                                           StoredOutput.state == OutputState.pending,
                                            StoredOutput.lease_owner == ctx.owner)
-                .values(state="stored", content_type=info.content_type, size=info.size,
+                .values(state=OutputState.stored, content_type=info.content_type, size=info.size,
                         sha256=info.sha256, width=info.width, height=info.height,
                         attempts=row.attempts + 1, error=None, stored_at=now,
                         next_try_at=None, **FREE)
@@ -184,13 +186,13 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     give_up = permanent or attempts > len(schedule)
     values: dict[str, Any] = dict(attempts=attempts, error=error[:1000], **FREE)
     if give_up:
-        values.update(state="failed", next_try_at=None)
+        values.update(state=OutputState.failed, next_try_at=None)
     else:
         values["next_try_at"] = ctx.clock() + timedelta(seconds=jitter(schedule[attempts - 1]))
     async with unit_of_work(ctx.sm) as ses:
         await ses.execute(update(StoredOutput).where(
             StoredOutput.task_id == task_id, StoredOutput.idx == idx,
-            StoredOutput.state == "pending", StoredOutput.lease_owner == ctx.owner)
+            StoredOutput.state == OutputState.pending, StoredOutput.lease_owner == ctx.owner)
             .values(**values).execution_options(synchronize_session=False))
         if give_up:
             log.warning("output not stored: %s", error[:200],
@@ -202,7 +204,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
 async def _settled(svc: Services, task_id: str) -> None:
     async with svc.ctx.sm() as s:
         pending = await s.scalar(select(StoredOutput.idx).where(
-            StoredOutput.task_id == task_id, StoredOutput.state == "pending").limit(1))
+            StoredOutput.task_id == task_id, StoredOutput.state == OutputState.pending).limit(1))
     if pending is None:
         await notify.outputs_settled(svc, task_id)
 
@@ -228,9 +230,9 @@ async def open_output(svc: Services, *, task_id: str, index: int, client: str | 
         row = await s.get(StoredOutput, (task_id, index))
     if row is None:
         raise NotFound(f"Task {task_id} has no output {index}.")
-    if row.state != "stored":
-        raise NotFound(f"Output {index} of task {task_id} is not stored here "
-                       f"({'not yet' if row.state == 'pending' else 'the download failed'}); "
+    if row.state != OutputState.stored:
+        why = "not yet" if row.state == OutputState.pending else "the download failed"
+        raise NotFound(f"Output {index} of task {task_id} is not stored here ({why}); "
                        "its upstream_url may still work.")
     data = await svc.store.get(row.storage_key)
     if data is None:
@@ -261,14 +263,14 @@ async def erase_task_images(svc: Services, *, task_id: str, client: str | None,
                                    .where(StoredOutput.task_id == task_id))).all()
         keys = [o.storage_key for o in outputs]
         await s.execute(update(StoredOutput).where(StoredOutput.task_id == task_id)
-                        .values(state="erased", next_try_at=None)
+                        .values(state=OutputState.erased, next_try_at=None)
                         .execution_options(synchronize_session=False))
         uploads = await _our_uploads(s, task)
         keys += [u.storage_key for u in uploads if u.storage_key]
         for u in uploads:
             u.erased_at = now
         await _rewrite_outputs(s, task_id, ctx.settings.public_url)
-        upstream = "pending" if task.upstream_token else "skipped"
+        upstream = ErasureState.pending if task.upstream_token else ErasureState.skipped
         s.add(Erasure(task_id=task_id, reason=reason, requested_at=now, keys=keys,
                       upstream_state=upstream, attempts=0, next_try_at=now,
                       lease_owner=ctx.owner,
@@ -278,8 +280,8 @@ async def erase_task_images(svc: Services, *, task_id: str, client: str | None,
         s.add(Event(task_id=task_id, at=now, source="api", status=None, upstream_status=None,
                     message=(f"images erased {why}: {len(outputs)} output(s) and "
                              f"{len(uploads)} uploaded input(s) deleted here"
-                             + ("; asking Wiro to delete its copies" if upstream == "pending"
-                                else ""))))
+                             + ("; asking Wiro to delete its copies"
+                                if upstream == ErasureState.pending else ""))))
     await process_erasure(svc, task_id)
 
 
@@ -318,13 +320,13 @@ async def process_erasure(svc: Services, task_id: str) -> None:
     except OSError as exc:
         error = f"deleting stored files failed: {type(exc).__name__}"
     upstream = e.upstream_state
-    if upstream == "pending" and task.upstream_token:
+    if upstream == ErasureState.pending and task.upstream_token:
         try:
             await ctx.wiro.input_output_delete(task.upstream_token)
-            upstream = "done"
+            upstream = ErasureState.done
         except WiroStateError as exc:
             if exc.gone:
-                upstream = "done"  # "task-not-exist": nothing left upstream to delete
+                upstream = ErasureState.done  # "task-not-exist": nothing left upstream to delete
             else:
                 error = f"Task/InputOutputDelete: {str(exc)[:300]}"
         except WiroError as exc:
@@ -337,11 +339,12 @@ async def process_erasure(svc: Services, task_id: str) -> None:
     message = None
     if error is None:
         values.update(next_try_at=None, done_at=now)
-        if upstream == "done":
+        if upstream == ErasureState.done:
             message = "Wiro deleted its copies of the task's input and outputs"
     elif attempts > len(schedule):
-        values.update(next_try_at=None, upstream_state="failed" if upstream == "pending"
-                      else upstream)
+        values.update(next_try_at=None,
+                      upstream_state=(ErasureState.failed if upstream == ErasureState.pending
+                                      else upstream))
         message = f"erasure gave up after {attempts} attempts: {error}"
     else:
         values["next_try_at"] = now + timedelta(seconds=jitter(schedule[attempts - 1]))
