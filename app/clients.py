@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import unit_of_work, utcnow
@@ -248,12 +248,6 @@ async def stored_limits(sm: async_sessionmaker[AsyncSession]
         rows = (await s.execute(select(Client.name, Client.rate_per_s,
                                        Client.max_in_flight))).all()
     return {name: (rate, cap) for name, rate, cap in rows}
-
-
-async def count_live_keys(sm: async_sessionmaker[AsyncSession], client: str) -> int:
-    async with sm() as s:
-        return int(await s.scalar(select(func.count()).select_from(ClientKey).where(
-            ClientKey.client == client, ClientKey.revoked_at.is_(None))) or 0)
 
 
 # ---------------------------------------------------------------- authentication

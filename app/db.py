@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy import DateTime, Dialect, MetaData, bindparam, event
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -18,7 +18,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeDecorator
 
 NAMING = {
@@ -48,7 +49,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value, dialect):
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
@@ -56,10 +57,16 @@ class UTCDateTime(TypeDecorator[datetime]):
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value, dialect):
+    def process_result_value(self, value: datetime | None, dialect: Dialect
+                             ) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def ts(name: str) -> BindParameter[datetime]:
+    """A bind parameter for a timestamp (UTC on both databases), for prebuilt statements."""
+    return bindparam(name, type_=UTCDateTime())
 
 
 def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
@@ -97,7 +104,11 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+    """Sessions of a ``Session`` subclass of their own, so that session events (the
+    result workers' wake-ups, ``outbox.wake_after_terminal``) belong to this sessionmaker
+    and its process rather than to every ``Session`` there is."""
+    session_class = type("GatewaySession", (Session,), {})
+    return async_sessionmaker(engine, expire_on_commit=False, sync_session_class=session_class)
 
 
 # SQLite has one writer at a time. Writers of one process that collide there are put to

@@ -34,6 +34,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from app.states import DeliveryStatus
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # No ``*_created`` series next to every counter and histogram: they double the series
 # count and no alert here needs them.
@@ -91,7 +93,7 @@ WAITERS = Gauge(
 CALLBACK_OUTCOMES = ("accepted", "unknown", "duplicate")
 for _outcome in CALLBACK_OUTCOMES:  # series exist at 0, so rate() and alerts work at once
     CALLBACKS.labels(_outcome)
-for _outcome in ("delivered", "failed"):
+for _outcome in (DeliveryStatus.delivered, DeliveryStatus.failed):
     NOTIFICATION_ATTEMPTS.labels(_outcome)
 for _kind in ("auth", "url"):
     UPSTREAM_CONFIG_FAULTS.labels(_kind)

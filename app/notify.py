@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -35,13 +34,16 @@ from sqlalchemy import func, or_, select, update
 from standardwebhooks.webhooks import Webhook
 
 from app import cursors, metrics, tracing
-from app.db import unit_of_work
+from app.db import unit_of_work, write
 from app.errors import Conflict
+from app.ids import jitter
+from app.leases import FREE, Leases
 from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
 from app.outbound import OutboundError, OutboundRefused, Policy
 from app.outbox import Services, new_delivery
-from app.states import EventKind
+from app.schemas import task_out
+from app.states import DeliveryStatus, EventKind, OutputState
 from app.tasks import get_task
 from app.wiro.client import parse_retry_after
 
@@ -52,11 +54,11 @@ UNSIGNED = ("GATEWAY_WEBHOOK_SECRET is not set: the gateway signs every notifica
              "cannot send this one. Set the secret, restart, then redeliver.")
 
 
-def _jitter(seconds: float) -> float:
-    return seconds * random.uniform(0.8, 1.2)
+LEASES = Leases(Delivery.__table__, key="id", due="next_attempt_at")
 
 
 def _lease_s(svc: Services) -> float:
+    """Long enough for one attempt (a delivery is not renewed while its POST runs)."""
     s = svc.ctx.settings
     return max(s.lease_s, s.notify_timeout_s + 10)
 
@@ -70,8 +72,6 @@ def _host(url: str) -> str:
 
 def payload(task: Task) -> str:
     """The notification body, compact JSON."""
-    from app.api.deps import task_out  # the one presentation of a task
-
     data = task_out(task).model_dump(mode="json")
     body = {"type": f"task.{task.status}",
             "timestamp": data["completed_at"] or data["updated_at"], "data": data}
@@ -139,7 +139,7 @@ async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Deliv
         pending = await s.scalar(
             select(Delivery.id).where(Delivery.task_id == task.id,
                                       Delivery.reason == "redeliver",
-                                      Delivery.status == "pending").limit(1))
+                                      Delivery.status == DeliveryStatus.pending).limit(1))
         if pending is not None:
             raise Conflict(f"A redelivery of task {task_id} is still pending ({pending}); "
                            "ask again once it is delivered or has failed.")
@@ -160,7 +160,7 @@ async def claim_due(svc: Services, *, limit: int) -> list[str]:
     and no host more than ``GATEWAY_NOTIFY_HOST_CONCURRENCY``. So a receiver that accepts
     and never answers ties up a few of its owner's slots for ``GATEWAY_NOTIFY_TIMEOUT_S``,
     never everyone's. The lease itself is a compare-and-set on ``lease_until``, as in
-    ``tasks.claim_due``; counts are per process, like the slots."""
+    ``tasks.claim_due`` (``app.leases``); counts are per process, like the slots."""
     ctx, st = svc.ctx, svc.ctx.settings
     now = ctx.clock()
     until = now + timedelta(seconds=_lease_s(svc))
@@ -196,24 +196,17 @@ async def claim_due(svc: Services, *, limit: int) -> list[str]:
         by_client[c.client] += 1
         by_host[host] += 1
         picked.append(c.id)
-    claimed = []
-    if picked:
-        async with unit_of_work(ctx.sm) as s:
-            for delivery_id in picked:
-                res = await s.execute(
-                    update(Delivery).where(Delivery.id == delivery_id, free)
-                    .values(lease_owner=ctx.owner, lease_until=until)
-                    .execution_options(synchronize_session=False))
-                if res.rowcount == 1:  # type: ignore[attr-defined]
-                    claimed.append(delivery_id)
-    return claimed
+    if not picked:
+        return []
+    async with write(ctx.engine) as conn:
+        claimed = await LEASES.claim_keys(conn, picked, owner=ctx.owner, now=now, until=until)
+    order = {key: i for i, key in enumerate(picked)}
+    return sorted(claimed, key=order.__getitem__)
 
 
 async def release_all(svc: Services) -> None:
-    async with unit_of_work(svc.ctx.sm) as s:
-        await s.execute(update(Delivery).where(Delivery.lease_owner == svc.ctx.owner)
-                        .values(lease_owner=None, lease_until=None)
-                        .execution_options(synchronize_session=False))
+    async with write(svc.ctx.engine) as conn:
+        await LEASES.release_all(conn, owner=svc.ctx.owner)
 
 
 async def _wait_for_outputs(svc: Services, d: Delivery, until: datetime) -> bool:
@@ -222,12 +215,12 @@ async def _wait_for_outputs(svc: Services, d: Delivery, until: datetime) -> bool
     One conditional statement, so a download finishing meanwhile either makes it a no-op
     or finds the postponed row and brings it forward (``outputs_settled``)."""
     pending = (select(StoredOutput.idx).where(StoredOutput.task_id == d.task_id,
-                                              StoredOutput.state == "pending").exists())
+                                              StoredOutput.state == OutputState.pending).exists())
     async with unit_of_work(svc.ctx.sm) as s:
         res = await s.execute(
             update(Delivery).where(Delivery.id == d.id, Delivery.lease_owner == svc.ctx.owner,
                                    pending)
-            .values(next_attempt_at=until, lease_owner=None, lease_until=None)
+            .values(next_attempt_at=until, **FREE)
             .execution_options(synchronize_session=False))
     return res.rowcount == 1  # type: ignore[attr-defined]
 
@@ -236,7 +229,7 @@ async def _postpone(svc: Services, d: Delivery, until: datetime) -> None:
     async with unit_of_work(svc.ctx.sm) as s:
         await s.execute(update(Delivery).where(Delivery.id == d.id,
                                                Delivery.lease_owner == svc.ctx.owner)
-                        .values(next_attempt_at=until, lease_owner=None, lease_until=None)
+                        .values(next_attempt_at=until, **FREE)
                         .execution_options(synchronize_session=False))
 
 
@@ -246,7 +239,8 @@ async def attempt(svc: Services, delivery_id: str) -> None:
     async with ctx.sm() as ses:
         d = await ses.get(Delivery, delivery_id)
         task = await ses.get(Task, d.task_id) if d is not None else None
-    if d is None or task is None or d.lease_owner != ctx.owner or d.status != "pending":
+    if (d is None or task is None or d.lease_owner != ctx.owner
+            or d.status != DeliveryStatus.pending):
         return
     now = ctx.clock()
     schedule = s.notify_schedule
@@ -319,7 +313,7 @@ async def attempt(svc: Services, delivery_id: str) -> None:
         final = True
     nxt: datetime | None = None
     if not delivered and not final:
-        delay = _jitter(schedule[number])
+        delay = jitter(schedule[number])
         if retry_after is not None:
             delay = max(delay, min(retry_after, s.notify_retry_after_cap_s))
         nxt = ctx.clock() + timedelta(seconds=delay)
@@ -338,11 +332,12 @@ async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: da
                   nxt: datetime | None) -> None:
     ctx = svc.ctx
     now = ctx.clock()
-    status = "delivered" if delivered else ("failed" if final else "pending")
+    status = (DeliveryStatus.delivered if delivered
+              else DeliveryStatus.failed if final else DeliveryStatus.pending)
     values: dict[str, Any] = dict(
         attempts=number, payload=body, status=status, last_error=None if delivered else error,
-        next_attempt_at=nxt, lease_owner=None, lease_until=None)
-    if status != "pending":
+        next_attempt_at=nxt, **FREE)
+    if status != DeliveryStatus.pending:
         values["finished_at"] = now
     async with unit_of_work(ctx.sm) as s:
         res = await s.execute(update(Delivery).where(Delivery.id == d.id,
@@ -350,13 +345,14 @@ async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: da
                               .values(**values).execution_options(synchronize_session=False))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             return  # our lease ran out and another worker took over: its record wins
-        metrics.notification_attempt("delivered" if delivered else "failed")
-        if status == "failed":
+        metrics.notification_attempt(DeliveryStatus.delivered if delivered
+                                     else DeliveryStatus.failed)
+        if status == DeliveryStatus.failed:
             metrics.notification_exhausted()
         s.add(DeliveryAttempt(delivery_id=d.id, number=number, at=at, status_code=status_code,
                               latency_ms=latency_ms, response_body=response_body,
                               error=None if delivered else (error or "")[:1000]))
-        if status != "pending":
+        if status != DeliveryStatus.pending:
             what = (f"HTTP {status_code}" if delivered else (error or "failed"))[:300]
             kind = (EventKind.notification_delivered if delivered
                     else EventKind.notification_failed)
@@ -365,7 +361,7 @@ async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: da
                             f"notification {d.event_type} ({d.id}) to {_host(d.url)} "
                             f"{status} after {number} attempt{'s' if number > 1 else ''}: "
                             f"{what}")))
-    if status == "failed":
+    if status == DeliveryStatus.failed:
         log.warning("notification failed", extra={"task_id": task.id, "delivery_id": d.id})
 
 
@@ -374,7 +370,8 @@ async def outputs_settled(svc: Services, task_id: str) -> None:
     now = svc.ctx.clock()
     async with unit_of_work(svc.ctx.sm) as s:
         res = await s.execute(
-            update(Delivery).where(Delivery.task_id == task_id, Delivery.status == "pending",
+            update(Delivery).where(Delivery.task_id == task_id,
+                                   Delivery.status == DeliveryStatus.pending,
                                    Delivery.payload.is_(None), Delivery.next_attempt_at > now)
             .values(next_attempt_at=now).execution_options(synchronize_session=False))
     if res.rowcount:  # type: ignore[attr-defined]

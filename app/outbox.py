@@ -13,26 +13,24 @@ the import graph, so that ``tasks`` can call the hook without a cycle.
 
 from __future__ import annotations
 
-import secrets
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
+from app.ids import new_message_id
 from app.lifecycle import Status
 from app.models import Delivery, StoredOutput, Task
+from app.states import DeliveryStatus, OutputState
 
 if TYPE_CHECKING:
     from app.context import Ctx
     from app.outbound import Outbound
     from app.store import Store
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 def _noop() -> None:
@@ -47,17 +45,6 @@ class Services:
     wake_notifier: Callable[[], None] = _noop
     wake_outputs: Callable[[], None] = _noop
     wake_eraser: Callable[[], None] = _noop
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def new_message_id(now: datetime) -> str:
-    """``msg_`` + a ULID (time-ordered): the delivery's id and its ``webhook-id``."""
-    n = (int(now.timestamp() * 1000) << 80) | secrets.randbits(80)
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[n & 31])
-        n >>= 5
-    return "msg_" + "".join(reversed(chars))
 
 
 def output_key(task_id: str, index: int) -> str:
@@ -69,28 +56,30 @@ def new_delivery(task_id: str, status: str, url: str, now: datetime, *,
                  reason: str) -> Delivery:
     """Due at once; the notifier applies the schedule's first delay itself."""
     return Delivery(id=new_message_id(now), task_id=task_id, event_type=f"task.{status}",
-                    reason=reason, url=url, status="pending", attempts=0, created_at=now,
-                    next_attempt_at=now)
+                    reason=reason, url=url, status=DeliveryStatus.pending, attempts=0,
+                    created_at=now, next_attempt_at=now)
 
 
-# The result loops of each engine, woken once a transaction that recorded a terminal
-# status has committed. Without it they found the new delivery and downloads only on their
-# next idle tick (GATEWAY_WORKER_IDLE_S): half a second on average of the 0.6 s from
-# upstream completion to the caller's notification (bench P7).
-_wakers: weakref.WeakKeyDictionary[Any, list[Callable[[], None]]] = weakref.WeakKeyDictionary()
+def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[], None]
+                        ) -> None:
+    """Call ``wake`` after each commit of a session of ``sm`` that recorded a terminal
+    status, so the result loops start on the new delivery and downloads at once instead
+    of on their next idle tick (GATEWAY_WORKER_IDLE_S: half a second on average of the
+    0.6 s from upstream completion to the caller's notification, bench P7).
 
+    The hook is registered on ``sm``'s own Session class (``db.make_sessionmaker``), so
+    it belongs to this process's sessionmaker; a sessionmaker without one gets no
+    wake-ups (its loops still find the work on their idle tick)."""
+    session_class = sm.kw.get("sync_session_class")
+    if session_class is None or session_class is Session:
+        return
 
-def wake_after_terminal(engine: Any, *wake: Callable[[], None]) -> None:
-    """Call ``wake`` after each commit on ``engine`` (an AsyncEngine) that recorded a
-    terminal status."""
-    _wakers.setdefault(engine.sync_engine, []).extend(wake)
+    def after_commit(session: Session) -> None:
+        if session.info.pop("terminal_recorded", False):
+            for w in wake:
+                w()
 
-
-@event.listens_for(Session, "after_commit")
-def _after_commit(session: Session) -> None:
-    if session.info.pop("terminal_recorded", False):
-        for wake in _wakers.get(session.bind, ()):
-            wake()
+    event.listen(session_class, "after_commit", after_commit)
 
 
 async def record_terminal(session: AsyncSession, task_id: str, status: Status, now: datetime,
@@ -109,5 +98,5 @@ async def record_terminal(session: AsyncSession, task_id: str, status: Status, n
                 task_id=task_id, idx=i, name=str(o.get("name") or i)[:255], upstream_url=url,
                 upstream_content_type=(o.get("content_type") or None),
                 upstream_size=o.get("size") if isinstance(o.get("size"), int) else None,
-                state="pending", storage_key=output_key(task_id, i), attempts=0,
+                state=OutputState.pending, storage_key=output_key(task_id, i), attempts=0,
                 created_at=now, next_try_at=now))

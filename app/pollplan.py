@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -50,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db import unit_of_work
 from app.lifecycle import Status
 from app.models import Task
+from app.percentiles import percentile
 from app.settings import Settings
 
 
@@ -89,12 +89,6 @@ class Summary:
     missing: int  # of those, finished without a callback
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank quantile (the largest value below 20 samples at q = 0.95)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
 def summarize(samples: Iterable[Sample], *, window: int, max_missing: float) -> Summary:
     newest = sorted(samples, key=lambda x: x.completed_at, reverse=True)
     recent = newest[:window]
@@ -102,7 +96,7 @@ def summarize(samples: Iterable[Sample], *, window: int, max_missing: float) -> 
     healthy = None if not recent else missing <= max_missing * len(recent) + 1e-9
     durations = [max(0.0, (x.completed_at - x.started_at).total_seconds())
                  for x in newest if x.callback]
-    return Summary(healthy=healthy, p95_s=quantile(durations, QUANTILE) if durations else None,
+    return Summary(healthy=healthy, p95_s=percentile(sorted(durations), QUANTILE),
                    window=len(recent), missing=missing)
 
 

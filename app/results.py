@@ -20,37 +20,29 @@ presentation) and ``images_erased_at``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import random
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import imaging, notify
-from app.db import unit_of_work
+from app.db import unit_of_work, write
 from app.errors import Conflict, Gone, NotFound
+from app.ids import jitter, sha256_hex
+from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK, Status
 from app.models import Erasure, Event, StoredOutput, Task, Upload
 from app.outbound import OutboundError, OutboundRefused, Policy
 from app.outbox import Services
-from app.states import EventKind
+from app.states import ErasureState, EventKind, OutputState
 from app.tasks import get_task
 from app.wiro import WiroError, WiroStateError
 
 log = logging.getLogger(__name__)
 
 ALLOWED_TYPES = frozenset(imaging.FORMATS.values())
-
-
-def _jitter(seconds: float) -> float:
-    return seconds * random.uniform(0.8, 1.2)
-
-
-def url_hash(url: str) -> str:
-    return hashlib.sha256(url.encode()).hexdigest()
 
 
 def output_url(public_url: str, task_id: str, index: int) -> str:
@@ -66,7 +58,8 @@ def present(row: StoredOutput, public_url: str, *, erased: bool = False) -> dict
         "content_type": (row.content_type if copied else None) or row.upstream_content_type,
         "size": row.size if copied else row.upstream_size,
         "url": (output_url(public_url, row.task_id, row.idx)
-                if erased or row.state in ("stored", "erased") else row.upstream_url),
+                if erased or row.state in (OutputState.stored, OutputState.erased)
+                else row.upstream_url),
         "upstream_url": row.upstream_url,
         "sha256": row.sha256, "width": row.width, "height": row.height,
     }
@@ -90,28 +83,30 @@ async def _rewrite_outputs(session: AsyncSession, task_id: str, public_url: str)
 # ---------------------------------------------------------------- outputs: the worker
 
 
+OUTPUT_LEASES = Leases(StoredOutput.__table__, key=("task_id", "idx"), due="next_try_at")
+ERASURE_LEASES = Leases(Erasure.__table__, key="task_id", due="next_try_at")
+
+
+def _output_lease_s(svc: Services) -> float:
+    """Long enough for one download (an output is not renewed while it runs)."""
+    s = svc.ctx.settings
+    return max(s.lease_s, s.output_timeout_s + 10)
+
+
+def _erasure_lease_s(svc: Services) -> float:
+    """Long enough for one ``Task/InputOutputDelete`` (not renewed while it runs)."""
+    s = svc.ctx.settings
+    return max(s.lease_s, s.wiro_read_timeout_s + 10)
+
+
 async def claim_outputs(svc: Services, *, limit: int) -> list[tuple[str, int]]:
+    """Lease up to ``limit`` due downloads for this process (``app.leases``)."""
     ctx = svc.ctx
     now = ctx.clock()
-    until = now + timedelta(seconds=max(ctx.settings.lease_s,
-                                        ctx.settings.output_timeout_s + 10))
-    free = or_(StoredOutput.lease_until.is_(None), StoredOutput.lease_until < now)
-    async with unit_of_work(ctx.sm) as s:
-        keys = (await s.execute(
-            select(StoredOutput.task_id, StoredOutput.idx)
-            .where(StoredOutput.next_try_at <= now, free)
-            .order_by(StoredOutput.next_try_at).limit(limit)
-            .with_for_update(skip_locked=True))).all()
-        claimed = []
-        for task_id, idx in keys:
-            res = await s.execute(
-                update(StoredOutput).where(StoredOutput.task_id == task_id,
-                                           StoredOutput.idx == idx, free)
-                .values(lease_owner=ctx.owner, lease_until=until)
-                .execution_options(synchronize_session=False))
-            if res.rowcount == 1:  # type: ignore[attr-defined]
-                claimed.append((task_id, idx))
-    return claimed
+    until = now + timedelta(seconds=_output_lease_s(svc))
+    async with write(ctx.engine) as conn:
+        return await OUTPUT_LEASES.claim(conn, owner=ctx.owner, now=now, until=until,
+                                         limit=limit)
 
 
 class _Permanent(Exception):
@@ -152,7 +147,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     ctx, s = svc.ctx, svc.ctx.settings
     async with ctx.sm() as ses:
         row = await ses.get(StoredOutput, (task_id, idx))
-    if row is None or row.lease_owner != ctx.owner or row.state != "pending":
+    if row is None or row.lease_owner != ctx.owner or row.state != OutputState.pending:
         return
     now = ctx.clock()
     error: str | None = None
@@ -170,12 +165,12 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
             res = await ses.execute(
                 update(StoredOutput).where(StoredOutput.task_id == task_id,
                                            StoredOutput.idx == idx,
-                                           StoredOutput.state == "pending",
+                                           StoredOutput.state == OutputState.pending,
                                            StoredOutput.lease_owner == ctx.owner)
-                .values(state="stored", content_type=info.content_type, size=info.size,
+                .values(state=OutputState.stored, content_type=info.content_type, size=info.size,
                         sha256=info.sha256, width=info.width, height=info.height,
                         attempts=row.attempts + 1, error=None, stored_at=now,
-                        next_try_at=None, lease_owner=None, lease_until=None)
+                        next_try_at=None, **FREE)
                 .execution_options(synchronize_session=False))
             stored = res.rowcount == 1  # type: ignore[attr-defined]
             if stored:
@@ -189,16 +184,15 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     attempts = row.attempts + 1
     schedule = s.output_retry_schedule
     give_up = permanent or attempts > len(schedule)
-    values: dict[str, Any] = dict(attempts=attempts, error=error[:1000], lease_owner=None,
-                                  lease_until=None)
+    values: dict[str, Any] = dict(attempts=attempts, error=error[:1000], **FREE)
     if give_up:
-        values.update(state="failed", next_try_at=None)
+        values.update(state=OutputState.failed, next_try_at=None)
     else:
-        values["next_try_at"] = ctx.clock() + timedelta(seconds=_jitter(schedule[attempts - 1]))
+        values["next_try_at"] = ctx.clock() + timedelta(seconds=jitter(schedule[attempts - 1]))
     async with unit_of_work(ctx.sm) as ses:
         await ses.execute(update(StoredOutput).where(
             StoredOutput.task_id == task_id, StoredOutput.idx == idx,
-            StoredOutput.state == "pending", StoredOutput.lease_owner == ctx.owner)
+            StoredOutput.state == OutputState.pending, StoredOutput.lease_owner == ctx.owner)
             .values(**values).execution_options(synchronize_session=False))
         if give_up:
             log.warning("output not stored: %s", error[:200],
@@ -210,18 +204,18 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
 async def _settled(svc: Services, task_id: str) -> None:
     async with svc.ctx.sm() as s:
         pending = await s.scalar(select(StoredOutput.idx).where(
-            StoredOutput.task_id == task_id, StoredOutput.state == "pending").limit(1))
+            StoredOutput.task_id == task_id, StoredOutput.state == OutputState.pending).limit(1))
     if pending is None:
         await notify.outputs_settled(svc, task_id)
 
 
-async def release_all(svc: Services) -> None:
-    owner = svc.ctx.owner
-    async with unit_of_work(svc.ctx.sm) as s:
-        for model in (StoredOutput, Erasure):
-            await s.execute(update(model).where(model.lease_owner == owner)
-                            .values(lease_owner=None, lease_until=None)
-                            .execution_options(synchronize_session=False))
+async def release_all(svc: Services, *, outputs: bool = True, erasures: bool = True) -> None:
+    """Give back the output and/or erasure leases this process holds (shutdown: each
+    loop its own, so the first loop to stop leaves the other's running jobs theirs)."""
+    async with write(svc.ctx.engine) as conn:
+        for leases, chosen in ((OUTPUT_LEASES, outputs), (ERASURE_LEASES, erasures)):
+            if chosen:
+                await leases.release_all(conn, owner=svc.ctx.owner)
 
 
 # ---------------------------------------------------------------- outputs: serving
@@ -236,9 +230,9 @@ async def open_output(svc: Services, *, task_id: str, index: int, client: str | 
         row = await s.get(StoredOutput, (task_id, index))
     if row is None:
         raise NotFound(f"Task {task_id} has no output {index}.")
-    if row.state != "stored":
-        raise NotFound(f"Output {index} of task {task_id} is not stored here "
-                       f"({'not yet' if row.state == 'pending' else 'the download failed'}); "
+    if row.state != OutputState.stored:
+        why = "not yet" if row.state == OutputState.pending else "the download failed"
+        raise NotFound(f"Output {index} of task {task_id} is not stored here ({why}); "
                        "its upstream_url may still work.")
     data = await svc.store.get(row.storage_key)
     if data is None:
@@ -269,27 +263,26 @@ async def erase_task_images(svc: Services, *, task_id: str, client: str | None,
                                    .where(StoredOutput.task_id == task_id))).all()
         keys = [o.storage_key for o in outputs]
         await s.execute(update(StoredOutput).where(StoredOutput.task_id == task_id)
-                        .values(state="erased", next_try_at=None)
+                        .values(state=OutputState.erased, next_try_at=None)
                         .execution_options(synchronize_session=False))
         uploads = await _our_uploads(s, task)
         keys += [u.storage_key for u in uploads if u.storage_key]
         for u in uploads:
             u.erased_at = now
         await _rewrite_outputs(s, task_id, ctx.settings.public_url)
-        upstream = "pending" if task.upstream_token else "skipped"
+        upstream = ErasureState.pending if task.upstream_token else ErasureState.skipped
         s.add(Erasure(task_id=task_id, reason=reason, requested_at=now, keys=keys,
                       upstream_state=upstream, attempts=0, next_try_at=now,
                       lease_owner=ctx.owner,
-                      lease_until=now + timedelta(seconds=max(
-                          ctx.settings.lease_s, ctx.settings.wiro_read_timeout_s + 10))))
+                      lease_until=now + timedelta(seconds=_erasure_lease_s(svc))))
         why = ("at the caller's request" if reason == "request" else
                f"after the retention period of {ctx.settings.retention_days:g} days")
         s.add(Event(task_id=task_id, at=now, source="api", kind=EventKind.images_erased,
                     status=None, upstream_status=None,
                     message=(f"images erased {why}: {len(outputs)} output(s) and "
                              f"{len(uploads)} uploaded input(s) deleted here"
-                             + ("; asking Wiro to delete its copies" if upstream == "pending"
-                                else ""))))
+                             + ("; asking Wiro to delete its copies"
+                                if upstream == ErasureState.pending else ""))))
     await process_erasure(svc, task_id)
 
 
@@ -298,30 +291,18 @@ async def _our_uploads(s: AsyncSession, task: Task) -> list[Upload]:
     if not isinstance(url, str):
         return []
     return list((await s.scalars(select(Upload).where(
-        Upload.url_hash == url_hash(url), Upload.client == task.client,
+        Upload.url_hash == sha256_hex(url), Upload.client == task.client,
         Upload.erased_at.is_(None)))).all())
 
 
 async def claim_erasures(svc: Services, *, limit: int) -> list[str]:
+    """Lease up to ``limit`` due erasures for this process (``app.leases``)."""
     ctx = svc.ctx
     now = ctx.clock()
-    until = now + timedelta(seconds=max(ctx.settings.lease_s, ctx.settings.wiro_read_timeout_s
-                                        + 10))
-    free = or_(Erasure.lease_until.is_(None), Erasure.lease_until < now)
-    async with unit_of_work(ctx.sm) as s:
-        ids = (await s.scalars(
-            select(Erasure.task_id).where(Erasure.next_try_at <= now, free)
-            .order_by(Erasure.next_try_at).limit(limit)
-            .with_for_update(skip_locked=True))).all()
-        claimed = []
-        for task_id in ids:
-            res = await s.execute(
-                update(Erasure).where(Erasure.task_id == task_id, free)
-                .values(lease_owner=ctx.owner, lease_until=until)
-                .execution_options(synchronize_session=False))
-            if res.rowcount == 1:  # type: ignore[attr-defined]
-                claimed.append(task_id)
-    return claimed
+    until = now + timedelta(seconds=_erasure_lease_s(svc))
+    async with write(ctx.engine) as conn:
+        return await ERASURE_LEASES.claim(conn, owner=ctx.owner, now=now, until=until,
+                                          limit=limit)
 
 
 async def process_erasure(svc: Services, task_id: str) -> None:
@@ -340,13 +321,13 @@ async def process_erasure(svc: Services, task_id: str) -> None:
     except OSError as exc:
         error = f"deleting stored files failed: {type(exc).__name__}"
     upstream = e.upstream_state
-    if upstream == "pending" and task.upstream_token:
+    if upstream == ErasureState.pending and task.upstream_token:
         try:
             await ctx.wiro.input_output_delete(task.upstream_token)
-            upstream = "done"
+            upstream = ErasureState.done
         except WiroStateError as exc:
             if exc.gone:
-                upstream = "done"  # "task-not-exist": nothing left upstream to delete
+                upstream = ErasureState.done  # "task-not-exist": nothing left upstream to delete
             else:
                 error = f"Task/InputOutputDelete: {str(exc)[:300]}"
         except WiroError as exc:
@@ -355,20 +336,21 @@ async def process_erasure(svc: Services, task_id: str) -> None:
     attempts = e.attempts + 1
     schedule = s.erase_retry_schedule
     values: dict[str, Any] = dict(attempts=attempts, upstream_state=upstream,
-                                  last_error=error, lease_owner=None, lease_until=None)
+                                  last_error=error, **FREE)
     message = None
     kind = EventKind.upstream_erased
     if error is None:
         values.update(next_try_at=None, done_at=now)
-        if upstream == "done":
+        if upstream == ErasureState.done:
             message = "Wiro deleted its copies of the task's input and outputs"
     elif attempts > len(schedule):
-        values.update(next_try_at=None, upstream_state="failed" if upstream == "pending"
-                      else upstream)
+        values.update(next_try_at=None,
+                      upstream_state=(ErasureState.failed if upstream == ErasureState.pending
+                                      else upstream))
         kind = EventKind.upstream_erase_failed
         message = f"erasure gave up after {attempts} attempts: {error}"
     else:
-        values["next_try_at"] = now + timedelta(seconds=_jitter(schedule[attempts - 1]))
+        values["next_try_at"] = now + timedelta(seconds=jitter(schedule[attempts - 1]))
         kind = EventKind.upstream_erase_retry
         if attempts == 1:
             message = f"erasure incomplete, will retry: {error}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -18,6 +18,9 @@ from pydantic import (
 from app.catalog import DEFAULT_MODEL, MODELS, check_url
 from app.lifecycle import Status
 from app.outbound import literal_refusal
+
+if TYPE_CHECKING:
+    from app.models import Event, Task
 
 MAX_METADATA_KEYS = 16
 MAX_METADATA_VALUE = 500
@@ -291,3 +294,29 @@ class TaskStatsOut(BaseModel):
     cost_usd: str = Field(description="sum of Wiro's totalcost, as an exact decimal string")
     finished_by: FinishedBy
     durations: DurationSample
+
+
+# ---------------------------------------------------------------- rows → API shapes
+
+
+def task_out(t: Task) -> TaskOut:
+    """A task as the API shows it (``GET /v1/tasks/{id}``, its notifications, the console)."""
+    error = None
+    if t.error_code:
+        error = TaskError(code=t.error_code, message=t.error_message or t.error_code,
+                          upstream_code=t.upstream_error_code)
+    return TaskOut(
+        id=t.id, model=t.model, status=Status(t.status), input=t.input,
+        outputs=[TaskOutput.model_validate(o) for o in t.outputs],
+        error=error, upstream=UpstreamRef(task_id=t.upstream_task_id, status=t.upstream_status),
+        cost_usd=t.cost_usd, metadata=t.metadata_ or {}, webhook_url=t.webhook_url,
+        created_at=t.created_at, updated_at=t.updated_at, completed_at=t.completed_at,
+        images_erased_at=t.images_erased_at,
+    )
+
+
+def event_out(e: Event) -> EventOut:
+    """An event as the API shows it (its history and event streams)."""
+    return EventOut.model_validate({"id": e.id, "at": e.at, "source": e.source,
+                                    "status": e.status, "upstream_status": e.upstream_status,
+                                    "message": e.message})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -244,10 +243,6 @@ class Settings(BaseSettings):
         return self.poll_max_s if self.poll_safety_max_s is None else self.poll_safety_max_s
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.effective_database_url.startswith("sqlite")
-
-    @property
     def is_postgres(self) -> bool:
         return self.effective_database_url.startswith("postgresql")
 
@@ -292,10 +287,6 @@ class Settings(BaseSettings):
     @property
     def output_host_set(self) -> frozenset[str]:
         return frozenset(h.strip().lower() for h in self.output_hosts.split(",") if h.strip())
-
-
-def new_secret_token(nbytes: int = 24) -> str:
-    return secrets.token_urlsafe(nbytes)
 
 
 def _schedule(name: str, value: str) -> list[float]:

@@ -28,15 +28,16 @@ from sqlalchemy.sql import Select
 
 from app.context import Ctx
 from app.errors import InvalidRequest
+from app.ids import task_id_floor as id_floor
 from app.lifecycle import TERMINAL, TERMINAL_RANK, Status
 from app.metrics import DbSnapshot
 from app.models import Event, Task
+from app.percentiles import percentile
 
 MAX_WINDOW = timedelta(days=30)  # bounds the rows one call reads (docs/security.md)
 MAX_DURATION_ROWS = 50_000
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([mhd])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _Q = TypeVar("_Q", bound=Select)  # type: ignore[type-arg]
 
 
@@ -51,26 +52,6 @@ def parse_window(text: str) -> timedelta:
         raise InvalidRequest("window is at most 30d.",
                              errors=[{"loc": ["query", "window"], "msg": "over 30d"}])
     return window
-
-
-def id_floor(at: datetime) -> str:
-    """The smallest task id created at ``at`` (see ``tasks.new_task_id``)."""
-    n = int(at.timestamp() * 1000) << 80
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[n & 31])
-        n >>= 5
-    return "tsk_" + "".join(reversed(chars))
-
-
-def percentile(sorted_values: list[float], p: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None when empty."""
-    if not sorted_values:
-        return None
-    k = (len(sorted_values) - 1) * p
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
 @dataclass

@@ -22,9 +22,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from app import imaging
 from app.db import unit_of_work
 from app.errors import BadGateway, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from app.ids import sha256_hex
 from app.models import Upload
 from app.outbox import Services
-from app.results import url_hash
 from app.wiro import WiroError
 
 
@@ -62,7 +62,7 @@ async def create_upload(svc: Services, *, client: str, data: bytes) -> Upload:
                                         content_type=info.content_type)
         except WiroError as e:
             raise BadGateway(f"Wiro's File/Upload failed: {str(e)[:300]}") from None
-    row = Upload(id=upload_id, client=client, mode=s.upload_mode, url=url, url_hash=url_hash(url),
+    row = Upload(id=upload_id, client=client, mode=s.upload_mode, url=url, url_hash=sha256_hex(url),
                  storage_key=key, content_type=info.content_type, size=info.size,
                  sha256=info.sha256, width=info.width, height=info.height,
                  created_at=ctx.clock())

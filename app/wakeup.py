@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -130,24 +129,16 @@ class Hub:
 
 # ---------------------------------------------------------------- SQLite: after commit
 
-_hubs: weakref.WeakKeyDictionary[Any, Hub] = weakref.WeakKeyDictionary()
-
-
-def _fire(info: dict[str, Any], engine: Any) -> None:
+def _fire(info: dict[str, Any], hub: Hub) -> None:
     ids = info.pop(_COMMITTED, None)
     if ids:
-        hub = _hubs.get(engine)
-        if hub is not None:
-            hub.wake(ids)
+        hub.wake(ids)
 
 
 def attach_local(engine: AsyncEngine, hub: Hub) -> None:
-    """Wake ``hub`` after each commit on ``engine`` that inserted events (one process)."""
+    """Wake ``hub`` after each commit on ``engine`` that inserted events (one process;
+    call it once per engine: the listeners below hold the hub themselves)."""
     sync_engine = engine.sync_engine
-    first = sync_engine not in _hubs
-    _hubs[sync_engine] = hub
-    if not first:
-        return
 
     @event.listens_for(sync_engine, "after_cursor_execute")
     def _collect(conn: Any, _cursor: Any, _statement: Any, _params: Any, context: Any,
@@ -175,12 +166,12 @@ def attach_local(engine: AsyncEngine, hub: Hub) -> None:
 
     @event.listens_for(sync_engine, "begin")
     def _begin(conn: Any) -> None:  # the previous transaction's commit has returned
-        _fire(conn.info, sync_engine)
+        _fire(conn.info, hub)
 
     @event.listens_for(sync_engine, "checkin")
     def _checkin(_dbapi_conn: Any, record: Any) -> None:
         if record is not None:
-            _fire(record.info, sync_engine)
+            _fire(record.info, hub)
 
 
 # ---------------------------------------------------------------- PostgreSQL: LISTEN

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.percentiles import percentile
 from bench.harness import TERMINAL, BenchFailure, Database, Sim
 
 log = logging.getLogger("bench")
@@ -47,11 +48,9 @@ def say(msg: str) -> None:
 
 
 def pct(xs: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100)."""
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+    """Percentile ``q`` (0..100) as the gateway computes them (``app.percentiles``)."""
+    got = percentile(sorted(xs), q / 100)
+    return math.nan if got is None else got
 
 
 def median(xs: Sequence[float]) -> float:

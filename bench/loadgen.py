@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.percentiles import percentile
+
 
 def build_request(url: str, method: str = "POST", *, path: str, body: Any = None,
                   headers: dict[str, str] | None = None) -> bytes:
@@ -183,12 +185,9 @@ class Step:
 
     def pct(self, q: float) -> float:
         """Percentile ``q`` of all requests, failures counting as infinitely slow."""
-        n = self.sent
-        if n == 0:
-            return math.nan
-        xs = sorted(self.latencies_ms)
-        k = max(0, math.ceil(q / 100 * n) - 1)
-        return xs[k] if k < len(xs) else math.inf
+        failed = self.sent - len(self.latencies_ms)
+        got = percentile(sorted(self.latencies_ms) + [math.inf] * failed, q / 100)
+        return math.nan if got is None else got
 
     @property
     def ok(self) -> int:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from app.db import make_engine, make_sessionmaker, unit_of_work, utcnow
 from app.lifecycle import Status
 from app.models import Task
-from app.pollplan import PollPlan, Sample, Summary, quantile, summarize
+from app.pollplan import PollPlan, Sample, Summary, summarize
 from app.settings import Settings
 from app.tasks import Ctx, new_task_id
 from tests.conftest import Gateway, Sim, run_gateway, task_body
@@ -43,13 +43,6 @@ def plan_with(healthy: bool | None, p95: float | None) -> PollPlan:
 
 
 # ---------------------------------------------------------------- the plan alone
-
-
-def test_quantile_is_nearest_rank() -> None:
-    assert quantile([5.0], 0.95) == 5.0
-    assert quantile([float(i) for i in range(1, 21)], 0.95) == 19.0
-    assert quantile([float(i) for i in range(1, 101)], 0.95) == 95.0
-    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
 
 
 def test_summary_judges_the_newest_window_and_times_callback_tasks_only() -> None:
@@ -153,8 +146,8 @@ async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward
                        upstream_started_at=now - timedelta(seconds=1)))
         got = await plan.refresh(ctx)
         assert (got.healthy, got.window, got.missing) == (True, 4, 0)
-        assert got.p95_s == pytest.approx(11.0)
-        assert plan.safety_s(ctx.settings) == pytest.approx(22.0)
+        assert got.p95_s == pytest.approx(10.85)  # app.percentiles: interpolated
+        assert plan.safety_s(ctx.settings) == pytest.approx(21.7)
 
         far, soon = now + timedelta(seconds=40), now + timedelta(seconds=2)
         async with unit_of_work(ctx.sm) as s:

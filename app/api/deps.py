@@ -1,4 +1,5 @@
-"""Request-scoped helpers: the context, the caller, and presenting tasks."""
+"""Request-scoped helpers: the context and the caller (tasks are presented by
+``app.schemas.task_out``)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ from app.clients import MAX_KEY_LEN, Principal, key_digest
 from app.context import Ctx
 from app.errors import TooManyRequests, Unauthorized
 from app.gate import PRINCIPAL
-from app.lifecycle import Status
-from app.models import Event, Task
-from app.schemas import EventOut, TaskError, TaskOut, TaskOutput, UpstreamRef
 from app.wakeup import Hub
 
 
@@ -83,24 +81,3 @@ async def principal_for_digest(request: Request, digest: bytes) -> Principal:
 async def get_hub(request: Request) -> Hub:
     """The process's waiters (app/wakeup.py)."""
     return request.app.state.hub
-
-
-def task_out(t: Task) -> TaskOut:
-    error = None
-    if t.error_code:
-        error = TaskError(code=t.error_code, message=t.error_message or t.error_code,
-                          upstream_code=t.upstream_error_code)
-    return TaskOut(
-        id=t.id, model=t.model, status=Status(t.status), input=t.input,
-        outputs=[TaskOutput.model_validate(o) for o in t.outputs],
-        error=error, upstream=UpstreamRef(task_id=t.upstream_task_id, status=t.upstream_status),
-        cost_usd=t.cost_usd, metadata=t.metadata_ or {}, webhook_url=t.webhook_url,
-        created_at=t.created_at, updated_at=t.updated_at, completed_at=t.completed_at,
-        images_erased_at=t.images_erased_at,
-    )
-
-
-def event_out(e: Event) -> EventOut:
-    return EventOut.model_validate({"id": e.id, "at": e.at, "source": e.source,
-                                    "status": e.status, "upstream_status": e.upstream_status,
-                                    "message": e.message})

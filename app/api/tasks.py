@@ -11,13 +11,22 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BeforeValidator
 
 from app import live, logs, tasks
-from app.api.deps import Principal, event_out, get_ctx, get_hub, principal, task_out
+from app.api.deps import Principal, get_ctx, get_hub, principal
 from app.api.streaming import EventStream, applied, caller_gone
 from app.context import Ctx
 from app.errors import InvalidRequest, TooManyRequests
 from app.lifecycle import Status
 from app.models import Task
-from app.schemas import MAX_METADATA_KEYS, EventList, Problem, TaskCreate, TaskOut, TaskPage
+from app.schemas import (
+    MAX_METADATA_KEYS,
+    EventList,
+    Problem,
+    TaskCreate,
+    TaskOut,
+    TaskPage,
+    event_out,
+    task_out,
+)
 from app.wakeup import Hub, TooManyWaiters
 
 PROBLEMS = {

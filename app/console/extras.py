@@ -2,38 +2,29 @@
 
 Deliveries and redelivery (``app.notify``), stored outputs and erasure (``app.results``)
 and job statistics (``app.stats``) are called exactly as the API's routes call them.
-Statistics are optional: where ``app.stats`` is not part of the build, ``has("stats")``
-is false and the statistics page says so instead of failing.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 from markupsafe import Markup
 from starlette.responses import Response
 
 from app import notify, results, uploads
-from app.api.deps import task_out
+from app import stats as job_stats
 from app.console import charts
 from app.context import Ctx
 from app.errors import NotFound
 from app.lifecycle import Status
 from app.models import Task
 from app.outbox import Services
-from app.schemas import DeliveryList, DeliveryOut, TaskOut
+from app.schemas import DeliveryList, DeliveryOut, TaskOut, task_out
 from app.tasks import get_task
 
 WINDOWS = ("24h", "7d", "30d")
-
-
-def has(feature: str) -> bool:
-    return _FEATURES[feature]() is not None
 
 
 # ---------------------------------------------------------------- presenting a task
@@ -121,22 +112,6 @@ def actions(view: TaskView) -> dict[str, bool]:
 # ---------------------------------------------------------------- other modules' features
 
 
-def _stats_module() -> Any:
-    try:
-        return importlib.import_module("app.stats")
-    except ImportError:
-        return None
-
-
-_FEATURES: dict[str, Callable[[], Any]] = {
-    "deliveries": lambda: notify.list_deliveries,
-    "redeliver": lambda: notify.redeliver,
-    "erase": lambda: results.erase_task_images,
-    "output": lambda: results.open_output,
-    "stats": lambda: getattr(_stats_module(), "task_stats", None),
-}
-
-
 async def deliveries(svc: Services, *, task_id: str, client: str | None
                      ) -> list[DeliveryOut]:
     """The task's notifications and their attempts, as ``GET …/deliveries`` shows them."""
@@ -202,20 +177,15 @@ class StatsView:
     cost_chart: Markup
 
 
-async def stats(ctx: Ctx, *, scope: str | None, window: str) -> StatsView | None:
-    """``app.stats`` as ``GET /v1/stats`` calls it, drawn; None where it is not built in.
+async def stats(ctx: Ctx, *, scope: str | None, window: str) -> StatsView:
+    """``app.stats`` as ``GET /v1/stats`` calls it, drawn.
 
     ``scope`` is what the API computes from the caller: their own client, the chosen one
     for an admin key, or None (every client)."""
-    mod = _stats_module()
-    if mod is None or not hasattr(mod, "task_stats"):
-        return None
-    span = mod.parse_window(window)
-    s = await mod.task_stats(ctx, client=scope, window=span)
-    daily: list[tuple[str, Decimal, int]] = []
-    if hasattr(mod, "cost_per_day"):
-        daily = [(str(d), Decimal(c), int(n))
-                 for d, c, n in await mod.cost_per_day(ctx, client=scope, window=span)]
+    span = job_stats.parse_window(window)
+    s = await job_stats.task_stats(ctx, client=scope, window=span)
+    daily = [(str(d), Decimal(c), int(n))
+             for d, c, n in await job_stats.cost_per_day(ctx, client=scope, window=span)]
     counts = [(st.value, int(s.counts.get(st.value, 0))) for st in Status]
     times = [("End-to-end time", s.end_to_end.p50_s, s.end_to_end.p95_s),
              ("Queue time", s.queue_time.p50_s, s.queue_time.p95_s),

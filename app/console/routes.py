@@ -24,7 +24,6 @@ from starlette.responses import RedirectResponse, Response
 from app import live, tasks
 from app.api.deps import (
     ctx_of,
-    event_out,
     get_ctx,
     get_hub,
     principal_for_digest,
@@ -40,6 +39,7 @@ from app.errors import GatewayError, InvalidRequest, NotFound, TooManyRequests, 
 from app.lifecycle import Status
 from app.models import ConsoleSession
 from app.outbox import Services
+from app.schemas import event_out
 from app.wakeup import Hub, TooManyWaiters
 
 COOKIE = "hgw_console"
@@ -474,7 +474,7 @@ async def stats_page(me: Looker, ctx: Context,
     except InvalidRequest as e:
         error = e.detail
     return render("stats.html", {"viewer": me, "section": "stats", "stats": data,
-                                 "available": extras.has("stats"), "error": error,
+                                 "error": error,
                                  "window": window, "windows": extras.WINDOWS,
                                  "client": client},
                   status_code=422 if error else 200)

@@ -9,7 +9,6 @@ accepts, and a key that is revoked ends its console sessions at once.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from sqlalchemy import delete, select
 
 from app.context import Ctx
 from app.db import unit_of_work
+from app.ids import sha256_hex
 from app.models import ConsoleSession
 
 SESSION_TTL = timedelta(hours=12)
@@ -30,10 +30,6 @@ class OpenedSession:
     csrf_token: str
 
 
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 async def open_session(ctx: Ctx, *, key_digest: bytes, client: str) -> OpenedSession:
     """Record a new session for a key that has just been accepted."""
     now = ctx.clock()
@@ -41,7 +37,7 @@ async def open_session(ctx: Ctx, *, key_digest: bytes, client: str) -> OpenedSes
     async with unit_of_work(ctx.sm) as s:
         # Sign-ins are rare: a good moment to forget expired sessions.
         await s.execute(delete(ConsoleSession).where(ConsoleSession.expires_at < now))
-        s.add(ConsoleSession(id=_hash(token), key_hash=key_digest.hex(), client=client,
+        s.add(ConsoleSession(id=sha256_hex(token), key_hash=key_digest.hex(), client=client,
                              csrf_token=csrf, created_at=now, expires_at=now + SESSION_TTL))
     return OpenedSession(token=token, csrf_token=csrf)
 
@@ -52,7 +48,7 @@ async def find_session(ctx: Ctx, *, token: str) -> ConsoleSession | None:
         return None
     async with ctx.sm() as s:
         row = (await s.scalars(select(ConsoleSession)
-                               .where(ConsoleSession.id == _hash(token)))).first()
+                               .where(ConsoleSession.id == sha256_hex(token)))).first()
     if row is None or row.expires_at <= ctx.clock():
         return None
     return row
@@ -60,7 +56,7 @@ async def find_session(ctx: Ctx, *, token: str) -> ConsoleSession | None:
 
 async def close_session(ctx: Ctx, *, token: str) -> None:
     async with unit_of_work(ctx.sm) as s:
-        await s.execute(delete(ConsoleSession).where(ConsoleSession.id == _hash(token)))
+        await s.execute(delete(ConsoleSession).where(ConsoleSession.id == sha256_hex(token)))
 
 
 def csrf_matches(session: ConsoleSession, submitted: str | None) -> bool:

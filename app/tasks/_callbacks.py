@@ -13,12 +13,12 @@ from sqlalchemy import bindparam, exists, select, update
 
 from app import metrics
 from app.context import Ctx
-from app.db import unit_of_work, write
+from app.db import ts, unit_of_work, write
 from app.ids import sha256_hex
 from app.lifecycle import TERMINAL_RANK
 from app.models import Attempt, Task
 from app.states import Outcome
-from app.tasks._writes import TASKS, A, T, set_task, ts
+from app.tasks._writes import TASKS, A, T, set_task
 
 
 def hint_id(body: bytes) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import bindparam, case, func, insert, select, update
 
 from app.context import Ctx
-from app.db import unit_of_work, write
+from app.db import ts, unit_of_work, write
 from app.fairness import dispatch_turn, in_flight, may_dispatch
 from app.faults import crash_point
 from app.ids import jitter, sha256_hex
@@ -48,7 +48,6 @@ from app.tasks._writes import (
     created,
     event,
     transition,
-    ts,
 )
 from app.wiro import RunAccepted, UpstreamTask, WiroError
 

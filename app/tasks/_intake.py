@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from datetime import timedelta
@@ -16,7 +15,7 @@ from app.context import Ctx
 from app.db import unit_of_work
 from app.errors import Conflict, InvalidRequest
 from app.faults import crash_point
-from app.ids import id_time, new_task_id
+from app.ids import id_time, new_task_id, sha256_hex
 from app.lifecycle import Status
 from app.models import Task
 from app.schemas import TaskCreate
@@ -30,7 +29,7 @@ log = logging.getLogger("app.tasks")
 def _request_hash(model: str, inputs: dict[str, str], body: TaskCreate) -> str:
     canon = json.dumps({"model": model, "input": inputs, "webhook_url": body.webhook_url,
                         "metadata": body.metadata or {}}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return sha256_hex(canon)
 
 
 def _prepare(ctx: Ctx, client: str, body: TaskCreate,

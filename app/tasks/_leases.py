@@ -1,40 +1,26 @@
-"""The task leases: who may work on a task now. Claim, renew, release (see app/leases.py
-for the same mechanism on the other work tables)."""
+"""The task leases: who may work on a task now. Claim, renew and release all are the
+shared mechanism (app/leases.py); giving one task back also schedules its next check."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import bindparam, case, or_, select, update
+from sqlalchemy import bindparam, case, update
 
 from app.context import Ctx
-from app.db import write
+from app.db import ts, write
+from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK
-from app.tasks._writes import TASKS, T, ts
+from app.tasks._writes import TASKS, T
 
+LEASES = Leases(TASKS, key="id", due="next_check_at")
 
-def _claim_statement() -> Any:
-    free = or_(T.lease_until.is_(None), T.lease_until < ts("b_now"))
-    due = (select(T.id).where(T.next_check_at <= ts("b_now"), free)
-           .order_by(T.next_check_at).limit(bindparam("b_limit"))
-           .with_for_update(skip_locked=True))
-    return (update(TASKS).where(T.id.in_(due), free)
-            .values(lease_owner=bindparam("b_owner"), lease_until=ts("b_until"))
-            .returning(T.id))
-
-
-_CLAIM = _claim_statement()
-_RENEW = (update(TASKS).where(T.lease_owner == bindparam("b_owner"))
-          .values(lease_until=ts("b_until")))
-_RELEASE_ALL = (update(TASKS).where(T.lease_owner == bindparam("b_owner"))
-                .values(lease_owner=None, lease_until=None))
 # Give one lease back with the task's next check. A callback that came in while we worked
 # moved hint_at past ``started``: look again at once rather than lose it. A finished task
 # is looked at again only to find an unanswered Run's upstream task (``after_end``).
 _RELEASE = (
-    update(TASKS).where(T.id == bindparam("b_id"), T.lease_owner == bindparam("b_owner"))
-    .values(lease_owner=None, lease_until=None, retries=T.retries + bindparam("b_bump"),
+    update(TASKS).where(T.id == bindparam("b_id"), LEASES.held_by(bindparam("b_owner")))
+    .values(**FREE, retries=T.retries + bindparam("b_bump"),
             next_check_at=case((T.hint_at > ts("b_started"), ts("b_now")),
                                (T.status_rank >= TERMINAL_RANK, ts("b_after_end")),
                                else_=ts("b_next")))
@@ -42,34 +28,26 @@ _RELEASE = (
 
 
 async def claim_due(ctx: Ctx, *, limit: int) -> list[str]:
-    """Lease up to ``limit`` due tasks for this process, in one statement.
-
-    The lease is a compare-and-set on ``lease_until`` (the outer condition), correct on
-    both databases; on PostgreSQL ``FOR UPDATE SKIP LOCKED`` in the inner select also
-    keeps replicas from queueing on one row.
-    """
+    """Lease up to ``limit`` due tasks for this process, in one statement."""
     now = ctx.clock()
-    until = now + timedelta(seconds=ctx.settings.lease_s)
     async with write(ctx.engine) as conn:
-        rows = await conn.execute(_CLAIM, {"b_now": now, "b_limit": limit,
-                                           "b_owner": ctx.owner, "b_until": until})
-        return [r[0] for r in rows]
+        return await LEASES.claim(conn, owner=ctx.owner, now=now, limit=limit,
+                                  until=now + timedelta(seconds=ctx.settings.lease_s))
 
 
 async def renew_leases(ctx: Ctx) -> int:
     """Extend every lease this process holds (the heartbeat): work in progress keeps its
     task however long an upstream call takes, so the lease itself can be short and a
     crashed process's tasks are taken over within one lease. The number renewed."""
-    until = ctx.clock() + timedelta(seconds=ctx.settings.lease_s)
     async with write(ctx.engine) as conn:
-        res = await conn.execute(_RENEW, {"b_owner": ctx.owner, "b_until": until})
-        return int(res.rowcount or 0)
+        return await LEASES.renew(conn, owner=ctx.owner, until=ctx.clock() + timedelta(
+            seconds=ctx.settings.lease_s))
 
 
 async def release_all(ctx: Ctx) -> None:
     """Give back every lease this process holds (graceful shutdown)."""
     async with write(ctx.engine) as conn:
-        await conn.execute(_RELEASE_ALL, {"b_owner": ctx.owner})
+        await LEASES.release_all(conn, owner=ctx.owner)
 
 
 async def release(ctx: Ctx, task_id: str, nxt: datetime, started: datetime, *,

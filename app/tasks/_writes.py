@@ -17,10 +17,8 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.sql.elements import BindParameter
 
 from app import metrics
-from app.db import UTCDateTime
 from app.lifecycle import Status
 from app.models import Attempt, Event, Task
 from app.outbox import record_terminal
@@ -37,11 +35,6 @@ T = TASKS.c
 A = ATTEMPTS.c
 
 Db = AsyncSession | AsyncConnection
-
-
-def ts(name: str) -> BindParameter[datetime]:
-    """A bound timestamp (stored as UTC on both databases)."""
-    return bindparam(name, type_=UTCDateTime())
 
 
 def short(e: BaseException) -> str:

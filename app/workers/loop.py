@@ -1,0 +1,156 @@
+"""The one background loop: claim due rows with a lease, act on each, repeat.
+
+Every worker is this loop (the task scheduler, the notifier, the output downloader, the
+eraser): claim up to a batch of due rows (``app.leases``), start one job per row within a
+concurrency limit, and claim again at once while batches come back full; otherwise sleep
+until ``wake()`` (new work was committed) or ``idle_s`` passes. Optional extras: a
+heartbeat that renews the loop's leases (``renew``) so work may outlive one lease, and a
+periodic job (``tick``).
+
+Shutdown: ``drain()`` stops claiming (SIGTERM) and starts the grace period; ``stop()``
+lets running jobs finish until it ends, cancels the rest, and gives every lease back
+(``release``) so another replica continues at once instead of waiting for them to lapse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLoop:
+    def __init__(self, name: str, *, claim: Callable[[int], Awaitable[list[Any]]],
+                 act: Callable[[Any], Awaitable[Any]],
+                 release: Callable[[], Awaitable[Any]], concurrency: int, batch: int,
+                 idle_s: float, grace_s: float = 10.0,
+                 renew: Callable[[], Awaitable[Any]] | None = None,
+                 renew_every_s: float = 10.0,
+                 tick: Callable[[], Awaitable[Any]] | None = None, tick_every_s: float = 60.0,
+                 context: Callable[[Any], contextvars.Context | None] | None = None) -> None:
+        """``context``: the contextvars a job runs in (e.g. its log fields), per key."""
+        self.name = name
+        self._claim, self._act, self._release = claim, act, release
+        self._renew, self._renew_every = renew, renew_every_s
+        self._tick, self._tick_every = tick, tick_every_s
+        self._context = context
+        self._concurrency, self._batch, self._idle = concurrency, batch, idle_s
+        self.grace_s = grace_s
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._drain_deadline: float | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._tracked: set[asyncio.Task[Any]] = set()  # jobs started outside the loop
+        self._loop_task: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[Any]] = []
+        self._next_tick = 0.0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name=self.name)
+        if self._renew is not None:
+            self.run_beside(self._heartbeat(), name=f"{self.name}:heartbeat")
+
+    def run_beside(self, coro: Awaitable[Any], *, name: str) -> None:
+        """A background job that lives as long as the loop (cancelled by ``stop``)."""
+        self._background.append(asyncio.ensure_future(coro))
+        self._background[-1].set_name(name)
+
+    async def _heartbeat(self) -> None:
+        """Renew this loop's leases every ``renew_every_s``, so a job waiting on a slow
+        call keeps its row while a dead process's rows are free again one lease after
+        its last beat."""
+        assert self._renew is not None
+        while True:
+            await asyncio.sleep(self._renew_every)
+            try:
+                await self._renew()
+            except Exception:
+                log.exception("%s: renewing leases failed", self.name)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            if self._tick is not None and time.monotonic() >= self._next_tick:
+                self._next_tick = time.monotonic() + self._tick_every
+                try:
+                    await self._tick()
+                except Exception:
+                    log.exception("%s: periodic job failed", self.name)
+            free = self._concurrency - len(self._running)
+            claimed: list[Any] = []
+            if free > 0:
+                try:
+                    claimed = await self._claim(min(self._batch, free))
+                except Exception:
+                    log.exception("%s: claiming failed", self.name)
+            for key in claimed:
+                t = asyncio.create_task(
+                    self._guarded(key), name=f"{self.name}:{key}",
+                    context=self._context(key) if self._context is not None else None)
+                self._running.add(t)
+                t.add_done_callback(self._done)
+            if claimed and len(claimed) == min(self._batch, max(free, 0)):
+                continue  # there may be more due right now
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._idle)
+            except TimeoutError:
+                pass
+
+    async def _guarded(self, key: Any) -> None:
+        try:
+            await self._act(key)
+        except Exception:
+            # The lease runs out and the job is tried again; never kill the loop.
+            log.exception("%s: job failed", self.name, extra={"job": str(key)})
+
+    def _done(self, t: asyncio.Task[None]) -> None:
+        self._running.discard(t)
+        if not self._stopping:
+            self._wake.set()  # a slot is free
+
+    def track(self, t: asyncio.Task[Any]) -> None:
+        """Let shutdown wait for a job started elsewhere (a submit's inline dispatch)."""
+        self._tracked.add(t)
+        t.add_done_callback(self._tracked.discard)
+
+    def drain(self) -> None:
+        """Stop claiming work now (SIGTERM); what runs may finish within the grace period."""
+        if self._drain_deadline is None:
+            self._drain_deadline = asyncio.get_running_loop().time() + self.grace_s
+        self._stopping = True
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming, let running jobs finish until the grace period ends (counted
+        from ``drain``), cancel the rest, and give back every lease this loop holds."""
+        self.drain()
+        assert self._drain_deadline is not None
+        for background in self._background:
+            background.cancel()
+            await asyncio.wait([background], timeout=2.0)
+        loop = asyncio.get_running_loop()
+        if self._loop_task is not None:
+            await asyncio.wait([self._loop_task],
+                               timeout=max(0.1, self._drain_deadline - loop.time()))
+        running = self._running | self._tracked
+        if running:
+            _, pending = await asyncio.wait(
+                running, timeout=max(0.0, self._drain_deadline - loop.time()))
+            for t in pending:
+                t.cancel()  # interrupts the call in progress; the job's finally releases
+            if pending:
+                log.warning("shutdown: cancelled %d %s job(s) still running after %.1fs",
+                            len(pending), self.name, self.grace_s)
+                await asyncio.wait(pending, timeout=2.0)
+        try:
+            await self._release()
+        except Exception:
+            log.exception("%s: releasing leases failed", self.name)
