@@ -34,6 +34,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from app.lifecycle import Status
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # No ``*_created`` series next to every counter and histogram: they double the series
 # count and no alert here needs them.
@@ -70,6 +72,10 @@ POLLS = Counter(
 TASKS_FINISHED = Counter(
     "gateway_tasks_finished", "Tasks that reached a terminal status, by status and by "
     "what finished them (callback, poll, dispatcher, cancel, timeout).", ["status", "source"])
+TASK_TRANSITIONS = Counter(
+    "gateway_task_transitions", "Status changes of tasks, by the status moved to (pending "
+    "when accepted, queued, running, and the terminal ones): one per transition, from the "
+    "one place that writes a task's status.", ["status"])
 SUBMIT_OVERHEAD = Histogram(
     "gateway_submit_overhead_seconds", "Time to handle a successful POST /v1/tasks minus "
     "the time spent waiting for Wiro (the gateway's own cost per submit).", buckets=_FAST)
@@ -91,6 +97,8 @@ for _outcome in ("delivered", "failed"):
     NOTIFICATION_ATTEMPTS.labels(_outcome)
 for _kind in ("auth", "url"):
     UPSTREAM_CONFIG_FAULTS.labels(_kind)
+for _status in Status:
+    TASK_TRANSITIONS.labels(_status.value)
 
 
 # ---------------------------------------------------------------- helpers to call
@@ -112,6 +120,12 @@ def poll(trigger: str) -> None:
 
 def task_finished(status: str, source: str) -> None:
     TASKS_FINISHED.labels(status, source).inc()
+
+
+def task_transition(status: str) -> None:
+    """Call once per status change, with the status moved to, where the status is written
+    (together with its event)."""
+    TASK_TRANSITIONS.labels(status).inc()
 
 
 def upstream_config_fault(kind: str) -> None:

@@ -102,5 +102,6 @@ def task_out(t: Task) -> TaskOut:
 
 def event_out(e: Event) -> EventOut:
     return EventOut.model_validate({"id": e.id, "at": e.at, "source": e.source,
-                                    "status": e.status, "upstream_status": e.upstream_status,
+                                    "kind": e.kind, "status": e.status,
+                                    "upstream_status": e.upstream_status,
                                     "message": e.message})
