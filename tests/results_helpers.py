@@ -16,6 +16,7 @@ from app import tasks
 from app.db import unit_of_work, utcnow
 from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
+from app.states import EventKind
 from tests.conftest import Gateway
 
 SECRET = "whsec_" + base64.b64encode(b"results-tests-secret-0123456789ab").decode()
@@ -41,7 +42,9 @@ async def finished_task(gw: Gateway, *, status: Status = Status.failed, client: 
     async with unit_of_work(gw.ctx.sm) as s:
         s.add(task)
         await s.flush()
-        assert await tasks._transition(s, task.id, status, source="poll", now=now,
+        kind = {Status.cancelled: EventKind.cancelled,
+                Status.timed_out: EventKind.timed_out}.get(status, EventKind.progressed)
+        assert await tasks._transition(s, task.id, status, source="poll", now=now, kind=kind,
                                        message="made terminal by the test", **values)
     return task.id
 
