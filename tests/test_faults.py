@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -404,7 +405,7 @@ async def test_run_errors_are_retried_and_run_once(db_url: str, sim: Sim, tmp_pa
     assert all(rows[-1].outcome == "accepted" for rows in runs)
     if knob == "run_429_rate":  # each retry waited the capped 0.3 s, not Retry-After's 1 s
         gaps = [(b.sent_at - a.resolved_at).total_seconds() for rows in runs
-                for a, b in zip(rows, rows[1:], strict=False)]
+                for a, b in pairwise(rows)]
         assert gaps and min(gaps) >= 0.29 and min(gaps) < 0.95, gaps
     for evs in stories:
         assert_one_terminal(evs, "succeeded")
