@@ -34,6 +34,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from app.lifecycle import Status
 from app.states import DeliveryStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -73,9 +74,9 @@ TASKS_FINISHED = Counter(
     "gateway_tasks_finished", "Tasks that reached a terminal status, by status and by "
     "what finished them (callback, poll, dispatcher, cancel, timeout).", ["status", "source"])
 TASK_TRANSITIONS = Counter(
-    "gateway_task_transitions", "Status changes of tasks, by the status moved to (a new "
-    "task counts as its move to pending); each one also wrote exactly one event.",
-    ["status"])
+    "gateway_task_transitions", "Status changes of tasks, by the status moved to (pending "
+    "when accepted, queued, running, and the terminal ones): one per transition, from the "
+    "one place that writes a task's status.", ["status"])
 SUBMIT_OVERHEAD = Histogram(
     "gateway_submit_overhead_seconds", "Time to handle a successful POST /v1/tasks minus "
     "the time spent waiting for Wiro (the gateway's own cost per submit).", buckets=_FAST)
@@ -97,6 +98,8 @@ for _outcome in (DeliveryStatus.delivered, DeliveryStatus.failed):
     NOTIFICATION_ATTEMPTS.labels(_outcome)
 for _kind in ("auth", "url"):
     UPSTREAM_CONFIG_FAULTS.labels(_kind)
+for _status in Status:
+    TASK_TRANSITIONS.labels(_status.value)
 
 
 # ---------------------------------------------------------------- helpers to call
@@ -121,6 +124,8 @@ def task_finished(status: str, source: str) -> None:
 
 
 def task_transition(status: str) -> None:
+    """Call once per status change, with the status moved to, where the status is written
+    (together with its event)."""
     TASK_TRANSITIONS.labels(status).inc()
 
 

@@ -18,6 +18,7 @@ from pydantic import (
 from app.catalog import DEFAULT_MODEL, MODELS, check_url
 from app.lifecycle import Status
 from app.outbound import literal_refusal
+from app.states import EventKind
 
 if TYPE_CHECKING:
     from app.models import Event, Task
@@ -220,6 +221,11 @@ class EventOut(BaseModel):
     id: int
     at: datetime
     source: Literal["api", "callback", "poll", "dispatcher", "cancel", "timeout", "delivery"]
+    kind: EventKind | None = Field(
+        description="what the event records; decide on this (with `status`), never on "
+                    "`message`, whose wording is for people and may change. Null only for "
+                    "an event written by a gateway release older than this field while a "
+                    "rolling upgrade was under way")
     status: Status | None = Field(
         description="the status the task moved to, when this event is a transition; "
                     "null for events that changed no status")
@@ -318,5 +324,6 @@ def task_out(t: Task) -> TaskOut:
 def event_out(e: Event) -> EventOut:
     """An event as the API shows it (its history and event streams)."""
     return EventOut.model_validate({"id": e.id, "at": e.at, "source": e.source,
-                                    "status": e.status, "upstream_status": e.upstream_status,
+                                    "kind": e.kind, "status": e.status,
+                                    "upstream_status": e.upstream_status,
                                     "message": e.message})

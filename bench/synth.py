@@ -26,6 +26,7 @@ async def insert_submitted_tasks(engine: AsyncEngine, n: int, *, upstream_id: st
     from app.db import utcnow
     from app.lifecycle import Status
     from app.models import Attempt, Event, Task
+    from app.states import EventKind
     from app.tasks import new_task_id, token_hash
 
     now = utcnow()
@@ -46,9 +47,11 @@ async def insert_submitted_tasks(engine: AsyncEngine, n: int, *, upstream_id: st
         attempts.append(dict(task_id=tid, number=1, token_hash=token_hash(token), sent_at=now,
                              outcome="accepted", upstream_task_id=upstream_id,
                              resolved_at=now))
-        events.append(dict(task_id=tid, at=now, source="api", status=Status.pending.value,
+        events.append(dict(task_id=tid, at=now, source="api", kind=EventKind.created.value,
+                           status=Status.pending.value, upstream_status=None,
                            message="task accepted by the gateway"))
-        events.append(dict(task_id=tid, at=now, source="dispatcher", status=Status.queued.value,
+        events.append(dict(task_id=tid, at=now, source="dispatcher",
+                           kind=EventKind.linked.value, status=Status.queued.value,
                            upstream_status="task_queue",
                            message=f"attempt 1: accepted upstream as task {upstream_id}"))
     # ORM attribute names differ from column names only for metadata.

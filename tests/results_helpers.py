@@ -43,9 +43,11 @@ async def finished_task(gw: Gateway, *, status: Status = Status.failed, client: 
     async with unit_of_work(gw.ctx.sm) as s:
         s.add(task)
         await s.flush()
-        assert await _writes.transition(s, task.id, status, kind=EventKind.progressed,
-                                        source="poll", now=now,
-                                        message="made terminal by the test", **values)
+        kind = {Status.cancelled: EventKind.cancelled,
+                Status.timed_out: EventKind.timed_out}.get(status, EventKind.progressed)
+        assert await _writes.transition(s, task.id, status, kind=kind, source="poll",
+                                        now=now, message="made terminal by the test",
+                                        **values)
     return task.id
 
 

@@ -358,6 +358,10 @@ async def test_task_page_shows_every_field_and_the_timeline(gateway: Gateway, si
     for e in events:
         if e["message"]:
             assert e["message"].replace("'", "&#39;") in html, e["message"]
+    # each row names its kind, in order (a notification's row may follow)
+    kinds = re.findall(r'<tr(?: class="transition")? data-kind="([a-z_]+)">', html)
+    assert kinds[:len(events)] == [e["kind"] for e in events], kinds
+    assert kinds[:2] == ["created", "linked"] and "progressed" in kinds
     assert re.search(r'<time datetime="\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ" data-local>', html)
 
 

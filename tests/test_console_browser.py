@@ -251,7 +251,7 @@ async def test_timeline_grows_live(page: Any, gw: Gateway, sim: Sim) -> None:
     assert before >= 1
     await page.evaluate("window.hgwSamePage = true")  # gone if the page reloads
     assert (await gw.client().post(f"/v1/tasks/{task_id}/cancel")).status_code == 202
-    cancelled = page.locator("table.events tbody tr.transition", has_text="cancelled")
+    cancelled = page.locator('table.events tbody tr.transition[data-kind="cancelled"]')
     await cancelled.wait_for()
     assert await page.evaluate("window.hgwSamePage === true")
     assert await rows.count() > before

@@ -34,6 +34,7 @@ from sqlalchemy import select
 from app.db import make_engine
 from app.lifecycle import RANK, Status
 from app.models import Attempt, Event, Task
+from app.states import EventKind
 from tests.conftest import (
     CLIENT_KEYS,
     SIM_KEY,
@@ -208,8 +209,7 @@ async def test_crash_and_restart(point: str, db_url: str, sim: Sim, tmp_path: Pa
     for e in evs:
         by_task[e.task_id].append(e)
     stopped = Counter(a.task_id for a in atts if a.outcome == "extra_killed")
-    recorded = Counter(e.task_id for e in evs
-                       if "second upstream task" in (e.message or ""))
+    recorded = Counter(e.task_id for e in evs if e.kind == EventKind.extra_stopped)
 
     terminal = [t for t in tasks.values() if t.status in TERMINAL]
     succeeded = [t for t in tasks.values() if t.status == "succeeded"]

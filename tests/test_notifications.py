@@ -11,6 +11,7 @@ from standardwebhooks.webhooks import Webhook
 
 from app.lifecycle import Status
 from app.models import Task
+from app.states import EventKind
 from tests.conftest import Sim, run_gateway, task_body
 from tests.receivers import Answer, serve_receiver, serve_tarpit
 from tests.results_helpers import SECRET, attempts, deliveries, events_of, finished_task, until
@@ -68,7 +69,7 @@ async def test_one_signed_notification_per_terminal_transition(db_url: str, sim:
         assert a["latency_ms"] >= 0
         assert len(rec.calls) == 1
         delivery_events = await events_of(gw, task_id, "delivery")
-        assert len(delivery_events) == 1 and "delivered" in (delivery_events[0].message or "")
+        assert [e.kind for e in delivery_events] == [EventKind.notification_delivered]
 
 
 async def _settled(gw, task_id: str) -> bool:
@@ -113,11 +114,11 @@ async def test_receiver_answers_decide_retries(db_url: str, sim: Sim, tmp_path: 
         assert len(rec.hits("/moved")) == 4  # every scheduled attempt, each a failure
         assert rec.hits("/elsewhere") == []
         [d] = await deliveries(gw, ids["/moved"])
-        assert d.status == "failed"
+        assert d.status == "failed" and d.attempts == 4
         assert all(a.status_code == 302 and "redirect" in (a.error or "")
                    for a in await attempts(gw, d.id))
         [event] = await events_of(gw, ids["/moved"], "delivery")
-        assert "failed after 4 attempts" in (event.message or "")
+        assert event.kind == EventKind.notification_failed
 
 
 async def test_redeliver(db_url: str, sim: Sim, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from app.db import unit_of_work, utcnow
 from app.errors import InvalidRequest
 from app.lifecycle import Status
 from app.models import Event, Task
+from app.states import EventKind
 from app.tasks import new_task_id
 from tests.conftest import Gateway, Sim, task_body
 
@@ -32,7 +33,10 @@ async def seed(gw: Gateway, *, client: str, status: Status, created: datetime,
         s.add(task)
         await s.flush()
         if finished_by is not None:
-            s.add(Event(task_id=task.id, at=completed, source=finished_by, status=status.value))
+            kind = {Status.timed_out: EventKind.timed_out,
+                    Status.cancelled: EventKind.cancelled}.get(status, EventKind.progressed)
+            s.add(Event(task_id=task.id, at=completed, source=finished_by, kind=kind,
+                        status=status.value))
     return task.id
 
 

@@ -27,9 +27,14 @@ _RULES: list[tuple[str, str]] = [
     ("linked", "message LIKE 'attempt % accepted upstream as task %'"),
     ("failed", "message = 'upstream lost the task' OR message LIKE 'upstream rejected the task:%'"),
     ("timed_out", "message LIKE 'deadline of %'"),
+    # "sent upstream": the wording until 2026-12-03
     ("cancelled", "message IN ('cancelled before it was accepted upstream', "
+                  "'cancelled before it was sent upstream', "
                   "'upstream confirmed the cancel', 'upstream cancelled the task')"),
     ("cancel_requested", "message = 'cancel requested'"),
+    # a new upstream stage without a transition, whatever read it (a cancel reads
+    # Detail too, so this comes before the cancel rule below)
+    ("upstream_status", "status IS NULL AND message LIKE 'upstream status %'"),
     ("cancel_sent", "source = 'cancel' AND status IS NULL"),
     ("detail_failed", "message LIKE 'Detail failed:%'"),
     ("extra_stopped", "message LIKE 'attempt % started a second upstream task%'"),
@@ -44,6 +49,11 @@ _RULES: list[tuple[str, str]] = [
     ("upstream_erased", "message LIKE 'Wiro deleted its copies%'"),
     ("upstream_erase_failed", "message LIKE 'erasure gave up%'"),
     ("upstream_erase_retry", "message LIKE 'erasure incomplete%'"),
+    # The first release wrote the current status on stage changes too: only the first
+    # event naming a status was the transition (a status is entered at most once).
+    ("upstream_status", "status IS NOT NULL AND EXISTS (SELECT 1 FROM task_events p "
+                        "WHERE p.task_id = task_events.task_id AND p.status = "
+                        "task_events.status AND p.id < task_events.id)"),
     ("progressed", "status IS NOT NULL"),
     ("upstream_status", "1 = 1"),
 ]

@@ -49,6 +49,7 @@
   function eventRow(e) {  // the same cells as task.html's timeline rows
     var tr = document.createElement("tr");
     if (e.status) { tr.className = "transition"; }
+    if (e.kind) { tr.setAttribute("data-kind", e.kind); }
     var when = document.createElement("time");
     when.setAttribute("datetime", e.at);
     when.setAttribute("data-local", "");

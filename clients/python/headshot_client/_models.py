@@ -131,11 +131,19 @@ class Task:
 
 @dataclass(frozen=True, kw_only=True)
 class Event:
-    """One entry of a task's timeline. ``status`` is set when the event is a transition."""
+    """One entry of a task's timeline. ``status`` is set when the event is a transition.
+
+    ``kind`` says what the event records (``"created"``, ``"linked"``, ``"progressed"``,
+    ``"upstream_status"``, ``"failed"``, ``"timed_out"``, ``"cancelled"``, ``"run_retry"``,
+    ``"notification_delivered"``, …; the API's ``EventKind``): decide on it, not on
+    ``message``, which is for people. A plain string, so a kind a newer gateway adds
+    does not break this client; ``None`` only for events written during a rolling
+    upgrade by a gateway older than the field."""
 
     id: int
     at: datetime
     source: str
+    kind: str | None
     status: str | None
     upstream_status: str | None
     message: str | None
@@ -148,7 +156,7 @@ class Event:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Event:
         status = d.get("status")
-        return cls(id=int(d["id"]), at=_ts(d["at"]), source=d["source"],
+        return cls(id=int(d["id"]), at=_ts(d["at"]), source=d["source"], kind=d.get("kind"),
                    status=None if status is None else _status(status),
                    upstream_status=d.get("upstream_status"), message=d.get("message"))
 
