@@ -41,8 +41,9 @@ test: install-dev browser
 	$(PY) -m pytest -q -n 4 --dist loadfile
 
 lint: install-dev
-	$(VENV)/bin/ruff check app tests clients/python
-	$(VENV)/bin/mypy app
+	$(VENV)/bin/ruff check app tests bench migrations clients/python
+	$(VENV)/bin/mypy --strict app
+	$(VENV)/bin/mypy bench
 	$(VENV)/bin/mypy --strict clients/python/headshot_client
 
 openapi: install

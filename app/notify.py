@@ -27,10 +27,10 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import CursorResult, func, or_, select, update
 from standardwebhooks.webhooks import Webhook
 
 from app import cursors, metrics, tracing
@@ -222,7 +222,7 @@ async def _wait_for_outputs(svc: Services, d: Delivery, until: datetime) -> bool
                                    pending)
             .values(next_attempt_at=until, **FREE)
             .execution_options(synchronize_session=False))
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return cast(CursorResult[Any], res).rowcount == 1
 
 
 async def _postpone(svc: Services, d: Delivery, until: datetime) -> None:

@@ -82,8 +82,9 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     async def _go(self, operation: Any, parameters: Any, many: bool) -> Any:
         async with self._adapt_connection._execute_mutex:
             conn: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-            done, rows = await conn._execute(_run, conn._conn, operation, parameters, many)
-            self._cursor = done  # type: ignore[assignment]
+            done, rows = await conn._execute(  # type: ignore[no-untyped-call]
+                _run, conn._conn, operation, parameters, many)
+            self._cursor = done
             if rows is not None:
                 self._rows = collections.deque(rows)
             return done

@@ -10,8 +10,8 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from app.db import Base, make_engine
 from app import models  # noqa: F401 - registers the tables
+from app.db import Base, make_engine
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):

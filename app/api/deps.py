@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -17,7 +17,7 @@ from app.wakeup import Hub
 
 
 def ctx_of(request: Request) -> Ctx:
-    return request.app.state.ctx
+    return cast(Ctx, request.app.state.ctx)
 
 
 async def get_ctx(request: Request) -> Ctx:
@@ -75,9 +75,9 @@ async def principal_for_digest(request: Request, digest: bytes) -> Principal:
     found = await request.app.state.keyring.authenticate_digest(ctx_of(request).sm, digest)
     if found is None:
         raise Unauthorized("Unknown API key.")
-    return found
+    return cast(Principal, found)
 
 
 async def get_hub(request: Request) -> Hub:
     """The process's waiters (app/wakeup.py)."""
-    return request.app.state.hub
+    return cast(Hub, request.app.state.hub)

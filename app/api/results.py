@@ -3,7 +3,7 @@ Thin: parse, call ``app.notify`` / ``app.results`` / ``app.uploads``, present.""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, UploadFile
 
@@ -21,7 +21,7 @@ Caller = Annotated[Principal, Depends(principal)]
 
 
 async def get_services(request: Request) -> Services:
-    return request.app.state.services
+    return cast(Services, request.app.state.services)
 
 
 Svc = Annotated[Services, Depends(get_services)]

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BeforeValidator
 
 from app import live, logs, tasks
-from app.api.deps import Principal, get_ctx, get_hub, principal
+from app.api.deps import get_ctx, get_hub, principal
 from app.api.streaming import EventStream, applied, caller_gone
+from app.clients import Principal
 from app.context import Ctx
 from app.errors import InvalidRequest, TooManyRequests
 from app.lifecycle import Status

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -159,7 +159,7 @@ Context = Annotated[Ctx, Depends(get_ctx)]
 
 
 async def get_services(request: Request) -> Services:
-    return request.app.state.services
+    return cast(Services, request.app.state.services)
 
 
 Svc = Annotated[Services, Depends(get_services)]
