@@ -27,8 +27,8 @@ UNANSWERED = (Outcome.sent, Outcome.ambiguous)
 
 
 class EventKind(StrEnum):
-    """``task_events.kind``: what an event records, so readers decide on data rather than
-    on the wording of ``message`` (which is for people and may change)."""
+    """What an event records. Decide on this, never on the wording of ``message``, which
+    is for people and may change."""
 
     # the task's own life
     created = "created"  # accepted by the gateway (pending)
