@@ -104,8 +104,9 @@ def _serve_one(settings, host: str, port: int, sock: socket.socket | None = None
     return 0 if server.started else 3
 
 
-# A worker that ends this soon after its start is failing to start (database unreachable,
-# bad settings): the supervisor stops instead of restarting it in a loop.
+# A worker that exits with an error this soon after its start is failing to start
+# (database unreachable, bad settings): the supervisor stops instead of restarting it in
+# a loop. One killed by a signal is replaced whenever it happens.
 _EARLY_EXIT_S = 10.0
 
 
@@ -114,8 +115,8 @@ def _supervise(settings, host: str, port: int, workers: int) -> int:
     socket. Each is a replica like any other (its own owner id, pool, scheduler and
     leases: the same rules as separate replicas on one PostgreSQL, docs/operations.md).
     SIGTERM / SIGINT is passed to every worker, which drains as one process would; a
-    worker that dies later than ``_EARLY_EXIT_S`` after its start is replaced (its tasks'
-    leases lapse and any replica takes them over)."""
+    worker that dies is replaced (its tasks' leases lapse and any replica takes them
+    over), unless it exited with an error within ``_EARLY_EXIT_S`` of its start."""
     log = logging.getLogger("app.cli")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                          socket.SOCK_STREAM)
@@ -169,8 +170,8 @@ def _supervise(settings, host: str, port: int, workers: int) -> int:
             continue
         log.error("serve worker %d ended (exit %d)", pid, exit_code,
                   extra={"worker_pid": pid, "exit_code": exit_code})
-        if time.monotonic() - started < _EARLY_EXIT_S:
-            code = exit_code if exit_code > 0 else 3
+        if exit_code > 0 and time.monotonic() - started < _EARLY_EXIT_S:
+            code = exit_code
             stop_all(signal.SIGTERM, None)
         else:
             start()
