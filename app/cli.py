@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -69,10 +72,27 @@ class _DrainingServer(uvicorn.Server):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from app import logs
-    from app.main import begin_drain, create_app
 
     settings = _settings()
     logs.setup(settings)
+    workers = max(1, int(getattr(args, "workers", 1) or 1))
+    if workers == 1:
+        return _serve_one(settings, args.host, args.port)
+    if not settings.effective_database_url.startswith("postgresql"):
+        # Several processes on one SQLite file would be correct (SQLite locks the file) but
+        # slower, not faster (one writer at a time, met in SQLite's sleeping busy handler),
+        # and `Prefer: wait` / event streams are woken by commits of their own process only.
+        print("serve --workers N > 1 needs PostgreSQL (GATEWAY_DATABASE_URL); with SQLite "
+              "run one process", file=sys.stderr)
+        return 2
+    return _supervise(settings, args.host, args.port, workers)
+
+
+def _serve_one(settings, host: str, port: int, sock: socket.socket | None = None) -> int:
+    """One ``serve`` process: the app (its own owner id, engine, scheduler, workers) under
+    uvicorn, on ``sock`` when a supervisor shares its listening socket."""
+    from app.main import begin_drain, create_app
+
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal, which under
     # the default disposition kills the process (exit -15/143) although it stopped
     # cleanly. Make SIGTERM end the process with 0, before and after uvicorn's handling.
@@ -80,12 +100,87 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     # One grace period bounds the whole drain: open requests (uvicorn), then the checks
     # still running (the scheduler counts from the same SIGTERM), then leases released.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+    config = uvicorn.Config(app, host=host, port=port, log_config=None,
                             log_level=settings.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)))
     server = _DrainingServer(config, on_exit=lambda: begin_drain(app))
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 3
+
+
+# A worker that exits with an error this soon after its start is failing to start
+# (database unreachable, bad settings): the supervisor stops instead of restarting it in
+# a loop. One killed by a signal is replaced whenever it happens.
+_EARLY_EXIT_S = 10.0
+
+
+def _supervise(settings, host: str, port: int, workers: int) -> int:
+    """``serve --workers N``: N forked ``serve`` processes accepting on one listening
+    socket. Each is a replica like any other (its own owner id, pool, scheduler and
+    leases: the same rules as separate replicas on one PostgreSQL, docs/operations.md).
+    SIGTERM / SIGINT is passed to every worker, which drains as one process would; a
+    worker that dies is replaced (its tasks' leases lapse and any replica takes them
+    over), unless it exited with an error within ``_EARLY_EXIT_S`` of its start."""
+    log = logging.getLogger("app.cli")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    children: dict[int, float] = {}
+    stopping = False
+    code = 0
+
+    def start() -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            status = 1
+            try:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                status = _serve_one(settings, host, port, sock)
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else 0
+            except BaseException:
+                log.exception("serve worker failed")
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        children[pid] = time.monotonic()
+
+    def stop_all(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    for _ in range(workers):
+        start()
+    log.info("serving with %d worker processes", workers, extra={"workers": workers})
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        exit_code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            code = code or (exit_code if exit_code > 0 else 0)
+            continue
+        log.error("serve worker %d ended (exit %d)", pid, exit_code,
+                  extra={"worker_pid": pid, "exit_code": exit_code})
+        if exit_code > 0 and time.monotonic() - started < _EARLY_EXIT_S:
+            code = exit_code
+            stop_all(signal.SIGTERM, None)
+        else:
+            start()
+    sock.close()
+    return code
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -197,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=port)
         p.set_defaults(func=func)
+        if name == "serve":
+            p.add_argument("--workers", type=int, default=1,
+                           help="processes accepting on one socket, each a replica with its "
+                                "own owner id (PostgreSQL only; default 1)")
     p = sub.add_parser("dev", help="SQLite + simulator + gateway on loopback")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

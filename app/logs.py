@@ -3,9 +3,10 @@ secrets scrubbed. ``setup(settings)`` is called once by ``serve`` and ``dev``.
 
 Context: ``request_id`` and ``task_id`` live in a context variable, so every line logged
 while handling a request, or while a worker checks a task, carries them without passing
-them around. ``RequestContext`` (a pure ASGI middleware) opens the request's context,
-echoes ``X-Request-ID``, records the HTTP metrics and writes the access line (method,
-route template, status, duration; never the raw path or query, which may carry tokens).
+them around. The edge layer (``app.gate.EdgeGate``, the one pure-ASGI middleware) opens
+the request's context (``open_request``), echoes ``X-Request-ID``, and at the end records
+the HTTP metrics and writes the access line (``close_request``: method, route template,
+status, duration; never the raw path or query, which may carry tokens).
 
 Redaction is a handler filter: the values of every ``SecretStr`` setting, the client
 keys, the database password, and anything shaped like a bearer token, a ``whsec_``
@@ -19,16 +20,14 @@ import json
 import logging
 import re
 import sys
-import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
-from starlette.datastructures import MutableHeaders
 from starlette.routing import compile_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from app import metrics
 from app.settings import Settings
@@ -196,7 +195,7 @@ def setup(settings: Settings, *, stream: Any = None) -> logging.Handler:
     return handler
 
 
-# ---------------------------------------------------------------- the request middleware
+# ---------------------------------------------------------------- the request's context
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 # Scraped or probed every few seconds: their access lines go to DEBUG.
@@ -242,41 +241,25 @@ def _templates(app: Any) -> list[tuple[re.Pattern[str], str]]:
     return found
 
 
-class RequestContext:
-    """Request id in and out, the request's log context, HTTP metrics, the access line."""
+def open_request(scope: Scope) -> tuple[str, contextvars.Token[dict[str, str] | None]]:
+    """A request's id (its valid ``X-Request-ID``, else a new one) and its log context,
+    opened; ``close_request`` ends it. Called by the edge layer (``app.gate.EdgeGate``)."""
+    rid = _request_id(scope)
+    return rid, _fields.set({"request_id": rid})
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = _request_id(scope)
-        token = _fields.set({"request_id": rid})
-        upstream = metrics.start_upstream_clock()
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = rid
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            elapsed = time.perf_counter() - started
-            method = scope["method"]
-            route = route_template(scope)
-            metrics.http_request(method, route, status, elapsed)
-            if (method, route) == SUBMIT_ROUTE and status < 300:
-                metrics.submit_overhead(elapsed - upstream[0])
-            access_log.log(
-                logging.DEBUG if route in _QUIET else logging.INFO,
-                "%s %s %s", method, route, status,
-                extra={"method": method, "route": route, "status": status,
-                       "duration_ms": round(elapsed * 1000, 1)})
-            _fields.reset(token)
+def close_request(scope: Scope, status: int, elapsed: float, upstream_s: float,
+                  token: contextvars.Token[dict[str, str] | None]) -> None:
+    """The request's HTTP metrics and access line, then its log context closed.
+    ``upstream_s``: the time it spent waiting for Wiro (``metrics.start_upstream_clock``)."""
+    method = scope["method"]
+    route = route_template(scope)
+    metrics.http_request(method, route, status, elapsed)
+    if (method, route) == SUBMIT_ROUTE and status < 300:
+        metrics.submit_overhead(elapsed - upstream_s)
+    access_log.log(
+        logging.DEBUG if route in _QUIET else logging.INFO,
+        "%s %s %s", method, route, status,
+        extra={"method": method, "route": route, "status": status,
+               "duration_ms": round(elapsed * 1000, 1)})
+    _fields.reset(token)

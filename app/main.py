@@ -169,10 +169,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
     app.include_router(stats_routes.router)
     app.include_router(health.router)
     app.include_router(console_router)
-    # Three layers around the routes: the request's log context outermost (it sees every
-    # answer), then the request's span when tracing is on (app/tracing.py), then the edge
-    # gate (limits, drain, keys, rates, bodies: app/gate.py).
+    # One layer of our own around the routes (app/gate.py): the request's log context,
+    # span and metrics, and the edge checks (limits, drain, keys, rates, bodies).
     app.add_middleware(EdgeGate, settings=settings)
-    app.add_middleware(tracing.ServerSpans)
-    app.add_middleware(logs.RequestContext)
     return app

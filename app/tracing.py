@@ -11,8 +11,8 @@ Off, nothing of the SDK is imported or created: every hook below tests one modul
 global and returns. On, the gateway uses its own ``TracerProvider`` (not the process-wide
 global one) and makes:
 
-- a SERVER span per HTTP request (``ServerSpans``), named ``METHOD /route/{template}``,
-  continuing the caller's W3C ``traceparent``;
+- a SERVER span per HTTP request (``server_span``, opened by ``app.gate.EdgeGate``),
+  named ``METHOD /route/{template}``, continuing the caller's W3C ``traceparent``;
 - a CLIENT span per call to Wiro (``wiro_call``), named ``wiro Run``, ``wiro Detail``...;
 - a CLIENT span per notification attempt (``notification``), a child of the trace
   context stored with the task when it was created (``new_task``), injected into the
@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from app import logs
 
@@ -161,53 +161,54 @@ def new_task(task_id: str) -> str | None:
     return _traceparent(span)
 
 
-class ServerSpans:
-    """Pure ASGI: a SERVER span per HTTP request, continuing the caller's ``traceparent``.
-    Sits inside ``logs.RequestContext``, so the request's log context (the task id bound
-    by the routes) is still there when the span ends."""
+@contextlib.contextmanager
+def _server_span(scope: Scope) -> Iterator[Span]:
+    from opentelemetry.trace import SpanKind
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    assert _tracer is not None
+    headers = {k: v for k, v in scope.get("headers", [])
+               if k in (b"traceparent", b"tracestate")}
+    parent = _context_from(headers.get(b"traceparent", b"").decode("latin-1"),
+                           headers.get(b"tracestate", b"").decode("latin-1"))
+    method = scope["method"]
+    with _tracer.start_as_current_span(
+            method, context=parent, kind=SpanKind.SERVER, record_exception=False,
+            set_status_on_exception=False,
+            attributes={"http.request.method": method,
+                        "url.scheme": scope.get("scheme", "http")}) as span:
+        yield span
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if _tracer is None or scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        from opentelemetry.trace import SpanKind, Status, StatusCode
 
-        headers = {k: v for k, v in scope.get("headers", [])
-                   if k in (b"traceparent", b"tracestate")}
-        parent = _context_from(headers.get(b"traceparent", b"").decode("latin-1"),
-                               headers.get(b"tracestate", b"").decode("latin-1"))
-        method = scope["method"]
-        status = 500
-        with _tracer.start_as_current_span(
-                method, context=parent, kind=SpanKind.SERVER, record_exception=False,
-                set_status_on_exception=False,
-                attributes={"http.request.method": method,
-                            "url.scheme": scope.get("scheme", "http")}) as span:
+def server_span(scope: Scope) -> contextlib.AbstractContextManager[Span | None]:
+    """The SERVER span of one HTTP request (``app.gate.EdgeGate`` opens it), continuing the
+    caller's ``traceparent``; a shared no-op context manager when tracing is off. Its end
+    (``server_span_done``) comes while the request's log context is still open, so the
+    task id bound by the routes is there."""
+    if _tracer is None:
+        return _NULL
+    return _server_span(scope)
 
-            async def send_status(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
 
-            try:
-                await self.app(scope, receive, send_status)
-            except BaseException as e:
-                span.set_attribute("error.type", type(e).__name__)
-                raise
-            finally:
-                route = logs.route_template(scope)
-                span.update_name(f"{method} {route}")
-                span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
-                task_id = logs.current().get("task_id")
-                if task_id:
-                    span.set_attribute(TASK_ID, task_id)
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
+def server_span_failed(span: Span | None, exc: BaseException) -> None:
+    if span is not None:
+        span.set_attribute("error.type", type(exc).__name__)
+
+
+def server_span_done(span: Span | None, scope: Scope, status: int) -> None:
+    """Name (``METHOD /route/{template}``), route, status and task id on the span."""
+    if span is None:
+        return
+    from opentelemetry.trace import Status, StatusCode
+
+    route = logs.route_template(scope)
+    span.update_name(f"{scope['method']} {route}")
+    span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    task_id = logs.current().get("task_id")
+    if task_id:
+        span.set_attribute(TASK_ID, task_id)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
 Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
 statements per task), P8 (crash recovery, issue 13), P9 (hostile uploads, issue 16) and
-P10 (1,000 held ``Prefer: wait`` callers, issue 17), writes ``bench/results/latest.json``
+P10 (1,000 held ``Prefer: wait`` callers, issue 17), P11 (``serve --workers 2`` against
+one process, issue 15), writes ``bench/results/latest.json``
 and prints the table; a full run (no --quick, no --only, both databases) also writes the
 table into ``docs/benchmarks.md`` (``--docs`` forces that). Exits non-zero when any task
 in it was lost (not terminal at the end) or started twice upstream.
@@ -31,7 +32,7 @@ from bench.common import Run, say
 from bench.harness import BenchFailure
 
 RESULTS = harness.ROOT / "bench" / "results"
-ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10"]
+ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11"]
 
 
 def machine() -> dict[str, Any]:
@@ -77,6 +78,7 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
         p8_recovery,
         p9_hostile,
         p10_wait,
+        p11_workers,
         throughput,
     )
 
@@ -140,6 +142,11 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
         for kind in kinds:
             say(f"P10 on {kind}")
             res.setdefault("P10", {})[kind] = await p10_wait.measure(run, kind)
+            save(results)
+    if run.wants("P11"):
+        for kind in kinds:
+            say(f"P11 on {kind}")
+            res.setdefault("P11", {})[kind] = await p11_workers.measure(run, kind)
             save(results)
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,32 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def children_of(pid: int) -> list[int]:
+    """The direct children of ``pid`` (``serve --workers N``'s worker processes)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def tree_cpu_seconds(pid: int, workers: list[int]) -> float:
+    """CPU time of ``pid`` and of its ``workers`` still alive (a worker that ended takes
+    its time with it: only for runs where none does)."""
+    total = cpu_seconds(pid)
+    for w in workers:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(w)
+    return total
 
 
 def rss_bytes(pid: int) -> int:
@@ -249,13 +276,15 @@ class GatewayProc:
     url: str
     proc: subprocess.Popen
     db: Database
+    workers: list[int] = field(default_factory=list)  # with ``serve --workers N > 1``
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid)
+        """CPU seconds of the gateway: the process, plus its workers when it has some."""
+        return tree_cpu_seconds(self.proc.pid, self.workers)
 
     def rss(self) -> int:
         return rss_bytes(self.proc.pid)
@@ -264,15 +293,28 @@ class GatewayProc:
         stop(self.proc)
 
 
-def start_gateway(*, db: Database, sim: Sim, logdir: Path, **overrides: Any) -> GatewayProc:
-    """``headshot-gateway serve`` as a subprocess, as in production."""
+def start_gateway(*, db: Database, sim: Sim, logdir: Path, workers: int = 1,
+                  **overrides: Any) -> GatewayProc:
+    """``headshot-gateway serve`` as a subprocess, as in production (``workers``: its
+    ``--workers``, forked worker processes on one socket)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = bin_env(**gateway_env(db=db, sim=sim, public_url=url, data_dir=logdir, **overrides))
-    proc = spawn([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env,
-                 logdir / f"gateway-{db.kind}-{port}.log")
+    args = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+    if workers > 1:
+        args += ["--workers", str(workers)]
+    proc = spawn(args, env, logdir / f"gateway-{db.kind}-{port}.log")
     wait_http(f"{url}/healthz", timeout=30.0, proc=proc)
-    return GatewayProc(url=url, proc=proc, db=db)
+    found: list[int] = []
+    if workers > 1:
+        for _ in range(300):  # each worker answers only once its app has started
+            found = children_of(proc.pid)
+            if len(found) >= workers:
+                break
+            time.sleep(0.1)
+        if len(found) < workers:
+            raise RuntimeError(f"serve --workers {workers}: {len(found)} workers found")
+    return GatewayProc(url=url, proc=proc, db=db, workers=found)
 
 
 @dataclass

@@ -39,8 +39,19 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
                 f"(gateway {_f(x['gateway_p50'], 2)} vs direct {_f(x['direct_p50'], 2)} ms "
                 f"p50; x{_f(x['ratio_p50'], 2)})", x.get("met"))
     if pid == "P2":
+        cpu = x.get("cpu_ms_per_task") or {}
+        per = (f"; CPU per task life: gateway {_f(cpu.get('gateway'))} ms, simulator "
+               f"{_f(cpu.get('sim'))} ms" if cpu else "")
         return (f"{_f(x['gateway_rps'])}/s vs {_f(x['baseline_rps'])}/s = "
-                f"**x{_f(x['ratio'], 2)}**", x.get("met"))
+                f"**x{_f(x['ratio'], 2)}** (accepted: {_f(x.get('gateway_accept_rps'))}/s)"
+                + per, x.get("met"))
+    if pid == "P11":
+        if not x.get("measured", True):
+            return f"not measured: {x.get('why')}", None
+        return (f"{_f(x['two_rps'])}/s vs {_f(x['one_rps'])}/s = **x{_f(x['ratio'], 2)}** "
+                f"(accepted: {_f(x['two_accept_rps'])} vs {_f(x['one_accept_rps'])}/s = "
+                f"x{_f(x['accept_ratio'], 2)}); CPU per task life {_f(x.get('cpu_ms_two'))} "
+                f"vs {_f(x.get('cpu_ms_one'))} ms", x.get("met"))
     if pid == "P3":
         b = x.get("burst", {})
         return (f"{_f(x['ingest_rps'])}/s vs {_f(x['baseline_rps'])}/s = "
@@ -121,6 +132,8 @@ WHAT = {
            "≤ 8 MiB"),
     "P10": ("1,000 `Prefer: wait` callers on one process: memory each; terminal commit → "
            "answer", "the process before they came", "all answered; p50 ≤ 50 ms"),
+    "P11": ("submits/s at p99 ≤ 250 ms, whole task lives, `serve --workers 2`",
+            "`serve` with one process", "≥ 1.6 x"),
 }
 
 

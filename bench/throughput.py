@@ -40,7 +40,7 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -81,16 +81,25 @@ class Target:
     settle: Callable[[], Awaitable[float]]  # -> seconds until the server was idle
     settle_limit_s: float | None = None
     consumable: bool = False  # each request may be sent once (a task's first callback)
+    # Processes whose CPU time each step's requests cost (name -> CPU seconds so far):
+    # read before the step and after it has settled, per 2xx answer.
+    cpus: dict[str, Callable[[], float]] = field(default_factory=dict)
 
 
 async def _run_step(t: Target, pool: Pool, rate: float, step_s: float, min_n: int
                     ) -> dict[str, Any]:
     n = max(min_n, int(rate * step_s))
     reqs = await t.prepare(n)
+    c0 = {k: f() for k, f in t.cpus.items()}
     step: Step = await open_loop(pool, reqs, rate=rate, count=n, timeout=30)
     settle = await t.settle()
     row = step.summary()
     row["settle_s"] = round(settle, 2)
+    if t.cpus and step.ok:
+        # Everything each answer set off (for a submit: the task's whole life, its output
+        # stored, until the process is idle again), in CPU milliseconds per answer.
+        row["cpu_ms_per_request"] = {k: round((f() - c0[k]) / step.ok * 1000, 2)
+                                     for k, f in t.cpus.items()}
     row["pass"] = bool(step.errors == 0 and step.non_2xx == 0
                        and step.pct(99) <= P99_LIMIT_MS)
     row["pass_applied"] = bool(row["pass"] and (t.settle_limit_s is None
@@ -142,6 +151,15 @@ async def search(t: Target, start: float, step_s: float, *, factor: float, min_n
     best = max(passed, default=0.0)
     return {"max_rps": round(best, 1), "max_applied_rps": round(_applied(passed), 1),
             "steps": steps}
+
+
+def cpu_per_request(searches: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Median CPU milliseconds per answer, by process, over the steps that passed (the
+    ones below saturation, where the figure is a cost and not a queue)."""
+    rows = [st["cpu_ms_per_request"] for res in searches for st in res["steps"]
+            if st.get("pass") and "cpu_ms_per_request" in st]
+    names = sorted({k for row in rows for k in row})
+    return {k: r2(median([row[k] for row in rows if k in row])) for k in names}
 
 
 def _applied(passed: dict[float, dict[str, Any]]) -> float:
@@ -227,9 +245,10 @@ async def measure(run: Run, db: Database, sim: Sim, *, burst_n: int | None = Non
 
     targets = {
         "baseline": Target("baseline", base.url, same(insert), no_settle),
-        "submit": Target("submit", gw.url, same(submit), settle_gateway, 5.0),
+        "submit": Target("submit", gw.url, same(submit), settle_gateway, 5.0,
+                         cpus={"gateway": gw.cpu, "sim": sim.cpu}),
         "callback": Target("callback", gw.url, prepare_callbacks, settle_gateway, 2.0,
-                           consumable=True),
+                           consumable=True, cpus={"gateway": gw.cpu, "sim": sim.cpu}),
     }
     out: dict[str, Any] = {"rounds": [], "step_s": step_s, "p99_limit_ms": P99_LIMIT_MS}
     try:
@@ -268,6 +287,7 @@ async def measure(run: Run, db: Database, sim: Sim, *, burst_n: int | None = Non
             "target": ">= 0.5 x baseline",
         }
         out["P2"]["met"] = bool((out["P2"]["ratio"] or 0) >= 0.5)
+        out["P2"]["cpu_ms_per_task"] = cpu_per_request([r["submit"] for r in rs])
         out["P3"] = {
             "baseline_rps": out["P2"]["baseline_rps"],
             "ingest_rps": r2(median([r["callback"]["max_rps"] for r in rs]), 1),
@@ -276,6 +296,7 @@ async def measure(run: Run, db: Database, sim: Sim, *, burst_n: int | None = Non
             "applied_ratio": r2(median([r["callback_applied_ratio"] for r in rs]), 3),
             "target": ">= 1.0 x baseline; burst: 0 lost, 0 non-2xx",
         }
+        out["P3"]["cpu_ms_per_callback"] = cpu_per_request([r["callback"] for r in rs])
         out["P3"]["burst"] = await burst(engine, gw.url, upstream_id, cb_body, burst_n,
                                          wait_s=run.pick(120.0, 300.0))
         b = out["P3"]["burst"]

@@ -1,0 +1,139 @@
+"""``serve --workers N``: forked replicas on one socket (PostgreSQL only).
+
+Each worker runs its own app (its own owner id), a worker killed mid-traffic is replaced
+and its tasks finish exactly once upstream, SIGTERM to the supervisor ends everything with
+exit 0, and SQLite refuses more than one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from app.models import Task
+from tests.conftest import CLIENT_KEYS, Sim, bin_env, free_port, spawn, stop, task_body, wait_http
+from tests.test_replicas import pg_url, replica_env  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.crash
+TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.add(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def started_owners(log: Path) -> list[str]:
+    """The ``owner`` of every app start logged (one JSON line per started process)."""
+    owners = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("logger") == "app.main" and "owner" in record:
+            owners.append(record["owner"])
+    return owners
+
+
+def until(read, ok, timeout: float = 30.0):
+    """``read()`` once ``ok`` of it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if ok(value):
+            return value
+        assert time.monotonic() < deadline, value
+        time.sleep(0.1)
+
+
+async def submit(url: str, sim: Sim, n: int) -> list[str]:
+    """``n`` tasks, each on a new connection (so the workers share them)."""
+    ids = []
+    for i in range(n):
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.post(f"{url}/v1/tasks", json=task_body(sim, seed=i),
+                                  headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    return ids
+
+
+async def test_two_workers_one_killed(pg_url: str, sim: Sim, tmp_path: Path) -> None:  # noqa: F811
+    sim.configure(queue_s=0.3, run_s=0.5)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**replica_env(pg_url, sim, url, tmp_path), "GATEWAY_LOG_LEVEL": "INFO"}
+    log = tmp_path / "serve.log"
+    proc = spawn(["serve", "--port", str(port), "--workers", "2"], env, log)
+    try:
+        wait_http(f"{url}/healthz", proc=proc)
+        workers = until(lambda: children(proc.pid), lambda c: len(c) == 2)
+        owners = until(lambda: started_owners(log), lambda o: len(o) == 2)
+        # Each worker started its own app, under an owner id naming its own pid.
+        assert len(set(owners)) == 2
+        assert {int(o.split("-")[-2]) for o in owners} == workers
+
+        ids = await submit(url, sim, 12)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        replaced = until(lambda: children(proc.pid),
+                         lambda c: len(c) == 2 and victim not in c)
+        assert len(replaced - workers) == 1
+        ids += await submit(url, sim, 12)
+
+        engine = create_async_engine(pg_url)
+        try:
+            async def statuses() -> dict[str, str]:
+                async with engine.connect() as conn:
+                    return dict((await conn.execute(
+                        select(Task.id, Task.status).where(Task.id.in_(ids)))).all())
+
+            deadline = time.monotonic() + 60
+            found = await statuses()
+            while any(s not in TERMINAL for s in found.values()):
+                assert time.monotonic() < deadline, found
+                await asyncio.sleep(0.3)
+                found = await statuses()
+        finally:
+            await engine.dispose()
+        assert set(found) == set(ids)
+        assert set(found.values()) == {"succeeded"}
+        runs = sim.stats()["runs_by_gateway_task"]
+        assert all(runs.get(t) == 1 for t in ids), {t: runs.get(t) for t in ids}
+
+        # SIGTERM to the supervisor only: every worker drains and it exits 0.
+        left = children(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not [pid for pid in left if os.path.exists(f"/proc/{pid}")]
+    finally:
+        stop(proc)
+
+
+def test_sqlite_refuses_workers(tmp_path: Path) -> None:
+    env = bin_env(GATEWAY_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}",
+                  GATEWAY_DATA_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port",
+                           str(free_port()), "--workers", "2"], env=env, timeout=60,
+                          capture_output=True)
+    assert done.returncode == 2
