@@ -88,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _supervise(settings, args.host, args.port, workers)
 
 
-def _serve_one(settings, host: str, port: int, sock: socket.socket | None = None) -> int:
+def _serve_one(settings: Settings, host: str, port: int, sock: socket.socket | None = None) -> int:
     """One ``serve`` process: the app (its own owner id, engine, scheduler, workers) under
     uvicorn, on ``sock`` when a supervisor shares its listening socket."""
     from app.main import begin_drain, create_app
@@ -114,7 +114,7 @@ def _serve_one(settings, host: str, port: int, sock: socket.socket | None = None
 _EARLY_EXIT_S = 10.0
 
 
-def _supervise(settings, host: str, port: int, workers: int) -> int:
+def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
     """``serve --workers N``: N forked ``serve`` processes accepting on one listening
     socket. Each is a replica like any other (its own owner id, pool, scheduler and
     leases: the same rules as separate replicas on one PostgreSQL, docs/operations.md).
