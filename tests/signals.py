@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from app.lifecycle import TERMINAL_RANK
 from app.models import Task
 
 
@@ -32,21 +33,22 @@ async def task_row(gw: Any, task_id: str) -> Task:
     return row
 
 
-async def schedule(gw: Any, task_id: str) -> tuple[datetime | None, str | None, int]:
-    """``(next_check_at, lease_owner, retries)``: what the workers' ledger says about it."""
+async def schedule(gw: Any, task_id: str) -> tuple[datetime | None, str | None, int, bool]:
+    """``(next_check_at, lease_owner, retries, terminal)``: what the workers' ledger says
+    about the task."""
     async with gw.ctx.sm() as s:
-        row = (await s.execute(select(Task.next_check_at, Task.lease_owner, Task.retries)
-                               .where(Task.id == task_id))).one()
-    return row[0], row[1], row[2]
+        row = (await s.execute(select(Task.next_check_at, Task.lease_owner, Task.retries,
+                                      Task.status_rank).where(Task.id == task_id))).one()
+    return row[0], row[1], row[2], row[3] >= TERMINAL_RANK
 
 
 async def rescheduled(gw: Any, task_id: str, *, timeout: float = 15.0) -> None:
     """Wait until a worker has claimed the task, looked at it and given it back with a
     new next check (a check that started after this call and has finished)."""
-    first, _, _ = await schedule(gw, task_id)
+    first, _, _, _ = await schedule(gw, task_id)
 
     async def moved() -> bool:
-        nxt, owner, _ = await schedule(gw, task_id)
+        nxt, owner, _, _ = await schedule(gw, task_id)
         return owner is None and nxt != first
 
     await until(moved, timeout=timeout, what=f"a worker to look at {task_id}")
@@ -54,13 +56,15 @@ async def rescheduled(gw: Any, task_id: str, *, timeout: float = 15.0) -> None:
 
 async def polled_since_now(gw: Any, task_id: str) -> Callable[[], Awaitable[bool]]:
     """A condition: a poll of the (submitted, unfinished) task that started after this
-    call has finished. Each poll adds one to ``retries`` when it gives the lease back; a
-    poll already running now (lease held) may have started earlier, so then two more."""
-    _, owner, retries = await schedule(gw, task_id)
+    call has finished, or the task is finished (nothing more will come; the caller's
+    asserts say whether it should be). Each poll adds one to ``retries`` when it gives
+    the lease back; a poll already running now (lease held) may have started earlier, so
+    then two more."""
+    _, owner, retries, _ = await schedule(gw, task_id)
     need = retries + (1 if owner is None else 2)
 
     async def done() -> bool:
-        _, owner_now, retries_now = await schedule(gw, task_id)
-        return owner_now is None and retries_now >= need
+        _, owner_now, retries_now, terminal = await schedule(gw, task_id)
+        return terminal or (owner_now is None and retries_now >= need)
 
     return done

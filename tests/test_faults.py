@@ -701,11 +701,12 @@ async def test_forged_and_oversized_callbacks_change_nothing(db_url: str, sim: S
             assert await hint_at(gw, tid) is None  # none of that was taken as a callback
             # The right URL with a lying body: a hint, so Detail (still running) wins.
             details = (await sim_stats(sim))["detail_calls"]
+            polled = await polled_since_now(gw, tid)
             r = await c.post(url, json=claim)
             assert r.status_code == 204
             assert await hint_at(gw, tid) is not None
             # A poll that started after the callback has read Detail and applied it.
-            await eventually(await polled_since_now(gw, tid), what="a poll after the callback")
+            await eventually(polled, what="a poll after the callback")
             assert (await sim_stats(sim))["detail_calls"] > details
         mid = (await gw.client().get(f"/v1/tasks/{tid}")).json()
         assert mid["status"] == "running" and mid["outputs"] == [], mid
