@@ -186,14 +186,22 @@ class Gateway:
     async def wait_terminal(self, task_id: str, timeout: float = 30.0,
                             client: str = "alpha") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        status = "unknown"
         while True:
-            r = await self.client(client).get(f"/v1/tasks/{task_id}")
-            r.raise_for_status()
-            body = r.json()
-            if body["status"] in ("succeeded", "failed", "cancelled", "timed_out"):
-                return body
+            try:
+                r = await self.client(client).get(f"/v1/tasks/{task_id}")
+            except httpx.TransportError:
+                # A read, safe to repeat: a keep-alive connection the server closed just
+                # as it was reused (seen with many waiters on a loaded machine).
+                r = None
+            if r is not None:
+                r.raise_for_status()
+                body = r.json()
+                status = body["status"]
+                if status in ("succeeded", "failed", "cancelled", "timed_out"):
+                    return body
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{task_id} still {body['status']}")
+                raise TimeoutError(f"{task_id} still {status}")
             await asyncio.sleep(0.1)
 
 
