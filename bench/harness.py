@@ -2,7 +2,8 @@
 subprocesses or in-process under uvicorn), the one-insert baseline, fresh SQLite files and
 PostgreSQL databases, and /proc readings (RSS, CPU time) of the processes it started.
 
-Modelled on tests/conftest.py, without importing pytest.
+The processes themselves come from tests/procs.py, the one harness the tests use too; here
+they run in ``APP_ROOT`` and with the benchmark's keys and simulator defaults.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,9 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from tests import procs
+from tests.procs import (
+    Sim,
+    bin_env,
+    cpu_seconds,
+    free_port,
+    rss_bytes,
+    serving,
+    stop,
+    stop_all,
+    wait_http,
+)
 
-from tests.procs import bin_env, free_port, wait_http
+__all__ = ["Sim", "cpu_seconds", "free_port", "rss_bytes", "stop", "stop_all", "wait_http"]
 
 ROOT = Path(__file__).resolve().parent.parent
 # The checkout whose gateway the subprocesses run (``BENCH_APP_ROOT`` points at another
@@ -36,67 +46,22 @@ PG_URL = os.environ.get("GATEWAY_BENCH_POSTGRES_URL",
                         os.environ.get("GATEWAY_TEST_POSTGRES_URL",
                                        "postgresql+asyncpg://postgres@127.0.0.1:5432/test"))
 TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
-SIM_DEFAULTS: dict[str, Any] = {
-    "queue_s": 0.2, "run_s": 0.5, "callback_drop": 0.0, "callback_duplicate": 0,
-    "callback_delay_s": 0.0, "callback_reorder": False, "callback_early": False,
-    "run_5xx_rate": 0.0, "run_429_rate": 0.0, "detail_5xx_rate": 0.0, "fail_rate": 0.0,
-    "lost_rate": 0.0, "task_error_s": 0.0, "task_error_fatal_rate": 0.0, "run_hang_s": 0.0,
-    "run_drop_connection": False, "max_concurrency": 0, "balance_exhausted": False,
-    "task_error_stuck_rate": 0.0, "run_server_error_rate": 0.0, "run_server_error_count": 0,
-    "run_server_error_status": 200, "omit_pexit": False, "task_list_enabled": True,
-    "task_list_callbackurl": True, "callback_body": "detail", "callback_retries": 3,
-    "sign_required": True, "nonce_reuse_rejected": True,
-}
+# The simulator as the tests have it, with the benchmark's own (shorter) run.
+SIM_DEFAULTS: dict[str, Any] = {**procs.SIM_DEFAULTS, "run_s": 0.5}
 _counter = itertools.count()
 # alembic's ``context`` is process-global: migrations in threads of one process must take
 # turns.
 _migrate_lock = threading.Lock()
-# Every process the benchmark starts, so that any exit stops them all.
-_children: list[subprocess.Popen] = []
 
 
 class BenchFailure(RuntimeError):
     """A task lost or run twice upstream: the benchmark must exit non-zero."""
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    fh = open(log, "ab")
-    proc = subprocess.Popen(args, cwd=APP_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    _children.append(proc)
-    return proc
-
-
-def stop_all() -> None:
-    """Stop every process this run started that is still alive."""
-    for proc in _children:
-        with contextlib.suppress(Exception):
-            stop(proc)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-# ---------------------------------------------------------------- /proc readings
-
-_TICK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (not its children)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+def spawn(args: list[str], env: dict[str, str], log: Path, *,
+          module: str = "app.cli") -> subprocess.Popen[bytes]:
+    """``python -m <module> <args>`` in the checkout under test (``APP_ROOT``)."""
+    return procs.spawn(args, env, log, module=module, cwd=APP_ROOT)
 
 
 def children_of(pid: int) -> list[int]:
@@ -123,11 +88,6 @@ def tree_cpu_seconds(pid: int, workers: list[int]) -> float:
         with contextlib.suppress(OSError):
             total += cpu_seconds(w)
     return total
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as fh:
-        return int(fh.read().split()[1]) * _PAGE
 
 
 # ---------------------------------------------------------------- databases
@@ -212,48 +172,10 @@ def new_database(kind: str, workdir: Path, label: str, *, migrate: bool = True) 
 # ---------------------------------------------------------------- the simulator
 
 
-@dataclass
-class Sim:
-    url: str
-    proc: subprocess.Popen
-
-    @property
-    def base(self) -> str:
-        return f"{self.url}/v1"
-
-    @property
-    def portrait(self) -> str:
-        return f"{self.url}/samples/portrait.jpg"
-
-    def configure(self, **knobs: Any) -> dict[str, Any]:
-        r = httpx.patch(f"{self.url}/__sim/config", json=knobs, timeout=10)
-        r.raise_for_status()
-        return r.json()
-
-    def reset(self, **knobs: Any) -> None:
-        httpx.post(f"{self.url}/__sim/reset", timeout=30).raise_for_status()
-        self.configure(**{**SIM_DEFAULTS, **knobs})
-
-    def stats(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.url}/__sim/stats", timeout=30)
-        r.raise_for_status()
-        return r.json()
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid)
-
-
 def start_sim(logdir: Path, **knobs: Any) -> Sim:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = bin_env(SIM_API_KEY=SIM_KEY, SIM_API_SECRET=SIM_SECRET, SIM_PUBLIC_URL=url,
-                  SIM_LOG_LEVEL="WARNING")
-    proc = spawn([sys.executable, "-m", "app.cli", "simulate", "--port", str(port)], env,
-                 logdir / f"sim-{port}.log")
-    wait_http(f"{url}/__sim/config", timeout=30.0, proc=proc)
-    sim = Sim(url=url, proc=proc)
-    sim.reset(**knobs)
-    return sim
+    return procs.start_sim(logdir / f"sim-{next(_counter)}.log", api_key=SIM_KEY,
+                           api_secret=SIM_SECRET, cwd=APP_ROOT, defaults=SIM_DEFAULTS,
+                           env={"SIM_LOG_LEVEL": "WARNING"}, **knobs)
 
 
 # ---------------------------------------------------------------- gateways
@@ -300,7 +222,7 @@ def start_gateway(*, db: Database, sim: Sim, logdir: Path, workers: int = 1,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = bin_env(**gateway_env(db=db, sim=sim, public_url=url, data_dir=logdir, **overrides))
-    args = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+    args = ["serve", "--port", str(port)]
     if workers > 1:
         args += ["--workers", str(workers)]
     proc = spawn(args, env, logdir / f"gateway-{db.kind}-{port}.log")
@@ -337,8 +259,6 @@ class InProcessGateway:
 async def in_process_gateway(*, db: Database, sim: Sim, data_dir: Path,
                              **overrides: Any) -> AsyncIterator[InProcessGateway]:
     """The gateway in this event loop under uvicorn (so its engine can be watched)."""
-    import uvicorn
-
     from app.main import create_app
     from app.settings import Settings
 
@@ -348,18 +268,8 @@ async def in_process_gateway(*, db: Database, sim: Sim, data_dir: Path,
     settings = Settings.model_validate(
         {k.removeprefix("GATEWAY_").lower(): v for k, v in env.items()})
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            serving.result()
-        await asyncio.sleep(0.01)
-    try:
+    async with serving(app, port):
         yield InProcessGateway(url=url, app=app, settings=settings)
-    finally:
-        server.should_exit = True
-        await serving
 
 
 @dataclass
@@ -378,8 +288,8 @@ def start_baseline(*, db: Database, logdir: Path) -> BaselineProc:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = bin_env(BENCH_DATABASE_URL=db.url)
-    proc = spawn([sys.executable, "-m", "bench.baseline", "--port", str(port)], env,
-                 logdir / f"baseline-{db.kind}-{port}.log")
+    proc = spawn(["--port", str(port)], env, logdir / f"baseline-{db.kind}-{port}.log",
+                 module="bench.baseline")
     wait_http(f"{url}/healthz", timeout=30.0, proc=proc)
     return BaselineProc(url=url, proc=proc)
 

@@ -14,7 +14,6 @@ Invariants: every task terminal, none run twice upstream.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import Any
 
@@ -70,7 +69,7 @@ async def _round(run: Run, kind: str, n: int, *, crash: bool) -> float | None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = bin_env(**gateway_env(db=db, sim=sim, public_url=base, data_dir=run.workdir))
-    args = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+    args = ["serve", "--port", str(port)]
     first = spawn(args, {**env, **({"GATEWAY_CRASH_AT": CRASH_AT} if crash else {})},
                   run.workdir / f"{label}-1.log")
     second = None

@@ -11,9 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -22,85 +19,37 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from app.migrate import upgrade
 from app.settings import Settings
-from tests.procs import bin_env, free_port, wait_http
+from tests.procs import (
+    ROOT,
+    SIM_DEFAULTS,
+    Sim,
+    bin_env,
+    free_port,
+    serving,
+    spawn,
+    start_sim,
+    stop,
+    stop_all,
+    wait_http,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["ROOT", "SIM_DEFAULTS", "Sim", "bin_env", "free_port", "spawn", "stop",
+           "wait_http"]  # the harness, for the tests that import it from here
+
 SIM_KEY, SIM_SECRET = "test-sim-key", "test-sim-secret"
 CLIENT_KEYS = {"alpha": "key-alpha-0123456789", "beta": "key-beta-0123456789",
                "root": "key-root-0123456789"}
-SIM_DEFAULTS: dict[str, Any] = {
-    "queue_s": 0.2, "run_s": 0.6, "callback_drop": 0.0, "callback_duplicate": 0,
-    "callback_delay_s": 0.0, "callback_reorder": False, "callback_early": False,
-    "run_5xx_rate": 0.0, "run_429_rate": 0.0, "detail_5xx_rate": 0.0, "fail_rate": 0.0,
-    "lost_rate": 0.0, "task_error_s": 0.0, "task_error_fatal_rate": 0.0, "run_hang_s": 0.0,
-    "run_drop_connection": False, "max_concurrency": 0, "balance_exhausted": False,
-    "task_error_stuck_rate": 0.0, "run_server_error_rate": 0.0, "run_server_error_count": 0,
-    "run_server_error_status": 200, "omit_pexit": False, "task_list_enabled": True,
-    "task_list_callbackurl": True, "callback_body": "detail", "callback_retries": 3,
-    "sign_required": True, "nonce_reuse_rejected": True,
-}
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    fh = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env,
-                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-@dataclass
-class Sim:
-    url: str
-    proc: subprocess.Popen
-
-    @property
-    def base(self) -> str:
-        return f"{self.url}/v1"
-
-    def configure(self, **knobs: Any) -> dict[str, Any]:
-        r = httpx.patch(f"{self.url}/__sim/config", json=knobs, timeout=5)
-        r.raise_for_status()
-        return r.json()
-
-    def reset(self) -> None:
-        httpx.post(f"{self.url}/__sim/reset", timeout=5).raise_for_status()
-        self.configure(**SIM_DEFAULTS)
-
-    def stats(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.url}/__sim/stats", timeout=5)
-        r.raise_for_status()
-        return r.json()
-
-    @property
-    def portrait(self) -> str:
-        return f"{self.url}/samples/portrait.jpg"
 
 
 @pytest.fixture(scope="session")
 def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("sim") / "sim.log"
-    proc = spawn(["simulate", "--port", str(port)],
-                 bin_env(SIM_API_KEY=SIM_KEY, SIM_API_SECRET=SIM_SECRET, SIM_PUBLIC_URL=url),
-                 log)
-    wait_http(f"{url}/__sim/config", proc=proc)
-    yield Sim(url=url, proc=proc)
-    stop(proc)
+    sim = start_sim(tmp_path_factory.mktemp("sim") / "sim.log", api_key=SIM_KEY,
+                    api_secret=SIM_SECRET)
+    yield sim
+    sim.stop()
 
 
 @pytest.fixture
@@ -227,17 +176,32 @@ class Gateway:
                 headers={"Authorization": f"Bearer {CLIENT_KEYS[name]}"})
         return self.clients[name]
 
+    async def close(self) -> None:
+        """Close the clients. Something still running (a test's task left behind by a
+        failure) may open one meanwhile: they are taken out one by one, never iterated."""
+        while self.clients:
+            _, c = self.clients.popitem()
+            await c.aclose()
+
     async def wait_terminal(self, task_id: str, timeout: float = 30.0,
                             client: str = "alpha") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        status = "unknown"
         while True:
-            r = await self.client(client).get(f"/v1/tasks/{task_id}")
-            r.raise_for_status()
-            body = r.json()
-            if body["status"] in ("succeeded", "failed", "cancelled", "timed_out"):
-                return body
+            try:
+                r = await self.client(client).get(f"/v1/tasks/{task_id}")
+            except httpx.TransportError:
+                # A read, safe to repeat: a keep-alive connection the server closed just
+                # as it was reused (seen with many waiters on a loaded machine).
+                r = None
+            if r is not None:
+                r.raise_for_status()
+                body = r.json()
+                status = body["status"]
+                if status in ("succeeded", "failed", "cancelled", "timed_out"):
+                    return body
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{task_id} still {body['status']}")
+                raise TimeoutError(f"{task_id} still {status}")
             await asyncio.sleep(0.1)
 
 
@@ -253,21 +217,12 @@ async def run_gateway(*, db_url: str, sim: Sim, data_dir: Path, tracer_provider:
     settings = gateway_settings(db_url=db_url, sim=sim, public_url=url, data_dir=data_dir,
                                 **overrides)
     app = create_app(settings, tracer_provider=tracer_provider)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            serving.result()
-        await asyncio.sleep(0.01)
-    gw = Gateway(url=url, settings=settings, app=app)
-    try:
-        yield gw
-    finally:
-        for c in gw.clients.values():
-            await c.aclose()
-        server.should_exit = True
-        await serving
+    async with serving(app, port):
+        gw = Gateway(url=url, settings=settings, app=app)
+        try:
+            yield gw
+        finally:
+            await gw.close()
 
 
 @pytest.fixture
@@ -301,6 +256,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if not hasattr(session.config, "workerinput"):  # the controller, not an xdist worker
         for f in FIGURES.glob("*.txt") if FIGURES.exists() else ():
             f.unlink()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    stop_all()  # a subprocess a failed test left running
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -9,6 +9,7 @@ gateway under test serves from this test's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import typing
@@ -64,12 +65,19 @@ class Recorder:
         self.requests.append(request)
 
 
-def aclient(gw: Gateway, *, key: str = CLIENT_KEYS["alpha"], recorder: Recorder | None = None,
-            transport: httpx.AsyncBaseTransport | None = None,
-            **kwargs: Any) -> hc.AsyncClient:
-    http = httpx.AsyncClient(transport=transport, timeout=30,
-                             event_hooks={"request": [recorder] if recorder else []})
-    return hc.AsyncClient(base_url=gw.url, api_key=key, http_client=http, **kwargs)
+@contextlib.asynccontextmanager
+async def aclient(gw: Gateway, *, key: str = CLIENT_KEYS["alpha"],
+                  recorder: Recorder | None = None,
+                  transport: httpx.AsyncBaseTransport | None = None,
+                  **kwargs: Any) -> AsyncIterator[hc.AsyncClient]:
+    """The client over an httpx client of ours, which we close too (a client given its
+    ``http_client`` leaves it to its owner: left open, its sockets leaked)."""
+    async with httpx.AsyncClient(transport=transport, timeout=30,
+                                 event_hooks={"request": [recorder] if recorder else []}
+                                 ) as http:
+        async with hc.AsyncClient(base_url=gw.url, api_key=key, http_client=http,
+                                  **kwargs) as client:
+            yield client
 
 
 # ---------------------------------------------------------------- against the gateway

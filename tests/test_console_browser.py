@@ -182,10 +182,15 @@ async def test_cancel_a_running_task_after_confirming(page: Any, gw: Gateway, si
 
     await sign_in(page, "alpha", then=f"/console/tasks/{task_id}")
     assert "running" in await page.get_by_role("heading", level=1).inner_text()
-    # Dismissing the confirmation sends nothing.
+    # Dismissing the confirmation sends nothing: the form's submit event (seen by a
+    # listener added after the console's own) arrives already prevented.
+    await page.evaluate("""() => { window.submits = [];
+        document.querySelectorAll("form[data-confirm]").forEach(f => f.addEventListener(
+            "submit", ev => window.submits.push(ev.defaultPrevented))); }""")
     page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
     await page.get_by_role("button", name="Cancel task").click()
-    await asyncio.sleep(0.3)
+    await page.wait_for_function("window.submits.length > 0")
+    assert await page.evaluate("window.submits") == [True]
     assert page.url.endswith(f"/console/tasks/{task_id}")
     events = (await gw.client().get(f"/v1/tasks/{task_id}/events")).json()["data"]
     assert all(e["source"] != "cancel" for e in events)

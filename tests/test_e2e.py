@@ -37,6 +37,7 @@ from tests.conftest import (
     task_body,
     wait_http,
 )
+from tests.signals import rescheduled, task_row
 
 pytestmark = pytest.mark.e2e
 
@@ -283,8 +284,9 @@ async def test_cancel_pending_is_local_and_never_runs(sim: Sim, db_url: str,
         assert first["status"] == "queued"
         second = (await c.post("/v1/tasks", json=task_body(sim))).json()
         assert second["status"] == "pending"  # the only slot is taken
-        await asyncio.sleep(0.6)  # the workers look at it and still hold it back
+        await rescheduled(gw, second["id"])  # a worker looked at it and held it back
         assert (await c.get(f"/v1/tasks/{second['id']}")).json()["status"] == "pending"
+        assert (await task_row(gw, second["id"])).attempt == 0  # no Run was even tried
         r = await c.post(f"/v1/tasks/{second['id']}/cancel")
         assert r.status_code == 202, r.text
         cancelled = r.json()
@@ -296,10 +298,16 @@ async def test_cancel_pending_is_local_and_never_runs(sim: Sim, db_url: str,
         # free the slot: the cancelled task must still never be sent
         assert (await c.post(f"/v1/tasks/{first['id']}/cancel")).status_code == 202
         assert (await gw.wait_terminal(first["id"], timeout=5))["status"] == "cancelled"
-        await asyncio.sleep(1.0)
+        row = await task_row(gw, second["id"])
+        assert row.next_check_at is None and row.lease_owner is None  # nobody's work
+        # A task sent after the slot freed up has gone all the way: the workers had
+        # their chance to send the cancelled one too.
+        sim.configure(run_s=0.3)
+        third = (await c.post("/v1/tasks", json=task_body(sim))).json()["id"]
+        assert (await gw.wait_terminal(third, timeout=15))["status"] == "succeeded"
         stats = sim.stats()
         assert second["id"] not in stats["runs_by_gateway_task"]
-        assert stats["runs_by_gateway_task"] == {first["id"]: 1}
+        assert stats["runs_by_gateway_task"] == {first["id"]: 1, third: 1}
         assert stats["cancel_calls"] + stats["kill_calls"] >= 1
         assert (await c.get(f"/v1/tasks/{second['id']}")).json()["status"] == "cancelled"
         assert_problem(await c.post(f"/v1/tasks/{second['id']}/cancel"), 409)
@@ -355,9 +363,15 @@ async def test_balance_exhausted_fails_without_retrying(gateway: Gateway, sim: S
     assert final["error"]["code"] == "insufficient_balance"
     assert final["error"]["upstream_code"] == "97"
     assert final["upstream"]["task_id"] is None
-    await asyncio.sleep(1.5)  # several worker rounds: nobody sends it again
+    row = await task_row(gateway, tid)
+    assert row.next_check_at is None and row.lease_owner is None  # nothing scheduled
+    # A task submitted afterwards has gone all the way through the workers, which had
+    # their chance to send the failed one again meanwhile.
+    sim.configure(balance_exhausted=False)
+    later = (await gateway.client().post("/v1/tasks", json=task_body(sim))).json()["id"]
+    assert (await gateway.wait_terminal(later))["status"] == "succeeded"
     stats = sim.stats()
-    assert stats["run_calls"] == 1 and stats["runs"] == 0
+    assert stats["run_calls"] == 2 and stats["runs_by_gateway_task"] == {later: 1}
     assert stats["run_rejections"] == {"code_97": 1}
     assert (await gateway.client().get(f"/v1/tasks/{tid}")).json()["status"] == "failed"
 

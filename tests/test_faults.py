@@ -31,6 +31,7 @@ from sqlalchemy import func, select, update
 
 from app.models import Attempt, Task
 from tests.conftest import Gateway, Sim, run_gateway, task_body
+from tests.signals import polled_since_now, task_row
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 TERMINAL = {"succeeded", "failed", "cancelled", "timed_out"}
@@ -650,8 +651,11 @@ async def test_reordered_duplicated_and_early_callbacks(db_url: str, sim: Sim,
             recs = [await sim_get(sim, f"/__sim/tasks/{t['upstream']['task_id']}")
                     for t in done]
             return all(any(cb["kind"] == "reorder" for cb in r["callbacks"]) for r in recs)
+        # Recorded with the gateway's answer (204), so handled: nothing left to act on.
         await eventually(stale_delivered, what="the stale callbacks")
-        await asyncio.sleep(0.3)  # let the gateway act on the last (stale) one
+        for i in ids:
+            row = await task_row(gw, i)
+            assert row.next_check_at is None and row.lease_owner is None, i
         after = [(await gw.client().get(f"/v1/tasks/{i}")).json() for i in ids]
         stories = [await events(gw, i) for i in ids]
     recs = [await sim_get(sim, f"/__sim/tasks/{t['upstream']['task_id']}") for t in done]
@@ -706,14 +710,13 @@ async def test_forged_and_oversized_callbacks_change_nothing(db_url: str, sim: S
             assert await hint_at(gw, tid) is None  # none of that was taken as a callback
             # The right URL with a lying body: a hint, so Detail (still running) wins.
             details = (await sim_stats(sim))["detail_calls"]
+            polled = await polled_since_now(gw, tid)
             r = await c.post(url, json=claim)
             assert r.status_code == 204
             assert await hint_at(gw, tid) is not None
-
-            async def looked() -> bool:
-                return (await sim_stats(sim))["detail_calls"] > details
-            await eventually(looked, what="the gateway to read Detail")
-            await asyncio.sleep(0.2)  # let it apply what it read
+            # A poll that started after the callback has read Detail and applied it.
+            await eventually(polled, what="a poll after the callback")
+            assert (await sim_stats(sim))["detail_calls"] > details
         mid = (await gw.client().get(f"/v1/tasks/{tid}")).json()
         assert mid["status"] == "running" and mid["outputs"] == [], mid
         assert mid["upstream"]["status"] != "task_postprocess_end"

@@ -40,6 +40,7 @@ from tests.conftest import (
     stop,
     wait_http,
 )
+from tests.procs import start_sim
 
 WIRO_KEY = "canary-wiro-key-" + secrets.token_hex(8)
 WIRO_SECRET = "canary-wiro-secret-" + secrets.token_hex(8)
@@ -55,14 +56,10 @@ STATIC = [WIRO_KEY, WIRO_SECRET, ALPHA_KEY, ROOT_KEY, WRONG_KEY, WEBHOOK_SECRET,
 @pytest.fixture(scope="module")
 def canary_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     """A simulator that knows the canary Wiro credentials (and checks the signature)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = spawn(["simulate", "--port", str(port)],
-                 bin_env(SIM_API_KEY=WIRO_KEY, SIM_API_SECRET=WIRO_SECRET, SIM_PUBLIC_URL=url),
-                 tmp_path_factory.mktemp("canary-sim") / "sim.log")
-    wait_http(f"{url}/__sim/config", proc=proc)
-    yield Sim(url=url, proc=proc)
-    stop(proc)
+    sim = start_sim(tmp_path_factory.mktemp("canary-sim") / "sim.log", api_key=WIRO_KEY,
+                    api_secret=WIRO_SECRET)
+    yield sim
+    sim.stop()
 
 
 @contextlib.asynccontextmanager

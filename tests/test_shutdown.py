@@ -39,6 +39,7 @@ from tests.conftest import (
     task_body,
     wait_http,
 )
+from tests.signals import until
 
 FIRST_REVISION = "0001"
 
@@ -112,6 +113,14 @@ async def test_readyz_fails_while_the_database_is_unreachable(db_url: str, sim: 
 
 async def test_draining_refuses_new_work_and_stops_claiming(gateway: Gateway, sim: Sim) -> None:
     ctx = gateway.ctx
+
+    def loop_alive() -> bool:  # the claiming loop, as app/workers/scheduler.py names it
+        return any(t.get_name() == "scheduler" and not t.done() for t in asyncio.all_tasks())
+
+    async def loop_ended() -> bool:
+        return not loop_alive()
+
+    assert loop_alive()
     begin_drain(gateway.app)
     assert (await wait_ready(gateway, 503))["detail"] == "shutting down"
     c = gateway.client()
@@ -121,14 +130,15 @@ async def test_draining_refuses_new_work_and_stops_claiming(gateway: Gateway, si
     assert (await c.get("/healthz")).status_code == 200
     assert (await c.get("/metrics")).status_code == 200
     # callbacks are still taken: they only mark a task due for whoever continues
-    r = await httpx.AsyncClient().post(f"{gateway.url}/callbacks/wiro/tsk_X/token")
+    r = await c.post("/callbacks/wiro/tsk_X/token")
     assert r.status_code == 404
 
     # a task due now and unleased (as after a crash elsewhere) is left for other replicas
     task, _ = await tasks.create_task(ctx, client="alpha", body=TaskCreate(**task_body(sim)),
                                       idempotency_key=None)
     await tasks.release_all(ctx)
-    await asyncio.sleep(8 * gateway.settings.worker_idle_s)
+    # The claiming loop has ended: from here nothing in this process can claim it.
+    await until(loop_ended, timeout=10, what="the scheduler to stop")
     async with ctx.sm() as s:
         row = await s.get(Task, task.id)
     assert row is not None and row.status == "pending" and row.lease_owner is None

@@ -124,6 +124,26 @@ class Harness:
         assert r.status_code == 200, r.text
         return r.json()
 
+    async def wait_stats(self, cond: Callable[[dict[str, Any]], bool],
+                         timeout: float = 5.0) -> dict[str, Any]:
+        """The simulator's counters, once ``cond`` holds for them."""
+        deadline = time.monotonic() + timeout
+        while not cond(stats := await self.stats()):
+            assert time.monotonic() < deadline, stats
+            await asyncio.sleep(0.01)
+        return stats
+
+    async def past_plan(self, taskid: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The task's record once the simulator's own clock is past every stage it planned
+        for it (its walk is over: whatever it shows now, it shows for good)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            record = await self.record(taskid)
+            if record["age_s"] > max(record["timeline"].values(), default=0.0):
+                return record
+            assert time.monotonic() < deadline, record
+            await asyncio.sleep(0.01)
+
     async def history(self, taskid: str) -> list[str]:
         """The stages the simulator says the task went through, in order."""
         return [h["status"] for h in (await self.record(taskid))["history"]]
@@ -356,7 +376,7 @@ async def test_lost_task_is_never_found(harness: Harness) -> None:
     h = harness
     await h.configure(lost_rate=1.0)
     taskid = await h.run_ok(callbackUrl=callback_url())
-    await asyncio.sleep(0.5)  # past the whole walk
+    await h.past_plan(taskid)
     r = await h.wiro("Task/Detail", {"taskid": taskid})
     expected = fixture("detail_not_found")
     assert (r.status_code, r.json()) == (200, expected)
@@ -387,9 +407,7 @@ async def test_stuck_task_error_stays_until_killed(harness: Harness, knob: str) 
     taskid = await h.run_ok(callbackUrl=callback_url("tsk_stuck"))
     task, _ = await h.wait_status(taskid, lambda s: s == "task_error")
     assert task["debugerror"] and task["outputs"] == []
-    record = await h.record(taskid)
-    planned_end = 0.1 + 0.3  # queue_s + run_s of the harness
-    await asyncio.sleep(max(0.0, planned_end + 0.2 - record["age_s"]))  # past the plan
+    await h.past_plan(taskid)
     assert (await h.detail(taskid))["status"] == "task_error"
     assert (await h.stats())["callbacks_sent"] == 0  # it never ended by itself
     # A stuck task is past the queue: Cancel refuses, Kill (here by its token) stops it.
@@ -562,8 +580,8 @@ async def test_run_hang_creates_the_task_before_answering(harness: Harness) -> N
     await h.configure(run_hang_s=0.3)
     started = time.monotonic()
     pending = asyncio.create_task(h.run())
-    await asyncio.sleep(0.1)
-    assert (await h.stats())["runs"] == 1 and not pending.done()
+    await h.wait_stats(lambda st: st["runs"] == 1)
+    assert not pending.done()
     r = await pending
     assert r.json()["result"] is True and time.monotonic() - started >= 0.3
 
@@ -608,7 +626,9 @@ async def test_callbacks_with_duplicates_carry_the_detail_task(harness: Harness)
     taskid = await h.run_ok(callbackUrl=callback_url("tsk_dup"))
     task, _ = await h.wait_terminal(taskid)
     bodies = await h.wait_callbacks(3)
-    await asyncio.sleep(0.05)
+    # Every copy answered, by the simulator's own ledger, which lists each it sent.
+    await h.wait_stats(lambda st: st["callbacks_sent"] == 3)
+    assert len((await h.record(taskid))["callbacks"]) == 3
     assert len(h.callbacks) == 3
     assert all(b == task for b in bodies)
     assert all(r.headers["content-type"] == "application/json" for r in h.callbacks)
@@ -621,10 +641,10 @@ async def test_callbacks_dropped(harness: Harness) -> None:
     h = harness
     await h.configure(callback_drop=1.0)
     await h.wait_terminal(await h.run_ok(callbackUrl=callback_url()))
-    await asyncio.sleep(0.1)
+    # Once counted as dropped, the simulator has decided: no callback will come.
+    stats = await h.wait_stats(lambda st: st["callbacks_dropped"] == 1)
     assert h.callbacks == []
-    stats = await h.stats()
-    assert stats["callbacks_sent"] == 0 and stats["callbacks_dropped"] == 1
+    assert stats["callbacks_sent"] == 0
 
 
 async def test_callback_retried_then_given_up(harness: Harness) -> None:
@@ -635,8 +655,8 @@ async def test_callback_retried_then_given_up(harness: Harness) -> None:
     await h.run_ok(callbackUrl=callback_url("tsk_a"))
     await h.run_ok(callbackUrl=callback_url("tsk_b"))
     await h.wait_callbacks(4)
-    await asyncio.sleep(0.05)
-    stats = await h.stats()
+    # Both deliveries over (sent or given up), by the simulator's own count.
+    stats = await h.wait_stats(lambda st: st["callbacks_sent"] + st["callbacks_failed"] == 2)
     assert (stats["callbacks_sent"], stats["callbacks_failed"]) == (1, 1)
     assert stats["callback_attempts"] == 4
 

@@ -20,8 +20,8 @@ import pytest
 
 from app.settings import Settings
 from app.upstream_check import CHECKS, RUN_CHECKS, Options, check_upstream
-from tests.conftest import ROOT, SIM_DEFAULTS, SIM_KEY, SIM_SECRET, Sim, spawn, stop
-from tests.procs import bin_env, free_port, wait_http
+from tests.conftest import ROOT, SIM_DEFAULTS, SIM_KEY, SIM_SECRET, Sim
+from tests.procs import bin_env, free_port, start_sim
 
 FAST = {**SIM_DEFAULTS, "queue_s": 0.1, "run_s": 0.3, "api_key": SIM_KEY,
         "api_secret": SIM_SECRET}  # fmt: skip
@@ -30,21 +30,15 @@ FREE_CHECKS = [c for c in CHECKS if c not in RUN_CHECKS]
 
 @pytest.fixture(scope="module")
 def own_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("usim") / "sim.log"
-    proc = spawn(["simulate", "--port", str(port)],
-                 bin_env(SIM_API_KEY=SIM_KEY, SIM_API_SECRET=SIM_SECRET, SIM_PUBLIC_URL=url),
-                 log)  # fmt: skip
-    wait_http(f"{url}/__sim/config", proc=proc)
-    yield Sim(url=url, proc=proc)
-    stop(proc)
+    sim = start_sim(tmp_path_factory.mktemp("usim") / "sim.log", api_key=SIM_KEY,
+                    api_secret=SIM_SECRET)
+    yield sim
+    sim.stop()
 
 
 @pytest.fixture
 def usim(own_sim: Sim) -> Sim:
-    httpx.post(f"{own_sim.url}/__sim/reset", timeout=5).raise_for_status()
-    own_sim.configure(**FAST)
+    own_sim.reset(**FAST)
     return own_sim
 
 

@@ -50,8 +50,9 @@ async def read_fields(request: Request) -> dict[str, str]:
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         try:
-            form = await request.form()
-            return normalize_fields({k: v for k, v in form.multi_items() if isinstance(v, str)})
+            async with request.form() as form:  # closes the parts' temporary files
+                return normalize_fields({k: v for k, v in form.multi_items()
+                                         if isinstance(v, str)})
         except Exception:  # noqa: S110 - e.g. Wiro's own sample: a JSON body labelled multipart
             pass
     if not body.strip():
@@ -131,13 +132,16 @@ async def file_upload(request: Request, sim: Simulator = Depends(wiro_auth)) -> 
         form = await request.form()
     except Exception:
         raise WiroFail(0, "Request parameter [file] required") from None
-    file = form.get("file")
-    if not isinstance(file, UploadFile):
-        raise WiroFail(0, "Request parameter [file] required")
-    if file.size is not None and file.size > MAX_UPLOAD_BYTES:
-        raise WiroFail(0, "File is too large (max 100 MB).", http_status=413)
-    data = await file.read(MAX_UPLOAD_BYTES + 1)
-    ctype = file.content_type or "application/octet-stream"
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise WiroFail(0, "Request parameter [file] required")
+        if file.size is not None and file.size > MAX_UPLOAD_BYTES:
+            raise WiroFail(0, "File is too large (max 100 MB).", http_status=413)
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        ctype = file.content_type or "application/octet-stream"
+    finally:
+        await form.close()  # the parts' temporary files, however this ends
     return sim.upload(file.filename or "file", ctype, data)
 
 
