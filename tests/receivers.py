@@ -126,6 +126,7 @@ async def serve_tarpit(host: str = "127.0.0.2") -> AsyncIterator[Tarpit]:
         finally:
             pit.open -= 1
             writers.discard(writer)
+            writer.close()
 
     server = await asyncio.start_server(hold, host, 0)
     pit.url = f"http://{host}:{server.sockets[0].getsockname()[1]}"
@@ -133,6 +134,10 @@ async def serve_tarpit(host: str = "127.0.0.2") -> AsyncIterator[Tarpit]:
         yield pit
     finally:
         server.close()
-        for w in list(writers):
+        held = list(writers)
+        for w in held:
             w.close()
+        for w in held:  # closed before the loop ends, not by the garbage collector later
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
         await server.wait_closed()
