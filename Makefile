@@ -42,6 +42,7 @@ test: install-dev browser
 
 lint: install-dev
 	$(VENV)/bin/ruff check app tests bench migrations clients/python
+	$(VENV)/bin/ruff format --check app tests bench migrations clients/python
 	$(VENV)/bin/mypy --strict app
 	$(VENV)/bin/mypy bench
 	$(VENV)/bin/mypy --strict clients/python/headshot_client

@@ -36,11 +36,15 @@ async def screen(ctx: Ctx, *, task_id: str, token: str) -> Verdict:
         return "unknown"
     h = token_hash(token)
     async with ctx.reads() as s:
-        rows = (await s.execute(
-            select(Task.status_rank, Attempt.token_hash, Attempt.upstream_task_id,
-                   Attempt.outcome)
-            .join(Attempt, Attempt.task_id == Task.id)
-            .where(Task.id == task_id))).all()
+        rows = (
+            await s.execute(
+                select(
+                    Task.status_rank, Attempt.token_hash, Attempt.upstream_task_id, Attempt.outcome
+                )
+                .join(Attempt, Attempt.task_id == Task.id)
+                .where(Task.id == task_id)
+            )
+        ).all()
     match = None
     for row in rows:  # no early exit: constant time in the token
         if hmac.compare_digest(row.token_hash, h):
@@ -48,6 +52,7 @@ async def screen(ctx: Ctx, *, task_id: str, token: str) -> Verdict:
     if match is None:
         return "unknown"
     if match.status_rank >= TERMINAL_RANK and (
-            match.upstream_task_id is not None or match.outcome in _SETTLED):
+        match.upstream_task_id is not None or match.outcome in _SETTLED
+    ):
         return "duplicate"
     return "proceed"

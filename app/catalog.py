@@ -24,16 +24,34 @@ class Param:
     help: str = ""
 
 
-ASPECT_RATIOS = ("", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4",
-                 "21:9", "9:21", "2:1", "1:2")
+ASPECT_RATIOS = (
+    "",
+    "1:1",
+    "16:9",
+    "9:16",
+    "4:3",
+    "3:4",
+    "3:2",
+    "2:3",
+    "4:5",
+    "5:4",
+    "21:9",
+    "9:21",
+    "2:1",
+    "1:2",
+)
 
 MODELS: dict[str, tuple[Param, ...]] = {
     DEFAULT_MODEL: (
         Param("inputImageUrl", "url", None, help="Image to use as reference (jpeg or png)."),
-        Param("background", "select", "neutral",
-              ("white", "black", "neutral", "gray", "office")),
-        Param("safetyTolerance", "select", "2", ("2",),
-              help="Moderation tolerance; the model offers only 2."),
+        Param("background", "select", "neutral", ("white", "black", "neutral", "gray", "office")),
+        Param(
+            "safetyTolerance",
+            "select",
+            "2",
+            ("2",),
+            help="Moderation tolerance; the model offers only 2.",
+        ),
         Param("aspectRatio", "select", "", ASPECT_RATIOS, help='"" keeps the input\'s ratio.'),
         Param("seed", "integer", "42"),
         Param("outputFormat", "select", "jpeg", ("jpeg", "png")),

@@ -33,8 +33,11 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -82,8 +85,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Several processes on one SQLite file would be correct (SQLite locks the file) but
         # slower, not faster (one writer at a time, met in SQLite's sleeping busy handler),
         # and `Prefer: wait` / event streams are woken by commits of their own process only.
-        print("serve --workers N > 1 needs PostgreSQL (GATEWAY_DATABASE_URL); with SQLite "
-              "run one process", file=sys.stderr)
+        print(
+            "serve --workers N > 1 needs PostgreSQL (GATEWAY_DATABASE_URL); with SQLite "
+            "run one process",
+            file=sys.stderr,
+        )
         return 2
     return _supervise(settings, args.host, args.port, workers)
 
@@ -100,9 +106,15 @@ def _serve_one(settings: Settings, host: str, port: int, sock: socket.socket | N
     app = create_app(settings)
     # One grace period bounds the whole drain: open requests (uvicorn), then the checks
     # still running (the scheduler counts from the same SIGTERM), then leases released.
-    config = uvicorn.Config(app, host=host, port=port, log_config=None,
-                            log_level=settings.log_level.lower(), access_log=False,
-                            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+    )
     server = _DrainingServer(config, on_exit=lambda: begin_drain(app))
     server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 3
@@ -122,8 +134,7 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
     worker that dies is replaced (its tasks' leases lapse and any replica takes them
     over), unless it exited with an error within ``_EARLY_EXIT_S`` of its start."""
     log = logging.getLogger("app.cli")
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                         socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
@@ -172,8 +183,12 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
         if stopping:
             code = code or (exit_code if exit_code > 0 else 0)
             continue
-        log.error("serve worker %d ended (exit %d)", pid, exit_code,
-                  extra={"worker_pid": pid, "exit_code": exit_code})
+        log.error(
+            "serve worker %d ended (exit %d)",
+            pid,
+            exit_code,
+            extra={"worker_pid": pid, "exit_code": exit_code},
+        )
         if exit_code > 0 and time.monotonic() - started < _EARLY_EXIT_S:
             code = exit_code
             stop_all(signal.SIGTERM, None)
@@ -190,8 +205,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = SimConfig.from_env()
     if "SIM_PUBLIC_URL" not in os.environ:
         config.public_url = f"http://{args.host}:{args.port}"
-    uvicorn.run(create_sim_app(config), host=args.host, port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_sim_app(config),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 
@@ -229,8 +249,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
     key = _dev_key(base.data_dir)
     sim_secret = secrets.token_urlsafe(16)
     settings = _settings(
-        env="dev", wiro_base_url=f"{sim_url}/v1", wiro_api_key="dev-project-key",
-        wiro_api_secret=sim_secret, public_url=gw_url, api_keys=f"dev={key}",
+        env="dev",
+        wiro_base_url=f"{sim_url}/v1",
+        wiro_api_key="dev-project-key",
+        wiro_api_secret=sim_secret,
+        public_url=gw_url,
+        api_keys=f"dev={key}",
         allow_private_networks=True,
         poll_initial_s=float(os.environ.get("GATEWAY_POLL_INITIAL_S", 3)),
         output_hosts=f"{args.host},{base.output_hosts}",
@@ -246,9 +270,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     curl = (
         f"curl -sS -X POST {gw_url}/v1/tasks -H 'Authorization: Bearer {key}' "
-        "-H 'Content-Type: application/json' -d '{\"input\": {\"inputImageUrl\": "
-        f"\"{sim_url}/samples/portrait.jpg\", \"background\": \"office\", "
-        "\"aspectRatio\": \"1:1\", \"outputFormat\": \"png\"}}'"
+        '-H \'Content-Type: application/json\' -d \'{"input": {"inputImageUrl": '
+        f'"{sim_url}/samples/portrait.jpg", "background": "office", '
+        '"aspectRatio": "1:1", "outputFormat": "png"}}\''
     )
     print(f"gateway:    {gw_url}   (API docs: {gw_url}/docs)", flush=True)
     print(f"simulator:  {sim_url}  (a fake Wiro; knobs at {sim_url}/__sim/config)", flush=True)
@@ -258,17 +282,32 @@ def cmd_dev(args: argparse.Namespace) -> int:
     print(curl, flush=True)
     print(f"then: curl -sS {gw_url}/v1/tasks -H 'Authorization: Bearer {key}'", flush=True)
     # Only the submit line starts with "curl " (scripts look for it).
-    print(f"and once it has succeeded, the stored headshot: curl -sS "
-          f"{gw_url}/v1/tasks/<task id>/outputs/0 -H 'Authorization: Bearer {key}' "
-          "-o headshot.png", flush=True)
+    print(
+        f"and once it has succeeded, the stored headshot: curl -sS "
+        f"{gw_url}/v1/tasks/<task id>/outputs/0 -H 'Authorization: Bearer {key}' "
+        "-o headshot.png",
+        flush=True,
+    )
 
     async def both() -> None:
-        sim = uvicorn.Server(uvicorn.Config(create_sim_app(sim_config), host=args.host,
-                                            port=args.sim_port, log_level="warning",
-                                            log_config=None))
-        gw = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host,
-                                           port=args.port, log_level="warning",
-                                           log_config=None))
+        sim = uvicorn.Server(
+            uvicorn.Config(
+                create_sim_app(sim_config),
+                host=args.host,
+                port=args.sim_port,
+                log_level="warning",
+                log_config=None,
+            )
+        )
+        gw = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings),
+                host=args.host,
+                port=args.port,
+                log_level="warning",
+                log_config=None,
+            )
+        )
         await asyncio.gather(sim.serve(), gw.serve())
 
     asyncio.run(both())
@@ -293,9 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--port", type=int, default=port)
         p.set_defaults(func=func)
         if name == "serve":
-            p.add_argument("--workers", type=int, default=1,
-                           help="processes accepting on one socket, each a replica with its "
-                                "own owner id (PostgreSQL only; default 1)")
+            p.add_argument(
+                "--workers",
+                type=int,
+                default=1,
+                help="processes accepting on one socket, each a replica with its "
+                "own owner id (PostgreSQL only; default 1)",
+            )
     p = sub.add_parser("dev", help="SQLite + simulator + gateway on loopback")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -97,17 +97,21 @@ def check_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise ClientKeyError(
             f"client names are 1-100 characters of [A-Za-z0-9_.-], starting with a letter or "
-            f"digit; got {name!r}")
+            f"digit; got {name!r}"
+        )
     return name
 
 
-def limits_for(settings: Settings, rate_per_s: float | None,
-               max_in_flight: int | None) -> Limits:
+def limits_for(settings: Settings, rate_per_s: float | None, max_in_flight: int | None) -> Limits:
     """A client's limits: its own where set, else the gateway-wide defaults."""
     rate = settings.default_client_rate_per_s if rate_per_s is None else rate_per_s
     cap = settings.client_max_in_flight if max_in_flight is None else max_in_flight
-    return Limits(rate_per_s=rate, burst=max(1.0, rate * settings.client_rate_burst_s),
-                  max_in_flight=cap, reads_limited=rate_per_s is not None)
+    return Limits(
+        rate_per_s=rate,
+        burst=max(1.0, rate * settings.client_rate_burst_s),
+        max_in_flight=cap,
+        reads_limited=rate_per_s is not None,
+    )
 
 
 # ---------------------------------------------------------------- key management (CLI)
@@ -124,8 +128,7 @@ class KeyInfo:
     max_in_flight: int | None
 
 
-async def _client_row(s: AsyncSession, name: str, now: datetime, *,
-                      create: bool) -> Client | None:
+async def _client_row(s: AsyncSession, name: str, now: datetime, *, create: bool) -> Client | None:
     row = await s.get(Client, name, with_for_update=True)
     if row is None and create:
         row = Client(name=name, created_at=now, updated_at=now)
@@ -134,8 +137,9 @@ async def _client_row(s: AsyncSession, name: str, now: datetime, *,
     return row
 
 
-def _apply_limits(row: Client, rate_per_s: float | None, max_in_flight: int | None,
-                  now: datetime) -> None:
+def _apply_limits(
+    row: Client, rate_per_s: float | None, max_in_flight: int | None, now: datetime
+) -> None:
     if rate_per_s is not None:
         if rate_per_s < 0:
             raise ClientKeyError("--rate must be >= 0 (0 = no limit)")
@@ -148,15 +152,24 @@ def _apply_limits(row: Client, rate_per_s: float | None, max_in_flight: int | No
 
 
 async def _live_keys(s: AsyncSession, name: str) -> Sequence[ClientKey]:
-    return (await s.scalars(select(ClientKey).where(
-        ClientKey.client == name, ClientKey.revoked_at.is_(None))
-        .order_by(ClientKey.id))).all()
+    return (
+        await s.scalars(
+            select(ClientKey)
+            .where(ClientKey.client == name, ClientKey.revoked_at.is_(None))
+            .order_by(ClientKey.id)
+        )
+    ).all()
 
 
-async def create_key(sm: async_sessionmaker[AsyncSession], *, client: str,
-                     admin: bool | None = None, rate_per_s: float | None = None,
-                     max_in_flight: int | None = None,
-                     now: datetime | None = None) -> tuple[str, KeyInfo]:
+async def create_key(
+    sm: async_sessionmaker[AsyncSession],
+    *,
+    client: str,
+    admin: bool | None = None,
+    rate_per_s: float | None = None,
+    max_in_flight: int | None = None,
+    now: datetime | None = None,
+) -> tuple[str, KeyInfo]:
     """A new live key for ``client`` (created if new). Returns ``(key, info)``; the key
     is not stored and cannot be shown again.
 
@@ -176,33 +189,55 @@ async def create_key(sm: async_sessionmaker[AsyncSession], *, client: str,
                 raise ClientKeyError(
                     f"client {client!r} already has {len(live)} live keys "
                     f"({', '.join(k.prefix for k in live)}); revoke one first with "
-                    f"`headshot-gateway keys revoke {client} --key-prefix PREFIX`")
+                    f"`headshot-gateway keys revoke {client} --key-prefix PREFIX`"
+                )
             prefix = key[:PREFIX_LEN]
             if await s.scalar(select(ClientKey.id).where(ClientKey.prefix == prefix)):
                 continue
             scope = admin if admin is not None else (live[-1].admin if live else False)
-            s.add(ClientKey(client=client, prefix=prefix, key_hash=key_hash(key), admin=scope,
-                            created_at=now))
-        return key, KeyInfo(client=client, prefix=prefix, admin=scope, created_at=now,
-                            revoked_at=None, rate_per_s=row.rate_per_s,
-                            max_in_flight=row.max_in_flight)
+            s.add(
+                ClientKey(
+                    client=client,
+                    prefix=prefix,
+                    key_hash=key_hash(key),
+                    admin=scope,
+                    created_at=now,
+                )
+            )
+        return key, KeyInfo(
+            client=client,
+            prefix=prefix,
+            admin=scope,
+            created_at=now,
+            revoked_at=None,
+            rate_per_s=row.rate_per_s,
+            max_in_flight=row.max_in_flight,
+        )
     raise ClientKeyError("could not pick a unique key prefix; try again")
 
 
-async def rotate_key(sm: async_sessionmaker[AsyncSession], *, client: str,
-                     now: datetime | None = None) -> tuple[str, KeyInfo]:
+async def rotate_key(
+    sm: async_sessionmaker[AsyncSession], *, client: str, now: datetime | None = None
+) -> tuple[str, KeyInfo]:
     """A second live key with the scope of the current one (the overlap of a rotation)."""
     check_name(client)
     async with sm() as s:
         live = await _live_keys(s, client)
     if not live:
-        raise ClientKeyError(f"client {client!r} has no live key to rotate; "
-                             f"use `headshot-gateway keys create {client}`")
+        raise ClientKeyError(
+            f"client {client!r} has no live key to rotate; "
+            f"use `headshot-gateway keys create {client}`"
+        )
     return await create_key(sm, client=client, admin=None, now=now)
 
 
-async def revoke_keys(sm: async_sessionmaker[AsyncSession], *, client: str,
-                      prefix: str | None = None, now: datetime | None = None) -> list[str]:
+async def revoke_keys(
+    sm: async_sessionmaker[AsyncSession],
+    *,
+    client: str,
+    prefix: str | None = None,
+    now: datetime | None = None,
+) -> list[str]:
     """Revoke every live key of ``client``, or only the one with ``prefix``. Returns the
     prefixes revoked; fails if nothing matched."""
     check_name(client)
@@ -215,14 +250,23 @@ async def revoke_keys(sm: async_sessionmaker[AsyncSession], *, client: str,
         if not rows:
             what = f"live key {prefix!r}" if prefix else "live key"
             raise ClientKeyError(f"client {client!r} has no {what}")
-        await s.execute(update(ClientKey).where(ClientKey.id.in_([r.id for r in rows]))
-                        .values(revoked_at=now).execution_options(synchronize_session=False))
+        await s.execute(
+            update(ClientKey)
+            .where(ClientKey.id.in_([r.id for r in rows]))
+            .values(revoked_at=now)
+            .execution_options(synchronize_session=False)
+        )
     return [r.prefix for r in rows]
 
 
-async def set_limits(sm: async_sessionmaker[AsyncSession], *, client: str,
-                     rate_per_s: float | None, max_in_flight: int | None,
-                     now: datetime | None = None) -> None:
+async def set_limits(
+    sm: async_sessionmaker[AsyncSession],
+    *,
+    client: str,
+    rate_per_s: float | None,
+    max_in_flight: int | None,
+    now: datetime | None = None,
+) -> None:
     check_name(client)
     now = now or utcnow()
     async with unit_of_work(sm) as s:
@@ -233,20 +277,33 @@ async def set_limits(sm: async_sessionmaker[AsyncSession], *, client: str,
 
 async def list_keys(sm: async_sessionmaker[AsyncSession]) -> list[KeyInfo]:
     async with sm() as s:
-        rows = (await s.execute(
-            select(ClientKey, Client).join(Client, Client.name == ClientKey.client)
-            .order_by(ClientKey.client, ClientKey.id))).all()
-    return [KeyInfo(client=k.client, prefix=k.prefix, admin=k.admin, created_at=k.created_at,
-                    revoked_at=k.revoked_at, rate_per_s=c.rate_per_s,
-                    max_in_flight=c.max_in_flight) for k, c in rows]
+        rows = (
+            await s.execute(
+                select(ClientKey, Client)
+                .join(Client, Client.name == ClientKey.client)
+                .order_by(ClientKey.client, ClientKey.id)
+            )
+        ).all()
+    return [
+        KeyInfo(
+            client=k.client,
+            prefix=k.prefix,
+            admin=k.admin,
+            created_at=k.created_at,
+            revoked_at=k.revoked_at,
+            rate_per_s=c.rate_per_s,
+            max_in_flight=c.max_in_flight,
+        )
+        for k, c in rows
+    ]
 
 
-async def stored_limits(sm: async_sessionmaker[AsyncSession]
-                        ) -> dict[str, tuple[float | None, int | None]]:
+async def stored_limits(
+    sm: async_sessionmaker[AsyncSession],
+) -> dict[str, tuple[float | None, int | None]]:
     """Every client's own limits (``None`` = the default), for the dispatcher."""
     async with sm() as s:
-        rows = (await s.execute(select(Client.name, Client.rate_per_s,
-                                       Client.max_in_flight))).all()
+        rows = (await s.execute(select(Client.name, Client.rate_per_s, Client.max_in_flight))).all()
     return {name: (rate, cap) for name, rate, cap in rows}
 
 
@@ -269,8 +326,7 @@ class Keyring:
 
     MAX_ENTRIES = 10_000
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self._clock = clock
         self._bootstrap = [(key_digest(k), name) for k, name in settings.client_keys.items()]
@@ -304,37 +360,41 @@ class Keyring:
                 found = name
         return found
 
-    async def authenticate(self, sm: async_sessionmaker[AsyncSession],
-                           key: str) -> Principal | None:
+    async def authenticate(
+        self, sm: async_sessionmaker[AsyncSession], key: str
+    ) -> Principal | None:
         if not key or len(key) > MAX_KEY_LEN:
             return None
         return await self.authenticate_digest(sm, key_digest(key))
 
-    async def authenticate_digest(self, sm: async_sessionmaker[AsyncSession],
-                                  digest: bytes) -> Principal | None:
+    async def authenticate_digest(
+        self, sm: async_sessionmaker[AsyncSession], digest: bytes
+    ) -> Principal | None:
         """The caller whose key has this SHA-256 ``digest``, or None."""
         admins = self.settings.admin_client_names
         name = self._bootstrap_client(digest)
         if name is not None:
-            return Principal(client=name, admin=name in admins,
-                             limits=await self.limits(sm, name))
+            return Principal(client=name, admin=name in admins, limits=await self.limits(sm, name))
         h = digest.hex()
         cached = self._keys.get(h)
         if cached is not None and self._fresh(cached[0]):
             self._keys.move_to_end(h)
             return cached[1]
         async with sm() as s:
-            row = (await s.execute(
-                select(ClientKey.client, ClientKey.admin, Client.rate_per_s,
-                       Client.max_in_flight)
-                .join(Client, Client.name == ClientKey.client)
-                .where(ClientKey.key_hash == h, ClientKey.revoked_at.is_(None)))).first()
+            row = (
+                await s.execute(
+                    select(
+                        ClientKey.client, ClientKey.admin, Client.rate_per_s, Client.max_in_flight
+                    )
+                    .join(Client, Client.name == ClientKey.client)
+                    .where(ClientKey.key_hash == h, ClientKey.revoked_at.is_(None))
+                )
+            ).first()
         found = None
         if row is not None:
             client, admin, rate, cap = row
             limits = limits_for(self.settings, rate, cap)
-            found = Principal(client=client, admin=bool(admin) or client in admins,
-                              limits=limits)
+            found = Principal(client=client, admin=bool(admin) or client in admins, limits=limits)
             self._limits[client] = (self._clock(), limits)
             _remember(self._good, digest, None)
         _remember(self._keys, h, (self._clock(), found))
@@ -345,8 +405,11 @@ class Keyring:
         if cached is not None and self._fresh(cached[0]):
             return cached[1]
         async with sm() as s:
-            row = (await s.execute(select(Client.rate_per_s, Client.max_in_flight)
-                                   .where(Client.name == client))).first()
+            row = (
+                await s.execute(
+                    select(Client.rate_per_s, Client.max_in_flight).where(Client.name == client)
+                )
+            ).first()
         limits = limits_for(self.settings, *(row or (None, None)))
         if len(self._limits) >= self.MAX_ENTRIES:  # one per client: clients are few
             self._limits.clear()

@@ -64,7 +64,8 @@ class Ctx:
             if engine.dialect.name == "postgresql":
                 kw = {k: v for k, v in self.sm.kw.items() if k != "bind"}
                 self._reads = async_sessionmaker(
-                    engine.execution_options(isolation_level="AUTOCOMMIT"), **kw)
+                    engine.execution_options(isolation_level="AUTOCOMMIT"), **kw
+                )
             else:
                 self._reads = self.sm
         return self._reads

@@ -31,11 +31,17 @@ def decode(cursor: str, key: str, accept: Callable[[Any], bool]) -> Any:
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         raise InvalidRequest(
             "The cursor is not valid.",
-            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}]) from None
+            errors=[{"loc": ["query", "cursor"], "msg": "invalid cursor"}],
+        ) from None
 
 
 def prefixed_id(prefix: str) -> Callable[[Any], bool]:
     """Accepts ``<prefix>`` + up to 36 ASCII letters and digits (our ids)."""
     n = len(prefix)
-    return lambda v: (isinstance(v, str) and v.startswith(prefix) and len(v) <= 40
-                      and v[n:].isascii() and v[n:].isalnum())
+    return lambda v: (
+        isinstance(v, str)
+        and v.startswith(prefix)
+        and len(v) <= 40
+        and v[n:].isascii()
+        and v[n:].isalnum()
+    )

@@ -57,8 +57,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: datetime | None, dialect: Dialect
-                             ) -> datetime | None:
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -85,8 +84,14 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
         # already end every transaction they begin (commit, or rollback on close), so
         # the pool's extra rollback only ever rolled back nothing.
         engine = create_async_engine(
-            url, echo=echo, connect_args={"timeout": 30}, pool_size=8, max_overflow=8,
-            module=dbapi(), hide_parameters=True, pool_reset_on_return=None,
+            url,
+            echo=echo,
+            connect_args={"timeout": 30},
+            pool_size=8,
+            max_overflow=8,
+            module=dbapi(),
+            hide_parameters=True,
+            pool_reset_on_return=None,
         )
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -104,8 +109,9 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     # meets a dead connection fails (its request answers 503 / its check retries later)
     # and SQLAlchemy then invalidates the whole pool, so one failure per process follows
     # a database restart. ``pool_recycle`` retires connections before idle timeouts.
-    return create_async_engine(url, echo=echo, pool_size=10, max_overflow=10,
-                               pool_recycle=1800, hide_parameters=True)
+    return create_async_engine(
+        url, echo=echo, pool_size=10, max_overflow=10, pool_recycle=1800, hide_parameters=True
+    )
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

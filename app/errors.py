@@ -40,8 +40,13 @@ class GatewayError(Exception):
     title = "Internal Server Error"
     type = "about:blank"
 
-    def __init__(self, detail: str | None = None, *, errors: list[dict[str, Any]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail or self.title)
         self.detail = detail or self.title
         self.errors = errors
@@ -86,11 +91,21 @@ class BadGateway(GatewayError):
     status, title = 502, "Bad Gateway"
 
 
-def problem(status: int, title: str, detail: str | None = None, *,
-            errors: list[dict[str, Any]] | None = None, type_: str = "about:blank",
-            headers: dict[str, str] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"type": type_, "title": title, "status": status,
-                            "detail": detail or title}
+def problem(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    type_: str = "about:blank",
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": type_,
+        "title": title,
+        "status": status,
+        "detail": detail or title,
+    }
     if errors is not None:
         body["errors"] = errors
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
@@ -102,8 +117,12 @@ def database_problem(exc: DBAPIError) -> JSONResponse:
     Anything else from the database: a bare 500."""
     if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
         log.warning("database unavailable: %s", type(exc.orig).__name__)
-        return problem(503, "Service Unavailable", "The database is unavailable; retry.",
-                       headers={"Retry-After": "1"})
+        return problem(
+            503,
+            "Service Unavailable",
+            "The database is unavailable; retry.",
+            headers={"Retry-After": "1"},
+        )
     log.error("unhandled database error: %s", type(exc).__name__, exc_info=exc)
     return problem(500, "Internal Server Error", "An unexpected error occurred.")
 
@@ -131,14 +150,25 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem(422, "Unprocessable Content", "The request is not valid.",
-                       errors=_validation_errors(exc))
+        return problem(
+            422,
+            "Unprocessable Content",
+            "The request is not valid.",
+            errors=_validation_errors(exc),
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not Found", 405: "Method Not Allowed", 401: "Unauthorized",
-                  413: "Payload Too Large", 400: "Bad Request", 414: "URI Too Long",
-                  429: "Too Many Requests", 431: "Request Header Fields Too Large"}
+        titles = {
+            404: "Not Found",
+            405: "Method Not Allowed",
+            401: "Unauthorized",
+            413: "Payload Too Large",
+            400: "Bad Request",
+            414: "URI Too Long",
+            429: "Too Many Requests",
+            431: "Request Header Fields Too Large",
+        }
         title = titles.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else title
         return problem(exc.status_code, title, detail, headers=getattr(exc, "headers", None))
@@ -177,9 +207,13 @@ def problems_in_spec(app: FastAPI) -> None:
                     body = content.get("application/json")
                     if body is not None and body.get("schema", {}).get("$ref") in refs:
                         response["content"] = {PROBLEM: {"schema": {"$ref": ref}}}
-                responses.setdefault("default", {
-                    "description": "Any other error, as RFC 9457 problem details",
-                    "content": {PROBLEM: {"schema": {"$ref": ref}}}})
+                responses.setdefault(
+                    "default",
+                    {
+                        "description": "Any other error, as RFC 9457 problem details",
+                        "content": {PROBLEM: {"schema": {"$ref": ref}}},
+                    },
+                )
         schemas = spec["components"]["schemas"]
         for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's, now unused
             rest = {k: v for k, v in spec.items() if k != "components"}
@@ -190,4 +224,3 @@ def problems_in_spec(app: FastAPI) -> None:
         return spec
 
     app.openapi = openapi  # type: ignore[method-assign]
-

@@ -62,6 +62,7 @@ class _Ctx(Protocol):
     @property
     def turns(self) -> Turns: ...
 
+
 # A task that had to wait is looked at again within about a second; a pending task due
 # within this window is "waiting" for a slot (one further away is backing off).
 WAITING_WINDOW_S = 3.0
@@ -122,8 +123,11 @@ class Turns:
             return
         now = asyncio.get_running_loop().time()
         overdue = [w for w in ready if now - w.since >= TURN_PATIENCE_S]
-        nxt = overdue[0] if overdue else min(
-            ready, key=lambda w: (self.flying.get(w.client, 0), w.task_id))
+        nxt = (
+            overdue[0]
+            if overdue
+            else min(ready, key=lambda w: (self.flying.get(w.client, 0), w.task_id))
+        )
         self.waiters.remove(nxt)
         nxt.turn.set_result(None)
 
@@ -156,21 +160,30 @@ async def may_dispatch(ctx: _Ctx, *, client: str, task_id: str, now: datetime) -
             cap = _cap(s.client_max_in_flight, own)
             if not cap:
                 return True
-            n = await ses.scalar(select(func.count()).select_from(Task).where(
-                Task.client == client, in_flight()))
+            n = await ses.scalar(
+                select(func.count()).select_from(Task).where(Task.client == client, in_flight())
+            )
             return int(n or 0) < cap
 
         caps = dict((await ses.execute(select(Client.name, Client.max_in_flight))).all())
         flying: dict[str, int] = defaultdict(int)
-        for name, n in (await ses.execute(
-                select(Task.client, func.count()).where(in_flight())
-                .group_by(Task.client))).all():
+        for name, n in (
+            await ses.execute(
+                select(Task.client, func.count()).where(in_flight()).group_by(Task.client)
+            )
+        ).all():
             flying[name] = int(n)
-        waiting = (await ses.execute(
-            select(Task.client, func.min(Task.id))
-            .where(Task.status == Status.pending.value, Task.client != client,
-                   Task.next_check_at <= now + timedelta(seconds=WAITING_WINDOW_S))
-            .group_by(Task.client))).all()
+        waiting = (
+            await ses.execute(
+                select(Task.client, func.min(Task.id))
+                .where(
+                    Task.status == Status.pending.value,
+                    Task.client != client,
+                    Task.next_check_at <= now + timedelta(seconds=WAITING_WINDOW_S),
+                )
+                .group_by(Task.client)
+            )
+        ).all()
 
     def under_cap(name: str) -> bool:
         cap = _cap(s.client_max_in_flight, caps.get(name))
@@ -184,8 +197,7 @@ async def may_dispatch(ctx: _Ctx, *, client: str, task_id: str, now: datetime) -
     if free <= 0:
         return False
     mine = (flying[client], task_id)
-    ahead = sum(1 for name, oldest in waiting
-                if under_cap(name) and (flying[name], oldest) < mine)
+    ahead = sum(1 for name, oldest in waiting if under_cap(name) and (flying[name], oldest) < mine)
     if ahead >= free:
         return False
     turns.flying[client] = flying[client] + 1  # the caller sends it now

@@ -67,8 +67,9 @@ class BodyTooLarge(HTTPException):
     ``HTTPException``, so FastAPI's body parsing lets it through to the 413 handler."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"The request body is over {limit} bytes.",
-                         headers={"Connection": "close"})
+        super().__init__(
+            413, f"The request body is over {limit} bytes.", headers={"Connection": "close"}
+        )
 
 
 class EdgeGate:
@@ -157,8 +158,7 @@ class EdgeGate:
                 raise
             finally:
                 tracing.server_span_done(span, scope, status)
-                logs.close_request(scope, status, time.perf_counter() - started,
-                                   upstream[0], token)
+                logs.close_request(scope, status, time.perf_counter() - started, upstream[0], token)
 
     async def _screen(self, scope: Scope) -> tuple[Response | None, bool]:
         """The checks of the module doc: ``(refusal or None, whether it is an upload)``."""
@@ -167,19 +167,30 @@ class EdgeGate:
         refusal = self._request_limits(scope, headers)
         api = path == "/v1" or path.startswith("/v1/")
         if refusal is None and api and getattr(scope["app"].state, "draining", False):
-            refusal = problem(503, "Service Unavailable", "This instance is shutting down; "
-                              "retry.", headers={"Retry-After": "1", "Connection": "close"})
+            refusal = problem(
+                503,
+                "Service Unavailable",
+                "This instance is shutting down; retry.",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
         if refusal is None and api:
             refusal = await self._authenticate(scope, headers)
         limit = self.limit_for(path)
-        if refusal is None and headers.content_length is not None \
-                and headers.content_length > limit:
+        if (
+            refusal is None
+            and headers.content_length is not None
+            and headers.content_length > limit
+        ):
             refusal = _too_large(limit)
         upload = api and path == "/v1/uploads" and scope["method"] == "POST"
         cap = self.s.max_concurrent_uploads
         if refusal is None and upload and cap and self.uploads_streaming >= cap:
-            refusal = problem(503, "Service Unavailable",
-                              f"Over {cap} uploads at once; retry.", headers={"Retry-After": "1"})
+            refusal = problem(
+                503,
+                "Service Unavailable",
+                f"Over {cap} uploads at once; retry.",
+                headers={"Retry-After": "1"},
+            )
         return refusal, upload
 
     def _request_limits(self, scope: Scope, head: _Head) -> Response | None:
@@ -188,11 +199,15 @@ class EdgeGate:
         query = scope.get("query_string") or b""
         path = scope.get("path") or ""
         if head.size > self.s.max_header_bytes:
-            return problem(431, "Request Header Fields Too Large",
-                           f"The request headers are over {self.s.max_header_bytes} bytes.")
+            return problem(
+                431,
+                "Request Header Fields Too Large",
+                f"The request headers are over {self.s.max_header_bytes} bytes.",
+            )
         if len(query) > self.s.max_query_bytes:
-            return problem(414, "URI Too Long",
-                           f"The query string is over {self.s.max_query_bytes} bytes.")
+            return problem(
+                414, "URI Too Long", f"The query string is over {self.s.max_query_bytes} bytes."
+            )
         if len(path) > MAX_PATH_CHARS:
             return problem(414, "URI Too Long", f"The path is over {MAX_PATH_CHARS} characters.")
         if "\x00" in path or b"%00" in query:
@@ -214,8 +229,11 @@ class EdgeGate:
         if boxed:
             wait = self.auth_failures.peek(address, rate=rate, burst=burst)
             if wait > 0:
-                return _too_many("Too many unknown keys from this address; retry after "
-                                 f"{math.ceil(wait)}s.", wait, close=True)
+                return _too_many(
+                    f"Too many unknown keys from this address; retry after {math.ceil(wait)}s.",
+                    wait,
+                    close=True,
+                )
         try:
             caller: Principal | None = await keyring.authenticate_digest(state.ctx.sm, digest)
         except DBAPIError as exc:
@@ -224,12 +242,19 @@ class EdgeGate:
             if boxed:
                 self.auth_failures.take(address, rate=rate, burst=burst)
             return _unauthorized("Unknown API key.")
-        wait = (state.rate_limiter.take(caller.client, rate=caller.limits.rate_per_s,
-                                        burst=caller.limits.burst)
-                if caller.limits.limits(scope.get("method", "GET")) else 0.0)
+        wait = (
+            state.rate_limiter.take(
+                caller.client, rate=caller.limits.rate_per_s, burst=caller.limits.burst
+            )
+            if caller.limits.limits(scope.get("method", "GET"))
+            else 0.0
+        )
         if wait > 0:
-            return _too_many(f"Over this client's limit of {caller.limits.rate_per_s:g} "
-                             f"requests/s; retry after {math.ceil(wait)}s.", wait)
+            return _too_many(
+                f"Over this client's limit of {caller.limits.rate_per_s:g} "
+                f"requests/s; retry after {math.ceil(wait)}s.",
+                wait,
+            )
         scope[PRINCIPAL] = caller
         return None
 
@@ -263,8 +288,9 @@ class _Head:
         return self.chunked or (self.content_length or 0) > DISCARD_BYTES
 
 
-async def _refuse(refusal: Response, head: _Head, scope: Scope, receive: Receive,
-                  send: Send) -> None:
+async def _refuse(
+    refusal: Response, head: _Head, scope: Scope, receive: Receive, send: Send
+) -> None:
     """Answer a refusal decided from the head. A large or unbounded body still to come
     ends the connection (``_linger_and_close``); a small one is left for the server to
     discard, keeping the connection (see ``DISCARD_BYTES``). Without a body, 401s and the
@@ -285,8 +311,13 @@ async def _linger_and_close(refusal: Response, receive: Receive, send: Send) -> 
     close"): this gives the client time to read it. Memory stays at the server's read
     buffer per connection."""
     refusal.headers["Connection"] = "close"
-    await send({"type": "http.response.start", "status": refusal.status_code,
-                "headers": refusal.raw_headers})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": refusal.status_code,
+            "headers": refusal.raw_headers,
+        }
+    )
     await send({"type": "http.response.body", "body": refusal.body, "more_body": True})
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LINGER_S
@@ -302,13 +333,18 @@ async def _linger_and_close(refusal: Response, receive: Receive, send: Send) -> 
 
 
 def _unauthorized(detail: str) -> Response:
-    return problem(401, "Unauthorized", detail,
-                   headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+    return problem(
+        401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer", "Connection": "close"}
+    )
 
 
 def _too_large(limit: int) -> Response:
-    return problem(413, "Payload Too Large", f"The request body is over {limit} bytes.",
-                   headers={"Connection": "close"})
+    return problem(
+        413,
+        "Payload Too Large",
+        f"The request body is over {limit} bytes.",
+        headers={"Connection": "close"},
+    )
 
 
 def _too_many(detail: str, wait: float, *, close: bool = False) -> Response:

@@ -22,4 +22,3 @@ def insecure_public_url(url: str) -> bool:
         return not ipaddress.ip_address(host).is_loopback
     except ValueError:
         return True
-

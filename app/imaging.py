@@ -29,8 +29,13 @@ FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png"}
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
 
 _OTHER_MAGIC = (
-    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
 )
 
 
@@ -77,8 +82,11 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Open and fully decode, refusing anything but JPEG/PNG and oversized images."""
     if sniff(data) is None:
         other = _other(data)
-        raise ImageRejected("type", f"only JPEG and PNG images are accepted (this is "
-                                    f"{'a ' + other + ' image' if other else 'not one'})")
+        raise ImageRejected(
+            "type",
+            f"only JPEG and PNG images are accepted (this is "
+            f"{'a ' + other + ' image' if other else 'not one'})",
+        )
     try:
         # Image.open reads only the header (the size); the check below applies our own
         # limit before any pixel is decoded. Pillow's own check (at open) is a second line.
@@ -87,16 +95,19 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             im = Image.open(io.BytesIO(data), formats=list(FORMATS))
         width, height = im.size
         if width * height > max_pixels:
-            raise ImageRejected("pixels", f"the image is {width}x{height} pixels, over "
-                                          f"the limit of {max_pixels} pixels")
+            raise ImageRejected(
+                "pixels",
+                f"the image is {width}x{height} pixels, over the limit of {max_pixels} pixels",
+            )
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected("pixels", f"the image has too many pixels: {e}") from None
     except ImageRejected:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageRejected("decode", f"the image could not be decoded ({type(e).__name__})"
-                            ) from None
+        raise ImageRejected(
+            "decode", f"the image could not be decoded ({type(e).__name__})"
+        ) from None
     if width <= 0 or height <= 0:
         raise ImageRejected("decode", "the image has no pixels")
     return im
@@ -106,8 +117,13 @@ def inspect(data: bytes, *, max_pixels: int) -> ImageInfo:
     """Check that ``data`` is a whole JPEG or PNG; its facts."""
     im = _open(data, max_pixels)
     assert im.format in FORMATS
-    return ImageInfo(content_type=FORMATS[im.format], width=im.width, height=im.height,
-                     size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    return ImageInfo(
+        content_type=FORMATS[im.format],
+        width=im.width,
+        height=im.height,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
 
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
@@ -153,18 +169,23 @@ def clean(data: bytes, *, max_pixels: int) -> tuple[bytes, ImageInfo]:
             im = im.convert("RGBA")
         im.save(out, "PNG")
     cleaned = out.getvalue()
-    return cleaned, ImageInfo(content_type=FORMATS[fmt], width=im.width, height=im.height,
-                              size=len(cleaned), sha256=hashlib.sha256(cleaned).hexdigest())
+    return cleaned, ImageInfo(
+        content_type=FORMATS[fmt],
+        width=im.width,
+        height=im.height,
+        size=len(cleaned),
+        sha256=hashlib.sha256(cleaned).hexdigest(),
+    )
 
 
 # ---------------------------------------------------------------- bounded decoding
 
 _GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
-async def in_thread(fn: Callable[..., T], data: bytes, *, max_pixels: int,
-                    concurrency: int) -> T:
+async def in_thread(fn: Callable[..., T], data: bytes, *, max_pixels: int, concurrency: int) -> T:
     """``fn(data, max_pixels=…)`` (``inspect`` or ``clean``) in the thread pool, at most
     ``concurrency`` at once in this process (the rest wait their turn). A caller that is
     cancelled while its decode runs keeps the slot until the thread ends: the thread

@@ -56,13 +56,19 @@ class Leases:
         self._composite = len(names) > 1
         self._claim = self.claim_statement(self.candidates())
         self._claim_keys = self.claim_statement(bindparam("b_keys", expanding=True))
-        self._renew = (update(self.table).where(c.lease_owner == bindparam("b_owner"))
-                       .values(lease_until=ts("b_until")))
-        self._release = (update(self.table).where(self.held_by(bindparam("b_owner")),
-                                                  *self._key_equals())
-                         .values(**FREE))
-        self._release_all = (update(self.table).where(c.lease_owner == bindparam("b_owner"))
-                             .values(**FREE))
+        self._renew = (
+            update(self.table)
+            .where(c.lease_owner == bindparam("b_owner"))
+            .values(lease_until=ts("b_until"))
+        )
+        self._release = (
+            update(self.table)
+            .where(self.held_by(bindparam("b_owner")), *self._key_equals())
+            .values(**FREE)
+        )
+        self._release_all = (
+            update(self.table).where(c.lease_owner == bindparam("b_owner")).values(**FREE)
+        )
 
     # ------------------------------------------------------------ building blocks
 
@@ -84,41 +90,66 @@ class Leases:
     def candidates(self) -> Select[Any]:
         """The default inner select: the ``b_limit`` free rows due longest, locked
         (skipping rows another transaction holds)."""
-        return (select(*self.key_columns).where(self.due_column <= ts("b_now"), self.free())
-                .order_by(self.due_column).limit(bindparam("b_limit"))
-                .with_for_update(skip_locked=True))
+        return (
+            select(*self.key_columns)
+            .where(self.due_column <= ts("b_now"), self.free())
+            .order_by(self.due_column)
+            .limit(bindparam("b_limit"))
+            .with_for_update(skip_locked=True)
+        )
 
     def claim_statement(self, candidates: Any) -> Any:
         """``UPDATE … WHERE key IN (candidates) AND free RETURNING key``. ``candidates``:
         a select of the key column(s) (binds ``b_now``, and whatever else it uses), or
         an expanding bind parameter of keys."""
-        return (update(self.table).where(self._key().in_(candidates), self.free())
-                .values(lease_owner=bindparam("b_owner"), lease_until=ts("b_until"))
-                .returning(*self.key_columns))
+        return (
+            update(self.table)
+            .where(self._key().in_(candidates), self.free())
+            .values(lease_owner=bindparam("b_owner"), lease_until=ts("b_until"))
+            .returning(*self.key_columns)
+        )
 
     def _keys(self, rows: Any) -> list[Any]:
         return [tuple(r) for r in rows] if self._composite else [r[0] for r in rows]
 
     # ------------------------------------------------------------ operations
 
-    async def claim(self, conn: AsyncConnection, *, owner: str, now: datetime,
-                    until: datetime, limit: int, statement: Any = None,
-                    **params: Any) -> list[Any]:
+    async def claim(
+        self,
+        conn: AsyncConnection,
+        *,
+        owner: str,
+        now: datetime,
+        until: datetime,
+        limit: int,
+        statement: Any = None,
+        **params: Any,
+    ) -> list[Any]:
         """Lease up to ``limit`` due, free rows to ``owner`` until ``until``; their keys.
         ``statement``: a prebuilt ``claim_statement`` over other candidates (its extra
         bind values in ``params``)."""
-        rows = await conn.execute(statement if statement is not None else self._claim,
-                                  {"b_now": now, "b_until": until, "b_owner": owner,
-                                   "b_limit": limit, **params})
+        rows = await conn.execute(
+            statement if statement is not None else self._claim,
+            {"b_now": now, "b_until": until, "b_owner": owner, "b_limit": limit, **params},
+        )
         return self._keys(rows)
 
-    async def claim_keys(self, conn: AsyncConnection, keys: Sequence[Any], *, owner: str,
-                         now: datetime, until: datetime) -> list[Any]:
+    async def claim_keys(
+        self,
+        conn: AsyncConnection,
+        keys: Sequence[Any],
+        *,
+        owner: str,
+        now: datetime,
+        until: datetime,
+    ) -> list[Any]:
         """Lease those of ``keys`` (picked by the caller) that are still free; their keys."""
         if not keys:
             return []
-        rows = await conn.execute(self._claim_keys, {"b_keys": list(keys), "b_now": now,
-                                                     "b_until": until, "b_owner": owner})
+        rows = await conn.execute(
+            self._claim_keys,
+            {"b_keys": list(keys), "b_now": now, "b_until": until, "b_owner": owner},
+        )
         return self._keys(rows)
 
     async def renew(self, conn: AsyncConnection, *, owner: str, until: datetime) -> int:
@@ -129,8 +160,9 @@ class Leases:
     async def release(self, conn: AsyncConnection, key: Any, *, owner: str) -> bool:
         """Give back one lease, if ``owner`` still holds it."""
         values = key if self._composite else (key,)
-        res = await conn.execute(self._release, {
-            "b_owner": owner, **{f"b_key{i}": v for i, v in enumerate(values)}})
+        res = await conn.execute(
+            self._release, {"b_owner": owner, **{f"b_key{i}": v for i, v in enumerate(values)}}
+        )
         return bool(res.rowcount)
 
     async def release_all(self, conn: AsyncConnection, *, owner: str) -> int:

@@ -74,8 +74,13 @@ class Observation:
     unsettled: bool = False
 
 
-def observe(upstream_status: str, pexit: str | None, debug_error: str | None = None,
-            *, has_outputs: bool = False) -> Observation:
+def observe(
+    upstream_status: str,
+    pexit: str | None,
+    debug_error: str | None = None,
+    *,
+    has_outputs: bool = False,
+) -> Observation:
     """Map an upstream status (with ``pexit`` and whether outputs came) to ours.
 
     Only ``task_postprocess_end`` and ``task_cancel`` decide. Success is ``pexit`` "0";
@@ -89,9 +94,14 @@ def observe(upstream_status: str, pexit: str | None, debug_error: str | None = N
             return Observation(Status.succeeded)
         detail = (debug_error or "").strip()[:500]
         if not code:
-            return Observation(Status.running, unsettled=True, message=(
-                "upstream finished without pexit and without outputs"
-                + (f": {detail}" if detail else "")))
+            return Observation(
+                Status.running,
+                unsettled=True,
+                message=(
+                    "upstream finished without pexit and without outputs"
+                    + (f": {detail}" if detail else "")
+                ),
+            )
         msg = f"upstream exited with pexit {code!r}" + (f": {detail}" if detail else "")
         return Observation(Status.failed, ErrorCode.upstream_failed, msg)
     if upstream_status == UPSTREAM_CANCEL:

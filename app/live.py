@@ -41,8 +41,11 @@ def prefer_wait(values: Sequence[str]) -> int | None:
     return None
 
 
-async def _until(event: asyncio.Event, timeout: float,  # noqa: ASYNC109 - a deadline
-                 gone: asyncio.Future[None] | None) -> None:
+async def _until(
+    event: asyncio.Event,
+    timeout: float,  # noqa: ASYNC109 - a deadline
+    gone: asyncio.Future[None] | None,
+) -> None:
     """Until ``event`` is set, ``timeout`` passes or the caller is ``gone``."""
     if gone is None:
         try:
@@ -52,15 +55,21 @@ async def _until(event: asyncio.Event, timeout: float,  # noqa: ASYNC109 - a dea
         return
     waiter = asyncio.ensure_future(event.wait())
     try:
-        await asyncio.wait((waiter, gone), timeout=timeout,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((waiter, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
 
 
-async def wait_for_task(ctx: Ctx, hub: Hub, *, task_id: str, scope: str | None, client: str,
-                        seconds: float, gone: asyncio.Future[None] | None = None
-                        ) -> tuple[Task, bool]:
+async def wait_for_task(
+    ctx: Ctx,
+    hub: Hub,
+    *,
+    task_id: str,
+    scope: str | None,
+    client: str,
+    seconds: float,
+    gone: asyncio.Future[None] | None = None,
+) -> tuple[Task, bool]:
     """The task once terminal or after ``seconds``, whichever is first, and whether the
     wait was honoured: False (the task as it is now, at once) when ``client`` already
     holds its cap of waiters. ``scope`` as in ``tasks.get_task`` (None = admin)."""
@@ -90,33 +99,44 @@ def encode_event_cursor(after: int) -> str:
 
 
 def decode_event_cursor(cursor: str) -> int:
-    return int(cursors.decode(cursor, "after", lambda v: isinstance(v, int)
-                              and not isinstance(v, bool) and v >= 0))
+    return int(
+        cursors.decode(
+            cursor, "after", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        )
+    )
 
 
 def parse_last_event_id(value: str) -> int:
     if not value.strip().isdigit() or len(value.strip()) > 18:
         raise InvalidRequest(
             "Last-Event-ID must be an event id from this stream.",
-            errors=[{"loc": ["header", "Last-Event-ID"], "msg": "not an event id"}])
+            errors=[{"loc": ["header", "Last-Event-ID"], "msg": "not an event id"}],
+        )
     return int(value.strip())
 
 
-async def _events_after(ctx: Ctx, task_id: str, after: int, limit: int
-                        ) -> tuple[str | None, Sequence[Event]]:
+async def _events_after(
+    ctx: Ctx, task_id: str, after: int, limit: int
+) -> tuple[str | None, Sequence[Event]]:
     """The task's status, then its events after ``after`` (in that order: when the
     status read is terminal, the terminal event committed before it, so the second
     read includes it)."""
     async with ctx.reads() as s:
         status = await s.scalar(select(Task.status).where(Task.id == task_id))
-        rows = (await s.scalars(
-            select(Event).where(Event.task_id == task_id, Event.id > after)
-            .order_by(Event.id).limit(limit))).all()
+        rows = (
+            await s.scalars(
+                select(Event)
+                .where(Event.task_id == task_id, Event.id > after)
+                .order_by(Event.id)
+                .limit(limit)
+            )
+        ).all()
     return status, rows
 
 
-async def events_page(ctx: Ctx, *, task_id: str, client: str | None, after: int, limit: int
-                      ) -> tuple[Sequence[Event], str | None]:
+async def events_page(
+    ctx: Ctx, *, task_id: str, client: str | None, after: int, limit: int
+) -> tuple[Sequence[Event], str | None]:
     """Oldest first, keyset-paginated on the event id; ``next_cursor`` None when there
     are no more events now."""
     await tasks.get_task(ctx, task_id=task_id, client=client)
@@ -126,16 +146,16 @@ async def events_page(ctx: Ctx, *, task_id: str, client: str | None, after: int,
     return rows, (encode_event_cursor(rows[-1].id) if more and rows else None)
 
 
-async def open_stream(ctx: Ctx, hub: Hub, *, task_id: str, scope: str | None,
-                      client: str) -> Watch:
+async def open_stream(ctx: Ctx, hub: Hub, *, task_id: str, scope: str | None, client: str) -> Watch:
     """The stream's waiter (404 for a task the caller may not see; ``TooManyWaiters``
     over the client's cap). Registered before the stream's first read."""
     await tasks.get_task(ctx, task_id=task_id, client=scope)
     return hub.watch(task_id, client)
 
 
-async def follow(ctx: Ctx, hub: Hub, watch: Watch, *, after: int, heartbeat_s: float,
-                 reread_s: float) -> AsyncIterator[Event | None]:
+async def follow(
+    ctx: Ctx, hub: Hub, watch: Watch, *, after: int, heartbeat_s: float, reread_s: float
+) -> AsyncIterator[Event | None]:
     """The task's events after ``after`` as they commit; ``None`` for a heartbeat every
     ``heartbeat_s`` of quiet. Ends once the task is terminal and every event committed
     by then is sent (or the process drains: the client resumes elsewhere with

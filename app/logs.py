@@ -37,7 +37,8 @@ access_log = logging.getLogger("app.access")
 # A dict per request or per check. Mutable on purpose: a task spawned inside a request
 # (the submit's inline dispatch) copies the context and so shares the same dict.
 _fields: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
-    "log_fields", default=None)
+    "log_fields", default=None
+)
 
 
 def bind(**fields: str) -> None:
@@ -68,8 +69,10 @@ _PATTERNS = [
     (re.compile(r"\bwhsec_[A-Za-z0-9+/=_-]+"), f"whsec_{REDACTED}"),
     # a callback URL's last segment is its token (not the route template's "{token}")
     (re.compile(r"(/callbacks/wiro/[^/\s\"']+/)(?!\{token\})[^/\s\"'?#]+"), rf"\1{REDACTED}"),
-    (re.compile(r"(?i)(x-api-key|x-signature|x-nonce)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
-     rf"\1\2{REDACTED}"),
+    (
+        re.compile(r"(?i)(x-api-key|x-signature|x-nonce)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+        rf"\1\2{REDACTED}",
+    ),
     (re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+@"), rf"\1{REDACTED}@"),
 ]
 
@@ -98,8 +101,7 @@ class Redactor(logging.Filter):
 
     def __init__(self, secrets: list[str] | None = None) -> None:
         super().__init__()
-        self._known = (re.compile("|".join(re.escape(s) for s in secrets))
-                       if secrets else None)
+        self._known = re.compile("|".join(re.escape(s) for s in secrets)) if secrets else None
 
     def scrub(self, text: str) -> str:
         if self._known is not None:
@@ -141,7 +143,11 @@ class ContextFilter(logging.Filter):
 # ---------------------------------------------------------------- formatters
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message", "asctime", "taskName", "color_message"}  # the last: uvicorn's ANSI copy
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}  # the last: uvicorn's ANSI copy
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -151,7 +157,8 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
@@ -248,8 +255,13 @@ def open_request(scope: Scope) -> tuple[str, contextvars.Token[dict[str, str] | 
     return rid, _fields.set({"request_id": rid})
 
 
-def close_request(scope: Scope, status: int, elapsed: float, upstream_s: float,
-                  token: contextvars.Token[dict[str, str] | None]) -> None:
+def close_request(
+    scope: Scope,
+    status: int,
+    elapsed: float,
+    upstream_s: float,
+    token: contextvars.Token[dict[str, str] | None],
+) -> None:
     """The request's HTTP metrics and access line, then its log context closed.
     ``upstream_s``: the time it spent waiting for Wiro (``metrics.start_upstream_clock``)."""
     method = scope["method"]
@@ -259,7 +271,15 @@ def close_request(scope: Scope, status: int, elapsed: float, upstream_s: float,
         metrics.submit_overhead(elapsed - upstream_s)
     access_log.log(
         logging.DEBUG if route in _QUIET else logging.INFO,
-        "%s %s %s", method, route, status,
-        extra={"method": method, "route": route, "status": status,
-               "duration_ms": round(elapsed * 1000, 1)})
+        "%s %s %s",
+        method,
+        route,
+        status,
+        extra={
+            "method": method,
+            "route": route,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 1),
+        },
+    )
     _fields.reset(token)

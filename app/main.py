@@ -77,30 +77,39 @@ async def _log_task_id(request: Request) -> None:
         logs.bind(task_id=str(task_id)[:40])
 
 
-def create_app(settings: Settings | None = None, *, start_workers: bool = True,
-               wiro_transport: httpx.AsyncBaseTransport | None = None,
-               tracer_provider: TracerProvider | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    start_workers: bool = True,
+    wiro_transport: httpx.AsyncBaseTransport | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
     """``tracer_provider``: trace with this one (tests); by default the ``OTEL_*``
     variables decide whether there are traces at all (app/tracing.py)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        provider = (tracer_provider if tracer_provider is not None
-                    else tracing.provider_from_env())
+        provider = tracer_provider if tracer_provider is not None else tracing.provider_from_env()
         if provider is not None:
             tracing.install(provider)
         engine = make_engine(settings.effective_database_url)
-        http = httpx.AsyncClient(transport=wiro_transport, follow_redirects=False,
-                                 limits=httpx.Limits(max_connections=100,
-                                                     max_keepalive_connections=20))
+        http = httpx.AsyncClient(
+            transport=wiro_transport,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        )
         wiro = WiroClient(
-            base_url=settings.wiro_base_url, api_key=settings.wiro_api_key,
-            api_secret=settings.wiro_api_secret, http=http,
+            base_url=settings.wiro_base_url,
+            api_key=settings.wiro_api_key,
+            api_secret=settings.wiro_api_secret,
+            http=http,
             # A random slot per process keeps nonces unique across replicas.
             nonce_source=NonceSource(replica_slot=secrets.randbelow(1000)),
-            timeout=httpx.Timeout(settings.wiro_read_timeout_s,
-                                  connect=settings.wiro_connect_timeout_s))
+            timeout=httpx.Timeout(
+                settings.wiro_read_timeout_s, connect=settings.wiro_connect_timeout_s
+            ),
+        )
         ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro)
         scheduler = Scheduler(ctx, grace_s=settings.shutdown_grace_s)
         ctx.wake = scheduler.wake
@@ -108,8 +117,7 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
         app.state.db_gauges = metrics.DbGauges(read=lambda: stats.live_counts(ctx))
         app.state.ctx = ctx
         app.state.scheduler = scheduler
-        services = Services(ctx=ctx, store=DirectoryStore(settings.data_dir),
-                            outbound=Outbound())
+        services = Services(ctx=ctx, store=DirectoryStore(settings.data_dir), outbound=Outbound())
         result_loops = result_workers(services)
         app.state.services = services
         # What wakes `Prefer: wait` and event streams: commits that wrote task events.
@@ -122,11 +130,15 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
             attach_local(engine, hub)
         app.state.listener = listener
         if settings.webhook_secret is None:
-            log.warning("GATEWAY_WEBHOOK_SECRET is not set: tasks with a webhook_url are "
-                        "accepted but their notifications are recorded as failed")
+            log.warning(
+                "GATEWAY_WEBHOOK_SECRET is not set: tasks with a webhook_url are "
+                "accepted but their notifications are recorded as failed"
+            )
         if settings.env == "prod" and insecure_public_url(settings.public_url):
-            log.warning("GATEWAY_PUBLIC_URL is plain http on a non-loopback host: callback "
-                        "tokens and uploaded images travel unencrypted (docs/security.md)")
+            log.warning(
+                "GATEWAY_PUBLIC_URL is plain http on a non-loopback host: callback "
+                "tokens and uploaded images travel unencrypted (docs/security.md)"
+            )
         if start_workers:
             scheduler.start()
             for loop in result_loops:
@@ -149,8 +161,11 @@ def create_app(settings: Settings | None = None, *, start_workers: bool = True,
                     provider.shutdown()  # flushes the spans still queued for export
 
     app = FastAPI(
-        title="headshot-gateway", version="1.0.0", description=DESCRIPTION,
-        lifespan=lifespan, dependencies=[Depends(_log_task_id)],
+        title="headshot-gateway",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(_log_task_id)],
         # ``/v1/tasks/`` is a 404, not a redirect to a URL built from the Host header.
         redirect_slashes=False,
     )

@@ -46,50 +46,84 @@ _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 HTTP_REQUESTS = Counter(
-    "gateway_http_requests", "HTTP requests answered, by route template and status.",
-    ["method", "route", "status"])
+    "gateway_http_requests",
+    "HTTP requests answered, by route template and status.",
+    ["method", "route", "status"],
+)
 HTTP_DURATION = Histogram(
-    "gateway_http_request_duration_seconds", "Time to answer an HTTP request.",
-    ["method", "route"], buckets=_SLOW)
+    "gateway_http_request_duration_seconds",
+    "Time to answer an HTTP request.",
+    ["method", "route"],
+    buckets=_SLOW,
+)
 UPSTREAM_REQUESTS = Counter(
-    "gateway_upstream_requests", "Calls to Wiro, by endpoint and outcome "
+    "gateway_upstream_requests",
+    "Calls to Wiro, by endpoint and outcome "
     "(ok, or the error class: unavailable, rate_limited, concurrency_limit, ambiguous, "
     "rejected, insufficient_balance, auth_error, state_error, server_error, "
-    "validation_error, access_denied, config_error).", ["endpoint", "outcome"])
+    "validation_error, access_denied, config_error).",
+    ["endpoint", "outcome"],
+)
 UPSTREAM_CONFIG_FAULTS = Counter(
-    "gateway_upstream_config_faults", "Runs refused because of the gateway's own upstream "
+    "gateway_upstream_config_faults",
+    "Runs refused because of the gateway's own upstream "
     "configuration (credentials, base URL): retried with backoff, but an operator must "
-    "fix the cause. Alert on any increase.", ["kind"])
+    "fix the cause. Alert on any increase.",
+    ["kind"],
+)
 UPSTREAM_DURATION = Histogram(
-    "gateway_upstream_request_duration_seconds", "Latency of calls to Wiro.",
-    ["endpoint", "outcome"], buckets=_SLOW)
+    "gateway_upstream_request_duration_seconds",
+    "Latency of calls to Wiro.",
+    ["endpoint", "outcome"],
+    buckets=_SLOW,
+)
 CALLBACKS = Counter(
-    "gateway_callbacks", "Wiro callbacks received: accepted (task marked due), unknown "
+    "gateway_callbacks",
+    "Wiro callbacks received: accepted (task marked due), unknown "
     "(no such task or wrong token: forged or stale), duplicate (the task was already "
-    "terminal: a duplicate or late callback).", ["outcome"])
+    "terminal: a duplicate or late callback).",
+    ["outcome"],
+)
 POLLS = Counter(
-    "gateway_polls", "Task/Detail reads of submitted tasks, by what triggered them "
-    "(poll: the schedule; callback: a callback marked the task due).", ["trigger"])
+    "gateway_polls",
+    "Task/Detail reads of submitted tasks, by what triggered them "
+    "(poll: the schedule; callback: a callback marked the task due).",
+    ["trigger"],
+)
 TASKS_FINISHED = Counter(
-    "gateway_tasks_finished", "Tasks that reached a terminal status, by status and by "
-    "what finished them (callback, poll, dispatcher, cancel, timeout).", ["status", "source"])
+    "gateway_tasks_finished",
+    "Tasks that reached a terminal status, by status and by "
+    "what finished them (callback, poll, dispatcher, cancel, timeout).",
+    ["status", "source"],
+)
 TASK_TRANSITIONS = Counter(
-    "gateway_task_transitions", "Status changes of tasks, by the status moved to (pending "
+    "gateway_task_transitions",
+    "Status changes of tasks, by the status moved to (pending "
     "when accepted, queued, running, and the terminal ones): one per transition, from the "
-    "one place that writes a task's status.", ["status"])
+    "one place that writes a task's status.",
+    ["status"],
+)
 SUBMIT_OVERHEAD = Histogram(
-    "gateway_submit_overhead_seconds", "Time to handle a successful POST /v1/tasks minus "
-    "the time spent waiting for Wiro (the gateway's own cost per submit).", buckets=_FAST)
+    "gateway_submit_overhead_seconds",
+    "Time to handle a successful POST /v1/tasks minus "
+    "the time spent waiting for Wiro (the gateway's own cost per submit).",
+    buckets=_FAST,
+)
 NOTIFICATION_ATTEMPTS = Counter(
-    "gateway_notification_attempts", "Webhook deliveries attempted, by outcome "
+    "gateway_notification_attempts",
+    "Webhook deliveries attempted, by outcome "
     "(delivered, failed: non-2xx, timeout or refused, will be retried or gives up).",
-    ["outcome"])
+    ["outcome"],
+)
 NOTIFICATIONS_EXHAUSTED = Counter(
-    "gateway_notifications_exhausted", "Webhook deliveries abandoned after the last retry.")
+    "gateway_notifications_exhausted", "Webhook deliveries abandoned after the last retry."
+)
 WAITERS = Gauge(
-    "gateway_waiters", "Requests held open waiting on a task: `Prefer: wait` calls and "
+    "gateway_waiters",
+    "Requests held open waiting on a task: `Prefer: wait` calls and "
     "event streams (GATEWAY_MAX_WAITERS_PER_CLIENT bounds them per client).",
-    multiprocess_mode="livesum")
+    multiprocess_mode="livesum",
+)
 
 CALLBACK_OUTCOMES = ("accepted", "unknown", "duplicate")
 for _outcome in CALLBACK_OUTCOMES:  # series exist at 0, so rate() and alerts work at once
@@ -177,12 +211,18 @@ def upstream_call(endpoint: str, error: BaseException | None, seconds: float) ->
 
 
 _OUTCOMES = {
-    "WiroUnavailable": "unavailable", "WiroRateLimited": "rate_limited",
-    "WiroConcurrencyLimit": "concurrency_limit", "WiroAmbiguous": "ambiguous",
-    "WiroRejected": "rejected", "WiroInsufficientBalance": "insufficient_balance",
-    "WiroAuthError": "auth_error", "WiroStateError": "state_error",
-    "WiroServerError": "server_error", "WiroValidationError": "validation_error",
-    "WiroAccessDenied": "access_denied", "WiroConfigError": "config_error",
+    "WiroUnavailable": "unavailable",
+    "WiroRateLimited": "rate_limited",
+    "WiroConcurrencyLimit": "concurrency_limit",
+    "WiroAmbiguous": "ambiguous",
+    "WiroRejected": "rejected",
+    "WiroInsufficientBalance": "insufficient_balance",
+    "WiroAuthError": "auth_error",
+    "WiroStateError": "state_error",
+    "WiroServerError": "server_error",
+    "WiroValidationError": "validation_error",
+    "WiroAccessDenied": "access_denied",
+    "WiroConfigError": "config_error",
 }
 
 
@@ -227,26 +267,35 @@ class DbGauges:
 
 
 def _db_families(snap: DbSnapshot | None, statuses: Iterable[str]) -> Iterator[Metric]:
-    up = GaugeMetricFamily("gateway_database_up",
-                           "1 if the last scrape could read the database, else 0.")
+    up = GaugeMetricFamily(
+        "gateway_database_up", "1 if the last scrape could read the database, else 0."
+    )
     up.add_metric([], 0.0 if snap is None else 1.0)
     yield up
     if snap is None:
         return
     tasks = GaugeMetricFamily(
-        "gateway_tasks", "Unfinished tasks by status (pending, queued, running). Finished "
-        "ones accumulate forever: see gateway_tasks_finished_total.", labels=["status"])
+        "gateway_tasks",
+        "Unfinished tasks by status (pending, queued, running). Finished "
+        "ones accumulate forever: see gateway_tasks_finished_total.",
+        labels=["status"],
+    )
     for status in statuses:
         tasks.add_metric([status], float(snap.by_status.get(status, 0)))
     yield tasks
-    yield GaugeMetricFamily("gateway_pending_tasks", "Queue depth: tasks recorded but not "
-                            "yet accepted by Wiro.", value=float(snap.by_status.get("pending", 0)))
+    yield GaugeMetricFamily(
+        "gateway_pending_tasks",
+        "Queue depth: tasks recorded but not yet accepted by Wiro.",
+        value=float(snap.by_status.get("pending", 0)),
+    )
     age = 0.0
     if snap.oldest_unfinished_created is not None:
         age = max(0.0, time.time() - snap.oldest_unfinished_created)
-    yield GaugeMetricFamily("gateway_oldest_unfinished_task_age_seconds",
-                            "Age of the oldest task not yet terminal (0 when there is none).",
-                            value=age)
+    yield GaugeMetricFamily(
+        "gateway_oldest_unfinished_task_age_seconds",
+        "Age of the oldest task not yet terminal (0 when there is none).",
+        value=age,
+    )
 
 
 class _Collect:

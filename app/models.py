@@ -80,8 +80,9 @@ class TaskMetadata(Base):
 
     __tablename__ = "task_metadata"
 
-    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
-                                         primary_key=True)
+    task_id: Mapped[str] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
     key: Mapped[str] = mapped_column(String(40), primary_key=True)
     value: Mapped[str] = mapped_column(String(500))
 
@@ -227,8 +228,9 @@ class StoredOutput(Base):
 
     __tablename__ = "task_outputs"
 
-    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
-                                         primary_key=True)
+    task_id: Mapped[str] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
     idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(255))
     upstream_url: Mapped[str] = mapped_column(Text)
@@ -283,8 +285,9 @@ class Erasure(Base):
 
     __tablename__ = "erasures"
 
-    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
-                                         primary_key=True)
+    task_id: Mapped[str] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
     reason: Mapped[str] = mapped_column(String(20))  # request | retention
     requested_at: Mapped[datetime] = mapped_column(TS)
     keys: Mapped[list[str]] = mapped_column(Json, default=list)  # store keys to delete

@@ -50,8 +50,10 @@ from app.wiro.client import parse_retry_after
 log = logging.getLogger(__name__)
 
 RESPONSE_BODY_BYTES = 1024
-UNSIGNED = ("GATEWAY_WEBHOOK_SECRET is not set: the gateway signs every notification and "
-             "cannot send this one. Set the secret, restart, then redeliver.")
+UNSIGNED = (
+    "GATEWAY_WEBHOOK_SECRET is not set: the gateway signs every notification and "
+    "cannot send this one. Set the secret, restart, then redeliver."
+)
 
 
 LEASES = Leases(Delivery.__table__, key="id", due="next_attempt_at")
@@ -73,15 +75,21 @@ def _host(url: str) -> str:
 def payload(task: Task) -> str:
     """The notification body, compact JSON."""
     data = task_out(task).model_dump(mode="json")
-    body = {"type": f"task.{task.status}",
-            "timestamp": data["completed_at"] or data["updated_at"], "data": data}
+    body = {
+        "type": f"task.{task.status}",
+        "timestamp": data["completed_at"] or data["updated_at"],
+        "data": data,
+    }
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
 def sign(secret: str, msg_id: str, at: datetime, body: str) -> dict[str, str]:
     """Standard Webhooks headers, by the ``standardwebhooks`` library itself."""
-    return {"webhook-id": msg_id, "webhook-timestamp": str(int(at.timestamp())),
-            "webhook-signature": Webhook(secret).sign(msg_id, at, body)}
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id, at, body),
+    }
 
 
 # ---------------------------------------------------------------- the API side
@@ -95,9 +103,9 @@ def decode_cursor(cursor: str) -> str:
     return str(cursors.decode(cursor, "id", cursors.prefixed_id("msg_")))
 
 
-async def list_deliveries(svc: Services, *, task_id: str, client: str | None, limit: int = 50,
-                          cursor: str | None = None
-                          ) -> tuple[list[tuple[Delivery, list[DeliveryAttempt]]], str | None]:
+async def list_deliveries(
+    svc: Services, *, task_id: str, client: str | None, limit: int = 50, cursor: str | None = None
+) -> tuple[list[tuple[Delivery, list[DeliveryAttempt]]], str | None]:
     """Oldest first (ids are time-ordered), keyset-paginated on the id like history; each
     delivery with its attempts (at most one per entry of the retry schedule)."""
     after = decode_cursor(cursor) if cursor else None
@@ -109,14 +117,20 @@ async def list_deliveries(svc: Services, *, task_id: str, client: str | None, li
         deliveries = (await s.scalars(q.order_by(Delivery.id).limit(limit + 1))).all()
         more = len(deliveries) > limit
         deliveries = deliveries[:limit]
-        attempts = (await s.scalars(
-            select(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(
-                [d.id for d in deliveries])).order_by(DeliveryAttempt.number))).all()
+        attempts = (
+            await s.scalars(
+                select(DeliveryAttempt)
+                .where(DeliveryAttempt.delivery_id.in_([d.id for d in deliveries]))
+                .order_by(DeliveryAttempt.number)
+            )
+        ).all()
     by: dict[str, list[DeliveryAttempt]] = {d.id: [] for d in deliveries}
     for a in attempts:
         by[a.delivery_id].append(a)
-    return ([(d, by[d.id]) for d in deliveries],
-            encode_cursor(deliveries[-1].id) if more and deliveries else None)
+    return (
+        [(d, by[d.id]) for d in deliveries],
+        encode_cursor(deliveries[-1].id) if more and deliveries else None,
+    )
 
 
 async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Delivery:
@@ -128,8 +142,9 @@ async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Deliv
     check and the insert, so two concurrent requests cannot both pass."""
     task = await get_task(svc.ctx, task_id=task_id, client=client)
     if not Status(task.status).terminal:
-        raise Conflict(f"Task {task_id} is {task.status}; only a finished task has an event "
-                       "to deliver.")
+        raise Conflict(
+            f"Task {task_id} is {task.status}; only a finished task has an event to deliver."
+        )
     if not task.webhook_url:
         raise Conflict(f"Task {task_id} has no webhook_url.")
     now = svc.ctx.clock()
@@ -137,12 +152,19 @@ async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Deliv
     async with unit_of_work(svc.ctx.sm) as s:
         await s.get(Task, task.id, with_for_update=True)
         pending = await s.scalar(
-            select(Delivery.id).where(Delivery.task_id == task.id,
-                                      Delivery.reason == "redeliver",
-                                      Delivery.status == DeliveryStatus.pending).limit(1))
+            select(Delivery.id)
+            .where(
+                Delivery.task_id == task.id,
+                Delivery.reason == "redeliver",
+                Delivery.status == DeliveryStatus.pending,
+            )
+            .limit(1)
+        )
         if pending is not None:
-            raise Conflict(f"A redelivery of task {task_id} is still pending ({pending}); "
-                           "ask again once it is delivered or has failed.")
+            raise Conflict(
+                f"A redelivery of task {task_id} is still pending ({pending}); "
+                "ask again once it is delivered or has failed."
+            )
         s.add(d)
     svc.wake_notifier()
     return d
@@ -166,32 +188,48 @@ async def claim_due(svc: Services, *, limit: int) -> list[str]:
     until = now + timedelta(seconds=_lease_s(svc))
     free = or_(Delivery.lease_until.is_(None), Delivery.lease_until < now)
     async with ctx.sm() as s:
-        running = (await s.execute(
-            select(Delivery.url, Task.client).join(Task, Task.id == Delivery.task_id)
-            .where(Delivery.lease_owner == ctx.owner, Delivery.lease_until >= now))).all()
+        running = (
+            await s.execute(
+                select(Delivery.url, Task.client)
+                .join(Task, Task.id == Delivery.task_id)
+                .where(Delivery.lease_owner == ctx.owner, Delivery.lease_until >= now)
+            )
+        ).all()
         # Each client's ``limit`` oldest due deliveries: whatever one client has queued,
         # every other client's are among the candidates.
-        rank = func.row_number().over(partition_by=Task.client,
-                                      order_by=(Delivery.next_attempt_at, Delivery.id))
-        due = (select(Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client,
-                      rank.label("rank"))
-               .join(Task, Task.id == Delivery.task_id)
-               .where(Delivery.next_attempt_at <= now, free).subquery())
-        candidates = (await s.execute(
-            select(due.c.id, due.c.url, due.c.next_attempt_at, due.c.client, due.c.rank)
-            .where(due.c.rank <= limit))).all()
+        rank = func.row_number().over(
+            partition_by=Task.client, order_by=(Delivery.next_attempt_at, Delivery.id)
+        )
+        due = (
+            select(
+                Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client, rank.label("rank")
+            )
+            .join(Task, Task.id == Delivery.task_id)
+            .where(Delivery.next_attempt_at <= now, free)
+            .subquery()
+        )
+        candidates = (
+            await s.execute(
+                select(due.c.id, due.c.url, due.c.next_attempt_at, due.c.client, due.c.rank).where(
+                    due.c.rank <= limit
+                )
+            )
+        ).all()
     by_client = Counter(client for _, client in running)
     by_host = Counter(_host(url) for url, _ in running)
     # Fewest running first: a client's n-th candidate comes when it has n-1 more.
-    candidates = sorted(candidates, key=lambda c: (by_client[c.client] + c.rank,
-                                                   c.next_attempt_at, c.id))
+    candidates = sorted(
+        candidates, key=lambda c: (by_client[c.client] + c.rank, c.next_attempt_at, c.id)
+    )
     picked: list[str] = []
     for c in candidates:
         if len(picked) >= limit:
             break
         host = _host(c.url)
-        if (by_client[c.client] >= st.notify_client_concurrency
-                or by_host[host] >= st.notify_host_concurrency):
+        if (
+            by_client[c.client] >= st.notify_client_concurrency
+            or by_host[host] >= st.notify_host_concurrency
+        ):
             continue
         by_client[c.client] += 1
         by_host[host] += 1
@@ -214,23 +252,29 @@ async def _wait_for_outputs(svc: Services, d: Delivery, until: datetime) -> bool
 
     One conditional statement, so a download finishing meanwhile either makes it a no-op
     or finds the postponed row and brings it forward (``outputs_settled``)."""
-    pending = (select(StoredOutput.idx).where(StoredOutput.task_id == d.task_id,
-                                              StoredOutput.state == OutputState.pending).exists())
+    pending = (
+        select(StoredOutput.idx)
+        .where(StoredOutput.task_id == d.task_id, StoredOutput.state == OutputState.pending)
+        .exists()
+    )
     async with unit_of_work(svc.ctx.sm) as s:
         res = await s.execute(
-            update(Delivery).where(Delivery.id == d.id, Delivery.lease_owner == svc.ctx.owner,
-                                   pending)
+            update(Delivery)
+            .where(Delivery.id == d.id, Delivery.lease_owner == svc.ctx.owner, pending)
             .values(next_attempt_at=until, **FREE)
-            .execution_options(synchronize_session=False))
+            .execution_options(synchronize_session=False)
+        )
     return cast(CursorResult[Any], res).rowcount == 1
 
 
 async def _postpone(svc: Services, d: Delivery, until: datetime) -> None:
     async with unit_of_work(svc.ctx.sm) as s:
-        await s.execute(update(Delivery).where(Delivery.id == d.id,
-                                               Delivery.lease_owner == svc.ctx.owner)
-                        .values(next_attempt_at=until, **FREE)
-                        .execution_options(synchronize_session=False))
+        await s.execute(
+            update(Delivery)
+            .where(Delivery.id == d.id, Delivery.lease_owner == svc.ctx.owner)
+            .values(next_attempt_at=until, **FREE)
+            .execution_options(synchronize_session=False)
+        )
 
 
 async def attempt(svc: Services, delivery_id: str) -> None:
@@ -239,8 +283,12 @@ async def attempt(svc: Services, delivery_id: str) -> None:
     async with ctx.sm() as ses:
         d = await ses.get(Delivery, delivery_id)
         task = await ses.get(Task, d.task_id) if d is not None else None
-    if (d is None or task is None or d.lease_owner != ctx.owner
-            or d.status != DeliveryStatus.pending):
+    if (
+        d is None
+        or task is None
+        or d.lease_owner != ctx.owner
+        or d.status != DeliveryStatus.pending
+    ):
         return
     now = ctx.clock()
     schedule = s.notify_schedule
@@ -250,8 +298,11 @@ async def attempt(svc: Services, delivery_id: str) -> None:
             await _postpone(svc, d, first)
             return
         waited = d.created_at + timedelta(seconds=s.notify_wait_for_outputs_s)
-        if (task.status == Status.succeeded and now < waited
-                and await _wait_for_outputs(svc, d, waited)):
+        if (
+            task.status == Status.succeeded
+            and now < waited
+            and await _wait_for_outputs(svc, d, waited)
+        ):
             return
         if task.status == Status.succeeded:
             # Read again: an output stored between the first read and that check has
@@ -269,22 +320,32 @@ async def attempt(svc: Services, delivery_id: str) -> None:
         error: str | None = UNSIGNED
         final = True
     else:
-        headers = {"content-type": "application/json",
-                   "user-agent": "headshot-gateway (+notifications)",
-                   **sign(s.webhook_secret.get_secret_value(), d.id, now, body)}
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "headshot-gateway (+notifications)",
+            **sign(s.webhook_secret.get_secret_value(), d.id, now, body),
+        }
         policy = Policy(allow_private=s.allow_private_networks, hosts=s.webhook_host_set)
         error = None
         # A span per attempt when tracing is on, continuing the trace of the request that
         # created the task; the receiver gets it as ``traceparent`` (app/tracing.py).
-        with tracing.notification(task.id, task.traceparent, delivery_id=d.id, attempt=number,
-                                  host=_host(d.url)) as traced:
+        with tracing.notification(
+            task.id, task.traceparent, delivery_id=d.id, attempt=number, host=_host(d.url)
+        ) as traced:
             if traced is not None and traced[1]:
                 headers["traceparent"] = traced[1]
             try:
                 resp = await svc.outbound.request(
-                    "POST", d.url, policy=policy, headers=headers, content=body.encode(),
-                    timeout_s=s.notify_timeout_s, connect_timeout_s=s.notify_connect_timeout_s,
-                    max_bytes=RESPONSE_BODY_BYTES, truncate=True)
+                    "POST",
+                    d.url,
+                    policy=policy,
+                    headers=headers,
+                    content=body.encode(),
+                    timeout_s=s.notify_timeout_s,
+                    connect_timeout_s=s.notify_connect_timeout_s,
+                    max_bytes=RESPONSE_BODY_BYTES,
+                    truncate=True,
+                )
             except OutboundRefused as e:
                 error, final = f"refused: {e}", True
                 latency_ms = _ms(ctx.clock() - now)
@@ -303,9 +364,13 @@ async def attempt(svc: Services, delivery_id: str) -> None:
                     retry_after = parse_retry_after(resp.headers.get("retry-after"))
             if traced is not None:
                 tracing.notification_result(
-                    traced[0], status_code=status_code, error=error,
-                    delivered=error is None and status_code is not None
-                    and 200 <= status_code < 300)
+                    traced[0],
+                    status_code=status_code,
+                    error=error,
+                    delivered=error is None
+                    and status_code is not None
+                    and 200 <= status_code < 300,
+                )
     delivered = error is None and status_code is not None and 200 <= status_code < 300
     if not delivered and error is None:
         error = f"HTTP {status_code}"
@@ -317,50 +382,105 @@ async def attempt(svc: Services, delivery_id: str) -> None:
         if retry_after is not None:
             delay = max(delay, min(retry_after, s.notify_retry_after_cap_s))
         nxt = ctx.clock() + timedelta(seconds=delay)
-    await _record(svc, d, task, number=number, at=now, body=body, status_code=status_code,
-                  latency_ms=latency_ms, response_body=response_body, error=error,
-                  delivered=delivered, final=final, nxt=nxt)
+    await _record(
+        svc,
+        d,
+        task,
+        number=number,
+        at=now,
+        body=body,
+        status_code=status_code,
+        latency_ms=latency_ms,
+        response_body=response_body,
+        error=error,
+        delivered=delivered,
+        final=final,
+        nxt=nxt,
+    )
 
 
 def _ms(delta: timedelta) -> int:
     return max(0, round(delta.total_seconds() * 1000))
 
 
-async def _record(svc: Services, d: Delivery, task: Task, *, number: int, at: datetime,
-                  body: str, status_code: int | None, latency_ms: int,
-                  response_body: str | None, error: str | None, delivered: bool, final: bool,
-                  nxt: datetime | None) -> None:
+async def _record(
+    svc: Services,
+    d: Delivery,
+    task: Task,
+    *,
+    number: int,
+    at: datetime,
+    body: str,
+    status_code: int | None,
+    latency_ms: int,
+    response_body: str | None,
+    error: str | None,
+    delivered: bool,
+    final: bool,
+    nxt: datetime | None,
+) -> None:
     ctx = svc.ctx
     now = ctx.clock()
-    status = (DeliveryStatus.delivered if delivered
-              else DeliveryStatus.failed if final else DeliveryStatus.pending)
+    status = (
+        DeliveryStatus.delivered
+        if delivered
+        else DeliveryStatus.failed
+        if final
+        else DeliveryStatus.pending
+    )
     values: dict[str, Any] = dict(
-        attempts=number, payload=body, status=status, last_error=None if delivered else error,
-        next_attempt_at=nxt, **FREE)
+        attempts=number,
+        payload=body,
+        status=status,
+        last_error=None if delivered else error,
+        next_attempt_at=nxt,
+        **FREE,
+    )
     if status != DeliveryStatus.pending:
         values["finished_at"] = now
     async with unit_of_work(ctx.sm) as s:
-        res = await s.execute(update(Delivery).where(Delivery.id == d.id,
-                                                     Delivery.lease_owner == ctx.owner)
-                              .values(**values).execution_options(synchronize_session=False))
+        res = await s.execute(
+            update(Delivery)
+            .where(Delivery.id == d.id, Delivery.lease_owner == ctx.owner)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
         if res.rowcount != 1:  # type: ignore[attr-defined]
             return  # our lease ran out and another worker took over: its record wins
-        metrics.notification_attempt(DeliveryStatus.delivered if delivered
-                                     else DeliveryStatus.failed)
+        metrics.notification_attempt(
+            DeliveryStatus.delivered if delivered else DeliveryStatus.failed
+        )
         if status == DeliveryStatus.failed:
             metrics.notification_exhausted()
-        s.add(DeliveryAttempt(delivery_id=d.id, number=number, at=at, status_code=status_code,
-                              latency_ms=latency_ms, response_body=response_body,
-                              error=None if delivered else (error or "")[:1000]))
+        s.add(
+            DeliveryAttempt(
+                delivery_id=d.id,
+                number=number,
+                at=at,
+                status_code=status_code,
+                latency_ms=latency_ms,
+                response_body=response_body,
+                error=None if delivered else (error or "")[:1000],
+            )
+        )
         if status != DeliveryStatus.pending:
             what = (f"HTTP {status_code}" if delivered else (error or "failed"))[:300]
-            kind = (EventKind.notification_delivered if delivered
-                    else EventKind.notification_failed)
-            s.add(Event(task_id=task.id, at=now, source="delivery", kind=kind, status=None,
-                        upstream_status=None, message=(
-                            f"notification {d.event_type} ({d.id}) to {_host(d.url)} "
-                            f"{status} after {number} attempt{'s' if number > 1 else ''}: "
-                            f"{what}")))
+            kind = EventKind.notification_delivered if delivered else EventKind.notification_failed
+            s.add(
+                Event(
+                    task_id=task.id,
+                    at=now,
+                    source="delivery",
+                    kind=kind,
+                    status=None,
+                    upstream_status=None,
+                    message=(
+                        f"notification {d.event_type} ({d.id}) to {_host(d.url)} "
+                        f"{status} after {number} attempt{'s' if number > 1 else ''}: "
+                        f"{what}"
+                    ),
+                )
+            )
     if status == DeliveryStatus.failed:
         log.warning("notification failed", extra={"task_id": task.id, "delivery_id": d.id})
 
@@ -370,19 +490,42 @@ async def outputs_settled(svc: Services, task_id: str) -> None:
     now = svc.ctx.clock()
     async with unit_of_work(svc.ctx.sm) as s:
         res = await s.execute(
-            update(Delivery).where(Delivery.task_id == task_id,
-                                   Delivery.status == DeliveryStatus.pending,
-                                   Delivery.payload.is_(None), Delivery.next_attempt_at > now)
-            .values(next_attempt_at=now).execution_options(synchronize_session=False))
+            update(Delivery)
+            .where(
+                Delivery.task_id == task_id,
+                Delivery.status == DeliveryStatus.pending,
+                Delivery.payload.is_(None),
+                Delivery.next_attempt_at > now,
+            )
+            .values(next_attempt_at=now)
+            .execution_options(synchronize_session=False)
+        )
     if res.rowcount:  # type: ignore[attr-defined]
         svc.wake_notifier()
 
 
 def presentable(rows: Sequence[tuple[Delivery, list[DeliveryAttempt]]]) -> list[dict[str, Any]]:
-    return [{"id": d.id, "type": d.event_type, "reason": d.reason, "url": d.url,
-             "status": d.status, "created_at": d.created_at,
-             "next_attempt_at": d.next_attempt_at, "finished_at": d.finished_at,
-             "attempts": [{"number": a.number, "at": a.at, "status_code": a.status_code,
-                           "latency_ms": a.latency_ms, "response_body": a.response_body,
-                           "error": a.error} for a in attempts]}
-            for d, attempts in rows]
+    return [
+        {
+            "id": d.id,
+            "type": d.event_type,
+            "reason": d.reason,
+            "url": d.url,
+            "status": d.status,
+            "created_at": d.created_at,
+            "next_attempt_at": d.next_attempt_at,
+            "finished_at": d.finished_at,
+            "attempts": [
+                {
+                    "number": a.number,
+                    "at": a.at,
+                    "status_code": a.status_code,
+                    "latency_ms": a.latency_ms,
+                    "response_body": a.response_body,
+                    "error": a.error,
+                }
+                for a in attempts
+            ],
+        }
+        for d, attempts in rows
+    ]

@@ -42,13 +42,16 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 # Instance metadata services; refused even when private networks are allowed.
-METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean...
-    "169.254.170.2",  # AWS ECS task metadata
-    "169.254.169.123",  # AWS time sync
-    "fd00:ec2::254",  # AWS IPv6 metadata
-    "100.100.100.200",  # Alibaba Cloud
-))
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean...
+        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.169.123",  # AWS time sync
+        "fd00:ec2::254",  # AWS IPv6 metadata
+        "100.100.100.200",  # Alibaba Cloud
+    )
+)
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 # IPv6 forms that carry an IPv4 address (RFC 4291, 2765, 6052, 3056, 4380); the IPv4
 # address is what a packet to them ends up reaching, so it is the one judged.
@@ -142,7 +145,8 @@ def refusal(ip: IPAddress, *, allow_private: bool) -> str | None:
         if why:
             return f"{why} (embedded in {ip})"
         relayed = isinstance(ip, ipaddress.IPv6Address) and (
-            ip in _NAT64_LOCAL or ip.teredo is not None)
+            ip in _NAT64_LOCAL or ip.teredo is not None
+        )
         if not relayed:
             return None  # a plain translation of a public (or allowed) IPv4 address
         # a local translator or a Teredo relay: the IPv6 address is judged as well
@@ -155,11 +159,20 @@ def refusal(ip: IPAddress, *, allow_private: bool) -> str | None:
     local_v6 = _non_public_v6(ip)
     if ip.is_global and local_v6 is None:
         return None
-    if allow_private and (ip.is_loopback or ip.is_private or ip.is_link_local
-                          or ip in _CGNAT or local_v6 in ("site-local", "local-use NAT64")):
+    if allow_private and (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip in _CGNAT
+        or local_v6 in ("site-local", "local-use NAT64")
+    ):
         return None
-    for attr, what in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
-                       ("is_reserved", "reserved"), ("is_private", "private")):
+    for attr, what in (
+        ("is_loopback", "loopback"),
+        ("is_link_local", "link-local"),
+        ("is_reserved", "reserved"),
+        ("is_private", "private"),
+    ):
         if getattr(ip, attr):
             return f"{ip} is a {local_v6 if attr == 'is_reserved' and local_v6 else what} address"
     if local_v6 is not None:
@@ -222,13 +235,16 @@ class Outbound:
     """Safe outbound HTTP over one ``httpx.AsyncClient`` (made here: no redirects, no
     environment proxies). ``resolver`` is replaceable for tests."""
 
-    def __init__(self, *, resolver: Resolver | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, *, resolver: Resolver | None = None, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         self.resolver = resolver or system_resolver
-        self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
-                                      transport=transport,
-                                      limits=httpx.Limits(max_connections=50,
-                                                          max_keepalive_connections=10))
+        self.http = httpx.AsyncClient(
+            follow_redirects=False,
+            trust_env=False,
+            transport=transport,
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
+        )
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -258,10 +274,19 @@ class Outbound:
                 raise OutboundRefused(f"{host!r} resolves to a refused address: {why}")
         return addresses[0]
 
-    async def request(self, method: str, url: str, *, policy: Policy,
-                      headers: dict[str, str] | None = None, content: bytes | None = None,
-                      timeout_s: float = 10.0, connect_timeout_s: float | None = None,
-                      max_bytes: int = 1024 * 1024, truncate: bool = False) -> Response:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        policy: Policy,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+        timeout_s: float = 10.0,
+        connect_timeout_s: float | None = None,
+        max_bytes: int = 1024 * 1024,
+        truncate: bool = False,
+    ) -> Response:
         """One request, no redirects; the whole exchange within ``timeout_s`` seconds, the
         TCP (and TLS) connect within ``connect_timeout_s`` if given.
 
@@ -273,29 +298,52 @@ class Outbound:
         try:
             async with asyncio.timeout(timeout_s):
                 ip = await self.resolve(parsed, policy)
-                timeout = httpx.Timeout(timeout_s, connect=min(
-                    timeout_s, connect_timeout_s if connect_timeout_s else timeout_s))
-                return await self._send(method, parsed, ip, headers or {}, content, timeout,
-                                        max_bytes, truncate, started)
+                timeout = httpx.Timeout(
+                    timeout_s,
+                    connect=min(timeout_s, connect_timeout_s if connect_timeout_s else timeout_s),
+                )
+                return await self._send(
+                    method,
+                    parsed,
+                    ip,
+                    headers or {},
+                    content,
+                    timeout,
+                    max_bytes,
+                    truncate,
+                    started,
+                )
         except TimeoutError:
             raise OutboundError(f"no complete answer within {timeout_s:g}s") from None
         except httpx.HTTPError as e:
             # Only the type and text: never the request (it may carry signatures).
             raise OutboundError(f"{type(e).__name__}: {e}".rstrip(": ")) from None
 
-    async def _send(self, method: str, url: httpx.URL, ip: IPAddress, headers: dict[str, str],
-                    content: bytes | None, timeouts: httpx.Timeout, max_bytes: int,
-                    truncate: bool, started: float) -> Response:
+    async def _send(
+        self,
+        method: str,
+        url: httpx.URL,
+        ip: IPAddress,
+        headers: dict[str, str],
+        content: bytes | None,
+        timeouts: httpx.Timeout,
+        max_bytes: int,
+        truncate: bool,
+        started: float,
+    ) -> Response:
         # Connect to the checked address; the name stays in Host and in TLS (SNI and the
         # certificate check), so the server sees an ordinary request for its name.
         target = url.copy_with(host=str(ip))
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
         request = self.http.build_request(
-            method, target, content=content,
+            method,
+            target,
+            content=content,
             # identity: the cap counts the bytes as sent, and no decompression bomb
-            headers={"Accept-Encoding": "identity", **headers,
-                     "Host": url.netloc.decode("ascii")},
-            timeout=timeouts, extensions=extensions)
+            headers={"Accept-Encoding": "identity", **headers, "Host": url.netloc.decode("ascii")},
+            timeout=timeouts,
+            extensions=extensions,
+        )
         response = await self.http.send(request, stream=True, follow_redirects=False)
         try:
             declared = response.headers.get("content-length", "")
@@ -315,6 +363,11 @@ class Outbound:
                 chunks.append(chunk)
         finally:
             await response.aclose()
-        return Response(status_code=response.status_code, headers=response.headers,
-                        content=b"".join(chunks), truncated=cut,
-                        elapsed_ms=(time.monotonic() - started) * 1000, address=str(ip))
+        return Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            content=b"".join(chunks),
+            truncated=cut,
+            elapsed_ms=(time.monotonic() - started) * 1000,
+            address=str(ip),
+        )

@@ -52,16 +52,22 @@ def output_key(task_id: str, index: int) -> str:
     return f"outputs/{task_id}/{index}"
 
 
-def new_delivery(task_id: str, status: str, url: str, now: datetime, *,
-                 reason: str) -> Delivery:
+def new_delivery(task_id: str, status: str, url: str, now: datetime, *, reason: str) -> Delivery:
     """Due at once; the notifier applies the schedule's first delay itself."""
-    return Delivery(id=new_message_id(now), task_id=task_id, event_type=f"task.{status}",
-                    reason=reason, url=url, status=DeliveryStatus.pending, attempts=0,
-                    created_at=now, next_attempt_at=now)
+    return Delivery(
+        id=new_message_id(now),
+        task_id=task_id,
+        event_type=f"task.{status}",
+        reason=reason,
+        url=url,
+        status=DeliveryStatus.pending,
+        attempts=0,
+        created_at=now,
+        next_attempt_at=now,
+    )
 
 
-def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[], None]
-                        ) -> None:
+def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[], None]) -> None:
     """Call ``wake`` after each commit of a session of ``sm`` that recorded a terminal
     status, so the result loops start on the new delivery and downloads at once instead
     of on their next idle tick (GATEWAY_WORKER_IDLE_S: half a second on average of the
@@ -82,8 +88,14 @@ def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[]
     event.listen(session_class, "after_commit", after_commit)
 
 
-async def record_terminal(session: AsyncSession, task_id: str, status: Status, now: datetime,
-                          *, outputs: list[dict[str, Any]] | None = None) -> None:
+async def record_terminal(
+    session: AsyncSession,
+    task_id: str,
+    status: Status,
+    now: datetime,
+    *,
+    outputs: list[dict[str, Any]] | None = None,
+) -> None:
     """Inside the status change's transaction: the delivery and the downloads to do."""
     session.sync_session.info["terminal_recorded"] = True
     webhook_url = await session.scalar(select(Task.webhook_url).where(Task.id == task_id))
@@ -94,9 +106,18 @@ async def record_terminal(session: AsyncSession, task_id: str, status: Status, n
             url = o.get("upstream_url") or o.get("url")
             if not isinstance(url, str) or not url:
                 continue
-            session.add(StoredOutput(
-                task_id=task_id, idx=i, name=str(o.get("name") or i)[:255], upstream_url=url,
-                upstream_content_type=(o.get("content_type") or None),
-                upstream_size=o.get("size") if isinstance(o.get("size"), int) else None,
-                state=OutputState.pending, storage_key=output_key(task_id, i), attempts=0,
-                created_at=now, next_try_at=now))
+            session.add(
+                StoredOutput(
+                    task_id=task_id,
+                    idx=i,
+                    name=str(o.get("name") or i)[:255],
+                    upstream_url=url,
+                    upstream_content_type=(o.get("content_type") or None),
+                    upstream_size=o.get("size") if isinstance(o.get("size"), int) else None,
+                    state=OutputState.pending,
+                    storage_key=output_key(task_id, i),
+                    attempts=0,
+                    created_at=now,
+                    next_try_at=now,
+                )
+            )

@@ -66,6 +66,7 @@ class _Ctx(Protocol):
     @property
     def wake(self) -> Callable[[], None]: ...
 
+
 log = logging.getLogger(__name__)
 
 HISTORY = 100  # newest finished tasks read per status at each refresh
@@ -94,10 +95,15 @@ def summarize(samples: Iterable[Sample], *, window: int, max_missing: float) -> 
     recent = newest[:window]
     missing = sum(not x.callback for x in recent)
     healthy = None if not recent else missing <= max_missing * len(recent) + 1e-9
-    durations = [max(0.0, (x.completed_at - x.started_at).total_seconds())
-                 for x in newest if x.callback]
-    return Summary(healthy=healthy, p95_s=percentile(sorted(durations), QUANTILE),
-                   window=len(recent), missing=missing)
+    durations = [
+        max(0.0, (x.completed_at - x.started_at).total_seconds()) for x in newest if x.callback
+    ]
+    return Summary(
+        healthy=healthy,
+        p95_s=percentile(sorted(durations), QUANTILE),
+        window=len(recent),
+        missing=missing,
+    )
 
 
 class PollPlan:
@@ -153,19 +159,21 @@ class PollPlan:
     async def refresh(self, ctx: _Ctx) -> Summary:
         s = ctx.settings
         samples = await load_samples(ctx)
-        new = summarize(samples, window=s.poll_health_window,
-                        max_missing=s.poll_health_max_missing)
+        new = summarize(samples, window=s.poll_health_window, max_missing=s.poll_health_max_missing)
         old = self.summary
         self.summary = new
         self.refreshed_at = ctx.clock()
         if new.healthy != old.healthy:
             log.info(
-                "callbacks look %s: %d of the newest %d finished tasks had none; "
-                "polls: %s", {True: "healthy", False: "unhealthy", None: "unknown"}[new.healthy],
-                new.missing, new.window,
-                "doubling schedule" if new.healthy is False else
-                f"safety net at {self.safety_s(s):.1f}s",
-                extra={"callbacks_healthy": new.healthy, "upstream_p95_s": new.p95_s})
+                "callbacks look %s: %d of the newest %d finished tasks had none; polls: %s",
+                {True: "healthy", False: "unhealthy", None: "unknown"}[new.healthy],
+                new.missing,
+                new.window,
+                "doubling schedule"
+                if new.healthy is False
+                else f"safety net at {self.safety_s(s):.1f}s",
+                extra={"callbacks_healthy": new.healthy, "upstream_p95_s": new.p95_s},
+            )
         if new.healthy is False and old.healthy is not False:
             await pull_forward(ctx)
         return new
@@ -175,10 +183,14 @@ async def load_samples(ctx: _Ctx) -> list[Sample]:
     """The newest finished tasks that ran upstream: one statement, each half an index
     range scan of ``(status, id)`` read backwards (ids sort by creation time)."""
     cols = (Task.upstream_started_at, Task.completed_at, Task.hint_at)
-    parts = [select(*cols).where(Task.status == st.value,
-                                 Task.upstream_started_at.is_not(None))
-             .order_by(Task.id.desc()).limit(HISTORY).subquery()
-             for st in (Status.succeeded, Status.failed)]
+    parts = [
+        select(*cols)
+        .where(Task.status == st.value, Task.upstream_started_at.is_not(None))
+        .order_by(Task.id.desc())
+        .limit(HISTORY)
+        .subquery()
+        for st in (Status.succeeded, Status.failed)
+    ]
     stmt = union_all(*(select(*p.c) for p in parts))
     async with ctx.sm() as ses:
         rows = (await ses.execute(stmt)).all()
@@ -187,8 +199,9 @@ async def load_samples(ctx: _Ctx) -> list[Sample]:
     for started, completed, hint in rows:
         started, completed = _ts(started), _ts(completed)
         if started is not None and completed is not None:
-            out.append(Sample(started_at=started, completed_at=completed,
-                              callback=hint is not None))
+            out.append(
+                Sample(started_at=started, completed_at=completed, callback=hint is not None)
+            )
     return out
 
 
@@ -207,14 +220,16 @@ async def pull_forward(ctx: _Ctx) -> int:
     async with unit_of_work(ctx.sm) as ses:
         res = await ses.execute(
             update(Task)
-            .where(Task.status.in_((Status.queued.value, Status.running.value)),
-                   Task.retries == 0,
-                   Task.next_check_at > now + timedelta(seconds=ctx.settings.poll_initial_s))
+            .where(
+                Task.status.in_((Status.queued.value, Status.running.value)),
+                Task.retries == 0,
+                Task.next_check_at > now + timedelta(seconds=ctx.settings.poll_initial_s),
+            )
             .values(next_check_at=now)
-            .execution_options(synchronize_session=False))
+            .execution_options(synchronize_session=False)
+        )
     n = int(res.rowcount or 0)  # type: ignore[attr-defined]
     if n:
-        log.info("callbacks look unhealthy: %d task(s) waiting for a safety poll made due now",
-                 n)
+        log.info("callbacks look unhealthy: %d task(s) waiting for a safety poll made due now", n)
         ctx.wake()
     return n

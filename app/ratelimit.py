@@ -24,8 +24,9 @@ class RateLimiter:
 
     MAX_ENTRIES = 10_000
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
-                 max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, *, max_entries: int = MAX_ENTRIES
+    ) -> None:
         self._clock = clock
         self._max = max_entries
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # (tokens, at)

@@ -57,27 +57,36 @@ def present(row: StoredOutput, public_url: str, *, erased: bool = False) -> dict
         "name": row.name,
         "content_type": (row.content_type if copied else None) or row.upstream_content_type,
         "size": row.size if copied else row.upstream_size,
-        "url": (output_url(public_url, row.task_id, row.idx)
-                if erased or row.state in (OutputState.stored, OutputState.erased)
-                else row.upstream_url),
+        "url": (
+            output_url(public_url, row.task_id, row.idx)
+            if erased or row.state in (OutputState.stored, OutputState.erased)
+            else row.upstream_url
+        ),
         "upstream_url": row.upstream_url,
-        "sha256": row.sha256, "width": row.width, "height": row.height,
+        "sha256": row.sha256,
+        "width": row.width,
+        "height": row.height,
     }
 
 
 async def _lock_task(session: AsyncSession, task_id: str) -> Task | None:
     """The task row, locked on PostgreSQL so that rewrites of its ``outputs`` serialise
     (on SQLite the first write of the transaction already does)."""
-    return (await session.scalars(select(Task).where(Task.id == task_id)
-                                  .with_for_update())).first()
+    return (await session.scalars(select(Task).where(Task.id == task_id).with_for_update())).first()
 
 
 async def _rewrite_outputs(session: AsyncSession, task_id: str, public_url: str) -> None:
-    rows = (await session.scalars(select(StoredOutput).where(StoredOutput.task_id == task_id)
-                                  .order_by(StoredOutput.idx))).all()
-    await session.execute(update(Task).where(Task.id == task_id)
-                          .values(outputs=[present(r, public_url) for r in rows])
-                          .execution_options(synchronize_session=False))
+    rows = (
+        await session.scalars(
+            select(StoredOutput).where(StoredOutput.task_id == task_id).order_by(StoredOutput.idx)
+        )
+    ).all()
+    await session.execute(
+        update(Task)
+        .where(Task.id == task_id)
+        .values(outputs=[present(r, public_url) for r in rows])
+        .execution_options(synchronize_session=False)
+    )
 
 
 # ---------------------------------------------------------------- outputs: the worker
@@ -105,8 +114,7 @@ async def claim_outputs(svc: Services, *, limit: int) -> list[tuple[str, int]]:
     now = ctx.clock()
     until = now + timedelta(seconds=_output_lease_s(svc))
     async with write(ctx.engine) as conn:
-        return await OUTPUT_LEASES.claim(conn, owner=ctx.owner, now=now, until=until,
-                                         limit=limit)
+        return await OUTPUT_LEASES.claim(conn, owner=ctx.owner, now=now, until=until, limit=limit)
 
 
 class _Permanent(Exception):
@@ -117,10 +125,14 @@ async def _download(svc: Services, row: StoredOutput) -> tuple[bytes, imaging.Im
     s = svc.ctx.settings
     policy = Policy(allow_private=s.allow_private_networks, hosts=s.output_host_set)
     try:
-        resp = await svc.outbound.request("GET", row.upstream_url, policy=policy,
-                                          headers={"accept": "image/png, image/jpeg"},
-                                          timeout_s=s.output_timeout_s,
-                                          max_bytes=s.output_max_bytes)
+        resp = await svc.outbound.request(
+            "GET",
+            row.upstream_url,
+            policy=policy,
+            headers={"accept": "image/png, image/jpeg"},
+            timeout_s=s.output_timeout_s,
+            max_bytes=s.output_max_bytes,
+        )
     except OutboundRefused as e:
         raise _Permanent(str(e)) from None
     if resp.status_code != 200:
@@ -134,9 +146,12 @@ async def _download(svc: Services, row: StoredOutput) -> tuple[bytes, imaging.Im
     if ctype not in ALLOWED_TYPES:
         raise _Permanent(f"content type {ctype or 'none'!r} is not image/jpeg or image/png")
     try:
-        info = await imaging.in_thread(imaging.inspect, resp.content,
-                                       max_pixels=s.image_max_pixels,
-                                       concurrency=s.image_decode_concurrency)
+        info = await imaging.in_thread(
+            imaging.inspect,
+            resp.content,
+            max_pixels=s.image_max_pixels,
+            concurrency=s.image_decode_concurrency,
+        )
     except imaging.ImageRejected as e:
         raise _Permanent(e.message) from None
     return resp.content, info
@@ -163,15 +178,28 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
         async with unit_of_work(ctx.sm) as ses:
             await _lock_task(ses, task_id)
             res = await ses.execute(
-                update(StoredOutput).where(StoredOutput.task_id == task_id,
-                                           StoredOutput.idx == idx,
-                                           StoredOutput.state == OutputState.pending,
-                                           StoredOutput.lease_owner == ctx.owner)
-                .values(state=OutputState.stored, content_type=info.content_type, size=info.size,
-                        sha256=info.sha256, width=info.width, height=info.height,
-                        attempts=row.attempts + 1, error=None, stored_at=now,
-                        next_try_at=None, **FREE)
-                .execution_options(synchronize_session=False))
+                update(StoredOutput)
+                .where(
+                    StoredOutput.task_id == task_id,
+                    StoredOutput.idx == idx,
+                    StoredOutput.state == OutputState.pending,
+                    StoredOutput.lease_owner == ctx.owner,
+                )
+                .values(
+                    state=OutputState.stored,
+                    content_type=info.content_type,
+                    size=info.size,
+                    sha256=info.sha256,
+                    width=info.width,
+                    height=info.height,
+                    attempts=row.attempts + 1,
+                    error=None,
+                    stored_at=now,
+                    next_try_at=None,
+                    **FREE,
+                )
+                .execution_options(synchronize_session=False)
+            )
             stored = res.rowcount == 1  # type: ignore[attr-defined]
             if stored:
                 await _rewrite_outputs(ses, task_id, s.public_url)
@@ -190,21 +218,32 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     else:
         values["next_try_at"] = ctx.clock() + timedelta(seconds=jitter(schedule[attempts - 1]))
     async with unit_of_work(ctx.sm) as ses:
-        await ses.execute(update(StoredOutput).where(
-            StoredOutput.task_id == task_id, StoredOutput.idx == idx,
-            StoredOutput.state == OutputState.pending, StoredOutput.lease_owner == ctx.owner)
-            .values(**values).execution_options(synchronize_session=False))
+        await ses.execute(
+            update(StoredOutput)
+            .where(
+                StoredOutput.task_id == task_id,
+                StoredOutput.idx == idx,
+                StoredOutput.state == OutputState.pending,
+                StoredOutput.lease_owner == ctx.owner,
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
         if give_up:
-            log.warning("output not stored: %s", error[:200],
-                        extra={"task_id": task_id, "index": idx})
+            log.warning(
+                "output not stored: %s", error[:200], extra={"task_id": task_id, "index": idx}
+            )
     if give_up:
         await _settled(svc, task_id)
 
 
 async def _settled(svc: Services, task_id: str) -> None:
     async with svc.ctx.sm() as s:
-        pending = await s.scalar(select(StoredOutput.idx).where(
-            StoredOutput.task_id == task_id, StoredOutput.state == OutputState.pending).limit(1))
+        pending = await s.scalar(
+            select(StoredOutput.idx)
+            .where(StoredOutput.task_id == task_id, StoredOutput.state == OutputState.pending)
+            .limit(1)
+        )
     if pending is None:
         await notify.outputs_settled(svc, task_id)
 
@@ -221,8 +260,9 @@ async def release_all(svc: Services, *, outputs: bool = True, erasures: bool = T
 # ---------------------------------------------------------------- outputs: serving
 
 
-async def open_output(svc: Services, *, task_id: str, index: int, client: str | None
-                      ) -> tuple[bytes, StoredOutput]:
+async def open_output(
+    svc: Services, *, task_id: str, index: int, client: str | None
+) -> tuple[bytes, StoredOutput]:
     task = await get_task(svc.ctx, task_id=task_id, client=client)
     if task.images_erased_at is not None:
         raise Gone(f"The images of task {task_id} were erased.")
@@ -232,8 +272,10 @@ async def open_output(svc: Services, *, task_id: str, index: int, client: str | 
         raise NotFound(f"Task {task_id} has no output {index}.")
     if row.state != OutputState.stored:
         why = "not yet" if row.state == OutputState.pending else "the download failed"
-        raise NotFound(f"Output {index} of task {task_id} is not stored here ({why}); "
-                       "its upstream_url may still work.")
+        raise NotFound(
+            f"Output {index} of task {task_id} is not stored here ({why}); "
+            "its upstream_url may still work."
+        )
     data = await svc.store.get(row.storage_key)
     if data is None:
         raise NotFound(f"Output {index} of task {task_id} is missing from the store.")
@@ -243,46 +285,80 @@ async def open_output(svc: Services, *, task_id: str, index: int, client: str | 
 # ---------------------------------------------------------------- erasure
 
 
-async def erase_task_images(svc: Services, *, task_id: str, client: str | None,
-                            reason: str = "request") -> None:
+async def erase_task_images(
+    svc: Services, *, task_id: str, client: str | None, reason: str = "request"
+) -> None:
     """Erase a finished task's images here and (via a retried job) at Wiro. Idempotent."""
     ctx = svc.ctx
     task = await get_task(ctx, task_id=task_id, client=client)
     if not Status(task.status).terminal:
-        raise Conflict(f"Task {task_id} is {task.status}; erase its images once it has "
-                       "finished (or cancel it first).")
+        raise Conflict(
+            f"Task {task_id} is {task.status}; erase its images once it has "
+            "finished (or cancel it first)."
+        )
     now = ctx.clock()
     async with unit_of_work(ctx.sm) as s:
-        res = await s.execute(update(Task).where(Task.id == task_id,
-                                                 Task.images_erased_at.is_(None))
-                              .values(images_erased_at=now)
-                              .execution_options(synchronize_session=False))
+        res = await s.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.images_erased_at.is_(None))
+            .values(images_erased_at=now)
+            .execution_options(synchronize_session=False)
+        )
         if res.rowcount != 1:  # type: ignore[attr-defined]
             return  # already erased
-        outputs = (await s.scalars(select(StoredOutput)
-                                   .where(StoredOutput.task_id == task_id))).all()
+        outputs = (
+            await s.scalars(select(StoredOutput).where(StoredOutput.task_id == task_id))
+        ).all()
         keys = [o.storage_key for o in outputs]
-        await s.execute(update(StoredOutput).where(StoredOutput.task_id == task_id)
-                        .values(state=OutputState.erased, next_try_at=None)
-                        .execution_options(synchronize_session=False))
+        await s.execute(
+            update(StoredOutput)
+            .where(StoredOutput.task_id == task_id)
+            .values(state=OutputState.erased, next_try_at=None)
+            .execution_options(synchronize_session=False)
+        )
         uploads = await _our_uploads(s, task)
         keys += [u.storage_key for u in uploads if u.storage_key]
         for u in uploads:
             u.erased_at = now
         await _rewrite_outputs(s, task_id, ctx.settings.public_url)
         upstream = ErasureState.pending if task.upstream_token else ErasureState.skipped
-        s.add(Erasure(task_id=task_id, reason=reason, requested_at=now, keys=keys,
-                      upstream_state=upstream, attempts=0, next_try_at=now,
-                      lease_owner=ctx.owner,
-                      lease_until=now + timedelta(seconds=_erasure_lease_s(svc))))
-        why = ("at the caller's request" if reason == "request" else
-               f"after the retention period of {ctx.settings.retention_days:g} days")
-        s.add(Event(task_id=task_id, at=now, source="api", kind=EventKind.images_erased,
-                    status=None, upstream_status=None,
-                    message=(f"images erased {why}: {len(outputs)} output(s) and "
-                             f"{len(uploads)} uploaded input(s) deleted here"
-                             + ("; asking Wiro to delete its copies"
-                                if upstream == ErasureState.pending else ""))))
+        s.add(
+            Erasure(
+                task_id=task_id,
+                reason=reason,
+                requested_at=now,
+                keys=keys,
+                upstream_state=upstream,
+                attempts=0,
+                next_try_at=now,
+                lease_owner=ctx.owner,
+                lease_until=now + timedelta(seconds=_erasure_lease_s(svc)),
+            )
+        )
+        why = (
+            "at the caller's request"
+            if reason == "request"
+            else f"after the retention period of {ctx.settings.retention_days:g} days"
+        )
+        s.add(
+            Event(
+                task_id=task_id,
+                at=now,
+                source="api",
+                kind=EventKind.images_erased,
+                status=None,
+                upstream_status=None,
+                message=(
+                    f"images erased {why}: {len(outputs)} output(s) and "
+                    f"{len(uploads)} uploaded input(s) deleted here"
+                    + (
+                        "; asking Wiro to delete its copies"
+                        if upstream == ErasureState.pending
+                        else ""
+                    )
+                ),
+            )
+        )
     await process_erasure(svc, task_id)
 
 
@@ -290,9 +366,17 @@ async def _our_uploads(s: AsyncSession, task: Task) -> list[Upload]:
     url = task.input.get("inputImageUrl") if isinstance(task.input, dict) else None
     if not isinstance(url, str):
         return []
-    return list((await s.scalars(select(Upload).where(
-        Upload.url_hash == sha256_hex(url), Upload.client == task.client,
-        Upload.erased_at.is_(None)))).all())
+    return list(
+        (
+            await s.scalars(
+                select(Upload).where(
+                    Upload.url_hash == sha256_hex(url),
+                    Upload.client == task.client,
+                    Upload.erased_at.is_(None),
+                )
+            )
+        ).all()
+    )
 
 
 async def claim_erasures(svc: Services, *, limit: int) -> list[str]:
@@ -301,8 +385,7 @@ async def claim_erasures(svc: Services, *, limit: int) -> list[str]:
     now = ctx.clock()
     until = now + timedelta(seconds=_erasure_lease_s(svc))
     async with write(ctx.engine) as conn:
-        return await ERASURE_LEASES.claim(conn, owner=ctx.owner, now=now, until=until,
-                                          limit=limit)
+        return await ERASURE_LEASES.claim(conn, owner=ctx.owner, now=now, until=until, limit=limit)
 
 
 async def process_erasure(svc: Services, task_id: str) -> None:
@@ -335,8 +418,9 @@ async def process_erasure(svc: Services, task_id: str) -> None:
     now = ctx.clock()
     attempts = e.attempts + 1
     schedule = s.erase_retry_schedule
-    values: dict[str, Any] = dict(attempts=attempts, upstream_state=upstream,
-                                  last_error=error, **FREE)
+    values: dict[str, Any] = dict(
+        attempts=attempts, upstream_state=upstream, last_error=error, **FREE
+    )
     message = None
     kind = EventKind.upstream_erased
     if error is None:
@@ -344,9 +428,10 @@ async def process_erasure(svc: Services, task_id: str) -> None:
         if upstream == ErasureState.done:
             message = "Wiro deleted its copies of the task's input and outputs"
     elif attempts > len(schedule):
-        values.update(next_try_at=None,
-                      upstream_state=(ErasureState.failed if upstream == ErasureState.pending
-                                      else upstream))
+        values.update(
+            next_try_at=None,
+            upstream_state=(ErasureState.failed if upstream == ErasureState.pending else upstream),
+        )
         kind = EventKind.upstream_erase_failed
         message = f"erasure gave up after {attempts} attempts: {error}"
     else:
@@ -355,12 +440,24 @@ async def process_erasure(svc: Services, task_id: str) -> None:
         if attempts == 1:
             message = f"erasure incomplete, will retry: {error}"
     async with unit_of_work(ctx.sm) as ses:
-        res = await ses.execute(update(Erasure).where(Erasure.task_id == task_id,
-                                                      Erasure.lease_owner == ctx.owner)
-                                .values(**values).execution_options(synchronize_session=False))
+        res = await ses.execute(
+            update(Erasure)
+            .where(Erasure.task_id == task_id, Erasure.lease_owner == ctx.owner)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
         if res.rowcount == 1 and message:  # type: ignore[attr-defined]
-            ses.add(Event(task_id=task_id, at=now, source="api", kind=kind, status=None,
-                          upstream_status=None, message=message))
+            ses.add(
+                Event(
+                    task_id=task_id,
+                    at=now,
+                    source="api",
+                    kind=kind,
+                    status=None,
+                    upstream_status=None,
+                    message=message,
+                )
+            )
     if error is not None and values.get("next_try_at") is not None:
         svc.wake_eraser()
 
@@ -372,13 +469,26 @@ async def retention_sweep(svc: Services, *, limit: int = 100) -> int:
         return 0
     cutoff = ctx.clock() - timedelta(days=s.retention_days)
     async with ctx.sm() as ses:
-        task_ids = (await ses.scalars(
-            select(Task.id).where(Task.images_erased_at.is_(None), Task.completed_at < cutoff,
-                                  Task.status_rank >= TERMINAL_RANK)
-            .order_by(Task.completed_at).limit(limit))).all()
-        uploads = (await ses.scalars(
-            select(Upload).where(Upload.erased_at.is_(None), Upload.created_at < cutoff)
-            .order_by(Upload.created_at).limit(limit))).all()
+        task_ids = (
+            await ses.scalars(
+                select(Task.id)
+                .where(
+                    Task.images_erased_at.is_(None),
+                    Task.completed_at < cutoff,
+                    Task.status_rank >= TERMINAL_RANK,
+                )
+                .order_by(Task.completed_at)
+                .limit(limit)
+            )
+        ).all()
+        uploads = (
+            await ses.scalars(
+                select(Upload)
+                .where(Upload.erased_at.is_(None), Upload.created_at < cutoff)
+                .order_by(Upload.created_at)
+                .limit(limit)
+            )
+        ).all()
     for task_id in task_ids:
         try:
             await erase_task_images(svc, task_id=task_id, client=None, reason="retention")
@@ -388,7 +498,10 @@ async def retention_sweep(svc: Services, *, limit: int = 100) -> int:
         if u.storage_key:
             await svc.store.delete(u.storage_key)
         async with unit_of_work(ctx.sm) as ses:
-            await ses.execute(update(Upload).where(Upload.id == u.id)
-                              .values(erased_at=ctx.clock())
-                              .execution_options(synchronize_session=False))
+            await ses.execute(
+                update(Upload)
+                .where(Upload.id == u.id)
+                .values(erased_at=ctx.clock())
+                .execution_options(synchronize_session=False)
+            )
     return len(task_ids) + len(uploads)

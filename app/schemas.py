@@ -35,18 +35,27 @@ def _input_schema() -> dict[str, Any]:
         if p.kind == "select":
             props[p.name] = {"type": "string", "enum": list(p.options), "default": p.default}
         elif p.kind == "integer":
-            props[p.name] = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 4294967295},
-                                       {"type": "string", "pattern": "^[0-9]{1,10}$"}],
-                             "default": p.default}
+            props[p.name] = {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": 4294967295},
+                    {"type": "string", "pattern": "^[0-9]{1,10}$"},
+                ],
+                "default": p.default,
+            }
         else:
             props[p.name] = {"type": "string", "format": "uri", "maxLength": 2048}
             required.append(p.name)
         if p.help:
             props[p.name]["description"] = p.help
-    return {"type": "object", "title": "HeadshotInput", "properties": props,
-            "required": required, "additionalProperties": False,
-            "description": "The model's own parameter names; omitted inputs take the "
-                           "model's defaults. Validated against the model's parameter sheet."}
+    return {
+        "type": "object",
+        "title": "HeadshotInput",
+        "properties": props,
+        "required": required,
+        "additionalProperties": False,
+        "description": "The model's own parameter names; omitted inputs take the "
+        "model's defaults. Validated against the model's parameter sheet.",
+    }
 
 
 InputField = Annotated[dict[str, Any], WithJsonSchema(_input_schema())]
@@ -80,13 +89,16 @@ def unstorable(value: Any, depth: int = 0) -> str | None:
 class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr = Field(DEFAULT_MODEL, max_length=200,
-                             json_schema_extra={"enum": list(MODELS)})
+    model: StrictStr = Field(
+        DEFAULT_MODEL, max_length=200, json_schema_extra={"enum": list(MODELS)}
+    )
     input: InputField
     webhook_url: StrictStr | None = Field(None, max_length=2048)
     metadata: dict[StrictStr, StrictStr] | None = Field(
-        None, description=f"At most {MAX_METADATA_KEYS} string keys to string values of at "
-                          f"most {MAX_METADATA_VALUE} characters; filterable in history.")
+        None,
+        description=f"At most {MAX_METADATA_KEYS} string keys to string values of at "
+        f"most {MAX_METADATA_VALUE} characters; filterable in history.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -112,8 +124,7 @@ class TaskCreate(BaseModel):
         why = literal_refusal(self.webhook_url, allow_private=allow_private)
         if why is None:
             return None
-        return {"loc": ["webhook_url"],
-                "msg": f"the gateway never delivers to this host: {why}"}
+        return {"loc": ["webhook_url"], "msg": f"the gateway never delivers to this host: {why}"}
 
     @field_validator("metadata")
     @classmethod
@@ -123,8 +134,11 @@ class TaskCreate(BaseModel):
         if len(v) > MAX_METADATA_KEYS:
             raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
         for k, val in v.items():
-            if not k or len(k) > MAX_METADATA_KEY or not all(
-                    c.isascii() and (c.isalnum() or c in "_-.") for c in k):
+            if (
+                not k
+                or len(k) > MAX_METADATA_KEY
+                or not all(c.isascii() and (c.isalnum() or c in "_-.") for c in k)
+            ):
                 raise ValueError(f"keys are 1-{MAX_METADATA_KEY} characters of [A-Za-z0-9_.-]")
             if len(val) > MAX_METADATA_VALUE:
                 raise ValueError(f"values are at most {MAX_METADATA_VALUE} characters")
@@ -172,8 +186,10 @@ class TaskOut(BaseModel):
     updated_at: datetime
     completed_at: datetime | None
     images_erased_at: datetime | None = Field(
-        None, description="when the task's images were erased (on request or by retention); "
-                          "its output URLs answer 410 from then on")
+        None,
+        description="when the task's images were erased (on request or by retention); "
+        "its output URLs answer 410 from then on",
+    )
 
 
 class TaskPage(BaseModel):
@@ -192,8 +208,7 @@ class DeliveryAttemptOut(BaseModel):
 
 class DeliveryOut(BaseModel):
     id: str = Field(description="the webhook-id header of every attempt of this delivery")
-    type: str = Field(description="task.succeeded | task.failed | task.cancelled | "
-                                  "task.timed_out")
+    type: str = Field(description="task.succeeded | task.failed | task.cancelled | task.timed_out")
     reason: Literal["terminal", "redeliver"]
     url: str
     status: Literal["pending", "delivered", "failed"]
@@ -206,7 +221,8 @@ class DeliveryOut(BaseModel):
 class DeliveryList(BaseModel):
     data: list[DeliveryOut]
     next_cursor: str | None = Field(
-        None, description="pass as `cursor` for the next page; null on the last one")
+        None, description="pass as `cursor` for the next page; null on the last one"
+    )
 
 
 class UploadOut(BaseModel):
@@ -223,12 +239,14 @@ class EventOut(BaseModel):
     source: Literal["api", "callback", "poll", "dispatcher", "cancel", "timeout", "delivery"]
     kind: EventKind | None = Field(
         description="what the event records; decide on this (with `status`), never on "
-                    "`message`, whose wording is for people and may change. Null only for "
-                    "an event written by a gateway release older than this field while a "
-                    "rolling upgrade was under way")
+        "`message`, whose wording is for people and may change. Null only for "
+        "an event written by a gateway release older than this field while a "
+        "rolling upgrade was under way"
+    )
     status: Status | None = Field(
         description="the status the task moved to, when this event is a transition; "
-                    "null for events that changed no status")
+        "null for events that changed no status"
+    )
     upstream_status: str | None
     message: str | None
 
@@ -237,7 +255,8 @@ class EventList(BaseModel):
     data: list[EventOut]
     next_cursor: str | None = Field(
         description="the next page's `cursor`; null when there are no more events now "
-                    "(to follow a live task, use the event stream)")
+        "(to follow a live task, use the event stream)"
+    )
 
 
 class Problem(BaseModel):
@@ -272,15 +291,16 @@ class DurationStats(BaseModel):
 class FinishedBy(BaseModel):
     callback: int = Field(description="terminal status applied after a Wiro callback")
     poll: int = Field(description="terminal status found by a scheduled poll")
-    other: int = Field(description="rejected at dispatch, cancelled before dispatch, "
-                                   "or timed out")
+    other: int = Field(description="rejected at dispatch, cancelled before dispatch, or timed out")
 
 
 class DurationSample(BaseModel):
     rows: int = Field(description="tasks the percentiles were computed over")
     limit: int
-    truncated: bool = Field(description="true when the window held more tasks than "
-                                        "`limit`: percentiles describe the newest `limit`")
+    truncated: bool = Field(
+        description="true when the window held more tasks than "
+        "`limit`: percentiles describe the newest `limit`"
+    )
 
 
 class TaskStatsOut(BaseModel):
@@ -291,11 +311,14 @@ class TaskStatsOut(BaseModel):
     total: int
     counts: StatusCounts
     success_rate: float | None = Field(
-        description="succeeded / terminal tasks; null when none is terminal")
+        description="succeeded / terminal tasks; null when none is terminal"
+    )
     queue_time: DurationStats = Field(
-        description="created → accepted by Wiro, over tasks Wiro accepted")
+        description="created → accepted by Wiro, over tasks Wiro accepted"
+    )
     run_time: DurationStats = Field(
-        description="accepted by Wiro → completed, over succeeded tasks")
+        description="accepted by Wiro → completed, over succeeded tasks"
+    )
     end_to_end: DurationStats = Field(description="created → completed, over succeeded tasks")
     cost_usd: str = Field(description="sum of Wiro's totalcost, as an exact decimal string")
     finished_by: FinishedBy
@@ -309,21 +332,39 @@ def task_out(t: Task) -> TaskOut:
     """A task as the API shows it (``GET /v1/tasks/{id}``, its notifications, the console)."""
     error = None
     if t.error_code:
-        error = TaskError(code=t.error_code, message=t.error_message or t.error_code,
-                          upstream_code=t.upstream_error_code)
+        error = TaskError(
+            code=t.error_code,
+            message=t.error_message or t.error_code,
+            upstream_code=t.upstream_error_code,
+        )
     return TaskOut(
-        id=t.id, model=t.model, status=Status(t.status), input=t.input,
+        id=t.id,
+        model=t.model,
+        status=Status(t.status),
+        input=t.input,
         outputs=[TaskOutput.model_validate(o) for o in t.outputs],
-        error=error, upstream=UpstreamRef(task_id=t.upstream_task_id, status=t.upstream_status),
-        cost_usd=t.cost_usd, metadata=t.metadata_ or {}, webhook_url=t.webhook_url,
-        created_at=t.created_at, updated_at=t.updated_at, completed_at=t.completed_at,
+        error=error,
+        upstream=UpstreamRef(task_id=t.upstream_task_id, status=t.upstream_status),
+        cost_usd=t.cost_usd,
+        metadata=t.metadata_ or {},
+        webhook_url=t.webhook_url,
+        created_at=t.created_at,
+        updated_at=t.updated_at,
+        completed_at=t.completed_at,
         images_erased_at=t.images_erased_at,
     )
 
 
 def event_out(e: Event) -> EventOut:
     """An event as the API shows it (its history and event streams)."""
-    return EventOut.model_validate({"id": e.id, "at": e.at, "source": e.source,
-                                    "kind": e.kind, "status": e.status,
-                                    "upstream_status": e.upstream_status,
-                                    "message": e.message})
+    return EventOut.model_validate(
+        {
+            "id": e.id,
+            "at": e.at,
+            "source": e.source,
+            "kind": e.kind,
+            "status": e.status,
+            "upstream_status": e.upstream_status,
+            "message": e.message,
+        }
+    )

@@ -40,23 +40,33 @@ class Settings(BaseSettings):
     poll_adaptive: bool = Field(
         default=True,
         description="adapt the first poll to how healthy callbacks are; false: always "
-                    "POLL_INITIAL_S then doubling")
+        "POLL_INITIAL_S then doubling",
+    )
     poll_safety_factor: float = Field(
-        default=2.0, ge=1.0,
+        default=2.0,
+        ge=1.0,
         description="while callbacks are healthy, the first poll comes this many times "
-                    "the recent p95 upstream duration after Run")
+        "the recent p95 upstream duration after Run",
+    )
     poll_safety_max_s: float | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="the latest that first poll comes (and the first poll of a gateway "
-                    "with no finished task yet); unset = POLL_MAX_S")
+        "with no finished task yet); unset = POLL_MAX_S",
+    )
     poll_health_window: int = Field(
-        default=20, ge=1, description="callbacks are judged on this many newest finished tasks")
+        default=20, ge=1, description="callbacks are judged on this many newest finished tasks"
+    )
     poll_health_max_missing: float = Field(
-        default=0.25, ge=0.0, le=1.0,
+        default=0.25,
+        ge=0.0,
+        le=1.0,
         description="callbacks are unhealthy when more than this share of those tasks "
-                    "finished without one")
+        "finished without one",
+    )
     poll_plan_refresh_s: float = Field(
-        default=10.0, gt=0, description="how often each process re-reads that history")
+        default=10.0, gt=0, description="how often each process re-reads that history"
+    )
     task_timeout_s: float = 3600.0
     notify_retry_s: str = "0,5,300,1800,7200,18000,36000,36000"
     output_hosts: str = WIRO_CDN_HOSTS
@@ -68,27 +78,34 @@ class Settings(BaseSettings):
     dispatch_retry_max_s: float = 60.0
     retry_after_cap_s: float = 60.0
     run_grace_s: float = Field(
-        default=8.0, ge=0,
+        default=8.0,
+        ge=0,
         description="once a Run is known unanswered (its request timed out, or the process "
-                    "that sent it died), how long Task/List is searched for its upstream "
-                    "task before a new attempt is sent")
+        "that sent it died), how long Task/List is searched for its upstream "
+        "task before a new attempt is sent",
+    )
     run_grace_unlisted_s: float = Field(
-        default=300.0, ge=0,
+        default=300.0,
+        ge=0,
         description="the same wait when Task/List cannot tell (reconciliation off, "
-                    "failing, or listing tasks without their callbackurl)")
+        "failing, or listing tasks without their callbackurl)",
+    )
     submit_wait_s: float = Field(
-        default=3.0, ge=0,
+        default=3.0,
+        ge=0,
         description="how long POST /v1/tasks waits for Wiro's answer to Run; after it the "
-                    "task is answered as it stands (pending) while the Run goes on")
+        "task is answered as it stands (pending) while the Run goes on",
+    )
     lost_grace_s: float = Field(
         default=120.0, description="how long 'There is no task yet.' is tolerated"
     )
     verdict_rereads: int = Field(
-        default=3, ge=0,
+        default=3,
+        ge=0,
         description="a task that finished upstream without pexit and without outputs is "
-                    "read again this many times before it is failed")
-    verdict_reread_s: float = Field(
-        default=2.0, gt=0, description="seconds between those reads")
+        "read again this many times before it is failed",
+    )
+    verdict_reread_s: float = Field(default=2.0, gt=0, description="seconds between those reads")
     reconcile_with_task_list: bool = Field(
         default=True,
         description="look for an unanswered Run's upstream task in Task/List (undocumented)",
@@ -102,107 +119,155 @@ class Settings(BaseSettings):
     worker_concurrency: int = 16
     body_limit_bytes: int = 64 * 1024
     callback_body_limit_bytes: int = Field(
-        default=1024 * 1024, gt=0, le=1024 * 1024,
+        default=1024 * 1024,
+        gt=0,
+        le=1024 * 1024,
         description="largest Wiro callback body: the contract's 1 MiB (the token is matched "
-                    "before any body is read, so only the holder of a task's secret URL "
-                    "can make the gateway read one); lower it if you like (docs/security.md)")
+        "before any body is read, so only the holder of a task's secret URL "
+        "can make the gateway read one); lower it if you like (docs/security.md)",
+    )
     log_level: str = "INFO"
     shutdown_grace_s: float = Field(
-        default=8.0, ge=0,
+        default=8.0,
+        ge=0,
         description="on SIGTERM, how long in-flight requests and checks (upstream calls "
-                    "included) may run before they are cancelled and their leases released")
+        "included) may run before they are cancelled and their leases released",
+    )
 
     # Clients: keys, fair use, hostile input (docs/security.md).
     key_cache_ttl_s: float = Field(
-        default=5.0, ge=0,
+        default=5.0,
+        ge=0,
         description="how long a key lookup is cached per process: the delay before a "
-                    "revoked key stops working")
+        "revoked key stops working",
+    )
     client_rate_per_s: float | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="default per-client request rate, per process (0 = no limit); unset: "
-                    f"{PROD_CLIENT_RATE_PER_S:g}/s when GATEWAY_ENV=prod, else none; "
-                    "`keys create --rate` overrides it per client")
+        f"{PROD_CLIENT_RATE_PER_S:g}/s when GATEWAY_ENV=prod, else none; "
+        "`keys create --rate` overrides it per client",
+    )
     client_rate_burst_s: float = Field(
-        default=2.0, gt=0, description="the rate bucket holds this many seconds of requests")
+        default=2.0, gt=0, description="the rate bucket holds this many seconds of requests"
+    )
     client_max_in_flight: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="default per-client cap on tasks in flight (0 = none); "
-                    "`keys create --max-in-flight` overrides it per client")
+        "`keys create --max-in-flight` overrides it per client",
+    )
     auth_failure_burst: float = Field(
-        default=50.0, ge=0,
+        default=50.0,
+        ge=0,
         description="wrong keys one address may send before it is answered 429 without "
-                    "a key lookup (0 = no penalty box)")
+        "a key lookup (0 = no penalty box)",
+    )
     auth_failure_rate_per_s: float = Field(
-        default=1.0, gt=0, description="how fast an address earns back wrong-key attempts")
+        default=1.0, gt=0, description="how fast an address earns back wrong-key attempts"
+    )
     max_concurrent_uploads: int = Field(
-        default=32, ge=0,
+        default=32,
+        ge=0,
         description="authenticated POST /v1/uploads bodies streaming at once, per process; "
-                    "more are answered 503 with Retry-After (0 = no cap)")
+        "more are answered 503 with Retry-After (0 = no cap)",
+    )
     stats_cache_s: float = Field(
-        default=5.0, ge=0,
+        default=5.0,
+        ge=0,
         description="how long a GET /v1/stats answer is reused for the same scope and "
-                    "window (0 = not cached)")
+        "window (0 = not cached)",
+    )
     max_waiters_per_client: int = Field(
-        default=100, ge=0,
+        default=100,
+        ge=0,
         description="per process, how many `Prefer: wait` requests and event streams one "
-                    "client may hold open; over it a wait answers at once (without "
-                    "Preference-Applied) and a stream is refused with 429")
+        "client may hold open; over it a wait answers at once (without "
+        "Preference-Applied) and a stream is refused with 429",
+    )
     stream_heartbeat_s: float = Field(
-        default=15.0, gt=0, description="an event stream sends a comment line after this "
-                                        "much quiet, so proxies keep it open")
+        default=15.0,
+        gt=0,
+        description="an event stream sends a comment line after this "
+        "much quiet, so proxies keep it open",
+    )
     stream_reread_s: float = Field(
-        default=30.0, gt=0, description="an event stream re-reads after this much quiet "
-                                        "even unwoken (a safety net; commits wake it)")
+        default=30.0,
+        gt=0,
+        description="an event stream re-reads after this much quiet "
+        "even unwoken (a safety net; commits wake it)",
+    )
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     max_query_bytes: int = Field(default=8 * 1024, ge=256)
 
     # Results: notifications, stored outputs, uploads, erasure (README, docs/privacy.md).
     notify_timeout_s: float = Field(
-        default=10.0, gt=0, description="one notification attempt, connect to last byte")
+        default=10.0, gt=0, description="one notification attempt, connect to last byte"
+    )
     notify_connect_timeout_s: float = Field(
-        default=3.0, gt=0, description="the TCP/TLS connect of a notification attempt")
+        default=3.0, gt=0, description="the TCP/TLS connect of a notification attempt"
+    )
     notify_host_concurrency: int = Field(
-        default=4, ge=1,
+        default=4,
+        ge=1,
         description="notification attempts at once to one host, per process: a receiver "
-                    "that never answers holds at most this many of the notifier's slots")
+        "that never answers holds at most this many of the notifier's slots",
+    )
     notify_client_concurrency: int = Field(
-        default=8, ge=1,
+        default=8,
+        ge=1,
         description="notification attempts at once for one client's tasks, per process; "
-                    "free slots go to the client with the fewest running")
+        "free slots go to the client with the fewest running",
+    )
     notify_retry_after_cap_s: float = Field(
-        default=3600.0, ge=0, description="the longest Retry-After of a 429 that is honoured")
+        default=3600.0, ge=0, description="the longest Retry-After of a 429 that is honoured"
+    )
     notify_wait_for_outputs_s: float = Field(
-        default=30.0, ge=0,
+        default=30.0,
+        ge=0,
         description="how long a task.succeeded notification waits for the outputs to be "
-                    "stored, so that it carries the gateway's durable URLs")
+        "stored, so that it carries the gateway's durable URLs",
+    )
     webhook_hosts: str = Field(
-        default="", description="if set, the only hosts notifications may go to "
-                                "(comma-separated; `*.example.com` allowed)")
+        default="",
+        description="if set, the only hosts notifications may go to "
+        "(comma-separated; `*.example.com` allowed)",
+    )
     output_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     output_timeout_s: float = Field(default=60.0, gt=0)
     output_retry_s: str = Field(
         default="1,5,30,120,600,1800,3600",
-        description="seconds before each further output download attempt, comma-separated")
+        description="seconds before each further output download attempt, comma-separated",
+    )
     image_max_pixels: int = Field(
-        default=40_000_000, gt=0,
+        default=40_000_000,
+        gt=0,
         description="the largest width x height accepted, in uploads and outputs, checked "
-                    "from the header before decoding (a portrait needs far less)")
+        "from the header before decoding (a portrait needs far less)",
+    )
     image_decode_concurrency: int = Field(
-        default=2, ge=1,
+        default=2,
+        ge=1,
         description="images decoded at once per process (uploads and outputs); the rest "
-                    "wait their turn")
+        "wait their turn",
+    )
     upload_mode: Literal["local", "wiro"] = Field(
-        default="local", description="local: the gateway serves uploads at an unguessable "
-                                     "URL; wiro: they are forwarded to Wiro's File/Upload")
+        default="local",
+        description="local: the gateway serves uploads at an unguessable "
+        "URL; wiro: they are forwarded to Wiro's File/Upload",
+    )
     upload_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     retention_days: float = Field(
-        default=0.0, ge=0,
+        default=0.0,
+        ge=0,
         description="erase a task's images (here and at Wiro) and uploads this many days "
-                    "after completion / upload; 0 = keep until erased on request")
+        "after completion / upload; 0 = keep until erased on request",
+    )
     retention_sweep_s: float = Field(default=60.0, gt=0)
     erase_retry_s: str = Field(
         default="5,30,120,600,1800,3600,7200,21600",
-        description="seconds before each further attempt to delete Wiro's copies")
+        description="seconds before each further attempt to delete Wiro's copies",
+    )
 
     @field_validator("public_url", "wiro_base_url")
     @classmethod
@@ -311,5 +376,7 @@ def _check_webhook_secret(secret: str) -> None:
     except (binascii.Error, ValueError):
         raw = b""
     if not secret.startswith("whsec_") or len(raw) < 24:
-        raise ValueError("GATEWAY_WEBHOOK_SECRET must be 'whsec_' followed by the base64 of "
-                         "at least 24 random bytes")
+        raise ValueError(
+            "GATEWAY_WEBHOOK_SECRET must be 'whsec_' followed by the base64 of "
+            "at least 24 random bytes"
+        )

@@ -36,8 +36,9 @@ class _Done:
 
     __slots__ = ("arraysize", "description", "lastrowid", "rowcount")
 
-    def __init__(self, description: Any = None, rowcount: int = -1,
-                 lastrowid: int | None = None) -> None:
+    def __init__(
+        self, description: Any = None, rowcount: int = -1, lastrowid: int | None = None
+    ) -> None:
         self.description = description
         self.rowcount = rowcount
         self.lastrowid = lastrowid
@@ -47,8 +48,9 @@ class _Done:
         return None
 
 
-def _run(conn: sqlite3.Connection, operation: str, parameters: Any,
-         many: bool) -> tuple[_Done, list[Any] | None]:
+def _run(
+    conn: sqlite3.Connection, operation: str, parameters: Any, many: bool
+) -> tuple[_Done, list[Any] | None]:
     cur = conn.cursor()
     try:
         if many:
@@ -83,7 +85,8 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         async with self._adapt_connection._execute_mutex:
             conn: aiosqlite.Connection = self._connection  # type: ignore[assignment]
             done, rows = await conn._execute(  # type: ignore[no-untyped-call]
-                _run, conn._conn, operation, parameters, many)
+                _run, conn._conn, operation, parameters, many
+            )
             self._cursor = done
             if rows is not None:
                 self._rows = collections.deque(rows)

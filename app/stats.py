@@ -45,12 +45,15 @@ def parse_window(text: str) -> timedelta:
     """``15m``, ``1h``, ``24h``, ``7d``...: a positive duration of at most 30 days."""
     m = _WINDOW.match(text.strip())
     if m is None:
-        raise InvalidRequest("window must look like 15m, 1h, 24h or 7d.",
-                             errors=[{"loc": ["query", "window"], "msg": "invalid window"}])
+        raise InvalidRequest(
+            "window must look like 15m, 1h, 24h or 7d.",
+            errors=[{"loc": ["query", "window"], "msg": "invalid window"}],
+        )
     window = timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
     if window > MAX_WINDOW:
-        raise InvalidRequest("window is at most 30d.",
-                             errors=[{"loc": ["query", "window"], "msg": "over 30d"}])
+        raise InvalidRequest(
+            "window is at most 30d.", errors=[{"loc": ["query", "window"], "msg": "over 30d"}]
+        )
     return window
 
 
@@ -63,8 +66,11 @@ class Durations:
     @classmethod
     def of(cls, values: list[float]) -> Durations:
         values.sort()
-        return cls(count=len(values), p50_s=_round(percentile(values, 0.50)),
-                   p95_s=_round(percentile(values, 0.95)))
+        return cls(
+            count=len(values),
+            p50_s=_round(percentile(values, 0.50)),
+            p95_s=_round(percentile(values, 0.95)),
+        )
 
 
 def _round(v: float | None) -> float | None:
@@ -86,8 +92,9 @@ class TaskStats:
     truncated: bool
 
 
-async def task_stats(ctx: Ctx, *, client: str | None, window: timedelta,
-                     max_rows: int = MAX_DURATION_ROWS) -> TaskStats:
+async def task_stats(
+    ctx: Ctx, *, client: str | None, window: timedelta, max_rows: int = MAX_DURATION_ROWS
+) -> TaskStats:
     """Statistics of the tasks created in the last ``window`` (``client`` None = all)."""
     until = ctx.clock()
     since = until - window
@@ -97,20 +104,46 @@ async def task_stats(ctx: Ctx, *, client: str | None, window: timedelta,
         return q if client is None else q.where(Task.client == client)
 
     async with ctx.sm() as s:
-        counts = {str(st): int(n) for st, n in (await s.execute(
-            scoped(select(Task.status, func.count()).group_by(Task.status)))).all()}
-        costs = (await s.execute(scoped(
-            select(Task.cost_usd, func.count()).where(Task.cost_usd.is_not(None))
-            .group_by(Task.cost_usd)))).all()
-        sources = (await s.execute(
-            scoped(select(Event.source, func.count()).join(Task, Task.id == Event.task_id)
-                   .where(Event.status.in_([st.value for st in TERMINAL])))
-            .group_by(Event.source))).all()
-        rows = (await s.execute(scoped(
-            select(Task.status, Task.created_at, Task.upstream_started_at, Task.completed_at)
-            .where(or_(Task.upstream_started_at.is_not(None),
-                       Task.status_rank >= TERMINAL_RANK))
-            .order_by(Task.id.desc()).limit(max_rows + 1)))).all()
+        counts = {
+            str(st): int(n)
+            for st, n in (
+                await s.execute(scoped(select(Task.status, func.count()).group_by(Task.status)))
+            ).all()
+        }
+        costs = (
+            await s.execute(
+                scoped(
+                    select(Task.cost_usd, func.count())
+                    .where(Task.cost_usd.is_not(None))
+                    .group_by(Task.cost_usd)
+                )
+            )
+        ).all()
+        sources = (
+            await s.execute(
+                scoped(
+                    select(Event.source, func.count())
+                    .join(Task, Task.id == Event.task_id)
+                    .where(Event.status.in_([st.value for st in TERMINAL]))
+                ).group_by(Event.source)
+            )
+        ).all()
+        rows = (
+            await s.execute(
+                scoped(
+                    select(
+                        Task.status, Task.created_at, Task.upstream_started_at, Task.completed_at
+                    )
+                    .where(
+                        or_(
+                            Task.upstream_started_at.is_not(None), Task.status_rank >= TERMINAL_RANK
+                        )
+                    )
+                    .order_by(Task.id.desc())
+                    .limit(max_rows + 1)
+                )
+            )
+        ).all()
 
     truncated = len(rows) > max_rows
     rows = rows[:max_rows]
@@ -139,16 +172,23 @@ async def task_stats(ctx: Ctx, *, client: str | None, window: timedelta,
     succeeded = counts.get(Status.succeeded.value, 0)
     terminal = sum(counts.get(st.value, 0) for st in TERMINAL)
     return TaskStats(
-        since=since, until=until,
+        since=since,
+        until=until,
         counts={st.value: counts.get(st.value, 0) for st in Status},
         success_rate=round(succeeded / terminal, 4) if terminal else None,
-        queue_time=Durations.of(queue), run_time=Durations.of(run),
-        end_to_end=Durations.of(e2e), cost_usd=cost, finished_by=finished,
-        duration_rows=len(rows), truncated=truncated)
+        queue_time=Durations.of(queue),
+        run_time=Durations.of(run),
+        end_to_end=Durations.of(e2e),
+        cost_usd=cost,
+        finished_by=finished,
+        duration_rows=len(rows),
+        truncated=truncated,
+    )
 
 
-async def cost_per_day(ctx: Ctx, *, client: str | None, window: timedelta
-                       ) -> list[tuple[date, Decimal, int]]:
+async def cost_per_day(
+    ctx: Ctx, *, client: str | None, window: timedelta
+) -> list[tuple[date, Decimal, int]]:
     """Wiro's cost and the number of tasks per UTC day of creation over the last
     ``window``, oldest day first, days without tasks included (the console's chart).
 
@@ -161,8 +201,11 @@ async def cost_per_day(ctx: Ctx, *, client: str | None, window: timedelta
         day = func.date(func.timezone("UTC", Task.created_at))
     else:  # SQLite keeps naive UTC text: its date() is the UTC day
         day = func.date(Task.created_at)
-    q = (select(day, Task.cost_usd, func.count()).where(Task.id >= id_floor(since))
-         .group_by(day, Task.cost_usd))
+    q = (
+        select(day, Task.cost_usd, func.count())
+        .where(Task.id >= id_floor(since))
+        .group_by(day, Task.cost_usd)
+    )
     if client is not None:
         q = q.where(Task.client == client)
     async with ctx.sm() as s:
@@ -193,10 +236,20 @@ async def live_counts(ctx: Ctx) -> DbSnapshot:
     """
     unfinished = [st.value for st in Status if not st.terminal]
     async with ctx.sm() as s:
-        by_status = {str(st): int(n) for st, n in (await s.execute(
-            select(Task.status, func.count()).where(Task.status.in_(unfinished))
-            .group_by(Task.status))).all()}
-        oldest = await s.scalar(select(func.min(Task.created_at))
-                                .where(Task.status.in_(unfinished)))
-    return DbSnapshot(by_status=by_status, oldest_unfinished_created=(
-        None if oldest is None else oldest.timestamp()))
+        by_status = {
+            str(st): int(n)
+            for st, n in (
+                await s.execute(
+                    select(Task.status, func.count())
+                    .where(Task.status.in_(unfinished))
+                    .group_by(Task.status)
+                )
+            ).all()
+        }
+        oldest = await s.scalar(
+            select(func.min(Task.created_at)).where(Task.status.in_(unfinished))
+        )
+    return DbSnapshot(
+        by_status=by_status,
+        oldest_unfinished_created=(None if oldest is None else oldest.timestamp()),
+    )

@@ -22,6 +22,7 @@ class Store(Protocol):
     async def get(self, key: str) -> bytes | None: ...
     async def delete(self, key: str) -> None:
         """Idempotent: deleting a missing key is not an error."""
+
     async def exists(self, key: str) -> bool: ...
 
 

@@ -65,8 +65,10 @@ def enabled_by(env: Mapping[str, str]) -> bool:
     exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if exporter:
         return exporter != "none"
-    return any(env.get(name, "").strip() for name in (
-        "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return any(
+        env.get(name, "").strip()
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
 
 
 def provider_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | None:
@@ -79,9 +81,11 @@ def provider_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | 
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
     named = env.get("OTEL_SERVICE_NAME") or "service.name=" in env.get(
-        "OTEL_RESOURCE_ATTRIBUTES", "")
-    provider = TracerProvider(resource=Resource.create(
-        {} if named else {"service.name": SERVICE_NAME}))
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
+    provider = TracerProvider(
+        resource=Resource.create({} if named else {"service.name": SERVICE_NAME})
+    )
     kinds = [k.strip().lower() for k in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
     for kind in kinds or ["otlp"]:
         if kind == "otlp":
@@ -91,8 +95,7 @@ def provider_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | 
         elif kind == "console":
             provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
         elif kind and kind != "none":
-            log.warning("OTEL_TRACES_EXPORTER %r is not supported (otlp, console): ignored",
-                        kind)
+            log.warning("OTEL_TRACES_EXPORTER %r is not supported (otlp, console): ignored", kind)
     return provider
 
 
@@ -166,16 +169,20 @@ def _server_span(scope: Scope) -> Iterator[Span]:
     from opentelemetry.trace import SpanKind
 
     assert _tracer is not None
-    headers = {k: v for k, v in scope.get("headers", [])
-               if k in (b"traceparent", b"tracestate")}
-    parent = _context_from(headers.get(b"traceparent", b"").decode("latin-1"),
-                           headers.get(b"tracestate", b"").decode("latin-1"))
+    headers = {k: v for k, v in scope.get("headers", []) if k in (b"traceparent", b"tracestate")}
+    parent = _context_from(
+        headers.get(b"traceparent", b"").decode("latin-1"),
+        headers.get(b"tracestate", b"").decode("latin-1"),
+    )
     method = scope["method"]
     with _tracer.start_as_current_span(
-            method, context=parent, kind=SpanKind.SERVER, record_exception=False,
-            set_status_on_exception=False,
-            attributes={"http.request.method": method,
-                        "url.scheme": scope.get("scheme", "http")}) as span:
+        method,
+        context=parent,
+        kind=SpanKind.SERVER,
+        record_exception=False,
+        set_status_on_exception=False,
+        attributes={"http.request.method": method, "url.scheme": scope.get("scheme", "http")},
+    ) as span:
         yield span
 
 
@@ -223,9 +230,13 @@ def _wiro_span(endpoint: str, wiro_task_id: str | None) -> Iterator[Span]:
     if wiro_task_id:
         attributes[WIRO_TASK_ID] = wiro_task_id
     name = "wiro " + endpoint.rsplit("/", 1)[-1]
-    with _tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes,
-                                       record_exception=False,
-                                       set_status_on_exception=False) as span:
+    with _tracer.start_as_current_span(
+        name,
+        kind=SpanKind.CLIENT,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
         try:
             yield span
         except BaseException as e:
@@ -238,8 +249,9 @@ def _wiro_span(endpoint: str, wiro_task_id: str | None) -> Iterator[Span]:
             raise
 
 
-def wiro_call(endpoint: str, wiro_task_id: str | None = None
-              ) -> contextlib.AbstractContextManager[Span | None]:
+def wiro_call(
+    endpoint: str, wiro_task_id: str | None = None
+) -> contextlib.AbstractContextManager[Span | None]:
     """A CLIENT span around one call to Wiro's ``endpoint`` (``Run``, ``Task/Detail``...);
     a shared no-op context manager when tracing is off."""
     if _tracer is None:
@@ -253,32 +265,44 @@ def set_wiro_task_id(span: Span | None, wiro_task_id: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _notification_span(task_id: str, traceparent: str | None, *, delivery_id: str,
-                       attempt: int, host: str) -> Iterator[tuple[Span, str | None]]:
+def _notification_span(
+    task_id: str, traceparent: str | None, *, delivery_id: str, attempt: int, host: str
+) -> Iterator[tuple[Span, str | None]]:
     from opentelemetry.trace import SpanKind
 
     assert _tracer is not None
     parent = _context_from(traceparent) if traceparent else None
     with _tracer.start_as_current_span(
-            "notification", context=parent, kind=SpanKind.CLIENT, record_exception=False,
-            attributes={TASK_ID: task_id, "hgw.delivery_id": delivery_id,
-                        "hgw.delivery.attempt": attempt, "http.request.method": "POST",
-                        "server.address": host}) as span:
+        "notification",
+        context=parent,
+        kind=SpanKind.CLIENT,
+        record_exception=False,
+        attributes={
+            TASK_ID: task_id,
+            "hgw.delivery_id": delivery_id,
+            "hgw.delivery.attempt": attempt,
+            "http.request.method": "POST",
+            "server.address": host,
+        },
+    ) as span:
         yield span, _traceparent(span)
 
 
-def notification(task_id: str, traceparent: str | None, *, delivery_id: str, attempt: int,
-                 host: str) -> contextlib.AbstractContextManager[tuple[Span, str | None] | None]:
+def notification(
+    task_id: str, traceparent: str | None, *, delivery_id: str, attempt: int, host: str
+) -> contextlib.AbstractContextManager[tuple[Span, str | None] | None]:
     """A CLIENT span around one notification attempt, a child of the task's stored trace
     context; yields ``(span, traceparent to send)`` (None when tracing is off)."""
     if _tracer is None:
         return _NULL
-    return _notification_span(task_id, traceparent, delivery_id=delivery_id,
-                              attempt=attempt, host=host)
+    return _notification_span(
+        task_id, traceparent, delivery_id=delivery_id, attempt=attempt, host=host
+    )
 
 
-def notification_result(span: Span | None, *, status_code: int | None, error: str | None,
-                        delivered: bool) -> None:
+def notification_result(
+    span: Span | None, *, status_code: int | None, error: str | None, delivered: bool
+) -> None:
     """The attempt's outcome on its span (the error kind, not the receiver's text)."""
     if span is None:
         return
@@ -290,5 +314,6 @@ def notification_result(span: Span | None, *, status_code: int | None, error: st
     if not delivered:
         span.set_status(Status(StatusCode.ERROR))
         if status_code is None and error:
-            span.set_attribute("error.type", "transport" if not error.startswith("refused")
-                               else "refused")
+            span.set_attribute(
+                "error.type", "transport" if not error.startswith("refused") else "refused"
+            )

@@ -35,20 +35,27 @@ def upload_key(upload_id: str, name: str) -> str:
 async def create_upload(svc: Services, *, client: str, data: bytes) -> Upload:
     ctx, s = svc.ctx, svc.ctx.settings
     if len(data) > s.upload_max_bytes:
-        raise PayloadTooLarge(f"The file is {len(data)} bytes, over the limit of "
-                              f"{s.upload_max_bytes} bytes.")
+        raise PayloadTooLarge(
+            f"The file is {len(data)} bytes, over the limit of {s.upload_max_bytes} bytes."
+        )
     if not data:
         raise InvalidRequest("The file is empty.", errors=[{"loc": ["file"], "msg": "empty"}])
     try:
         cleaned, info = await imaging.in_thread(
-            imaging.clean, data, max_pixels=s.image_max_pixels,
-            concurrency=s.image_decode_concurrency)
+            imaging.clean,
+            data,
+            max_pixels=s.image_max_pixels,
+            concurrency=s.image_decode_concurrency,
+        )
     except imaging.ImageRejected as e:
         if e.kind == "type":
-            raise UnsupportedMediaType(f"The file must be a JPEG or PNG image: {e.message}."
-                                       ) from None
-        raise InvalidRequest(f"The file is not a usable image: {e.message}.",
-                             errors=[{"loc": ["file"], "msg": e.message}]) from None
+            raise UnsupportedMediaType(
+                f"The file must be a JPEG or PNG image: {e.message}."
+            ) from None
+        raise InvalidRequest(
+            f"The file is not a usable image: {e.message}.",
+            errors=[{"loc": ["file"], "msg": e.message}],
+        ) from None
     upload_id = secrets.token_urlsafe(24)
     name = f"input.{imaging.EXTENSIONS[info.content_type]}"
     key: str | None = None
@@ -58,14 +65,25 @@ async def create_upload(svc: Services, *, client: str, data: bytes) -> Upload:
         await svc.store.put(key, cleaned)
     else:
         try:
-            url = await ctx.wiro.upload(filename=name, content=cleaned,
-                                        content_type=info.content_type)
+            url = await ctx.wiro.upload(
+                filename=name, content=cleaned, content_type=info.content_type
+            )
         except WiroError as e:
             raise BadGateway(f"Wiro's File/Upload failed: {str(e)[:300]}") from None
-    row = Upload(id=upload_id, client=client, mode=s.upload_mode, url=url, url_hash=sha256_hex(url),
-                 storage_key=key, content_type=info.content_type, size=info.size,
-                 sha256=info.sha256, width=info.width, height=info.height,
-                 created_at=ctx.clock())
+    row = Upload(
+        id=upload_id,
+        client=client,
+        mode=s.upload_mode,
+        url=url,
+        url_hash=sha256_hex(url),
+        storage_key=key,
+        content_type=info.content_type,
+        size=info.size,
+        sha256=info.sha256,
+        width=info.width,
+        height=info.height,
+        created_at=ctx.clock(),
+    )
     try:
         async with unit_of_work(ctx.sm) as ses:
             ses.add(row)
@@ -82,8 +100,13 @@ async def open_upload(svc: Services, *, upload_id: str, name: str) -> tuple[byte
         raise NotFound("No such file.")
     async with svc.ctx.sm() as s:
         row = await s.get(Upload, upload_id)
-    if (row is None or row.mode != "local" or row.erased_at is not None or not row.storage_key
-            or row.storage_key != upload_key(upload_id, name)):
+    if (
+        row is None
+        or row.mode != "local"
+        or row.erased_at is not None
+        or not row.storage_key
+        or row.storage_key != upload_key(upload_id, name)
+    ):
         raise NotFound("No such file.")
     data = await svc.store.get(row.storage_key)
     if data is None:

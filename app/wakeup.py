@@ -129,6 +129,7 @@ class Hub:
 
 # ---------------------------------------------------------------- SQLite: after commit
 
+
 def _fire(info: dict[str, Any], hub: Hub) -> None:
     ids = info.pop(_COMMITTED, None)
     if ids:
@@ -141,8 +142,9 @@ def attach_local(engine: AsyncEngine, hub: Hub) -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "after_cursor_execute")
-    def _collect(conn: Any, _cursor: Any, _statement: Any, _params: Any, context: Any,
-                 _many: bool) -> None:
+    def _collect(
+        conn: Any, _cursor: Any, _statement: Any, _params: Any, context: Any, _many: bool
+    ) -> None:
         if context is None or not context.isinsert or context.compiled is None:
             return
         table = getattr(context.compiled.statement, "table", None)
@@ -225,8 +227,9 @@ class PgListener:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                log.warning("LISTEN connection failed (%s); retrying in %.1fs",
-                            type(e).__name__, backoff)
+                log.warning(
+                    "LISTEN connection failed (%s); retrying in %.1fs", type(e).__name__, backoff
+                )
                 await self._close()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)

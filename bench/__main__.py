@@ -45,17 +45,32 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=harness.ROOT,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "app"],
-                                    cwd=harness.ROOT, capture_output=True, text=True,
-                                    timeout=10).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=harness.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "app"],
+                cwd=harness.ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "?", False
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "nproc": os.cpu_count(),
-            "cpu_model": model, "python": platform.python_version(),
-            "load_avg_start": [round(x, 2) for x in os.getloadavg()],
-            "git_commit": commit + ("+dirty app/" if dirty else "")}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "git_commit": commit + ("+dirty app/" if dirty else ""),
+    }
 
 
 def save(results: dict[str, Any]) -> Path:
@@ -67,8 +82,9 @@ def save(results: dict[str, Any]) -> Path:
     return path
 
 
-async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
-                     results: dict[str, Any]) -> None:
+async def main_async(
+    args: argparse.Namespace, run: Run, kinds: list[str], results: dict[str, Any]
+) -> None:
     from bench import (
         p1_overhead,
         p4_history,
@@ -109,11 +125,19 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
             finally:
                 harness.stop(sim.proc)
                 db.drop()
-            res.setdefault("P2", {})[kind] = {**out["P2"], "rounds": [
-                {k: r[k] for k in ("baseline", "submit", "submit_ratio")} for r in out["rounds"]]}
-            res.setdefault("P3", {})[kind] = {**out["P3"], "rounds": [
-                {k: r[k] for k in ("callback", "callback_ratio", "callback_applied_ratio")}
-                for r in out["rounds"]]}
+            res.setdefault("P2", {})[kind] = {
+                **out["P2"],
+                "rounds": [
+                    {k: r[k] for k in ("baseline", "submit", "submit_ratio")} for r in out["rounds"]
+                ],
+            }
+            res.setdefault("P3", {})[kind] = {
+                **out["P3"],
+                "rounds": [
+                    {k: r[k] for k in ("callback", "callback_ratio", "callback_applied_ratio")}
+                    for r in out["rounds"]
+                ],
+            }
             save(results)
     if run.wants("P5"):
         say(f"P5 and statements per task on {', '.join(kinds)}")
@@ -151,16 +175,29 @@ async def main_async(args: argparse.Namespace, run: Run, kinds: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="fewer rounds, 100k rows for P4, a 20 s soak, a 500-callback burst")
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer rounds, 100k rows for P4, a 20 s soak, a 500-callback burst",
+    )
     p.add_argument("--only", default="", help="comma-separated subset, e.g. P1,P3")
     p.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
-    p.add_argument("--soak-s", type=float, default=None,
-                   help="P6 soak length (default 120 s, quick 20 s; the issue's: 600)")
-    p.add_argument("--docs", action="store_true",
-                   help="write the table into docs/benchmarks.md even for a partial run")
+    p.add_argument(
+        "--soak-s",
+        type=float,
+        default=None,
+        help="P6 soak length (default 120 s, quick 20 s; the issue's: 600)",
+    )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="write the table into docs/benchmarks.md even for a partial run",
+    )
     args = p.parse_args(argv)
     only = {x.strip().upper() for x in args.only.split(",") if x.strip()}
     if only - set(ALL):
@@ -169,16 +206,24 @@ def main(argv: list[str] | None = None) -> int:
     if "postgres" in kinds:
         why = harness.postgres_available()
         if why is not None:
-            print(f"PostgreSQL is not reachable at {harness.PG_URL}: {why}\n"
-                  "(run with --db sqlite to measure SQLite only)", file=sys.stderr)
+            print(
+                f"PostgreSQL is not reachable at {harness.PG_URL}: {why}\n"
+                "(run with --db sqlite to measure SQLite only)",
+                file=sys.stderr,
+            )
             return 2
     soak_s = args.soak_s if args.soak_s is not None else (20.0 if args.quick else 120.0)
     workdir = Path(tempfile.mkdtemp(prefix="hgw-bench-"))
     run = Run(quick=args.quick, workdir=workdir, soak_s=soak_s, only=only)
     results: dict[str, Any] = {
-        "machine": machine(), "mode": "quick" if args.quick else "full",
-        "databases": kinds, "only": sorted(only) or None, "soak_s": soak_s,
-        "results": {}, "invariants": run.invariants, "failures": run.failures,
+        "machine": machine(),
+        "mode": "quick" if args.quick else "full",
+        "databases": kinds,
+        "only": sorted(only) or None,
+        "soak_s": soak_s,
+        "results": {},
+        "invariants": run.invariants,
+        "failures": run.failures,
     }
 
     def on_term(signum: int, frame: object) -> None:

@@ -23,7 +23,8 @@ from app.db import make_engine, make_sessionmaker, unit_of_work, utcnow
 
 meta = MetaData()
 rows = Table(
-    "bench_baseline", meta,
+    "bench_baseline",
+    meta,
     Column("id", String(40), primary_key=True),
     Column("body", JSON),
     Column("created_at", DateTime(timezone=True)),
@@ -61,8 +62,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8200)
     args = parser.parse_args()
-    uvicorn.run(create_baseline_app(os.environ["BENCH_DATABASE_URL"]), host=args.host,
-                port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_baseline_app(os.environ["BENCH_DATABASE_URL"]),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

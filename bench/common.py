@@ -75,8 +75,9 @@ def bench_engine(db: Database) -> AsyncEngine:
     return make_engine(db.url)
 
 
-async def count_tasks(engine: AsyncEngine, *, terminal: bool | None = None,
-                      ids: Sequence[str] | None = None) -> int:
+async def count_tasks(
+    engine: AsyncEngine, *, terminal: bool | None = None, ids: Sequence[str] | None = None
+) -> int:
     from app.models import Task
 
     q = select(func.count()).select_from(Task)
@@ -90,8 +91,9 @@ async def count_tasks(engine: AsyncEngine, *, terminal: bool | None = None,
         return int((await conn.execute(q)).scalar_one())
 
 
-async def wait_all_terminal(engine: AsyncEngine, timeout: float, *,
-                            poll_s: float = 0.25) -> tuple[int, float]:
+async def wait_all_terminal(
+    engine: AsyncEngine, timeout: float, *, poll_s: float = 0.25
+) -> tuple[int, float]:
     """Wait until no task is left non-terminal; ``(left, seconds waited)``."""
     t0 = time.monotonic()
     while True:
@@ -101,8 +103,9 @@ async def wait_all_terminal(engine: AsyncEngine, timeout: float, *,
         await asyncio.sleep(poll_s)
 
 
-async def wait_idle(cpu: Any, *, below: float = 0.1, window_s: float = 0.5,
-                    timeout: float = 60.0) -> float:
+async def wait_idle(
+    cpu: Any, *, below: float = 0.1, window_s: float = 0.5, timeout: float = 60.0
+) -> float:
     """Wait until ``cpu()`` (a process's CPU seconds) grows by less than ``below`` of the
     wall time over two windows in a row: background work left over from a step (output
     downloads, notifications) must not run into the next one. Returns seconds waited."""
@@ -116,8 +119,9 @@ async def wait_idle(cpu: Any, *, below: float = 0.1, window_s: float = 0.5,
     return time.monotonic() - t0
 
 
-async def check_invariants(run: Run, label: str, engine: AsyncEngine, sim: Sim | None, *,
-                           timeout: float = 120.0) -> dict[str, Any]:
+async def check_invariants(
+    run: Run, label: str, engine: AsyncEngine, sim: Sim | None, *, timeout: float = 120.0
+) -> dict[str, Any]:
     """Every task terminal (waiting up to ``timeout``) and no gateway task run twice
     upstream. Records the figures; a violation fails the run at the end."""
     left, waited = await wait_all_terminal(engine, timeout)
@@ -126,15 +130,23 @@ async def check_invariants(run: Run, label: str, engine: AsyncEngine, sim: Sim |
     if sim is not None:
         stats = await asyncio.to_thread(sim.stats)
         dup = {k: v for k, v in stats["runs_by_gateway_task"].items() if v > 1}
-    row = {"phase": label, "tasks": total, "not_terminal": left, "duplicated_upstream": len(dup),
-           "waited_s": round(waited, 1)}
+    row = {
+        "phase": label,
+        "tasks": total,
+        "not_terminal": left,
+        "duplicated_upstream": len(dup),
+        "waited_s": round(waited, 1),
+    }
     run.invariants.append(row)
     if left:
-        run.failures.append(f"{label}: {left} of {total} tasks not terminal after "
-                            f"{timeout:g}s (lost)")
+        run.failures.append(
+            f"{label}: {left} of {total} tasks not terminal after {timeout:g}s (lost)"
+        )
     if dup:
-        run.failures.append(f"{label}: {len(dup)} gateway tasks started more than once "
-                            f"upstream: {sorted(dup.items())[:5]}")
+        run.failures.append(
+            f"{label}: {len(dup)} gateway tasks started more than once "
+            f"upstream: {sorted(dup.items())[:5]}"
+        )
     say(f"  invariants {label}: {total} tasks, {left} not terminal, {len(dup)} run twice")
     return row
 

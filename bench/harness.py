@@ -40,11 +40,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # one to compare two versions of the code on the same run conditions).
 APP_ROOT = Path(os.environ.get("BENCH_APP_ROOT", ROOT))
 SIM_KEY, SIM_SECRET = "bench-sim-key", "bench-sim-secret"
-CLIENT_KEYS = {"alpha": "key-alpha-bench-0123456789", "beta": "key-beta-bench-0123456789",
-               "root": "key-root-bench-0123456789"}
-PG_URL = os.environ.get("GATEWAY_BENCH_POSTGRES_URL",
-                        os.environ.get("GATEWAY_TEST_POSTGRES_URL",
-                                       "postgresql+asyncpg://postgres@127.0.0.1:5432/test"))
+CLIENT_KEYS = {
+    "alpha": "key-alpha-bench-0123456789",
+    "beta": "key-beta-bench-0123456789",
+    "root": "key-root-bench-0123456789",
+}
+PG_URL = os.environ.get(
+    "GATEWAY_BENCH_POSTGRES_URL",
+    os.environ.get(
+        "GATEWAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    ),
+)
 TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
 # The simulator as the tests have it, with the benchmark's own (shorter) run.
 SIM_DEFAULTS: dict[str, Any] = {**procs.SIM_DEFAULTS, "run_s": 0.5}
@@ -58,8 +64,9 @@ class BenchFailure(RuntimeError):
     """A task lost or run twice upstream: the benchmark must exit non-zero."""
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path, *,
-          module: str = "app.cli") -> subprocess.Popen[bytes]:
+def spawn(
+    args: list[str], env: dict[str, str], log: Path, *, module: str = "app.cli"
+) -> subprocess.Popen[bytes]:
     """``python -m <module> <args>`` in the checkout under test (``APP_ROOT``)."""
     return procs.spawn(args, env, log, module=module, cwd=APP_ROOT)
 
@@ -173,21 +180,35 @@ def new_database(kind: str, workdir: Path, label: str, *, migrate: bool = True) 
 
 
 def start_sim(logdir: Path, **knobs: Any) -> Sim:
-    return procs.start_sim(logdir / f"sim-{next(_counter)}.log", api_key=SIM_KEY,
-                           api_secret=SIM_SECRET, cwd=APP_ROOT, defaults=SIM_DEFAULTS,
-                           env={"SIM_LOG_LEVEL": "WARNING"}, **knobs)
+    return procs.start_sim(
+        logdir / f"sim-{next(_counter)}.log",
+        api_key=SIM_KEY,
+        api_secret=SIM_SECRET,
+        cwd=APP_ROOT,
+        defaults=SIM_DEFAULTS,
+        env={"SIM_LOG_LEVEL": "WARNING"},
+        **knobs,
+    )
 
 
 # ---------------------------------------------------------------- gateways
 
 
-def gateway_env(*, db: Database, sim: Sim, public_url: str, data_dir: Path,
-                **overrides: Any) -> dict[str, str]:
+def gateway_env(
+    *, db: Database, sim: Sim, public_url: str, data_dir: Path, **overrides: Any
+) -> dict[str, str]:
     values: dict[str, Any] = dict(
-        env="test", database_url=db.url, data_dir=str(data_dir), wiro_base_url=sim.base,
-        wiro_api_key=SIM_KEY, wiro_api_secret=SIM_SECRET, public_url=public_url,
-        api_keys=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()), admin_clients="root",
-        allow_private_networks="true", log_level="WARNING",
+        env="test",
+        database_url=db.url,
+        data_dir=str(data_dir),
+        wiro_base_url=sim.base,
+        wiro_api_key=SIM_KEY,
+        wiro_api_secret=SIM_SECRET,
+        public_url=public_url,
+        api_keys=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
+        admin_clients="root",
+        allow_private_networks="true",
+        log_level="WARNING",
     )
     values.update(overrides)
     return {f"GATEWAY_{k.upper()}": str(v) for k, v in values.items()}
@@ -215,8 +236,9 @@ class GatewayProc:
         stop(self.proc)
 
 
-def start_gateway(*, db: Database, sim: Sim, logdir: Path, workers: int = 1,
-                  **overrides: Any) -> GatewayProc:
+def start_gateway(
+    *, db: Database, sim: Sim, logdir: Path, workers: int = 1, **overrides: Any
+) -> GatewayProc:
     """``headshot-gateway serve`` as a subprocess, as in production (``workers``: its
     ``--workers``, forked worker processes on one socket)."""
     port = free_port()
@@ -256,8 +278,9 @@ class InProcessGateway:
 
 
 @contextlib.asynccontextmanager
-async def in_process_gateway(*, db: Database, sim: Sim, data_dir: Path,
-                             **overrides: Any) -> AsyncIterator[InProcessGateway]:
+async def in_process_gateway(
+    *, db: Database, sim: Sim, data_dir: Path, **overrides: Any
+) -> AsyncIterator[InProcessGateway]:
     """The gateway in this event loop under uvicorn (so its engine can be watched)."""
     from app.main import create_app
     from app.settings import Settings
@@ -266,7 +289,8 @@ async def in_process_gateway(*, db: Database, sim: Sim, data_dir: Path,
     url = f"http://127.0.0.1:{port}"
     env = gateway_env(db=db, sim=sim, public_url=url, data_dir=data_dir, **overrides)
     settings = Settings.model_validate(
-        {k.removeprefix("GATEWAY_").lower(): v for k, v in env.items()})
+        {k.removeprefix("GATEWAY_").lower(): v for k, v in env.items()}
+    )
     app = create_app(settings)
     async with serving(app, port):
         yield InProcessGateway(url=url, app=app, settings=settings)
@@ -288,15 +312,25 @@ def start_baseline(*, db: Database, logdir: Path) -> BaselineProc:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = bin_env(BENCH_DATABASE_URL=db.url)
-    proc = spawn(["--port", str(port)], env, logdir / f"baseline-{db.kind}-{port}.log",
-                 module="bench.baseline")
+    proc = spawn(
+        ["--port", str(port)],
+        env,
+        logdir / f"baseline-{db.kind}-{port}.log",
+        module="bench.baseline",
+    )
     wait_http(f"{url}/healthz", timeout=30.0, proc=proc)
     return BaselineProc(url=url, proc=proc)
 
 
 def task_body(sim: Sim, **metadata: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"input": {"inputImageUrl": sim.portrait, "background": "office",
-                                      "aspectRatio": "1:1", "outputFormat": "png"}}
+    body: dict[str, Any] = {
+        "input": {
+            "inputImageUrl": sim.portrait,
+            "background": "office",
+            "aspectRatio": "1:1",
+            "outputFormat": "png",
+        }
+    }
     if metadata:
         body["metadata"] = metadata
     return body

@@ -26,12 +26,17 @@ from urllib.parse import urlsplit
 from app.percentiles import percentile
 
 
-def build_request(url: str, method: str = "POST", *, path: str, body: Any = None,
-                  headers: dict[str, str] | None = None) -> bytes:
+def build_request(
+    url: str,
+    method: str = "POST",
+    *,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> bytes:
     """The raw bytes of one HTTP/1.1 request (keep-alive)."""
     host = urlsplit(url).netloc
-    data = b"" if body is None else (body if isinstance(body, bytes)
-                                     else json.dumps(body).encode())
+    data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: keep-alive"]
     if body is not None:
         lines.append("Content-Type: application/json")
@@ -117,8 +122,9 @@ class Pool:
             if self.total < self.max_conns:
                 self.total += 1
                 try:
-                    reader, writer = await asyncio.open_connection(self.host, self.port,
-                                                                   limit=1 << 20)
+                    reader, writer = await asyncio.open_connection(
+                        self.host, self.port, limit=1 << 20
+                    )
                 except BaseException:
                     self.total -= 1
                     raise
@@ -195,10 +201,16 @@ class Step:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "offered_rps": round(self.rate, 1), "duration_s": self.duration_s,
-            "sent": self.sent, "ok": self.ok, "non_2xx": self.non_2xx, "errors": self.errors,
+            "offered_rps": round(self.rate, 1),
+            "duration_s": self.duration_s,
+            "sent": self.sent,
+            "ok": self.ok,
+            "non_2xx": self.non_2xx,
+            "errors": self.errors,
             "statuses": self.statuses,
-            "p50_ms": _r(self.pct(50)), "p99_ms": _r(self.pct(99)), "max_ms": _r(self.pct(100)),
+            "p50_ms": _r(self.pct(50)),
+            "p99_ms": _r(self.pct(99)),
+            "max_ms": _r(self.pct(100)),
             "achieved_rps": round(self.ok / self.wall_s, 1) if self.wall_s else None,
             "generator_cpu_s": round(self.gen_cpu_s, 3),
             "generator_cpu_share": round(self.gen_cpu_s / self.wall_s, 3) if self.wall_s else None,
@@ -210,9 +222,16 @@ def _r(x: float) -> float | None:
     return None if math.isnan(x) else (round(x, 2) if math.isfinite(x) else float("inf"))
 
 
-async def open_loop(pool: Pool, requests: Sequence[bytes] | Callable[[int], bytes], *,
-                    rate: float, duration_s: float | None = None, count: int | None = None,
-                    timeout: float = 30.0, keep_bodies: bool = False) -> Step:
+async def open_loop(
+    pool: Pool,
+    requests: Sequence[bytes] | Callable[[int], bytes],
+    *,
+    rate: float,
+    duration_s: float | None = None,
+    count: int | None = None,
+    timeout: float = 30.0,
+    keep_bodies: bool = False,
+) -> Step:
     """Send requests at ``rate`` per second on a fixed schedule; see the module docstring.
 
     ``requests`` is a list (request ``i`` is ``requests[i % len]``) or a function of ``i``.
@@ -261,9 +280,15 @@ async def open_loop(pool: Pool, requests: Sequence[bytes] | Callable[[int], byte
     return step
 
 
-async def closed_loop(pool: Pool, requests: Sequence[bytes] | Callable[[int], bytes], *,
-                      concurrency: int, duration_s: float, count: int | None = None,
-                      timeout: float = 30.0) -> float:
+async def closed_loop(
+    pool: Pool,
+    requests: Sequence[bytes] | Callable[[int], bytes],
+    *,
+    concurrency: int,
+    duration_s: float,
+    count: int | None = None,
+    timeout: float = 30.0,
+) -> float:
     """Answers per second with ``concurrency`` requests always outstanding, for at most
     ``duration_s`` or ``count`` requests (an estimate used only to place the open-loop
     steps)."""

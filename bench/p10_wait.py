@@ -36,16 +36,31 @@ async def _gauge(c: httpx.AsyncClient) -> float:
 async def measure(run: Run, kind: str) -> dict[str, Any]:
     sim = await asyncio.to_thread(start_sim, run.workdir)
     db = await asyncio.to_thread(new_database, kind, run.workdir, "p8")
-    gw = await asyncio.to_thread(start_gateway, db=db, sim=sim, logdir=run.workdir,
-                                 max_waiters_per_client=WAITERS, allow_private_networks="true")
+    gw = await asyncio.to_thread(
+        start_gateway,
+        db=db,
+        sim=sim,
+        logdir=run.workdir,
+        max_waiters_per_client=WAITERS,
+        allow_private_networks="true",
+    )
     try:
         sim.configure(queue_s=0.1, run_s=600)
         limits = httpx.Limits(max_connections=WAITERS + 50, max_keepalive_connections=50)
-        async with httpx.AsyncClient(base_url=gw.url, timeout=90, limits=limits, headers={
-                "Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}) as c:
-            body = {"input": {"inputImageUrl": f"{sim.url}/samples/portrait.jpg",
-                              "background": "office", "aspectRatio": "1:1",
-                              "outputFormat": "png"}}
+        async with httpx.AsyncClient(
+            base_url=gw.url,
+            timeout=90,
+            limits=limits,
+            headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
+        ) as c:
+            body = {
+                "input": {
+                    "inputImageUrl": f"{sim.url}/samples/portrait.jpg",
+                    "background": "office",
+                    "aspectRatio": "1:1",
+                    "outputFormat": "png",
+                }
+            }
             ids = []
             for _ in range(TASKS):
                 r = await c.post("/v1/tasks", json=body)
@@ -89,7 +104,8 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
                 done_at = (await c.get(f"/v1/tasks/{tid}")).json().get("completed_at")
                 if done_at:
                     finished[tid] = datetime.fromisoformat(
-                        done_at.replace("Z", "+00:00")).timestamp()
+                        done_at.replace("Z", "+00:00")
+                    ).timestamp()
         lat = []
         terminal = honoured = missed = 0
         for at, task, applied in arrivals:
@@ -104,11 +120,16 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
         return {
             "met": terminal == WAITERS and missed == 0 and p50 <= 50,
             "missed_wakeups": missed,
-            "waiters": WAITERS, "tasks": TASKS, "held_after_s": r2(held_after_s),
-            "rss_before_mb": r2(rss_before / 2**20), "rss_held_mb": r2(rss_held / 2**20),
+            "waiters": WAITERS,
+            "tasks": TASKS,
+            "held_after_s": r2(held_after_s),
+            "rss_before_mb": r2(rss_before / 2**20),
+            "rss_held_mb": r2(rss_held / 2**20),
             "kib_per_waiter": r2((rss_held - rss_before) / WAITERS / 1024),
-            "answered_terminal": terminal, "preference_applied": honoured,
-            "wake_p50_ms": r2(p50), "wake_p95_ms": r2(pct(lat, 95)),
+            "answered_terminal": terminal,
+            "preference_applied": honoured,
+            "wake_p50_ms": r2(p50),
+            "wake_p95_ms": r2(pct(lat, 95)),
             "wake_max_ms": r2(max(lat) if lat else None),
         }
     finally:

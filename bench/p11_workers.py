@@ -47,9 +47,14 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
     try:
         for rnd in range(rounds):
             row: dict[str, Any] = {}
-            for workers in ((1, 2) if rnd % 2 == 0 else (2, 1)):
-                gw = start_gateway(db=db, sim=sim, logdir=run.workdir, workers=workers,
-                                   output_hosts="127.0.0.1,cdn.wiro.ai")
+            for workers in (1, 2) if rnd % 2 == 0 else (2, 1):
+                gw = start_gateway(
+                    db=db,
+                    sim=sim,
+                    logdir=run.workdir,
+                    workers=workers,
+                    output_hosts="127.0.0.1,cdn.wiro.ai",
+                )
                 try:
                     await wait_idle(gw.cpu)  # every worker started, not only the first
 
@@ -60,53 +65,78 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
                         await wait_idle(gw.cpu)
                         return waited
 
-                    submit = build_request(gw.url, path="/v1/tasks", body=task_body(sim),
-                                           headers={"Authorization":
-                                                    f"Bearer {CLIENT_KEYS['alpha']}"})
+                    submit = build_request(
+                        gw.url,
+                        path="/v1/tasks",
+                        body=task_body(sim),
+                        headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
+                    )
 
                     async def same(n: int, raw: bytes = submit) -> list[bytes]:
                         return [raw]
 
-                    target = Target(f"workers_{workers}", gw.url, same, settle, 5.0,
-                                    cpus={"gateway": gw.cpu, "sim": sim.cpu})
+                    target = Target(
+                        f"workers_{workers}",
+                        gw.url,
+                        same,
+                        settle,
+                        5.0,
+                        cpus={"gateway": gw.cpu, "sim": sim.cpu},
+                    )
                     if workers not in starts:
                         starts[workers] = max(2.0, 0.4 * await estimate(target))
                     t0, c0 = time.monotonic(), gw.cpu()
-                    res = await search(target, starts[workers], step_s, min_n=min_n,
-                                       factor=1.3 if rnd == 0 else 1.15, refine=rnd == 0)
+                    res = await search(
+                        target,
+                        starts[workers],
+                        step_s,
+                        min_n=min_n,
+                        factor=1.3 if rnd == 0 else 1.15,
+                        refine=rnd == 0,
+                    )
                     res["cpu_share"] = round((gw.cpu() - c0) / (time.monotonic() - t0), 2)
                     res["worker_pids"] = gw.workers
                     row[f"workers_{workers}"] = res
                     starts[workers] = max(2.0, 0.87 * res["max_applied_rps"])
-                    say(f"  P11 round {rnd + 1}: --workers {workers}: max "
-                        f"{res['max_rps']}/s (applied {res['max_applied_rps']}/s)")
+                    say(
+                        f"  P11 round {rnd + 1}: --workers {workers}: max "
+                        f"{res['max_rps']}/s (applied {res['max_applied_rps']}/s)"
+                    )
                 finally:
                     gw.stop()
             one = row["workers_1"]["max_applied_rps"] or math.nan
             row["ratio"] = r2(row["workers_2"]["max_applied_rps"] / one, 3)
-            row["accept_ratio"] = r2(row["workers_2"]["max_rps"]
-                                     / (row["workers_1"]["max_rps"] or math.nan), 3)
+            row["accept_ratio"] = r2(
+                row["workers_2"]["max_rps"] / (row["workers_1"]["max_rps"] or math.nan), 3
+            )
             out["rounds"].append(row)
         rs = out["rounds"]
         c1 = cpu_per_request([r["workers_1"] for r in rs])
         c2 = cpu_per_request([r["workers_2"] for r in rs])
-        out.update({
-            "one_rps": r2(median([r["workers_1"]["max_applied_rps"] for r in rs]), 1),
-            "two_rps": r2(median([r["workers_2"]["max_applied_rps"] for r in rs]), 1),
-            "one_accept_rps": r2(median([r["workers_1"]["max_rps"] for r in rs]), 1),
-            "two_accept_rps": r2(median([r["workers_2"]["max_rps"] for r in rs]), 1),
-            "ratio": r2(median([r["ratio"] for r in rs]), 3),
-            "accept_ratio": r2(median([r["accept_ratio"] for r in rs]), 3),
-            "cpu_ms_one": c1.get("gateway"), "cpu_ms_two": c2.get("gateway"),
-            "sim_cpu_ms": c1.get("sim"), "target": ">= 1.6 x one process",
-        })
+        out.update(
+            {
+                "one_rps": r2(median([r["workers_1"]["max_applied_rps"] for r in rs]), 1),
+                "two_rps": r2(median([r["workers_2"]["max_applied_rps"] for r in rs]), 1),
+                "one_accept_rps": r2(median([r["workers_1"]["max_rps"] for r in rs]), 1),
+                "two_accept_rps": r2(median([r["workers_2"]["max_rps"] for r in rs]), 1),
+                "ratio": r2(median([r["ratio"] for r in rs]), 3),
+                "accept_ratio": r2(median([r["accept_ratio"] for r in rs]), 3),
+                "cpu_ms_one": c1.get("gateway"),
+                "cpu_ms_two": c2.get("gateway"),
+                "sim_cpu_ms": c1.get("sim"),
+                "target": ">= 1.6 x one process",
+            }
+        )
         out["met"] = bool((out["ratio"] or 0) >= 1.6)
-        out["invariants"] = await check_invariants(run, f"P11/{kind}", engine, sim,
-                                                   timeout=run.pick(120.0, 600.0))
+        out["invariants"] = await check_invariants(
+            run, f"P11/{kind}", engine, sim, timeout=run.pick(120.0, 600.0)
+        )
     finally:
         await engine.dispose()
         harness.stop(sim.proc)
         db.drop()
-    say(f"  P11 {kind}: 2 workers {out.get('two_rps')}/s vs 1 {out.get('one_rps')}/s = "
-        f"{out.get('ratio')}")
+    say(
+        f"  P11 {kind}: 2 workers {out.get('two_rps')}/s vs 1 {out.get('one_rps')}/s = "
+        f"{out.get('ratio')}"
+    )
     return out

@@ -41,8 +41,13 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
     ids: list[str] = []
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            wiro = WiroClient(base_url=sim.base, api_key=SIM_KEY, api_secret=SIM_SECRET,
-                              http=http, nonce_source=NonceSource(replica_slot=999))
+            wiro = WiroClient(
+                base_url=sim.base,
+                api_key=SIM_KEY,
+                api_secret=SIM_SECRET,
+                http=http,
+                nonce_source=NonceSource(replica_slot=999),
+            )
 
             async def via_gateway() -> float:
                 t = time.perf_counter()
@@ -54,8 +59,7 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
                 return dt
 
             async def direct() -> float:
-                cb = (f"{gw.url}/callbacks/wiro/{new_task_id()}/"
-                      f"{secrets.token_urlsafe(24)}")
+                cb = f"{gw.url}/callbacks/wiro/{new_task_id()}/{secrets.token_urlsafe(24)}"
                 t = time.perf_counter()
                 await wiro.run("wiro/professional-headshot", inputs, callback_url=cb)
                 return (time.perf_counter() - t) * 1000
@@ -73,8 +77,12 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
                     else:
                         d.append(await direct())
                         g.append(await via_gateway())
-                row = {"gateway_p50": pct(g, 50), "gateway_p99": pct(g, 99),
-                       "direct_p50": pct(d, 50), "direct_p99": pct(d, 99)}
+                row = {
+                    "gateway_p50": pct(g, 50),
+                    "gateway_p99": pct(g, 99),
+                    "direct_p50": pct(d, 50),
+                    "direct_p99": pct(d, 99),
+                }
                 row["added_p50"] = row["gateway_p50"] - row["direct_p50"]
                 row["added_p99"] = row["gateway_p99"] - row["direct_p99"]
                 row["ratio_p50"] = row["gateway_p50"] / row["direct_p50"]
@@ -88,16 +96,24 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
 
             await asyncio.gather(*(cancel(i) for i in ids))
         rv = out["round_values"]
-        for key in ("gateway_p50", "gateway_p99", "direct_p50", "direct_p99", "added_p50",
-                    "added_p99", "ratio_p50"):
+        for key in (
+            "gateway_p50",
+            "gateway_p99",
+            "direct_p50",
+            "direct_p99",
+            "added_p50",
+            "added_p99",
+            "ratio_p50",
+        ):
             out[key] = r2(median([r[key] for r in rv]))
         out["target"] = "added p50 <= 2 ms, p99 <= 10 ms"
         out["met"] = bool(out["added_p50"] <= 2 and out["added_p99"] <= 10)
-        out["invariants"] = await check_invariants(run, f"P1/{db.kind}", engine, sim,
-                                                   timeout=60)
+        out["invariants"] = await check_invariants(run, f"P1/{db.kind}", engine, sim, timeout=60)
     finally:
         gw.stop()
         await engine.dispose()
-    say(f"  P1 {db.kind}: added p50 {out['added_p50']} ms, p99 {out['added_p99']} ms "
-        f"(gateway p50 {out['gateway_p50']}, direct p50 {out['direct_p50']})")
+    say(
+        f"  P1 {db.kind}: added p50 {out['added_p50']} ms, p99 {out['added_p99']} ms "
+        f"(gateway p50 {out['gateway_p50']}, direct p50 {out['direct_p50']})"
+    )
     return out

@@ -36,10 +36,27 @@ STATUSES = [("succeeded", 90), ("failed", 6), ("cancelled", 3), ("timed_out", 1)
 CLIENTS = [("alpha", 50), ("beta", 30), ("root", 20)]
 USERS = 1000
 TABLES = ("tasks", "task_metadata")
-COLUMNS = ["id", "client", "model", "status", "status_rank", "input", "metadata",
-           "upstream_task_id", "upstream_status", "attempt", "outputs", "cost_usd",
-           "error_code", "error_message", "created_at", "updated_at", "completed_at",
-           "deadline_at", "retries"]
+COLUMNS = [
+    "id",
+    "client",
+    "model",
+    "status",
+    "status_rank",
+    "input",
+    "metadata",
+    "upstream_task_id",
+    "upstream_status",
+    "attempt",
+    "outputs",
+    "cost_usd",
+    "error_code",
+    "error_message",
+    "created_at",
+    "updated_at",
+    "completed_at",
+    "deadline_at",
+    "retries",
+]
 
 
 def _ulid(ms: int, rng: random.Random) -> str:
@@ -75,26 +92,46 @@ def rows(n: int, kind: str, seed: int = 1) -> list[tuple[Any, ...]]:
         done_s = ts(created + timedelta(seconds=20 + (i % 40)))
         st = statuses[i]
         up = str(10_000_000 + i)
-        inp = (f'{{"inputImageUrl": "https://img.example.com/u/{i % 99991}.jpg", '
-               f'"background": "office", "safetyTolerance": "2", "aspectRatio": "1:1", '
-               f'"seed": "{i % 1000}", "outputFormat": "png"}}')
+        inp = (
+            f'{{"inputImageUrl": "https://img.example.com/u/{i % 99991}.jpg", '
+            f'"background": "office", "safetyTolerance": "2", "aspectRatio": "1:1", '
+            f'"seed": "{i % 1000}", "outputFormat": "png"}}'
+        )
         meta = f'{{"user_id": "u_{users[i]:04d}", "source": "{("web", "ios", "android")[i % 3]}"}}'
         if st == "succeeded":
-            outputs = (f'[{{"name": "0.png", "content_type": "image/png", '
-                       f'"size": {1_200_000 + i % 1000}, '
-                       f'"url": "https://cdn1.wiro.ai/{up}/0.png", '
-                       f'"upstream_url": "https://cdn1.wiro.ai/{up}/0.png"}}]')
+            outputs = (
+                f'[{{"name": "0.png", "content_type": "image/png", '
+                f'"size": {1_200_000 + i % 1000}, '
+                f'"url": "https://cdn1.wiro.ai/{up}/0.png", '
+                f'"upstream_url": "https://cdn1.wiro.ai/{up}/0.png"}}]'
+            )
         else:
             outputs = "[]"
-        out.append((
-            _ulid(start_ms + off, rng), clients[i], "wiro/professional-headshot", st, 3, inp,
-            meta, up,
-            "task_postprocess_end" if st in ("succeeded", "failed") else "task_cancel",
-            1, outputs, "0.0123" if st == "succeeded" else None,
-            "upstream_failed" if st == "failed" else ("timed_out" if st == "timed_out" else None),
-            "RuntimeError: CUDA out of memory" if st == "failed" else None,
-            ts(created), done_s, done_s, ts(created + timedelta(hours=1)), 2,
-        ))
+        out.append(
+            (
+                _ulid(start_ms + off, rng),
+                clients[i],
+                "wiro/professional-headshot",
+                st,
+                3,
+                inp,
+                meta,
+                up,
+                "task_postprocess_end" if st in ("succeeded", "failed") else "task_cancel",
+                1,
+                outputs,
+                "0.0123" if st == "succeeded" else None,
+                "upstream_failed"
+                if st == "failed"
+                else ("timed_out" if st == "timed_out" else None),
+                "RuntimeError: CUDA out of memory" if st == "failed" else None,
+                ts(created),
+                done_s,
+                done_s,
+                ts(created + timedelta(hours=1)),
+                2,
+            )
+        )
     return out
 
 
@@ -108,21 +145,24 @@ def load_sqlite(path: str, data: list[tuple[Any, ...]]) -> None:
     conn = sqlite3.connect(path)
     try:
         conn.execute("PRAGMA synchronous=OFF")
-        where = (f"type='index' AND tbl_name IN ({', '.join(repr(t) for t in TABLES)}) "
-                 "AND sql IS NOT NULL")
+        where = (
+            f"type='index' AND tbl_name IN ({', '.join(repr(t) for t in TABLES)}) "
+            "AND sql IS NOT NULL"
+        )
         idx = [r[0] for r in conn.execute(f"SELECT sql FROM sqlite_master WHERE {where}")]
         names = [r[0] for r in conn.execute(f"SELECT name FROM sqlite_master WHERE {where}")]
         for name in names:
             conn.execute(f'DROP INDEX "{name}"')
-        sql = (f"INSERT INTO tasks ({', '.join(COLUMNS)}) "
-               f"VALUES ({', '.join('?' * len(COLUMNS))})")
+        sql = f"INSERT INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         meta = metadata_rows(data)
         with conn:
             for i in range(0, len(data), 20000):
-                conn.executemany(sql, data[i:i + 20000])
+                conn.executemany(sql, data[i : i + 20000])
             for i in range(0, len(meta), 20000):
-                conn.executemany("INSERT INTO task_metadata (task_id, key, value) "
-                                 "VALUES (?, ?, ?)", meta[i:i + 20000])
+                conn.executemany(
+                    "INSERT INTO task_metadata (task_id, key, value) VALUES (?, ?, ?)",
+                    meta[i : i + 20000],
+                )
         with conn:
             for ddl in idx:
                 conn.execute(ddl)
@@ -140,27 +180,32 @@ async def load_postgres(url: str, data: list[tuple[Any, ...]]) -> None:
             "SELECT i.indexname, i.indexdef FROM pg_indexes i "
             "WHERE i.tablename = ANY($1::text[]) "
             "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)",
-            list(TABLES))
+            list(TABLES),
+        )
         fks = await conn.fetch(
             "SELECT conname, pg_get_constraintdef(oid) AS def FROM pg_constraint "
-            "WHERE conrelid = 'task_metadata'::regclass AND contype = 'f'")
+            "WHERE conrelid = 'task_metadata'::regclass AND contype = 'f'"
+        )
         for r in idx:
             await conn.execute(f'DROP INDEX "{r["indexname"]}"')
         for r in fks:
             await conn.execute(f'ALTER TABLE task_metadata DROP CONSTRAINT "{r["conname"]}"')
         for i in range(0, len(data), 100_000):
-            await conn.copy_records_to_table("tasks", records=data[i:i + 100_000],
-                                             columns=COLUMNS)
+            await conn.copy_records_to_table(
+                "tasks", records=data[i : i + 100_000], columns=COLUMNS
+            )
         meta = metadata_rows(data)
         for i in range(0, len(meta), 200_000):
-            await conn.copy_records_to_table("task_metadata", records=meta[i:i + 200_000],
-                                             columns=["task_id", "key", "value"])
+            await conn.copy_records_to_table(
+                "task_metadata", records=meta[i : i + 200_000], columns=["task_id", "key", "value"]
+            )
         await conn.execute("SET maintenance_work_mem = '256MB'")
         for r in idx:
             await conn.execute(r["indexdef"])
         for r in fks:
             await conn.execute(
-                f'ALTER TABLE task_metadata ADD CONSTRAINT "{r["conname"]}" {r["def"]}')
+                f'ALTER TABLE task_metadata ADD CONSTRAINT "{r["conname"]}" {r["def"]}'
+            )
         for table in TABLES:
             await conn.execute(f"VACUUM ANALYZE {table}")
     finally:
@@ -190,8 +235,15 @@ async def _plans(db: Database, ctx: Any, queries: dict[str, dict[str, Any]]) -> 
         captured: list[Any] = []
         engine = ctx.sm.kw["bind"]
 
-        def grab(conn: Any, cursor: Any, statement: str, params: Any, context: Any,
-                 many: bool, _c: list[Any] = captured) -> None:
+        def grab(
+            conn: Any,
+            cursor: Any,
+            statement: str,
+            params: Any,
+            context: Any,
+            many: bool,
+            _c: list[Any] = captured,
+        ) -> None:
             _c.append((statement, params))
 
         event.listen(engine.sync_engine, "before_cursor_execute", grab)
@@ -231,9 +283,12 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
         engines.append(engine)
         settings = Settings(env="test", database_url=db.url, data_dir=run.workdir)
         ctxs[label] = t.Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=None)  # type: ignore[arg-type]
-    out: dict[str, Any] = {"rows_small": small_n, "rows_big": big_n,
-                           "load_s": {"small": r2(small_load, 1), "big": r2(big_load, 1)},
-                           "queries": {}}
+    out: dict[str, Any] = {
+        "rows_small": small_n,
+        "rows_big": big_n,
+        "load_s": {"small": r2(small_load, 1), "big": r2(big_load, 1)},
+        "queries": {},
+    }
     try:
         # Cursor 90 % down alpha's history, in each database.
         queries: dict[str, dict[str, dict[str, Any]]] = {"small": {}, "big": {}}
@@ -244,30 +299,42 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
         for label in ("small", "big"):
             engine = ctxs[label].sm.kw["bind"]
             async with engine.connect() as conn:
-                n_alpha = (await conn.execute(select(func.count()).select_from(Task)
-                                              .where(Task.client == "alpha"))).scalar_one()
-                deep_id = (await conn.execute(
-                    select(Task.id).where(Task.client == "alpha").order_by(Task.id.desc())
-                    .offset(int(n_alpha * 0.9)).limit(1))).scalar_one()
+                n_alpha = (
+                    await conn.execute(
+                        select(func.count()).select_from(Task).where(Task.client == "alpha")
+                    )
+                ).scalar_one()
+                deep_id = (
+                    await conn.execute(
+                        select(Task.id)
+                        .where(Task.client == "alpha")
+                        .order_by(Task.id.desc())
+                        .offset(int(n_alpha * 0.9))
+                        .limit(1)
+                    )
+                ).scalar_one()
             queries[label] = {
                 "first_page": {"client": "alpha", "limit": 50},
-                "deep_page": {"client": "alpha", "limit": 50,
-                              "cursor": t.encode_cursor(deep_id)},
-                "status_metadata": {"client": "alpha", "limit": 50,
-                                    "statuses": [Status.succeeded],
-                                    "metadata": {"user_id": "u_0042"}},
+                "deep_page": {"client": "alpha", "limit": 50, "cursor": t.encode_cursor(deep_id)},
+                "status_metadata": {
+                    "client": "alpha",
+                    "limit": 50,
+                    "statuses": [Status.succeeded],
+                    "metadata": {"user_id": "u_0042"},
+                },
             }
         for label in ("small", "big"):  # warm caches and statement caches
             for kw in queries[label].values():
                 for _ in range(5):
                     await t.list_tasks(ctxs[label], **kw)
         samples: dict[str, dict[str, list[float]]] = {
-            q: {"small": [], "big": []} for q in queries["small"]}
+            q: {"small": [], "big": []} for q in queries["small"]
+        }
         per_round: dict[str, list[dict[str, float]]] = {q: [] for q in samples}
         for rnd in range(rounds):
             for q in samples:
                 p95 = {}
-                for label in (("small", "big") if rnd % 2 == 0 else ("big", "small")):
+                for label in ("small", "big") if rnd % 2 == 0 else ("big", "small"):
                     xs = []
                     for _ in range(reps):
                         t0 = time.perf_counter()
@@ -275,8 +342,13 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
                         xs.append((time.perf_counter() - t0) * 1000)
                     samples[q][label] += xs
                     p95[label] = pct(xs, 95)
-                per_round[q].append({"small_p95": p95["small"], "big_p95": p95["big"],
-                                     "ratio": p95["big"] / p95["small"]})
+                per_round[q].append(
+                    {
+                        "small_p95": p95["small"],
+                        "big_p95": p95["big"],
+                        "ratio": p95["big"] / p95["small"],
+                    }
+                )
         for q, rs in per_round.items():
             rows_big = len((await t.list_tasks(ctxs["big"], **queries["big"][q]))[0])
             rows_small = len((await t.list_tasks(ctxs["small"], **queries["small"][q]))[0])
@@ -289,8 +361,10 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
             }
             res["met"] = bool(res["p95_ms_big"] <= 10 and res["ratio"] <= 1.5)
             out["queries"][q] = res
-            say(f"  P4 {kind} {q}: p95 {res['p95_ms_big']} ms at {big_n} vs "
-                f"{res['p95_ms_small']} ms at {small_n} (ratio {res['ratio']})")
+            say(
+                f"  P4 {kind} {q}: p95 {res['p95_ms_big']} ms at {big_n} vs "
+                f"{res['p95_ms_small']} ms at {small_n} (ratio {res['ratio']})"
+            )
         out["plans_big"] = await _plans(big, ctxs["big"], queries["big"])
         out["target"] = "p95 <= 10 ms at 1M; ratio <= 1.5"
         out["met"] = all(v["met"] for v in out["queries"].values())

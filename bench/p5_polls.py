@@ -45,8 +45,11 @@ from bench.harness import (
     task_body,
 )
 
-_TABLE = re.compile(r"^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+\"?(\w+)\"?"
-                    r"|\bFROM\s+\"?(\w+)\"?", re.IGNORECASE | re.DOTALL)
+_TABLE = re.compile(
+    r"^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+\"?(\w+)\"?"
+    r"|\bFROM\s+\"?(\w+)\"?",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 class StatementCounter:
@@ -58,8 +61,9 @@ class StatementCounter:
         self.rows_inserted: Counter[str] = Counter()
         self.commits = 0
 
-    def _on_execute(self, conn: Any, cursor: Any, statement: str, params: Any, context: Any,
-                    executemany: bool) -> None:
+    def _on_execute(
+        self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
+    ) -> None:
         verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
         m = _TABLE.search(statement)
         table = (m.group(1) or m.group(2)) if m else "-"
@@ -94,8 +98,9 @@ def _per_task(busy: Counter[Any], idle: Counter[Any], scale: float, n: int) -> d
     return dict(sorted(out.items()))
 
 
-async def _wave(c: httpx.AsyncClient, engine: Any, sim: Any, n: int, t_s: float,
-                timeout: float) -> dict[str, Any]:
+async def _wave(
+    c: httpx.AsyncClient, engine: Any, sim: Any, n: int, t_s: float, timeout: float
+) -> dict[str, Any]:
     """Submit ``n`` tasks, wait until all are terminal; their Detail calls and how long
     after the upstream finished them (``T`` after Run) the gateway noticed."""
     from app.models import Task
@@ -114,26 +119,43 @@ async def _wave(c: httpx.AsyncClient, engine: Any, sim: Any, n: int, t_s: float,
         left = await count_tasks(engine, terminal=False, ids=ids)
     details = (await asyncio.to_thread(sim.stats))["detail_calls"] - d0
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(Task.upstream_started_at, Task.completed_at)
-                                   .where(Task.id.in_(ids)))).all()
-    lags = [max(0.0, (done - started).total_seconds() - t_s)
-            for started, done in rows if started is not None and done is not None]
-    return {"tasks": n, "detail_calls": details, "detail_per_task": r2(details / n),
-            "lag_p50_s": r2(pct(lags, 50)) if lags else None,
-            "lag_max_s": r2(max(lags)) if lags else None, "not_terminal": left}
+        rows = (
+            await conn.execute(
+                select(Task.upstream_started_at, Task.completed_at).where(Task.id.in_(ids))
+            )
+        ).all()
+    lags = [
+        max(0.0, (done - started).total_seconds() - t_s)
+        for started, done in rows
+        if started is not None and done is not None
+    ]
+    return {
+        "tasks": n,
+        "detail_calls": details,
+        "detail_per_task": r2(details / n),
+        "lag_p50_s": r2(pct(lags, 50)) if lags else None,
+        "lag_max_s": r2(max(lags)) if lags else None,
+        "not_terminal": left,
+    }
 
 
 async def _one(run: Run, kind: str, healthy: bool, n: int, t_s: float) -> dict[str, Any]:
     label = f"{kind}/{'callbacks' if healthy else 'no-callbacks'}"
-    sim = await asyncio.to_thread(start_sim, run.workdir, queue_s=2.0, run_s=t_s - 2.0,
-                                  callback_drop=0.0 if healthy else 1.0)
+    sim = await asyncio.to_thread(
+        start_sim, run.workdir, queue_s=2.0, run_s=t_s - 2.0, callback_drop=0.0 if healthy else 1.0
+    )
     db = await asyncio.to_thread(new_database, kind, run.workdir, "p5")
     engine = bench_engine(db)
     timeout = t_s * 6 + 90  # the cold wave waits for its safety polls (≤ 60 s here)
     try:
-        async with in_process_gateway(db=db, sim=sim, data_dir=run.workdir,
-                                      poll_initial_s=3, poll_max_s=60,
-                                      output_hosts="127.0.0.1,cdn.wiro.ai") as gw:
+        async with in_process_gateway(
+            db=db,
+            sim=sim,
+            data_dir=run.workdir,
+            poll_initial_s=3,
+            poll_max_s=60,
+            output_hosts="127.0.0.1,cdn.wiro.ai",
+        ) as gw:
             plan = gw.app.state.ctx.polls
             with StatementCounter(gw.engine) as sc:
                 await asyncio.sleep(1.0)
@@ -144,8 +166,10 @@ async def _one(run: Run, kind: str, healthy: bool, n: int, t_s: float) -> dict[s
                 idle_s = time.monotonic() - t_idle0
                 idle = i1 - i0
                 async with httpx.AsyncClient(
-                        base_url=gw.url, timeout=60,
-                        headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}) as c:
+                    base_url=gw.url,
+                    timeout=60,
+                    headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
+                ) as c:
                     b0, rb0, cb0 = sc.snapshot()
                     t0 = time.monotonic()
                     # Wave 1: a fresh gateway, nothing finished yet (the cold start).
@@ -156,9 +180,11 @@ async def _one(run: Run, kind: str, healthy: bool, n: int, t_s: float) -> dict[s
                     while plan.refreshed_at == seen and time.monotonic() - t0 < timeout * 2:
                         await asyncio.sleep(0.1)
                     learned = await _wave(c, engine, sim, n, t_s, timeout)
-                    learned["plan_before"] = {True: "callbacks healthy",
-                                              False: "callbacks unhealthy",
-                                              None: "no history"}[plan.healthy]
+                    learned["plan_before"] = {
+                        True: "callbacks healthy",
+                        False: "callbacks unhealthy",
+                        None: "no history",
+                    }[plan.healthy]
                     learned["upstream_p95_s"] = plan.summary.p95_s
                     await asyncio.sleep(3.0)
                     b1, rb1, cb1 = sc.snapshot()
@@ -169,8 +195,9 @@ async def _one(run: Run, kind: str, healthy: bool, n: int, t_s: float) -> dict[s
         counts = {}
         async with engine.connect() as conn:
             for table in ("tasks", "task_attempts", "task_events"):
-                counts[table] = (await conn.execute(
-                    select(func.count()).select_from(text(table)))).scalar_one()
+                counts[table] = (
+                    await conn.execute(select(func.count()).select_from(text(table)))
+                ).scalar_one()
         scale = busy_s / idle_s
         busy = b1 - b0
         per_verb_busy: Counter[str] = Counter()
@@ -180,8 +207,10 @@ async def _one(run: Run, kind: str, healthy: bool, n: int, t_s: float) -> dict[s
         for (verb, _), v in idle.items():
             per_verb_idle[verb] += v
         res = {
-            "tasks": total, "task_duration_s": t_s,
-            "detail_calls": stats["detail_calls"], "runs": stats["runs"],
+            "tasks": total,
+            "task_duration_s": t_s,
+            "detail_calls": stats["detail_calls"],
+            "runs": stats["runs"],
             "detail_per_task": r2(stats["detail_calls"] / total),
             "waves": [cold, learned],
             "statements_per_task": _per_task(per_verb_busy, per_verb_idle, scale, total),
@@ -198,10 +227,12 @@ async def _one(run: Run, kind: str, healthy: bool, n: int, t_s: float) -> dict[s
         await engine.dispose()
         await asyncio.to_thread(stop, sim.proc)
         await asyncio.to_thread(db.drop)
-    say(f"  P5 {label}: {res['detail_per_task']} Detail/task (cold wave "
+    say(
+        f"  P5 {label}: {res['detail_per_task']} Detail/task (cold wave "
         f"{cold['detail_per_task']}, lag p50 {cold['lag_p50_s']} s; then "
         f"{learned['detail_per_task']}, lag p50 {learned['lag_p50_s']} s), "
-        f"{res['statements_per_task_total']} statements/task")
+        f"{res['statements_per_task_total']} statements/task"
+    )
     return res
 
 
@@ -211,8 +242,11 @@ async def measure(run: Run, kinds: list[str]) -> dict[str, Any]:
     bound = math.ceil(math.log2(t_s / 3)) + 2
     jobs = {(k, h): _one(run, k, h, n, t_s) for k in kinds for h in (True, False)}
     results = await asyncio.gather(*jobs.values(), return_exceptions=True)
-    out: dict[str, Any] = {"task_duration_s": t_s, "poll_initial_s": 3,
-                           "bound_without_callbacks": bound}
+    out: dict[str, Any] = {
+        "task_duration_s": t_s,
+        "poll_initial_s": 3,
+        "bound_without_callbacks": bound,
+    }
     for (kind, healthy), res in zip(jobs, results, strict=True):
         if isinstance(res, BaseException):
             raise res
@@ -223,10 +257,11 @@ async def measure(run: Run, kinds: list[str]) -> dict[str, Any]:
         d = out[kind]
         # Over all tasks, the cold wave included; without callbacks each wave on its own
         # must also stay within the bound.
-        d["met"] = bool(d["callbacks"]["detail_per_task"] <= 1
-                        and d["no_callbacks"]["detail_per_task"] <= bound
-                        and all(w["detail_per_task"] <= bound
-                                for w in d["no_callbacks"]["waves"]))
+        d["met"] = bool(
+            d["callbacks"]["detail_per_task"] <= 1
+            and d["no_callbacks"]["detail_per_task"] <= bound
+            and all(w["detail_per_task"] <= bound for w in d["no_callbacks"]["waves"])
+        )
     with contextlib.suppress(Exception):
         del jobs
     return out

@@ -46,17 +46,18 @@ async def _rss_median(gw: Any, seconds: float = 3.0) -> float:
     return statistics.median(xs)
 
 
-async def _submit_many(url: str, body: dict[str, Any], n: int, concurrency: int = 8
-                       ) -> list[str]:
+async def _submit_many(url: str, body: dict[str, Any], n: int, concurrency: int = 8) -> list[str]:
     ids: list[str] = []
     headers = {"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
     counter = iter(range(n))
     async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as c:
+
         async def worker() -> None:
             for _ in counter:
                 r = await c.post("/v1/tasks", json=body)
                 r.raise_for_status()
                 ids.append(r.json()["id"])
+
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return ids
 
@@ -65,9 +66,11 @@ async def _cancel_all(url: str, ids: list[str], concurrency: int = 8) -> None:
     headers = {"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
     it = iter(ids)
     async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as c:
+
         async def worker() -> None:
             for tid in it:
                 await c.post(f"/v1/tasks/{tid}/cancel")
+
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
@@ -83,18 +86,21 @@ def _slope_per_min(samples: list[tuple[float, float]]) -> float:
     return sxy / sxx * 60 if sxx else 0.0
 
 
-async def _one(run: Run, kind: str, n_inflight: int, soak_s: float, soak_rps: float,
-               warm: int) -> dict[str, Any]:
+async def _one(
+    run: Run, kind: str, n_inflight: int, soak_s: float, soak_rps: float, warm: int
+) -> dict[str, Any]:
     sim = await asyncio.to_thread(start_sim, run.workdir)
     db = await asyncio.to_thread(new_database, kind, run.workdir, "p6")
-    gw = await asyncio.to_thread(start_gateway, db=db, sim=sim, logdir=run.workdir,
-                                 output_hosts="127.0.0.1,cdn.wiro.ai")
+    gw = await asyncio.to_thread(
+        start_gateway, db=db, sim=sim, logdir=run.workdir, output_hosts="127.0.0.1,cdn.wiro.ai"
+    )
     engine = bench_engine(db)
     body = task_body(sim)
     out: dict[str, Any] = {}
     try:
         await _submit_many(gw.url, body, warm)
         from bench.common import wait_all_terminal
+
         await wait_all_terminal(engine, 120)
         await asyncio.sleep(2)
         idle = await _rss_median(gw)
@@ -124,8 +130,12 @@ async def _one(run: Run, kind: str, n_inflight: int, soak_s: float, soak_rps: fl
 
         sampler = asyncio.create_task(sample())
         pool = Pool(gw.url, max_conns=64)
-        raw = build_request(gw.url, path="/v1/tasks", body=body,
-                            headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"})
+        raw = build_request(
+            gw.url,
+            path="/v1/tasks",
+            body=body,
+            headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
+        )
         try:
             step = await open_loop(pool, [raw], rate=soak_rps, duration_s=soak_s, timeout=60)
         finally:
@@ -136,8 +146,11 @@ async def _one(run: Run, kind: str, n_inflight: int, soak_s: float, soak_rps: fl
         slope = _slope_per_min(tail)
         window_min = (tail[-1][0] - tail[0][0]) / 60 if len(tail) > 1 else 0.0
         out["soak"] = {
-            "seconds": soak_s, "offered_rps": soak_rps, "tasks": step.sent,
-            "non_2xx": step.non_2xx, "errors": step.errors,
+            "seconds": soak_s,
+            "offered_rps": soak_rps,
+            "tasks": step.sent,
+            "non_2xx": step.non_2xx,
+            "errors": step.errors,
             "rss_start_mib": r2(samples[0][1] / 2**20, 1) if samples else None,
             "rss_end_mib": r2(samples[-1][1] / 2**20, 1) if samples else None,
             "rss_max_mib": r2(max(v for _, v in samples) / 2**20, 1) if samples else None,
@@ -152,8 +165,10 @@ async def _one(run: Run, kind: str, n_inflight: int, soak_s: float, soak_rps: fl
         await asyncio.to_thread(stop, sim.proc)
         await engine.dispose()
         await asyncio.to_thread(db.drop)
-    say(f"  P6 {kind}: {out.get('per_task_kib')} KiB per in-flight task; soak slope "
-        f"{out.get('soak', {}).get('slope_kib_per_min')} KiB/min")
+    say(
+        f"  P6 {kind}: {out.get('per_task_kib')} KiB per in-flight task; soak slope "
+        f"{out.get('soak', {}).get('slope_kib_per_min')} KiB/min"
+    )
     return out
 
 
@@ -162,8 +177,9 @@ async def measure(run: Run, kinds: list[str]) -> dict[str, Any]:
     warm = run.pick(100, 200)
     soak_s = run.soak_s
     rps = 10.0
-    results = await asyncio.gather(*(_one(run, k, n, soak_s, rps, warm) for k in kinds),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(_one(run, k, n, soak_s, rps, warm) for k in kinds), return_exceptions=True
+    )
     out: dict[str, Any] = {"soak_s": soak_s, "target": "<= 32 KiB per task; no upward drift"}
     for kind, res in zip(kinds, results, strict=True):
         if isinstance(res, BaseException):

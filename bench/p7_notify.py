@@ -77,26 +77,40 @@ async def _one(run: Run, kind: str, n: int) -> dict[str, Any]:
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     receiver = Receiver(secret)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(receiver, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(receiver, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
     hook = f"http://127.0.0.1:{port}/hook"
     sim = await asyncio.to_thread(start_sim, run.workdir)
     db = await asyncio.to_thread(new_database, kind, run.workdir, "p7")
-    gw = await asyncio.to_thread(start_gateway, db=db, sim=sim, logdir=run.workdir,
-                                 webhook_secret=secret, allow_private_networks="true",
-                                 output_hosts="127.0.0.1,cdn.wiro.ai")
+    gw = await asyncio.to_thread(
+        start_gateway,
+        db=db,
+        sim=sim,
+        logdir=run.workdir,
+        webhook_secret=secret,
+        allow_private_networks="true",
+        output_hosts="127.0.0.1,cdn.wiro.ai",
+    )
     engine = bench_engine(db)
     out: dict[str, Any] = {}
     try:
         upstream: dict[str, str] = {}
-        async with httpx.AsyncClient(base_url=gw.url, timeout=60, headers={
-                "Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}) as c:
-            body = {"input": {"inputImageUrl": f"{sim.url}/samples/portrait.jpg",
-                              "background": "office", "aspectRatio": "1:1",
-                              "outputFormat": "png"}, "webhook_url": hook}
+        async with httpx.AsyncClient(
+            base_url=gw.url, timeout=60, headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
+        ) as c:
+            body = {
+                "input": {
+                    "inputImageUrl": f"{sim.url}/samples/portrait.jpg",
+                    "background": "office",
+                    "aspectRatio": "1:1",
+                    "outputFormat": "png",
+                },
+                "webhook_url": hook,
+            }
             for _ in range(n):
                 r = await c.post("/v1/tasks", json=body)
                 r.raise_for_status()
@@ -114,14 +128,23 @@ async def _one(run: Run, kind: str, n: int) -> dict[str, Any]:
                     t1 = time.time()
                     if rec.get("finished_after_s") is not None:
                         finished[tid] = (t0 + t1) / 2 - rec["age_s"] + rec["finished_after_s"]
-        lat = [(receiver.arrivals[t] - finished[t]) * 1000 for t in upstream
-               if t in receiver.arrivals and t in finished]
+        lat = [
+            (receiver.arrivals[t] - finished[t]) * 1000
+            for t in upstream
+            if t in receiver.arrivals and t in finished
+        ]
         stages = await _stages(engine, finished, receiver.arrivals)
-        out = {"tasks": n, "received": len(receiver.arrivals), "requests": receiver.count,
-               "bad_signatures": receiver.bad_signatures,
-               "p50_ms": r2(pct(lat, 50)), "p90_ms": r2(pct(lat, 90)),
-               "max_ms": r2(pct(lat, 100)), "latencies_ms": [r2(x, 1) for x in lat],
-               "stages_p50_ms": stages}
+        out = {
+            "tasks": n,
+            "received": len(receiver.arrivals),
+            "requests": receiver.count,
+            "bad_signatures": receiver.bad_signatures,
+            "p50_ms": r2(pct(lat, 50)),
+            "p90_ms": r2(pct(lat, 90)),
+            "max_ms": r2(pct(lat, 100)),
+            "latencies_ms": [r2(x, 1) for x in lat],
+            "stages_p50_ms": stages,
+        }
         out["invariants"] = await check_invariants(run, f"P7/{kind}", engine, sim)
     finally:
         await asyncio.to_thread(gw.stop)
@@ -133,8 +156,9 @@ async def _one(run: Run, kind: str, n: int) -> dict[str, Any]:
     return out
 
 
-async def _stages(engine: Any, finished: dict[str, float], arrived: dict[str, float]
-                  ) -> dict[str, Any]:
+async def _stages(
+    engine: Any, finished: dict[str, float], arrived: dict[str, float]
+) -> dict[str, Any]:
     """Where the time goes, from the gateway's own timestamps (same clock): upstream
     finished -> callback accepted (``hint_at``) -> terminal (``completed_at``) -> outputs
     stored (``task_outputs.stored_at``) -> notification received. Medians, ms."""
@@ -144,21 +168,32 @@ async def _stages(engine: Any, finished: dict[str, float], arrived: dict[str, fl
     try:
         async with engine.connect() as conn:
             for tid in finished:
-                row = (await conn.execute(text(
-                    "SELECT hint_at, completed_at FROM tasks WHERE id = :i"), {"i": tid})).first()
-                stored = (await conn.execute(text(
-                    "SELECT max(stored_at) FROM task_outputs WHERE task_id = :i"),
-                    {"i": tid})).scalar()
-                marks[tid] = {k: _epoch(v) for k, v in (("hint", row[0]), ("terminal", row[1]),
-                                                        ("stored", stored)) if v is not None}
+                row = (
+                    await conn.execute(
+                        text("SELECT hint_at, completed_at FROM tasks WHERE id = :i"), {"i": tid}
+                    )
+                ).first()
+                stored = (
+                    await conn.execute(
+                        text("SELECT max(stored_at) FROM task_outputs WHERE task_id = :i"),
+                        {"i": tid},
+                    )
+                ).scalar()
+                marks[tid] = {
+                    k: _epoch(v)
+                    for k, v in (("hint", row[0]), ("terminal", row[1]), ("stored", stored))
+                    if v is not None
+                }
     except Exception as e:  # the breakdown is a nicety; the schema may move
         return {"error": f"{type(e).__name__}: {e}"[:200]}
     out: dict[str, Any] = {}
-    for name, a, b in (("finished_to_callback", None, "hint"),
-                       ("callback_to_terminal", "hint", "terminal"),
-                       ("terminal_to_outputs_stored", "terminal", "stored"),
-                       ("outputs_stored_to_received", "stored", None),
-                       ("terminal_to_received", "terminal", None)):
+    for name, a, b in (
+        ("finished_to_callback", None, "hint"),
+        ("callback_to_terminal", "hint", "terminal"),
+        ("terminal_to_outputs_stored", "terminal", "stored"),
+        ("outputs_stored_to_received", "stored", None),
+        ("terminal_to_received", "terminal", None),
+    ):
         xs = []
         for tid, m in marks.items():
             start = finished.get(tid) if a is None else m.get(a)
@@ -192,8 +227,14 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
         return {"measured": False, "why": why, **res}
     res["measured"] = True
     res["target"] = "p50 <= 50 ms"
-    res["met"] = bool(res["received"] == n and res["bad_signatures"] == 0
-                      and res["p50_ms"] is not None and res["p50_ms"] <= 50)
-    say(f"  P7 {kind}: {res['received']}/{n} notifications, p50 {res['p50_ms']} ms, "
-        f"p90 {res['p90_ms']} ms")
+    res["met"] = bool(
+        res["received"] == n
+        and res["bad_signatures"] == 0
+        and res["p50_ms"] is not None
+        and res["p50_ms"] <= 50
+    )
+    say(
+        f"  P7 {kind}: {res['received']}/{n} notifications, p50 {res['p50_ms']} ms, "
+        f"p90 {res['p90_ms']} ms"
+    )
     return res

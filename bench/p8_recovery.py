@@ -70,8 +70,11 @@ async def _round(run: Run, kind: str, n: int, *, crash: bool) -> float | None:
     base = f"http://127.0.0.1:{port}"
     env = bin_env(**gateway_env(db=db, sim=sim, public_url=base, data_dir=run.workdir))
     args = ["serve", "--port", str(port)]
-    first = spawn(args, {**env, **({"GATEWAY_CRASH_AT": CRASH_AT} if crash else {})},
-                  run.workdir / f"{label}-1.log")
+    first = spawn(
+        args,
+        {**env, **({"GATEWAY_CRASH_AT": CRASH_AT} if crash else {})},
+        run.workdir / f"{label}-1.log",
+    )
     second = None
     try:
         wait_http(f"{base}/healthz", timeout=30.0, proc=first)
@@ -108,8 +111,10 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
             steady.append(base)
         if rec is not None:
             crashed.append(rec)
-        say(f"  P8 {kind} round {n + 1}: restart to all converged {r2(rec)} s "
-            f"(no crash: last submit to all converged {r2(base)} s)")
+        say(
+            f"  P8 {kind} round {n + 1}: restart to all converged {r2(rec)} s "
+            f"(no crash: last submit to all converged {r2(base)} s)"
+        )
     rec_s = median(crashed) if crashed else None
     base_s = median(steady) if steady else None
     return {

@@ -89,8 +89,9 @@ async def _rss_idle(pid: int, seconds: float = 1.0) -> int:
     return int(statistics.median(xs))
 
 
-async def _hostile(url: str, head: bytes, chunks: list[bytes] | bytes, n_chunks: int
-                   ) -> tuple[int, float, int]:
+async def _hostile(
+    url: str, head: bytes, chunks: list[bytes] | bytes, n_chunks: int
+) -> tuple[int, float, int]:
     """Send ``head``, then push ``n_chunks`` chunks as fast as the connection takes them
     until the answer starts; read the answer (head and body). Returns (status, seconds
     from the head to the answer's first byte, body bytes pushed)."""
@@ -134,8 +135,10 @@ async def _hostile(url: str, head: bytes, chunks: list[bytes] | bytes, n_chunks:
 
 
 def _head(key: str, extra: str) -> bytes:
-    return (f"POST /v1/uploads HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: multipart/form-data; boundary=x\r\n{extra}\r\n").encode()
+    return (
+        f"POST /v1/uploads HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: multipart/form-data; boundary=x\r\n{extra}\r\n"
+    ).encode()
 
 
 async def _wave(gw: Any, n: int, make: Any) -> dict[str, Any]:
@@ -150,12 +153,17 @@ async def _wave(gw: Any, n: int, make: Any) -> dict[str, Any]:
     for status, _, _ in out:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     answer_s = sorted(a for _, a, _ in out if a == a)
-    return {"clients": n, "statuses": statuses,
-            "answer_ms_p50": r2(1000 * statistics.median(answer_s)) if answer_s else None,
-            "answer_ms_max": r2(1000 * answer_s[-1]) if answer_s else None,
-            "pushed_mib_mean": r2(statistics.mean(p for _, _, p in out) / MIB),
-            "idle_rss_mib": r2(idle / MIB), "peak_rise_mib": r2((top - idle) / MIB),
-            "peak_from": "VmHWM" if peak.kernel else "sampled", "seconds": r2(elapsed)}
+    return {
+        "clients": n,
+        "statuses": statuses,
+        "answer_ms_p50": r2(1000 * statistics.median(answer_s)) if answer_s else None,
+        "answer_ms_max": r2(1000 * answer_s[-1]) if answer_s else None,
+        "pushed_mib_mean": r2(statistics.mean(p for _, _, p in out) / MIB),
+        "idle_rss_mib": r2(idle / MIB),
+        "peak_rise_mib": r2((top - idle) / MIB),
+        "peak_from": "VmHWM" if peak.kernel else "sampled",
+        "seconds": r2(elapsed),
+    }
 
 
 async def measure(run: Run, kind: str) -> dict[str, Any]:
@@ -164,25 +172,34 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
     db = new_database(kind, run.workdir, "p8")
     gw = start_gateway(db=db, sim=sim, logdir=run.workdir)
     try:
-        part = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
-                b"Content-Type: image/jpeg\r\n\r\n")
+        part = (
+            b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n"
+        )
         chunk = b"\0" * CHUNK
-        sized = [part + chunk[len(part):], chunk]
-        warm = await asyncio.gather(*(_hostile(
-            gw.url, _head("wrong", f"Content-Length: {CHUNK}\r\n"), sized, 1)
-            for _ in range(4)))
+        sized = [part + chunk[len(part) :], chunk]
+        warm = await asyncio.gather(
+            *(
+                _hostile(gw.url, _head("wrong", f"Content-Length: {CHUNK}\r\n"), sized, 1)
+                for _ in range(4)
+            )
+        )
         say(f"  warm-up answers: {[s for s, _, _ in warm]}")
 
         async def wrong_key(i: int) -> tuple[int, float, int]:
-            return await _hostile(gw.url, _head(f"hgw_wrong_{i}", f"Content-Length: {BODY}\r\n"),
-                                  sized, BODY // CHUNK)
+            return await _hostile(
+                gw.url, _head(f"hgw_wrong_{i}", f"Content-Length: {BODY}\r\n"), sized, BODY // CHUNK
+            )
 
         framed = [f"{len(c):x}\r\n".encode() + c + b"\r\n" for c in sized]
 
         async def over_limit(i: int) -> tuple[int, float, int]:
-            return await _hostile(gw.url, _head(CLIENT_KEYS["alpha"],
-                                                "Transfer-Encoding: chunked\r\n"),
-                                  framed, 11 * MIB // CHUNK + 2)
+            return await _hostile(
+                gw.url,
+                _head(CLIENT_KEYS["alpha"], "Transfer-Encoding: chunked\r\n"),
+                framed,
+                11 * MIB // CHUNK + 2,
+            )
 
         out = {"wrong_key": await _wave(gw, n, wrong_key)}
         say(f"  wrong key: {out['wrong_key']}")

@@ -86,8 +86,9 @@ class Target:
     cpus: dict[str, Callable[[], float]] = field(default_factory=dict)
 
 
-async def _run_step(t: Target, pool: Pool, rate: float, step_s: float, min_n: int
-                    ) -> dict[str, Any]:
+async def _run_step(
+    t: Target, pool: Pool, rate: float, step_s: float, min_n: int
+) -> dict[str, Any]:
     n = max(min_n, int(rate * step_s))
     reqs = await t.prepare(n)
     c0 = {k: f() for k, f in t.cpus.items()}
@@ -98,17 +99,26 @@ async def _run_step(t: Target, pool: Pool, rate: float, step_s: float, min_n: in
     if t.cpus and step.ok:
         # Everything each answer set off (for a submit: the task's whole life, its output
         # stored, until the process is idle again), in CPU milliseconds per answer.
-        row["cpu_ms_per_request"] = {k: round((f() - c0[k]) / step.ok * 1000, 2)
-                                     for k, f in t.cpus.items()}
-    row["pass"] = bool(step.errors == 0 and step.non_2xx == 0
-                       and step.pct(99) <= P99_LIMIT_MS)
-    row["pass_applied"] = bool(row["pass"] and (t.settle_limit_s is None
-                                                or settle <= t.settle_limit_s))
+        row["cpu_ms_per_request"] = {
+            k: round((f() - c0[k]) / step.ok * 1000, 2) for k, f in t.cpus.items()
+        }
+    row["pass"] = bool(step.errors == 0 and step.non_2xx == 0 and step.pct(99) <= P99_LIMIT_MS)
+    row["pass_applied"] = bool(
+        row["pass"] and (t.settle_limit_s is None or settle <= t.settle_limit_s)
+    )
     return row
 
 
-async def search(t: Target, start: float, step_s: float, *, factor: float, min_n: int,
-                 refine: bool = True, max_steps: int = 10) -> dict[str, Any]:
+async def search(
+    t: Target,
+    start: float,
+    step_s: float,
+    *,
+    factor: float,
+    min_n: int,
+    refine: bool = True,
+    max_steps: int = 10,
+) -> dict[str, Any]:
     """Step the offered rate up from ``start`` by ``factor`` until p99 > 250 ms, then (with
     ``refine``) try once between the last pass and the first failure. If the first step
     already fails, step down by ``factor`` until one passes."""
@@ -149,21 +159,28 @@ async def search(t: Target, start: float, step_s: float, *, factor: float, min_n
     finally:
         pool.close()
     best = max(passed, default=0.0)
-    return {"max_rps": round(best, 1), "max_applied_rps": round(_applied(passed), 1),
-            "steps": steps}
+    return {
+        "max_rps": round(best, 1),
+        "max_applied_rps": round(_applied(passed), 1),
+        "steps": steps,
+    }
 
 
 def cpu_per_request(searches: list[dict[str, Any]]) -> dict[str, float | None]:
     """Median CPU milliseconds per answer, by process, over the steps that passed (the
     ones below saturation, where the figure is a cost and not a queue)."""
-    rows = [st["cpu_ms_per_request"] for res in searches for st in res["steps"]
-            if st.get("pass") and "cpu_ms_per_request" in st]
+    rows = [
+        st["cpu_ms_per_request"]
+        for res in searches
+        for st in res["steps"]
+        if st.get("pass") and "cpu_ms_per_request" in st
+    ]
     names = sorted({k for row in rows for k in row})
     return {k: r2(median([row[k] for row in rows if k in row])) for k in names}
 
 
 def _applied(passed: dict[float, dict[str, Any]]) -> float:
-    """"Applied": the highest rate at which this and every slower step kept up."""
+    """ "Applied": the highest rate at which this and every slower step kept up."""
     applied = 0.0
     for r in sorted(passed):
         if not passed[r]["pass_applied"]:
@@ -176,8 +193,9 @@ async def estimate(t: Target, seconds: float = 2.0, count: int = 300) -> float:
     pool = Pool(t.url, max_conns=64)
     try:
         reqs = await t.prepare(count)
-        rps = await closed_loop(pool, reqs, concurrency=32, count=count,
-                                duration_s=600 if t.consumable else seconds)
+        rps = await closed_loop(
+            pool, reqs, concurrency=32, count=count, duration_s=600 if t.consumable else seconds
+        )
     finally:
         pool.close()
     await t.settle()
@@ -192,13 +210,21 @@ async def _finished_upstream_task(sim: Sim, gateway_url: str) -> tuple[str, byte
 
     inputs, _ = validate_input("wiro/professional-headshot", task_body(sim)["input"])
     async with httpx.AsyncClient(timeout=30) as http:
-        wiro = WiroClient(base_url=sim.base, api_key=SIM_KEY, api_secret=SIM_SECRET,
-                          http=http, nonce_source=NonceSource(replica_slot=998))
+        wiro = WiroClient(
+            base_url=sim.base,
+            api_key=SIM_KEY,
+            api_secret=SIM_SECRET,
+            http=http,
+            nonce_source=NonceSource(replica_slot=998),
+        )
         cb = f"{gateway_url}/callbacks/wiro/{new_task_id()}/{secrets.token_urlsafe(24)}"
         accepted = await wiro.run("wiro/professional-headshot", inputs, callback_url=cb)
         for _ in range(200):
-            r = await http.post(f"{sim.base}/Task/Detail", json={"taskid": accepted.task_id},
-                                headers=wiro.auth_headers())
+            r = await http.post(
+                f"{sim.base}/Task/Detail",
+                json={"taskid": accepted.task_id},
+                headers=wiro.auth_headers(),
+            )
             wire = r.json()["tasklist"][0]
             if wire["status"] == "task_postprocess_end":
                 return accepted.task_id, json.dumps(wire).encode()
@@ -206,19 +232,23 @@ async def _finished_upstream_task(sim: Sim, gateway_url: str) -> tuple[str, byte
     raise RuntimeError("the simulator task did not finish")
 
 
-async def measure(run: Run, db: Database, sim: Sim, *, burst_n: int | None = None
-                  ) -> dict[str, Any]:
+async def measure(
+    run: Run, db: Database, sim: Sim, *, burst_n: int | None = None
+) -> dict[str, Any]:
     rounds = run.pick(1, 3)
     step_s = run.pick(1.5, 2.0)
     min_n = run.pick(50, 100)
     burst_n = burst_n or run.pick(500, 5000)
     sim.reset(queue_s=0.2, run_s=0.5, callback_drop=0.0)
-    gw = start_gateway(db=db, sim=sim, logdir=run.workdir,
-                       output_hosts="127.0.0.1,cdn.wiro.ai")
+    gw = start_gateway(db=db, sim=sim, logdir=run.workdir, output_hosts="127.0.0.1,cdn.wiro.ai")
     base = start_baseline(db=db, logdir=run.workdir)
     engine = bench_engine(db)
-    submit = build_request(gw.url, path="/v1/tasks", body=task_body(sim),
-                           headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"})
+    submit = build_request(
+        gw.url,
+        path="/v1/tasks",
+        body=task_body(sim),
+        headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
+    )
     insert = build_request(base.url, path="/insert", body=task_body(sim))
     upstream_id, cb_body = await _finished_upstream_task(sim, gw.url)
 
@@ -236,43 +266,70 @@ async def measure(run: Run, db: Database, sim: Sim, *, burst_n: int | None = Non
     def same(raw: bytes) -> Callable[[int], Awaitable[list[bytes]]]:
         async def prep(n: int) -> list[bytes]:
             return [raw]
+
         return prep
 
     async def prepare_callbacks(n: int) -> list[bytes]:
         rows = await insert_submitted_tasks(engine, n, upstream_id=upstream_id)
-        return [build_request(gw.url, path=f"/callbacks/wiro/{tid}/{tok}", body=cb_body)
-                for tid, tok in rows]
+        return [
+            build_request(gw.url, path=f"/callbacks/wiro/{tid}/{tok}", body=cb_body)
+            for tid, tok in rows
+        ]
 
     targets = {
         "baseline": Target("baseline", base.url, same(insert), no_settle),
-        "submit": Target("submit", gw.url, same(submit), settle_gateway, 5.0,
-                         cpus={"gateway": gw.cpu, "sim": sim.cpu}),
-        "callback": Target("callback", gw.url, prepare_callbacks, settle_gateway, 2.0,
-                           consumable=True, cpus={"gateway": gw.cpu, "sim": sim.cpu}),
+        "submit": Target(
+            "submit",
+            gw.url,
+            same(submit),
+            settle_gateway,
+            5.0,
+            cpus={"gateway": gw.cpu, "sim": sim.cpu},
+        ),
+        "callback": Target(
+            "callback",
+            gw.url,
+            prepare_callbacks,
+            settle_gateway,
+            2.0,
+            consumable=True,
+            cpus={"gateway": gw.cpu, "sim": sim.cpu},
+        ),
     }
     out: dict[str, Any] = {"rounds": [], "step_s": step_s, "p99_limit_ms": P99_LIMIT_MS}
     try:
         starts = {}
         for name, t in targets.items():
             starts[name] = max(2.0, 0.4 * await estimate(t))
-        say(f"  P2/P3 {db.kind}: closed-loop estimates x0.4 "
-            + ", ".join(f"{k} {v:.0f}/s" for k, v in starts.items()))
+        say(
+            f"  P2/P3 {db.kind}: closed-loop estimates x0.4 "
+            + ", ".join(f"{k} {v:.0f}/s" for k, v in starts.items())
+        )
         order = list(targets)
         for rnd in range(rounds):
             row: dict[str, Any] = {}
-            for name in order[rnd % 3:] + order[:rnd % 3]:
+            for name in order[rnd % 3 :] + order[: rnd % 3]:
                 c0 = {"gateway": gw.cpu(), "baseline": base.cpu(), "sim": sim.cpu()}
                 t0 = time.monotonic()
-                res = await search(targets[name], starts[name], step_s, min_n=min_n,
-                                   factor=1.3 if rnd == 0 else 1.15, refine=rnd == 0)
+                res = await search(
+                    targets[name],
+                    starts[name],
+                    step_s,
+                    min_n=min_n,
+                    factor=1.3 if rnd == 0 else 1.15,
+                    refine=rnd == 0,
+                )
                 wall = time.monotonic() - t0
-                res["cpu_share"] = {k: round((f() - c0[k]) / wall, 2) for k, f in
-                                    (("gateway", gw.cpu), ("baseline", base.cpu),
-                                     ("sim", sim.cpu))}
+                res["cpu_share"] = {
+                    k: round((f() - c0[k]) / wall, 2)
+                    for k, f in (("gateway", gw.cpu), ("baseline", base.cpu), ("sim", sim.cpu))
+                }
                 row[name] = res
                 starts[name] = max(2.0, 0.87 * res["max_rps"])
-                say(f"  P2/P3 {db.kind} round {rnd + 1}: {name} max {res['max_rps']}/s "
-                    f"(applied {res['max_applied_rps']}/s), {len(res['steps'])} steps")
+                say(
+                    f"  P2/P3 {db.kind} round {rnd + 1}: {name} max {res['max_rps']}/s "
+                    f"(applied {res['max_applied_rps']}/s), {len(res['steps'])} steps"
+                )
             b = row["baseline"]["max_rps"] or math.nan
             row["submit_ratio"] = r2(row["submit"]["max_applied_rps"] / b, 3)
             row["callback_ratio"] = r2(row["callback"]["max_rps"] / b, 3)
@@ -297,25 +354,34 @@ async def measure(run: Run, db: Database, sim: Sim, *, burst_n: int | None = Non
             "target": ">= 1.0 x baseline; burst: 0 lost, 0 non-2xx",
         }
         out["P3"]["cpu_ms_per_callback"] = cpu_per_request([r["callback"] for r in rs])
-        out["P3"]["burst"] = await burst(engine, gw.url, upstream_id, cb_body, burst_n,
-                                         wait_s=run.pick(120.0, 300.0))
+        out["P3"]["burst"] = await burst(
+            engine, gw.url, upstream_id, cb_body, burst_n, wait_s=run.pick(120.0, 300.0)
+        )
         b = out["P3"]["burst"]
-        out["P3"]["met"] = bool((out["P3"]["ratio"] or 0) >= 1.0 and b["lost"] == 0
-                                and b["non_2xx"] == 0 and b["errors"] == 0)
-        out["invariants"] = await check_invariants(run, f"P2/P3/{db.kind}", engine, sim,
-                                                   timeout=run.pick(120.0, 600.0))
+        out["P3"]["met"] = bool(
+            (out["P3"]["ratio"] or 0) >= 1.0
+            and b["lost"] == 0
+            and b["non_2xx"] == 0
+            and b["errors"] == 0
+        )
+        out["invariants"] = await check_invariants(
+            run, f"P2/P3/{db.kind}", engine, sim, timeout=run.pick(120.0, 600.0)
+        )
     finally:
         gw.stop()
         base.stop()
         await engine.dispose()
-    say(f"  P2 {db.kind}: gateway {out['P2']['gateway_rps']}/s vs baseline "
+    say(
+        f"  P2 {db.kind}: gateway {out['P2']['gateway_rps']}/s vs baseline "
         f"{out['P2']['baseline_rps']}/s = {out['P2']['ratio']}; P3 ingest "
-        f"{out['P3']['ingest_rps']}/s = {out['P3']['ratio']}")
+        f"{out['P3']['ingest_rps']}/s = {out['P3']['ratio']}"
+    )
     return out
 
 
-async def burst(engine: Any, url: str, upstream_id: str, cb_body: bytes, n: int,
-                wait_s: float) -> dict[str, Any]:
+async def burst(
+    engine: Any, url: str, upstream_id: str, cb_body: bytes, n: int, wait_s: float
+) -> dict[str, Any]:
     """``n`` callbacks for ``n`` fresh tasks, fired within one second.
 
     Lost = answered 2xx but left no mark: the task is neither terminal nor marked due by
@@ -327,8 +393,9 @@ async def burst(engine: Any, url: str, upstream_id: str, cb_body: bytes, n: int,
 
     rows = await insert_submitted_tasks(engine, n, upstream_id=upstream_id)
     ids = [tid for tid, _ in rows]
-    reqs = [build_request(url, path=f"/callbacks/wiro/{tid}/{tok}", body=cb_body)
-            for tid, tok in rows]
+    reqs = [
+        build_request(url, path=f"/callbacks/wiro/{tid}/{tok}", body=cb_body) for tid, tok in rows
+    ]
     pool = Pool(url, max_conns=256)
     t0 = time.monotonic()
     try:
@@ -339,24 +406,40 @@ async def burst(engine: Any, url: str, upstream_id: str, cb_body: bytes, n: int,
     unmarked = 0
     async with engine.connect() as conn:
         for i in range(0, n, 500):
-            unmarked += (await conn.execute(
-                select(func.count()).select_from(Task).where(
-                    Task.id.in_(ids[i:i + 500]), Task.hint_at.is_(None),
-                    Task.status.not_in(("succeeded", "failed", "cancelled", "timed_out"))))
+            unmarked += (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(Task)
+                    .where(
+                        Task.id.in_(ids[i : i + 500]),
+                        Task.hint_at.is_(None),
+                        Task.status.not_in(("succeeded", "failed", "cancelled", "timed_out")),
+                    )
+                )
             ).scalar_one()
     left, waited = await wait_all_terminal(engine, wait_s, poll_s=0.5)
     res = {
-        "callbacks": n, "answered_2xx": step.ok, "non_2xx": step.non_2xx,
-        "errors": step.errors, "statuses": step.statuses, "lost": unmarked,
+        "callbacks": n,
+        "answered_2xx": step.ok,
+        "non_2xx": step.non_2xx,
+        "errors": step.errors,
+        "statuses": step.statuses,
+        "lost": unmarked,
         "all_answered_s": round(answered, 2),
         "all_applied_s": round(answered + waited, 2) if left == 0 else None,
-        "not_terminal_after_wait": left, "wait_s": wait_s,
+        "not_terminal_after_wait": left,
+        "wait_s": wait_s,
         "applied_per_s": round((n - left) / (answered + waited), 1),
-        "p50_ms": r2(step.pct(50)), "p99_ms": r2(step.pct(99)), "max_ms": r2(step.pct(100)),
-        "connections_opened": pool.opened, "generator_cpu_s": round(step.gen_cpu_s, 2),
+        "p50_ms": r2(step.pct(50)),
+        "p99_ms": r2(step.pct(99)),
+        "max_ms": r2(step.pct(100)),
+        "connections_opened": pool.opened,
+        "generator_cpu_s": round(step.gen_cpu_s, 2),
     }
-    say(f"  burst: {n} callbacks, {step.non_2xx} non-2xx, {step.errors} errors, "
+    say(
+        f"  burst: {n} callbacks, {step.non_2xx} non-2xx, {step.errors} errors, "
         f"{unmarked} lost; answered in {res['all_answered_s']} s; "
         f"{n - left} terminal after {answered + waited:.0f} s "
-        f"({res['applied_per_s']}/s)")
+        f"({res['applied_per_s']}/s)"
+    )
     return res

@@ -39,16 +39,21 @@ def include_object(obj, name, type_, reflected, compare_to) -> bool:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=True)
+    context.configure(
+        url=_url(), target_metadata=target_metadata, literal_binds=True, render_as_batch=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 
 
 def _do_run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata,
-                      render_as_batch=connection.dialect.name == "sqlite",
-                      compare_type=True, include_object=include_object)
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+        include_object=include_object,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -61,8 +66,9 @@ async def run_async_migrations() -> None:
                 # Every replica may run migrations at start-up: one at a time. The
                 # session-level lock is released when this connection closes, even if
                 # the process dies.
-                await connection.execute(text("SELECT pg_advisory_lock(:k)"),
-                                         {"k": MIGRATION_LOCK_KEY})
+                await connection.execute(
+                    text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY}
+                )
                 await connection.commit()
             await connection.run_sync(_do_run)
             await connection.commit()

@@ -36,18 +36,30 @@ from tests.procs import (
     wait_http,
 )
 
-__all__ = ["ROOT", "SIM_DEFAULTS", "Sim", "bin_env", "free_port", "spawn", "stop",
-           "wait_http"]  # the harness, for the tests that import it from here
+__all__ = [
+    "ROOT",
+    "SIM_DEFAULTS",
+    "Sim",
+    "bin_env",
+    "free_port",
+    "spawn",
+    "stop",
+    "wait_http",
+]  # the harness, for the tests that import it from here
 
 SIM_KEY, SIM_SECRET = "test-sim-key", "test-sim-secret"
-CLIENT_KEYS = {"alpha": "key-alpha-0123456789", "beta": "key-beta-0123456789",
-               "root": "key-root-0123456789"}
+CLIENT_KEYS = {
+    "alpha": "key-alpha-0123456789",
+    "beta": "key-beta-0123456789",
+    "root": "key-root-0123456789",
+}
 
 
 @pytest.fixture(scope="session")
 def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
-    sim = start_sim(tmp_path_factory.mktemp("sim") / "sim.log", api_key=SIM_KEY,
-                    api_secret=SIM_SECRET)
+    sim = start_sim(
+        tmp_path_factory.mktemp("sim") / "sim.log", api_key=SIM_KEY, api_secret=SIM_SECRET
+    )
     yield sim
     sim.stop()
 
@@ -58,8 +70,9 @@ def sim(sim_server: Sim) -> Sim:
     return sim_server
 
 
-PG_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL",
-                        "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get(
+    "GATEWAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
 _pg_state: dict[str, Any] = {}
 
 
@@ -143,16 +156,33 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 _db_counter = __import__("itertools").count()
 
 
-def gateway_settings(*, db_url: str, sim: Sim, public_url: str, data_dir: Path,
-                     **overrides: Any) -> Settings:
+def gateway_settings(
+    *, db_url: str, sim: Sim, public_url: str, data_dir: Path, **overrides: Any
+) -> Settings:
     values: dict[str, Any] = dict(
-        env="test", database_url=db_url, data_dir=data_dir, wiro_base_url=sim.base,
-        wiro_api_key=SIM_KEY, wiro_api_secret=SIM_SECRET, public_url=public_url,
-        api_keys=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()), admin_clients="root",
-        poll_initial_s=0.5, poll_max_s=2.0, task_timeout_s=60, lease_s=5, worker_idle_s=0.2,
-        dispatch_retry_initial_s=0.2, dispatch_retry_max_s=1.0, run_grace_s=5,
-        lost_grace_s=2, run_grace_unlisted_s=5, verdict_reread_s=0.3, wiro_read_timeout_s=5,
-        allow_private_networks=True, output_hosts="127.0.0.1",
+        env="test",
+        database_url=db_url,
+        data_dir=data_dir,
+        wiro_base_url=sim.base,
+        wiro_api_key=SIM_KEY,
+        wiro_api_secret=SIM_SECRET,
+        public_url=public_url,
+        api_keys=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
+        admin_clients="root",
+        poll_initial_s=0.5,
+        poll_max_s=2.0,
+        task_timeout_s=60,
+        lease_s=5,
+        worker_idle_s=0.2,
+        dispatch_retry_initial_s=0.2,
+        dispatch_retry_max_s=1.0,
+        run_grace_s=5,
+        lost_grace_s=2,
+        run_grace_unlisted_s=5,
+        verdict_reread_s=0.3,
+        wiro_read_timeout_s=5,
+        allow_private_networks=True,
+        output_hosts="127.0.0.1",
     )
     values.update(overrides)
     return Settings(**values)
@@ -172,8 +202,10 @@ class Gateway:
     def client(self, name: str = "alpha") -> httpx.AsyncClient:
         if name not in self.clients:
             self.clients[name] = httpx.AsyncClient(
-                base_url=self.url, timeout=30,
-                headers={"Authorization": f"Bearer {CLIENT_KEYS[name]}"})
+                base_url=self.url,
+                timeout=30,
+                headers={"Authorization": f"Bearer {CLIENT_KEYS[name]}"},
+            )
         return self.clients[name]
 
     async def close(self) -> None:
@@ -183,8 +215,9 @@ class Gateway:
             _, c = self.clients.popitem()
             await c.aclose()
 
-    async def wait_terminal(self, task_id: str, timeout: float = 30.0,
-                            client: str = "alpha") -> dict[str, Any]:
+    async def wait_terminal(
+        self, task_id: str, timeout: float = 30.0, client: str = "alpha"
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         status = "unknown"
         while True:
@@ -206,16 +239,18 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(*, db_url: str, sim: Sim, data_dir: Path, tracer_provider: Any = None,
-                      **overrides: Any) -> AsyncIterator[Gateway]:
+async def run_gateway(
+    *, db_url: str, sim: Sim, data_dir: Path, tracer_provider: Any = None, **overrides: Any
+) -> AsyncIterator[Gateway]:
     """The gateway in this event loop, under uvicorn on a free loopback port
     (``tracer_provider``: traced with it, as tests/test_tracing.py does)."""
     from app.main import create_app
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    settings = gateway_settings(db_url=db_url, sim=sim, public_url=url, data_dir=data_dir,
-                                **overrides)
+    settings = gateway_settings(
+        db_url=db_url, sim=sim, public_url=url, data_dir=data_dir, **overrides
+    )
     app = create_app(settings, tracer_provider=tracer_provider)
     async with serving(app, port):
         gw = Gateway(url=url, settings=settings, app=app)
@@ -232,8 +267,12 @@ async def gateway(db_url: str, sim: Sim, tmp_path: Path) -> AsyncIterator[Gatewa
 
 
 def task_body(sim: Sim, **input_overrides: Any) -> dict[str, Any]:
-    inp = {"inputImageUrl": sim.portrait, "background": "office", "aspectRatio": "1:1",
-           "outputFormat": "png"}
+    inp = {
+        "inputImageUrl": sim.portrait,
+        "background": "office",
+        "aspectRatio": "1:1",
+        "outputFormat": "png",
+    }
     inp.update(input_overrides)
     return {"input": inp}
 

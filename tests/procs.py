@@ -29,15 +29,35 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every simulator knob, reset to these before each test (and each benchmark step), so a
 # test sees the simulator it asks for whatever ran before it.
 SIM_DEFAULTS: dict[str, Any] = {
-    "queue_s": 0.2, "run_s": 0.6, "callback_drop": 0.0, "callback_duplicate": 0,
-    "callback_delay_s": 0.0, "callback_reorder": False, "callback_early": False,
-    "run_5xx_rate": 0.0, "run_429_rate": 0.0, "detail_5xx_rate": 0.0, "fail_rate": 0.0,
-    "lost_rate": 0.0, "task_error_s": 0.0, "task_error_fatal_rate": 0.0, "run_hang_s": 0.0,
-    "run_drop_connection": False, "max_concurrency": 0, "balance_exhausted": False,
-    "task_error_stuck_rate": 0.0, "run_server_error_rate": 0.0, "run_server_error_count": 0,
-    "run_server_error_status": 200, "omit_pexit": False, "task_list_enabled": True,
-    "task_list_callbackurl": True, "callback_body": "detail", "callback_retries": 3,
-    "sign_required": True, "nonce_reuse_rejected": True,
+    "queue_s": 0.2,
+    "run_s": 0.6,
+    "callback_drop": 0.0,
+    "callback_duplicate": 0,
+    "callback_delay_s": 0.0,
+    "callback_reorder": False,
+    "callback_early": False,
+    "run_5xx_rate": 0.0,
+    "run_429_rate": 0.0,
+    "detail_5xx_rate": 0.0,
+    "fail_rate": 0.0,
+    "lost_rate": 0.0,
+    "task_error_s": 0.0,
+    "task_error_fatal_rate": 0.0,
+    "run_hang_s": 0.0,
+    "run_drop_connection": False,
+    "max_concurrency": 0,
+    "balance_exhausted": False,
+    "task_error_stuck_rate": 0.0,
+    "run_server_error_rate": 0.0,
+    "run_server_error_count": 0,
+    "run_server_error_status": 200,
+    "omit_pexit": False,
+    "task_list_enabled": True,
+    "task_list_callbackurl": True,
+    "callback_body": "detail",
+    "callback_retries": 3,
+    "sign_required": True,
+    "nonce_reuse_rejected": True,
 }
 
 _children: list[subprocess.Popen[bytes]] = []
@@ -49,8 +69,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float = 20.0,
-              proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -72,19 +91,27 @@ def bin_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path, *, module: str = "app.cli",
-          cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+def spawn(
+    args: list[str], env: dict[str, str], log: Path, *, module: str = "app.cli", cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     """``python -m <module> <args>`` in ``cwd`` (its own process group, output to
     ``log``); remembered for ``stop_all``."""
     with open(log, "ab") as fh:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env,
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     _children.append(proc)
     return proc
 
 
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, *,
-         grace_s: float = 20.0) -> None:
+def stop(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, *, grace_s: float = 20.0
+) -> None:
     """Signal the process group and wait for it; SIGKILL after ``grace_s``."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -165,17 +192,26 @@ class Sim:
         stop(self.proc)
 
 
-def start_sim(log: Path, *, api_key: str, api_secret: str, cwd: Path = ROOT,
-              defaults: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-              **knobs: Any) -> Sim:
+def start_sim(
+    log: Path,
+    *,
+    api_key: str,
+    api_secret: str,
+    cwd: Path = ROOT,
+    defaults: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    **knobs: Any,
+) -> Sim:
     """A simulator on a free loopback port knowing ``api_key``/``api_secret``, its knobs
     set to ``defaults`` (else ``SIM_DEFAULTS``) + ``knobs``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = spawn(["simulate", "--port", str(port)],
-                 bin_env(SIM_API_KEY=api_key, SIM_API_SECRET=api_secret, SIM_PUBLIC_URL=url,
-                         **(env or {})),
-                 log, cwd=cwd)
+    proc = spawn(
+        ["simulate", "--port", str(port)],
+        bin_env(SIM_API_KEY=api_key, SIM_API_SECRET=api_secret, SIM_PUBLIC_URL=url, **(env or {})),
+        log,
+        cwd=cwd,
+    )
     try:
         wait_http(f"{url}/__sim/config", timeout=30.0, proc=proc)
     except BaseException:
@@ -195,8 +231,9 @@ async def serving(app: Any, port: int) -> AsyncIterator[Any]:
     (its lifespan included) until the block ends; yields the ``uvicorn.Server``."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

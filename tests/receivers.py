@@ -65,8 +65,7 @@ class Receiver:
     async def handle(self, request: Request) -> Response:
         body = await request.body()
         path = request.url.path
-        self.calls.append(Call(request.method, path, dict(request.headers), body,
-                               time.monotonic()))
+        self.calls.append(Call(request.method, path, dict(request.headers), body, time.monotonic()))
         queue = self.script.get(path)
         answer = queue.pop(0) if queue else self.default.get(path, Answer())
         if answer.delay_s:
@@ -77,12 +76,14 @@ class Receiver:
 @contextlib.asynccontextmanager
 async def serve_receiver(**_: Any) -> AsyncIterator[Receiver]:
     rec = Receiver()
-    app = Starlette(routes=[Route("/{path:path}", rec.handle,
-                                  methods=["GET", "POST", "PUT", "HEAD"])])
+    app = Starlette(
+        routes=[Route("/{path:path}", rec.handle, methods=["GET", "POST", "PUT", "HEAD"])]
+    )
     port = free_port()
     rec.url = f"http://127.0.0.1:{port}"
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
     serving = asyncio.create_task(server.serve())
     while not server.started:
         if serving.done():

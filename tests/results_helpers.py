@@ -23,18 +23,36 @@ from tests.conftest import Gateway
 SECRET = "whsec_" + base64.b64encode(b"results-tests-secret-0123456789ab").decode()
 
 
-async def finished_task(gw: Gateway, *, status: Status = Status.failed, client: str = "alpha",
-                        webhook_url: str | None = None,
-                        outputs: list[dict[str, Any]] | None = None,
-                        upstream_token: str | None = None,
-                        input_url: str = "https://example.com/me.jpg") -> str:
+async def finished_task(
+    gw: Gateway,
+    *,
+    status: Status = Status.failed,
+    client: str = "alpha",
+    webhook_url: str | None = None,
+    outputs: list[dict[str, Any]] | None = None,
+    upstream_token: str | None = None,
+    input_url: str = "https://example.com/me.jpg",
+) -> str:
     now = utcnow()
-    task = Task(id=tasks.new_task_id(now), client=client, model="wiro/professional-headshot",
-                status=Status.running.value, status_rank=Status.running.rank,
-                input={"inputImageUrl": input_url}, metadata_={}, webhook_url=webhook_url,
-                attempt=1, outputs=[], created_at=now, updated_at=now,
-                deadline_at=now + timedelta(hours=1), next_check_at=None, retries=0,
-                upstream_task_id="999", upstream_token=upstream_token)
+    task = Task(
+        id=tasks.new_task_id(now),
+        client=client,
+        model="wiro/professional-headshot",
+        status=Status.running.value,
+        status_rank=Status.running.rank,
+        input={"inputImageUrl": input_url},
+        metadata_={},
+        webhook_url=webhook_url,
+        attempt=1,
+        outputs=[],
+        created_at=now,
+        updated_at=now,
+        deadline_at=now + timedelta(hours=1),
+        next_check_at=None,
+        retries=0,
+        upstream_task_id="999",
+        upstream_token=upstream_token,
+    )
     values: dict[str, Any] = {}
     if status == Status.succeeded:
         values["outputs"] = outputs or []
@@ -43,30 +61,57 @@ async def finished_task(gw: Gateway, *, status: Status = Status.failed, client: 
     async with unit_of_work(gw.ctx.sm) as s:
         s.add(task)
         await s.flush()
-        kind = {Status.cancelled: EventKind.cancelled,
-                Status.timed_out: EventKind.timed_out}.get(status, EventKind.progressed)
-        assert await _writes.transition(s, task.id, status, kind=kind, source="poll",
-                                        now=now, message="made terminal by the test",
-                                        **values)
+        kind = {Status.cancelled: EventKind.cancelled, Status.timed_out: EventKind.timed_out}.get(
+            status, EventKind.progressed
+        )
+        assert await _writes.transition(
+            s,
+            task.id,
+            status,
+            kind=kind,
+            source="poll",
+            now=now,
+            message="made terminal by the test",
+            **values,
+        )
     return task.id
 
 
 async def deliveries(gw: Gateway, task_id: str) -> list[Delivery]:
     async with gw.ctx.sm() as s:
-        return list((await s.scalars(select(Delivery).where(Delivery.task_id == task_id)
-                                     .order_by(Delivery.id))).all())
+        return list(
+            (
+                await s.scalars(
+                    select(Delivery).where(Delivery.task_id == task_id).order_by(Delivery.id)
+                )
+            ).all()
+        )
 
 
 async def attempts(gw: Gateway, delivery_id: str) -> list[DeliveryAttempt]:
     async with gw.ctx.sm() as s:
-        return list((await s.scalars(select(DeliveryAttempt).where(
-            DeliveryAttempt.delivery_id == delivery_id).order_by(DeliveryAttempt.number))).all())
+        return list(
+            (
+                await s.scalars(
+                    select(DeliveryAttempt)
+                    .where(DeliveryAttempt.delivery_id == delivery_id)
+                    .order_by(DeliveryAttempt.number)
+                )
+            ).all()
+        )
 
 
 async def outputs_of(gw: Gateway, task_id: str) -> list[StoredOutput]:
     async with gw.ctx.sm() as s:
-        return list((await s.scalars(select(StoredOutput).where(
-            StoredOutput.task_id == task_id).order_by(StoredOutput.idx))).all())
+        return list(
+            (
+                await s.scalars(
+                    select(StoredOutput)
+                    .where(StoredOutput.task_id == task_id)
+                    .order_by(StoredOutput.idx)
+                )
+            ).all()
+        )
 
 
 async def events_of(gw: Gateway, task_id: str, source: str | None = None) -> list[Event]:

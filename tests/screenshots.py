@@ -59,13 +59,22 @@ async def _wait(gw: Gateway, task_id: str, statuses: set[str], client: str = "ro
 
 async def _seed(gw: Gateway, sim: Sim, hook: str) -> str:
     """Tasks of two clients in every state; returns the one to show on the task page."""
-    shown = await _submit(gw, sim, "alpha", webhook_url=hook,
-                          input={**task_body(sim)["input"], "background": "office",
-                                 "aspectRatio": "3:4"},
-                          metadata={"user_id": "u_1842", "order": "A-77"})
+    shown = await _submit(
+        gw,
+        sim,
+        "alpha",
+        webhook_url=hook,
+        input={**task_body(sim)["input"], "background": "office", "aspectRatio": "3:4"},
+        metadata={"user_id": "u_1842", "order": "A-77"},
+    )
     others = [
-        await _submit(gw, sim, "alpha", input={**task_body(sim)["input"], "background": bg},
-                      metadata={"user_id": f"u_{n}"})
+        await _submit(
+            gw,
+            sim,
+            "alpha",
+            input={**task_body(sim)["input"], "background": bg},
+            metadata={"user_id": f"u_{n}"},
+        )
         for n, bg in ((1843, "white"), (1844, "gray"), (1845, "neutral"))
     ]
     others.append(await _submit(gw, sim, "beta", metadata={"user_id": "b_17"}))
@@ -99,9 +108,11 @@ async def main(out: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="hgw-shots-"))
     port = free_port()
     sim_url = f"http://127.0.0.1:{port}"
-    proc = spawn(["simulate", "--port", str(port)],
-                 bin_env(SIM_API_KEY=SIM_KEY, SIM_API_SECRET=SIM_SECRET,
-                         SIM_PUBLIC_URL=sim_url), work / "sim.log")
+    proc = spawn(
+        ["simulate", "--port", str(port)],
+        bin_env(SIM_API_KEY=SIM_KEY, SIM_API_SECRET=SIM_SECRET, SIM_PUBLIC_URL=sim_url),
+        work / "sim.log",
+    )
     try:
         wait_http(f"{sim_url}/__sim/config", proc=proc)
         sim = Sim(url=sim_url, proc=proc)
@@ -109,17 +120,27 @@ async def main(out: Path) -> None:
         sim.configure(**{**SIM_DEFAULTS, "run_s": 1.0})
         db_url = f"sqlite+aiosqlite:///{work / 'gateway.db'}"
         await asyncio.to_thread(upgrade, db_url)
-        async with serve_receiver() as rec, run_gateway(
-                db_url=db_url, sim=sim, data_dir=work, output_hosts="127.0.0.1",
-                webhook_secret=SECRET, notify_retry_s="0,1") as gw:
+        async with (
+            serve_receiver() as rec,
+            run_gateway(
+                db_url=db_url,
+                sim=sim,
+                data_dir=work,
+                output_hosts="127.0.0.1",
+                webhook_secret=SECRET,
+                notify_retry_s="0,1",
+            ) as gw,
+        ):
             rec.on("/hooks/headshots", Answer(503, b"busy, try later"), default=Answer(204))
             shown = await _seed(gw, sim, f"{rec.url}/hooks/headshots")
             async with async_playwright() as p:
-                browser = await p.chromium.launch(executable_path=CHROMIUM,
-                                                  args=CHROMIUM_ARGS)
-                ctx = await browser.new_context(base_url=gw.url, timezone_id="Europe/Berlin",
-                                                viewport={"width": 1280, "height": 860},
-                                                locale="en-GB")
+                browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                ctx = await browser.new_context(
+                    base_url=gw.url,
+                    timezone_id="Europe/Berlin",
+                    viewport={"width": 1280, "height": 860},
+                    locale="en-GB",
+                )
                 page = await ctx.new_page()
                 await page.goto("/console/sign-in")
                 await page.screenshot(path=out / "sign-in.png")

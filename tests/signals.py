@@ -16,8 +16,9 @@ from app.lifecycle import TERMINAL_RANK
 from app.models import Task
 
 
-async def until(cond: Callable[[], Awaitable[bool]], *, timeout: float = 15.0,
-                what: str = "condition") -> None:
+async def until(
+    cond: Callable[[], Awaitable[bool]], *, timeout: float = 15.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while not await cond():
         if time.monotonic() > deadline:
@@ -37,8 +38,13 @@ async def schedule(gw: Any, task_id: str) -> tuple[datetime | None, str | None, 
     """``(next_check_at, lease_owner, retries, terminal)``: what the workers' ledger says
     about the task."""
     async with gw.ctx.sm() as s:
-        row = (await s.execute(select(Task.next_check_at, Task.lease_owner, Task.retries,
-                                      Task.status_rank).where(Task.id == task_id))).one()
+        row = (
+            await s.execute(
+                select(Task.next_check_at, Task.lease_owner, Task.retries, Task.status_rank).where(
+                    Task.id == task_id
+                )
+            )
+        ).one()
     return row[0], row[1], row[2], row[3] >= TERMINAL_RANK
 
 

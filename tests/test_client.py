@@ -66,17 +66,22 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def aclient(gw: Gateway, *, key: str = CLIENT_KEYS["alpha"],
-                  recorder: Recorder | None = None,
-                  transport: httpx.AsyncBaseTransport | None = None,
-                  **kwargs: Any) -> AsyncIterator[hc.AsyncClient]:
+async def aclient(
+    gw: Gateway,
+    *,
+    key: str = CLIENT_KEYS["alpha"],
+    recorder: Recorder | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[hc.AsyncClient]:
     """The client over an httpx client of ours, which we close too (a client given its
     ``http_client`` leaves it to its owner: left open, its sockets leaked)."""
-    async with httpx.AsyncClient(transport=transport, timeout=30,
-                                 event_hooks={"request": [recorder] if recorder else []}
-                                 ) as http:
-        async with hc.AsyncClient(base_url=gw.url, api_key=key, http_client=http,
-                                  **kwargs) as client:
+    async with httpx.AsyncClient(
+        transport=transport, timeout=30, event_hooks={"request": [recorder] if recorder else []}
+    ) as http:
+        async with hc.AsyncClient(
+            base_url=gw.url, api_key=key, http_client=http, **kwargs
+        ) as client:
             yield client
 
 
@@ -91,8 +96,9 @@ async def test_upload_submit_wait_succeeded_sync(gw: Gateway, sim: Sim, tmp_path
     def run() -> tuple[str, hc.Task, hc.Task]:
         with hc.Client(base_url=gw.url, api_key=CLIENT_KEYS["alpha"]) as client:
             url = client.upload(photo)
-            submitted = client.submit(input={"inputImageUrl": url, **INPUT},
-                                      metadata={"user_id": "u_1"})
+            submitted = client.submit(
+                input={"inputImageUrl": url, **INPUT}, metadata={"user_id": "u_1"}
+            )
             return url, submitted, client.wait(submitted.id, timeout=60)
 
     url, submitted, done = await asyncio.to_thread(run)
@@ -121,8 +127,7 @@ async def test_same_key_same_task_replayed(gw: Gateway, sim: Sim) -> None:
         b = await client.submit(input=inputs(sim))
         assert len({first.id, a.id, b.id}) == 3 and not a.replayed and not b.replayed
         with pytest.raises(hc.ValidationError) as err:  # same key, another body
-            await client.submit(input={**inputs(sim), "background": "studio"},
-                                idempotency_key=key)
+            await client.submit(input={**inputs(sim), "background": "studio"}, idempotency_key=key)
         assert err.value.status == 422
 
 
@@ -166,8 +171,10 @@ async def test_list_every_page_with_filters(gw: Gateway, sim: Sim) -> None:
     tag, other = uuid.uuid4().hex, uuid.uuid4().hex
     rec = Recorder()
     async with aclient(gw, recorder=rec) as client:
-        mine = [await client.submit(input=inputs(sim), metadata={"batch": tag, "n": str(i)})
-                for i in range(5)]
+        mine = [
+            await client.submit(input=inputs(sim), metadata={"batch": tag, "n": str(i)})
+            for i in range(5)
+        ]
         await client.submit(input=inputs(sim), metadata={"batch": other})
         for t in mine:
             assert (await client.wait(t.id, timeout=60)).status == hc.Status.SUCCEEDED
@@ -180,19 +187,28 @@ async def test_list_every_page_with_filters(gw: Gateway, sim: Sim) -> None:
         assert "cursor" not in pages[0].url.params and pages[1].url.params["cursor"]
         assert all(r.url.params["metadata.batch"] == tag for r in pages)
 
-        assert [t.id async for t in client.list(metadata={"batch": tag, "n": "3"})] == [
-            mine[3].id]
-        succeeded = [t async for t in client.list(status=["succeeded", "failed"],
-                                                  metadata={"batch": tag})]
+        assert [t.id async for t in client.list(metadata={"batch": tag, "n": "3"})] == [mine[3].id]
+        succeeded = [
+            t async for t in client.list(status=["succeeded", "failed"], metadata={"batch": tag})
+        ]
         assert len(succeeded) == 5
         assert [t async for t in client.list(status="queued", metadata={"batch": tag})] == []
         start = mine[0].created_at - timedelta(minutes=1)
-        assert len([t async for t in client.list(created_after=start,
-                                                 metadata={"batch": tag})]) == 5
-        assert [t async for t in client.list(created_before=start,
-                                             metadata={"batch": tag})] == []
-        assert len([t async for t in client.list(model="wiro/professional-headshot",
-                                                 metadata={"batch": tag})]) == 5
+        assert (
+            len([t async for t in client.list(created_after=start, metadata={"batch": tag})]) == 5
+        )
+        assert [t async for t in client.list(created_before=start, metadata={"batch": tag})] == []
+        assert (
+            len(
+                [
+                    t
+                    async for t in client.list(
+                        model="wiro/professional-headshot", metadata={"batch": tag}
+                    )
+                ]
+            )
+            == 5
+        )
         page = await client.list_page(metadata={"batch": tag}, limit=4)
         assert len(page.data) == 4 and page.next_cursor
         with pytest.raises(ValueError, match="timezone"):
@@ -223,7 +239,8 @@ async def test_wait_is_held_by_the_gateway_until_terminal(gw: Gateway, sim: Sim)
     assert done.status == hc.Status.SUCCEEDED
     # one request, held by the gateway until the task finished
     assert [(r.url.path, r.headers["prefer"]) for r in rec.requests] == [
-        (f"/v1/tasks/{task.id}", "wait=40")]
+        (f"/v1/tasks/{task.id}", "wait=40")
+    ]
 
 
 async def test_wait_timeout_returns_the_task_as_it_is(gw: Gateway, sim: Sim) -> None:
@@ -286,8 +303,12 @@ class DropFirstStream(httpx.AsyncBaseTransport):
             async def aclose(self) -> None:
                 await inner.aclose()
 
-        return httpx.Response(response.status_code, headers=response.headers, stream=Cut(),
-                              extensions=response.extensions)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=Cut(),
+            extensions=response.extensions,
+        )
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -352,14 +373,15 @@ async def test_errors_are_typed(gw: Gateway, sim: Sim, tmp_path: Path) -> None:
             await beta.get(task.id)
 
 
-async def test_rate_limit_429_is_retried_after_retry_after(sqlite_url: str, sim: Sim,
-                                                           tmp_path: Path) -> None:
+async def test_rate_limit_429_is_retried_after_retry_after(
+    sqlite_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """A real gateway's per-client rate limit: the client waits out each Retry-After."""
-    async with run_gateway(db_url=sqlite_url, sim=sim, data_dir=tmp_path,
-                           client_rate_burst_s=1.0) as gateway:
+    async with run_gateway(
+        db_url=sqlite_url, sim=sim, data_dir=tmp_path, client_rate_burst_s=1.0
+    ) as gateway:
         # A rate set for the client counts reads too (the default one only writes).
-        await clients.set_limits(gateway.ctx.sm, client="alpha", rate_per_s=2.0,
-                                 max_in_flight=None)
+        await clients.set_limits(gateway.ctx.sm, client="alpha", rate_per_s=2.0, max_in_flight=None)
         retry_afters: list[str] = []
         slept: list[float] = []
 
@@ -372,8 +394,9 @@ async def test_rate_limit_429_is_retried_after_retry_after(sqlite_url: str, sim:
             await asyncio.sleep(seconds)
 
         http = httpx.AsyncClient(timeout=30, event_hooks={"response": [seen]})
-        async with hc.AsyncClient(base_url=gateway.url, api_key=CLIENT_KEYS["alpha"],
-                                  http_client=http, max_retries=5) as client:
+        async with hc.AsyncClient(
+            base_url=gateway.url, api_key=CLIENT_KEYS["alpha"], http_client=http, max_retries=5
+        ) as client:
             client._sleep = sleep
             for _ in range(5):
                 with pytest.raises(hc.NotFound):
@@ -383,11 +406,19 @@ async def test_rate_limit_429_is_retried_after_retry_after(sqlite_url: str, sim:
     assert slept == [float(v) for v in retry_afters]
 
 
-async def test_verify_webhook_from_the_gateways_notifier(sqlite_url: str, sim: Sim,
-                                                        tmp_path: Path) -> None:
-    async with serve_receiver() as rec, run_gateway(
-            db_url=sqlite_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
-            notify_retry_s="0,0.2") as gateway:
+async def test_verify_webhook_from_the_gateways_notifier(
+    sqlite_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    async with (
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=sqlite_url,
+            sim=sim,
+            data_dir=tmp_path,
+            webhook_secret=SECRET,
+            notify_retry_s="0,0.2",
+        ) as gateway,
+    ):
         async with aclient(gateway) as client:
             task = await client.submit(input=inputs(sim), webhook_url=f"{rec.url}/hooks")
             [call] = await rec.wait_calls("/hooks", 1, timeout=60)
@@ -398,8 +429,7 @@ async def test_verify_webhook_from_the_gateways_notifier(sqlite_url: str, sim: S
             assert event.data == await client.get(task.id)
 
             with pytest.raises(hc.WebhookVerificationError):
-                hc.verify_webhook(call.body.replace(b"succeeded", b"failed"), call.headers,
-                                  SECRET)
+                hc.verify_webhook(call.body.replace(b"succeeded", b"failed"), call.headers, SECRET)
             other = "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQQ=="
             with pytest.raises(hc.WebhookVerificationError):
                 hc.verify_webhook(call.body, call.headers, other)
@@ -427,14 +457,21 @@ def test_verify_webhook_signed_by_standardwebhooks() -> None:
     task = json.loads((ROOT / "tests" / "fixtures" / "client_task.json").read_text())
     body = json.dumps({"type": "task.failed", "timestamp": task["updated_at"], "data": task})
     now = datetime.now(UTC)
-    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(int(now.timestamp())),
-               "webhook-signature": Webhook(SECRET).sign("msg_1", now, body)}
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Webhook(SECRET).sign("msg_1", now, body),
+    }
     event = hc.verify_webhook(body.encode(), headers, SECRET)
     assert event.type == "task.failed" and event.data.error == hc.TaskError(
-        code="upstream_failed", message="the model failed", upstream_code="1")
+        code="upstream_failed", message="the model failed", upstream_code="1"
+    )
     old = now - timedelta(minutes=10)
-    stale = {**headers, "webhook-timestamp": str(int(old.timestamp())),
-             "webhook-signature": Webhook(SECRET).sign("msg_1", old, body)}
+    stale = {
+        **headers,
+        "webhook-timestamp": str(int(old.timestamp())),
+        "webhook-signature": Webhook(SECRET).sign("msg_1", old, body),
+    }
     with pytest.raises(hc.WebhookVerificationError):
         hc.verify_webhook(body, stale, SECRET)
     with pytest.raises(ValueError, match="secret"):
@@ -459,17 +496,24 @@ def _model_fields(cls: type) -> dict[str, tuple[bool, bool]]:
     for f in dataclasses.fields(cls):
         if f.metadata.get("client_only"):
             continue
-        required = (f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         out[f.name] = (required, type(None) in typing.get_args(hints[f.name]))
     return out
 
 
-@pytest.mark.parametrize(("schema", "model"), [
-    ("TaskOut", hc.Task), ("TaskOutput", hc.Output), ("TaskError", hc.TaskError),
-    ("UpstreamRef", hc.Upstream), ("EventOut", hc.Event), ("TaskPage", hc.Page),
-    ("DeliveryOut", hc.Delivery), ("DeliveryAttemptOut", hc.DeliveryAttempt),
-])
+@pytest.mark.parametrize(
+    ("schema", "model"),
+    [
+        ("TaskOut", hc.Task),
+        ("TaskOutput", hc.Output),
+        ("TaskError", hc.TaskError),
+        ("UpstreamRef", hc.Upstream),
+        ("EventOut", hc.Event),
+        ("TaskPage", hc.Page),
+        ("DeliveryOut", hc.Delivery),
+        ("DeliveryAttemptOut", hc.DeliveryAttempt),
+    ],
+)
 def test_models_match_openapi(schema: str, model: type) -> None:
     """Every field of the API's schema is known to the client's dataclass and vice versa;
     a required API field has no default in the dataclass (an optional one has one); a
@@ -483,8 +527,7 @@ def test_models_match_openapi(schema: str, model: type) -> None:
             # Page serves the event list too, whose cursor may be absent
             assert mine[name][1]
             continue
-        assert mine[name] == (required, nullable), (schema, name, mine[name], (required,
-                                                                                nullable))
+        assert mine[name] == (required, nullable), (schema, name, mine[name], (required, nullable))
     # the event list is a Page too: every field it has, Page knows
     events = spec["components"]["schemas"]["EventList"]["properties"]
     assert set(events) <= {f.name for f in dataclasses.fields(hc.Page)}
@@ -494,11 +537,14 @@ def test_models_match_openapi(schema: str, model: type) -> None:
 
 
 def test_task_from_api_json() -> None:
-    task = hc.Task.from_dict(json.loads(
-        (ROOT / "tests" / "fixtures" / "client_task.json").read_text()) | {"new": "field"})
+    task = hc.Task.from_dict(
+        json.loads((ROOT / "tests" / "fixtures" / "client_task.json").read_text())
+        | {"new": "field"}
+    )
     assert task.status == hc.Status.FAILED and task.done
-    assert task.error == hc.TaskError(code="upstream_failed", message="the model failed",
-                                      upstream_code="1")
+    assert task.error == hc.TaskError(
+        code="upstream_failed", message="the model failed", upstream_code="1"
+    )
     assert task.cost_usd == Decimal("0.003510000000") and task.outputs == []
     assert task.created_at == datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
@@ -518,25 +564,31 @@ def task_json(task_id: str = "tsk_1", status: str = "running") -> dict[str, Any]
     return body | {"id": task_id, "status": status, "error": None}
 
 
-def mock_client(handler: Callable[[httpx.Request], httpx.Response],
-                **kwargs: Any) -> tuple[hc.Client, list[float]]:
+def mock_client(
+    handler: Callable[[httpx.Request], httpx.Response], **kwargs: Any
+) -> tuple[hc.Client, list[float]]:
     slept: list[float] = []
-    client = hc.Client(base_url="http://gw.test", api_key="k",
-                       http_client=httpx.Client(transport=httpx.MockTransport(handler)),
-                       **kwargs)
+    client = hc.Client(
+        base_url="http://gw.test",
+        api_key="k",
+        http_client=httpx.Client(transport=httpx.MockTransport(handler)),
+        **kwargs,
+    )
     client._sleep = slept.append
     return client, slept
 
 
 def problem(status: int, headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.Response(status, headers={"content-type": "application/problem+json",
-                                           **(headers or {})},
-                          json={"type": "about:blank", "title": "x", "status": status,
-                                "detail": "d"})
+    return httpx.Response(
+        status,
+        headers={"content-type": "application/problem+json", **(headers or {})},
+        json={"type": "about:blank", "title": "x", "status": status, "detail": "d"},
+    )
 
 
-def scripted(*answers: httpx.Response | Exception) -> tuple[
-        Callable[[httpx.Request], httpx.Response], list[httpx.Request]]:
+def scripted(
+    *answers: httpx.Response | Exception,
+) -> tuple[Callable[[httpx.Request], httpx.Response], list[httpx.Request]]:
     seen: list[httpx.Request] = []
     queue = list(answers)
 
@@ -551,9 +603,11 @@ def scripted(*answers: httpx.Response | Exception) -> tuple[
 
 
 def test_429_and_503_honour_retry_after() -> None:
-    handler, seen = scripted(problem(429, {"Retry-After": "2"}),
-                             problem(503, {"Retry-After": "1"}),
-                             httpx.Response(200, json=task_json()))
+    handler, seen = scripted(
+        problem(429, {"Retry-After": "2"}),
+        problem(503, {"Retry-After": "1"}),
+        httpx.Response(200, json=task_json()),
+    )
     client, slept = mock_client(handler)
     assert client.get("tsk_1").id == "tsk_1"
     assert slept == [2.0, 1.0] and len(seen) == 3
@@ -590,29 +644,46 @@ def test_what_is_not_safe_to_repeat_is_not_repeated() -> None:
     assert isinstance(err.value.__cause__, httpx.ReadError)
     assert len(seen) == len(seen2) == 1 and slept == slept2 == []
     # ... but a connection that never opened sent nothing: retried for any call
-    delivery = {"id": "d1", "type": "task.succeeded", "reason": "redeliver", "url": "u",
-                "status": "pending", "created_at": "2026-11-25T10:00:00Z",
-                "next_attempt_at": None, "finished_at": None, "attempts": []}
+    delivery = {
+        "id": "d1",
+        "type": "task.succeeded",
+        "reason": "redeliver",
+        "url": "u",
+        "status": "pending",
+        "created_at": "2026-11-25T10:00:00Z",
+        "next_attempt_at": None,
+        "finished_at": None,
+        "attempts": [],
+    }
     handler, seen3 = scripted(httpx.ConnectError("refused"), httpx.Response(202, json=delivery))
     client, slept3 = mock_client(handler)
     assert client.redeliver("tsk_1").id == "d1" and len(seen3) == 2 and len(slept3) == 1
 
 
 def test_submit_retries_with_one_key_and_a_problem_without_json() -> None:
-    handler, seen = scripted(httpx.ReadError("reset"), problem(503),
-                             httpx.Response(202, json=task_json()))
+    handler, seen = scripted(
+        httpx.ReadError("reset"), problem(503), httpx.Response(202, json=task_json())
+    )
     client, _ = mock_client(handler)
-    task = client.submit(input={"inputImageUrl": "https://x/y.jpg"}, model="m",
-                         webhook_url="https://h", metadata={"a": "b"})
+    task = client.submit(
+        input={"inputImageUrl": "https://x/y.jpg"},
+        model="m",
+        webhook_url="https://h",
+        metadata={"a": "b"},
+    )
     assert task.id == "tsk_1" and len(seen) == 3
     assert len({r.headers["idempotency-key"] for r in seen}) == 1
-    assert json.loads(seen[0].content) == {"input": {"inputImageUrl": "https://x/y.jpg"},
-                                           "model": "m", "webhook_url": "https://h",
-                                           "metadata": {"a": "b"}}
+    assert json.loads(seen[0].content) == {
+        "input": {"inputImageUrl": "https://x/y.jpg"},
+        "model": "m",
+        "webhook_url": "https://h",
+        "metadata": {"a": "b"},
+    }
     assert seen[0].headers["authorization"] == "Bearer k"
     # the same key still in flight (409) is waited out on submit, not on other calls
-    handler, seen = scripted(problem(409), httpx.Response(200, json=task_json(),
-                                                          headers={"Idempotent-Replayed": "true"}))
+    handler, seen = scripted(
+        problem(409), httpx.Response(200, json=task_json(), headers={"Idempotent-Replayed": "true"})
+    )
     client, slept = mock_client(handler)
     assert client.submit(input={}, idempotency_key="k1").replayed and len(slept) == 1
     assert [r.headers["idempotency-key"] for r in seen] == ["k1", "k1"]
@@ -635,9 +706,11 @@ HELD = {"preference-applied": "wait=60"}
 
 
 def test_wait_holds_in_chunks_of_at_most_60_s() -> None:
-    handler, seen = scripted(httpx.Response(200, headers=HELD, json=task_json()),
-                             httpx.Response(200, headers=HELD, json=task_json()),
-                             httpx.Response(200, headers=HELD, json=task_json(status="succeeded")))
+    handler, seen = scripted(
+        httpx.Response(200, headers=HELD, json=task_json()),
+        httpx.Response(200, headers=HELD, json=task_json()),
+        httpx.Response(200, headers=HELD, json=task_json(status="succeeded")),
+    )
     client, slept = mock_client(handler)
     assert client.wait("tsk_1").status == hc.Status.SUCCEEDED
     assert [r.headers["prefer"] for r in seen] == ["wait=60"] * 3
@@ -666,8 +739,10 @@ def test_wait_returns_the_task_when_the_timeout_runs_out() -> None:
 
 
 async def test_async_wait_and_list_pages() -> None:
-    pages = {None: {"data": [task_json("tsk_3"), task_json("tsk_2")], "next_cursor": "c1"},
-             "c1": {"data": [task_json("tsk_1")], "next_cursor": None}}
+    pages = {
+        None: {"data": [task_json("tsk_3"), task_json("tsk_2")], "next_cursor": "c1"},
+        "c1": {"data": [task_json("tsk_1")], "next_cursor": None},
+    }
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -677,10 +752,10 @@ async def test_async_wait_and_list_pages() -> None:
         return httpx.Response(200, json=task_json(status="succeeded"))
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    async with hc.AsyncClient(base_url="http://gw.test/", api_key="k",
-                              http_client=http) as client:
-        ids = [t.id async for t in client.list(status=["failed", "cancelled"], limit=2,
-                                               client="beta")]
+    async with hc.AsyncClient(base_url="http://gw.test/", api_key="k", http_client=http) as client:
+        ids = [
+            t.id async for t in client.list(status=["failed", "cancelled"], limit=2, client="beta")
+        ]
         assert ids == ["tsk_3", "tsk_2", "tsk_1"]
         assert seen[0].url.params.get_list("status") == ["failed", "cancelled"]
         assert seen[0].url.params["client"] == "beta" and seen[1].url.params["cursor"] == "c1"
@@ -697,8 +772,14 @@ def sse(*events: dict[str, Any]) -> bytes:
 
 
 def ev(i: int, status: str | None = None, source: str = "poll") -> dict[str, Any]:
-    return {"id": i, "at": f"2026-11-25T10:00:0{i}Z", "source": source, "status": status,
-            "upstream_status": None, "message": None}
+    return {
+        "id": i,
+        "at": f"2026-11-25T10:00:0{i}Z",
+        "source": source,
+        "status": status,
+        "upstream_status": None,
+        "message": None,
+    }
 
 
 class Dropping(httpx.SyncByteStream, httpx.AsyncByteStream):
@@ -725,13 +806,25 @@ STREAM = {"content-type": "text/event-stream"}
 def stream_script() -> tuple[Callable[[httpx.Request], httpx.Response], list[httpx.Request]]:
     return scripted(
         # heartbeat comments, an event split across chunks, then the connection drops
-        httpx.Response(200, headers=STREAM, stream=Dropping(
-            b"retry: 3000\n\n: hello\n\n", sse(ev(1, "pending", "api"))[:20],
-            sse(ev(1, "pending", "api"))[20:],
-            b": keep-alive\n\n", sse(ev(2, "queued", "dispatcher")))),
+        httpx.Response(
+            200,
+            headers=STREAM,
+            stream=Dropping(
+                b"retry: 3000\n\n: hello\n\n",
+                sse(ev(1, "pending", "api"))[:20],
+                sse(ev(1, "pending", "api"))[20:],
+                b": keep-alive\n\n",
+                sse(ev(2, "queued", "dispatcher")),
+            ),
+        ),
         problem(503),  # the reconnection is refused once (retried like any read)
-        httpx.Response(200, headers=STREAM, stream=Dropping(
-            sse(ev(3, "running"), ev(4, "succeeded"), ev(5, None, "delivery")), drop=False)),
+        httpx.Response(
+            200,
+            headers=STREAM,
+            stream=Dropping(
+                sse(ev(3, "running"), ev(4, "succeeded"), ev(5, None, "delivery")), drop=False
+            ),
+        ),
     )
 
 
@@ -740,7 +833,12 @@ def test_stream_resumes_with_last_event_id_and_ends_after_terminal() -> None:
     client, slept = mock_client(handler)
     events = list(client.stream("tsk_1"))
     assert [(e.id, e.status) for e in events] == [
-        (1, "pending"), (2, "queued"), (3, "running"), (4, "succeeded"), (5, None)]
+        (1, "pending"),
+        (2, "queued"),
+        (3, "running"),
+        (4, "succeeded"),
+        (5, None),
+    ]
     assert events[3].terminal and isinstance(events[0], hc.Event)
     assert [r.headers["accept"] for r in seen] == ["text/event-stream"] * 3
     assert "last-event-id" not in seen[0].headers
@@ -752,8 +850,7 @@ def test_stream_resumes_with_last_event_id_and_ends_after_terminal() -> None:
 async def test_async_stream_resumes_and_ends() -> None:
     handler, seen = stream_script()
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    async with hc.AsyncClient(base_url="http://gw.test", api_key="k",
-                              http_client=http) as client:
+    async with hc.AsyncClient(base_url="http://gw.test", api_key="k", http_client=http) as client:
         client._sleep = _no_sleep
         ids = [e.id async for e in client.stream("tsk_1")]
     await http.aclose()
@@ -762,16 +859,19 @@ async def test_async_stream_resumes_and_ends() -> None:
 
 def test_stream_closed_early_on_a_finished_task_catches_up_from_the_list() -> None:
     handler, seen = scripted(
-        httpx.Response(200, headers=STREAM, stream=Dropping(sse(ev(1, "pending", "api")),
-                                                            drop=False)),
+        httpx.Response(
+            200, headers=STREAM, stream=Dropping(sse(ev(1, "pending", "api")), drop=False)
+        ),
         httpx.Response(200, json=task_json(status="cancelled")),
-        httpx.Response(200, json={"data": [ev(1, "pending", "api"), ev(2, "cancelled",
-                                                                       "cancel")]}),
+        httpx.Response(200, json={"data": [ev(1, "pending", "api"), ev(2, "cancelled", "cancel")]}),
     )
     client, _ = mock_client(handler)
     assert [e.id for e in client.stream("tsk_1")] == [1, 2]
-    assert [r.url.path for r in seen] == ["/v1/tasks/tsk_1/events", "/v1/tasks/tsk_1",
-                                          "/v1/tasks/tsk_1/events"]
+    assert [r.url.path for r in seen] == [
+        "/v1/tasks/tsk_1/events",
+        "/v1/tasks/tsk_1",
+        "/v1/tasks/tsk_1/events",
+    ]
 
 
 def test_stream_gives_up_after_max_retries_and_refuses_json() -> None:

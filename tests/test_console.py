@@ -48,8 +48,7 @@ async def submit(gw: Gateway, sim: Sim, client: str = "alpha", **fields) -> str:
     return r.json()["id"]
 
 
-async def wait_status(gw: Gateway, task_id: str, wanted: set[str], timeout: float = 20.0
-                      ) -> dict:
+async def wait_status(gw: Gateway, task_id: str, wanted: set[str], timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         body = (await gw.client("root").get(f"/v1/tasks/{task_id}")).json()
@@ -114,32 +113,44 @@ async def test_sign_out_ends_the_session_on_the_server(gateway: Gateway) -> None
 
 async def test_next_is_never_an_open_redirect(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.url) as c:
-        for evil in ("https://evil.example/", "//evil.example/console/", "/v1/tasks",
-                     "/console/\\evil"):
-            r = await c.post("/console/sign-in", data={"key": CLIENT_KEYS["alpha"],
-                                                       "next": evil})
+        for evil in (
+            "https://evil.example/",
+            "//evil.example/console/",
+            "/v1/tasks",
+            "/console/\\evil",
+        ):
+            r = await c.post("/console/sign-in", data={"key": CLIENT_KEYS["alpha"], "next": evil})
             assert r.headers["location"] == "/console/tasks", evil
 
 
 async def test_sign_in_from_another_origin_is_refused(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.url) as c:
-        r = await c.post("/console/sign-in", data={"key": CLIENT_KEYS["alpha"]},
-                         headers={"Origin": "https://evil.example"})
+        r = await c.post(
+            "/console/sign-in",
+            data={"key": CLIENT_KEYS["alpha"]},
+            headers={"Origin": "https://evil.example"},
+        )
         assert r.status_code == 403
         assert "set-cookie" not in r.headers
 
 
 async def test_secure_cookie_when_the_public_url_is_https(db_url: str, tmp_path: Path) -> None:
-    settings = Settings(env="test", database_url=db_url, data_dir=tmp_path,
-                        public_url="https://gateway.example",
-                        api_keys=f"alpha={CLIENT_KEYS['alpha']}")
+    settings = Settings(
+        env="test",
+        database_url=db_url,
+        data_dir=tmp_path,
+        public_url="https://gateway.example",
+        api_keys=f"alpha={CLIENT_KEYS['alpha']}",
+    )
     app = create_app(settings, start_workers=False)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport,
-                                     base_url="https://gateway.example") as c:
-            r = await c.post("/console/sign-in", data={"key": CLIENT_KEYS["alpha"]},
-                             headers={"Origin": "https://gateway.example"})
+        async with httpx.AsyncClient(transport=transport, base_url="https://gateway.example") as c:
+            r = await c.post(
+                "/console/sign-in",
+                data={"key": CLIENT_KEYS["alpha"]},
+                headers={"Origin": "https://gateway.example"},
+            )
             assert r.status_code == 303
             attrs = {a.strip().lower() for a in r.headers["set-cookie"].split(";")[1:]}
             assert "secure" in attrs and "httponly" in attrs
@@ -163,7 +174,8 @@ async def test_pages_carry_security_headers(gateway: Gateway) -> None:
 
 
 async def test_cancel_needs_the_session_csrf_token_and_a_confirmation(
-        gateway: Gateway, sim: Sim) -> None:
+    gateway: Gateway, sim: Sim
+) -> None:
     sim.configure(run_s=30)
     task_id = await submit(gateway, sim)
     await wait_status(gateway, task_id, {"queued", "running"})
@@ -171,9 +183,11 @@ async def test_cancel_needs_the_session_csrf_token_and_a_confirmation(
     csrf = await csrf_of(c, f"/console/tasks/{task_id}")
     url = f"/console/tasks/{task_id}/cancel"
 
-    for data, headers in (({"confirmed": "1"}, {}),
-                          ({"confirmed": "1", "csrf": "forged"}, {}),
-                          ({"confirmed": "1", "csrf": csrf}, {"Origin": "https://evil.example"})):
+    for data, headers in (
+        ({"confirmed": "1"}, {}),
+        ({"confirmed": "1", "csrf": "forged"}, {}),
+        ({"confirmed": "1", "csrf": csrf}, {"Origin": "https://evil.example"}),
+    ):
         r = await c.post(url, data=data, headers=headers)
         assert r.status_code == 403, (data, headers)
         assert "Form expired" in r.text
@@ -255,8 +269,10 @@ async def test_filters_and_keyset_paging(gateway: Gateway, sim: Sim) -> None:
     assert r.status_code == 422 and "Unknown status" in r.text
 
     # Dates are days in the viewer's zone; the range is inclusive.
-    r = await c.get("/console/tasks", params={"date_from": "2000-01-01", "date_to": "2000-01-02",
-                                              "tz": "Europe/Istanbul"})
+    r = await c.get(
+        "/console/tasks",
+        params={"date_from": "2000-01-01", "date_to": "2000-01-02", "tz": "Europe/Istanbul"},
+    )
     assert "No task matches" in r.text
     today = time.strftime("%Y-%m-%d", time.gmtime())
     r = await c.get("/console/tasks", params={"date_from": today, "date_to": today, "tz": "UTC"})
@@ -270,8 +286,9 @@ async def test_filters_and_keyset_paging(gateway: Gateway, sim: Sim) -> None:
     while url:
         r = await c.get(url)
         assert r.status_code == 200
-        seen += re.findall(r'<th scope="row" data-label="Task"><a href="/console/tasks/(tsk_\w+)"',
-                           r.text)
+        seen += re.findall(
+            r'<th scope="row" data-label="Task"><a href="/console/tasks/(tsk_\w+)"', r.text
+        )
         m = re.search(r'<a href="([^"]+)" rel="next">', r.text)
         url = m.group(1).replace("&amp;", "&") if m else None
         if url:
@@ -295,20 +312,24 @@ async def test_empty_and_error_states(gateway: Gateway) -> None:
 
 async def test_out_of_range_dates_are_a_4xx_page(gateway: Gateway) -> None:
     c = await signed_in(gateway, "alpha")
-    for query in ({"date_to": "9999-12-31"}, {"date_from": "0001-01-01", "tz": "Asia/Tokyo"},
-                  {"date_to": "9999-12-31", "tz": "America/New_York"},
-                  {"date_from": "2026-02-30"}, {"date_to": "31/12/2026"},
-                  {"date_from": "0001-01-01"}):
+    for query in (
+        {"date_to": "9999-12-31"},
+        {"date_from": "0001-01-01", "tz": "Asia/Tokyo"},
+        {"date_to": "9999-12-31", "tz": "America/New_York"},
+        {"date_from": "2026-02-30"},
+        {"date_to": "31/12/2026"},
+        {"date_from": "0001-01-01"},
+    ):
         r = await c.get("/console/tasks", params=query)
         assert 400 <= r.status_code < 500, (query, r.status_code)
         assert "Traceback" not in r.text and "<form" in r.text, query  # the page, with filters
-    r = await c.get("/console/tasks", params={"date_from": "2026-01-01",
-                                              "date_to": "9999-12-30"})
+    r = await c.get("/console/tasks", params={"date_from": "2026-01-01", "date_to": "9999-12-30"})
     assert r.status_code == 200
 
 
-async def test_the_input_photo_is_shown_only_when_stored_here(db_url: str, sim: Sim,
-                                                              tmp_path: Path) -> None:
+async def test_the_input_photo_is_shown_only_when_stored_here(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """An upload stored by the gateway is served by the console (auth-checked, no-store);
     any other inputImageUrl is only a link: the page never loads the caller's URL."""
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
@@ -317,8 +338,7 @@ async def test_the_input_photo_is_shown_only_when_stored_here(db_url: str, sim: 
         r = await gw.client().post("/v1/uploads", files={"file": ("me.png", photo, "image/png")})
         assert r.status_code == 201, r.text
         uploaded = r.json()["url"]
-        mine = await submit(gw, sim, input={**task_body(sim)["input"],
-                                            "inputImageUrl": uploaded})
+        mine = await submit(gw, sim, input={**task_body(sim)["input"], "inputImageUrl": uploaded})
         elsewhere = await submit(gw, sim)  # the caller's own URL (the simulator's here)
         alpha = await signed_in(gw, "alpha")
 
@@ -338,8 +358,9 @@ async def test_the_input_photo_is_shown_only_when_stored_here(db_url: str, sim: 
 
 
 async def test_task_page_shows_every_field_and_the_timeline(gateway: Gateway, sim: Sim) -> None:
-    task_id = await submit(gateway, sim, metadata={"user_id": "u_123"},
-                           webhook_url="https://hooks.example/x")
+    task_id = await submit(
+        gateway, sim, metadata={"user_id": "u_123"}, webhook_url="https://hooks.example/x"
+    )
     task = await gateway.wait_terminal(task_id)
     # Events read before the page: the page shows at least these (a notification event
     # may still be added after it).
@@ -348,8 +369,14 @@ async def test_task_page_shows_every_field_and_the_timeline(gateway: Gateway, si
     r = await c.get(f"/console/tasks/{task_id}")
     assert r.status_code == 200
     html = r.text
-    for value in (task["id"], task["model"], task["upstream"]["task_id"], "u_123",
-                  "https://hooks.example/x", task["input"]["background"]):
+    for value in (
+        task["id"],
+        task["model"],
+        task["upstream"]["task_id"],
+        "u_123",
+        "https://hooks.example/x",
+        task["input"]["background"],
+    ):
         assert value in html, value
     assert 'alt="Headshot 1 of task' in html
     # the input is the caller's URL: a link, never an image the operator's browser loads
@@ -360,7 +387,7 @@ async def test_task_page_shows_every_field_and_the_timeline(gateway: Gateway, si
             assert e["message"].replace("'", "&#39;") in html, e["message"]
     # each row names its kind, in order (a notification's row may follow)
     kinds = re.findall(r'<tr(?: class="transition")? data-kind="([a-z_]+)">', html)
-    assert kinds[:len(events)] == [e["kind"] for e in events], kinds
+    assert kinds[: len(events)] == [e["kind"] for e in events], kinds
     assert kinds[:2] == ["created", "linked"] and "progressed" in kinds
     assert re.search(r'<time datetime="\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ" data-local>', html)
 
@@ -368,13 +395,22 @@ async def test_task_page_shows_every_field_and_the_timeline(gateway: Gateway, si
 # ---------------------------------------------------------------- outputs, notifications, erasure
 
 
-async def test_stored_outputs_notifications_redeliver_and_erase(db_url: str, sim: Sim,
-                                                                tmp_path: Path) -> None:
+async def test_stored_outputs_notifications_redeliver_and_erase(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """The console serves the stored headshot through the API's own function, lists the
     notification attempts, redelivers, and erases: the same results as the API."""
-    async with serve_receiver() as rec, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=WEBHOOK_SECRET,
-            output_hosts="127.0.0.1", notify_retry_s="0,0.2") as gw:
+    async with (
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=db_url,
+            sim=sim,
+            data_dir=tmp_path,
+            webhook_secret=WEBHOOK_SECRET,
+            output_hosts="127.0.0.1",
+            notify_retry_s="0,0.2",
+        ) as gw,
+    ):
         body = task_body(sim) | {"webhook_url": f"{rec.url}/hooks/h"}
         task_id = (await gw.client().post("/v1/tasks", json=body)).json()["id"]
         await rec.wait_calls("/hooks/h", 1)  # sent once the outputs are stored
@@ -396,8 +432,9 @@ async def test_stored_outputs_notifications_redeliver_and_erase(db_url: str, sim
             assert r.status_code == 303
 
         csrf = await csrf_of(alpha, f"/console/tasks/{task_id}")
-        r = await alpha.post(f"/console/tasks/{task_id}/redeliver",
-                             data={"csrf": csrf, "confirmed": "1"})
+        r = await alpha.post(
+            f"/console/tasks/{task_id}/redeliver", data={"csrf": csrf, "confirmed": "1"}
+        )
         assert r.status_code == 303 and r.headers["location"].endswith("?done=redeliver")
         await rec.wait_calls("/hooks/h", 2)
         page = (await alpha.get(r.headers["location"])).text
@@ -405,8 +442,9 @@ async def test_stored_outputs_notifications_redeliver_and_erase(db_url: str, sim
 
         r = await alpha.post(f"/console/tasks/{task_id}/erase", data={"csrf": csrf})
         assert r.status_code == 200 and "Erase this task&#39;s images?" in r.text  # asks first
-        r = await alpha.post(f"/console/tasks/{task_id}/erase",
-                             data={"csrf": csrf, "confirmed": "1"})
+        r = await alpha.post(
+            f"/console/tasks/{task_id}/erase", data={"csrf": csrf, "confirmed": "1"}
+        )
         assert r.status_code == 303
         page = (await alpha.get(r.headers["location"])).text
         assert "The images were erased" in page
@@ -448,7 +486,7 @@ async def test_statistics_page_and_cost_per_day(gateway: Gateway, sim: Sim) -> N
     r = await c.get("/console/stats", params={"window": "24h"})
     assert r.status_code == 200
     html = r.text
-    assert 'role="img"' in html and "<title id=\"chart-status-t\">Tasks by status</title>" in html
+    assert 'role="img"' in html and '<title id="chart-status-t">Tasks by status</title>' in html
     assert "succeeded: 2" in html  # the chart's description names every value
     assert "100.0 %" in html  # success rate
     assert "Client alpha" in html
@@ -465,14 +503,14 @@ async def test_statistics_page_and_cost_per_day(gateway: Gateway, sim: Sim) -> N
     assert "Client beta" in r.text and "succeeded: 1" in r.text
 
 
-async def test_a_revoked_key_ends_its_console_sessions(db_url: str, sim: Sim,
-                                                       tmp_path: Path) -> None:
+async def test_a_revoked_key_ends_its_console_sessions(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """Sessions resolve the key again on every request: revoking it (keys revoke) signs
     its sessions out, and a stored admin key sees every client, as in the API."""
     from app import clients
 
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           key_cache_ttl_s=0) as gw:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, key_cache_ttl_s=0) as gw:
         key, _ = await clients.create_key(gw.ctx.sm, client="ops", admin=True)
         c = httpx.AsyncClient(base_url=gw.url, timeout=30)
         gw.clients["console-ops"] = c

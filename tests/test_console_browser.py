@@ -23,13 +23,22 @@ import pytest_asyncio
 from tests.conftest import CLIENT_KEYS, Gateway, Sim, run_gateway, task_body
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"),
-              pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.parametrize("db_url", ["sqlite"], indirect=True),
+]
 
 
 def _unavailable(why: str) -> None:
@@ -55,16 +64,18 @@ async def browser() -> AsyncIterator[Any]:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def gw(db_url: str, sim: Sim, tmp_path: Path) -> AsyncIterator[Gateway]:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           output_hosts="127.0.0.1") as g:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, output_hosts="127.0.0.1"
+    ) as g:
         yield g
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def page(browser: Any, gw: Gateway) -> AsyncIterator[Any]:
     # A zone far from UTC, to see times converted.
-    context = await browser.new_context(base_url=gw.url, timezone_id="Asia/Tokyo",
-                                        viewport={"width": 1280, "height": 900})
+    context = await browser.new_context(
+        base_url=gw.url, timezone_id="Asia/Tokyo", viewport={"width": 1280, "height": 900}
+    )
     context.set_default_timeout(30_000)  # a loaded 2-core CI machine
     p = await context.new_page()
     yield p
@@ -96,8 +107,11 @@ async def stored(gw: Gateway, task_id: str) -> None:
     """Wait until the task succeeded and the gateway has stored its headshot."""
     await gw.wait_terminal(task_id)
     deadline = time.monotonic() + 15
-    while not (await gw.client().get(f"/v1/tasks/{task_id}")).json()["outputs"][0][
-            "url"].startswith(gw.url):
+    while (
+        not (await gw.client().get(f"/v1/tasks/{task_id}"))
+        .json()["outputs"][0]["url"]
+        .startswith(gw.url)
+    ):
         assert time.monotonic() < deadline, "output not stored"
         await asyncio.sleep(0.1)
 
@@ -109,19 +123,25 @@ async def images_loaded(page: Any, selector: str) -> list[int]:
     return await loc.evaluate_all(
         """els => Promise.all(els.map(img => img.complete ? img.naturalWidth :
               new Promise(done => {
-                img.onload = img.onerror = () => done(img.naturalWidth); })))""")
+                img.onload = img.onerror = () => done(img.naturalWidth); })))"""
+    )
 
 
 async def test_sign_in_filter_and_open_a_task_with_both_images(
-        page: Any, gw: Gateway, sim: Sim) -> None:
+    page: Any, gw: Gateway, sim: Sim
+) -> None:
     # The input photo is shown only where it is an upload stored here (a caller's own URL
     # is a link the browser never loads): upload it first.
     async with httpx.AsyncClient() as plain:
         photo = (await plain.get(sim.portrait)).content
     r = await gw.client().post("/v1/uploads", files={"file": ("me.png", photo, "image/png")})
     assert r.status_code == 201, r.text
-    wanted = await submit(gw, sim, metadata={"user_id": "u_wanted"},
-                          input={**task_body(sim)["input"], "inputImageUrl": r.json()["url"]})
+    wanted = await submit(
+        gw,
+        sim,
+        metadata={"user_id": "u_wanted"},
+        input={**task_body(sim)["input"], "inputImageUrl": r.json()["url"]},
+    )
     other = await submit(gw, sim, metadata={"user_id": "u_other"})
     for task_id in (wanted, other):
         await stored(gw, task_id)
@@ -217,7 +237,8 @@ async def test_cancel_a_running_task_after_confirming(page: Any, gw: Gateway, si
 
 
 async def test_a_client_does_not_see_another_clients_tasks(
-        page: Any, gw: Gateway, sim: Sim) -> None:
+    page: Any, gw: Gateway, sim: Sim
+) -> None:
     theirs = await submit(gw, sim, "alpha")
     await sign_in(page, "beta")
     assert "No tasks yet." in await page.get_by_role("status").inner_text()
@@ -236,7 +257,8 @@ async def test_readable_at_phone_width(page: Any, gw: Gateway, sim: Sim) -> None
     for path in ("/console/tasks", f"/console/tasks/{task_id}", "/console/stats"):
         await page.goto(path)
         overflow = await page.evaluate(
-            "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
         assert overflow <= 0, (path, overflow)
     # The images stack at phone width.
     await page.goto(f"/console/tasks/{task_id}")
@@ -265,8 +287,9 @@ async def test_timeline_grows_live(page: Any, gw: Gateway, sim: Sim) -> None:
     assert await cancelled.locator("span.status-cancelled").count() == 1
     note = page.locator("section[data-live-events] p.notice")
     assert "now cancelled" in await note.inner_text()
-    events = (await gw.client().get(f"/v1/tasks/{task_id}/events",
-                                    params={"limit": 200})).json()["data"]
+    events = (await gw.client().get(f"/v1/tasks/{task_id}/events", params={"limit": 200})).json()[
+        "data"
+    ]
     last = next(e["id"] for e in events if e["status"] == "cancelled")
     # Every event up to the terminal one, each once (the stream began after the page's).
     assert await rows.count() == len([e for e in events if e["id"] <= last])

@@ -41,8 +41,9 @@ EXCLUDED = [checks.positive_data_acceptance]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def live_gateway(request: pytest.FixtureRequest, sim_server: Sim,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def live_gateway(
+    request: pytest.FixtureRequest, sim_server: Sim, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("contract")
     pg_name = None
     if request.param == "sqlite":
@@ -58,14 +59,22 @@ def live_gateway(request: pytest.FixtureRequest, sim_server: Sim,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = bin_env(
-        GATEWAY_DATABASE_URL=db, GATEWAY_DATA_DIR=str(tmp), GATEWAY_WIRO_BASE_URL=sim_server.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY, GATEWAY_WIRO_API_SECRET=SIM_SECRET, GATEWAY_PUBLIC_URL=url,
+        GATEWAY_DATABASE_URL=db,
+        GATEWAY_DATA_DIR=str(tmp),
+        GATEWAY_WIRO_BASE_URL=sim_server.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=url,
         GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
-        GATEWAY_ADMIN_CLIENTS="root", GATEWAY_ENV="test", GATEWAY_LOG_LEVEL="WARNING",
-        GATEWAY_POLL_INITIAL_S="1", GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
+        GATEWAY_ADMIN_CLIENTS="root",
+        GATEWAY_ENV="test",
+        GATEWAY_LOG_LEVEL="WARNING",
+        GATEWAY_POLL_INITIAL_S="1",
+        GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
         # Schemathesis sends invalid credentials on every operation, far past any burst:
         # the penalty box (429, tested in test_edge.py) would answer them instead of 401.
-        GATEWAY_AUTH_FAILURE_BURST="0")
+        GATEWAY_AUTH_FAILURE_BURST="0",
+    )
     log = Path(tmp / "serve.log")
     assert spawn(["migrate"], env, log).wait(120) == 0, log.read_text()
     proc = spawn(["serve", "--port", str(port)], env, log)
@@ -94,8 +103,9 @@ def api_schema(live_gateway: str) -> schemathesis.BaseSchema:
         def get(self, case: schemathesis.Case, context: schemathesis.AuthContext) -> str:
             return CLIENT_KEYS["root"]  # admin: every filter is allowed
 
-        def set(self, case: schemathesis.Case, data: str,
-                context: schemathesis.AuthContext) -> None:
+        def set(
+            self, case: schemathesis.Case, data: str, context: schemathesis.AuthContext
+        ) -> None:
             case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
 
     return schema
@@ -103,13 +113,19 @@ def api_schema(live_gateway: str) -> schemathesis.BaseSchema:
 
 @pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
 @pytest.mark.parametrize("operation_id", OPERATIONS)
-def test_the_api_matches_its_spec(api_schema: schemathesis.BaseSchema, operation_id: str,
-                                  mode: GenerationMode) -> None:
+def test_the_api_matches_its_spec(
+    api_schema: schemathesis.BaseSchema, operation_id: str, mode: GenerationMode
+) -> None:
     """Positive cases (valid by the spec) and negative ones (invalid: must be 4xx)."""
     operation = api_schema.find_operation_by_id(operation_id)
 
-    @settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def check(case: schemathesis.Case) -> None:
         case.call_and_validate(timeout=30, excluded_checks=EXCLUDED)

@@ -66,20 +66,34 @@ POINTS = {
 }
 
 
-def serve_env(db_url: str, sim: Sim, public_url: str, data_dir: Path,
-              **extra: str) -> dict[str, str]:
+def serve_env(
+    db_url: str, sim: Sim, public_url: str, data_dir: Path, **extra: str
+) -> dict[str, str]:
     return bin_env(
-        GATEWAY_ENV="test", GATEWAY_DATABASE_URL=db_url, GATEWAY_DATA_DIR=str(data_dir),
-        GATEWAY_WIRO_BASE_URL=sim.base, GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET, GATEWAY_PUBLIC_URL=public_url,
+        GATEWAY_ENV="test",
+        GATEWAY_DATABASE_URL=db_url,
+        GATEWAY_DATA_DIR=str(data_dir),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=public_url,
         GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
         GATEWAY_ADMIN_CLIENTS="root",
-        GATEWAY_POLL_INITIAL_S="0.5", GATEWAY_POLL_MAX_S="2", GATEWAY_LEASE_S="2",
-        GATEWAY_WORKER_IDLE_S="0.2", GATEWAY_RUN_GRACE_S="3", GATEWAY_LOST_GRACE_S="3",
-        GATEWAY_TASK_TIMEOUT_S="90", GATEWAY_WIRO_READ_TIMEOUT_S="2",
+        GATEWAY_POLL_INITIAL_S="0.5",
+        GATEWAY_POLL_MAX_S="2",
+        GATEWAY_LEASE_S="2",
+        GATEWAY_WORKER_IDLE_S="0.2",
+        GATEWAY_RUN_GRACE_S="3",
+        GATEWAY_LOST_GRACE_S="3",
+        GATEWAY_TASK_TIMEOUT_S="90",
+        GATEWAY_WIRO_READ_TIMEOUT_S="2",
         GATEWAY_WIRO_CONNECT_TIMEOUT_S="1",
-        GATEWAY_DISPATCH_RETRY_INITIAL_S="0.2", GATEWAY_DISPATCH_RETRY_MAX_S="1",
-        GATEWAY_ALLOW_PRIVATE_NETWORKS="true", GATEWAY_LOG_LEVEL="WARNING", **extra)
+        GATEWAY_DISPATCH_RETRY_INITIAL_S="0.2",
+        GATEWAY_DISPATCH_RETRY_MAX_S="1",
+        GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
+        GATEWAY_LOG_LEVEL="WARNING",
+        **extra,
+    )
 
 
 async def submit_all(base: str, sim: Sim, seeds: range) -> tuple[list[str], int]:
@@ -119,8 +133,11 @@ async def settle(db_url: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             async with engine.connect() as conn:
-                open_ = (await conn.execute(select(Task.id).where(
-                    Task.status.not_in(list(TERMINAL))).limit(1))).first()
+                open_ = (
+                    await conn.execute(
+                        select(Task.id).where(Task.status.not_in(list(TERMINAL))).limit(1)
+                    )
+                ).first()
             if open_ is None:
                 return
             await asyncio.sleep(0.25)
@@ -154,7 +171,7 @@ def regressions_of(task: Task, evs: list[Event]) -> list[str]:
     terminal_at = [i for i, e in enumerate(evs) if e.status in TERMINAL]
     if len(terminal_at) != 1:
         problems.append(f"{len(terminal_at)} terminal events")
-    elif any(e.status is not None for e in evs[terminal_at[0] + 1:]):
+    elif any(e.status is not None for e in evs[terminal_at[0] + 1 :]):
         problems.append("a status after the terminal one")
     ranks = [RANK[Status(s)] for s in statuses]
     if ranks != sorted(ranks) or len(set(statuses)) != len(statuses):
@@ -173,8 +190,11 @@ async def test_crash_and_restart(point: str, db_url: str, sim: Sim, tmp_path: Pa
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = serve_env(db_url, sim, base, tmp_path)
-    first = spawn(["serve", "--port", str(port)], {**env, "GATEWAY_CRASH_AT": POINTS[point]},
-                  tmp_path / "serve-1.log")
+    first = spawn(
+        ["serve", "--port", str(port)],
+        {**env, "GATEWAY_CRASH_AT": POINTS[point]},
+        tmp_path / "serve-1.log",
+    )
     second = None
     try:
         wait_http(f"{base}/healthz", proc=first)
@@ -214,17 +234,21 @@ async def test_crash_and_restart(point: str, db_url: str, sim: Sim, tmp_path: Pa
     terminal = [t for t in tasks.values() if t.status in TERMINAL]
     succeeded = [t for t in tasks.values() if t.status == "succeeded"]
     duplicate_runs = sum(n - 1 for n in runs.values() if n > 1)
-    unexplained = {t: n for t, n in runs.items()
-                   if n - 1 > min(stopped[t], recorded[t])}
+    unexplained = {t: n for t, n in runs.items() if n - 1 > min(stopped[t], recorded[t])}
     double_billed = {t: n for t, n in billable.items() if n > 1}
     # Rows committed whose request died unanswered: the outbox finished them anyway.
     unanswered = len(set(tasks) - set(acked))
     # Tasks whose Run was in flight when the process died and that were found again
     # (by the callback or Task/List) instead of being sent a second time.
-    found_again = {a.task_id for a in atts if a.ambiguous_at is not None
-                   and a.outcome == "accepted"}
-    recovered = sum(1 for t in tasks if t in found_again or any(
-        e.status == "queued" and e.source == "callback" for e in by_task[t]))
+    found_again = {
+        a.task_id for a in atts if a.ambiguous_at is not None and a.outcome == "accepted"
+    }
+    recovered = sum(
+        1
+        for t in tasks
+        if t in found_again
+        or any(e.status == "queued" and e.source == "callback" for e in by_task[t])
+    )
     regressions = {t: p for t in tasks if (p := regressions_of(tasks[t], by_task[t]))}
     listed_dupes = len(listed) - len(set(listed))
     db = "postgres" if db_url.startswith("postgresql") else "sqlite"
@@ -234,7 +258,8 @@ async def test_crash_and_restart(point: str, db_url: str, sim: Sim, tmp_path: Pa
         f"terminal={len(terminal)} succeeded={len(succeeded)} "
         f"duplicate_upstream_runs={duplicate_runs} extra_stopped={sum(stopped.values())} "
         f"double_billed={len(double_billed)} regressions={len(regressions)} "
-        f"history_listed={len(listed)} history_duplicates={listed_dupes}")
+        f"history_listed={len(listed)} history_duplicates={listed_dupes}"
+    )
 
     assert acked and set(acked) <= set(tasks)
     assert len(terminal) == len(tasks), Counter(t.status for t in tasks.values())
@@ -251,8 +276,9 @@ async def test_crash_and_restart(point: str, db_url: str, sim: Sim, tmp_path: Pa
 
 
 @pytest.mark.parametrize("point", ["after_commit", "after_run_accepted"])
-async def test_recovery_at_default_settings_takes_seconds(point: str, db_url: str, sim: Sim,
-                                                          tmp_path: Path) -> None:
+async def test_recovery_at_default_settings_takes_seconds(
+    point: str, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """Killed mid-submit and restarted at once, with the default lease, grace periods and
     timeouts (no test shortcuts): the dead process's tasks are taken over within a lease
     (the heartbeat keeps leases short), an unanswered Run is found through Task/List or
@@ -260,13 +286,22 @@ async def test_recovery_at_default_settings_takes_seconds(point: str, db_url: st
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = bin_env(
-        GATEWAY_ENV="test", GATEWAY_DATABASE_URL=db_url, GATEWAY_DATA_DIR=str(tmp_path),
-        GATEWAY_WIRO_BASE_URL=sim.base, GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET, GATEWAY_PUBLIC_URL=base,
+        GATEWAY_ENV="test",
+        GATEWAY_DATABASE_URL=db_url,
+        GATEWAY_DATA_DIR=str(tmp_path),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=base,
         GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
-        GATEWAY_ALLOW_PRIVATE_NETWORKS="true", GATEWAY_LOG_LEVEL="WARNING")
-    first = spawn(["serve", "--port", str(port)], {**env, "GATEWAY_CRASH_AT": POINTS[point]},
-                  tmp_path / "serve-1.log")
+        GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
+        GATEWAY_LOG_LEVEL="WARNING",
+    )
+    first = spawn(
+        ["serve", "--port", str(port)],
+        {**env, "GATEWAY_CRASH_AT": POINTS[point]},
+        tmp_path / "serve-1.log",
+    )
     second = None
     try:
         wait_http(f"{base}/healthz", proc=first)
@@ -289,8 +324,10 @@ async def test_recovery_at_default_settings_takes_seconds(point: str, db_url: st
         await engine.dispose()
     runs: dict[str, int] = sim.stats()["runs_by_gateway_task"]
     db = "postgres" if db_url.startswith("postgresql") else "sqlite"
-    report_figure(f"recovery at defaults {point} [{db}]: restart to all converged "
-                  f"{took:.1f}s, {dict(statuses)}")
+    report_figure(
+        f"recovery at defaults {point} [{db}]: restart to all converged "
+        f"{took:.1f}s, {dict(statuses)}"
+    )
     assert statuses == {"succeeded": sum(statuses.values())}, statuses
     assert all(n == 1 for n in runs.values()), runs
     # Seconds, not the minutes of a 60 s lease plus a 300 s grace; the bound is wide

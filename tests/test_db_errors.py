@@ -21,7 +21,9 @@ async def test_dead_connections_cost_one_503(db_url: str, gateway: Gateway) -> N
     try:
         killed = await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()", dbname)
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            dbname,
+        )
     finally:
         await admin.close()
     assert killed >= 1

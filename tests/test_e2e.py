@@ -53,8 +53,9 @@ def assert_problem(r: httpx.Response, status: int) -> dict[str, Any]:
     return body
 
 
-async def wait_status(gw: Gateway, task_id: str, wanted: str, timeout: float = 10.0,
-                      client: str = "alpha") -> dict[str, Any]:
+async def wait_status(
+    gw: Gateway, task_id: str, wanted: str, timeout: float = 10.0, client: str = "alpha"
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         body = (await gw.client(client).get(f"/v1/tasks/{task_id}")).json()
@@ -75,19 +76,35 @@ async def events_of(gw: Gateway, task_id: str, client: str = "alpha") -> list[di
 # ------------------------------------------------------------------ 1. the real binary
 
 
-def _serve(sim: Sim, db_url: str, data_dir: Path, *, poll_initial_s: float = 0.5,
-           poll_max_s: float = 2, **extra: str) -> tuple[subprocess.Popen, str]:
+def _serve(
+    sim: Sim,
+    db_url: str,
+    data_dir: Path,
+    *,
+    poll_initial_s: float = 0.5,
+    poll_max_s: float = 2,
+    **extra: str,
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = bin_env(
-        GATEWAY_ENV="test", GATEWAY_DATABASE_URL=db_url, GATEWAY_DATA_DIR=str(data_dir),
-        GATEWAY_WIRO_BASE_URL=sim.base, GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET, GATEWAY_PUBLIC_URL=url,
+        GATEWAY_ENV="test",
+        GATEWAY_DATABASE_URL=db_url,
+        GATEWAY_DATA_DIR=str(data_dir),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=url,
         GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
-        GATEWAY_POLL_INITIAL_S=str(poll_initial_s), GATEWAY_POLL_MAX_S=str(poll_max_s),
+        GATEWAY_POLL_INITIAL_S=str(poll_initial_s),
+        GATEWAY_POLL_MAX_S=str(poll_max_s),
         GATEWAY_LEASE_S="5",
-        GATEWAY_WORKER_IDLE_S="0.2", GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
-        GATEWAY_OUTPUT_HOSTS="127.0.0.1,localhost", GATEWAY_LOG_LEVEL="WARNING", **extra)
+        GATEWAY_WORKER_IDLE_S="0.2",
+        GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
+        GATEWAY_OUTPUT_HOSTS="127.0.0.1,localhost",
+        GATEWAY_LOG_LEVEL="WARNING",
+        **extra,
+    )
     proc = spawn(["serve", "--port", str(port)], env, data_dir / "serve.log")
     wait_http(f"{url}/healthz", proc=proc)
     return proc, url
@@ -95,8 +112,9 @@ def _serve(sim: Sim, db_url: str, data_dir: Path, *, poll_initial_s: float = 0.5
 
 def _download(url: str, gateway_url: str) -> httpx.Response:
     # Outputs may be served by the gateway itself (same auth as the task) or by the CDN.
-    headers = ({"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
-               if url.startswith(gateway_url) else {})
+    headers = (
+        {"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"} if url.startswith(gateway_url) else {}
+    )
     r = httpx.get(url, headers=headers, timeout=10)
     assert r.status_code == 200, (url, r.status_code, r.text[:200])
     return r
@@ -106,8 +124,9 @@ async def _task_row(db_url: str, task_id: str) -> tuple[str, str | None] | None:
     engine = make_engine(db_url)
     try:
         async with engine.connect() as conn:
-            row = (await conn.execute(select(Task.status, Task.lease_owner)
-                                      .where(Task.id == task_id))).first()
+            row = (
+                await conn.execute(select(Task.status, Task.lease_owner).where(Task.id == task_id))
+            ).first()
     finally:
         await engine.dispose()
     return None if row is None else (row[0], row[1])
@@ -118,15 +137,24 @@ def test_serve_subprocess_end_to_end(sim: Sim, db_url: str, tmp_path: Path) -> N
     # callback is what finishes each task (and the test is not a race with the poller).
     proc, url = _serve(sim, db_url, tmp_path, poll_initial_s=2, poll_max_s=4)
     try:
-        c = httpx.Client(base_url=url, timeout=10,
-                         headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"})
+        c = httpx.Client(
+            base_url=url, timeout=10, headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
+        )
         assert c.get("/readyz").status_code == 200
-        cases = [("png", "1:1", "PNG", 1.0), ("jpeg", "16:9", "JPEG", 16 / 9),
-                 ("png", "3:4", "PNG", 3 / 4)]
+        cases = [
+            ("png", "1:1", "PNG", 1.0),
+            ("jpeg", "16:9", "JPEG", 16 / 9),
+            ("png", "3:4", "PNG", 3 / 4),
+        ]
         ids = []
         for fmt, ratio, *_ in cases:
-            r = c.post("/v1/tasks", json={**task_body(sim, outputFormat=fmt, aspectRatio=ratio),
-                                          "metadata": {"case": ratio}})
+            r = c.post(
+                "/v1/tasks",
+                json={
+                    **task_body(sim, outputFormat=fmt, aspectRatio=ratio),
+                    "metadata": {"case": ratio},
+                },
+            )
             assert r.status_code == 202, r.text
             assert r.headers["location"] == f"/v1/tasks/{r.json()['id']}"
             assert r.json()["status"] in ("pending", "queued", "running")
@@ -194,7 +222,8 @@ def test_serve_subprocess_end_to_end(sim: Sim, db_url: str, tmp_path: Path) -> N
 
 
 async def test_poller_finishes_everything_when_callbacks_are_dropped(
-        sim: Sim, db_url: str, tmp_path: Path) -> None:
+    sim: Sim, db_url: str, tmp_path: Path
+) -> None:
     sim.configure(callback_drop=1.0)
     n = 20
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
@@ -240,7 +269,9 @@ async def test_cancel_while_queued_uses_task_cancel(gateway: Gateway, sim: Sim) 
     events = await events_of(gateway, task["id"])
     # asked, then Task/Cancel sent (the sim's record above says which verb it received)
     assert [e["kind"] for e in events if e["source"] == "cancel"][:2] == [
-        "cancel_requested", "cancel_sent"], events
+        "cancel_requested",
+        "cancel_sent",
+    ], events
     assert events[-1]["status"] == "cancelled"
     # cancelling a terminal task is a conflict, and changes nothing
     again = assert_problem(await c.post(f"/v1/tasks/{task['id']}/cancel"), 409)
@@ -264,7 +295,9 @@ async def test_cancel_while_running_uses_task_kill(gateway: Gateway, sim: Sim) -
     assert record["cancel_kind"] == "kill" and record["status"] == "task_cancel"
     events = await events_of(gateway, tid)
     assert [e["kind"] for e in events if e["source"] == "cancel"][:2] == [
-        "cancel_requested", "cancel_sent"], events
+        "cancel_requested",
+        "cancel_sent",
+    ], events
     assert [e["status"] for e in events if e["status"] == "cancelled"] == ["cancelled"]
     # terminal after a succeeded run is a conflict too
     sim.configure(queue_s=0.1, run_s=0.2)
@@ -274,11 +307,11 @@ async def test_cancel_while_running_uses_task_kill(gateway: Gateway, sim: Sim) -
     assert (await c.get(f"/v1/tasks/{done}")).json()["status"] == "succeeded"
 
 
-async def test_cancel_pending_is_local_and_never_runs(sim: Sim, db_url: str,
-                                                      tmp_path: Path) -> None:
+async def test_cancel_pending_is_local_and_never_runs(
+    sim: Sim, db_url: str, tmp_path: Path
+) -> None:
     sim.configure(queue_s=0.1, run_s=10)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           max_in_flight=1) as gw:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, max_in_flight=1) as gw:
         c = gw.client()
         first = (await c.post("/v1/tasks", json=task_body(sim))).json()
         assert first["status"] == "queued"
@@ -294,7 +327,9 @@ async def test_cancel_pending_is_local_and_never_runs(sim: Sim, db_url: str,
         assert cancelled["upstream"]["task_id"] is None and cancelled["completed_at"]
         events = await events_of(gw, second["id"])
         assert [(e["source"], e["status"]) for e in events] == [
-            ("api", "pending"), ("cancel", "cancelled")]
+            ("api", "pending"),
+            ("cancel", "cancelled"),
+        ]
         # free the slot: the cancelled task must still never be sent
         assert (await c.post(f"/v1/tasks/{first['id']}/cancel")).status_code == 202
         assert (await gw.wait_terminal(first["id"], timeout=5))["status"] == "cancelled"
@@ -316,11 +351,9 @@ async def test_cancel_pending_is_local_and_never_runs(sim: Sim, db_url: str,
 # ------------------------------------------------------------------ 4. timeout
 
 
-async def test_deadline_times_out_and_stops_upstream(sim: Sim, db_url: str,
-                                                     tmp_path: Path) -> None:
+async def test_deadline_times_out_and_stops_upstream(sim: Sim, db_url: str, tmp_path: Path) -> None:
     sim.configure(queue_s=0.1, run_s=20)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           task_timeout_s=2) as gw:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, task_timeout_s=2) as gw:
         c = gw.client()
         t0 = time.monotonic()
         tid = (await c.post("/v1/tasks", json=task_body(sim))).json()["id"]
@@ -413,8 +446,9 @@ STATUSES = ("pending", "queued", "running", "succeeded", "failed", "cancelled", 
 OTHER_MODEL = "wiro/legacy-headshot"  # rows from a model since dropped from the catalog
 
 
-async def _insert_history(gw: Gateway, sim: Sim, *, per_client: dict[str, int],
-                          start: datetime) -> list[dict[str, Any]]:
+async def _insert_history(
+    gw: Gateway, sim: Sim, *, per_client: dict[str, int], start: datetime
+) -> list[dict[str, Any]]:
     """Old rows, written in one transaction the way ``create_task`` writes them, spread
     over days (in triples sharing one millisecond). Inert: nothing to check, no lease."""
     rows, truth = [], []
@@ -427,14 +461,33 @@ async def _insert_history(gw: Gateway, sim: Sim, *, per_client: dict[str, int],
             meta = {"batch": f"b{i % 4}", "owner": client, "n": f"old{i}"}
             model = OTHER_MODEL if i % 10 == 9 else "wiro/professional-headshot"
             task = Task(
-                id=new_task_id(at), client=client, model=model, status=status.value,
-                status_rank=status.rank, input=task_body(sim)["input"], metadata_=meta,
-                attempt=1, outputs=[], created_at=at, updated_at=at,
+                id=new_task_id(at),
+                client=client,
+                model=model,
+                status=status.value,
+                status_rank=status.rank,
+                input=task_body(sim)["input"],
+                metadata_=meta,
+                attempt=1,
+                outputs=[],
+                created_at=at,
+                updated_at=at,
                 completed_at=at if status.terminal else None,
-                deadline_at=at + timedelta(hours=1), next_check_at=None, retries=0)
+                deadline_at=at + timedelta(hours=1),
+                next_check_at=None,
+                retries=0,
+            )
             rows.append(task)
-            truth.append({"id": task.id, "client": client, "status": status.value,
-                          "model": model, "metadata": meta, "created_at": at})
+            truth.append(
+                {
+                    "id": task.id,
+                    "client": client,
+                    "status": status.value,
+                    "model": model,
+                    "metadata": meta,
+                    "created_at": at,
+                }
+            )
     async with unit_of_work(gw.ctx.sm) as s:
         s.add_all(rows)
         await s.flush()
@@ -450,34 +503,52 @@ async def test_history_pagination_and_filters(sim: Sim, db_url: str, tmp_path: P
     sim.configure(queue_s=0.02, run_s=0.05, fail_rate=0.3)
     api_counts, old_counts = {"alpha": 12, "beta": 6}, {"alpha": 188, "beta": 94}
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
-        old = await _insert_history(gw, sim, per_client=old_counts,
-                                    start=datetime.now(UTC) - timedelta(days=3))
+        old = await _insert_history(
+            gw, sim, per_client=old_counts, start=datetime.now(UTC) - timedelta(days=3)
+        )
         sem = asyncio.Semaphore(8)
 
         async def submit(client: str, i: int) -> str:
             meta = {"batch": f"b{i % 4}", "owner": client, "n": str(i)}
             async with sem:
                 r = await gw.client(client).post(
-                    "/v1/tasks", json={**task_body(sim, outputFormat="png" if i % 3 else "jpeg"),
-                                       "metadata": meta})
+                    "/v1/tasks",
+                    json={
+                        **task_body(sim, outputFormat="png" if i % 3 else "jpeg"),
+                        "metadata": meta,
+                    },
+                )
             assert r.status_code == 202, r.text
             return r.json()["id"]
 
-        new_ids = await asyncio.gather(*(submit(client, i) for client, n in api_counts.items()
-                                         for i in range(n)))
+        new_ids = await asyncio.gather(
+            *(submit(client, i) for client, n in api_counts.items() for i in range(n))
+        )
         # let them finish so statuses do not move during the walk
-        fresh = [await gw.wait_terminal(t, timeout=30, client=client)
-                 for t, client in zip(new_ids, [c for c, n in api_counts.items()
-                                                for _ in range(n)], strict=True)]
-        truth = old + [{"id": t["id"], "client": t["metadata"]["owner"], "status": t["status"],
-                        "model": t["model"], "metadata": t["metadata"],
-                        "created_at": _ts(t["created_at"])} for t in fresh]
+        fresh = [
+            await gw.wait_terminal(t, timeout=30, client=client)
+            for t, client in zip(
+                new_ids, [c for c, n in api_counts.items() for _ in range(n)], strict=True
+            )
+        ]
+        truth = old + [
+            {
+                "id": t["id"],
+                "client": t["metadata"]["owner"],
+                "status": t["status"],
+                "model": t["model"],
+                "metadata": t["metadata"],
+                "created_at": _ts(t["created_at"]),
+            }
+            for t in fresh
+        ]
         assert {t["status"] for t in fresh} == {"succeeded", "failed"}
 
         alpha, beta = gw.client("alpha"), gw.client("beta")
         for name, c in (("alpha", alpha), ("beta", beta)):
-            mine = sorted((t for t in truth if t["client"] == name),
-                          key=lambda t: t["id"], reverse=True)
+            mine = sorted(
+                (t for t in truth if t["client"] == name), key=lambda t: t["id"], reverse=True
+            )
             assert len(mine) == api_counts[name] + old_counts[name]
             by_id = {t["id"]: t for t in mine}
 
@@ -491,14 +562,25 @@ async def test_history_pagination_and_filters(sim: Sim, db_url: str, tmp_path: P
                 assert ids == list(by_id)  # nothing missing, nothing of the other client
                 assert ids == _ids(full)
             # newest first: ids carry the millisecond of creation
-            stamps = [_ts(t["created_at"]).replace(microsecond=_ts(t["created_at"]).microsecond
-                                                   // 1000 * 1000) for t in full]
+            stamps = [
+                _ts(t["created_at"]).replace(
+                    microsecond=_ts(t["created_at"]).microsecond // 1000 * 1000
+                )
+                for t in full
+            ]
             assert stamps == sorted(stamps, reverse=True)
             assert [t["status"] for t in full] == [by_id[t["id"]]["status"] for t in full]
 
             # status, one and repeated
-            for i, wanted in enumerate((["succeeded"], ["pending"], ["failed", "cancelled"],
-                                        ["queued", "running", "timed_out"], list(STATUSES))):
+            for i, wanted in enumerate(
+                (
+                    ["succeeded"],
+                    ["pending"],
+                    ["failed", "cancelled"],
+                    ["queued", "running", "timed_out"],
+                    list(STATUSES),
+                )
+            ):
                 got = _ids(await _walk(c, 7 if i % 2 else 50, status=wanted))
                 assert got == expect(lambda t, w=wanted: t["status"] in w), wanted
                 assert got
@@ -511,10 +593,18 @@ async def test_history_pagination_and_filters(sim: Sim, db_url: str, tmp_path: P
             for limit, batch in ((7, "b0"), (50, "b3")):
                 got = _ids(await _walk(c, limit, **{"metadata.batch": batch}))
                 assert got == expect(lambda t, b=batch: t["metadata"]["batch"] == b) and got
-            got = _ids(await _walk(c, 7, **{"metadata.batch": "b1",
-                                            "status": ["failed", "succeeded"]}))
-            assert got == expect(lambda t: t["metadata"]["batch"] == "b1"
-                                 and t["status"] in ("failed", "succeeded")) and got
+            got = _ids(
+                await _walk(c, 7, **{"metadata.batch": "b1", "status": ["failed", "succeeded"]})
+            )
+            assert (
+                got
+                == expect(
+                    lambda t: (
+                        t["metadata"]["batch"] == "b1" and t["status"] in ("failed", "succeeded")
+                    )
+                )
+                and got
+            )
             got = _ids(await _walk(c, 50, **{"metadata.n": "3", "metadata.owner": name}))
             assert got == expect(lambda t: t["metadata"]["n"] == "3") and len(got) == 1
             assert await _walk(c, 50, **{"metadata.batch": "nope"}) == []
@@ -530,20 +620,31 @@ async def test_history_pagination_and_filters(sim: Sim, db_url: str, tmp_path: P
             cases = [
                 ({"created_after": lo.isoformat()}, lo, None),
                 ({"created_before": hi.isoformat()}, None, hi),
-                ({"created_after": lo.astimezone(plus5).isoformat(),
-                  "created_before": hi.astimezone(plus5).isoformat()}, lo, hi),
+                (
+                    {
+                        "created_after": lo.astimezone(plus5).isoformat(),
+                        "created_before": hi.astimezone(plus5).isoformat(),
+                    },
+                    lo,
+                    hi,
+                ),
             ]
             for limit, (params, after, before) in zip((7, 50, 50), cases, strict=True):
+
                 def inside(t: dict[str, Any], a: Any = after, b: Any = before) -> bool:
-                    return (a is None or t["created_at"] > a) and (b is None
-                                                                  or t["created_at"] < b)
+                    return (a is None or t["created_at"] > a) and (b is None or t["created_at"] < b)
+
                 got = _ids(await _walk(c, limit, **params))
                 assert got == expect(inside), params
                 assert 0 < len(got) < len(mine)
-                got = _ids(await _walk(c, 50, **params, status="cancelled",
-                                       **{"metadata.batch": "b2"}))
-                assert got == expect(lambda t, f=inside: f(t) and t["status"] == "cancelled"
-                                     and t["metadata"]["batch"] == "b2"), params
+                got = _ids(
+                    await _walk(c, 50, **params, status="cancelled", **{"metadata.batch": "b2"})
+                )
+                assert got == expect(
+                    lambda t, f=inside: (
+                        f(t) and t["status"] == "cancelled" and t["metadata"]["batch"] == "b2"
+                    )
+                ), params
             future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
             assert await _walk(c, 50, created_after=future) == []
             assert _ids(await _walk(c, 200, created_before=future)) == list(by_id)
@@ -553,8 +654,9 @@ async def test_history_pagination_and_filters(sim: Sim, db_url: str, tmp_path: P
         assert_problem(await beta.get(f"/v1/tasks/{some_alpha}"), 404)
         # a foreign cursor does not open the other client's history
         page = (await alpha.get("/v1/tasks", params={"limit": 7})).json()
-        leaked = (await beta.get("/v1/tasks", params={"limit": 200,
-                                                        "cursor": page["next_cursor"]})).json()
+        leaked = (
+            await beta.get("/v1/tasks", params={"limit": 200, "cursor": page["next_cursor"]})
+        ).json()
         assert leaked["data"] and {t["metadata"]["owner"] for t in leaked["data"]} == {"beta"}
     stats = sim.stats()
     assert sorted(stats["runs_by_gateway_task"]) == sorted(new_ids)

@@ -34,8 +34,9 @@ class Answer:
         head, _, self.body = raw.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         self.status = int(lines[0].split(" ", 2)[1])
-        self.headers = {k.strip().lower(): v.strip() for k, _, v in
-                        (line.partition(":") for line in lines[1:])}
+        self.headers = {
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+        }
 
     def problem(self) -> dict[str, Any]:
         assert self.headers["content-type"].startswith("application/problem+json")
@@ -55,8 +56,7 @@ async def _connect(gw: Gateway) -> tuple[asyncio.StreamReader, asyncio.StreamWri
     return await asyncio.open_connection(host, int(port))
 
 
-async def exchange(gw: Gateway, head: bytes, body: bytes = b"", *,
-                   closes: bool = True) -> Answer:
+async def exchange(gw: Gateway, head: bytes, body: bytes = b"", *, closes: bool = True) -> Answer:
     """Send ``head`` (and ``body``, typically less than it declares), then read the answer
     (which thus came without the rest of the body); ``closes``: read until the server
     closes the connection, proof that it ended there."""
@@ -64,8 +64,7 @@ async def exchange(gw: Gateway, head: bytes, body: bytes = b"", *,
     try:
         writer.write(head + body)
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read() if closes else _one_answer(reader),
-                                     ANSWER_S)
+        raw = await asyncio.wait_for(reader.read() if closes else _one_answer(reader), ANSWER_S)
     finally:
         writer.close()
     return Answer(raw)
@@ -86,9 +85,11 @@ def gate_of(app: Any) -> EdgeGate:
 
 def key_lookups(gw: Gateway) -> list[str]:
     seen: list[str] = []
-    event.listen(gw.ctx.engine.sync_engine, "before_cursor_execute",
-                 lambda conn, cur, stmt, *a: seen.append(stmt) if "client_keys" in stmt
-                 else None)
+    event.listen(
+        gw.ctx.engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cur, stmt, *a: seen.append(stmt) if "client_keys" in stmt else None,
+    )
     return seen
 
 
@@ -98,8 +99,9 @@ def key_lookups(gw: Gateway) -> list[str]:
 @SQLITE_ONLY
 @pytest.mark.parametrize("path", ["/v1/uploads", "/v1/tasks"])
 @pytest.mark.parametrize("auth", ["Bearer wrong-key-0123456789", "Basic eA==", None])
-async def test_a_wrong_key_is_answered_before_the_body(gateway: Gateway, path: str,
-                                                       auth: str | None) -> None:
+async def test_a_wrong_key_is_answered_before_the_body(
+    gateway: Gateway, path: str, auth: str | None
+) -> None:
     headers = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": "10000000"}
     if auth:
         headers["Authorization"] = auth
@@ -114,15 +116,21 @@ async def test_a_wrong_key_with_a_small_body_still_reads_its_answer(gateway: Gat
     """A small unread body is discarded by the server (no reset racing the answer)."""
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as c:
         for _ in range(3):  # on one connection
-            r = await c.post("/v1/tasks", json={"input": {}},
-                             headers={"Authorization": "Bearer wrong-key-0123456789"})
+            r = await c.post(
+                "/v1/tasks",
+                json={"input": {}},
+                headers={"Authorization": "Bearer wrong-key-0123456789"},
+            )
             assert r.status_code == 401 and "connection" not in r.headers
 
 
 @SQLITE_ONLY
 async def test_a_chunked_body_with_a_wrong_key_is_not_read(gateway: Gateway) -> None:
-    head = _head("POST", "/v1/uploads", {"Authorization": "Bearer wrong-key-0123456789",
-                                         "Transfer-Encoding": "chunked"})
+    head = _head(
+        "POST",
+        "/v1/uploads",
+        {"Authorization": "Bearer wrong-key-0123456789", "Transfer-Encoding": "chunked"},
+    )
     a = await exchange(gateway, head, b"10\r\n" + b"x" * 16 + b"\r\n")  # no last chunk
     assert a.status == 401 and a.headers["connection"] == "close"
 
@@ -130,41 +138,79 @@ async def test_a_chunked_body_with_a_wrong_key_is_not_read(gateway: Gateway) -> 
 @SQLITE_ONLY
 async def test_declared_and_streamed_lengths_over_the_limit(gateway: Gateway) -> None:
     limit = gateway.settings.body_limit_bytes
-    a = await exchange(gateway, _head("POST", "/v1/tasks", {
-        "Authorization": f"Bearer {ALPHA}", "Content-Type": "application/json",
-        "Content-Length": "10000000"}), b"{")
+    a = await exchange(
+        gateway,
+        _head(
+            "POST",
+            "/v1/tasks",
+            {
+                "Authorization": f"Bearer {ALPHA}",
+                "Content-Type": "application/json",
+                "Content-Length": "10000000",
+            },
+        ),
+        b"{",
+    )
     assert a.status == 413 and a.headers["connection"] == "close"
     assert str(limit) in a.problem()["detail"]
     # Chunked: counted as it streams, cut one byte past the limit (no last chunk sent).
     chunk = 16 * 1024
-    body = b"".join(f"{chunk:x}\r\n".encode() + b" " * chunk + b"\r\n"
-                    for _ in range(limit // chunk)) + b"1\r\n \r\n"
-    a = await exchange(gateway, _head("POST", "/v1/tasks", {
-        "Authorization": f"Bearer {ALPHA}", "Content-Type": "application/json",
-        "Transfer-Encoding": "chunked"}), body)
+    body = (
+        b"".join(f"{chunk:x}\r\n".encode() + b" " * chunk + b"\r\n" for _ in range(limit // chunk))
+        + b"1\r\n \r\n"
+    )
+    a = await exchange(
+        gateway,
+        _head(
+            "POST",
+            "/v1/tasks",
+            {
+                "Authorization": f"Bearer {ALPHA}",
+                "Content-Type": "application/json",
+                "Transfer-Encoding": "chunked",
+            },
+        ),
+        body,
+    )
     assert a.status == 413 and a.headers["connection"] == "close"
     # A request within the limits is unaffected (and keeps its connection).
-    r = await gateway.client().post("/v1/tasks", content=b"{" + b" " * (limit - 2) + b"}",
-                                    headers={"Content-Type": "application/json"})
+    r = await gateway.client().post(
+        "/v1/tasks",
+        content=b"{" + b" " * (limit - 2) + b"}",
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 422 and r.headers.get("connection") != "close"
 
 
 @SQLITE_ONLY
 async def test_concurrent_uploads_are_capped(db_url: str, sim: Sim, tmp_path: Path) -> None:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           max_concurrent_uploads=1) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, max_concurrent_uploads=1
+    ) as gw:
         gate = gate_of(gw.app)
-        body = (b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
-                b"Content-Type: image/jpeg\r\n\r\nnot a jpeg\r\n--x--\r\n")
+        body = (
+            b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\nnot a jpeg\r\n--x--\r\n"
+        )
         reader, writer = await _connect(gw)
         try:
-            writer.write(_head("POST", "/v1/uploads", {
-                "Authorization": f"Bearer {ALPHA}", "Content-Length": str(len(body)),
-                "Content-Type": "multipart/form-data; boundary=x"}) + body[:10])
+            writer.write(
+                _head(
+                    "POST",
+                    "/v1/uploads",
+                    {
+                        "Authorization": f"Bearer {ALPHA}",
+                        "Content-Length": str(len(body)),
+                        "Content-Type": "multipart/form-data; boundary=x",
+                    },
+                )
+                + body[:10]
+            )
             await writer.drain()
 
             async def holding() -> bool:
                 return gate.uploads_streaming == 1
+
             await eventually(holding, what="the first upload to hold the slot")
             r = await gw.client().post("/v1/uploads", files={"file": ("b.jpg", b"x")})
             assert r.status_code == 503, r.text
@@ -186,12 +232,19 @@ async def test_concurrent_uploads_are_capped(db_url: str, sim: Sim, tmp_path: Pa
 
 @SQLITE_ONLY
 async def test_wrong_keys_from_one_address_are_boxed_without_lookups(
-        db_url: str, sim: Sim, tmp_path: Path) -> None:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, auth_failure_burst=3,
-                           auth_failure_rate_per_s=0.01) as gw:
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    async with run_gateway(
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        auth_failure_burst=3,
+        auth_failure_rate_per_s=0.01,
+    ) as gw:
         known, _ = await clients.create_key(gw.ctx.sm, client="gamma")
         fresh, _ = await clients.create_key(gw.ctx.sm, client="delta")
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as c:
+
             def as_(key: str) -> dict[str, str]:
                 return {"Authorization": f"Bearer {key}"}
 
@@ -214,17 +267,20 @@ async def test_wrong_keys_from_one_address_are_boxed_without_lookups(
             assert (await c.get("/v1/tasks", headers=as_(fresh))).status_code == 429
 
 
-async def test_the_negative_key_cache_is_a_bounded_lru(db_url: str,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_negative_key_cache_is_a_bounded_lru(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(clients.Keyring, "MAX_ENTRIES", 3)
     engine = make_engine(db_url)
     sm = make_sessionmaker(engine)
     queries: list[str] = []
-    event.listen(engine.sync_engine, "before_cursor_execute",
-                 lambda conn, cur, stmt, *a: queries.append(stmt))
+    event.listen(
+        engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cur, stmt, *a: queries.append(stmt),
+    )
     try:
-        ring = clients.Keyring(Settings(env="test", database_url=db_url),
-                               clock=lambda: 1000.0)
+        ring = clients.Keyring(Settings(env="test", database_url=db_url), clock=lambda: 1000.0)
         for k in ("k1", "k2", "k3", "k4"):  # k4 evicts the least recently used, k1
             assert await ring.authenticate(sm, k) is None
         assert len(queries) == 4
@@ -250,22 +306,26 @@ async def _finished_task_callback(gw: Gateway, sim: Sim) -> str:
 
 @SQLITE_ONLY
 async def test_callbacks_are_screened_before_the_body_and_the_write_lock(
-        gateway: Gateway, sim: Sim) -> None:
+    gateway: Gateway, sim: Sim
+) -> None:
     url = await _finished_task_callback(gateway, sim)
     path = url.removeprefix(gateway.url)
     base, _, token = path.rpartition("/")
     forged = f"{base}/{'x' if token[0] != 'x' else 'y'}{token[1:]}"
     async with write(gateway.ctx.engine):  # the process's SQLite write turn, held
         # A wrong token: 404 without the body (60 000 bytes declared, none sent).
-        a = await exchange(gateway, _head("POST", forged, {"Content-Length": "60000"}),
-                           closes=False)
+        a = await exchange(
+            gateway, _head("POST", forged, {"Content-Length": "60000"}), closes=False
+        )
         assert a.status == 404 and a.problem()["detail"] == "Unknown task or token."
-        a = await exchange(gateway, _head("POST", forged.replace("tsk_", "tsk_0"),
-                                          {"Content-Length": "60000"}), closes=False)
+        a = await exchange(
+            gateway,
+            _head("POST", forged.replace("tsk_", "tsk_0"), {"Content-Length": "60000"}),
+            closes=False,
+        )
         assert a.status == 404
         # The right token of a finished task: a duplicate, 204 without a write.
-        a = await exchange(gateway, _head("POST", path, {"Content-Length": "60000"}),
-                           closes=False)
+        a = await exchange(gateway, _head("POST", path, {"Content-Length": "60000"}), closes=False)
         assert a.status == 204
     # Over the callback limit (the contract's 1 MiB): 413 from the declared length.
     limit = gateway.settings.callback_body_limit_bytes
@@ -282,8 +342,10 @@ async def test_callbacks_are_screened_before_the_body_and_the_write_lock(
 
 @SQLITE_ONLY
 async def test_no_redirect_built_from_the_host_header(gateway: Gateway) -> None:
-    for headers in ({"Host": "evil.example", "Authorization": f"Bearer {ALPHA}"},
-                    {"Host": "evil.example"}):
+    for headers in (
+        {"Host": "evil.example", "Authorization": f"Bearer {ALPHA}"},
+        {"Host": "evil.example"},
+    ):
         async with httpx.AsyncClient(timeout=30, follow_redirects=False) as c:
             r = await c.get(f"{gateway.url}/v1/tasks/", headers=headers)
         assert r.status_code in (401, 404), (r.status_code, r.headers)
@@ -323,13 +385,15 @@ def test_production_defaults_limit_each_client() -> None:
 
 
 @SQLITE_ONLY
-async def test_the_default_rate_counts_writes_not_reads(db_url: str, sim: Sim,
-                                                        tmp_path: Path) -> None:
+async def test_the_default_rate_counts_writes_not_reads(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """The gateway-wide default rate throttles what changes something (submits, cancels,
     uploads); a caller polling its tasks is not throttled by a default it never chose.
     A rate set for the client itself counts every request (test_keys)."""
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, client_rate_per_s=2,
-                           client_rate_burst_s=1.0) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, client_rate_per_s=2, client_rate_burst_s=1.0
+    ) as gw:
         c = gw.client()
         reads = [(await c.get("/v1/tasks")).status_code for _ in range(10)]
         writes = [(await c.post("/v1/tasks/tsk_none/cancel")).status_code for _ in range(6)]

@@ -38,8 +38,12 @@ from app.wiro import WiroClient
 
 WIRO = "https://wiro.test/v1"
 PUBLIC = "https://gateway.test"
-INPUT = {"inputImageUrl": "https://images.test/portrait.jpg", "background": "office",
-         "aspectRatio": "1:1", "outputFormat": "png"}
+INPUT = {
+    "inputImageUrl": "https://images.test/portrait.jpg",
+    "background": "office",
+    "aspectRatio": "1:1",
+    "outputFormat": "png",
+}
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 INITIAL, CAP = 1.0, 8.0  # dispatch backoff: 1, 2, 4, 8, 8 … seconds (±20 % jitter)
 GRACE = 30.0  # run_grace_s
@@ -52,15 +56,28 @@ def ok(**fields: Any) -> httpx.Response:
 
 
 def error(code: int, message: str, status: int = 200) -> httpx.Response:
-    return httpx.Response(status, json={"result": False,
-                                        "errors": [{"code": code, "message": message}]})
+    return httpx.Response(
+        status, json={"result": False, "errors": [{"code": code, "message": message}]}
+    )
 
 
-def upstream(taskid: str, status: str, *, pexit: str = "", callbackurl: str = "",
-             outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"id": taskid, "status": status, "pexit": pexit, "callbackurl": callbackurl,
-            "socketaccesstoken": f"sock-{taskid}", "outputs": outputs or [],
-            "totalcost": "0.01"}
+def upstream(
+    taskid: str,
+    status: str,
+    *,
+    pexit: str = "",
+    callbackurl: str = "",
+    outputs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": taskid,
+        "status": status,
+        "pexit": pexit,
+        "callbackurl": callbackurl,
+        "socketaccesstoken": f"sock-{taskid}",
+        "outputs": outputs or [],
+        "totalcost": "0.01",
+    }
 
 
 class FakeWiro:
@@ -104,13 +121,15 @@ class Engine:
 
     async def create(self) -> str:
         """A pending task, leased by this process (as ``create_task`` leaves it)."""
-        task, _ = await tasks.create_task(self.ctx, client="alpha",
-                                          body=TaskCreate(input=INPUT), idempotency_key=None)
+        task, _ = await tasks.create_task(
+            self.ctx, client="alpha", body=TaskCreate(input=INPUT), idempotency_key=None
+        )
         return task.id
 
     async def submit(self) -> Task:
-        task, _ = await tasks.submit(self.ctx, client="alpha", body=TaskCreate(input=INPUT),
-                                     idempotency_key=None)
+        task, _ = await tasks.submit(
+            self.ctx, client="alpha", body=TaskCreate(input=INPUT), idempotency_key=None
+        )
         return task
 
     async def next_check(self, task_id: str) -> None:
@@ -129,8 +148,13 @@ class Engine:
 
     async def attempts(self, task_id: str) -> list[Attempt]:
         async with self.ctx.sm() as s:
-            return list((await s.scalars(select(Attempt).where(Attempt.task_id == task_id)
-                                         .order_by(Attempt.number))).all())
+            return list(
+                (
+                    await s.scalars(
+                        select(Attempt).where(Attempt.task_id == task_id).order_by(Attempt.number)
+                    )
+                ).all()
+            )
 
     def delay(self, row: Task) -> float:
         assert row.next_check_at is not None
@@ -151,18 +175,30 @@ async def eng(migrated: Path, tmp_path: Path) -> AsyncIterator[Engine]:
     shutil.copy(migrated, path)
     url = f"sqlite+aiosqlite:///{path}"
     settings = Settings(
-        database_url=url, wiro_base_url=WIRO, wiro_api_key="k", wiro_api_secret="s",
-        public_url=PUBLIC, poll_adaptive=False, poll_initial_s=5, poll_max_s=60,
-        dispatch_retry_initial_s=INITIAL, dispatch_retry_max_s=CAP, retry_after_cap_s=60,
-        run_grace_s=GRACE, run_grace_unlisted_s=300, task_timeout_s=3600, lease_s=10,
-        wiro_connect_timeout_s=1, wiro_read_timeout_s=5)
+        database_url=url,
+        wiro_base_url=WIRO,
+        wiro_api_key="k",
+        wiro_api_secret="s",
+        public_url=PUBLIC,
+        poll_adaptive=False,
+        poll_initial_s=5,
+        poll_max_s=60,
+        dispatch_retry_initial_s=INITIAL,
+        dispatch_retry_max_s=CAP,
+        retry_after_cap_s=60,
+        run_grace_s=GRACE,
+        run_grace_unlisted_s=300,
+        task_timeout_s=3600,
+        lease_s=10,
+        wiro_connect_timeout_s=1,
+        wiro_read_timeout_s=5,
+    )
     fake = FakeWiro()
     now = [T0]
     engine = make_engine(url)
     async with httpx.AsyncClient(transport=httpx.MockTransport(fake.handle)) as http:
         wiro = WiroClient(base_url=WIRO, api_key="k", api_secret="s", http=http)
-        ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro,
-                  clock=lambda: now[0])
+        ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro, clock=lambda: now[0])
         try:
             yield Engine(ctx=ctx, wiro=fake, now=now)
         finally:
@@ -179,27 +215,42 @@ RETRIED = [
     pytest.param(error(0, "Something went wrong", status=500), "rejected", id="0-on-500"),
     pytest.param(httpx.Response(503, text="busy"), "not_sent", id="503-without-body"),
     pytest.param(httpx.ConnectError("refused"), "not_sent", id="connect-refused"),
-    pytest.param(error(0, "Project authorization is not valid.", status=401), "rejected",
-                 id="0-auth"),
+    pytest.param(
+        error(0, "Project authorization is not valid.", status=401), "rejected", id="0-auth"
+    ),
     pytest.param(error(0, "Error parsing url.", status=404), "rejected", id="0-url"),
 ]
 FAILED = [
     # (the answer to Run, the task's error_code, its upstream_error_code)
-    pytest.param(error(97, "Insufficient balance"), "insufficient_balance", "97",
-                 id="97-balance"),
+    pytest.param(error(97, "Insufficient balance"), "insufficient_balance", "97", id="97-balance"),
     pytest.param(error(98, "Sign in required"), "access_denied", "98", id="98-sign-in"),
     pytest.param(error(99, "Bearer token required"), "access_denied", "99", id="99-bearer"),
-    pytest.param(error(0, "Your account has been suspended. Contact support."),
-                 "account_suspended", "0", id="0-suspended"),
-    pytest.param(error(0, "You don't have any permission for this action."),
-                 "access_denied", "0", id="0-no-permission"),
-    pytest.param(error(1, "slug-owner-project-not-exist"), "model_not_found", "1",
-                 id="1-no-model"),
+    pytest.param(
+        error(0, "Your account has been suspended. Contact support."),
+        "account_suspended",
+        "0",
+        id="0-suspended",
+    ),
+    pytest.param(
+        error(0, "You don't have any permission for this action."),
+        "access_denied",
+        "0",
+        id="0-no-permission",
+    ),
+    pytest.param(error(1, "slug-owner-project-not-exist"), "model_not_found", "1", id="1-no-model"),
     pytest.param(error(1, "tool-not-accessible"), "access_denied", "1", id="1-tool"),
-    pytest.param(error(0, "Request parameter [inputImageUrl] required"),
-                 "upstream_rejected", "0", id="0-validation"),
-    pytest.param(error(1, "Task is not in a cancellable state."), "upstream_rejected", "1",
-                 id="1-not-allowed"),
+    pytest.param(
+        error(0, "Request parameter [inputImageUrl] required"),
+        "upstream_rejected",
+        "0",
+        id="0-validation",
+    ),
+    pytest.param(
+        error(1, "Task is not in a cancellable state."),
+        "upstream_rejected",
+        "1",
+        id="1-not-allowed",
+    ),
 ]
 
 
@@ -208,8 +259,7 @@ async def test_run_errors_that_are_retried(eng: Engine, reply: Reply, outcome: s
     eng.wiro.on("Run", reply)
     task = await eng.submit()
     row = await eng.row(task.id)
-    assert (row.status, row.error_code, row.retries, row.lease_owner) == (
-        "pending", None, 1, None)
+    assert (row.status, row.error_code, row.retries, row.lease_owner) == ("pending", None, 1, None)
     assert INITIAL * 0.8 <= eng.delay(row) <= INITIAL * 1.2  # the first backoff step
     assert [(a.number, a.outcome) for a in await eng.attempts(task.id)] == [(1, outcome)]
     # The retry is a new attempt, and this time Wiro takes it.
@@ -218,18 +268,20 @@ async def test_run_errors_that_are_retried(eng: Engine, reply: Reply, outcome: s
     row = await eng.row(task.id)
     assert (row.status, row.upstream_task_id, row.retries) == ("queued", "4242", 0)
     assert [(a.number, a.outcome) for a in await eng.attempts(task.id)] == [
-        (1, outcome), (2, "accepted")]
+        (1, outcome),
+        (2, "accepted"),
+    ]
     assert len(eng.wiro.sent("Run")) == 2
 
 
 @pytest.mark.parametrize(("reply", "code", "upstream_code"), FAILED)
-async def test_run_errors_that_fail_the_task(eng: Engine, reply: Reply, code: str,
-                                             upstream_code: str) -> None:
+async def test_run_errors_that_fail_the_task(
+    eng: Engine, reply: Reply, code: str, upstream_code: str
+) -> None:
     eng.wiro.on("Run", reply)
     task = await eng.submit()
     row = await eng.row(task.id)
-    assert (row.status, row.error_code, row.upstream_error_code) == (
-        "failed", code, upstream_code)
+    assert (row.status, row.error_code, row.upstream_error_code) == ("failed", code, upstream_code)
     assert row.next_check_at is None and row.lease_owner is None  # nothing more to do
     assert [a.outcome for a in await eng.attempts(task.id)] == ["rejected"]
     assert len(eng.wiro.sent("Run")) == 1
@@ -253,7 +305,7 @@ async def test_dispatch_backoff_doubles_up_to_its_cap(eng: Engine) -> None:
     for _ in range(6):
         await eng.next_check(task_id)
         delays.append(eng.delay(await eng.row(task_id)))
-    bases = [min(CAP, INITIAL * 2 ** k) for k in range(7)]  # 1 2 4 8 8 8 8
+    bases = [min(CAP, INITIAL * 2**k) for k in range(7)]  # 1 2 4 8 8 8 8
     for delay, base in zip(delays, bases, strict=True):
         assert base * 0.8 <= delay <= base * 1.2, (delays, bases)
     row = await eng.row(task_id)
@@ -277,14 +329,21 @@ async def _unanswered(eng: Engine) -> tuple[str, str]:
 
 async def test_unanswered_run_found_in_the_task_list_is_linked(eng: Engine) -> None:
     task_id, callback = await _unanswered(eng)
-    eng.wiro.on("Task/List", ok(tasklist=[
-        upstream("9001", "task_start", callbackurl=f"{PUBLIC}/callbacks/wiro/tsk_X/other"),
-        upstream("9002", "task_start", callbackurl=callback)]))
+    eng.wiro.on(
+        "Task/List",
+        ok(
+            tasklist=[
+                upstream("9001", "task_start", callbackurl=f"{PUBLIC}/callbacks/wiro/tsk_X/other"),
+                upstream("9002", "task_start", callbackurl=callback),
+            ]
+        ),
+    )
     await eng.next_check(task_id)
     row = await eng.row(task_id)
     assert (row.status, row.upstream_task_id) == ("queued", "9002")
     assert [(a.outcome, a.upstream_task_id) for a in await eng.attempts(task_id)] == [
-        ("accepted", "9002")]
+        ("accepted", "9002")
+    ]
     assert len(eng.wiro.sent("Run")) == 1
 
 
@@ -292,8 +351,14 @@ async def test_unanswered_run_not_found_after_the_grace_is_sent_again(eng: Engin
     task_id, callback = await _unanswered(eng)
     started = eng.now[0]
     # Task/List answers, with callback URLs, and none is this attempt's: conclusive.
-    eng.wiro.on("Task/List", ok(tasklist=[
-        upstream("9001", "task_start", callbackurl=f"{PUBLIC}/callbacks/wiro/tsk_X/other")]))
+    eng.wiro.on(
+        "Task/List",
+        ok(
+            tasklist=[
+                upstream("9001", "task_start", callbackurl=f"{PUBLIC}/callbacks/wiro/tsk_X/other")
+            ]
+        ),
+    )
     eng.wiro.on("Run", ok(taskid="9100", socketaccesstoken="sock"))
     while eng.now[0] < started + timedelta(seconds=GRACE):
         await eng.next_check(task_id)
@@ -303,7 +368,9 @@ async def test_unanswered_run_not_found_after_the_grace_is_sent_again(eng: Engin
     row = await eng.row(task_id)
     assert (row.status, row.upstream_task_id) == ("queued", "9100")
     assert [(a.number, a.outcome) for a in await eng.attempts(task_id)] == [
-        (1, "abandoned"), (2, "accepted")]
+        (1, "abandoned"),
+        (2, "accepted"),
+    ]
     assert len(eng.wiro.sent("Run")) == 2
     assert eng.wiro.sent("Run")[1]["callbackUrl"] != callback  # a new token
 
@@ -323,17 +390,18 @@ async def test_unverifiable_hint_never_leads_to_a_second_run(eng: Engine) -> Non
     assert eng.now[0] - T0 > timedelta(seconds=GRACE + 300)
     assert len(eng.wiro.sent("Run")) == 1
     assert [(a.outcome, a.hint_upstream_id) for a in await eng.attempts(task.id)] == [
-        ("ambiguous", "7777")]
+        ("ambiguous", "7777")
+    ]
     assert {b["taskid"] for b in eng.wiro.sent("Task/Detail")} == {"7777"}
     # Once Detail answers and proves it is this attempt's task, it is linked.
     callback = eng.wiro.sent("Run")[0]["callbackUrl"]
-    eng.wiro.on("Task/Detail", ok(tasklist=[upstream("7777", "task_start",
-                                                     callbackurl=callback)]))
+    eng.wiro.on("Task/Detail", ok(tasklist=[upstream("7777", "task_start", callbackurl=callback)]))
     await eng.next_check(task.id)
     row = await eng.row(task.id)  # linked, and what that Detail said applied
     assert (row.status, row.upstream_task_id) == ("running", "7777")
     assert [(a.outcome, a.upstream_task_id) for a in await eng.attempts(task.id)] == [
-        ("accepted", "7777")]
+        ("accepted", "7777")
+    ]
     assert len(eng.wiro.sent("Run")) == 1
 
 
@@ -396,15 +464,16 @@ async def test_cancel_of_a_queued_task_asks_wiro_and_follows_detail(eng: Engine)
 async def test_apply_detail_succeeds_with_outputs_and_stays_terminal(eng: Engine) -> None:
     row = await _linked(eng)
     out = [{"name": "0.png", "url": "https://cdn1.wiro.ai/x/0.png", "size": "10"}]
-    eng.wiro.on("Task/Detail", ok(tasklist=[upstream("5150", "task_postprocess_end",
-                                                     pexit="0", outputs=out)]))
+    eng.wiro.on(
+        "Task/Detail",
+        ok(tasklist=[upstream("5150", "task_postprocess_end", pexit="0", outputs=out)]),
+    )
     ut = await eng.ctx.wiro.detail(task_id="5150")
     assert await tasks.apply_detail(eng.ctx, row, ut, source="poll") == "succeeded"
     done = await eng.row(row.id)
     assert done.outputs[0]["upstream_url"] == out[0]["url"] and done.cost_usd == "0.01"
     # A later Detail that says otherwise changes nothing: terminal is absorbing.
-    eng.wiro.on("Task/Detail", ok(tasklist=[upstream("5150", "task_postprocess_end",
-                                                     pexit="1")]))
+    eng.wiro.on("Task/Detail", ok(tasklist=[upstream("5150", "task_postprocess_end", pexit="1")]))
     ut = await eng.ctx.wiro.detail(task_id="5150")
     assert await tasks.apply_detail(eng.ctx, done, ut, source="poll") == "succeeded"
     assert (await eng.row(row.id)).error_code is None

@@ -23,8 +23,13 @@ PROBLEM = "application/problem+json"
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for sub in ("outputs", "uploads")
-                  if (root / sub).exists() for p in (root / sub).rglob("*") if p.is_file())
+    return sorted(
+        p.relative_to(root).as_posix()
+        for sub in ("outputs", "uploads")
+        if (root / sub).exists()
+        for p in (root / sub).rglob("*")
+        if p.is_file()
+    )
 
 
 def jpeg() -> bytes:
@@ -39,10 +44,10 @@ async def erasure_of(gw, task_id: str) -> Erasure | None:
 
 
 async def test_erasure_here_and_at_wiro(db_url: str, sim: Sim, tmp_path: Path) -> None:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           output_hosts="127.0.0.1") as gw:
-        up = await gw.client().post("/v1/uploads", files={"file": ("me.jpg", jpeg(),
-                                                                   "image/jpeg")})
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, output_hosts="127.0.0.1"
+    ) as gw:
+        up = await gw.client().post("/v1/uploads", files={"file": ("me.jpg", jpeg(), "image/jpeg")})
         assert up.status_code == 201
         photo = up.json()["url"]
         r = await gw.client().post("/v1/tasks", json=task_body(sim, inputImageUrl=photo))
@@ -81,8 +86,9 @@ async def test_erasure_here_and_at_wiro(db_url: str, sim: Sim, tmp_path: Path) -
         # again: nothing more to do, nothing more done
         assert (await gw.client().delete(f"/v1/tasks/{task_id}/images")).status_code == 204
         assert sim.stats()["delete_calls"] == 1
-        assert (await gw.client().get(f"/v1/tasks/{task_id}")).json()["images_erased_at"] \
-            == after["images_erased_at"]
+        assert (await gw.client().get(f"/v1/tasks/{task_id}")).json()["images_erased_at"] == after[
+            "images_erased_at"
+        ]
 
 
 async def _stored(gw, task_id: str) -> bool:
@@ -102,10 +108,12 @@ class FlakyWiro:
             raise WiroUnavailable("/Task/InputOutputDelete: HTTP 503", http_status=503)
 
 
-async def test_erasure_is_retried_while_wiro_is_unavailable(db_url: str, sim: Sim,
-                                                            tmp_path: Path) -> None:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           erase_retry_s="0.1,0.1,0.1") as gw:
+async def test_erasure_is_retried_while_wiro_is_unavailable(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, erase_retry_s="0.1,0.1,0.1"
+    ) as gw:
         wiro = FlakyWiro(failures=2)
         gw.ctx.wiro = wiro  # only erasure talks to Wiro in this test
         task_id = await finished_task(gw, status=Status.failed, upstream_token="tok-1")
@@ -119,8 +127,11 @@ async def test_erasure_is_retried_while_wiro_is_unavailable(db_url: str, sim: Si
         assert e.attempts == 3 and wiro.calls == ["tok-1"] * 3 and e.last_error is None
         # one event for the first failure (not one per retry), one for the end
         kinds = [ev.kind for ev in await events_of(gw, task_id, "api")]
-        assert kinds == [EventKind.images_erased, EventKind.upstream_erase_retry,
-                         EventKind.upstream_erased]
+        assert kinds == [
+            EventKind.images_erased,
+            EventKind.upstream_erase_retry,
+            EventKind.upstream_erased,
+        ]
 
         # a task that never reached Wiro has nothing to delete there
         local = await finished_task(gw, status=Status.cancelled, upstream_token=None)
@@ -139,17 +150,29 @@ async def test_erasure_is_retried_while_wiro_is_unavailable(db_url: str, sim: Si
 
 async def test_retention_erases_by_itself(db_url: str, sim: Sim, tmp_path: Path) -> None:
     good = jpeg()
-    async with serve_receiver() as cdn, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, output_hosts="127.0.0.1",
-            retention_days=1.5 / 86400, retention_sweep_s=0.2) as gw:
+    async with (
+        serve_receiver() as cdn,
+        run_gateway(
+            db_url=db_url,
+            sim=sim,
+            data_dir=tmp_path,
+            output_hosts="127.0.0.1",
+            retention_days=1.5 / 86400,
+            retention_sweep_s=0.2,
+        ) as gw,
+    ):
         cdn.on("/0.jpg", default=Answer(200, good, {"content-type": "image/jpeg"}))
-        up = await gw.client().post("/v1/uploads", files={"file": ("me.jpg", good,
-                                                                   "image/jpeg")})
+        up = await gw.client().post("/v1/uploads", files={"file": ("me.jpg", good, "image/jpeg")})
         photo = up.json()["url"]
-        spare = (await gw.client().post("/v1/uploads", files={"file": ("b.jpg", good,
-                                                                       "image/jpeg")})).json()
-        task_id = await finished_task(gw, status=Status.succeeded, input_url=photo, outputs=[
-            {"name": "0.jpg", "content_type": "image/jpeg", "url": f"{cdn.url}/0.jpg"}])
+        spare = (
+            await gw.client().post("/v1/uploads", files={"file": ("b.jpg", good, "image/jpeg")})
+        ).json()
+        task_id = await finished_task(
+            gw,
+            status=Status.succeeded,
+            input_url=photo,
+            outputs=[{"name": "0.jpg", "content_type": "image/jpeg", "url": f"{cdn.url}/0.jpg"}],
+        )
         await until(lambda: _stored(gw, task_id))
         assert len(files_under(tmp_path)) == 3
 
@@ -165,4 +188,5 @@ async def test_retention_erases_by_itself(db_url: str, sim: Sim, tmp_path: Path)
         e = await erasure_of(gw, task_id)
         assert e is not None and e.reason == "retention"
         assert [ev.kind for ev in await events_of(gw, task_id, "api")].count(
-            EventKind.images_erased) == 1
+            EventKind.images_erased
+        ) == 1

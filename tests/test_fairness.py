@@ -30,29 +30,46 @@ class _NoWiro:
 
 
 def _task(client: str, status: Status, *, at, due_in: float = 0.0) -> Task:
-    return Task(id=new_task_id(at), client=client, model="wiro/professional-headshot",
-                status=status.value, status_rank=status.rank, input={}, metadata_={},
-                attempt=0, outputs=[], created_at=at, updated_at=at,
-                deadline_at=at + timedelta(hours=1),
-                next_check_at=at + timedelta(seconds=due_in), retries=0)
+    return Task(
+        id=new_task_id(at),
+        client=client,
+        model="wiro/professional-headshot",
+        status=status.value,
+        status_rank=status.rank,
+        input={},
+        metadata_={},
+        attempt=0,
+        outputs=[],
+        created_at=at,
+        updated_at=at,
+        deadline_at=at + timedelta(hours=1),
+        next_check_at=at + timedelta(seconds=due_in),
+        retries=0,
+    )
 
 
 async def test_the_fair_share_rule(db_url: str) -> None:
     engine = make_engine(db_url)
     sm = make_sessionmaker(engine)
-    ctx = Ctx(settings=Settings(database_url=db_url, max_in_flight=4), sm=sm,
-              wiro=_NoWiro())  # type: ignore[arg-type]
+    ctx = Ctx(settings=Settings(database_url=db_url, max_in_flight=4), sm=sm, wiro=_NoWiro())  # type: ignore[arg-type]
     now = utcnow()
     try:
         async with unit_of_work(sm) as s:
             # alpha: 2 running + 1 being sent (counts as in flight); beta: 0 in flight.
-            s.add_all([_task("alpha", Status.running, at=now - timedelta(seconds=9)),
-                       _task("alpha", Status.queued, at=now - timedelta(seconds=8))])
+            s.add_all(
+                [
+                    _task("alpha", Status.running, at=now - timedelta(seconds=9)),
+                    _task("alpha", Status.queued, at=now - timedelta(seconds=8)),
+                ]
+            )
             sending = _task("alpha", Status.pending, at=now - timedelta(seconds=7))
             s.add(sending)
             await s.flush()
-            s.add(Attempt(task_id=sending.id, number=1, token_hash="0" * 64, sent_at=now,
-                          outcome="sent"))
+            s.add(
+                Attempt(
+                    task_id=sending.id, number=1, token_hash="0" * 64, sent_at=now, outcome="sent"
+                )
+            )
             old_alpha = _task("alpha", Status.pending, at=now - timedelta(seconds=6))
             beta = _task("beta", Status.pending, at=now - timedelta(seconds=1))
             s.add_all([old_alpha, beta])
@@ -81,8 +98,11 @@ async def test_the_fair_share_rule(db_url: str) -> None:
         assert not await may_dispatch(ctx, client="delta", task_id=delta_new.id, now=now)
         # A pending task backing off far in the future is not "waiting".
         async with unit_of_work(sm) as s:
-            await s.execute(Task.__table__.update().where(Task.client == "gamma")
-                            .values(next_check_at=now + timedelta(minutes=5)))
+            await s.execute(
+                Task.__table__.update()
+                .where(Task.client == "gamma")
+                .values(next_check_at=now + timedelta(minutes=5))
+            )
         assert await may_dispatch(ctx, client="delta", task_id=delta_new.id, now=now)
         # No global cap: only the client's own cap matters.
         ctx.settings = Settings(database_url=db_url, client_max_in_flight=3)
@@ -95,14 +115,18 @@ async def test_the_fair_share_rule(db_url: str) -> None:
 
 
 async def test_turns_at_the_dispatch_lock_go_in_fair_share_order(
-        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The lock goes next to the waiting check whose client has the fewest in flight,
     not to the first that came: alpha's checks queued first must not keep beta's, which
     the freed slot is kept for, waiting until alpha's task has finished (the race behind
     "aab…" in the burst test below, made deterministic)."""
     engine = make_engine(db_url)
-    ctx = Ctx(settings=Settings(database_url=db_url, max_in_flight=2),
-              sm=make_sessionmaker(engine), wiro=_NoWiro())  # type: ignore[arg-type]
+    ctx = Ctx(
+        settings=Settings(database_url=db_url, max_in_flight=2),
+        sm=make_sessionmaker(engine),
+        wiro=_NoWiro(),
+    )  # type: ignore[arg-type]
     now = utcnow()
     a = [_task("alpha", Status.pending, at=now - timedelta(seconds=9 - i)) for i in range(3)]
     b = _task("beta", Status.pending, at=now - timedelta(seconds=1))
@@ -153,8 +177,9 @@ async def test_turns_at_the_dispatch_lock_go_in_fair_share_order(
 
 
 def _peak(spans: list[tuple[Any, Any]]) -> int:
-    points = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans],
-                    key=lambda p: (p[0], p[1]))
+    points = sorted(
+        [(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda p: (p[0], p[1])
+    )
     peak = cur = 0
     for _, d in points:
         cur += d
@@ -164,54 +189,68 @@ def _peak(spans: list[tuple[Any, Any]]) -> int:
 
 async def _spans(gw, client: str) -> list[tuple[Any, Any]]:
     async with gw.ctx.sm() as s:
-        rows = (await s.execute(select(Task.upstream_started_at, Task.completed_at)
-                                .where(Task.client == client))).all()
+        rows = (
+            await s.execute(
+                select(Task.upstream_started_at, Task.completed_at).where(Task.client == client)
+            )
+        ).all()
     return [(a, b) for a, b in rows]
 
 
-async def test_a_capped_client_waits_while_others_run(db_url: str, sim: Sim,
-                                                      tmp_path: Path) -> None:
+async def test_a_capped_client_waits_while_others_run(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     sim.configure(queue_s=0.1, run_s=1.5)  # alpha's first is still running while the rest submit
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
         await clients.set_limits(gw.ctx.sm, client="alpha", rate_per_s=None, max_in_flight=1)
-        alpha = [await gw.client("alpha").post("/v1/tasks", json=task_body(sim))
-                 for _ in range(3)]
+        alpha = [await gw.client("alpha").post("/v1/tasks", json=task_body(sim)) for _ in range(3)]
         assert [r.status_code for r in alpha] == [202, 202, 202]
         # one dispatched at once, the other two kept pending here
         assert [r.json()["status"] for r in alpha] == ["queued", "pending", "pending"]
         beta = await gw.client("beta").post("/v1/tasks", json=task_body(sim))
         assert beta.json()["status"] == "queued"  # not held behind alpha's backlog
-        finals = await asyncio.gather(*(gw.wait_terminal(r.json()["id"]) for r in alpha),
-                                      gw.wait_terminal(beta.json()["id"], client="beta"))
+        finals = await asyncio.gather(
+            *(gw.wait_terminal(r.json()["id"]) for r in alpha),
+            gw.wait_terminal(beta.json()["id"], client="beta"),
+        )
         assert {f["status"] for f in finals} == {"succeeded"}
         assert _peak(await _spans(gw, "alpha")) == 1
         assert sim.stats()["runs"] == 4
 
 
-async def test_a_burst_does_not_starve_another_client(db_url: str, sim: Sim,
-                                                      tmp_path: Path) -> None:
+async def test_a_burst_does_not_starve_another_client(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, max_in_flight=2) as gw:
         # Two long-queued tasks of a third client hold both slots while the others submit.
         sim.configure(queue_s=60, run_s=0.4)
-        blockers = [(await gw.client("root").post("/v1/tasks", json=task_body(sim))).json()["id"]
-                    for _ in range(2)]
+        blockers = [
+            (await gw.client("root").post("/v1/tasks", json=task_body(sim))).json()["id"]
+            for _ in range(2)
+        ]
         # Runs long enough that alpha's first task is still in flight when the second slot
         # frees, however slowly the two cancels go through on a loaded machine.
         sim.configure(queue_s=0.1, run_s=2.0)
-        a = [(await gw.client("alpha").post("/v1/tasks", json=task_body(sim))).json()["id"]
-             for _ in range(6)]
-        b = [(await gw.client("beta").post("/v1/tasks", json=task_body(sim))).json()["id"]
-             for _ in range(2)]
-        cancels = await asyncio.gather(*(gw.client("root").post(f"/v1/tasks/{t}/cancel")
-                                         for t in blockers))  # both slots free at once
+        a = [
+            (await gw.client("alpha").post("/v1/tasks", json=task_body(sim))).json()["id"]
+            for _ in range(6)
+        ]
+        b = [
+            (await gw.client("beta").post("/v1/tasks", json=task_body(sim))).json()["id"]
+            for _ in range(2)
+        ]
+        cancels = await asyncio.gather(
+            *(gw.client("root").post(f"/v1/tasks/{t}/cancel") for t in blockers)
+        )  # both slots free at once
         assert [r.status_code for r in cancels] == [202, 202]
         # Four rounds of two 2 s runs; generous, for a loaded CI machine.
-        await asyncio.gather(*(gw.wait_terminal(t, timeout=120) for t in a),
-                             *(gw.wait_terminal(t, timeout=120, client="beta") for t in b))
+        await asyncio.gather(
+            *(gw.wait_terminal(t, timeout=120) for t in a),
+            *(gw.wait_terminal(t, timeout=120, client="beta") for t in b),
+        )
         async with gw.ctx.sm() as s:
             started = dict((await s.execute(select(Task.id, Task.upstream_started_at))).all())
-        labels = "".join("a" if t in a else "b"
-                         for t in sorted(a + b, key=lambda t: started[t]))
+        labels = "".join("a" if t in a else "b" for t in sorted(a + b, key=lambda t: started[t]))
         # Strict FIFO would send alpha's six first ("aaaaaabb"); fair shares give the two
         # freed slots one to each client.
         assert sorted(labels[:2]) == ["a", "b"], labels

@@ -59,8 +59,9 @@ async def sim_configure(sim: Sim, **knobs: Any) -> None:
 
 async def submit(gw: Gateway, sim: Sim, n: int = 1, **input_overrides: Any) -> list[str]:
     c = gw.client()
-    rs = await asyncio.gather(*(c.post("/v1/tasks", json=task_body(sim, **input_overrides))
-                                for _ in range(n)))
+    rs = await asyncio.gather(
+        *(c.post("/v1/tasks", json=task_body(sim, **input_overrides)) for _ in range(n))
+    )
     for r in rs:
         assert r.status_code == 202, r.text
     return [r.json()["id"] for r in rs]
@@ -78,8 +79,13 @@ async def events(gw: Gateway, tid: str) -> list[dict[str, Any]]:
 
 async def attempts(gw: Gateway, tid: str) -> list[Attempt]:
     async with gw.ctx.sm() as s:
-        return list((await s.scalars(select(Attempt).where(Attempt.task_id == tid)
-                                     .order_by(Attempt.number))).all())
+        return list(
+            (
+                await s.scalars(
+                    select(Attempt).where(Attempt.task_id == tid).order_by(Attempt.number)
+                )
+            ).all()
+        )
 
 
 def assert_one_terminal(evs: list[dict[str, Any]], status: str) -> None:
@@ -87,11 +93,12 @@ def assert_one_terminal(evs: list[dict[str, Any]], status: str) -> None:
     terminal = [i for i, e in enumerate(evs) if e["status"] in TERMINAL]
     assert len(terminal) == 1, [(e["source"], e["status"], e["message"]) for e in evs]
     assert evs[terminal[0]]["status"] == status
-    assert all(e["status"] is None for e in evs[terminal[0] + 1:]), evs
+    assert all(e["status"] is None for e in evs[terminal[0] + 1 :]), evs
 
 
-async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 15.0,
-                     what: str = "condition") -> None:
+async def eventually(
+    cond: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while not await cond():
         if time.monotonic() > deadline:
@@ -102,6 +109,7 @@ async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 15.0,
 async def wait_status(gw: Gateway, tid: str, status: str, timeout: float = 15.0) -> None:
     async def reached() -> bool:
         return (await gw.client().get(f"/v1/tasks/{tid}")).json()["status"] == status
+
     await eventually(reached, timeout, f"{tid} to become {status}")
 
 
@@ -134,15 +142,24 @@ class Interposer(httpx.AsyncBaseTransport):
 
 
 @contextlib.asynccontextmanager
-async def gateway_via(monkeypatch: pytest.MonkeyPatch, transport: httpx.AsyncBaseTransport,
-                      *, db_url: str, sim: Sim, data_dir: Path,
-                      **overrides: Any) -> AsyncIterator[Gateway]:
+async def gateway_via(
+    monkeypatch: pytest.MonkeyPatch,
+    transport: httpx.AsyncBaseTransport,
+    *,
+    db_url: str,
+    sim: Sim,
+    data_dir: Path,
+    **overrides: Any,
+) -> AsyncIterator[Gateway]:
     """``run_gateway`` with the Wiro client going through ``transport``."""
     import app.main
 
     real = app.main.create_app
-    monkeypatch.setattr(app.main, "create_app",
-                        lambda settings, **kw: real(settings, wiro_transport=transport, **kw))
+    monkeypatch.setattr(
+        app.main,
+        "create_app",
+        lambda settings, **kw: real(settings, wiro_transport=transport, **kw),
+    )
     async with run_gateway(db_url=db_url, sim=sim, data_dir=data_dir, **overrides) as gw:
         yield gw
 
@@ -157,7 +174,8 @@ def gateway_task_of(request: httpx.Request) -> str:
 
 
 async def test_row_and_attempt_commit_before_run_is_sent(
-        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """At the moment the Run leaves, another session already sees the task ``pending``
     and the attempt ``sent``: a crash at any later point cannot lose the task or hide
     that a Run may have started."""
@@ -169,8 +187,9 @@ async def test_row_and_attempt_commit_before_run_is_sent(
         tid = gateway_task_of(request)
         async with gw_box[0].ctx.sm() as s:
             task = await s.get(Task, tid)
-            outcomes = list((await s.scalars(
-                select(Attempt.outcome).where(Attempt.task_id == tid))).all())
+            outcomes = list(
+                (await s.scalars(select(Attempt.outcome).where(Attempt.task_id == tid))).all()
+            )
         seen.append((tid, task.status if task else None, outcomes))
         return None
 
@@ -189,25 +208,37 @@ async def test_row_and_attempt_commit_before_run_is_sent(
 # ---------------------------------------------------------------- 2. ambiguous Run
 
 
-@pytest.mark.parametrize(("fault", "finder", "db_url"), [
-    ("hang", "callback", "sqlite"), ("hang", "callback", "postgres"),
-    ("hang", "task_list", "sqlite"),
-    ("drop", "callback", "sqlite"),
-    ("drop", "task_list", "sqlite"),
-], indirect=["db_url"])
-async def test_ambiguous_run_is_linked_not_resent(db_url: str, sim: Sim, tmp_path: Path,
-                                                  fault: str, finder: str) -> None:
+@pytest.mark.parametrize(
+    ("fault", "finder", "db_url"),
+    [
+        ("hang", "callback", "sqlite"),
+        ("hang", "callback", "postgres"),
+        ("hang", "task_list", "sqlite"),
+        ("drop", "callback", "sqlite"),
+        ("drop", "task_list", "sqlite"),
+    ],
+    indirect=["db_url"],
+)
+async def test_ambiguous_run_is_linked_not_resent(
+    db_url: str, sim: Sim, tmp_path: Path, fault: str, finder: str
+) -> None:
     """Wiro created the task but the gateway never got the answer (read timeout, or the
     connection broke mid-response). The gateway must not send again: the callback (which
     names the attempt) or Task/List links the upstream task, and exactly one run exists."""
-    knobs: dict[str, Any] = ({"run_hang_s": 2.5} if fault == "hang"
-                             else {"run_drop_connection": True})
+    knobs: dict[str, Any] = (
+        {"run_hang_s": 2.5} if fault == "hang" else {"run_drop_connection": True}
+    )
     if finder == "task_list":
         knobs["callback_drop"] = 1.0  # no callback: only Task/List can find it
     sim.configure(**knobs)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, wiro_read_timeout_s=1.0,
-                           run_grace_s=4.0,
-                           reconcile_with_task_list=(finder == "task_list")) as gw:
+    async with run_gateway(
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        wiro_read_timeout_s=1.0,
+        run_grace_s=4.0,
+        reconcile_with_task_list=(finder == "task_list"),
+    ) as gw:
         [tid] = await submit(gw, sim)
         final = await gw.wait_terminal(tid, timeout=20)
         evs = await events(gw, tid)
@@ -222,19 +253,20 @@ async def test_ambiguous_run_is_linked_not_resent(db_url: str, sim: Sim, tmp_pat
 
 
 @SQLITE_ONLY
-async def test_callback_hint_survives_detail_errors(db_url: str, sim: Sim,
-                                                    tmp_path: Path) -> None:
+async def test_callback_hint_survives_detail_errors(db_url: str, sim: Sim, tmp_path: Path) -> None:
     """The callback named the upstream task of an unanswered Run, but Detail failed when
     the gateway went to verify it. That is no evidence against the hint: it must be
     kept and verified later, not dropped (which would lead to a second Run)."""
     sim.configure(run_drop_connection=True, detail_5xx_rate=1.0)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, run_grace_s=4.0,
-                           reconcile_with_task_list=False) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, run_grace_s=4.0, reconcile_with_task_list=False
+    ) as gw:
         [tid] = await submit(gw, sim)
 
         async def verify_failed() -> bool:
             s = await sim_stats(sim)
             return s["callbacks_sent"] >= 1 and s["detail_calls"] >= 2
+
         await eventually(verify_failed, what="a callback and a failed verification")
         await sim_configure(sim, detail_5xx_rate=0.0)
         final = await gw.wait_terminal(tid, timeout=20)
@@ -244,7 +276,8 @@ async def test_callback_hint_survives_detail_errors(db_url: str, sim: Sim,
 
 @SQLITE_ONLY
 async def test_run_that_never_arrived_is_sent_again_after_grace(
-        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """The first Run times out and truly created nothing: no callback, nothing in
     Task/List. Only GATEWAY_RUN_GRACE_S after the Run went unanswered is a second
     attempt sent."""
@@ -255,9 +288,16 @@ async def test_run_that_never_arrived_is_sent_again_after_grace(
             raise httpx.ReadTimeout("timed out (test: never reached Wiro)", request=request)
 
     tx.on_run = lose_first
-    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path,
-                           run_grace_s=3.0, wiro_connect_timeout_s=1.0,
-                           wiro_read_timeout_s=1.0) as gw:
+    async with gateway_via(
+        monkeypatch,
+        tx,
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        run_grace_s=3.0,
+        wiro_connect_timeout_s=1.0,
+        wiro_read_timeout_s=1.0,
+    ) as gw:
         [tid] = await submit(gw, sim)
         final = await gw.wait_terminal(tid)
         evs = await events(gw, tid)
@@ -272,7 +312,8 @@ async def test_run_that_never_arrived_is_sent_again_after_grace(
 
 @SQLITE_ONLY
 async def test_second_upstream_task_is_killed_and_recorded(
-        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """Attempt 1 did start a task but its answer was lost and no sign came within the
     grace period, so attempt 2 went out. When attempt 1's callback finally shows up,
     its upstream task is the extra one: it is killed and the events say so."""
@@ -288,15 +329,25 @@ async def test_second_upstream_task_is_killed_and_recorded(
             raise httpx.ReadTimeout("timed out (test: answer lost)", request=request)
 
     tx.on_run = swallow_first
-    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path,
-                           run_grace_s=0.8, run_grace_unlisted_s=0.8,
-                           wiro_connect_timeout_s=0.5, wiro_read_timeout_s=1.0,
-                           reconcile_with_task_list=False) as gw:
+    async with gateway_via(
+        monkeypatch,
+        tx,
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        run_grace_s=0.8,
+        run_grace_unlisted_s=0.8,
+        wiro_connect_timeout_s=0.5,
+        wiro_read_timeout_s=1.0,
+        reconcile_with_task_list=False,
+    ) as gw:
         [tid] = await submit(gw, sim)
 
         async def second_linked() -> bool:
-            return (await gw.client().get(f"/v1/tasks/{tid}")).json()["upstream"]["task_id"] \
-                not in (None, first[0])
+            return (await gw.client().get(f"/v1/tasks/{tid}")).json()["upstream"][
+                "task_id"
+            ] not in (None, first[0])
+
         await eventually(second_linked, what="attempt 2 accepted")
         # Attempt 1's late callback (the URL only the simulator knows).
         extra = await sim_get(sim, f"/__sim/tasks/{first[0]}")
@@ -307,6 +358,7 @@ async def test_second_upstream_task_is_killed_and_recorded(
 
         async def killed() -> bool:
             return (await sim_get(sim, f"/__sim/tasks/{first[0]}"))["status"] == "task_cancel"
+
         await eventually(killed, what="the extra upstream task stopped")
         final = await gw.wait_terminal(tid)
         evs = await events(gw, tid)
@@ -340,15 +392,17 @@ async def test_idempotency_replay_and_mismatch(gateway: Gateway, sim: Sim) -> No
     again = await c.post("/v1/tasks", json=body, headers={"Idempotency-Key": "order-1"})
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
     assert again.json()["id"] == tid and again.json()["status"] == "succeeded"
-    different = await c.post("/v1/tasks", json=task_body(sim, seed="12"),
-                             headers={"Idempotency-Key": "order-1"})
+    different = await c.post(
+        "/v1/tasks", json=task_body(sim, seed="12"), headers={"Idempotency-Key": "order-1"}
+    )
     assert different.status_code == 422
     assert different.headers["content-type"].startswith(PROBLEM)
     # Still honoured a day later (keys are kept at least 24 h).
     async with gateway.ctx.sm() as s, s.begin():
         created = await s.scalar(select(Task.created_at).where(Task.id == tid))
-        await s.execute(update(Task).where(Task.id == tid).values(
-            created_at=created - timedelta(hours=25)))
+        await s.execute(
+            update(Task).where(Task.id == tid).values(created_at=created - timedelta(hours=25))
+        )
     later = await c.post("/v1/tasks", json=body, headers={"Idempotency-Key": "order-1"})
     assert later.status_code == 200 and later.json()["id"] == tid
     assert (await sim_stats(sim))["runs"] == runs_before == 1
@@ -358,9 +412,9 @@ async def test_idempotency_replay_and_mismatch(gateway: Gateway, sim: Sim) -> No
 async def test_concurrent_duplicates_make_one_task(gateway: Gateway, sim: Sim) -> None:
     c = gateway.client()
     body = task_body(sim, seed="21")
-    rs = await asyncio.gather(*(c.post("/v1/tasks", json=body,
-                                       headers={"Idempotency-Key": "burst"})
-                                for _ in range(10)))
+    rs = await asyncio.gather(
+        *(c.post("/v1/tasks", json=body, headers={"Idempotency-Key": "burst"}) for _ in range(10))
+    )
     codes = sorted(r.status_code for r in rs)
     assert set(codes) <= {200, 202, 409} and codes.count(202) == 1, codes
     tid = next(r.json()["id"] for r in rs if r.status_code == 202)
@@ -379,11 +433,11 @@ async def test_concurrent_duplicates_make_one_task(gateway: Gateway, sim: Sim) -
 
 @SQLITE_ONLY
 @pytest.mark.parametrize("knob", ["run_5xx_rate", "run_429_rate"])
-async def test_run_errors_are_retried_and_run_once(db_url: str, sim: Sim, tmp_path: Path,
-                                                   knob: str) -> None:
+async def test_run_errors_are_retried_and_run_once(
+    db_url: str, sim: Sim, tmp_path: Path, knob: str
+) -> None:
     sim.configure(**{knob: 0.7, "seed": 3})
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           retry_after_cap_s=0.3) as gw:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, retry_after_cap_s=0.3) as gw:
         ids = await submit(gw, sim, 3)
         done = await finish(gw, ids, timeout=40)
         stories = [await events(gw, i) for i in ids]
@@ -396,25 +450,28 @@ async def test_run_errors_are_retried_and_run_once(db_url: str, sim: Sim, tmp_pa
     # 429: Retry-After (1 s) is honoured up to GATEWAY_RETRY_AFTER_CAP_S (0.3 s here).
     # A 5xx with Wiro's code-0 body is a server error (retryable), without one the server
     # was unavailable; either way the attempt is recorded as refused, not as sent.
-    assert sum(e["kind"] == "run_retry" for evs in stories
-               for e in evs) == stats["run_rejections"][reason]
+    assert (
+        sum(e["kind"] == "run_retry" for evs in stories for e in evs)
+        == stats["run_rejections"][reason]
+    )
     # every refused Run is an attempt that was not accepted, and the last one was
     retried = [a for rows in runs for a in rows[:-1]]
     assert len(retried) == stats["run_rejections"][reason]
-    assert {a.outcome for a in retried} <= ({"rejected", "not_sent"} if knob == "run_5xx_rate"
-                                            else {"rejected"})
+    assert {a.outcome for a in retried} <= (
+        {"rejected", "not_sent"} if knob == "run_5xx_rate" else {"rejected"}
+    )
     assert all(rows[-1].outcome == "accepted" for rows in runs)
     if knob == "run_429_rate":  # each retry waited the capped 0.3 s, not Retry-After's 1 s
-        gaps = [(b.sent_at - a.resolved_at).total_seconds() for rows in runs
-                for a, b in pairwise(rows)]
+        gaps = [
+            (b.sent_at - a.resolved_at).total_seconds() for rows in runs for a, b in pairwise(rows)
+        ]
         assert gaps and min(gaps) >= 0.29 and min(gaps) < 0.95, gaps
     for evs in stories:
         assert_one_terminal(evs, "succeeded")
 
 
 @SQLITE_ONLY
-async def test_concurrency_limit_keeps_tasks_pending(db_url: str, sim: Sim,
-                                                     tmp_path: Path) -> None:
+async def test_concurrency_limit_keeps_tasks_pending(db_url: str, sim: Sim, tmp_path: Path) -> None:
     """Code 96: the task stays pending and goes out when capacity returns."""
     sim.configure(max_concurrency=1)
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
@@ -466,20 +523,37 @@ async def test_insufficient_balance_fails(db_url: str, sim: Sim, tmp_path: Path)
 
 
 REJECTIONS = [
-    (200, {"result": False, "errors": [{"code": 0,
-                                        "message": "Request parameter [seed] is invalid"}]}, "0"),
-    (400, {"result": False, "errors": [{"code": "0",
-                                        "message": "Request parameter [inputImageUrl] required"}]},
-     "0"),
+    (
+        200,
+        {
+            "result": False,
+            "errors": [{"code": 0, "message": "Request parameter [seed] is invalid"}],
+        },
+        "0",
+    ),
+    (
+        400,
+        {
+            "result": False,
+            "errors": [{"code": "0", "message": "Request parameter [inputImageUrl] required"}],
+        },
+        "0",
+    ),
     (200, {"result": False, "errors": ["Model is not available for this project"]}, None),
 ]
 
 
 @SQLITE_ONLY
 @pytest.mark.parametrize(("http_status", "answer", "upstream_code"), REJECTIONS)
-async def test_upstream_rejection_fails(monkeypatch: pytest.MonkeyPatch, db_url: str,
-                                        sim: Sim, tmp_path: Path, http_status: int,
-                                        answer: dict[str, Any], upstream_code: str | None) -> None:
+async def test_upstream_rejection_fails(
+    monkeypatch: pytest.MonkeyPatch,
+    db_url: str,
+    sim: Sim,
+    tmp_path: Path,
+    http_status: int,
+    answer: dict[str, Any],
+    upstream_code: str | None,
+) -> None:
     """Wiro refused the Run (``result: false``, even inside a 200): failed, not retried."""
     tx = Interposer()
 
@@ -504,13 +578,16 @@ async def test_detail_errors_never_fail_a_task(db_url: str, sim: Sim, tmp_path: 
     sim.configure(detail_5xx_rate=1.0, seed=5)
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
         ids = await submit(gw, sim, 3)
-        uids = [(await gw.client().get(f"/v1/tasks/{i}")).json()["upstream"]["task_id"]
-                for i in ids]
+        uids = [
+            (await gw.client().get(f"/v1/tasks/{i}")).json()["upstream"]["task_id"] for i in ids
+        ]
 
         async def upstream_done_and_polled() -> bool:
             recs = [await sim_get(sim, f"/__sim/tasks/{u}") for u in uids]
-            return (all(r["status"] == "task_postprocess_end" for r in recs)
-                    and (await sim_stats(sim))["detail_calls"] >= 3 * len(ids))
+            return all(r["status"] == "task_postprocess_end" for r in recs) and (
+                await sim_stats(sim)
+            )["detail_calls"] >= 3 * len(ids)
+
         await eventually(upstream_done_and_polled, what="failed polls of finished tasks")
         mid = [(await gw.client().get(f"/v1/tasks/{i}")).json()["status"] for i in ids]
         await sim_configure(sim, detail_5xx_rate=0.5)
@@ -535,7 +612,7 @@ async def test_lost_task_fails_after_grace(db_url: str, sim: Sim, tmp_path: Path
     assert final["status"] == "failed" and final["error"]["code"] == "lost"
     queued = next(e for e in evs if e["status"] == "queued")
     failed = next(e for e in evs if e["status"] == "failed")
-    gap = (datetime.fromisoformat(failed["at"]) - datetime.fromisoformat(queued["at"]))
+    gap = datetime.fromisoformat(failed["at"]) - datetime.fromisoformat(queued["at"])
     assert gap.total_seconds() >= 1.5
     assert (await sim_stats(sim))["runs_by_gateway_task"] == {tid: 1}
     assert_one_terminal(evs, "failed")
@@ -546,8 +623,9 @@ async def test_task_error_never_fails_a_task(db_url: str, sim: Sim, tmp_path: Pa
     """task_error is an interim log event (Wiro's docs): a task that shows it and goes on
     succeeds; one stuck in it is never failed early, but meets the deadline, where its
     upstream task is stopped and the task is timed_out."""
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, task_timeout_s=4.0,
-                           poll_max_s=0.5) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, task_timeout_s=4.0, poll_max_s=0.5
+    ) as gw:
         await sim_configure(sim, task_error_fatal_rate=1.0)
         [stuck] = await submit(gw, sim)
         await sim_configure(sim, task_error_fatal_rate=0.0, task_error_s=1.0)
@@ -596,30 +674,40 @@ async def storm(url: str, body: dict[str, Any], n: int) -> dict[str, int]:
     client's work does not share the in-process gateway's event loop); the count of
     each status code (or transport error)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", STORM, url, str(n), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        STORM,
+        url,
+        str(n),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
     out, _ = await proc.communicate(json.dumps(body).encode())
     assert proc.returncode == 0
     return json.loads(out)
 
 
-@pytest.mark.parametrize(("db_url", "copies"), [("sqlite", 1000), ("postgres", 200)],
-                         indirect=["db_url"])
-async def test_thousand_duplicate_callbacks_one_transition(db_url: str, sim: Sim,
-                                                           tmp_path: Path, copies: int) -> None:
+@pytest.mark.parametrize(
+    ("db_url", "copies"), [("sqlite", 1000), ("postgres", 200)], indirect=["db_url"]
+)
+async def test_thousand_duplicate_callbacks_one_transition(
+    db_url: str, sim: Sim, tmp_path: Path, copies: int
+) -> None:
     """The simulator's own callback is dropped and polling is far off: 1,000 copies of the
     real callback, all at once, are what finishes the task, exactly once. (200 on
     PostgreSQL, where the row locks are what is being exercised: each request costs the
     in-process gateway ~10 ms, and the suite has a time budget.)"""
     sim.configure(callback_drop=1.0)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=60,
-                           poll_max_s=60) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=60, poll_max_s=60
+    ) as gw:
         [tid] = await submit(gw, sim)
         upstream = (await gw.client().get(f"/v1/tasks/{tid}")).json()["upstream"]["task_id"]
 
         async def upstream_done() -> bool:
             rec = await sim_get(sim, f"/__sim/tasks/{upstream}")
             return rec["status"] == "task_postprocess_end"
+
         await eventually(upstream_done, what="upstream task finished")
         rec = await sim_get(sim, f"/__sim/tasks/{upstream}")
         url, body = rec["detail"]["callbackurl"], rec["detail"]
@@ -639,18 +727,20 @@ async def test_thousand_duplicate_callbacks_one_transition(db_url: str, sim: Sim
 
 
 @SQLITE_ONLY
-async def test_reordered_duplicated_and_early_callbacks(db_url: str, sim: Sim,
-                                                        tmp_path: Path) -> None:
+async def test_reordered_duplicated_and_early_callbacks(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     sim.configure(callback_reorder=True, callback_duplicate=5, callback_early=True)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=10,
-                           poll_max_s=10) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=10, poll_max_s=10
+    ) as gw:
         ids = await submit(gw, sim, 3)
         done = await finish(gw, ids)
 
         async def stale_delivered() -> bool:
-            recs = [await sim_get(sim, f"/__sim/tasks/{t['upstream']['task_id']}")
-                    for t in done]
+            recs = [await sim_get(sim, f"/__sim/tasks/{t['upstream']['task_id']}") for t in done]
             return all(any(cb["kind"] == "reorder" for cb in r["callbacks"]) for r in recs)
+
         # Recorded with the gateway's answer (204), so handled: nothing left to act on.
         await eventually(stale_delivered, what="the stale callbacks")
         for i in ids:
@@ -676,8 +766,9 @@ async def hint_at(gw: Gateway, tid: str) -> datetime | None:
 
 
 @SQLITE_ONLY
-async def test_forged_and_oversized_callbacks_change_nothing(db_url: str, sim: Sim,
-                                                             tmp_path: Path) -> None:
+async def test_forged_and_oversized_callbacks_change_nothing(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     sim.configure(run_s=4.5, callback_drop=1.0)  # long enough to be "running" throughout
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
         [tid] = await submit(gw, sim)
@@ -687,14 +778,20 @@ async def test_forged_and_oversized_callbacks_change_nothing(db_url: str, sim: S
         rec = await sim_get(sim, f"/__sim/tasks/{upstream}")
         url = rec["detail"]["callbackurl"]
         base, _, token = url.rpartition("/")
-        claim = {**rec["detail"], "status": "task_postprocess_end", "pexit": "0",
-                 "outputs": [{"name": "0.png", "url": "https://evil.example/0.png"}]}
+        claim = {
+            **rec["detail"],
+            "status": "task_postprocess_end",
+            "pexit": "0",
+            "outputs": [{"name": "0.png", "url": "https://evil.example/0.png"}],
+        }
         assert await hint_at(gw, tid) is None
         async with httpx.AsyncClient(timeout=10) as c:
-            for bad in (f"{base}/{token[:-1]}{'x' if token[-1] != 'x' else 'y'}",
-                        f"{base}/{'a' * 200}",
-                        url.replace(tid, "tsk_01ARZ3NDEKTSV4RRFFQ69G5FAV"),
-                        url.replace(tid, "nope")):
+            for bad in (
+                f"{base}/{token[:-1]}{'x' if token[-1] != 'x' else 'y'}",
+                f"{base}/{'a' * 200}",
+                url.replace(tid, "tsk_01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+                url.replace(tid, "nope"),
+            ):
                 r = await c.post(bad, json=claim)
                 assert r.status_code == 404, (bad, r.text)
                 assert r.headers["content-type"].startswith(PROBLEM)
@@ -705,6 +802,7 @@ async def test_forged_and_oversized_callbacks_change_nothing(db_url: str, sim: S
             async def chunks() -> AsyncIterator[bytes]:
                 for _ in range(20):
                     yield b" " * 65536
+
             r = await c.post(url, content=chunks())
             assert r.status_code == 413
             assert await hint_at(gw, tid) is None  # none of that was taken as a callback
@@ -723,21 +821,29 @@ async def test_forged_and_oversized_callbacks_change_nothing(db_url: str, sim: S
         final = await gw.wait_terminal(tid)
         evs = await events(gw, tid)
     assert final["status"] == "succeeded"
-    assert final["outputs"] and all(not o["upstream_url"].startswith("https://evil")
-                                    for o in final["outputs"])
+    assert final["outputs"] and all(
+        not o["upstream_url"].startswith("https://evil") for o in final["outputs"]
+    )
     assert_one_terminal(evs, "succeeded")
 
 
 @SQLITE_ONLY
 async def test_slow_run_is_not_declared_dead_while_its_request_is_in_flight(
-        db_url: str, sim: Sim, tmp_path: Path) -> None:
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """The Run answers after 2 s, within the read timeout (3 s), but after both the lease
     (1 s) and the grace period (1 s): a worker that picks the task up meanwhile must not
     send a second Run while the first request can still answer."""
     sim.configure(run_hang_s=2.0, callback_drop=1.0)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, wiro_read_timeout_s=3.0,
-                           run_grace_s=1.0, lease_s=1.0,
-                           reconcile_with_task_list=False) as gw:
+    async with run_gateway(
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        wiro_read_timeout_s=3.0,
+        run_grace_s=1.0,
+        lease_s=1.0,
+        reconcile_with_task_list=False,
+    ) as gw:
         [tid] = await submit(gw, sim)
         final = await gw.wait_terminal(tid)
         rows = await attempts(gw, tid)
@@ -749,8 +855,9 @@ async def test_slow_run_is_not_declared_dead_while_its_request_is_in_flight(
 
 
 @SQLITE_ONLY  # where the read in _link locks nothing; PostgreSQL's FOR UPDATE serialises
-async def test_two_attempts_linked_at_once_leave_one_upstream_task(db_url: str, sim: Sim,
-                                                                   tmp_path: Path) -> None:
+async def test_two_attempts_linked_at_once_leave_one_upstream_task(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """Narrow case: two attempts of one task turn out to have started upstream tasks and
     are linked at the same moment (say a late callback for attempt 1 while attempt 2's
     answer is recorded). Exactly one becomes the task's; the other is stopped and
@@ -764,15 +871,25 @@ async def test_two_attempts_linked_at_once_leave_one_upstream_task(db_url: str, 
         body = TaskCreate.model_validate(task_body(sim))
         task, _ = await domain.create_task(ctx, client="alpha", body=body, idempotency_key=None)
         async with ctx.sm() as s, s.begin():  # out of the workers' sight
-            await s.execute(update(Task).where(Task.id == task.id).values(
-                next_check_at=None, lease_owner=None, lease_until=None, attempt=2))
+            await s.execute(
+                update(Task)
+                .where(Task.id == task.id)
+                .values(next_check_at=None, lease_owner=None, lease_until=None, attempt=2)
+            )
             now = datetime.now(task.created_at.tzinfo)
-            s.add_all([Attempt(task_id=task.id, number=n, token_hash=f"{n:064d}", sent_at=now,
-                               outcome=o) for n, o in ((1, "abandoned"), (2, "sent"))])
+            s.add_all(
+                [
+                    Attempt(
+                        task_id=task.id, number=n, token_hash=f"{n:064d}", sent_at=now, outcome=o
+                    )
+                    for n, o in ((1, "abandoned"), (2, "sent"))
+                ]
+            )
         a1, a2 = await attempts(gw, task.id)
         await asyncio.gather(
             _dispatch.link(ctx, task.id, a1, "8100001", None, source="callback"),
-            _dispatch.link(ctx, task.id, a2, "8100002", "tok", source="dispatcher"))
+            _dispatch.link(ctx, task.id, a2, "8100002", "tok", source="dispatcher"),
+        )
         rows = await attempts(gw, task.id)
         async with ctx.sm() as s:
             fresh = await s.get(Task, task.id)
@@ -789,7 +906,8 @@ async def test_two_attempts_linked_at_once_leave_one_upstream_task(db_url: str, 
 
 @SQLITE_ONLY
 async def test_callback_naming_another_upstream_task_is_not_linked(
-        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """While a Run is unanswered, a callback on its (secret) URL names an upstream task
     that belongs to another gateway task. Detail shows that task's callback URL is not
     this attempt's: it is neither adopted (its outputs would leak) nor stopped."""
@@ -802,23 +920,34 @@ async def test_callback_naming_another_upstream_task_is_not_linked(
             raise httpx.ReadTimeout("timed out (test: never reached Wiro)", request=request)
 
     tx.on_run = lose_second
-    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path,
-                           run_grace_s=2.5, run_grace_unlisted_s=2.5,
-                           wiro_connect_timeout_s=0.5, wiro_read_timeout_s=1.0,
-                           reconcile_with_task_list=False) as gw:
+    async with gateway_via(
+        monkeypatch,
+        tx,
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        run_grace_s=2.5,
+        run_grace_unlisted_s=2.5,
+        wiro_connect_timeout_s=0.5,
+        wiro_read_timeout_s=1.0,
+        reconcile_with_task_list=False,
+    ) as gw:
         [victim] = await submit(gw, sim)
         foreign = (await gw.client().get(f"/v1/tasks/{victim}")).json()["upstream"]["task_id"]
         [tid] = await submit(gw, sim)
         async with httpx.AsyncClient() as c:
-            r = await c.post(callback_urls[tid], json={"id": foreign,
-                                                       "status": "task_postprocess_end"})
+            r = await c.post(
+                callback_urls[tid], json={"id": foreign, "status": "task_postprocess_end"}
+            )
         assert r.status_code == 204
         v_final, final = await finish(gw, [victim, tid])
         rows = await attempts(gw, tid)
     assert v_final["status"] == "succeeded" and v_final["upstream"]["task_id"] == foreign
     assert final["status"] == "succeeded" and final["upstream"]["task_id"] != foreign
     assert [(a.number, a.outcome, a.hint_upstream_id) for a in rows] == [
-        (1, "abandoned", None), (2, "accepted", None)]
+        (1, "abandoned", None),
+        (2, "accepted", None),
+    ]
     rec = await sim_get(sim, f"/__sim/tasks/{foreign}")
     assert rec["cancel_kind"] is None  # the other task's run was left alone
     assert (await sim_stats(sim))["kill_calls"] == 0

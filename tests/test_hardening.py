@@ -42,36 +42,91 @@ HOSTILE: list[tuple[str, str, dict[str, Any], bytes | None, int]] = [
     ("GET", "/v1/tasks?" + "&".join(f"metadata.k{i}=v" for i in range(17)), AUTH, None, 422),
     ("GET", "/v1/tasks?client=beta", AUTH, None, 422),  # not an admin key
     ("GET", "/v1/tasks", {"Authorization": "Bearer " + "k" * 600}, None, 401),
-    ("GET", "/v1/tasks", {"Authorization": "Bearer \u00e9t\u00e9".encode("latin-1")}, None,
-     401),
+    ("GET", "/v1/tasks", {"Authorization": "Bearer \u00e9t\u00e9".encode("latin-1")}, None, 401),
     ("GET", "/v1/tasks", {**AUTH, "X-Padding": "p" * 20_000}, None, 431),
     ("GET", "/v1/tasks", {"Authorization": "Bearer " + "k" * 17_000}, None, 431),
     ("POST", "/v1/tasks", {**AUTH, "Idempotency-Key": "i" * 17_000}, b"{}", 431),
     ("POST", "/v1/tasks", {**AUTH, "Idempotency-Key": "i" * 256}, b"{}", 422),
-    ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"}, b'{"input": "\xff"}',
-     400),  # not UTF-8: undecodable, as opposed to invalid JSON (422)
+    (
+        "POST",
+        "/v1/tasks",
+        {**AUTH, "Content-Type": "application/json"},
+        b'{"input": "\xff"}',
+        400,
+    ),  # not UTF-8: undecodable, as opposed to invalid JSON (422)
     ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"}, b"\xef\xbb\xbf{", 422),
-    ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"},
-     b"[" * 20_000 + b"]" * 20_000, 400),  # too deep to parse
-    ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"},
-     json.dumps({"input": {"inputImageUrl": "https://example.com/a.jpg"},
-                 "metadata": {"k": "a\u0000b"}}).encode(), 422),
-    ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"},
-     b'{"input": {"inputImageUrl": "https://example.com/\\ud800.jpg"}}', 422),
-    ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"},
-     json.dumps({"input": {"inputImageUrl": "https://example.com/a.jpg"},
-                 "metadata": {"\u00e9t\u00e9": "v"}}).encode(), 422),
-    ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"},
-     json.dumps({"input": {"inputImageUrl": "https://example.com/a.jpg",
-                           "seed": 10**400}}).encode(), 422),
-    ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"},
-     json.dumps({"input": {"inputImageUrl": "https://example.com/a.jpg",
-                           "seed": "1" * 5000}}).encode(), 422),
-    ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"},
-     json.dumps({"input": {"inputImageUrl": "https://example.com/a.jpg"},
-                 "webhook_url": "https://user:pw@hooks.example.com/"}).encode(), 422),
-    ("POST", "/v1/tasks", {**AUTH, "Content-Type": "text/plain"},
-     json.dumps({"input": {"inputImageUrl": "https://example.com/a.jpg"}}).encode(), 422),
+    (
+        "POST",
+        "/v1/tasks",
+        {**AUTH, "Content-Type": "application/json"},
+        b"[" * 20_000 + b"]" * 20_000,
+        400,
+    ),  # too deep to parse
+    (
+        "POST",
+        "/v1/tasks",
+        {**AUTH, "Content-Type": "application/json"},
+        json.dumps(
+            {"input": {"inputImageUrl": "https://example.com/a.jpg"}, "metadata": {"k": "a\u0000b"}}
+        ).encode(),
+        422,
+    ),
+    (
+        "POST",
+        "/v1/tasks",
+        {**AUTH, "Content-Type": "application/json"},
+        b'{"input": {"inputImageUrl": "https://example.com/\\ud800.jpg"}}',
+        422,
+    ),
+    (
+        "POST",
+        "/v1/tasks",
+        {**AUTH, "Content-Type": "application/json"},
+        json.dumps(
+            {
+                "input": {"inputImageUrl": "https://example.com/a.jpg"},
+                "metadata": {"\u00e9t\u00e9": "v"},
+            }
+        ).encode(),
+        422,
+    ),
+    (
+        "POST",
+        "/v1/tasks",
+        {**AUTH, "Content-Type": "application/json"},
+        json.dumps(
+            {"input": {"inputImageUrl": "https://example.com/a.jpg", "seed": 10**400}}
+        ).encode(),
+        422,
+    ),
+    (
+        "POST",
+        "/v1/tasks",
+        {**AUTH, "Content-Type": "application/json"},
+        json.dumps(
+            {"input": {"inputImageUrl": "https://example.com/a.jpg", "seed": "1" * 5000}}
+        ).encode(),
+        422,
+    ),
+    (
+        "POST",
+        "/v1/tasks",
+        {**AUTH, "Content-Type": "application/json"},
+        json.dumps(
+            {
+                "input": {"inputImageUrl": "https://example.com/a.jpg"},
+                "webhook_url": "https://user:pw@hooks.example.com/",
+            }
+        ).encode(),
+        422,
+    ),
+    (
+        "POST",
+        "/v1/tasks",
+        {**AUTH, "Content-Type": "text/plain"},
+        json.dumps({"input": {"inputImageUrl": "https://example.com/a.jpg"}}).encode(),
+        422,
+    ),
     ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"}, b"null", 422),
     ("POST", "/v1/tasks", {**AUTH, "Content-Type": "application/json"}, b"", 422),
     ("POST", "/v1/tasks/%00/cancel", AUTH, b"", 400),
@@ -111,8 +166,12 @@ async def test_raw_bytes_on_the_wire(gateway: Gateway) -> None:
     host, port = gateway.url.removeprefix("http://").split(":")
     for line in (b"GET /v1/tasks/\xff\xfe HTTP/1.1", b"GET /v1/tasks?model=a\x00b HTTP/1.1"):
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(line + b"\r\nHost: x\r\nAuthorization: Bearer " +
-                     CLIENT_KEYS["alpha"].encode() + b"\r\nConnection: close\r\n\r\n")
+        writer.write(
+            line
+            + b"\r\nHost: x\r\nAuthorization: Bearer "
+            + CLIENT_KEYS["alpha"].encode()
+            + b"\r\nConnection: close\r\n\r\n"
+        )
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 10)
         writer.close()
@@ -120,16 +179,15 @@ async def test_raw_bytes_on_the_wire(gateway: Gateway) -> None:
         assert 400 <= status < 500, raw[:300]
 
 
-async def test_strict_types_and_limits_still_accept_good_input(gateway: Gateway,
-                                                               sim: Sim) -> None:
+async def test_strict_types_and_limits_still_accept_good_input(gateway: Gateway, sim: Sim) -> None:
     """The checks above do not reject what the contract allows."""
     body = task_body(sim, seed=4294967295)
     body["metadata"] = {f"k{i}": "\u00e9" * 500 for i in range(16)}
-    r = await gateway.client().post("/v1/tasks", json=body,
-                                    headers={"Idempotency-Key": "i" * 255})
+    r = await gateway.client().post("/v1/tasks", json=body, headers={"Idempotency-Key": "i" * 255})
     assert r.status_code == 202, r.text
     assert r.json()["metadata"]["k0"] == "\u00e9" * 500
     listed = await gateway.client().get(
-        "/v1/tasks", params={"metadata.k3": "\u00e9" * 500,
-                             "created_after": "2000-01-01T00:00:00+14:00"})
+        "/v1/tasks",
+        params={"metadata.k3": "\u00e9" * 500, "created_after": "2000-01-01T00:00:00+14:00"},
+    )
     assert [t["id"] for t in listed.json()["data"]] == [r.json()["id"]]

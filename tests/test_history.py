@@ -42,9 +42,12 @@ def _ticking_clock() -> Callable[[], datetime]:
 @pytest.fixture
 async def ctx(db_url: str, tmp_path: Path) -> AsyncIterator[tasks.Ctx]:
     engine = make_engine(db_url)
-    yield tasks.Ctx(settings=Settings(env="test", database_url=db_url, data_dir=tmp_path),
-                    sm=make_sessionmaker(engine), wiro=_NoWiro(),  # type: ignore[arg-type]
-                    clock=_ticking_clock())
+    yield tasks.Ctx(
+        settings=Settings(env="test", database_url=db_url, data_dir=tmp_path),
+        sm=make_sessionmaker(engine),
+        wiro=_NoWiro(),  # type: ignore[arg-type]
+        clock=_ticking_clock(),
+    )
     await engine.dispose()
 
 
@@ -65,16 +68,29 @@ async def _make_history(ctx: tasks.Ctx, n: int = 150) -> list[dict[str, Any]]:
     for i in range(n):
         client = "beta" if i % 4 == 3 else "alpha"
         task, replayed = await tasks.create_task(
-            ctx, client=client, body=TaskCreate(input=INPUT, metadata=_meta(i)),
-            idempotency_key=None)
+            ctx,
+            client=client,
+            body=TaskCreate(input=INPUT, metadata=_meta(i)),
+            idempotency_key=None,
+        )
         assert not replayed
-        truth.append({"id": task.id, "client": client, "status": STATUSES[i // 3 % len(STATUSES)],
-                      "metadata": _meta(i) or {}, "created_at": task.created_at})
+        truth.append(
+            {
+                "id": task.id,
+                "client": client,
+                "status": STATUSES[i // 3 % len(STATUSES)],
+                "metadata": _meta(i) or {},
+                "created_at": task.created_at,
+            }
+        )
     async with unit_of_work(ctx.sm) as s:
         for status in STATUSES:
             ids = [t["id"] for t in truth if t["status"] is status]
-            await s.execute(update(Task).where(Task.id.in_(ids)).values(
-                status=status.value, status_rank=status.rank))
+            await s.execute(
+                update(Task)
+                .where(Task.id.in_(ids))
+                .values(status=status.value, status_rank=status.rank)
+            )
     truth.sort(key=lambda t: t["id"], reverse=True)
     return truth
 
@@ -93,14 +109,22 @@ async def _walk(ctx: tasks.Ctx, limit: int, **kw: Any) -> list[str]:
     raise AssertionError("no end to the pages")
 
 
-def _expect(truth: list[dict[str, Any]], *, client: str | None = None,
-            statuses: list[Status] | None = None, metadata: dict[str, str] | None = None,
-            created_after: datetime | None = None) -> list[str]:
-    return [t["id"] for t in truth
-            if (client is None or t["client"] == client)
-            and (not statuses or t["status"] in statuses)
-            and all(t["metadata"].get(k) == v for k, v in (metadata or {}).items())
-            and (created_after is None or t["created_at"] > created_after)]
+def _expect(
+    truth: list[dict[str, Any]],
+    *,
+    client: str | None = None,
+    statuses: list[Status] | None = None,
+    metadata: dict[str, str] | None = None,
+    created_after: datetime | None = None,
+) -> list[str]:
+    return [
+        t["id"]
+        for t in truth
+        if (client is None or t["client"] == client)
+        and (not statuses or t["status"] in statuses)
+        and all(t["metadata"].get(k) == v for k, v in (metadata or {}).items())
+        and (created_after is None or t["created_at"] > created_after)
+    ]
 
 
 async def test_metadata_filters_page_like_the_tasks_own_metadata(ctx: tasks.Ctx) -> None:
@@ -111,8 +135,11 @@ async def test_metadata_filters_page_like_the_tasks_own_metadata(ctx: tasks.Ctx)
         {"client": "beta", "metadata": {"source": "ios"}},
         {"client": None, "metadata": {"user_id": "u3"}},  # an admin key: every client
         {"client": "alpha", "statuses": [Status.succeeded], "metadata": {"user_id": "u2"}},
-        {"client": "alpha", "statuses": [Status.failed, Status.pending],
-         "metadata": {"source": "web"}},
+        {
+            "client": "alpha",
+            "statuses": [Status.failed, Status.pending],
+            "metadata": {"source": "web"},
+        },
         {"client": "alpha", "metadata": {"user_id": "u1", "source": "android"}},
         {"client": "alpha", "metadata": {"source": "android", "user_id": "u1"}},
         {"client": None, "metadata": {"a.b": "dotted", "source": "web", "user_id": "u5"}},
@@ -120,8 +147,12 @@ async def test_metadata_filters_page_like_the_tasks_own_metadata(ctx: tasks.Ctx)
         {"client": "beta", "metadata": {"note": 'é "quoted" \\ value'}},
         {"client": "alpha", "metadata": {"user_id": "u1", "source": "nope"}},
         {"client": "alpha", "metadata": {"missing": "u1"}},
-        {"client": "alpha", "metadata": {"user_id": "u5"},
-         "statuses": [Status.timed_out, Status.queued], "created_after": mid},
+        {
+            "client": "alpha",
+            "metadata": {"user_id": "u5"},
+            "statuses": [Status.timed_out, Status.queued],
+            "created_after": mid,
+        },
     ]
     nonempty = 0
     for case in cases:
@@ -136,25 +167,36 @@ async def test_metadata_filters_page_like_the_tasks_own_metadata(ctx: tasks.Ctx)
     rows, cursor = await tasks.list_tasks(ctx, client="alpha", limit=5)
     assert cursor is not None
     older = [t for t in truth if t["id"] < rows[-1].id]
-    got, _ = await tasks.list_tasks(ctx, client="alpha", limit=200, cursor=cursor,
-                                    metadata={"user_id": "u4"})
+    got, _ = await tasks.list_tasks(
+        ctx, client="alpha", limit=200, cursor=cursor, metadata={"user_id": "u4"}
+    )
     assert [r.id for r in got] == _expect(older, client="alpha", metadata={"user_id": "u4"})
 
 
 async def test_rows_are_written_with_the_task_and_gone_with_it(ctx: tasks.Ctx) -> None:
     keep, _ = await tasks.create_task(
-        ctx, client="alpha", body=TaskCreate(input=INPUT, metadata={"user_id": "u1"}),
-        idempotency_key=None)
+        ctx,
+        client="alpha",
+        body=TaskCreate(input=INPUT, metadata={"user_id": "u1"}),
+        idempotency_key=None,
+    )
     gone, _ = await tasks.create_task(
-        ctx, client="alpha", body=TaskCreate(input=INPUT, metadata={"user_id": "u1", "x": "y"}),
-        idempotency_key="k1")
+        ctx,
+        client="alpha",
+        body=TaskCreate(input=INPUT, metadata={"user_id": "u1", "x": "y"}),
+        idempotency_key="k1",
+    )
     # an idempotent replay writes nothing more
     again, replayed = await tasks.create_task(
-        ctx, client="alpha", body=TaskCreate(input=INPUT, metadata={"user_id": "u1", "x": "y"}),
-        idempotency_key="k1")
+        ctx,
+        client="alpha",
+        body=TaskCreate(input=INPUT, metadata={"user_id": "u1", "x": "y"}),
+        idempotency_key="k1",
+    )
     assert replayed and again.id == gone.id
-    bare, _ = await tasks.create_task(ctx, client="alpha", body=TaskCreate(input=INPUT),
-                                      idempotency_key=None)
+    bare, _ = await tasks.create_task(
+        ctx, client="alpha", body=TaskCreate(input=INPUT), idempotency_key=None
+    )
 
     async def pairs() -> dict[str, dict[str, str]]:
         async with ctx.sm() as s:
@@ -188,8 +230,11 @@ def test_migration_0010_backfills_existing_tasks(kind: str, tmp_path: Path) -> N
     try:
         for head in ("0003", "0004", "0009"):  # the heads before 0010 merged them
             upgrade(url, head)
-        metas: list[dict[str, str]] = [{"user_id": "u1", "source": "web"}, {},
-                                       {"note": 'é "quoted" \\ value', "a.b": "x"}]
+        metas: list[dict[str, str]] = [
+            {"user_id": "u1", "source": "web"},
+            {},
+            {"note": 'é "quoted" \\ value', "a.b": "x"},
+        ]
 
         async def before() -> list[str]:
             engine = make_engine(url)
@@ -201,12 +246,26 @@ def test_migration_0010_backfills_existing_tasks(kind: str, tmp_path: Path) -> N
                         # Core, naming only columns 0009 has (the model's later ones,
                         # e.g. 0020's traceparent, do not exist yet at this revision).
                         task_id = tasks.new_task_id(at)
-                        await s.execute(insert(Task.__table__), [dict(
-                            id=task_id, client="alpha", model="wiro/professional-headshot",
-                            status="succeeded", status_rank=Status.succeeded.rank,
-                            input=INPUT, metadata=meta, attempt=1, outputs=[],
-                            created_at=at, updated_at=at,
-                            deadline_at=at + timedelta(hours=1), retries=0)])
+                        await s.execute(
+                            insert(Task.__table__),
+                            [
+                                dict(
+                                    id=task_id,
+                                    client="alpha",
+                                    model="wiro/professional-headshot",
+                                    status="succeeded",
+                                    status_rank=Status.succeeded.rank,
+                                    input=INPUT,
+                                    metadata=meta,
+                                    attempt=1,
+                                    outputs=[],
+                                    created_at=at,
+                                    updated_at=at,
+                                    deadline_at=at + timedelta(hours=1),
+                                    retries=0,
+                                )
+                            ],
+                        )
                         ids.append(task_id)
                     return ids
             finally:
@@ -216,8 +275,11 @@ def test_migration_0010_backfills_existing_tasks(kind: str, tmp_path: Path) -> N
             engine = make_engine(url)
             try:
                 async with engine.connect() as conn:
-                    rows = (await conn.execute(select(
-                        TaskMetadata.task_id, TaskMetadata.key, TaskMetadata.value))).all()
+                    rows = (
+                        await conn.execute(
+                            select(TaskMetadata.task_id, TaskMetadata.key, TaskMetadata.value)
+                        )
+                    ).all()
                     n = (await conn.execute(select(func.count()).select_from(Task))).scalar_one()
                 out: dict[str, dict[str, str]] = {}
                 for task_id, key, value in rows:

@@ -30,14 +30,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return rc, out, err
 
 
-def test_keys_commands(db_url: str, monkeypatch: pytest.MonkeyPatch,
-                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_commands(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("GATEWAY_DATABASE_URL", db_url)
     monkeypatch.setenv("GATEWAY_API_KEYS", "boot=boot-key-0123456789")
     monkeypatch.setenv("GATEWAY_ADMIN_CLIENTS", "boot")
 
-    rc, out, err = run_cli(capsys, "keys", "create", "svc", "--rate", "600/min",
-                           "--max-in-flight", "3")
+    rc, out, err = run_cli(
+        capsys, "keys", "create", "svc", "--rate", "600/min", "--max-in-flight", "3"
+    )
     assert rc == 0, err
     first = out.strip()
     assert KEY.match(first), out  # the key alone on stdout, once
@@ -57,10 +59,16 @@ def test_keys_commands(db_url: str, monkeypatch: pytest.MonkeyPatch,
     rows = json.loads(out)
     svc = [r for r in rows if r["client"] == "svc"]
     assert [r["prefix"] for r in svc] == [first[:12], second[:12]]
-    assert all(r["rate_per_s"] == 10.0 and r["max_in_flight"] == 3 and not r["admin"]
-               and r["revoked_at"] is None for r in svc)
+    assert all(
+        r["rate_per_s"] == 10.0
+        and r["max_in_flight"] == 3
+        and not r["admin"]
+        and r["revoked_at"] is None
+        for r in svc
+    )
     assert {"client": "boot", "source": "GATEWAY_API_KEYS", "admin": True}.items() <= next(
-        r for r in rows if r["client"] == "boot").items()
+        r for r in rows if r["client"] == "boot"
+    ).items()
     rc, table, _ = run_cli(capsys, "keys", "list")
     for text in (out, table):
         assert first not in text and second not in text and "boot-key" not in text
@@ -76,10 +84,12 @@ def test_keys_commands(db_url: str, monkeypatch: pytest.MonkeyPatch,
             await engine.dispose()
 
     keys = asyncio.run(stored())
-    assert [k.key_hash for k in keys] == [hashlib.sha256(k.encode()).hexdigest()
-                                         for k in (first, second)]
-    dump = json.dumps([{c: str(getattr(k, c)) for c in ("prefix", "key_hash", "client")}
-                       for k in keys])
+    assert [k.key_hash for k in keys] == [
+        hashlib.sha256(k.encode()).hexdigest() for k in (first, second)
+    ]
+    dump = json.dumps(
+        [{c: str(getattr(k, c)) for c in ("prefix", "key_hash", "client")} for k in keys]
+    )
     assert first not in dump and second not in dump
 
     # Revoke one by prefix; rotate back to two; then revoke everything.
@@ -100,8 +110,9 @@ def test_keys_commands(db_url: str, monkeypatch: pytest.MonkeyPatch,
     assert run_cli(capsys, "keys", "create", "ops", "--admin")[0] == 0
     assert run_cli(capsys, "keys", "rotate", "ops")[0] == 0
     assert run_cli(capsys, "keys", "limits", "ops", "--rate", "0", "--max-in-flight", "0")[0] == 0
-    rows = [r for r in json.loads(run_cli(capsys, "keys", "list", "--json")[1])
-            if r["client"] == "ops"]
+    rows = [
+        r for r in json.loads(run_cli(capsys, "keys", "list", "--json")[1]) if r["client"] == "ops"
+    ]
     assert len(rows) == 2 and all(r["admin"] for r in rows)
     assert all(r["rate_per_s"] == 0 and r["max_in_flight"] == 0 for r in rows)
 
@@ -113,8 +124,9 @@ def test_keys_commands(db_url: str, monkeypatch: pytest.MonkeyPatch,
     assert "not a rate" in capsys.readouterr().err
 
 
-def test_keys_on_an_unmigrated_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_on_an_unmigrated_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("GATEWAY_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
     rc, _out, err = run_cli(capsys, "keys", "list")
     assert rc == 1 and "headshot-gateway migrate" in err and "Traceback" not in err
@@ -126,14 +138,22 @@ async def test_keyring_caches_lookups(db_url: str) -> None:
     sm = make_sessionmaker(engine)
     now = [1000.0]
     queries: list[str] = []
-    event.listen(engine.sync_engine, "before_cursor_execute",
-                 lambda conn, cur, stmt, *a: queries.append(stmt))
+    event.listen(
+        engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cur, stmt, *a: queries.append(stmt),
+    )
     try:
         key, _ = await clients.create_key(sm, client="svc", rate_per_s=4)
-        ring = clients.Keyring(Settings(database_url=db_url, key_cache_ttl_s=5,
-                                        client_rate_burst_s=2.0,
-                                        api_keys="boot=boot-key-0123456789"),
-                               clock=lambda: now[0])
+        ring = clients.Keyring(
+            Settings(
+                database_url=db_url,
+                key_cache_ttl_s=5,
+                client_rate_burst_s=2.0,
+                api_keys="boot=boot-key-0123456789",
+            ),
+            clock=lambda: now[0],
+        )
         queries.clear()
         for _ in range(20):
             p = await ring.authenticate(sm, key)
@@ -171,15 +191,15 @@ def test_rate_limiter_token_bucket() -> None:
 
 
 async def test_stored_keys_over_the_api(db_url: str, sim: Sim, tmp_path: Path) -> None:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           key_cache_ttl_s=0.3) as gw:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, key_cache_ttl_s=0.3) as gw:
         sm = gw.ctx.sm
         gamma1, _ = await clients.create_key(sm, client="gamma")
         ops, _ = await clients.create_key(sm, client="ops", admin=True)
 
         def as_(key: str) -> httpx.AsyncClient:
-            return httpx.AsyncClient(base_url=gw.url, timeout=30,
-                                     headers={"Authorization": f"Bearer {key}"})
+            return httpx.AsyncClient(
+                base_url=gw.url, timeout=30, headers={"Authorization": f"Bearer {key}"}
+            )
 
         async with as_(gamma1) as g, as_(ops) as o:
             r = await g.post("/v1/tasks", json=task_body(sim))
@@ -188,8 +208,9 @@ async def test_stored_keys_over_the_api(db_url: str, sim: Sim, tmp_path: Path) -
             async with sm() as s:
                 assert (await s.get(Task, tid)).client == "gamma"
             # gamma sees only its own; the admin key sees all and filters by client
-            alpha_tid = (await gw.client("alpha").post("/v1/tasks", json=task_body(sim))
-                         ).json()["id"]
+            alpha_tid = (await gw.client("alpha").post("/v1/tasks", json=task_body(sim))).json()[
+                "id"
+            ]
             assert (await g.get(f"/v1/tasks/{alpha_tid}")).status_code == 404
             assert [t["id"] for t in (await g.get("/v1/tasks")).json()["data"]] == [tid]
             assert (await o.get(f"/v1/tasks/{alpha_tid}")).status_code == 200
@@ -212,8 +233,9 @@ async def test_stored_keys_over_the_api(db_url: str, sim: Sim, tmp_path: Path) -
 
 
 async def test_rate_limit_answers_429(db_url: str, sim: Sim, tmp_path: Path) -> None:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           client_rate_burst_s=1.0) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, client_rate_burst_s=1.0
+    ) as gw:
         await clients.set_limits(gw.ctx.sm, client="alpha", rate_per_s=3, max_in_flight=None)
         codes = [(await gw.client("alpha").get("/v1/tasks")) for _ in range(6)]
         assert [r.status_code for r in codes[:3]] == [200, 200, 200]
@@ -224,8 +246,9 @@ async def test_rate_limit_answers_429(db_url: str, sim: Sim, tmp_path: Path) -> 
         assert r.json()["status"] == 429 and "3 requests/s" in r.json()["detail"]
         assert int(r.headers["retry-after"]) >= 1
         # another client is not affected, and alpha recovers after the wait
-        assert [(await gw.client("beta").get("/v1/tasks")).status_code
-                for _ in range(6)] == [200] * 6
+        assert [(await gw.client("beta").get("/v1/tasks")).status_code for _ in range(6)] == [
+            200
+        ] * 6
         await asyncio.sleep(float(r.headers["retry-after"]))
         assert (await gw.client("alpha").get("/v1/tasks")).status_code == 200
         # a refused request does nothing: no task is created

@@ -33,8 +33,9 @@ def _graph(mods: dict[str, Path]) -> dict[str, set[str]]:
                 if node.level:
                     up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*up, base] if base else up)
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
-                           for a in node.names]
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names
+                ]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             graph[mod].update(t for t in targets if t in mods and t != mod)
@@ -89,15 +90,21 @@ def test_the_engine_sits_above_its_context() -> None:
     """``app.context`` (what every layer takes) imports nothing of the engine, the API,
     the workers or the console; the domain never imports the HTTP edge."""
     graph = _graph(_modules())
-    assert not {m for m in graph["app.context"]
-                if m.startswith(("app.tasks", "app.api", "app.workers", "app.console"))}
+    assert not {
+        m
+        for m in graph["app.context"]
+        if m.startswith(("app.tasks", "app.api", "app.workers", "app.console"))
+    }
     for mod in ("app.notify", "app.results", "app.outbox", "app.stats"):
         assert not {m for m in graph[mod] if m.startswith("app.api")}, mod
 
 
 def test_no_module_is_longer_than_a_reader_takes_in() -> None:
-    long = {str(p.relative_to(ROOT)): n for p in _modules().values()
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in _modules().values()
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert long == {}
 
 
@@ -107,8 +114,11 @@ def test_one_writer_of_a_task_status() -> None:
     writers = set()
     for path in _modules().values():
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "values"
-                    and any(k.arg == "status_rank" for k in node.keywords)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "values"
+                and any(k.arg == "status_rank" for k in node.keywords)
+            ):
                 writers.add(str(path.relative_to(ROOT)))
     assert writers == {"app/tasks/_writes.py"}

@@ -30,18 +30,39 @@ async def test_claim_renew_release_between_two_owners(db_url: str) -> None:
     try:
         task_id = new_task_id(now)
         async with unit_of_work(sm) as s:
-            s.add(Task(id=task_id, client="alpha", model="wiro/professional-headshot",
-                       status=Status.succeeded.value, status_rank=Status.succeeded.rank,
-                       input={}, metadata_={}, attempt=1, outputs=[], created_at=now,
-                       updated_at=now, deadline_at=now + timedelta(hours=1), retries=0))
+            s.add(
+                Task(
+                    id=task_id,
+                    client="alpha",
+                    model="wiro/professional-headshot",
+                    status=Status.succeeded.value,
+                    status_rank=Status.succeeded.rank,
+                    input={},
+                    metadata_={},
+                    attempt=1,
+                    outputs=[],
+                    created_at=now,
+                    updated_at=now,
+                    deadline_at=now + timedelta(hours=1),
+                    retries=0,
+                )
+            )
             await s.flush()
             # Due 3 s, 2 s and 1 s ago; one due in the future; one with no due time.
             for idx, due in enumerate([-3.0, -1.0, -2.0, 60.0, None]):
-                s.add(StoredOutput(
-                    task_id=task_id, idx=idx, name=str(idx), upstream_url="http://x/",
-                    state=OutputState.pending, storage_key=f"k{idx}", attempts=0,
-                    created_at=now,
-                    next_try_at=None if due is None else now + timedelta(seconds=due)))
+                s.add(
+                    StoredOutput(
+                        task_id=task_id,
+                        idx=idx,
+                        name=str(idx),
+                        upstream_url="http://x/",
+                        state=OutputState.pending,
+                        storage_key=f"k{idx}",
+                        attempts=0,
+                        created_at=now,
+                        next_try_at=None if due is None else now + timedelta(seconds=due),
+                    )
+                )
         until = now + timedelta(seconds=30)
         async with write(engine) as conn:
             a = await OUTPUTS.claim(conn, owner="a", now=now, until=until, limit=2)
@@ -54,28 +75,43 @@ async def test_claim_renew_release_between_two_owners(db_url: str) -> None:
             assert await OUTPUTS.renew(conn, owner="a", until=until + timedelta(seconds=60)) == 2
             # b's lease lapses (a later clock): a takes it over; b's renew finds nothing.
             later = until + timedelta(seconds=1)
-            assert await OUTPUTS.claim(conn, owner="a", now=later, until=later + timedelta(
-                seconds=30), limit=10) == [(task_id, 1)]
+            assert await OUTPUTS.claim(
+                conn, owner="a", now=later, until=later + timedelta(seconds=30), limit=10
+            ) == [(task_id, 1)]
             assert await OUTPUTS.renew(conn, owner="b", until=later) == 0
             # Release gives back one lease only if its owner asks.
             assert not await OUTPUTS.release(conn, (task_id, 0), owner="b")
             assert await OUTPUTS.release(conn, (task_id, 0), owner="a")
             assert await OUTPUTS.release_all(conn, owner="a") == 2
         async with sm() as s:
-            held = (await s.execute(select(StoredOutput.idx, StoredOutput.lease_owner,
-                                           StoredOutput.lease_until))).all()
+            held = (
+                await s.execute(
+                    select(StoredOutput.idx, StoredOutput.lease_owner, StoredOutput.lease_until)
+                )
+            ).all()
         assert all(owner is None and until_ is None for _, owner, until_ in held), held
 
         # Deliveries: claim of keys the caller picked, only those still free.
         ids = [new_message_id(now) for _ in range(3)]
         async with unit_of_work(sm) as s:
             for d in ids:
-                s.add(Delivery(id=d, task_id=task_id, event_type="task.succeeded",
-                               reason="terminal", url="http://x/", status=DeliveryStatus.pending,
-                               attempts=0, created_at=now, next_attempt_at=now))
+                s.add(
+                    Delivery(
+                        id=d,
+                        task_id=task_id,
+                        event_type="task.succeeded",
+                        reason="terminal",
+                        url="http://x/",
+                        status=DeliveryStatus.pending,
+                        attempts=0,
+                        created_at=now,
+                        next_attempt_at=now,
+                    )
+                )
         async with write(engine) as conn:
-            assert sorted(await DELIVERIES.claim_keys(conn, ids[:2], owner="a", now=now,
-                                                      until=until)) == sorted(ids[:2])
+            assert sorted(
+                await DELIVERIES.claim_keys(conn, ids[:2], owner="a", now=now, until=until)
+            ) == sorted(ids[:2])
             got = await DELIVERIES.claim_keys(conn, ids, owner="b", now=now, until=until)
             assert got == [ids[2]]
             assert await DELIVERIES.claim_keys(conn, [], owner="b", now=now, until=until) == []

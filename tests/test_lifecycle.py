@@ -13,24 +13,27 @@ from app.wiro import UpstreamTask
 FIXTURES = Path(__file__).parent / "fixtures" / "wiro"
 
 
-@pytest.mark.parametrize(("upstream", "pexit", "expected"), [
-    ("task_queue", None, Status.queued),
-    ("task_accept", None, Status.queued),
-    ("task_assign", None, Status.running),
-    ("task_preprocess_start", None, Status.running),
-    ("task_start", None, Status.running),
-    ("task_output", None, Status.running),
-    ("task_output_full", None, Status.running),
-    ("task_end", "0", Status.running),  # before post-processing: never judge by it
-    ("task_postprocess_start", None, Status.running),
-    ("task_postprocess_end", "0", Status.succeeded),
-    ("task_postprocess_end", "1", Status.failed),
-    ("task_postprocess_end", "", Status.running),  # no verdict yet: outputs decide
-    ("task_postprocess_end", None, Status.running),
-    ("task_cancel", None, Status.cancelled),
-    ("task_error", None, Status.running),
-    ("task_something_new", None, Status.running),
-])
+@pytest.mark.parametrize(
+    ("upstream", "pexit", "expected"),
+    [
+        ("task_queue", None, Status.queued),
+        ("task_accept", None, Status.queued),
+        ("task_assign", None, Status.running),
+        ("task_preprocess_start", None, Status.running),
+        ("task_start", None, Status.running),
+        ("task_output", None, Status.running),
+        ("task_output_full", None, Status.running),
+        ("task_end", "0", Status.running),  # before post-processing: never judge by it
+        ("task_postprocess_start", None, Status.running),
+        ("task_postprocess_end", "0", Status.succeeded),
+        ("task_postprocess_end", "1", Status.failed),
+        ("task_postprocess_end", "", Status.running),  # no verdict yet: outputs decide
+        ("task_postprocess_end", None, Status.running),
+        ("task_cancel", None, Status.cancelled),
+        ("task_error", None, Status.running),
+        ("task_something_new", None, Status.running),
+    ],
+)
 def test_mapping(upstream: str, pexit: str | None, expected: Status) -> None:
     assert observe(upstream, pexit).status == expected
 
@@ -59,17 +62,22 @@ def test_ranks_move_forward_and_terminals_share_the_top() -> None:
     assert all(s.terminal for s in TERMINAL) and not Status.running.terminal
 
 
-@pytest.mark.parametrize(("fixture", "expected"), [
-    ("detail_queued.json", Status.queued),
-    ("detail_running.json", Status.running),
-    ("detail_postprocessing.json", Status.running),
-    ("detail_task_error_interim.json", Status.running),
-    ("detail_succeeded.json", Status.succeeded),
-    ("detail_succeeded_no_pexit.json", Status.succeeded),
-    ("detail_failed.json", Status.failed),
-    ("detail_cancelled.json", Status.cancelled),
-])
+@pytest.mark.parametrize(
+    ("fixture", "expected"),
+    [
+        ("detail_queued.json", Status.queued),
+        ("detail_running.json", Status.running),
+        ("detail_postprocessing.json", Status.running),
+        ("detail_task_error_interim.json", Status.running),
+        ("detail_succeeded.json", Status.succeeded),
+        ("detail_succeeded_no_pexit.json", Status.succeeded),
+        ("detail_failed.json", Status.failed),
+        ("detail_cancelled.json", Status.cancelled),
+    ],
+)
 def test_recorded_details(fixture: str, expected: Status) -> None:
     ut = UpstreamTask.from_wire(json.loads((FIXTURES / fixture).read_text())["tasklist"][0])
-    assert observe(ut.status, ut.pexit, ut.debug_error,
-                   has_outputs=bool(ut.outputs)).status == expected
+    assert (
+        observe(ut.status, ut.pexit, ut.debug_error, has_outputs=bool(ut.outputs)).status
+        == expected
+    )

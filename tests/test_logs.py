@@ -45,9 +45,15 @@ def lines(buf: io.StringIO) -> list[dict[str, Any]]:
 
 
 def secret_settings(**extra: Any) -> Settings:
-    return Settings(env="test", wiro_api_key="wiro-key-7f3a9c", wiro_api_secret=WIRO_SECRET,
-                    webhook_secret=WEBHOOK_SECRET, api_keys=f"acme={CLIENT_KEY}",
-                    database_url=f"postgresql+asyncpg://gw:{PG_PASSWORD}@db:5432/gw", **extra)
+    return Settings(
+        env="test",
+        wiro_api_key="wiro-key-7f3a9c",
+        wiro_api_secret=WIRO_SECRET,
+        webhook_secret=WEBHOOK_SECRET,
+        api_keys=f"acme={CLIENT_KEY}",
+        database_url=f"postgresql+asyncpg://gw:{PG_PASSWORD}@db:5432/gw",
+        **extra,
+    )
 
 
 def test_secrets_are_scrubbed_from_messages_extras_and_tracebacks(capture) -> None:
@@ -55,8 +61,14 @@ def test_secrets_are_scrubbed_from_messages_extras_and_tracebacks(capture) -> No
     log = logging.getLogger("app.test")
     log.info("signing with %s and %s", "wiro-key-7f3a9c", WIRO_SECRET)
     log.info("client sent Authorization: Bearer %s", "some-unknown-token.abc")
-    log.info("notification signed", extra={"secret": WEBHOOK_SECRET, "client_key": CLIENT_KEY,
-                                            "other": "whsec_bm90IG91ciBzZWNyZXQgYXQgYWxs"})
+    log.info(
+        "notification signed",
+        extra={
+            "secret": WEBHOOK_SECRET,
+            "client_key": CLIENT_KEY,
+            "other": "whsec_bm90IG91ciBzZWNyZXQgYXQgYWxs",
+        },
+    )
     log.info("callback to http://gw/callbacks/wiro/tsk_01ABC/Zm9vYmFyYmF6cXV4 answered")
     log.info("headers: {'x-api-key': 'another-key-abc', 'x-nonce': '123'}")
     log.info("connecting to postgresql+asyncpg://gw:%s@db:5432/gw", PG_PASSWORD)
@@ -66,9 +78,17 @@ def test_secrets_are_scrubbed_from_messages_extras_and_tracebacks(capture) -> No
         log.exception("call failed")
 
     text = buf.getvalue()
-    for secret in ("wiro-key-7f3a9c", WIRO_SECRET, WEBHOOK_SECRET, CLIENT_KEY, PG_PASSWORD,
-                   "some-unknown-token.abc", "Zm9vYmFyYmF6cXV4", "another-key-abc",
-                   "bm90IG91ciBzZWNyZXQgYXQgYWxs"):
+    for secret in (
+        "wiro-key-7f3a9c",
+        WIRO_SECRET,
+        WEBHOOK_SECRET,
+        CLIENT_KEY,
+        PG_PASSWORD,
+        "some-unknown-token.abc",
+        "Zm9vYmFyYmF6cXV4",
+        "another-key-abc",
+        "bm90IG91ciBzZWNyZXQgYXQgYWxs",
+    ):
         assert secret not in text, secret
     out = lines(buf)
     assert len(out) == 7  # every line survived, as JSON
@@ -106,14 +126,16 @@ def test_dev_lines_are_for_humans(capture) -> None:
     logging.getLogger("app.tasks").info("status succeeded", extra={"task_id": "tsk_1"})
     line = buf.getvalue().strip()
     assert not line.startswith("{")
-    assert re.match(r"^\d\d:\d\d:\d\d\.\d{3} INFO  app\.tasks  status succeeded  task_id=tsk_1$",
-                    line), line
+    assert re.match(
+        r"^\d\d:\d\d:\d\d\.\d{3} INFO  app\.tasks  status succeeded  task_id=tsk_1$", line
+    ), line
 
 
 async def test_a_request_and_its_task_in_the_logs(gateway: Gateway, sim: Sim, capture) -> None:
     buf = capture(gateway.settings)
-    r = await gateway.client().post("/v1/tasks", json=task_body(sim),
-                                    headers={"X-Request-ID": "req-abc-123"})
+    r = await gateway.client().post(
+        "/v1/tasks", json=task_body(sim), headers={"X-Request-ID": "req-abc-123"}
+    )
     assert r.status_code == 202
     assert r.headers["x-request-id"] == "req-abc-123"
     task = await gateway.wait_terminal(r.json()["id"])
@@ -134,8 +156,11 @@ async def test_a_request_and_its_task_in_the_logs(gateway: Gateway, sim: Sim, ca
     listing = next(x for x in access if x["method"] == "GET")
     assert listing["request_id"] == generated.headers["x-request-id"]
     # the callback's access line: the route template, never the token
-    callback = [x for x in out if x["logger"] == "app.access"
-                and x["route"] == "/callbacks/wiro/{task_id}/{token}"]
+    callback = [
+        x
+        for x in out
+        if x["logger"] == "app.access" and x["route"] == "/callbacks/wiro/{task_id}/{token}"
+    ]
     assert callback and callback[0]["task_id"] == task["id"]
     # every event of the task is a line naming it; the first one came from the request
     events = [x for x in out if x["logger"] == "app.tasks" and x.get("task_id") == task["id"]]

@@ -30,8 +30,11 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def parse(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def scrape(gw: Gateway) -> Samples:
@@ -66,8 +69,12 @@ async def test_a_task_seen_through_its_metrics(gateway: Gateway, sim: Sim) -> No
     assert value(mid, "gateway_pending_tasks") == 1
     assert value(mid, "gateway_tasks", status="pending") == 1
     assert value(mid, "gateway_oldest_unfinished_task_age_seconds") >= 0.3
-    assert delta(before, mid, "gateway_upstream_requests_total",
-                 endpoint="Run", outcome="rate_limited") >= 1
+    assert (
+        delta(
+            before, mid, "gateway_upstream_requests_total", endpoint="Run", outcome="rate_limited"
+        )
+        >= 1
+    )
 
     sim.configure(run_429_rate=0.0)
     task = await gateway.wait_terminal(task_id)
@@ -76,38 +83,80 @@ async def test_a_task_seen_through_its_metrics(gateway: Gateway, sim: Sim) -> No
     after = await scrape(gateway)
 
     # requests: by route template, never by raw path
-    assert delta(before, after, "gateway_http_requests_total",
-                 method="POST", route="/v1/tasks", status="202") == 1
-    assert delta(before, after, "gateway_http_requests_total",
-                 method="GET", route="/v1/tasks/{task_id}", status="200") >= 2
-    assert delta(before, after, "gateway_http_request_duration_seconds_count",
-                 method="POST", route="/v1/tasks") == 1
+    assert (
+        delta(
+            before,
+            after,
+            "gateway_http_requests_total",
+            method="POST",
+            route="/v1/tasks",
+            status="202",
+        )
+        == 1
+    )
+    assert (
+        delta(
+            before,
+            after,
+            "gateway_http_requests_total",
+            method="GET",
+            route="/v1/tasks/{task_id}",
+            status="200",
+        )
+        >= 2
+    )
+    assert (
+        delta(
+            before,
+            after,
+            "gateway_http_request_duration_seconds_count",
+            method="POST",
+            route="/v1/tasks",
+        )
+        == 1
+    )
     assert not any(task_id in v or "tsk_" in v for _, labels in after for _, v in labels)
     # upstream: the Run that went through, the Details that followed
-    assert delta(before, after, "gateway_upstream_requests_total",
-                 endpoint="Run", outcome="ok") == 1
-    assert delta(before, after, "gateway_upstream_requests_total",
-                 endpoint="Task/Detail", outcome="ok") >= 1
-    assert delta(before, after, "gateway_upstream_request_duration_seconds_count",
-                 endpoint="Run", outcome="ok") == 1
+    assert (
+        delta(before, after, "gateway_upstream_requests_total", endpoint="Run", outcome="ok") == 1
+    )
+    assert (
+        delta(
+            before, after, "gateway_upstream_requests_total", endpoint="Task/Detail", outcome="ok"
+        )
+        >= 1
+    )
+    assert (
+        delta(
+            before,
+            after,
+            "gateway_upstream_request_duration_seconds_count",
+            endpoint="Run",
+            outcome="ok",
+        )
+        == 1
+    )
     # the callback that finished it, and the read it triggered
     assert delta(before, after, "gateway_callbacks_total", outcome="accepted") >= 1
-    polls = sum(delta(before, after, "gateway_polls_total", trigger=t)
-                for t in ("poll", "callback"))
+    polls = sum(
+        delta(before, after, "gateway_polls_total", trigger=t) for t in ("poll", "callback")
+    )
     assert polls >= 1
-    assert (delta(before, after, "gateway_tasks_finished_total", status="succeeded",
-                  source="callback")
-            + delta(before, after, "gateway_tasks_finished_total", status="succeeded",
-                    source="poll")) == 1
+    assert (
+        delta(before, after, "gateway_tasks_finished_total", status="succeeded", source="callback")
+        + delta(before, after, "gateway_tasks_finished_total", status="succeeded", source="poll")
+    ) == 1
     # the gateway's own cost of the submit: observed once, and less than the whole request
     assert delta(before, after, "gateway_submit_overhead_seconds_count") == 1
     overhead = delta(before, after, "gateway_submit_overhead_seconds_sum")
-    handled = delta(before, after, "gateway_http_request_duration_seconds_sum",
-                    method="POST", route="/v1/tasks")
+    handled = delta(
+        before, after, "gateway_http_request_duration_seconds_sum", method="POST", route="/v1/tasks"
+    )
     assert 0 <= overhead <= handled
     # gauges from the database: unfinished tasks only (finished ones are the counter above)
-    assert not any(name == "gateway_tasks" and ("status", "succeeded") in labels
-                   for name, labels in after)
+    assert not any(
+        name == "gateway_tasks" and ("status", "succeeded") in labels for name, labels in after
+    )
     assert value(after, "gateway_tasks", status="pending") == 0
     assert ("gateway_tasks", frozenset({("status", "running")})) in after
     assert value(after, "gateway_pending_tasks") == 0
@@ -134,8 +183,17 @@ async def test_forged_and_duplicate_callbacks(gateway: Gateway, sim: Sim) -> Non
     assert delta(before, after, "gateway_callbacks_total", outcome="duplicate") == 1
     assert delta(before, after, "gateway_callbacks_total", outcome="unknown") == 2
     assert delta(before, after, "gateway_callbacks_total", outcome="accepted") == 0
-    assert delta(before, after, "gateway_http_requests_total", method="POST",
-                 route="/callbacks/wiro/{task_id}/{token}", status="404") == 2
+    assert (
+        delta(
+            before,
+            after,
+            "gateway_http_requests_total",
+            method="POST",
+            route="/callbacks/wiro/{task_id}/{token}",
+            status="404",
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # HTTP only: one database
@@ -148,11 +206,29 @@ async def test_unmatched_and_refused_requests_keep_labels_bounded(gateway: Gatew
     r = await c.post("/v1/tasks", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413
     after = await scrape(gateway)
-    assert delta(before, after, "gateway_http_requests_total",
-                 method="GET", route="unmatched", status="404") == 3
+    assert (
+        delta(
+            before,
+            after,
+            "gateway_http_requests_total",
+            method="GET",
+            route="unmatched",
+            status="404",
+        )
+        == 3
+    )
     # refused before routing, still labelled by its route
-    assert delta(before, after, "gateway_http_requests_total",
-                 method="POST", route="/v1/tasks", status="413") == 1
+    assert (
+        delta(
+            before,
+            after,
+            "gateway_http_requests_total",
+            method="POST",
+            route="/v1/tasks",
+            status="413",
+        )
+        == 1
+    )
     assert delta(before, after, "gateway_submit_overhead_seconds_count") == 0
 
 
@@ -166,11 +242,17 @@ def test_multiprocess_mode_merges_worker_files(sim: Sim, tmp_path: Path) -> None
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = bin_env(
-        PROMETHEUS_MULTIPROC_DIR=str(mp), GATEWAY_ENV="test", GATEWAY_DATABASE_URL=db,
-        GATEWAY_DATA_DIR=str(tmp_path), GATEWAY_WIRO_BASE_URL=sim.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY, GATEWAY_WIRO_API_SECRET=SIM_SECRET,
-        GATEWAY_PUBLIC_URL=url, GATEWAY_API_KEYS=f"alpha={CLIENT_KEYS['alpha']}",
-        GATEWAY_LOG_LEVEL="WARNING")
+        PROMETHEUS_MULTIPROC_DIR=str(mp),
+        GATEWAY_ENV="test",
+        GATEWAY_DATABASE_URL=db,
+        GATEWAY_DATA_DIR=str(tmp_path),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=url,
+        GATEWAY_API_KEYS=f"alpha={CLIENT_KEYS['alpha']}",
+        GATEWAY_LOG_LEVEL="WARNING",
+    )
     proc = spawn(["serve", "--port", str(port)], env, tmp_path / "serve.log")
     try:
         wait_http(f"{url}/healthz", proc=proc)
@@ -179,8 +261,12 @@ def test_multiprocess_mode_merges_worker_files(sim: Sim, tmp_path: Path) -> None
         r = httpx.get(f"{url}/metrics", timeout=5)
         assert r.status_code == 200
         samples = parse(r.text)
-        assert value(samples, "gateway_http_requests_total",
-                     method="GET", route="/healthz", status="200") >= 3
+        assert (
+            value(
+                samples, "gateway_http_requests_total", method="GET", route="/healthz", status="200"
+            )
+            >= 3
+        )
         assert value(samples, "gateway_database_up") == 1
         assert ("gateway_tasks", frozenset({("status", "pending")})) in samples
         assert any(p.name.startswith("counter_") for p in mp.iterdir()), list(mp.iterdir())
@@ -193,9 +279,12 @@ async def test_notification_attempts_and_failures(db_url: str, sim: Sim, tmp_pat
     from tests.receivers import Answer, serve_receiver
     from tests.results_helpers import SECRET, deliveries, finished_task, until
 
-    async with serve_receiver() as rec, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
-            notify_retry_s="0,0.2") as gw:
+    async with (
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET, notify_retry_s="0,0.2"
+        ) as gw,
+    ):
         rec.on("/ok", default=Answer(204))
         rec.on("/down", default=Answer(503))
         before = await scrape(gw)

@@ -40,9 +40,16 @@ def test_round_trip_and_check(db_url: str) -> None:
 def test_concurrent_migrate_from_many_processes(db_url: str) -> None:
     downgrade(db_url, "base")
     env = bin_env(GATEWAY_DATABASE_URL=db_url)
-    procs = [subprocess.Popen([sys.executable, "-m", "app.cli", "migrate"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "migrate"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=120)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     check(db_url)
@@ -59,121 +66,291 @@ def test_heads_are_known() -> None:
 # migration 0021 must give it. Each row is its own task, so each status is a transition.
 _OLD_EVENTS: list[tuple[str, str | None, str | None, str, EventKind]] = [
     ("api", "pending", None, "task accepted by the gateway", EventKind.created),
-    ("dispatcher", "queued", "task_queue", "attempt 1: accepted upstream as task 8100001",
-     EventKind.linked),
-    ("callback", "queued", "task_queue", "attempt 2: accepted upstream as task 8100002",
-     EventKind.linked),
-    ("timeout", "queued", "task_queue", "attempt 1: accepted upstream as task 8100003",
-     EventKind.linked),
+    (
+        "dispatcher",
+        "queued",
+        "task_queue",
+        "attempt 1: accepted upstream as task 8100001",
+        EventKind.linked,
+    ),
+    (
+        "callback",
+        "queued",
+        "task_queue",
+        "attempt 2: accepted upstream as task 8100002",
+        EventKind.linked,
+    ),
+    (
+        "timeout",
+        "queued",
+        "task_queue",
+        "attempt 1: accepted upstream as task 8100003",
+        EventKind.linked,
+    ),
     ("poll", "running", "task_start", "upstream status task_start", EventKind.progressed),
-    ("callback", "succeeded", "task_postprocess_end", "upstream status task_postprocess_end",
-     EventKind.progressed),
-    ("poll", "failed", "task_postprocess_end", "upstream status task_postprocess_end",
-     EventKind.progressed),
-    ("poll", "failed", "task_postprocess_end",
-     "upstream finished without pexit and without outputs", EventKind.progressed),
+    (
+        "callback",
+        "succeeded",
+        "task_postprocess_end",
+        "upstream status task_postprocess_end",
+        EventKind.progressed,
+    ),
+    (
+        "poll",
+        "failed",
+        "task_postprocess_end",
+        "upstream status task_postprocess_end",
+        EventKind.progressed,
+    ),
+    (
+        "poll",
+        "failed",
+        "task_postprocess_end",
+        "upstream finished without pexit and without outputs",
+        EventKind.progressed,
+    ),
     ("timeout", "running", "task_start", "upstream status task_start", EventKind.progressed),
     ("poll", None, "task_output", "upstream status task_output", EventKind.upstream_status),
-    ("callback", None, "task_output", "upstream status task_output",
-     EventKind.upstream_status),
+    ("callback", None, "task_output", "upstream status task_output", EventKind.upstream_status),
     ("cancel", None, "task_cancel", "upstream status task_cancel", EventKind.upstream_status),
-    ("timeout", None, "task_output", "upstream status task_output",
-     EventKind.upstream_status),
-    ("dispatcher", "failed", None,
-     "upstream rejected the task: Run: Insufficient balance (code 97)", EventKind.failed),
+    ("timeout", None, "task_output", "upstream status task_output", EventKind.upstream_status),
+    (
+        "dispatcher",
+        "failed",
+        None,
+        "upstream rejected the task: Run: Insufficient balance (code 97)",
+        EventKind.failed,
+    ),
     ("poll", "failed", None, "upstream lost the task", EventKind.failed),
-    ("timeout", "timed_out", None,
-     "deadline of 600s passed; upstream task stopped (Task/Kill accepted)",
-     EventKind.timed_out),
-    ("timeout", "timed_out", None, "deadline of 600s passed; never sent upstream",
-     EventKind.timed_out),
-    ("timeout", "timed_out", None, "deadline of 0.5s passed; never accepted upstream",
-     EventKind.timed_out),
-    ("cancel", "cancelled", None, "cancelled before it was accepted upstream",
-     EventKind.cancelled),
-    ("cancel", "cancelled", None, "cancelled before it was sent upstream",
-     EventKind.cancelled),
-    ("cancel", "cancelled", "task_cancel", "upstream confirmed the cancel",
-     EventKind.cancelled),
-    ("poll", "cancelled", "task_cancel", "upstream confirmed the cancel",
-     EventKind.cancelled),
-    ("callback", "cancelled", "task_cancel", "upstream cancelled the task",
-     EventKind.cancelled),
+    (
+        "timeout",
+        "timed_out",
+        None,
+        "deadline of 600s passed; upstream task stopped (Task/Kill accepted)",
+        EventKind.timed_out,
+    ),
+    (
+        "timeout",
+        "timed_out",
+        None,
+        "deadline of 600s passed; never sent upstream",
+        EventKind.timed_out,
+    ),
+    (
+        "timeout",
+        "timed_out",
+        None,
+        "deadline of 0.5s passed; never accepted upstream",
+        EventKind.timed_out,
+    ),
+    ("cancel", "cancelled", None, "cancelled before it was accepted upstream", EventKind.cancelled),
+    ("cancel", "cancelled", None, "cancelled before it was sent upstream", EventKind.cancelled),
+    ("cancel", "cancelled", "task_cancel", "upstream confirmed the cancel", EventKind.cancelled),
+    ("poll", "cancelled", "task_cancel", "upstream confirmed the cancel", EventKind.cancelled),
+    ("callback", "cancelled", "task_cancel", "upstream cancelled the task", EventKind.cancelled),
     ("cancel", None, "task_start", "cancel requested", EventKind.cancel_requested),
     ("cancel", None, None, "Task/Kill accepted", EventKind.cancel_sent),
     ("cancel", None, None, "Task/Cancel accepted", EventKind.cancel_sent),
     ("cancel", None, None, "Task/Cancel failed: Task/Cancel: HTTP 503", EventKind.cancel_sent),
-    ("cancel", None, None, "Task/Kill: Task is not in a cancellable state.",
-     EventKind.cancel_sent),
+    ("cancel", None, None, "Task/Kill: Task is not in a cancellable state.", EventKind.cancel_sent),
     ("poll", None, None, "Detail failed: Task/Detail: HTTP 503", EventKind.detail_failed),
-    ("callback", None, None, "Detail failed: Task/Detail: timed out",
-     EventKind.detail_failed),
-    ("dispatcher", None, None,
-     "attempt 1 started a second upstream task 8100004; stopping it (Task/Kill accepted)",
-     EventKind.extra_stopped),
-    ("dispatcher", None, None, "attempt 1 started a second upstream task 8100005; stopping "
-     "it (Task/Cancel: Task is not in a cancellable state., not confirmed)",
-     EventKind.extra_stopped),
-    ("dispatcher", None, None, "attempt 1: no answer was recorded for the upstream Run (its "
-     "process stopped); looking for it before sending again", EventKind.run_ambiguous),
-    ("dispatcher", None, None, "attempt 1: no answer was recorded for the upstream Run "
-     "(interrupted); waiting for a sign of it before sending again",  # until 2026-12-03
-     EventKind.run_ambiguous),
-    ("dispatcher", None, None, "attempt 2: the upstream Run gave no usable answer (Run: no "
-     "answer within 31s); not re-sending until it is known whether it started",
-     EventKind.run_ambiguous),
-    ("dispatcher", None, None, "attempt 1: Task/List shows no trace of it 60s after its Run "
-     "went unanswered; sending again as attempt 2", EventKind.run_abandoned),
-    ("dispatcher", None, None, "attempt 3: it could not be looked up 60s after its Run went "
-     "unanswered; sending again as attempt 4", EventKind.run_abandoned),
-    ("dispatcher", None, None, "attempt 1: no sign of an upstream task after 60s; sending "
-     "again as attempt 2", EventKind.run_abandoned),  # until 2026-12-03
-    ("dispatcher", None, None, "attempt 1: no upstream task found for it (Task/List shows no "
-     "trace); nothing to stop", EventKind.run_abandoned),
-    ("dispatcher", None, None, "attempt 1: upstream rate limit (429); retrying in 1.0s",
-     EventKind.run_retry),
-    ("dispatcher", None, None, "attempt 1: upstream concurrency limit (code 96); will retry",
-     EventKind.run_retry),
-    ("dispatcher", None, None, "attempt 2: upstream server error (code 0): Run: Internal "
-     "server error.; will retry", EventKind.run_retry),
-    ("dispatcher", None, None, "attempt 1: upstream unavailable: Run: HTTP 502; will retry",
-     EventKind.run_retry),
-    ("dispatcher", None, None, "attempt 1: upstream refused our configuration (auth): Run: "
-     "Sign in required; will retry", EventKind.run_retry),
-    ("delivery", None, None, "notification task.succeeded (dlv_01) to hooks.example "
-     "delivered after 1 attempt: HTTP 204", EventKind.notification_delivered),
-    ("delivery", None, None, "notification task.failed (dlv_02) to hooks.example delivered "
-     "after 3 attempts: HTTP 200", EventKind.notification_delivered),
-    ("delivery", None, None, "notification task.succeeded (dlv_03) to hooks.example failed "
-     "after 4 attempts: HTTP 302 (redirect not followed)", EventKind.notification_failed),
-    ("delivery", None, None, "notification task.cancelled (dlv_04) to 10.0.0.1 failed after "
-     "1 attempt: refused: private address", EventKind.notification_failed),
-    ("api", None, None, "images erased at the caller's request: 1 output(s) and 1 uploaded "
-     "input(s) deleted here; asking Wiro to delete its copies", EventKind.images_erased),
-    ("api", None, None, "images erased after the retention period of 30 days: 4 output(s) "
-     "and 0 uploaded input(s) deleted here", EventKind.images_erased),
-    ("api", None, None, "Wiro deleted its copies of the task's input and outputs",
-     EventKind.upstream_erased),
-    ("api", None, None, "erasure incomplete, will retry: Task/InputOutputDelete: HTTP 503",
-     EventKind.upstream_erase_retry),
-    ("api", None, None, "erasure gave up after 6 attempts: Task/InputOutputDelete: HTTP 503",
-     EventKind.upstream_erase_failed),
+    ("callback", None, None, "Detail failed: Task/Detail: timed out", EventKind.detail_failed),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1 started a second upstream task 8100004; stopping it (Task/Kill accepted)",
+        EventKind.extra_stopped,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1 started a second upstream task 8100005; stopping "
+        "it (Task/Cancel: Task is not in a cancellable state., not confirmed)",
+        EventKind.extra_stopped,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1: no answer was recorded for the upstream Run (its "
+        "process stopped); looking for it before sending again",
+        EventKind.run_ambiguous,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1: no answer was recorded for the upstream Run "
+        "(interrupted); waiting for a sign of it before sending again",  # until 2026-12-03
+        EventKind.run_ambiguous,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 2: the upstream Run gave no usable answer (Run: no "
+        "answer within 31s); not re-sending until it is known whether it started",
+        EventKind.run_ambiguous,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1: Task/List shows no trace of it 60s after its Run "
+        "went unanswered; sending again as attempt 2",
+        EventKind.run_abandoned,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 3: it could not be looked up 60s after its Run went "
+        "unanswered; sending again as attempt 4",
+        EventKind.run_abandoned,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1: no sign of an upstream task after 60s; sending again as attempt 2",
+        EventKind.run_abandoned,
+    ),  # until 2026-12-03
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1: no upstream task found for it (Task/List shows no trace); nothing to stop",
+        EventKind.run_abandoned,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1: upstream rate limit (429); retrying in 1.0s",
+        EventKind.run_retry,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1: upstream concurrency limit (code 96); will retry",
+        EventKind.run_retry,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 2: upstream server error (code 0): Run: Internal server error.; will retry",
+        EventKind.run_retry,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1: upstream unavailable: Run: HTTP 502; will retry",
+        EventKind.run_retry,
+    ),
+    (
+        "dispatcher",
+        None,
+        None,
+        "attempt 1: upstream refused our configuration (auth): Run: Sign in required; will retry",
+        EventKind.run_retry,
+    ),
+    (
+        "delivery",
+        None,
+        None,
+        "notification task.succeeded (dlv_01) to hooks.example delivered after 1 attempt: HTTP 204",
+        EventKind.notification_delivered,
+    ),
+    (
+        "delivery",
+        None,
+        None,
+        "notification task.failed (dlv_02) to hooks.example delivered after 3 attempts: HTTP 200",
+        EventKind.notification_delivered,
+    ),
+    (
+        "delivery",
+        None,
+        None,
+        "notification task.succeeded (dlv_03) to hooks.example failed "
+        "after 4 attempts: HTTP 302 (redirect not followed)",
+        EventKind.notification_failed,
+    ),
+    (
+        "delivery",
+        None,
+        None,
+        "notification task.cancelled (dlv_04) to 10.0.0.1 failed after "
+        "1 attempt: refused: private address",
+        EventKind.notification_failed,
+    ),
+    (
+        "api",
+        None,
+        None,
+        "images erased at the caller's request: 1 output(s) and 1 uploaded "
+        "input(s) deleted here; asking Wiro to delete its copies",
+        EventKind.images_erased,
+    ),
+    (
+        "api",
+        None,
+        None,
+        "images erased after the retention period of 30 days: 4 output(s) "
+        "and 0 uploaded input(s) deleted here",
+        EventKind.images_erased,
+    ),
+    (
+        "api",
+        None,
+        None,
+        "Wiro deleted its copies of the task's input and outputs",
+        EventKind.upstream_erased,
+    ),
+    (
+        "api",
+        None,
+        None,
+        "erasure incomplete, will retry: Task/InputOutputDelete: HTTP 503",
+        EventKind.upstream_erase_retry,
+    ),
+    (
+        "api",
+        None,
+        None,
+        "erasure gave up after 6 attempts: Task/InputOutputDelete: HTTP 503",
+        EventKind.upstream_erase_failed,
+    ),
 ]
 
 # The first release (until "Events carry a status only for transitions") wrote the current
 # status on stage changes and on "cancel requested" too: one task's whole story.
 _FIRST_RELEASE_STORY: list[tuple[str, str | None, str | None, str, EventKind]] = [
     ("api", "pending", None, "task accepted by the gateway", EventKind.created),
-    ("dispatcher", "queued", "task_queue", "attempt 1: accepted upstream as task 8100009",
-     EventKind.linked),
+    (
+        "dispatcher",
+        "queued",
+        "task_queue",
+        "attempt 1: accepted upstream as task 8100009",
+        EventKind.linked,
+    ),
     ("poll", "queued", "task_accept", "upstream status task_accept", EventKind.upstream_status),
     ("poll", "running", "task_start", "upstream status task_start", EventKind.progressed),
-    ("callback", "running", "task_output", "upstream status task_output",
-     EventKind.upstream_status),
+    (
+        "callback",
+        "running",
+        "task_output",
+        "upstream status task_output",
+        EventKind.upstream_status,
+    ),
     ("cancel", "running", "task_output", "cancel requested", EventKind.cancel_requested),
     ("cancel", None, None, "Task/Kill accepted", EventKind.cancel_sent),
-    ("cancel", "cancelled", "task_cancel", "upstream confirmed the cancel",
-     EventKind.cancelled),
+    ("cancel", "cancelled", "task_cancel", "upstream confirmed the cancel", EventKind.cancelled),
 ]
 
 
@@ -191,17 +368,37 @@ async def _insert_old_events(url: str, stories: list[list[tuple[Any, ...]]]) -> 
             assert "kind" not in events_t.c
             for n, story in enumerate(stories):
                 task_id = f"tsk_migration_{n:04d}"
-                row = dict(id=task_id, client="alpha", model="wiro/professional-headshot",
-                           status="pending", status_rank=0, input={}, metadata={},
-                           attempt=1, outputs=[], retries=0, created_at=now, updated_at=now,
-                           deadline_at=now)
-                await conn.execute(sa.insert(tasks_t).values(
-                    {k: v for k, v in row.items() if k in tasks_t.c}))
+                row = dict(
+                    id=task_id,
+                    client="alpha",
+                    model="wiro/professional-headshot",
+                    status="pending",
+                    status_rank=0,
+                    input={},
+                    metadata={},
+                    attempt=1,
+                    outputs=[],
+                    retries=0,
+                    created_at=now,
+                    updated_at=now,
+                    deadline_at=now,
+                )
+                await conn.execute(
+                    sa.insert(tasks_t).values({k: v for k, v in row.items() if k in tasks_t.c})
+                )
                 for source, status, upstream_status, message, _ in story:
-                    res = await conn.execute(sa.insert(events_t).values(
-                        task_id=task_id, at=now, source=source, status=status,
-                        upstream_status=upstream_status, message=message)
-                        .returning(events_t.c.id))
+                    res = await conn.execute(
+                        sa.insert(events_t)
+                        .values(
+                            task_id=task_id,
+                            at=now,
+                            source=source,
+                            status=status,
+                            upstream_status=upstream_status,
+                            message=message,
+                        )
+                        .returning(events_t.c.id)
+                    )
                     ids.append(res.scalar_one())
     finally:
         await engine.dispose()
@@ -212,8 +409,7 @@ async def _kinds(url: str, ids: list[int]) -> list[str | None]:
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
-            rows = dict((await conn.execute(sa.text(
-                "SELECT id, kind FROM task_events"))).all())
+            rows = dict((await conn.execute(sa.text("SELECT id, kind FROM task_events"))).all())
     finally:
         await engine.dispose()
     return [rows[i] for i in ids]
@@ -229,9 +425,13 @@ def test_event_kinds_are_backfilled_from_the_old_wording(db_url: str) -> None:
     upgrade(db_url, "0021")
     expected = [e[-1].value for story in stories for e in story]
     got = asyncio.run(_kinds(db_url, ids))
-    wrong = [(e[3], want, have) for e, want, have in
-             zip([e for story in stories for e in story], expected, got, strict=True)
-             if want != have]
+    wrong = [
+        (e[3], want, have)
+        for e, want, have in zip(
+            [e for story in stories for e in story], expected, got, strict=True
+        )
+        if want != have
+    ]
     assert not wrong, wrong
     upgrade(db_url)
     check(db_url)

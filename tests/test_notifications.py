@@ -24,14 +24,23 @@ def verified(call) -> dict:
     return Webhook(SECRET).verify(call.body, call.headers)
 
 
-async def test_one_signed_notification_per_terminal_transition(db_url: str, sim: Sim,
-                                                               tmp_path: Path) -> None:
+async def test_one_signed_notification_per_terminal_transition(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """End to end: 50 duplicate callbacks, one notification; it verifies, and its data is
     the task as GET shows it, with the gateway's durable output URLs."""
     sim.configure(callback_duplicate=50)
-    async with serve_receiver() as rec, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
-            output_hosts="127.0.0.1", notify_retry_s=FAST) as gw:
+    async with (
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=db_url,
+            sim=sim,
+            data_dir=tmp_path,
+            webhook_secret=SECRET,
+            output_hosts="127.0.0.1",
+            notify_retry_s=FAST,
+        ) as gw,
+    ):
         body = task_body(sim) | {"webhook_url": f"{rec.url}/hooks/headshots"}
         r = await gw.client().post("/v1/tasks", json=body)
         assert r.status_code == 202, r.text
@@ -61,8 +70,7 @@ async def test_one_signed_notification_per_terminal_transition(db_url: str, sim:
         assert r.status_code == 200
         [d] = r.json()["data"]
         assert d["id"] == call.headers["webhook-id"]
-        assert (d["type"], d["reason"], d["status"]) == ("task.succeeded", "terminal",
-                                                         "delivered")
+        assert (d["type"], d["reason"], d["status"]) == ("task.succeeded", "terminal", "delivered")
         assert d["url"] == body["webhook_url"]
         [a] = d["attempts"]
         assert a["number"] == 1 and a["status_code"] == 204 and a["error"] is None
@@ -79,15 +87,20 @@ async def _settled(gw, task_id: str) -> bool:
 async def test_receiver_answers_decide_retries(db_url: str, sim: Sim, tmp_path: Path) -> None:
     """Four receivers at once: one fails twice then takes it (attempt 3), one says 429 with
     Retry-After, one says 410 (no more attempts), one redirects (never followed)."""
-    async with serve_receiver() as rec, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
-            notify_retry_s=FAST) as gw:
+    async with (
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET, notify_retry_s=FAST
+        ) as gw,
+    ):
         rec.on("/flaky", Answer(500, body=b"e" * 5000), Answer(503), Answer(200, b"ok"))
         rec.on("/busy", Answer(429, headers={"retry-after": "1"}), Answer(204))
         rec.on("/gone", default=Answer(410))
         rec.on("/moved", default=Answer(302, headers={"location": f"{rec.url}/elsewhere"}))
-        ids = {path: await finished_task(gw, webhook_url=f"{rec.url}{path}")
-               for path in ("/flaky", "/busy", "/gone", "/moved")}
+        ids = {
+            path: await finished_task(gw, webhook_url=f"{rec.url}{path}")
+            for path in ("/flaky", "/busy", "/gone", "/moved")
+        }
         for task_id in ids.values():
             await until(lambda t=task_id: _settled(gw, t))
 
@@ -115,16 +128,20 @@ async def test_receiver_answers_decide_retries(db_url: str, sim: Sim, tmp_path: 
         assert rec.hits("/elsewhere") == []
         [d] = await deliveries(gw, ids["/moved"])
         assert d.status == "failed" and d.attempts == 4
-        assert all(a.status_code == 302 and "redirect" in (a.error or "")
-                   for a in await attempts(gw, d.id))
+        assert all(
+            a.status_code == 302 and "redirect" in (a.error or "") for a in await attempts(gw, d.id)
+        )
         [event] = await events_of(gw, ids["/moved"], "delivery")
         assert event.kind == EventKind.notification_failed
 
 
 async def test_redeliver(db_url: str, sim: Sim, tmp_path: Path) -> None:
-    async with serve_receiver() as rec, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
-            notify_retry_s=FAST) as gw:
+    async with (
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET, notify_retry_s=FAST
+        ) as gw,
+    ):
         done = await finished_task(gw, status=Status.cancelled, webhook_url=f"{rec.url}/h")
         first = verified((await rec.wait_calls("/h", 1))[0])
         r = await gw.client().post(f"/v1/tasks/{done}/deliveries/redeliver")
@@ -137,32 +154,44 @@ async def test_redeliver(db_url: str, sim: Sim, tmp_path: Path) -> None:
         assert again["data"]["id"] == done
         await until(lambda: _settled(gw, done))
         listed = (await gw.client().get(f"/v1/tasks/{done}/deliveries")).json()["data"]
-        assert [(d["reason"], d["status"]) for d in listed] == [("terminal", "delivered"),
-                                                                ("redeliver", "delivered")]
+        assert [(d["reason"], d["status"]) for d in listed] == [
+            ("terminal", "delivered"),
+            ("redeliver", "delivered"),
+        ]
 
         # 409: no webhook_url; not finished
         plain = await finished_task(gw)
         r = await gw.client().post(f"/v1/tasks/{plain}/deliveries/redeliver")
         assert r.status_code == 409 and "webhook_url" in r.json()["detail"]
-        r = await gw.client().post("/v1/tasks", json=task_body(sim, inputImageUrl=sim.portrait)
-                                   | {"webhook_url": f"{rec.url}/h"})
+        r = await gw.client().post(
+            "/v1/tasks",
+            json=task_body(sim, inputImageUrl=sim.portrait) | {"webhook_url": f"{rec.url}/h"},
+        )
         running = r.json()["id"]
         r = await gw.client().post(f"/v1/tasks/{running}/deliveries/redeliver")
         assert r.status_code == 409
         assert r.headers["content-type"].startswith("application/problem+json")
         # another client's task does not exist for this caller
-        for method, path in (("GET", f"/v1/tasks/{done}/deliveries"),
-                             ("POST", f"/v1/tasks/{done}/deliveries/redeliver")):
+        for method, path in (
+            ("GET", f"/v1/tasks/{done}/deliveries"),
+            ("POST", f"/v1/tasks/{done}/deliveries/redeliver"),
+        ):
             r = await gw.client("beta").request(method, path)
             assert r.status_code == 404, (path, r.text)
         assert len(await deliveries(gw, done)) == 2
 
 
 async def test_unsafe_webhook_urls_and_a_missing_secret_fail_without_sending(
-        db_url: str, sim: Sim, tmp_path: Path) -> None:
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     async with serve_receiver() as rec:
-        async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                               webhook_secret=SECRET, allow_private_networks=False) as gw:
+        async with run_gateway(
+            db_url=db_url,
+            sim=sim,
+            data_dir=tmp_path,
+            webhook_secret=SECRET,
+            allow_private_networks=False,
+        ) as gw:
             task_id = await finished_task(gw, webhook_url=f"{rec.url}/internal")
             await until(lambda: _settled(gw, task_id))
             [d] = await deliveries(gw, task_id)
@@ -178,20 +207,30 @@ async def test_unsafe_webhook_urls_and_a_missing_secret_fail_without_sending(
         assert rec.calls == []
 
 
-async def test_a_tarpit_costs_its_owner_not_others(db_url: str, sim: Sim, tmp_path: Path
-                                                   ) -> None:
+async def test_a_tarpit_costs_its_owner_not_others(db_url: str, sim: Sim, tmp_path: Path) -> None:
     """alice's notifications and redeliveries at a receiver that accepts and never answers
     hold at most GATEWAY_NOTIFY_HOST_CONCURRENCY of the notifier's slots; bob's
     notification still goes out at once. Measured on the ledger: his first attempt's time
     minus his task's completion (before: >= one GATEWAY_NOTIFY_TIMEOUT_S, since every slot
     was held by the tarpit). A second redeliver while one is pending is 409."""
-    async with serve_tarpit() as pit, serve_receiver() as rec, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
-            notify_retry_s="0,0.2", notify_timeout_s=6) as gw:
+    async with (
+        serve_tarpit() as pit,
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=db_url,
+            sim=sim,
+            data_dir=tmp_path,
+            webhook_secret=SECRET,
+            notify_retry_s="0,0.2",
+            notify_timeout_s=6,
+        ) as gw,
+    ):
         cap = gw.settings.notify_host_concurrency
         assert cap < gw.settings.worker_concurrency
-        hers = [await finished_task(gw, webhook_url=f"{pit.url}/hook/{i}")
-                for i in range(gw.settings.worker_concurrency)]
+        hers = [
+            await finished_task(gw, webhook_url=f"{pit.url}/hook/{i}")
+            for i in range(gw.settings.worker_concurrency)
+        ]
         for task_id in hers:
             r = await gw.client("alpha").post(f"/v1/tasks/{task_id}/deliveries/redeliver")
             assert r.status_code == 202, r.text
@@ -218,9 +257,12 @@ async def test_a_tarpit_costs_its_owner_not_others(db_url: str, sim: Sim, tmp_pa
 
 
 async def test_deliveries_are_paginated(db_url: str, sim: Sim, tmp_path: Path) -> None:
-    async with serve_receiver() as rec, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
-            notify_retry_s=FAST) as gw:
+    async with (
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET, notify_retry_s=FAST
+        ) as gw,
+    ):
         task_id = await finished_task(gw, webhook_url=f"{rec.url}/h")
         for n in range(2, 5):
             await until(lambda: _settled(gw, task_id))
@@ -235,8 +277,9 @@ async def test_deliveries_are_paginated(db_url: str, sim: Sim, tmp_path: Path) -
         assert ids == sorted(ids)  # oldest first
         first = (await gw.client().get(url, params={"limit": 3})).json()
         assert [d["id"] for d in first["data"]] == ids[:3] and first["next_cursor"]
-        rest = (await gw.client().get(url, params={"limit": 3,
-                                                   "cursor": first["next_cursor"]})).json()
+        rest = (
+            await gw.client().get(url, params={"limit": 3, "cursor": first["next_cursor"]})
+        ).json()
         assert [d["id"] for d in rest["data"]] == ids[3:] and rest["next_cursor"] is None
         assert all(d["attempts"] for d in everything["data"])
         for params in ({"cursor": "garbage"}, {"limit": 0}, {"limit": 201}):

@@ -21,8 +21,16 @@ def test_operation_ids_are_stable_and_unique() -> None:
     spec = create_app(Settings()).openapi()
     ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
     assert len(ids) == len(set(ids))
-    assert {"createTask", "getTask", "listTasks", "listTaskEvents", "cancelTask",
-            "wiroCallback", "healthz", "readyz"} <= set(ids)
+    assert {
+        "createTask",
+        "getTask",
+        "listTasks",
+        "listTaskEvents",
+        "cancelTask",
+        "wiroCallback",
+        "healthz",
+        "readyz",
+    } <= set(ids)
 
 
 def test_spec_holds_no_secret_defaults() -> None:

@@ -20,15 +20,22 @@ COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 
 
 def test_every_setting_is_documented() -> None:
-    missing = [f"GATEWAY_{name.upper()}" for name in Settings.model_fields
-               if f"`GATEWAY_{name.upper()}`" not in DOC]
+    missing = [
+        f"GATEWAY_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`GATEWAY_{name.upper()}`" not in DOC
+    ]
     assert missing == [], f"add to docs/operations.md: {missing}"
 
 
 def test_every_metric_is_documented() -> None:
     documented = set(re.findall(r"`(gateway_[a-z_]+)`", DOC))
-    families = [family for obj in vars(metrics).values() if isinstance(obj, Counter | Histogram)
-                for family in obj.describe()]
+    families = [
+        family
+        for obj in vars(metrics).values()
+        if isinstance(obj, Counter | Histogram)
+        for family in obj.describe()
+    ]
     assert len(families) >= 10
     for family in families:
         name = f"{family.name}_total" if family.type == "counter" else family.name
@@ -45,8 +52,12 @@ def test_compose_sets_real_settings_and_a_long_enough_stop_grace() -> None:
     urls = set()
     for svc in replicas:
         env = svc["environment"]
-        unknown = [k for k in env if k.startswith("GATEWAY_")
-                   and k.removeprefix("GATEWAY_").lower() not in Settings.model_fields]
+        unknown = [
+            k
+            for k in env
+            if k.startswith("GATEWAY_")
+            and k.removeprefix("GATEWAY_").lower() not in Settings.model_fields
+        ]
         assert unknown == []
         settings = Settings(**{k.removeprefix("GATEWAY_").lower(): v for k, v in env.items()})
         assert settings.is_postgres and settings.admin_client_names == {"ops"}

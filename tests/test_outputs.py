@@ -25,8 +25,9 @@ def png(width: int = 40, height: int = 30) -> bytes:
 
 
 async def test_outputs_outlive_the_upstream_copy(db_url: str, sim: Sim, tmp_path: Path) -> None:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           output_hosts="127.0.0.1") as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, output_hosts="127.0.0.1"
+    ) as gw:
         r = await gw.client().post("/v1/tasks", json=task_body(sim, outputFormat="png"))
         task_id = r.json()["id"]
         await gw.wait_terminal(task_id)
@@ -58,8 +59,9 @@ async def test_outputs_outlive_the_upstream_copy(db_url: str, sim: Sim, tmp_path
         assert (im.width, im.height) == (out["width"], out["height"])
         assert (tmp_path / "outputs" / task_id / "0").read_bytes() == r.content
         assert r.headers["etag"] == f'"{out["sha256"]}"'
-        again = await gw.client().get(f"/v1/tasks/{task_id}/outputs/0",
-                                      headers={"if-none-match": r.headers["etag"]})
+        again = await gw.client().get(
+            f"/v1/tasks/{task_id}/outputs/0", headers={"if-none-match": r.headers["etag"]}
+        )
         assert again.status_code == 304 and again.content == b""
 
         # same scoping as the task
@@ -73,17 +75,28 @@ async def test_outputs_outlive_the_upstream_copy(db_url: str, sim: Sim, tmp_path
 
 
 async def test_downloads_are_checked_retried_and_never_fail_the_task(
-        db_url: str, sim: Sim, tmp_path: Path) -> None:
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     good = png()
-    async with serve_receiver() as cdn, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, output_hosts="127.0.0.1",
-            output_max_bytes=20_000, output_retry_s="0.1,0.1") as gw:
+    async with (
+        serve_receiver() as cdn,
+        run_gateway(
+            db_url=db_url,
+            sim=sim,
+            data_dir=tmp_path,
+            output_hosts="127.0.0.1",
+            output_max_bytes=20_000,
+            output_retry_s="0.1,0.1",
+        ) as gw,
+    ):
         port = cdn.url.rsplit(":", 1)[1]
         cdn.on("/flaky.png", Answer(503), default=Answer(200, good, {"content-type": "image/png"}))
         cdn.on("/page.png", default=Answer(200, b"<html>", {"content-type": "text/html"}))
         cdn.on("/broken.png", default=Answer(200, good[:60], {"content-type": "image/png"}))
-        cdn.on("/huge.png", default=Answer(200, b"\x89PNG" + b"0" * 30_000,
-                                           {"content-type": "image/png"}))
+        cdn.on(
+            "/huge.png",
+            default=Answer(200, b"\x89PNG" + b"0" * 30_000, {"content-type": "image/png"}),
+        )
         cdn.on("/moved.png", default=Answer(302, headers={"location": f"{cdn.url}/flaky.png"}))
         cases = {
             "flaky": f"{cdn.url}/flaky.png",
@@ -93,9 +106,22 @@ async def test_downloads_are_checked_retried_and_never_fail_the_task(
             "moved": f"{cdn.url}/moved.png",
             "host": f"http://localhost:{port}/flaky.png",  # not in GATEWAY_OUTPUT_HOSTS
         }
-        ids = {name: await finished_task(gw, status=Status.succeeded, outputs=[
-            {"name": "0.png", "content_type": "image/png", "size": 1, "url": url,
-             "upstream_url": url}]) for name, url in cases.items()}
+        ids = {
+            name: await finished_task(
+                gw,
+                status=Status.succeeded,
+                outputs=[
+                    {
+                        "name": "0.png",
+                        "content_type": "image/png",
+                        "size": 1,
+                        "url": url,
+                        "upstream_url": url,
+                    }
+                ],
+            )
+            for name, url in cases.items()
+        }
 
         async def all_settled() -> bool:
             rows = [o for t in ids.values() for o in await outputs_of(gw, t)]
@@ -106,8 +132,13 @@ async def test_downloads_are_checked_retried_and_never_fail_the_task(
         assert rows["flaky"].state == "stored" and rows["flaky"].attempts == 2
         assert rows["flaky"].sha256 == hashlib.sha256(good).hexdigest()
         assert (rows["flaky"].width, rows["flaky"].height) == (40, 30)
-        expected = {"page": "content type", "broken": "decoded", "huge": "cap",
-                    "moved": "redirect", "host": "allowlist"}
+        expected = {
+            "page": "content type",
+            "broken": "decoded",
+            "huge": "cap",
+            "moved": "redirect",
+            "host": "allowlist",
+        }
         for name, words in expected.items():
             assert rows[name].state == "failed", name
             assert rows[name].attempts == 1, (name, rows[name].error)  # no point retrying
@@ -124,6 +155,9 @@ async def test_downloads_are_checked_retried_and_never_fail_the_task(
                 assert out["url"] == cases[name] and out["sha256"] is None
                 r = await gw.client().get(f"/v1/tasks/{task_id}/outputs/0")
                 assert r.status_code == 404 and "not stored" in r.json()["detail"]
-        stored_files = sorted(p.relative_to(tmp_path).as_posix()
-                              for p in (tmp_path / "outputs").rglob("*") if p.is_file())
+        stored_files = sorted(
+            p.relative_to(tmp_path).as_posix()
+            for p in (tmp_path / "outputs").rglob("*")
+            if p.is_file()
+        )
         assert stored_files == [f"outputs/{ids['flaky']}/0"]

@@ -32,8 +32,9 @@ def settings(**kw: Any) -> Settings:
 
 def sample(i: int, duration: float, callback: bool = True) -> Sample:
     done = T0 + timedelta(seconds=i)
-    return Sample(started_at=done - timedelta(seconds=duration), completed_at=done,
-                  callback=callback)
+    return Sample(
+        started_at=done - timedelta(seconds=duration), completed_at=done, callback=callback
+    )
 
 
 def plan_with(healthy: bool | None, p95: float | None) -> PollPlan:
@@ -83,8 +84,10 @@ def test_healthy_callbacks_put_the_first_poll_past_the_p95() -> None:
 
 def test_unhealthy_callbacks_or_no_adaptation_keep_the_doubling_schedule() -> None:
     s = settings()
-    for plan, st in ((plan_with(False, 12.0), s), (plan_with(True, 12.0),
-                                                    settings(poll_adaptive=False))):
+    for plan, st in (
+        (plan_with(False, 12.0), s),
+        (plan_with(True, 12.0), settings(poll_adaptive=False)),
+    ):
         assert plan.first_delay(st) == 3.0
         assert [plan.interval(st, r) for r in range(6)] == [6, 12, 24, 48, 60, 60]
 
@@ -101,9 +104,13 @@ def test_no_history_is_optimistic_and_bounded() -> None:
 def test_settings_are_checked() -> None:
     assert settings().poll_safety_cap_s == 60.0
     assert settings(poll_safety_max_s=90).poll_safety_cap_s == 90.0
-    for bad in ({"poll_safety_max_s": 1.0}, {"poll_safety_factor": 0.5},
-                {"poll_health_window": 0}, {"poll_health_max_missing": 1.5},
-                {"poll_plan_refresh_s": 0}):
+    for bad in (
+        {"poll_safety_max_s": 1.0},
+        {"poll_safety_factor": 0.5},
+        {"poll_health_window": 0},
+        {"poll_health_max_missing": 1.5},
+        {"poll_plan_refresh_s": 0},
+    ):
         with pytest.raises(ValidationError):
             settings(**bad)
 
@@ -114,21 +121,36 @@ def test_settings_are_checked() -> None:
 def _row(status: Status, *, now: datetime, **kw: Any) -> Task:
     at = kw.pop("created_at", now)
     values: dict[str, Any] = dict(
-        id=new_task_id(at), client="alpha", model="wiro/professional-headshot",
-        status=status.value, status_rank=status.rank, input={}, metadata_={}, attempt=1,
-        outputs=[], created_at=at, updated_at=now, deadline_at=now + timedelta(hours=1),
-        next_check_at=None, retries=0)
+        id=new_task_id(at),
+        client="alpha",
+        model="wiro/professional-headshot",
+        status=status.value,
+        status_rank=status.rank,
+        input={},
+        metadata_={},
+        attempt=1,
+        outputs=[],
+        created_at=at,
+        updated_at=now,
+        deadline_at=now + timedelta(hours=1),
+        next_check_at=None,
+        retries=0,
+    )
     values.update(kw)
     return Task(**values)
 
 
 async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward(
-        db_url: str) -> None:
+    db_url: str,
+) -> None:
     engine = make_engine(db_url)
     woken = []
-    ctx = Ctx(settings=Settings(database_url=db_url, poll_initial_s=3, poll_max_s=60),
-              sm=make_sessionmaker(engine), wiro=None,  # type: ignore[arg-type]
-              wake=lambda: woken.append(1))
+    ctx = Ctx(
+        settings=Settings(database_url=db_url, poll_initial_s=3, poll_max_s=60),
+        sm=make_sessionmaker(engine),
+        wiro=None,  # type: ignore[arg-type]
+        wake=lambda: woken.append(1),
+    )
     now = utcnow()
     try:
         plan = ctx.polls
@@ -137,13 +159,26 @@ async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward
             # Four tasks finished by their callback, after 8-11 s upstream.
             for i in range(4):
                 done = now - timedelta(seconds=30 - i)
-                s.add(_row(Status.succeeded, now=now, created_at=done - timedelta(seconds=20),
-                           upstream_started_at=done - timedelta(seconds=8 + i),
-                           completed_at=done, hint_at=done))
+                s.add(
+                    _row(
+                        Status.succeeded,
+                        now=now,
+                        created_at=done - timedelta(seconds=20),
+                        upstream_started_at=done - timedelta(seconds=8 + i),
+                        completed_at=done,
+                        hint_at=done,
+                    )
+                )
             # Not counted: never ran upstream, or cancelled.
             s.add(_row(Status.failed, now=now, completed_at=now))
-            s.add(_row(Status.cancelled, now=now, completed_at=now,
-                       upstream_started_at=now - timedelta(seconds=1)))
+            s.add(
+                _row(
+                    Status.cancelled,
+                    now=now,
+                    completed_at=now,
+                    upstream_started_at=now - timedelta(seconds=1),
+                )
+            )
         got = await plan.refresh(ctx)
         assert (got.healthy, got.window, got.missing) == (True, 4, 0)
         assert got.p95_s == pytest.approx(10.85)  # app.percentiles: interpolated
@@ -159,9 +194,14 @@ async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward
             s.add_all([waiting, running, due_soon, polled, pending])
             # Then callbacks stop: three tasks are found by polls, without one.
             for i in range(3):
-                s.add(_row(Status.succeeded, now=now,
-                           upstream_started_at=now - timedelta(seconds=20),
-                           completed_at=now - timedelta(seconds=3 - i)))
+                s.add(
+                    _row(
+                        Status.succeeded,
+                        now=now,
+                        upstream_started_at=now - timedelta(seconds=20),
+                        completed_at=now - timedelta(seconds=3 - i),
+                    )
+                )
         got = await plan.refresh(ctx)
         assert (got.healthy, got.window, got.missing) == (False, 7, 3)
         assert plan.first_delay(ctx.settings) == 3.0
@@ -188,8 +228,7 @@ async def _wave(gw: Gateway, sim: Sim, n: int) -> list[dict[str, Any]]:
     c = gw.client()
     rs = await asyncio.gather(*(c.post("/v1/tasks", json=task_body(sim)) for _ in range(n)))
     assert [r.status_code for r in rs] == [202] * n, [r.text for r in rs]
-    return list(await asyncio.gather(*(gw.wait_terminal(r.json()["id"], timeout=30)
-                                       for r in rs)))
+    return list(await asyncio.gather(*(gw.wait_terminal(r.json()["id"], timeout=30) for r in rs)))
 
 
 async def _finished_by(gw: Gateway, task_id: str) -> str:
@@ -204,15 +243,22 @@ async def _until(what: str, cond: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_healthy_callbacks_cost_one_detail_per_task(db_url: str, sim: Sim,
-                                                          tmp_path: Path) -> None:
+async def test_healthy_callbacks_cost_one_detail_per_task(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """A fresh gateway (no history: the first wave's safety polls at 4-5 s) and the same
     gateway once it has learned the tasks' 2 s (safety polls at ~3.2-4 s): every task is
     finished by its callback, with the one Detail read the callback prompts."""
     sim.configure(queue_s=0.5, run_s=1.5)
     n = 6
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=0.5,
-                           poll_max_s=5, poll_plan_refresh_s=0.2) as gw:
+    async with run_gateway(
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        poll_initial_s=0.5,
+        poll_max_s=5,
+        poll_plan_refresh_s=0.2,
+    ) as gw:
         first = await _wave(gw, sim, n)
         await _until("the plan to learn", lambda: gw.ctx.polls.summary.window >= n)
         plan = gw.ctx.polls
@@ -228,7 +274,8 @@ async def test_healthy_callbacks_cost_one_detail_per_task(db_url: str, sim: Sim,
 
 
 async def test_dropped_callbacks_fall_back_to_the_doubling_schedule(
-        db_url: str, sim: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db_url: str, sim: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Callbacks never arrive. The fresh gateway's first tasks are found by their safety
     poll (within the 4 s maximum); the plan then turns unhealthy and the next tasks are
     polled 0.5 s, 1.5 s, 3.5 s … after Run, as without the adaptive schedule.
@@ -237,8 +284,14 @@ async def test_dropped_callbacks_fall_back_to_the_doubling_schedule(
     on wall time: a busy machine delays polls but never changes those decisions."""
     sim.configure(callback_drop=1.0)  # tasks take 0.8 s upstream
     n = 4
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, poll_initial_s=0.5,
-                           poll_max_s=4, poll_plan_refresh_s=0.2) as gw:
+    async with run_gateway(
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        poll_initial_s=0.5,
+        poll_max_s=4,
+        poll_plan_refresh_s=0.2,
+    ) as gw:
         s = gw.settings
         first = await _wave(gw, sim, n)
         await _until("the plan to turn", lambda: gw.ctx.polls.healthy is False)
@@ -270,5 +323,7 @@ async def test_dropped_callbacks_fall_back_to_the_doubling_schedule(
     # net's: every first poll at the initial interval, every next one the doubling step.
     assert firsts == [s.poll_initial_s] * 2 * n, firsts
     assert s.poll_initial_s < healthy_first
-    assert all(v == min(s.poll_max_s, s.poll_initial_s * 2 ** (r + 1)) < healthy_first
-               for r, v in intervals), intervals
+    assert all(
+        v == min(s.poll_max_s, s.poll_initial_s * 2 ** (r + 1)) < healthy_first
+        for r, v in intervals
+    ), intervals

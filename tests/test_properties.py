@@ -32,30 +32,53 @@ from app.wiro.models import UpstreamTask
 from tests.conftest import Gateway, Sim, task_body
 from tests.signals import polled_since_now, task_row, until
 
-KNOWN = ["task_queue", "task_accept", "task_assign", "task_preprocess_start",
-         "task_preprocess_end", "task_start", "task_output", "task_output_full", "task_end",
-         "task_postprocess_end", "task_cancel", "task_error", "task_error_full"]
+KNOWN = [
+    "task_queue",
+    "task_accept",
+    "task_assign",
+    "task_preprocess_start",
+    "task_preprocess_end",
+    "task_start",
+    "task_output",
+    "task_output_full",
+    "task_end",
+    "task_postprocess_end",
+    "task_cancel",
+    "task_error",
+    "task_error_full",
+]
 # What the database cannot store as given: NUL (PostgreSQL) and lone surrogates.
 NASTY = ["\x00", "a\x00b", "\ud800", "task_end\x00", "\u00e9\U0001f600"]
 statuses = st.one_of(st.sampled_from(KNOWN), st.sampled_from(NASTY), st.text(max_size=30))
 pexits = st.one_of(st.none(), st.sampled_from(["0", "1", "-1", "137", ""]), st.text(max_size=8))
-wire_values = st.one_of(st.none(), st.text(max_size=40), st.sampled_from(NASTY),
-                        st.integers(), st.floats(),
-                        st.booleans(), st.lists(st.text(max_size=5), max_size=2),
-                        st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2))
-PROPS = settings(max_examples=40, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                        HealthCheck.too_slow])
+wire_values = st.one_of(
+    st.none(),
+    st.text(max_size=40),
+    st.sampled_from(NASTY),
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.lists(st.text(max_size=5), max_size=2),
+    st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2),
+)
+PROPS = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @PROPS
 @given(statuses, pexits, st.one_of(st.none(), st.text(max_size=50)))
-def test_observe_maps_everything_into_the_vocabulary(status: str, pexit: str | None,
-                                                     debug: str | None) -> None:
+def test_observe_maps_everything_into_the_vocabulary(
+    status: str, pexit: str | None, debug: str | None
+) -> None:
     obs = observe(status, pexit, debug)
     assert isinstance(obs.status, Status)
-    assert (obs.status == Status.succeeded) == (status == "task_postprocess_end"
-                                                and (pexit or "").strip() == "0")
+    assert (obs.status == Status.succeeded) == (
+        status == "task_postprocess_end" and (pexit or "").strip() == "0"
+    )
     assert obs.unsettled == (status == "task_postprocess_end" and not (pexit or "").strip())
     if obs.status == Status.failed:
         assert obs.error_code == ErrorCode.upstream_failed and obs.message
@@ -68,12 +91,24 @@ def test_observe_maps_everything_into_the_vocabulary(status: str, pexit: str | N
 
 details = st.fixed_dictionaries(
     {"id": st.just("77"), "status": statuses, "pexit": pexits},
-    optional={"debugerror": st.one_of(st.none(), st.sampled_from(NASTY), st.text(max_size=60)),
-              "totalcost": wire_values, "outputs": st.one_of(wire_values, st.lists(
-                  st.fixed_dictionaries({"url": wire_values, "name": wire_values,
-                                         "size": wire_values}), max_size=2)),
-              "callbackurl": wire_values, "socketaccesstoken": wire_values,
-              "elapsedseconds": wire_values, "createtime": wire_values})
+    optional={
+        "debugerror": st.one_of(st.none(), st.sampled_from(NASTY), st.text(max_size=60)),
+        "totalcost": wire_values,
+        "outputs": st.one_of(
+            wire_values,
+            st.lists(
+                st.fixed_dictionaries(
+                    {"url": wire_values, "name": wire_values, "size": wire_values}
+                ),
+                max_size=2,
+            ),
+        ),
+        "callbackurl": wire_values,
+        "socketaccesstoken": wire_values,
+        "elapsedseconds": wire_values,
+        "createtime": wire_values,
+    },
+)
 
 
 def model(sequence: list[tuple[dict[str, Any], float]], rereads: int) -> list[Status]:
@@ -107,15 +142,30 @@ def test_ranks_only_move_forward(db_url: str, sequence: list[tuple[dict, float]]
     async def run() -> list[Status]:
         engine = make_engine(db_url)
         clock = [utcnow()]
-        ctx = Ctx(settings=Settings(database_url=db_url, verdict_rereads=rereads),
-                  sm=make_sessionmaker(engine), wiro=None,  # type: ignore[arg-type]
-                  clock=lambda: clock[0])
+        ctx = Ctx(
+            settings=Settings(database_url=db_url, verdict_rereads=rereads),
+            sm=make_sessionmaker(engine),
+            wiro=None,  # type: ignore[arg-type]
+            clock=lambda: clock[0],
+        )
         t0 = clock[0]
-        task = Task(id=new_task_id(t0), client="p", model="wiro/professional-headshot",
-                    status=Status.queued.value, status_rank=Status.queued.rank, input={},
-                    metadata_={}, attempt=1, outputs=[], created_at=t0, updated_at=t0,
-                    deadline_at=t0 + timedelta(hours=1), upstream_task_id="77",
-                    upstream_status="task_queue", retries=0)
+        task = Task(
+            id=new_task_id(t0),
+            client="p",
+            model="wiro/professional-headshot",
+            status=Status.queued.value,
+            status_rank=Status.queued.rank,
+            input={},
+            metadata_={},
+            attempt=1,
+            outputs=[],
+            created_at=t0,
+            updated_at=t0,
+            deadline_at=t0 + timedelta(hours=1),
+            upstream_task_id="77",
+            upstream_status="task_queue",
+            retries=0,
+        )
         seen: list[Status] = []
         try:
             async with unit_of_work(ctx.sm) as s:
@@ -125,20 +175,25 @@ def test_ranks_only_move_forward(db_url: str, sequence: list[tuple[dict, float]]
                 async with ctx.sm() as s:
                     fresh = await s.get(Task, task.id)
                 assert fresh is not None
-                returned = await apply_detail(ctx, fresh, UpstreamTask.from_wire(raw),
-                                              source="poll")
+                returned = await apply_detail(
+                    ctx, fresh, UpstreamTask.from_wire(raw), source="poll"
+                )
                 if not returned.terminal:  # as _poll does: each read counts in retries
                     async with unit_of_work(ctx.sm) as s:
-                        await s.execute(update(Task).where(Task.id == task.id)
-                                        .values(retries=Task.retries + 1))
+                        await s.execute(
+                            update(Task).where(Task.id == task.id).values(retries=Task.retries + 1)
+                        )
                 async with ctx.sm() as s:
                     after = await s.get(Task, task.id)
                 assert after is not None and Status(after.status) == returned
                 assert after.status_rank == RANK[returned]
                 if Status(fresh.status).terminal:  # absorbing: nothing about it changes
-                    assert (after.status, after.outputs, after.error_code,
-                            after.completed_at) == (fresh.status, fresh.outputs,
-                                                    fresh.error_code, fresh.completed_at)
+                    assert (after.status, after.outputs, after.error_code, after.completed_at) == (
+                        fresh.status,
+                        fresh.outputs,
+                        fresh.error_code,
+                        fresh.completed_at,
+                    )
                 seen.append(returned)
         finally:
             await engine.dispose()
@@ -154,20 +209,36 @@ def test_ranks_only_move_forward(db_url: str, sequence: list[tuple[dict, float]]
 
 # ---------------------------------------------------------------- the callback route
 
-path_segments = st.one_of(st.text(max_size=60), st.from_regex(r"tsk_[0-9A-Z]{26}", fullmatch=True),
-                          st.binary(max_size=40).map(lambda b: b.decode("latin-1")))
-bodies = st.one_of(st.binary(max_size=2000), st.text(max_size=500).map(str.encode),
-                   st.recursive(st.one_of(st.none(), st.booleans(), st.integers(),
-                                          st.text(max_size=20)),
-                                lambda inner: st.one_of(
-                                    st.lists(inner, max_size=3),
-                                    st.dictionaries(st.sampled_from(
-                                        ["taskid", "id", "task_id", "status", "tasklist",
-                                         "data", "pexit"]), inner, max_size=4)),
-                                max_leaves=10).map(lambda v: httpx.Request(
-                                    "POST", "http://x", json=v).content))
-content_types = st.sampled_from(["application/json", "application/x-www-form-urlencoded",
-                                 "text/plain", "multipart/form-data; boundary=x", ""])
+path_segments = st.one_of(
+    st.text(max_size=60),
+    st.from_regex(r"tsk_[0-9A-Z]{26}", fullmatch=True),
+    st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
+)
+bodies = st.one_of(
+    st.binary(max_size=2000),
+    st.text(max_size=500).map(str.encode),
+    st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20)),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(
+                st.sampled_from(["taskid", "id", "task_id", "status", "tasklist", "data", "pexit"]),
+                inner,
+                max_size=4,
+            ),
+        ),
+        max_leaves=10,
+    ).map(lambda v: httpx.Request("POST", "http://x", json=v).content),
+)
+content_types = st.sampled_from(
+    [
+        "application/json",
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+        "",
+    ]
+)
 
 
 async def _snapshot(gw: Gateway, task_id: str) -> tuple[Any, ...]:
@@ -176,16 +247,25 @@ async def _snapshot(gw: Gateway, task_id: str) -> tuple[Any, ...]:
         assert t is not None
         events = await s.scalar(select(func.count()).select_from(Event))
         hints = (await s.scalars(select(Attempt.hint_upstream_id).order_by(Attempt.id))).all()
-    return (t.status, t.upstream_status, t.hint_at, t.outputs, t.error_code, events,
-            tuple(hints))
+    return (t.status, t.upstream_status, t.hint_at, t.outputs, t.error_code, events, tuple(hints))
 
 
 @PROPS
-@given(task_id=path_segments, token=path_segments, body=bodies, ctype=content_types,
-       use_real_task=st.booleans())
+@given(
+    task_id=path_segments,
+    token=path_segments,
+    body=bodies,
+    ctype=content_types,
+    use_real_task=st.booleans(),
+)
 async def test_callbacks_never_5xx_and_need_the_token(
-        callback_target: tuple[Gateway, str, str], task_id: str, token: str, body: bytes,
-        ctype: str, use_real_task: bool) -> None:
+    callback_target: tuple[Gateway, str, str],
+    task_id: str,
+    token: str,
+    body: bytes,
+    ctype: str,
+    use_real_task: bool,
+) -> None:
     gw, real_id, real_token = callback_target
     if use_real_task:
         task_id = real_id
@@ -211,9 +291,11 @@ async def callback_target(gateway: Gateway, sim: Sim) -> tuple[Gateway, str, str
     async def at_rest() -> bool:
         task = (await gateway.client().get(f"/v1/tasks/{tid}")).json()
         record = httpx.get(f"{sim.url}/__sim/tasks/{upstream}").json()
-        return (all(o["url"].startswith(gateway.url) for o in task["outputs"])
-                and bool(record["callbacks"])
-                and all(isinstance(cb["outcome"], int) for cb in record["callbacks"]))
+        return (
+            all(o["url"].startswith(gateway.url) for o in task["outputs"])
+            and bool(record["callbacks"])
+            and all(isinstance(cb["outcome"], int) for cb in record["callbacks"])
+        )
 
     await until(at_rest, what=f"{tid} to be at rest")
     record = httpx.get(f"{sim.url}/__sim/tasks/{upstream}").json()
@@ -221,8 +303,7 @@ async def callback_target(gateway: Gateway, sim: Sim) -> tuple[Gateway, str, str
     return gateway, tid, token
 
 
-async def test_callbacks_with_the_token_and_any_body_are_hints(gateway: Gateway,
-                                                               sim: Sim) -> None:
+async def test_callbacks_with_the_token_and_any_body_are_hints(gateway: Gateway, sim: Sim) -> None:
     """On a live task, the right token with bodies that lie (finished with outputs,
     cancelled, failed, another upstream task, garbage): 204, each a hint to read Detail,
     and the task shows what Detail says (still running), never what a body claims."""
@@ -238,15 +319,23 @@ async def test_callbacks_with_the_token_and_any_body_are_hints(gateway: Gateway,
     record = httpx.get(f"{sim.url}/__sim/tasks/{upstream}").json()
     url = record["detail"]["callbackurl"]
     lies = [
-        {**record["detail"], "status": "task_postprocess_end", "pexit": "0",
-         "outputs": [{"name": "0.png", "url": "https://evil.example/0.png", "size": "9"}]},
+        {
+            **record["detail"],
+            "status": "task_postprocess_end",
+            "pexit": "0",
+            "outputs": [{"name": "0.png", "url": "https://evil.example/0.png", "size": "9"}],
+        },
         {"id": upstream, "status": "task_cancel"},
         {"id": upstream, "status": "task_postprocess_end", "pexit": "1", "debugerror": "x"},
         {"taskid": "999999", "status": "task_postprocess_end", "pexit": "0"},
         {"tasklist": [{"id": "999999", "status": "task_postprocess_end", "pexit": "0"}]},
     ]
     bodies = [json.dumps(lie).encode() for lie in lies] + [
-        b"taskid=999999&status=task_postprocess_end&pexit=0", b"", b"\x00\xff", b"[" * 5000]
+        b"taskid=999999&status=task_postprocess_end&pexit=0",
+        b"",
+        b"\x00\xff",
+        b"[" * 5000,
+    ]
     async with httpx.AsyncClient(timeout=10) as raw:
         for body in bodies:
             polled = await polled_since_now(gateway, tid)
@@ -255,11 +344,16 @@ async def test_callbacks_with_the_token_and_any_body_are_hints(gateway: Gateway,
             await until(polled, what="a poll after the callback")  # Detail read, applied
             row = await task_row(gateway, tid)
             assert (row.status, row.outputs, row.error_code, row.upstream_task_id) == (
-                "running", [], None, upstream), body
+                "running",
+                [],
+                None,
+                upstream,
+            ), body
             assert row.upstream_status not in ("task_postprocess_end", "task_cancel"), body
             async with gateway.ctx.sm() as s:
-                hints = (await s.scalars(select(Attempt.hint_upstream_id)
-                                         .where(Attempt.task_id == tid))).all()
+                hints = (
+                    await s.scalars(select(Attempt.hint_upstream_id).where(Attempt.task_id == tid))
+                ).all()
             assert hints == [None], body  # a linked attempt takes no hint
     stats = sim.stats()
     assert stats["runs_by_gateway_task"] == {tid: 1}
@@ -275,4 +369,3 @@ def test_from_wire_never_raises() -> None:
         assert isinstance(ut.status, str) and isinstance(ut.outputs, list)
 
     check()
-

@@ -59,13 +59,21 @@ def pg_url() -> str:
 
 def replica_env(pg_url: str, sim: Sim, public_url: str, data_dir: Path) -> dict[str, str]:
     return bin_env(
-        GATEWAY_DATABASE_URL=pg_url, GATEWAY_DATA_DIR=str(data_dir),
-        GATEWAY_WIRO_BASE_URL=sim.base, GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET, GATEWAY_PUBLIC_URL=public_url,
+        GATEWAY_DATABASE_URL=pg_url,
+        GATEWAY_DATA_DIR=str(data_dir),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=public_url,
         GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
-        GATEWAY_POLL_INITIAL_S="0.5", GATEWAY_POLL_MAX_S="2", GATEWAY_LEASE_S="3",
-        GATEWAY_WORKER_IDLE_S="0.2", GATEWAY_RUN_GRACE_S="10", GATEWAY_LOG_LEVEL="WARNING",
-        GATEWAY_DISPATCH_RETRY_INITIAL_S="0.2", GATEWAY_DISPATCH_RETRY_MAX_S="1",
+        GATEWAY_POLL_INITIAL_S="0.5",
+        GATEWAY_POLL_MAX_S="2",
+        GATEWAY_LEASE_S="3",
+        GATEWAY_WORKER_IDLE_S="0.2",
+        GATEWAY_RUN_GRACE_S="10",
+        GATEWAY_LOG_LEVEL="WARNING",
+        GATEWAY_DISPATCH_RETRY_INITIAL_S="0.2",
+        GATEWAY_DISPATCH_RETRY_MAX_S="1",
         GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
     )
 
@@ -76,8 +84,11 @@ async def test_three_replicas_one_killed(pg_url: str, sim: Sim, tmp_path: Path) 
     procs = []
     for i, port in enumerate(ports):
         url = f"http://127.0.0.1:{port}"
-        proc = spawn(["serve", "--port", str(port)],
-                     replica_env(pg_url, sim, url, tmp_path), tmp_path / f"replica{i}.log")
+        proc = spawn(
+            ["serve", "--port", str(port)],
+            replica_env(pg_url, sim, url, tmp_path),
+            tmp_path / f"replica{i}.log",
+        )
         procs.append(proc)
     try:
         for port, proc in zip(ports, procs, strict=True):
@@ -97,8 +108,9 @@ async def test_three_replicas_one_killed(pg_url: str, sim: Sim, tmp_path: Path) 
                         if i not in alive:
                             continue
                         try:
-                            r = await client.post(f"http://127.0.0.1:{ports[i]}/v1/tasks",
-                                                  json=task_body(sim, seed=n))
+                            r = await client.post(
+                                f"http://127.0.0.1:{ports[i]}/v1/tasks", json=task_body(sim, seed=n)
+                            )
                         except httpx.TransportError:
                             continue
                         assert r.status_code == 202, r.text
@@ -122,14 +134,20 @@ async def test_three_replicas_one_killed(pg_url: str, sim: Sim, tmp_path: Path) 
             while True:
                 async with engine.connect() as conn:
                     statuses = dict((await conn.execute(select(Task.id, Task.status))).all())
-                open_ = [t for t, s in statuses.items()
-                         if s not in ("succeeded", "failed", "cancelled", "timed_out")]
+                open_ = [
+                    t
+                    for t, s in statuses.items()
+                    if s not in ("succeeded", "failed", "cancelled", "timed_out")
+                ]
                 if not open_ or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.5)
             async with engine.connect() as conn:
-                events = (await conn.execute(select(Event.task_id, Event.status)
-                                             .where(Event.status.is_not(None)))).all()
+                events = (
+                    await conn.execute(
+                        select(Event.task_id, Event.status).where(Event.status.is_not(None))
+                    )
+                ).all()
         finally:
             await engine.dispose()
     finally:
@@ -147,7 +165,8 @@ async def test_three_replicas_one_killed(pg_url: str, sim: Sim, tmp_path: Path) 
         f"{sum(1 for s in statuses.values() if s == 'succeeded')} "
         f"duplicate_upstream_runs={duplicates_upstream} "
         f"duplicate_transitions={duplicate_transitions} "
-        f"callbacks_sent={stats.get('callbacks_sent')}")
+        f"callbacks_sent={stats.get('callbacks_sent')}"
+    )
     # A request cut off by the kill may have committed its row without an answer: such
     # a task is not acknowledged, but it must converge like every other.
     assert len(accepted) == N_TASKS

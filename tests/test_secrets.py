@@ -47,17 +47,26 @@ WIRO_SECRET = "canary-wiro-secret-" + secrets.token_hex(8)
 ALPHA_KEY = "canary-alpha-key-" + secrets.token_hex(8)
 ROOT_KEY = "canary-root-key-" + secrets.token_hex(8)
 WRONG_KEY = "canary-wrong-key-" + secrets.token_hex(8)
-WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"canary-webhook-secret-" + secrets.token_bytes(8)
-                                             ).decode()
-STATIC = [WIRO_KEY, WIRO_SECRET, ALPHA_KEY, ROOT_KEY, WRONG_KEY, WEBHOOK_SECRET,
-          WEBHOOK_SECRET.removeprefix("whsec_")]
+WEBHOOK_SECRET = (
+    "whsec_" + base64.b64encode(b"canary-webhook-secret-" + secrets.token_bytes(8)).decode()
+)
+STATIC = [
+    WIRO_KEY,
+    WIRO_SECRET,
+    ALPHA_KEY,
+    ROOT_KEY,
+    WRONG_KEY,
+    WEBHOOK_SECRET,
+    WEBHOOK_SECRET.removeprefix("whsec_"),
+]
 
 
 @pytest.fixture(scope="module")
 def canary_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     """A simulator that knows the canary Wiro credentials (and checks the signature)."""
-    sim = start_sim(tmp_path_factory.mktemp("canary-sim") / "sim.log", api_key=WIRO_KEY,
-                    api_secret=WIRO_SECRET)
+    sim = start_sim(
+        tmp_path_factory.mktemp("canary-sim") / "sim.log", api_key=WIRO_KEY, api_secret=WIRO_SECRET
+    )
     yield sim
     sim.stop()
 
@@ -75,8 +84,9 @@ async def receiver() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
         await Response(status_code=204)(scope, receive, send)
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
@@ -99,8 +109,9 @@ class Seen:
 
     def client(self, base: str, key: str | None) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.AsyncClient(base_url=base, headers=headers, timeout=30,
-                                 event_hooks={"response": [self.hook]})
+        return httpx.AsyncClient(
+            base_url=base, headers=headers, timeout=30, event_hooks={"response": [self.hook]}
+        )
 
 
 def sim_secrets(sim: Sim, upstream_ids: list[str]) -> list[str]:
@@ -129,15 +140,21 @@ async def wait_status(c: httpx.AsyncClient, tid: str, *want: str, timeout: float
         await asyncio.sleep(0.1)
 
 
-async def main_paths(base: str, sim: Sim, seen: Seen, *, hook_url: str,
-                     root_key: str) -> list[str]:
+async def main_paths(base: str, sim: Sim, seen: Seen, *, hook_url: str, root_key: str) -> list[str]:
     """Submit, callback + poll to success, failure, cancel, a bad key, validation errors,
     a forged callback. Returns the upstream task ids."""
     upstream: list[str] = []
-    body = {"input": {"inputImageUrl": sim.portrait, "background": "office"},
-            "webhook_url": hook_url, "metadata": {"user": "u1"}}
-    async with seen.client(base, ALPHA_KEY) as c, seen.client(base, root_key) as root, \
-            seen.client(base, WRONG_KEY) as wrong, seen.client(base, None) as anon:
+    body = {
+        "input": {"inputImageUrl": sim.portrait, "background": "office"},
+        "webhook_url": hook_url,
+        "metadata": {"user": "u1"},
+    }
+    async with (
+        seen.client(base, ALPHA_KEY) as c,
+        seen.client(base, root_key) as root,
+        seen.client(base, WRONG_KEY) as wrong,
+        seen.client(base, None) as anon,
+    ):
         ok = (await c.post("/v1/tasks", json=body, headers={"Idempotency-Key": "i1"})).json()
         await c.post("/v1/tasks", json=body, headers={"Idempotency-Key": "i1"})  # replay
         done = await wait_status(c, ok["id"], "succeeded")
@@ -172,10 +189,13 @@ async def main_paths(base: str, sim: Sim, seen: Seen, *, hook_url: str,
         assert (await anon.get(f"/v1/tasks/{ok['id']}")).status_code == 401
         bad = {"input": {"inputImageUrl": "ftp://x", "seed": "nope"}, "webhook_url": 5}
         assert (await c.post("/v1/tasks", json=bad)).status_code == 422
-        assert (await c.post("/v1/tasks", content=b"{", headers={
-            "content-type": "application/json"})).status_code == 422
-        forged = await anon.post(f"/callbacks/wiro/{ok['id']}/{secrets.token_urlsafe(24)}",
-                                 json={"status": "task_postprocess_end"})
+        assert (
+            await c.post("/v1/tasks", content=b"{", headers={"content-type": "application/json"})
+        ).status_code == 422
+        forged = await anon.post(
+            f"/callbacks/wiro/{ok['id']}/{secrets.token_urlsafe(24)}",
+            json={"status": "task_postprocess_end"},
+        )
         assert forged.status_code == 404
         await anon.get("/openapi.json")
         await anon.get("/healthz")
@@ -183,38 +203,57 @@ async def main_paths(base: str, sim: Sim, seen: Seen, *, hook_url: str,
     return upstream
 
 
-async def test_no_secret_leaks_in_process(db_url: str, canary_sim: Sim, tmp_path: Path,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_secret_leaks_in_process(
+    db_url: str, canary_sim: Sim, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     sim = canary_sim
     httpx.post(f"{sim.url}/__sim/reset", timeout=5).raise_for_status()
     sim.configure(**{**SIM_DEFAULTS, "queue_s": 0.1, "run_s": 0.3})
     caplog.set_level(logging.DEBUG)
     seen = Seen()
-    async with receiver() as (hook_url, hooks), run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, wiro_api_key=WIRO_KEY,
-            wiro_api_secret=WIRO_SECRET, webhook_secret=WEBHOOK_SECRET,
-            api_keys=f"alpha={ALPHA_KEY}", admin_clients="root", notify_retry_s="0,0.2",
-            log_level="DEBUG") as gw:
+    async with (
+        receiver() as (hook_url, hooks),
+        run_gateway(
+            db_url=db_url,
+            sim=sim,
+            data_dir=tmp_path,
+            wiro_api_key=WIRO_KEY,
+            wiro_api_secret=WIRO_SECRET,
+            webhook_secret=WEBHOOK_SECRET,
+            api_keys=f"alpha={ALPHA_KEY}",
+            admin_clients="root",
+            notify_retry_s="0,0.2",
+            log_level="DEBUG",
+        ) as gw,
+    ):
         stored_root, _ = await clients.create_key(gw.ctx.sm, client="root", admin=True)
         # the admin key here is a stored one, and a canary too
-        upstream = await main_paths(gw.url, sim, seen, hook_url=hook_url,
-                                    root_key=stored_root)
+        upstream = await main_paths(gw.url, sim, seen, hook_url=hook_url, root_key=stored_root)
         deadline = time.monotonic() + 10
         while len(hooks) < 3 and time.monotonic() < deadline:  # succeeded, failed, cancelled
             await asyncio.sleep(0.1)
         async with gw.ctx.sm() as s:
-            events = [f"{e.message} {e.upstream_status}" for e in
-                      (await s.scalars(select(Event))).all()]
-            errors = [f"{t.error_message} {t.error_code}" for t in
-                      (await s.scalars(select(Task))).all()]
-        reprs = [repr(gw.settings), repr(gw.ctx), repr(gw.ctx.wiro), repr(gw.app.state.keyring),
-                 str(gw.settings.model_dump()), gw.settings.model_dump_json()]
+            events = [
+                f"{e.message} {e.upstream_status}" for e in (await s.scalars(select(Event))).all()
+            ]
+            errors = [
+                f"{t.error_message} {t.error_code}" for t in (await s.scalars(select(Task))).all()
+            ]
+        reprs = [
+            repr(gw.settings),
+            repr(gw.ctx),
+            repr(gw.ctx.wiro),
+            repr(gw.app.state.keyring),
+            str(gw.settings.model_dump()),
+            gw.settings.model_dump_json(),
+        ]
         spec = str(gw.app.openapi())
     canaries = [*STATIC, stored_root, *sim_secrets(sim, upstream)]
     assert len(hooks) >= 3, "the webhook path ran"
     assert all(h["headers"]["webhook-signature"].startswith("v1,") for h in hooks)
     logs = "\n".join(
-        f"{r.name} {r.getMessage()} {r.exc_text or ''} {r.__dict__}" for r in caplog.records)
+        f"{r.name} {r.getMessage()} {r.exc_text or ''} {r.__dict__}" for r in caplog.records
+    )
     assert len(caplog.records) > 10  # the capture saw the run
     assert_clean("logs", logs, canaries)
     assert_clean("responses", "\n".join(seen.parts), canaries)
@@ -234,13 +273,22 @@ def test_no_secret_leaks_from_serve(canary_sim: Sim, tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     db = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
     env = bin_env(
-        GATEWAY_DATABASE_URL=db, GATEWAY_DATA_DIR=str(tmp_path), GATEWAY_WIRO_BASE_URL=sim.base,
-        GATEWAY_WIRO_API_KEY=WIRO_KEY, GATEWAY_WIRO_API_SECRET=WIRO_SECRET,
-        GATEWAY_PUBLIC_URL=url, GATEWAY_API_KEYS=f"alpha={ALPHA_KEY},root={ROOT_KEY}",
-        GATEWAY_ADMIN_CLIENTS="root", GATEWAY_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        GATEWAY_ALLOW_PRIVATE_NETWORKS="true", GATEWAY_POLL_INITIAL_S="0.5",
-        GATEWAY_POLL_MAX_S="1", GATEWAY_NOTIFY_RETRY_S="0,0.2", GATEWAY_LOG_LEVEL="DEBUG",
-        GATEWAY_ENV="test")
+        GATEWAY_DATABASE_URL=db,
+        GATEWAY_DATA_DIR=str(tmp_path),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=WIRO_KEY,
+        GATEWAY_WIRO_API_SECRET=WIRO_SECRET,
+        GATEWAY_PUBLIC_URL=url,
+        GATEWAY_API_KEYS=f"alpha={ALPHA_KEY},root={ROOT_KEY}",
+        GATEWAY_ADMIN_CLIENTS="root",
+        GATEWAY_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
+        GATEWAY_POLL_INITIAL_S="0.5",
+        GATEWAY_POLL_MAX_S="1",
+        GATEWAY_NOTIFY_RETRY_S="0,0.2",
+        GATEWAY_LOG_LEVEL="DEBUG",
+        GATEWAY_ENV="test",
+    )
     log = tmp_path / "serve.log"
     assert spawn(["migrate"], env, log).wait(60) == 0
     proc = spawn(["serve", "--port", str(port)], env, log)
@@ -250,8 +298,7 @@ def test_no_secret_leaks_from_serve(canary_sim: Sim, tmp_path: Path) -> None:
 
         async def run() -> list[str]:
             async with receiver() as (hook_url, _):
-                return await main_paths(url, sim, seen, hook_url=hook_url,
-                                        root_key=ROOT_KEY)
+                return await main_paths(url, sim, seen, hook_url=hook_url, root_key=ROOT_KEY)
 
         upstream = asyncio.run(run())
     finally:

@@ -55,8 +55,9 @@ async def wait_ready(gw: Gateway, status: int, timeout: float = 10.0) -> dict[st
             await asyncio.sleep(0.1)
 
 
-async def test_readyz_fails_until_the_database_is_migrated(db_url: str, sim: Sim,
-                                                           tmp_path: Path) -> None:
+async def test_readyz_fails_until_the_database_is_migrated(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     if db_url.startswith("sqlite"):
         old, name = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}", None
     else:
@@ -74,8 +75,13 @@ async def test_readyz_fails_until_the_database_is_migrated(db_url: str, sim: Sim
             # A newer release migrated past this one (a rolling deploy): still ready.
             head = sorted(gw.app.state.migration_heads)[0]
             async with unit_of_work(gw.ctx.sm) as s:
-                await s.execute(text("UPDATE alembic_version SET version_num = '9999_next' "
-                                     "WHERE version_num = :head"), {"head": head})
+                await s.execute(
+                    text(
+                        "UPDATE alembic_version SET version_num = '9999_next' "
+                        "WHERE version_num = :head"
+                    ),
+                    {"head": head},
+                )
             body = await wait_ready(gw, 200)
             assert "newer migration" in body["detail"] and "9999_next" in body["detail"]
     finally:
@@ -83,8 +89,9 @@ async def test_readyz_fails_until_the_database_is_migrated(db_url: str, sim: Sim
             await asyncio.to_thread(drop_postgres_database, name)
 
 
-async def test_readyz_fails_while_the_database_is_unreachable(db_url: str, sim: Sim,
-                                                              tmp_path: Path) -> None:
+async def test_readyz_fails_while_the_database_is_unreachable(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     sqlite = db_url.startswith("sqlite")
     url = db_url
     if sqlite:  # a database in its own directory, which can then be taken away
@@ -134,8 +141,9 @@ async def test_draining_refuses_new_work_and_stops_claiming(gateway: Gateway, si
     assert r.status_code == 404
 
     # a task due now and unleased (as after a crash elsewhere) is left for other replicas
-    task, _ = await tasks.create_task(ctx, client="alpha", body=TaskCreate(**task_body(sim)),
-                                      idempotency_key=None)
+    task, _ = await tasks.create_task(
+        ctx, client="alpha", body=TaskCreate(**task_body(sim)), idempotency_key=None
+    )
     await tasks.release_all(ctx)
     # The claiming loop has ended: from here nothing in this process can claim it.
     await until(loop_ended, timeout=10, what="the scheduler to stop")
@@ -160,18 +168,27 @@ def _rows(db_url: str) -> tuple[list[Task], list[Attempt]]:
 
 
 async def test_sigterm_mid_run_exits_0_in_time_and_another_process_continues(
-        sim: Sim, db_url: str, tmp_path: Path) -> None:
+    sim: Sim, db_url: str, tmp_path: Path
+) -> None:
     grace = 1.0
     sim.configure(run_hang_s=6)  # Wiro takes the Run, then answers long after the grace
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = bin_env(
-        GATEWAY_ENV="test", GATEWAY_DATABASE_URL=db_url, GATEWAY_DATA_DIR=str(tmp_path),
-        GATEWAY_WIRO_BASE_URL=sim.base, GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET, GATEWAY_PUBLIC_URL=url,
-        GATEWAY_API_KEYS=f"alpha={CLIENT_KEYS['alpha']}", GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
-        GATEWAY_SHUTDOWN_GRACE_S=str(grace), GATEWAY_LEASE_S="60",
-        GATEWAY_WIRO_READ_TIMEOUT_S="60", GATEWAY_LOG_LEVEL="INFO")
+        GATEWAY_ENV="test",
+        GATEWAY_DATABASE_URL=db_url,
+        GATEWAY_DATA_DIR=str(tmp_path),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=url,
+        GATEWAY_API_KEYS=f"alpha={CLIENT_KEYS['alpha']}",
+        GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
+        GATEWAY_SHUTDOWN_GRACE_S=str(grace),
+        GATEWAY_LEASE_S="60",
+        GATEWAY_WIRO_READ_TIMEOUT_S="60",
+        GATEWAY_LOG_LEVEL="INFO",
+    )
     log = tmp_path / "serve.log"
     proc = spawn(["serve", "--port", str(port)], env, log)
     outcome: dict[str, Any] = {}
@@ -181,8 +198,11 @@ async def test_sigterm_mid_run_exits_0_in_time_and_another_process_continues(
         def submit() -> None:
             try:
                 outcome["response"] = httpx.post(
-                    f"{url}/v1/tasks", json=task_body(sim), timeout=30,
-                    headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"})
+                    f"{url}/v1/tasks",
+                    json=task_body(sim),
+                    timeout=30,
+                    headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
+                )
             except httpx.HTTPError as e:
                 outcome["error"] = e
 
@@ -212,8 +232,9 @@ async def test_sigterm_mid_run_exits_0_in_time_and_another_process_continues(
     assert (task.id, task.status, task.lease_owner) == (task_id, "pending", None)
     assert attempt.outcome == "sent"
     lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
-    assert any(x["level"] == "warning" and x["msg"].startswith("shutdown: cancelled ")
-               for x in lines)
+    assert any(
+        x["level"] == "warning" and x["msg"].startswith("shutdown: cancelled ") for x in lines
+    )
 
     # Another process takes over at once (its lease would otherwise last 10 s), finds the
     # upstream task the interrupted Run started, and never sends a second Run.

@@ -39,12 +39,16 @@ def fixture(name: str) -> Any:
 
 
 AUTH_ERROR = fixture("run_error_auth")  # "Project authorization is not valid."
-NOT_FOUNDED = {"result": False, "errors": [{"code": 0,
-                                            "message": "Project authorization is not founded."}]}
+NOT_FOUNDED = {
+    "result": False,
+    "errors": [{"code": 0, "message": "Project authorization is not founded."}],
+}
 # Wiro's documented answers (also in ../shared/fixtures/wiro/, newer than tests/fixtures/).
 PARSING_URL = {"result": False, "errors": [{"code": 0, "message": "Error parsing url."}]}
-SERVER_ERROR = {"result": False, "errors": [
-    {"code": 0, "message": "Internal server error, please try again."}]}
+SERVER_ERROR = {
+    "result": False,
+    "errors": [{"code": 0, "message": "Internal server error, please try again."}],
+}
 TASK_NOT_EXIST = {"result": False, "errors": [{"code": 1, "message": "task-not-exist"}]}
 
 
@@ -124,8 +128,9 @@ class Harness:
         assert r.status_code == 200, r.text
         return r.json()
 
-    async def wait_stats(self, cond: Callable[[dict[str, Any]], bool],
-                         timeout: float = 5.0) -> dict[str, Any]:
+    async def wait_stats(
+        self, cond: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+    ) -> dict[str, Any]:
         """The simulator's counters, once ``cond`` holds for them."""
         deadline = time.monotonic() + timeout
         while not cond(stats := await self.stats()):
@@ -555,8 +560,10 @@ INVALID = "Request parameters are invalid."
         ({"outputFormat": "webp"}, INVALID),
         ({"safetyTolerance": "6"}, INVALID),  # in range, not an option of the select
         ({"safetyTolerance": "9"}, "Request parameter [safetyTolerance] must be between 0 and 6"),
-        ({"safetyTolerance": "lax"}, "Request parameter [safetyTolerance] must be integer or"
-         " float"),
+        (
+            {"safetyTolerance": "lax"},
+            "Request parameter [safetyTolerance] must be integer or float",
+        ),
         ({"seed": "forty-two"}, "Request parameter [seed] must be integer or float"),
         ({"callbackUrl": "http://u:p@gw.test/x"}, INVALID),
     ],
@@ -700,8 +707,12 @@ async def test_input_output_delete(harness: Harness) -> None:
     taskid = await h.run_ok()
     token = (await h.detail(taskid))["socketaccesstoken"]
     early = (await h.wiro("Task/InputOutputDelete", {"tasktoken": token})).json()
-    assert early == {"result": False, "errors": [{
-        "code": 1, "message": "Task must be completed or cancelled before deleting files"}]}
+    assert early == {
+        "result": False,
+        "errors": [
+            {"code": 1, "message": "Task must be completed or cancelled before deleting files"}
+        ],
+    }
 
     task, _ = await h.wait_terminal(taskid)
     url = task["outputs"][0]["url"]
@@ -886,7 +897,5 @@ async def test_sim_task_records_by_gateway_task(harness: Harness) -> None:
     await h.run_ok(callbackUrl=callback_url("tsk_b"))
     every = (await h.client.get("/__sim/tasks")).json()["tasks"]
     assert len(every) == 2
-    (only,) = (await h.client.get("/__sim/tasks", params={"gateway_task": "tsk_a"})).json()[
-        "tasks"
-    ]
+    (only,) = (await h.client.get("/__sim/tasks", params={"gateway_task": "tsk_a"})).json()["tasks"]
     assert only["id"] == first and only["history"][0]["status"] == "task_queue"

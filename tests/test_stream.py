@@ -64,8 +64,7 @@ async def test_stream_sends_every_event_in_order_and_ends(gateway: Gateway, sim:
     sim.configure(queue_s=0.5, run_s=1.0)
     tid = (await client.post("/v1/tasks", json=task_body(sim))).json()["id"]
     got: list[Frame] = []
-    async with client.stream("GET", f"/v1/tasks/{tid}/events", headers=SSE,
-                             timeout=30) as r:
+    async with client.stream("GET", f"/v1/tasks/{tid}/events", headers=SSE, timeout=30) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["cache-control"] == "no-cache"
@@ -90,30 +89,32 @@ async def test_last_event_id_resumes_after_it(gateway: Gateway, sim: Sim) -> Non
     events = await all_pages(client, tid, 200)
     assert len(events) >= 3
     pivot = events[1]["id"]
-    async with client.stream("GET", f"/v1/tasks/{tid}/events", timeout=10,
-                             headers={**SSE, "Last-Event-ID": str(pivot)}) as r:
+    async with client.stream(
+        "GET", f"/v1/tasks/{tid}/events", timeout=10, headers={**SSE, "Last-Event-ID": str(pivot)}
+    ) as r:
         got = [f.id async for f in frames(r) if f.data is not None]
     assert got == [e["id"] for e in events if e["id"] > pivot]
     # Resuming after the last event of a finished task: nothing more, and it ends.
-    async with client.stream("GET", f"/v1/tasks/{tid}/events", timeout=10,
-                             headers={**SSE, "Last-Event-ID": str(events[-1]["id"])}) as r:
+    async with client.stream(
+        "GET",
+        f"/v1/tasks/{tid}/events",
+        timeout=10,
+        headers={**SSE, "Last-Event-ID": str(events[-1]["id"])},
+    ) as r:
         assert [f async for f in frames(r) if f.data is not None] == []
     r = await client.get(f"/v1/tasks/{tid}/events", headers={**SSE, "Last-Event-ID": "x1"})
     assert r.status_code == 422
 
 
 @pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
-async def test_stream_heartbeats_then_follows_live(db_url: str, sim: Sim,
-                                                   tmp_path: Path) -> None:
+async def test_stream_heartbeats_then_follows_live(db_url: str, sim: Sim, tmp_path: Path) -> None:
     sim.configure(run_s=120)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           stream_heartbeat_s=0.2) as gw:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, stream_heartbeat_s=0.2) as gw:
         client = gw.client()
         tid = (await client.post("/v1/tasks", json=task_body(sim))).json()["id"]
         seen: list[Frame] = []
         heartbeats = 0
-        async with client.stream("GET", f"/v1/tasks/{tid}/events", headers=SSE,
-                                 timeout=30) as r:
+        async with client.stream("GET", f"/v1/tasks/{tid}/events", headers=SSE, timeout=30) as r:
             async for f in frames(r):
                 if f.comment == "keep-alive":
                     heartbeats += 1
@@ -156,8 +157,13 @@ async def test_stream_starts_after_a_cursor(gateway: Gateway, sim: Sim) -> None:
     tid = (await client.post("/v1/tasks", json=task_body(sim))).json()["id"]
     await gateway.wait_terminal(tid)
     page = (await client.get(f"/v1/tasks/{tid}/events", params={"limit": 2})).json()
-    async with client.stream("GET", f"/v1/tasks/{tid}/events", headers=SSE, timeout=10,
-                             params={"cursor": page["next_cursor"]}) as r:
+    async with client.stream(
+        "GET",
+        f"/v1/tasks/{tid}/events",
+        headers=SSE,
+        timeout=10,
+        params={"cursor": page["next_cursor"]},
+    ) as r:
         got = [f.id async for f in frames(r) if f.data is not None]
     rest = [e["id"] for e in await all_pages(client, tid, 200)][2:]
     assert got == rest and rest
@@ -174,8 +180,7 @@ async def test_draining_ends_streams(gateway: Gateway, sim: Sim) -> None:
 
     async def read_until_the_end() -> int:
         n = 0
-        async with client.stream("GET", f"/v1/tasks/{tid}/events", headers=SSE,
-                                 timeout=30) as r:
+        async with client.stream("GET", f"/v1/tasks/{tid}/events", headers=SSE, timeout=30) as r:
             async for f in frames(r):
                 if f.data is not None:
                     n += 1

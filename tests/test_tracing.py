@@ -52,9 +52,17 @@ async def _traced_task(db_url: str, sim: Sim, tmp_path: Path, headers: dict[str,
     """Submit one task with a webhook under tracing; (task id, webhook call, exporter,
     the task row) once its notification span has ended."""
     provider, exporter = _exporter()
-    async with serve_receiver() as rec, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
-            notify_retry_s="0,0.2", tracer_provider=provider) as gw:
+    async with (
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=db_url,
+            sim=sim,
+            data_dir=tmp_path,
+            webhook_secret=SECRET,
+            notify_retry_s="0,0.2",
+            tracer_provider=provider,
+        ) as gw,
+    ):
         assert tracing.provider() is provider
         body = task_body(sim) | {"webhook_url": f"{rec.url}{HOOK}"}
         r = await gw.client().post("/v1/tasks", json=body, headers=headers)
@@ -65,7 +73,8 @@ async def _traced_task(db_url: str, sim: Sim, tmp_path: Path, headers: dict[str,
         async def notified() -> bool:
             # the notification's span, and that of Wiro's callback (sent at completion)
             return bool(_named(exporter, "notification")) and bool(
-                _named(exporter, "POST /callbacks/wiro/{task_id}/{token}"))
+                _named(exporter, "POST /callbacks/wiro/{task_id}/{token}")
+            )
 
         await until(notified)
         async with gw.ctx.sm() as s:
@@ -75,7 +84,8 @@ async def _traced_task(db_url: str, sim: Sim, tmp_path: Path, headers: dict[str,
 
 
 async def test_a_task_leaves_request_upstream_and_notification_spans(
-        db_url: str, sim: Sim, tmp_path: Path) -> None:
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     task_id, call, exporter, row = await _traced_task(db_url, sim, tmp_path, {})
 
     [server] = [s for s in _named(exporter, "POST /v1/tasks")]
@@ -125,15 +135,17 @@ async def test_a_task_leaves_request_upstream_and_notification_spans(
             assert not any(secret in text for secret in secrets), (span.name, key)
             # a callback's URL carries its token: only the route template may show
             assert not re.search(r"/callbacks/wiro/[^/]+/(?!\{token\})", text), (span.name, key)
-            assert not any(word in key.lower() for word in (
-                "authorization", "api_key", "api-key", "signature", "token", "nonce"))
+            assert not any(
+                word in key.lower()
+                for word in ("authorization", "api_key", "api-key", "signature", "token", "nonce")
+            )
 
 
-async def test_the_callers_traceparent_reaches_its_webhook(db_url: str, sim: Sim,
-                                                           tmp_path: Path) -> None:
+async def test_the_callers_traceparent_reaches_its_webhook(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     incoming = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
-    _, call, exporter, row = await _traced_task(db_url, sim, tmp_path,
-                                                {"traceparent": incoming})
+    _, call, exporter, row = await _traced_task(db_url, sim, tmp_path, {"traceparent": incoming})
     [server] = _named(exporter, "POST /v1/tasks")
     assert _trace_id(server) == CALLER_TRACE
     assert server.parent is not None and format(server.parent.span_id, "016x") == CALLER_SPAN
@@ -145,20 +157,29 @@ async def test_the_callers_traceparent_reaches_its_webhook(db_url: str, sim: Sim
     assert (version, trace_id, parent_id) == ("00", CALLER_TRACE, _span_id(note))
 
 
-async def test_tracing_off_records_nothing(db_url: str, sim: Sim, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
-                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED"):
+async def test_tracing_off_records_nothing(
+    db_url: str, sim: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_SDK_DISABLED",
+    ):
         monkeypatch.delenv(name, raising=False)
-    async with serve_receiver() as rec, run_gateway(
-            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET,
-            notify_retry_s="0,0.2") as gw:
+    async with (
+        serve_receiver() as rec,
+        run_gateway(
+            db_url=db_url, sim=sim, data_dir=tmp_path, webhook_secret=SECRET, notify_retry_s="0,0.2"
+        ) as gw,
+    ):
         assert tracing.provider() is None and not tracing.active()
         # Not the process-wide provider either: nothing of the SDK was installed.
         assert not isinstance(trace.get_tracer_provider(), TracerProvider)
         body = task_body(sim) | {"webhook_url": f"{rec.url}{HOOK}"}
-        r = await gw.client().post("/v1/tasks", json=body, headers={
-            "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+        r = await gw.client().post(
+            "/v1/tasks", json=body, headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+        )
         assert r.status_code == 202, r.text
         [call] = await rec.wait_calls(HOOK, 1)
         async with gw.ctx.sm() as s:
@@ -167,23 +188,25 @@ async def test_tracing_off_records_nothing(db_url: str, sim: Sim, tmp_path: Path
     assert "traceparent" not in call.headers
 
 
-@pytest.mark.parametrize(("env", "on"), [
-    ({}, False),
-    ({"OTEL_SERVICE_NAME": "gw"}, False),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
-    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
-    ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
-    ({"OTEL_TRACES_EXPORTER": "console"}, True),
-    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, False),
-    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}, False),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "false"}, True),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "  "}, False),
-])
+@pytest.mark.parametrize(
+    ("env", "on"),
+    [
+        ({}, False),
+        ({"OTEL_SERVICE_NAME": "gw"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "console"}, True),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "false"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "  "}, False),
+    ],
+)
 def test_the_rule_that_turns_tracing_on(env: dict[str, str], on: bool) -> None:
     assert tracing.enabled_by(env) is on
-    provider = tracing.provider_from_env(env | {"OTEL_TRACES_EXPORTER": "console"}
-                                         if on else env)
+    provider = tracing.provider_from_env(env | {"OTEL_TRACES_EXPORTER": "console"} if on else env)
     assert (provider is not None) is on
     if provider is not None:
         assert provider.resource.attributes["service.name"] == tracing.SERVICE_NAME
@@ -192,8 +215,9 @@ def test_the_rule_that_turns_tracing_on(env: dict[str, str], on: bool) -> None:
 
 def test_the_service_name_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "edge-gw")
-    provider = tracing.provider_from_env({"OTEL_TRACES_EXPORTER": "console",
-                                          "OTEL_SERVICE_NAME": "edge-gw"})
+    provider = tracing.provider_from_env(
+        {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "edge-gw"}
+    )
     assert provider is not None
     assert provider.resource.attributes["service.name"] == "edge-gw"
     provider.shutdown()

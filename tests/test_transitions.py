@@ -32,8 +32,11 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 async def scrape(gw: Gateway) -> Samples:
     r = await gw.client().get("/metrics")
     assert r.status_code == 200
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(r.text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
 
 
 def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
@@ -75,8 +78,7 @@ async def succeeded(gw: Gateway, sim: Sim) -> dict[str, Story]:
     tid = await submit(gw, sim)
     await wait_status(gw, tid, "running")
     assert (await gw.wait_terminal(tid))["status"] == "succeeded"
-    return {tid: {**LINKED, "running": EventKind.progressed,
-                  "succeeded": EventKind.progressed}}
+    return {tid: {**LINKED, "running": EventKind.progressed, "succeeded": EventKind.progressed}}
 
 
 async def failed_by_detail(gw: Gateway, sim: Sim) -> dict[str, Story]:
@@ -117,8 +119,10 @@ async def cancelled(gw: Gateway, sim: Sim) -> dict[str, Story]:
     assert (await c.post(f"/v1/tasks/{first}/cancel")).status_code == 202
     final = await gw.wait_terminal(first)
     assert final["status"] == "cancelled" and final["upstream"]["status"] == "task_cancel"
-    return {first: {**LINKED, "cancelled": EventKind.cancelled},
-            second["id"]: {**CREATED, "cancelled": EventKind.cancelled}}
+    return {
+        first: {**LINKED, "cancelled": EventKind.cancelled},
+        second["id"]: {**CREATED, "cancelled": EventKind.cancelled},
+    }
 
 
 async def timed_out(gw: Gateway, sim: Sim) -> dict[str, Story]:
@@ -146,15 +150,17 @@ SCENARIOS: dict[str, tuple[Scenario, dict[str, Any]]] = {
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-async def test_each_transition_is_one_event_and_one_count(db_url: str, sim: Sim,
-                                                          tmp_path: Path, name: str) -> None:
+async def test_each_transition_is_one_event_and_one_count(
+    db_url: str, sim: Sim, tmp_path: Path, name: str
+) -> None:
     scenario, settings = SCENARIOS[name]
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, **settings) as gw:
         before = await scrape(gw)
         stories = await scenario(gw, sim)
         timelines = {tid: await events_of(gw, tid) for tid in stories}
-        finals = {tid: (await gw.client().get(f"/v1/tasks/{tid}")).json()["status"]
-                  for tid in stories}
+        finals = {
+            tid: (await gw.client().get(f"/v1/tasks/{tid}")).json()["status"] for tid in stories
+        }
         after = await scrape(gw)
 
     moves: Counter[str] = Counter()  # transitions seen, by the status moved to
@@ -170,9 +176,20 @@ async def test_each_transition_is_one_event_and_one_count(db_url: str, sim: Sim,
         assert extra <= set(OPTIONAL), (name, tid, seen)
         assert dict(seen) == {**wanted, **{s: OPTIONAL[s] for s in extra}}, (name, tid, seen)
         # the kinds that only transitions have appear on no other event
-        assert not [e for e in evs if e["status"] is None and e["kind"] in (
-            EventKind.created, EventKind.linked, EventKind.progressed, EventKind.failed,
-            EventKind.timed_out, EventKind.cancelled)], (name, tid, evs)
+        assert not [
+            e
+            for e in evs
+            if e["status"] is None
+            and e["kind"]
+            in (
+                EventKind.created,
+                EventKind.linked,
+                EventKind.progressed,
+                EventKind.failed,
+                EventKind.timed_out,
+                EventKind.cancelled,
+            )
+        ], (name, tid, evs)
         # the task's status is the last transition's
         assert statuses[-1] == finals[tid], (name, tid, seen, finals[tid])
         moves.update(statuses)
@@ -180,14 +197,17 @@ async def test_each_transition_is_one_event_and_one_count(db_url: str, sim: Sim,
 
     # gateway_tasks_finished_total: one per terminal transition, labelled with its source
     for (status, source), n in finished.items():
-        assert delta(before, after, "gateway_tasks_finished_total", status=status,
-                     source=source) == n, (name, status, source, n)
-    total_finished = sum(v for (metric, _), v in after.items()
-                         if metric == "gateway_tasks_finished_total") - sum(
-        v for (metric, _), v in before.items() if metric == "gateway_tasks_finished_total")
+        assert (
+            delta(before, after, "gateway_tasks_finished_total", status=status, source=source) == n
+        ), (name, status, source, n)
+    total_finished = sum(
+        v for (metric, _), v in after.items() if metric == "gateway_tasks_finished_total"
+    ) - sum(v for (metric, _), v in before.items() if metric == "gateway_tasks_finished_total")
     assert total_finished == sum(finished.values()), (name, finished)
 
     # gateway_task_transitions_total{status}: one per transition, whatever made it
-    got = {s.value: delta(before, after, "gateway_task_transitions_total", status=s.value)
-           for s in Status}
+    got = {
+        s.value: delta(before, after, "gateway_task_transitions_total", status=s.value)
+        for s in Status
+    }
     assert got == {s.value: float(moves[s.value]) for s in Status}, (name, got, moves)

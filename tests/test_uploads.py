@@ -32,8 +32,7 @@ def jpeg_with_metadata() -> bytes:
     exif[0x010F] = "SpyCam Industries"  # Make
     exif[0x013B] = "Jane Doe"  # Artist
     buf = io.BytesIO()
-    Image.new("RGB", (60, 40), (10, 200, 30)).save(buf, "JPEG", exif=exif,
-                                                   comment=b"secret note")
+    Image.new("RGB", (60, 40), (10, 200, 30)).save(buf, "JPEG", exif=exif, comment=b"secret note")
     return buf.getvalue()
 
 
@@ -54,20 +53,32 @@ def gif() -> bytes:
 
 def png_bomb(side: int = 20_000) -> bytes:
     """A valid 1-bit PNG of side x side pixels (400 megapixels) in ~50 KB."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     row = b"\x00" * (1 + (side + 7) // 8)
     co = zlib.compressobj(9)
     data = b"".join(co.compress(row) for _ in range(side)) + co.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
 
 
-async def upload(gw: Gateway, data: bytes, *, name: str = "me.jpg", ctype: str = "image/jpeg",
-                 client: str = "alpha") -> httpx.Response:
+async def upload(
+    gw: Gateway,
+    data: bytes,
+    *,
+    name: str = "me.jpg",
+    ctype: str = "image/jpeg",
+    client: str = "alpha",
+) -> httpx.Response:
     return await gw.client(client).post("/v1/uploads", files={"file": (name, data, ctype)})
 
 
@@ -87,8 +98,9 @@ async def test_upload_is_cleaned_and_served(db_url: str, sim: Sim, tmp_path: Pat
         r = await upload(gw, original)
         assert r.status_code == 201, r.text
         body = r.json()
-        assert re.fullmatch(rf"{re.escape(gw.url)}/files/[A-Za-z0-9_-]{{32}}/input\.jpg",
-                            body["url"]), body
+        assert re.fullmatch(
+            rf"{re.escape(gw.url)}/files/[A-Za-z0-9_-]{{32}}/input\.jpg", body["url"]
+        ), body
         assert (body["content_type"], body["width"], body["height"]) == ("image/jpeg", 40, 60)
         async with httpx.AsyncClient() as anon:  # Wiro fetches it without credentials
             got = await anon.get(body["url"])
@@ -111,7 +123,9 @@ async def test_upload_is_cleaned_and_served(db_url: str, sim: Sim, tmp_path: Pat
         async with gw.ctx.sm() as s:
             rows = (await s.scalars(select(Upload).order_by(Upload.created_at))).all()
         assert [(u.client, u.mode, u.content_type) for u in rows] == [
-            ("alpha", "local", "image/jpeg"), ("alpha", "local", "image/png")]
+            ("alpha", "local", "image/jpeg"),
+            ("alpha", "local", "image/png"),
+        ]
         assert len(stored_files(tmp_path)) == 2
         # a wrong name or id is simply not there
         async with httpx.AsyncClient() as anon:
@@ -120,10 +134,12 @@ async def test_upload_is_cleaned_and_served(db_url: str, sim: Sim, tmp_path: Pat
             assert (await anon.get(f"{gw.url}/files/{'A' * 32}/input.jpg")).status_code == 404
 
 
-async def test_bad_uploads_are_refused_and_leave_nothing(db_url: str, sim: Sim,
-                                                         tmp_path: Path) -> None:
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           upload_max_bytes=200_000) as gw:
+async def test_bad_uploads_are_refused_and_leave_nothing(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, upload_max_bytes=200_000
+    ) as gw:
         cases = [
             (b"hello, I am a text file", "notes.txt", "text/plain", 415, "not one"),
             (gif(), "anim.gif", "image/gif", 415, "GIF"),
@@ -172,8 +188,7 @@ def png_of(side: int) -> bytes:
 HOSTILE_ICC = b"\x00\x00\x02\x00<script>alert(document.domain)</script>" + b"\x00" * 400
 
 
-async def test_the_pixel_cap_is_sized_for_portraits(db_url: str, sim: Sim,
-                                                    tmp_path: Path) -> None:
+async def test_the_pixel_cap_is_sized_for_portraits(db_url: str, sim: Sim, tmp_path: Path) -> None:
     """Under the default GATEWAY_IMAGE_MAX_PIXELS (40 MP), a 7000x7000 PNG (49 MP, a few
     KB on the wire, ~50-200 MB decoded) is refused with 422 from its header, before any
     pixel is decoded; nothing is stored."""
@@ -194,8 +209,7 @@ async def test_the_pixel_cap_is_sized_for_portraits(db_url: str, sim: Sim,
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-async def test_icc_profiles_are_not_stored(fmt: str, db_url: str, sim: Sim,
-                                           tmp_path: Path) -> None:
+async def test_icc_profiles_are_not_stored(fmt: str, db_url: str, sim: Sim, tmp_path: Path) -> None:
     """An ICC profile is caller-supplied bytes: a hostile one (here carrying a <script>) is
     dropped; a real one is applied to the pixels (converted to sRGB), then dropped too."""
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -236,6 +250,7 @@ async def test_decoding_is_bounded_per_process() -> None:
             running -= 1
         return len(data)
 
-    got = await asyncio.gather(*(imaging.in_thread(decode, b"x" * i, max_pixels=1,
-                                                   concurrency=2) for i in range(8)))
+    got = await asyncio.gather(
+        *(imaging.in_thread(decode, b"x" * i, max_pixels=1, concurrency=2) for i in range(8))
+    )
     assert got == list(range(8)) and most == 2

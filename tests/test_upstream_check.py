@@ -30,8 +30,9 @@ FREE_CHECKS = [c for c in CHECKS if c not in RUN_CHECKS]
 
 @pytest.fixture(scope="module")
 def own_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
-    sim = start_sim(tmp_path_factory.mktemp("usim") / "sim.log", api_key=SIM_KEY,
-                    api_secret=SIM_SECRET)
+    sim = start_sim(
+        tmp_path_factory.mktemp("usim") / "sim.log", api_key=SIM_KEY, api_secret=SIM_SECRET
+    )
     yield sim
     sim.stop()
 
@@ -83,7 +84,9 @@ async def test_without_run_nothing_is_started(usim: Sim) -> None:
     report = await check(usim, run=False)
     v = verdicts(report)
     assert {n: v[n] for n in FREE_CHECKS} == {
-        **dict.fromkeys(FREE_CHECKS, "held"), "task_list_callbackurl": "unknown"}  # no task yet
+        **dict.fromkeys(FREE_CHECKS, "held"),
+        "task_list_callbackurl": "unknown",
+    }  # no task yet
     assert {v[n] for n in RUN_CHECKS} == {"unknown"}
     assert report["ok"] is True and report["ran_task"] is False
     stats = usim.stats()
@@ -106,8 +109,9 @@ DEVIATIONS = [
 @pytest.mark.parametrize(("knobs", "expected"), DEVIATIONS,
                          ids=[next(iter(k)) + "=" + str(next(iter(k.values())))
                               for k, _ in DEVIATIONS])  # fmt: skip
-async def test_each_deviation_is_reported_on_its_line(usim: Sim, knobs: dict[str, Any],
-                                                      expected: dict[str, str]) -> None:
+async def test_each_deviation_is_reported_on_its_line(
+    usim: Sim, knobs: dict[str, Any], expected: dict[str, str]
+) -> None:
     usim.configure(**knobs)
     wait = 1.0 if knobs.get("callback_drop") else 5.0
     report = await check(usim, run=True, callback_wait_s=wait)
@@ -132,8 +136,7 @@ async def test_project_not_enforcing_signatures(usim: Sim) -> None:
     report = await check(usim, run=False)
     mode = report["checks"]["auth_mode"]
     assert mode["verdict"] == "held"
-    assert (mode["data"]["bare_key_accepted"], mode["data"]["project"]) == (True,
-                                                                           "key_accepted")
+    assert (mode["data"]["bare_key_accepted"], mode["data"]["project"]) == (True, "key_accepted")
     assert verdicts(report)["auth"] == "held"
 
 
@@ -186,8 +189,21 @@ def test_cli_run_needs_yes_and_prints_no_secret(usim: Sim) -> None:
     assert usim.stats()["run_calls"] == 0
 
     port = free_port()
-    done = _cli(["--run", "--yes", "--json", "--listen", f"127.0.0.1:{port}", "--poll", "0.05",
-                 "--callback-wait", "5"], usim, public_url=f"http://127.0.0.1:{port}")
+    done = _cli(
+        [
+            "--run",
+            "--yes",
+            "--json",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--poll",
+            "0.05",
+            "--callback-wait",
+            "5",
+        ],
+        usim,
+        public_url=f"http://127.0.0.1:{port}",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert set(verdicts(report).values()) == {"held"}

@@ -38,8 +38,9 @@ async def test_held_run_does_not_hold_the_caller(db_url: str, sim: Sim, tmp_path
     with the task pending, the Run goes on, and the task ends succeeded with one upstream
     task."""
     sim.configure(run_hang_s=20.0)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           wiro_read_timeout_s=30.0) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, wiro_read_timeout_s=30.0
+    ) as gw:
         assert gw.settings.submit_wait_s == 3.0  # the default
         started = time.monotonic()
         r = await gw.client().post("/v1/tasks", json=task_body(sim))
@@ -58,13 +59,15 @@ async def test_held_run_does_not_hold_the_caller(db_url: str, sim: Sim, tmp_path
 
 @SQLITE_ONLY
 async def test_cancel_while_the_run_is_in_flight_stops_the_upstream_task(
-        db_url: str, sim: Sim, tmp_path: Path) -> None:
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """The task is still pending (its Run held by Wiro, which has already made the task):
     the cancel is answered at once, and the upstream task is found (Task/List) and
     stopped instead of running on unbilled-for by anyone who asked for it."""
     sim.configure(run_hang_s=6.0, callback_drop=1.0, run_s=20.0)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, submit_wait_s=0.5,
-                           wiro_read_timeout_s=30.0) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, submit_wait_s=0.5, wiro_read_timeout_s=30.0
+    ) as gw:
         r = await gw.client().post("/v1/tasks", json=task_body(sim))
         tid = r.json()["id"]
         assert r.json()["status"] == "pending"
@@ -74,6 +77,7 @@ async def test_cancel_while_the_run_is_in_flight_stops_the_upstream_task(
         async def stopped() -> bool:
             rows = await attempts(gw, tid)
             return bool(rows) and rows[0].outcome == "extra_killed"
+
         await eventually(stopped, timeout=40, what="the in-flight Run's task stopped")
         rows = await attempts(gw, tid)
         evs = await events(gw, tid)
@@ -98,6 +102,7 @@ class ListGate(Interposer):
             if n == 1:
                 await self.forward(request)
                 raise httpx.ReadTimeout("timed out (test: answer lost)", request=request)
+
         self.on_run = lose_answer
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -110,14 +115,22 @@ class ListGate(Interposer):
 
 @SQLITE_ONLY
 async def test_deadline_looks_up_an_unknown_attempt_and_stops_it(
-        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """At the deadline the attempt's outcome is unknown (its answer lost, no callback,
     Task/List down): the task is timed_out saying so, and the gateway keeps looking;
     once Task/List answers, the upstream task it finds is stopped, never left to run."""
     sim.configure(callback_drop=1.0, run_s=30.0)
     tx = ListGate()
-    async with gateway_via(monkeypatch, tx, db_url=db_url, sim=sim, data_dir=tmp_path,
-                           task_timeout_s=3.0, run_grace_unlisted_s=300.0) as gw:
+    async with gateway_via(
+        monkeypatch,
+        tx,
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        task_timeout_s=3.0,
+        run_grace_unlisted_s=300.0,
+    ) as gw:
         r = await gw.client().post("/v1/tasks", json=task_body(sim))
         tid = r.json()["id"]
         final = await gw.wait_terminal(tid, timeout=30)
@@ -128,6 +141,7 @@ async def test_deadline_looks_up_an_unknown_attempt_and_stops_it(
         async def stopped() -> bool:
             rows = await attempts(gw, tid)
             return rows[0].outcome == "extra_killed"
+
         await eventually(stopped, timeout=30, what="the unknown attempt's task stopped")
         rows = await attempts(gw, tid)
     assert calls_at_verdict >= 1  # it was looked up before the verdict, not assumed
@@ -136,8 +150,9 @@ async def test_deadline_looks_up_an_unknown_attempt_and_stops_it(
     assert (await sim_stats(sim))["billable_by_gateway_task"].get(tid, 0) == 0
 
 
-async def test_history_is_newest_first_by_id_and_created_at(db_url: str, sim: Sim,
-                                                             tmp_path: Path) -> None:
+async def test_history_is_newest_first_by_id_and_created_at(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """120 concurrent submits, paged back: newest first by created_at as well as by id,
     also for tasks made within one millisecond."""
     sim.configure(queue_s=30.0)  # keep them queued: only the order matters here
@@ -148,6 +163,7 @@ async def test_history_is_newest_first_by_id_and_created_at(db_url: str, sim: Si
             async with sem:
                 r = await gw.client().post("/v1/tasks", json=task_body(sim, seed=str(seed)))
                 assert r.status_code == 202, r.text
+
         await asyncio.gather(*(one(i) for i in range(120)))
         listed: list[dict[str, Any]] = []
         cursor = None
@@ -166,8 +182,9 @@ async def test_history_is_newest_first_by_id_and_created_at(db_url: str, sim: Si
 
 
 @SQLITE_ONLY
-async def test_success_without_pexit_is_succeeded_with_outputs(db_url: str, sim: Sim,
-                                                               tmp_path: Path) -> None:
+async def test_success_without_pexit_is_succeeded_with_outputs(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """The seed's own Detail sample has no pexit: a finished task with outputs and no
     pexit is a success, outputs kept."""
     sim.configure(omit_pexit=True)
@@ -181,16 +198,31 @@ async def test_success_without_pexit_is_succeeded_with_outputs(db_url: str, sim:
 
 # Wiro's error reference, answered to the first Run: (HTTP status, body, what follows).
 RUN_REFUSALS: dict[str, tuple[int, dict[str, Any], str, str | None]] = {
-    "server_error": (200, {"code": 0, "message": "Internal server error, please try again."},
-                     "succeeded", None),
-    "auth": (401, {"code": 0, "message": "Project authorization is not valid."},
-             "succeeded", None),
-    "validation": (200, {"code": 0, "message": "Request parameter [inputImageUrl] required"},
-                   "failed", "upstream_rejected"),
-    "suspended": (200, {"code": 0, "message": "Your account has been suspended."},
-                  "failed", "account_suspended"),
-    "no_model": (200, {"code": 1, "message": "slug-owner-project-not-exist"},
-                 "failed", "model_not_found"),
+    "server_error": (
+        200,
+        {"code": 0, "message": "Internal server error, please try again."},
+        "succeeded",
+        None,
+    ),
+    "auth": (401, {"code": 0, "message": "Project authorization is not valid."}, "succeeded", None),
+    "validation": (
+        200,
+        {"code": 0, "message": "Request parameter [inputImageUrl] required"},
+        "failed",
+        "upstream_rejected",
+    ),
+    "suspended": (
+        200,
+        {"code": 0, "message": "Your account has been suspended."},
+        "failed",
+        "account_suspended",
+    ),
+    "no_model": (
+        200,
+        {"code": 1, "message": "slug-owner-project-not-exist"},
+        "failed",
+        "model_not_found",
+    ),
     "sign_in": (200, {"code": 98, "message": "Sign in required"}, "failed", "access_denied"),
 }
 
@@ -198,8 +230,8 @@ RUN_REFUSALS: dict[str, tuple[int, dict[str, Any], str, str | None]] = {
 @SQLITE_ONLY
 @pytest.mark.parametrize("kind", sorted(RUN_REFUSALS))
 async def test_run_refusals_follow_the_error_reference(
-        monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path,
-        kind: str) -> None:
+    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path, kind: str
+) -> None:
     """Retryable refusals (code-0 server errors, our credentials) are sent again and end
     with one upstream task; the others fail at once with a stable code, nothing sent."""
     http_status, error, status, code = RUN_REFUSALS[kind]
@@ -233,6 +265,9 @@ async def test_run_refusals_follow_the_error_reference(
 async def auth_faults(gw: Any) -> float:
     """gateway_upstream_config_faults_total{kind="auth"} (the registry is per process)."""
     text = (await gw.client().get("/metrics")).text
-    [line] = [x for x in text.splitlines()
-              if x.startswith('gateway_upstream_config_faults_total{kind="auth"}')]
+    [line] = [
+        x
+        for x in text.splitlines()
+        if x.startswith('gateway_upstream_config_faults_total{kind="auth"}')
+    ]
     return float(line.split()[-1])

@@ -54,16 +54,16 @@ def test_prefer_parsing() -> None:
     assert prefer_wait(['wait="9"; foo=bar']) == 9
     assert prefer_wait(["handling=lenient", "wait=3"]) == 3
     assert prefer_wait(["wait=600"]) == 60  # clamped to the contract's maximum
-    for bad in (["wait=-1"], ["wait=soon"], ["wait=1.5"], ["wait="], ["waiting=5"],
-                ["wait=0"], []):
+    for bad in (["wait=-1"], ["wait=soon"], ["wait=1.5"], ["wait="], ["waiting=5"], ["wait=0"], []):
         assert prefer_wait(bad) is None, bad
 
 
 async def test_post_wait_returns_terminal_early(gateway: Gateway, sim: Sim) -> None:
     client = gateway.client()
     started = time.monotonic()
-    r = await client.post("/v1/tasks", json=task_body(sim), headers={"Prefer": "wait=30"},
-                          timeout=40)
+    r = await client.post(
+        "/v1/tasks", json=task_body(sim), headers={"Prefer": "wait=30"}, timeout=40
+    )
     elapsed = time.monotonic() - started
     assert r.status_code == 202, r.text
     assert r.json()["status"] == "succeeded"
@@ -78,8 +78,7 @@ async def test_get_wait_returns_terminal_early(gateway: Gateway, sim: Sim) -> No
     assert r.status_code == 202
     assert r.headers.get("Preference-Applied") is None  # no preference, none applied
     started = time.monotonic()
-    r = await client.get(f"/v1/tasks/{r.json()['id']}", headers={"Prefer": "wait=30"},
-                         timeout=40)
+    r = await client.get(f"/v1/tasks/{r.json()['id']}", headers={"Prefer": "wait=30"}, timeout=40)
     elapsed = time.monotonic() - started
     assert r.json()["status"] == "succeeded"
     assert r.headers["Preference-Applied"] == "wait=30"
@@ -104,7 +103,8 @@ async def test_wait_times_out_on_a_running_task(gateway: Gateway, sim: Sim) -> N
     assert r.status_code == 200 and "Preference-Applied" not in r.headers
     # Over 60: read as 60 (said so in Preference-Applied); the cancel below ends it.
     waiting = asyncio.create_task(
-        client.get(f"/v1/tasks/{tid}", headers={"Prefer": "wait=3600"}, timeout=70))
+        client.get(f"/v1/tasks/{tid}", headers={"Prefer": "wait=3600"}, timeout=70)
+    )
     hub = gateway.app.state.hub
 
     async def registered() -> bool:
@@ -131,13 +131,18 @@ async def test_terminal_task_answers_at_once(gateway: Gateway, sim: Sim) -> None
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_waiter_cap_per_client(db_url: str, sim: Sim, tmp_path: Path) -> None:
     sim.configure(run_s=120)
-    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path,
-                           max_waiters_per_client=2) as gw:
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, max_waiters_per_client=2
+    ) as gw:
         alpha, beta = gw.client("alpha"), gw.client("beta")
         hub = gw.app.state.hub
         tid = (await alpha.post("/v1/tasks", json=task_body(sim))).json()["id"]
-        held = [asyncio.create_task(alpha.get(f"/v1/tasks/{tid}", headers={
-            "Prefer": "wait=30"}, timeout=40)) for _ in range(2)]
+        held = [
+            asyncio.create_task(
+                alpha.get(f"/v1/tasks/{tid}", headers={"Prefer": "wait=30"}, timeout=40)
+            )
+            for _ in range(2)
+        ]
 
         async def both_held() -> bool:
             return hub.waiting("alpha") == 2
@@ -150,8 +155,7 @@ async def test_waiter_cap_per_client(db_url: str, sim: Sim, tmp_path: Path) -> N
         assert "Preference-Applied" not in r.headers
         assert time.monotonic() - started < 10
         # A stream is refused outright (it cannot degrade to an immediate answer).
-        r = await alpha.get(f"/v1/tasks/{tid}/events",
-                            headers={"Accept": "text/event-stream"})
+        r = await alpha.get(f"/v1/tasks/{tid}/events", headers={"Accept": "text/event-stream"})
         assert r.status_code == 429
         assert r.headers["content-type"].startswith("application/problem+json")
         # The cap is per client: beta still waits (on its own task).
@@ -188,31 +192,42 @@ def pg_url() -> str:
     drop_postgres_database(name)
 
 
-def _env(pg_url: str, sim: Sim, public_url: str, data_dir: Path, **extra: str
-         ) -> dict[str, str]:
+def _env(pg_url: str, sim: Sim, public_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
     return bin_env(
-        GATEWAY_DATABASE_URL=pg_url, GATEWAY_DATA_DIR=str(data_dir),
-        GATEWAY_WIRO_BASE_URL=sim.base, GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET, GATEWAY_PUBLIC_URL=public_url,
+        GATEWAY_DATABASE_URL=pg_url,
+        GATEWAY_DATA_DIR=str(data_dir),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=public_url,
         GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
-        GATEWAY_POLL_INITIAL_S="0.5", GATEWAY_POLL_MAX_S="2", GATEWAY_LEASE_S="3",
-        GATEWAY_WORKER_IDLE_S="0.2", GATEWAY_LOG_LEVEL="WARNING",
-        GATEWAY_ALLOW_PRIVATE_NETWORKS="true", **extra)
+        GATEWAY_POLL_INITIAL_S="0.5",
+        GATEWAY_POLL_MAX_S="2",
+        GATEWAY_LEASE_S="3",
+        GATEWAY_WORKER_IDLE_S="0.2",
+        GATEWAY_LOG_LEVEL="WARNING",
+        GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
+        **extra,
+    )
 
 
-async def test_waiter_on_one_replica_woken_by_another(pg_url: str, sim: Sim,
-                                                      tmp_path: Path) -> None:
+async def test_waiter_on_one_replica_woken_by_another(
+    pg_url: str, sim: Sim, tmp_path: Path
+) -> None:
     """A waits, B does all the work: A claims no task (WORKER_CONCURRENCY=0), B submits,
     receives the callbacks and applies the cancel's outcome. Only NOTIFY can wake A."""
     sim.configure(run_s=120)
     port_a, port_b = free_port(), free_port()
     url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
     procs = [
-        spawn(["serve", "--port", str(port_a)],
-              _env(pg_url, sim, url_a, tmp_path, GATEWAY_WORKER_CONCURRENCY="0"),
-              tmp_path / "a.log"),
-        spawn(["serve", "--port", str(port_b)], _env(pg_url, sim, url_b, tmp_path),
-              tmp_path / "b.log"),
+        spawn(
+            ["serve", "--port", str(port_a)],
+            _env(pg_url, sim, url_a, tmp_path, GATEWAY_WORKER_CONCURRENCY="0"),
+            tmp_path / "a.log",
+        ),
+        spawn(
+            ["serve", "--port", str(port_b)], _env(pg_url, sim, url_b, tmp_path), tmp_path / "b.log"
+        ),
     ]
     headers = {"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
     try:
@@ -222,8 +237,9 @@ async def test_waiter_on_one_replica_woken_by_another(pg_url: str, sim: Sim,
             r = await client.post(f"{url_b}/v1/tasks", json=task_body(sim))
             tid = r.json()["id"]
             started = time.monotonic()
-            waiting = asyncio.create_task(client.get(f"{url_a}/v1/tasks/{tid}",
-                                                     headers={"Prefer": "wait=30"}))
+            waiting = asyncio.create_task(
+                client.get(f"{url_a}/v1/tasks/{tid}", headers={"Prefer": "wait=30"})
+            )
 
             async def a_waits() -> bool:
                 text = (await client.get(f"{url_a}/metrics")).text

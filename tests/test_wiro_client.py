@@ -150,8 +150,7 @@ ERROR_FIXTURES = {
         "you can run up to 1 tasks at the same time.",
     ),
     "run_error_auth": (WiroAuthError, 0, "Project authorization is not valid."),
-    "run_error_validation": (WiroValidationError, 0,
-                             "Request parameter [inputImageUrl] required"),
+    "run_error_validation": (WiroValidationError, 0, "Request parameter [inputImageUrl] required"),
     "run_error_string_errors": (WiroValidationError, None, "Request parameters are invalid."),
     "run_error_server_0": (WiroServerError, 0, "Internal server error, please try again."),
     "error_parsing_url_404": (WiroConfigError, 0, "Error parsing url."),
@@ -654,27 +653,43 @@ async def test_sign_in_codes_are_access_denied(wiro: FakeWiro, code: Any) -> Non
 
 
 # Wiro's error reference, message by message: what each means to the gateway.
-@pytest.mark.parametrize(("code", "message", "exc_type", "reason"), [
-    (0, "Request parameter [seed] must be integer or float", WiroValidationError, None),
-    (0, "Request parameter [safetyTolerance] must be between 0 and 6", WiroValidationError,
-     None),
-    (0, "Request files [inputImage] required", WiroValidationError, None),
-    (0, "Project authorization is not founded.", WiroAuthError, None),
-    (0, "Project requires signature authentication. Please use x-signature.", WiroAuthError,
-     None),
-    (0, "Requested ip 203.0.113.7 is not allowed.", WiroAuthError, None),
-    (0, "Your account has been suspended. Please contact support.", WiroAccessDenied,
-     "account_suspended"),
-    (0, "You don't have any permission for this action.", WiroAccessDenied, "access_denied"),
-    (1, "tool-not-accessible", WiroAccessDenied, "access_denied"),
-    (1, "slug-owner-project-not-exist", WiroAccessDenied, "model_not_found"),
-    (1, "Task is not in a cancellable state.", WiroStateError, None),
-    (0, "Something went wrong on our side", WiroServerError, None),
-    (0, "Error parsing url.", WiroConfigError, None),
-    (42, "Something new", WiroRejected, None),
-])
-def test_error_reference_classification(code: int, message: str, exc_type: type,
-                                        reason: str | None) -> None:
+@pytest.mark.parametrize(
+    ("code", "message", "exc_type", "reason"),
+    [
+        (0, "Request parameter [seed] must be integer or float", WiroValidationError, None),
+        (
+            0,
+            "Request parameter [safetyTolerance] must be between 0 and 6",
+            WiroValidationError,
+            None,
+        ),
+        (0, "Request files [inputImage] required", WiroValidationError, None),
+        (0, "Project authorization is not founded.", WiroAuthError, None),
+        (
+            0,
+            "Project requires signature authentication. Please use x-signature.",
+            WiroAuthError,
+            None,
+        ),
+        (0, "Requested ip 203.0.113.7 is not allowed.", WiroAuthError, None),
+        (
+            0,
+            "Your account has been suspended. Please contact support.",
+            WiroAccessDenied,
+            "account_suspended",
+        ),
+        (0, "You don't have any permission for this action.", WiroAccessDenied, "access_denied"),
+        (1, "tool-not-accessible", WiroAccessDenied, "access_denied"),
+        (1, "slug-owner-project-not-exist", WiroAccessDenied, "model_not_found"),
+        (1, "Task is not in a cancellable state.", WiroStateError, None),
+        (0, "Something went wrong on our side", WiroServerError, None),
+        (0, "Error parsing url.", WiroConfigError, None),
+        (42, "Something new", WiroRejected, None),
+    ],
+)
+def test_error_reference_classification(
+    code: int, message: str, exc_type: type, reason: str | None
+) -> None:
     exc = error_for_code(code, message, http_status=200)
     assert type(exc) is exc_type
     assert getattr(exc, "reason", None) == reason
@@ -689,8 +704,9 @@ def test_server_errors_are_retryable_and_config_errors_are_rejections() -> None:
 
 def test_task_not_exist_counts_as_gone() -> None:
     gone = error_for_code(1, "task-not-exist", http_status=200)
-    busy = error_for_code(1, "Task must be completed or cancelled before deleting files",
-                          http_status=200)
+    busy = error_for_code(
+        1, "Task must be completed or cancelled before deleting files", http_status=200
+    )
     assert isinstance(gone, WiroStateError) and gone.gone
     assert isinstance(busy, WiroStateError) and not busy.gone
 

@@ -71,8 +71,11 @@ async def submit(url: str, sim: Sim, n: int) -> list[str]:
     ids = []
     for i in range(n):
         async with httpx.AsyncClient(timeout=30) as client:
-            r = await client.post(f"{url}/v1/tasks", json=task_body(sim, seed=i),
-                                  headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"})
+            r = await client.post(
+                f"{url}/v1/tasks",
+                json=task_body(sim, seed=i),
+                headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
+            )
         assert r.status_code == 202, r.text
         ids.append(r.json()["id"])
     return ids
@@ -96,17 +99,20 @@ async def test_two_workers_one_killed(pg_url: str, sim: Sim, tmp_path: Path) -> 
         ids = await submit(url, sim, 12)
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
-        replaced = until(lambda: children(proc.pid),
-                         lambda c: len(c) == 2 and victim not in c)
+        replaced = until(lambda: children(proc.pid), lambda c: len(c) == 2 and victim not in c)
         assert len(replaced - workers) == 1
         ids += await submit(url, sim, 12)
 
         engine = create_async_engine(pg_url)
         try:
+
             async def statuses() -> dict[str, str]:
                 async with engine.connect() as conn:
-                    return dict((await conn.execute(
-                        select(Task.id, Task.status).where(Task.id.in_(ids)))).all())
+                    return dict(
+                        (
+                            await conn.execute(select(Task.id, Task.status).where(Task.id.in_(ids)))
+                        ).all()
+                    )
 
             deadline = time.monotonic() + 60
             found = await statuses()
@@ -131,9 +137,14 @@ async def test_two_workers_one_killed(pg_url: str, sim: Sim, tmp_path: Path) -> 
 
 
 def test_sqlite_refuses_workers(tmp_path: Path) -> None:
-    env = bin_env(GATEWAY_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}",
-                  GATEWAY_DATA_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port",
-                           str(free_port()), "--workers", "2"], env=env, timeout=60,
-                          capture_output=True)
+    env = bin_env(
+        GATEWAY_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}",
+        GATEWAY_DATA_DIR=str(tmp_path),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port()), "--workers", "2"],
+        env=env,
+        timeout=60,
+        capture_output=True,
+    )
     assert done.returncode == 2

@@ -15,14 +15,21 @@ router = APIRouter(tags=["upstream"])
 
 
 @router.post(
-    "/callbacks/wiro/{task_id}/{token}", status_code=204, operation_id="wiroCallback",
+    "/callbacks/wiro/{task_id}/{token}",
+    status_code=204,
+    operation_id="wiroCallback",
     summary="Wiro's completion callback (per-task secret URL)",
-    responses={404: {"model": Problem, "description": "Unknown task or token"},
-               413: {"model": Problem, "description": "Body over the callback limit "
-                                                      "(1 MiB by default, the contract's)"}},
+    responses={
+        404: {"model": Problem, "description": "Unknown task or token"},
+        413: {
+            "model": Problem,
+            "description": "Body over the callback limit (1 MiB by default, the contract's)",
+        },
+    },
 )
-async def wiro_callback(task_id: str, token: str, request: Request,
-                        ctx: Ctx = Depends(get_ctx)) -> Response:
+async def wiro_callback(
+    task_id: str, token: str, request: Request, ctx: Ctx = Depends(get_ctx)
+) -> Response:
     """Any body and content type up to ``GATEWAY_CALLBACK_BODY_LIMIT_BYTES`` (1 MiB by
     default). The token is matched before the body is read; the body is never trusted:
     the gateway reads Task/Detail and applies what that says."""

@@ -28,13 +28,17 @@ async def get_ctx(request: Request) -> Ctx:
 
 # Declares the scheme in the OpenAPI spec only; ``principal`` reads the header itself so
 # that every refusal is the same problem+json 401.
-bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth",
-                    description="A client key: `Authorization: Bearer <key>`.")
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearerAuth",
+    description="A client key: `Authorization: Bearer <key>`.",
+)
 
 
-async def principal(request: Request,
-                    _credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                            Security(bearer)] = None) -> Principal:
+async def principal(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
+) -> Principal:
     """The caller the edge gate authenticated (``app.gate``: bearer key, then the
     client's request rate limit, before the body is read). Without the gate in front,
     the same checks here."""
@@ -46,14 +50,19 @@ async def principal(request: Request,
     if scheme.lower() != "bearer":
         raise Unauthorized("Missing or malformed bearer token.")
     caller = await principal_for_key(request, key.strip())
-    wait = (request.app.state.rate_limiter.take(
-        caller.client, rate=caller.limits.rate_per_s, burst=caller.limits.burst)
-        if caller.limits.limits(request.method) else 0.0)
+    wait = (
+        request.app.state.rate_limiter.take(
+            caller.client, rate=caller.limits.rate_per_s, burst=caller.limits.burst
+        )
+        if caller.limits.limits(request.method)
+        else 0.0
+    )
     if wait > 0:
         raise TooManyRequests(
             f"Over this client's limit of {caller.limits.rate_per_s:g} requests/s; "
             f"retry after {math.ceil(wait)}s.",
-            headers={"Retry-After": str(math.ceil(wait))})
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
     return caller
 
 

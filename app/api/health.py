@@ -23,9 +23,13 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, operation_id="readyz",
-            summary="Database reachable and at the newest migration (or a newer one)",
-            responses={503: {"model": Health, "description": "Not ready"}})
+@router.get(
+    "/readyz",
+    response_model=Health,
+    operation_id="readyz",
+    summary="Database reachable and at the newest migration (or a newer one)",
+    responses={503: {"model": Health, "description": "Not ready"}},
+)
 async def readyz(request: Request) -> Health | JSONResponse:
     if getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "unavailable", "detail": "shutting down"}, 503)
@@ -43,8 +47,13 @@ async def readyz(request: Request) -> Health | JSONResponse:
         # A newer version already migrated it (a rolling deploy): this one keeps serving
         # until it is replaced, as expand-then-contract migrations allow.
         return Health(status="ok", detail=f"database at newer migration {sorted(current)}")
-    return JSONResponse({"status": "unavailable", "detail": (
-        f"database at migration {sorted(current)}, need {sorted(heads)}")}, 503)
+    return JSONResponse(
+        {
+            "status": "unavailable",
+            "detail": (f"database at migration {sorted(current)}, need {sorted(heads)}"),
+        },
+        503,
+    )
 
 
 @functools.cache
@@ -52,10 +61,18 @@ def _known_revisions() -> frozenset[str]:
     return known_revisions()
 
 
-@router.get("/metrics", operation_id="metrics", summary="Prometheus metrics (text format)",
-            response_class=Response,
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                             "description": "Prometheus exposition format"}})
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics (text format)",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus exposition format",
+        }
+    },
+)
 async def prometheus_metrics(request: Request) -> Response:
     """Counters and histograms of this process (of every worker process when
     ``PROMETHEUS_MULTIPROC_DIR`` is set) and task gauges read from the database."""

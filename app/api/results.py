@@ -28,31 +28,48 @@ Svc = Annotated[Services, Depends(get_services)]
 TaskId = str
 
 
-@router.get("/tasks/{task_id}/deliveries", response_model=DeliveryList, tags=["notifications"],
-            operation_id="listTaskDeliveries", summary="The task's notifications and attempts",
-            responses={404: PROBLEMS[404], 422: PROBLEMS[422]})
+@router.get(
+    "/tasks/{task_id}/deliveries",
+    response_model=DeliveryList,
+    tags=["notifications"],
+    operation_id="listTaskDeliveries",
+    summary="The task's notifications and attempts",
+    responses={404: PROBLEMS[404], 422: PROBLEMS[422]},
+)
 async def list_deliveries(
-    task_id: TaskId, caller: Caller, svc: Svc,
+    task_id: TaskId,
+    caller: Caller,
+    svc: Svc,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> DeliveryList:
     """Oldest first, each with every attempt (time, HTTP status, latency, the first KiB of
     the answer, the error). Keyset-paginated like history: ``limit`` (1-200, default 50),
     ``cursor`` from ``next_cursor`` (null on the last page)."""
-    rows, next_cursor = await notify.list_deliveries(svc, task_id=task_id, client=caller.scope,
-                                                     limit=limit, cursor=cursor)
-    return DeliveryList.model_validate({"data": notify.presentable(rows),
-                                        "next_cursor": next_cursor})
+    rows, next_cursor = await notify.list_deliveries(
+        svc, task_id=task_id, client=caller.scope, limit=limit, cursor=cursor
+    )
+    return DeliveryList.model_validate(
+        {"data": notify.presentable(rows), "next_cursor": next_cursor}
+    )
 
 
-@router.post("/tasks/{task_id}/deliveries/redeliver", status_code=202,
-             response_model=DeliveryOut, tags=["notifications"],
-             operation_id="redeliverTaskNotification",
-             summary="Send the task's terminal event again, as a new delivery",
-             responses={404: PROBLEMS[404],
-                        409: {"model": Problem,
-                              "description": "The task is not finished, has no webhook_url, "
-                                             "or an earlier redelivery is still pending"}})
+@router.post(
+    "/tasks/{task_id}/deliveries/redeliver",
+    status_code=202,
+    response_model=DeliveryOut,
+    tags=["notifications"],
+    operation_id="redeliverTaskNotification",
+    summary="Send the task's terminal event again, as a new delivery",
+    responses={
+        404: PROBLEMS[404],
+        409: {
+            "model": Problem,
+            "description": "The task is not finished, has no webhook_url, "
+            "or an earlier redelivery is still pending",
+        },
+    },
+)
 async def redeliver(task_id: TaskId, caller: Caller, svc: Svc) -> DeliveryOut:
     """A new delivery (with its own ``webhook-id``) of the task as it is now, on the same
     retry schedule."""
@@ -60,37 +77,56 @@ async def redeliver(task_id: TaskId, caller: Caller, svc: Svc) -> DeliveryOut:
     return DeliveryOut.model_validate(notify.presentable([(d, [])])[0])
 
 
-@router.get("/tasks/{task_id}/outputs/{index}", tags=["results"], operation_id="getTaskOutput",
-            summary="The gateway's stored copy of one output",
-            response_class=Response,
-            responses={200: {"content": {"image/png": {}, "image/jpeg": {}},
-                             "description": "The image"},
-                       304: {"description": "Not modified (If-None-Match)"},
-                       404: {"model": Problem, "description": "Unknown task, or output not "
-                                                              "stored (yet)"},
-                       410: {"model": Problem, "description": "The task's images were erased"}})
-async def get_output(task_id: TaskId, index: Annotated[int, Path(ge=0, le=1000)],
-                     request: Request, caller: Caller, svc: Svc) -> Response:
+@router.get(
+    "/tasks/{task_id}/outputs/{index}",
+    tags=["results"],
+    operation_id="getTaskOutput",
+    summary="The gateway's stored copy of one output",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "The image"},
+        304: {"description": "Not modified (If-None-Match)"},
+        404: {"model": Problem, "description": "Unknown task, or output not stored (yet)"},
+        410: {"model": Problem, "description": "The task's images were erased"},
+    },
+)
+async def get_output(
+    task_id: TaskId,
+    index: Annotated[int, Path(ge=0, le=1000)],
+    request: Request,
+    caller: Caller,
+    svc: Svc,
+) -> Response:
     """The image, with an ``ETag`` (its SHA-256; ``If-None-Match`` answers 304). Caches
     must revalidate, so an erased image is not served from one."""
-    data, row = await results.open_output(svc, task_id=task_id, index=index,
-                                          client=caller.scope)
+    data, row = await results.open_output(svc, task_id=task_id, index=index, client=caller.scope)
     etag = f'"{row.sha256}"'
     cache = {"ETag": etag, "Cache-Control": "private, no-cache"}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=cache)
-    return Response(data, media_type=row.content_type, headers={
-        **cache,
-        "Content-Disposition": f'inline; filename="{task_id}-{index}.'
-                               f'{"png" if row.content_type == "image/png" else "jpg"}"',
-        "X-Content-Type-Options": "nosniff"})
+    return Response(
+        data,
+        media_type=row.content_type,
+        headers={
+            **cache,
+            "Content-Disposition": f'inline; filename="{task_id}-{index}.'
+            f'{"png" if row.content_type == "image/png" else "jpg"}"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
-@router.delete("/tasks/{task_id}/images", status_code=204, tags=["results"],
-               operation_id="eraseTaskImages",
-               summary="Erase the task's images here and at Wiro",
-               responses={404: PROBLEMS[404],
-                          409: {"model": Problem, "description": "The task is not finished"}})
+@router.delete(
+    "/tasks/{task_id}/images",
+    status_code=204,
+    tags=["results"],
+    operation_id="eraseTaskImages",
+    summary="Erase the task's images here and at Wiro",
+    responses={
+        404: PROBLEMS[404],
+        409: {"model": Problem, "description": "The task is not finished"},
+    },
+)
 async def erase_images(task_id: TaskId, caller: Caller, svc: Svc) -> Response:
     """Deletes the stored outputs and the task's input if it was uploaded here, and asks
     Wiro to delete its copies (retried until it succeeds). The task stays, with
@@ -99,14 +135,23 @@ async def erase_images(task_id: TaskId, caller: Caller, svc: Svc) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/uploads", status_code=201, response_model=UploadOut, tags=["uploads"],
-             operation_id="createUpload", summary="Upload a photo to use as inputImageUrl",
-             responses={413: {"model": Problem, "description": "The file is too large"},
-                        415: {"model": Problem, "description": "Not a JPEG or PNG"},
-                        422: {"model": Problem, "description": "No file, or it does not "
-                                                              "decode, or too many pixels"},
-                        502: {"model": Problem, "description": "Wiro's File/Upload failed "
-                                                              "(upload mode wiro)"}})
+@router.post(
+    "/uploads",
+    status_code=201,
+    response_model=UploadOut,
+    tags=["uploads"],
+    operation_id="createUpload",
+    summary="Upload a photo to use as inputImageUrl",
+    responses={
+        413: {"model": Problem, "description": "The file is too large"},
+        415: {"model": Problem, "description": "Not a JPEG or PNG"},
+        422: {
+            "model": Problem,
+            "description": "No file, or it does not decode, or too many pixels",
+        },
+        502: {"model": Problem, "description": "Wiro's File/Upload failed (upload mode wiro)"},
+    },
+)
 async def create_upload(file: UploadFile, caller: Caller, svc: Svc) -> UploadOut:
     """Multipart, field ``file``: one JPEG or PNG. It is decoded to check it and re-encoded
     without its metadata (EXIF, XMP, IPTC, text chunks). The returned URL can be passed as
@@ -114,22 +159,41 @@ async def create_upload(file: UploadFile, caller: Caller, svc: Svc) -> UploadOut
     limit = svc.ctx.settings.upload_max_bytes
     data = await file.read(limit + 1)
     if not isinstance(data, bytes):
-        raise InvalidRequest("The file field must be a file.",
-                             errors=[{"loc": ["file"], "msg": "not a file"}])
+        raise InvalidRequest(
+            "The file field must be a file.", errors=[{"loc": ["file"], "msg": "not a file"}]
+        )
     row = await uploads.create_upload(svc, client=caller.client, data=data)
-    return UploadOut(url=row.url, content_type=row.content_type,  # type: ignore[arg-type]
-                     size=row.size, width=row.width, height=row.height)
+    return UploadOut(
+        url=row.url,
+        content_type=row.content_type,  # type: ignore[arg-type]
+        size=row.size,
+        width=row.width,
+        height=row.height,
+    )
 
 
-@files.get("/files/{upload_id}/{name}", operation_id="getUploadedFile",
-           summary="An uploaded photo, for Wiro to fetch (no auth: the URL is the secret)",
-           response_class=Response,
-           responses={200: {"content": {"image/png": {}, "image/jpeg": {}},
-                            "description": "The image"},
-                      404: {"model": Problem, "description": "Unknown or erased"}})
-async def get_file(upload_id: Annotated[str, Path(max_length=64)],
-                   name: Annotated[str, Path(max_length=32)], svc: Svc) -> Response:
+@files.get(
+    "/files/{upload_id}/{name}",
+    operation_id="getUploadedFile",
+    summary="An uploaded photo, for Wiro to fetch (no auth: the URL is the secret)",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "The image"},
+        404: {"model": Problem, "description": "Unknown or erased"},
+    },
+)
+async def get_file(
+    upload_id: Annotated[str, Path(max_length=64)],
+    name: Annotated[str, Path(max_length=32)],
+    svc: Svc,
+) -> Response:
     data, row = await uploads.open_upload(svc, upload_id=upload_id, name=name)
-    return Response(data, media_type=row.content_type, headers={
-        "Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer"})
+    return Response(
+        data,
+        media_type=row.content_type,
+        headers={
+            "Cache-Control": "private, no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        },
+    )

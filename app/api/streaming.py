@@ -56,8 +56,13 @@ class EventStream(StreamingResponse):
     """``text/event-stream`` that releases ``on_close`` however the response ends (even
     when the body never starts because the client left first)."""
 
-    def __init__(self, items: AsyncIterator[Event | None], *, on_close: Callable[[], Any],
-                 retry_ms: int = 3000) -> None:
+    def __init__(
+        self,
+        items: AsyncIterator[Event | None],
+        *,
+        on_close: Callable[[], Any],
+        retry_ms: int = 3000,
+    ) -> None:
         async def body() -> AsyncIterator[bytes]:
             yield f"retry: {retry_ms}\n\n".encode()
             async for item in items:

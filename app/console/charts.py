@@ -20,19 +20,25 @@ def _num(v: float) -> str:
     return f"{v:.1f}".rstrip("0").rstrip(".")
 
 
-def _svg(chart_id: str, title: str, desc: str, width: int, height: int, body: list[str]
-         ) -> Markup:
+def _svg(chart_id: str, title: str, desc: str, width: int, height: int, body: list[str]) -> Markup:
     # Every interpolated string above and below went through escape().
     return Markup(  # noqa: S704
         f'<svg class="chart" id="{escape(chart_id)}" role="img" viewBox="0 0 {width} {height}" '
         f'preserveAspectRatio="xMinYMin meet" aria-labelledby="{escape(chart_id)}-t '
         f'{escape(chart_id)}-d" xmlns="http://www.w3.org/2000/svg">'
         f'<title id="{escape(chart_id)}-t">{escape(title)}</title>'
-        f'<desc id="{escape(chart_id)}-d">{escape(desc)}</desc>' + "".join(body) + "</svg>")
+        f'<desc id="{escape(chart_id)}-d">{escape(desc)}</desc>' + "".join(body) + "</svg>"
+    )
 
 
-def bars(rows: Sequence[tuple[str, float]], *, chart_id: str, title: str,
-         fmt: Fmt = _num, classes: Sequence[str] | None = None) -> Markup:
+def bars(
+    rows: Sequence[tuple[str, float]],
+    *,
+    chart_id: str,
+    title: str,
+    fmt: Fmt = _num,
+    classes: Sequence[str] | None = None,
+) -> Markup:
     """Horizontal bars, one row per label: readable at any width."""
     width, label_w, value_w, row_h = 600, 150, 90, 30
     height = max(1, len(rows)) * row_h + 10
@@ -49,16 +55,19 @@ def bars(rows: Sequence[tuple[str, float]], *, chart_id: str, title: str,
             f'<rect x="{label_w}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" '
             f'class="{escape(cls)}"/>'
             f'<text x="{label_w + w + 6:.1f}" y="{y + 19}" class="value">'
-            f"{escape(fmt(value))}</text>")
+            f"{escape(fmt(value))}</text>"
+        )
     if not rows:
-        body.append(f'<text x="{width / 2}" y="20" text-anchor="middle" class="label">'
-                    "no data</text>")
+        body.append(
+            f'<text x="{width / 2}" y="20" text-anchor="middle" class="label">no data</text>'
+        )
     desc = "; ".join(f"{label}: {fmt(v)}" for label, v in rows) or "no data"
     return _svg(chart_id, title, desc, width, height, body)
 
 
-def columns(rows: Sequence[tuple[str, float]], *, chart_id: str, title: str,
-            fmt: Fmt = _num) -> Markup:
+def columns(
+    rows: Sequence[tuple[str, float]], *, chart_id: str, title: str, fmt: Fmt = _num
+) -> Markup:
     """Vertical columns over time (e.g. one per day), with the top value marked."""
     width, height, left, bottom, top_pad = 600, 220, 60, 40, 20
     n = max(1, len(rows))
@@ -77,14 +86,20 @@ def columns(rows: Sequence[tuple[str, float]], *, chart_id: str, title: str,
     for i, (label, value) in enumerate(rows):
         h = 0.0 if value <= 0 else max(1.0, plot_h * value / top)
         x = left + i * slot + slot * 0.15
-        body.append(f'<rect x="{x:.1f}" y="{top_pad + plot_h - h:.1f}" '
-                    f'width="{slot * 0.7:.1f}" height="{h:.1f}" class="bar">'
-                    f"<title>{escape(label)}: {escape(fmt(value))}</title></rect>")
+        body.append(
+            f'<rect x="{x:.1f}" y="{top_pad + plot_h - h:.1f}" '
+            f'width="{slot * 0.7:.1f}" height="{h:.1f}" class="bar">'
+            f"<title>{escape(label)}: {escape(fmt(value))}</title></rect>"
+        )
         if i % every == 0:
-            body.append(f'<text x="{left + i * slot + slot / 2:.1f}" y="{height - 18}" '
-                        f'text-anchor="middle" class="label">{escape(label)}</text>')
+            body.append(
+                f'<text x="{left + i * slot + slot / 2:.1f}" y="{height - 18}" '
+                f'text-anchor="middle" class="label">{escape(label)}</text>'
+            )
     if not rows:
-        body.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" '
-                    'class="label">no data</text>')
+        body.append(
+            f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" '
+            'class="label">no data</text>'
+        )
     desc = "; ".join(f"{label}: {fmt(v)}" for label, v in rows) or "no data"
     return _svg(chart_id, title, desc, width, height, body)

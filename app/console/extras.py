@@ -74,16 +74,31 @@ def present(ctx: Ctx, task: Task) -> TaskView:
             src = None
         elif out.url.startswith(gateway_outputs):
             src = f"/console/tasks/{api.id}/outputs/{i}"
-        outputs.append(OutputView(
-            index=i, name=out.name, src=src, content_type=out.content_type, size=out.size,
-            width=out.width, height=out.height, sha256=out.sha256,
-            upstream_url=out.upstream_url))
+        outputs.append(
+            OutputView(
+                index=i,
+                name=out.name,
+                src=src,
+                content_type=out.content_type,
+                size=out.size,
+                width=out.width,
+                height=out.height,
+                sha256=out.sha256,
+                upstream_url=out.upstream_url,
+            )
+        )
     input_url = api.input.get("inputImageUrl") or None
     input_src = None
     if erased_at is None and input_url and local_upload(ctx, input_url) is not None:
         input_src = f"/console/tasks/{api.id}/input"
-    return TaskView(api=api, client=task.client, erased_at=erased_at, input_src=input_src,
-                    input_url=None if erased_at is not None else input_url, outputs=outputs)
+    return TaskView(
+        api=api,
+        client=task.client,
+        erased_at=erased_at,
+        input_src=input_src,
+        input_url=None if erased_at is not None else input_url,
+        outputs=outputs,
+    )
 
 
 def local_upload(ctx: Ctx, url: str) -> tuple[str, str] | None:
@@ -112,8 +127,7 @@ def actions(view: TaskView) -> dict[str, bool]:
 # ---------------------------------------------------------------- other modules' features
 
 
-async def deliveries(svc: Services, *, task_id: str, client: str | None
-                     ) -> list[DeliveryOut]:
+async def deliveries(svc: Services, *, task_id: str, client: str | None) -> list[DeliveryOut]:
     """The task's notifications and their attempts, as ``GET …/deliveries`` shows them."""
     rows, _ = await notify.list_deliveries(svc, task_id=task_id, client=client, limit=200)
     return DeliveryList.model_validate({"data": notify.presentable(rows)}).data
@@ -184,12 +198,16 @@ async def stats(ctx: Ctx, *, scope: str | None, window: str) -> StatsView:
     for an admin key, or None (every client)."""
     span = job_stats.parse_window(window)
     s = await job_stats.task_stats(ctx, client=scope, window=span)
-    daily = [(str(d), Decimal(c), int(n))
-             for d, c, n in await job_stats.cost_per_day(ctx, client=scope, window=span)]
+    daily = [
+        (str(d), Decimal(c), int(n))
+        for d, c, n in await job_stats.cost_per_day(ctx, client=scope, window=span)
+    ]
     counts = [(st.value, int(s.counts.get(st.value, 0))) for st in Status]
-    times = [("End-to-end time", s.end_to_end.p50_s, s.end_to_end.p95_s),
-             ("Queue time", s.queue_time.p50_s, s.queue_time.p95_s),
-             ("Run time", s.run_time.p50_s, s.run_time.p95_s)]
+    times = [
+        ("End-to-end time", s.end_to_end.p50_s, s.end_to_end.p95_s),
+        ("Queue time", s.queue_time.p50_s, s.queue_time.p95_s),
+        ("Run time", s.run_time.p50_s, s.run_time.p95_s),
+    ]
     time_rows: list[tuple[str, float]] = []
     time_classes: list[str] = []
     for label, p50, p95 in times:
@@ -197,20 +215,35 @@ async def stats(ctx: Ctx, *, scope: str | None, window: str) -> StatsView:
         time_classes += ["p50", "p95"]
     return StatsView(
         scope_label="Every client" if scope is None else f"Client {scope}",
-        since=s.since, until=s.until, total=sum(n for _, n in counts), counts=counts,
-        success_rate_label=("—" if s.success_rate is None
-                            else f"{s.success_rate * 100:.1f} %"),
-        cost_total=s.cost_usd, times=times, cost_per_day=daily,
-        finished_by=sorted(((k, int(v)) for k, v in s.finished_by.items() if v),
-                           key=lambda kv: -kv[1]),
-        status_chart=charts.bars([(st.replace("_", " "), n) for st, n in counts],
-                                 chart_id="chart-status", title="Tasks by status",
-                                 fmt=lambda v: f"{v:.0f}",
-                                 classes=[f"s-{st}" for st, _ in counts]),
-        times_chart=charts.bars(time_rows, chart_id="chart-times",
-                                title="p50 and p95 times, in seconds", classes=time_classes,
-                                fmt=lambda v: f"{v:.1f} s"),
-        cost_chart=charts.columns([(d[5:], float(c)) for d, c, _ in daily],
-                                  chart_id="chart-cost", title="Upstream cost per day, USD",
-                                  fmt=lambda v: f"${v:.2f}" if v >= 1 else f"${v:.4f}"),
+        since=s.since,
+        until=s.until,
+        total=sum(n for _, n in counts),
+        counts=counts,
+        success_rate_label=("—" if s.success_rate is None else f"{s.success_rate * 100:.1f} %"),
+        cost_total=s.cost_usd,
+        times=times,
+        cost_per_day=daily,
+        finished_by=sorted(
+            ((k, int(v)) for k, v in s.finished_by.items() if v), key=lambda kv: -kv[1]
+        ),
+        status_chart=charts.bars(
+            [(st.replace("_", " "), n) for st, n in counts],
+            chart_id="chart-status",
+            title="Tasks by status",
+            fmt=lambda v: f"{v:.0f}",
+            classes=[f"s-{st}" for st, _ in counts],
+        ),
+        times_chart=charts.bars(
+            time_rows,
+            chart_id="chart-times",
+            title="p50 and p95 times, in seconds",
+            classes=time_classes,
+            fmt=lambda v: f"{v:.1f} s",
+        ),
+        cost_chart=charts.columns(
+            [(d[5:], float(c)) for d, c, _ in daily],
+            chart_id="chart-cost",
+            title="Upstream cost per day, USD",
+            fmt=lambda v: f"${v:.2f}" if v >= 1 else f"${v:.4f}",
+        ),
     )

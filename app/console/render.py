@@ -14,16 +14,17 @@ from starlette.responses import HTMLResponse, Response
 HERE = Path(__file__).resolve().parent
 STATIC = {  # the only assets: read once, served by the app itself
     "console.css": ((HERE / "static" / "console.css").read_bytes(), "text/css; charset=utf-8"),
-    "console.js": ((HERE / "static" / "console.js").read_bytes(),
-                   "text/javascript; charset=utf-8"),
+    "console.js": ((HERE / "static" / "console.js").read_bytes(), "text/javascript; charset=utf-8"),
 }
 
 # Images may come from wherever the task's URLs point (Wiro's CDN, the caller's host);
 # everything else only from the gateway (connect-src: the task page's live timeline).
 # No inline script or style is needed.
-CSP = ("default-src 'none'; img-src 'self' https: http: data:; style-src 'self'; "
-       "script-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; "
-       "frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; img-src 'self' https: http: data:; style-src 'self'; "
+    "script-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -52,7 +53,8 @@ def time_tag(value: datetime | None) -> Markup:
         return Markup('<span class="muted">—</span>')
     iso = v.isoformat(timespec="seconds").replace("+00:00", "Z")
     return Markup('<time datetime="{0}" data-local>{1} UTC</time>').format(
-        iso, v.strftime("%Y-%m-%d %H:%M:%S"))
+        iso, v.strftime("%Y-%m-%d %H:%M:%S")
+    )
 
 
 def duration(start: datetime | None, end: datetime | None) -> str:
@@ -95,14 +97,19 @@ def status_badge(status: str | None) -> Markup:
     if not status:
         return Markup("")
     return Markup('<span class="status status-{0}">{1}</span>').format(
-        status, status.replace("_", " "))
+        status, status.replace("_", " ")
+    )
 
 
-env = Environment(loader=FileSystemLoader(HERE / "templates"),
-                  autoescape=select_autoescape(default=True), trim_blocks=True,
-                  lstrip_blocks=True)
-env.filters.update(time=time_tag, duration=duration, seconds=seconds, usd=usd, size=size,
-                   status=status_badge)
+env = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=select_autoescape(default=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+env.filters.update(
+    time=time_tag, duration=duration, seconds=seconds, usd=usd, size=size, status=status_badge
+)
 
 
 def render(name: str, context: dict[str, Any], *, status_code: int = 200) -> Response:
@@ -110,10 +117,12 @@ def render(name: str, context: dict[str, Any], *, status_code: int = 200) -> Res
     return secure(HTMLResponse(html, status_code=status_code))
 
 
-def error_page(status_code: int, title: str, detail: str, *,
-               context: dict[str, Any] | None = None) -> Response:
-    return render("error.html", {**(context or {}), "title": title, "detail": detail},
-                  status_code=status_code)
+def error_page(
+    status_code: int, title: str, detail: str, *, context: dict[str, Any] | None = None
+) -> Response:
+    return render(
+        "error.html", {**(context or {}), "title": title, "detail": detail}, status_code=status_code
+    )
 
 
 __all__ = ["STATIC", "Markup", "error_page", "escape", "render", "secure", "time_tag"]

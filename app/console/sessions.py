@@ -37,8 +37,16 @@ async def open_session(ctx: Ctx, *, key_digest: bytes, client: str) -> OpenedSes
     async with unit_of_work(ctx.sm) as s:
         # Sign-ins are rare: a good moment to forget expired sessions.
         await s.execute(delete(ConsoleSession).where(ConsoleSession.expires_at < now))
-        s.add(ConsoleSession(id=sha256_hex(token), key_hash=key_digest.hex(), client=client,
-                             csrf_token=csrf, created_at=now, expires_at=now + SESSION_TTL))
+        s.add(
+            ConsoleSession(
+                id=sha256_hex(token),
+                key_hash=key_digest.hex(),
+                client=client,
+                csrf_token=csrf,
+                created_at=now,
+                expires_at=now + SESSION_TTL,
+            )
+        )
     return OpenedSession(token=token, csrf_token=csrf)
 
 
@@ -47,8 +55,9 @@ async def find_session(ctx: Ctx, *, token: str) -> ConsoleSession | None:
     if not token or len(token) > 100:
         return None
     async with ctx.sm() as s:
-        row = (await s.scalars(select(ConsoleSession)
-                               .where(ConsoleSession.id == sha256_hex(token)))).first()
+        row = (
+            await s.scalars(select(ConsoleSession).where(ConsoleSession.id == sha256_hex(token)))
+        ).first()
     if row is None or row.expires_at <= ctx.clock():
         return None
     return row
@@ -60,5 +69,6 @@ async def close_session(ctx: Ctx, *, token: str) -> None:
 
 
 def csrf_matches(session: ConsoleSession, submitted: str | None) -> bool:
-    return bool(submitted) and hmac.compare_digest(session.csrf_token.encode(),
-                                                   (submitted or "").encode())
+    return bool(submitted) and hmac.compare_digest(
+        session.csrf_token.encode(), (submitted or "").encode()
+    )

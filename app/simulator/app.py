@@ -51,8 +51,7 @@ async def read_fields(request: Request) -> dict[str, str]:
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         try:
             async with request.form() as form:  # closes the parts' temporary files
-                return normalize_fields({k: v for k, v in form.multi_items()
-                                         if isinstance(v, str)})
+                return normalize_fields({k: v for k, v in form.multi_items() if isinstance(v, str)})
         except Exception:  # noqa: S110 - e.g. Wiro's own sample: a JSON body labelled multipart
             pass
     if not body.strip():

@@ -35,6 +35,7 @@ class Simulator(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
     def wire(self, task: SimTask, at: float) -> dict[str, Any]: ...
 
+
 CALLBACK_TIMEOUT_S = 10.0
 
 

@@ -34,9 +34,13 @@ def hint_id(body: bytes) -> str | None:
             data = {k: v[0] for k, v in form.items()}
         except (ValueError, UnicodeDecodeError):
             return None
-    for candidate in (data, (data.get("tasklist") or [None])[0] if isinstance(data, dict)
-                      and isinstance(data.get("tasklist"), list) else None,
-                      data.get("data") if isinstance(data, dict) else None):
+    for candidate in (
+        data,
+        (data.get("tasklist") or [None])[0]
+        if isinstance(data, dict) and isinstance(data.get("tasklist"), list)
+        else None,
+        data.get("data") if isinstance(data, dict) else None,
+    ):
         if isinstance(candidate, dict):
             for key in ("taskid", "id", "task_id"):
                 v = candidate.get(key)
@@ -70,10 +74,16 @@ async def accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) ->
 _NOW = ts("b_now")
 _CALLBACK_DUE = (
     update(TASKS)
-    .where(T.id == bindparam("b_id"), T.status_rank < TERMINAL_RANK,
-           T.upstream_task_id.is_not(None),
-           exists().where(A.task_id == T.id, A.token_hash == bindparam("b_hash"),
-                          A.upstream_task_id == T.upstream_task_id))
+    .where(
+        T.id == bindparam("b_id"),
+        T.status_rank < TERMINAL_RANK,
+        T.upstream_task_id.is_not(None),
+        exists().where(
+            A.task_id == T.id,
+            A.token_hash == bindparam("b_hash"),
+            A.upstream_task_id == T.upstream_task_id,
+        ),
+    )
     .values(hint_at=_NOW, next_check_at=_NOW)
 )
 
@@ -84,8 +94,9 @@ async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -
         return "unknown"
     now = ctx.clock()
     async with write(ctx.engine) as conn:
-        res = await conn.execute(_CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex(token),
-                                                 "b_now": now})
+        res = await conn.execute(
+            _CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex(token), "b_now": now}
+        )
     if res.rowcount == 1:
         ctx.wake()
         return "accepted"
@@ -93,8 +104,11 @@ async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -
     # linked whose callback may name its upstream task.
     hint = hint_id(body)
     async with unit_of_work(ctx.sm) as s:
-        task = (await s.execute(select(Task.status_rank, Task.upstream_task_id)
-                                .where(Task.id == task_id))).first()
+        task = (
+            await s.execute(
+                select(Task.status_rank, Task.upstream_task_id).where(Task.id == task_id)
+            )
+        ).first()
         if task is None:
             return "unknown"
         attempts = (await s.scalars(select(Attempt).where(Attempt.task_id == task_id))).all()
@@ -107,8 +121,7 @@ async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -
         if task.status_rank >= TERMINAL_RANK:
             # Only an unlinked attempt of a finished task needs a look (a second
             # upstream task to stop); duplicates and late callbacks change nothing.
-            if linked or not hint or attempt.outcome in (Outcome.extra_killed,
-                                                         Outcome.accepted):
+            if linked or not hint or attempt.outcome in (Outcome.extra_killed, Outcome.accepted):
                 return "duplicate"
         await set_task(s, task_id, hint_at=now, next_check_at=now)
     ctx.wake()

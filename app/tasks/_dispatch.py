@@ -85,8 +85,7 @@ async def _slot_free(ctx: Ctx, client: str, task_id: str, now: datetime) -> bool
 
 def _insert_task(task: Task) -> dict[str, Any]:
     """The task's column values, for a Core insert (cheaper than the ORM's flush)."""
-    return {attr.columns[0].name: getattr(task, attr.key)
-            for attr in Task.__mapper__.column_attrs}
+    return {attr.columns[0].name: getattr(task, attr.key) for attr in Task.__mapper__.column_attrs}
 
 
 async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int | None:
@@ -97,19 +96,23 @@ async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int 
     await db.execute(insert(EVENTS), [created(task.id, task.created_at)])
     if attempt is None:
         return None
-    return int((await db.execute(insert(ATTEMPTS).values(**attempt)
-                                 .returning(A.id))).scalar_one())
+    return int((await db.execute(insert(ATTEMPTS).values(**attempt).returning(A.id))).scalar_one())
 
 
 _NEXT_ATTEMPT = (
-    update(TASKS).where(T.id == bindparam("b_id"), T.status == Status.pending.value,
-                        T.attempt == bindparam("b_attempt"))
+    update(TASKS)
+    .where(
+        T.id == bindparam("b_id"),
+        T.status == Status.pending.value,
+        T.attempt == bindparam("b_attempt"),
+    )
     .values(attempt=bindparam("b_number"))
 )
 
 
-async def open_attempt(ctx: Ctx, task: Task, *, started: datetime, fresh: bool,
-                       gated: bool = True) -> tuple[Attempt, str] | datetime | None:
+async def open_attempt(
+    ctx: Ctx, task: Task, *, started: datetime, fresh: bool, gated: bool = True
+) -> tuple[Attempt, str] | datetime | None:
     """Take a slot for ``task`` and commit its next attempt: ``(attempt, token)`` to send
     now, or when to look again (no slot; None: the task moved on meanwhile).
 
@@ -122,8 +125,7 @@ async def open_attempt(ctx: Ctx, task: Task, *, started: datetime, fresh: bool,
         if gated:
             # The decision and the attempt commit under one lock, taken in fair-share
             # order (app/fairness.py).
-            await stack.enter_async_context(
-                dispatch_turn(ctx, client=task.client, task_id=task.id))
+            await stack.enter_async_context(dispatch_turn(ctx, client=task.client, task_id=task.id))
             if not await _slot_free(ctx, task.client, task.id, started):
                 if fresh:
                     task.lease_owner = task.lease_until = None
@@ -133,24 +135,37 @@ async def open_attempt(ctx: Ctx, task: Task, *, started: datetime, fresh: bool,
                 return retry
         token = secrets.token_urlsafe(24)
         number = task.attempt + 1
-        row = dict(task_id=task.id, number=number, token_hash=sha256_hex(token),
-                   sent_at=started, outcome=Outcome.sent.value)
+        row = dict(
+            task_id=task.id,
+            number=number,
+            token_hash=sha256_hex(token),
+            sent_at=started,
+            outcome=Outcome.sent.value,
+        )
         async with write(ctx.engine) as conn:
             if fresh:
                 task.attempt = 1
                 attempt_id = await insert_new(conn, task, row)
             else:
-                res = await conn.execute(_NEXT_ATTEMPT, {
-                    "b_id": task.id, "b_attempt": task.attempt, "b_number": number})
+                res = await conn.execute(
+                    _NEXT_ATTEMPT, {"b_id": task.id, "b_attempt": task.attempt, "b_number": number}
+                )
                 if res.rowcount != 1:
                     return None  # cancelled or moved on meanwhile
-                attempt_id = (await conn.execute(
-                    insert(ATTEMPTS).values(**row).returning(A.id))).scalar_one()
+                attempt_id = (
+                    await conn.execute(insert(ATTEMPTS).values(**row).returning(A.id))
+                ).scalar_one()
                 task.attempt = number
     # The attempt is committed: from here a crash leaves a "sent" attempt, never a
     # silent second Run.
-    return Attempt(id=attempt_id, upstream_task_id=None, hint_upstream_id=None,
-                   resolved_at=None, ambiguous_at=None, **row), token
+    return Attempt(
+        id=attempt_id,
+        upstream_task_id=None,
+        hint_upstream_id=None,
+        resolved_at=None,
+        ambiguous_at=None,
+        **row,
+    ), token
 
 
 # ---------------------------------------------------------------- Run and the link
@@ -161,8 +176,9 @@ def first_poll_at(ctx: Ctx) -> datetime:
     return ctx.clock() + timedelta(seconds=ctx.polls.first_delay(ctx.settings))
 
 
-async def send(ctx: Ctx, task: Task, attempt: Attempt, token: str, *,
-               started: datetime) -> tuple[datetime | None, bool]:
+async def send(
+    ctx: Ctx, task: Task, attempt: Attempt, token: str, *, started: datetime
+) -> tuple[datetime | None, bool]:
     """Send Run for a committed attempt and record the answer. Returns the next check's
     time (None: the task is over) and whether the lease was given back with the link."""
     outcome = await run(ctx, task, attempt, token)
@@ -175,8 +191,7 @@ async def send(ctx: Ctx, task: Task, attempt: Attempt, token: str, *,
     return first_poll_at(ctx), False
 
 
-async def send_first(ctx: Ctx, task: Task, attempt: Attempt, token: str,
-                     started: datetime) -> Task:
+async def send_first(ctx: Ctx, task: Task, attempt: Attempt, token: str, started: datetime) -> Task:
     """``send`` for the API's fresh task, then its lease given back; the task as written."""
     nxt: datetime | None = started + timedelta(seconds=backoff(ctx, 0))
     try:
@@ -194,43 +209,68 @@ async def send_first(ctx: Ctx, task: Task, attempt: Attempt, token: str,
 # Run (hint_at) makes it due now, else at its first poll.
 _FRESH = Guard(
     where=(T.upstream_task_id.is_(None), T.lease_owner == bindparam("g_owner")),
-    exprs={"next_check_at": case((T.hint_at > ts("g_started"), ts("g_now")),
-                                 else_=ts("g_first"))})
+    exprs={"next_check_at": case((T.hint_at > ts("g_started"), ts("g_now")), else_=ts("g_first"))},
+)
 _ACCEPT_ATTEMPT = (
-    update(ATTEMPTS).where(A.id == bindparam("b_id"))
-    .values(outcome=Outcome.accepted.value, upstream_task_id=bindparam("b_upstream"),
-            resolved_at=ts("b_now"))
+    update(ATTEMPTS)
+    .where(A.id == bindparam("b_id"))
+    .values(
+        outcome=Outcome.accepted.value,
+        upstream_task_id=bindparam("b_upstream"),
+        resolved_at=ts("b_now"),
+    )
 )
 
 
-async def _link_fresh(ctx: Ctx, task: Task, attempt: Attempt, accepted: RunAccepted, *,
-                      started: datetime) -> bool:
+async def _link_fresh(
+    ctx: Ctx, task: Task, attempt: Attempt, accepted: RunAccepted, *, started: datetime
+) -> bool:
     """``link`` and the lease's release in one transaction, for a task nobody else has
     touched. False (nothing written) otherwise. Updates ``task`` to what was written."""
     now = ctx.clock()
     first = min(first_poll_at(ctx), task.deadline_at)
-    values = dict(upstream_task_id=accepted.task_id, upstream_token=accepted.socket_token,
-                  upstream_status="task_queue", upstream_started_at=now, retries=0,
-                  lease_owner=None, lease_until=None)
+    values = dict(
+        upstream_task_id=accepted.task_id,
+        upstream_token=accepted.socket_token,
+        upstream_status="task_queue",
+        upstream_started_at=now,
+        retries=0,
+        lease_owner=None,
+        lease_until=None,
+    )
     async with write(ctx.engine) as conn:
         if not await transition(
-                conn, task.id, Status.queued, kind=EventKind.linked, source="dispatcher",
-                now=now, expect=Status.pending, guard=_FRESH,
-                params={"g_owner": ctx.owner, "g_started": started, "g_now": now,
-                        "g_first": first},
-                message=f"attempt {attempt.number}: accepted upstream as task "
-                        f"{accepted.task_id}", **values):
+            conn,
+            task.id,
+            Status.queued,
+            kind=EventKind.linked,
+            source="dispatcher",
+            now=now,
+            expect=Status.pending,
+            guard=_FRESH,
+            params={"g_owner": ctx.owner, "g_started": started, "g_now": now, "g_first": first},
+            message=f"attempt {attempt.number}: accepted upstream as task {accepted.task_id}",
+            **values,
+        ):
             return False
-        await conn.execute(_ACCEPT_ATTEMPT, {"b_id": attempt.id, "b_upstream": accepted.task_id,
-                                             "b_now": now})
+        await conn.execute(
+            _ACCEPT_ATTEMPT, {"b_id": attempt.id, "b_upstream": accepted.task_id, "b_now": now}
+        )
     task.status, task.status_rank, task.updated_at = Status.queued.value, Status.queued.rank, now
     for k, v in values.items():
         setattr(task, k, v)
     return True
 
 
-async def link(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str,
-               upstream_token: str | None, *, source: str) -> None:
+async def link(
+    ctx: Ctx,
+    task_id: str,
+    attempt: Attempt,
+    upstream_id: str,
+    upstream_token: str | None,
+    *,
+    source: str,
+) -> None:
     """Record that ``attempt`` started upstream task ``upstream_id``.
 
     The first upstream task linked to a gateway task is its one; any other (an earlier
@@ -238,8 +278,11 @@ async def link(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str,
     """
     now = ctx.clock()
     extra = False
-    accept = update(Attempt).where(Attempt.id == attempt.id).values(
-        outcome=Outcome.accepted, upstream_task_id=upstream_id, resolved_at=now)
+    accept = (
+        update(Attempt)
+        .where(Attempt.id == attempt.id)
+        .values(outcome=Outcome.accepted, upstream_task_id=upstream_id, resolved_at=now)
+    )
     async with unit_of_work(ctx.sm) as ses:
         task = await ses.get(Task, task_id, with_for_update=True)
         assert task is not None
@@ -249,12 +292,24 @@ async def link(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str,
             # answer) could both get here and both attempts were marked accepted, the
             # loser's upstream task never stopped. Only the one that moved the task wins.
             moved = await transition(
-                ses, task_id, Status.queued, kind=EventKind.linked, source=source, now=now,
+                ses,
+                task_id,
+                Status.queued,
+                kind=EventKind.linked,
+                source=source,
+                now=now,
                 message=f"attempt {attempt.number}: accepted upstream as task {upstream_id}",
-                upstream_task_id=upstream_id, upstream_token=upstream_token,
-                upstream_status="task_queue", upstream_started_at=now, retries=0)
-            if moved or await ses.scalar(select(Task.upstream_task_id)
-                                         .where(Task.id == task_id)) == upstream_id:
+                upstream_task_id=upstream_id,
+                upstream_token=upstream_token,
+                upstream_status="task_queue",
+                upstream_started_at=now,
+                retries=0,
+            )
+            if (
+                moved
+                or await ses.scalar(select(Task.upstream_task_id).where(Task.id == task_id))
+                == upstream_id
+            ):
                 await ses.execute(accept)
             else:
                 extra = True
@@ -271,28 +326,45 @@ async def stop_extra(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str)
     confirmed, _, how = await stop_upstream(ctx, upstream_id, None)
     now = ctx.clock()
     async with unit_of_work(ctx.sm) as ses:
-        await ses.execute(update(Attempt).where(Attempt.id == attempt.id).values(
-            outcome=Outcome.extra_killed, upstream_task_id=upstream_id, hint_upstream_id=None,
-            resolved_at=now))
-        await event(ses, task_id, "dispatcher", now, EventKind.extra_stopped, message=(
-            f"attempt {attempt.number} started a second upstream task {upstream_id}; "
-            f"stopping it ({how}{'' if confirmed else ', not confirmed'})"))
+        await ses.execute(
+            update(Attempt)
+            .where(Attempt.id == attempt.id)
+            .values(
+                outcome=Outcome.extra_killed,
+                upstream_task_id=upstream_id,
+                hint_upstream_id=None,
+                resolved_at=now,
+            )
+        )
+        await event(
+            ses,
+            task_id,
+            "dispatcher",
+            now,
+            EventKind.extra_stopped,
+            message=(
+                f"attempt {attempt.number} started a second upstream task {upstream_id}; "
+                f"stopping it ({how}{'' if confirmed else ', not confirmed'})"
+            ),
+        )
 
 
 # ---------------------------------------------------------------- unanswered Runs
 
 
-async def mark_ambiguous(ctx: Ctx, task_id: str, attempt: Attempt, now: datetime, *,
-                         message: str) -> None:
+async def mark_ambiguous(
+    ctx: Ctx, task_id: str, attempt: Attempt, now: datetime, *, message: str
+) -> None:
     """A ``sent`` attempt whose Run will never be answered here becomes ``ambiguous``."""
     async with unit_of_work(ctx.sm) as ses:
         # Conditional: the Run may be answered (and recorded) right now.
-        res = await ses.execute(update(Attempt).where(
-            Attempt.id == attempt.id, Attempt.outcome == Outcome.sent)
-            .values(outcome=Outcome.ambiguous, ambiguous_at=now))
+        res = await ses.execute(
+            update(Attempt)
+            .where(Attempt.id == attempt.id, Attempt.outcome == Outcome.sent)
+            .values(outcome=Outcome.ambiguous, ambiguous_at=now)
+        )
         if res.rowcount == 1:  # type: ignore[attr-defined]
-            await event(ses, task_id, "dispatcher", now, EventKind.run_ambiguous,
-                        message=message)
+            await event(ses, task_id, "dispatcher", now, EventKind.run_ambiguous, message=message)
     attempt.outcome, attempt.ambiguous_at = Outcome.ambiguous, attempt.ambiguous_at or now
 
 
@@ -346,9 +418,11 @@ async def abandon(ctx: Ctx, task_id: str, attempt: Attempt, message: str) -> boo
     it was answered meanwhile."""
     now = ctx.clock()
     async with unit_of_work(ctx.sm) as ses:
-        res = await ses.execute(update(Attempt).where(
-            Attempt.id == attempt.id, Attempt.outcome.in_(UNANSWERED))
-            .values(outcome=Outcome.abandoned, resolved_at=now))
+        res = await ses.execute(
+            update(Attempt)
+            .where(Attempt.id == attempt.id, Attempt.outcome.in_(UNANSWERED))
+            .values(outcome=Outcome.abandoned, resolved_at=now)
+        )
         if res.rowcount != 1:  # type: ignore[attr-defined]
             return False
         await event(ses, task_id, "dispatcher", now, EventKind.run_abandoned, message=message)
@@ -371,9 +445,11 @@ async def reconcile_attempts(ctx: Ctx, task: Task, attempts: list[Attempt]) -> b
             # Not this attempt's task. Clear only that hint: a callback may have named
             # another one meanwhile.
             async with unit_of_work(ctx.sm) as ses:
-                await ses.execute(update(Attempt).where(
-                    Attempt.id == a.id, Attempt.hint_upstream_id == a.hint_upstream_id)
-                    .values(hint_upstream_id=None))
+                await ses.execute(
+                    update(Attempt)
+                    .where(Attempt.id == a.id, Attempt.hint_upstream_id == a.hint_upstream_id)
+                    .values(hint_upstream_id=None)
+                )
             continue
         if task.status == Status.pending and task.upstream_task_id is None:
             await link(ctx, task.id, a, ut.id, ut.socket_token, source="callback")
@@ -386,8 +462,7 @@ async def reconcile_attempts(ctx: Ctx, task: Task, attempts: list[Attempt]) -> b
 # ---------------------------------------------------------------- the workers' dispatch
 
 
-async def dispatch(ctx: Ctx, task: Task, attempts: list[Attempt], step: Step
-                   ) -> datetime | None:
+async def dispatch(ctx: Ctx, task: Task, attempts: list[Attempt], step: Step) -> datetime | None:
     """Send a pending task to Wiro, unless an earlier attempt may still be alive."""
     s = ctx.settings
     now = ctx.clock()
@@ -397,9 +472,16 @@ async def dispatch(ctx: Ctx, task: Task, attempts: list[Attempt], step: Step
         if last.outcome == Outcome.sent:
             # We hold the lease, so the process that sent it is gone (a live sender
             # renews its lease until the Run is answered): its request is over.
-            await mark_ambiguous(ctx, task.id, last, now, message=(
-                f"attempt {last.number}: no answer was recorded for the upstream Run "
-                "(its process stopped); looking for it before sending again"))
+            await mark_ambiguous(
+                ctx,
+                task.id,
+                last,
+                now,
+                message=(
+                    f"attempt {last.number}: no answer was recorded for the upstream Run "
+                    "(its process stopped); looking for it before sending again"
+                ),
+            )
         found, conclusive = await look_up(ctx, task, last)
         if found is not None:
             await link(ctx, task.id, last, found.id, found.socket_token, source="dispatcher")
@@ -413,9 +495,15 @@ async def dispatch(ctx: Ctx, task: Task, attempts: list[Attempt], step: Step
         if now < end:
             return min(end, now + timedelta(seconds=min(2.0, s.poll_initial_s, grace)))
         why = "Task/List shows no trace of it" if conclusive else "it could not be looked up"
-        if not await abandon(ctx, task.id, last, (
+        if not await abandon(
+            ctx,
+            task.id,
+            last,
+            (
                 f"attempt {last.number}: {why} {grace:g}s after its Run went unanswered; "
-                f"sending again as attempt {last.number + 1}")):
+                f"sending again as attempt {last.number + 1}"
+            ),
+        ):
             return now  # answered meanwhile: look again
 
     opened = await open_attempt(ctx, task, started=now, fresh=False)

@@ -42,8 +42,13 @@ log = logging.getLogger("app.tasks")
 async def _load(ctx: Ctx, task_id: str) -> tuple[Task | None, list[Attempt]]:
     async with ctx.reads() as s:
         task = await s.get(Task, task_id)
-        attempts = list((await s.scalars(
-            select(Attempt).where(Attempt.task_id == task_id).order_by(Attempt.number))).all())
+        attempts = list(
+            (
+                await s.scalars(
+                    select(Attempt).where(Attempt.task_id == task_id).order_by(Attempt.number)
+                )
+            ).all()
+        )
     return task, attempts
 
 
@@ -69,8 +74,11 @@ async def check(ctx: Ctx, task_id: str) -> None:
         elif task.status == Status.pending:
             nxt = await dispatch(ctx, task, attempts, step)
         else:
-            source = "callback" if (task.hint_at and task.next_check_at
-                                    and task.hint_at >= task.next_check_at) else "poll"
+            source = (
+                "callback"
+                if (task.hint_at and task.next_check_at and task.hint_at >= task.next_check_at)
+                else "poll"
+            )
             nxt = await _poll(ctx, task, source, step)
     except Exception:
         log.exception("check failed", extra={"task_id": task_id})
@@ -78,8 +86,14 @@ async def check(ctx: Ctx, task_id: str) -> None:
     finally:
         # Never sleep past the deadline: a timeout is acted on when it falls due.
         if not step.released:
-            await release(ctx, task_id, sweep or min(nxt or fallback, deadline), started,
-                          bump=step.bump, after_end=sweep)
+            await release(
+                ctx,
+                task_id,
+                sweep or min(nxt or fallback, deadline),
+                started,
+                bump=step.bump,
+                after_end=sweep,
+            )
 
 
 # ---------------------------------------------------------------- poll and apply
@@ -99,11 +113,20 @@ async def _poll(ctx: Ctx, task: Task, source: str, step: Step) -> datetime | Non
         async with unit_of_work(ctx.sm) as ses:
             if (now - first).total_seconds() >= s.lost_grace_s:
                 await transition(
-                    ses, task.id, Status.failed, kind=EventKind.failed, source=source, now=now,
-                    error_code=ErrorCode.lost.value, upstream_error_code=str(e.code),
-                    error_message=(f"the upstream has answered 'There is no task yet.' for "
-                                   f"{s.lost_grace_s:g}s; the task is lost"),
-                    message="upstream lost the task")
+                    ses,
+                    task.id,
+                    Status.failed,
+                    kind=EventKind.failed,
+                    source=source,
+                    now=now,
+                    error_code=ErrorCode.lost.value,
+                    upstream_error_code=str(e.code),
+                    error_message=(
+                        f"the upstream has answered 'There is no task yet.' for "
+                        f"{s.lost_grace_s:g}s; the task is lost"
+                    ),
+                    message="upstream lost the task",
+                )
                 step.released = True
                 return None
             await set_task(ses, task.id, first_miss_at=first, retries=Task.retries + 1)
@@ -113,8 +136,14 @@ async def _poll(ctx: Ctx, task: Task, source: str, step: Step) -> datetime | Non
         async with unit_of_work(ctx.sm) as ses:
             await set_task(ses, task.id, retries=Task.retries + 1)
             if task.retries == 0:
-                await event(ses, task.id, source, now, EventKind.detail_failed,
-                            message=f"Detail failed: {short(e)}")
+                await event(
+                    ses,
+                    task.id,
+                    source,
+                    now,
+                    EventKind.detail_failed,
+                    message=f"Detail failed: {short(e)}",
+                )
         return now + timedelta(seconds=backoff(ctx, task.retries))
     crash_point("applying_callback" if source == "callback" else "polling")
     status = await apply_detail(ctx, task, ut, source=source)
@@ -133,8 +162,16 @@ async def _poll(ctx: Ctx, task: Task, source: str, step: Step) -> datetime | Non
 
 
 def _outputs(ut: UpstreamTask) -> list[dict[str, Any]]:
-    return [{"name": o.name, "content_type": o.content_type, "size": o.size, "url": o.url,
-             "upstream_url": o.url} for o in ut.outputs]
+    return [
+        {
+            "name": o.name,
+            "content_type": o.content_type,
+            "size": o.size,
+            "url": o.url,
+            "upstream_url": o.url,
+        }
+        for o in ut.outputs
+    ]
 
 
 async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -> Status:
@@ -153,36 +190,57 @@ async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -
             values.update(first_error_at=now, retries=0)
         elif task.retries >= s.verdict_rereads:
             target = Status.failed
-            values.update(error_code=ErrorCode.upstream_failed.value, cost_usd=ut.total_cost,
-                          error_message=f"{obs.message} (Detail read {task.retries + 1} times)")
+            values.update(
+                error_code=ErrorCode.upstream_failed.value,
+                cost_usd=ut.total_cost,
+                error_message=f"{obs.message} (Detail read {task.retries + 1} times)",
+            )
             message = "upstream finished without pexit and without outputs"
     else:
         values["first_error_at"] = None
     if target == Status.succeeded:
         values.update(outputs=_outputs(ut), cost_usd=ut.total_cost)
     elif target == Status.failed and obs.error_code is not None:
-        values.update(error_code=obs.error_code.value, error_message=obs.message,
-                      cost_usd=ut.total_cost, upstream_error_code=ut.pexit)
+        values.update(
+            error_code=obs.error_code.value,
+            error_message=obs.message,
+            cost_usd=ut.total_cost,
+            upstream_error_code=ut.pexit,
+        )
     elif target == Status.cancelled:
         values.update(cost_usd=ut.total_cost)
-        message = ("upstream confirmed the cancel" if task.cancel_requested_at
-                   else "upstream cancelled the task")
+        message = (
+            "upstream confirmed the cancel"
+            if task.cancel_requested_at
+            else "upstream cancelled the task"
+        )
     current = Status(task.status)
     async with unit_of_work(ctx.sm) as ses:
         if target.rank > current.rank:
             kind = EventKind.cancelled if target == Status.cancelled else EventKind.progressed
-            if await transition(ses, task.id, target, kind=kind, source=source, now=now,
-                                message=message, **values):
+            if await transition(
+                ses, task.id, target, kind=kind, source=source, now=now, message=message, **values
+            ):
                 return target
             fresh = await ses.get(Task, task.id)
             return Status(fresh.status) if fresh else current
         if current.terminal:
             return current
-        await ses.execute(update(TASKS).where(T.id == task.id, T.status_rank < TERMINAL_RANK)
-                          .values(updated_at=now, **values))
+        await ses.execute(
+            update(TASKS)
+            .where(T.id == task.id, T.status_rank < TERMINAL_RANK)
+            .values(updated_at=now, **values)
+        )
         if ut.status != task.upstream_status:
-            await event(ses, task.id, source, now, EventKind.upstream_status,
-                        upstream_status=ut.status, message=message)
+            await event(
+                ses,
+                task.id,
+                source,
+                now,
+                EventKind.upstream_status,
+                upstream_status=ut.status,
+                message=message,
+            )
     return current
 
 
@@ -204,16 +262,24 @@ async def _sweep(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> datetime 
         return None
     if attempt.hint_upstream_id:  # named by a callback, not yet verifiable: keep looking
         return now + timedelta(seconds=backoff(ctx, task.retries))
-    if attempt.outcome == Outcome.sent and attempt.sent_at + timedelta(
-            seconds=run_budget_s(s) + s.lease_s) > now:
+    if (
+        attempt.outcome == Outcome.sent
+        and attempt.sent_at + timedelta(seconds=run_budget_s(s) + s.lease_s) > now
+    ):
         return now + timedelta(seconds=2.0)  # its Run may still be answered by its sender
     end, _ = grace_end(s, attempt, conclusive=conclusive)
     if now < end:
         return min(end, now + timedelta(seconds=2.0))
-    await abandon(ctx, task.id, attempt, (
-        f"attempt {attempt.number}: no upstream task found for it "
-        f"({'Task/List shows no trace' if conclusive else 'it could not be looked up'}"
-        "); nothing to stop"))
+    await abandon(
+        ctx,
+        task.id,
+        attempt,
+        (
+            f"attempt {attempt.number}: no upstream task found for it "
+            f"({'Task/List shows no trace' if conclusive else 'it could not be looked up'}"
+            "); nothing to stop"
+        ),
+    )
     return None
 
 
@@ -235,16 +301,17 @@ async def _on_deadline(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> dat
             if found is not None:
                 # It did start: follow it like any linked task (stopped below unless
                 # it has already finished, which is then the truth).
-                await link(ctx, task.id, pending, found.id, found.socket_token,
-                           source="timeout")
+                await link(ctx, task.id, pending, found.id, found.socket_token, source="timeout")
                 task = await get_task(ctx, task_id=task.id, client=None)
                 note = ""
             elif conclusive and grace_end(s, pending, conclusive=True)[0] <= ctx.clock():
                 note = "never started upstream (Task/List shows no trace of its Run)"
                 sweep = await _sweep(ctx, task, attempts)  # marks it abandoned
             else:
-                note = ("upstream state unknown (its Run was never answered); it is looked "
-                        "for and stopped if it appears")
+                note = (
+                    "upstream state unknown (its Run was never answered); it is looked "
+                    "for and stopped if it appears"
+                )
                 sweep = ctx.clock() + timedelta(seconds=2.0)
     if task.upstream_task_id is not None:
         try:
@@ -259,10 +326,17 @@ async def _on_deadline(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> dat
     now = ctx.clock()
     async with unit_of_work(ctx.sm) as ses:
         await transition(
-            ses, task.id, Status.timed_out, kind=EventKind.timed_out, source="timeout",
-            now=now, message=f"deadline of {s.task_timeout_s:g}s passed; {note}",
-            error_code=ErrorCode.timed_out.value, next_check_at=sweep,
-            error_message=f"the task did not finish within {s.task_timeout_s:g}s; {note}")
+            ses,
+            task.id,
+            Status.timed_out,
+            kind=EventKind.timed_out,
+            source="timeout",
+            now=now,
+            message=f"deadline of {s.task_timeout_s:g}s passed; {note}",
+            error_code=ErrorCode.timed_out.value,
+            next_check_at=sweep,
+            error_message=f"the task did not finish within {s.task_timeout_s:g}s; {note}",
+        )
     return sweep
 
 
@@ -277,17 +351,27 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
     now = ctx.clock()
     if task.status == Status.pending:
         async with ctx.reads() as ses:
-            attempts = (await ses.scalars(select(Attempt).where(Attempt.task_id == task_id)
-                                          .order_by(Attempt.number))).all()
+            attempts = (
+                await ses.scalars(
+                    select(Attempt).where(Attempt.task_id == task_id).order_by(Attempt.number)
+                )
+            ).all()
         # A Run in flight or unanswered may have started an upstream task: a worker looks
         # for it and stops it (``_sweep``); an answer that comes later is stopped on
         # arrival (``link``).
         sweep = now if unresolved(attempts) is not None else None
         async with unit_of_work(ctx.sm) as ses:
-            await transition(ses, task_id, Status.cancelled, kind=EventKind.cancelled,
-                             source="cancel", now=now, expect=Status.pending,
-                             next_check_at=sweep,
-                             message="cancelled before it was accepted upstream")
+            await transition(
+                ses,
+                task_id,
+                Status.cancelled,
+                kind=EventKind.cancelled,
+                source="cancel",
+                now=now,
+                expect=Status.pending,
+                next_check_at=sweep,
+                message="cancelled before it was accepted upstream",
+            )
         if sweep is not None:
             ctx.wake()
         task = await get_task(ctx, task_id=task_id, client=client)
@@ -295,10 +379,18 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
             return task
     assert task.upstream_task_id is not None
     async with unit_of_work(ctx.sm) as ses:
-        await set_task(ses, task_id,
-                       cancel_requested_at=func.coalesce(Task.cancel_requested_at, now))
-        await event(ses, task_id, "cancel", now, EventKind.cancel_requested,
-                    upstream_status=task.upstream_status, message="cancel requested")
+        await set_task(
+            ses, task_id, cancel_requested_at=func.coalesce(Task.cancel_requested_at, now)
+        )
+        await event(
+            ses,
+            task_id,
+            "cancel",
+            now,
+            EventKind.cancel_requested,
+            upstream_status=task.upstream_status,
+            message="cancel requested",
+        )
     _, _, how = await stop_upstream(ctx, task.upstream_task_id, task.upstream_status)
     async with unit_of_work(ctx.sm) as ses:
         await event(ses, task_id, "cancel", ctx.clock(), EventKind.cancel_sent, message=how)
@@ -310,6 +402,9 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
         pass
     # Whatever happened, a worker keeps looking until Wiro says it is over.
     async with unit_of_work(ctx.sm) as ses:
-        await ses.execute(update(TASKS).where(T.id == task_id, T.status_rank < TERMINAL_RANK)
-                          .values(next_check_at=ctx.clock() + timedelta(seconds=1)))
+        await ses.execute(
+            update(TASKS)
+            .where(T.id == task_id, T.status_rank < TERMINAL_RANK)
+            .values(next_check_at=ctx.clock() + timedelta(seconds=1))
+        )
     return await get_task(ctx, task_id=task_id, client=client)

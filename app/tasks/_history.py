@@ -31,15 +31,17 @@ async def get_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
 
 async def by_idempotency_key(ctx: Ctx, client: str, key: str) -> Task | None:
     async with ctx.reads() as s:
-        return (await s.scalars(select(Task).where(
-            Task.client == client, Task.idempotency_key == key))).first()
+        return (
+            await s.scalars(select(Task).where(Task.client == client, Task.idempotency_key == key))
+        ).first()
 
 
 async def list_events(ctx: Ctx, *, task_id: str, client: str | None) -> Sequence[Event]:
     await get_task(ctx, task_id=task_id, client=client)
     async with ctx.reads() as s:
-        return (await s.scalars(
-            select(Event).where(Event.task_id == task_id).order_by(Event.id))).all()
+        return (
+            await s.scalars(select(Event).where(Event.task_id == task_id).order_by(Event.id))
+        ).all()
 
 
 def encode_cursor(task_id: str) -> str:
@@ -54,27 +56,48 @@ async def insert_metadata(db: Db, task_id: str, metadata: dict[str, str] | None)
     """A new task's ``task_metadata`` rows (one per pair; what history filters read), in
     the caller's transaction."""
     if metadata:
-        await db.execute(insert(_TASK_METADATA), [
-            {"task_id": task_id, "key": k, "value": v} for k, v in metadata.items()])
+        await db.execute(
+            insert(_TASK_METADATA),
+            [{"task_id": task_id, "key": k, "value": v} for k, v in metadata.items()],
+        )
 
 
 async def _rarest_first(ses: Db, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """``pairs``, the one with the fewest tasks first (counted index-only, up to a cap).
     The first pair drives the history query; SQLite's planner cannot tell a rare value
     from a common one, so ``source=web&user_id=u_42`` would otherwise walk every web task."""
-    counts = (await ses.execute(select(*(
-        select(func.count()).select_from(
-            select(TaskMetadata.task_id).where(TaskMetadata.key == k, TaskMetadata.value == v)
-            .limit(_PAIR_COUNT_CAP).subquery()).scalar_subquery()
-        for k, v in pairs)))).one()
+    counts = (
+        await ses.execute(
+            select(
+                *(
+                    select(func.count())
+                    .select_from(
+                        select(TaskMetadata.task_id)
+                        .where(TaskMetadata.key == k, TaskMetadata.value == v)
+                        .limit(_PAIR_COUNT_CAP)
+                        .subquery()
+                    )
+                    .scalar_subquery()
+                    for k, v in pairs
+                )
+            )
+        )
+    ).one()
     return [pairs[i] for i in sorted(range(len(pairs)), key=lambda i: counts[i])]
 
 
-async def list_tasks(ctx: Ctx, *, client: str | None, statuses: Sequence[Status] = (),
-                     model: str | None = None, created_after: datetime | None = None,
-                     created_before: datetime | None = None,
-                     metadata: dict[str, str] | None = None, limit: int = 50,
-                     cursor: str | None = None) -> tuple[Sequence[Task], str | None]:
+async def list_tasks(
+    ctx: Ctx,
+    *,
+    client: str | None,
+    statuses: Sequence[Status] = (),
+    model: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    metadata: dict[str, str] | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[Sequence[Task], str | None]:
     """Newest first, keyset-paginated on the id (ids sort by creation time)."""
     q = select(Task)
     if client is not None:
@@ -98,11 +121,15 @@ async def list_tasks(ctx: Ctx, *, client: str | None, statuses: Sequence[Status]
                 pairs = await _rarest_first(s, pairs)
             (key, value), *others = pairs
             q = q.join(TaskMetadata, TaskMetadata.task_id == Task.id).where(
-                TaskMetadata.key == key, TaskMetadata.value == value)
+                TaskMetadata.key == key, TaskMetadata.value == value
+            )
             for other_key, other_value in others:
                 m = aliased(TaskMetadata)
-                q = q.where(select(m.task_id).where(
-                    m.task_id == Task.id, m.key == other_key, m.value == other_value).exists())
+                q = q.where(
+                    select(m.task_id)
+                    .where(m.task_id == Task.id, m.key == other_key, m.value == other_value)
+                    .exists()
+                )
             order = TaskMetadata.task_id
         if cursor:
             q = q.where(order < decode_cursor(cursor))

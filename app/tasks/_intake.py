@@ -27,31 +27,53 @@ log = logging.getLogger("app.tasks")
 
 
 def _request_hash(model: str, inputs: dict[str, str], body: TaskCreate) -> str:
-    canon = json.dumps({"model": model, "input": inputs, "webhook_url": body.webhook_url,
-                        "metadata": body.metadata or {}}, sort_keys=True, separators=(",", ":"))
+    canon = json.dumps(
+        {
+            "model": model,
+            "input": inputs,
+            "webhook_url": body.webhook_url,
+            "metadata": body.metadata or {},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return sha256_hex(canon)
 
 
-def _prepare(ctx: Ctx, client: str, body: TaskCreate,
-             idempotency_key: str | None) -> tuple[Task, str]:
+def _prepare(
+    ctx: Ctx, client: str, body: TaskCreate, idempotency_key: str | None
+) -> tuple[Task, str]:
     """Validate ``body`` into a new (unsaved) pending task held by this process."""
     inputs, errors = validate_input(body.model, body.input)
     if errors:
-        raise InvalidRequest("The task's input does not match the model's parameters.",
-                             errors=errors)
+        raise InvalidRequest(
+            "The task's input does not match the model's parameters.", errors=errors
+        )
     rhash = _request_hash(body.model, inputs, body)
     task_id = new_task_id(ctx.clock())
     # created_at is the id's own millisecond: history sorted by id is sorted by
     # created_at too, within a millisecond and across replicas alike.
     now = id_time(task_id)
     task = Task(
-        id=task_id, client=client, model=body.model, status=Status.pending.value,
-        status_rank=Status.pending.rank, input=inputs, metadata_=body.metadata or {},
-        webhook_url=body.webhook_url, idempotency_key=idempotency_key, request_hash=rhash,
-        attempt=0, outputs=[], created_at=now, updated_at=now,
+        id=task_id,
+        client=client,
+        model=body.model,
+        status=Status.pending.value,
+        status_rank=Status.pending.rank,
+        input=inputs,
+        metadata_=body.metadata or {},
+        webhook_url=body.webhook_url,
+        idempotency_key=idempotency_key,
+        request_hash=rhash,
+        attempt=0,
+        outputs=[],
+        created_at=now,
+        updated_at=now,
         deadline_at=now + timedelta(seconds=ctx.settings.task_timeout_s),
-        next_check_at=now, lease_owner=ctx.owner,
-        lease_until=now + timedelta(seconds=ctx.settings.lease_s), retries=0,
+        next_check_at=now,
+        lease_owner=ctx.owner,
+        lease_until=now + timedelta(seconds=ctx.settings.lease_s),
+        retries=0,
         traceparent=tracing.new_task(task_id),  # tracing (app/tracing.py): None when off
     )  # the columns left out read as None on this unsaved object (and in the insert)
     return task, rhash
@@ -61,8 +83,10 @@ def _replay(existing: Task, rhash: str) -> Task:
     if existing.request_hash != rhash:
         raise InvalidRequest(
             "This Idempotency-Key was already used with a different request body.",
-            errors=[{"loc": ["header", "Idempotency-Key"],
-                     "msg": "reused with different parameters"}])
+            errors=[
+                {"loc": ["header", "Idempotency-Key"], "msg": "reused with different parameters"}
+            ],
+        )
     return existing
 
 
@@ -70,13 +94,15 @@ async def _idempotent_replay(ctx: Ctx, client: str, key: str, rhash: str) -> Tas
     """The task an Idempotency-Key already names (after a unique-key conflict)."""
     existing = await by_idempotency_key(ctx, client, key)
     if existing is None:  # the other request has not committed yet
-        raise Conflict("A request with this Idempotency-Key is still being processed; "
-                       "retry shortly.")
+        raise Conflict(
+            "A request with this Idempotency-Key is still being processed; retry shortly."
+        )
     return _replay(existing, rhash)
 
 
-async def create_task(ctx: Ctx, *, client: str, body: TaskCreate,
-                      idempotency_key: str | None) -> tuple[Task, bool]:
+async def create_task(
+    ctx: Ctx, *, client: str, body: TaskCreate, idempotency_key: str | None
+) -> tuple[Task, bool]:
     """Validate and record a task as ``pending``, unsent. Returns ``(task, replayed)``.
 
     The row commits holding a short lease for this process so the caller may dispatch
@@ -100,8 +126,14 @@ async def create_task(ctx: Ctx, *, client: str, body: TaskCreate,
     return task, False
 
 
-async def submit(ctx: Ctx, *, client: str, body: TaskCreate, idempotency_key: str | None,
-                 client_cap: int | None = None) -> tuple[Task, bool]:
+async def submit(
+    ctx: Ctx,
+    *,
+    client: str,
+    body: TaskCreate,
+    idempotency_key: str | None,
+    client_cap: int | None = None,
+) -> tuple[Task, bool]:
     """The API's submit: record the task and send it, the cheap way when all goes well.
 
     1. One transaction (``open_attempt`` with ``fresh``): the task, its event and, if a

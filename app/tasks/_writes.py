@@ -42,25 +42,56 @@ def short(e: BaseException) -> str:
     return str(e)[:300]
 
 
-def event_row(task_id: str, source: str, at: datetime, kind: EventKind, *,
-              status: str | None = None, upstream_status: str | None = None,
-              message: str | None = None) -> dict[str, Any]:
+def event_row(
+    task_id: str,
+    source: str,
+    at: datetime,
+    kind: EventKind,
+    *,
+    status: str | None = None,
+    upstream_status: str | None = None,
+    message: str | None = None,
+) -> dict[str, Any]:
     """An event row's values (and its log line). ``status`` is set only when the event is
     a transition (the status the task moved to), so a task's events name each status at
     most once."""
-    log.info("%s", message or f"status {status}", extra={
-        "task_id": task_id, "source": source, "kind": kind.value, "status": status,
-        "upstream_status": upstream_status})
-    return {"task_id": task_id, "at": at, "source": source, "kind": kind.value,
-            "status": status, "upstream_status": upstream_status, "message": message}
+    log.info(
+        "%s",
+        message or f"status {status}",
+        extra={
+            "task_id": task_id,
+            "source": source,
+            "kind": kind.value,
+            "status": status,
+            "upstream_status": upstream_status,
+        },
+    )
+    return {
+        "task_id": task_id,
+        "at": at,
+        "source": source,
+        "kind": kind.value,
+        "status": status,
+        "upstream_status": upstream_status,
+        "message": message,
+    }
 
 
-async def event(db: Db, task_id: str, source: str, at: datetime, kind: EventKind, *,
-                upstream_status: str | None = None, message: str | None = None) -> None:
+async def event(
+    db: Db,
+    task_id: str,
+    source: str,
+    at: datetime,
+    kind: EventKind,
+    *,
+    upstream_status: str | None = None,
+    message: str | None = None,
+) -> None:
     """Record an event that changes no status, in the caller's transaction."""
-    await db.execute(insert(EVENTS), [event_row(task_id, source, at, kind,
-                                                upstream_status=upstream_status,
-                                                message=message)])
+    await db.execute(
+        insert(EVENTS),
+        [event_row(task_id, source, at, kind, upstream_status=upstream_status, message=message)],
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,16 +117,32 @@ def _statement(new: Status, expect: Status | None, guard: Guard, keys: tuple[str
         if expect is not None:
             where.append(T.status == expect.value)
         stmt = _statements[key] = (
-            update(TASKS).where(*where).values(
-                status=new.value, status_rank=new.rank,
-                **{k: bindparam(f"v_{k}", type_=T[k].type) for k in keys}, **guard.exprs))
+            update(TASKS)
+            .where(*where)
+            .values(
+                status=new.value,
+                status_rank=new.rank,
+                **{k: bindparam(f"v_{k}", type_=T[k].type) for k in keys},
+                **guard.exprs,
+            )
+        )
     return stmt
 
 
-async def transition(db: Db, task_id: str, new: Status, *, kind: EventKind, source: str,
-                     now: datetime, message: str | None = None, expect: Status | None = None,
-                     guard: Guard = _NO_GUARD, params: Mapping[str, Any] | None = None,
-                     **values: Any) -> bool:
+async def transition(
+    db: Db,
+    task_id: str,
+    new: Status,
+    *,
+    kind: EventKind,
+    source: str,
+    now: datetime,
+    message: str | None = None,
+    expect: Status | None = None,
+    guard: Guard = _NO_GUARD,
+    params: Mapping[str, Any] | None = None,
+    **values: Any,
+) -> bool:
     """Move the task to ``new`` if that is forward (and, given ``expect``, only from that
     status, and given ``guard``, only where its conditions hold), setting ``values``; then
     its one event and metric (and, terminal, the outbox's intents). True if it moved.
@@ -109,16 +156,28 @@ async def transition(db: Db, task_id: str, new: Status, *, kind: EventKind, sour
         values.setdefault("lease_owner", None)
         values.setdefault("lease_until", None)
     stmt = _statement(new, expect, guard, tuple(sorted(values)))
-    res = await db.execute(stmt, {"w_id": task_id, **(params or {}),
-                                  **{f"v_{k}": v for k, v in values.items()}})
+    res = await db.execute(
+        stmt, {"w_id": task_id, **(params or {}), **{f"v_{k}": v for k, v in values.items()}}
+    )
     if cast(CursorResult[Any], res).rowcount != 1:
         return False
     metrics.task_transition(new.value)
     if new.terminal:
         metrics.task_finished(new.value, source)
-    await db.execute(insert(EVENTS), [event_row(
-        task_id, source, now, kind, status=new.value,
-        upstream_status=values.get("upstream_status"), message=message)])
+    await db.execute(
+        insert(EVENTS),
+        [
+            event_row(
+                task_id,
+                source,
+                now,
+                kind,
+                status=new.value,
+                upstream_status=values.get("upstream_status"),
+                message=message,
+            )
+        ],
+    )
     if new.terminal:
         # The notification and the output downloads commit with the change or not at all.
         assert isinstance(db, AsyncSession), "a terminal status is written in a session"
@@ -134,8 +193,14 @@ async def set_task(db: Db, task_id: str, **values: Any) -> None:
 def created(task_id: str, at: datetime) -> dict[str, Any]:
     """A new task's first event (its move to ``pending``); the caller inserts it with the
     task, and counts it with ``counted_created`` once that committed."""
-    return event_row(task_id, "api", at, EventKind.created, status=Status.pending.value,
-                     message="task accepted by the gateway")
+    return event_row(
+        task_id,
+        "api",
+        at,
+        EventKind.created,
+        status=Status.pending.value,
+        message="task accepted by the gateway",
+    )
 
 
 def counted_created() -> None:

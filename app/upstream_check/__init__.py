@@ -151,8 +151,12 @@ class UpstreamCheck:
                     else "; the key alone is refused")  # fmt: skip
             mode.set(HELD, "signed requests accepted" + note, **facts)
         elif bare_ok:
-            mode.set(NOT_HELD, "signed requests refused but the key alone is accepted: a "
-                               "key-only project (unset GATEWAY_WIRO_API_SECRET)", **facts)
+            mode.set(
+                NOT_HELD,
+                "signed requests refused but the key alone is accepted: a "
+                "key-only project (unset GATEWAY_WIRO_API_SECRET)",
+                **facts,
+            )
         elif project == "signature":
             mode.set(HELD, "the project is in signature mode (the signature is wrong: see "
                            "auth)", **facts)  # fmt: skip
@@ -395,8 +399,10 @@ class UpstreamCheck:
         try:
             await asyncio.wait_for(catcher.arrived.wait(), self.o.callback_wait_s)
         except TimeoutError:
-            msg = (f"none within {self.o.callback_wait_s:g} s of the end (is "
-                   "GATEWAY_PUBLIC_URL reachable from Wiro and routed to --listen?)")
+            msg = (
+                f"none within {self.o.callback_wait_s:g} s of the end (is "
+                "GATEWAY_PUBLIC_URL reachable from Wiro and routed to --listen?)"
+            )
             self.c("callback").set(UNKNOWN, msg)
             self.c("callback_body").set(UNKNOWN, "no callback arrived")
             return
@@ -428,8 +434,12 @@ class UpstreamCheck:
         gone = again.ok or again.error() == (1, "task-not-exist")
         facts = {"first": first.summary(), "again": again.summary()}
         if first.ok and gone:
-            line.set(HELD, "accepted; a second delete answers "
-                           + ("success" if again.ok else '"task-not-exist"'), **facts)
+            line.set(
+                HELD,
+                "accepted; a second delete answers "
+                + ("success" if again.ok else '"task-not-exist"'),
+                **facts,
+            )
         elif first.ok:
             line.set(NOT_HELD, f"accepted; a second delete answers {_said(again)}", **facts)
         else:
@@ -441,10 +451,15 @@ async def check_upstream(settings: Settings, options: Options,
     """Run the checks; ``http`` (optional) is the client to use, else one is made."""
     if http is not None:
         return await UpstreamCheck(settings, options, http).run()
-    timeout = httpx.Timeout(connect=settings.wiro_connect_timeout_s,
-                            read=max(settings.wiro_read_timeout_s, 60.0), write=60.0, pool=5.0)
-    async with httpx.AsyncClient(timeout=timeout, headers={"user-agent": "headshot-gateway "
-                                                           "upstream-check"}) as client:
+    timeout = httpx.Timeout(
+        connect=settings.wiro_connect_timeout_s,
+        read=max(settings.wiro_read_timeout_s, 60.0),
+        write=60.0,
+        pool=5.0,
+    )
+    async with httpx.AsyncClient(
+        timeout=timeout, headers={"user-agent": "headshot-gateway upstream-check"}
+    ) as client:
         return await UpstreamCheck(settings, options, client).run()
 
 
@@ -461,8 +476,11 @@ def main(args: Any, settings_factory: Callable[[], Settings]) -> int:
         print("upstream-check: GATEWAY_WIRO_API_KEY is not set", file=sys.stderr)
         return 2
     if args.run and not args.yes:
-        print("upstream-check: --run starts ONE REAL, BILLED task at Wiro (one headshot of "
-              "a sample portrait). Add --yes to go ahead.", file=sys.stderr)
+        print(
+            "upstream-check: --run starts ONE REAL, BILLED task at Wiro (one headshot of "
+            "a sample portrait). Add --yes to go ahead.",
+            file=sys.stderr,
+        )
         return 2
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
@@ -482,19 +500,35 @@ def main(args: Any, settings_factory: Callable[[], Settings]) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("upstream-check",
-                       help="check what the gateway assumes about Wiro, with your keys")
-    p.add_argument("--run", action="store_true",
-                   help="also run ONE REAL, BILLED task (needs --yes)")
+    p = sub.add_parser(
+        "upstream-check", help="check what the gateway assumes about Wiro, with your keys"
+    )
+    p.add_argument(
+        "--run", action="store_true", help="also run ONE REAL, BILLED task (needs --yes)"
+    )
     p.add_argument("--yes", action="store_true", help="agree to the billed task of --run")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--listen", default="127.0.0.1:8000",
-                   help="HOST:PORT of the temporary callback listener GATEWAY_PUBLIC_URL "
-                        "reaches (default 127.0.0.1:8000)")
-    p.add_argument("--callback-base", default=None,
-                   help="base of the callback URL (default GATEWAY_PUBLIC_URL)")
-    p.add_argument("--wait", type=float, default=600.0,
-                   help="seconds to wait for the task to end (then it is stopped)")
-    p.add_argument("--callback-wait", type=float, default=30.0,
-                   help="seconds to wait for the callback once the task has ended")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8000",
+        help="HOST:PORT of the temporary callback listener GATEWAY_PUBLIC_URL "
+        "reaches (default 127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--callback-base",
+        default=None,
+        help="base of the callback URL (default GATEWAY_PUBLIC_URL)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the task to end (then it is stopped)",
+    )
+    p.add_argument(
+        "--callback-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the callback once the task has ended",
+    )
     p.add_argument("--poll", type=float, default=3.0, help="seconds between Detail calls")

@@ -110,8 +110,10 @@ class Answer:
 
     @property
     def ok(self) -> bool:
-        return 200 <= self.status < 300 and self.body is not None and (
-            self.body.get("result") in (True, "true", 1)
+        return (
+            200 <= self.status < 300
+            and self.body is not None
+            and (self.body.get("result") in (True, "true", 1))
         )
 
     def error(self) -> tuple[int | None, str]:
@@ -270,7 +272,6 @@ def body_shape(caught: Caught, task_id: str) -> dict[str, Any]:
 # -- the checks --------------------------------------------------------------------------
 
 
-
 def _said(answer: Answer) -> str:
     if answer.ok:
         return f"HTTP {answer.status}, result true"
@@ -299,5 +300,3 @@ def _output_urls(task: dict[str, Any]) -> list[str]:
         return []
     return [o["url"] for o in outputs if isinstance(o, dict) and isinstance(o.get("url"), str)
             and o["url"].strip()]  # fmt: skip
-
-

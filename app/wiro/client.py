@@ -63,13 +63,16 @@ _GATEWAY_TIMEOUTS = frozenset({504, 524})
 # Code 0 is Wiro's catch-all; its documented messages (the error reference) are the only
 # way to tell its kinds apart. What matches none of them is a server error (retryable).
 _AUTH_MESSAGE = re.compile(
-    r"authori[sz]|authenticat|api[ -]?key|signature|requested ip .* not allowed", re.IGNORECASE)
+    r"authori[sz]|authenticat|api[ -]?key|signature|requested ip .* not allowed", re.IGNORECASE
+)
 _SUSPENDED_MESSAGE = re.compile(r"account has been suspended", re.IGNORECASE)
-_NO_PERMISSION_MESSAGE = re.compile(r"permission for this action|tool-not-accessible",
-                                    re.IGNORECASE)
+_NO_PERMISSION_MESSAGE = re.compile(
+    r"permission for this action|tool-not-accessible", re.IGNORECASE
+)
 _NO_MODEL_MESSAGE = re.compile(r"slug-owner-project-not-exist", re.IGNORECASE)
 _VALIDATION_MESSAGE = re.compile(
-    r"\brequest (parameters?|files?)\b|must be (integer|float|between|one of)", re.IGNORECASE)
+    r"\brequest (parameters?|files?)\b|must be (integer|float|between|one of)", re.IGNORECASE
+)
 _URL_MESSAGE = re.compile(r"error parsing url", re.IGNORECASE)
 _NO_TASK_MESSAGE = re.compile(r"\bno task\b|task-not-exist", re.IGNORECASE)
 
@@ -441,8 +444,11 @@ class WiroClient:
                 raise WiroAuthError(message, http_status=status)
             raise WiroRejected(message, http_status=status)
         exc = error_for_code(*error, http_status=status)
-        if status in (401, 403) and type(exc) in (WiroRejected, WiroValidationError,
-                                                  WiroServerError):
+        if status in (401, 403) and type(exc) in (
+            WiroRejected,
+            WiroValidationError,
+            WiroServerError,
+        ):
             # The 401 family is Wiro's answer to credentials, whatever the message says.
             raise WiroAuthError(exc.message, code=exc.code, http_status=status)
         raise exc

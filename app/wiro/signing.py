@@ -17,9 +17,7 @@ from collections.abc import Callable
 
 def sign(api_key: str, api_secret: str, nonce: str) -> str:
     """Lowercase hex HMAC-SHA256 of ``secret + nonce`` keyed with the API key."""
-    return hmac.new(
-        api_key.encode(), (api_secret + nonce).encode(), hashlib.sha256
-    ).hexdigest()
+    return hmac.new(api_key.encode(), (api_secret + nonce).encode(), hashlib.sha256).hexdigest()
 
 
 def verify(api_key: str, api_secret: str, nonce: str, signature: str) -> bool:
@@ -38,8 +36,9 @@ class NonceSource:
     event loop; the critical section is two integer operations.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time, *,
-                 replica_slot: int | None = None) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, *, replica_slot: int | None = None
+    ) -> None:
         if replica_slot is not None and not 0 <= replica_slot < 1000:
             raise ValueError("replica_slot must be in 0..999")
         self._clock = clock

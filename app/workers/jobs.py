@@ -20,21 +20,36 @@ from app.workers.loop import WorkerLoop
 def result_workers(svc: Services) -> list[WorkerLoop]:
     """The three loops, wired into ``svc`` so that domain code can wake them."""
     s = svc.ctx.settings
-    common: dict[str, Any] = dict(concurrency=s.worker_concurrency, batch=s.worker_batch,
-                                  idle_s=s.worker_idle_s)
-    notifier = WorkerLoop("notifier", claim=lambda n: notify.claim_due(svc, limit=n),
-                          act=lambda key: notify.attempt(svc, key),
-                          release=lambda: notify.release_all(svc), **common)
-    outputs = WorkerLoop("outputs", claim=lambda n: results.claim_outputs(svc, limit=n),
-                         act=lambda key: results.store_output(svc, *key),
-                         release=lambda: results.release_all(svc, erasures=False),
-                         **common)
-    eraser = WorkerLoop("eraser", claim=lambda n: results.claim_erasures(svc, limit=n),
-                        act=lambda key: results.process_erasure(svc, key),
-                        release=lambda: results.release_all(svc, outputs=False), **common,
-                        tick=lambda: results.retention_sweep(svc),
-                        tick_every_s=s.retention_sweep_s)
+    common: dict[str, Any] = dict(
+        concurrency=s.worker_concurrency, batch=s.worker_batch, idle_s=s.worker_idle_s
+    )
+    notifier = WorkerLoop(
+        "notifier",
+        claim=lambda n: notify.claim_due(svc, limit=n),
+        act=lambda key: notify.attempt(svc, key),
+        release=lambda: notify.release_all(svc),
+        **common,
+    )
+    outputs = WorkerLoop(
+        "outputs",
+        claim=lambda n: results.claim_outputs(svc, limit=n),
+        act=lambda key: results.store_output(svc, *key),
+        release=lambda: results.release_all(svc, erasures=False),
+        **common,
+    )
+    eraser = WorkerLoop(
+        "eraser",
+        claim=lambda n: results.claim_erasures(svc, limit=n),
+        act=lambda key: results.process_erasure(svc, key),
+        release=lambda: results.release_all(svc, outputs=False),
+        **common,
+        tick=lambda: results.retention_sweep(svc),
+        tick_every_s=s.retention_sweep_s,
+    )
     svc.wake_notifier, svc.wake_outputs, svc.wake_eraser = (
-        notifier.wake, outputs.wake, eraser.wake)
+        notifier.wake,
+        outputs.wake,
+        eraser.wake,
+    )
     wake_after_terminal(svc.ctx.sm, notifier.wake, outputs.wake)
     return [notifier, outputs, eraser]

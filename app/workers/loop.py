@@ -25,14 +25,23 @@ log = logging.getLogger(__name__)
 
 
 class WorkerLoop:
-    def __init__(self, name: str, *, claim: Callable[[int], Awaitable[list[Any]]],
-                 act: Callable[[Any], Awaitable[Any]],
-                 release: Callable[[], Awaitable[Any]], concurrency: int, batch: int,
-                 idle_s: float, grace_s: float = 10.0,
-                 renew: Callable[[], Awaitable[Any]] | None = None,
-                 renew_every_s: float = 10.0,
-                 tick: Callable[[], Awaitable[Any]] | None = None, tick_every_s: float = 60.0,
-                 context: Callable[[Any], contextvars.Context | None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        claim: Callable[[int], Awaitable[list[Any]]],
+        act: Callable[[Any], Awaitable[Any]],
+        release: Callable[[], Awaitable[Any]],
+        concurrency: int,
+        batch: int,
+        idle_s: float,
+        grace_s: float = 10.0,
+        renew: Callable[[], Awaitable[Any]] | None = None,
+        renew_every_s: float = 10.0,
+        tick: Callable[[], Awaitable[Any]] | None = None,
+        tick_every_s: float = 60.0,
+        context: Callable[[Any], contextvars.Context | None] | None = None,
+    ) -> None:
         """``context``: the contextvars a job runs in (e.g. its log fields), per key."""
         self.name = name
         self._claim, self._act, self._release = claim, act, release
@@ -93,8 +102,10 @@ class WorkerLoop:
                     log.exception("%s: claiming failed", self.name)
             for key in claimed:
                 t = asyncio.create_task(
-                    self._guarded(key), name=f"{self.name}:{key}",
-                    context=self._context(key) if self._context is not None else None)
+                    self._guarded(key),
+                    name=f"{self.name}:{key}",
+                    context=self._context(key) if self._context is not None else None,
+                )
                 self._running.add(t)
                 t.add_done_callback(self._done)
             if claimed and len(claimed) == min(self._batch, max(free, 0)):
@@ -138,17 +149,23 @@ class WorkerLoop:
             await asyncio.wait([background], timeout=2.0)
         loop = asyncio.get_running_loop()
         if self._loop_task is not None:
-            await asyncio.wait([self._loop_task],
-                               timeout=max(0.1, self._drain_deadline - loop.time()))
+            await asyncio.wait(
+                [self._loop_task], timeout=max(0.1, self._drain_deadline - loop.time())
+            )
         running = self._running | self._tracked
         if running:
             _, pending = await asyncio.wait(
-                running, timeout=max(0.0, self._drain_deadline - loop.time()))
+                running, timeout=max(0.0, self._drain_deadline - loop.time())
+            )
             for t in pending:
                 t.cancel()  # interrupts the call in progress; the job's finally releases
             if pending:
-                log.warning("shutdown: cancelled %d %s job(s) still running after %.1fs",
-                            len(pending), self.name, self.grace_s)
+                log.warning(
+                    "shutdown: cancelled %d %s job(s) still running after %.1fs",
+                    len(pending),
+                    self.name,
+                    self.grace_s,
+                )
                 await asyncio.wait(pending, timeout=2.0)
         try:
             await self._release()

@@ -24,10 +24,14 @@ class Scheduler(WorkerLoop):
             release=lambda: tasks.release_all(ctx),
             # Every third of a lease: a dead process's tasks are free again one lease
             # (``GATEWAY_LEASE_S``) after its last beat.
-            renew=lambda: tasks.renew_leases(ctx), renew_every_s=max(0.05, s.lease_s / 3),
+            renew=lambda: tasks.renew_leases(ctx),
+            renew_every_s=max(0.05, s.lease_s / 3),
             context=logs.task_context,
-            concurrency=s.worker_concurrency, batch=s.worker_batch, idle_s=s.worker_idle_s,
-            grace_s=grace_s)
+            concurrency=s.worker_concurrency,
+            batch=s.worker_batch,
+            idle_s=s.worker_idle_s,
+            grace_s=grace_s,
+        )
         self.ctx = ctx
 
     def start(self) -> None:

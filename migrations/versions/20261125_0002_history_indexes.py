@@ -21,8 +21,13 @@ def upgrade() -> None:
         batch_op.create_index("ix_tasks_status_id", ["status", "id"])
     if op.get_bind().dialect.name == "postgresql":
         # Serves `metadata @> {"key": "value"}` filters in the history.
-        op.create_index("ix_tasks_metadata_gin", "tasks", ["metadata"],
-                        postgresql_using="gin", postgresql_ops={"metadata": "jsonb_path_ops"})
+        op.create_index(
+            "ix_tasks_metadata_gin",
+            "tasks",
+            ["metadata"],
+            postgresql_using="gin",
+            postgresql_ops={"metadata": "jsonb_path_ops"},
+        )
 
 
 def downgrade() -> None:

@@ -26,8 +26,9 @@ BIGID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 def upgrade() -> None:
     with op.batch_alter_table("tasks") as batch_op:
         batch_op.add_column(sa.Column("images_erased_at", TS, nullable=True))
-        batch_op.create_index("ix_tasks_images_erased_at_completed_at",
-                              ["images_erased_at", "completed_at"])
+        batch_op.create_index(
+            "ix_tasks_images_erased_at_completed_at", ["images_erased_at", "completed_at"]
+        )
 
     op.create_table(
         "deliveries",
@@ -45,8 +46,9 @@ def upgrade() -> None:
         sa.Column("finished_at", TS, nullable=True),
         sa.Column("lease_owner", sa.String(length=64), nullable=True),
         sa.Column("lease_until", TS, nullable=True),
-        sa.ForeignKeyConstraint(["task_id"], ["tasks.id"],
-                                name=op.f("fk_deliveries_task_id_tasks"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["task_id"], ["tasks.id"], name=op.f("fk_deliveries_task_id_tasks"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
     )
     with op.batch_alter_table("deliveries") as batch_op:
@@ -63,14 +65,18 @@ def upgrade() -> None:
         sa.Column("latency_ms", sa.Integer(), nullable=False),
         sa.Column("response_body", sa.Text(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
-        sa.ForeignKeyConstraint(["delivery_id"], ["deliveries.id"],
-                                name=op.f("fk_delivery_attempts_delivery_id_deliveries"),
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["delivery_id"],
+            ["deliveries.id"],
+            name=op.f("fk_delivery_attempts_delivery_id_deliveries"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_delivery_attempts")),
     )
     with op.batch_alter_table("delivery_attempts") as batch_op:
-        batch_op.create_index("uq_delivery_attempts_delivery_id_number",
-                              ["delivery_id", "number"], unique=True)
+        batch_op.create_index(
+            "uq_delivery_attempts_delivery_id_number", ["delivery_id", "number"], unique=True
+        )
 
     op.create_table(
         "task_outputs",
@@ -94,8 +100,12 @@ def upgrade() -> None:
         sa.Column("next_try_at", TS, nullable=True),
         sa.Column("lease_owner", sa.String(length=64), nullable=True),
         sa.Column("lease_until", TS, nullable=True),
-        sa.ForeignKeyConstraint(["task_id"], ["tasks.id"],
-                                name=op.f("fk_task_outputs_task_id_tasks"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["task_id"],
+            ["tasks.id"],
+            name=op.f("fk_task_outputs_task_id_tasks"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("task_id", "idx", name=op.f("pk_task_outputs")),
     )
     with op.batch_alter_table("task_outputs") as batch_op:
@@ -135,8 +145,9 @@ def upgrade() -> None:
         sa.Column("next_try_at", TS, nullable=True),
         sa.Column("lease_owner", sa.String(length=64), nullable=True),
         sa.Column("lease_until", TS, nullable=True),
-        sa.ForeignKeyConstraint(["task_id"], ["tasks.id"],
-                                name=op.f("fk_erasures_task_id_tasks"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["task_id"], ["tasks.id"], name=op.f("fk_erasures_task_id_tasks"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("task_id", name=op.f("pk_erasures")),
     )
     with op.batch_alter_table("erasures") as batch_op:

@@ -37,8 +37,12 @@ def upgrade() -> None:
         sa.Column("admin", sa.Boolean(), nullable=False),
         sa.Column("created_at", app.db.UTCDateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", app.db.UTCDateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(["client"], ["clients.name"],
-                                name=op.f("fk_client_keys_client_clients"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["client"],
+            ["clients.name"],
+            name=op.f("fk_client_keys_client_clients"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_client_keys")),
     )
     with op.batch_alter_table("client_keys") as batch_op:

@@ -49,14 +49,19 @@ def upgrade() -> None:
         sa.Column("task_id", sa.String(length=40), nullable=False),
         sa.Column("key", sa.String(length=40), nullable=False),
         sa.Column("value", sa.String(length=500), nullable=False),
-        sa.ForeignKeyConstraint(["task_id"], ["tasks.id"],
-                                name=op.f("fk_task_metadata_task_id_tasks"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["task_id"],
+            ["tasks.id"],
+            name=op.f("fk_task_metadata_task_id_tasks"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("task_id", "key", name=op.f("pk_task_metadata")),
     )
     op.execute(BACKFILL[op.get_bind().dialect.name])
     # After the backfill: one sorted build instead of a row-by-row index insert.
-    op.create_index("ix_task_metadata_key_value_task_id", "task_metadata",
-                    ["key", "value", "task_id"])
+    op.create_index(
+        "ix_task_metadata_key_value_task_id", "task_metadata", ["key", "value", "task_id"]
+    )
 
 
 def downgrade() -> None:

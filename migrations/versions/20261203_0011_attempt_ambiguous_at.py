@@ -22,8 +22,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("task_attempts") as batch:
-        batch.add_column(sa.Column("ambiguous_at", app.db.UTCDateTime(timezone=True),
-                                   nullable=True))
+        batch.add_column(
+            sa.Column("ambiguous_at", app.db.UTCDateTime(timezone=True), nullable=True)
+        )
 
 
 def downgrade() -> None:

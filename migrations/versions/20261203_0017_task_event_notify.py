@@ -26,10 +26,12 @@ def upgrade() -> None:
     op.execute(
         "CREATE OR REPLACE FUNCTION hgw_task_event_notify() RETURNS trigger "
         "LANGUAGE plpgsql AS $$ BEGIN "
-        "PERFORM pg_notify('hgw_task', NEW.task_id); RETURN NULL; END $$")
+        "PERFORM pg_notify('hgw_task', NEW.task_id); RETURN NULL; END $$"
+    )
     op.execute(
         "CREATE TRIGGER task_events_notify AFTER INSERT ON task_events "
-        "FOR EACH ROW EXECUTE FUNCTION hgw_task_event_notify()")
+        "FOR EACH ROW EXECUTE FUNCTION hgw_task_event_notify()"
+    )
 
 
 def downgrade() -> None:

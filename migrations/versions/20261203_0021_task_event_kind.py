@@ -28,9 +28,12 @@ _RULES: list[tuple[str, str]] = [
     ("failed", "message = 'upstream lost the task' OR message LIKE 'upstream rejected the task:%'"),
     ("timed_out", "message LIKE 'deadline of %'"),
     # "sent upstream": the wording until 2026-12-03
-    ("cancelled", "message IN ('cancelled before it was accepted upstream', "
-                  "'cancelled before it was sent upstream', "
-                  "'upstream confirmed the cancel', 'upstream cancelled the task')"),
+    (
+        "cancelled",
+        "message IN ('cancelled before it was accepted upstream', "
+        "'cancelled before it was sent upstream', "
+        "'upstream confirmed the cancel', 'upstream cancelled the task')",
+    ),
     ("cancel_requested", "message = 'cancel requested'"),
     # a new upstream stage without a transition, whatever read it (a cancel reads
     # Detail too, so this comes before the cancel rule below)
@@ -38,10 +41,16 @@ _RULES: list[tuple[str, str]] = [
     ("cancel_sent", "source = 'cancel' AND status IS NULL"),
     ("detail_failed", "message LIKE 'Detail failed:%'"),
     ("extra_stopped", "message LIKE 'attempt % started a second upstream task%'"),
-    ("run_ambiguous", "message LIKE 'attempt %: no answer was recorded%' "
-                      "OR message LIKE 'attempt %: the upstream Run gave no usable answer%'"),
-    ("run_abandoned", "message LIKE 'attempt %sending again as attempt%' "
-                      "OR message LIKE 'attempt %: no upstream task found for it%'"),
+    (
+        "run_ambiguous",
+        "message LIKE 'attempt %: no answer was recorded%' "
+        "OR message LIKE 'attempt %: the upstream Run gave no usable answer%'",
+    ),
+    (
+        "run_abandoned",
+        "message LIKE 'attempt %sending again as attempt%' "
+        "OR message LIKE 'attempt %: no upstream task found for it%'",
+    ),
     ("run_retry", "source = 'dispatcher' AND status IS NULL AND message LIKE 'attempt %:%'"),
     ("notification_delivered", "source = 'delivery' AND message LIKE '% delivered after %'"),
     ("notification_failed", "source = 'delivery'"),
@@ -51,9 +60,12 @@ _RULES: list[tuple[str, str]] = [
     ("upstream_erase_retry", "message LIKE 'erasure incomplete%'"),
     # The first release wrote the current status on stage changes too: only the first
     # event naming a status was the transition (a status is entered at most once).
-    ("upstream_status", "status IS NOT NULL AND EXISTS (SELECT 1 FROM task_events p "
-                        "WHERE p.task_id = task_events.task_id AND p.status = "
-                        "task_events.status AND p.id < task_events.id)"),
+    (
+        "upstream_status",
+        "status IS NOT NULL AND EXISTS (SELECT 1 FROM task_events p "
+        "WHERE p.task_id = task_events.task_id AND p.status = "
+        "task_events.status AND p.id < task_events.id)",
+    ),
     ("progressed", "status IS NOT NULL"),
     ("upstream_status", "1 = 1"),
 ]
@@ -64,8 +76,10 @@ def upgrade() -> None:
         batch.add_column(sa.Column("kind", sa.String(32), nullable=True))
     for kind, condition in _RULES:
         # constants of this file, not input
-        op.execute(f"UPDATE task_events SET kind = '{kind}' "  # noqa: S608
-                   f"WHERE kind IS NULL AND ({condition})")
+        op.execute(
+            f"UPDATE task_events SET kind = '{kind}' "  # noqa: S608
+            f"WHERE kind IS NULL AND ({condition})"
+        )
 
 
 def downgrade() -> None:

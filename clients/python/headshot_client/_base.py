@@ -56,8 +56,14 @@ class RetryPolicy:
         base: float = min(self.max_backoff, self.backoff * 2**attempt)
         return base * (0.5 + random.random() / 2)
 
-    def after_response(self, attempt: int, response: httpx.Response, *,
-                       idempotent: bool, also: frozenset[int] = frozenset()) -> float | None:
+    def after_response(
+        self,
+        attempt: int,
+        response: httpx.Response,
+        *,
+        idempotent: bool,
+        also: frozenset[int] = frozenset(),
+    ) -> float | None:
         """Seconds to wait before retrying this answer (``also``: statuses this call may
         retry besides 429/503); None: do not retry."""
         status = response.status_code
@@ -72,8 +78,9 @@ class RetryPolicy:
             return None
         return retry_after
 
-    def after_error(self, attempt: int, exc: httpx.TransportError, *,
-                    idempotent: bool) -> float | None:
+    def after_error(
+        self, attempt: int, exc: httpx.TransportError, *, idempotent: bool
+    ) -> float | None:
         """Seconds to wait before retrying after a transport error; None: do not retry."""
         if attempt >= self.max_retries:
             return None
@@ -105,16 +112,24 @@ def make_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
 
 
 def default_headers(api_key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}", "Accept": "application/json",
-            "User-Agent": f"headshot-gateway-client/{__version__}"}
+    return {
+        "Authorization": f"Bearer {api_key}",
+        "Accept": "application/json",
+        "User-Agent": f"headshot-gateway-client/{__version__}",
+    }
 
 
 # ---------------------------------------------------------------- the calls
 
 
-def submit_call(*, input: Mapping[str, Any], webhook_url: str | None,
-                metadata: Mapping[str, str] | None, idempotency_key: str | None,
-                model: str | None) -> Call:
+def submit_call(
+    *,
+    input: Mapping[str, Any],
+    webhook_url: str | None,
+    metadata: Mapping[str, str] | None,
+    idempotency_key: str | None,
+    model: str | None,
+) -> Call:
     body: dict[str, Any] = {"input": dict(input)}
     if model is not None:
         body["model"] = model
@@ -127,8 +142,14 @@ def submit_call(*, input: Mapping[str, Any], webhook_url: str | None,
     key = idempotency_key if idempotency_key is not None else f"hgc-{uuid.uuid4()}"
     # A 409 here means "the same key is still being processed" (a first attempt whose
     # answer was lost is still running): retried, it becomes that attempt's task.
-    return Call("POST", "/v1/tasks", idempotent=True, json=body,
-                headers={"Idempotency-Key": key}, retry_also=frozenset({409}))
+    return Call(
+        "POST",
+        "/v1/tasks",
+        idempotent=True,
+        json=body,
+        headers={"Idempotency-Key": key},
+        retry_also=frozenset({409}),
+    )
 
 
 def task_path(task_id: str) -> str:
@@ -147,10 +168,13 @@ def wait_call(task_id: str, seconds: int, timeout: httpx.Timeout) -> Call:
         return get_call(task_id)
     # The read timeout must outlast the hold.
     read = max(timeout.read or 0.0, seconds + 15.0)
-    return Call("GET", task_path(task_id), idempotent=True,
-                headers={"Prefer": f"wait={seconds}"},
-                timeout=httpx.Timeout(timeout.connect, read=read, write=timeout.write,
-                                      pool=timeout.pool))
+    return Call(
+        "GET",
+        task_path(task_id),
+        idempotent=True,
+        headers={"Prefer": f"wait={seconds}"},
+        timeout=httpx.Timeout(timeout.connect, read=read, write=timeout.write, pool=timeout.pool),
+    )
 
 
 def wait_chunk(remaining: float | None) -> int:
@@ -178,10 +202,17 @@ def _timestamp(name: str, value: datetime | str) -> str:
     return value.isoformat()
 
 
-def list_call(*, status: str | Iterable[str] | None, model: str | None,
-              created_after: datetime | str | None, created_before: datetime | str | None,
-              metadata: Mapping[str, str] | None, client: str | None, limit: int | None,
-              cursor: str | None) -> Call:
+def list_call(
+    *,
+    status: str | Iterable[str] | None,
+    model: str | None,
+    created_after: datetime | str | None,
+    created_before: datetime | str | None,
+    metadata: Mapping[str, str] | None,
+    client: str | None,
+    limit: int | None,
+    cursor: str | None,
+) -> Call:
     params: list[tuple[str, str]] = []
     if status is not None:
         for s in [status] if isinstance(status, str) else status:
@@ -205,8 +236,7 @@ def list_call(*, status: str | Iterable[str] | None, model: str | None,
 
 def task_page(response: httpx.Response) -> Page[Task]:
     body = response.json()
-    return Page(data=[Task.from_dict(t) for t in body["data"]],
-                next_cursor=body.get("next_cursor"))
+    return Page(data=[Task.from_dict(t) for t in body["data"]], next_cursor=body.get("next_cursor"))
 
 
 def events_call(task_id: str, cursor: str | None) -> Call:
@@ -216,8 +246,9 @@ def events_call(task_id: str, cursor: str | None) -> Call:
 
 def event_page(response: httpx.Response) -> Page[Event]:
     body = response.json()
-    return Page(data=[Event.from_dict(e) for e in body["data"]],
-                next_cursor=body.get("next_cursor"))
+    return Page(
+        data=[Event.from_dict(e) for e in body["data"]], next_cursor=body.get("next_cursor")
+    )
 
 
 def cancel_call(task_id: str) -> Call:
@@ -242,13 +273,15 @@ def upload_call(path: str | os.PathLike[str]) -> Call:
     p = Path(path)
     ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
     # Not repeated on a lost answer (a second upload would be an orphan copy).
-    return Call("POST", "/v1/uploads", idempotent=False,
-                files={"file": (p.name, p.read_bytes(), ctype)})
+    return Call(
+        "POST", "/v1/uploads", idempotent=False, files={"file": (p.name, p.read_bytes(), ctype)}
+    )
 
 
 def task(response: httpx.Response) -> Task:
-    return Task.from_dict(response.json(),
-                          replayed=response.headers.get("idempotent-replayed") == "true")
+    return Task.from_dict(
+        response.json(), replayed=response.headers.get("idempotent-replayed") == "true"
+    )
 
 
 # ---------------------------------------------------------------- Server-Sent Events
@@ -279,8 +312,9 @@ class SSEDecoder:
             if not self._data:
                 self._event = ""
                 return None
-            sse = ServerSentEvent(data="\n".join(self._data), event=self._event or "message",
-                                  id=self.last_id)
+            sse = ServerSentEvent(
+                data="\n".join(self._data), event=self._event or "message", id=self.last_id
+            )
             self._data, self._event = [], ""
             return sse
         if line.startswith(":"):
@@ -302,9 +336,15 @@ def stream_call(task_id: str, last_event_id: str | None, timeout: httpx.Timeout)
     headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id
-    return Call("GET", f"{task_path(task_id)}/events", idempotent=True, headers=headers,
-                timeout=httpx.Timeout(timeout.connect, read=STREAM_READ_TIMEOUT_S,
-                                      write=timeout.write, pool=timeout.pool))
+    return Call(
+        "GET",
+        f"{task_path(task_id)}/events",
+        idempotent=True,
+        headers=headers,
+        timeout=httpx.Timeout(
+            timeout.connect, read=STREAM_READ_TIMEOUT_S, write=timeout.write, pool=timeout.pool
+        ),
+    )
 
 
 def reconnect_delay(policy: RetryPolicy, failures: int, retry_ms: int | None) -> float:
@@ -332,6 +372,7 @@ def not_a_stream(response: httpx.Response) -> HeadshotError | None:
     ctype = response.headers.get("content-type", "")
     if ctype.split(";")[0].strip() == "text/event-stream":
         return None
-    return StreamError(f"the gateway answered {ctype or 'no content type'} instead of an "
-                       "event stream (a gateway without the live stream?)")
-
+    return StreamError(
+        f"the gateway answered {ctype or 'no content type'} instead of an "
+        "event stream (a gateway without the live stream?)"
+    )

@@ -28,8 +28,7 @@ from headshot_client._models import Delivery, Event, Page, Task, WebhookEvent
 Timestamp = datetime | str
 
 
-def verify_webhook(payload: bytes | str, headers: Mapping[str, str],
-                   secret: str) -> WebhookEvent:
+def verify_webhook(payload: bytes | str, headers: Mapping[str, str], secret: str) -> WebhookEvent:
     """Check a notification's Standard Webhooks signature and return the event in it.
 
     ``payload`` is the request body exactly as received (bytes or text, not re-encoded
@@ -56,9 +55,15 @@ def _since(last_id: str | None, events: Iterable[Event]) -> builtins.list[Event]
 
 
 class _Common:
-    def __init__(self, base_url: str, api_key: str, *,
-                 timeout: float | httpx.Timeout | None, max_retries: int,
-                 max_retry_after: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float | httpx.Timeout | None,
+        max_retries: int,
+        max_retry_after: float,
+    ) -> None:
         if not api_key:
             raise ValueError("api_key is required")
         self.base_url = base_url.rstrip("/")
@@ -68,9 +73,14 @@ class _Common:
 
     def _request(self, http: httpx.Client | httpx.AsyncClient, call: b.Call) -> httpx.Request:
         return http.build_request(
-            call.method, self.base_url + call.path, params=tuple(call.params),
-            json=call.json, files=call.files, headers={**self._headers, **call.headers},
-            timeout=call.timeout or self.timeout)
+            call.method,
+            self.base_url + call.path,
+            params=tuple(call.params),
+            json=call.json,
+            files=call.files,
+            headers={**self._headers, **call.headers},
+            timeout=call.timeout or self.timeout,
+        )
 
     verify_webhook = staticmethod(verify_webhook)
 
@@ -84,15 +94,25 @@ class Client(_Common):
     own ``httpx.Client`` (proxies, TLS, a test transport); it is not closed here.
     """
 
-    def __init__(self, base_url: str, api_key: str, *,
-                 timeout: float | httpx.Timeout | None = b.DEFAULT_TIMEOUT_S,
-                 max_retries: int = 3, max_retry_after: float = 60.0,
-                 http_client: httpx.Client | None = None) -> None:
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
-                         max_retry_after=max_retry_after)
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float | httpx.Timeout | None = b.DEFAULT_TIMEOUT_S,
+        max_retries: int = 3,
+        max_retry_after: float = 60.0,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_retry_after=max_retry_after,
+        )
         self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.Client(
-            timeout=self.timeout)
+        self._http = http_client if http_client is not None else httpx.Client(timeout=self.timeout)
         self._sleep: Callable[[float], None] = time.sleep
 
     def close(self) -> None:
@@ -117,9 +137,9 @@ class Client(_Common):
             else:
                 if response.is_success:
                     return response
-                delay = self.retry.after_response(attempt, response,
-                                                  idempotent=call.idempotent,
-                                                  also=call.retry_also)
+                delay = self.retry.after_response(
+                    attempt, response, idempotent=call.idempotent, also=call.retry_also
+                )
                 if delay is None:
                     response.read()
                     response.close()
@@ -130,15 +150,29 @@ class Client(_Common):
 
     # ------------------------------------------------------------ tasks
 
-    def submit(self, *, input: Mapping[str, Any], webhook_url: str | None = None,
-               metadata: Mapping[str, str] | None = None, idempotency_key: str | None = None,
-               model: str | None = None) -> Task:
+    def submit(
+        self,
+        *,
+        input: Mapping[str, Any],
+        webhook_url: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        model: str | None = None,
+    ) -> Task:
         """Create a task (``POST /v1/tasks``). Without ``idempotency_key`` one is made, so
         the client's own retries never create a second task; ``task.replayed`` says the
         gateway answered an earlier request's task."""
-        return b.task(self._send(b.submit_call(
-            input=input, webhook_url=webhook_url, metadata=metadata,
-            idempotency_key=idempotency_key, model=model)))
+        return b.task(
+            self._send(
+                b.submit_call(
+                    input=input,
+                    webhook_url=webhook_url,
+                    metadata=metadata,
+                    idempotency_key=idempotency_key,
+                    model=model,
+                )
+            )
+        )
 
     def get(self, task_id: str) -> Task:
         return b.task(self._send(b.get_call(task_id)))
@@ -161,29 +195,60 @@ class Client(_Common):
                 self._sleep(pause if deadline is None else min(pause, deadline - now))
                 pause = min(pause * 2, 5.0)
 
-    def list_page(self, *, status: str | Iterable[str] | None = None, model: str | None = None,
-                  created_after: Timestamp | None = None,
-                  created_before: Timestamp | None = None,
-                  metadata: Mapping[str, str] | None = None, client: str | None = None,
-                  limit: int | None = None, cursor: str | None = None) -> Page[Task]:
+    def list_page(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        model: str | None = None,
+        created_after: Timestamp | None = None,
+        created_before: Timestamp | None = None,
+        metadata: Mapping[str, str] | None = None,
+        client: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Task]:
         """One page of the history, newest first (see ``list``)."""
-        return b.task_page(self._send(b.list_call(
-            status=status, model=model, created_after=created_after,
-            created_before=created_before, metadata=metadata, client=client, limit=limit,
-            cursor=cursor)))
+        return b.task_page(
+            self._send(
+                b.list_call(
+                    status=status,
+                    model=model,
+                    created_after=created_after,
+                    created_before=created_before,
+                    metadata=metadata,
+                    client=client,
+                    limit=limit,
+                    cursor=cursor,
+                )
+            )
+        )
 
-    def list(self, *, status: str | Iterable[str] | None = None, model: str | None = None,
-             created_after: Timestamp | None = None, created_before: Timestamp | None = None,
-             metadata: Mapping[str, str] | None = None, client: str | None = None,
-             limit: int | None = None) -> Iterator[Task]:
+    def list(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        model: str | None = None,
+        created_after: Timestamp | None = None,
+        created_before: Timestamp | None = None,
+        metadata: Mapping[str, str] | None = None,
+        client: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Task]:
         """Every task that matches, newest first, fetching page after page (``limit`` per
         page, 1-200). ``status`` one or several; ``metadata`` exact matches;
         ``client`` for admin keys."""
         cursor: str | None = None
         while True:
-            page = self.list_page(status=status, model=model, created_after=created_after,
-                                  created_before=created_before, metadata=metadata,
-                                  client=client, limit=limit, cursor=cursor)
+            page = self.list_page(
+                status=status,
+                model=model,
+                created_after=created_after,
+                created_before=created_before,
+                metadata=metadata,
+                client=client,
+                limit=limit,
+                cursor=cursor,
+            )
             yield from page.data
             if not page.next_cursor:
                 return
@@ -213,8 +278,7 @@ class Client(_Common):
         retry_ms: int | None = None  # the stream's own ``retry:`` advice
         while True:
             try:
-                response = self._send(b.stream_call(task_id, last_id, self.timeout),
-                                      stream=True)
+                response = self._send(b.stream_call(task_id, last_id, self.timeout), stream=True)
                 try:
                     if (wrong := b.not_a_stream(response)) is not None:
                         raise wrong
@@ -274,15 +338,27 @@ class AsyncClient(_Common):
     """The gateway's API for asyncio: the same methods as ``Client``, awaited (``list`` and
     ``stream`` are async iterators). Use ``async with`` or ``await aclose()``."""
 
-    def __init__(self, base_url: str, api_key: str, *,
-                 timeout: float | httpx.Timeout | None = b.DEFAULT_TIMEOUT_S,
-                 max_retries: int = 3, max_retry_after: float = 60.0,
-                 http_client: httpx.AsyncClient | None = None) -> None:
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
-                         max_retry_after=max_retry_after)
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float | httpx.Timeout | None = b.DEFAULT_TIMEOUT_S,
+        max_retries: int = 3,
+        max_retry_after: float = 60.0,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_retry_after=max_retry_after,
+        )
         self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.AsyncClient(
-            timeout=self.timeout)
+        self._http = (
+            http_client if http_client is not None else httpx.AsyncClient(timeout=self.timeout)
+        )
         self._sleep: Callable[[float], Any] = asyncio.sleep
 
     async def aclose(self) -> None:
@@ -299,8 +375,7 @@ class AsyncClient(_Common):
         attempt = 0
         while True:
             try:
-                response = await self._http.send(self._request(self._http, call),
-                                                 stream=stream)
+                response = await self._http.send(self._request(self._http, call), stream=stream)
             except httpx.TransportError as exc:
                 delay = self.retry.after_error(attempt, exc, idempotent=call.idempotent)
                 if delay is None:
@@ -308,9 +383,9 @@ class AsyncClient(_Common):
             else:
                 if response.is_success:
                     return response
-                delay = self.retry.after_response(attempt, response,
-                                                  idempotent=call.idempotent,
-                                                  also=call.retry_also)
+                delay = self.retry.after_response(
+                    attempt, response, idempotent=call.idempotent, also=call.retry_also
+                )
                 if delay is None:
                     await response.aread()
                     await response.aclose()
@@ -319,13 +394,27 @@ class AsyncClient(_Common):
             await self._sleep(delay)
             attempt += 1
 
-    async def submit(self, *, input: Mapping[str, Any], webhook_url: str | None = None,
-                     metadata: Mapping[str, str] | None = None,
-                     idempotency_key: str | None = None, model: str | None = None) -> Task:
+    async def submit(
+        self,
+        *,
+        input: Mapping[str, Any],
+        webhook_url: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        model: str | None = None,
+    ) -> Task:
         """See ``Client.submit``."""
-        return b.task(await self._send(b.submit_call(
-            input=input, webhook_url=webhook_url, metadata=metadata,
-            idempotency_key=idempotency_key, model=model)))
+        return b.task(
+            await self._send(
+                b.submit_call(
+                    input=input,
+                    webhook_url=webhook_url,
+                    metadata=metadata,
+                    idempotency_key=idempotency_key,
+                    model=model,
+                )
+            )
+        )
 
     async def get(self, task_id: str) -> Task:
         return b.task(await self._send(b.get_call(task_id)))
@@ -347,28 +436,57 @@ class AsyncClient(_Common):
                 await self._sleep(pause if deadline is None else min(pause, deadline - now))
                 pause = min(pause * 2, 5.0)
 
-    async def list_page(self, *, status: str | Iterable[str] | None = None,
-                        model: str | None = None, created_after: Timestamp | None = None,
-                        created_before: Timestamp | None = None,
-                        metadata: Mapping[str, str] | None = None, client: str | None = None,
-                        limit: int | None = None, cursor: str | None = None) -> Page[Task]:
-        return b.task_page(await self._send(b.list_call(
-            status=status, model=model, created_after=created_after,
-            created_before=created_before, metadata=metadata, client=client, limit=limit,
-            cursor=cursor)))
+    async def list_page(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        model: str | None = None,
+        created_after: Timestamp | None = None,
+        created_before: Timestamp | None = None,
+        metadata: Mapping[str, str] | None = None,
+        client: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Task]:
+        return b.task_page(
+            await self._send(
+                b.list_call(
+                    status=status,
+                    model=model,
+                    created_after=created_after,
+                    created_before=created_before,
+                    metadata=metadata,
+                    client=client,
+                    limit=limit,
+                    cursor=cursor,
+                )
+            )
+        )
 
-    async def list(self, *, status: str | Iterable[str] | None = None,
-                   model: str | None = None, created_after: Timestamp | None = None,
-                   created_before: Timestamp | None = None,
-                   metadata: Mapping[str, str] | None = None, client: str | None = None,
-                   limit: int | None = None) -> AsyncIterator[Task]:
+    async def list(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        model: str | None = None,
+        created_after: Timestamp | None = None,
+        created_before: Timestamp | None = None,
+        metadata: Mapping[str, str] | None = None,
+        client: str | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[Task]:
         """See ``Client.list``."""
         cursor: str | None = None
         while True:
-            page = await self.list_page(status=status, model=model,
-                                        created_after=created_after,
-                                        created_before=created_before, metadata=metadata,
-                                        client=client, limit=limit, cursor=cursor)
+            page = await self.list_page(
+                status=status,
+                model=model,
+                created_after=created_after,
+                created_before=created_before,
+                metadata=metadata,
+                client=client,
+                limit=limit,
+                cursor=cursor,
+            )
             for task in page.data:
                 yield task
             if not page.next_cursor:
@@ -394,7 +512,8 @@ class AsyncClient(_Common):
         while True:
             try:
                 response = await self._send(
-                    b.stream_call(task_id, last_id, self.timeout), stream=True)
+                    b.stream_call(task_id, last_id, self.timeout), stream=True
+                )
                 try:
                     if (wrong := b.not_a_stream(response)) is not None:
                         raise wrong

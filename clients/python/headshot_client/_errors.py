@@ -40,9 +40,16 @@ class HeadshotError(Exception):
 class ApiError(HeadshotError):
     """The gateway answered with an error status; the fields of its problem+json."""
 
-    def __init__(self, *, status: int, type: str = "about:blank", title: str = "",
-                 detail: str = "", errors: list[dict[str, Any]] | None = None,
-                 headers: httpx.Headers | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        status: int,
+        type: str = "about:blank",
+        title: str = "",
+        detail: str = "",
+        errors: list[dict[str, Any]] | None = None,
+        headers: httpx.Headers | None = None,
+    ) -> None:
         super().__init__(f"{status} {title}: {detail}" if detail else f"{status} {title}")
         self.status = status
         self.type = type
@@ -113,9 +120,17 @@ class WebhookVerificationError(HeadshotError):
 
 
 _BY_STATUS: dict[int, type[ApiError]] = {
-    400: BadRequest, 401: AuthError, 403: AuthError, 404: NotFound, 409: Conflict,
-    410: Gone, 413: PayloadTooLarge, 415: UnsupportedMediaType, 422: ValidationError,
-    429: RateLimited, 503: ServiceUnavailable,
+    400: BadRequest,
+    401: AuthError,
+    403: AuthError,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: ValidationError,
+    429: RateLimited,
+    503: ServiceUnavailable,
 }
 
 
@@ -130,13 +145,21 @@ def error_from_response(response: httpx.Response) -> ApiError:
         pass
     if not isinstance(problem, dict):
         # Not problem+json (a proxy's HTML page, say): keep a little of the text.
-        return cls(status=status, title=response.reason_phrase,
-                   detail=response.text[:500].strip(), headers=response.headers)
+        return cls(
+            status=status,
+            title=response.reason_phrase,
+            detail=response.text[:500].strip(),
+            headers=response.headers,
+        )
     errors = problem.get("errors")
-    return cls(status=status, type=str(problem.get("type") or "about:blank"),
-               title=str(problem.get("title") or response.reason_phrase),
-               detail=str(problem.get("detail") or ""),
-               errors=errors if isinstance(errors, list) else None, headers=response.headers)
+    return cls(
+        status=status,
+        type=str(problem.get("type") or "about:blank"),
+        title=str(problem.get("title") or response.reason_phrase),
+        detail=str(problem.get("detail") or ""),
+        errors=errors if isinstance(errors, list) else None,
+        headers=response.headers,
+    )
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -30,7 +30,8 @@ class Status(StrEnum):
 
 
 TERMINAL: frozenset[str] = frozenset(
-    {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
+    {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT}
+)
 
 
 def _ts(value: Any) -> datetime:
@@ -56,9 +57,16 @@ class Output:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Output:
-        return cls(name=d["name"], url=d["url"], content_type=d.get("content_type"),
-                   size=d.get("size"), upstream_url=d.get("upstream_url"),
-                   sha256=d.get("sha256"), width=d.get("width"), height=d.get("height"))
+        return cls(
+            name=d["name"],
+            url=d["url"],
+            content_type=d.get("content_type"),
+            size=d.get("size"),
+            upstream_url=d.get("upstream_url"),
+            sha256=d.get("sha256"),
+            width=d.get("width"),
+            height=d.get("height"),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,16 +125,22 @@ class Task:
         error = d.get("error")
         cost = d.get("cost_usd")
         return cls(
-            id=d["id"], model=d["model"], status=_status(d["status"]),
+            id=d["id"],
+            model=d["model"],
+            status=_status(d["status"]),
             input=dict(d.get("input") or {}),
             outputs=[Output.from_dict(o) for o in d.get("outputs") or []],
             error=None if error is None else TaskError.from_dict(error),
             upstream=Upstream.from_dict(d.get("upstream") or {}),
             cost_usd=None if cost is None else Decimal(cost),
-            metadata=dict(d.get("metadata") or {}), webhook_url=d.get("webhook_url"),
-            created_at=_ts(d["created_at"]), updated_at=_ts(d["updated_at"]),
+            metadata=dict(d.get("metadata") or {}),
+            webhook_url=d.get("webhook_url"),
+            created_at=_ts(d["created_at"]),
+            updated_at=_ts(d["updated_at"]),
             completed_at=_ts_or_none(d.get("completed_at")),
-            images_erased_at=_ts_or_none(d.get("images_erased_at")), replayed=replayed)
+            images_erased_at=_ts_or_none(d.get("images_erased_at")),
+            replayed=replayed,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,9 +170,15 @@ class Event:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Event:
         status = d.get("status")
-        return cls(id=int(d["id"]), at=_ts(d["at"]), source=d["source"], kind=d.get("kind"),
-                   status=None if status is None else _status(status),
-                   upstream_status=d.get("upstream_status"), message=d.get("message"))
+        return cls(
+            id=int(d["id"]),
+            at=_ts(d["at"]),
+            source=d["source"],
+            kind=d.get("kind"),
+            status=None if status is None else _status(status),
+            upstream_status=d.get("upstream_status"),
+            message=d.get("message"),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,9 +202,14 @@ class DeliveryAttempt:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeliveryAttempt:
-        return cls(number=d["number"], at=_ts(d["at"]), status_code=d.get("status_code"),
-                   latency_ms=d["latency_ms"], response_body=d.get("response_body"),
-                   error=d.get("error"))
+        return cls(
+            number=d["number"],
+            at=_ts(d["at"]),
+            status_code=d.get("status_code"),
+            latency_ms=d["latency_ms"],
+            response_body=d.get("response_body"),
+            error=d.get("error"),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,11 +228,17 @@ class Delivery:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Delivery:
-        return cls(id=d["id"], type=d["type"], reason=d["reason"], url=d["url"],
-                   status=d["status"], created_at=_ts(d["created_at"]),
-                   next_attempt_at=_ts_or_none(d.get("next_attempt_at")),
-                   finished_at=_ts_or_none(d.get("finished_at")),
-                   attempts=[DeliveryAttempt.from_dict(a) for a in d.get("attempts") or []])
+        return cls(
+            id=d["id"],
+            type=d["type"],
+            reason=d["reason"],
+            url=d["url"],
+            status=d["status"],
+            created_at=_ts(d["created_at"]),
+            next_attempt_at=_ts_or_none(d.get("next_attempt_at")),
+            finished_at=_ts_or_none(d.get("finished_at")),
+            attempts=[DeliveryAttempt.from_dict(a) for a in d.get("attempts") or []],
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
