@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, cast
 from urllib.parse import urlencode, urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, Form, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +30,7 @@ from app.api.deps import (
 from app.api.streaming import EventStream
 from app.clients import key_digest
 from app.console import extras
+from app.console.filters import DEFAULT_LIMIT, LIMITS, Filters, history_args
 from app.console.render import STATIC, error_page, render, secure
 from app.console.sessions import close_session, csrf_matches, find_session, open_session
 from app.context import Ctx
@@ -70,23 +69,34 @@ class ConsoleRoute(APIRoute):
                 query = {"next": _here(request)} if request.method == "GET" else {}
                 if e.message:
                     query["expired"] = "1"
-                return secure(RedirectResponse(
-                    "/console/sign-in" + (f"?{urlencode(query)}" if query else ""), 303))
+                return secure(
+                    RedirectResponse(
+                        "/console/sign-in" + (f"?{urlencode(query)}" if query else ""), 303
+                    )
+                )
             except CsrfRejected:
-                return error_page(403, "Form expired",
-                                  "This form was not sent from a page of this console "
-                                  "session. Go back, reload the page and try again.")
+                return error_page(
+                    403,
+                    "Form expired",
+                    "This form was not sent from a page of this console "
+                    "session. Go back, reload the page and try again.",
+                )
             except NotFound:
-                return error_page(404, "Not found",
-                                  "There is no such task, or it is not yours to see.",
-                                  context=_viewer_context(request))
+                return error_page(
+                    404,
+                    "Not found",
+                    "There is no such task, or it is not yours to see.",
+                    context=_viewer_context(request),
+                )
             except GatewayError as e:
-                return error_page(e.status, e.title, e.detail,
-                                  context=_viewer_context(request))
+                return error_page(e.status, e.title, e.detail, context=_viewer_context(request))
             except RequestValidationError:
-                return error_page(422, "Invalid address",
-                                  "The address has a value the console cannot read.",
-                                  context=_viewer_context(request))
+                return error_page(
+                    422,
+                    "Invalid address",
+                    "The address has a value the console cannot read.",
+                    context=_viewer_context(request),
+                )
 
         return guarded
 
@@ -171,8 +181,13 @@ def _cookie_secure(ctx: Ctx) -> bool:
 
 def _safe_next(value: str | None) -> str:
     """Only a console path: never an open redirect."""
-    if value and value.startswith("/console/") and not value.startswith("//") \
-            and "\\" not in value and "sign-" not in value:
+    if (
+        value
+        and value.startswith("/console/")
+        and not value.startswith("//")
+        and "\\" not in value
+        and "sign-" not in value
+    ):
         return value
     return "/console/tasks"
 
@@ -187,33 +202,55 @@ async def home() -> Response:
 
 
 @router.get("/sign-in")
-async def sign_in_page(next: str | None = None, expired: str | None = None,
-                       out: str | None = None) -> Response:
+async def sign_in_page(
+    next: str | None = None, expired: str | None = None, out: str | None = None
+) -> Response:
     notice = None
     if expired:
         notice = {"kind": "info", "text": "Your session has ended. Sign in again."}
     elif out:
         notice = {"kind": "info", "text": "You are signed out."}
-    return render("sign_in.html", {"next": _safe_next(next), "notice": notice,
-                                   "section": "sign-in"})
+    return render(
+        "sign_in.html", {"next": _safe_next(next), "notice": notice, "section": "sign-in"}
+    )
 
 
 @router.post("/sign-in")
-async def sign_in(request: Request, ctx: Context, key: Annotated[str, Form()] = "",
-                  next: Annotated[str, Form()] = "") -> Response:
+async def sign_in(
+    request: Request,
+    ctx: Context,
+    key: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "",
+) -> Response:
     if not _same_origin(request):
         raise CsrfRejected
     try:
         who = await principal_for_key(request, key.strip())
     except Unauthorized:
-        return render("sign_in.html", {
-            "next": _safe_next(next), "section": "sign-in", "key_error": True,
-            "notice": {"kind": "error", "text": "That key was not accepted. Check it and "
-                                                 "try again."}}, status_code=401)
+        return render(
+            "sign_in.html",
+            {
+                "next": _safe_next(next),
+                "section": "sign-in",
+                "key_error": True,
+                "notice": {
+                    "kind": "error",
+                    "text": "That key was not accepted. Check it and try again.",
+                },
+            },
+            status_code=401,
+        )
     opened = await open_session(ctx, key_digest=key_digest(key.strip()), client=who.client)
     response = RedirectResponse(_safe_next(next), 303)
-    response.set_cookie(COOKIE, opened.token, max_age=12 * 3600, path="/console",
-                        httponly=True, samesite="strict", secure=_cookie_secure(ctx))
+    response.set_cookie(
+        COOKIE,
+        opened.token,
+        max_age=12 * 3600,
+        path="/console",
+        httponly=True,
+        samesite="strict",
+        secure=_cookie_secure(ctx),
+    )
     return response
 
 
@@ -221,100 +258,19 @@ async def sign_in(request: Request, ctx: Context, key: Annotated[str, Form()] = 
 async def sign_out(request: Request, ctx: Context, me: Actor) -> Response:
     await close_session(ctx, token=request.cookies.get(COOKIE, ""))
     response = RedirectResponse("/console/sign-in?out=1", 303)
-    response.delete_cookie(COOKIE, path="/console", httponly=True, samesite="strict",
-                           secure=_cookie_secure(ctx))
+    response.delete_cookie(
+        COOKIE, path="/console", httponly=True, samesite="strict", secure=_cookie_secure(ctx)
+    )
     return response
 
 
 # ---------------------------------------------------------------- the task list
 
 
-@dataclass
-class Filters:
-    """The history API's filters, as a form: dates are days in the viewer's zone."""
-
-    statuses: list[str]
-    client: str
-    date_from: str
-    date_to: str
-    tz: str
-    meta_key: str
-    meta_value: str
-    limit: int
-
-    def query(self, **extra: str) -> str:
-        pairs: list[tuple[str, str]] = [("status", s) for s in self.statuses]
-        for name in ("client", "date_from", "date_to", "tz", "meta_key", "meta_value"):
-            if value := getattr(self, name):
-                pairs.append((name, value))
-        if self.limit != DEFAULT_LIMIT:
-            pairs.append(("limit", str(self.limit)))
-        pairs += [(k, v) for k, v in extra.items() if v]
-        return urlencode(pairs)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.statuses or self.client or self.date_from or self.date_to
-                    or self.meta_key)
-
-
-DEFAULT_LIMIT = 25
-LIMITS = (10, 25, 50, 100, 200)
-
-
-def _zone(name: str) -> ZoneInfo | Any:
-    try:
-        return ZoneInfo(name) if name and len(name) < 64 else UTC
-    except (ZoneInfoNotFoundError, ValueError):
-        return UTC
-
-
-def _day(value: str, field: str) -> date | None:
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(f"{field} is not a date (YYYY-MM-DD).") from None
-
-
-def _history_args(f: Filters, me: Viewer) -> dict[str, Any]:
-    """The filters as the arguments the API's history route gives ``tasks.list_tasks``,
-    with the same rules (admin-only client filter, metadata limits)."""
-    try:
-        statuses = [Status(s) for s in f.statuses]
-    except ValueError:
-        raise InvalidRequest("Unknown status in the filter.") from None
-    scope = me.scope
-    if f.client:
-        if not me.admin:
-            raise InvalidRequest("Only admin keys may filter by client.")
-        scope = f.client
-    zone = _zone(f.tz)
-    start, end = _day(f.date_from, "From"), _day(f.date_to, "To")
-    if start and end and start > end:
-        raise InvalidRequest("The range starts after it ends.")
-    try:
-        after = (datetime.combine(start, time.min, zone) - timedelta(microseconds=1)
-                 if start else None)
-        before = datetime.combine(end + timedelta(days=1), time.min, zone) if end else None
-        for bound in (after, before):
-            if bound is not None:
-                bound.astimezone(UTC)  # 9999-12-31 + 1 day, or 0001-01-01 east of UTC
-    except (OverflowError, ValueError):
-        raise InvalidRequest("That date is out of range.") from None
-    metadata = {}
-    if f.meta_key:
-        if len(f.meta_key) > 40 or len(f.meta_value) > 500:
-            raise InvalidRequest("Metadata keys are at most 40 characters, values 500.")
-        metadata[f.meta_key] = f.meta_value
-    return dict(client=scope, statuses=statuses, created_after=after, created_before=before,
-                metadata=metadata, limit=f.limit)
-
-
 @router.get("/tasks")
 async def task_list(
-    me: Looker, ctx: Context,
+    me: Looker,
+    ctx: Context,
     status: Annotated[list[str] | None, Query()] = None,
     client: Annotated[str, Query(max_length=100)] = "",
     date_from: Annotated[str, Query(max_length=10)] = "",
@@ -325,24 +281,41 @@ async def task_list(
     limit: Annotated[int, Query(ge=1, le=200)] = DEFAULT_LIMIT,
     cursor: Annotated[str, Query(max_length=200)] = "",
 ) -> Response:
-    f = Filters(statuses=[s for s in (status or []) if s], client=client.strip(),
-                date_from=date_from, date_to=date_to, tz=tz, meta_key=meta_key.strip(),
-                meta_value=meta_value, limit=limit)
+    f = Filters(
+        statuses=[s for s in (status or []) if s],
+        client=client.strip(),
+        date_from=date_from,
+        date_to=date_to,
+        tz=tz,
+        meta_key=meta_key.strip(),
+        meta_value=meta_value,
+        limit=limit,
+    )
     rows: list[Any] = []
     next_cursor = None
     error = None
     try:
-        found, next_cursor = await tasks.list_tasks(ctx, **_history_args(f, me),
-                                                    cursor=cursor or None)
+        found, next_cursor = await tasks.list_tasks(
+            ctx, **history_args(f, scope=me.scope, admin=me.admin), cursor=cursor or None
+        )
         rows = [extras.present(ctx, t) for t in found]
     except InvalidRequest as e:
         error = e.detail
-    return render("tasks.html", {
-        "viewer": me, "section": "tasks", "filters": f, "rows": rows,
-        "statuses": [s.value for s in Status], "limits": LIMITS, "error": error,
-        "next_href": f"/console/tasks?{f.query(cursor=next_cursor)}" if next_cursor else None,
-        "first_href": f"/console/tasks?{f.query()}" if cursor else None,
-    }, status_code=422 if error else 200)
+    return render(
+        "tasks.html",
+        {
+            "viewer": me,
+            "section": "tasks",
+            "filters": f,
+            "rows": rows,
+            "statuses": [s.value for s in Status],
+            "limits": LIMITS,
+            "error": error,
+            "next_href": f"/console/tasks?{f.query(cursor=next_cursor)}" if next_cursor else None,
+            "first_href": f"/console/tasks?{f.query()}" if cursor else None,
+        },
+        status_code=422 if error else 200,
+    )
 
 
 # ---------------------------------------------------------------- one task
@@ -350,62 +323,89 @@ async def task_list(
 
 DONE = {
     "cancel": "Cancel requested. The task becomes cancelled once Wiro confirms "
-              "(it may still finish if it was about to).",
+    "(it may still finish if it was about to).",
     "redeliver": "The notification was queued for delivery again.",
     "erase": "The task's images were erased.",
 }
 
 
-async def _task_page(svc: Services, me: Viewer, task_id: str, *,
-                     notice: dict[str, str] | None, status_code: int = 200) -> Response:
+async def _task_page(
+    svc: Services,
+    me: Viewer,
+    task_id: str,
+    *,
+    notice: dict[str, str] | None,
+    status_code: int = 200,
+) -> Response:
     ctx = svc.ctx
     task = await tasks.get_task(ctx, task_id=task_id, client=me.scope)
     events = await tasks.list_events(ctx, task_id=task_id, client=me.scope)
     view = extras.present(ctx, task)
     deliveries = await extras.deliveries(svc, task_id=task_id, client=me.scope)
-    return render("task.html", {
-        "viewer": me, "section": "tasks", "t": view, "notice": notice,
-        "events": [event_out(e) for e in events], "deliveries": deliveries,
-        # Where the live timeline continues (console.js follows it until terminal).
-        "stream_cursor": live.encode_event_cursor(events[-1].id if events else 0),
-        "can": extras.actions(view), "api_json": json.dumps(
-            view.api.model_dump(mode="json"), indent=2, ensure_ascii=False),
-    }, status_code=status_code)
+    return render(
+        "task.html",
+        {
+            "viewer": me,
+            "section": "tasks",
+            "t": view,
+            "notice": notice,
+            "events": [event_out(e) for e in events],
+            "deliveries": deliveries,
+            # Where the live timeline continues (console.js follows it until terminal).
+            "stream_cursor": live.encode_event_cursor(events[-1].id if events else 0),
+            "can": extras.actions(view),
+            "api_json": json.dumps(view.api.model_dump(mode="json"), indent=2, ensure_ascii=False),
+        },
+        status_code=status_code,
+    )
 
 
 @router.get("/tasks/{task_id}")
-async def task_page(task_id: str, me: Looker, svc: Svc, done: str | None = None
-                    ) -> Response:
+async def task_page(task_id: str, me: Looker, svc: Svc, done: str | None = None) -> Response:
     notice = {"kind": "ok", "text": DONE[done]} if done in DONE else None
     return await _task_page(svc, me, task_id, notice=notice)
 
 
 @router.get("/tasks/{task_id}/events")
-async def task_events(task_id: str, me: Looker, ctx: Context,
-                      hub: Annotated[Hub, Depends(get_hub)],
-                      cursor: Annotated[str | None, Query(max_length=200)] = None,
-                      last_event_id: Annotated[str | None, Header(
-                          alias="Last-Event-ID", max_length=40)] = None) -> Response:
+async def task_events(
+    task_id: str,
+    me: Looker,
+    ctx: Context,
+    hub: Annotated[Hub, Depends(get_hub)],
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
+) -> Response:
     """The task's live timeline for the task page (the API's event stream, behind the
     console's session instead of a bearer key: EventSource cannot send one)."""
     after = live.decode_event_cursor(cursor) if cursor else 0
     if last_event_id is not None:
         after = live.parse_last_event_id(last_event_id)
     try:
-        watch = await live.open_stream(ctx, hub, task_id=task_id, scope=me.scope,
-                                       client=me.client)
+        watch = await live.open_stream(ctx, hub, task_id=task_id, scope=me.scope, client=me.client)
     except TooManyWaiters:
-        raise TooManyRequests("Too many open waits and streams for this client.",
-                              headers={"Retry-After": "5"}) from None
+        raise TooManyRequests(
+            "Too many open waits and streams for this client.", headers={"Retry-After": "5"}
+        ) from None
     s = ctx.settings
-    return secure(EventStream(
-        live.follow(ctx, hub, watch, after=after, heartbeat_s=s.stream_heartbeat_s,
-                    reread_s=s.stream_reread_s), on_close=watch.close))
+    return secure(
+        EventStream(
+            live.follow(
+                ctx,
+                hub,
+                watch,
+                after=after,
+                heartbeat_s=s.stream_heartbeat_s,
+                reread_s=s.stream_reread_s,
+            ),
+            on_close=watch.close,
+        )
+    )
 
 
 @router.get("/tasks/{task_id}/outputs/{index}")
-async def task_output(task_id: str, index: Annotated[int, Path(ge=0, le=1000)], me: Looker,
-                      svc: Svc) -> Response:
+async def task_output(
+    task_id: str, index: Annotated[int, Path(ge=0, le=1000)], me: Looker, svc: Svc
+) -> Response:
     """A stored output, through the function the API's output route uses."""
     return await extras.output(svc, task_id=task_id, index=index, client=me.scope)
 
@@ -418,30 +418,49 @@ async def task_input(task_id: str, me: Looker, svc: Svc) -> Response:
 
 
 ACTIONS: dict[str, tuple[str, str, str]] = {  # name: (title, explanation, button)
-    "cancel": ("Cancel this task?",
-               "The gateway asks Wiro to stop it. It becomes cancelled once Wiro confirms; "
-               "it may still finish if it was about to.", "Yes, cancel the task"),
-    "redeliver": ("Send the notification again?",
-                  "The task's notification is sent to its webhook URL once more, "
-                  "with the same signature scheme.", "Yes, redeliver"),
-    "erase": ("Erase this task's images?",
-              "The stored input photo and headshots are deleted here and at Wiro. The task "
-              "record stays. This cannot be undone.", "Yes, erase the images"),
+    "cancel": (
+        "Cancel this task?",
+        "The gateway asks Wiro to stop it. It becomes cancelled once Wiro confirms; "
+        "it may still finish if it was about to.",
+        "Yes, cancel the task",
+    ),
+    "redeliver": (
+        "Send the notification again?",
+        "The task's notification is sent to its webhook URL once more, "
+        "with the same signature scheme.",
+        "Yes, redeliver",
+    ),
+    "erase": (
+        "Erase this task's images?",
+        "The stored input photo and headshots are deleted here and at Wiro. The task "
+        "record stays. This cannot be undone.",
+        "Yes, erase the images",
+    ),
 }
 
 
 @router.post("/tasks/{task_id}/{action}")
-async def task_action(task_id: str, action: str, me: Actor, svc: Svc,
-                      confirmed: Annotated[str, Form()] = "") -> Response:
+async def task_action(
+    task_id: str, action: str, me: Actor, svc: Svc, confirmed: Annotated[str, Form()] = ""
+) -> Response:
     if action not in ACTIONS:
         raise NotFound(f"No action {action!r}.")
     ctx = svc.ctx
     task = await tasks.get_task(ctx, task_id=task_id, client=me.scope)  # 404 before asking
     if confirmed != "1":  # no script to ask: ask with a page
         title, text, button = ACTIONS[action]
-        return render("confirm.html", {"viewer": me, "section": "tasks", "t": task,
-                                       "action": action, "title": title, "text": text,
-                                       "button": button})
+        return render(
+            "confirm.html",
+            {
+                "viewer": me,
+                "section": "tasks",
+                "t": task,
+                "action": action,
+                "title": title,
+                "text": text,
+                "button": button,
+            },
+        )
     try:
         if action == "cancel":
             await tasks.cancel_task(ctx, task_id=task_id, client=me.scope)
@@ -450,8 +469,9 @@ async def task_action(task_id: str, action: str, me: Actor, svc: Svc,
     except GatewayError as e:
         if e.status == 404:
             raise
-        return await _task_page(svc, me, task_id, status_code=e.status,
-                                notice={"kind": "error", "text": e.detail})
+        return await _task_page(
+            svc, me, task_id, status_code=e.status, notice={"kind": "error", "text": e.detail}
+        )
     return RedirectResponse(f"/console/tasks/{task_id}?done={action}", 303)
 
 
@@ -459,9 +479,12 @@ async def task_action(task_id: str, action: str, me: Actor, svc: Svc,
 
 
 @router.get("/stats")
-async def stats_page(me: Looker, ctx: Context,
-                     window: Annotated[str, Query(max_length=10)] = "7d",
-                     client: Annotated[str, Query(max_length=100)] = "") -> Response:
+async def stats_page(
+    me: Looker,
+    ctx: Context,
+    window: Annotated[str, Query(max_length=10)] = "7d",
+    client: Annotated[str, Query(max_length=100)] = "",
+) -> Response:
     data = None
     error = None
     try:
@@ -473,11 +496,19 @@ async def stats_page(me: Looker, ctx: Context,
         data = await extras.stats(ctx, scope=scope, window=window)
     except InvalidRequest as e:
         error = e.detail
-    return render("stats.html", {"viewer": me, "section": "stats", "stats": data,
-                                 "error": error,
-                                 "window": window, "windows": extras.WINDOWS,
-                                 "client": client},
-                  status_code=422 if error else 200)
+    return render(
+        "stats.html",
+        {
+            "viewer": me,
+            "section": "stats",
+            "stats": data,
+            "error": error,
+            "window": window,
+            "windows": extras.WINDOWS,
+            "client": client,
+        },
+        status_code=422 if error else 200,
+    )
 
 
 # ---------------------------------------------------------------- assets and the rest
