@@ -1,7 +1,7 @@
 """A Wiro callback screened before its body is read: one read, no write lock.
 
 ``screen`` matches the callback's token against the stored hashes of its task's attempts
-(constant time, as ``tasks._match_attempt``) and says what ``tasks.accept_callback``
+(constant time, as ``app.tasks._callbacks``) and says what ``tasks.accept_callback``
 would do with it, where that needs no body:
 
 - ``unknown``: no such task, or no attempt with this token: 404, nothing read or parsed;
@@ -27,7 +27,7 @@ from app.models import Attempt, Task
 
 Verdict = Literal["unknown", "duplicate", "proceed"]
 # Outcomes of an attempt that a finished task's late callback has nothing left to do for
-# (as in ``tasks._accept_callback``).
+# (as in ``app.tasks._callbacks``).
 _SETTLED = ("extra_killed", "accepted")
 
 

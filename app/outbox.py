@@ -1,14 +1,14 @@
 """What a terminal status change leaves for the result workers.
 
-``record_terminal`` runs inside the transaction of the status change (``tasks._transition``
-and the local cancel of a pending task), so the intent commits with the change or not at
-all: exactly one notification per terminal transition, whatever the duplicates, replicas
-and crashes around it. The work itself (the POST, the downloads) happens later in the
-workers, never inside that transaction.
+``record_terminal`` runs inside the transaction of every terminal status change (the one
+status writer, ``app.tasks._writes.transition``), so the intent commits with the change or
+not at all: exactly one notification per terminal transition, whatever the duplicates,
+replicas and crashes around it. The work itself (the POST, the downloads) happens later in
+the workers, never inside that transaction.
 
 ``Services`` bundles the collaborators of the result code (the task context, the store,
 the outbound client, and how to wake each worker); it lives here, below ``app.tasks`` in
-the import graph, so that ``tasks`` can call the hook without a cycle.
+the import graph, so that the status writer can call the hook without a cycle.
 """
 
 from __future__ import annotations

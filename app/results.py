@@ -14,7 +14,7 @@ must be asked to delete its copies; then the files are deleted and Wiro is asked
 (``Task/InputOutputDelete``), at once and, if that fails, by the eraser worker until done.
 
 Besides ``app.tasks``, this is the only code that writes task rows, and only the two
-columns ``tasks.py`` never touches once a task is terminal: ``outputs`` (their
+columns ``app.tasks`` never touches once a task is terminal: ``outputs`` (their
 presentation) and ``images_erased_at``.
 """
 
