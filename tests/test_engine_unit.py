@@ -7,8 +7,9 @@ rows they wrote.
 - How each kind of Run error in Wiro's error reference is handled: retried (and how the
   attempt is recorded) or failed (with which ``error_code``).
 - The dispatch backoff: doubling from ``DISPATCH_RETRY_INITIAL_S`` up to its cap.
-- An unanswered Run: found in Task/List and linked; not found after the grace period,
-  a new attempt; a callback's hint that cannot be verified, never a second Run.
+- An unanswered Run: found in Task/List (past its first page too) and linked; not
+  found after the grace period, a new attempt; a Task/List whose paging cannot be
+  trusted, not conclusive; a callback's hint that cannot be verified, never a second Run.
 - The deadline: the upstream task stopped and the task ``timed_out``.
 """
 
@@ -344,6 +345,67 @@ async def test_unanswered_run_found_in_the_task_list_is_linked(eng: Engine) -> N
     assert [(a.outcome, a.upstream_task_id) for a in await eng.attempts(task_id)] == [
         ("accepted", "9002")
     ]
+    assert len(eng.wiro.sent("Run")) == 1
+
+
+def _listing(
+    total: int, *, match_at: int | None, callback: str, created: int, ignore_start: bool = False
+) -> Callable[[dict[str, Any]], httpx.Response]:
+    """Task/List over ``total`` tasks, newest first, each created a second before the
+    one above it (the newest at ``created``); the one at ``match_at`` carries
+    ``callback``."""
+
+    def reply(body: dict[str, Any]) -> httpx.Response:
+        start = 0 if ignore_start else int(body["start"])
+        items = []
+        for n in range(start, min(total, start + int(body["limit"]))):
+            url = callback if n == match_at else f"{PUBLIC}/callbacks/wiro/tsk_{n}/other"
+            item = upstream(str(50_000 - n), "task_start", callbackurl=url)
+            items.append({**item, "createtime": str(created - n)})
+        return ok(tasklist=items)
+
+    return reply
+
+
+async def test_unanswered_run_is_found_past_the_first_page(eng: Engine) -> None:
+    # 250 tasks were started after it (by other replicas): it is on the third page.
+    task_id, callback = await _unanswered(eng)
+    sent = int(eng.now[0].timestamp())
+    eng.wiro.on("Task/List", _listing(400, match_at=250, callback=callback, created=sent + 250))
+    await eng.next_check(task_id)
+    row = await eng.row(task_id)
+    assert (row.status, row.upstream_task_id) == ("queued", str(50_000 - 250))
+    assert [int(b["start"]) for b in eng.wiro.sent("Task/List")] == [0, 100, 200]
+    assert len(eng.wiro.sent("Run")) == 1
+
+
+async def test_task_list_search_stops_at_tasks_older_than_the_run(eng: Engine) -> None:
+    # No match; the list reaches tasks created well before the Run: conclusive.
+    task_id, callback = await _unanswered(eng)
+    sent = int(eng.now[0].timestamp())
+    eng.wiro.on("Task/List", _listing(5000, match_at=None, callback=callback, created=sent + 50))
+    await eng.next_check(task_id)
+    starts = [int(b["start"]) for b in eng.wiro.sent("Task/List")]
+    # 50 newer tasks, then the 300 s allowed for clock skew: the fourth page is past it.
+    assert starts == [0, 100, 200, 300]
+    eng.wiro.on("Run", ok(taskid="9100", socketaccesstoken="sock"))
+    eng.later(GRACE)
+    await eng.next_check(task_id)
+    assert len(eng.wiro.sent("Run")) == 2  # conclusive: re-sent after GATEWAY_RUN_GRACE_S
+
+
+async def test_task_list_that_ignores_start_is_not_conclusive(eng: Engine) -> None:
+    task_id, callback = await _unanswered(eng)
+    sent = int(eng.now[0].timestamp())
+    eng.wiro.on(
+        "Task/List",
+        _listing(400, match_at=None, callback=callback, created=sent + 400, ignore_start=True),
+    )
+    await eng.next_check(task_id)
+    assert [int(b["start"]) for b in eng.wiro.sent("Task/List")] == [0, 100]
+    eng.later(GRACE)
+    await eng.next_check(task_id)
+    # Not conclusive: the longer GATEWAY_RUN_GRACE_UNLISTED_S applies, no second Run yet.
     assert len(eng.wiro.sent("Run")) == 1
 
 

@@ -378,13 +378,20 @@ def grace_end(s: Settings, attempt: Attempt, *, conclusive: bool) -> tuple[datet
     return since + timedelta(seconds=grace), grace
 
 
+LIST_PAGE = 100  # Task/List items per page when looking for an unanswered Run
+LIST_PAGES = 20  # at most this many pages (2,000 tasks) per look
+LIST_SKEW_S = 300  # Wiro's clock may differ from ours by this much
+
+
 async def look_up(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[UpstreamTask | None, bool]:
     """Look for the upstream task an unanswered attempt may have started.
 
     Returns ``(the task if found, whether the look was conclusive)``: a callback's hint
-    checked with Detail, else Wiro's recent tasks (``Task/List``, used by Wiro's own MCP
-    server but undocumented) searched for this attempt's callback URL. Not conclusive
-    when Task/List is off, fails, or lists tasks without their ``callbackurl``.
+    checked with Detail, else Wiro's tasks (``Task/List``, used by Wiro's own MCP server
+    but undocumented) searched for this attempt's callback URL, page after page, newest
+    first, until the pages reach tasks created before the attempt was sent. Not
+    conclusive when Task/List is off or fails, lists tasks without their
+    ``callbackurl``, or that point is not reached within ``LIST_PAGES`` pages.
     """
     if attempt.hint_upstream_id:
         try:
@@ -395,14 +402,33 @@ async def look_up(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[UpstreamTask 
             return found, True
     if not ctx.settings.reconcile_with_task_list:
         return None, False
-    try:
-        recent = await ctx.wiro.list_tasks(limit=100)
-    except WiroError:
-        return None, False
-    for ut in recent:
-        if _url_matches(ut.callback_url, task.id, attempt):
-            return ut, True
-    return None, not recent or any(ut.callback_url for ut in recent)
+    return await _search_list(ctx, task, attempt)
+
+
+async def _search_list(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[UpstreamTask | None, bool]:
+    # Newer tasks arriving between pages only push older ones to later offsets: an item
+    # may be read twice, never skipped.
+    before = attempt.sent_at.timestamp() - LIST_SKEW_S
+    seen: set[str] = set()
+    with_urls = False
+    for page in range(LIST_PAGES):
+        try:
+            items = await ctx.wiro.list_tasks(limit=LIST_PAGE, start=page * LIST_PAGE)
+        except WiroError:
+            return None, False
+        for ut in items:
+            if _url_matches(ut.callback_url, task.id, attempt):
+                return ut, True
+        with_urls = with_urls or any(ut.callback_url for ut in items)
+        fresh = {ut.id for ut in items} - seen
+        if len(items) < LIST_PAGE:
+            return None, with_urls or (page == 0 and not items)  # the end of the list
+        if not fresh:
+            return None, False  # ``start`` ignored: the same page again
+        seen |= fresh
+        if any(ut.create_time is not None and ut.create_time < before for ut in items):
+            return None, with_urls  # older than the attempt: it would be above
+    return None, False
 
 
 def unresolved(attempts: Sequence[Attempt]) -> Attempt | None:

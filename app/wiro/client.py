@@ -303,13 +303,14 @@ class WiroClient:
         """Delete a finished task's input and output files at Wiro (idempotent)."""
         await self._post("/Task/InputOutputDelete", json={"tasktoken": task_token})
 
-    async def list_tasks(self, *, limit: int = 50) -> list[UpstreamTask]:
-        """The project's most recent tasks, newest first (undocumented endpoint)."""
+    async def list_tasks(self, *, limit: int = 50, start: int = 0) -> list[UpstreamTask]:
+        """The project's tasks, newest first, ``limit`` of them from offset ``start``
+        (undocumented endpoint)."""
         payload = {
             "type": "model",
             "sort": "id",
             "order": "DESC",
-            "start": "0",
+            "start": str(start),
             "limit": str(limit),
         }
         body = await self._post("/Task/List", json=payload)
