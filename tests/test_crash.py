@@ -310,7 +310,7 @@ async def test_recovery_at_default_settings_takes_seconds(
         restarted = time.monotonic()
         second = spawn(["serve", "--port", str(port)], env, tmp_path / "serve-2.log")
         wait_http(f"{base}/healthz", proc=second)
-        await settle(db_url, timeout=90)
+        await settle(db_url, timeout=200)
         took = time.monotonic() - restarted
     finally:
         stop(first)
@@ -320,6 +320,16 @@ async def test_recovery_at_default_settings_takes_seconds(
     try:
         async with engine.connect() as conn:
             statuses = Counter(r[0] for r in (await conn.execute(select(Task.status))).all())
+            waited = [
+                (r.resolved_at - r.ambiguous_at).total_seconds()
+                for r in (
+                    await conn.execute(
+                        select(Attempt.resolved_at, Attempt.ambiguous_at).where(
+                            Attempt.outcome == "abandoned", Attempt.ambiguous_at.is_not(None)
+                        )
+                    )
+                ).all()
+            ]
     finally:
         await engine.dispose()
     runs: dict[str, int] = sim.stats()["runs_by_gateway_task"]
@@ -330,6 +340,10 @@ async def test_recovery_at_default_settings_takes_seconds(
     )
     assert statuses == {"succeeded": sum(statuses.values())}, statuses
     assert all(n == 1 for n in runs.values()), runs
-    # Seconds, not the minutes of a 60 s lease plus a 300 s grace; the bound is wide
-    # for a loaded machine (a quiet one converges in ~10-15 s).
-    assert took < 45, took
+    # The short path, decided on the gateway's own records: every Run given up on was
+    # given up after Task/List showed no trace of it (GATEWAY_RUN_GRACE_S, 8 s), never
+    # after the 300 s GATEWAY_RUN_GRACE_UNLISTED_S. The wall-clock bound only tells
+    # seconds from those minutes (a quiet machine converges in ~20 s, a loaded one in
+    # under a minute), so a busy machine cannot fail it.
+    assert all(w < 300 for w in waited), waited
+    assert took < 200, took
