@@ -32,6 +32,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from sqlalchemy import Table, and_, bindparam, case, func, insert, not_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 from standardwebhooks.webhooks import Webhook
 
 from app import cursors, metrics, tracing
@@ -529,12 +530,19 @@ _SETTLED = (
 )
 
 
+async def bring_forward(conn: AsyncConnection, task_id: str, now: datetime) -> bool:
+    """In the caller's transaction: the task's first notification, if it has one still
+    to make, due at once (``outputs_settled``); True if it has one."""
+    res = await conn.execute(_SETTLED, {"w_task": task_id, "v_now": now})
+    return bool(res.rowcount)
+
+
 async def outputs_settled(svc: Services, task_id: str) -> None:
     """The task's outputs are stored (or given up on): send its waiting notification now
     (it was postponed, or ``claim_due`` passed it over while they were pending)."""
     async with write(svc.ctx.engine) as conn:
-        res = await conn.execute(_SETTLED, {"w_task": task_id, "v_now": svc.ctx.clock()})
-    if res.rowcount:
+        waiting = await bring_forward(conn, task_id, svc.ctx.clock())
+    if waiting:
         svc.wake_notifier()
 
 

@@ -262,7 +262,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
         error = str(e) or type(e).__name__
     else:
         await svc.store.put(storage_key, data)
-        settled = False
+        settled = waiting = False
         async with write(ctx.engine) as conn:
             if lock:
                 await conn.execute(_LOCK_TASK, held)
@@ -282,10 +282,17 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
             stored = res.rowcount == 1
             if stored:
                 settled = await _rewrite_outputs(conn, task_id, s.public_url)
+            if settled and not lock:
+                # SQLite: writers are serial, so the notification can be made due in
+                # this same transaction (on PostgreSQL, after the commit: a notifier's
+                # conditional postpone running meanwhile must see the output stored).
+                waiting = await notify.bring_forward(conn, task_id, ctx.clock())
         if not stored:
             # Erased (or taken over) while downloading: leave no copy behind.
             await svc.store.delete(storage_key)
-        elif settled:
+        elif waiting:
+            svc.wake_notifier()
+        elif settled and lock:
             await notify.outputs_settled(svc, task_id)
         return
     schedule = s.output_retry_schedule

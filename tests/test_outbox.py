@@ -71,6 +71,7 @@ class World:
     data_dir: Path
     now: list[datetime | None]  # the clock: real time until a test sets it
     statements: list[str] = field(default_factory=list)
+    commits: list[int] = field(default_factory=lambda: [0])
     wakes: dict[str, int] = field(default_factory=lambda: {"terminal": 0, "notifier": 0})
 
     @property
@@ -150,6 +151,10 @@ async def world(db_url: str, tmp_path: Path) -> AsyncIterator[World]:
     def _count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         w.statements.append(" ".join(statement.split()[:3]))
 
+    @event.listens_for(engine.sync_engine, "commit")
+    def _commit(conn: Any) -> None:
+        w.commits[0] += 1
+
     try:
         yield w
     finally:
@@ -227,12 +232,16 @@ async def test_an_output_is_stored_and_its_notification_sent_in_few_statements(
     assert await notify.claim_due(w.svc, limit=10) == []
 
     w.statements.clear()
+    w.commits[0] = 0
     keys = await results.claim_outputs(w.svc, limit=10)
     assert keys == [(task_id, 0)]
     await results.store_output(w.svc, task_id, 0)
     # claim; [PostgreSQL: lock the task]; the stored row; the output rows; the task's
     # outputs; the waiting notification made due
     assert len(w.statements) == (6 if _postgres(w) else 5), w.statements
+    # in the claim's transaction and the download's (PostgreSQL: the notification made
+    # due in a third, after the download's commit)
+    assert w.commits[0] == (3 if _postgres(w) else 2)
     assert w.svc.claimed_outputs == {}
     row = await w.row(StoredOutput, (task_id, 0))
     assert (row.state, row.attempts, row.lease_owner, row.next_try_at) == ("stored", 1, None, None)
@@ -246,11 +255,13 @@ async def test_an_output_is_stored_and_its_notification_sent_in_few_statements(
     assert w.wakes["notifier"] == 1
 
     w.statements.clear()
+    w.commits[0] = 0
     [delivery_id] = await notify.claim_due(w.svc, limit=10)
     await notify.attempt(w.svc, delivery_id)
     # the candidates, the running ones, the claim; the delivery with its task; the
     # outcome (lease released), the attempt, the event
     assert len(w.statements) == 7, w.statements
+    assert w.commits[0] == 2  # the claim's, the outcome's (the reads commit nothing)
     [call] = w.hooks()
     body = Webhook(SECRET).verify(call.content, dict(call.headers))
     assert body["type"] == "task.succeeded" and body["data"]["outputs"] == task.outputs
