@@ -31,7 +31,20 @@ from functools import lru_cache
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from sqlalchemy import Table, and_, bindparam, case, func, insert, not_, or_, select, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 from standardwebhooks.webhooks import Webhook
 
@@ -237,25 +250,27 @@ async def claim_due(svc: Services, *, limit: int) -> list[str]:
         .where(Delivery.next_attempt_at <= now, free, not_(waiting))
         .subquery()
     )
+    # … and, in the same statement (rank 0), the ones running here now (which are due,
+    # so the index on ``next_attempt_at`` finds them).
+    running = (
+        select(Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client, literal(0))
+        .join(Task, Task.id == Delivery.task_id)
+        .where(
+            Delivery.lease_owner == ctx.owner,
+            Delivery.lease_until >= now,
+            Delivery.next_attempt_at <= now,
+        )
+    )
+    picks = select(due.c.id, due.c.url, due.c.next_attempt_at, due.c.client, due.c.rank).where(
+        due.c.rank <= limit
+    )
     async with ctx.reads() as s:
-        candidates = (
-            await s.execute(
-                select(due.c.id, due.c.url, due.c.next_attempt_at, due.c.client, due.c.rank).where(
-                    due.c.rank <= limit
-                )
-            )
-        ).all()
-        if not candidates:
-            return []
-        running = (
-            await s.execute(
-                select(Delivery.url, Task.client)
-                .join(Task, Task.id == Delivery.task_id)
-                .where(Delivery.lease_owner == ctx.owner, Delivery.lease_until >= now)
-            )
-        ).all()
-    by_client = Counter(client for _, client in running)
-    by_host = Counter(_host(url) for url, _ in running)
+        rows = (await s.execute(union_all(picks, running))).all()
+    candidates = [r for r in rows if r.rank > 0]
+    if not candidates:
+        return []
+    by_client = Counter(r.client for r in rows if r.rank == 0)
+    by_host = Counter(_host(r.url) for r in rows if r.rank == 0)
     # Fewest running first: a client's n-th candidate comes when it has n-1 more.
     candidates = sorted(
         candidates, key=lambda c: (by_client[c.client] + c.rank, c.next_attempt_at, c.id)

@@ -258,9 +258,9 @@ async def test_an_output_is_stored_and_its_notification_sent_in_few_statements(
     w.commits[0] = 0
     [delivery_id] = await notify.claim_due(w.svc, limit=10)
     await notify.attempt(w.svc, delivery_id)
-    # the candidates, the running ones, the claim; the delivery with its task; the
+    # the candidates with the running ones, the claim; the delivery with its task; the
     # outcome (lease released), the attempt, the event
-    assert len(w.statements) == 7, w.statements
+    assert len(w.statements) == 6, w.statements
     assert w.commits[0] == 2  # the claim's, the outcome's (the reads commit nothing)
     [call] = w.hooks()
     body = Webhook(SECRET).verify(call.content, dict(call.headers))
@@ -394,3 +394,18 @@ async def test_an_output_not_claimed_through_these_services_is_read_first(world:
     await results.store_output(w.svc, task_id, 0)
     row = await w.row(StoredOutput, (task_id, 0))
     assert (row.state, row.attempts) == ("stored", 1)
+
+
+async def test_the_claim_counts_what_runs_here(world: World) -> None:
+    """The candidates and the attempts running in this process come from one read; the
+    running ones count against the host's cap (GATEWAY_NOTIFY_HOST_CONCURRENCY, 4)."""
+    w = world
+    for i in range(6):
+        await w.task(status=Status.failed, webhook_url=HOOK, client=("alpha", "beta")[i % 2])
+    first = await notify.claim_due(w.svc, limit=10)
+    assert len(first) == 4
+    assert await notify.claim_due(w.svc, limit=10) == []  # four running: the host is full
+    await notify.attempt(w.svc, first[0])
+    [fifth] = await notify.claim_due(w.svc, limit=10)
+    assert fifth not in first
+    assert len(w.hooks()) == 1
