@@ -27,7 +27,6 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from functools import lru_cache
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -119,18 +118,12 @@ def payload(task: Task) -> str:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
-@lru_cache(maxsize=4)
-def _signer(secret: str) -> Webhook:
-    """The secret decoded once, not at every attempt."""
-    return Webhook(secret)
-
-
 def sign(secret: str, msg_id: str, at: datetime, body: str) -> dict[str, str]:
     """Standard Webhooks headers, by the ``standardwebhooks`` library itself."""
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": _signer(secret).sign(msg_id, at, body),
+        "webhook-signature": Webhook(secret).sign(msg_id, at, body),
     }
 
 

@@ -73,9 +73,10 @@ def new_delivery(task_id: str, status: str, url: str, now: datetime, *, reason: 
 
 def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[], None]) -> None:
     """Call ``wake`` after each commit of a session of ``sm`` that recorded a terminal
-    status, so the result loops start on the new delivery and downloads at once instead
-    of on their next idle tick (GATEWAY_WORKER_IDLE_S: half a second on average of the
-    0.6 s from upstream completion to the caller's notification, bench P7).
+    status with work for the result loops (a delivery, downloads), so they start on it
+    at once instead of on their next idle tick (GATEWAY_WORKER_IDLE_S: half a second on
+    average of the 0.6 s from upstream completion to the caller's notification, bench
+    P7).
 
     The hook is registered on ``sm``'s own Session class (``db.make_sessionmaker``), so
     it belongs to this process's sessionmaker; a sessionmaker without one gets no
