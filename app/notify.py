@@ -30,11 +30,25 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from sqlalchemy import CursorResult, func, or_, select, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
 from standardwebhooks.webhooks import Webhook
 
 from app import cursors, metrics, tracing
-from app.db import unit_of_work, write
+from app.db import ts, unit_of_work, write
 from app.errors import Conflict
 from app.ids import jitter
 from app.leases import FREE, Leases
@@ -57,6 +71,27 @@ UNSIGNED = (
 
 
 LEASES = Leases(Delivery.__table__, key="id", due="next_attempt_at")
+
+_DELIVERIES = cast(Table, Delivery.__table__)
+_D = _DELIVERIES.c
+# Some output of the delivery's task is still being stored.
+_OUTPUTS_PENDING = (
+    select(StoredOutput.idx)
+    .where(StoredOutput.task_id == Delivery.task_id, StoredOutput.state == OutputState.pending)
+    .exists()
+)
+_HELD = (_D.id == bindparam("w_id"), _D.lease_owner == bindparam("w_owner"))
+_POSTPONE = update(_DELIVERIES).where(*_HELD).values(next_attempt_at=ts("v_next"), **FREE)
+# One conditional statement, so a download finishing meanwhile either makes it a no-op or
+# finds the postponed row and brings it forward (``outputs_settled``).
+_POSTPONE_FOR_OUTPUTS = _POSTPONE.where(_OUTPUTS_PENDING)
+# The delivery, its task, and whether the task's outputs are all settled, in one read
+# (one snapshot: with none pending, the task's ``outputs`` are final).
+_READ = (
+    select(Delivery, Task, _OUTPUTS_PENDING.label("outputs_pending"))
+    .join(Task, Task.id == Delivery.task_id)
+    .where(Delivery.id == bindparam("w_id"))
+)
 
 
 def _lease_s(svc: Services) -> float:
@@ -182,41 +217,53 @@ async def claim_due(svc: Services, *, limit: int) -> list[str]:
     and no host more than ``GATEWAY_NOTIFY_HOST_CONCURRENCY``. So a receiver that accepts
     and never answers ties up a few of its owner's slots for ``GATEWAY_NOTIFY_TIMEOUT_S``,
     never everyone's. The lease itself is a compare-and-set on ``lease_until``, as in
-    ``tasks.claim_due`` (``app.leases``); counts are per process, like the slots."""
+    ``tasks.claim_due`` (``app.leases``); counts are per process, like the slots.
+
+    A first attempt whose task still has outputs being stored is not claimed while it
+    may wait for them (``GATEWAY_NOTIFY_WAIT_FOR_OUTPUTS_S`` from its creation): the
+    download that settles the last one makes it due again and wakes this loop
+    (``outputs_settled``)."""
     ctx, st = svc.ctx, svc.ctx.settings
     now = ctx.clock()
     until = now + timedelta(seconds=_lease_s(svc))
     free = or_(Delivery.lease_until.is_(None), Delivery.lease_until < now)
-    async with ctx.sm() as s:
-        running = (
-            await s.execute(
-                select(Delivery.url, Task.client)
-                .join(Task, Task.id == Delivery.task_id)
-                .where(Delivery.lease_owner == ctx.owner, Delivery.lease_until >= now)
-            )
-        ).all()
-        # Each client's ``limit`` oldest due deliveries: whatever one client has queued,
-        # every other client's are among the candidates.
-        rank = func.row_number().over(
-            partition_by=Task.client, order_by=(Delivery.next_attempt_at, Delivery.id)
+    waiting = and_(
+        Delivery.payload.is_(None),
+        Delivery.created_at > now - timedelta(seconds=st.notify_wait_for_outputs_s),
+        _OUTPUTS_PENDING,
+    )
+    # Each client's ``limit`` oldest due deliveries: whatever one client has queued,
+    # every other client's are among the candidates.
+    rank = func.row_number().over(
+        partition_by=Task.client, order_by=(Delivery.next_attempt_at, Delivery.id)
+    )
+    due = (
+        select(Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client, rank.label("rank"))
+        .join(Task, Task.id == Delivery.task_id)
+        .where(Delivery.next_attempt_at <= now, free, not_(waiting))
+        .subquery()
+    )
+    # … and, in the same statement (rank 0), the ones running here now (which are due,
+    # so the index on ``next_attempt_at`` finds them).
+    running = (
+        select(Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client, literal(0))
+        .join(Task, Task.id == Delivery.task_id)
+        .where(
+            Delivery.lease_owner == ctx.owner,
+            Delivery.lease_until >= now,
+            Delivery.next_attempt_at <= now,
         )
-        due = (
-            select(
-                Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client, rank.label("rank")
-            )
-            .join(Task, Task.id == Delivery.task_id)
-            .where(Delivery.next_attempt_at <= now, free)
-            .subquery()
-        )
-        candidates = (
-            await s.execute(
-                select(due.c.id, due.c.url, due.c.next_attempt_at, due.c.client, due.c.rank).where(
-                    due.c.rank <= limit
-                )
-            )
-        ).all()
-    by_client = Counter(client for _, client in running)
-    by_host = Counter(_host(url) for url, _ in running)
+    )
+    picks = select(due.c.id, due.c.url, due.c.next_attempt_at, due.c.client, due.c.rank).where(
+        due.c.rank <= limit
+    )
+    async with ctx.reads() as s:
+        rows = (await s.execute(union_all(picks, running))).all()
+    candidates = [r for r in rows if r.rank > 0]
+    if not candidates:
+        return []
+    by_client = Counter(r.client for r in rows if r.rank == 0)
+    by_host = Counter(_host(r.url) for r in rows if r.rank == 0)
     # Fewest running first: a client's n-th candidate comes when it has n-1 more.
     candidates = sorted(
         candidates, key=lambda c: (by_client[c.client] + c.rank, c.next_attempt_at, c.id)
@@ -247,67 +294,41 @@ async def release_all(svc: Services) -> None:
         await LEASES.release_all(conn, owner=svc.ctx.owner)
 
 
-async def _wait_for_outputs(svc: Services, d: Delivery, until: datetime) -> bool:
-    """Postpone to ``until`` if some output is still being stored; True if postponed.
-
-    One conditional statement, so a download finishing meanwhile either makes it a no-op
-    or finds the postponed row and brings it forward (``outputs_settled``)."""
-    pending = (
-        select(StoredOutput.idx)
-        .where(StoredOutput.task_id == d.task_id, StoredOutput.state == OutputState.pending)
-        .exists()
-    )
-    async with unit_of_work(svc.ctx.sm) as s:
-        res = await s.execute(
-            update(Delivery)
-            .where(Delivery.id == d.id, Delivery.lease_owner == svc.ctx.owner, pending)
-            .values(next_attempt_at=until, **FREE)
-            .execution_options(synchronize_session=False)
+async def _postpone(svc: Services, d: Delivery, until: datetime, *, for_outputs: bool) -> bool:
+    """Postpone to ``until`` (``for_outputs``: only if some output is still being
+    stored); True if postponed."""
+    async with write(svc.ctx.engine) as conn:
+        res = await conn.execute(
+            _POSTPONE_FOR_OUTPUTS if for_outputs else _POSTPONE,
+            {"w_id": d.id, "w_owner": svc.ctx.owner, "v_next": until},
         )
-    return cast(CursorResult[Any], res).rowcount == 1
-
-
-async def _postpone(svc: Services, d: Delivery, until: datetime) -> None:
-    async with unit_of_work(svc.ctx.sm) as s:
-        await s.execute(
-            update(Delivery)
-            .where(Delivery.id == d.id, Delivery.lease_owner == svc.ctx.owner)
-            .values(next_attempt_at=until, **FREE)
-            .execution_options(synchronize_session=False)
-        )
+    return res.rowcount == 1
 
 
 async def attempt(svc: Services, delivery_id: str) -> None:
     """One attempt of a delivery this process has leased; records it, releases the lease."""
     ctx, s = svc.ctx, svc.ctx.settings
-    async with ctx.sm() as ses:
-        d = await ses.get(Delivery, delivery_id)
-        task = await ses.get(Task, d.task_id) if d is not None else None
-    if (
-        d is None
-        or task is None
-        or d.lease_owner != ctx.owner
-        or d.status != DeliveryStatus.pending
-    ):
+    async with ctx.reads() as ses:
+        row = (await ses.execute(_READ, {"w_id": delivery_id})).first()
+    if row is None:
+        return
+    d, task, outputs_pending = row
+    if d.lease_owner != ctx.owner or d.status != DeliveryStatus.pending:
         return
     now = ctx.clock()
     schedule = s.notify_schedule
     if d.payload is None:
         first = d.created_at + timedelta(seconds=schedule[0])
         if now < first:
-            await _postpone(svc, d, first)
+            await _postpone(svc, d, first, for_outputs=False)
             return
         waited = d.created_at + timedelta(seconds=s.notify_wait_for_outputs_s)
-        if (
-            task.status == Status.succeeded
-            and now < waited
-            and await _wait_for_outputs(svc, d, waited)
-        ):
-            return
-        if task.status == Status.succeeded:
-            # Read again: an output stored between the first read and that check has
-            # rewritten the task's output URLs, and the payload must carry them.
-            async with ctx.sm() as ses:
+        if task.status == Status.succeeded and outputs_pending:
+            if now < waited and await _postpone(svc, d, waited, for_outputs=True):
+                return
+            # Read again: an output stored since the first read has rewritten the
+            # task's output URLs, and the payload must carry them.
+            async with ctx.reads() as ses:
                 task = await ses.get(Task, d.task_id) or task
     body = d.payload or payload(task)
     number = d.attempts + 1
@@ -428,79 +449,108 @@ async def _record(
         if final
         else DeliveryStatus.pending
     )
-    values: dict[str, Any] = dict(
-        attempts=number,
-        payload=body,
-        status=status,
-        last_error=None if delivered else error,
-        next_attempt_at=nxt,
-        **FREE,
-    )
-    if status != DeliveryStatus.pending:
-        values["finished_at"] = now
-    async with unit_of_work(ctx.sm) as s:
-        res = await s.execute(
-            update(Delivery)
-            .where(Delivery.id == d.id, Delivery.lease_owner == ctx.owner)
-            .values(**values)
-            .execution_options(synchronize_session=False)
+    async with write(ctx.engine) as conn:
+        res = await conn.execute(
+            _RECORD,
+            {
+                "w_id": d.id,
+                "w_owner": ctx.owner,
+                "v_attempts": number,
+                "v_payload": body,
+                "v_status": status.value,
+                "v_last_error": None if delivered else error,
+                "v_next": nxt,
+                "v_finished": None if status == DeliveryStatus.pending else now,
+            },
         )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
+        if res.rowcount != 1:
             return  # our lease ran out and another worker took over: its record wins
         metrics.notification_attempt(
             DeliveryStatus.delivered if delivered else DeliveryStatus.failed
         )
         if status == DeliveryStatus.failed:
             metrics.notification_exhausted()
-        s.add(
-            DeliveryAttempt(
-                delivery_id=d.id,
-                number=number,
-                at=at,
-                status_code=status_code,
-                latency_ms=latency_ms,
-                response_body=response_body,
-                error=None if delivered else (error or "")[:1000],
-            )
+        await conn.execute(
+            _INSERT_ATTEMPT,
+            {
+                "delivery_id": d.id,
+                "number": number,
+                "at": at,
+                "status_code": status_code,
+                "latency_ms": latency_ms,
+                "response_body": response_body,
+                "error": None if delivered else (error or "")[:1000],
+            },
         )
         if status != DeliveryStatus.pending:
             what = (f"HTTP {status_code}" if delivered else (error or "failed"))[:300]
             kind = EventKind.notification_delivered if delivered else EventKind.notification_failed
-            s.add(
-                Event(
-                    task_id=task.id,
-                    at=now,
-                    source="delivery",
-                    kind=kind,
-                    status=None,
-                    upstream_status=None,
-                    message=(
+            await conn.execute(
+                _INSERT_EVENT,
+                {
+                    "task_id": task.id,
+                    "at": now,
+                    "source": "delivery",
+                    "kind": kind.value,
+                    "status": None,
+                    "upstream_status": None,
+                    "message": (
                         f"notification {d.event_type} ({d.id}) to {_host(d.url)} "
                         f"{status} after {number} attempt{'s' if number > 1 else ''}: "
                         f"{what}"
                     ),
-                )
+                },
             )
     if status == DeliveryStatus.failed:
         log.warning("notification failed", extra={"task_id": task.id, "delivery_id": d.id})
 
 
-async def outputs_settled(svc: Services, task_id: str) -> None:
-    """The task's outputs are stored (or given up on): send its waiting notification now."""
-    now = svc.ctx.clock()
-    async with unit_of_work(svc.ctx.sm) as s:
-        res = await s.execute(
-            update(Delivery)
-            .where(
-                Delivery.task_id == task_id,
-                Delivery.status == DeliveryStatus.pending,
-                Delivery.payload.is_(None),
-                Delivery.next_attempt_at > now,
-            )
-            .values(next_attempt_at=now)
-            .execution_options(synchronize_session=False)
+# An attempt's outcome, the lease given back in the same statement (if still ours).
+_RECORD = (
+    update(_DELIVERIES)
+    .where(*_HELD)
+    .values(
+        attempts=bindparam("v_attempts", type_=_D.attempts.type),
+        payload=bindparam("v_payload", type_=_D.payload.type),
+        status=bindparam("v_status", type_=_D.status.type),
+        last_error=bindparam("v_last_error", type_=_D.last_error.type),
+        next_attempt_at=ts("v_next"),
+        finished_at=ts("v_finished"),
+        **FREE,
+    )
+)
+_INSERT_ATTEMPT = insert(cast(Table, DeliveryAttempt.__table__))
+_INSERT_EVENT = insert(cast(Table, Event.__table__))
+# Bring a first attempt waiting for the task's outputs forward (a due one stays as it is);
+# the row count says whether the task has a first attempt to make at all.
+_SETTLED = (
+    update(_DELIVERIES)
+    .where(
+        _D.task_id == bindparam("w_task"),
+        _D.status == DeliveryStatus.pending.value,
+        _D.payload.is_(None),
+    )
+    .values(
+        next_attempt_at=case(
+            (_D.next_attempt_at > ts("v_now"), ts("v_now")), else_=_D.next_attempt_at
         )
-    if res.rowcount:  # type: ignore[attr-defined]
+    )
+)
+
+
+async def bring_forward(conn: AsyncConnection, task_id: str, now: datetime) -> bool:
+    """In the caller's transaction: the task's first notification, if it has one still
+    to make, due at once (``outputs_settled``); True if it has one."""
+    res = await conn.execute(_SETTLED, {"w_task": task_id, "v_now": now})
+    return bool(res.rowcount)
+
+
+async def outputs_settled(svc: Services, task_id: str) -> None:
+    """The task's outputs are stored (or given up on): send its waiting notification now
+    (it was postponed, or ``claim_due`` passed it over while they were pending)."""
+    async with write(svc.ctx.engine) as conn:
+        waiting = await bring_forward(conn, task_id, svc.ctx.clock())
+    if waiting:
         svc.wake_notifier()
 
 

@@ -14,14 +14,15 @@ the import graph, so that the status writer can call the hook without a cycle.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import event, select
+from sqlalchemy import Integer, String, Table, bindparam, event, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
+from app.db import ts
 from app.ids import new_message_id
 from app.lifecycle import Status
 from app.models import Delivery, StoredOutput, Task
@@ -45,6 +46,9 @@ class Services:
     wake_notifier: Callable[[], None] = _noop
     wake_outputs: Callable[[], None] = _noop
     wake_eraser: Callable[[], None] = _noop
+    # What ``results.claim_outputs`` read with the leases it took (upstream URL, storage
+    # key, attempts so far), so that the download need not read its row again.
+    claimed_outputs: dict[tuple[str, int], tuple[str, str, int]] = field(default_factory=dict)
 
 
 def output_key(task_id: str, index: int) -> str:
@@ -69,9 +73,10 @@ def new_delivery(task_id: str, status: str, url: str, now: datetime, *, reason: 
 
 def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[], None]) -> None:
     """Call ``wake`` after each commit of a session of ``sm`` that recorded a terminal
-    status, so the result loops start on the new delivery and downloads at once instead
-    of on their next idle tick (GATEWAY_WORKER_IDLE_S: half a second on average of the
-    0.6 s from upstream completion to the caller's notification, bench P7).
+    status with work for the result loops (a delivery, downloads), so they start on it
+    at once instead of on their next idle tick (GATEWAY_WORKER_IDLE_S: half a second on
+    average of the 0.6 s from upstream completion to the caller's notification, bench
+    P7).
 
     The hook is registered on ``sm``'s own Session class (``db.make_sessionmaker``), so
     it belongs to this process's sessionmaker; a sessionmaker without one gets no
@@ -88,6 +93,43 @@ def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[]
     event.listen(session_class, "after_commit", after_commit)
 
 
+_TASKS = cast(Table, Task.__table__)
+_DELIVERIES = cast(Table, Delivery.__table__)
+_OUTPUTS = cast(Table, StoredOutput.__table__)
+
+# The delivery, if the task has a webhook_url: its URL is read and the row written by one
+# statement (``INSERT … SELECT``), which inserts nothing for a task without one.
+_INSERT_DELIVERY = insert(_DELIVERIES).from_select(
+    [
+        "id",
+        "task_id",
+        "event_type",
+        "reason",
+        "url",
+        "status",
+        "attempts",
+        "created_at",
+        "next_attempt_at",
+    ],
+    select(
+        bindparam("d_id", type_=String()),
+        _TASKS.c.id,
+        bindparam("d_event_type", type_=String()),
+        bindparam("d_reason", type_=String()),
+        _TASKS.c.webhook_url,
+        bindparam("d_status", type_=String()),
+        bindparam("d_attempts", type_=Integer()),
+        ts("d_now"),
+        ts("d_now"),
+    ).where(
+        _TASKS.c.id == bindparam("d_task_id", type_=String()),
+        _TASKS.c.webhook_url.is_not(None),
+        _TASKS.c.webhook_url != "",
+    ),
+)
+_INSERT_OUTPUT = insert(_OUTPUTS)
+
+
 async def record_terminal(
     session: AsyncSession,
     task_id: str,
@@ -96,28 +138,47 @@ async def record_terminal(
     *,
     outputs: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Inside the status change's transaction: the delivery and the downloads to do."""
-    session.sync_session.info["terminal_recorded"] = True
-    webhook_url = await session.scalar(select(Task.webhook_url).where(Task.id == task_id))
-    if webhook_url:
-        session.add(new_delivery(task_id, status.value, webhook_url, now, reason="terminal"))
-    if status == Status.succeeded:
-        for i, o in enumerate(outputs or []):
-            url = o.get("upstream_url") or o.get("url")
-            if not isinstance(url, str) or not url:
-                continue
-            session.add(
-                StoredOutput(
-                    task_id=task_id,
-                    idx=i,
-                    name=str(o.get("name") or i)[:255],
-                    upstream_url=url,
-                    upstream_content_type=(o.get("content_type") or None),
-                    upstream_size=o.get("size") if isinstance(o.get("size"), int) else None,
-                    state=OutputState.pending,
-                    storage_key=output_key(task_id, i),
-                    attempts=0,
-                    created_at=now,
-                    next_try_at=now,
-                )
-            )
+    """Inside the status change's transaction: the delivery and the downloads to do.
+
+    Prebuilt Core statements, executed at once (no ORM objects to flush at commit): at
+    most one ``INSERT … SELECT`` for the delivery and one insert of the outputs. The
+    result loops are woken after the commit only if there is work for them."""
+    res = await session.execute(
+        _INSERT_DELIVERY,
+        {
+            "d_id": new_message_id(now),
+            "d_task_id": task_id,
+            "d_event_type": f"task.{status.value}",
+            "d_reason": "terminal",
+            "d_status": DeliveryStatus.pending.value,
+            "d_attempts": 0,
+            "d_now": now,
+        },
+    )
+    if res.rowcount:  # type: ignore[attr-defined]
+        session.sync_session.info["terminal_recorded"] = True
+    if status != Status.succeeded:
+        return
+    rows: list[dict[str, Any]] = []
+    for i, o in enumerate(outputs or []):
+        url = o.get("upstream_url") or o.get("url")
+        if not isinstance(url, str) or not url:
+            continue
+        rows.append(
+            {
+                "task_id": task_id,
+                "idx": i,
+                "name": str(o.get("name") or i)[:255],
+                "upstream_url": url,
+                "upstream_content_type": (o.get("content_type") or None),
+                "upstream_size": o.get("size") if isinstance(o.get("size"), int) else None,
+                "state": OutputState.pending.value,
+                "storage_key": output_key(task_id, i),
+                "attempts": 0,
+                "created_at": now,
+                "next_try_at": now,
+            }
+        )
+    if rows:
+        await session.execute(_INSERT_OUTPUT, rows if len(rows) > 1 else rows[0])
+        session.sync_session.info["terminal_recorded"] = True

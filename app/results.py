@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app import imaging, notify
-from app.db import unit_of_work, write
+from app.db import ts, unit_of_work, write
 from app.errors import Conflict, Gone, NotFound
 from app.ids import jitter, sha256_hex
 from app.leases import FREE, Leases
@@ -49,9 +49,10 @@ def output_url(public_url: str, task_id: str, index: int) -> str:
     return f"{public_url}/v1/tasks/{task_id}/outputs/{index}"
 
 
-def present(row: StoredOutput, public_url: str, *, erased: bool = False) -> dict[str, Any]:
-    """One item of the task's ``outputs``: the gateway's URL once stored (or erased, so
-    that it answers 410); the facts of the gateway's copy once there was one."""
+def present(row: Any, public_url: str, *, erased: bool = False) -> dict[str, Any]:
+    """One item of the task's ``outputs`` (``row``: a ``StoredOutput`` or a row of
+    ``_OUTPUT_FACTS``): the gateway's URL once stored (or erased, so that it answers
+    410); the facts of the gateway's copy once there was one."""
     copied = row.sha256 is not None
     return {
         "name": row.name,
@@ -69,24 +70,89 @@ def present(row: StoredOutput, public_url: str, *, erased: bool = False) -> dict
     }
 
 
-async def _lock_task(session: AsyncSession, task_id: str) -> Task | None:
-    """The task row, locked on PostgreSQL so that rewrites of its ``outputs`` serialise
-    (on SQLite the first write of the transaction already does)."""
-    return (await session.scalars(select(Task).where(Task.id == task_id).with_for_update())).first()
-
-
-async def _rewrite_outputs(session: AsyncSession, task_id: str, public_url: str) -> None:
-    rows = (
-        await session.scalars(
-            select(StoredOutput).where(StoredOutput.task_id == task_id).order_by(StoredOutput.idx)
-        )
-    ).all()
-    await session.execute(
-        update(Task)
-        .where(Task.id == task_id)
-        .values(outputs=[present(r, public_url) for r in rows])
-        .execution_options(synchronize_session=False)
+# Prebuilt Core statements of the output worker and of the rewrite of a task's outputs.
+_TASKS = cast(Table, Task.__table__)
+_OUTPUTS = cast(Table, StoredOutput.__table__)
+_T = _TASKS.c
+_O = _OUTPUTS.c
+_OUTPUT_FACTS = (
+    select(
+        _O.task_id,
+        _O.idx,
+        _O.name,
+        _O.upstream_url,
+        _O.upstream_content_type,
+        _O.upstream_size,
+        _O.state,
+        _O.content_type,
+        _O.size,
+        _O.sha256,
+        _O.width,
+        _O.height,
     )
+    .where(_O.task_id == bindparam("w_task"))
+    .order_by(_O.idx)
+)
+_SET_OUTPUTS = (
+    update(_TASKS)
+    .where(_T.id == bindparam("w_task"))
+    .values(outputs=bindparam("v_outputs", type_=_T.outputs.type))
+)
+# The task row, locked (PostgreSQL): whoever moves an output of the task out of
+# ``pending`` takes it first, so rewrites of ``outputs`` serialise and the last one to
+# finish sees every other's outcome (on SQLite the write transaction already does both).
+_LOCK_TASK = select(_T.id).where(_T.id == bindparam("w_task")).with_for_update()
+_ANY_PENDING = (
+    select(_O.idx)
+    .where(_O.task_id == bindparam("w_task"), _O.state == OutputState.pending.value)
+    .limit(1)
+)
+_HELD = (
+    _O.task_id == bindparam("w_task"),
+    _O.idx == bindparam("w_idx"),
+    _O.state == OutputState.pending.value,
+    _O.lease_owner == bindparam("w_owner"),
+)
+_OUR_ROW = select(_O.upstream_url, _O.storage_key, _O.attempts).where(*_HELD)
+_STORED = (
+    update(_OUTPUTS)
+    .where(*_HELD)
+    .values(
+        state=OutputState.stored.value,
+        content_type=bindparam("v_content_type", type_=_O.content_type.type),
+        size=bindparam("v_size", type_=_O.size.type),
+        sha256=bindparam("v_sha256", type_=_O.sha256.type),
+        width=bindparam("v_width", type_=_O.width.type),
+        height=bindparam("v_height", type_=_O.height.type),
+        attempts=bindparam("v_attempts", type_=_O.attempts.type),
+        error=None,
+        stored_at=ts("v_now"),
+        next_try_at=None,
+        **FREE,
+    )
+)
+_NOT_STORED = (
+    update(_OUTPUTS)
+    .where(*_HELD)
+    .values(
+        state=bindparam("v_state", type_=_O.state.type),
+        attempts=bindparam("v_attempts", type_=_O.attempts.type),
+        error=bindparam("v_error", type_=_O.error.type),
+        next_try_at=ts("v_next"),
+        **FREE,
+    )
+)
+
+
+async def _rewrite_outputs(
+    db: AsyncSession | AsyncConnection, task_id: str, public_url: str
+) -> bool:
+    """Rewrite the task's ``outputs`` from its rows; True if none is pending any more."""
+    rows = (await db.execute(_OUTPUT_FACTS, {"w_task": task_id})).all()
+    await db.execute(
+        _SET_OUTPUTS, {"w_task": task_id, "v_outputs": [present(r, public_url) for r in rows]}
+    )
+    return all(r.state != OutputState.pending for r in rows)
 
 
 # ---------------------------------------------------------------- outputs: the worker
@@ -94,6 +160,10 @@ async def _rewrite_outputs(session: AsyncSession, task_id: str, public_url: str)
 
 OUTPUT_LEASES = Leases(StoredOutput.__table__, key=("task_id", "idx"), due="next_try_at")
 ERASURE_LEASES = Leases(Erasure.__table__, key="task_id", due="next_try_at")
+# The claim, returning what the download needs as well (kept in ``Services``).
+_CLAIM_OUTPUTS = OUTPUT_LEASES.claim_statement(OUTPUT_LEASES.candidates()).returning(
+    _O.upstream_url, _O.storage_key, _O.attempts
+)
 
 
 def _output_lease_s(svc: Services) -> float:
@@ -109,25 +179,33 @@ def _erasure_lease_s(svc: Services) -> float:
 
 
 async def claim_outputs(svc: Services, *, limit: int) -> list[tuple[str, int]]:
-    """Lease up to ``limit`` due downloads for this process (``app.leases``)."""
+    """Lease up to ``limit`` due downloads for this process (``app.leases``); what each
+    download needs comes back with the claim and waits in ``svc.claimed_outputs``."""
     ctx = svc.ctx
     now = ctx.clock()
     until = now + timedelta(seconds=_output_lease_s(svc))
     async with write(ctx.engine) as conn:
-        return await OUTPUT_LEASES.claim(conn, owner=ctx.owner, now=now, until=until, limit=limit)
+        rows = await conn.execute(
+            _CLAIM_OUTPUTS, {"b_now": now, "b_until": until, "b_owner": ctx.owner, "b_limit": limit}
+        )
+    keys: list[tuple[str, int]] = []
+    for task_id, idx, url, storage_key, attempts in rows:
+        keys.append((task_id, idx))
+        svc.claimed_outputs[(task_id, idx)] = (url, storage_key, attempts)
+    return keys
 
 
 class _Permanent(Exception):
     """A download failure that a retry will not fix."""
 
 
-async def _download(svc: Services, row: StoredOutput) -> tuple[bytes, imaging.ImageInfo]:
+async def _download(svc: Services, url: str) -> tuple[bytes, imaging.ImageInfo]:
     s = svc.ctx.settings
     policy = Policy(allow_private=s.allow_private_networks, hosts=s.output_host_set)
     try:
         resp = await svc.outbound.request(
             "GET",
-            row.upstream_url,
+            url,
             policy=policy,
             headers={"accept": "image/png, image/jpeg"},
             timeout_s=s.output_timeout_s,
@@ -146,6 +224,7 @@ async def _download(svc: Services, row: StoredOutput) -> tuple[bytes, imaging.Im
     if ctype not in ALLOWED_TYPES:
         raise _Permanent(f"content type {ctype or 'none'!r} is not image/jpeg or image/png")
     try:
+        # The whole image is decoded (README: "the bytes must decode with Pillow").
         info = await imaging.in_thread(
             imaging.inspect,
             resp.content,
@@ -158,99 +237,92 @@ async def _download(svc: Services, row: StoredOutput) -> tuple[bytes, imaging.Im
 
 
 async def store_output(svc: Services, task_id: str, idx: int) -> None:
-    """One download attempt of an output this process has leased; records the outcome."""
+    """One download attempt of an output this process has leased; records the outcome
+    and gives the lease back in the same statement."""
     ctx, s = svc.ctx, svc.ctx.settings
-    async with ctx.sm() as ses:
-        row = await ses.get(StoredOutput, (task_id, idx))
-    if row is None or row.lease_owner != ctx.owner or row.state != OutputState.pending:
-        return
+    held = {"w_task": task_id, "w_idx": idx, "w_owner": ctx.owner}
+    claimed = svc.claimed_outputs.pop((task_id, idx), None)
+    if claimed is None:  # not claimed by ``claim_outputs`` of this ``svc``: read it
+        async with ctx.reads() as ses:
+            row = (await ses.execute(_OUR_ROW, held)).first()
+        if row is None:
+            return
+        claimed = (row.upstream_url, row.storage_key, row.attempts)
+    url, storage_key, attempts = claimed
+    attempts += 1
+    lock = ctx.engine.dialect.name == "postgresql"
     now = ctx.clock()
     error: str | None = None
     permanent = False
     try:
-        data, info = await _download(svc, row)
+        data, info = await _download(svc, url)
     except _Permanent as e:
         error, permanent = str(e), True
     except OutboundError as e:
         error = str(e) or type(e).__name__
     else:
-        await svc.store.put(row.storage_key, data)
-        async with unit_of_work(ctx.sm) as ses:
-            await _lock_task(ses, task_id)
-            res = await ses.execute(
-                update(StoredOutput)
-                .where(
-                    StoredOutput.task_id == task_id,
-                    StoredOutput.idx == idx,
-                    StoredOutput.state == OutputState.pending,
-                    StoredOutput.lease_owner == ctx.owner,
-                )
-                .values(
-                    state=OutputState.stored,
-                    content_type=info.content_type,
-                    size=info.size,
-                    sha256=info.sha256,
-                    width=info.width,
-                    height=info.height,
-                    attempts=row.attempts + 1,
-                    error=None,
-                    stored_at=now,
-                    next_try_at=None,
-                    **FREE,
-                )
-                .execution_options(synchronize_session=False)
+        await svc.store.put(storage_key, data)
+        settled = waiting = False
+        async with write(ctx.engine) as conn:
+            if lock:
+                await conn.execute(_LOCK_TASK, held)
+            res = await conn.execute(
+                _STORED,
+                {
+                    **held,
+                    "v_content_type": info.content_type,
+                    "v_size": info.size,
+                    "v_sha256": info.sha256,
+                    "v_width": info.width,
+                    "v_height": info.height,
+                    "v_attempts": attempts,
+                    "v_now": now,
+                },
             )
-            stored = res.rowcount == 1  # type: ignore[attr-defined]
+            stored = res.rowcount == 1
             if stored:
-                await _rewrite_outputs(ses, task_id, s.public_url)
+                settled = await _rewrite_outputs(conn, task_id, s.public_url)
+            if settled and not lock:
+                # SQLite: writers are serial, so the notification can be made due in
+                # this same transaction (on PostgreSQL, after the commit: a notifier's
+                # conditional postpone running meanwhile must see the output stored).
+                waiting = await notify.bring_forward(conn, task_id, ctx.clock())
         if not stored:
             # Erased (or taken over) while downloading: leave no copy behind.
-            await svc.store.delete(row.storage_key)
-            return
-        await _settled(svc, task_id)
+            await svc.store.delete(storage_key)
+        elif waiting:
+            svc.wake_notifier()
+        elif settled and lock:
+            await notify.outputs_settled(svc, task_id)
         return
-    attempts = row.attempts + 1
     schedule = s.output_retry_schedule
     give_up = permanent or attempts > len(schedule)
-    values: dict[str, Any] = dict(attempts=attempts, error=error[:1000], **FREE)
-    if give_up:
-        values.update(state=OutputState.failed, next_try_at=None)
-    else:
-        values["next_try_at"] = ctx.clock() + timedelta(seconds=jitter(schedule[attempts - 1]))
-    async with unit_of_work(ctx.sm) as ses:
-        await ses.execute(
-            update(StoredOutput)
-            .where(
-                StoredOutput.task_id == task_id,
-                StoredOutput.idx == idx,
-                StoredOutput.state == OutputState.pending,
-                StoredOutput.lease_owner == ctx.owner,
-            )
-            .values(**values)
-            .execution_options(synchronize_session=False)
+    nxt = None if give_up else ctx.clock() + timedelta(seconds=jitter(schedule[attempts - 1]))
+    async with write(ctx.engine) as conn:
+        if give_up and lock:
+            await conn.execute(_LOCK_TASK, held)
+        await conn.execute(
+            _NOT_STORED,
+            {
+                **held,
+                "v_state": OutputState.failed if give_up else OutputState.pending,
+                "v_attempts": attempts,
+                "v_error": error[:1000],
+                "v_next": nxt,
+            },
         )
-        if give_up:
-            log.warning(
-                "output not stored: %s", error[:200], extra={"task_id": task_id, "index": idx}
-            )
+        settled = give_up and (await conn.scalar(_ANY_PENDING, held)) is None
     if give_up:
-        await _settled(svc, task_id)
-
-
-async def _settled(svc: Services, task_id: str) -> None:
-    async with svc.ctx.sm() as s:
-        pending = await s.scalar(
-            select(StoredOutput.idx)
-            .where(StoredOutput.task_id == task_id, StoredOutput.state == OutputState.pending)
-            .limit(1)
-        )
-    if pending is None:
+        log.warning("output not stored: %s", error[:200], extra={"task_id": task_id, "index": idx})
+    if settled:
         await notify.outputs_settled(svc, task_id)
 
 
 async def release_all(svc: Services, *, outputs: bool = True, erasures: bool = True) -> None:
     """Give back the output and/or erasure leases this process holds (shutdown: each
     loop its own, so the first loop to stop leaves the other's running jobs theirs)."""
+    if outputs:
+        svc.claimed_outputs.clear()
     async with write(svc.ctx.engine) as conn:
         for leases, chosen in ((OUTPUT_LEASES, outputs), (ERASURE_LEASES, erasures)):
             if chosen:
