@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Dialect, MetaData, bindparam, event
+from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -19,8 +20,12 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeDecorator
+
+from app.sqlite_driver import deferred as deferred  # for statements `later` cannot wrap
+from app.sqlite_driver import final
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -162,3 +167,29 @@ async def write(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """One Core transaction (``engine.begin()``), taking its turn like ``unit_of_work``."""
     async with _write_turn(engine), engine.begin() as conn:
         yield conn
+
+
+Db = AsyncSession | AsyncConnection
+
+
+async def later(db: Db, stmt: Executable, params: Any = None) -> None:
+    """Execute a write whose result nobody reads (no RETURNING, row count ignored). On
+    SQLite it runs in the same thread hop as the transaction's next statement that needs
+    a result, or as its COMMIT (app/sqlite_driver.py): fewer hops, so the write turn is
+    held for less time. Its error surfaces there and rolls the whole transaction back:
+    never catch an error around ``later`` and go on with the transaction."""
+    if isinstance(db, AsyncSession):
+        # The ORM's own pending statements need their results: they run now, first.
+        await db.flush()
+    with deferred():
+        await db.execute(stmt, params)
+
+
+async def last(db: Db, stmt: Executable, params: Any = None) -> Result[Any]:
+    """Execute the transaction's last statement: on SQLite it and the COMMIT (and
+    anything ``later`` queued) run in one hop, and the caller's commit then costs
+    nothing. Nothing may be written in the transaction after it."""
+    if isinstance(db, AsyncSession):
+        await db.flush()
+    with final():
+        return await db.execute(stmt, params)

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import bindparam, case, func, insert, select, update
 
 from app.context import Ctx
-from app.db import ts, unit_of_work, write
+from app.db import deferred, last, later, ts, unit_of_work, write
 from app.fairness import dispatch_turn, in_flight, may_dispatch
 from app.faults import crash_point
 from app.ids import jitter, sha256_hex
@@ -90,13 +90,18 @@ def _insert_task(task: Task) -> dict[str, Any]:
 
 async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int | None:
     """Insert a prepared task, its first event, its metadata and (if given) its first
-    attempt in the caller's transaction; the attempt's id."""
-    await db.execute(insert(TASKS), [_insert_task(task)])
-    await insert_metadata(db, task.id, task.metadata_)
-    await db.execute(insert(EVENTS), [created(task.id, task.created_at)])
+    attempt in the caller's transaction; the attempt's id.
+
+    With an attempt, its insert is the transaction's last statement (``app.db.last``):
+    on SQLite the whole transaction, COMMIT included, is one thread hop; the caller
+    writes nothing after it. Without one, the inserts run with the caller's COMMIT."""
+    await later(db, insert(TASKS), [_insert_task(task)])
+    with deferred():  # ``later`` flushed a session's own changes: none are pending
+        await insert_metadata(db, task.id, task.metadata_)
+    await later(db, insert(EVENTS), [created(task.id, task.created_at)])
     if attempt is None:
         return None
-    return int((await db.execute(insert(ATTEMPTS).values(**attempt).returning(A.id))).scalar_one())
+    return int((await last(db, insert(ATTEMPTS).values(**attempt).returning(A.id))).scalar_one())
 
 
 _NEXT_ATTEMPT = (
@@ -152,8 +157,9 @@ async def open_attempt(
                 )
                 if res.rowcount != 1:
                     return None  # cancelled or moved on meanwhile
+                # The last statement: it commits in the same hop on SQLite.
                 attempt_id = (
-                    await conn.execute(insert(ATTEMPTS).values(**row).returning(A.id))
+                    await last(conn, insert(ATTEMPTS).values(**row).returning(A.id))
                 ).scalar_one()
                 task.attempt = number
     # The attempt is committed: from here a crash leaves a "sent" attempt, never a
@@ -253,8 +259,11 @@ async def _link_fresh(
             **values,
         ):
             return False
-        await conn.execute(
-            _ACCEPT_ATTEMPT, {"b_id": attempt.id, "b_upstream": accepted.task_id, "b_now": now}
+        # Runs with the COMMIT (and the event ``transition`` queued), in one hop on SQLite.
+        await later(
+            conn,
+            _ACCEPT_ATTEMPT,
+            {"b_id": attempt.id, "b_upstream": accepted.task_id, "b_now": now},
         )
     task.status, task.status_rank, task.updated_at = Status.queued.value, Status.queued.rank, now
     for k, v in values.items():
@@ -310,11 +319,11 @@ async def link(
                 or await ses.scalar(select(Task.upstream_task_id).where(Task.id == task_id))
                 == upstream_id
             ):
-                await ses.execute(accept)
+                await later(ses, accept)
             else:
                 extra = True
         elif task.upstream_task_id == upstream_id:
-            await ses.execute(accept)
+            await later(ses, accept)
         else:
             extra = True
     if extra:
@@ -326,7 +335,8 @@ async def stop_extra(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str)
     confirmed, _, how = await stop_upstream(ctx, upstream_id, None)
     now = ctx.clock()
     async with unit_of_work(ctx.sm) as ses:
-        await ses.execute(
+        await later(
+            ses,
             update(Attempt)
             .where(Attempt.id == attempt.id)
             .values(
@@ -334,7 +344,7 @@ async def stop_extra(ctx: Ctx, task_id: str, attempt: Attempt, upstream_id: str)
                 upstream_task_id=upstream_id,
                 hint_upstream_id=None,
                 resolved_at=now,
-            )
+            ),
         )
         await event(
             ses,
@@ -471,10 +481,11 @@ async def reconcile_attempts(ctx: Ctx, task: Task, attempts: list[Attempt]) -> b
             # Not this attempt's task. Clear only that hint: a callback may have named
             # another one meanwhile.
             async with unit_of_work(ctx.sm) as ses:
-                await ses.execute(
+                await later(
+                    ses,
                     update(Attempt)
                     .where(Attempt.id == a.id, Attempt.hint_upstream_id == a.hint_upstream_id)
-                    .values(hint_upstream_id=None)
+                    .values(hint_upstream_id=None),
                 )
             continue
         if task.status == Status.pending and task.upstream_task_id is None:

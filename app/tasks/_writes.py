@@ -16,9 +16,11 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, insert, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
+from app.db import Db as Db  # a transaction's handle, for the engine's modules
+from app.db import later
 from app.lifecycle import Status
 from app.models import Attempt, Event, Task
 from app.outbox import record_terminal
@@ -33,8 +35,6 @@ EVENTS = cast(Table, Event.__table__)
 ATTEMPTS = cast(Table, Attempt.__table__)
 T = TASKS.c
 A = ATTEMPTS.c
-
-Db = AsyncSession | AsyncConnection
 
 
 def short(e: BaseException) -> str:
@@ -87,8 +87,10 @@ async def event(
     upstream_status: str | None = None,
     message: str | None = None,
 ) -> None:
-    """Record an event that changes no status, in the caller's transaction."""
-    await db.execute(
+    """Record an event that changes no status, in the caller's transaction (deferred on
+    SQLite: ``app.db.later``)."""
+    await later(
+        db,
         insert(EVENTS),
         [event_row(task_id, source, at, kind, upstream_status=upstream_status, message=message)],
     )
@@ -164,7 +166,10 @@ async def transition(
     metrics.task_transition(new.value)
     if new.terminal:
         metrics.task_finished(new.value, source)
-    await db.execute(
+    # Nobody reads its result: on SQLite it runs with the transaction's next statement
+    # or its COMMIT, in the same hop (``app.db.later``).
+    await later(
+        db,
         insert(EVENTS),
         [
             event_row(
@@ -186,8 +191,9 @@ async def transition(
 
 
 async def set_task(db: Db, task_id: str, **values: Any) -> None:
-    """Set columns of a task that are not its status (counters, schedule, hints)."""
-    await db.execute(update(TASKS).where(T.id == task_id).values(**values))
+    """Set columns of a task that are not its status (counters, schedule, hints), in the
+    caller's transaction (deferred on SQLite: ``app.db.later``)."""
+    await later(db, update(TASKS).where(T.id == task_id).values(**values))
 
 
 def created(task_id: str, at: datetime) -> dict[str, Any]:

@@ -1,0 +1,291 @@
+"""The SQLite driver's deferred statements (app/sqlite_driver.py, ``app.db.later`` and
+``app.db.last``) on real SQLite files: hops counted with the driver's own counter.
+
+- Deferred writes are queued and run in the same hop as the next statement that needs a
+  result (which sees them) or as the COMMIT; ``last`` runs the queue, its statement and
+  the COMMIT in one hop.
+- An error in a deferred statement rolls the whole transaction back (the statements run
+  before it too) and leaves the connection with no transaction open.
+- A COMMIT or ROLLBACK with nothing pending and nothing open costs no hop: a read-only
+  session pays only for its reads.
+- Reads (and writes with RETURNING) inside ``deferred`` run at once.
+- The engine's submit transaction (``insert_new`` with an attempt, on an alembic-migrated
+  database) is one hop, and the same code commits the same rows on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import DeclarativeBase, Mapped
+
+from app.db import deferred, last, later, make_engine, make_sessionmaker, unit_of_work, write
+from app.lifecycle import Status
+from app.models import Attempt, Event, Task
+from app.sqlite_driver import HOPS
+from app.states import Outcome
+from app.tasks._dispatch import insert_new
+
+META = MetaData()
+ROWS = Table(
+    "rows",
+    META,
+    Column("id", Integer, primary_key=True),
+    Column("name", String, nullable=False, unique=True),
+)
+
+
+class _Base(DeclarativeBase):
+    metadata = META
+
+
+class Row(_Base):
+    __table__ = ROWS
+    id: Mapped[int]
+    name: Mapped[str]
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[tuple[AsyncEngine, Path]]:
+    path = tmp_path / "driver.db"
+    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+    async with engine.begin() as conn:
+        await conn.run_sync(META.create_all)
+    try:
+        yield engine, path
+    finally:
+        await engine.dispose()
+
+
+def names(path: Path) -> list[str]:
+    """What another connection sees committed."""
+    with sqlite3.connect(path) as c:
+        return [r[0] for r in c.execute("SELECT name FROM rows ORDER BY name")]
+
+
+def write_lock_free(path: Path) -> bool:
+    """Whether another connection can take SQLite's writer lock at once (no transaction
+    with writes is left open anywhere)."""
+    c = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        c.execute("BEGIN IMMEDIATE")
+        c.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        c.close()
+
+
+class Hops:
+    def __enter__(self) -> Hops:
+        self.start = HOPS.n
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    @property
+    def n(self) -> int:
+        return HOPS.n - self.start
+
+
+async def test_deferred_writes_run_with_the_next_read_then_the_commit(
+    db: tuple[AsyncEngine, Path],
+) -> None:
+    engine, path = db
+    with Hops() as hops:
+        async with write(engine) as conn:
+            await later(conn, insert(ROWS), [{"name": "a"}])
+            await later(conn, insert(ROWS), [{"name": "b"}, {"name": "c"}])
+            await later(conn, update(ROWS).where(ROWS.c.name == "a").values(name="a2"))
+            assert hops.n == 0
+            # The read runs the queue first, in its own hop, and sees it.
+            seen = (await conn.execute(select(ROWS.c.name).order_by(ROWS.c.name))).scalars()
+            assert list(seen) == ["a2", "b", "c"]
+            assert hops.n == 1
+            await later(conn, insert(ROWS), [{"name": "d"}])
+            assert names(path) == []  # nothing committed yet
+        assert hops.n == 2  # the last insert ran with the COMMIT
+    assert names(path) == ["a2", "b", "c", "d"]
+
+
+async def test_only_deferred_writes_commit_in_one_hop(db: tuple[AsyncEngine, Path]) -> None:
+    engine, path = db
+    with Hops() as hops:
+        async with write(engine) as conn:
+            for n in "xyz":
+                await later(conn, insert(ROWS), [{"name": n}])
+        assert hops.n == 1
+    assert names(path) == ["x", "y", "z"]
+
+
+async def test_last_runs_the_queue_its_statement_and_the_commit_in_one_hop(
+    db: tuple[AsyncEngine, Path],
+) -> None:
+    engine, path = db
+    with Hops() as hops:
+        async with write(engine) as conn:
+            await later(conn, insert(ROWS), [{"name": "a"}])
+            new_id = (
+                await last(conn, insert(ROWS).values(name="b").returning(ROWS.c.id))
+            ).scalar_one()
+            # Committed already, before the block's own commit (which costs nothing).
+            assert names(path) == ["a", "b"]
+            assert write_lock_free(path)
+        assert hops.n == 1
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT name FROM rows WHERE id = ?", (new_id,)).fetchone() == ("b",)
+
+
+@pytest.mark.parametrize("surfaces", ["commit", "read", "last"])
+async def test_an_error_in_a_deferred_write_rolls_the_whole_transaction_back(
+    db: tuple[AsyncEngine, Path], surfaces: str
+) -> None:
+    engine, path = db
+    async with write(engine) as conn:
+        await conn.execute(insert(ROWS), [{"name": "taken"}])
+    with pytest.raises(IntegrityError) as err:
+        async with write(engine) as conn:
+            await conn.execute(insert(ROWS), [{"name": "first"}])  # run at once
+            await later(conn, insert(ROWS), [{"name": "queued"}])
+            await later(conn, insert(ROWS), [{"name": "taken"}])  # the unique name again
+            await later(conn, insert(ROWS), [{"name": "after"}])
+            if surfaces == "read":
+                await conn.execute(select(ROWS.c.id))
+            elif surfaces == "last":
+                await last(conn, insert(ROWS).values(name="final").returning(ROWS.c.id))
+    assert isinstance(err.value.orig, sqlite3.IntegrityError)
+    assert names(path) == ["taken"]
+    assert write_lock_free(path)
+    # The connection goes back to the pool clean: the next transaction commits alone.
+    with Hops() as hops:
+        async with write(engine) as conn:
+            await later(conn, insert(ROWS), [{"name": "next"}])
+        assert hops.n == 1
+    assert names(path) == ["next", "taken"]
+
+
+async def test_rollback_drops_the_queue_without_a_hop(db: tuple[AsyncEngine, Path]) -> None:
+    engine, path = db
+    with Hops() as hops:
+        with pytest.raises(LookupError):
+            async with write(engine) as conn:
+                await later(conn, insert(ROWS), [{"name": "dropped"}])
+                raise LookupError
+        assert hops.n == 0
+    assert names(path) == []
+    with Hops() as hops:
+        async with write(engine) as conn:
+            await later(conn, insert(ROWS), [{"name": "kept"}])
+        assert hops.n == 1
+    assert names(path) == ["kept"]
+
+
+async def test_nothing_open_costs_no_hop(db: tuple[AsyncEngine, Path]) -> None:
+    engine, path = db
+    sm = make_sessionmaker(engine)
+    async with write(engine) as conn:
+        await conn.execute(insert(ROWS), [{"name": "a"}])
+    with Hops() as hops:
+        async with sm() as s:  # a read: one hop, none for the rollback at close
+            assert await s.scalar(select(func.count()).select_from(ROWS)) == 1
+        assert hops.n == 1
+        async with write(engine):  # a transaction that wrote nothing
+            pass
+        assert hops.n == 1
+    # After a write that ran at once, the commit does make its hop.
+    with Hops() as hops:
+        async with write(engine) as conn:
+            await conn.execute(insert(ROWS), [{"name": "b"}])
+        assert hops.n == 2
+    assert names(path) == ["a", "b"]
+
+
+async def test_reads_and_returning_run_at_once_inside_deferred(
+    db: tuple[AsyncEngine, Path],
+) -> None:
+    engine, path = db
+    with Hops() as hops:
+        async with write(engine) as conn:
+            with deferred():
+                await conn.execute(insert(ROWS), [{"name": "a"}])  # queued
+                got = (
+                    await conn.execute(insert(ROWS).values(name="b").returning(ROWS.c.name))
+                ).scalar_one()
+                assert got == "b"
+                assert hops.n == 1
+                count = await conn.scalar(select(func.count()).select_from(ROWS))
+                assert count == 2
+                assert hops.n == 2
+        assert hops.n == 3
+    assert names(path) == ["a", "b"]
+
+
+async def test_later_in_a_session_flushes_the_orm_first(db: tuple[AsyncEngine, Path]) -> None:
+    engine, path = db
+    sm = make_sessionmaker(engine)
+    async with unit_of_work(sm) as s:
+        row = Row(name="orm")
+        s.add(row)
+        # The ORM's insert runs now (it needs its id); the update is queued after it.
+        await later(s, update(ROWS).where(ROWS.c.name == "orm").values(name="orm2"))
+        assert row.id is not None
+    assert names(path) == ["orm2"]
+
+
+# ---------------------------------------------------------------- the engine's submit
+
+
+def _task(now: datetime) -> Task:
+    return Task(
+        id="t_driver_1",
+        client="alpha",
+        model="m",
+        status=Status.pending.value,
+        status_rank=Status.pending.rank,
+        input={"a": "b"},
+        metadata_={"source": "web", "user": "u1"},
+        attempt=1,
+        outputs=[],
+        created_at=now,
+        updated_at=now,
+        deadline_at=now + timedelta(hours=1),
+        next_check_at=now,
+        lease_owner="me",
+        lease_until=now + timedelta(seconds=10),
+        retries=0,
+    )
+
+
+async def test_submit_transaction_commits_in_one_hop_on_sqlite_and_works_on_both(
+    db_url: str,
+) -> None:
+    engine = make_engine(db_url)
+    now = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+    row = dict(task_id="t_driver_1", number=1, token_hash="h", sent_at=now, outcome="sent")
+    try:
+        async with engine.connect() as conn:  # a connection made (and set up) beforehand
+            await conn.execute(select(1))
+        with Hops() as hops:
+            async with write(engine) as conn:
+                attempt_id = await insert_new(conn, _task(now), row)
+            if engine.dialect.name == "sqlite":
+                assert hops.n == 1
+        async with make_sessionmaker(engine)() as s:
+            task = await s.get(Task, "t_driver_1")
+            assert task is not None and task.metadata_ == {"source": "web", "user": "u1"}
+            attempt = await s.get(Attempt, attempt_id)
+            assert attempt is not None and attempt.outcome == Outcome.sent
+            events = (await s.scalars(select(Event).where(Event.task_id == task.id))).all()
+            assert [e.status for e in events] == ["pending"]
+    finally:
+        await engine.dispose()
