@@ -32,15 +32,17 @@ from app.tasks._history import (
     list_tasks,
 )
 from app.tasks._intake import create_task, submit
-from app.tasks._leases import claim_due, release_all, renew_leases
+from app.tasks._leases import Claimed, claim_due, claim_tasks, release_all, renew_leases
 
 __all__ = [
+    "Claimed",
     "Ctx",
     "accept_callback",
     "apply_detail",
     "cancel_task",
     "check",
     "claim_due",
+    "claim_tasks",
     "create_task",
     "decode_cursor",
     "default_owner",
