@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, bindparam, case, exists, select, update
+from sqlalchemy import Row, bindparam, case, exists, literal_column, select, update
+from sqlalchemy.orm import configure_mappers
 from sqlalchemy.orm.instrumentation import manager_of_class
 
 from app.context import Ctx
@@ -18,7 +19,7 @@ from app.db import ts, write
 from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK
 from app.models import Task
-from app.tasks._writes import TASKS, A, T
+from app.tasks._writes import ATTEMPTS, TASKS, T
 
 LEASES = Leases(TASKS, key="id", due="next_check_at")
 
@@ -34,22 +35,32 @@ class Claimed:
     hinted: bool
 
 
+# Spelled out with its tables' names: in a RETURNING clause SQLAlchemy leaves column
+# names unqualified, and ``id`` in the subquery would then be the attempt's own.
 _HINTED = (
     exists()
-    .where(A.task_id == T.id, A.hint_upstream_id.is_not(None), A.upstream_task_id.is_(None))
+    .select_from(ATTEMPTS)
+    .where(
+        literal_column("task_attempts.task_id") == literal_column("tasks.id"),
+        literal_column("task_attempts.hint_upstream_id").is_not(None),
+        literal_column("task_attempts.upstream_task_id").is_(None),
+    )
     .label("hinted")
 )
 _COLUMNS = list(TASKS.c)
 _CLAIM_ROWS = LEASES.claim_statement(LEASES.candidates(), returning=(*_COLUMNS, _HINTED))
 _READ = select(*_COLUMNS, _HINTED).where(T.id == bindparam("b_id"))
+_MAPPER = Task.__mapper__
 _MANAGER = manager_of_class(Task)
-_ATTRS = [Task.__mapper__.get_property_by_column(c).key for c in _COLUMNS]
+_ATTRS = [_MAPPER.get_property_by_column(c).key for c in _COLUMNS]
 
 
 def _snapshot(row: Sequence[Any]) -> Claimed:
     """A ``Task`` filled from a row of all its columns (as the ORM's loader fills one:
     the values straight into the instance's dict; a fraction of ``Task(**values)``).
     Detached: it is read, never added to a session."""
+    if not _MAPPER.configured:  # a fresh process whose first ORM use this is
+        configure_mappers()
     task = _MANAGER.new_instance()
     task.__dict__.update(zip(_ATTRS, row, strict=False))
     return Claimed(task, bool(row[-1]))
