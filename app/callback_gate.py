@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from app.context import Ctx
 from app.ids import sha256_hex as token_hash
@@ -29,6 +29,12 @@ Verdict = Literal["unknown", "duplicate", "proceed"]
 # Outcomes of an attempt that a finished task's late callback has nothing left to do for
 # (as in ``app.tasks._callbacks``).
 _SETTLED = ("extra_killed", "accepted")
+# Built once (building it cost more than running it).
+_ATTEMPTS = (
+    select(Task.status_rank, Attempt.token_hash, Attempt.upstream_task_id, Attempt.outcome)
+    .join(Attempt, Attempt.task_id == Task.id)
+    .where(Task.id == bindparam("b_id"))
+)
 
 
 async def screen(ctx: Ctx, *, task_id: str, token: str) -> Verdict:
@@ -36,15 +42,7 @@ async def screen(ctx: Ctx, *, task_id: str, token: str) -> Verdict:
         return "unknown"
     h = token_hash(token)
     async with ctx.reads() as s:
-        rows = (
-            await s.execute(
-                select(
-                    Task.status_rank, Attempt.token_hash, Attempt.upstream_task_id, Attempt.outcome
-                )
-                .join(Attempt, Attempt.task_id == Task.id)
-                .where(Task.id == task_id)
-            )
-        ).all()
+        rows = (await s.execute(_ATTEMPTS, {"b_id": task_id})).all()
     match = None
     for row in rows:  # no early exit: constant time in the token
         if hmac.compare_digest(row.token_hash, h):

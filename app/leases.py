@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Column, ColumnElement, Table, bindparam, or_, select, tuple_, update
+from sqlalchemy import Column, ColumnElement, Row, Table, bindparam, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
 
@@ -98,15 +98,16 @@ class Leases:
             .with_for_update(skip_locked=True)
         )
 
-    def claim_statement(self, candidates: Any) -> Any:
+    def claim_statement(self, candidates: Any, returning: Sequence[Any] = ()) -> Any:
         """``UPDATE … WHERE key IN (candidates) AND free RETURNING key``. ``candidates``:
         a select of the key column(s) (binds ``b_now``, and whatever else it uses), or
-        an expanding bind parameter of keys."""
+        an expanding bind parameter of keys. ``returning``: what the claim returns
+        instead of the key (a claimed row whole, say: its holder need not read it)."""
         return (
             update(self.table)
             .where(self._key().in_(candidates), self.free())
             .values(lease_owner=bindparam("b_owner"), lease_until=ts("b_until"))
-            .returning(*self.key_columns)
+            .returning(*(returning or self.key_columns))
         )
 
     def _keys(self, rows: Any) -> list[Any]:
@@ -133,6 +134,23 @@ class Leases:
             {"b_now": now, "b_until": until, "b_owner": owner, "b_limit": limit, **params},
         )
         return self._keys(rows)
+
+    async def claim_rows(
+        self,
+        conn: AsyncConnection,
+        statement: Any,
+        *,
+        owner: str,
+        now: datetime,
+        until: datetime,
+        limit: int,
+    ) -> Sequence[Row[Any]]:
+        """``claim`` with a prebuilt ``claim_statement`` whose ``returning`` gives more
+        than the keys: the claimed rows as it returns them."""
+        res = await conn.execute(
+            statement, {"b_now": now, "b_until": until, "b_owner": owner, "b_limit": limit}
+        )
+        return res.all()
 
     async def claim_keys(
         self,

@@ -7,9 +7,10 @@ How a task moves (docs/architecture.md draws it):
    (``_dispatch.open_attempt``). Run is sent outside any transaction and its answer
    recorded (``_dispatch.send``): the task is ``queued`` and linked to its upstream task.
 2. ``check`` (``_follow``) is the one unit of background work, run by whoever holds the
-   task's lease (``_leases``): a pending task is dispatched along the same path, a
-   submitted one is polled with ``Task/Detail`` and what Detail says is applied
-   (``apply_detail``), a late one is stopped at its deadline.
+   task's lease (``_leases``; the task loop's claim returns the rows, so a check starts
+   without a read): a pending task is dispatched along the same path, a submitted one is
+   polled with ``Task/Detail`` and what Detail says is applied (``apply_detail``, the
+   lease given back in the same write), a late one is stopped at its deadline.
 3. Callbacks (``_callbacks``) only mark the task due; ``check`` then reads Detail.
 4. ``cancel_task`` cancels locally while pending, else asks Wiro and waits for its word.
 
@@ -32,15 +33,17 @@ from app.tasks._history import (
     list_tasks,
 )
 from app.tasks._intake import create_task, submit
-from app.tasks._leases import claim_due, release_all, renew_leases
+from app.tasks._leases import Claimed, claim_due, claim_tasks, release_all, renew_leases
 
 __all__ = [
+    "Claimed",
     "Ctx",
     "accept_callback",
     "apply_detail",
     "cancel_task",
     "check",
     "claim_due",
+    "claim_tasks",
     "create_task",
     "decode_cursor",
     "default_owner",

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, case, func, select, update
 
 from app import metrics
 from app.context import Ctx
-from app.db import unit_of_work
+from app.db import ts, unit_of_work, write
 from app.errors import Conflict
 from app.faults import crash_point
 from app.ids import jitter
+from app.leases import FREE
 from app.lifecycle import TERMINAL_RANK, UPSTREAM_DONE, ErrorCode, Status, observe
 from app.models import Attempt, Task
 from app.states import EventKind, Outcome
@@ -31,33 +33,34 @@ from app.tasks._dispatch import (
     unresolved,
 )
 from app.tasks._history import get_task
-from app.tasks._leases import release
+from app.tasks._leases import Claimed, read, release
 from app.tasks._upstream import backoff, run_budget_s, stop_upstream
-from app.tasks._writes import TASKS, T, event, set_task, short, transition
+from app.tasks._writes import TASKS, Guard, T, event, set_task, short, transition
 from app.wiro import UpstreamTask, WiroError, WiroStateError
 
 log = logging.getLogger("app.tasks")
 
 
-async def _load(ctx: Ctx, task_id: str) -> tuple[Task | None, list[Attempt]]:
+async def _attempts(ctx: Ctx, task_id: str) -> list[Attempt]:
     async with ctx.reads() as s:
-        task = await s.get(Task, task_id)
-        attempts = list(
+        return list(
             (
                 await s.scalars(
                     select(Attempt).where(Attempt.task_id == task_id).order_by(Attempt.number)
                 )
             ).all()
         )
-    return task, attempts
 
 
-async def check(ctx: Ctx, task_id: str) -> None:
-    """Do what the task needs now. The caller holds its lease; this gives it back."""
+async def check(ctx: Ctx, task_id: str, claimed: Claimed | None = None) -> None:
+    """Do what the task needs now. The caller holds its lease; this gives it back.
+    ``claimed``: the task as the caller's claim returned it (else it is read)."""
     started = ctx.clock()
-    task, attempts = await _load(ctx, task_id)
-    if task is None or task.lease_owner != ctx.owner:
+    if claimed is None:
+        claimed = await read(ctx, task_id)
+    if claimed is None or claimed.task.lease_owner != ctx.owner:
         return
+    task = claimed.task
     # If anything below fails, look again after a backoff rather than never.
     fallback = started + timedelta(seconds=backoff(ctx, task.retries))
     deadline = task.deadline_at
@@ -65,7 +68,17 @@ async def check(ctx: Ctx, task_id: str) -> None:
     sweep: datetime | None = None  # a finished task's unanswered Run is still looked for
     step = Step()
     try:
-        if await reconcile_attempts(ctx, task, attempts):
+        # A linked task being followed needs its attempts only when a callback named an
+        # upstream task for one not linked (``hinted``): the common poll reads nothing.
+        attempts: list[Attempt] = []
+        if (
+            claimed.hinted
+            or task.status_rank >= TERMINAL_RANK
+            or started >= task.deadline_at
+            or task.status == Status.pending
+        ):
+            attempts = await _attempts(ctx, task_id)
+        if claimed.hinted and await reconcile_attempts(ctx, task, attempts):
             task = await get_task(ctx, task_id=task_id, client=None)
         if task.status_rank >= TERMINAL_RANK:
             nxt = sweep = await _sweep(ctx, task, attempts)
@@ -79,7 +92,7 @@ async def check(ctx: Ctx, task_id: str) -> None:
                 if (task.hint_at and task.next_check_at and task.hint_at >= task.next_check_at)
                 else "poll"
             )
-            nxt = await _poll(ctx, task, source, step)
+            nxt = await _poll(ctx, task, source, step, started=started, deadline=deadline)
     except Exception:
         log.exception("check failed", extra={"task_id": task_id})
         step = Step()
@@ -99,7 +112,19 @@ async def check(ctx: Ctx, task_id: str) -> None:
 # ---------------------------------------------------------------- poll and apply
 
 
-async def _poll(ctx: Ctx, task: Task, source: str, step: Step) -> datetime | None:
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """Give the lease back with the write that applies a Detail (one transaction, not
+    two): the holder, when its check started, and the next check."""
+
+    owner: str
+    started: datetime
+    next: datetime
+
+
+async def _poll(
+    ctx: Ctx, task: Task, source: str, step: Step, *, started: datetime, deadline: datetime
+) -> datetime | None:
     s = ctx.settings
     now = ctx.clock()
     assert task.upstream_task_id is not None
@@ -110,8 +135,8 @@ async def _poll(ctx: Ctx, task: Task, source: str, step: Step) -> datetime | Non
         if not e.no_task:
             return now + timedelta(seconds=backoff(ctx, task.retries))
         first = task.first_miss_at or now
-        async with unit_of_work(ctx.sm) as ses:
-            if (now - first).total_seconds() >= s.lost_grace_s:
+        if (now - first).total_seconds() >= s.lost_grace_s:
+            async with unit_of_work(ctx.sm) as ses:
                 await transition(
                     ses,
                     task.id,
@@ -127,17 +152,18 @@ async def _poll(ctx: Ctx, task: Task, source: str, step: Step) -> datetime | Non
                     ),
                     message="upstream lost the task",
                 )
-                step.released = True
-                return None
-            await set_task(ses, task.id, first_miss_at=first, retries=Task.retries + 1)
+            step.released = True
+            return None
+        async with write(ctx.engine) as conn:
+            await set_task(conn, task.id, first_miss_at=first, retries=Task.retries + 1)
         return now + timedelta(seconds=jitter(min(s.poll_initial_s, 5.0)))
     except WiroError as e:
         # Detail trouble never fails a task: back off and look again.
-        async with unit_of_work(ctx.sm) as ses:
-            await set_task(ses, task.id, retries=Task.retries + 1)
+        async with write(ctx.engine) as conn:
+            await set_task(conn, task.id, retries=Task.retries + 1)
             if task.retries == 0:
                 await event(
-                    ses,
+                    conn,
                     task.id,
                     source,
                     now,
@@ -146,19 +172,28 @@ async def _poll(ctx: Ctx, task: Task, source: str, step: Step) -> datetime | Non
                 )
         return now + timedelta(seconds=backoff(ctx, task.retries))
     crash_point("applying_callback" if source == "callback" else "polling")
-    status = await apply_detail(ctx, task, ut, source=source)
-    if status.terminal:
-        step.released = True  # every terminal transition clears the lease
-        return None
-    if task.cancel_requested_at is not None:
-        await stop_upstream(ctx, task.upstream_task_id, ut.status)
     interval = ctx.polls.interval(s, task.retries)
     if ut.status == UPSTREAM_DONE:
         interval = s.verdict_reread_s  # finished without a verdict yet: read it again soon
-    if task.cancel_requested_at is not None:
-        interval = min(interval, 2.0)
     step.bump = True
-    return ctx.clock() + timedelta(seconds=jitter(interval))
+    if task.cancel_requested_at is not None:
+        # Cancelling: stop the upstream task again between the write and the release.
+        status, _ = await _apply(ctx, task, ut, source=source)
+        if status.terminal:
+            step.released = True  # every terminal transition clears the lease
+            return None
+        await stop_upstream(ctx, task.upstream_task_id, ut.status)
+        return ctx.clock() + timedelta(seconds=jitter(min(interval, 2.0)))
+    nxt = min(ctx.clock() + timedelta(seconds=jitter(interval)), deadline)
+    status, released = await _apply(
+        ctx, task, ut, source=source, lease=_Lease(ctx.owner, started, nxt)
+    )
+    if status.terminal or released:
+        step.released = True  # a terminal transition clears the lease, else it was given back
+        if not status.terminal and nxt <= ctx.clock():
+            ctx.wake()
+        return None
+    return nxt
 
 
 def _outputs(ut: UpstreamTask) -> list[dict[str, Any]]:
@@ -176,6 +211,47 @@ def _outputs(ut: UpstreamTask) -> list[dict[str, Any]]:
 
 async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -> Status:
     """Apply what one Detail says. Returns the task's status afterwards."""
+    return (await _apply(ctx, task, ut, source=source))[0]
+
+
+# The shapes of the write that applies a Detail and gives the lease back with it: only
+# while this process holds the lease; the next check as ``release`` sets it (at once if a
+# callback came while we worked), the poll counted in ``retries``.
+_HELD = T.lease_owner == bindparam("g_owner")
+_NEXT = case((T.hint_at > ts("g_started"), ts("g_now")), else_=ts("g_next"))
+_HELD_ONLY = Guard(where=(_HELD,))  # a terminal status clears the lease itself
+_RELEASING = Guard(where=(_HELD,), exprs={"next_check_at": _NEXT, "retries": T.retries + 1})
+_RELEASING_SET = Guard(where=(_HELD,), exprs={"next_check_at": _NEXT})  # ``retries`` given
+_STATUS = select(T.status).where(T.id == bindparam("b_id"))
+_updates: dict[tuple[tuple[str, ...], bool], Any] = {}
+
+
+def _update(keys: tuple[str, ...], releasing: bool) -> Any:
+    """The update of a task still going whose status does not change, built once per
+    shape: ``keys`` set from ``v_<key>``; ``releasing``: with the lease given back."""
+    stmt = _updates.get((keys, releasing))
+    if stmt is None:
+        where = [T.id == bindparam("b_id"), T.status_rank < TERMINAL_RANK]
+        exprs: dict[str, Any] = {}
+        if releasing:
+            where.append(_HELD)
+            exprs = {"next_check_at": _NEXT}  # the lease's columns are in ``keys``
+            if "retries" not in keys:
+                exprs["retries"] = T.retries + 1
+        stmt = _updates[(keys, releasing)] = (
+            update(TASKS)
+            .where(*where)
+            .values(**{k: bindparam(f"v_{k}", type_=T[k].type) for k in keys}, **exprs)
+        )
+    return stmt
+
+
+async def _apply(
+    ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str, lease: _Lease | None = None
+) -> tuple[Status, bool]:
+    """``apply_detail``; given ``lease``, the lease is given back in the same write
+    (unless the status became terminal, which clears it). Returns the status afterwards
+    and whether the write (with its release) happened."""
     s = ctx.settings
     now = ctx.clock()
     obs = observe(ut.status, ut.pexit, ut.debug_error, has_outputs=bool(ut.outputs))
@@ -215,25 +291,54 @@ async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -
             else "upstream cancelled the task"
         )
     current = Status(task.status)
-    async with unit_of_work(ctx.sm) as ses:
-        if target.rank > current.rank:
-            kind = EventKind.cancelled if target == Status.cancelled else EventKind.progressed
+    if current.terminal and not target.rank > current.rank:
+        return current, False
+    held: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    if lease is not None:
+        params = {"g_owner": lease.owner}
+        if not target.terminal:
+            params.update(g_started=lease.started, g_now=now, g_next=lease.next)
+            values.update(FREE)
+            if "retries" in values:
+                values["retries"] += 1  # the poll, counted as ``release`` counts it
+    if target.rank > current.rank:
+        kind = EventKind.cancelled if target == Status.cancelled else EventKind.progressed
+        if lease is not None:
+            held = {
+                "guard": _HELD_ONLY
+                if target.terminal
+                else (_RELEASING_SET if "retries" in values else _RELEASING),
+                "params": params,
+            }
+        # A terminal status is written in a session (the outbox adds its rows to it).
+        db = unit_of_work(ctx.sm) if target.terminal else write(ctx.engine)
+        async with db as conn:
             if await transition(
-                ses, task.id, target, kind=kind, source=source, now=now, message=message, **values
+                conn,
+                task.id,
+                target,
+                kind=kind,
+                source=source,
+                now=now,
+                message=message,
+                **held,
+                **values,
             ):
-                return target
-            fresh = await ses.get(Task, task.id)
-            return Status(fresh.status) if fresh else current
-        if current.terminal:
-            return current
-        await ses.execute(
-            update(TASKS)
-            .where(T.id == task.id, T.status_rank < TERMINAL_RANK)
-            .values(updated_at=now, **values)
+                return target, lease is not None
+            fresh = await conn.scalar(_STATUS, {"b_id": task.id})
+        return (Status(fresh) if fresh else current), False
+    values["updated_at"] = now
+    keys = tuple(sorted(values))
+    async with write(ctx.engine) as conn:
+        res = await conn.execute(
+            _update(keys, lease is not None),
+            {"b_id": task.id, **params, **{f"v_{k}": v for k, v in values.items()}},
         )
-        if ut.status != task.upstream_status:
+        written = res.rowcount == 1
+        if (written or lease is None) and ut.status != task.upstream_status:
             await event(
-                ses,
+                conn,
                 task.id,
                 source,
                 now,
@@ -241,7 +346,7 @@ async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -
                 upstream_status=ut.status,
                 message=message,
             )
-    return current
+    return current, written and lease is not None
 
 
 # ---------------------------------------------------------------- the end: timeout, sweep

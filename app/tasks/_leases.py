@@ -1,19 +1,94 @@
 """The task leases: who may work on a task now. Claim, renew and release all are the
-shared mechanism (app/leases.py); giving one task back also schedules its next check."""
+shared mechanism (app/leases.py); giving one task back also schedules its next check.
+The task loop's claim returns the claimed rows whole (``claim_tasks``), so that a check
+starts without reading its task again."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, case, update
+from sqlalchemy import Row, bindparam, case, exists, literal_column, select, update
+from sqlalchemy.orm import configure_mappers
+from sqlalchemy.orm.instrumentation import manager_of_class
 
 from app.context import Ctx
 from app.db import ts, write
 from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK
-from app.tasks._writes import TASKS, T
+from app.models import Task
+from app.tasks._writes import ATTEMPTS, TASKS, T
 
 LEASES = Leases(TASKS, key="id", due="next_check_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A task as its claim (or ``read``) found it, for ``check``."""
+
+    task: Task
+    # An attempt not linked yet carries an upstream id a callback named: the check
+    # looks at it (``reconcile_attempts``); otherwise a linked task's check needs no
+    # read of its attempts.
+    hinted: bool
+
+
+# Spelled out with its tables' names: in a RETURNING clause SQLAlchemy leaves column
+# names unqualified, and ``id`` in the subquery would then be the attempt's own.
+_HINTED = (
+    exists()
+    .select_from(ATTEMPTS)
+    .where(
+        literal_column("task_attempts.task_id") == literal_column("tasks.id"),
+        literal_column("task_attempts.hint_upstream_id").is_not(None),
+        literal_column("task_attempts.upstream_task_id").is_(None),
+    )
+    .label("hinted")
+)
+_COLUMNS = list(TASKS.c)
+_CLAIM_ROWS = LEASES.claim_statement(LEASES.candidates(), returning=(*_COLUMNS, _HINTED))
+_READ = select(*_COLUMNS, _HINTED).where(T.id == bindparam("b_id"))
+_MAPPER = Task.__mapper__
+_MANAGER = manager_of_class(Task)
+_ATTRS = [_MAPPER.get_property_by_column(c).key for c in _COLUMNS]
+
+
+def _snapshot(row: Sequence[Any]) -> Claimed:
+    """A ``Task`` filled from a row of all its columns (as the ORM's loader fills one:
+    the values straight into the instance's dict; a fraction of ``Task(**values)``).
+    Detached: it is read, never added to a session."""
+    if not _MAPPER.configured:  # a fresh process whose first ORM use this is
+        configure_mappers()
+    task = _MANAGER.new_instance()
+    task.__dict__.update(zip(_ATTRS, row, strict=False))
+    return Claimed(task, bool(row[-1]))
+
+
+async def claim_tasks(ctx: Ctx, *, limit: int) -> dict[str, Claimed]:
+    """Lease up to ``limit`` due tasks for this process, in one statement; the tasks as
+    leased, by id."""
+    now = ctx.clock()
+    async with write(ctx.engine) as conn:
+        rows: Sequence[Row[Any]] = await LEASES.claim_rows(
+            conn,
+            _CLAIM_ROWS,
+            owner=ctx.owner,
+            now=now,
+            limit=limit,
+            until=now + timedelta(seconds=ctx.settings.lease_s),
+        )
+    claimed = [_snapshot(r) for r in rows]
+    return {c.task.id: c for c in claimed}
+
+
+async def read(ctx: Ctx, task_id: str) -> Claimed | None:
+    """The task as ``claim_tasks`` returns it, read (a check not given its claim)."""
+    async with ctx.reads() as s:
+        row = (await s.execute(_READ, {"b_id": task_id})).first()
+    return None if row is None else _snapshot(row)
+
 
 # Give one lease back with the task's next check. A callback that came in while we worked
 # moved hint_at past ``started``: look again at once rather than lose it. A finished task
@@ -34,7 +109,7 @@ _RELEASE = (
 
 
 async def claim_due(ctx: Ctx, *, limit: int) -> list[str]:
-    """Lease up to ``limit`` due tasks for this process, in one statement."""
+    """Lease up to ``limit`` due tasks for this process, in one statement; their ids."""
     now = ctx.clock()
     async with write(ctx.engine) as conn:
         return await LEASES.claim(

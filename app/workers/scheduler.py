@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from app import logs, tasks
 from app.context import Ctx
+from app.tasks import Claimed
 from app.workers.loop import WorkerLoop
 
 
@@ -19,8 +20,8 @@ class Scheduler(WorkerLoop):
         s = ctx.settings
         super().__init__(
             "scheduler",
-            claim=lambda n: tasks.claim_due(ctx, limit=n),
-            act=lambda task_id: tasks.check(ctx, task_id),
+            claim=self._claim,
+            act=self._check,
             release=lambda: tasks.release_all(ctx),
             # Every third of a lease: a dead process's tasks are free again one lease
             # (``GATEWAY_LEASE_S``) after its last beat.
@@ -33,6 +34,16 @@ class Scheduler(WorkerLoop):
             grace_s=grace_s,
         )
         self.ctx = ctx
+        # The rows the claim returned, until their checks start (a check reads nothing).
+        self._claimed: dict[str, Claimed] = {}
+
+    async def _claim(self, limit: int) -> list[str]:
+        claimed = await tasks.claim_tasks(self.ctx, limit=limit)
+        self._claimed.update(claimed)
+        return list(claimed)
+
+    async def _check(self, task_id: str) -> None:
+        await tasks.check(self.ctx, task_id, self._claimed.pop(task_id, None))
 
     def start(self) -> None:
         super().start()
