@@ -113,6 +113,7 @@ _HELD = (
     _O.state == OutputState.pending.value,
     _O.lease_owner == bindparam("w_owner"),
 )
+_STATE = select(_O.state).where(_O.task_id == bindparam("w_task"), _O.idx == bindparam("w_idx"))
 _OUR_ROW = select(_O.upstream_url, _O.storage_key, _O.attempts).where(*_HELD)
 _STORED = (
     update(_OUTPUTS)
@@ -288,8 +289,14 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
                 # conditional postpone running meanwhile must see the output stored).
                 waiting = await notify.bring_forward(conn, task_id, ctx.clock())
         if not stored:
-            # Erased (or taken over) while downloading: leave no copy behind.
-            await svc.store.delete(storage_key)
+            # Erased (or given up) while downloading: leave no copy behind. Taken over
+            # (this attempt outlived its lease): the file is the one the other attempt
+            # writes under the same key and may already have recorded as stored, so it
+            # is left to that attempt.
+            async with ctx.reads() as ses:
+                state = (await ses.execute(_STATE, held)).scalar_one_or_none()
+            if state not in (OutputState.pending, OutputState.stored):
+                await svc.store.delete(storage_key)
         elif waiting:
             svc.wake_notifier()
         elif settled and lock:

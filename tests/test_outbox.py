@@ -364,20 +364,40 @@ async def test_a_delivery_claimed_while_outputs_are_pending_is_postponed(world: 
     assert await notify.claim_due(w.svc, limit=10) == [d.id]
 
 
-async def test_an_output_whose_lease_was_lost_leaves_no_file_and_no_record(world: World) -> None:
+@pytest.mark.parametrize(
+    ("meanwhile", "file_kept"),
+    [
+        # Another replica took it over (this one stalled past its lease) and has not
+        # finished: it writes the same key, so the file is left to it.
+        ({"lease_owner": "other-replica"}, True),
+        # ... and has already recorded it stored: deleting would lose a stored output.
+        ({"lease_owner": None, "state": "stored"}, True),
+        # Erased, or given up, meanwhile: no copy is left behind.
+        ({"lease_owner": None, "state": "erased"}, False),
+        ({"lease_owner": None, "state": "failed"}, False),
+    ],
+    ids=["taken-over", "stored-by-other", "erased", "failed"],
+)
+async def test_an_output_whose_lease_was_lost_records_nothing(
+    world: World, meanwhile: dict[str, Any], file_kept: bool
+) -> None:
     w = world
     w.answers["/a.png"] = (200, png())
     task_id = await w.output_task("a.png", webhook=False)
     assert await results.claim_outputs(w.svc, limit=10) == [(task_id, 0)]
-    # Another replica took it over meanwhile (say, this one stalled past its lease).
     async with w.ctx.engine.begin() as conn:
         await conn.execute(
-            StoredOutput.__table__.update().values(lease_owner="other-replica")  # type: ignore[attr-defined]
+            StoredOutput.__table__.update().values(**meanwhile)  # type: ignore[attr-defined]
         )
     await results.store_output(w.svc, task_id, 0)
     row = await w.row(StoredOutput, (task_id, 0))
-    assert (row.state, row.attempts, row.lease_owner) == ("pending", 0, "other-replica")
-    assert not (w.data_dir / "outputs" / task_id / "0").exists()
+    expected_state = meanwhile.get("state", "pending")
+    assert (row.state, row.attempts, row.lease_owner) == (
+        expected_state,
+        0,
+        meanwhile["lease_owner"],
+    )
+    assert (w.data_dir / "outputs" / task_id / "0").exists() is file_kept
     assert (await w.row(Task, task_id)).outputs[0]["url"] == f"{CDN}/a.png"
 
 
