@@ -20,10 +20,9 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, case, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import bindparam, case, func, insert, select, update
 
 from app.context import Ctx
 from app.db import deferred, last, later, ts, unit_of_work, write
@@ -31,7 +30,7 @@ from app.fairness import dispatch_turn, in_flight, may_dispatch
 from app.faults import crash_point
 from app.ids import jitter, sha256_hex
 from app.lifecycle import Status
-from app.models import Attempt, Task, TaskMetadata
+from app.models import Attempt, Task
 from app.settings import Settings
 from app.states import UNANSWERED, EventKind, Outcome
 from app.tasks._history import get_task, insert_metadata
@@ -53,7 +52,6 @@ from app.tasks._writes import (
 from app.wiro import RunAccepted, UpstreamTask, WiroError
 
 log = logging.getLogger("app.tasks")
-TASK_METADATA = cast(Table, TaskMetadata.__table__)
 
 
 @dataclass
@@ -97,8 +95,6 @@ async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int 
     With an attempt, its insert is the transaction's last statement (``app.db.last``):
     on SQLite the whole transaction, COMMIT included, is one thread hop; the caller
     writes nothing after it. Without one, the inserts run with the caller's COMMIT."""
-    if attempt is not None and isinstance(db, AsyncConnection) and db.dialect.name != "sqlite":
-        return int((await db.execute(_one_statement(task, attempt))).scalar_one())
     await later(db, insert(TASKS), [_insert_task(task)])
     with deferred():  # ``later`` flushed a session's own changes: none are pending
         await insert_metadata(db, task.id, task.metadata_)
@@ -106,18 +102,6 @@ async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int 
     if attempt is None:
         return None
     return int((await last(db, insert(ATTEMPTS).values(**attempt).returning(A.id))).scalar_one())
-
-
-def _one_statement(task: Task, attempt: dict[str, Any]) -> Any:
-    """PostgreSQL: the task, its metadata, its first event and its first attempt as one
-    statement (data-modifying CTEs; the foreign keys are checked at its end), one round
-    trip instead of four."""
-    stmt = insert(ATTEMPTS).values(**attempt).returning(A.id)
-    stmt = stmt.add_cte(insert(TASKS).values(**_insert_task(task)).cte("new_task"))
-    if task.metadata_:
-        rows = [{"task_id": task.id, "key": k, "value": v} for k, v in task.metadata_.items()]
-        stmt = stmt.add_cte(insert(TASK_METADATA).values(rows).cte("new_metadata"))
-    return stmt.add_cte(insert(EVENTS).values(**created(task.id, task.created_at)).cte("new_event"))
 
 
 _NEXT_ATTEMPT = (
