@@ -23,13 +23,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, update
+from sqlalchemy import event as sa_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped
 
 from app.db import deferred, last, later, make_engine, make_sessionmaker, unit_of_work, write
 from app.lifecycle import Status
-from app.models import Attempt, Event, Task
+from app.models import Attempt, Event, Task, TaskMetadata
 from app.sqlite_driver import HOPS
 from app.states import Outcome
 from app.tasks._dispatch import insert_new
@@ -275,14 +276,39 @@ async def test_submit_transaction_commits_in_one_hop_on_sqlite_and_works_on_both
     try:
         async with engine.connect() as conn:  # a connection made (and set up) beforehand
             await conn.execute(select(1))
+        statements: list[str] = []
+
+        def count(_c: Any, _cur: Any, statement: str, *_rest: Any) -> None:
+            statements.append(statement)
+
+        sa_event.listen(engine.sync_engine, "before_cursor_execute", count)
         with Hops() as hops:
             async with write(engine) as conn:
                 attempt_id = await insert_new(conn, _task(now), row)
-            if engine.dialect.name == "sqlite":
-                assert hops.n == 1
+        sa_event.remove(engine.sync_engine, "before_cursor_execute", count)
+        if engine.dialect.name == "sqlite":
+            assert hops.n == 1
+        else:  # PostgreSQL: task, metadata (one executemany), event, attempt
+            assert len(statements) == 4, statements
+        # The same task again (an Idempotency-Key race, say): refused as a whole.
+        with pytest.raises(IntegrityError):
+            async with write(engine) as conn:
+                await insert_new(conn, _task(now), {**row, "token_hash": "h2"})
         async with make_sessionmaker(engine)() as s:
             task = await s.get(Task, "t_driver_1")
             assert task is not None and task.metadata_ == {"source": "web", "user": "u1"}
+            pairs = (
+                await s.execute(
+                    select(TaskMetadata.key, TaskMetadata.value).where(
+                        TaskMetadata.task_id == task.id
+                    )
+                )
+            ).all()
+            assert sorted(map(tuple, pairs)) == [("source", "web"), ("user", "u1")]
+            n_attempts = await s.scalar(
+                select(func.count()).select_from(Attempt).where(Attempt.task_id == task.id)
+            )
+            assert n_attempts == 1
             attempt = await s.get(Attempt, attempt_id)
             assert attempt is not None and attempt.outcome == Outcome.sent
             events = (await s.scalars(select(Event).where(Event.task_id == task.id))).all()
