@@ -101,9 +101,12 @@ async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int 
     await later(db, insert(EVENTS), [created(task.id, task.created_at)])
     if attempt is None:
         return None
-    return int((await last(db, insert(ATTEMPTS).values(**attempt).returning(A.id))).scalar_one())
+    return int((await last(db, _INSERT_ATTEMPT, attempt)).scalar_one())
 
 
+# Prebuilt: an insert built with ``.values(**row)`` on every call is a new statement to
+# compile-cache each time.
+_INSERT_ATTEMPT = insert(ATTEMPTS).returning(A.id)
 _NEXT_ATTEMPT = (
     update(TASKS)
     .where(
@@ -158,9 +161,7 @@ async def open_attempt(
                 if res.rowcount != 1:
                     return None  # cancelled or moved on meanwhile
                 # The last statement: it commits in the same hop on SQLite.
-                attempt_id = (
-                    await last(conn, insert(ATTEMPTS).values(**row).returning(A.id))
-                ).scalar_one()
+                attempt_id = (await last(conn, _INSERT_ATTEMPT, row)).scalar_one()
                 task.attempt = number
     # The attempt is committed: from here a crash leaves a "sent" attempt, never a
     # silent second Run.
