@@ -31,6 +31,8 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from sqlalchemy import (
+    Integer,
+    String,
     Table,
     and_,
     bindparam,
@@ -208,6 +210,40 @@ async def redeliver(svc: Services, *, task_id: str, client: str | None) -> Deliv
 # ---------------------------------------------------------------- the worker side
 
 
+# ``claim_due``'s one read, built once: each client's ``c_limit`` oldest due deliveries
+# (whatever one client has queued, every other client's are among the candidates), ranked,
+# and (rank 0) the ones running here now (which are due, so the index on
+# ``next_attempt_at`` finds them). A first attempt whose task still has outputs being
+# stored is left out while it may wait for them.
+_WAITING = and_(
+    Delivery.payload.is_(None),
+    Delivery.created_at > ts("c_waited"),
+    _OUTPUTS_PENDING,
+)
+_FREE_NOW = or_(Delivery.lease_until.is_(None), Delivery.lease_until < ts("c_now"))
+_RANK = func.row_number().over(
+    partition_by=Task.client, order_by=(Delivery.next_attempt_at, Delivery.id)
+)
+_DUE = (
+    select(Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client, _RANK.label("rank"))
+    .join(Task, Task.id == Delivery.task_id)
+    .where(Delivery.next_attempt_at <= ts("c_now"), _FREE_NOW, not_(_WAITING))
+    .subquery()
+)
+_CLAIM_CANDIDATES = union_all(
+    select(_DUE.c.id, _DUE.c.url, _DUE.c.next_attempt_at, _DUE.c.client, _DUE.c.rank).where(
+        _DUE.c.rank <= bindparam("c_limit", type_=Integer())
+    ),
+    select(Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client, literal(0))
+    .join(Task, Task.id == Delivery.task_id)
+    .where(
+        Delivery.lease_owner == bindparam("c_owner", type_=String()),
+        Delivery.lease_until >= ts("c_now"),
+        Delivery.next_attempt_at <= ts("c_now"),
+    ),
+)
+
+
 async def claim_due(svc: Services, *, limit: int) -> list[str]:
     """Lease up to ``limit`` due deliveries for this process, shared fairly.
 
@@ -226,39 +262,14 @@ async def claim_due(svc: Services, *, limit: int) -> list[str]:
     ctx, st = svc.ctx, svc.ctx.settings
     now = ctx.clock()
     until = now + timedelta(seconds=_lease_s(svc))
-    free = or_(Delivery.lease_until.is_(None), Delivery.lease_until < now)
-    waiting = and_(
-        Delivery.payload.is_(None),
-        Delivery.created_at > now - timedelta(seconds=st.notify_wait_for_outputs_s),
-        _OUTPUTS_PENDING,
-    )
-    # Each client's ``limit`` oldest due deliveries: whatever one client has queued,
-    # every other client's are among the candidates.
-    rank = func.row_number().over(
-        partition_by=Task.client, order_by=(Delivery.next_attempt_at, Delivery.id)
-    )
-    due = (
-        select(Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client, rank.label("rank"))
-        .join(Task, Task.id == Delivery.task_id)
-        .where(Delivery.next_attempt_at <= now, free, not_(waiting))
-        .subquery()
-    )
-    # … and, in the same statement (rank 0), the ones running here now (which are due,
-    # so the index on ``next_attempt_at`` finds them).
-    running = (
-        select(Delivery.id, Delivery.url, Delivery.next_attempt_at, Task.client, literal(0))
-        .join(Task, Task.id == Delivery.task_id)
-        .where(
-            Delivery.lease_owner == ctx.owner,
-            Delivery.lease_until >= now,
-            Delivery.next_attempt_at <= now,
-        )
-    )
-    picks = select(due.c.id, due.c.url, due.c.next_attempt_at, due.c.client, due.c.rank).where(
-        due.c.rank <= limit
-    )
+    params = {
+        "c_now": now,
+        "c_waited": now - timedelta(seconds=st.notify_wait_for_outputs_s),
+        "c_owner": ctx.owner,
+        "c_limit": limit,
+    }
     async with ctx.reads() as s:
-        rows = (await s.execute(union_all(picks, running))).all()
+        rows = (await s.execute(_CLAIM_CANDIDATES, params)).all()
     candidates = [r for r in rows if r.rank > 0]
     if not candidates:
         return []

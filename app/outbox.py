@@ -71,12 +71,18 @@ def new_delivery(task_id: str, status: str, url: str, now: datetime, *, reason: 
     )
 
 
-def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[], None]) -> None:
-    """Call ``wake`` after each commit of a session of ``sm`` that recorded a terminal
-    status with work for the result loops (a delivery, downloads), so they start on it
-    at once instead of on their next idle tick (GATEWAY_WORKER_IDLE_S: half a second on
-    average of the 0.6 s from upstream completion to the caller's notification, bench
-    P7).
+def wake_after_terminal(
+    sm: async_sessionmaker[AsyncSession],
+    *,
+    notifier: Callable[[], None],
+    outputs: Callable[[], None],
+) -> None:
+    """After each commit of a session of ``sm`` that recorded a terminal status with work
+    for a result loop, wake that loop (``notifier`` for a delivery, ``outputs`` for
+    downloads), so it starts on it at once instead of on its next idle tick
+    (GATEWAY_WORKER_IDLE_S: half a second on average of the 0.6 s from upstream completion
+    to the caller's notification, bench P7). A loop with nothing to do is not woken: a
+    wake-up costs its claim query.
 
     The hook is registered on ``sm``'s own Session class (``db.make_sessionmaker``), so
     it belongs to this process's sessionmaker; a sessionmaker without one gets no
@@ -86,11 +92,17 @@ def wake_after_terminal(sm: async_sessionmaker[AsyncSession], *wake: Callable[[]
         return
 
     def after_commit(session: Session) -> None:
-        if session.info.pop("terminal_recorded", False):
-            for w in wake:
-                w()
+        if session.info.pop(_DELIVERY_RECORDED, False):
+            notifier()
+        if session.info.pop(_OUTPUTS_RECORDED, False):
+            outputs()
 
     event.listen(session_class, "after_commit", after_commit)
+
+
+# Set by ``record_terminal`` in the session's ``info``: what its commit gives the loops.
+_DELIVERY_RECORDED = "terminal_delivery_recorded"
+_OUTPUTS_RECORDED = "terminal_outputs_recorded"
 
 
 _TASKS = cast(Table, Task.__table__)
@@ -156,7 +168,7 @@ async def record_terminal(
         },
     )
     if res.rowcount:  # type: ignore[attr-defined]
-        session.sync_session.info["terminal_recorded"] = True
+        session.sync_session.info[_DELIVERY_RECORDED] = True
     if status != Status.succeeded:
         return
     rows: list[dict[str, Any]] = []
@@ -181,4 +193,4 @@ async def record_terminal(
         )
     if rows:
         await session.execute(_INSERT_OUTPUT, rows if len(rows) > 1 else rows[0])
-        session.sync_session.info["terminal_recorded"] = True
+        session.sync_session.info[_OUTPUTS_RECORDED] = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -72,7 +72,9 @@ class World:
     now: list[datetime | None]  # the clock: real time until a test sets it
     statements: list[str] = field(default_factory=list)
     commits: list[int] = field(default_factory=lambda: [0])
-    wakes: dict[str, int] = field(default_factory=lambda: {"terminal": 0, "notifier": 0})
+    wakes: dict[str, int] = field(
+        default_factory=lambda: {"terminal_notifier": 0, "terminal_outputs": 0, "notifier": 0}
+    )
 
     @property
     def ctx(self) -> Ctx:
@@ -141,11 +143,16 @@ async def world(db_url: str, tmp_path: Path) -> AsyncIterator[World]:
     def wake_notifier() -> None:
         w.wakes["notifier"] += 1
 
-    def wake_terminal() -> None:
-        w.wakes["terminal"] += 1
+    def waker(name: str) -> Callable[[], None]:
+        def wake() -> None:
+            w.wakes[name] += 1
+
+        return wake
 
     w.svc.wake_notifier = wake_notifier
-    wake_after_terminal(ctx.sm, wake_terminal)
+    wake_after_terminal(
+        ctx.sm, notifier=waker("terminal_notifier"), outputs=waker("terminal_outputs")
+    )
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
     def _count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
@@ -170,10 +177,12 @@ async def test_the_terminal_write_records_the_work_and_wakes_only_for_some(world
     w = world
     # Nothing to do: no delivery, no output, no wake-up.
     plain = await w.task(status=Status.failed)
-    assert await w.deliveries(plain) == [] and w.wakes["terminal"] == 0
+    assert await w.deliveries(plain) == []
+    assert w.wakes["terminal_notifier"] == w.wakes["terminal_outputs"] == 0
     # An empty webhook_url is no webhook_url.
     blank = await w.task(status=Status.cancelled, webhook_url="")
-    assert await w.deliveries(blank) == [] and w.wakes["terminal"] == 0
+    assert await w.deliveries(blank) == []
+    assert w.wakes["terminal_notifier"] == w.wakes["terminal_outputs"] == 0
 
     w.statements.clear()
     failed = await w.task(status=Status.failed, webhook_url=HOOK)
@@ -190,7 +199,8 @@ async def test_the_terminal_write_records_the_work_and_wakes_only_for_some(world
     )
     assert d.id.startswith("msg_") and d.payload is None and d.lease_owner is None
     assert d.created_at == d.next_attempt_at and d.finished_at is None
-    assert w.wakes["terminal"] == 1
+    # The notifier is woken for it, the output loop is not (nothing to download).
+    assert (w.wakes["terminal_notifier"], w.wakes["terminal_outputs"]) == (1, 0)
 
     w.statements.clear()
     ok = await w.task(
@@ -203,7 +213,9 @@ async def test_the_terminal_write_records_the_work_and_wakes_only_for_some(world
     )
     # … the delivery's statement (inserting nothing) and one insert of both outputs
     assert len(w.statements) == 5, w.statements
-    assert await w.deliveries(ok) == [] and w.wakes["terminal"] == 2
+    # Downloads and no delivery: only the output loop is woken.
+    assert await w.deliveries(ok) == []
+    assert (w.wakes["terminal_notifier"], w.wakes["terminal_outputs"]) == (1, 1)
     async with w.ctx.sm() as s:
         rows = (
             await s.scalars(

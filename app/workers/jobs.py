@@ -51,5 +51,5 @@ def result_workers(svc: Services) -> list[WorkerLoop]:
         outputs.wake,
         eraser.wake,
     )
-    wake_after_terminal(svc.ctx.sm, notifier.wake, outputs.wake)
+    wake_after_terminal(svc.ctx.sm, notifier=notifier.wake, outputs=outputs.wake)
     return [notifier, outputs, eraser]
