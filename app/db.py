@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import weakref
 from collections.abc import AsyncIterator
@@ -130,11 +131,81 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 # SQLite has one writer at a time. Writers of one process that collide there are put to
 # sleep by SQLite's busy handler (1 ... 100 ms steps, often waking long after the lock is
 # free: bench P2/P3 saw single statements wait over a second under load). So on SQLite the
-# writing transactions of a process take turns on an asyncio lock instead, and queue
+# writing transactions of a process take turns (``WriteTurns``) instead, and queue
 # without sleeping. Nesting a write transaction inside another would deadlock on it:
 # ``_writing`` turns that mistake into an error at once.
-_write_locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
 _writing: contextvars.ContextVar[bool] = contextvars.ContextVar("hgw_writing", default=False)
+# Set by the background loops (``mark_background``): their writes queue behind requests'.
+_background: contextvars.ContextVar[bool] = contextvars.ContextVar("hgw_background", default=False)
+
+
+def mark_background() -> None:
+    """The current task (and the tasks it starts) write in the background: on SQLite their
+    write turns come after waiting requests' (``WriteTurns``)."""
+    _background.set(True)
+
+
+class WriteTurns:
+    """SQLite's one writer per process, in turns: a waiting request's transaction goes
+    before a waiting background one (a callback's one statement, a submit's insert), so
+    a request waits for at most the transaction in progress plus the requests ahead of
+    it, not for a queue of background work. The background is never starved: after
+    ``FOREGROUND_RUN`` request turns in a row while it waits, it gets the next one.
+
+    FIFO within each class; a waiter cancelled after it was handed the turn passes it on.
+    """
+
+    FOREGROUND_RUN = 8
+
+    def __init__(self) -> None:
+        self._held = False
+        self._foreground: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._background: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._run = 0  # request turns given in a row while the background waited
+        self.turns = {"foreground": 0, "background": 0}  # turns taken (tests, bench)
+
+    async def acquire(self, *, background: bool) -> None:
+        self.turns["background" if background else "foreground"] += 1
+        if not self._held and not self._foreground and not self._background:
+            self._held = True
+            return
+        fut = asyncio.get_running_loop().create_future()
+        queue = self._background if background else self._foreground
+        queue.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed the turn, then cancelled: pass it on
+            elif fut in queue:  # not yet skipped by a ``release``
+                queue.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while True:
+            if self._foreground and (self._run < self.FOREGROUND_RUN or not self._background):
+                fut = self._foreground.popleft()
+                run = self._run + 1 if self._background else 0
+            elif self._background:
+                fut, run = self._background.popleft(), 0
+            else:
+                self._held, self._run = False, 0
+                return
+            if not fut.done():
+                self._run = run
+                fut.set_result(None)  # the turn passes on: ``_held`` stays True
+                return
+
+
+_write_turns: weakref.WeakKeyDictionary[Any, WriteTurns] = weakref.WeakKeyDictionary()
+
+
+def write_turns(engine: AsyncEngine) -> WriteTurns:
+    """The process's turns at ``engine``'s SQLite file."""
+    turns = _write_turns.get(engine.sync_engine)
+    if turns is None:
+        turns = _write_turns[engine.sync_engine] = WriteTurns()
+    return turns
 
 
 @asynccontextmanager
@@ -144,15 +215,14 @@ async def _write_turn(engine: AsyncEngine) -> AsyncIterator[None]:
         return
     if _writing.get():
         raise RuntimeError("a write transaction inside another one (SQLite writer lock)")
-    lock = _write_locks.get(engine.sync_engine)
-    if lock is None:
-        lock = _write_locks[engine.sync_engine] = asyncio.Lock()
-    async with lock:
-        token = _writing.set(True)
-        try:
-            yield
-        finally:
-            _writing.reset(token)
+    turns = write_turns(engine)
+    await turns.acquire(background=_background.get())
+    token = _writing.set(True)
+    try:
+        yield
+    finally:
+        _writing.reset(token)
+        turns.release()
 
 
 @asynccontextmanager

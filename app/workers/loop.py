@@ -21,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from app.db import mark_background
+
 log = logging.getLogger(__name__)
 
 
@@ -85,6 +87,9 @@ class WorkerLoop:
                 log.exception("%s: renewing leases failed", self.name)
 
     async def _loop(self) -> None:
+        # Its claims and its jobs (which inherit this context) write in the background:
+        # on SQLite, requests waiting to write go first (``db.WriteTurns``).
+        mark_background()
         while not self._stopping:
             self._wake.clear()
             if self._tick is not None and time.monotonic() >= self._next_tick:
