@@ -39,7 +39,7 @@ from app.tasks._upstream import backoff, run, run_budget_s, stop_upstream, verif
 from app.tasks._upstream import url_matches as _url_matches
 from app.tasks._writes import (
     ATTEMPTS,
-    EVENTS,
+    INSERT_EVENT,
     TASKS,
     A,
     Db,
@@ -95,10 +95,10 @@ async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int 
     With an attempt, its insert is the transaction's last statement (``app.db.last``):
     on SQLite the whole transaction, COMMIT included, is one thread hop; the caller
     writes nothing after it. Without one, the inserts run with the caller's COMMIT."""
-    await later(db, insert(TASKS), [_insert_task(task)])
+    await later(db, _INSERT_TASK, [_insert_task(task)])
     with deferred():  # ``later`` flushed a session's own changes: none are pending
         await insert_metadata(db, task.id, task.metadata_)
-    await later(db, insert(EVENTS), [created(task.id, task.created_at)])
+    await later(db, INSERT_EVENT, [created(task.id, task.created_at)])
     if attempt is None:
         return None
     return int((await last(db, _INSERT_ATTEMPT, attempt)).scalar_one())
@@ -107,6 +107,7 @@ async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int 
 # Prebuilt: an insert built with ``.values(**row)`` on every call is a new statement to
 # compile-cache each time.
 _INSERT_ATTEMPT = insert(ATTEMPTS).returning(A.id)
+_INSERT_TASK = insert(TASKS)
 _NEXT_ATTEMPT = (
     update(TASKS)
     .where(

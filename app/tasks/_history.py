@@ -52,12 +52,15 @@ def decode_cursor(cursor: str) -> str:
     return str(cursors.decode(cursor, "id", cursors.prefixed_id("tsk_")))
 
 
+_INSERT_METADATA = insert(_TASK_METADATA)
+
+
 async def insert_metadata(db: Db, task_id: str, metadata: dict[str, str] | None) -> None:
     """A new task's ``task_metadata`` rows (one per pair; what history filters read), in
     the caller's transaction."""
     if metadata:
         await db.execute(
-            insert(_TASK_METADATA),
+            _INSERT_METADATA,
             [{"task_id": task_id, "key": k, "value": v} for k, v in metadata.items()],
         )
 

@@ -34,6 +34,8 @@ TASKS = cast(Table, Task.__table__)
 EVENTS = cast(Table, Event.__table__)
 ATTEMPTS = cast(Table, Attempt.__table__)
 T = TASKS.c
+# Prebuilt (a statement built per call costs its construction and cache key, ~9 µs).
+INSERT_EVENT = insert(EVENTS)
 A = ATTEMPTS.c
 
 
@@ -91,7 +93,7 @@ async def event(
     SQLite: ``app.db.later``)."""
     await later(
         db,
-        insert(EVENTS),
+        INSERT_EVENT,
         [event_row(task_id, source, at, kind, upstream_status=upstream_status, message=message)],
     )
 
@@ -170,7 +172,7 @@ async def transition(
     # or its COMMIT, in the same hop (``app.db.later``).
     await later(
         db,
-        insert(EVENTS),
+        INSERT_EVENT,
         [
             event_row(
                 task_id,
