@@ -127,3 +127,34 @@ async def test_nested_write_transactions_fail_at_once(tmp_path: Path) -> None:
         write_turns(engine).release()
     finally:
         await engine.dispose()
+
+
+async def test_bookkeeping_commits_skip_the_wal_flush_on_postgres_only(db_url: str) -> None:
+    """``write(durable=False)``: on PostgreSQL its transaction commits without waiting
+    for the WAL flush (``synchronous_commit`` off for that transaction only), and what
+    it wrote is visible to other sessions at once; every other transaction stays
+    durable. On SQLite the setting does not exist and nothing is sent."""
+    engine = make_engine(db_url)
+    postgres = engine.dialect.name == "postgresql"
+    show = text("SHOW synchronous_commit")
+    try:
+        async with write(engine) as conn:
+            await conn.execute(text("CREATE TABLE hgw_turns_probe (x INTEGER)"))
+        async with write(engine, durable=False) as conn:
+            if postgres:
+                assert (await conn.execute(show)).scalar_one() == "off"
+            await conn.execute(text("INSERT INTO hgw_turns_probe VALUES (1)"))
+        async with engine.connect() as other:
+            assert (
+                await other.execute(text("SELECT count(*) FROM hgw_turns_probe"))
+            ).scalar_one() == 1
+        if postgres:
+            # ``SET LOCAL`` ended with its transaction: the pooled connections are
+            # durable again, and so is a plain ``write``.
+            for _ in range(3):
+                async with write(engine) as conn:
+                    assert (await conn.execute(show)).scalar_one() == "on"
+    finally:
+        async with write(engine) as conn:
+            await conn.execute(text("DROP TABLE IF EXISTS hgw_turns_probe"))
+        await engine.dispose()
