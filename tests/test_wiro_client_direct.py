@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.outbound import PoolTransport
 from app.wiro import WiroClient, WiroError, WiroStateError, WiroUnavailable
 from app.wiro.client import LIMITS, WiroHTTP
 from app.wiro.signing import NonceSource
@@ -104,7 +105,7 @@ def test_wiro_http_is_direct_without_an_environment_proxy(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("all_proxy", raising=False)
     http = WiroHTTP()
-    assert isinstance(http.direct, httpx.AsyncHTTPTransport)
+    assert isinstance(http.direct, PoolTransport)
     assert http.follow_redirects is False
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     proxied = WiroHTTP()

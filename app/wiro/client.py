@@ -29,7 +29,7 @@ import httpx
 from pydantic import SecretStr
 
 from app import metrics, tracing
-from app.outbound import send_direct
+from app.outbound import PoolTransport, send_direct
 from app.wiro.errors import (
     WiroAccessDenied,
     WiroAmbiguous,
@@ -246,7 +246,7 @@ class WiroHTTP(httpx.AsyncClient):
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
         if transport is None and not any(getproxies().get(s) for s in ("http", "https", "all")):
-            transport = httpx.AsyncHTTPTransport(limits=LIMITS)
+            transport = PoolTransport(limits=LIMITS, trust_env=True)
         super().__init__(transport=transport, follow_redirects=False, limits=LIMITS)
         self.direct = transport
 
