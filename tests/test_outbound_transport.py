@@ -128,10 +128,10 @@ async def test_errors_are_httpx_errors(server: Server) -> None:
         with pytest.raises(httpx.ConnectError):
             await http.get(f"http://127.0.0.1:{port}/x")
 
+    held: list[asyncio.StreamWriter] = []
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1 << 16)
-        await asyncio.sleep(5)
-        writer.close()
+        held.append(writer)  # reads, never answers
 
     quiet = await asyncio.start_server(silent, "127.0.0.1", 0)
     quiet_port = quiet.sockets[0].getsockname()[1]
@@ -145,6 +145,9 @@ async def test_errors_are_httpx_errors(server: Server) -> None:
                 await http.get(f"ftp://127.0.0.1:{quiet_port}/x")
     finally:
         quiet.close()
+        for writer in held:
+            writer.close()
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
