@@ -33,6 +33,7 @@ import contextlib
 import ipaddress
 import select
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -249,7 +250,7 @@ class _Polled(httpcore.AsyncNetworkStream):
     def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
         self._stream = stream
         self._socket: socket.socket | None = None
-        self._poller: Any = None  # select.poll: no public type
+        self._poller: select.poll | None = None
 
     # httpcore's interface passes timeouts as arguments (hence the noqa: ASYNC109).
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
@@ -263,7 +264,7 @@ class _Polled(httpcore.AsyncNetworkStream):
 
     async def start_tls(
         self,
-        ssl_context: Any,
+        ssl_context: ssl.SSLContext,
         server_hostname: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> httpcore.AsyncNetworkStream:
