@@ -29,13 +29,18 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import select
 import socket
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -231,6 +236,202 @@ def check_url(url: str, policy: Policy) -> httpx.URL:
     return parsed
 
 
+# ---------------------------------------------------------------- the HTTP client
+
+
+class _Polled(httpcore.AsyncNetworkStream):
+    """A pooled connection whose "has the server closed it?" check costs one ``poll(2)``.
+
+    httpcore asks it of every idle connection in the pool each time it assigns a
+    request (twice or more per request); its own answer builds the socket's attribute
+    map (a ``getpeername`` call) and a new poll object each time. The answer here is the
+    same (readable, or no socket left: "closed"), from a poll object made once."""
+
+    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
+        self._stream = stream
+        self._socket: socket.socket | None = None
+        self._poller: select.poll | None = None
+
+    # httpcore's interface passes timeouts as arguments (hence the noqa: ASYNC109).
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        return await self._stream.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self._stream.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> httpcore.AsyncNetworkStream:
+        return _Polled(await self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info != "is_readable":
+            return self._stream.get_extra_info(info)
+        if self._poller is None:
+            self._socket = self._stream.get_extra_info("socket")
+            if self._socket is None or self._socket.fileno() < 0:
+                return True
+            self._poller = select.poll()
+            self._poller.register(self._socket, select.POLLIN)
+        assert self._socket is not None
+        if self._socket.fileno() < 0:  # closed: the descriptor may be another's by now
+            return True
+        return bool(self._poller.poll(0))
+
+
+class _Backend(httpcore.AsyncNetworkBackend):
+    """httpcore's own asyncio backend (``AnyIOBackend``), its connections ``_Polled``."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _Polled(stream)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return _Polled(await self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+# httpx's own mapping (httpx/_transports/default.py), most specific class first.
+_MAPPED_ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+@contextlib.contextmanager
+def _mapped() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        for source, target in _MAPPED_ERRORS:
+            if isinstance(exc, source):
+                raise target(str(exc)) from exc
+        raise
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped():
+            async for part in self._stream:
+                yield part
+
+    async def aclose(self) -> None:
+        if hasattr(self._stream, "aclose"):
+            await self._stream.aclose()
+
+
+class PoolTransport(httpx.AsyncBaseTransport):
+    """``httpx.AsyncHTTPTransport(trust_env=..., limits=...)`` (no proxy: HTTP/1.1 over
+    httpcore's connection pool, the same TLS context, the same errors), its connections'
+    readability checks made cheap (``_Polled``): httpx gives no way to choose the pool's
+    network backend, so this is its transport with that one choice made."""
+
+    def __init__(self, *, limits: httpx.Limits, trust_env: bool) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=trust_env),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            http1=True,
+            http2=False,
+            network_backend=_Backend(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        core = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _mapped():
+            response = await self._pool.handle_async_request(core)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_Body(response.stream),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+async def send_direct(
+    client: httpx.AsyncClient,
+    transport: httpx.AsyncBaseTransport,
+    request: httpx.Request,
+    *,
+    stream: bool,
+) -> httpx.Response:
+    """``client.send(request, stream=stream)`` for a ``client`` built on ``transport``
+    with no auth, no event hooks and no redirects followed, without the layers that then
+    have nothing to do (auth flow, redirect loop, hooks): the same request reaches the
+    same transport, and the answer is the same response, its cookies kept by the client.
+
+    ``CookieJar.extract_cookies`` reads only ``Set-Cookie`` and ``Set-Cookie2``, so it is
+    skipped when neither is there (nearly always): a measurable share of a request."""
+    if client.is_closed:
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
+    response = await transport.handle_async_request(request)
+    response.request = request
+    try:
+        headers = response.headers
+        if "set-cookie" in headers or "set-cookie2" in headers:
+            client.cookies.extract_cookies(response)
+        if not stream:
+            await response.aread()
+    except BaseException:
+        await response.aclose()
+        raise
+    return response
+
+
 class Outbound:
     """Safe outbound HTTP over one ``httpx.AsyncClient`` (made here: no redirects, no
     environment proxies). ``resolver`` is replaceable for tests."""
@@ -239,11 +440,13 @@ class Outbound:
         self, *, resolver: Resolver | None = None, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         self.resolver = resolver or system_resolver
+        # The transport the client would build for itself (no proxies: trust_env=False),
+        # made here so that ``_send`` can hand requests to it directly (``send_direct``).
+        self._transport = transport or PoolTransport(
+            trust_env=False, limits=httpx.Limits(max_connections=50, max_keepalive_connections=10)
+        )
         self.http = httpx.AsyncClient(
-            follow_redirects=False,
-            trust_env=False,
-            transport=transport,
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
+            follow_redirects=False, trust_env=False, transport=self._transport
         )
 
     async def aclose(self) -> None:
@@ -344,7 +547,7 @@ class Outbound:
             timeout=timeouts,
             extensions=extensions,
         )
-        response = await self.http.send(request, stream=True, follow_redirects=False)
+        response = await send_direct(self.http, self._transport, request, stream=True)
         try:
             declared = response.headers.get("content-length", "")
             if not truncate and declared.isdigit() and int(declared) > max_bytes:

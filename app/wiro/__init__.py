@@ -1,6 +1,12 @@
 """Everything that knows Wiro's wire format: signing, the client, its models and errors."""
 
-from app.wiro.client import DEFAULT_TIMEOUT, WiroClient, error_for_code, parse_retry_after
+from app.wiro.client import (
+    DEFAULT_TIMEOUT,
+    WiroClient,
+    WiroHTTP,
+    error_for_code,
+    parse_retry_after,
+)
 from app.wiro.errors import (
     WiroAccessDenied,
     WiroAmbiguous,
@@ -32,6 +38,7 @@ __all__ = [
     "WiroConcurrencyLimit",
     "WiroConfigError",
     "WiroError",
+    "WiroHTTP",
     "WiroInsufficientBalance",
     "WiroRateLimited",
     "WiroRejected",

@@ -23,11 +23,13 @@ import time
 from datetime import UTC
 from typing import Any, NoReturn
 from urllib.parse import quote
+from urllib.request import getproxies
 
 import httpx
 from pydantic import SecretStr
 
 from app import metrics, tracing
+from app.outbound import PoolTransport, send_direct
 from app.wiro.errors import (
     WiroAccessDenied,
     WiroAmbiguous,
@@ -46,9 +48,20 @@ from app.wiro.errors import (
 from app.wiro.models import RunAccepted, UpstreamTask
 from app.wiro.signing import NonceSource, sign
 
-__all__ = ["DEFAULT_TIMEOUT", "WiroClient", "error_for_code", "parse_retry_after"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "LIMITS",
+    "WiroClient",
+    "WiroHTTP",
+    "error_for_code",
+    "parse_retry_after",
+]
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=5.0)
+_URLS_KEPT = 64
+# A reconnect to Wiro costs a TLS handshake; more idle connections cost a readability
+# check each on every request (httpcore's pool), which is why there are not more.
+LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 # Transport errors raised before any byte of the request left: Run can safely be retried.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
@@ -221,8 +234,26 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, seconds)
 
 
+class WiroHTTP(httpx.AsyncClient):
+    """The shared ``httpx.AsyncClient`` for Wiro: no redirects followed, no auth, no event
+    hooks, and its transport known (``direct``), so that ``WiroClient`` hands requests
+    to it directly (``app.outbound.send_direct``).
+
+    ``transport`` replaces the network (tests). Without one the transport is the one
+    the client would build for itself, unless the environment names a proxy
+    (``HTTPS_PROXY``...): then the client routes by URL as usual and ``direct`` is None.
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if transport is None and not any(getproxies().get(s) for s in ("http", "https", "all")):
+            transport = PoolTransport(limits=LIMITS, trust_env=True)
+        super().__init__(transport=transport, follow_redirects=False, limits=LIMITS)
+        self.direct = transport
+
+
 class WiroClient:
-    """Wiro's task API over one shared ``httpx.AsyncClient``; one attempt per call."""
+    """Wiro's task API over one shared ``httpx.AsyncClient`` (in the app a ``WiroHTTP``);
+    one attempt per call."""
 
     def __init__(
         self,
@@ -238,6 +269,8 @@ class WiroClient:
         self._api_key = _secret(api_key)
         self._api_secret = _secret(api_secret)
         self._http = http
+        self._direct = http.direct if isinstance(http, WiroHTTP) else None
+        self._urls: dict[str, httpx.URL] = {}  # parsed once per path (URLs are immutable)
         self._nonces = nonce_source if nonce_source is not None else NonceSource()
         self._timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
 
@@ -363,6 +396,14 @@ class WiroClient:
         finally:
             metrics.upstream_call(endpoint, error, time.perf_counter() - started)
 
+    def _url(self, path: str) -> httpx.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self._base_url + path)
+            if len(self._urls) < _URLS_KEPT:  # a few endpoints and a Run path per model
+                self._urls[path] = url
+        return url
+
     async def _post_once(
         self,
         path: str,
@@ -373,13 +414,18 @@ class WiroClient:
     ) -> dict[str, Any]:
         """One POST; the body of a success, or the classified ``WiroError``."""
         try:
-            response = await self._http.post(
-                self._base_url + path,
+            request = self._http.build_request(
+                "POST",
+                self._url(path),
                 json=json,
                 files=files,
                 headers=self.auth_headers(),
                 timeout=self._timeout,
             )
+            if self._direct is None:
+                response = await self._http.send(request)
+            else:
+                response = await send_direct(self._http, self._direct, request, stream=False)
         except httpx.RequestError as exc:
             # Only the exception's type and text: its .request carries our headers.
             detail = str(exc).strip()

@@ -1,0 +1,191 @@
+"""``PoolTransport``: httpx's transport over httpcore's pool with a cheaper readability
+check of idle connections. Over real sockets: keep-alive reuse, a connection the server
+closed while idle is noticed (never reused: a Run on it would be ambiguous), TLS, and
+httpx's error classes."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.outbound import PoolTransport
+from app.wiro.client import LIMITS, WiroHTTP
+
+BODY = b'{"result": true}'
+ANSWER = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+    + str(len(BODY)).encode()
+    + b"\r\n\r\n"
+    + BODY
+)
+
+
+class Server:
+    """A loopback HTTP/1.1 server answering every request on a connection with BODY;
+    ``close_after`` answers per connection, then it closes the connection (no
+    ``Connection: close``: the client finds out only from the socket)."""
+
+    def __init__(self, *, close_after: int | None = None) -> None:
+        self.close_after = close_after
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        answered = 0
+        try:
+            while self.close_after is None or answered < self.close_after:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                writer.write(ANSWER)
+                await writer.drain()
+                answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0, ssl=ssl_context)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.sleep(0.01)  # the handlers see their connections end
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    s = Server()
+    yield s
+    await s.stop()
+
+
+async def test_keep_alive_connections_are_reused(server: Server) -> None:
+    port = await server.start()
+    async with httpx.AsyncClient(transport=PoolTransport(limits=LIMITS, trust_env=False)) as http:
+        answers = await asyncio.gather(
+            *(http.post(f"http://127.0.0.1:{port}/x", json={"i": i}) for i in range(4))
+        )
+        for _ in range(6):
+            answers.append(await http.post(f"http://127.0.0.1:{port}/x", json={}))
+    assert [r.json() for r in answers] == [{"result": True}] * 10
+    assert server.connections <= 4
+
+
+async def test_a_connection_the_server_closed_is_not_reused() -> None:
+    server = Server(close_after=1)
+    port = await server.start()
+    try:
+        async with httpx.AsyncClient(
+            transport=PoolTransport(limits=LIMITS, trust_env=False)
+        ) as http:
+            for _ in range(3):
+                r = await http.post(f"http://127.0.0.1:{port}/x", json={})
+                assert r.status_code == 200
+                await asyncio.sleep(0.05)  # the server's close reaches the idle socket
+    finally:
+        await server.stop()
+    assert server.connections == 3
+
+
+async def test_the_readability_check_sees_the_close(server: Server) -> None:
+    port = await server.start()
+    transport = PoolTransport(limits=LIMITS, trust_env=False)
+    async with httpx.AsyncClient(transport=transport) as http:
+        await http.post(f"http://127.0.0.1:{port}/x", json={})
+        (connection,) = transport._pool.connections
+        assert connection.is_idle() and not connection.has_expired()
+        for writer in server.writers:
+            writer.close()
+        await asyncio.sleep(0.05)
+        assert connection.has_expired()
+        r = await http.post(f"http://127.0.0.1:{port}/x", json={})
+        assert r.status_code == 200
+    assert server.connections == 2
+
+
+async def test_errors_are_httpx_errors(server: Server) -> None:
+    port = await server.start()
+    await server.stop()
+    async with httpx.AsyncClient(transport=PoolTransport(limits=LIMITS, trust_env=False)) as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"http://127.0.0.1:{port}/x")
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads, never answers
+
+    quiet = await asyncio.start_server(silent, "127.0.0.1", 0)
+    quiet_port = quiet.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient(
+            transport=PoolTransport(limits=LIMITS, trust_env=False)
+        ) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.get(f"http://127.0.0.1:{quiet_port}/x", timeout=0.2)
+            with pytest.raises(httpx.UnsupportedProtocol):
+                await http.get(f"ftp://127.0.0.1:{quiet_port}/x")
+    finally:
+        quiet.close()
+        for writer in held:
+            writer.close()
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_with_the_environment_s_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WiroHTTP over TLS (Wiro is HTTPS): the handshake, keep-alive, the name check, and
+    the readability check of an idle TLS connection; ``SSL_CERT_FILE`` honoured as httpx
+    does."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = Server()
+    port = await server.start(context)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+    http = WiroHTTP()
+    try:
+        assert isinstance(http.direct, PoolTransport)
+        for _ in range(4):
+            r = await http.post(f"https://localhost:{port}/x", json={})
+            assert r.json() == {"result": True}
+        (connection,) = http.direct._pool.connections
+        assert connection.is_idle() and not connection.has_expired()
+        with pytest.raises(httpx.ConnectError):  # the certificate is not for this name
+            await http.get(f"https://127.0.0.1:{port}/x")
+    finally:
+        await http.aclose()
+        await server.stop()
+    assert server.connections == 1  # kept alive (a refused handshake never gets here)
