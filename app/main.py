@@ -30,7 +30,7 @@ from app.ratelimit import RateLimiter
 from app.settings import Settings
 from app.store import DirectoryStore
 from app.wakeup import Hub, PgListener, attach_local
-from app.wiro import NonceSource, WiroClient
+from app.wiro import NonceSource, WiroClient, WiroHTTP
 from app.workers.jobs import result_workers
 from app.workers.scheduler import Scheduler
 
@@ -94,11 +94,7 @@ def create_app(
         if provider is not None:
             tracing.install(provider)
         engine = make_engine(settings.effective_database_url)
-        http = httpx.AsyncClient(
-            transport=wiro_transport,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-        )
+        http = WiroHTTP(wiro_transport)
         wiro = WiroClient(
             base_url=settings.wiro_base_url,
             api_key=settings.wiro_api_key,
