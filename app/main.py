@@ -9,13 +9,16 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import httpx
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.routing import APIRoute
 
-from app import logs, metrics, stats, tracing
+from app import metrics, stats, tracing
 from app.api import callbacks, health
 from app.api import results as result_routes
 from app.api import stats as stats_routes
 from app.api import tasks as task_routes
+from app.api.deps import log_task_id
+from app.api.direct import DirectRoute, declared_route
 from app.clients import Keyring
 from app.console import router as console_router
 from app.context import Ctx
@@ -70,11 +73,52 @@ def begin_drain(app: FastAPI) -> None:
 
 
 async def _log_task_id(request: Request) -> None:
-    """Every log line of a request about one task names it. (``async``: a plain ``def``
-    dependency would cost every request a hop through the thread pool.)"""
-    task_id = request.path_params.get("task_id")
-    if task_id:
-        logs.bind(task_id=str(task_id)[:40])
+    """Every log line of a request about one task names it (``deps.log_task_id``).
+    (``async``: a plain ``def`` dependency would cost every request a hop through the
+    thread pool.)"""
+    log_task_id(request.path_params)
+
+
+def add_routes(app: FastAPI, router: APIRouter) -> None:
+    """``router``'s routes as the app's own, the same routes ``app.include_router`` makes
+    (the app's dependencies first; the router's prefix, tags and responses are already in
+    each route). FastAPI 0.16x keeps an included router as a branch it re-resolves on
+    every request, matching the path twice and walking every router again for a 404;
+    the app's own routes are matched once, in order."""
+    for route in router.routes:
+        if not isinstance(route, APIRoute):
+            raise TypeError(f"{route!r}: only path operations are copied")
+        app.router.add_api_route(
+            route.path,
+            route.endpoint,
+            response_model=route.response_model,
+            status_code=route.status_code,
+            tags=route.tags,
+            dependencies=route.dependencies,
+            summary=route.summary,
+            description=route.description,
+            response_description=route.response_description,
+            responses=route.responses,
+            deprecated=route.deprecated,
+            methods=route.methods,
+            operation_id=route.operation_id,
+            response_model_include=route.response_model_include,
+            response_model_exclude=route.response_model_exclude,
+            response_model_by_alias=route.response_model_by_alias,
+            response_model_exclude_unset=route.response_model_exclude_unset,
+            response_model_exclude_defaults=route.response_model_exclude_defaults,
+            response_model_exclude_none=route.response_model_exclude_none,
+            include_in_schema=route.include_in_schema,
+            response_class=route.response_class,
+            name=route.name,
+            route_class_override=type(route),
+            callbacks=route.callbacks,
+            openapi_extra=route.openapi_extra,
+            generate_unique_id_function=route.generate_unique_id_function,
+            strict_content_type=route.strict_content_type,
+            max_body_size=route.max_body_size,
+            form_limits=route.form_limits,
+        )
 
 
 def create_app(
@@ -173,13 +217,19 @@ def create_app(
     app.state.migration_heads = head_revisions()
     install_handlers(app)
     problems_in_spec(app)
-    app.include_router(task_routes.router)
-    app.include_router(callbacks.router)
-    app.include_router(result_routes.router)
-    app.include_router(result_routes.files)
-    app.include_router(stats_routes.router)
-    app.include_router(health.router)
-    app.include_router(console_router)
+    for router in (
+        task_routes.router,
+        callbacks.router,
+        result_routes.router,
+        result_routes.files,
+        stats_routes.router,
+        health.router,
+        console_router,
+    ):
+        add_routes(app, router)
+    # Wiro's callbacks, the hot route nobody waits on, in plain ASGI (app/api/direct.py).
+    callback = declared_route(app.router.routes, callbacks.wiro_callback)
+    app.router.routes.insert(0, DirectRoute(callback, "POST", callbacks.direct))
     # One layer of our own around the routes (app/gate.py): the request's log context,
     # span and metrics, and the edge checks (limits, drain, keys, rates, bodies).
     app.add_middleware(EdgeGate, settings=settings)

@@ -4,16 +4,25 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, cast
+from collections.abc import Mapping
+from typing import Annotated, Any, cast
 
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app import logs
 from app.clients import MAX_KEY_LEN, Principal, key_digest
 from app.context import Ctx
 from app.errors import TooManyRequests, Unauthorized
 from app.gate import PRINCIPAL
 from app.wakeup import Hub
+
+
+def log_task_id(path_params: Mapping[str, Any]) -> None:
+    """Every log line of a request about one task names it."""
+    task_id = path_params.get("task_id")
+    if task_id:
+        logs.bind(task_id=str(task_id)[:40])
 
 
 def ctx_of(request: Request) -> Ctx:
