@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any, cast
+from typing import Any, cast
 
-from fastapi import Request, Security
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Request
+from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
+from fastapi.security.base import SecurityBase
 
 from app import logs
 from app.clients import MAX_KEY_LEN, Principal, key_digest
@@ -35,44 +36,43 @@ async def get_ctx(request: Request) -> Ctx:
     return ctx_of(request)
 
 
-# Declares the scheme in the OpenAPI spec only; ``principal`` reads the header itself so
-# that every refusal is the same problem+json 401.
-bearer = HTTPBearer(
-    auto_error=False,
-    scheme_name="bearerAuth",
-    description="A client key: `Authorization: Bearer <key>`.",
-)
+class BearerKey(SecurityBase):
+    """The API's bearer scheme (``bearerAuth`` in the spec) as the dependency that names
+    the caller: the one the edge gate authenticated (``app.gate``: bearer key, then the
+    client's request rate limit, before the body is read). Without the gate in front, the
+    same checks here, every refusal the same problem+json 401. (One dependency: a
+    declared ``HTTPBearer`` under a function was two, each solved on every request.)"""
+
+    def __init__(self) -> None:
+        self.model = HTTPBearerModel(description="A client key: `Authorization: Bearer <key>`.")
+        self.scheme_name = "bearerAuth"
+
+    async def __call__(self, request: Request) -> Principal:
+        found = request.scope.get(PRINCIPAL)
+        if isinstance(found, Principal):
+            return found
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthorized("Missing or malformed bearer token.")
+        caller = await principal_for_key(request, key.strip())
+        wait = (
+            request.app.state.rate_limiter.take(
+                caller.client, rate=caller.limits.rate_per_s, burst=caller.limits.burst
+            )
+            if caller.limits.limits(request.method)
+            else 0.0
+        )
+        if wait > 0:
+            raise TooManyRequests(
+                f"Over this client's limit of {caller.limits.rate_per_s:g} requests/s; "
+                f"retry after {math.ceil(wait)}s.",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+        return caller
 
 
-async def principal(
-    request: Request,
-    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
-) -> Principal:
-    """The caller the edge gate authenticated (``app.gate``: bearer key, then the
-    client's request rate limit, before the body is read). Without the gate in front,
-    the same checks here."""
-    found = request.scope.get(PRINCIPAL)
-    if isinstance(found, Principal):
-        return found
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer":
-        raise Unauthorized("Missing or malformed bearer token.")
-    caller = await principal_for_key(request, key.strip())
-    wait = (
-        request.app.state.rate_limiter.take(
-            caller.client, rate=caller.limits.rate_per_s, burst=caller.limits.burst
-        )
-        if caller.limits.limits(request.method)
-        else 0.0
-    )
-    if wait > 0:
-        raise TooManyRequests(
-            f"Over this client's limit of {caller.limits.rate_per_s:g} requests/s; "
-            f"retry after {math.ceil(wait)}s.",
-            headers={"Retry-After": str(math.ceil(wait))},
-        )
-    return caller
+principal = BearerKey()
 
 
 async def principal_for_key(request: Request, key: str) -> Principal:
@@ -96,6 +96,11 @@ async def principal_for_digest(request: Request, digest: bytes) -> Principal:
     return cast(Principal, found)
 
 
-async def get_hub(request: Request) -> Hub:
+def hub_of(request: Request) -> Hub:
     """The process's waiters (app/wakeup.py)."""
     return cast(Hub, request.app.state.hub)
+
+
+async def get_hub(request: Request) -> Hub:
+    """``hub_of`` as a dependency."""
+    return hub_of(request)

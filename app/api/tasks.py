@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BeforeValidator
 
 from app import live, logs, tasks
-from app.api.deps import get_ctx, get_hub, principal
+from app.api.deps import ctx_of, hub_of, principal
 from app.api.streaming import EventStream, applied, caller_gone
 from app.clients import Principal
 from app.context import Ctx
@@ -41,9 +41,10 @@ PROBLEMS = {
 }
 
 router = APIRouter(prefix="/v1", tags=["tasks"], responses={401: PROBLEMS[401], 429: PROBLEMS[429]})
+# The caller is the routes' one dependency; the context and the waiters are the app's,
+# read from the request (``deps.ctx_of``, ``hub_of``): a dependency costs every request
+# its solving.
 Caller = Annotated[Principal, Depends(principal)]
-Context = Annotated[Ctx, Depends(get_ctx)]
-Waiters = Annotated[Hub, Depends(get_hub)]
 PreferHeader = Annotated[
     str | None,
     Header(
@@ -124,8 +125,6 @@ async def create_task(
     request: Request,
     response: Response,
     caller: Caller,
-    ctx: Context,
-    hub: Waiters,
     prefer: PreferHeader = None,
     idempotency_key: Annotated[
         str | None,
@@ -138,6 +137,7 @@ async def create_task(
     ] = None,
 ) -> TaskOut:
     """Validate against the model's parameter sheet, record, and forward to Wiro."""
+    ctx = ctx_of(request)
     if (bad := body.webhook_refusal(allow_private=ctx.settings.allow_private_networks)) is not None:
         raise InvalidRequest(
             "webhook_url points at an address the gateway never delivers to.", errors=[bad]
@@ -171,7 +171,7 @@ async def create_task(
         request,
         response,
         ctx,
-        hub,
+        hub_of(request),
         caller,
         task,
         live.prefer_wait(request.headers.getlist("prefer")),
@@ -191,17 +191,16 @@ async def get_task(
     request: Request,
     response: Response,
     caller: Caller,
-    ctx: Context,
-    hub: Waiters,
     prefer: PreferHeader = None,
 ) -> TaskOut:
+    ctx = ctx_of(request)
     task = await tasks.get_task(ctx, task_id=task_id, client=caller.scope)
     return task_out(
         await _wait(
             request,
             response,
             ctx,
-            hub,
+            hub_of(request),
             caller,
             task,
             live.prefer_wait(request.headers.getlist("prefer")),
@@ -244,7 +243,6 @@ def _in_utc_range(ts: datetime) -> bool:
 async def list_tasks(
     request: Request,
     caller: Caller,
-    ctx: Context,
     status: Annotated[list[Status] | None, Query()] = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
     created_after: Timestamp | None = None,
@@ -291,7 +289,7 @@ async def list_tasks(
             )
         scope = client
     rows, next_cursor = await tasks.list_tasks(
-        ctx,
+        ctx_of(request),
         client=scope,
         statuses=status or (),
         model=model,
@@ -334,8 +332,6 @@ async def list_events(
     task_id: str,
     request: Request,
     caller: Caller,
-    ctx: Context,
-    hub: Waiters,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[
         str | None,
@@ -353,6 +349,7 @@ async def list_events(
         ),
     ] = None,
 ) -> EventList | Response:
+    ctx, hub = ctx_of(request), hub_of(request)
     after = live.decode_event_cursor(cursor) if cursor else 0
     if "text/event-stream" in request.headers.get("accept", ""):
         if last_event_id is not None:
@@ -396,7 +393,7 @@ async def list_events(
         409: {"model": Problem, "description": "The task is already terminal"},
     },
 )
-async def cancel_task(task_id: str, caller: Caller, ctx: Context) -> TaskOut:
+async def cancel_task(task_id: str, request: Request, caller: Caller) -> TaskOut:
     """Pending: cancelled at once. Otherwise Wiro is asked (Cancel when queued, Kill when
     running); the task becomes ``cancelled`` only once Wiro confirms."""
-    return task_out(await tasks.cancel_task(ctx, task_id=task_id, client=caller.scope))
+    return task_out(await tasks.cancel_task(ctx_of(request), task_id=task_id, client=caller.scope))
