@@ -233,7 +233,7 @@ def create_app(
     # The submit too, for JSON bodies (app/api/submit_direct.py; other types: FastAPI's).
     submit = declared_route(app.router.routes, task_routes.create_task)
     app.router.routes.insert(
-        0,
+        1,
         DirectRoute(
             submit,
             "POST",

@@ -23,6 +23,7 @@ from sqlalchemy import text
 from app.api import tasks as task_routes
 from app.api.direct import DirectRoute, declared_route
 from app.main import create_app
+from app.settings import Settings
 from tests.conftest import CLIENT_KEYS, Sim, gateway_settings, task_body
 from tests.test_ingress_callbacks import AccessLines, Side, _serve
 
@@ -108,6 +109,7 @@ async def _both(
     headers: dict[str, str] | tuple[dict[str, str], dict[str, str]] = JSON,
     content: bytes | Callable[[], AsyncIterator[bytes]] = b"",
     fastapi: bool = False,
+    query: str = "",
 ) -> Answer:
     """The same request to both sides (``headers``: the same, or one set per side): the
     same answer, metrics and access line; ``fastapi``: whether the direct side declined.
@@ -120,7 +122,7 @@ async def _both(
             before = _counts()
             async with httpx.AsyncClient(base_url=side.url, timeout=30) as c:
                 body = content if isinstance(content, bytes) else content()
-                r = await c.post(ROUTE, content=body, headers=h)
+                r = await c.post(ROUTE + query, content=body, headers=h)
             answers.append(_masked(r))
             # The metrics and the access line are written once the answer is sent.
             for _ in range(500):
@@ -161,6 +163,9 @@ async def test_the_direct_submit_answers_as_the_declared_route(sides: Sides, sim
     assert status == 202 and ("location", "/v1/tasks/<0>") in headers
     assert json.loads(body)["status"] == "queued"
     assert (await _both(sides, content=good))[0] == 202
+
+    # A query string (no query parameters: ignored either way).
+    assert (await _both(sides, content=good, query="?wait=1&x"))[0] == 202
 
     # Content types the direct path takes: with parameters, in capitals.
     for ctype in ("application/json; charset=utf-8", "APPLICATION/JSON"):
@@ -267,6 +272,14 @@ async def test_the_direct_submit_answers_as_the_declared_route(sides: Sides, sim
         await conn.execute(text("DROP TABLE task_events" + cascade))
     status, headers, _ = await _both(sides, content=good)
     assert status >= 500 and ("content-type", "application/problem+json") in headers
+
+
+def test_the_direct_submit_route_names_the_declared_one() -> None:
+    app = create_app(Settings())
+    direct = app.router.routes[1]
+    assert isinstance(direct, DirectRoute) and direct.method == "POST"
+    assert direct.declared is declared_route(app.router.routes, task_routes.create_task)
+    assert app.url_path_for("create_task") == ROUTE
 
 
 async def test_only_json_submits_take_the_direct_path() -> None:
