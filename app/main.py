@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 
 from app import metrics, stats, tracing
-from app.api import callbacks, health
+from app.api import callbacks, health, submit_direct
 from app.api import results as result_routes
 from app.api import stats as stats_routes
 from app.api import tasks as task_routes
@@ -236,6 +236,17 @@ def create_app(
     # Wiro's callbacks, the hot route nobody waits on, in plain ASGI (app/api/direct.py).
     callback = declared_route(app.router.routes, callbacks.wiro_callback)
     app.router.routes.insert(0, DirectRoute(callback, "POST", callbacks.direct))
+    # The submit too, for JSON bodies (app/api/submit_direct.py; other types: FastAPI's).
+    submit = declared_route(app.router.routes, task_routes.create_task)
+    app.router.routes.insert(
+        1,
+        DirectRoute(
+            submit,
+            "POST",
+            submit_direct.handler(submit, [_log_task_id]),
+            submit_direct.accepts,
+        ),
+    )
     # One layer of our own around the routes (app/gate.py): the request's log context,
     # span and metrics, and the edge checks (limits, drain, keys, rates, bodies).
     app.add_middleware(EdgeGate, settings=settings, pressure=pressure)

@@ -8,7 +8,12 @@ FastAPI's request handler: no ``Request`` wrapper, dependency solving or respons
 stays in the app (the OpenAPI spec, ``url_path_for``, other methods' 405), the routes and
 the edge layer around it are the same, and what the function raises reaches the same
 exception handlers (``app.errors``). The function and the declared endpoint share their
-work (``app.api.callbacks``); ``tests/test_ingress_callbacks.py`` compares the answers.
+work (``app.api.callbacks``, ``app.api.submit_direct``); ``tests/test_ingress_callbacks.py``
+and ``tests/test_ingress_submit.py`` compare the answers.
+
+``accepts`` (optional) declines a request from its head: the route does not match it and
+FastAPI's declared route answers it as before (e.g. a body type the function does not
+parse).
 """
 
 from __future__ import annotations
@@ -23,23 +28,27 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+Accepts = Callable[[Scope], bool]
 
 
 class DirectRoute(BaseRoute):
-    def __init__(self, declared: APIRoute, method: str, handler: Handler) -> None:
+    def __init__(
+        self, declared: APIRoute, method: str, handler: Handler, accepts: Accepts | None = None
+    ) -> None:
         if method not in (declared.methods or ()):
             raise ValueError(f"{declared.path} does not take {method}")
         self.declared = declared
         self.method = method
         self.handler = handler
+        self.accepts = accepts
         self.path_format = declared.path_format  # what routing records as the route
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         if scope["type"] != "http" or scope["method"] != self.method:
             return Match.NONE, {}  # the declared route answers (405 for other methods)
         found = self.declared.path_regex.match(get_route_path(scope))
-        if found is None:
-            return Match.NONE, {}
+        if found is None or (self.accepts is not None and not self.accepts(scope)):
+            return Match.NONE, {}  # declined: the declared route answers
         convertors = self.declared.param_convertors
         path_params = dict(scope.get("path_params", {}))
         for key, value in found.groupdict().items():

@@ -137,6 +137,19 @@ async def create_task(
     ] = None,
 ) -> TaskOut:
     """Validate against the model's parameter sheet, record, and forward to Wiro."""
+    return await submit_task(request, response, caller, body, idempotency_key)
+
+
+async def submit_task(
+    request: Request,
+    response: Response,
+    caller: Principal,
+    body: TaskCreate,
+    idempotency_key: str | None,
+) -> TaskOut:
+    """``create_task``'s work once FastAPI has parsed the request, shared with its
+    plain-ASGI twin (``app.api.submit_direct``): the status (200 on a replay) and
+    headers go on ``response``, as FastAPI's ``Response`` parameter has them."""
     ctx = ctx_of(request)
     if (bad := body.webhook_refusal(allow_private=ctx.settings.allow_private_networks)) is not None:
         raise InvalidRequest(
