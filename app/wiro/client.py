@@ -240,7 +240,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 class WiroHTTP(httpx.AsyncClient):
     """The shared ``httpx.AsyncClient`` for Wiro: no redirects followed, no auth, no event
     hooks, and its transport known (``direct``), so that ``WiroClient`` hands requests
-    to it directly (``app.outbound.send_direct``).
+    to it directly (``app.outbound.send_direct``), or, for a ``PoolTransport``, its JSON
+    calls to httpcore's pool (``WiroClient._exchange``).
 
     ``transport`` replaces the network (tests). Without one the transport is the one
     the client would build for itself, unless the environment names a proxy
