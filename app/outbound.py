@@ -35,7 +35,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -397,6 +397,20 @@ class PoolTransport(httpx.AsyncBaseTransport):
             stream=_Body(response.stream),
             extensions=response.extensions,
         )
+
+    async def open(self, request: httpcore.Request) -> httpcore.Response:
+        """The pool's answer to a ready-made httpcore request, its body unread: for a
+        caller that needs no ``httpx.Response`` (``WiroClient``). Errors as httpx's."""
+        with _mapped():
+            return await self._pool.handle_async_request(request)
+
+    @staticmethod
+    async def read(response: httpcore.Response) -> bytes:
+        """The whole body of an ``open`` answer, its errors mapped as ``_Body``'s; the
+        caller closes ``response.stream`` as an ``httpx.Response`` would."""
+        assert isinstance(response.stream, AsyncIterable)
+        with _mapped():
+            return b"".join([part async for part in response.stream])
 
     async def aclose(self) -> None:
         await self._pool.aclose()
