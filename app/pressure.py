@@ -41,7 +41,6 @@ class Pressure:
     def __init__(self) -> None:
         self.lag_s = 0.0
         self.last_request = -1e9  # ``time.perf_counter()`` of the latest request's arrival
-        self.readings = 0  # the probe's readings taken (tests)
         self.held = 0  # times a background loop started fewer jobs because of it (tests)
         self._probe: asyncio.Task[None] | None = None
 
@@ -70,4 +69,3 @@ class Pressure:
             await asyncio.sleep(PROBE_S)
             late = max(0.0, clock() - due)
             self.lag_s += SMOOTHING * (late - self.lag_s)
-            self.readings += 1
