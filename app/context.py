@@ -21,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.db import utcnow
 from app.fairness import Turns
 from app.pollplan import PollPlan
-from app.pressure import Pressure
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -47,8 +46,6 @@ class Ctx:
     turns: Turns = field(default_factory=Turns)
     # When to poll, learned from how recent tasks finished (app/pollplan.py).
     polls: PollPlan = field(default_factory=PollPlan)
-    # Whether requests are waiting for a busy event loop (app/pressure.py).
-    pressure: Pressure = field(default_factory=Pressure)
 
     _reads: async_sessionmaker[AsyncSession] | None = field(default=None, repr=False)
 

@@ -46,7 +46,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import logs, metrics, tracing
 from app.clients import MAX_KEY_LEN, Principal, key_digest
 from app.errors import database_problem, problem
-from app.pressure import Pressure
 from app.ratelimit import RateLimiter
 from app.settings import Settings
 
@@ -77,12 +76,9 @@ class EdgeGate:
     """The checks of the module doc, in that order; then the app, with the body counted.
     State per process: the penalty box (by address) and the uploads streaming."""
 
-    def __init__(
-        self, app: ASGIApp, *, settings: Settings, pressure: Pressure | None = None
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
         self.app = app
         self.s = settings
-        self.pressure = pressure if pressure is not None else Pressure()
         self.auth_failures = RateLimiter()  # per address; see ``_authenticate``
         self.uploads_streaming = 0
 
@@ -101,7 +97,7 @@ class EdgeGate:
         # access line (app/logs.py, app/tracing.py). Every answer carries X-Request-ID.
         rid, token = logs.open_request(scope)
         upstream = metrics.start_upstream_clock()
-        started = self.pressure.last_request = time.perf_counter()  # app/pressure.py
+        started = time.perf_counter()
         status = 500
         limit = self.limit_for(scope["path"])
         seen = 0

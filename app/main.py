@@ -29,7 +29,6 @@ from app.hardening import insecure_public_url
 from app.migrate import head_revisions
 from app.outbound import Outbound
 from app.outbox import Services
-from app.pressure import Pressure
 from app.ratelimit import RateLimiter
 from app.settings import Settings
 from app.store import DirectoryStore
@@ -132,9 +131,6 @@ def create_app(
     """``tracer_provider``: trace with this one (tests); by default the ``OTEL_*``
     variables decide whether there are traces at all (app/tracing.py)."""
     settings = settings or Settings()
-    # Requests first on the event loop (app/pressure.py): the edge records arrivals,
-    # the background loops read it.
-    pressure = Pressure()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -154,7 +150,7 @@ def create_app(
                 settings.wiro_read_timeout_s, connect=settings.wiro_connect_timeout_s
             ),
         )
-        ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro, pressure=pressure)
+        ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro)
         scheduler = Scheduler(ctx, grace_s=settings.shutdown_grace_s)
         ctx.wake = scheduler.wake
         ctx.track = scheduler.track
@@ -184,7 +180,6 @@ def create_app(
                 "tokens and uploaded images travel unencrypted (docs/security.md)"
             )
         if start_workers:
-            pressure.watch()
             scheduler.start()
             for loop in result_loops:
                 loop.start()
@@ -197,7 +192,6 @@ def create_app(
                 await listener.stop()
             for loop in result_loops:
                 await loop.stop()
-            await pressure.stop()
             await services.outbound.aclose()
             await http.aclose()
             await engine.dispose()
@@ -249,5 +243,5 @@ def create_app(
     )
     # One layer of our own around the routes (app/gate.py): the request's log context,
     # span and metrics, and the edge checks (limits, drain, keys, rates, bodies).
-    app.add_middleware(EdgeGate, settings=settings, pressure=pressure)
+    app.add_middleware(EdgeGate, settings=settings)
     return app

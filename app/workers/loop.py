@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app.db import mark_background
-from app.pressure import Pressure, floor
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +43,13 @@ class WorkerLoop:
         tick: Callable[[], Awaitable[Any]] | None = None,
         tick_every_s: float = 60.0,
         context: Callable[[Any], contextvars.Context | None] | None = None,
-        pressure: Pressure | None = None,
     ) -> None:
-        """``context``: the contextvars a job runs in (e.g. its log fields), per key.
-        ``pressure``: while requests wait for a busy event loop, start jobs only up to
-        ``app.pressure.floor(concurrency)`` running (app/pressure.py)."""
+        """``context``: the contextvars a job runs in (e.g. its log fields), per key."""
         self.name = name
         self._claim, self._act, self._release = claim, act, release
         self._renew, self._renew_every = renew, renew_every_s
         self._tick, self._tick_every = tick, tick_every_s
         self._context = context
-        self._pressure = pressure
         self._concurrency, self._batch, self._idle = concurrency, batch, idle_s
         self.grace_s = grace_s
         self._wake = asyncio.Event()
@@ -104,11 +99,6 @@ class WorkerLoop:
                 except Exception:
                     log.exception("%s: periodic job failed", self.name)
             free = self._concurrency - len(self._running)
-            if free > 0 and self._pressure is not None and self._pressure.high():
-                # Requests first: the jobs running keep going, fewer new ones start.
-                # A job's end wakes this loop, so it looks again soon.
-                free = min(free, floor(self._concurrency) - len(self._running))
-                self._pressure.held += 1
             claimed: list[Any] = []
             if free > 0:
                 try:

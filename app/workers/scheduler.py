@@ -32,7 +32,6 @@ class Scheduler(WorkerLoop):
             batch=s.worker_batch,
             idle_s=s.worker_idle_s,
             grace_s=grace_s,
-            pressure=ctx.pressure,
         )
         self.ctx = ctx
         # The rows the claim returned, until their checks start (a check reads nothing).
