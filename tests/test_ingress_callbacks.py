@@ -107,6 +107,22 @@ def _counts() -> dict[tuple[str, str], float]:
     return out
 
 
+async def moved_since(
+    before: dict[Any, float],
+    counts: Callable[[], dict[Any, float]],
+    access: AccessLines,
+    answered: int,
+) -> dict[Any, float]:
+    """What ``counts`` moved by since ``before``, read once ``answered`` access lines
+    are written (the metrics and the access line are written once the answer is sent)."""
+    for _ in range(500):
+        if len(access.seen) == answered:
+            break
+        await asyncio.sleep(0.01)
+    after = counts()
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k)}
+
+
 async def _both(
     sides: tuple[Side, Side],
     method: str,
@@ -125,15 +141,7 @@ async def _both(
                 body = content if isinstance(content, bytes) else content()
                 r = await c.request(method, p, content=body)
             answers.append(_answer(r))
-            # The metrics and the access line are written once the answer is sent.
-            for _ in range(500):
-                if len(access.seen) == len(answers):
-                    break
-                await asyncio.sleep(0.01)
-            after = _counts()
-            deltas.append(
-                {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k)}
-            )
+            deltas.append(await moved_since(before, _counts, access, len(answers)))
     assert answers[0] == answers[1]
     assert deltas[0] == deltas[1]
     if outcome is not None:

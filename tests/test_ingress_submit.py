@@ -9,7 +9,6 @@ handler answered, to show which path each case took."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from app.api.direct import DirectRoute, declared_route
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import CLIENT_KEYS, Sim, gateway_settings, task_body
-from tests.test_ingress_callbacks import AccessLines, Side, _serve
+from tests.test_ingress_callbacks import AccessLines, Side, _serve, moved_since
 
 ROUTE = "/v1/tasks"
 AUTH = {"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
@@ -124,15 +123,7 @@ async def _both(
                 body = content if isinstance(content, bytes) else content()
                 r = await c.post(ROUTE + query, content=body, headers=h)
             answers.append(_masked(r))
-            # The metrics and the access line are written once the answer is sent.
-            for _ in range(500):
-                if len(access.seen) == len(answers):
-                    break
-                await asyncio.sleep(0.01)
-            after = _counts()
-            deltas.append(
-                {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k)}
-            )
+            deltas.append(await moved_since(before, _counts, access, len(answers)))
     assert answers[0] == answers[1]
     assert deltas[0] == deltas[1]
     assert len(access.seen) == 2 and access.seen[0][:2] == access.seen[1][:2] == (
