@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 
 from app import tasks
-from app.db import unit_of_work, utcnow
+from app.db import unit_of_work
 from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
 from app.states import EventKind
@@ -33,7 +33,7 @@ async def finished_task(
     upstream_token: str | None = None,
     input_url: str = "https://example.com/me.jpg",
 ) -> str:
-    now = utcnow()
+    now = gw.ctx.clock()  # the test's clock, if it stopped one (else the time)
     task = Task(
         id=tasks.new_task_id(now),
         client=client,
