@@ -19,7 +19,6 @@ import hmac
 from typing import Literal
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.context import Ctx
 from app.ids import sha256_hex as token_hash
@@ -45,8 +44,7 @@ async def screen(ctx: Ctx, *, task_id: str, token: str) -> Verdict:
     # A Core connection of ``ctx.reads``' engine (autocommit on PostgreSQL), not a
     # session: for this one read an ORM session's set-up and close cost more than the
     # read itself.
-    engine: AsyncEngine = ctx.reads.kw["bind"]
-    async with engine.connect() as conn:
+    async with ctx.read_engine.connect() as conn:
         rows = (await conn.execute(_ATTEMPTS, {"b_id": task_id})).all()
     match = None
     for row in rows:  # no early exit: constant time in the token

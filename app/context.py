@@ -55,6 +55,11 @@ class Ctx:
         return cast(AsyncEngine, self.sm.kw["bind"])
 
     @property
+    def read_engine(self) -> AsyncEngine:
+        """The engine behind ``reads`` (autocommit on PostgreSQL), for a plain Core read."""
+        return cast(AsyncEngine, self.reads.kw["bind"])
+
+    @property
     def reads(self) -> async_sessionmaker[AsyncSession]:
         """Sessions for reads that need no transaction: autocommit on PostgreSQL, which
         saves the BEGIN and ROLLBACK round trips around them; ``sm`` on SQLite (reads
