@@ -15,6 +15,7 @@ rows they wrote.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections import defaultdict
@@ -170,11 +171,9 @@ def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-async def eng(migrated: Path, tmp_path: Path) -> AsyncIterator[Engine]:
-    path = tmp_path / "gateway.db"
-    shutil.copy(migrated, path)
-    url = f"sqlite+aiosqlite:///{path}"
+@contextlib.asynccontextmanager
+async def engine_on(url: str) -> AsyncIterator[Engine]:
+    """The engine on the migrated database at ``url``, Wiro scripted, the clock at T0."""
     settings = Settings(
         database_url=url,
         wiro_base_url=WIRO,
@@ -204,6 +203,14 @@ async def eng(migrated: Path, tmp_path: Path) -> AsyncIterator[Engine]:
             yield Engine(ctx=ctx, wiro=fake, now=now)
         finally:
             await engine.dispose()
+
+
+@pytest.fixture
+async def eng(migrated: Path, tmp_path: Path) -> AsyncIterator[Engine]:
+    path = tmp_path / "gateway.db"
+    shutil.copy(migrated, path)
+    async with engine_on(f"sqlite+aiosqlite:///{path}") as e:
+        yield e
 
 
 # ---------------------------------------------------------------- Run errors

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, select, update
 
+from app import metrics
 from app.context import Ctx
 from app.db import deferred, last, later, ts, unit_of_work, write
 from app.fairness import dispatch_turn, in_flight, may_dispatch
@@ -35,6 +36,7 @@ from app.settings import Settings
 from app.states import UNANSWERED, EventKind, Outcome
 from app.tasks._history import get_task, insert_metadata
 from app.tasks._leases import release
+from app.tasks._single import insert_fresh, link_fresh
 from app.tasks._upstream import backoff, run, run_budget_s, stop_upstream, verified
 from app.tasks._upstream import url_matches as _url_matches
 from app.tasks._writes import (
@@ -159,19 +161,31 @@ async def open_attempt(
             sent_at=started,
             outcome=Outcome.sent.value,
         )
-        async with write(ctx.engine) as conn:
-            if fresh:
-                task.attempt = 1
-                attempt_id = await insert_new(conn, task, row)
-            else:
-                res = await conn.execute(
-                    _NEXT_ATTEMPT, {"b_id": task.id, "b_attempt": task.attempt, "b_number": number}
-                )
-                if res.rowcount != 1:
-                    return None  # cancelled or moved on meanwhile
-                # The last statement: it commits in the same hop on SQLite.
-                attempt_id = (await last(conn, _INSERT_ATTEMPT, row)).scalar_one()
-                task.attempt = number
+        if fresh and ctx.engine.dialect.name == "postgresql":
+            task.attempt = 1
+            # One statement in autocommit: one round trip (app/tasks/_single.py).
+            attempt_id: int | None = await insert_fresh(
+                ctx.read_engine,
+                _insert_task(task),
+                task.metadata_,
+                created(task.id, task.created_at),
+                row,
+            )
+        else:
+            async with write(ctx.engine) as conn:
+                if fresh:
+                    task.attempt = 1
+                    attempt_id = await insert_new(conn, task, row)
+                else:
+                    res = await conn.execute(
+                        _NEXT_ATTEMPT,
+                        {"b_id": task.id, "b_attempt": task.attempt, "b_number": number},
+                    )
+                    if res.rowcount != 1:
+                        return None  # cancelled or moved on meanwhile
+                    # The last statement: it commits in the same hop on SQLite.
+                    attempt_id = (await last(conn, _INSERT_ATTEMPT, row)).scalar_one()
+                    task.attempt = number
     # The attempt is committed: from here a crash leaves a "sent" attempt, never a
     # silent second Run.
     return Attempt(
@@ -254,27 +268,45 @@ async def _link_fresh(
         lease_owner=None,
         lease_until=None,
     )
-    async with write(ctx.engine) as conn:
-        if not await transition(
-            conn,
+    message = f"attempt {attempt.number}: accepted upstream as task {accepted.task_id}"
+    params = {"g_owner": ctx.owner, "g_started": started, "g_now": now, "g_first": first}
+    if ctx.engine.dialect.name == "postgresql":
+        # One statement in autocommit: one round trip (app/tasks/_single.py).
+        if not await link_fresh(
+            ctx.read_engine,
             task.id,
-            Status.queued,
-            kind=EventKind.linked,
-            source="dispatcher",
-            now=now,
-            expect=Status.pending,
             guard=_FRESH,
-            params={"g_owner": ctx.owner, "g_started": started, "g_now": now, "g_first": first},
-            message=f"attempt {attempt.number}: accepted upstream as task {accepted.task_id}",
-            **values,
+            params=params,
+            values=values,
+            now=now,
+            attempt_id=attempt.id,
+            upstream_id=accepted.task_id,
+            message=message,
         ):
             return False
-        # Runs with the COMMIT (and the event ``transition`` queued), in one hop on SQLite.
-        await later(
-            conn,
-            _ACCEPT_ATTEMPT,
-            {"b_id": attempt.id, "b_upstream": accepted.task_id, "b_now": now},
-        )
+        metrics.task_transition(Status.queued.value)
+    else:
+        async with write(ctx.engine) as conn:
+            if not await transition(
+                conn,
+                task.id,
+                Status.queued,
+                kind=EventKind.linked,
+                source="dispatcher",
+                now=now,
+                expect=Status.pending,
+                guard=_FRESH,
+                params=params,
+                message=message,
+                **values,
+            ):
+                return False
+            # Runs with the COMMIT (and the event ``transition`` queued), in one hop.
+            await later(
+                conn,
+                _ACCEPT_ATTEMPT,
+                {"b_id": attempt.id, "b_upstream": accepted.task_id, "b_now": now},
+            )
     task.status, task.status_rank, task.updated_at = Status.queued.value, Status.queued.rank, now
     for k, v in values.items():
         setattr(task, k, v)

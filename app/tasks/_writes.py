@@ -57,17 +57,22 @@ def event_row(
     """An event row's values (and its log line). ``status`` is set only when the event is
     a transition (the status the task moved to), so a task's events name each status at
     most once."""
-    log.info(
-        "%s",
-        message or f"status {status}",
-        extra={
-            "task_id": task_id,
-            "source": source,
-            "kind": kind.value,
-            "status": status,
-            "upstream_status": upstream_status,
-        },
-    )
+    row = event_values(task_id, source, at, kind, status, upstream_status, message)
+    log_event(row)
+    return row
+
+
+def event_values(
+    task_id: str,
+    source: str,
+    at: datetime,
+    kind: EventKind,
+    status: str | None,
+    upstream_status: str | None,
+    message: str | None,
+) -> dict[str, Any]:
+    """``event_row`` without its log line, for a caller that builds the row before it
+    knows the event happens (and calls ``log_event`` once it does)."""
     return {
         "task_id": task_id,
         "at": at,
@@ -77,6 +82,21 @@ def event_row(
         "upstream_status": upstream_status,
         "message": message,
     }
+
+
+def log_event(row: Mapping[str, Any]) -> None:
+    """The log line of an event row."""
+    log.info(
+        "%s",
+        row["message"] or f"status {row['status']}",
+        extra={
+            "task_id": row["task_id"],
+            "source": row["source"],
+            "kind": row["kind"],
+            "status": row["status"],
+            "upstream_status": row["upstream_status"],
+        },
+    )
 
 
 async def event(
@@ -112,8 +132,9 @@ _NO_GUARD = Guard()
 _statements: dict[tuple[Status, Status | None, Guard, tuple[str, ...]], Any] = {}
 
 
-def _statement(new: Status, expect: Status | None, guard: Guard, keys: tuple[str, ...]) -> Any:
-    """The conditional update for one shape of status change, built once."""
+def status_update(new: Status, expect: Status | None, guard: Guard, keys: tuple[str, ...]) -> Any:
+    """The conditional update for one shape of status change (``transition``'s, and
+    ``app.tasks._single``'s), built once."""
     key = (new, expect, guard, keys)
     stmt = _statements.get(key)
     if stmt is None:
@@ -159,7 +180,7 @@ async def transition(
         # Nothing more to do for anyone: whoever holds the lease need not give it back.
         values.setdefault("lease_owner", None)
         values.setdefault("lease_until", None)
-    stmt = _statement(new, expect, guard, tuple(sorted(values)))
+    stmt = status_update(new, expect, guard, tuple(sorted(values)))
     res = await db.execute(
         stmt, {"w_id": task_id, **(params or {}), **{f"v_{k}": v for k, v in values.items()}}
     )

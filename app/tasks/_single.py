@@ -1,0 +1,179 @@
+"""The submit's two transactions as one statement each, on PostgreSQL.
+
+On PostgreSQL every statement is a round trip, and so are ``BEGIN`` and ``COMMIT``: a
+fresh task's insert (the task, its metadata, its first event, its first attempt) took
+six, its link after Wiro accepted the Run (the guarded status change, its event, the
+attempt's outcome) five. Here each is one statement (data-modifying CTEs; the foreign
+keys are checked at the statement's end) run in autocommit, which commits it on its own,
+durably, as the transaction did: one round trip each. Both are prebuilt with bind
+parameters, so SQLAlchemy compiles each once per process (an earlier single-statement
+insert with its values inline was compiled on every submit, and cost more than the round
+trips it saved). SQLite has no data-modifying CTEs; there the transactions stay, each one
+thread hop (``app.db.later``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import ARRAY, String, Table, bindparam, exists, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.lifecycle import Status
+from app.models import TaskMetadata
+from app.states import EventKind, Outcome
+from app.tasks._writes import (
+    ATTEMPTS,
+    EVENTS,
+    TASKS,
+    A,
+    Guard,
+    event_values,
+    log_event,
+    status_update,
+)
+
+TASK_METADATA = cast(Table, TaskMetadata.__table__)
+# An event row's columns (``app.tasks._writes.event_row``'s keys).
+_EVENT_KEYS = ("task_id", "at", "source", "kind", "status", "upstream_status", "message")
+
+
+def _binds(table: Table, prefix: str, keys: Any) -> dict[str, Any]:
+    return {k: bindparam(f"{prefix}{k}", type_=table.c[k].type) for k in keys}
+
+
+def _insert_fresh(task_columns: list[str], attempt_keys: tuple[str, ...]) -> Any:
+    """Task, metadata pairs (``unnest`` of two arrays: none or many, one statement),
+    first event, first attempt ``RETURNING`` its id."""
+    pairs = (
+        func.unnest(
+            bindparam("m_keys", type_=ARRAY(String)), bindparam("m_values", type_=ARRAY(String))
+        )
+        .table_valued("key", "value")
+        .render_derived(name="pairs")
+    )
+    metadata = insert(TASK_METADATA).from_select(
+        ["task_id", "key", "value"],
+        select(bindparam("m_task", type_=TASK_METADATA.c.task_id.type), pairs.c.key, pairs.c.value),
+    )
+    return (
+        insert(ATTEMPTS)
+        .values(_binds(ATTEMPTS, "a_", attempt_keys))
+        .returning(A.id)
+        .add_cte(
+            insert(TASKS).values(_binds(TASKS, "t_", task_columns)).cte("new_task"),
+            metadata.cte("new_metadata"),
+            insert(EVENTS).values(_binds(EVENTS, "e_", _EVENT_KEYS)).cte("new_event"),
+        )
+    )
+
+
+_fresh: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+async def insert_fresh(
+    engine: AsyncEngine,
+    task_values: dict[str, Any],
+    metadata: dict[str, str] | None,
+    first_event: dict[str, Any],
+    attempt: dict[str, Any],
+) -> int:
+    """``insert_new`` with an attempt, as one autocommitted statement (``engine``: one in
+    autocommit); the attempt's id. A duplicate key raises ``IntegrityError`` as the
+    transaction's insert did, and nothing is written."""
+    shape = (tuple(task_values), tuple(attempt))
+    stmt = _fresh.get(shape)
+    if stmt is None:
+        stmt = _fresh[shape] = _insert_fresh(list(task_values), tuple(attempt))
+    pairs = metadata or {}
+    params = {
+        **{f"t_{k}": v for k, v in task_values.items()},
+        **{f"e_{k}": first_event[k] for k in _EVENT_KEYS},
+        **{f"a_{k}": v for k, v in attempt.items()},
+        "m_task": task_values["id"],
+        "m_keys": list(pairs),
+        "m_values": list(pairs.values()),
+    }
+    async with engine.connect() as conn:
+        return int((await conn.execute(stmt, params)).scalar_one())
+
+
+def _link(guard: Guard, keys: tuple[str, ...]) -> Any:
+    """The guarded move to ``queued`` (``transition``'s statement) ``RETURNING`` the row;
+    its event and the attempt's outcome written only if the row moved; the count."""
+    moved = status_update(Status.queued, Status.pending, guard, keys).returning(TASKS.c.id)
+    moved = moved.cte("moved")
+    linked = insert(EVENTS).from_select(
+        list(_EVENT_KEYS),
+        select(*(bindparam(f"e_{k}", type_=EVENTS.c[k].type) for k in _EVENT_KEYS)).select_from(
+            moved
+        ),
+    )
+    accepted = (
+        update(ATTEMPTS)
+        .where(A.id == bindparam("b_id"), exists(select(moved.c.id)))
+        .values(
+            outcome=Outcome.accepted.value,
+            upstream_task_id=bindparam("b_upstream"),
+            resolved_at=bindparam("b_now", type_=A.resolved_at.type),
+        )
+    )
+    return (
+        select(func.count())
+        .select_from(moved)
+        .add_cte(linked.cte("linked"), accepted.cte("accepted"))
+    )
+
+
+_links: dict[tuple[Guard, tuple[str, ...]], Any] = {}
+
+
+async def link_fresh(
+    engine: AsyncEngine,
+    task_id: str,
+    *,
+    guard: Guard,
+    params: dict[str, Any],
+    values: dict[str, Any],
+    now: datetime,
+    attempt_id: int,
+    upstream_id: str,
+    message: str,
+) -> bool:
+    """``_link_fresh``'s transaction (``transition`` to ``queued`` from ``pending`` under
+    ``guard``, its event, the attempt accepted) as one autocommitted statement; whether
+    the task moved (if not, nothing is written)."""
+    values = {**values, "updated_at": now}
+    keys = tuple(sorted(values))
+    stmt = _links.get((guard, keys))
+    if stmt is None:
+        stmt = _links[(guard, keys)] = _link(guard, keys)
+    row = event_values(
+        task_id,
+        "dispatcher",
+        now,
+        EventKind.linked,
+        Status.queued.value,
+        values.get("upstream_status"),
+        message,
+    )
+    async with engine.connect() as conn:
+        n = (
+            await conn.execute(
+                stmt,
+                {
+                    "w_id": task_id,
+                    **params,
+                    **{f"v_{k}": v for k, v in values.items()},
+                    **{f"e_{k}": row[k] for k in _EVENT_KEYS},
+                    "b_id": attempt_id,
+                    "b_upstream": upstream_id,
+                    "b_now": now,
+                },
+            )
+        ).scalar_one()
+    if n != 1:
+        return False
+    log_event(row)
+    return True
