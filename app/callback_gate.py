@@ -44,7 +44,7 @@ async def screen(ctx: Ctx, *, task_id: str, token: str) -> Verdict:
     # A Core connection of ``ctx.reads``' engine (autocommit on PostgreSQL), not a
     # session: for this one read an ORM session's set-up and close cost more than the
     # read itself.
-    async with ctx.read_engine.connect() as conn:
+    async with ctx.autocommit_engine.connect() as conn:
         rows = (await conn.execute(_ATTEMPTS, {"b_id": task_id})).all()
     match = None
     for row in rows:  # no early exit: constant time in the token

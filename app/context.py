@@ -11,14 +11,15 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db import utcnow
+from app.db import utcnow, write
 from app.fairness import Turns
 from app.pollplan import PollPlan
 from app.settings import Settings
@@ -55,9 +56,24 @@ class Ctx:
         return cast(AsyncEngine, self.sm.kw["bind"])
 
     @property
-    def read_engine(self) -> AsyncEngine:
-        """The engine behind ``reads`` (autocommit on PostgreSQL), for a plain Core read."""
+    def autocommit_engine(self) -> AsyncEngine:
+        """The engine behind ``reads``: on PostgreSQL ``engine`` in autocommit (the same
+        pool; each statement its own transaction, no ``BEGIN``/``COMMIT`` round trips),
+        for a plain Core read or a write that is one statement; ``engine`` on SQLite."""
         return cast(AsyncEngine, self.reads.kw["bind"])
+
+    @asynccontextmanager
+    async def bookkeeping(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for bookkeeping writes, one statement each (a lease claimed,
+        renewed or given back; a callback's hint). On PostgreSQL in autocommit: each
+        statement commits on its own, one round trip instead of ``BEGIN``, the statement
+        and ``COMMIT``. On SQLite a write transaction that takes its turn (``write``)."""
+        if self.engine.dialect.name == "postgresql":
+            async with self.autocommit_engine.connect() as conn:
+                yield conn
+        else:
+            async with write(self.engine) as conn:
+                yield conn
 
     @property
     def reads(self) -> async_sessionmaker[AsyncSession]:

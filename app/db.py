@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Dialect, MetaData, bindparam, event, text
+from sqlalchemy import DateTime, Dialect, MetaData, bindparam, event
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -232,27 +232,11 @@ async def unit_of_work(sm: async_sessionmaker[AsyncSession]) -> AsyncIterator[As
         yield session
 
 
-# A bookkeeping transaction's first statement on PostgreSQL (``write(durable=False)``).
-_NOT_DURABLE = text("SET LOCAL synchronous_commit TO off")
-
-
 @asynccontextmanager
-async def write(engine: AsyncEngine, *, durable: bool = True) -> AsyncIterator[AsyncConnection]:
+async def write(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """One Core transaction (``engine.begin()``), taking its turn like ``unit_of_work``.
-
-    ``durable=False`` is for bookkeeping nobody outside has seen and that the gateway
-    finds again if it is lost: a lease claimed, renewed or given back, a callback's
-    hint. On PostgreSQL its COMMIT then returns without waiting for the WAL flush (an
-    fdatasync: 2.5-3 ms p50 on the benchmark machine's disk, against 0.5-0.8 ms for the
-    extra ``SET LOCAL`` round trip and an unflushed commit). It is visible to every other
-    session at once, as any commit; only a crash of the database server itself (not of
-    a gateway process) can lose the last such commits, and every one of them is
-    recovered by design: a lease lapses and is claimed again, a lost hint leaves the
-    task to its next poll. Any later durable commit flushes it too. On SQLite it changes
-    nothing (WAL with ``synchronous=NORMAL`` does not sync at each commit anyway)."""
+    Bookkeeping that is one statement goes through ``Ctx.bookkeeping`` instead."""
     async with _write_turn(engine), engine.begin() as conn:
-        if not durable and engine.dialect.name == "postgresql":
-            await conn.execute(_NOT_DURABLE)
         yield conn
 
 

@@ -294,14 +294,14 @@ async def claim_due(svc: Services, *, limit: int) -> list[str]:
         picked.append(c.id)
     if not picked:
         return []
-    async with write(ctx.engine, durable=False) as conn:
+    async with ctx.bookkeeping() as conn:
         claimed = await LEASES.claim_keys(conn, picked, owner=ctx.owner, now=now, until=until)
     order = {key: i for i, key in enumerate(picked)}
     return sorted(claimed, key=order.__getitem__)
 
 
 async def release_all(svc: Services) -> None:
-    async with write(svc.ctx.engine, durable=False) as conn:
+    async with svc.ctx.bookkeeping() as conn:
         await LEASES.release_all(conn, owner=svc.ctx.owner)
 
 

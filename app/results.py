@@ -185,7 +185,7 @@ async def claim_outputs(svc: Services, *, limit: int) -> list[tuple[str, int]]:
     ctx = svc.ctx
     now = ctx.clock()
     until = now + timedelta(seconds=_output_lease_s(svc))
-    async with write(ctx.engine, durable=False) as conn:
+    async with ctx.bookkeeping() as conn:
         rows = await conn.execute(
             _CLAIM_OUTPUTS, {"b_now": now, "b_until": until, "b_owner": ctx.owner, "b_limit": limit}
         )
@@ -330,7 +330,7 @@ async def release_all(svc: Services, *, outputs: bool = True, erasures: bool = T
     loop its own, so the first loop to stop leaves the other's running jobs theirs)."""
     if outputs:
         svc.claimed_outputs.clear()
-    async with write(svc.ctx.engine, durable=False) as conn:
+    async with svc.ctx.bookkeeping() as conn:
         for leases, chosen in ((OUTPUT_LEASES, outputs), (ERASURE_LEASES, erasures)):
             if chosen:
                 await leases.release_all(conn, owner=svc.ctx.owner)
@@ -463,7 +463,7 @@ async def claim_erasures(svc: Services, *, limit: int) -> list[str]:
     ctx = svc.ctx
     now = ctx.clock()
     until = now + timedelta(seconds=_erasure_lease_s(svc))
-    async with write(ctx.engine, durable=False) as conn:
+    async with ctx.bookkeeping() as conn:
         return await ERASURE_LEASES.claim(conn, owner=ctx.owner, now=now, until=until, limit=limit)
 
 

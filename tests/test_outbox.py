@@ -248,15 +248,14 @@ async def test_an_output_is_stored_and_its_notification_sent_in_few_statements(
     keys = await results.claim_outputs(w.svc, limit=10)
     assert keys == [(task_id, 0)]
     await results.store_output(w.svc, task_id, 0)
-    # claim [PostgreSQL: after the SET LOCAL that makes its commit a bookkeeping one,
-    # not waiting for the WAL flush]; [PostgreSQL: lock the task]; the stored row; the
-    # output rows; the task's outputs; the waiting notification made due
-    assert len(w.statements) == (7 if _postgres(w) else 5), w.statements
-    if _postgres(w):
-        assert w.statements[0] == "SET LOCAL synchronous_commit", w.statements
-    # in the claim's transaction and the download's (PostgreSQL: the notification made
-    # due in a third, after the download's commit)
-    assert w.commits[0] == (3 if _postgres(w) else 2)
+    # claim; [PostgreSQL: lock the task]; the stored row; the output rows; the task's
+    # outputs; the waiting notification made due
+    assert len(w.statements) == (6 if _postgres(w) else 5), w.statements
+    assert w.statements[0] == "UPDATE task_outputs SET", w.statements
+    # in the claim's transaction and the download's (PostgreSQL: the claim is its own
+    # transaction in autocommit, which fires no commit event; the notification is made
+    # due in a second transaction, after the download's commit)
+    assert w.commits[0] == 2
     assert w.svc.claimed_outputs == {}
     row = await w.row(StoredOutput, (task_id, 0))
     assert (row.state, row.attempts, row.lease_owner, row.next_try_at) == ("stored", 1, None, None)
@@ -273,10 +272,12 @@ async def test_an_output_is_stored_and_its_notification_sent_in_few_statements(
     w.commits[0] = 0
     [delivery_id] = await notify.claim_due(w.svc, limit=10)
     await notify.attempt(w.svc, delivery_id)
-    # the candidates with the running ones, the claim [PostgreSQL: after its SET LOCAL];
-    # the delivery with its task; the outcome (lease released), the attempt, the event
-    assert len(w.statements) == (7 if _postgres(w) else 6), w.statements
-    assert w.commits[0] == 2  # the claim's, the outcome's (the reads commit nothing)
+    # the candidates with the running ones, the claim; the delivery with its task; the
+    # outcome (lease released), the attempt, the event
+    assert len(w.statements) == 6, w.statements
+    # the claim's (PostgreSQL: autocommit, no commit event), the outcome's (the reads
+    # commit nothing)
+    assert w.commits[0] == (1 if _postgres(w) else 2)
     [call] = w.hooks()
     body = Webhook(SECRET).verify(call.content, dict(call.headers))
     assert body["type"] == "task.succeeded" and body["data"]["outputs"] == task.outputs

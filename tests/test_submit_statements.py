@@ -124,7 +124,7 @@ async def test_the_insert_is_all_or_nothing(e: Engine) -> None:
     e.wiro.on("Run", ok(taskid="9002", socketaccesstoken="sock"))
     task = await _submit(e, {"k": "v"})
     before = await _written(e, task.id)
-    engine = e.ctx.read_engine
+    engine = e.ctx.autocommit_engine
     attempt = {"task_id": task.id, "number": 2, "token_hash": "0" * 64}
     attempt |= {"sent_at": e.now[0], "outcome": "sent"}
     values = _dispatch._insert_task(Task(**{**_task_values(task), "attempt": 2}))

@@ -129,32 +129,38 @@ async def test_nested_write_transactions_fail_at_once(tmp_path: Path) -> None:
         await engine.dispose()
 
 
-async def test_bookkeeping_commits_skip_the_wal_flush_on_postgres_only(db_url: str) -> None:
-    """``write(durable=False)``: on PostgreSQL its transaction commits without waiting
-    for the WAL flush (``synchronous_commit`` off for that transaction only), and what
-    it wrote is visible to other sessions at once; every other transaction stays
-    durable. On SQLite the setting does not exist and nothing is sent."""
-    engine = make_engine(db_url)
-    postgres = engine.dialect.name == "postgresql"
-    show = text("SHOW synchronous_commit")
-    try:
+async def test_bookkeeping_is_one_statement_per_transaction_on_postgres(db_url: str) -> None:
+    """``Ctx.bookkeeping()``: on PostgreSQL every statement commits on its own (autocommit,
+    durable as any commit: no ``BEGIN``/``COMMIT`` round trips), so a failing statement
+    takes back nothing before it; the pooled connection goes back to transactions for
+    the next ``write``. On SQLite it is a ``write`` transaction, taking its turn."""
+    from sqlalchemy.exc import DBAPIError
+
+    from tests.test_engine_unit import engine_on
+
+    async with engine_on(db_url) as e:
+        engine = e.ctx.engine
+        postgres = engine.dialect.name == "postgresql"
+        count = text("SELECT count(*) FROM hgw_bookkeeping_probe")
         async with write(engine) as conn:
-            await conn.execute(text("CREATE TABLE hgw_turns_probe (x INTEGER)"))
-        async with write(engine, durable=False) as conn:
-            if postgres:
-                assert (await conn.execute(show)).scalar_one() == "off"
-            await conn.execute(text("INSERT INTO hgw_turns_probe VALUES (1)"))
-        async with engine.connect() as other:
-            assert (
-                await other.execute(text("SELECT count(*) FROM hgw_turns_probe"))
-            ).scalar_one() == 1
-        if postgres:
-            # ``SET LOCAL`` ended with its transaction: the pooled connections are
-            # durable again, and so is a plain ``write``.
-            for _ in range(3):
-                async with write(engine) as conn:
+            await conn.execute(text("CREATE TABLE hgw_bookkeeping_probe (x INTEGER UNIQUE)"))
+        turns = dict(write_turns(engine).turns)
+        with pytest.raises(DBAPIError):
+            async with e.ctx.bookkeeping() as conn:
+                if postgres:
+                    show = text("SHOW synchronous_commit")
                     assert (await conn.execute(show)).scalar_one() == "on"
-    finally:
-        async with write(engine) as conn:
-            await conn.execute(text("DROP TABLE IF EXISTS hgw_turns_probe"))
-        await engine.dispose()
+                await conn.execute(text("INSERT INTO hgw_bookkeeping_probe VALUES (1)"))
+                await conn.execute(text("INSERT INTO hgw_bookkeeping_probe VALUES (1)"))
+        async with engine.connect() as other:
+            assert (await other.execute(count)).scalar_one() == (1 if postgres else 0)
+        taken = write_turns(engine).turns["foreground"] - turns["foreground"]
+        assert taken == (0 if postgres else 1)
+        # The pool's connections are in transactions again: a failed write keeps nothing.
+        for _ in range(3):
+            with pytest.raises(DBAPIError):
+                async with write(engine) as conn:
+                    await conn.execute(text("INSERT INTO hgw_bookkeeping_probe VALUES (2)"))
+                    await conn.execute(text("INSERT INTO hgw_bookkeeping_probe VALUES (2)"))
+        async with engine.connect() as other:
+            assert (await other.execute(count)).scalar_one() == (1 if postgres else 0)

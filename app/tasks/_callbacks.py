@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, exists, select, update
 
 from app import metrics
 from app.context import Ctx
-from app.db import ts, unit_of_work, write
+from app.db import ts, unit_of_work
 from app.ids import sha256_hex
 from app.lifecycle import TERMINAL_RANK
 from app.models import Attempt, Task
@@ -93,7 +93,7 @@ async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -
     if not task_id.startswith("tsk_") or len(task_id) > 40 or len(token) > 128:
         return "unknown"
     now = ctx.clock()
-    async with write(ctx.engine, durable=False) as conn:
+    async with ctx.bookkeeping() as conn:
         res = await conn.execute(
             _CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex(token), "b_now": now}
         )

@@ -165,7 +165,7 @@ async def open_attempt(
             task.attempt = 1
             # One statement in autocommit: one round trip (app/tasks/_single.py).
             attempt_id: int | None = await insert_fresh(
-                ctx.read_engine,
+                ctx.autocommit_engine,
                 _insert_task(task),
                 task.metadata_,
                 created(task.id, task.created_at),
@@ -273,7 +273,7 @@ async def _link_fresh(
     if ctx.engine.dialect.name == "postgresql":
         # One statement in autocommit: one round trip (app/tasks/_single.py).
         if not await link_fresh(
-            ctx.read_engine,
+            ctx.autocommit_engine,
             task.id,
             guard=_FRESH,
             params=params,

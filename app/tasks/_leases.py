@@ -15,7 +15,7 @@ from sqlalchemy.orm import configure_mappers
 from sqlalchemy.orm.instrumentation import manager_of_class
 
 from app.context import Ctx
-from app.db import ts, write
+from app.db import ts
 from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK
 from app.models import Task
@@ -70,7 +70,7 @@ async def claim_tasks(ctx: Ctx, *, limit: int) -> dict[str, Claimed]:
     """Lease up to ``limit`` due tasks for this process, in one statement; the tasks as
     leased, by id."""
     now = ctx.clock()
-    async with write(ctx.engine, durable=False) as conn:
+    async with ctx.bookkeeping() as conn:
         rows: Sequence[Row[Any]] = await LEASES.claim_rows(
             conn,
             _CLAIM_ROWS,
@@ -111,7 +111,7 @@ _RELEASE = (
 async def claim_due(ctx: Ctx, *, limit: int) -> list[str]:
     """Lease up to ``limit`` due tasks for this process, in one statement; their ids."""
     now = ctx.clock()
-    async with write(ctx.engine, durable=False) as conn:
+    async with ctx.bookkeeping() as conn:
         return await LEASES.claim(
             conn,
             owner=ctx.owner,
@@ -125,7 +125,7 @@ async def renew_leases(ctx: Ctx) -> int:
     """Extend every lease this process holds (the heartbeat): work in progress keeps its
     task however long an upstream call takes, so the lease itself can be short and a
     crashed process's tasks are taken over within one lease. The number renewed."""
-    async with write(ctx.engine, durable=False) as conn:
+    async with ctx.bookkeeping() as conn:
         return await LEASES.renew(
             conn, owner=ctx.owner, until=ctx.clock() + timedelta(seconds=ctx.settings.lease_s)
         )
@@ -133,7 +133,7 @@ async def renew_leases(ctx: Ctx) -> int:
 
 async def release_all(ctx: Ctx) -> None:
     """Give back every lease this process holds (graceful shutdown)."""
-    async with write(ctx.engine, durable=False) as conn:
+    async with ctx.bookkeeping() as conn:
         await LEASES.release_all(conn, owner=ctx.owner)
 
 
@@ -149,7 +149,7 @@ async def release(
     """Give the lease back with the next check at ``nxt`` (a finished task: at
     ``after_end``, the look for an unanswered Run's upstream task, or never)."""
     now = ctx.clock()
-    async with write(ctx.engine, durable=False) as conn:
+    async with ctx.bookkeeping() as conn:
         await conn.execute(
             _RELEASE,
             {
