@@ -65,7 +65,8 @@ class Ctx:
     @asynccontextmanager
     async def bookkeeping(self) -> AsyncIterator[AsyncConnection]:
         """A connection for bookkeeping writes, one statement each (a lease claimed,
-        renewed or given back; a callback's hint). On PostgreSQL in autocommit: each
+        renewed or given back; a callback's hint; a notification made due once its
+        task's outputs are settled). On PostgreSQL in autocommit: each
         statement commits on its own, one round trip instead of ``BEGIN``, the statement
         and ``COMMIT``. On SQLite a write transaction that takes its turn (``write``)."""
         if self.engine.dialect.name == "postgresql":

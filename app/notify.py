@@ -558,8 +558,9 @@ async def bring_forward(conn: AsyncConnection, task_id: str, now: datetime) -> b
 
 async def outputs_settled(svc: Services, task_id: str) -> None:
     """The task's outputs are stored (or given up on): send its waiting notification now
-    (it was postponed, or ``claim_due`` passed it over while they were pending)."""
-    async with write(svc.ctx.engine) as conn:
+    (it was postponed, or ``claim_due`` passed it over while they were pending). One
+    statement: on PostgreSQL in autocommit (``Ctx.bookkeeping``)."""
+    async with svc.ctx.bookkeeping() as conn:
         waiting = await bring_forward(conn, task_id, svc.ctx.clock())
     if waiting:
         svc.wake_notifier()
