@@ -106,23 +106,24 @@ _OUTPUTS_RECORDED = "terminal_outputs_recorded"
 
 
 _TASKS = cast(Table, Task.__table__)
-_DELIVERIES = cast(Table, Delivery.__table__)
-_OUTPUTS = cast(Table, StoredOutput.__table__)
+DELIVERIES = cast(Table, Delivery.__table__)
+OUTPUTS = cast(Table, StoredOutput.__table__)
 
 # The delivery, if the task has a webhook_url: its URL is read and the row written by one
 # statement (``INSERT … SELECT``), which inserts nothing for a task without one.
-_INSERT_DELIVERY = insert(_DELIVERIES).from_select(
-    [
-        "id",
-        "task_id",
-        "event_type",
-        "reason",
-        "url",
-        "status",
-        "attempts",
-        "created_at",
-        "next_attempt_at",
-    ],
+DELIVERY_COLUMNS = (
+    "id",
+    "task_id",
+    "event_type",
+    "reason",
+    "url",
+    "status",
+    "attempts",
+    "created_at",
+    "next_attempt_at",
+)
+_INSERT_DELIVERY = insert(DELIVERIES).from_select(
+    list(DELIVERY_COLUMNS),
     select(
         bindparam("d_id", type_=String()),
         _TASKS.c.id,
@@ -139,7 +140,7 @@ _INSERT_DELIVERY = insert(_DELIVERIES).from_select(
         _TASKS.c.webhook_url != "",
     ),
 )
-_INSERT_OUTPUT = insert(_OUTPUTS)
+_INSERT_OUTPUT = insert(OUTPUTS)
 
 
 async def record_terminal(
@@ -154,23 +155,37 @@ async def record_terminal(
 
     Prebuilt Core statements, executed at once (no ORM objects to flush at commit): at
     most one ``INSERT … SELECT`` for the delivery and one insert of the outputs. The
-    result loops are woken after the commit only if there is work for them."""
+    result loops are woken after the commit only if there is work for them. (On
+    PostgreSQL the terminal write of a Detail does the same inside one statement:
+    ``app.tasks._single.terminal``.)"""
     res = await session.execute(
-        _INSERT_DELIVERY,
-        {
-            "d_id": new_message_id(now),
-            "d_task_id": task_id,
-            "d_event_type": f"task.{status.value}",
-            "d_reason": "terminal",
-            "d_status": DeliveryStatus.pending.value,
-            "d_attempts": 0,
-            "d_now": now,
-        },
+        _INSERT_DELIVERY, {**delivery_params(task_id, status, now), "d_task_id": task_id}
     )
-    if res.rowcount:  # type: ignore[attr-defined]
-        session.sync_session.info[_DELIVERY_RECORDED] = True
+    rows = output_rows(task_id, status, now, outputs)
+    if rows:
+        await session.execute(_INSERT_OUTPUT, rows if len(rows) > 1 else rows[0])
+    mark_recorded(session, delivery=bool(res.rowcount), outputs=bool(rows))  # type: ignore[attr-defined]
+
+
+def delivery_params(task_id: str, status: Status, now: datetime) -> dict[str, Any]:
+    """A terminal status's delivery (``d_*`` bind parameters): its id and kind."""
+    return {
+        "d_id": new_message_id(now),
+        "d_event_type": f"task.{status.value}",
+        "d_reason": "terminal",
+        "d_status": DeliveryStatus.pending.value,
+        "d_attempts": 0,
+        "d_now": now,
+    }
+
+
+def output_rows(
+    task_id: str, status: Status, now: datetime, outputs: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """The ``task_outputs`` rows to download for a task that ``status`` ends: one per
+    output with a URL, only for ``succeeded``."""
     if status != Status.succeeded:
-        return
+        return []
     rows: list[dict[str, Any]] = []
     for i, o in enumerate(outputs or []):
         url = o.get("upstream_url") or o.get("url")
@@ -191,6 +206,12 @@ async def record_terminal(
                 "next_try_at": now,
             }
         )
-    if rows:
-        await session.execute(_INSERT_OUTPUT, rows if len(rows) > 1 else rows[0])
+    return rows
+
+
+def mark_recorded(session: AsyncSession, *, delivery: bool, outputs: bool) -> None:
+    """What the session's commit gives the result loops (``wake_after_terminal``)."""
+    if delivery:
+        session.sync_session.info[_DELIVERY_RECORDED] = True
+    if outputs:
         session.sync_session.info[_OUTPUTS_RECORDED] = True

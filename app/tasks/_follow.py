@@ -34,8 +34,9 @@ from app.tasks._dispatch import (
 )
 from app.tasks._history import get_task
 from app.tasks._leases import Claimed, read, release
+from app.tasks._single import terminal
 from app.tasks._upstream import backoff, run_budget_s, stop_upstream
-from app.tasks._writes import TASKS, Guard, T, event, set_task, short, transition
+from app.tasks._writes import NO_GUARD, TASKS, Guard, T, event, set_task, short, transition
 from app.wiro import UpstreamTask, WiroError, WiroStateError
 
 log = logging.getLogger("app.tasks")
@@ -311,6 +312,24 @@ async def _apply(
                 else (_RELEASING_SET if "retries" in values else _RELEASING),
                 "params": params,
             }
+        if target.terminal and ctx.engine.dialect.name == "postgresql":
+            # One statement in autocommit: one round trip (app/tasks/_single.py).
+            if await terminal(
+                ctx,
+                task.id,
+                target,
+                kind=kind,
+                source=source,
+                now=now,
+                message=message,
+                guard=held.get("guard", NO_GUARD),
+                params=held.get("params", {}),
+                values=values,
+            ):
+                return target, lease is not None
+            async with ctx.reads() as ses:
+                fresh = await ses.scalar(_STATUS, {"b_id": task.id})
+            return (Status(fresh) if fresh else current), False
         # A terminal status is written in a session (the outbox adds its rows to it).
         db = unit_of_work(ctx.sm) if target.terminal else write(ctx.engine)
         async with db as conn:

@@ -1,15 +1,16 @@
-"""The submit's two transactions as one statement each, on PostgreSQL.
+"""Writes that are one statement on PostgreSQL: a submit's two, a Detail's terminal one.
 
 On PostgreSQL every statement is a round trip, and so are ``BEGIN`` and ``COMMIT``: a
 fresh task's insert (the task, its metadata, its first event, its first attempt) took
 six, its link after Wiro accepted the Run (the guarded status change, its event, the
-attempt's outcome) five. Here each is one statement (data-modifying CTEs; the foreign
-keys are checked at the statement's end) run in autocommit, which commits it on its own,
-durably, as the transaction did: one round trip each. Both are prebuilt with bind
-parameters, so SQLAlchemy compiles each once per process (an earlier single-statement
-insert with its values inline was compiled on every submit, and cost more than the round
-trips it saved). SQLite has no data-modifying CTEs; there the transactions stay, each one
-thread hop (``app.db.later``).
+attempt's outcome) five, and a Detail's terminal write (the status, its event, the
+delivery, the outputs to store) six. Here each is one statement (data-modifying CTEs;
+the foreign keys are checked at the statement's end) run in autocommit, which commits it
+on its own, durably, as the transaction did: one round trip each. All are prebuilt with
+bind parameters, so SQLAlchemy compiles each shape once per process (an earlier
+single-statement insert with its values inline was compiled on every submit, and cost
+more than the round trips it saved). SQLite has no data-modifying CTEs; there the
+transactions stay, each one thread hop (``app.db.later``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,36 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ARRAY, String, Table, bindparam, exists, func, insert, select, update
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    exists,
+    func,
+    insert,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import metrics
+from app.context import Ctx
+from app.db import ts
 from app.lifecycle import Status
 from app.models import TaskMetadata
-from app.states import EventKind, Outcome
+from app.outbox import (
+    DELIVERIES,
+    DELIVERY_COLUMNS,
+    OUTPUTS,
+    delivery_params,
+    mark_recorded,
+    output_rows,
+)
+from app.states import EventKind, Outcome, OutputState
 from app.tasks._writes import (
     ATTEMPTS,
     EVENTS,
@@ -32,6 +57,7 @@ from app.tasks._writes import (
     event_values,
     log_event,
     status_update,
+    status_values,
 )
 
 TASK_METADATA = cast(Table, TaskMetadata.__table__)
@@ -175,5 +201,138 @@ async def link_fresh(
         ).scalar_one()
     if n != 1:
         return False
+    log_event(row)
+    return True
+
+
+# ---------------------------------------------------------------- a terminal Detail
+
+_OUTPUT_ARRAYS = (  # the columns of ``outbox.output_rows`` that differ between rows
+    ("idx", Integer()),
+    ("name", String()),
+    ("upstream_url", String()),
+    ("upstream_content_type", String()),
+    ("upstream_size", BigInteger()),
+    ("storage_key", String()),
+)
+
+
+def _terminal(new: Status, guard: Guard, keys: tuple[str, ...]) -> Any:
+    """``transition`` to a terminal ``new`` with ``record_terminal``'s rows: the guarded
+    update ``RETURNING`` the row's id and webhook URL; from it the event, the delivery
+    (only with a webhook URL) and the outputs (``unnest`` of one array per varying
+    column: none or many rows, one shape); the three counts."""
+    moved = status_update(new, None, guard, keys).returning(TASKS.c.id, TASKS.c.webhook_url)
+    moved = moved.cte("moved")
+    event = insert(EVENTS).from_select(
+        list(_EVENT_KEYS),
+        select(*(bindparam(f"e_{k}", type_=EVENTS.c[k].type) for k in _EVENT_KEYS)).select_from(
+            moved
+        ),
+    )
+    delivery = (
+        insert(DELIVERIES)
+        .from_select(
+            list(DELIVERY_COLUMNS),
+            select(
+                bindparam("d_id", type_=String()),
+                moved.c.id,
+                bindparam("d_event_type", type_=String()),
+                bindparam("d_reason", type_=String()),
+                moved.c.webhook_url,
+                bindparam("d_status", type_=String()),
+                bindparam("d_attempts", type_=Integer()),
+                ts("d_now"),
+                ts("d_now"),
+            ).where(moved.c.webhook_url.is_not(None), moved.c.webhook_url != ""),
+        )
+        .returning(DELIVERIES.c.id)
+        .cte("delivery")
+    )
+    rows = (
+        func.unnest(*(bindparam(f"o_{k}", type_=ARRAY(t)) for k, t in _OUTPUT_ARRAYS))
+        .table_valued(*(k for k, _ in _OUTPUT_ARRAYS))
+        .render_derived(name="o")
+    )
+    outputs = (
+        insert(OUTPUTS)
+        .from_select(
+            [
+                "task_id",
+                *(k for k, _ in _OUTPUT_ARRAYS),
+                "state",
+                "attempts",
+                "created_at",
+                "next_try_at",
+            ],
+            select(
+                moved.c.id,
+                *(rows.c[k] for k, _ in _OUTPUT_ARRAYS),
+                bindparam("o_state", type_=String()),
+                bindparam("o_attempts", type_=Integer()),
+                ts("o_now"),
+                ts("o_now"),
+            ).select_from(moved.join(rows, true())),
+        )
+        .returning(OUTPUTS.c.idx)
+        .cte("outputs")
+    )
+    return select(
+        select(func.count()).select_from(moved).scalar_subquery(),
+        select(func.count()).select_from(delivery).scalar_subquery(),
+        select(func.count()).select_from(outputs).scalar_subquery(),
+    ).add_cte(event.cte("event"))
+
+
+_terminals: dict[tuple[Status, Guard, tuple[str, ...]], Any] = {}
+
+
+async def terminal(
+    ctx: Ctx,
+    task_id: str,
+    new: Status,
+    *,
+    kind: EventKind,
+    source: str,
+    now: datetime,
+    message: str | None,
+    guard: Guard,
+    params: dict[str, Any],
+    values: dict[str, Any],
+) -> bool:
+    """``transition`` to the terminal ``new`` (with ``record_terminal``'s delivery and
+    outputs) as one autocommitted statement; whether the task moved (if not, nothing is
+    written). Run in a session of ``ctx.reads`` (autocommit on PostgreSQL), so that its
+    commit wakes the result loops as a terminal transaction's does."""
+    assert new.terminal
+    values = dict(values)
+    status_values(new, now, values)
+    keys = tuple(sorted(values))
+    stmt = _terminals.get((new, guard, keys))
+    if stmt is None:
+        stmt = _terminals[(new, guard, keys)] = _terminal(new, guard, keys)
+    row = event_values(
+        task_id, source, now, kind, new.value, values.get("upstream_status"), message
+    )
+    outs = output_rows(task_id, new, now, values.get("outputs"))
+    bound = {
+        "w_id": task_id,
+        **params,
+        **{f"v_{k}": v for k, v in values.items()},
+        **{f"e_{k}": row[k] for k in _EVENT_KEYS},
+        **delivery_params(task_id, new, now),
+        **{f"o_{k}": [o[k] for o in outs] for k, _ in _OUTPUT_ARRAYS},
+        "o_state": OutputState.pending.value,
+        "o_attempts": 0,
+        "o_now": now,
+    }
+    async with ctx.reads() as session, session.begin():
+        moved, delivery, outputs = (await session.execute(stmt, bound)).one()
+        if moved:
+            mark_recorded(session, delivery=bool(delivery), outputs=bool(outputs))
+    if not moved:
+        return False
+    metrics.task_transition(new.value)
+    metrics.task_finished(new.value, source)
     log_event(row)
     return True

@@ -128,7 +128,7 @@ class Guard:
     exprs: Mapping[str, Any] = field(default_factory=dict)
 
 
-_NO_GUARD = Guard()
+NO_GUARD = Guard()
 _statements: dict[tuple[Status, Status | None, Guard, tuple[str, ...]], Any] = {}
 
 
@@ -154,6 +154,18 @@ def status_update(new: Status, expect: Status | None, guard: Guard, keys: tuple[
     return stmt
 
 
+def status_values(new: Status, now: datetime, values: dict[str, Any]) -> None:
+    """What every move to ``new`` sets besides ``values`` (added to them): the time, and
+    for a terminal status its completion, no next check and no lease."""
+    values["updated_at"] = now
+    if new.terminal:
+        values.setdefault("completed_at", now)
+        values.setdefault("next_check_at", None)
+        # Nothing more to do for anyone: whoever holds the lease need not give it back.
+        values.setdefault("lease_owner", None)
+        values.setdefault("lease_until", None)
+
+
 async def transition(
     db: Db,
     task_id: str,
@@ -164,7 +176,7 @@ async def transition(
     now: datetime,
     message: str | None = None,
     expect: Status | None = None,
-    guard: Guard = _NO_GUARD,
+    guard: Guard = NO_GUARD,
     params: Mapping[str, Any] | None = None,
     **values: Any,
 ) -> bool:
@@ -173,13 +185,7 @@ async def transition(
     its one event and metric (and, terminal, the outbox's intents). True if it moved.
 
     A terminal status needs an ORM session (the outbox adds its rows to it)."""
-    values["updated_at"] = now
-    if new.terminal:
-        values.setdefault("completed_at", now)
-        values.setdefault("next_check_at", None)
-        # Nothing more to do for anyone: whoever holds the lease need not give it back.
-        values.setdefault("lease_owner", None)
-        values.setdefault("lease_until", None)
+    status_values(new, now, values)
     stmt = status_update(new, expect, guard, tuple(sorted(values)))
     res = await db.execute(
         stmt, {"w_id": task_id, **(params or {}), **{f"v_{k}": v for k, v in values.items()}}
