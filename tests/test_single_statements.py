@@ -132,14 +132,13 @@ async def test_the_insert_is_all_or_nothing(e: Engine) -> None:
     e.wiro.on("Run", ok(taskid="9002", socketaccesstoken="sock"))
     task = await _submit(e, {"k": "v"})
     before = await _written(e, task.id)
-    engine = e.ctx.autocommit_engine
     attempt = {"task_id": task.id, "number": 2, "token_hash": "0" * 64}
     attempt |= {"sent_at": e.now[0], "outcome": "sent"}
     values = _dispatch._insert_task(Task(**{**_task_values(task), "attempt": 2}))
     first = created(task.id, e.now[0])
     with pytest.raises(IntegrityError):
         if e.ctx.engine.dialect.name == "postgresql":
-            await insert_fresh(engine, values, {"k": "v", "other": "w"}, first, attempt)
+            await insert_fresh(e.ctx, values, {"k": "v", "other": "w"}, first, attempt)
         else:
             async with write(e.ctx.engine) as conn:
                 await _dispatch.insert_new(conn, Task(**_task_values(task)), attempt)

@@ -24,7 +24,6 @@ from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, select, update
 
-from app import metrics
 from app.context import Ctx
 from app.db import deferred, last, later, ts, unit_of_work, write
 from app.fairness import dispatch_turn, in_flight, may_dispatch
@@ -165,7 +164,7 @@ async def open_attempt(
             task.attempt = 1
             # One statement in autocommit: one round trip (app/tasks/_single.py).
             attempt_id: int | None = await insert_fresh(
-                ctx.autocommit_engine,
+                ctx,
                 _insert_task(task),
                 task.metadata_,
                 created(task.id, task.created_at),
@@ -273,7 +272,7 @@ async def _link_fresh(
     if ctx.engine.dialect.name == "postgresql":
         # One statement in autocommit: one round trip (app/tasks/_single.py).
         if not await link_fresh(
-            ctx.autocommit_engine,
+            ctx,
             task.id,
             guard=_FRESH,
             params=params,
@@ -284,7 +283,6 @@ async def _link_fresh(
             message=message,
         ):
             return False
-        metrics.task_transition(Status.queued.value)
     else:
         async with write(ctx.engine) as conn:
             if not await transition(

@@ -32,7 +32,6 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics
 from app.context import Ctx
@@ -99,15 +98,15 @@ _fresh: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
 
 
 async def insert_fresh(
-    engine: AsyncEngine,
+    ctx: Ctx,
     task_values: dict[str, Any],
     metadata: dict[str, str] | None,
     first_event: dict[str, Any],
     attempt: dict[str, Any],
 ) -> int:
-    """``insert_new`` with an attempt, as one autocommitted statement (``engine``: one in
-    autocommit); the attempt's id. A duplicate key raises ``IntegrityError`` as the
-    transaction's insert did, and nothing is written."""
+    """``insert_new`` with an attempt, as one autocommitted statement; the attempt's id.
+    A duplicate key raises ``IntegrityError`` as the transaction's insert did, and nothing
+    is written."""
     shape = (tuple(task_values), tuple(attempt))
     stmt = _fresh.get(shape)
     if stmt is None:
@@ -121,7 +120,7 @@ async def insert_fresh(
         "m_keys": list(pairs),
         "m_values": list(pairs.values()),
     }
-    async with engine.connect() as conn:
+    async with ctx.autocommit_engine.connect() as conn:
         return int((await conn.execute(stmt, params)).scalar_one())
 
 
@@ -156,7 +155,7 @@ _links: dict[tuple[Guard, tuple[str, ...]], Any] = {}
 
 
 async def link_fresh(
-    engine: AsyncEngine,
+    ctx: Ctx,
     task_id: str,
     *,
     guard: Guard,
@@ -184,7 +183,7 @@ async def link_fresh(
         values.get("upstream_status"),
         message,
     )
-    async with engine.connect() as conn:
+    async with ctx.autocommit_engine.connect() as conn:
         n = (
             await conn.execute(
                 stmt,
@@ -201,6 +200,7 @@ async def link_fresh(
         ).scalar_one()
     if n != 1:
         return False
+    metrics.task_transition(Status.queued.value)
     log_event(row)
     return True
 
