@@ -312,19 +312,12 @@ async def _apply(
                 else (_RELEASING_SET if "retries" in values else _RELEASING),
                 "params": params,
             }
+        change: dict[str, Any] = dict(kind=kind, source=source, now=now, message=message)
         if target.terminal and ctx.engine.dialect.name == "postgresql":
             # One statement in autocommit: one round trip (app/tasks/_single.py).
+            guard = held.get("guard", NO_GUARD)
             if await terminal(
-                ctx,
-                task.id,
-                target,
-                kind=kind,
-                source=source,
-                now=now,
-                message=message,
-                guard=held.get("guard", NO_GUARD),
-                params=held.get("params", {}),
-                values=values,
+                ctx, task.id, target, guard=guard, params=params, values=values, **change
             ):
                 return target, lease is not None
             async with ctx.reads() as ses:
@@ -333,17 +326,7 @@ async def _apply(
         # A terminal status is written in a session (the outbox adds its rows to it).
         db = unit_of_work(ctx.sm) if target.terminal else write(ctx.engine)
         async with db as conn:
-            if await transition(
-                conn,
-                task.id,
-                target,
-                kind=kind,
-                source=source,
-                now=now,
-                message=message,
-                **held,
-                **values,
-            ):
+            if await transition(conn, task.id, target, **change, **held, **values):
                 return target, lease is not None
             fresh = await conn.scalar(_STATUS, {"b_id": task.id})
         return (Status(fresh) if fresh else current), False

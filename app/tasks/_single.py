@@ -124,17 +124,22 @@ async def insert_fresh(
         return int((await conn.execute(stmt, params)).scalar_one())
 
 
-def _link(guard: Guard, keys: tuple[str, ...]) -> Any:
-    """The guarded move to ``queued`` (``transition``'s statement) ``RETURNING`` the row;
-    its event and the attempt's outcome written only if the row moved; the count."""
-    moved = status_update(Status.queued, Status.pending, guard, keys).returning(TASKS.c.id)
-    moved = moved.cte("moved")
-    linked = insert(EVENTS).from_select(
+def _event_if_moved(moved: Any) -> Any:
+    """The status change's event (``e_*`` bind parameters), one row per row ``moved``."""
+    return insert(EVENTS).from_select(
         list(_EVENT_KEYS),
         select(*(bindparam(f"e_{k}", type_=EVENTS.c[k].type) for k in _EVENT_KEYS)).select_from(
             moved
         ),
     )
+
+
+def _link(guard: Guard, keys: tuple[str, ...]) -> Any:
+    """The guarded move to ``queued`` (``transition``'s statement) ``RETURNING`` the row;
+    its event and the attempt's outcome written only if the row moved; the count."""
+    moved = status_update(Status.queued, Status.pending, guard, keys).returning(TASKS.c.id)
+    moved = moved.cte("moved")
+    linked = _event_if_moved(moved)
     accepted = (
         update(ATTEMPTS)
         .where(A.id == bindparam("b_id"), exists(select(moved.c.id)))
@@ -224,12 +229,7 @@ def _terminal(new: Status, guard: Guard, keys: tuple[str, ...]) -> Any:
     column: none or many rows, one shape); the three counts."""
     moved = status_update(new, None, guard, keys).returning(TASKS.c.id, TASKS.c.webhook_url)
     moved = moved.cte("moved")
-    event = insert(EVENTS).from_select(
-        list(_EVENT_KEYS),
-        select(*(bindparam(f"e_{k}", type_=EVENTS.c[k].type) for k in _EVENT_KEYS)).select_from(
-            moved
-        ),
-    )
+    event = _event_if_moved(moved)
     delivery = (
         insert(DELIVERIES)
         .from_select(
