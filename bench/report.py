@@ -49,6 +49,12 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
             if cpu
             else ""
         )
+        fixed = (x.get("fixed_load") or {}).get("cpu_ms_per_task") or {}
+        if fixed:
+            per += (
+                f" (at a fixed {_f(x['fixed_load']['rate'])}/s: gateway "
+                f"{_f(fixed.get('gateway'))} ms)"
+            )
         return (
             f"{_f(x['gateway_rps'])}/s vs {_f(x['baseline_rps'])}/s = "
             f"**x{_f(x['ratio'], 2)}** (accepted: {_f(x.get('gateway_accept_rps'))}/s)" + per,

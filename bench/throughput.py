@@ -17,7 +17,8 @@ task does), so no step inherits the previous one's work.
   life (simulator: 0.2 s queued + 0.5 s running, then its callback and a Detail), so the
   rate is one the gateway can keep up, not just accept: the P2 figure is the highest
   rate whose step passed and whose tasks were all terminal within 5 s of its end (and
-  every slower step's too).
+  every slower step's too). After the rounds, the CPU per task life is also measured at
+  one fixed offered rate (``fixed_load``: 40/s; 300 submits with --quick, else 600).
 - Callbacks: tasks written straight into the database as the gateway would have left
   them after Run (queued, linked, callback token known; bench/synth.py), all pointing at
   one finished simulator task. Each callback goes to a task that has had none, as Wiro's
@@ -345,6 +346,9 @@ async def measure(
         }
         out["P2"]["met"] = bool((out["P2"]["ratio"] or 0) >= 0.5)
         out["P2"]["cpu_ms_per_task"] = cpu_per_request([r["submit"] for r in rs])
+        out["P2"]["fixed_load"] = await fixed_load(
+            engine, gw, sim, submit, rate=FIXED_RATE, count=run.pick(300, 600)
+        )
         out["P3"] = {
             "baseline_rps": out["P2"]["baseline_rps"],
             "ingest_rps": r2(median([r["callback"]["max_rps"] for r in rs]), 1),
@@ -377,6 +381,49 @@ async def measure(
         f"{out['P3']['ingest_rps']}/s = {out['P3']['ratio']}"
     )
     return out
+
+
+# Offered rate of the fixed-load measurement: well under what either database takes here
+# (P2 applies 60-140 lives/s), so that every run measures the same work at the same pace.
+FIXED_RATE = 40.0
+
+
+async def fixed_load(
+    engine: Any, gw: Any, sim: Sim, submit: bytes, *, rate: float, count: int
+) -> dict[str, Any]:
+    """The CPU per task life at one fixed offered rate (open loop), after the searches:
+    ``count`` submits at ``rate``/s, then until every task is terminal and the gateway
+    idle. The searches' own CPU figures come from steps at different rates (which the
+    run-to-run spread moves), so this one is the steadier figure for comparing two
+    versions of the code (``BENCH_APP_ROOT``)."""
+    await wait_all_terminal(engine, 60, poll_s=0.1)
+    await wait_idle(gw.cpu)
+    c0, s0 = gw.cpu(), sim.cpu()
+    pool = Pool(gw.url, max_conns=64)
+    try:
+        step = await open_loop(pool, [submit], rate=rate, count=count, timeout=60)
+    finally:
+        pool.close()
+    left, _ = await wait_all_terminal(engine, 60, poll_s=0.1)
+    await wait_idle(gw.cpu)
+    cpu = {
+        "gateway": r2(1000 * (gw.cpu() - c0) / count),
+        "sim": r2(1000 * (sim.cpu() - s0) / count),
+    }
+    res: dict[str, Any] = {
+        "rate": rate,
+        "submits": count,
+        "answered_2xx": step.ok,
+        "not_terminal": left,
+        "submit_p50_ms": r2(step.pct(50)),
+        "submit_p99_ms": r2(step.pct(99)),
+        "cpu_ms_per_task": cpu,
+    }
+    say(
+        f"  P2 fixed load: {count} submits at {rate:g}/s, gateway CPU per task life "
+        f"{cpu['gateway']} ms, submit p50 {res['submit_p50_ms']} ms"
+    )
+    return res
 
 
 async def burst(
