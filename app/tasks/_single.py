@@ -60,8 +60,8 @@ from app.tasks._writes import (
 )
 
 TASK_METADATA = cast(Table, TaskMetadata.__table__)
-# An event row's columns (``app.tasks._writes.event_row``'s keys).
-_EVENT_KEYS = ("task_id", "at", "source", "kind", "status", "upstream_status", "message")
+# An event row's columns, as ``app.tasks._writes.event_values`` gives them.
+_EVENT_KEYS = tuple(event_values("", "", datetime.min, EventKind.created, None, None, None))
 
 
 def _binds(table: Table, prefix: str, keys: Any) -> dict[str, Any]:
