@@ -435,3 +435,92 @@ def test_event_kinds_are_backfilled_from_the_old_wording(db_url: str) -> None:
     assert not wrong, wrong
     upgrade(db_url)
     check(db_url)
+
+
+# ---------------------------------------------------------------- 0022: no GIN index
+
+
+async def _insert_tasks(url: str, metadata: dict[str, dict[str, str]], rows_for: set[str]) -> None:
+    """Tasks as releases before 0022 wrote them: each with its ``metadata``; only those in
+    ``rows_for`` with their ``task_metadata`` rows (a replica older than 0010 wrote none)."""
+    engine = create_async_engine(url)
+    sqlite = url.startswith("sqlite")
+    now = datetime.now(UTC).replace(tzinfo=None) if sqlite else datetime.now(UTC)
+    try:
+        async with engine.begin() as conn:
+            meta = sa.MetaData()
+            await conn.run_sync(lambda c: meta.reflect(c, only=["tasks", "task_metadata"]))
+            tasks_t, pairs_t = meta.tables["tasks"], meta.tables["task_metadata"]
+            for task_id, pairs in metadata.items():
+                row = dict(
+                    id=task_id,
+                    client="alpha",
+                    model="wiro/professional-headshot",
+                    status="pending",
+                    status_rank=0,
+                    input={},
+                    metadata=pairs,
+                    attempt=1,
+                    outputs=[],
+                    retries=0,
+                    created_at=now,
+                    updated_at=now,
+                    deadline_at=now,
+                )
+                await conn.execute(
+                    sa.insert(tasks_t).values({k: v for k, v in row.items() if k in tasks_t.c})
+                )
+                if task_id in rows_for and pairs:
+                    await conn.execute(
+                        sa.insert(pairs_t),
+                        [{"task_id": task_id, "key": k, "value": v} for k, v in pairs.items()],
+                    )
+    finally:
+        await engine.dispose()
+
+
+async def _pairs_and_indexes(url: str) -> tuple[list[tuple[str, str, str]], set[str]]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            pairs = (
+                await conn.execute(
+                    sa.text("SELECT task_id, key, value FROM task_metadata ORDER BY 1, 2")
+                )
+            ).all()
+            names = await conn.run_sync(
+                lambda c: {ix["name"] for ix in inspect(c).get_indexes("tasks")}
+            )
+    finally:
+        await engine.dispose()
+    return [tuple(p) for p in pairs], names
+
+
+def test_0022_backfills_missing_pairs_and_drops_the_gin_index(db_url: str) -> None:
+    """Tasks left without ``task_metadata`` rows get them once, tasks that have them are
+    untouched (no duplicate, no error), and the GIN index is gone on PostgreSQL; a
+    downgrade builds it again and keeps the rows."""
+    postgres = db_url.startswith("postgresql")
+    downgrade(db_url, "0021")
+    _, before = asyncio.run(_pairs_and_indexes(db_url))
+    assert ("ix_tasks_metadata_gin" in before) is postgres
+    metadata = {
+        "tsk_old_release_0001": {"team": "a", "env": "prod"},  # written without rows
+        "tsk_old_release_0002": {"team": "b"},  # written with its row
+        "tsk_old_release_0003": {},  # no metadata at all
+    }
+    asyncio.run(_insert_tasks(db_url, metadata, rows_for={"tsk_old_release_0002"}))
+    upgrade(db_url, "0022")
+    pairs, after = asyncio.run(_pairs_and_indexes(db_url))
+    assert pairs == [
+        ("tsk_old_release_0001", "env", "prod"),
+        ("tsk_old_release_0001", "team", "a"),
+        ("tsk_old_release_0002", "team", "b"),
+    ]
+    assert "ix_tasks_metadata_gin" not in after
+    downgrade(db_url, "0021")
+    pairs_down, down = asyncio.run(_pairs_and_indexes(db_url))
+    assert pairs_down == pairs
+    assert ("ix_tasks_metadata_gin" in down) is postgres
+    upgrade(db_url)
+    check(db_url)
