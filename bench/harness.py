@@ -322,6 +322,23 @@ def start_baseline(*, db: Database, logdir: Path) -> BaselineProc:
     return BaselineProc(url=url, proc=proc)
 
 
+def start_relay(*, sim: Sim, logdir: Path) -> BaselineProc:
+    """``bench.baseline --relay`` (P1's floor) from this checkout, whichever ``APP_ROOT``
+    the gateway runs from: the floor is the stack's, the same for both sides of an A/B."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = bin_env(BENCH_WIRO_BASE=sim.base, BENCH_WIRO_KEY=SIM_KEY, BENCH_WIRO_SECRET=SIM_SECRET)
+    proc = procs.spawn(
+        ["--port", str(port), "--relay"],
+        env,
+        logdir / f"relay-{port}.log",
+        module="bench.baseline",
+        cwd=ROOT,
+    )
+    wait_http(f"{url}/healthz", timeout=30.0, proc=proc)
+    return BaselineProc(url=url, proc=proc)
+
+
 def task_body(sim: Sim, **metadata: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "input": {

@@ -7,6 +7,12 @@ Both go over one ``httpx.AsyncClient`` from this process and alternate request b
 request, so noise hits both alike. Added = gateway - direct, per round, for p50 and p99;
 the figure is the median of the round values.
 
+The floor: a third path, interleaved with the other two, sends the same body to
+``bench.baseline --relay``, a bare FastAPI route that sends the same signed Run with the
+gateway's own Wiro client and answers (no database, no validation). ``floor_added`` =
+relay - direct is what the stack alone (uvicorn, FastAPI, the outbound client, one more
+loopback hop) adds; ``own`` = gateway - relay is the gateway's own work on top of it.
+
 The simulator keeps every task queued for an hour so nothing completes (and no callback
 or poll runs) while measuring; afterwards the gateway's tasks are cancelled through the
 API, which makes them terminal for the lost-task check.
@@ -22,7 +28,16 @@ from typing import Any
 import httpx
 
 from bench.common import Run, bench_engine, check_invariants, median, pct, r2, say
-from bench.harness import CLIENT_KEYS, SIM_KEY, SIM_SECRET, Database, Sim, start_gateway, task_body
+from bench.harness import (
+    CLIENT_KEYS,
+    SIM_KEY,
+    SIM_SECRET,
+    Database,
+    Sim,
+    start_gateway,
+    start_relay,
+    task_body,
+)
 
 
 async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
@@ -33,6 +48,7 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
     rounds, per_round = run.pick((3, 40), (5, 80))
     sim.reset(queue_s=3600, run_s=1)
     gw = start_gateway(db=db, sim=sim, logdir=run.workdir, poll_initial_s=600, poll_max_s=600)
+    relay = start_relay(sim=sim, logdir=run.workdir)
     engine = bench_engine(db)
     body = task_body(sim)
     inputs, _ = validate_input("wiro/professional-headshot", body["input"])
@@ -58,34 +74,43 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
                 ids.append(r.json()["id"])
                 return dt
 
+            async def via_relay() -> float:
+                t = time.perf_counter()
+                r = await http.post(f"{relay.url}/relay", json={"input": inputs})
+                dt = (time.perf_counter() - t) * 1000
+                if r.status_code != 202:
+                    raise RuntimeError(f"P1 relay: {r.status_code} {r.text[:300]}")
+                return dt
+
             async def direct() -> float:
                 cb = f"{gw.url}/callbacks/wiro/{new_task_id()}/{secrets.token_urlsafe(24)}"
                 t = time.perf_counter()
                 await wiro.run("wiro/professional-headshot", inputs, callback_url=cb)
                 return (time.perf_counter() - t) * 1000
 
-            for _ in range(10):  # warm both paths (connections, caches)
-                await via_gateway()
-                await direct()
+            paths = {"gateway": via_gateway, "relay": via_relay, "direct": direct}
+            for _ in range(10):  # warm every path (connections, caches)
+                for path in paths.values():
+                    await path()
+            names = list(paths)
             for rnd in range(rounds):
-                g: list[float] = []
-                d: list[float] = []
+                times: dict[str, list[float]] = {name: [] for name in names}
                 for j in range(per_round):
-                    if (j + rnd) % 2:
-                        g.append(await via_gateway())
-                        d.append(await direct())
-                    else:
-                        d.append(await direct())
-                        g.append(await via_gateway())
+                    k = (j + rnd) % 3  # each path first, second and third in turn
+                    for name in names[k:] + names[:k]:
+                        times[name].append(await paths[name]())
                 row = {
-                    "gateway_p50": pct(g, 50),
-                    "gateway_p99": pct(g, 99),
-                    "direct_p50": pct(d, 50),
-                    "direct_p99": pct(d, 99),
+                    f"{name}_{q}": pct(times[name], int(q[1:]))
+                    for name in names
+                    for q in ("p50", "p99")
                 }
                 row["added_p50"] = row["gateway_p50"] - row["direct_p50"]
                 row["added_p99"] = row["gateway_p99"] - row["direct_p99"]
                 row["ratio_p50"] = row["gateway_p50"] / row["direct_p50"]
+                row["floor_added_p50"] = row["relay_p50"] - row["direct_p50"]
+                row["floor_added_p99"] = row["relay_p99"] - row["direct_p99"]
+                row["own_p50"] = row["gateway_p50"] - row["relay_p50"]
+                row["own_p99"] = row["gateway_p99"] - row["relay_p99"]
                 out["round_values"].append({k: r2(v) for k, v in row.items()})
             say(f"  P1 {db.kind}: rounds done, cancelling {len(ids)} tasks")
             sem = asyncio.Semaphore(8)
@@ -104,6 +129,12 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
             "added_p50",
             "added_p99",
             "ratio_p50",
+            "relay_p50",
+            "relay_p99",
+            "floor_added_p50",
+            "floor_added_p99",
+            "own_p50",
+            "own_p99",
         ):
             out[key] = r2(median([r[key] for r in rv]))
         out["target"] = "added p50 <= 2 ms, p99 <= 10 ms"
@@ -111,9 +142,12 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
         out["invariants"] = await check_invariants(run, f"P1/{db.kind}", engine, sim, timeout=60)
     finally:
         gw.stop()
+        relay.stop()
         await engine.dispose()
     say(
         f"  P1 {db.kind}: added p50 {out['added_p50']} ms, p99 {out['added_p99']} ms "
-        f"(gateway p50 {out['gateway_p50']}, direct p50 {out['direct_p50']})"
+        f"(gateway p50 {out['gateway_p50']}, direct p50 {out['direct_p50']}); the floor "
+        f"(a bare FastAPI relay) adds p50 {out['floor_added_p50']} ms, the gateway's own "
+        f"work {out['own_p50']} ms"
     )
     return out

@@ -35,10 +35,16 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
     if not x:
         return "not run", None
     if pid == "P1":
+        floor = (
+            f"; a bare FastAPI relay adds +{_f(x['floor_added_p50'], 2)} ms p50, the "
+            f"gateway's own work +{_f(x['own_p50'], 2)} ms"
+            if "floor_added_p50" in x
+            else ""
+        )
         return (
             f"+{_f(x['added_p50'], 2)} / +{_f(x['added_p99'], 2)} ms "
             f"(gateway {_f(x['gateway_p50'], 2)} vs direct {_f(x['direct_p50'], 2)} ms "
-            f"p50; x{_f(x['ratio_p50'], 2)})",
+            f"p50; x{_f(x['ratio_p50'], 2)}){floor}",
             x.get("met"),
         )
     if pid == "P2":

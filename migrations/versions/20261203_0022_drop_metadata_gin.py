@@ -28,18 +28,19 @@ down_revision: str | Sequence[str] | None = "0021"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_MISSING = "NOT EXISTS (SELECT 1 FROM task_metadata x WHERE x.task_id = t.id)"
 BACKFILL = {
     "postgresql": (
         "INSERT INTO task_metadata (task_id, key, value) "
         "SELECT t.id, m.key, m.value FROM tasks t "
         "CROSS JOIN LATERAL jsonb_each_text(t.metadata) AS m(key, value) "
-        f"WHERE jsonb_typeof(t.metadata) = 'object' AND {_MISSING}"
+        "WHERE jsonb_typeof(t.metadata) = 'object' "
+        "AND NOT EXISTS (SELECT 1 FROM task_metadata x WHERE x.task_id = t.id)"
     ),
     "sqlite": (
         "INSERT INTO task_metadata (task_id, key, value) "
         "SELECT t.id, m.key, m.value FROM tasks t, json_each(t.metadata) AS m "
-        f"WHERE json_type(t.metadata) = 'object' AND {_MISSING}"
+        "WHERE json_type(t.metadata) = 'object' "
+        "AND NOT EXISTS (SELECT 1 FROM task_metadata x WHERE x.task_id = t.id)"
     ),
 }
 
