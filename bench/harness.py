@@ -322,6 +322,33 @@ def start_baseline(*, db: Database, logdir: Path) -> BaselineProc:
     return BaselineProc(url=url, proc=proc)
 
 
+async def database_cpu(engine: Any) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend connected to ``engine``'s database
+    (the gateway's pool, and the benchmark's own few reads), by process id: read from
+    ``/proc``, since the server runs on this machine. Empty on SQLite (in-process)."""
+    from sqlalchemy import text
+
+    if engine.dialect.name != "postgresql":
+        return {}
+    async with engine.connect() as conn:
+        pids = (
+            await conn.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            )
+        ).scalars()
+        found: dict[int, float] = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):  # gone meanwhile
+                found[pid] = cpu_seconds(pid)
+    return found
+
+
+def database_cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """The backends' CPU seconds between two ``database_cpu`` readings (a backend that
+    started in between counts from zero; one that ended in between is not counted)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
 def start_relay(*, sim: Sim, logdir: Path) -> BaselineProc:
     """``bench.baseline --relay`` (P1's floor) from this checkout, whichever ``APP_ROOT``
     the gateway runs from: the floor is the stack's, the same for both sides of an A/B."""

@@ -57,9 +57,12 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
         )
         fixed = (x.get("fixed_load") or {}).get("cpu_ms_per_task") or {}
         if fixed:
+            db_cpu = (
+                f", PostgreSQL's backends {_f(fixed['database'])} ms" if "database" in fixed else ""
+            )
             per += (
                 f" (at a fixed {_f(x['fixed_load']['rate'])}/s: gateway "
-                f"{_f(fixed.get('gateway'))} ms)"
+                f"{_f(fixed.get('gateway'))} ms{db_cpu})"
             )
         return (
             f"{_f(x['gateway_rps'])}/s vs {_f(x['baseline_rps'])}/s = "

@@ -18,7 +18,8 @@ task does), so no step inherits the previous one's work.
   rate is one the gateway can keep up, not just accept: the P2 figure is the highest
   rate whose step passed and whose tasks were all terminal within 5 s of its end (and
   every slower step's too). After the rounds, the CPU per task life is also measured at
-  one fixed offered rate (``fixed_load``: 40/s; 300 submits with --quick, else 600).
+  one fixed offered rate (``fixed_load``: 25/s; 300 submits with --quick, else 600); on
+  PostgreSQL also its backends' CPU per task life there (``database``).
 - Callbacks: tasks written straight into the database as the gateway would have left
   them after Run (queued, linked, callback token known; bench/synth.py), all pointing at
   one finished simulator task. Each callback goes to a task that has had none, as Wiro's
@@ -62,6 +63,8 @@ from bench.harness import (
     SIM_SECRET,
     Database,
     Sim,
+    database_cpu,
+    database_cpu_since,
     start_baseline,
     start_gateway,
     task_body,
@@ -384,8 +387,10 @@ async def measure(
 
 
 # Offered rate of the fixed-load measurement: well under what either database takes here
-# (P2 applies 60-140 lives/s), so that every run measures the same work at the same pace.
-FIXED_RATE = 40.0
+# (P2 applies 60-140 lives/s on a quiet machine), so that every run measures the same work
+# at the same pace. At 40/s a slower machine (~25 ms of CPU per life) was at a core and
+# some runs queued submits for most of a second.
+FIXED_RATE = 25.0
 
 
 async def fixed_load(
@@ -398,7 +403,7 @@ async def fixed_load(
     versions of the code (``BENCH_APP_ROOT``)."""
     await wait_all_terminal(engine, 60, poll_s=0.1)
     await wait_idle(gw.cpu)
-    c0, s0 = gw.cpu(), sim.cpu()
+    c0, s0, d0 = gw.cpu(), sim.cpu(), await database_cpu(engine)
     pool = Pool(gw.url, max_conns=64)
     try:
         step = await open_loop(pool, [submit], rate=rate, count=count, timeout=60)
@@ -410,6 +415,8 @@ async def fixed_load(
         "gateway": r2(1000 * (gw.cpu() - c0) / count),
         "sim": r2(1000 * (sim.cpu() - s0) / count),
     }
+    if d0:  # PostgreSQL: its backends' own CPU, on the same two cores
+        cpu["database"] = r2(1000 * database_cpu_since(d0, await database_cpu(engine)) / count)
     res: dict[str, Any] = {
         "rate": rate,
         "submits": count,
@@ -421,7 +428,9 @@ async def fixed_load(
     }
     say(
         f"  P2 fixed load: {count} submits at {rate:g}/s, gateway CPU per task life "
-        f"{cpu['gateway']} ms, submit p50 {res['submit_p50_ms']} ms"
+        f"{cpu['gateway']} ms"
+        + (f" (PostgreSQL's backends {cpu['database']} ms)" if "database" in cpu else "")
+        + f", submit p50 {res['submit_p50_ms']} ms"
     )
     return res
 
