@@ -10,9 +10,12 @@ per request. Run as ``python -m bench.baseline --port P`` with ``BENCH_DATABASE_
 nothing more. A declared FastAPI route takes the JSON body, sends the signed Run with the
 gateway's own client (``app.wiro.WiroClient`` over ``WiroHTTP``, the same transport and
 signing) and answers 202 with the upstream's task id: no database, no validation, no
-authentication, no log line. P1 measures it beside the gateway and the direct Run, so the
-gateway's added latency splits into this floor (FastAPI, uvicorn and the outbound HTTP
-client) and the gateway's own work on top of it.
+authentication, no log line. ``/relay/durable`` (with ``BENCH_DATABASE_URL`` too) adds
+what the contract promises of a 202: a row committed before the Run and its upstream id
+committed before the answer (two statements, each committed on its own: autocommit). P1
+measures both beside the gateway and the direct Run, so the gateway's added latency
+splits into the stack's floor, the durability promise's floor and the gateway's own work
+on top of them.
 """
 
 from __future__ import annotations
@@ -69,11 +72,32 @@ def create_baseline_app(database_url: str) -> FastAPI:
     return app
 
 
-def create_relay_app(wiro_base: str, api_key: str, api_secret: str) -> FastAPI:
+relayed = Table(
+    "bench_relayed",
+    meta,
+    Column("id", String(40), primary_key=True),
+    Column("body", JSON),
+    Column("upstream_task_id", String(64)),
+    Column("created_at", DateTime(timezone=True)),
+)
+
+
+def create_relay_app(
+    wiro_base: str, api_key: str, api_secret: str, database_url: str | None
+) -> FastAPI:
+    from sqlalchemy import update
+
     from app.wiro import NonceSource, WiroClient, WiroHTTP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(database_url) if database_url else None
+        if engine is not None:
+            async with engine.begin() as conn:
+                await conn.run_sync(meta.create_all)
+            # Each write is one statement: in autocommit it is its own durable
+            # transaction, one round trip (the gateway's own single statements are too).
+            app.state.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         async with WiroHTTP() as http:
             app.state.wiro = WiroClient(
                 base_url=wiro_base,
@@ -83,16 +107,38 @@ def create_relay_app(wiro_base: str, api_key: str, api_secret: str) -> FastAPI:
                 nonce_source=NonceSource(replica_slot=997),
             )
             yield
+        if engine is not None:
+            await engine.dispose()
 
     app = FastAPI(lifespan=lifespan)
+
+    async def run(request: Request, task_id: str, inputs: dict[str, str]) -> str:
+        base = str(request.base_url).rstrip("/")
+        callback = f"{base}/callbacks/wiro/{task_id}/{secrets.token_urlsafe(24)}"
+        accepted = await request.app.state.wiro.run(MODEL, inputs, callback_url=callback)
+        return str(accepted.task_id)
 
     @app.post("/relay", status_code=202)
     async def relay(body: dict[str, Any], request: Request) -> JSONResponse:
         task_id = "task_" + secrets.token_hex(12)
-        base = str(request.base_url).rstrip("/")
-        callback = f"{base}/callbacks/wiro/{task_id}/{secrets.token_urlsafe(24)}"
-        accepted = await request.app.state.wiro.run(MODEL, body["input"], callback_url=callback)
-        return JSONResponse({"id": task_id, "upstream_task_id": accepted.task_id}, 202)
+        upstream = await run(request, task_id, body["input"])
+        return JSONResponse({"id": task_id, "upstream_task_id": upstream}, 202)
+
+    @app.post("/relay/durable", status_code=202)
+    async def relay_durable(body: dict[str, Any], request: Request) -> JSONResponse:
+        """The relay with the contract's two promises kept: the task is committed before
+        the Run is sent, and what the 202 shows (the upstream id) is committed before it
+        is answered. One row: an INSERT, then an UPDATE, each committed on its own."""
+        task_id = "task_" + secrets.token_hex(12)
+        engine = request.app.state.autocommit
+        async with engine.connect() as conn:
+            await conn.execute(insert(relayed).values(id=task_id, body=body, created_at=utcnow()))
+        upstream = await run(request, task_id, body["input"])
+        async with engine.connect() as conn:
+            await conn.execute(
+                update(relayed).where(relayed.c.id == task_id).values(upstream_task_id=upstream)
+            )
+        return JSONResponse({"id": task_id, "upstream_task_id": upstream}, 202)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -109,7 +155,12 @@ def main() -> None:
     args = parser.parse_args()
     env = os.environ
     uvicorn.run(
-        create_relay_app(env["BENCH_WIRO_BASE"], env["BENCH_WIRO_KEY"], env["BENCH_WIRO_SECRET"])
+        create_relay_app(
+            env["BENCH_WIRO_BASE"],
+            env["BENCH_WIRO_KEY"],
+            env["BENCH_WIRO_SECRET"],
+            env.get("BENCH_DATABASE_URL"),
+        )
         if args.relay
         else create_baseline_app(env["BENCH_DATABASE_URL"]),
         host=args.host,

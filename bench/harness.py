@@ -349,12 +349,18 @@ def database_cpu_since(before: dict[int, float], after: dict[int, float]) -> flo
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
-def start_relay(*, sim: Sim, logdir: Path) -> BaselineProc:
-    """``bench.baseline --relay`` (P1's floor) from this checkout, whichever ``APP_ROOT``
-    the gateway runs from: the floor is the stack's, the same for both sides of an A/B."""
+def start_relay(*, sim: Sim, db: Database, logdir: Path) -> BaselineProc:
+    """``bench.baseline --relay`` (P1's floors; ``/relay/durable`` writes to ``db``) from
+    this checkout, whichever ``APP_ROOT`` the gateway runs from: the floor is the stack's,
+    the same for both sides of an A/B."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = bin_env(BENCH_WIRO_BASE=sim.base, BENCH_WIRO_KEY=SIM_KEY, BENCH_WIRO_SECRET=SIM_SECRET)
+    env = bin_env(
+        BENCH_WIRO_BASE=sim.base,
+        BENCH_WIRO_KEY=SIM_KEY,
+        BENCH_WIRO_SECRET=SIM_SECRET,
+        BENCH_DATABASE_URL=db.url,
+    )
     proc = procs.spawn(
         ["--port", str(port), "--relay"],
         env,

@@ -36,9 +36,10 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
         return "not run", None
     if pid == "P1":
         floor = (
-            f"; a bare FastAPI relay adds +{_f(x['floor_added_p50'], 2)} ms p50, the "
-            f"gateway's own work +{_f(x['own_p50'], 2)} ms"
-            if "floor_added_p50" in x
+            f"; a bare FastAPI relay adds +{_f(x['floor_added_p50'], 2)} ms p50, with "
+            f"its two commits +{_f(x['durable_floor_added_p50'], 2)} ms, the gateway's own "
+            f"work on top +{_f(x['own_p50'], 2)} ms"
+            if "durable_floor_added_p50" in x
             else ""
         )
         return (
