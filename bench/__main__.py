@@ -4,7 +4,8 @@ Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus dat
 Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
 statements per task), P8 (crash recovery, issue 13), P9 (hostile uploads, issue 16) and
 P10 (1,000 held ``Prefer: wait`` callers, issue 17), P11 (``serve --workers 2`` against
-one process, issue 15), writes ``bench/results/latest.json``
+one process, issue 15), P12 (submit throughput with tasks left queued, beside the relays
+that are its floors, issue 15), writes ``bench/results/latest.json``
 and prints the table; a full run (no --quick, no --only, both databases) also writes the
 table into ``docs/benchmarks.md`` (``--docs`` forces that). Exits non-zero when any task
 in it was lost (not terminal at the end) or started twice upstream.
@@ -32,7 +33,7 @@ from bench.common import Run, say
 from bench.harness import BenchFailure
 
 RESULTS = harness.ROOT / "bench" / "results"
-ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11"]
+ALL = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P12"]
 
 
 def machine() -> dict[str, Any]:
@@ -95,6 +96,7 @@ async def main_async(
         p9_hostile,
         p10_wait,
         p11_workers,
+        p12_submit,
         throughput,
     )
 
@@ -171,6 +173,17 @@ async def main_async(
         for kind in kinds:
             say(f"P11 on {kind}")
             res.setdefault("P11", {})[kind] = await p11_workers.measure(run, kind)
+            save(results)
+    if run.wants("P12"):
+        for kind in kinds:
+            say(f"P12 on {kind}")
+            sim = harness.start_sim(run.workdir)
+            db = harness.new_database(kind, run.workdir, "p12")
+            try:
+                res.setdefault("P12", {})[kind] = await p12_submit.measure(run, db, sim)
+            finally:
+                harness.stop(sim.proc)
+                db.drop()
             save(results)
 
 

@@ -12,7 +12,7 @@ gateway's own client (``app.wiro.WiroClient`` over ``WiroHTTP``, the same transp
 signing) and answers 202 with the upstream's task id: no database, no validation, no
 authentication, no log line. ``/relay/durable`` (with ``BENCH_DATABASE_URL`` too) adds
 what the contract promises of a 202: a row committed before the Run and its upstream id
-committed before the answer (two statements, each committed on its own: autocommit). P1
+committed before the answer (two statements, each committed on its own: ``commit``). P1
 measures both beside the gateway and the direct Run, so the gateway's added latency
 splits into the stack's floor, the durability promise's floor and the gateway's own work
 on top of them.
@@ -31,8 +31,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.expression import Executable
 
-from app.db import make_engine, make_sessionmaker, unit_of_work, utcnow
+from app.db import make_engine, make_sessionmaker, unit_of_work, utcnow, write
 
 MODEL = "wiro/professional-headshot"
 
@@ -82,6 +84,19 @@ relayed = Table(
 )
 
 
+async def commit(engine: AsyncEngine, statement: Executable) -> None:
+    """One statement committed on its own, the leanest way each database allows: on
+    PostgreSQL in autocommit (one round trip, as the gateway's single statements); on
+    SQLite as the gateway writes, in the process's one write turn (``app.db.write``), so
+    that concurrent requests queue for the writer instead of SQLite's busy handler."""
+    if engine.dialect.name == "sqlite":
+        async with write(engine) as conn:
+            await conn.execute(statement)
+    else:
+        async with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+            await conn.execute(statement)
+
+
 def create_relay_app(
     wiro_base: str, api_key: str, api_secret: str, database_url: str | None
 ) -> FastAPI:
@@ -95,9 +110,7 @@ def create_relay_app(
         if engine is not None:
             async with engine.begin() as conn:
                 await conn.run_sync(meta.create_all)
-            # Each write is one statement: in autocommit it is its own durable
-            # transaction, one round trip (the gateway's own single statements are too).
-            app.state.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+            app.state.engine = engine
         async with WiroHTTP() as http:
             app.state.wiro = WiroClient(
                 base_url=wiro_base,
@@ -130,14 +143,12 @@ def create_relay_app(
         the Run is sent, and what the 202 shows (the upstream id) is committed before it
         is answered. One row: an INSERT, then an UPDATE, each committed on its own."""
         task_id = "task_" + secrets.token_hex(12)
-        engine = request.app.state.autocommit
-        async with engine.connect() as conn:
-            await conn.execute(insert(relayed).values(id=task_id, body=body, created_at=utcnow()))
+        engine = request.app.state.engine
+        await commit(engine, insert(relayed).values(id=task_id, body=body, created_at=utcnow()))
         upstream = await run(request, task_id, body["input"])
-        async with engine.connect() as conn:
-            await conn.execute(
-                update(relayed).where(relayed.c.id == task_id).values(upstream_task_id=upstream)
-            )
+        await commit(
+            engine, update(relayed).where(relayed.c.id == task_id).values(upstream_task_id=upstream)
+        )
         return JSONResponse({"id": task_id, "upstream_task_id": upstream}, 202)
 
     @app.get("/healthz")

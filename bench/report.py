@@ -70,6 +70,14 @@ def _cells(res: dict[str, Any], pid: str, kind: str) -> tuple[str, Any]:
             f"**x{_f(x['ratio'], 2)}** (accepted: {_f(x.get('gateway_accept_rps'))}/s)" + per,
             x.get("met"),
         )
+    if pid == "P12":
+        return (
+            f"{_f(x['gateway_rps'])}/s vs {_f(x['baseline_rps'])}/s = "
+            f"**x{_f(x['ratio'], 2)}**; the same stack's floors: a relay committing before "
+            f"and after its Run {_f(x['durable_rps'])}/s = x{_f(x['durable_ratio'], 2)}, a "
+            f"bare relay {_f(x['relay_rps'])}/s = x{_f(x['relay_ratio'], 2)}",
+            x.get("met"),
+        )
     if pid == "P11":
         if not x.get("measured", True):
             return f"not measured: {x.get('why')}", None
@@ -206,6 +214,11 @@ WHAT = {
         "submits/s at p99 ≤ 250 ms, whole task lives, `serve --workers 2`",
         "`serve` with one process",
         "≥ 1.6 x",
+    ),
+    "P12": (
+        "submits/s at p99 ≤ 250 ms, tasks left queued upstream (open loop)",
+        "one-insert FastAPI endpoint",
+        "≥ 0.5 x",
     ),
 }
 
