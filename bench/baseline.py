@@ -34,7 +34,7 @@ from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.expression import Executable
 
-from app.db import make_engine, make_sessionmaker, unit_of_work, utcnow, write
+from app.db import last, make_engine, make_sessionmaker, unit_of_work, utcnow, write
 
 MODEL = "wiro/professional-headshot"
 
@@ -87,11 +87,12 @@ relayed = Table(
 async def commit(engine: AsyncEngine, statement: Executable) -> None:
     """One statement committed on its own, the leanest way each database allows: on
     PostgreSQL in autocommit (one round trip, as the gateway's single statements); on
-    SQLite as the gateway writes, in the process's one write turn (``app.db.write``), so
-    that concurrent requests queue for the writer instead of SQLite's busy handler."""
+    SQLite as the gateway writes, in the process's one write turn (``app.db.write``, so
+    that concurrent requests queue for the writer instead of SQLite's busy handler) and
+    one thread hop (``app.db.last``)."""
     if engine.dialect.name == "sqlite":
         async with write(engine) as conn:
-            await conn.execute(statement)
+            await last(conn, statement)  # the statement and its COMMIT in one thread hop
     else:
         async with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
             await conn.execute(statement)
