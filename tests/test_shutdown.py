@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import select, text
+from sqlalchemy.util import greenlet_spawn
 
 from app import tasks
 from app.db import make_engine, unit_of_work
@@ -100,11 +101,14 @@ async def test_readyz_fails_while_the_database_is_unreachable(
         for f in tmp_path.glob("gateway.db*"):
             shutil.copy(f, home / f.name)
         url = f"sqlite+aiosqlite:///{home / 'gateway.db'}"
+    old_pool = None
     async with run_gateway(db_url=url, sim=sim, data_dir=tmp_path) as gw:
         await wait_ready(gw, 200)
         if sqlite:
             home.rename(tmp_path / "gone")
-            await gw.ctx.sm.kw["bind"].dispose()  # open connections would still work
+            engine = gw.ctx.sm.kw["bind"]
+            old_pool = engine.sync_engine.pool
+            await engine.dispose()  # open connections would still work
         else:
             await asyncio.to_thread(drop_postgres_database, db_url.rsplit("/", 1)[1])
         body = await wait_ready(gw, 503)
@@ -116,6 +120,10 @@ async def test_readyz_fails_while_the_database_is_unreachable(
         if sqlite:  # and it comes back
             (tmp_path / "gone").rename(home)
             await wait_ready(gw, 200)
+    if old_pool is not None:
+        # Connections a background loop had checked out during the dispose went back to
+        # the old pool afterwards: close them (else the garbage collector finds them open).
+        await greenlet_spawn(old_pool.dispose)
 
 
 async def test_draining_refuses_new_work_and_stops_claiming(gateway: Gateway, sim: Sim) -> None:
