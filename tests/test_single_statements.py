@@ -29,6 +29,7 @@ from app.db import unit_of_work, write
 from app.lifecycle import Status
 from app.models import Attempt, Delivery, Event, StoredOutput, Task, TaskMetadata
 from app.schemas import TaskCreate
+from app.sqlite_driver import HOPS
 from app.states import EventKind
 from app.tasks import _dispatch
 from app.tasks._single import insert_fresh, terminal
@@ -151,7 +152,10 @@ def _task_values(task: Task) -> dict[str, Any]:
 
 async def test_a_link_whose_guard_fails_writes_nothing(e: Engine) -> None:
     """The link of a task this process no longer leases: no status change, no event, the
-    attempt still ``sent``; with the lease back, all three at once."""
+    attempt still ``sent``; with the lease back, all three at once. On SQLite either way
+    the link is one thread hop: its three statements and the COMMIT (``changes()``
+    carries "the task moved" from one statement to the next)."""
+    sqlite = e.ctx.engine.dialect.name == "sqlite"
     task_id = await e.create()
     task = await e.row(task_id)
     opened = await _dispatch.open_attempt(e.ctx, task, started=e.now[0], fresh=False, gated=False)
@@ -161,13 +165,19 @@ async def test_a_link_whose_guard_fails_writes_nothing(e: Engine) -> None:
         await conn.execute(update(Task).where(Task.id == task_id).values(lease_owner="other"))
     before = await _written(e, task_id)
     accepted = RunAccepted(task_id="9003", socket_token="sock")
+    hops = HOPS.n
     assert not await _dispatch._link_fresh(e.ctx, task, attempt, accepted, started=e.now[0])
+    if sqlite:
+        assert HOPS.n - hops == 1
     assert await _written(e, task_id) == before
     assert before["attempts"] == [(1, "sent", None)]
 
     async with write(e.ctx.engine) as conn:
         await conn.execute(update(Task).where(Task.id == task_id).values(lease_owner=e.ctx.owner))
+    hops = HOPS.n
     assert await _dispatch._link_fresh(e.ctx, task, attempt, accepted, started=e.now[0])
+    if sqlite:
+        assert HOPS.n - hops == 1
     after = await _written(e, task_id)
     assert after["status"] == "queued" and after["upstream"] == ("9003", "task_queue")
     assert after["events"][-1] == ("linked", "queued", "task_queue", "dispatcher")

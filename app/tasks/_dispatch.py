@@ -240,15 +240,6 @@ _FRESH = Guard(
     where=(T.upstream_task_id.is_(None), T.lease_owner == bindparam("g_owner")),
     exprs={"next_check_at": case((T.hint_at > ts("g_started"), ts("g_now")), else_=ts("g_first"))},
 )
-_ACCEPT_ATTEMPT = (
-    update(ATTEMPTS)
-    .where(A.id == bindparam("b_id"))
-    .values(
-        outcome=Outcome.accepted.value,
-        upstream_task_id=bindparam("b_upstream"),
-        resolved_at=ts("b_now"),
-    )
-)
 
 
 async def _link_fresh(
@@ -269,42 +260,19 @@ async def _link_fresh(
     )
     message = f"attempt {attempt.number}: accepted upstream as task {accepted.task_id}"
     params = {"g_owner": ctx.owner, "g_started": started, "g_now": now, "g_first": first}
-    if ctx.engine.dialect.name == "postgresql":
-        # One statement in autocommit: one round trip (app/tasks/_single.py).
-        if not await link_fresh(
-            ctx,
-            task.id,
-            guard=_FRESH,
-            params=params,
-            values=values,
-            now=now,
-            attempt_id=attempt.id,
-            upstream_id=accepted.task_id,
-            message=message,
-        ):
-            return False
-    else:
-        async with write(ctx.engine) as conn:
-            if not await transition(
-                conn,
-                task.id,
-                Status.queued,
-                kind=EventKind.linked,
-                source="dispatcher",
-                now=now,
-                expect=Status.pending,
-                guard=_FRESH,
-                params=params,
-                message=message,
-                **values,
-            ):
-                return False
-            # Runs with the COMMIT (and the event ``transition`` queued), in one hop.
-            await later(
-                conn,
-                _ACCEPT_ATTEMPT,
-                {"b_id": attempt.id, "b_upstream": accepted.task_id, "b_now": now},
-            )
+    # One statement in autocommit on PostgreSQL, one thread hop on SQLite (_single.py).
+    if not await link_fresh(
+        ctx,
+        task.id,
+        guard=_FRESH,
+        params=params,
+        values=values,
+        now=now,
+        attempt_id=attempt.id,
+        upstream_id=accepted.task_id,
+        message=message,
+    ):
+        return False
     task.status, task.status_rank, task.updated_at = Status.queued.value, Status.queued.rank, now
     for k, v in values.items():
         setattr(task, k, v)

@@ -10,7 +10,9 @@ on its own, durably, as the transaction did: one round trip each. All are prebui
 bind parameters, so SQLAlchemy compiles each shape once per process (an earlier
 single-statement insert with its values inline was compiled on every submit, and cost
 more than the round trips it saved). SQLite has no data-modifying CTEs; there the
-transactions stay, each one thread hop (``app.db.later``).
+transactions stay, each one thread hop (``app.db.later``): the link's event and attempt
+are written only if the statement before each changed a row (``changes()``), so that
+no result is read before its COMMIT.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, cast
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    CursorResult,
     Integer,
     String,
     Table,
@@ -35,7 +38,7 @@ from sqlalchemy import (
 
 from app import metrics
 from app.context import Ctx
-from app.db import ts
+from app.db import last, later, ts, write
 from app.lifecycle import Status
 from app.models import TaskMetadata
 from app.outbox import (
@@ -134,21 +137,26 @@ def _event_if_moved(moved: Any) -> Any:
     )
 
 
-def _link(guard: Guard, keys: tuple[str, ...]) -> Any:
-    """The guarded move to ``queued`` (``transition``'s statement) ``RETURNING`` the row;
-    its event and the attempt's outcome written only if the row moved; the count."""
-    moved = status_update(Status.queued, Status.pending, guard, keys).returning(TASKS.c.id)
-    moved = moved.cte("moved")
-    linked = _event_if_moved(moved)
-    accepted = (
+def _accepted(if_moved: Any) -> Any:
+    """The attempt's outcome (``b_*`` bind parameters), written only ``if_moved``."""
+    return (
         update(ATTEMPTS)
-        .where(A.id == bindparam("b_id"), exists(select(moved.c.id)))
+        .where(A.id == bindparam("b_id"), if_moved)
         .values(
             outcome=Outcome.accepted.value,
             upstream_task_id=bindparam("b_upstream"),
             resolved_at=bindparam("b_now", type_=A.resolved_at.type),
         )
     )
+
+
+def _link(guard: Guard, keys: tuple[str, ...]) -> Any:
+    """The guarded move to ``queued`` (``transition``'s statement) ``RETURNING`` the row;
+    its event and the attempt's outcome written only if the row moved; the count."""
+    moved = status_update(Status.queued, Status.pending, guard, keys).returning(TASKS.c.id)
+    moved = moved.cte("moved")
+    linked = _event_if_moved(moved)
+    accepted = _accepted(exists(select(moved.c.id)))
     return (
         select(func.count())
         .select_from(moved)
@@ -156,7 +164,23 @@ def _link(guard: Guard, keys: tuple[str, ...]) -> Any:
     )
 
 
+def _sqlite_link(guard: Guard, keys: tuple[str, ...]) -> tuple[Any, Any, Any]:
+    """The same on SQLite, which has no data-modifying CTEs: three statements whose
+    results need not be read before the next runs, so all three and the COMMIT are one
+    thread hop (``later``, ``last``). Each of the last two writes only if the one before
+    it changed a row (``changes()``: the rows of the connection's last completed INSERT,
+    UPDATE or DELETE), so the attempt's row count says whether the task moved."""
+    moved = status_update(Status.queued, Status.pending, guard, keys)
+    if_moved = func.changes() == 1
+    linked = insert(EVENTS).from_select(
+        list(_EVENT_KEYS),
+        select(*(bindparam(f"e_{k}", type_=EVENTS.c[k].type) for k in _EVENT_KEYS)).where(if_moved),
+    )
+    return moved, linked, _accepted(if_moved)
+
+
 _links: dict[tuple[Guard, tuple[str, ...]], Any] = {}
+_sqlite_links: dict[tuple[Guard, tuple[str, ...]], tuple[Any, Any, Any]] = {}
 
 
 async def link_fresh(
@@ -172,13 +196,11 @@ async def link_fresh(
     message: str,
 ) -> bool:
     """``_link_fresh``'s transaction (``transition`` to ``queued`` from ``pending`` under
-    ``guard``, its event, the attempt accepted) as one autocommitted statement; whether
-    the task moved (if not, nothing is written)."""
+    ``guard``, its event, the attempt accepted): one autocommitted statement on
+    PostgreSQL, one thread hop on SQLite; whether the task moved (if not, nothing is
+    written)."""
     values = {**values, "updated_at": now}
     keys = tuple(sorted(values))
-    stmt = _links.get((guard, keys))
-    if stmt is None:
-        stmt = _links[(guard, keys)] = _link(guard, keys)
     row = event_values(
         task_id,
         "dispatcher",
@@ -188,21 +210,30 @@ async def link_fresh(
         values.get("upstream_status"),
         message,
     )
-    async with ctx.autocommit_engine.connect() as conn:
-        n = (
-            await conn.execute(
-                stmt,
-                {
-                    "w_id": task_id,
-                    **params,
-                    **{f"v_{k}": v for k, v in values.items()},
-                    **{f"e_{k}": row[k] for k in _EVENT_KEYS},
-                    "b_id": attempt_id,
-                    "b_upstream": upstream_id,
-                    "b_now": now,
-                },
-            )
-        ).scalar_one()
+    bound = {
+        "w_id": task_id,
+        **params,
+        **{f"v_{k}": v for k, v in values.items()},
+        **{f"e_{k}": row[k] for k in _EVENT_KEYS},
+        "b_id": attempt_id,
+        "b_upstream": upstream_id,
+        "b_now": now,
+    }
+    if ctx.engine.dialect.name == "postgresql":
+        stmt = _links.get((guard, keys))
+        if stmt is None:
+            stmt = _links[(guard, keys)] = _link(guard, keys)
+        async with ctx.autocommit_engine.connect() as conn:
+            n = (await conn.execute(stmt, bound)).scalar_one()
+    else:
+        three = _sqlite_links.get((guard, keys))
+        if three is None:
+            three = _sqlite_links[(guard, keys)] = _sqlite_link(guard, keys)
+        moved, linked, accepted = three
+        async with write(ctx.engine) as db:
+            await later(db, moved, bound)
+            await later(db, linked, bound)
+            n = cast(CursorResult[Any], await last(db, accepted, bound)).rowcount
     if n != 1:
         return False
     metrics.task_transition(Status.queued.value)
