@@ -101,17 +101,22 @@ async def main_async(
     )
 
     res = results["results"]
+
+    async def on_fresh(pid: str, kind: str, measure: Any) -> None:
+        """``measure(run, db, sim)`` with a simulator and a database of its own."""
+        say(f"{pid} on {kind}")
+        sim = harness.start_sim(run.workdir)
+        db = harness.new_database(kind, run.workdir, pid.lower())
+        try:
+            res.setdefault(pid, {})[kind] = await measure(run, db, sim)
+        finally:
+            harness.stop(sim.proc)
+            db.drop()
+        save(results)
+
     if run.wants("P1"):
         for kind in kinds:
-            say(f"P1 on {kind}")
-            sim = harness.start_sim(run.workdir)
-            db = harness.new_database(kind, run.workdir, "p1")
-            try:
-                res.setdefault("P1", {})[kind] = await p1_overhead.measure(run, db, sim)
-            finally:
-                harness.stop(sim.proc)
-                db.drop()
-            save(results)
+            await on_fresh("P1", kind, p1_overhead.measure)
     if run.wants("P4"):
         for kind in kinds:
             say(f"P4 on {kind}")
@@ -176,15 +181,7 @@ async def main_async(
             save(results)
     if run.wants("P12"):
         for kind in kinds:
-            say(f"P12 on {kind}")
-            sim = harness.start_sim(run.workdir)
-            db = harness.new_database(kind, run.workdir, "p12")
-            try:
-                res.setdefault("P12", {})[kind] = await p12_submit.measure(run, db, sim)
-            finally:
-                harness.stop(sim.proc)
-                db.drop()
-            save(results)
+            await on_fresh("P12", kind, p12_submit.measure)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -354,6 +354,29 @@ _FIRST_RELEASE_STORY: list[tuple[str, str | None, str | None, str, EventKind]] =
 ]
 
 
+def _old_task(
+    tasks_t: sa.Table, task_id: str, now: datetime, metadata: dict[str, str]
+) -> dict[str, Any]:
+    """A pending task's row as an earlier release wrote it (only the columns its table has
+    at the revision the test is at)."""
+    row = dict(
+        id=task_id,
+        client="alpha",
+        model="wiro/professional-headshot",
+        status="pending",
+        status_rank=0,
+        input={},
+        metadata=metadata,
+        attempt=1,
+        outputs=[],
+        retries=0,
+        created_at=now,
+        updated_at=now,
+        deadline_at=now,
+    )
+    return {k: v for k, v in row.items() if k in tasks_t.c}
+
+
 async def _insert_old_events(url: str, stories: list[list[tuple[Any, ...]]]) -> list[int]:
     """At revision 0020 (no ``kind``): one task per story, its events in order; their ids."""
     engine = create_async_engine(url)
@@ -368,24 +391,7 @@ async def _insert_old_events(url: str, stories: list[list[tuple[Any, ...]]]) -> 
             assert "kind" not in events_t.c
             for n, story in enumerate(stories):
                 task_id = f"tsk_migration_{n:04d}"
-                row = dict(
-                    id=task_id,
-                    client="alpha",
-                    model="wiro/professional-headshot",
-                    status="pending",
-                    status_rank=0,
-                    input={},
-                    metadata={},
-                    attempt=1,
-                    outputs=[],
-                    retries=0,
-                    created_at=now,
-                    updated_at=now,
-                    deadline_at=now,
-                )
-                await conn.execute(
-                    sa.insert(tasks_t).values({k: v for k, v in row.items() if k in tasks_t.c})
-                )
+                await conn.execute(sa.insert(tasks_t).values(_old_task(tasks_t, task_id, now, {})))
                 for source, status, upstream_status, message, _ in story:
                     res = await conn.execute(
                         sa.insert(events_t)
@@ -452,23 +458,8 @@ async def _insert_tasks(url: str, metadata: dict[str, dict[str, str]], rows_for:
             await conn.run_sync(lambda c: meta.reflect(c, only=["tasks", "task_metadata"]))
             tasks_t, pairs_t = meta.tables["tasks"], meta.tables["task_metadata"]
             for task_id, pairs in metadata.items():
-                row = dict(
-                    id=task_id,
-                    client="alpha",
-                    model="wiro/professional-headshot",
-                    status="pending",
-                    status_rank=0,
-                    input={},
-                    metadata=pairs,
-                    attempt=1,
-                    outputs=[],
-                    retries=0,
-                    created_at=now,
-                    updated_at=now,
-                    deadline_at=now,
-                )
                 await conn.execute(
-                    sa.insert(tasks_t).values({k: v for k, v in row.items() if k in tasks_t.c})
+                    sa.insert(tasks_t).values(_old_task(tasks_t, task_id, now, pairs))
                 )
                 if task_id in rows_for and pairs:
                     await conn.execute(
