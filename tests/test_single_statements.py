@@ -15,6 +15,7 @@ Real databases migrated by alembic (``db_url``: SQLite and PostgreSQL), Wiro beh
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from app.states import EventKind
 from app.tasks import _dispatch
 from app.tasks._single import insert_fresh, terminal
 from app.tasks._writes import Guard, created, transition
+from app.wakeup import Hub, PgListener, attach_local
 from app.wiro import RunAccepted, UpstreamTask
 from tests.test_engine_unit import INPUT, Engine, engine_on, ok, upstream
 
@@ -189,6 +191,31 @@ async def test_a_link_whose_guard_fails_writes_nothing(e: Engine) -> None:
             .where(Event.task_id == task_id, Event.kind == "linked")
         )
     assert linked == 1
+
+
+async def test_a_link_wakes_the_tasks_waiters(e: Engine) -> None:
+    """A ``Prefer: wait`` caller on a task that gets linked is woken once the link has
+    committed: on PostgreSQL by the ``task_events`` trigger, on SQLite by
+    ``app.wakeup.attach_local``, which reads the event insert's ``task_id``."""
+    task_id = await e.create()
+    task = await e.row(task_id)
+    opened = await _dispatch.open_attempt(e.ctx, task, started=e.now[0], fresh=False, gated=False)
+    assert isinstance(opened, tuple)
+    hub = Hub(max_per_client=10)
+    if e.ctx.engine.dialect.name == "sqlite":
+        attach_local(e.ctx.engine, hub)
+    else:
+        listener = PgListener(e.ctx.settings.effective_database_url, hub)
+        listener.start()
+        await asyncio.wait_for(listener.connected.wait(), timeout=10)
+    try:
+        with hub.watch(task_id, "alpha") as watch:
+            accepted = RunAccepted(task_id="9004", socket_token="sock")
+            assert await _dispatch._link_fresh(e.ctx, task, opened[0], accepted, started=e.now[0])
+            await asyncio.wait_for(watch.event.wait(), timeout=10)
+    finally:
+        if e.ctx.engine.dialect.name != "sqlite":
+            await listener.stop()
 
 
 @contextmanager

@@ -172,9 +172,11 @@ def _sqlite_link(guard: Guard, keys: tuple[str, ...]) -> tuple[Any, Any, Any]:
     UPDATE or DELETE), so the attempt's row count says whether the task moved."""
     moved = status_update(Status.queued, Status.pending, guard, keys)
     if_moved = func.changes() == 1
+    # The event's binds are its columns' own names (its parameters are the row): what
+    # ``app.wakeup`` reads to wake the task's waiters once the commit has returned.
     linked = insert(EVENTS).from_select(
         list(_EVENT_KEYS),
-        select(*(bindparam(f"e_{k}", type_=EVENTS.c[k].type) for k in _EVENT_KEYS)).where(if_moved),
+        select(*(bindparam(k, type_=EVENTS.c[k].type) for k in _EVENT_KEYS)).where(if_moved),
     )
     return moved, linked, _accepted(if_moved)
 
@@ -232,7 +234,7 @@ async def link_fresh(
         moved, linked, accepted = three
         async with write(ctx.engine) as db:
             await later(db, moved, bound)
-            await later(db, linked, bound)
+            await later(db, linked, row)
             n = cast(CursorResult[Any], await last(db, accepted, bound)).rowcount
     if n != 1:
         return False
