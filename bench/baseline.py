@@ -30,7 +30,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, insert
+from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, insert, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.expression import Executable
 
@@ -101,8 +101,6 @@ async def commit(engine: AsyncEngine, statement: Executable) -> None:
 def create_relay_app(
     wiro_base: str, api_key: str, api_secret: str, database_url: str | None
 ) -> FastAPI:
-    from sqlalchemy import update
-
     from app.wiro import NonceSource, WiroClient, WiroHTTP
 
     @asynccontextmanager

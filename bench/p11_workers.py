@@ -29,7 +29,7 @@ from bench.common import (
 )
 from bench.harness import CLIENT_KEYS, start_gateway, task_body
 from bench.loadgen import build_request
-from bench.throughput import Target, cpu_per_request, estimate, search
+from bench.throughput import Target, cpu_per_request, estimate, search_round
 
 
 async def measure(run: Run, kind: str) -> dict[str, Any]:
@@ -86,14 +86,7 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
                     if workers not in starts:
                         starts[workers] = max(2.0, 0.4 * await estimate(target))
                     t0, c0 = time.monotonic(), gw.cpu()
-                    res = await search(
-                        target,
-                        starts[workers],
-                        step_s,
-                        min_n=min_n,
-                        factor=1.3 if rnd == 0 else 1.15,
-                        refine=rnd == 0,
-                    )
+                    res = await search_round(target, starts[workers], step_s, min_n=min_n, rnd=rnd)
                     res["cpu_share"] = round((gw.cpu() - c0) / (time.monotonic() - t0), 2)
                     res["worker_pids"] = gw.workers
                     row[f"workers_{workers}"] = res

@@ -38,7 +38,7 @@ from bench.harness import (
     task_body,
 )
 from bench.loadgen import build_request
-from bench.throughput import Target, estimate, search
+from bench.throughput import Target, estimate, search_round
 
 
 async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
@@ -81,14 +81,7 @@ async def measure(run: Run, db: Database, sim: Sim) -> dict[str, Any]:
         for rnd in range(rounds):
             row: dict[str, Any] = {}
             for name in order[rnd % len(order) :] + order[: rnd % len(order)]:
-                res = await search(
-                    targets[name],
-                    starts[name],
-                    step_s,
-                    min_n=min_n,
-                    factor=1.3 if rnd == 0 else 1.15,
-                    refine=rnd == 0,
-                )
+                res = await search_round(targets[name], starts[name], step_s, min_n=min_n, rnd=rnd)
                 row[name] = res["max_rps"]
                 starts[name] = max(2.0, 0.87 * res["max_rps"])
             b = row["baseline"] or math.nan

@@ -170,6 +170,17 @@ async def search(
     }
 
 
+async def search_round(
+    t: Target, start: float, step_s: float, *, min_n: int, rnd: int
+) -> dict[str, Any]:
+    """``search`` as round ``rnd`` of a measurement runs it: the first round steps by
+    x1.3 and refines between its last pass and first failure; later ones, started near
+    the previous figure, step by x1.15 without refining."""
+    return await search(
+        t, start, step_s, min_n=min_n, factor=1.3 if rnd == 0 else 1.15, refine=rnd == 0
+    )
+
+
 def cpu_per_request(searches: list[dict[str, Any]]) -> dict[str, float | None]:
     """Median CPU milliseconds per answer, by process, over the steps that passed (the
     ones below saturation, where the figure is a cost and not a queue)."""
@@ -315,14 +326,7 @@ async def measure(
             for name in order[rnd % 3 :] + order[: rnd % 3]:
                 c0 = {"gateway": gw.cpu(), "baseline": base.cpu(), "sim": sim.cpu()}
                 t0 = time.monotonic()
-                res = await search(
-                    targets[name],
-                    starts[name],
-                    step_s,
-                    min_n=min_n,
-                    factor=1.3 if rnd == 0 else 1.15,
-                    refine=rnd == 0,
-                )
+                res = await search_round(targets[name], starts[name], step_s, min_n=min_n, rnd=rnd)
                 wall = time.monotonic() - t0
                 res["cpu_share"] = {
                     k: round((f() - c0[k]) / wall, 2)
