@@ -25,8 +25,8 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeDecorator
 
+from app.sqlite_driver import BUSY_TIMEOUT_MS, final, inline
 from app.sqlite_driver import deferred as deferred  # for statements `later` cannot wrap
-from app.sqlite_driver import final
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -105,7 +105,7 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -219,7 +219,9 @@ async def _write_turn(engine: AsyncEngine) -> AsyncIterator[None]:
     await turns.acquire(background=_background.get())
     token = _writing.set(True)
     try:
-        yield
+        # Its statements run on the loop's thread: the turn is held only while they run.
+        with inline():
+            yield
     finally:
         _writing.reset(token)
         turns.release()

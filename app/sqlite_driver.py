@@ -27,11 +27,35 @@ ever deferred; everything else (reads, the ORM's flushes, which need ``lastrowid
 hop) whether a transaction is open, so a COMMIT or ROLLBACK with nothing pending and no
 transaction open costs no hop (a read-only session's close).
 
-``HOPS`` counts the hops made for statements, commits and rollbacks (tests, benchmarks).
+**Inline on the event loop's thread.** Inside a write turn (``app.db.WriteTurns``, marked
+here by ``inline()``) statements, commits and rollbacks run on the event loop's own
+thread instead of hopping: a hop is cheap for SQLite (~20 µs of work) but its answer waits
+for the loop to come round, and under load that held the process's one write turn for
+1-3 ms per transaction (bench P12). Inline, a transaction holds the turn only while it
+runs. Nothing there can block for long:
+
+- a transaction's first write begins it with ``BEGIN IMMEDIATE`` under a zero busy
+  timeout, so once it holds the file's write lock nothing after it waits for a lock (in
+  WAL mode a COMMIT takes none, and ``synchronous=NORMAL`` makes it no ``fsync``);
+- when another process holds the lock (a CLI command, a second ``serve`` on one file) that
+  BEGIN fails at once, and is made again by a hop, where the busy timeout waits as it
+  always did;
+- reads in WAL mode wait for no writer.
+
+A WAL checkpoint (every ~1000 pages written, run by the committing connection) is the
+one ``fsync`` that can land inline. The connection is opened with
+``check_same_thread=False`` for this; aiosqlite's thread and the loop never use it at once
+(each statement holds the adapter's ``_execute_mutex``, and SQLAlchemy gives a connection
+to one user at a time).
+
+``HOPS`` counts the trips made for statements, commits and rollbacks, each a batch of
+statements run on the connection, by a hop or inline (``HOPS.inline`` counts those)
+(tests, benchmarks).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import sqlite3
@@ -51,15 +75,20 @@ from sqlalchemy.util.concurrency import await_
 
 _NOW, _DEFER, _FINAL = 0, 1, 2
 _mode: contextvars.ContextVar[int] = contextvars.ContextVar("hgw_sqlite_mode", default=_NOW)
+_inline: contextvars.ContextVar[bool] = contextvars.ContextVar("hgw_sqlite_inline", default=False)
 
 
 class _Hops:
-    """Thread hops made by this driver (statements, commits, rollbacks)."""
+    """Trips made by this driver (statements, commits, rollbacks): ``n`` all of them,
+    ``inline`` those run on the event loop's thread, ``retried`` the inline BEGINs that
+    found the file locked and were made again by a hop."""
 
-    __slots__ = ("n",)
+    __slots__ = ("inline", "n", "retried")
 
     def __init__(self) -> None:
         self.n = 0
+        self.inline = 0
+        self.retried = 0
 
 
 HOPS = _Hops()
@@ -89,11 +118,29 @@ def final() -> Iterator[None]:
         _mode.reset(token)
 
 
+@contextmanager
+def inline() -> Iterator[None]:
+    """Statements, commits and rollbacks made inside run on the event loop's thread
+    (``app.db`` marks its write turns with it; see the module's docstring)."""
+    token = _inline.set(True)
+    try:
+        yield
+    finally:
+        _inline.reset(token)
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE")
+
+
+def _is_write(operation: str) -> bool:
+    return operation.lstrip()[:6].upper() in _WRITES
+
+
 def _honoured(mode: int, operation: str) -> int:
     """The mode a statement runs in: only writes are deferred (and never one with
     RETURNING) or commit with themselves; anything else (a read, a PRAGMA a new
     connection runs) runs now."""
-    if mode == _NOW or operation.lstrip()[:6].upper() not in ("INSERT", "UPDATE", "DELETE"):
+    if mode == _NOW or not _is_write(operation):
         return _NOW
     if mode == _DEFER and "RETURNING" in operation.upper():
         return _NOW
@@ -171,6 +218,28 @@ def _run(
         cur.close()
 
 
+BUSY_TIMEOUT_MS = 30000  # the connections' own (app.db's PRAGMA), restored after a try
+
+
+def _try_begin(conn: sqlite3.Connection) -> bool:
+    """``BEGIN IMMEDIATE`` without waiting: False when another connection holds the
+    file's write lock (nothing is then open)."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as error:
+        if error.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+            raise
+        return False
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return True
+
+
+def _begin(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+
+
 def _end(conn: sqlite3.Connection, pending: list[_Statement], commit: bool) -> bool:
     if commit:
         _flush(conn, pending)
@@ -210,10 +279,19 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
             # Unknown until the hop returns (it may be cancelled meanwhile).
             c._in_tx = True
             HOPS.n += 1
-            done, rows, c._in_tx = await conn._execute(  # type: ignore[no-untyped-call]
-                _run, conn._conn, pending, operation, parameters, many, mode == _FINAL
-            )
-            self._cursor = done
+            if c._inline and _inline.get():
+                raw = conn._conn
+                if not raw.in_transaction and (pending or _is_write(operation)):
+                    await c._begin_now(raw)
+                HOPS.inline += 1
+                done, rows, c._in_tx = _run(
+                    raw, pending, operation, parameters, many, mode == _FINAL
+                )
+            else:
+                done, rows, c._in_tx = await c._hop(
+                    _run, conn._conn, pending, operation, parameters, many, mode == _FINAL
+                )
+            self._cursor = done  # type: ignore[assignment]
             if rows is not None:
                 self._rows = collections.deque(rows)
             return done
@@ -229,13 +307,32 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     """aiosqlite's adapter with the queue of deferred statements and whether the
     connection has a transaction open (as last seen on its thread)."""
 
-    __slots__ = ("_in_tx", "_pending")
+    __slots__ = ("_in_tx", "_inline", "_pending")
     _cursor_cls = OneHopCursor
 
-    def __init__(self, dbapi: Any, connection: Any) -> None:
+    def __init__(self, dbapi: Any, connection: Any, *, inline: bool = False) -> None:
         super().__init__(dbapi, connection)
         self._pending: list[_Statement] = []
         self._in_tx = False
+        self._inline = inline  # opened with check_same_thread=False
+
+    async def _begin_now(self, raw: sqlite3.Connection) -> None:
+        """Open the write transaction that the inline trip about to run needs: at once
+        when the file's write lock is free, else by a hop that waits for it."""
+        if not _try_begin(raw):
+            HOPS.retried += 1
+            await self._hop(_begin, raw)
+
+    async def _hop(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the connection's thread. If the wait is cancelled, the call
+        still runs there later: from then on this connection only hops, so that its
+        calls keep their order in aiosqlite's queue (an inline one could run beside it)."""
+        conn: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        try:
+            return await conn._execute(fn, *args)  # type: ignore[no-untyped-call]
+        except asyncio.CancelledError:
+            self._inline = False
+            raise
 
     async def _end(self, commit: bool) -> None:
         pending, self._pending = self._pending, []
@@ -244,7 +341,14 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
         conn: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         self._in_tx = True
         HOPS.n += 1
-        self._in_tx = await conn._execute(_end, conn._conn, pending, commit)  # type: ignore[no-untyped-call]
+        if self._inline and _inline.get():
+            raw = conn._conn
+            if commit and pending and not raw.in_transaction:
+                await self._begin_now(raw)
+            HOPS.inline += 1
+            self._in_tx = _end(raw, pending, commit)
+            return
+        self._in_tx = await self._hop(_end, conn._conn, pending, commit)
 
     def commit(self) -> None:
         if self._connection._connection:
@@ -270,13 +374,17 @@ class _DBAPI(AsyncAdapt_aiosqlite_dbapi):
         creator_fn = kw.pop("async_creator_fn", None)
         if creator_fn:
             connection = creator_fn(*arg, **kw)
+            inline = False
         else:
+            # Inline trips use the connection from the event loop's thread too.
+            kw.setdefault("check_same_thread", False)
+            inline = not kw["check_same_thread"]
             connection = self.aiosqlite.connect(*arg, **kw)
             # As SQLAlchemy's adapter does: the connection's thread must not keep the
             # process alive.
             thread = connection if isinstance(connection, Thread) else connection._thread
             thread.daemon = True
-        return _Connection(self, await_(connection))
+        return _Connection(self, await_(connection), inline=inline)
 
 
 def dbapi() -> AsyncAdapt_aiosqlite_dbapi:

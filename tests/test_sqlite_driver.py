@@ -15,14 +15,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,7 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped
 from app.db import deferred, last, later, make_engine, make_sessionmaker, unit_of_work, write
 from app.lifecycle import Status
 from app.models import Attempt, Event, Task, TaskMetadata
-from app.sqlite_driver import HOPS
+from app.sqlite_driver import BUSY_TIMEOUT_MS, HOPS, inline
 from app.states import Outcome
 from app.tasks._dispatch import insert_new
 
@@ -315,3 +318,151 @@ async def test_submit_transaction_commits_in_one_hop_on_sqlite_and_works_on_both
             assert [e.status for e in events] == ["pending"]
     finally:
         await engine.dispose()
+
+
+# ---------------------------------------------------------------- inline write turns
+
+
+class Trips:
+    """The driver's trips since entering: by a hop, inline, and inline BEGINs retried by
+    a hop because the file's write lock was held elsewhere."""
+
+    def __enter__(self) -> Trips:
+        self.start = (HOPS.n, HOPS.inline, HOPS.retried)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    @property
+    def inline(self) -> int:
+        return HOPS.inline - self.start[1]
+
+    @property
+    def hops(self) -> int:
+        return HOPS.n - self.start[0] - self.inline
+
+    @property
+    def retried(self) -> int:
+        return HOPS.retried - self.start[2]
+
+
+async def _until(check: Any, timeout: float = 10.0) -> None:
+    """Wait (on the event loop, which must therefore be free) until ``check()``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_write_turn_runs_on_the_loops_thread_and_reads_elsewhere_hop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "inline.db"
+    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+
+    @sa_event.listens_for(engine.sync_engine, "connect")
+    def _tid(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.create_function("tid", 0, threading.get_ident)
+
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(META.create_all)
+        loop_thread = threading.get_ident()
+        with Trips() as trips:
+            async with write(engine) as conn:
+                await conn.execute(insert(ROWS), [{"name": "a"}])
+                # The transaction holds the file's write lock from its first write
+                # (BEGIN IMMEDIATE), so nothing after it can wait for a lock.
+                assert not write_lock_free(path)
+                assert await conn.scalar(select(func.tid())) == loop_thread
+                busy = await conn.scalar(text("PRAGMA busy_timeout"))
+            assert (trips.inline, trips.hops, trips.retried) == (4, 0, 0)
+            assert busy == BUSY_TIMEOUT_MS  # restored after the BEGIN's zero
+            async with make_sessionmaker(engine)() as s:
+                assert await s.scalar(select(func.tid())) != loop_thread
+            assert (trips.inline, trips.hops) == (4, 1)
+        assert names(path) == ["a"]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(
+    db: tuple[AsyncEngine, Path],
+) -> None:
+    engine, path = db
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+    busy: list[int] = []
+
+    async def writer() -> None:
+        async with write(engine) as conn:
+            await later(conn, insert(ROWS), [{"name": "mine"}])
+            busy.append(await conn.scalar(text("PRAGMA busy_timeout")))
+
+    try:
+        with Trips() as trips:
+            task = asyncio.create_task(writer())
+            await _until(lambda: trips.retried == 1)  # the loop runs while it waits
+            assert not task.done()
+            other.execute("INSERT INTO rows (name) VALUES ('theirs')")
+            other.execute("COMMIT")
+            await task
+            assert trips.retried == 1
+        assert busy == [BUSY_TIMEOUT_MS]
+        assert names(path) == ["mine", "theirs"]
+        assert write_lock_free(path)
+    finally:
+        other.close()
+
+
+async def test_cancelled_while_waiting_for_the_lock_the_connection_keeps_its_order(
+    db: tuple[AsyncEngine, Path],
+) -> None:
+    engine, path = db
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def writer() -> None:
+        async with write(engine) as conn:
+            await conn.execute(insert(ROWS), [{"name": "cancelled"}])
+
+    try:
+        with Trips() as trips:
+            task = asyncio.create_task(writer())
+            await _until(lambda: trips.retried == 1)
+            task.cancel()
+            # The BEGIN still runs on the connection's thread once the lock is free;
+            # nothing is left open after it.
+            other.execute("COMMIT")
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await _until(lambda: write_lock_free(path))
+        assert names(path) == []
+        async with write(engine) as conn:  # the engine goes on writing
+            await conn.execute(insert(ROWS), [{"name": "after"}])
+        assert names(path) == ["after"]
+    finally:
+        other.close()
+
+
+async def test_after_a_cancelled_hop_a_connection_only_hops(db: tuple[AsyncEngine, Path]) -> None:
+    """A hop whose wait was cancelled still runs on the connection's thread: later calls
+    must queue behind it there, not run inline beside it."""
+    engine, _ = db
+    async with engine.connect() as conn:
+        adapter = (await conn.get_raw_connection()).dbapi_connection
+        started = threading.Event()
+
+        def slow() -> None:
+            started.set()
+            time.sleep(0.2)
+
+        hop = asyncio.create_task(adapter._hop(slow))
+        await _until(started.is_set)
+        hop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await hop
+        with Trips() as trips, inline():
+            assert await conn.scalar(select(func.count()).select_from(ROWS)) == 0
+        assert (trips.inline, trips.hops) == (0, 1)
