@@ -25,7 +25,7 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeDecorator
 
-from app.sqlite_driver import BUSY_TIMEOUT_MS, final, inline
+from app.sqlite_driver import BUSY_TIMEOUT_MS, Checkpoints, checkpoints_of, final, inline
 from app.sqlite_driver import deferred as deferred  # for statements `later` cannot wrap
 
 NAMING = {
@@ -106,8 +106,14 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # Checkpoints run off the event loop (``_checkpoint``): SQLite's own would
+            # run inside a COMMIT, on the loop's thread for a write turn's.
+            cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+            cps = checkpoints_of(dbapi_conn)
+            if cps is not None:
+                _files[engine.sync_engine] = cps
 
         return engine
     # No pre-ping: it cost a round trip on every checkout (several per request and per
@@ -225,6 +231,26 @@ async def _write_turn(engine: AsyncEngine) -> AsyncIterator[None]:
     finally:
         _writing.reset(token)
         turns.release()
+        cps = _files.get(engine.sync_engine)
+        if cps is not None and cps.due:
+            cps.running = True
+            cps.task = asyncio.get_running_loop().create_task(_checkpoint(turns, cps))
+
+
+# The SQLite file each engine writes, for its checkpoints (set at connect).
+_files: weakref.WeakKeyDictionary[Any, Checkpoints] = weakref.WeakKeyDictionary()
+
+
+async def _checkpoint(turns: WriteTurns, cps: Checkpoints) -> None:
+    """A WAL checkpoint on a thread, in a background write turn of its own: no writer of
+    this process goes on meanwhile (as when SQLite ran it inside a COMMIT), so it takes in
+    the whole WAL and the next transaction starts it over; the event loop goes on."""
+    await turns.acquire(background=True)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, cps.run)
+    finally:
+        turns.release()
+        cps.running = False
 
 
 @asynccontextmanager

@@ -42,8 +42,19 @@ runs. Nothing there can block for long:
   always did;
 - reads in WAL mode wait for no writer.
 
-A WAL checkpoint (every ~1000 pages written, run by the committing connection) is the
-one ``fsync`` that can land inline. The connection is opened with
+**Checkpoints off the loop.** SQLite's own WAL checkpoints (``wal_autocheckpoint``, every
+~1000 pages) run inside the COMMIT that crosses the mark, and copy pages into the database
+file with two ``fsync`` calls: inline, that would stop the event loop. ``app.db`` turns
+them off; the driver counts each file's commits (``Checkpoints``) and, after every
+``CHECKPOINT_EVERY``, ``app.db`` runs a checkpoint on a thread of the loop's default
+executor, with a connection of its own, in a background write turn (no writer of this
+process goes on meanwhile). It is a RESTART checkpoint that waits up to
+``CHECKPOINT_WAIT_S`` for readers to leave the WAL, so that the next transaction starts
+the WAL over: a PASSIVE one, with readers always about, left the WAL growing (25 MB and
+more where SQLite's own kept it under 5). Readers go on meanwhile, and the last
+connection to close still checkpoints the rest as SQLite always does.
+
+The connection is opened with
 ``check_same_thread=False`` for this; aiosqlite's thread and the loop never use it at once
 (each statement holds the adapter's ``_execute_mutex``, and SQLAlchemy gives a connection
 to one user at a time).
@@ -58,7 +69,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from threading import Thread
@@ -92,6 +105,70 @@ class _Hops:
 
 
 HOPS = _Hops()
+
+
+CHECKPOINT_EVERY = 100  # commits on one file between two checkpoints (~1000 pages)
+CHECKPOINT_WAIT_S = 0.05  # how long a checkpoint waits for readers to leave the WAL
+
+
+class Checkpoints:
+    """The WAL checkpoints of one database file by this process: the driver counts the
+    commits (``committed``); ``app.db`` runs ``run`` on a thread, in a write turn of
+    its own, once ``due``.
+
+    ``done`` counts those run, ``last`` is the last one's result (``busy``, frames in the
+    WAL, frames checkpointed) and ``thread`` the thread it ran on (tests, benchmarks)."""
+
+    def __init__(self, database: str, uri: bool) -> None:
+        self.database, self.uri = database, uri
+        self.commits = 0
+        self.running = False
+        self.task: asyncio.Task[None] | None = None
+        self.done = 0
+        self.last: tuple[int, int, int] | None = None
+        self.thread: int | None = None
+
+    def committed(self) -> None:
+        self.commits += 1
+
+    @property
+    def due(self) -> bool:
+        return self.commits >= CHECKPOINT_EVERY and not self.running
+
+    def run(self) -> None:
+        """One RESTART checkpoint, with a connection of its own (blocking: on a thread)."""
+        self.commits = 0
+        try:
+            # Never create the file (a test's directory may be gone by now).
+            if not self.uri and not os.path.exists(self.database):
+                return
+            conn = sqlite3.connect(self.database, uri=self.uri, timeout=CHECKPOINT_WAIT_S)
+            try:
+                row = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                conn.close()
+            self.last, self.thread = (row[0], row[1], row[2]), threading.get_ident()
+            self.done += 1
+        except sqlite3.Error:
+            pass  # busy or gone: the next one will do
+
+
+_checkpoints: dict[tuple[str, bool], Checkpoints] = {}
+
+
+def checkpoints_of(dbapi_connection: Any) -> Checkpoints | None:
+    """The checkpoints of the file a connection of this driver is open on (None: not a
+    connection of this driver, or an in-memory database)."""
+    return getattr(dbapi_connection, "_checkpoints", None)
+
+
+def checkpoints(database: str, uri: bool = False) -> Checkpoints:
+    """The checkpoints of ``database`` (as passed to ``sqlite3.connect``) by this process."""
+    key = (database, uri)
+    found = _checkpoints.get(key)
+    if found is None:
+        found = _checkpoints[key] = Checkpoints(database, uri)
+    return found
 
 
 @contextmanager
@@ -291,6 +368,8 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
                 done, rows, c._in_tx = await c._hop(
                     _run, conn._conn, pending, operation, parameters, many, mode == _FINAL
                 )
+            if mode == _FINAL and c._checkpoints is not None:
+                c._checkpoints.committed()
             self._cursor = done  # type: ignore[assignment]
             if rows is not None:
                 self._rows = collections.deque(rows)
@@ -307,14 +386,22 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     """aiosqlite's adapter with the queue of deferred statements and whether the
     connection has a transaction open (as last seen on its thread)."""
 
-    __slots__ = ("_in_tx", "_inline", "_pending")
+    __slots__ = ("_checkpoints", "_in_tx", "_inline", "_pending")
     _cursor_cls = OneHopCursor
 
-    def __init__(self, dbapi: Any, connection: Any, *, inline: bool = False) -> None:
+    def __init__(
+        self,
+        dbapi: Any,
+        connection: Any,
+        *,
+        inline: bool = False,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
         super().__init__(dbapi, connection)
         self._pending: list[_Statement] = []
         self._in_tx = False
         self._inline = inline  # opened with check_same_thread=False
+        self._checkpoints = checkpoints  # None: an in-memory database
 
     async def _begin_now(self, raw: sqlite3.Connection) -> None:
         """Open the write transaction that the inline trip about to run needs: at once
@@ -347,8 +434,10 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
                 await self._begin_now(raw)
             HOPS.inline += 1
             self._in_tx = _end(raw, pending, commit)
-            return
-        self._in_tx = await self._hop(_end, conn._conn, pending, commit)
+        else:
+            self._in_tx = await self._hop(_end, conn._conn, pending, commit)
+        if commit and self._checkpoints is not None:
+            self._checkpoints.committed()
 
     def commit(self) -> None:
         if self._connection._connection:
@@ -384,7 +473,15 @@ class _DBAPI(AsyncAdapt_aiosqlite_dbapi):
             # process alive.
             thread = connection if isinstance(connection, Thread) else connection._thread
             thread.daemon = True
-        return _Connection(self, await_(connection), inline=inline)
+        database = str(arg[0] if arg else kw.get("database", ""))
+        uri = bool(kw.get("uri", False))
+        on_disk = database not in ("", ":memory:") and "mode=memory" not in database
+        return _Connection(
+            self,
+            await_(connection),
+            inline=inline,
+            checkpoints=checkpoints(database, uri) if on_disk else None,
+        )
 
 
 def dbapi() -> AsyncAdapt_aiosqlite_dbapi:

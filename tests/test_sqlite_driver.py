@@ -34,7 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped
 from app.db import deferred, last, later, make_engine, make_sessionmaker, unit_of_work, write
 from app.lifecycle import Status
 from app.models import Attempt, Event, Task, TaskMetadata
-from app.sqlite_driver import BUSY_TIMEOUT_MS, HOPS, inline
+from app.sqlite_driver import BUSY_TIMEOUT_MS, CHECKPOINT_EVERY, HOPS, checkpoints, inline
 from app.states import Outcome
 from app.tasks._dispatch import insert_new
 
@@ -466,3 +466,31 @@ async def test_after_a_cancelled_hop_a_connection_only_hops(db: tuple[AsyncEngin
         with Trips() as trips, inline():
             assert await conn.scalar(select(func.count()).select_from(ROWS)) == 0
         assert (trips.inline, trips.hops) == (0, 1)
+
+
+async def test_checkpoints_run_off_the_loop_every_so_many_commits(
+    db: tuple[AsyncEngine, Path],
+) -> None:
+    """SQLite's own checkpoints are off; the driver's run on another thread every
+    ``CHECKPOINT_EVERY`` commits, take in the whole WAL and start it over (the WAL holds
+    no more at the third than at the first)."""
+    engine, path = db
+    cps = checkpoints(str(path))
+    done = cps.done
+    async with engine.connect() as conn:
+        assert await conn.scalar(text("PRAGMA wal_autocheckpoint")) == 0
+    frames = []
+    for n in range(3):
+        for i in range(CHECKPOINT_EVERY):
+            async with write(engine) as conn:
+                await conn.execute(insert(ROWS), [{"name": f"{n}-{i}"}])
+        await _until(lambda n=n: cps.done > done + n)  # type: ignore[misc]
+        assert cps.thread is not None and cps.thread != threading.get_ident()
+        assert cps.last is not None
+        busy, in_wal, checkpointed = cps.last
+        assert busy == 0
+        assert checkpointed == in_wal  # nobody was reading: all of it
+        frames.append(in_wal)
+    assert frames[0] >= CHECKPOINT_EVERY - 1  # each transaction wrote a page or more
+    assert frames[2] <= frames[0] + 10  # started over, not grown
+    assert len(names(path)) == 3 * CHECKPOINT_EVERY
