@@ -273,10 +273,11 @@ Db = AsyncSession | AsyncConnection
 
 async def later(db: Db, stmt: Executable, params: Any = None) -> None:
     """Execute a write whose result nobody reads (no RETURNING, row count ignored). On
-    SQLite it runs in the same thread hop as the transaction's next statement that needs
-    a result, or as its COMMIT (app/sqlite_driver.py): fewer hops, so the write turn is
-    held for less time. Its error surfaces there and rolls the whole transaction back:
-    never catch an error around ``later`` and go on with the transaction."""
+    SQLite it runs in the same trip (inline in the write turn, else a thread hop) as the
+    transaction's next statement that needs a result, or as its COMMIT
+    (app/sqlite_driver.py): fewer trips. Its error surfaces there and rolls the whole
+    transaction back: never catch an error around ``later`` and go on with the
+    transaction."""
     if isinstance(db, AsyncSession):
         # The ORM's own pending statements need their results: they run now, first.
         await db.flush()
@@ -286,7 +287,7 @@ async def later(db: Db, stmt: Executable, params: Any = None) -> None:
 
 async def last(db: Db, stmt: Executable, params: Any = None) -> Result[Any]:
     """Execute the transaction's last statement: on SQLite it and the COMMIT (and
-    anything ``later`` queued) run in one hop, and the caller's commit then costs
+    anything ``later`` queued) run in one trip, and the caller's commit then costs
     nothing. Nothing may be written in the transaction after it."""
     if isinstance(db, AsyncSession):
         await db.flush()

@@ -102,7 +102,7 @@ async def insert_new(db: Db, task: Task, attempt: dict[str, Any] | None) -> int 
     attempt in the caller's transaction; the attempt's id.
 
     With an attempt, its insert is the transaction's last statement (``app.db.last``):
-    on SQLite the whole transaction, COMMIT included, is one thread hop; the caller
+    on SQLite the whole transaction, COMMIT included, is one trip; the caller
     writes nothing after it. Without one, the inserts run with the caller's COMMIT."""
     await later(db, _INSERT_TASK, [_insert_task(task)])
     with deferred():  # ``later`` flushed a session's own changes: none are pending
@@ -182,7 +182,7 @@ async def open_attempt(
                     )
                     if res.rowcount != 1:
                         return None  # cancelled or moved on meanwhile
-                    # The last statement: it commits in the same hop on SQLite.
+                    # The last statement: it commits in the same trip on SQLite.
                     attempt_id = (await last(conn, _INSERT_ATTEMPT, row)).scalar_one()
                     task.attempt = number
     # The attempt is committed: from here a crash leaves a "sent" attempt, never a
@@ -260,7 +260,7 @@ async def _link_fresh(
     )
     message = f"attempt {attempt.number}: accepted upstream as task {accepted.task_id}"
     params = {"g_owner": ctx.owner, "g_started": started, "g_now": now, "g_first": first}
-    # One statement in autocommit on PostgreSQL, one thread hop on SQLite (_single.py).
+    # One statement in autocommit on PostgreSQL, one trip on SQLite (_single.py).
     if not await link_fresh(
         ctx,
         task.id,

@@ -10,9 +10,9 @@ on its own, durably, as the transaction did: one round trip each. All are prebui
 bind parameters, so SQLAlchemy compiles each shape once per process (an earlier
 single-statement insert with its values inline was compiled on every submit, and cost
 more than the round trips it saved). SQLite has no data-modifying CTEs; there the
-transactions stay, each one thread hop (``app.db.later``): the link's event and attempt
-are written only if the statement before each changed a row (``changes()``), so that
-no result is read before its COMMIT.
+transactions stay, each one trip (``app.db.later``; inline in the write turn): the
+link's event and attempt are written only if the statement before each changed a row
+(``changes()``), so that no result is read before its COMMIT.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def _link(guard: Guard, keys: tuple[str, ...]) -> Any:
 def _sqlite_link(guard: Guard, keys: tuple[str, ...]) -> tuple[Any, Any, Any]:
     """The same on SQLite, which has no data-modifying CTEs: three statements whose
     results need not be read before the next runs, so all three and the COMMIT are one
-    thread hop (``later``, ``last``). Each of the last two writes only if the one before
+    trip (``later``, ``last``). Each of the last two writes only if the one before
     it changed a row (``changes()``: the rows of the connection's last completed INSERT,
     UPDATE or DELETE), so the attempt's row count says whether the task moved."""
     moved = status_update(Status.queued, Status.pending, guard, keys)
@@ -199,7 +199,7 @@ async def link_fresh(
 ) -> bool:
     """``_link_fresh``'s transaction (``transition`` to ``queued`` from ``pending`` under
     ``guard``, its event, the attempt accepted): one autocommitted statement on
-    PostgreSQL, one thread hop on SQLite; whether the task moved (if not, nothing is
+    PostgreSQL, one trip on SQLite; whether the task moved (if not, nothing is
     written)."""
     values = {**values, "updated_at": now}
     keys = tuple(sorted(values))

@@ -196,7 +196,7 @@ async def transition(
     if new.terminal:
         metrics.task_finished(new.value, source)
     # Nobody reads its result: on SQLite it runs with the transaction's next statement
-    # or its COMMIT, in the same hop (``app.db.later``).
+    # or its COMMIT, in the same trip (``app.db.later``).
     await later(
         db,
         INSERT_EVENT,
