@@ -40,7 +40,12 @@ runs. Nothing there can block for long:
 - when another process holds the lock (a CLI command, a second ``serve`` on one file) that
   BEGIN fails at once, and is made again by a hop, where the busy timeout waits as it
   always did;
-- reads in WAL mode wait for no writer.
+- reads in WAL mode wait for no writer; one that finds the file locked all the same (WAL
+  recovery, another process's exclusive lock) fails at once and is made again by a hop.
+
+The zero busy timeout stays set while a connection's trips are inline; its next hop sets
+``BUSY_TIMEOUT_MS`` back first, on the connection's thread (setting and restoring it
+around every BEGIN was two statements, ~0.2 ms of a submit's CPU under load).
 
 **Checkpoints off the loop.** SQLite's own WAL checkpoints (``wal_autocheckpoint``, every
 ~1000 pages) run inside the COMMIT that crosses the mark, and copy pages into the database
@@ -295,22 +300,33 @@ def _run(
         cur.close()
 
 
-BUSY_TIMEOUT_MS = 30000  # the connections' own (app.db's PRAGMA), restored after a try
+BUSY_TIMEOUT_MS = 30000  # the connections' own (app.db's PRAGMA), for every hop
 
 
-def _try_begin(conn: sqlite3.Connection) -> bool:
+def _try_begin(conn: sqlite3.Connection, zeroed: bool) -> bool:
     """``BEGIN IMMEDIATE`` without waiting: False when another connection holds the
-    file's write lock (nothing is then open)."""
-    conn.execute("PRAGMA busy_timeout=0")
+    file's write lock (nothing is then open). ``zeroed``: the busy timeout is 0 already;
+    it is left at 0 either way (the connection's next hop sets it back)."""
+    if not zeroed:
+        conn.execute("PRAGMA busy_timeout=0")
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as error:
-        if error.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+        if not _busy(error):
             raise
         return False
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return True
+
+
+def _waiting(conn: sqlite3.Connection, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with ``conn``'s busy timeout back at ``BUSY_TIMEOUT_MS`` (a hop
+    after inline trips that left it at 0)."""
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return fn(*args)
+
+
+def _busy(error: sqlite3.OperationalError) -> bool:
+    return error.sqlite_errorcode == sqlite3.SQLITE_BUSY
 
 
 def _begin(conn: sqlite3.Connection) -> None:
@@ -358,12 +374,24 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
             HOPS.n += 1
             if c._inline and _inline.get():
                 raw = conn._conn
-                if not raw.in_transaction and (pending or _is_write(operation)):
+                opens = pending or _is_write(operation)
+                if not raw.in_transaction and opens:
                     await c._begin_now(raw)
                 HOPS.inline += 1
-                done, rows, c._in_tx = _run(
-                    raw, pending, operation, parameters, many, mode == _FINAL
-                )
+                try:
+                    done, rows, c._in_tx = _run(
+                        raw, pending, operation, parameters, many, mode == _FINAL
+                    )
+                except sqlite3.OperationalError as error:
+                    # A read outside a transaction, under the zero busy timeout, that
+                    # found the file locked (WAL recovery, an exclusive lock): run it
+                    # again by a hop, which waits. Nothing of it ran.
+                    if opens or raw.in_transaction or not _busy(error):
+                        raise
+                    HOPS.retried += 1
+                    done, rows, c._in_tx = await c._hop(
+                        _run, raw, [], operation, parameters, many, False
+                    )
             else:
                 done, rows, c._in_tx = await c._hop(
                     _run, conn._conn, pending, operation, parameters, many, mode == _FINAL
@@ -387,7 +415,7 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     has a transaction open (as last seen after its last trip), whether it may run trips
     inline, and the checkpoints of its file."""
 
-    __slots__ = ("_checkpoints", "_in_tx", "_inline", "_pending")
+    __slots__ = ("_checkpoints", "_in_tx", "_inline", "_pending", "_zeroed")
     _cursor_cls = OneHopCursor
 
     def __init__(
@@ -403,11 +431,13 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
         self._in_tx = False
         self._inline = inline  # opened with check_same_thread=False
         self._checkpoints = checkpoints  # None: an in-memory database
+        self._zeroed = False  # busy timeout 0 (left so by an inline BEGIN)
 
     async def _begin_now(self, raw: sqlite3.Connection) -> None:
         """Open the write transaction that the inline trip about to run needs: at once
         when the file's write lock is free, else by a hop that waits for it."""
-        if not _try_begin(raw):
+        zeroed, self._zeroed = self._zeroed, True
+        if not _try_begin(raw, zeroed):
             HOPS.retried += 1
             await self._hop(_begin, raw)
 
@@ -416,6 +446,9 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
         still runs there later: from then on this connection only hops, so that its
         calls keep their order in aiosqlite's queue (an inline one could run beside it)."""
         conn: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        if self._zeroed:
+            self._zeroed = False
+            fn, args = _waiting, (conn._conn, fn, *args)
         try:
             return await conn._execute(fn, *args)  # type: ignore[no-untyped-call]
         except asyncio.CancelledError:

@@ -1,7 +1,6 @@
 """``python -m bench [--quick] [--only P1,P3] [--db sqlite|postgres|both] [--soak-s S]``
 
 Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
-Runs the measurements of issue 8 (P1-P7, each on SQLite and PostgreSQL, plus database
 statements per task), P8 (crash recovery, issue 13), P9 (hostile uploads, issue 16) and
 P10 (1,000 held ``Prefer: wait`` callers, issue 17), P11 (``serve --workers 2`` against
 one process, issue 15), P12 (submit throughput with tasks left queued, beside the relays

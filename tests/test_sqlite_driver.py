@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped
 
+from app import sqlite_driver
 from app.db import deferred, last, later, make_engine, make_sessionmaker, unit_of_work, write
 from app.lifecycle import Status
 from app.models import Attempt, Event, Task, TaskMetadata
@@ -378,10 +379,12 @@ async def test_a_write_turn_runs_on_the_loops_thread_and_reads_elsewhere_hop(
                 assert await conn.scalar(select(func.tid())) == loop_thread
                 busy = await conn.scalar(text("PRAGMA busy_timeout"))
             assert (trips.inline, trips.hops, trips.retried) == (4, 0, 0)
-            assert busy == BUSY_TIMEOUT_MS  # restored after the BEGIN's zero
+            assert busy == 0  # the BEGIN's, left while the trips are inline
             async with make_sessionmaker(engine)() as s:
                 assert await s.scalar(select(func.tid())) != loop_thread
-            assert (trips.inline, trips.hops) == (4, 1)
+                # ... and set back by the connection's next hop
+                assert await s.scalar(text("PRAGMA busy_timeout")) == BUSY_TIMEOUT_MS
+            assert (trips.inline, trips.hops) == (4, 2)
         assert names(path) == ["a"]
     finally:
         await engine.dispose()
@@ -414,6 +417,39 @@ async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(
         assert write_lock_free(path)
     finally:
         other.close()
+
+
+async def test_an_inline_read_that_finds_the_file_locked_is_made_again_by_a_hop(
+    db: tuple[AsyncEngine, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the zero busy timeout an inline read outside a transaction fails at once
+    where a lock keeps readers out (WAL recovery, another process's exclusive lock: not
+    reachable from here while the engine has the file open, so SQLite's answer is
+    injected once); it runs again on the connection's thread, under the busy timeout."""
+    engine, _ = db
+    real_run = sqlite_driver._run
+    injected: list[int] = []
+
+    def run(conn: sqlite3.Connection, *args: Any) -> Any:
+        if threading.get_ident() == loop_thread and not conn.in_transaction and not injected:
+            injected.append(1)
+            error = sqlite3.OperationalError("database is locked")
+            error.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
+            raise error
+        return real_run(conn, *args)
+
+    loop_thread = threading.get_ident()
+    async with engine.connect() as conn:
+        with Trips() as trips, inline():
+            await conn.execute(insert(ROWS), [{"name": "mine"}])
+            await conn.commit()
+            assert await conn.scalar(text("PRAGMA busy_timeout")) == 0
+            monkeypatch.setattr(sqlite_driver, "_run", run)
+            assert await conn.scalar(select(func.count()).select_from(ROWS)) == 1
+            assert (injected, trips.retried) == ([1], 1)
+            monkeypatch.undo()
+            # The hop set the busy timeout back before it ran the read.
+            assert await conn.scalar(text("PRAGMA busy_timeout")) == BUSY_TIMEOUT_MS
 
 
 async def test_cancelled_while_waiting_for_the_lock_the_connection_keeps_its_order(
