@@ -9,13 +9,15 @@ Synthetic rows go straight into fresh, migrated databases (``tasks`` and, as
 their own definitions afterwards, then ANALYZE. The
 mix: clients alpha/beta/root 50/30/20 %, statuses succeeded 90 %, failed 6 %, cancelled
 3 %, timed_out 1 %, creation times spread over 30 days (ids are ULIDs of those times),
-``metadata = {"user_id": one of 1,000 users, "source": one of 3}``, inputs and outputs
-shaped like real ones.
+``metadata = {"user_id": one of n / 1,000 users, "source": one of 3}`` (every user has
+~1,000 tasks at every size, so the status + metadata query fills its page from the same
+number of matches in both databases and only the table's size differs), inputs and
+outputs shaped like real ones.
 
 Queries, as client ``alpha`` (not an admin key), 50 per page:
 - first page: no filter;
 - deep page: a cursor 90 % of the way down alpha's history;
-- status + metadata: ``status=succeeded&metadata.user_id=u_0042``.
+- status + metadata: ``status=succeeded&metadata.user_id=u_0007`` (~450 matches).
 Rounds alternate the small and the large database; p95 per round, median of rounds.
 """
 
@@ -34,7 +36,8 @@ from bench.harness import Database, new_database
 
 STATUSES = [("succeeded", 90), ("failed", 6), ("cancelled", 3), ("timed_out", 1)]
 CLIENTS = [("alpha", 50), ("beta", 30), ("root", 20)]
-USERS = 1000
+TASKS_PER_USER = 1000
+USER = "u_0007"  # one of every size's users
 TABLES = ("tasks", "task_metadata")
 COLUMNS = [
     "id",
@@ -79,7 +82,8 @@ def rows(n: int, kind: str, seed: int = 1) -> list[tuple[Any, ...]]:
     cl_pop, cl_w = zip(*CLIENTS, strict=True)
     statuses = rng.choices(st_pop, st_w, k=n)
     clients = rng.choices(cl_pop, cl_w, k=n)
-    users = [rng.randrange(USERS) for _ in range(n)]
+    n_users = max(10, n // TASKS_PER_USER)
+    users = [rng.randrange(n_users) for _ in range(n)]
     sqlite = kind == "sqlite"
     base = start.replace(tzinfo=None) if sqlite else start
 
@@ -320,7 +324,7 @@ async def measure(run: Run, kind: str) -> dict[str, Any]:
                     "client": "alpha",
                     "limit": 50,
                     "statuses": [Status.succeeded],
-                    "metadata": {"user_id": "u_0042"},
+                    "metadata": {"user_id": USER},
                 },
             }
         for label in ("small", "big"):  # warm caches and statement caches
