@@ -253,37 +253,19 @@ async def _checkpoint(turns: WriteTurns, cps: Checkpoints) -> None:
         cps.running = False
 
 
-# Both give the write turn back as soon as the transaction has ended, before the session
-# or connection closes: SQLAlchemy closes it in a task of its own (cancellation-safe), so
-# the caller resumes a loop cycle or two later, and under load a cycle is milliseconds in
-# which no other transaction of the process could write.
-
-
 @asynccontextmanager
 async def unit_of_work(sm: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """One session, committed on success, rolled back on error."""
-    session = sm()
-    try:
-        async with _write_turn(sm.kw["bind"]), session.begin():
-            yield session
-    finally:
-        await session.__aexit__(None, None, None)
+    async with _write_turn(sm.kw["bind"]), sm() as session, session.begin():
+        yield session
 
 
 @asynccontextmanager
 async def write(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """One Core transaction (as ``engine.begin()``), taking its turn like
-    ``unit_of_work``. Bookkeeping that is one statement goes through ``Ctx.bookkeeping``
-    instead."""
-    conn = engine.connect()
-    try:
-        async with _write_turn(engine):
-            await conn.start()
-            async with conn.begin():
-                yield conn
-    finally:
-        if conn.sync_connection is not None:  # None: cancelled before it connected
-            await conn.__aexit__(None, None, None)
+    """One Core transaction (``engine.begin()``), taking its turn like ``unit_of_work``.
+    Bookkeeping that is one statement goes through ``Ctx.bookkeeping`` instead."""
+    async with _write_turn(engine), engine.begin() as conn:
+        yield conn
 
 
 Db = AsyncSession | AsyncConnection

@@ -5,22 +5,12 @@ real SQLite file, a worker loop's writes are the background ones."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from app.db import (
-    WriteTurns,
-    make_engine,
-    make_sessionmaker,
-    mark_background,
-    unit_of_work,
-    write,
-    write_turns,
-)
+from app.db import WriteTurns, make_engine, mark_background, write, write_turns
 
 
 async def _settle() -> None:
@@ -119,44 +109,6 @@ async def test_worker_writes_are_background_turns_on_sqlite(tmp_path: Path) -> N
         after = write_turns(engine).turns
         assert after["background"] - before["background"] == 1
         assert after["foreground"] - before["foreground"] == 1
-        async with engine.connect() as conn:
-            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 2
-    finally:
-        await engine.dispose()
-
-
-async def test_the_turn_is_given_back_before_the_connection_closes(tmp_path: Path) -> None:
-    """SQLAlchemy closes a connection or session in a task of its own, and its caller
-    resumes a loop cycle or two after the transaction ended; a writer waiting for the
-    turn has it by then (``write`` and ``unit_of_work``; after a commit and a rollback)."""
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
-    sm = make_sessionmaker(engine)
-    order: list[str] = []
-
-    def tx(kind: str) -> Any:
-        return write(engine) if kind == "write" else unit_of_work(sm)
-
-    async def first(kind: str, fail: bool) -> None:
-        with contextlib.suppress(ZeroDivisionError):
-            async with tx(kind) as db:
-                await db.execute(text("INSERT INTO t VALUES (1)"))
-                if fail:
-                    1 / 0  # noqa: B018
-        order.append("first is out")
-
-    async def second(kind: str) -> None:
-        async with tx(kind):
-            order.append("second has the turn")
-
-    try:
-        async with write(engine) as conn:
-            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
-        async with engine.connect(), engine.connect():
-            pass  # two pooled connections: the second writer connects without waiting
-        for kind, fail in (("write", False), ("write", True), ("session", False)):
-            order.clear()
-            await asyncio.gather(first(kind, fail), second(kind))
-            assert order == ["second has the turn", "first is out"], (kind, fail)
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 2
     finally:
