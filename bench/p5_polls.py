@@ -52,8 +52,17 @@ _TABLE = re.compile(
 )
 
 
+_INSERTS = re.compile(r"\bINSERT\s+INTO\s+\"?(\w+)\"?", re.IGNORECASE)
+
+
 class StatementCounter:
-    """Counts (verb, table) of every statement an engine runs, and its commits."""
+    """Counts (verb, table) of every statement an engine runs, and its commits.
+
+    A ``WITH`` statement (PostgreSQL's single-statement writes, ``app/tasks/_single.py``)
+    counts as one ``WITH``, and each ``INSERT INTO`` in it under its table (``rows_inserted``
+    counts ``INSERT INTO``s, not the rows they wrote: an ``INSERT … SELECT`` may write none); a
+    statement run in autocommit (``Ctx.bookkeeping``, the single statements) counts as a
+    commit too, since it is one."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine.sync_engine
@@ -68,9 +77,11 @@ class StatementCounter:
         m = _TABLE.search(statement)
         table = (m.group(1) or m.group(2)) if m else "-"
         self.counts[(verb, table)] += 1
-        if verb == "INSERT":
-            n = len(params) if executemany and isinstance(params, list | tuple) else 1
-            self.rows_inserted[table] += n
+        n = len(params) if executemany and isinstance(params, list | tuple) else 1
+        for into in _INSERTS.findall(statement):
+            self.rows_inserted[into] += n
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            self.commits += 1
 
     def _on_commit(self, conn: Any) -> None:
         self.commits += 1
