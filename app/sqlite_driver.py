@@ -45,7 +45,8 @@ runs. Nothing there can block for long:
 
 The zero busy timeout stays set while a connection's trips are inline; its next hop sets
 ``BUSY_TIMEOUT_MS`` back first, on the connection's thread (setting and restoring it
-around every BEGIN was two statements, ~0.2 ms of a submit's CPU under load).
+around every BEGIN was two statements per transaction, ~1 % of a submit's CPU in a
+py-spy profile under load: docs/benchmarks.md, "Issue 15, eighth round").
 
 **Checkpoints off the loop.** SQLite's own WAL checkpoints (``wal_autocheckpoint``, every
 ~1000 pages) run inside the COMMIT that crosses the mark, and copy pages into the database
