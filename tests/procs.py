@@ -63,10 +63,41 @@ SIM_DEFAULTS: dict[str, Any] = {
 _children: list[subprocess.Popen[bytes]] = []
 
 
+def _ports() -> range:
+    """Where ``free_port`` looks: below the kernel's ephemeral range, so no outgoing
+    connection (this run opens thousands) can take a port between the probe and the
+    server's own bind, as one did in CI (a receiver's uvicorn failed with EADDRINUSE);
+    one slice per pytest-xdist worker, so two workers never pick the same port."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    start = 10000 if low > 12000 else 1024
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = (low - start) // workers
+    return range(start + worker * size, start + (worker + 1) * size)
+
+
+_next_port: list[int] = []
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on (see ``_ports``), a different one each call
+    until the slice wraps round."""
+    ports = _ports()
+    if not _next_port:  # a random start: two runs on one machine rarely meet
+        _next_port.append(ports.start + int.from_bytes(os.urandom(2), "big") % len(ports))
+    for _ in range(len(ports)):
+        port = _next_port[0]
+        _next_port[0] = port + 1 if port + 1 < ports.stop else ports.start
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {ports}")
 
 
 def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from app.simulator import SimConfig, create_sim_app
 from app.wiro.signing import NonceSource, sign
+from tests.procs import free_port
 
 BASE = "http://sim.test"
 KEY, SECRET = "test-key", "test-secret"
@@ -594,11 +595,7 @@ async def test_run_hang_creates_the_task_before_answering(harness: Harness) -> N
 
 
 async def test_run_drop_connection_over_real_http() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = SimConfig(api_key=KEY, api_secret=SECRET, public_url=url, run_drop_connection=True)
     server = uvicorn.Server(
