@@ -82,7 +82,8 @@ async def wait_for_task(
     with watch:
         while True:
             watch.event.clear()
-            task = await tasks.get_task(ctx, task_id=task_id, client=scope)
+            loaded = await hub.read(task_id, lambda: tasks.load_task(ctx, task_id))
+            task = tasks.visible(loaded, task_id, scope)
             remaining = deadline - loop.time()
             if Status(task.status).terminal or remaining <= 0 or hub.draining:
                 return task, True

@@ -21,7 +21,8 @@ Nothing here polls the database.
 
 A wake-up is only a hint: a waiter always re-reads the task (or its events) from the
 database and decides on what it reads, so a spurious wake-up costs one read and a
-duplicate none.
+duplicate none. Waiters on one task share that read (``Hub.read``): ten callers held on
+a task cost one read per wake-up, not ten.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -40,6 +41,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app import metrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CHANNEL = "hgw_task"
 _PENDING, _COMMITTED = "hgw_events_pending", "hgw_events_committed"
@@ -81,6 +84,8 @@ class Hub:
         self._per_client: Counter[str] = Counter()
         self.wakeups = 0  # notifications that found a waiter (tests, bench)
         self.draining = False
+        self._reads: dict[str, asyncio.Future[Any]] = {}
+        self.reads = self.shared_reads = 0  # reads made / joined (tests, bench)
 
     def watch(self, task_id: str, client: str) -> Watch:
         """Register a waiter; ``TooManyWaiters`` over the client's cap. Register *before*
@@ -109,13 +114,37 @@ class Hub:
             return self._per_client.get(client, 0)
         return sum(self._per_client.values())
 
+    async def read(self, task_id: str, load: Callable[[], Awaitable[T]]) -> T:
+        """What ``load()`` reads of ``task_id``, shared with every waiter on the task that
+        asks while it runs. Safe because a wake-up of the task forgets its read in flight:
+        whoever joins a read joins one that began after the last commit that woke anyone,
+        so it sees that commit, and a commit while it runs sets the joiners' events (they
+        read again). The read runs to its end even if the caller that began it leaves."""
+        future = self._reads.get(task_id)
+        if future is None:
+            future = asyncio.ensure_future(load())
+            self._reads[task_id] = future
+            self.reads += 1
+            future.add_done_callback(lambda f: self._done(task_id, f))
+        else:
+            self.shared_reads += 1
+        return await asyncio.shield(future)  # type: ignore[no-any-return]
+
+    def _done(self, task_id: str, future: asyncio.Future[Any]) -> None:
+        if self._reads.get(task_id) is future:
+            del self._reads[task_id]
+        if not future.cancelled():
+            future.exception()  # retrieved: every joiner may have left
+
     def wake(self, task_ids: Iterable[str]) -> None:
         for task_id in task_ids:
+            self._reads.pop(task_id, None)
             for w in self._by_task.get(task_id, ()):
                 w.event.set()
                 self.wakeups += 1
 
     def wake_all(self) -> None:
+        self._reads.clear()
         for waiters in self._by_task.values():
             for w in waiters:
                 w.event.set()

@@ -128,6 +128,68 @@ async def test_terminal_task_answers_at_once(gateway: Gateway, sim: Sim) -> None
     assert r.status_code == 404
 
 
+async def test_waiters_on_one_task_share_each_read(gateway: Gateway, sim: Sim) -> None:
+    """Ten callers held on one task: each commit that wakes them costs about one read of
+    the task, not ten, and every caller still answers with the terminal state."""
+    client = gateway.client()
+    sim.configure(run_s=120)
+    tid = (await client.post("/v1/tasks", json=task_body(sim))).json()["id"]
+    hub = gateway.app.state.hub
+    held = [
+        asyncio.create_task(client.get(f"/v1/tasks/{tid}", headers={"Prefer": "wait=60"}))
+        for _ in range(10)
+    ]
+
+    async def all_held() -> bool:
+        return hub.waiting("alpha") == 10
+
+    await until(all_held)
+    reads, shared, wakeups = hub.reads, hub.shared_reads, hub.wakeups
+    assert (await client.post(f"/v1/tasks/{tid}/cancel")).status_code == 202
+    answers = await asyncio.gather(*held)
+    assert [r.json()["status"] for r in answers] == ["cancelled"] * 10
+    made, joined = hub.reads - reads, hub.shared_reads - shared
+    woken = hub.wakeups - wakeups  # a waiter woken once reads once
+    assert woken >= 10 and made + joined >= woken
+    assert made <= (made + joined) / 2, (made, joined)
+
+
+async def test_a_shared_read_is_never_joined_after_a_wake_up() -> None:
+    """``Hub.read``: callers that come while a read runs get its answer; after a wake-up
+    of the task a new caller starts a fresh read (the running one may predate the
+    commit); a caller that leaves does not stop the read for the others; an error
+    reaches every caller."""
+    from app.wakeup import Hub
+
+    hub = Hub(max_per_client=10)
+    gates: list[asyncio.Future[str]] = []
+
+    def load() -> asyncio.Future[str]:
+        gates.append(asyncio.get_running_loop().create_future())
+        return gates[-1]
+
+    first = asyncio.create_task(hub.read("t1", load))
+    joiner = asyncio.create_task(hub.read("t1", load))
+    leaver = asyncio.create_task(hub.read("t1", load))
+    other_task = asyncio.create_task(hub.read("t2", load))
+    await asyncio.sleep(0)
+    assert len(gates) == 2 and hub.shared_reads == 2  # t1 once, t2 once
+    hub.wake(["t1"])
+    after_wake = asyncio.create_task(hub.read("t1", load))
+    await asyncio.sleep(0)
+    assert len(gates) == 3
+    leaver.cancel()
+    await asyncio.sleep(0)
+    gates[0].set_result("before")
+    gates[2].set_result("after")
+    assert (await first, await joiner, await after_wake) == ("before", "before", "after")
+    assert leaver.cancelled()
+    gates[1].set_exception(LookupError("gone"))
+    with pytest.raises(LookupError):
+        await other_task
+    assert hub.reads == 3 and not hub._reads  # finished reads are forgotten
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_waiter_cap_per_client(db_url: str, sim: Sim, tmp_path: Path) -> None:
     sim.configure(run_s=120)

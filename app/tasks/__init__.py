@@ -31,6 +31,8 @@ from app.tasks._history import (
     insert_metadata,
     list_events,
     list_tasks,
+    load_task,
+    visible,
 )
 from app.tasks._intake import create_task, submit
 from app.tasks._leases import Claimed, claim_due, claim_tasks, release_all, renew_leases
@@ -53,9 +55,11 @@ __all__ = [
     "insert_metadata",
     "list_events",
     "list_tasks",
+    "load_task",
     "new_task_id",
     "release_all",
     "renew_leases",
     "submit",
     "token_hash",
+    "visible",
 ]

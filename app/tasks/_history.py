@@ -20,13 +20,21 @@ _TASK_METADATA = cast(Table, TaskMetadata.__table__)
 _PAIR_COUNT_CAP = 1000
 
 
-async def get_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
-    """The task, if ``client`` may see it (``None`` = admin, sees all)."""
+async def load_task(ctx: Ctx, task_id: str) -> Task | None:
     async with ctx.reads() as s:
-        task = await s.get(Task, task_id)
+        return await s.get(Task, task_id)
+
+
+def visible(task: Task | None, task_id: str, client: str | None) -> Task:
+    """``task`` if ``client`` may see it (``None`` = admin, sees all), else 404."""
     if task is None or (client is not None and task.client != client):
         raise NotFound(f"No task {task_id!r}.")
     return task
+
+
+async def get_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
+    """The task, if ``client`` may see it (``None`` = admin, sees all)."""
+    return visible(await load_task(ctx, task_id), task_id, client)
 
 
 async def by_idempotency_key(ctx: Ctx, client: str, key: str) -> Task | None:
