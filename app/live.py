@@ -3,12 +3,14 @@
 Both register a waiter in the process's ``Hub`` (app/wakeup.py) *before* reading, read
 what they need in a short read (no connection is held while waiting), then sleep on the
 waiter's ``asyncio.Event`` until a commit that wrote the task's events sets it, and read
-again: the database is the truth, a wake-up only says when to look.
+again: the database is the truth, a wake-up only says when to look. Callers held on one
+task share each read (``Hub.read``): the same read, begun after the wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import AsyncIterator, Sequence
 
@@ -166,7 +168,11 @@ async def follow(
     try:
         while True:
             watch.event.clear()
-            status, rows = await _events_after(ctx, watch.task_id, after, STREAM_PAGE)
+            status, rows = await hub.read(
+                watch.task_id,
+                functools.partial(_events_after, ctx, watch.task_id, after, STREAM_PAGE),
+                what=("events", after),
+            )
             for e in rows:
                 yield e
                 after = e.id

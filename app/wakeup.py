@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, TypeVar
 
 from sqlalchemy import event
@@ -84,7 +84,7 @@ class Hub:
         self._per_client: Counter[str] = Counter()
         self.wakeups = 0  # notifications that found a waiter (tests, bench)
         self.draining = False
-        self._reads: dict[str, asyncio.Future[Any]] = {}
+        self._reads: dict[str, dict[Hashable, asyncio.Future[Any]]] = {}
         self.reads = self.shared_reads = 0  # reads made / joined (tests, bench)
 
     def watch(self, task_id: str, client: str) -> Watch:
@@ -114,25 +114,31 @@ class Hub:
             return self._per_client.get(client, 0)
         return sum(self._per_client.values())
 
-    async def read(self, task_id: str, load: Callable[[], Awaitable[T]]) -> T:
-        """What ``load()`` reads of ``task_id``, shared with every waiter on the task that
-        asks while it runs. Safe because a wake-up of the task forgets its read in flight:
-        whoever joins a read joins one that began after the last commit that woke anyone,
-        so it sees that commit, and a commit while it runs sets the joiners' events (they
-        read again). The read runs to its end even if the caller that began it leaves."""
-        future = self._reads.get(task_id)
+    async def read(
+        self, task_id: str, load: Callable[[], Awaitable[T]], *, what: Hashable = None
+    ) -> T:
+        """What ``load()`` reads of ``task_id`` (``what``: which read, e.g. the events
+        after a cursor), shared with every waiter that asks for the same while it runs.
+        Safe because a wake-up of the task forgets its reads in flight: whoever joins a
+        read joins one that began after the last commit that woke anyone, so it sees that
+        commit, and a commit while it runs sets the joiners' events (they read again).
+        The read runs to its end even if the caller that began it leaves."""
+        reads = self._reads.setdefault(task_id, {})
+        future = reads.get(what)
         if future is None:
-            future = asyncio.ensure_future(load())
-            self._reads[task_id] = future
+            future = reads[what] = asyncio.ensure_future(load())
             self.reads += 1
-            future.add_done_callback(lambda f: self._done(task_id, f))
+            future.add_done_callback(lambda f: self._done(task_id, what, f))
         else:
             self.shared_reads += 1
         return await asyncio.shield(future)  # type: ignore[no-any-return]
 
-    def _done(self, task_id: str, future: asyncio.Future[Any]) -> None:
-        if self._reads.get(task_id) is future:
-            del self._reads[task_id]
+    def _done(self, task_id: str, what: Hashable, future: asyncio.Future[Any]) -> None:
+        reads = self._reads.get(task_id)
+        if reads is not None and reads.get(what) is future:
+            del reads[what]
+            if not reads:
+                del self._reads[task_id]
         if not future.cancelled():
             future.exception()  # retrieved: every joiner may have left
 

@@ -127,6 +127,41 @@ async def test_stream_heartbeats_then_follows_live(db_url: str, sim: Sim, tmp_pa
         assert gw.app.state.hub.waiting() == 0
 
 
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+async def test_streams_on_one_task_share_each_read(db_url: str, sim: Sim, tmp_path: Path) -> None:
+    """Five streams following one task: once all are quiet (each has sent a heartbeat),
+    each commit that wakes them costs about one read of the timeline, not five, and all
+    five send the same events to the end."""
+    sim.configure(run_s=120)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, stream_heartbeat_s=0.2) as gw:
+        client = gw.client()
+        tid = (await client.post("/v1/tasks", json=task_body(sim))).json()["id"]
+        hub = gw.app.state.hub
+        quiet = [asyncio.Event() for _ in range(5)]
+
+        async def follow(i: int) -> list[int]:
+            ids: list[int] = []
+            async with client.stream(
+                "GET", f"/v1/tasks/{tid}/events", headers=SSE, timeout=30
+            ) as r:
+                async for f in frames(r):
+                    if f.comment == "keep-alive":
+                        quiet[i].set()
+                    elif f.id is not None:
+                        ids.append(f.id)
+            return ids
+
+        streams = [asyncio.create_task(follow(i)) for i in range(5)]
+        await asyncio.wait_for(asyncio.gather(*(q.wait() for q in quiet)), 20)
+        reads, shared = hub.reads, hub.shared_reads
+        assert (await client.post(f"/v1/tasks/{tid}/cancel")).status_code == 202
+        got = await asyncio.wait_for(asyncio.gather(*streams), 30)
+        assert all(ids == got[0] for ids in got)
+        assert got[0] == [e["id"] for e in await all_pages(client, tid, 200)]
+        made, joined = hub.reads - reads, hub.shared_reads - shared
+        assert made + joined >= 5 and made <= (made + joined) / 2, (made, joined)
+
+
 async def test_events_pages(gateway: Gateway, sim: Sim) -> None:
     client = gateway.client()
     tid = (await client.post("/v1/tasks", json=task_body(sim))).json()["id"]

@@ -188,6 +188,18 @@ async def test_a_shared_read_is_never_joined_after_a_wake_up() -> None:
     with pytest.raises(LookupError):
         await other_task
     assert hub.reads == 3 and not hub._reads  # finished reads are forgotten
+    # Two different reads of one task are two reads; a wake-up forgets both.
+    events_at_0 = asyncio.create_task(hub.read("t1", load, what=("events", 0)))
+    events_at_5 = asyncio.create_task(hub.read("t1", load, what=("events", 5)))
+    await asyncio.sleep(0)
+    assert len(gates) == 5
+    hub.wake(["t1"])
+    again = asyncio.create_task(hub.read("t1", load, what=("events", 0)))
+    await asyncio.sleep(0)
+    assert len(gates) == 6 and hub.shared_reads == 2
+    for i, gate in enumerate(gates[3:]):
+        gate.set_result(str(i))
+    assert (await events_at_0, await events_at_5, await again) == ("0", "1", "2")
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
