@@ -131,7 +131,7 @@ class Hub:
             future.add_done_callback(lambda f: self._done(task_id, what, f))
         else:
             self.shared_reads += 1
-        return await asyncio.shield(future)  # type: ignore[no-any-return]
+        return await asyncio.shield(future)
 
     def _done(self, task_id: str, what: Hashable, future: asyncio.Future[Any]) -> None:
         reads = self._reads.get(task_id)
