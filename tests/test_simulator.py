@@ -691,11 +691,15 @@ async def test_callback_early_arrives_before_run_answers(harness: Harness) -> No
 
 async def test_output_ttl_expiry(harness: Harness) -> None:
     h = harness
-    await h.configure(output_ttl_s=0.2)
+    await h.configure(output_ttl_s=3.0)  # room for a busy machine before the first GET
     task, _ = await h.wait_terminal(await h.run_ok())
     url = task["outputs"][0]["url"]
     assert (await h.client.get(url)).status_code == 200
-    await asyncio.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while (status := (await h.client.get(url)).status_code) == 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert status == 404  # and it stays gone
     assert (await h.client.get(url)).status_code == 404
 
 
