@@ -200,7 +200,8 @@ async def _spans(gw, client: str) -> list[tuple[Any, Any]]:
 async def test_a_capped_client_waits_while_others_run(
     db_url: str, sim: Sim, tmp_path: Path
 ) -> None:
-    sim.configure(queue_s=0.1, run_s=1.5)  # alpha's first is still running while the rest submit
+    # alpha's first is still running while the rest submit, even on a loaded machine
+    sim.configure(queue_s=0.1, run_s=3.0)
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
         await clients.set_limits(gw.ctx.sm, client="alpha", rate_per_s=None, max_in_flight=1)
         alpha = [await gw.client("alpha").post("/v1/tasks", json=task_body(sim)) for _ in range(3)]
