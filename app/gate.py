@@ -122,13 +122,11 @@ class EdgeGate:
             return message
 
         async def guarded(message: Message) -> None:
-            """The app's ``send``: a 413 in place of whatever the app makes of an
-            over-long body; otherwise ``send_out`` inlined (one wrapper per message)."""
+            """The app's ``send``: whatever the app makes of an over-long body is dropped
+            (the gate answers 413 once the app has returned); otherwise ``send_out``
+            inlined (one wrapper per message)."""
             nonlocal answered, status
             if over:
-                if not answered:
-                    answered = True
-                    await _linger_and_close(_too_large(limit), receive, send_out)
                 return
             if message["type"] == "http.response.start":
                 answered = True
@@ -147,12 +145,17 @@ class EdgeGate:
                 try:
                     await self.app(scope, counting, guarded)
                 except BodyTooLarge:
-                    if not answered:
-                        answered = True
-                        await _linger_and_close(_too_large(limit), receive, send_out)
+                    pass  # answered below, outside this block
                 finally:
                     if upload:
                         self.uploads_streaming -= 1
+                # The 413 lingers (up to LINGER_S) only once the app has returned and the
+                # exception is gone: its traceback holds the app's frames, and with them
+                # the body chunks the route was parsing (3-4 of uvicorn's reads, ~250 KB
+                # each, per connection) for as long as the linger lasts.
+                if over and not answered:
+                    answered = True
+                    await _linger_and_close(_too_large(limit), receive, send_out)
             except BaseException as e:
                 tracing.server_span_failed(span, e)
                 raise
@@ -326,10 +329,17 @@ async def _linger_and_close(refusal: Response, receive: Receive, send: Send) -> 
             wait = min(LINGER_IDLE_S, deadline - loop.time())
             if wait <= 0:
                 break
-            message = await asyncio.wait_for(receive(), wait)
-            if message["type"] != "http.request" or not message.get("more_body", False):
+            if not _more_body(await asyncio.wait_for(receive(), wait)):
                 break
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _more_body(message: Message) -> bool:
+    """Whether more of the body is to come after ``message``. A function of its own so
+    that the lingering loop keeps no reference to a message while it waits for the next:
+    each holds one of uvicorn's reads (up to ~250 KB), and a name bound to the last one
+    would keep it alive beside the read uvicorn is filling."""
+    return message["type"] == "http.request" and bool(message.get("more_body", False))
 
 
 def _unauthorized(detail: str) -> Response:

@@ -217,6 +217,7 @@ def create_app(
     app.state.migration_heads = head_revisions()
     install_handlers(app)
     problems_in_spec(app)
+    result_routes.limit_upload_spool()
     for router in (
         task_routes.router,
         callbacks.router,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, cast
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, UploadFile
+from starlette.formparsers import MultiPartParser
 
 from app import notify, results, uploads
 from app.api.deps import principal
@@ -26,6 +27,18 @@ async def get_services(request: Request) -> Services:
 
 Svc = Annotated[Services, Depends(get_services)]
 TaskId = str
+# How much of an uploaded file is kept in memory before the rest goes to a temporary
+# file. Starlette's default is 1 MiB per upload, so 32 uploads streaming at once
+# (``GATEWAY_MAX_CONCURRENT_UPLOADS``) held up to 32 MiB before any was checked (bench
+# P9); a photo is mostly over 1 MiB and went to disk anyway.
+UPLOAD_SPOOL_BYTES = 64 * 1024
+
+
+def limit_upload_spool() -> None:
+    """Set ``UPLOAD_SPOOL_BYTES`` as the multipart parser's spool. Starlette has no
+    per-request setting for it, only this class attribute: it holds for every multipart
+    form the process parses (the upload route is the only one of the gateway's)."""
+    MultiPartParser.spool_max_size = UPLOAD_SPOOL_BYTES
 
 
 @router.get(

@@ -1,0 +1,162 @@
+"""What a refused or over-long upload keeps in memory while the gate lingers before
+closing (issue 16, bench P9): no body chunk once it has been read and dropped, none of
+the chunks the app had read before its body passed the limit, and at most a small spool
+of an upload's file in memory.
+
+The gate runs here on its own around small ASGI apps, with a ``receive`` that hands out
+chunks whose lifetime is watched with weak references (a chunk is freed by reference
+counting the moment nothing holds it; no collection or waiting is involved).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import pytest
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
+from starlette.requests import Request
+
+from app.api.results import UPLOAD_SPOOL_BYTES
+from app.gate import BodyTooLarge, EdgeGate
+from app.main import create_app
+from app.settings import Settings
+
+
+class Chunk(bytearray):
+    """A body chunk that can be watched with a weak reference (a ``bytes`` subclass
+    cannot be)."""
+
+
+class Wire:
+    """``receive`` for a chunked body of ``total`` chunks of ``size`` bytes. On each call
+    it records which of the chunks handed out before are still alive."""
+
+    def __init__(self, *, size: int, total: int) -> None:
+        self.size, self.total = size, total
+        self.handed: list[weakref.ref[Chunk]] = []
+        self.alive_at_call: list[int] = []
+
+    def alive(self) -> int:
+        return sum(1 for ref in self.handed if ref() is not None)
+
+    async def receive(self) -> dict[str, Any]:
+        self.alive_at_call.append(self.alive())
+        if len(self.handed) >= self.total:
+            return {"type": "http.disconnect"}
+        chunk = Chunk(self.size)
+        self.handed.append(weakref.ref(chunk))
+        return {
+            "type": "http.request",
+            "body": chunk,
+            "more_body": len(self.handed) < self.total,
+        }
+
+
+def scope(path: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gw"), (b"transfer-encoding", b"chunked")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+class Sent:
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    @property
+    def status(self) -> int:
+        return int(self.messages[0]["status"])
+
+
+async def test_a_refusal_lingers_without_holding_what_it_dropped() -> None:
+    """A refusal from the head (here: 503 while the process drains) reads and drops the
+    body while it lingers: by each read, no chunk handed out before is still held."""
+
+    async def never(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app must not be called")
+
+    class State:
+        draining = True
+
+    class App:
+        state = State()
+
+    gate = EdgeGate(never, settings=Settings(env="test"))
+    wire, sent = Wire(size=64 * 1024, total=6), Sent()
+    await gate({**scope("/v1/uploads"), "app": App()}, wire.receive, sent)
+    assert sent.status == 503
+    assert len(wire.handed) == 6  # the whole body was read and dropped
+    assert wire.alive_at_call == [0] * 6
+
+
+@pytest.mark.parametrize("app_answers", [False, True], ids=["raises", "answers"])
+async def test_an_over_long_body_lingers_without_the_apps_chunks(app_answers: bool) -> None:
+    """The app keeps every chunk it reads (as a multipart parser holds its current
+    chunk and its file); past the limit its read raises. Whether the app lets that
+    propagate or answers it itself (as FastAPI's handler does), the 413 lingers only
+    after the app has returned: none of the app's chunks is held while it does."""
+    size, limit = 16 * 1024, 64 * 1024
+
+    async def parser(scope: Any, receive: Any, send: Any) -> None:
+        kept: list[bytes] = []
+        try:
+            while True:
+                kept.append((await receive())["body"])
+        except BodyTooLarge as e:
+            if not app_answers:
+                raise
+            await send({"type": "http.response.start", "status": e.status_code, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+    settings = Settings(env="test", body_limit_bytes=limit)
+    gate = EdgeGate(parser, settings=settings)
+    wire, sent = Wire(size=size, total=12), Sent()
+    await gate(scope("/elsewhere"), wire.receive, sent)
+    assert sent.status == 413
+    assert [m["type"] for m in sent.messages].count("http.response.start") == 1
+    read_by_app = limit // size + 1  # the last of them passed the limit
+    assert len(wire.handed) == 12
+    # The first ``read_by_app`` calls are the app's; every later one is the gate's
+    # lingering read.
+    assert wire.alive_at_call[read_by_app:] == [0] * (12 - read_by_app)
+
+
+async def test_an_uploads_file_is_spooled_to_disk_past_64_kib() -> None:
+    """Multipart files stay in memory up to 64 KiB, then go to a temporary file
+    (Starlette's default spool is 1 MiB per upload: 32 uploads at once held 32 MiB)."""
+    create_app(Settings(env="test"))
+    assert MultiPartParser.spool_max_size == UPLOAD_SPOOL_BYTES == 64 * 1024
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + b"\0" * (64 * 1024 + 1) + b"\r\n--x--\r\n"
+    )
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=x")]
+    request = Request({**scope("/v1/uploads"), "headers": headers}, receive)
+    async with request.form() as form:
+        upload = form["file"]
+        assert isinstance(upload, UploadFile)
+        assert upload.size == 64 * 1024 + 1
+        assert upload._in_memory is False
