@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import uvicorn
 from pydantic import SecretStr
@@ -98,6 +98,7 @@ def _serve_one(settings: Settings, host: str, port: int, sock: socket.socket | N
     """One ``serve`` process: the app (its own owner id, engine, scheduler, workers) under
     uvicorn, on ``sock`` when a supervisor shares its listening socket."""
     from app.main import begin_drain, create_app
+    from app.reads import SmallReads
 
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal, which under
     # the default disposition kills the process (exit -15/143) although it stopped
@@ -110,6 +111,9 @@ def _serve_one(settings: Settings, host: str, port: int, sock: socket.socket | N
         app,
         host=host,
         port=port,
+        # httptools fed 64 KiB reads: a body not yet read costs ~128 KB per connection,
+        # not ~320 KB (app/reads.py).
+        http=cast("type[asyncio.Protocol]", SmallReads),
         log_config=None,
         log_level=settings.log_level.lower(),
         access_log=False,

@@ -10,10 +10,12 @@ counting the moment nothing holds it; no collection or waiting is involved).
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from typing import Any
 
 import pytest
+import uvicorn
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
@@ -21,7 +23,9 @@ from starlette.requests import Request
 from app.api.results import UPLOAD_SPOOL_BYTES
 from app.gate import BodyTooLarge, EdgeGate
 from app.main import create_app
+from app.reads import READ_BYTES, SmallReads
 from app.settings import Settings
+from tests.procs import free_port
 
 
 class Chunk(bytearray):
@@ -160,3 +164,48 @@ async def test_an_uploads_file_is_spooled_to_disk_past_64_kib() -> None:
         assert isinstance(upload, UploadFile)
         assert upload.size == 64 * 1024 + 1
         assert upload._in_memory is False
+
+
+async def test_the_server_reads_a_body_64_kib_at_a_time() -> None:
+    """With ``SmallReads``, what uvicorn holds of a body the app has not asked for is at
+    most one read past its 64 KiB mark: the app waits until the client has pushed 1 MiB
+    (so the kernel has far more than one read waiting), then every message it gets is at
+    most 2 x 64 KiB. uvicorn's own protocol reads 256 KB at a time here."""
+    pushed = asyncio.Event()
+    sizes: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await pushed.wait()
+        while True:
+            message = await receive()
+            sizes.append(len(message.get("body", b"")))
+            if not message.get("more_body", False):
+                break
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", http=SmallReads)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        total = 4 * 1024 * 1024
+        writer.write(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
+        chunk = b"\0" * (64 * 1024)
+        for i in range(total // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+            if i == 16:
+                pushed.set()
+        assert (await reader.readline()).startswith(b"HTTP/1.1 204")
+        writer.close()
+    finally:
+        server.should_exit = True
+        await task
+    assert sum(sizes) == total
+    assert max(sizes) <= 2 * READ_BYTES

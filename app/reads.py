@@ -1,0 +1,54 @@
+"""uvicorn's HTTP protocol (httptools) fed by reads of at most ``READ_BYTES``.
+
+uvicorn stops reading a connection once its unread body passes 64 KiB (its
+``HIGH_WATER_LIMIT``), until the app asks for more; but it checks only after a whole read,
+and uvloop reads up to 256,000 bytes at a time. So every connection whose body the app
+is not reading yet (a key being checked) or is reading and dropping (a refusal lingering
+before it closes) holds up to ~320 KB: 32 hostile uploads at once, ~10 MiB (bench P9).
+Reads into a buffer of 64 KiB of our own (uvloop's ``BufferedProtocol`` path) keep that
+at ~128 KB per connection; what the app reads is unchanged, only in smaller pieces.
+
+uvloop takes the buffered path only for a protocol that is not an ``asyncio.Protocol``,
+which uvicorn's is: hence a thin wrapper that hands each read to it as ``data_received``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+READ_BYTES = 64 * 1024
+
+
+class SmallReads(asyncio.BufferedProtocol):
+    """An ``HttpToolsProtocol`` (made with the same arguments) reading ``READ_BYTES`` at a
+    time. Each read is copied out of the buffer before it is handed on (as uvloop does
+    with its own buffer), so the buffer is reused from one read to the next."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.http = HttpToolsProtocol(*args, **kwargs)
+        self._buffer = bytearray(READ_BYTES)
+        self._view = memoryview(self._buffer)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.http.connection_made(transport)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.http.connection_lost(exc)
+
+    def eof_received(self) -> None:
+        self.http.eof_received()
+
+    def pause_writing(self) -> None:
+        self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.http.resume_writing()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.http.data_received(bytes(self._view[:nbytes]))
