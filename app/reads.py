@@ -8,6 +8,11 @@ before it closes) holds up to ~320 KB: 32 hostile uploads at once, ~10 MiB (benc
 Reads into a buffer of 64 KiB of our own (uvloop's ``BufferedProtocol`` path) keep that
 at ~128 KB per connection; what the app reads is unchanged, only in smaller pieces.
 
+One buffer serves every connection of a thread's event loop: a loop fills it and hands
+it on in one go (``get_buffer``, the read, ``buffer_updated``, with nothing in between),
+and each read is copied out before it is handed on. A buffer per connection would cost
+64 KiB for every idle keep-alive connection and every held ``Prefer: wait`` caller.
+
 uvloop takes the buffered path only for a protocol that is not an ``asyncio.Protocol``,
 which uvicorn's is: hence a thin wrapper that hands each read to it as ``data_received``.
 """
@@ -15,6 +20,7 @@ which uvicorn's is: hence a thin wrapper that hands each read to it as ``data_re
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -22,15 +28,23 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 READ_BYTES = 64 * 1024
 
 
+class _Buffer(threading.local):
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_BYTES))
+
+
+_buffer = _Buffer()
+
+
 class SmallReads(asyncio.BufferedProtocol):
     """An ``HttpToolsProtocol`` (made with the same arguments) reading ``READ_BYTES`` at a
-    time. Each read is copied out of the buffer before it is handed on (as uvloop does
-    with its own buffer), so the buffer is reused from one read to the next."""
+    time into its thread's one buffer. Each read is copied out of the buffer before it is
+    handed on (as uvloop does with its own), so the buffer is reused from one read to the
+    next, whichever connection it was for."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.http = HttpToolsProtocol(*args, **kwargs)
-        self._buffer = bytearray(READ_BYTES)
-        self._view = memoryview(self._buffer)
+        self._view = _buffer.view
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.http.connection_made(transport)  # type: ignore[arg-type]

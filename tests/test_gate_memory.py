@@ -209,3 +209,60 @@ async def test_the_server_reads_a_body_64_kib_at_a_time() -> None:
         await task
     assert sum(sizes) == total
     assert max(sizes) <= 2 * READ_BYTES
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_connections_read_at_once_each_get_their_own_bytes(loop: str) -> None:
+    """Every connection of a loop reads through one shared buffer: eight uploads pushed
+    at once, each of its own byte, in pieces that interleave on the wire, each arrive
+    whole and unmixed (the server's app counts each upload's bytes by value)."""
+    import uvloop
+
+    seen: dict[str, dict[int, int]] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        counts: dict[int, int] = {}
+        while True:
+            message = await receive()
+            for value in set(message.get("body", b"")):
+                counts[value] = counts.get(value, 0) + message["body"].count(value)
+            if not message.get("more_body", False):
+                break
+        seen[scope["path"]] = counts
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    size = 3 * READ_BYTES + 123
+
+    async def upload(port: int, n: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST /{n} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+        body = bytes([n]) * size
+        for start in range(0, size, 10_000):
+            writer.write(body[start : start + 10_000])
+            await writer.drain()
+            await asyncio.sleep(0)
+        status = await reader.readline()
+        writer.close()
+        return status
+
+    async def main() -> list[bytes]:
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", http=SmallReads)  # type: ignore[arg-type]
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        try:
+            while not server.started:
+                await asyncio.sleep(0.01)
+            return await asyncio.gather(*(upload(port, n) for n in range(1, 9)))
+        finally:
+            server.should_exit = True
+            await task
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        statuses = runner.run(main())
+    assert all(s.startswith(b"HTTP/1.1 204") for s in statuses)
+    assert seen == {f"/{n}": {n: size} for n in range(1, 9)}
