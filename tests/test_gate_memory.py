@@ -11,7 +11,9 @@ counting the moment nothing holds it; no collection or waiting is involved).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -186,13 +188,7 @@ async def test_the_server_reads_a_body_64_kib_at_a_time() -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", http=SmallReads)  # type: ignore[arg-type]
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
+    async with small_reads_server(app) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         total = 4 * 1024 * 1024
         writer.write(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
@@ -204,9 +200,6 @@ async def test_the_server_reads_a_body_64_kib_at_a_time() -> None:
                 pushed.set()
         assert (await reader.readline()).startswith(b"HTTP/1.1 204")
         writer.close()
-    finally:
-        server.should_exit = True
-        await task
     assert sum(sizes) == total
     assert max(sizes) <= 2 * READ_BYTES
 
@@ -249,20 +242,27 @@ def test_connections_read_at_once_each_get_their_own_bytes(loop: str) -> None:
         return status
 
     async def main() -> list[bytes]:
-        port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", http=SmallReads)  # type: ignore[arg-type]
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
-        try:
-            while not server.started:
-                await asyncio.sleep(0.01)
+        async with small_reads_server(app) as port:
             return await asyncio.gather(*(upload(port, n) for n in range(1, 9)))
-        finally:
-            server.should_exit = True
-            await task
 
     factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         statuses = runner.run(main())
     assert all(s.startswith(b"HTTP/1.1 204") for s in statuses)
     assert seen == {f"/{n}": {n: size} for n in range(1, 9)}
+
+
+@contextlib.asynccontextmanager
+async def small_reads_server(app: Any) -> AsyncIterator[int]:
+    """uvicorn serving ``app`` through ``SmallReads`` on a free port, on the running loop."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", http=SmallReads)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield port
+    finally:
+        server.should_exit = True
+        await task
