@@ -349,9 +349,11 @@ async def measure(
             "gateway_rps": r2(median([r["submit"]["max_applied_rps"] for r in rs]), 1),
             "gateway_accept_rps": r2(median([r["submit"]["max_rps"] for r in rs]), 1),
             "ratio": r2(median([r["submit_ratio"] for r in rs]), 3),
-            "target": ">= 0.5 x baseline",
+            # Issue 15's target for whole task lives (issue 8 had asked 0.5 x; submits
+            # alone, tasks left queued, are P12's 0.5 x).
+            "target": ">= 0.25 x baseline",
         }
-        out["P2"]["met"] = bool((out["P2"]["ratio"] or 0) >= 0.5)
+        out["P2"]["met"] = bool((out["P2"]["ratio"] or 0) >= 0.25)
         out["P2"]["cpu_ms_per_task"] = cpu_per_request([r["submit"] for r in rs])
         out["P2"]["fixed_load"] = await fixed_load(
             engine, gw, sim, submit, rate=FIXED_RATE, count=run.pick(300, 600)
