@@ -78,8 +78,18 @@ def _other(data: bytes) -> str:
     return ""
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Open and fully decode, refusing anything but JPEG/PNG and oversized images."""
+def _open(
+    data: bytes, max_pixels: int, *, scaled: bool = False
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Open and fully decode, refusing anything but JPEG/PNG and oversized images; the
+    image and its size (the header's).
+
+    ``scaled``: a JPEG is decoded at 1/8 of each side (libjpeg's DCT scaling, Pillow's
+    ``draft``), for a check that keeps no pixels. Every block's entropy-coded data is
+    still read and decoded, which is where truncated or corrupt data shows; only the
+    inverse DCT and the colour conversion work on the smaller image: two to three times
+    less CPU per photo (docs/benchmarks.md, "Issue 15, tenth round"). The image returned
+    is then the small one; the size returned is still the header's."""
     if sniff(data) is None:
         other = _other(data)
         raise ImageRejected(
@@ -99,6 +109,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
                 "pixels",
                 f"the image is {width}x{height} pixels, over the limit of {max_pixels} pixels",
             )
+        if scaled and im.format == "JPEG":
+            im.draft(im.mode, ((width + 7) // 8, (height + 7) // 8))
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected("pixels", f"the image has too many pixels: {e}") from None
@@ -110,17 +122,18 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         ) from None
     if width <= 0 or height <= 0:
         raise ImageRejected("decode", "the image has no pixels")
-    return im
+    return im, (width, height)
 
 
 def inspect(data: bytes, *, max_pixels: int) -> ImageInfo:
-    """Check that ``data`` is a whole JPEG or PNG; its facts."""
-    im = _open(data, max_pixels)
+    """Check that ``data`` is a whole JPEG or PNG; its facts (a JPEG is decoded at 1/8
+    scale, see ``_open``; the size is the header's)."""
+    im, (width, height) = _open(data, max_pixels, scaled=True)
     assert im.format in FORMATS
     return ImageInfo(
         content_type=FORMATS[im.format],
-        width=im.width,
-        height=im.height,
+        width=width,
+        height=height,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
@@ -149,7 +162,7 @@ def clean(data: bytes, *, max_pixels: int) -> tuple[bytes, ImageInfo]:
     and every piece of metadata (EXIF with its GPS position and camera serial, XMP, IPTC,
     comments, PNG text chunks, the ICC profile) left behind. Pixels with an ICC profile
     are converted to sRGB first, so the colours do not change."""
-    im = _open(data, max_pixels)
+    im, _ = _open(data, max_pixels)
     fmt = im.format
     assert fmt in FORMATS
     icc = im.info.get("icc_profile")

@@ -1,0 +1,136 @@
+"""The gateway's CPU per request at one fixed offered rate, split between its event loop's
+thread and the rest (decode threads, aiosqlite's, the file store's), read from
+``/proc/PID/task``; optionally with a py-spy profile of the run (``--spy FILE``, raw
+folded stacks with thread names, for a flame graph or a grep).
+
+``python -m bench.cpu_split submit|life|callback --db sqlite|postgres [--rate R] [-n N]``
+
+- ``submit``: ``POST /v1/tasks``, every task left queued upstream (P12's load);
+- ``life``: the same, every task living its whole life (P2's: 0.2 s queued, 0.5 s
+  running, callback, Detail, output stored), until all are terminal;
+- ``callback``: Wiro's completion callbacks for tasks written as the gateway leaves them
+  after Run (P3's), until all are terminal.
+
+Not part of ``make bench``: a tool for the A/B measurements of docs/benchmarks.md
+(``BENCH_APP_ROOT`` picks the checkout under test, as for ``python -m bench``). The
+fixed rate makes the CPU per request steadier between runs than the searches' figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import bench_engine, wait_all_terminal, wait_idle
+from bench.harness import (
+    CLIENT_KEYS,
+    new_database,
+    start_gateway,
+    start_sim,
+    task_body,
+)
+from bench.loadgen import Pool, build_request, open_loop
+from bench.synth import insert_submitted_tasks
+from bench.throughput import _finished_upstream_task
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid`` (utime + stime)."""
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                stat = fh.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+async def measure(kind: str, db_kind: str, rate: float, n: int, spy: str | None) -> str:
+    workdir = Path(tempfile.mkdtemp(prefix="hgw-cpu-split-"))
+    sim = start_sim(workdir)
+    sim.reset(queue_s=3600.0 if kind == "submit" else 0.2, run_s=0.5, callback_drop=0.0)
+    db = new_database(db_kind, workdir, "split")
+    gw = start_gateway(db=db, sim=sim, logdir=workdir, output_hosts="127.0.0.1,cdn.wiro.ai")
+    engine = bench_engine(db)
+    pool = Pool(gw.url, max_conns=64)
+    profiler: subprocess.Popen[bytes] | None = None
+    try:
+        submit = build_request(
+            gw.url,
+            path="/v1/tasks",
+            body=task_body(sim),
+            headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
+        )
+        if kind == "callback":
+            upstream_id, body = await _finished_upstream_task(sim, gw.url)
+            rows = await insert_submitted_tasks(engine, n, upstream_id=upstream_id)
+            reqs = [
+                build_request(gw.url, path=f"/callbacks/wiro/{tid}/{tok}", body=body)
+                for tid, tok in rows
+            ]
+        else:
+            await open_loop(pool, [submit], rate=50.0, count=100, timeout=60)  # warm-up
+            reqs = [submit]
+        if kind != "submit":
+            await wait_all_terminal(engine, 120, poll_s=0.1)
+        await wait_idle(gw.cpu)
+        if spy:
+            spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            args = ["record", "-p", str(gw.pid), "-o", spy, "-f", "raw", "-r", "250"]
+            profiler = subprocess.Popen(
+                [spy_bin, *args, "--nonblocking", "--threads"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+        before = thread_cpu(gw.pid)
+        step = await open_loop(pool, reqs, rate=rate, count=n, timeout=60)
+        left = 0
+        if kind != "submit":
+            left, _ = await wait_all_terminal(engine, 120, poll_s=0.1)
+        await wait_idle(gw.cpu)
+        after = thread_cpu(gw.pid)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
+    finally:
+        pool.close()
+        await engine.dispose()
+        gw.stop()
+        sim.stop()
+        db.drop()
+    loop_s = after.get(gw.pid, 0.0) - before.get(gw.pid, 0.0)
+    rest_s = sum(v - before.get(t, 0.0) for t, v in after.items() if t != gw.pid)
+    return (
+        f"{kind} {db_kind} at {rate:g}/s, {n}: {step.ok} answered 2xx, p50 "
+        f"{step.pct(50):.1f} ms, p99 {step.pct(99):.1f} ms, {left} not terminal; gateway CPU "
+        f"per request: event loop's thread {1000 * loop_s / n:.2f} ms, other threads "
+        f"{1000 * rest_s / n:.2f} ms; load average {os.getloadavg()[0]:.2f}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_split")
+    p.add_argument("kind", choices=["submit", "life", "callback"])
+    p.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    p.add_argument("--rate", type=float, default=100.0, help="requests per second")
+    p.add_argument("-n", type=int, default=2000, help="requests")
+    p.add_argument("--spy", help="write a py-spy profile (raw, with threads) here")
+    a = p.parse_args()
+    print(asyncio.run(measure(a.kind, a.db, a.rate, a.n, a.spy)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
