@@ -57,7 +57,9 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return out
 
 
-async def measure(kind: str, db_kind: str, rate: float, n: int, spy: str | None) -> str:
+async def measure(
+    kind: str, db_kind: str, rate: float, n: int, spy: str | None, output_format: str
+) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="hgw-cpu-split-"))
     sim = start_sim(workdir)
     sim.reset(queue_s=3600.0 if kind == "submit" else 0.2, run_s=0.5, callback_drop=0.0)
@@ -67,17 +69,19 @@ async def measure(kind: str, db_kind: str, rate: float, n: int, spy: str | None)
     pool = Pool(gw.url, max_conns=64)
     profiler: subprocess.Popen[bytes] | None = None
     try:
+        body = task_body(sim)
+        body["input"]["outputFormat"] = output_format
         submit = build_request(
             gw.url,
             path="/v1/tasks",
-            body=task_body(sim),
+            body=body,
             headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
         )
         if kind == "callback":
-            upstream_id, body = await _finished_upstream_task(sim, gw.url)
+            upstream_id, callback = await _finished_upstream_task(sim, gw.url)
             rows = await insert_submitted_tasks(engine, n, upstream_id=upstream_id)
             reqs = [
-                build_request(gw.url, path=f"/callbacks/wiro/{tid}/{tok}", body=body)
+                build_request(gw.url, path=f"/callbacks/wiro/{tid}/{tok}", body=callback)
                 for tid, tok in rows
             ]
         else:
@@ -114,9 +118,9 @@ async def measure(kind: str, db_kind: str, rate: float, n: int, spy: str | None)
     loop_s = after.get(gw.pid, 0.0) - before.get(gw.pid, 0.0)
     rest_s = sum(v - before.get(t, 0.0) for t, v in after.items() if t != gw.pid)
     return (
-        f"{kind} {db_kind} at {rate:g}/s, {n}: {step.ok} answered 2xx, p50 "
-        f"{step.pct(50):.1f} ms, p99 {step.pct(99):.1f} ms, {left} not terminal; gateway CPU "
-        f"per request: event loop's thread {1000 * loop_s / n:.2f} ms, other threads "
+        f"{kind} {db_kind} ({output_format} outputs) at {rate:g}/s, {n}: {step.ok} answered "
+        f"2xx, p50 {step.pct(50):.1f} ms, p99 {step.pct(99):.1f} ms, {left} not terminal; "
+        f"gateway CPU per request: event loop's thread {1000 * loop_s / n:.2f} ms, other threads "
         f"{1000 * rest_s / n:.2f} ms; load average {os.getloadavg()[0]:.2f}"
     )
 
@@ -128,8 +132,14 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=100.0, help="requests per second")
     p.add_argument("-n", type=int, default=2000, help="requests")
     p.add_argument("--spy", help="write a py-spy profile (raw, with threads) here")
+    p.add_argument(
+        "--output-format",
+        choices=["png", "jpeg"],
+        default="png",
+        help="the tasks' outputFormat (submit, life; the benchmark's tasks ask for png)",
+    )
     a = p.parse_args()
-    print(asyncio.run(measure(a.kind, a.db, a.rate, a.n, a.spy)), flush=True)
+    print(asyncio.run(measure(a.kind, a.db, a.rate, a.n, a.spy, a.output_format)), flush=True)
 
 
 if __name__ == "__main__":
