@@ -149,9 +149,11 @@ async def test_waiters_on_one_task_share_each_read(gateway: Gateway, sim: Sim) -
     answers = await asyncio.gather(*held)
     assert [r.json()["status"] for r in answers] == ["cancelled"] * 10
     made, joined = hub.reads - reads, hub.shared_reads - shared
-    woken = hub.wakeups - wakeups  # a waiter woken once reads once
-    assert woken >= 10 and made + joined >= woken
-    assert made <= (made + joined) / 2, (made, joined)
+    # Every caller read at least once after the last commit woke it (its answer says
+    # "cancelled"); wake-ups that come while a caller has not yet read coalesce, so
+    # reads are not counted against wake-ups.
+    assert hub.wakeups - wakeups >= 10
+    assert made + joined >= 10 and made <= (made + joined) / 2, (made, joined)
 
 
 async def test_a_shared_read_is_never_joined_after_a_wake_up() -> None:
