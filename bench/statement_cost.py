@@ -1,0 +1,95 @@
+"""What SQLAlchemy's layer costs per SQLite write statement and per write turn, against
+the same work on a plain ``sqlite3`` connection, in one run on one migrated file.
+
+``python -m bench.statement_cost`` (not part of ``make bench``). Three ways, alternated
+over rounds, CPU time of this process (the event loop's thread runs everything: the write
+turns are inline):
+
+- ``write(engine)`` (``app.db``: the process's write turn, a pooled connection, begin,
+  ``BEGIN IMMEDIATE`` on the first write, commit, close) with a prebuilt
+  ``UPDATE tasks SET hint_at = ? WHERE id = ?`` through ``AsyncConnection.execute`` for
+  each of 5 tasks (written as the gateway leaves them after Run), each writing its row;
+- the same turn with no statement (what a turn costs by itself);
+- a plain ``sqlite3`` connection (same pragmas): ``BEGIN IMMEDIATE``, the 5 updates,
+  ``COMMIT`` (the same timestamps, as SQLAlchemy stores them on SQLite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import bindparam, update
+
+from app.db import make_engine, write
+from app.migrate import upgrade
+from app.tasks._writes import TASKS
+from bench.synth import insert_submitted_tasks
+
+PER_TURN = 5
+TURNS = 600
+ROUNDS = 5
+SQL = "UPDATE tasks SET hint_at=? WHERE tasks.id = ?"
+
+
+async def main() -> None:
+    path = Path(tempfile.mkdtemp(prefix="hgw-stmt-")) / "bench.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await asyncio.to_thread(upgrade, url)
+    engine = make_engine(url)
+    ids = [tid for tid, _ in await insert_submitted_tasks(engine, PER_TURN, upstream_id="u1")]
+    # Each update writes its row: the hint's time, then none, in turn.
+    stmt = update(TASKS).where(TASKS.c.id == bindparam("b_id")).values(hint_at=bindparam("b_at"))
+    plain = sqlite3.connect(path, isolation_level=None)
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "wal_autocheckpoint=0"):
+        plain.execute(f"PRAGMA {pragma}")
+
+    async def through_sqlalchemy() -> None:
+        for _ in range(TURNS):
+            async with write(engine) as conn:
+                for tid in ids:
+                    await conn.execute(stmt, {"b_id": tid, "b_at": next(stamps)})
+
+    async def empty_turns() -> None:
+        for _ in range(TURNS):
+            async with write(engine):
+                pass
+
+    async def plain_sqlite() -> None:
+        for _ in range(TURNS):
+            plain.execute("BEGIN IMMEDIATE")
+            for tid in ids:
+                plain.execute(SQL, (next(texts), tid))
+            plain.execute("COMMIT")
+
+    now = datetime.now(UTC)
+    stamps = itertools.cycle([now, None])
+    texts = itertools.cycle([now.replace(tzinfo=None).isoformat(" "), None])
+    ways = {"sqlalchemy": through_sqlalchemy, "empty": empty_turns, "plain": plain_sqlite}
+    per_turn: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(ROUNDS):
+        for name, way in ways.items():
+            t = time.process_time()
+            await way()
+            per_turn[name].append(1e6 * (time.process_time() - t) / TURNS)
+            if name != "empty":  # keep the WAL short, as the gateway's checkpoints do
+                plain.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    plain.close()
+    await engine.dispose()
+    sa, empty, raw = (statistics.median(per_turn[n]) for n in ("sqlalchemy", "empty", "plain"))
+    print(
+        f"a write turn of {PER_TURN} updates: through SQLAlchemy {sa:.0f} us, plain sqlite3 "
+        f"{raw:.0f} us; an empty turn through SQLAlchemy {empty:.0f} us; per statement "
+        f"through SQLAlchemy {(sa - empty) / PER_TURN:.0f} us against "
+        f"{raw / PER_TURN:.0f} us plain (its turn's BEGIN and COMMIT included)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
