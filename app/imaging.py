@@ -87,8 +87,9 @@ def _open(
     ``scaled``: a JPEG is decoded at 1/8 of each side (libjpeg's DCT scaling, Pillow's
     ``draft``), for a check that keeps no pixels. Every block's entropy-coded data is
     still read and decoded, which is where truncated or corrupt data shows; only the
-    inverse DCT and the colour conversion work on the smaller image: two to three times
-    less CPU per photo (docs/benchmarks.md, "Issue 15, tenth round"). The image returned
+    inverse DCT and the colour conversion work on the smaller image: a third of the CPU
+    for the simulator's headshots, three quarters for noise, where entropy decoding is
+    most of the work (docs/benchmarks.md, "Issue 15, tenth round"). The image returned
     is then the small one; the size returned is still the header's."""
     if sniff(data) is None:
         other = _other(data)
