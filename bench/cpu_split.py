@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from pathlib import Path
 from bench.common import bench_engine, wait_all_terminal, wait_idle
 from bench.harness import (
     CLIENT_KEYS,
+    cpu_seconds,
     new_database,
     start_gateway,
     start_sim,
@@ -43,17 +45,11 @@ from bench.throughput import _finished_upstream_task
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of ``pid`` (utime + stime)."""
+    """CPU seconds of each thread of ``pid``."""
     out: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-                stat = fh.read()
-        except OSError:  # the thread ended meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            out[int(tid)] = cpu_seconds(pid, int(tid))
     return out
 
 

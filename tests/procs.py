@@ -170,9 +170,10 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (not its children)."""
-    with open(f"/proc/{pid}/stat") as fh:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process (not its children), or of one of its threads."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    with open(path) as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
 
