@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -215,26 +216,104 @@ def write_turns(engine: AsyncEngine) -> WriteTurns:
 
 
 @asynccontextmanager
-async def _write_turn(engine: AsyncEngine) -> AsyncIterator[None]:
+async def _write_turn(engine: AsyncEngine) -> AsyncIterator[AsyncConnection | None]:
+    """The process's turn at writing ``engine``'s SQLite file, on the connection its
+    turns share (``_Writer``); ``None`` on PostgreSQL, where transactions do not take
+    turns and each checks a connection out of the pool."""
     if engine.dialect.name != "sqlite":
-        yield
+        yield None
         return
     if _writing.get():
         raise RuntimeError("a write transaction inside another one (SQLite writer lock)")
     turns = write_turns(engine)
     await turns.acquire(background=_background.get())
     token = _writing.set(True)
+    writer = _writer_of(engine)
     try:
         # Its statements run on the loop's thread: the turn is held only while they run.
         with inline():
-            yield
+            yield await writer.connection(engine)
     finally:
         _writing.reset(token)
-        turns.release()
+        try:
+            await writer.turn_ended(_turn_end_hooks.get(engine.sync_engine, ()))
+        finally:
+            turns.release()
         cps = _files.get(engine.sync_engine)
         if cps is not None and cps.due:
             cps.running = True
             cps.task = asyncio.get_running_loop().create_task(_checkpoint(turns, cps))
+
+
+class _Writer:
+    """The one connection that a process's write turns at a SQLite file share, held
+    between turns instead of checked out of the pool and back for each (a turn's
+    checkout, its ``begin`` and check-in cost ~3x what its own ``begin`` and commit do on
+    a held connection: docs/benchmarks.md). Being the process's only writer there, it
+    also keeps its page cache: SQLite drops a connection's cache when another one wrote.
+
+    After each turn the hooks of ``on_turn_end`` run with the connection's ``info`` (the
+    SQLite wake-ups, which otherwise fire at the next ``begin`` or at check-in). A
+    connection left in doubt (invalidated, a transaction still open, or one that may
+    only hop to its thread since a cancelled hop) is closed, and the next turn opens
+    another. ``engine.dispose()`` closes the held one (``_close_writer``)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self) -> None:
+        self._conn: AsyncConnection | None = None
+
+    async def connection(self, engine: AsyncEngine) -> AsyncConnection:
+        if self._conn is None:
+            self._conn = await engine.connect()
+        return self._conn
+
+    async def turn_ended(self, hooks: Iterable[Callable[[dict[Any, Any]], None]]) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        sync = conn.sync_connection
+        if sync is not None and not sync.invalidated and not sync.closed:
+            for hook in hooks:
+                hook(sync.info)
+            if not sync.in_transaction() and getattr(
+                sync.connection.dbapi_connection, "_inline", True
+            ):
+                return
+        self._conn = None
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    def close_sync(self) -> None:
+        """Close the held connection from a greenlet (``engine.dispose()``)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.sync_connection is not None:
+            with contextlib.suppress(Exception):
+                conn.sync_connection.invalidate()
+
+
+_writers: weakref.WeakKeyDictionary[Any, _Writer] = weakref.WeakKeyDictionary()
+_turn_end_hooks: weakref.WeakKeyDictionary[Any, list[Callable[[dict[Any, Any]], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _writer_of(engine: AsyncEngine) -> _Writer:
+    writer = _writers.get(engine.sync_engine)
+    if writer is None:
+        writer = _writers[engine.sync_engine] = _Writer()
+
+        @event.listens_for(engine.sync_engine, "engine_disposed")
+        def _close_writer(_engine: Any) -> None:
+            writer.close_sync()
+
+    return writer
+
+
+def on_turn_end(engine: AsyncEngine, hook: Callable[[dict[Any, Any]], None]) -> None:
+    """Run ``hook(info)`` after each SQLite write turn on ``engine``, with the ``info``
+    of the connection the turn wrote on (its transaction is over by then)."""
+    _turn_end_hooks.setdefault(engine.sync_engine, []).append(hook)
 
 
 # The SQLite file each engine writes, for its checkpoints (set at connect).
@@ -256,16 +335,23 @@ async def _checkpoint(turns: WriteTurns, cps: Checkpoints) -> None:
 @asynccontextmanager
 async def unit_of_work(sm: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """One session, committed on success, rolled back on error."""
-    async with _write_turn(sm.kw["bind"]), sm() as session, session.begin():
-        yield session
+    async with _write_turn(sm.kw["bind"]) as conn:
+        bind = {} if conn is None else {"bind": conn}
+        async with sm(**bind) as session, session.begin():
+            yield session
 
 
 @asynccontextmanager
 async def write(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """One Core transaction (``engine.begin()``), taking its turn like ``unit_of_work``.
     Bookkeeping that is one statement goes through ``Ctx.bookkeeping`` instead."""
-    async with _write_turn(engine), engine.begin() as conn:
-        yield conn
+    async with _write_turn(engine) as held:
+        if held is None:
+            async with engine.begin() as conn:
+                yield conn
+        else:
+            async with held.begin():
+                yield held
 
 
 Db = AsyncSession | AsyncConnection

@@ -39,6 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics
+from app.db import on_turn_end
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,9 @@ def attach_local(engine: AsyncEngine, hub: Hub) -> None:
     def _checkin(_dbapi_conn: Any, record: Any) -> None:
         if record is not None:
             _fire(record.info, hub)
+
+    # The write turns' connection is held, not checked in (app/db.py ``_Writer``).
+    on_turn_end(engine, lambda info: _fire(info, hub))
 
 
 # ---------------------------------------------------------------- PostgreSQL: LISTEN

@@ -64,10 +64,20 @@ async def db(tmp_path: Path) -> AsyncIterator[tuple[AsyncEngine, Path]]:
     engine = make_engine(f"sqlite+aiosqlite:///{path}")
     async with engine.begin() as conn:
         await conn.run_sync(META.create_all)
+    await warm(engine)
     try:
         yield engine, path
     finally:
         await engine.dispose()
+
+
+async def warm(engine: AsyncEngine) -> None:
+    """Open the write turns' held connection and a pooled one for reads, so that the
+    trips counted below are the statements' own, not a new connection's set-up."""
+    async with engine.connect(), engine.connect():
+        pass
+    async with write(engine):
+        pass
 
 
 def names(path: Path) -> list[str]:
@@ -369,6 +379,7 @@ async def test_a_write_turn_runs_on_the_loops_thread_and_reads_elsewhere_hop(
     try:
         async with engine.begin() as conn:
             await conn.run_sync(META.create_all)
+        await warm(engine)
         loop_thread = threading.get_ident()
         with Trips() as trips:
             async with write(engine) as conn:

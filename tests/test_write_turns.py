@@ -1,16 +1,29 @@
 """SQLite's write turns (app/db.py ``WriteTurns``): requests before the background, the
 background never starved, cancellation never loses the turn; and through ``write`` on a
-real SQLite file, a worker loop's writes are the background ones."""
+real SQLite file, a worker loop's writes are the background ones, and every turn writes
+on one held connection (``_Writer``)."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, text
+from sqlalchemy import event as sa_event
 
-from app.db import WriteTurns, make_engine, mark_background, write, write_turns
+from app.db import (
+    WriteTurns,
+    make_engine,
+    make_sessionmaker,
+    mark_background,
+    unit_of_work,
+    write,
+    write_turns,
+)
+from app.wakeup import Hub, attach_local
 
 
 async def _settle() -> None:
@@ -164,3 +177,102 @@ async def test_bookkeeping_is_one_statement_per_transaction_on_postgres(db_url: 
                     await conn.execute(text("INSERT INTO hgw_bookkeeping_probe VALUES (2)"))
         async with engine.connect() as other:
             assert (await other.execute(count)).scalar_one() == (1 if postgres else 0)
+
+
+def _dbapi_of(conn: Any) -> Any:
+    return conn.sync_connection.connection.dbapi_connection
+
+
+async def test_write_turns_share_one_held_connection(tmp_path: Path) -> None:
+    """Every turn writes on one connection held between turns (``_Writer``): no pool
+    checkout after the first, and each turn's commit is on the file when it ends."""
+    path = tmp_path / "held.db"
+    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+    checkouts: list[int] = []
+    sa_event.listen(engine.sync_engine, "checkout", lambda *_: checkouts.append(1))
+    sm = make_sessionmaker(engine)
+    try:
+        async with write(engine) as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+            first = _dbapi_of(conn)
+        assert len(checkouts) == 1
+        for i in range(6):
+            if i % 2:
+                async with unit_of_work(sm) as session:
+                    await session.execute(text("INSERT INTO t VALUES (:x)"), {"x": i})
+                    assert _dbapi_of(await session.connection()) is first
+            else:
+                async with write(engine) as conn:
+                    await conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": i})
+                    assert _dbapi_of(conn) is first
+            with sqlite3.connect(path) as other:  # committed when the turn ended
+                assert other.execute("SELECT count(*) FROM t").fetchone() == (i + 1,)
+        assert len(checkouts) == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_a_turn_wakes_its_waiters_when_it_ends(tmp_path: Path) -> None:
+    """The held connection is never checked in and its next ``begin`` may be far off: the
+    wake-ups of a turn's commit fire as the turn ends (``on_turn_end``)."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'wake.db'}")
+    events = Table(
+        "task_events",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("task_id", String),
+    )
+    hub = Hub(max_per_client=10)
+    attach_local(engine, hub)
+    try:
+        async with write(engine) as conn:
+            await conn.run_sync(events.metadata.create_all)
+        with hub.watch("t1", "alpha") as watch, hub.watch("t2", "alpha") as other:
+            async with write(engine) as conn:
+                await conn.execute(insert(events), [{"task_id": "t1"}])
+                assert not watch.event.is_set()  # not before the commit
+            assert watch.event.is_set()  # no other turn, no check-in since
+            assert not other.event.is_set()
+            watch.event.clear()
+            with pytest.raises(RuntimeError):  # rolled back: nobody is woken
+                async with write(engine) as conn:
+                    await conn.execute(insert(events), [{"task_id": "t1"}])
+                    raise RuntimeError("no")
+            assert not watch.event.is_set()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_held_connection_in_doubt_is_replaced(tmp_path: Path) -> None:
+    """A failed turn rolls back and keeps its connection; an invalidated one is closed
+    and the next turn opens another; ``engine.dispose()`` closes the held one."""
+    path = tmp_path / "doubt.db"
+    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with write(engine) as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+            first = _dbapi_of(conn)
+        with pytest.raises(RuntimeError):
+            async with write(engine) as conn:
+                await conn.execute(text("INSERT INTO t VALUES (1)"))
+                raise RuntimeError("no")
+        async with write(engine) as conn:
+            assert _dbapi_of(conn) is first
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+        with pytest.raises(RuntimeError):  # as a statement that met a dead connection
+            async with write(engine) as conn:
+                await conn.invalidate()
+                raise RuntimeError("disconnected")
+        async with write(engine) as conn:
+            second = _dbapi_of(conn)
+            await conn.execute(text("INSERT INTO t VALUES (2)"))
+        assert second is not first
+        raw = second.driver_connection._conn  # the sqlite3 connection under aiosqlite's
+        raw.execute("SELECT 1")
+        await engine.dispose()
+        with pytest.raises(sqlite3.ProgrammingError):
+            raw.execute("SELECT 1")  # closed
+        with sqlite3.connect(path) as other:
+            assert other.execute("SELECT x FROM t").fetchall() == [(2,)]
+    finally:
+        await engine.dispose()
