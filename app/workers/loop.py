@@ -3,7 +3,8 @@
 Every worker is this loop (the task scheduler, the notifier, the output downloader, the
 eraser): claim up to a batch of due rows (``app.leases``), start one job per row within a
 concurrency limit, and claim again at once while batches come back full; otherwise sleep
-until ``wake()`` (new work was committed) or ``idle_s`` passes. Optional extras: a
+until ``wake()`` (new work was committed), a job ends while every slot is taken, or
+``idle_s`` passes. Optional extras: a
 heartbeat that renews the loop's leases (``renew``) so work may outlive one lease, and a
 periodic job (``tick``).
 
@@ -53,6 +54,7 @@ class WorkerLoop:
         self._concurrency, self._batch, self._idle = concurrency, batch, idle_s
         self.grace_s = grace_s
         self._wake = asyncio.Event()
+        self._full = False  # the loop sleeps with every slot taken: a free one wakes it
         self._stopping = False
         self._drain_deadline: float | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -99,6 +101,7 @@ class WorkerLoop:
                 except Exception:
                     log.exception("%s: periodic job failed", self.name)
             free = self._concurrency - len(self._running)
+            self._full = free <= 0
             claimed: list[Any] = []
             if free > 0:
                 try:
@@ -129,8 +132,12 @@ class WorkerLoop:
 
     def _done(self, t: asyncio.Task[None]) -> None:
         self._running.discard(t)
-        if not self._stopping:
-            self._wake.set()  # a slot is free
+        # A slot is free: that matters only if the loop left due rows unclaimed for want
+        # of one. Otherwise its last claim found all there was, and what a job makes due
+        # at once comes with its own ``wake()``: a claim now would find nothing and cost
+        # a write (on SQLite a write turn) per job.
+        if self._full and not self._stopping:
+            self._wake.set()
 
     def track(self, t: asyncio.Task[Any]) -> None:
         """Let shutdown wait for a job started elsewhere (a submit's inline dispatch)."""

@@ -1,0 +1,100 @@
+"""The shared worker loop (app/workers/loop.py) on its own: when it claims. Each claim is
+a write (on SQLite a write turn), so a claim that can find nothing is work wasted."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app.workers.loop import WorkerLoop
+
+
+async def _settle() -> None:
+    """Let every ready callback run (the fakes below do no I/O)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class Fake:
+    """Due keys, the claims made (each the keys it returned), and a gate per job."""
+
+    def __init__(self, due: list[str]) -> None:
+        self.due = list(due)
+        self.claims: list[list[str]] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.done: dict[str, asyncio.Event] = {}
+
+    async def claim(self, n: int) -> list[str]:
+        got, self.due = self.due[:n], self.due[n:]
+        self.claims.append(got)
+        for key in got:
+            self.gates.setdefault(key, asyncio.Event())
+            self.done.setdefault(key, asyncio.Event())
+        return got
+
+    async def act(self, key: str) -> None:
+        await self.gates[key].wait()
+        self.done[key].set()
+
+    async def release(self) -> None:
+        return None
+
+    def loop(self, *, concurrency: int) -> WorkerLoop:
+        return WorkerLoop(
+            "fake",
+            claim=self.claim,
+            act=self.act,
+            release=self.release,
+            concurrency=concurrency,
+            batch=4,
+            idle_s=60.0,  # no idle tick within a test: every claim below was woken
+            grace_s=1.0,
+        )
+
+
+async def test_a_job_ending_with_slots_free_claims_nothing() -> None:
+    fake = Fake(["a"])
+    loop = fake.loop(concurrency=4)
+    loop.start()
+    try:
+        await _settle()
+        assert fake.claims == [["a"]]
+        fake.gates["a"].set()
+        await asyncio.wait_for(fake.done["a"].wait(), timeout=10)
+        await _settle()
+        # Its last claim found all there was: the job's end claims nothing more.
+        assert fake.claims == [["a"]]
+        # New work comes with a wake-up, and is claimed at once.
+        fake.due.append("b")
+        loop.wake()
+        await _settle()
+        assert fake.claims == [["a"], ["b"]]
+        fake.gates["b"].set()
+        await asyncio.wait_for(fake.done["b"].wait(), timeout=10)
+    finally:
+        await loop.stop()
+
+
+async def test_a_job_ending_while_every_slot_is_taken_wakes_the_loop() -> None:
+    fake = Fake(["a", "b", "c"])
+    loop = fake.loop(concurrency=2)
+    loop.start()
+    try:
+        await _settle()
+        assert fake.claims == [["a", "b"]]  # full: "c" waits for a slot
+        fake.gates["a"].set()
+        await asyncio.wait_for(fake.done["a"].wait(), timeout=10)
+        await _settle()
+        assert fake.claims == [["a", "b"], ["c"]]
+        # "c" took the last slot, so the loop cannot know that nothing is left: "b"'s
+        # end claims again, and finds nothing ...
+        fake.gates["b"].set()
+        await asyncio.wait_for(fake.done["b"].wait(), timeout=10)
+        await _settle()
+        assert fake.claims == [["a", "b"], ["c"], []]
+        # ... so "c"'s end, with a slot free, claims nothing.
+        fake.gates["c"].set()
+        await asyncio.wait_for(fake.done["c"].wait(), timeout=10)
+        await _settle()
+        assert fake.claims == [["a", "b"], ["c"], []]
+    finally:
+        await loop.stop()
