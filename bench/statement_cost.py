@@ -5,8 +5,8 @@ the same work on a plain ``sqlite3`` connection, in one run on one migrated file
 over rounds, CPU time of this process (the event loop's thread runs everything: the write
 turns are inline):
 
-- ``write(engine)`` (``app.db``: the process's write turn, a pooled connection, begin,
-  ``BEGIN IMMEDIATE`` on the first write, commit, close) with a prebuilt
+- ``write(engine)`` (``app.db``: the process's write turn, its held connection, begin,
+  ``BEGIN IMMEDIATE`` on the first write, commit) with a prebuilt
   ``UPDATE tasks SET hint_at = ? WHERE id = ?`` through ``AsyncConnection.execute`` for
   each of 5 tasks (written as the gateway leaves them after Run), each writing its row;
 - the same turn with no statement (what a turn costs by itself);
