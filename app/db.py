@@ -247,10 +247,10 @@ async def _write_turn(engine: AsyncEngine) -> AsyncIterator[AsyncConnection | No
 
 class _Writer:
     """The one connection that a process's write turns at a SQLite file share, held
-    between turns instead of checked out of the pool and back for each (a turn's
-    checkout, its ``begin`` and check-in cost ~3x what its own ``begin`` and commit do on
-    a held connection: docs/benchmarks.md). Being the process's only writer there, it
-    also keeps its page cache: SQLite drops a connection's cache when another one wrote.
+    between turns instead of checked out of the pool and back for each (an empty turn
+    cost 83 us that way, 34-36 us on the held connection: docs/benchmarks.md, eleventh
+    round). Being the process's only writer there, it also keeps its page cache: SQLite
+    drops a connection's cache when another one wrote.
 
     After each turn the hooks of ``on_turn_end`` run with the connection's ``info`` (the
     SQLite wake-ups, which otherwise fire at the next ``begin`` or at check-in). A
