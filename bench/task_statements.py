@@ -60,6 +60,7 @@ async def measure(db_kind: str, n: int, rate: float) -> str:
     finally:
         await engine.dispose()
         sim.stop()
+        db.drop()
     lines = [
         f"{db_kind} at {rate:g}/s, {n} tasks in {elapsed:.1f} s, {left} not terminal: "
         f"{commits / n:.2f} commits and {sum(counts.values()) / n:.2f} statements per task"
