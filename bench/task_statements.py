@@ -5,8 +5,8 @@ does not move with the machine's load.
 ``python -m bench.task_statements --db sqlite|postgres [--rate R] [-n N]``: an in-process
 gateway (``bench.harness.in_process_gateway``) against the simulator (0.2 s queued, 0.5 s
 running, every callback sent, PNG outputs as in the benchmark's tasks); N submits at R a
-second, until every task is terminal. Prints commits and statements per task, then the
-reads and updates by table. Not part of ``make bench`` (P5 counts the same per task, with
+second (``bench.loadgen.open_loop``, as ``bench.cpu_split``), until every task is
+terminal. Prints commits and statements per task, then the reads and updates by table. Not part of ``make bench`` (P5 counts the same per task, with
 12 s tasks); a tool for the A/B comparisons of docs/benchmarks.md (``BENCH_APP_ROOT``
 picks the checkout, run from it as ``PYTHONPATH=$BENCH_APP_ROOT``).
 """
@@ -19,10 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from bench.common import bench_engine, wait_all_terminal
 from bench.harness import CLIENT_KEYS, in_process_gateway, new_database, start_sim, task_body
+from bench.loadgen import Pool, build_request, open_loop
 from bench.p5_polls import StatementCounter
 
 
@@ -33,30 +32,27 @@ async def measure(db_kind: str, n: int, rate: float) -> str:
     db = new_database(db_kind, workdir, "statements")
     engine = bench_engine(db)
     try:
-        async with (
-            in_process_gateway(
-                db=db, sim=sim, data_dir=workdir, output_hosts="127.0.0.1,cdn.wiro.ai"
-            ) as gw,
-            httpx.AsyncClient(
-                base_url=gw.url,
-                timeout=60,
+        async with in_process_gateway(
+            db=db, sim=sim, data_dir=workdir, output_hosts="127.0.0.1,cdn.wiro.ai"
+        ) as gw:
+            submit = build_request(
+                gw.url,
+                path="/v1/tasks",
+                body=task_body(sim),
                 headers={"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"},
-            ) as client,
-        ):
-
-            async def submit() -> None:
-                (await client.post("/v1/tasks", json=task_body(sim))).raise_for_status()
-
-            with StatementCounter(gw.app.state.ctx.engine) as counter:
-                t0 = time.monotonic()
-                jobs = []
-                for _ in range(n):
-                    jobs.append(asyncio.create_task(submit()))
-                    await asyncio.sleep(1 / rate)
-                await asyncio.gather(*jobs)
-                left, _ = await wait_all_terminal(engine, 120, poll_s=0.1)
-                elapsed = time.monotonic() - t0
-                counts, _, commits = counter.snapshot()
+            )
+            pool = Pool(gw.url, max_conns=64)
+            try:
+                with StatementCounter(gw.app.state.ctx.engine) as counter:
+                    t0 = time.monotonic()
+                    step = await open_loop(pool, [submit], rate=rate, count=n, timeout=60)
+                    if step.ok != n:
+                        raise SystemExit(f"{n - step.ok} of {n} submits not answered 2xx")
+                    left, _ = await wait_all_terminal(engine, 120, poll_s=0.1)
+                    elapsed = time.monotonic() - t0
+                    counts, _, commits = counter.snapshot()
+            finally:
+                pool.close()
     finally:
         await engine.dispose()
         sim.stop()
