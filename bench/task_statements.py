@@ -6,9 +6,10 @@ does not move with the machine's load.
 gateway (``bench.harness.in_process_gateway``) against the simulator (0.2 s queued, 0.5 s
 running, every callback sent, PNG outputs as in the benchmark's tasks); N submits at R a
 second (``bench.loadgen.open_loop``, as ``bench.cpu_split``), until every task is
-terminal. Prints commits and statements per task, then the reads and updates by table. Not part of ``make bench`` (P5 counts the same per task, with
-12 s tasks); a tool for the A/B comparisons of docs/benchmarks.md (``BENCH_APP_ROOT``
-picks the checkout, run from it as ``PYTHONPATH=$BENCH_APP_ROOT``).
+terminal. Prints commits and statements per task, then the reads and updates by table.
+Not part of ``make bench`` (P5 counts the same per task, with 12 s tasks); a tool for the
+A/B comparisons of docs/benchmarks.md (``BENCH_APP_ROOT`` picks the checkout, run from
+it as ``PYTHONPATH=$BENCH_APP_ROOT``).
 """
 
 from __future__ import annotations
