@@ -8,9 +8,6 @@ on it (the dispatch turns, the poll plan), not in module globals.
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from app.db import utcnow, write
 from app.fairness import Turns
+from app.owners import new_owner
 from app.pollplan import PollPlan
 from app.settings import Settings
 
@@ -29,8 +27,9 @@ if TYPE_CHECKING:
 
 
 def default_owner() -> str:
-    """This process's name on the leases it takes: host, pid and a random suffix."""
-    return f"{socket.gethostname()[:30]}-{os.getpid()}-{secrets.token_hex(3)}"
+    """This process's name on the leases it takes: host, pid and a random suffix, and
+    where it can be told apart on this machine (app/owners.py)."""
+    return new_owner()
 
 
 @dataclass

@@ -15,7 +15,8 @@ on PostgreSQL ``SKIP LOCKED`` also keeps replicas from queueing on one row. The 
 renews its leases (``renew``, the heartbeat) while it works, gives one back when done
 (``release``, usually folded into the statement that records the outcome: see
 ``FREE``/``held_by``), and all of them on a graceful shutdown (``release_all``); a
-crashed holder's rows are free again once its leases run out.
+crashed holder's rows are free again once its leases run out, or at once when a process
+that can tell the holder has ended (the same machine: app/owners.py) starts (``reclaim``).
 
 Statements are built once per table (``Leases(...)``) and run with bind parameters
 (``b_now``, ``b_until``, ``b_owner``, ``b_limit``, ``b_keys``).
@@ -24,18 +25,20 @@ Statements are built once per table (``Leases(...)``) and run with bind paramete
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Column, ColumnElement, Row, Table, bindparam, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
 
+from app import owners
 from app.db import ts
 
 # The values that give a lease back, for a statement that records an outcome and
 # releases in one go.
 FREE: dict[str, None] = {"lease_owner": None, "lease_until": None}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Leases:
@@ -68,6 +71,18 @@ class Leases:
         )
         self._release_all = (
             update(self.table).where(c.lease_owner == bindparam("b_owner")).values(**FREE)
+        )
+        # Only rows that have a due time can be claimed, so only their leases matter;
+        # the bound on it (any due time) lets the due column's index find them.
+        self._holders = (
+            select(c.lease_owner)
+            .where(self.due_column >= ts("b_epoch"), c.lease_owner.like(bindparam("b_like")))
+            .distinct()
+        )
+        self._release_of = (
+            update(self.table)
+            .where(c.lease_owner.in_(bindparam("b_owners", expanding=True)))
+            .values(**FREE)
         )
 
     # ------------------------------------------------------------ building blocks
@@ -187,3 +202,30 @@ class Leases:
         """Give back every lease ``owner`` holds (graceful shutdown); how many."""
         res = await conn.execute(self._release_all, {"b_owner": owner})
         return int(res.rowcount or 0)
+
+    async def holders(self, conn: AsyncConnection, like: str) -> list[str]:
+        """The holders of this table's leases whose names match ``like``."""
+        got = await conn.scalars(self._holders, {"b_like": like, "b_epoch": _EPOCH})
+        return list(got.all())
+
+    async def release_of(self, conn: AsyncConnection, owners: Sequence[str]) -> int:
+        """Give back every lease one of ``owners`` holds (holders known dead); how many."""
+        if not owners:
+            return 0
+        res = await conn.execute(self._release_of, {"b_owners": list(owners)})
+        return int(res.rowcount or 0)
+
+
+async def reclaim(conn: AsyncConnection, tables: Sequence[Leases]) -> dict[str, int]:
+    """Give back the leases of processes that ended on this machine (app/owners.py), so
+    that their rows are free at once rather than when the leases run out; the leases
+    given back, by table. Holders this process cannot judge are left alone."""
+    like = owners.local_pattern()
+    if like is None:
+        return {}
+    freed: dict[str, int] = {}
+    for leases in tables:
+        dead = [o for o in await leases.holders(conn, like) if owners.is_dead(o)]
+        if dead:
+            freed[leases.table.name] = await leases.release_of(conn, dead)
+    return freed

@@ -34,7 +34,7 @@ from app.settings import Settings
 from app.store import DirectoryStore
 from app.wakeup import Hub, PgListener, attach_local
 from app.wiro import NonceSource, WiroClient, WiroHTTP
-from app.workers.jobs import result_workers
+from app.workers.jobs import reclaim_leases, result_workers
 from app.workers.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -180,6 +180,10 @@ def create_app(
                 "tokens and uploaded images travel unencrypted (docs/security.md)"
             )
         if start_workers:
+            try:
+                await reclaim_leases(ctx)
+            except Exception:  # the leases then run out as they would have
+                log.warning("could not take back the leases of ended processes", exc_info=True)
             scheduler.start()
             for loop in result_loops:
                 loop.start()

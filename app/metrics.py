@@ -118,6 +118,13 @@ NOTIFICATION_ATTEMPTS = Counter(
 NOTIFICATIONS_EXHAUSTED = Counter(
     "gateway_notifications_exhausted", "Webhook deliveries abandoned after the last retry."
 )
+LEASES_RECLAIMED = Counter(
+    "gateway_leases_reclaimed",
+    "Leases given back when the gateway started because the process "
+    "holding them had ended on this machine (a crash): their work is taken up at once "
+    "instead of when the leases run out (GATEWAY_LEASE_S). By table.",
+    ["table"],
+)
 WAITERS = Gauge(
     "gateway_waiters",
     "Requests held open waiting on a task: `Prefer: wait` calls and "

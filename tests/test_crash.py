@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from app.db import make_engine
@@ -117,6 +118,18 @@ async def submit_all(base: str, sim: Sim, seeds: range) -> tuple[list[str], int]
 
         await asyncio.gather(*(one(s) for s in seeds))
     return acked, failed
+
+
+def reclaimed_leases(base: str) -> dict[str, float]:
+    """``gateway_leases_reclaimed_total`` of the gateway at ``base``, by table."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {
+        sample.labels["table"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "gateway_leases_reclaimed"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
 
 
 async def wait_exit(proc: Any, timeout: float) -> int | None:
@@ -312,6 +325,7 @@ async def test_recovery_at_default_settings_takes_seconds(
         wait_http(f"{base}/healthz", proc=second)
         await settle(db_url, timeout=200)
         took = time.monotonic() - restarted
+        reclaimed = reclaimed_leases(base)
     finally:
         stop(first)
         if second is not None:
@@ -340,6 +354,9 @@ async def test_recovery_at_default_settings_takes_seconds(
     )
     assert statuses == {"succeeded": sum(statuses.values())}, statuses
     assert all(n == 1 for n in runs.values()), runs
+    # The restart took the dead process's tasks back as it started (it ended on this
+    # machine: app/owners.py), not one lease (GATEWAY_LEASE_S, 10 s) later.
+    assert reclaimed.get("tasks", 0) >= 1, reclaimed
     # The short path, decided on the gateway's own records: every Run given up on was
     # given up after Task/List showed no trace of it (GATEWAY_RUN_GRACE_S, 8 s), never
     # after the 300 s GATEWAY_RUN_GRACE_UNLISTED_S. The wall-clock bound only tells

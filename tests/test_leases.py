@@ -8,16 +8,24 @@ the owner's. Stored outputs have a two-column key, deliveries a one-column one.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import timedelta
 
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
+from app import owners
+from app.context import Ctx
 from app.db import make_engine, make_sessionmaker, unit_of_work, utcnow, write
 from app.ids import new_message_id, new_task_id
 from app.leases import Leases
 from app.lifecycle import Status
 from app.models import Delivery, StoredOutput, Task
+from app.settings import Settings
 from app.states import DeliveryStatus, OutputState
+from app.tasks._leases import LEASES as TASK_LEASES
+from app.workers.jobs import reclaim_leases
 
 OUTPUTS = Leases(StoredOutput.__table__, key=("task_id", "idx"), due="next_try_at")
 DELIVERIES = Leases(Delivery.__table__, key="id", due="next_attempt_at")
@@ -118,3 +126,85 @@ async def test_claim_renew_release_between_two_owners(db_url: str) -> None:
             assert await DELIVERIES.release_all(conn, owner="a") == 2
     finally:
         await engine.dispose()
+
+
+async def test_reclaim_frees_only_the_leases_of_ended_processes_here(db_url: str) -> None:
+    """When ``serve`` starts (``reclaim_leases``), the leases of a process that ended on
+    this machine are given back at once, in every leased table; those of a live process,
+    of another machine and of a name it cannot judge are kept until they run out."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = owners.new_owner(child.pid)
+    child.kill()
+    child.wait()
+    holders = {
+        "dead": dead,
+        "live": owners.new_owner(),
+        "elsewhere": "host-1-abcdef@0123456789.5",
+        "old": "host-1-abcdef",
+    }
+    engine = make_engine(db_url)
+    sm = make_sessionmaker(engine)
+    now = utcnow()
+    until = now + timedelta(seconds=30)
+    try:
+        tasks = {who: new_task_id(now) for who in holders}
+        async with unit_of_work(sm) as s:
+            for who, task_id in tasks.items():
+                s.add(
+                    Task(
+                        id=task_id,
+                        client="alpha",
+                        model="wiro/professional-headshot",
+                        status=Status.pending.value,
+                        status_rank=Status.pending.rank,
+                        input={},
+                        metadata_={},
+                        attempt=0,
+                        outputs=[],
+                        created_at=now,
+                        updated_at=now,
+                        deadline_at=now + timedelta(hours=1),
+                        next_check_at=now,
+                        lease_owner=holders[who],
+                        lease_until=until,
+                        retries=0,
+                    )
+                )
+            await s.flush()
+            for who, task_id in tasks.items():
+                s.add(
+                    Delivery(
+                        id=new_message_id(now),
+                        task_id=task_id,
+                        event_type="task.succeeded",
+                        reason="terminal",
+                        url="http://x/",
+                        status=DeliveryStatus.pending,
+                        attempts=0,
+                        created_at=now,
+                        next_attempt_at=now,
+                        lease_owner=holders[who],
+                        lease_until=until,
+                    )
+                )
+        ctx = Ctx(settings=Settings(), sm=sm, wiro=None)  # type: ignore[arg-type]
+        before = _reclaimed("tasks"), _reclaimed("deliveries")
+        assert await reclaim_leases(ctx) == {"tasks": 1, "deliveries": 1}
+        assert (_reclaimed("tasks"), _reclaimed("deliveries")) == (before[0] + 1, before[1] + 1)
+        # The dead process's rows are free now, long before their leases would run out.
+        async with write(engine) as conn:
+            got = await TASK_LEASES.claim(conn, owner="me", now=now, until=until, limit=10)
+            assert got == [tasks["dead"]]
+            got = await DELIVERIES.claim(conn, owner="me", now=now, until=until, limit=10)
+            assert len(got) == 1
+        async with sm() as s:
+            kept = dict((await s.execute(select(Delivery.task_id, Delivery.lease_owner))).all())
+        assert kept == {tasks[w]: "me" if w == "dead" else holders[w] for w in holders}
+        assert await reclaim_leases(ctx) == {}  # nothing left to give back
+    finally:
+        await engine.dispose()
+
+
+def _reclaimed(table: str) -> float:
+    got = REGISTRY.get_sample_value("gateway_leases_reclaimed_total", {"table": table})
+    return got or 0.0

@@ -10,11 +10,36 @@ finish (bounded) and gives its leases back.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from app import notify, results
+from app import metrics, notify, results
+from app.context import Ctx
+from app.leases import reclaim
 from app.outbox import Services, wake_after_terminal
+from app.tasks._leases import LEASES as TASK_LEASES
 from app.workers.loop import WorkerLoop
+
+log = logging.getLogger(__name__)
+
+LEASED = (TASK_LEASES, notify.LEASES, results.OUTPUT_LEASES, results.ERASURE_LEASES)
+
+
+async def reclaim_leases(ctx: Ctx) -> dict[str, int]:
+    """Give back, in every leased table, the leases of processes that ended on this
+    machine (app/owners.py): ``serve`` does it once as it starts, before its loops
+    claim, so the work of a process that crashed here is taken up at once rather than
+    when its leases run out. The leases given back, by table."""
+    async with ctx.bookkeeping() as conn:
+        freed = await reclaim(conn, LEASED)
+    for table, n in freed.items():
+        metrics.LEASES_RECLAIMED.labels(table).inc(n)
+    if freed:
+        log.warning(
+            "took back the leases of processes that ended on this machine",
+            extra={"leases": freed},
+        )
+    return freed
 
 
 def result_workers(svc: Services) -> list[WorkerLoop]:
