@@ -180,13 +180,13 @@ def create_app(
                 "tokens and uploaded images travel unencrypted (docs/security.md)"
             )
         if start_workers:
-            try:
-                await reclaim_leases(ctx)
-            except Exception:  # the leases then run out as they would have
-                log.warning("could not take back the leases of ended processes", exc_info=True)
             scheduler.start()
             for loop in result_loops:
                 loop.start()
+            # Beside the loops, not before them: a database that is down must not hold up
+            # the start (its leases then run out as they would have).
+            wake = [scheduler.wake, *(loop.wake for loop in result_loops)]
+            scheduler.run_beside(reclaim_leases(ctx, wake), name="reclaim-leases")
         log.info("gateway started", extra={"owner": ctx.owner})
         try:
             yield

@@ -11,7 +11,9 @@ from __future__ import annotations
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 
@@ -189,8 +191,13 @@ async def test_reclaim_frees_only_the_leases_of_ended_processes_here(db_url: str
                 )
         ctx = Ctx(settings=Settings(), sm=sm, wiro=None)  # type: ignore[arg-type]
         before = _reclaimed("tasks"), _reclaimed("deliveries")
-        assert await reclaim_leases(ctx) == {"tasks": 1, "deliveries": 1}
+        woken: list[str] = []
+        assert await reclaim_leases(ctx, [lambda: woken.append("loop")]) == {
+            "tasks": 1,
+            "deliveries": 1,
+        }
         assert (_reclaimed("tasks"), _reclaimed("deliveries")) == (before[0] + 1, before[1] + 1)
+        assert woken == ["loop"]  # the loops are told to claim at once
         # The dead process's rows are free now, long before their leases would run out.
         async with write(engine) as conn:
             got = await TASK_LEASES.claim(conn, owner="me", now=now, until=until, limit=10)
@@ -200,7 +207,19 @@ async def test_reclaim_frees_only_the_leases_of_ended_processes_here(db_url: str
         async with sm() as s:
             kept = dict((await s.execute(select(Delivery.task_id, Delivery.lease_owner))).all())
         assert kept == {tasks[w]: "me" if w == "dead" else holders[w] for w in holders}
-        assert await reclaim_leases(ctx) == {}  # nothing left to give back
+        assert await reclaim_leases(ctx, [lambda: woken.append("again")]) == {}
+        assert woken == ["loop"]  # nothing left to give back, nobody woken
+    finally:
+        await engine.dispose()
+
+
+async def test_reclaim_without_a_database_gives_nothing_back(tmp_path: Path) -> None:
+    """``serve`` runs it beside its loops: a database it cannot reach is logged, not
+    raised, and the leases run out as they would have."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/missing/dir/gateway.db")
+    ctx = Ctx(settings=Settings(), sm=make_sessionmaker(engine), wiro=None)  # type: ignore[arg-type]
+    try:
+        assert await reclaim_leases(ctx, [pytest.fail]) == {}
     finally:
         await engine.dispose()
 

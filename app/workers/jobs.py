@@ -11,10 +11,12 @@ finish (bounded) and gives its leases back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from app import metrics, notify, results
 from app.context import Ctx
+from app.db import mark_background
 from app.leases import reclaim
 from app.outbox import Services, wake_after_terminal
 from app.tasks._leases import LEASES as TASK_LEASES
@@ -25,13 +27,19 @@ log = logging.getLogger(__name__)
 LEASED = (TASK_LEASES, notify.LEASES, results.OUTPUT_LEASES, results.ERASURE_LEASES)
 
 
-async def reclaim_leases(ctx: Ctx) -> dict[str, int]:
+async def reclaim_leases(ctx: Ctx, wake: Sequence[Callable[[], None]] = ()) -> dict[str, int]:
     """Give back, in every leased table, the leases of processes that ended on this
-    machine (app/owners.py): ``serve`` does it once as it starts, before its loops
-    claim, so the work of a process that crashed here is taken up at once rather than
-    when its leases run out. The leases given back, by table."""
-    async with ctx.bookkeeping() as conn:
-        freed = await reclaim(conn, LEASED)
+    machine (app/owners.py), then ``wake`` the loops: ``serve`` does it once as it
+    starts, beside its loops, so the work of a process that crashed here is taken up at
+    once rather than when its leases run out. The leases given back, by table (none if
+    the database cannot be reached: those leases then run out as they would have)."""
+    mark_background()
+    try:
+        async with ctx.bookkeeping() as conn:
+            freed = await reclaim(conn, LEASED)
+    except Exception:
+        log.warning("could not take back the leases of ended processes", exc_info=True)
+        return {}
     for table, n in freed.items():
         metrics.LEASES_RECLAIMED.labels(table).inc(n)
     if freed:
@@ -39,6 +47,8 @@ async def reclaim_leases(ctx: Ctx) -> dict[str, int]:
             "took back the leases of processes that ended on this machine",
             extra={"leases": freed},
         )
+        for w in wake:
+            w()
     return freed
 
 
