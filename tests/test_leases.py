@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -23,14 +24,30 @@ from app.db import make_engine, make_sessionmaker, unit_of_work, utcnow, write
 from app.ids import new_message_id, new_task_id
 from app.leases import Leases
 from app.lifecycle import Status
-from app.models import Delivery, StoredOutput, Task
+from app.models import Delivery, StoredOutput
 from app.settings import Settings
 from app.states import DeliveryStatus, OutputState
 from app.tasks._leases import LEASES as TASK_LEASES
 from app.workers.jobs import reclaim_leases
+from tests.rows import task_row
 
 OUTPUTS = Leases(StoredOutput.__table__, key=("task_id", "idx"), due="next_try_at")
 DELIVERIES = Leases(Delivery.__table__, key="id", due="next_attempt_at")
+
+
+def _delivery(task_id: str, now: datetime, **columns: Any) -> Delivery:
+    return Delivery(
+        id=new_message_id(now),
+        task_id=task_id,
+        event_type="task.succeeded",
+        reason="terminal",
+        url="http://x/",
+        status=DeliveryStatus.pending,
+        attempts=0,
+        created_at=now,
+        next_attempt_at=now,
+        **columns,
+    )
 
 
 async def test_claim_renew_release_between_two_owners(db_url: str) -> None:
@@ -40,23 +57,7 @@ async def test_claim_renew_release_between_two_owners(db_url: str) -> None:
     try:
         task_id = new_task_id(now)
         async with unit_of_work(sm) as s:
-            s.add(
-                Task(
-                    id=task_id,
-                    client="alpha",
-                    model="wiro/professional-headshot",
-                    status=Status.succeeded.value,
-                    status_rank=Status.succeeded.rank,
-                    input={},
-                    metadata_={},
-                    attempt=1,
-                    outputs=[],
-                    created_at=now,
-                    updated_at=now,
-                    deadline_at=now + timedelta(hours=1),
-                    retries=0,
-                )
-            )
+            s.add(task_row(Status.succeeded, now=now, id=task_id))
             await s.flush()
             # Due 3 s, 2 s and 1 s ago; one due in the future; one with no due time.
             for idx, due in enumerate([-3.0, -1.0, -2.0, 60.0, None]):
@@ -102,22 +103,10 @@ async def test_claim_renew_release_between_two_owners(db_url: str) -> None:
         assert all(owner is None and until_ is None for _, owner, until_ in held), held
 
         # Deliveries: claim of keys the caller picked, only those still free.
-        ids = [new_message_id(now) for _ in range(3)]
+        rows = [_delivery(task_id, now) for _ in range(3)]
+        ids = [d.id for d in rows]
         async with unit_of_work(sm) as s:
-            for d in ids:
-                s.add(
-                    Delivery(
-                        id=d,
-                        task_id=task_id,
-                        event_type="task.succeeded",
-                        reason="terminal",
-                        url="http://x/",
-                        status=DeliveryStatus.pending,
-                        attempts=0,
-                        created_at=now,
-                        next_attempt_at=now,
-                    )
-                )
+            s.add_all(rows)
         async with write(engine) as conn:
             assert sorted(
                 await DELIVERIES.claim_keys(conn, ids[:2], owner="a", now=now, until=until)
@@ -153,42 +142,19 @@ async def test_reclaim_frees_only_the_leases_of_ended_processes_here(db_url: str
         async with unit_of_work(sm) as s:
             for who, task_id in tasks.items():
                 s.add(
-                    Task(
+                    task_row(
+                        Status.pending,
+                        now=now,
                         id=task_id,
-                        client="alpha",
-                        model="wiro/professional-headshot",
-                        status=Status.pending.value,
-                        status_rank=Status.pending.rank,
-                        input={},
-                        metadata_={},
                         attempt=0,
-                        outputs=[],
-                        created_at=now,
-                        updated_at=now,
-                        deadline_at=now + timedelta(hours=1),
                         next_check_at=now,
                         lease_owner=holders[who],
                         lease_until=until,
-                        retries=0,
                     )
                 )
             await s.flush()
             for who, task_id in tasks.items():
-                s.add(
-                    Delivery(
-                        id=new_message_id(now),
-                        task_id=task_id,
-                        event_type="task.succeeded",
-                        reason="terminal",
-                        url="http://x/",
-                        status=DeliveryStatus.pending,
-                        attempts=0,
-                        created_at=now,
-                        next_attempt_at=now,
-                        lease_owner=holders[who],
-                        lease_until=until,
-                    )
-                )
+                s.add(_delivery(task_id, now, lease_owner=holders[who], lease_until=until))
         ctx = Ctx(settings=Settings(), sm=sm, wiro=None)  # type: ignore[arg-type]
         before = _reclaimed("tasks"), _reclaimed("deliveries")
         woken: list[str] = []

@@ -20,8 +20,9 @@ from app.lifecycle import Status
 from app.models import Task
 from app.pollplan import PollPlan, Sample, Summary, summarize
 from app.settings import Settings
-from app.tasks import Ctx, new_task_id
+from app.tasks import Ctx
 from tests.conftest import Gateway, Sim, run_gateway, task_body
+from tests.rows import task_row
 
 T0 = datetime(2026, 1, 1, 12, 0, 0).astimezone()
 
@@ -118,28 +119,6 @@ def test_settings_are_checked() -> None:
 # ---------------------------------------------------------------- refresh, against a database
 
 
-def _row(status: Status, *, now: datetime, **kw: Any) -> Task:
-    at = kw.pop("created_at", now)
-    values: dict[str, Any] = dict(
-        id=new_task_id(at),
-        client="alpha",
-        model="wiro/professional-headshot",
-        status=status.value,
-        status_rank=status.rank,
-        input={},
-        metadata_={},
-        attempt=1,
-        outputs=[],
-        created_at=at,
-        updated_at=now,
-        deadline_at=now + timedelta(hours=1),
-        next_check_at=None,
-        retries=0,
-    )
-    values.update(kw)
-    return Task(**values)
-
-
 async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward(
     db_url: str,
 ) -> None:
@@ -160,7 +139,7 @@ async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward
             for i in range(4):
                 done = now - timedelta(seconds=30 - i)
                 s.add(
-                    _row(
+                    task_row(
                         Status.succeeded,
                         now=now,
                         created_at=done - timedelta(seconds=20),
@@ -170,9 +149,9 @@ async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward
                     )
                 )
             # Not counted: never ran upstream, or cancelled.
-            s.add(_row(Status.failed, now=now, completed_at=now))
+            s.add(task_row(Status.failed, now=now, completed_at=now))
             s.add(
-                _row(
+                task_row(
                     Status.cancelled,
                     now=now,
                     completed_at=now,
@@ -186,16 +165,16 @@ async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward
 
         far, soon = now + timedelta(seconds=40), now + timedelta(seconds=2)
         async with unit_of_work(ctx.sm) as s:
-            waiting = _row(Status.queued, now=now, next_check_at=far)  # pulled
-            running = _row(Status.running, now=now, next_check_at=far)  # pulled
-            due_soon = _row(Status.running, now=now, next_check_at=soon)  # already close
-            polled = _row(Status.running, now=now, next_check_at=far, retries=2)  # schedule
-            pending = _row(Status.pending, now=now, next_check_at=far, attempt=0)
+            waiting = task_row(Status.queued, now=now, next_check_at=far)  # pulled
+            running = task_row(Status.running, now=now, next_check_at=far)  # pulled
+            due_soon = task_row(Status.running, now=now, next_check_at=soon)  # already close
+            polled = task_row(Status.running, now=now, next_check_at=far, retries=2)  # schedule
+            pending = task_row(Status.pending, now=now, next_check_at=far, attempt=0)
             s.add_all([waiting, running, due_soon, polled, pending])
             # Then callbacks stop: three tasks are found by polls, without one.
             for i in range(3):
                 s.add(
-                    _row(
+                    task_row(
                         Status.succeeded,
                         now=now,
                         upstream_started_at=now - timedelta(seconds=20),
@@ -212,7 +191,7 @@ async def test_refresh_learns_from_finished_tasks_and_pulls_safety_polls_forward
         assert woken
         # Still unhealthy at the next refresh: nothing is pulled again.
         async with unit_of_work(ctx.sm) as s:
-            again = _row(Status.queued, now=now, next_check_at=far)
+            again = task_row(Status.queued, now=now, next_check_at=far)
             s.add(again)
         assert (await plan.refresh(ctx)).healthy is False
         async with ctx.sm() as s:

@@ -12,10 +12,11 @@ from app import stats
 from app.db import unit_of_work, utcnow
 from app.errors import InvalidRequest
 from app.lifecycle import Status
-from app.models import Event, Task
+from app.models import Event
 from app.states import EventKind
 from app.tasks import new_task_id
 from tests.conftest import Gateway, Sim, task_body
+from tests.rows import task_row
 
 
 async def seed(
@@ -32,24 +33,15 @@ async def seed(
     """A task row as the gateway would have left it, with its terminal event."""
     started = None if queue_s is None else created + timedelta(seconds=queue_s)
     completed = None if total_s is None else created + timedelta(seconds=total_s)
-    task = Task(
-        id=new_task_id(created),
-        client=client,
-        model="wiro/professional-headshot",
-        status=status.value,
-        status_rank=status.rank,
-        input={},
-        metadata_={},
-        attempt=1,
-        outputs=[],
+    task = task_row(
+        status,
+        now=completed or created,
         created_at=created,
-        updated_at=completed or created,
+        client=client,
         deadline_at=created + timedelta(hours=1),
         upstream_started_at=started,
         completed_at=completed,
         cost_usd=cost,
-        retries=0,
-        next_check_at=None,
     )
     async with unit_of_work(gw.ctx.sm) as s:
         s.add(task)
