@@ -185,8 +185,9 @@ def create_app(
                 loop.start()
             # Beside the loops, not before them: a database that is down must not hold up
             # the start (its leases then run out as they would have).
-            wake = [scheduler.wake, *(loop.wake for loop in result_loops)]
-            scheduler.run_beside(reclaim_leases(ctx, wake), name="reclaim-leases")
+            if settings.reclaim_local_leases:
+                wake = [scheduler.wake, *(loop.wake for loop in result_loops)]
+                scheduler.run_beside(reclaim_leases(ctx, wake), name="reclaim-leases")
         log.info("gateway started", extra={"owner": ctx.owner})
         try:
             yield

@@ -15,6 +15,8 @@ reused) and give its leases back at once (``reclaim``, when ``serve`` starts), i
 waiting for them to run out (``GATEWAY_LEASE_S``): a gateway restarted after a crash
 takes its tasks back in its first second. Holders anywhere else (another host, another
 container, a name without ``@``) are never judged: their leases run out as before.
+``GATEWAY_RECLAIM_LOCAL_LEASES=false`` turns the taking back off, for machines cloned
+from a running snapshot (the clones share a boot id).
 """
 
 from __future__ import annotations

@@ -114,6 +114,13 @@ class Settings(BaseSettings):
     # waiting on a slow upstream call keeps its task, and a crashed process's tasks are
     # taken over within one lease.
     lease_s: float = Field(default=10.0, gt=0)
+    reclaim_local_leases: bool = Field(
+        default=True,
+        description="as serve starts, take back the leases of processes that ended on "
+        "this machine (same boot, pid namespace and user: app/owners.py) instead of "
+        "waiting for them to run out; off where machines are cloned from a running "
+        "snapshot, whose clones share a boot id",
+    )
     worker_idle_s: float = 1.0
     worker_batch: int = 20
     worker_concurrency: int = 16

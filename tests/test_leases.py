@@ -3,7 +3,9 @@
 Two owners compete for the same rows: a claim takes only due, free rows (oldest due
 first, at most ``limit``), never one another owner holds; renew extends only the
 owner's own leases; a lapsed lease is free again; release and release_all give back only
-the owner's. Stored outputs have a two-column key, deliveries a one-column one.
+the owner's. Stored outputs have a two-column key, deliveries a one-column one. The
+leases of a holder that ended on this machine are given back when ``serve`` starts
+(app/owners.py), unless ``GATEWAY_RECLAIM_LOCAL_LEASES`` is off.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from app.settings import Settings
 from app.states import DeliveryStatus, OutputState
 from app.tasks._leases import LEASES as TASK_LEASES
 from app.workers.jobs import reclaim_leases
+from tests.conftest import Sim, run_gateway, task_body
 from tests.rows import task_row
+from tests.signals import task_row as task_row_now
+from tests.signals import until
 
 OUTPUTS = Leases(StoredOutput.__table__, key=("task_id", "idx"), due="next_try_at")
 DELIVERIES = Leases(Delivery.__table__, key="id", due="next_attempt_at")
@@ -193,3 +198,45 @@ async def test_reclaim_without_a_database_gives_nothing_back(tmp_path: Path) -> 
 def _reclaimed(table: str) -> float:
     got = REGISTRY.get_sample_value("gateway_leases_reclaimed_total", {"table": table})
     return got or 0.0
+
+
+@pytest.mark.parametrize("reclaim", [True, False])
+async def test_serve_takes_back_a_dead_holders_lease_unless_told_not_to(
+    reclaim: bool, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    """A task leased for an hour by a process that ended here: a gateway starting with
+    ``GATEWAY_RECLAIM_LOCAL_LEASES`` (the default) takes it at once; with it off, the
+    lease stands while the gateway runs a task of its own from submit to the end."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = owners.new_owner(child.pid)
+    child.kill()
+    child.wait()
+    engine = make_engine(db_url)
+    now = utcnow()
+    held = task_row(
+        Status.pending,
+        now=now,
+        attempt=0,
+        next_check_at=now,
+        lease_owner=dead,
+        lease_until=now + timedelta(hours=1),
+    )
+    try:
+        async with unit_of_work(make_sessionmaker(engine)) as s:
+            s.add(held)
+    finally:
+        await engine.dispose()
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, reclaim_local_leases=reclaim
+    ) as gw:
+
+        async def taken() -> bool:
+            return (await task_row_now(gw, held.id)).lease_owner != dead
+
+        if reclaim:
+            await until(taken, what="the dead holder's task taken")
+        else:
+            r = await gw.client().post("/v1/tasks", json=task_body(sim))
+            assert r.status_code == 202, r.text
+            await gw.wait_terminal(r.json()["id"])
+            assert not await taken()
