@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -180,14 +181,16 @@ def create_app(
                 "tokens and uploaded images travel unencrypted (docs/security.md)"
             )
         if start_workers:
-            scheduler.start()
-            for loop in result_loops:
-                loop.start()
-            # Beside the loops, not before them: a database that is down must not hold up
-            # the start (its leases then run out as they would have).
+            # The leases of a process that ended here are given back before the loops
+            # first claim, so that claim takes them; in a task of its own, so a database
+            # that is down holds up the claims (which could do nothing) but not the start.
+            first = None
             if settings.reclaim_local_leases:
-                wake = [scheduler.wake, *(loop.wake for loop in result_loops)]
-                scheduler.run_beside(reclaim_leases(ctx, wake), name="reclaim-leases")
+                first = asyncio.ensure_future(reclaim_leases(ctx))
+                scheduler.run_beside(first, name="reclaim-leases")  # cancelled by stop
+            scheduler.start(after=first)
+            for loop in result_loops:
+                loop.start(after=first)
         log.info("gateway started", extra={"owner": ctx.owner})
         try:
             yield

@@ -98,3 +98,30 @@ async def test_a_job_ending_while_every_slot_is_taken_wakes_the_loop() -> None:
         assert fake.claims == [["a", "b"], ["c"], []]
     finally:
         await loop.stop()
+
+
+async def test_the_first_claim_waits_for_the_step_before_it() -> None:
+    """``serve`` gives back a dead local process's leases before its loops first claim
+    (``start(after=...)``), so that the first claim takes those rows."""
+    fake = Fake(["a"])
+    step_may_end = asyncio.Event()
+    seen_by_step: list[int] = []
+
+    async def step() -> None:
+        await step_may_end.wait()
+        seen_by_step.append(len(fake.claims))
+
+    first = asyncio.ensure_future(step())
+    waiting = fake.loop(concurrency=4)
+    waiting.start(after=first)
+    try:
+        await _settle()
+        step_may_end.set()
+        await first
+        await _settle()
+        assert seen_by_step == [0]  # nothing was claimed before the step ended
+        assert fake.claims == [["a"]]  # then the loop claimed
+        fake.gates["a"].set()
+        await asyncio.wait_for(fake.done["a"].wait(), timeout=10)
+    finally:
+        await waiting.stop()

@@ -11,7 +11,6 @@ finish (bounded) and gives its leases back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from app import metrics, notify, results
@@ -27,12 +26,12 @@ log = logging.getLogger(__name__)
 LEASED = (TASK_LEASES, notify.LEASES, results.OUTPUT_LEASES, results.ERASURE_LEASES)
 
 
-async def reclaim_leases(ctx: Ctx, wake: Sequence[Callable[[], None]] = ()) -> dict[str, int]:
+async def reclaim_leases(ctx: Ctx) -> dict[str, int]:
     """Give back, in every leased table, the leases of processes that ended on this
-    machine (app/owners.py), then ``wake`` the loops: ``serve`` does it once as it
-    starts, beside its loops, so the work of a process that crashed here is taken up at
-    once rather than when its leases run out. The leases given back, by table (none if
-    the database cannot be reached: those leases then run out as they would have)."""
+    machine (app/owners.py): ``serve`` does it once as it starts, before its loops first
+    claim, so the work of a process that crashed here is taken up at once rather than
+    when its leases run out. The leases given back, by table (none if the database
+    cannot be reached: those leases then run out as they would have)."""
     mark_background()
     try:
         async with ctx.bookkeeping() as conn:
@@ -47,8 +46,6 @@ async def reclaim_leases(ctx: Ctx, wake: Sequence[Callable[[], None]] = ()) -> d
             "took back the leases of processes that ended on this machine",
             extra={"leases": freed},
         )
-        for w in wake:
-            w()
     return freed
 
 

@@ -66,8 +66,11 @@ class WorkerLoop:
     def wake(self) -> None:
         self._wake.set()
 
-    def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._loop(), name=self.name)
+    def start(self, after: asyncio.Future[Any] | None = None) -> None:
+        """Run the loop; its first claim waits for ``after``, a step several loops may
+        share (it must not raise; shielded, so a loop task cancelled while it waits does
+        not cancel the step for the others)."""
+        self._loop_task = asyncio.create_task(self._loop(after), name=self.name)
         if self._renew is not None:
             self.run_beside(self._heartbeat(), name=f"{self.name}:heartbeat")
 
@@ -88,10 +91,12 @@ class WorkerLoop:
             except Exception:
                 log.exception("%s: renewing leases failed", self.name)
 
-    async def _loop(self) -> None:
+    async def _loop(self, after: asyncio.Future[Any] | None) -> None:
         # Its claims and its jobs (which inherit this context) write in the background:
         # on SQLite, requests waiting to write go first (``db.WriteTurns``).
         mark_background()
+        if after is not None:
+            await asyncio.shield(after)
         while not self._stopping:
             self._wake.clear()
             if self._tick is not None and time.monotonic() >= self._next_tick:

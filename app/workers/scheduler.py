@@ -9,6 +9,9 @@ refresh (app/pollplan.py).
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from app import logs, tasks
 from app.context import Ctx
 from app.tasks import Claimed
@@ -45,7 +48,7 @@ class Scheduler(WorkerLoop):
     async def _check(self, task_id: str) -> None:
         await tasks.check(self.ctx, task_id, self._claimed.pop(task_id, None))
 
-    def start(self) -> None:
-        super().start()
+    def start(self, after: asyncio.Future[Any] | None = None) -> None:
+        super().start(after)
         # Keeps the poll schedule in step with how callbacks are doing (app/pollplan.py).
         self.run_beside(self.ctx.polls.run(self.ctx), name="poll-plan")
