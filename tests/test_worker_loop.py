@@ -125,3 +125,22 @@ async def test_the_first_claim_waits_for_the_step_before_it() -> None:
         await asyncio.wait_for(fake.done["a"].wait(), timeout=10)
     finally:
         await waiting.stop()
+
+
+async def test_a_failed_step_before_the_first_claim_does_not_stop_the_loop() -> None:
+    fake = Fake(["a"])
+
+    async def step() -> None:
+        raise RuntimeError("the database is down")
+
+    first = asyncio.ensure_future(step())
+    loop = fake.loop(concurrency=4)
+    loop.start(after=first)
+    try:
+        await asyncio.wait([first])
+        await _settle()
+        assert fake.claims == [["a"]]
+        fake.gates["a"].set()
+        await asyncio.wait_for(fake.done["a"].wait(), timeout=10)
+    finally:
+        await loop.stop()

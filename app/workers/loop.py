@@ -68,8 +68,8 @@ class WorkerLoop:
 
     def start(self, after: asyncio.Future[Any] | None = None) -> None:
         """Run the loop; its first claim waits for ``after``, a step several loops may
-        share (it must not raise; shielded, so a loop task cancelled while it waits does
-        not cancel the step for the others)."""
+        share (shielded, so a loop task cancelled while it waits does not cancel the step
+        for the others; if the step fails, the loop claims all the same)."""
         self._loop_task = asyncio.create_task(self._loop(after), name=self.name)
         if self._renew is not None:
             self.run_beside(self._heartbeat(), name=f"{self.name}:heartbeat")
@@ -96,7 +96,10 @@ class WorkerLoop:
         # on SQLite, requests waiting to write go first (``db.WriteTurns``).
         mark_background()
         if after is not None:
-            await asyncio.shield(after)
+            try:
+                await asyncio.shield(after)
+            except Exception:
+                log.exception("%s: the step before the first claim failed", self.name)
         while not self._stopping:
             self._wake.clear()
             if self._tick is not None and time.monotonic() >= self._next_tick:
