@@ -26,18 +26,13 @@ if TYPE_CHECKING:
     from app.wiro import WiroClient
 
 
-def default_owner() -> str:
-    """This process's name on the leases it takes: host, pid and a random suffix, and
-    where it can be told apart on this machine (app/owners.py)."""
-    return new_owner()
-
-
 @dataclass
 class Ctx:
     settings: Settings
     sm: async_sessionmaker[AsyncSession]
     wiro: WiroClient
-    owner: str = field(default_factory=default_owner)
+    # This process's name on the leases it takes (app/owners.py).
+    owner: str = field(default_factory=new_owner)
     clock: Callable[[], datetime] = utcnow
     wake: Callable[[], None] = lambda: None
     # Shutdown waits for (then cancels) the checks it is given; set by the scheduler.

@@ -7,18 +7,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 
-from app import tasks
 from app.db import unit_of_work
 from app.lifecycle import Status
-from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
+from app.models import Delivery, DeliveryAttempt, Event, StoredOutput
 from app.states import EventKind
 from app.tasks import _writes
 from tests.conftest import Gateway
+from tests.rows import task_row
 
 SECRET = "whsec_" + base64.b64encode(b"results-tests-secret-0123456789ab").decode()
 
@@ -34,22 +33,12 @@ async def finished_task(
     input_url: str = "https://example.com/me.jpg",
 ) -> str:
     now = gw.ctx.clock()  # the test's clock, if it stopped one (else the time)
-    task = Task(
-        id=tasks.new_task_id(now),
+    task = task_row(
+        Status.running,
+        now=now,
         client=client,
-        model="wiro/professional-headshot",
-        status=Status.running.value,
-        status_rank=Status.running.rank,
         input={"inputImageUrl": input_url},
-        metadata_={},
         webhook_url=webhook_url,
-        attempt=1,
-        outputs=[],
-        created_at=now,
-        updated_at=now,
-        deadline_at=now + timedelta(hours=1),
-        next_check_at=None,
-        retries=0,
         upstream_task_id="999",
         upstream_token=upstream_token,
     )

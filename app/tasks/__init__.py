@@ -19,7 +19,7 @@ only move forward, terminal ones never change), with exactly one event and one m
 the same transaction. No transaction is held across an upstream call.
 """
 
-from app.context import Ctx, default_owner
+from app.context import Ctx
 from app.ids import id_time, new_task_id
 from app.ids import sha256_hex as token_hash
 from app.tasks._callbacks import accept_callback
@@ -48,7 +48,6 @@ __all__ = [
     "claim_tasks",
     "create_task",
     "decode_cursor",
-    "default_owner",
     "encode_cursor",
     "get_task",
     "id_time",
