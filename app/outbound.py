@@ -239,28 +239,85 @@ def check_url(url: str, policy: Policy) -> httpx.URL:
 # ---------------------------------------------------------------- the HTTP client
 
 
-class _Polled(httpcore.AsyncNetworkStream):
-    """A pooled connection whose "has the server closed it?" check costs one ``poll(2)``.
+HOLD_BYTES = 64 * 1024  # writes held back until a read, up to this much (``_Stream``)
 
-    httpcore asks it of every idle connection in the pool each time it assigns a
-    request (twice or more per request); its own answer builds the socket's attribute
-    map (a ``getpeername`` call) and a new poll object each time. The answer here is the
-    same (readable, or no socket left: "closed"), from a poll object made once."""
 
-    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
-        self._stream = stream
+async def _within(limit_s: float | None, awaitable: Awaitable[Any]) -> Any:
+    if limit_s is None:
+        return await awaitable
+    async with asyncio.timeout(limit_s):
+        return await awaitable
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    """One connection of the pool, on asyncio's own streams (its TLS too), in place of
+    httpcore's anyio backend: the same bytes and httpcore's error classes, without anyio's
+    per-call machinery (a cancel scope per read and write, a checkpoint per send) or its
+    TLS, which runs every record through a Python memory BIO. Two more things:
+
+    - **One send per request.** httpcore writes a request's head, its body and the body's
+      end separately; each write here is held (up to ``HOLD_BYTES``) until the next read,
+      the response's, so a request leaves in one ``send`` and reaches the server as one
+      segment. A larger write first sends what is held, then itself: the order is kept
+      and nothing large is copied.
+    - **A cheap "has the server closed it?" check.** httpcore asks it of every idle
+      connection in the pool each time it assigns a request; the answer here (readable,
+      or no socket left: "closed") is one ``poll(2)`` on a poll object made once."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
         self._socket: socket.socket | None = None
         self._poller: select.poll | None = None
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._held_timeout: float | None = None
 
     # httpcore's interface passes timeouts as arguments (hence the noqa: ASYNC109).
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        return await self._stream.read(max_bytes, timeout)
+        if self._held:
+            await self._flush()
+        try:
+            data: bytes = await _within(timeout, self._reader.read(max_bytes))
+        except TimeoutError:
+            raise httpcore.ReadTimeout("timed out reading") from None
+        except (OSError, RuntimeError) as e:
+            raise httpcore.ReadError(str(e) or type(e).__name__) from e
+        return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        await self._stream.write(buffer, timeout)
+        if not buffer:
+            return
+        if self._held_size + len(buffer) <= HOLD_BYTES:
+            self._held.append(buffer)
+            self._held_size += len(buffer)
+            self._held_timeout = timeout
+            return
+        if self._held:
+            await self._flush()
+        await self._send(buffer, timeout)
+
+    async def _flush(self) -> None:
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        self._held_size = 0
+        await self._send(data, self._held_timeout)
+
+    async def _send(self, data: bytes, limit_s: float | None) -> None:
+        try:
+            if self._writer.is_closing():
+                raise ConnectionResetError("the connection is closed")
+            self._writer.write(data)
+            await _within(limit_s, self._writer.drain())
+        except TimeoutError:
+            raise httpcore.WriteTimeout("timed out writing") from None
+        except (OSError, RuntimeError) as e:
+            raise httpcore.WriteError(str(e) or type(e).__name__) from e
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        self._held.clear()
+        self._held_size = 0
+        self._writer.close()
 
     async def start_tls(
         self,
@@ -268,13 +325,33 @@ class _Polled(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> httpcore.AsyncNetworkStream:
-        return _Polled(await self._stream.start_tls(ssl_context, server_hostname, timeout))
+        try:
+            await _within(
+                timeout, self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+            )
+        except TimeoutError:
+            await self.aclose()
+            raise httpcore.ConnectTimeout("timed out in the TLS handshake") from None
+        except (OSError, RuntimeError) as e:  # ssl.SSLError is an OSError
+            await self.aclose()
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        self._socket = self._poller = None
+        return self
 
     def get_extra_info(self, info: str) -> Any:
-        if info != "is_readable":
-            return self._stream.get_extra_info(info)
+        if info == "is_readable":
+            return self._readable()
+        if info == "client_addr":
+            return self._writer.get_extra_info("sockname")
+        if info == "server_addr":
+            return self._writer.get_extra_info("peername")
+        if info in ("socket", "ssl_object"):
+            return self._writer.get_extra_info(info)
+        return None
+
+    def _readable(self) -> bool:
         if self._poller is None:
-            self._socket = self._stream.get_extra_info("socket")
+            self._socket = self._writer.get_extra_info("socket")
             if self._socket is None or self._socket.fileno() < 0:
                 return True
             self._poller = select.poll()
@@ -286,10 +363,7 @@ class _Polled(httpcore.AsyncNetworkStream):
 
 
 class _Backend(httpcore.AsyncNetworkBackend):
-    """httpcore's own asyncio backend (``AnyIOBackend``), its connections ``_Polled``."""
-
-    def __init__(self) -> None:
-        self._backend = httpcore.AnyIOBackend()
+    """httpcore's network backend on asyncio's own streams (``_Stream``)."""
 
     async def connect_tcp(
         self,
@@ -299,8 +373,19 @@ class _Backend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        stream = await self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _Polled(stream)
+        local = (local_address, 0) if local_address else None
+        try:
+            reader, writer = await _within(
+                timeout, asyncio.open_connection(host, port, local_addr=local)
+            )
+        except TimeoutError:
+            raise httpcore.ConnectTimeout("timed out connecting") from None
+        except (OSError, UnicodeError) as e:
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        sock = writer.get_extra_info("socket")
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return _Stream(reader, writer)
 
     async def connect_unix_socket(
         self,
@@ -308,10 +393,16 @@ class _Backend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,  # noqa: ASYNC109
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        return _Polled(await self._backend.connect_unix_socket(path, timeout, socket_options))
+        try:
+            reader, writer = await _within(timeout, asyncio.open_unix_connection(path))
+        except TimeoutError:
+            raise httpcore.ConnectTimeout("timed out connecting") from None
+        except OSError as e:
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        return _Stream(reader, writer)
 
     async def sleep(self, seconds: float) -> None:
-        await self._backend.sleep(seconds)
+        await asyncio.sleep(seconds)
 
 
 # httpx's own mapping (httpx/_transports/default.py), most specific class first.
@@ -360,9 +451,9 @@ class _Body(httpx.AsyncByteStream):
 
 class PoolTransport(httpx.AsyncBaseTransport):
     """``httpx.AsyncHTTPTransport(trust_env=..., limits=...)`` (no proxy: HTTP/1.1 over
-    httpcore's connection pool, the same TLS context, the same errors), its connections'
-    readability checks made cheap (``_Polled``): httpx gives no way to choose the pool's
-    network backend, so this is its transport with that one choice made."""
+    httpcore's connection pool, the same TLS context, the same errors), its connections
+    on asyncio's own streams (``_Stream``): httpx gives no way to choose the pool's network
+    backend, so this is its transport with that one choice made."""
 
     def __init__(self, *, limits: httpx.Limits, trust_env: bool) -> None:
         self._pool = httpcore.AsyncConnectionPool(

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app import outbound
 from app.outbound import PoolTransport
 from app.wiro.client import LIMITS, WiroHTTP
 
@@ -189,3 +190,96 @@ async def test_tls_with_the_environment_s_ca(
         await http.aclose()
         await server.stop()
     assert server.connections == 1  # kept alive (a refused handshake never gets here)
+
+
+class Recorder(Server):
+    """``Server`` that also keeps every request's bytes as it read them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = b""
+                if b"transfer-encoding: chunked" in head.lower():
+                    while not body.endswith(b"0\r\n\r\n"):
+                        body += await reader.read(65536)
+                else:
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            body = await reader.readexactly(int(line.split(b":", 1)[1]))
+                self.requests.append(head + body)
+                writer.write(ANSWER)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_request_leaves_in_one_send_and_large_bodies_are_not_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpcore writes a request's head, body and end separately; they leave in one send
+    (the next read flushes them), a body larger than ``HOLD_BYTES`` goes out after what is
+    held, and the server reads exactly the bytes of each request, in order."""
+    sends: list[bytes] = []
+    real_send = outbound._Stream._send
+
+    async def counted(self: outbound._Stream, data: bytes, limit_s: float | None) -> None:
+        sends.append(bytes(data))
+        await real_send(self, data, limit_s)
+
+    monkeypatch.setattr(outbound._Stream, "_send", counted)
+    server = Recorder()
+    port = await server.start()
+    url = f"http://127.0.0.1:{port}/x"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for part in (b"one,", b"two,", b"three"):
+            yield part
+
+    big = bytes(range(256)) * (outbound.HOLD_BYTES // 256 + 8)
+    try:
+        async with httpx.AsyncClient(
+            transport=PoolTransport(limits=LIMITS, trust_env=False)
+        ) as http:
+            assert (await http.post(url, json={"taskid": "1"})).status_code == 200
+            assert len(sends) == 1 and sends[0].endswith(b'{"taskid":"1"}')
+            assert (await http.post(url, content=chunks())).status_code == 200  # chunked
+            assert len(sends) == 2 and sends[1].endswith(b"5\r\nthree\r\n0\r\n\r\n")
+            assert (await http.post(url, content=big)).status_code == 200
+            assert len(sends) == 4  # the held head, then the body by itself
+            assert len(sends[2]) < outbound.HOLD_BYTES and sends[3].endswith(big[-1000:])
+    finally:
+        await server.stop()
+    assert server.connections == 1
+    assert server.requests == [sends[0], sends[1], sends[2] + sends[3]]
+
+
+async def test_a_write_the_server_never_reads_times_out() -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never reads
+
+    quiet = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    port = quiet.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient(
+            transport=PoolTransport(limits=LIMITS, trust_env=False)
+        ) as http:
+            with pytest.raises(httpx.WriteTimeout):
+                await http.post(
+                    f"http://127.0.0.1:{port}/x", content=b"x" * (32 << 20), timeout=0.3
+                )
+    finally:
+        quiet.close()
+        for writer in held:
+            writer.close()
+        await asyncio.sleep(0.01)
