@@ -8,10 +8,11 @@ process's thread per request (``time.thread_time``), the median of five rounds, 
   and ``read``, as ``WiroClient`` makes its JSON calls), a 2 KiB answer;
 - a download: ``Outbound.request("GET", ...)`` of a 60 KiB body (a stored output's path);
 
-each over plain HTTP and over TLS, on uvloop as ``serve`` runs (a self-signed certificate made with the ``openssl``
-command, trusted by the client's context). The server is a small asyncio protocol in a
-process of its own, so none of its work is counted. For an A/B comparison run it from the
-other checkout's code: ``PYTHONPATH=$BENCH_APP_ROOT python -m bench.http_client``.
+each over plain HTTP and over TLS (a self-signed certificate made with the ``openssl``
+command, trusted by the client's context), on uvloop as ``serve`` runs. The server is a
+small asyncio protocol in a process of its own, so none of its work is counted. For an
+A/B comparison run it on the other checkout's code: ``PYTHONPATH=$BENCH_APP_ROOT python
+-m bench.http_client``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app.outbound import Outbound, OutboundError, OutboundTooLarge, Policy, send_direct
+from app.http_pool import send_direct
+from app.outbound import Outbound, OutboundError, OutboundTooLarge, Policy
 
 PRIVATE_OK = Policy(allow_private=True)
 URL = "http://127.0.0.1:9/hook?x=1"

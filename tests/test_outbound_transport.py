@@ -1,7 +1,8 @@
-"""``PoolTransport``: httpx's transport over httpcore's pool with a cheaper readability
-check of idle connections. Over real sockets: keep-alive reuse, a connection the server
-closed while idle is noticed (never reused: a Run on it would be ambiguous), TLS, and
-httpx's error classes."""
+"""``PoolTransport`` (``app.http_pool``): httpx's transport over httpcore's pool on
+asyncio's own streams, with a cheap readability check of idle connections. Over real
+sockets: keep-alive reuse, a connection the server closed while idle is noticed (never
+reused: a Run on it would be ambiguous), TLS, httpx's error classes, a request sent in one
+piece and a write timeout."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import outbound
-from app.outbound import PoolTransport
+from app import http_pool
+from app.http_pool import PoolTransport
 from app.wiro.client import LIMITS, WiroHTTP
 
 BODY = b'{"result": true}'
@@ -229,13 +230,13 @@ async def test_a_request_leaves_in_one_send_and_large_bodies_are_not_held(
     (the next read flushes them), a body larger than ``HOLD_BYTES`` goes out after what is
     held, and the server reads exactly the bytes of each request, in order."""
     sends: list[bytes] = []
-    real_send = outbound._Stream._send
+    real_send = http_pool._Stream._send
 
-    async def counted(self: outbound._Stream, data: bytes, limit_s: float | None) -> None:
+    async def counted(self: http_pool._Stream, data: bytes, limit_s: float | None) -> None:
         sends.append(bytes(data))
         await real_send(self, data, limit_s)
 
-    monkeypatch.setattr(outbound._Stream, "_send", counted)
+    monkeypatch.setattr(http_pool._Stream, "_send", counted)
     server = Recorder()
     port = await server.start()
     url = f"http://127.0.0.1:{port}/x"
@@ -244,7 +245,7 @@ async def test_a_request_leaves_in_one_send_and_large_bodies_are_not_held(
         for part in (b"one,", b"two,", b"three"):
             yield part
 
-    big = bytes(range(256)) * (outbound.HOLD_BYTES // 256 + 8)
+    big = bytes(range(256)) * (http_pool.HOLD_BYTES // 256 + 8)
     try:
         async with httpx.AsyncClient(
             transport=PoolTransport(limits=LIMITS, trust_env=False)
@@ -255,7 +256,7 @@ async def test_a_request_leaves_in_one_send_and_large_bodies_are_not_held(
             assert len(sends) == 2 and sends[1].endswith(b"5\r\nthree\r\n0\r\n\r\n")
             assert (await http.post(url, content=big)).status_code == 200
             assert len(sends) == 4  # the held head, then the body by itself
-            assert len(sends[2]) < outbound.HOLD_BYTES and sends[3].endswith(big[-1000:])
+            assert len(sends[2]) < http_pool.HOLD_BYTES and sends[3].endswith(big[-1000:])
     finally:
         await server.stop()
     assert server.connections == 1

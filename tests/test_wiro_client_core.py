@@ -18,7 +18,7 @@ import httpcore
 import httpx
 import pytest
 
-from app.outbound import PoolTransport
+from app.http_pool import PoolTransport
 from app.wiro import WiroClient, WiroError, WiroUnavailable
 from app.wiro import client as client_module
 from app.wiro.client import LIMITS, WiroHTTP

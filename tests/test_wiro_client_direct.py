@@ -1,5 +1,5 @@
 """``WiroHTTP``: WiroClient hands its requests to the transport directly
-(``app.outbound.send_direct``). Everything observable must be what a plain
+(``app.http_pool.send_direct``). Everything observable must be what a plain
 ``httpx.AsyncClient`` gives: the request on the wire, every answer's outcome (the error
 tree), transport failures, cookies, and the closed client."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.outbound import PoolTransport
+from app.http_pool import PoolTransport
 from app.wiro import WiroClient, WiroError, WiroStateError, WiroUnavailable
 from app.wiro.client import LIMITS, WiroHTTP
 from app.wiro.signing import NonceSource

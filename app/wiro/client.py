@@ -31,7 +31,7 @@ import httpx
 from pydantic import SecretStr
 
 from app import metrics, tracing
-from app.outbound import PoolTransport, send_direct
+from app.http_pool import PoolTransport, send_direct
 from app.wiro.errors import (
     WiroAccessDenied,
     WiroAmbiguous,
@@ -240,7 +240,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 class WiroHTTP(httpx.AsyncClient):
     """The shared ``httpx.AsyncClient`` for Wiro: no redirects followed, no auth, no event
     hooks, and its transport known (``direct``), so that ``WiroClient`` hands requests
-    to it directly (``app.outbound.send_direct``), or, for a ``PoolTransport``, its JSON
+    to it directly (``app.http_pool.send_direct``), or, for a ``PoolTransport``, its JSON
     calls to httpcore's pool (``WiroClient._exchange``).
 
     ``transport`` replaces the network (tests). Without one the transport is the one

@@ -1,0 +1,316 @@
+"""The gateway's HTTP client underneath httpx: httpcore's connection pool on asyncio's own
+streams. ``PoolTransport`` is the transport of ``Outbound`` (downloads, notifications) and
+of the Wiro client (``WiroHTTP``), whose JSON calls go straight to its pool
+(``PoolTransport.open`` and ``read``); ``send_direct`` hands an httpx request to a
+transport without the client's layers that have nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import socket
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Iterator
+from typing import Any
+
+import httpcore
+import httpx
+
+HOLD_BYTES = 64 * 1024  # writes held back until a read, up to this much (``_Stream``)
+
+
+async def _within(limit_s: float | None, awaitable: Awaitable[Any]) -> Any:
+    if limit_s is None:
+        return await awaitable
+    async with asyncio.timeout(limit_s):
+        return await awaitable
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    """One connection of the pool, on asyncio's own streams (its TLS too), in place of
+    httpcore's anyio backend: the same bytes and httpcore's error classes, without anyio's
+    per-call machinery (a cancel scope per read and write, a checkpoint per send) or its
+    TLS, which runs every record through a Python memory BIO. Two more things:
+
+    - **One send per request.** httpcore writes a request's head, its body and the body's
+      end separately; each write here is held (up to ``HOLD_BYTES``) until the next read,
+      the response's, so a request leaves in one ``send`` and reaches the server as one
+      segment. A larger write first sends what is held, then itself: the order is kept
+      and nothing large is copied.
+    - **A cheap "has the server closed it?" check.** httpcore asks it of every idle
+      connection in the pool each time it assigns a request; the answer here (readable,
+      or no socket left: "closed") is one ``poll(2)`` on a poll object made once."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._socket: socket.socket | None = None
+        self._poller: select.poll | None = None
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._held_timeout: float | None = None
+
+    # httpcore's interface passes timeouts as arguments (hence the noqa: ASYNC109).
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if self._held:
+            await self._flush()
+        try:
+            data: bytes = await _within(timeout, self._reader.read(max_bytes))
+        except TimeoutError:
+            raise httpcore.ReadTimeout("timed out reading") from None
+        except (OSError, RuntimeError) as e:
+            raise httpcore.ReadError(str(e) or type(e).__name__) from e
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if not buffer:
+            return
+        if self._held_size + len(buffer) <= HOLD_BYTES:
+            self._held.append(buffer)
+            self._held_size += len(buffer)
+            self._held_timeout = timeout
+            return
+        if self._held:
+            await self._flush()
+        await self._send(buffer, timeout)
+
+    async def _flush(self) -> None:
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        self._held_size = 0
+        await self._send(data, self._held_timeout)
+
+    async def _send(self, data: bytes, limit_s: float | None) -> None:
+        try:
+            if self._writer.is_closing():
+                raise ConnectionResetError("the connection is closed")
+            self._writer.write(data)
+            await _within(limit_s, self._writer.drain())
+        except TimeoutError:
+            raise httpcore.WriteTimeout("timed out writing") from None
+        except (OSError, RuntimeError) as e:
+            raise httpcore.WriteError(str(e) or type(e).__name__) from e
+
+    async def aclose(self) -> None:
+        self._held.clear()
+        self._held_size = 0
+        self._writer.close()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            await _within(
+                timeout, self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+            )
+        except TimeoutError:
+            await self.aclose()
+            raise httpcore.ConnectTimeout("timed out in the TLS handshake") from None
+        except (OSError, RuntimeError) as e:  # ssl.SSLError is an OSError
+            await self.aclose()
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        self._socket = self._poller = None
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            return self._readable()
+        if info == "client_addr":
+            return self._writer.get_extra_info("sockname")
+        if info == "server_addr":
+            return self._writer.get_extra_info("peername")
+        if info in ("socket", "ssl_object"):
+            return self._writer.get_extra_info(info)
+        return None
+
+    def _readable(self) -> bool:
+        if self._poller is None:
+            self._socket = self._writer.get_extra_info("socket")
+            if self._socket is None or self._socket.fileno() < 0:
+                return True
+            self._poller = select.poll()
+            self._poller.register(self._socket, select.POLLIN)
+        assert self._socket is not None
+        if self._socket.fileno() < 0:  # closed: the descriptor may be another's by now
+            return True
+        return bool(self._poller.poll(0))
+
+
+class _Backend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend on asyncio's own streams (``_Stream``)."""
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        local = (local_address, 0) if local_address else None
+        try:
+            reader, writer = await _within(
+                timeout, asyncio.open_connection(host, port, local_addr=local)
+            )
+        except TimeoutError:
+            raise httpcore.ConnectTimeout("timed out connecting") from None
+        except (OSError, UnicodeError) as e:
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        sock = writer.get_extra_info("socket")
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return _Stream(reader, writer)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            reader, writer = await _within(timeout, asyncio.open_unix_connection(path))
+        except TimeoutError:
+            raise httpcore.ConnectTimeout("timed out connecting") from None
+        except OSError as e:
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        return _Stream(reader, writer)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+# httpx's own mapping (httpx/_transports/default.py), most specific class first.
+_MAPPED_ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+@contextlib.contextmanager
+def _mapped() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        for source, target in _MAPPED_ERRORS:
+            if isinstance(exc, source):
+                raise target(str(exc)) from exc
+        raise
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped():
+            async for part in self._stream:
+                yield part
+
+    async def aclose(self) -> None:
+        if hasattr(self._stream, "aclose"):
+            await self._stream.aclose()
+
+
+class PoolTransport(httpx.AsyncBaseTransport):
+    """``httpx.AsyncHTTPTransport(trust_env=..., limits=...)`` (no proxy: HTTP/1.1 over
+    httpcore's connection pool, the same TLS context, the same errors), its connections
+    on asyncio's own streams (``_Stream``): httpx gives no way to choose the pool's network
+    backend, so this is its transport with that one choice made."""
+
+    def __init__(self, *, limits: httpx.Limits, trust_env: bool) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=trust_env),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            http1=True,
+            http2=False,
+            network_backend=_Backend(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        core = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _mapped():
+            response = await self._pool.handle_async_request(core)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_Body(response.stream),
+            extensions=response.extensions,
+        )
+
+    async def open(self, request: httpcore.Request) -> httpcore.Response:
+        """The pool's answer to a ready-made httpcore request, its body unread: for a
+        caller that needs no ``httpx.Response`` (``WiroClient``). Errors as httpx's."""
+        with _mapped():
+            return await self._pool.handle_async_request(request)
+
+    @staticmethod
+    async def read(response: httpcore.Response) -> bytes:
+        """The whole body of an ``open`` answer, its errors mapped as ``_Body``'s; the
+        caller closes ``response.stream`` as an ``httpx.Response`` would."""
+        assert isinstance(response.stream, AsyncIterable)
+        with _mapped():
+            return b"".join([part async for part in response.stream])
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+async def send_direct(
+    client: httpx.AsyncClient,
+    transport: httpx.AsyncBaseTransport,
+    request: httpx.Request,
+    *,
+    stream: bool,
+) -> httpx.Response:
+    """``client.send(request, stream=stream)`` for a ``client`` built on ``transport``
+    with no auth, no event hooks and no redirects followed, without the layers that then
+    have nothing to do (auth flow, redirect loop, hooks): the same request reaches the
+    same transport, and the answer is the same response, its cookies kept by the client.
+
+    ``CookieJar.extract_cookies`` reads only ``Set-Cookie`` and ``Set-Cookie2``, so it is
+    skipped when neither is there (nearly always): a measurable share of a request."""
+    if client.is_closed:
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
+    response = await transport.handle_async_request(request)
+    response.request = request
+    try:
+        headers = response.headers
+        if "set-cookie" in headers or "set-cookie2" in headers:
+            client.cookies.extract_cookies(response)
+        if not stream:
+            await response.aread()
+    except BaseException:
+        await response.aclose()
+        raise
+    return response
