@@ -282,6 +282,14 @@ class PoolTransport(httpx.AsyncBaseTransport):
         with _mapped():
             return b"".join([part async for part in response.stream])
 
+    @staticmethod
+    async def parts(response: httpcore.Response) -> AsyncIterator[bytes]:
+        """The body of an ``open`` answer as it arrives, its errors mapped as ``read``'s."""
+        assert isinstance(response.stream, AsyncIterable)
+        with _mapped():
+            async for part in response.stream:
+                yield part
+
     async def aclose(self) -> None:
         await self._pool.aclose()
 

@@ -32,10 +32,12 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from app.http_pool import PoolTransport, send_direct
@@ -337,41 +339,133 @@ class Outbound:
     ) -> Response:
         # Connect to the checked address; the name stays in Host and in TLS (SNI and the
         # certificate check), so the server sees an ordinary request for its name.
-        target = url.copy_with(host=str(ip))
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        # identity: the cap counts the bytes as sent, and no decompression bomb
+        sent = {"Accept-Encoding": "identity", **headers, "Host": url.netloc.decode("ascii")}
+        pool = self._transport
+        if (
+            isinstance(pool, PoolTransport)
+            and not self.http.cookies
+            and (content is not None or method not in _EMPTY_BODY_SENT)
+        ):
+            return await self._send_pooled(
+                pool,
+                method,
+                url,
+                ip,
+                sent,
+                content,
+                timeouts,
+                extensions,
+                max_bytes,
+                truncate,
+                started,
+            )
         request = self.http.build_request(
             method,
-            target,
+            url.copy_with(host=str(ip)),
             content=content,
-            # identity: the cap counts the bytes as sent, and no decompression bomb
-            headers={"Accept-Encoding": "identity", **headers, "Host": url.netloc.decode("ascii")},
+            headers=sent,
             timeout=timeouts,
             extensions=extensions,
         )
         response = await send_direct(self.http, self._transport, request, stream=True)
         try:
-            declared = response.headers.get("content-length", "")
-            if not truncate and declared.isdigit() and int(declared) > max_bytes:
-                raise OutboundTooLarge(f"the body is {declared} bytes, over the {max_bytes} cap")
-            chunks: list[bytes] = []
-            seen = 0
-            cut = False
-            async for chunk in response.aiter_raw():
-                seen += len(chunk)
-                if seen > max_bytes:
-                    if not truncate:
-                        raise OutboundTooLarge(f"the body is over the {max_bytes} byte cap")
-                    chunks.append(chunk[: max_bytes - (seen - len(chunk))])
-                    cut = True
-                    break
-                chunks.append(chunk)
+            _check_declared(response.headers, max_bytes, truncate)
+            content_read, cut = await _capped(response.aiter_raw(), max_bytes, truncate)
         finally:
             await response.aclose()
         return Response(
             status_code=response.status_code,
             headers=response.headers,
-            content=b"".join(chunks),
+            content=content_read,
             truncated=cut,
             elapsed_ms=(time.monotonic() - started) * 1000,
             address=str(ip),
         )
+
+    async def _send_pooled(
+        self,
+        pool: PoolTransport,
+        method: str,
+        url: httpx.URL,
+        ip: IPAddress,
+        sent: dict[str, str],
+        content: bytes | None,
+        timeouts: httpx.Timeout,
+        extensions: dict[str, Any],
+        max_bytes: int,
+        truncate: bool,
+        started: float,
+    ) -> Response:
+        """``_send``'s request straight to the pool, without httpx's Request and Response
+        (as ``WiroClient`` makes its JSON calls): the same bytes on the wire (httpx's
+        header order: the client's, the call's, then ``Content-Length``), the same
+        timeouts, errors (httpx's classes) and cookies kept. Only while the client holds
+        no cookie (it would have to send it back) and the body is not an empty POST, PUT
+        or PATCH (httpx sends those a ``Content-Length: 0`` first)."""
+        merged = self.http.headers.copy()
+        merged.update(sent)
+        raw = list(merged.raw)
+        if content is not None:
+            raw.append((b"Content-Length", str(len(content)).encode("ascii")))
+        host = str(ip)
+        request = httpcore.Request(
+            method.encode("ascii"),
+            httpcore.URL(
+                scheme=url.raw_scheme, host=host.encode("ascii"), port=url.port, target=url.raw_path
+            ),
+            headers=raw,
+            content=content or b"",
+            extensions={"timeout": timeouts.as_dict(), **extensions},
+        )
+        response = await pool.open(request)
+        try:
+            headers = httpx.Headers(response.headers)
+            if "set-cookie" in headers or "set-cookie2" in headers:
+                self.http.cookies.extract_cookies(
+                    httpx.Response(
+                        response.status,
+                        headers=headers,
+                        request=httpx.Request(method, url.copy_with(host=host)),
+                    )
+                )
+            _check_declared(headers, max_bytes, truncate)
+            content_read, cut = await _capped(pool.parts(response), max_bytes, truncate)
+        finally:
+            await response.aclose()
+        return Response(
+            status_code=response.status,
+            headers=headers,
+            content=content_read,
+            truncated=cut,
+            elapsed_ms=(time.monotonic() - started) * 1000,
+            address=host,
+        )
+
+
+# Methods httpx sends a ``Content-Length: 0`` when they carry no body.
+_EMPTY_BODY_SENT = ("POST", "PUT", "PATCH")
+
+
+def _check_declared(headers: httpx.Headers, max_bytes: int, truncate: bool) -> None:
+    declared = headers.get("content-length", "")
+    if not truncate and declared.isdigit() and int(declared) > max_bytes:
+        raise OutboundTooLarge(f"the body is {declared} bytes, over the {max_bytes} cap")
+
+
+async def _capped(
+    parts: AsyncIterator[bytes], max_bytes: int, truncate: bool
+) -> tuple[bytes, bool]:
+    """The body read up to ``max_bytes`` (see ``Outbound.request``), and whether it was cut."""
+    chunks: list[bytes] = []
+    seen = 0
+    async for chunk in parts:
+        seen += len(chunk)
+        if seen > max_bytes:
+            if not truncate:
+                raise OutboundTooLarge(f"the body is over the {max_bytes} byte cap")
+            chunks.append(chunk[: max_bytes - (seen - len(chunk))])
+            return b"".join(chunks), True
+        chunks.append(chunk)
+    return b"".join(chunks), False
