@@ -18,8 +18,6 @@ from typing import Any
 import httpcore
 import httpx
 
-HOLD_BYTES = 64 * 1024  # writes held back until a read, up to this much (``_Stream``)
-
 
 async def _within(limit_s: float | None, awaitable: Awaitable[Any]) -> Any:
     if limit_s is None:
@@ -32,30 +30,20 @@ class _Stream(httpcore.AsyncNetworkStream):
     """One connection of the pool, on asyncio's own streams (its TLS too), in place of
     httpcore's anyio backend: the same bytes and httpcore's error classes, without anyio's
     per-call machinery (a cancel scope per read and write, a checkpoint per send) or its
-    TLS, which runs every record through a Python memory BIO. Two more things:
+    TLS, which runs every record through a Python memory BIO.
 
-    - **One send per request.** httpcore writes a request's head, its body and the body's
-      end separately; each write here is held (up to ``HOLD_BYTES``) until the next read,
-      the response's, so a request leaves in one ``send`` and reaches the server as one
-      segment. A larger write first sends what is held, then itself: the order is kept
-      and nothing large is copied.
-    - **A cheap "has the server closed it?" check.** httpcore asks it of every idle
-      connection in the pool each time it assigns a request; the answer here (readable,
-      or no socket left: "closed") is one ``poll(2)`` on a poll object made once."""
+    httpcore asks every idle connection in the pool "has the server closed it?" each time
+    it assigns a request; the answer here (readable, or no socket left: "closed") is one
+    ``poll(2)`` on a poll object made once."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
         self._socket: socket.socket | None = None
         self._poller: select.poll | None = None
-        self._held: list[bytes] = []
-        self._held_size = 0
-        self._held_timeout: float | None = None
 
     # httpcore's interface passes timeouts as arguments (hence the noqa: ASYNC109).
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        if self._held:
-            await self._flush()
         try:
             data: bytes = await _within(timeout, self._reader.read(max_bytes))
         except TimeoutError:
@@ -67,35 +55,17 @@ class _Stream(httpcore.AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
         if not buffer:
             return
-        if self._held_size + len(buffer) <= HOLD_BYTES:
-            self._held.append(buffer)
-            self._held_size += len(buffer)
-            self._held_timeout = timeout
-            return
-        if self._held:
-            await self._flush()
-        await self._send(buffer, timeout)
-
-    async def _flush(self) -> None:
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        self._held.clear()
-        self._held_size = 0
-        await self._send(data, self._held_timeout)
-
-    async def _send(self, data: bytes, limit_s: float | None) -> None:
         try:
             if self._writer.is_closing():
                 raise ConnectionResetError("the connection is closed")
-            self._writer.write(data)
-            await _within(limit_s, self._writer.drain())
+            self._writer.write(buffer)
+            await _within(timeout, self._writer.drain())
         except TimeoutError:
             raise httpcore.WriteTimeout("timed out writing") from None
         except (OSError, RuntimeError) as e:
             raise httpcore.WriteError(str(e) or type(e).__name__) from e
 
     async def aclose(self) -> None:
-        self._held.clear()
-        self._held_size = 0
         self._writer.close()
 
     async def start_tls(
@@ -234,9 +204,12 @@ class PoolTransport(httpx.AsyncBaseTransport):
     on asyncio's own streams (``_Stream``): httpx gives no way to choose the pool's network
     backend, so this is its transport with that one choice made."""
 
-    def __init__(self, *, limits: httpx.Limits, trust_env: bool) -> None:
+    def __init__(
+        self, *, limits: httpx.Limits, trust_env: bool, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """``tls``: the context to verify servers with (httpx's default context if None)."""
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=trust_env),
+            ssl_context=tls or httpx.create_ssl_context(trust_env=trust_env),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
@@ -281,6 +254,10 @@ class PoolTransport(httpx.AsyncBaseTransport):
         assert isinstance(response.stream, AsyncIterable)
         with _mapped():
             return b"".join([part async for part in response.stream])
+
+    def idle(self) -> bool:
+        """No request in flight on any of the pool's connections."""
+        return all(c.is_idle() or c.is_closed() for c in self._pool.connections)
 
     @staticmethod
     async def parts(response: httpcore.Response) -> AsyncIterator[bytes]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -240,20 +241,49 @@ class Outbound:
     environment proxies). ``resolver`` is replaceable for tests."""
 
     def __init__(
-        self, *, resolver: Resolver | None = None, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        *,
+        resolver: Resolver | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: the context HTTPS servers are verified with (httpx's default, the
+        system's CA bundle through certifi, if None)."""
         self.resolver = resolver or system_resolver
+        self._tls = tls
         # The transport the client would build for itself (no proxies: trust_env=False),
         # made here so that ``_send`` can hand requests to it directly (``send_direct``).
-        self._transport = transport or PoolTransport(
-            trust_env=False, limits=httpx.Limits(max_connections=50, max_keepalive_connections=10)
-        )
+        self._own_pools = transport is None
+        self._transport = transport or _new_pool(tls)
         self.http = httpx.AsyncClient(
             follow_redirects=False, trust_env=False, transport=self._transport
         )
+        # HTTPS connections, one pool per name (see ``_pool_for``).
+        self._tls_pools: dict[str, PoolTransport] = {}
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        pools, self._tls_pools = list(self._tls_pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
+
+    async def _pool_for(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
+        """Where a request to ``url`` goes. A pool finds a connection to reuse by scheme,
+        address and port, and the address here is the checked IP: over HTTPS a connection
+        whose certificate was checked for one name would then carry a request for another
+        name at the same address. So each HTTPS name has a pool of its own (at most
+        ``TLS_POOLS``; past that, pools with nothing in flight are closed, oldest first)."""
+        if not self._own_pools or url.scheme != "https":
+            return self._transport
+        name = url.host
+        pool = self._tls_pools.pop(name, None) or _new_pool(self._tls)
+        self._tls_pools[name] = pool  # the most recently used last
+        if len(self._tls_pools) > TLS_POOLS:
+            for old_name, old in list(self._tls_pools.items())[:-TLS_POOLS]:
+                if old.idle():
+                    del self._tls_pools[old_name]
+                    await old.aclose()
+        return pool
 
     async def resolve(self, url: httpx.URL, policy: Policy) -> IPAddress:
         """The one address to connect to: every answer must pass, the first is used."""
@@ -342,7 +372,7 @@ class Outbound:
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
         # identity: the cap counts the bytes as sent, and no decompression bomb
         sent = {"Accept-Encoding": "identity", **headers, "Host": url.netloc.decode("ascii")}
-        pool = self._transport
+        pool = await self._pool_for(url)
         if (
             isinstance(pool, PoolTransport)
             and not self.http.cookies
@@ -369,7 +399,7 @@ class Outbound:
             timeout=timeouts,
             extensions=extensions,
         )
-        response = await send_direct(self.http, self._transport, request, stream=True)
+        response = await send_direct(self.http, pool, request, stream=True)
         try:
             _check_declared(response.headers, max_bytes, truncate)
             content_read, cut = await _capped(response.aiter_raw(), max_bytes, truncate)
@@ -442,6 +472,17 @@ class Outbound:
             elapsed_ms=(time.monotonic() - started) * 1000,
             address=host,
         )
+
+
+TLS_POOLS = 64  # HTTPS names whose pools an ``Outbound`` keeps (``Outbound._pool_for``)
+
+
+def _new_pool(tls: ssl.SSLContext | None) -> PoolTransport:
+    return PoolTransport(
+        trust_env=False,
+        limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
+        tls=tls,
+    )
 
 
 # Methods httpx sends a ``Content-Length: 0`` when they carry no body.

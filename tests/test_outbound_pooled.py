@@ -6,13 +6,18 @@ sent back, and a body with no declared length is still capped."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from app import outbound
 from app.http_pool import PoolTransport
-from app.outbound import Outbound, OutboundTooLarge, Policy
+from app.outbound import Outbound, OutboundError, OutboundTooLarge, Policy
 
 PRIVATE_OK = Policy(allow_private=True)
 
@@ -147,3 +152,88 @@ async def test_a_body_with_no_declared_length_is_capped(opened: list[bytes]) -> 
     assert opened == [b"GET"] * 3
     assert cut.truncated and cut.content == b"x" * 12_000
     assert not whole.truncated and whole.content == b"x" * 20_000
+
+
+def certificate(tmp_path: Path, *names: str) -> tuple[Path, ssl.SSLContext]:
+    """A self-signed certificate for ``names`` and a server context holding it."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", f"/CN={names[0]}"),
+            *("-addext", "subjectAltName=" + ",".join(f"DNS:{n}" for n in names)),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return cert, context
+
+
+async def _loopback(host: str, port: int) -> list[str]:
+    return ["127.0.0.1"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_to_the_checked_address_keeps_the_name(
+    tmp_path: Path, opened: list[bytes]
+) -> None:
+    """Over TLS (asyncio's own, ``app.http_pool``): the connection goes to the address the
+    name resolved to, while SNI and the certificate check use the name; a certificate for
+    another name is refused."""
+    cert, context = certificate(tmp_path, "outputs.test")
+    names: list[str] = []
+
+    def sni(sock: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+        names.append(name or "")
+
+    context.sni_callback = sni  # type: ignore[assignment]
+    server = RawServer(answer(b"png"))
+    server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
+    port = server.server.sockets[0].getsockname()[1]
+
+    out = Outbound(resolver=_loopback, tls=ssl.create_default_context(cafile=str(cert)))
+    try:
+        got = await out.request("GET", f"https://outputs.test:{port}/0.png", policy=PRIVATE_OK)
+        # The same address under another name: a new connection, whose certificate (not
+        # for that name) is refused; the first one's is not lent to it.
+        with pytest.raises(OutboundError):
+            await out.request("GET", f"https://other.test:{port}/0.png", policy=PRIVATE_OK)
+        again = await out.request("GET", f"https://outputs.test:{port}/1.png", policy=PRIVATE_OK)
+    finally:
+        await out.aclose()
+        await server.__aexit__(None, None, None)
+    assert got.content == again.content == b"png" and got.address == "127.0.0.1"
+    assert names == ["outputs.test", "other.test"]  # the third request reused the first's
+    assert b"\r\nhost: outputs.test:%d\r\n" % port in server.requests[0].lower()
+    assert len(server.requests) == 2
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_pools_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pool per HTTPS name, at most ``TLS_POOLS``: past that the oldest idle pool is
+    closed (its connection with it), and a name seen again gets a new one."""
+    monkeypatch.setattr(outbound, "TLS_POOLS", 2)
+    cert, context = certificate(tmp_path, "a.test", "b.test", "c.test")
+    server = RawServer(answer(b"ok"))
+    server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
+    port = server.server.sockets[0].getsockname()[1]
+    out = Outbound(resolver=_loopback, tls=ssl.create_default_context(cafile=str(cert)))
+    try:
+        for name in ("a", "b", "a", "c"):
+            await out.request("GET", f"https://{name}.test:{port}/", policy=PRIVATE_OK)
+        kept = list(out._tls_pools)
+        for _ in range(200):  # until the closed connection's end reaches the server
+            if server.writers[1].is_closing():
+                break
+            await asyncio.sleep(0.01)
+        closed = [w.is_closing() for w in server.writers]
+        await out.request("GET", f"https://b.test:{port}/", policy=PRIVATE_OK)
+    finally:
+        await out.aclose()
+        await server.__aexit__(None, None, None)
+    assert kept == ["a.test", "c.test"]  # b.test, the least recently used, went
+    assert closed == [False, True, False]  # connections of a, b, c in that order
+    assert len(server.writers) == 4  # b.test connected anew
