@@ -120,11 +120,16 @@ async def _measure(
     pool = PoolTransport(
         trust_env=False, limits=httpx.Limits(max_connections=50, max_keepalive_connections=10)
     )
-    outbound = Outbound()
-    if context is not None:
+    if context is None:
+        outbound = Outbound()
+    else:
         pool._pool._ssl_context = context
-        assert isinstance(outbound._transport, PoolTransport)
-        outbound._transport._pool._ssl_context = context
+        try:
+            outbound = Outbound(tls=context)  # type: ignore[call-arg, unused-ignore]
+        except TypeError:  # a checkout from before Outbound took a TLS context
+            outbound = Outbound()
+            assert isinstance(outbound._transport, PoolTransport)
+            outbound._transport._pool._ssl_context = context
     url = httpx.URL(base + "/Task/Detail")
     core_url = httpcore.URL(
         scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
