@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from app import outbound
 from app.http_pool import PoolTransport
 from app.outbound import Outbound, OutboundError, OutboundTooLarge, Policy
+from tests.loopback import read_request, self_signed
 
 PRIVATE_OK = Policy(allow_private=True)
 
@@ -43,12 +43,7 @@ class RawServer:
         self.writers.append(writer)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                self.requests.append(head + await reader.readexactly(length))
+                self.requests.append(await read_request(reader))
                 n = min(len(self.requests), len(self.answers)) - 1
                 writer.write(self.answers[n])
                 await writer.drain()
@@ -154,24 +149,6 @@ async def test_a_body_with_no_declared_length_is_capped(opened: list[bytes]) -> 
     assert not whole.truncated and whole.content == b"x" * 20_000
 
 
-def certificate(tmp_path: Path, *names: str) -> tuple[Path, ssl.SSLContext]:
-    """A self-signed certificate for ``names`` and a server context holding it."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", f"/CN={names[0]}"),
-            *("-addext", "subjectAltName=" + ",".join(f"DNS:{n}" for n in names)),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return cert, context
-
-
 async def _loopback(host: str, port: int) -> list[str]:
     return ["127.0.0.1"]
 
@@ -183,7 +160,7 @@ async def test_tls_to_the_checked_address_keeps_the_name(
     """Over TLS (asyncio's own, ``app.http_pool``): the connection goes to the address the
     name resolved to, while SNI and the certificate check use the name; a certificate for
     another name is refused."""
-    cert, context = certificate(tmp_path, "outputs.test")
+    cert, context = self_signed(tmp_path, "outputs.test")
     names: list[str] = []
 
     def sni(sock: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
@@ -216,7 +193,7 @@ async def test_tls_pools_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyP
     """One pool per HTTPS name, at most ``TLS_POOLS``: past that the oldest idle pool is
     closed (its connection with it), and a name seen again gets a new one."""
     monkeypatch.setattr(outbound, "TLS_POOLS", 2)
-    cert, context = certificate(tmp_path, "a.test", "b.test", "c.test")
+    cert, context = self_signed(tmp_path, "a.test", "b.test", "c.test")
     server = RawServer(answer(b"ok"))
     server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
     port = server.server.sockets[0].getsockname()[1]

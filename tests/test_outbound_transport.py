@@ -1,15 +1,14 @@
 """``PoolTransport`` (``app.http_pool``): httpx's transport over httpcore's pool on
 asyncio's own streams, with a cheap readability check of idle connections. Over real
 sockets: keep-alive reuse, a connection the server closed while idle is noticed (never
-reused: a Run on it would be ambiguous), TLS, httpx's error classes, bodies sent whole,
-and a write timeout."""
+reused: a Run on it would be ambiguous), TLS, httpx's error classes (timeouts among them)
+and bodies sent whole."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from app.http_pool import PoolTransport
 from app.wiro.client import LIMITS, WiroHTTP
+from tests.loopback import read_request, self_signed
 
 BODY = b'{"result": true}'
 ANSWER = (
@@ -45,12 +45,7 @@ class Server:
         answered = 0
         try:
             while self.close_after is None or answered < self.close_after:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
+                await read_request(reader)
                 writer.write(ANSWER)
                 await writer.drain()
                 answered += 1
@@ -132,7 +127,7 @@ async def test_errors_are_httpx_errors(server: Server) -> None:
     held: list[asyncio.StreamWriter] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)  # reads, never answers
+        held.append(writer)  # never reads, never answers
 
     quiet = await asyncio.start_server(silent, "127.0.0.1", 0)
     quiet_port = quiet.sockets[0].getsockname()[1]
@@ -142,6 +137,10 @@ async def test_errors_are_httpx_errors(server: Server) -> None:
         ) as http:
             with pytest.raises(httpx.ReadTimeout):
                 await http.get(f"http://127.0.0.1:{quiet_port}/x", timeout=0.2)
+            with pytest.raises(httpx.WriteTimeout):  # more than the socket buffers take
+                await http.post(
+                    f"http://127.0.0.1:{quiet_port}/x", content=b"x" * (32 << 20), timeout=0.3
+                )
             with pytest.raises(httpx.UnsupportedProtocol):
                 await http.get(f"ftp://127.0.0.1:{quiet_port}/x")
     finally:
@@ -158,18 +157,7 @@ async def test_tls_with_the_environment_s_ca(
     """WiroHTTP over TLS (Wiro is HTTPS): the handshake, keep-alive, the name check, and
     the readability check of an idle TLS connection; ``SSL_CERT_FILE`` honoured as httpx
     does."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    cert, context = self_signed(tmp_path, "localhost")
     server = Server()
     port = await server.start(context)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
@@ -204,16 +192,7 @@ class Recorder(Server):
         self.writers.append(writer)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                body = b""
-                if b"transfer-encoding: chunked" in head.lower():
-                    while not body.endswith(b"0\r\n\r\n"):
-                        body += await reader.read(65536)
-                else:
-                    for line in head.split(b"\r\n"):
-                        if line.lower().startswith(b"content-length:"):
-                            body = await reader.readexactly(int(line.split(b":", 1)[1]))
-                self.requests.append(head + body)
+                self.requests.append(await read_request(reader))
                 writer.write(ANSWER)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -246,26 +225,3 @@ async def test_requests_arrive_whole_on_one_connection() -> None:
     assert server.requests[0].endswith(b'\r\n\r\n{"taskid":"1"}')
     assert server.requests[1].endswith(b"\r\n\r\n4\r\none,\r\n4\r\ntwo,\r\n5\r\nthree\r\n0\r\n\r\n")
     assert server.requests[2].endswith(b"\r\n\r\n" + big)
-
-
-async def test_a_write_the_server_never_reads_times_out() -> None:
-    held: list[asyncio.StreamWriter] = []
-
-    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)  # never reads
-
-    quiet = await asyncio.start_server(deaf, "127.0.0.1", 0)
-    port = quiet.sockets[0].getsockname()[1]
-    try:
-        async with httpx.AsyncClient(
-            transport=PoolTransport(limits=LIMITS, trust_env=False)
-        ) as http:
-            with pytest.raises(httpx.WriteTimeout):
-                await http.post(
-                    f"http://127.0.0.1:{port}/x", content=b"x" * (32 << 20), timeout=0.3
-                )
-    finally:
-        quiet.close()
-        for writer in held:
-            writer.close()
-        await asyncio.sleep(0.01)

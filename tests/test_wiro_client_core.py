@@ -23,6 +23,7 @@ from app.wiro import WiroClient, WiroError, WiroUnavailable
 from app.wiro import client as client_module
 from app.wiro.client import LIMITS, WiroHTTP
 from app.wiro.signing import NonceSource
+from tests.loopback import read_request
 from tests.procs import free_port
 from tests.test_wiro_client import (
     FIXTURES,
@@ -80,12 +81,7 @@ class RawWiro:
         self.writers.append(writer)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                self.requests.append(head + await reader.readexactly(length))
+                self.requests.append(await read_request(reader))
                 self.arrived.set()
                 if self.reply == HANG:
                     await self.stopping.wait()
