@@ -84,6 +84,9 @@ class _Stream(httpcore.AsyncNetworkStream):
         except (OSError, RuntimeError) as e:  # ssl.SSLError is an OSError
             await self.aclose()
             raise httpcore.ConnectError(str(e) or type(e).__name__) from e
+        except BaseException:  # cancelled mid-handshake: the connection is of no use
+            self._writer.close()
+            raise
         self._socket = self._poller = None
         return self
 
