@@ -254,9 +254,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
     async def read(response: httpcore.Response) -> bytes:
         """The whole body of an ``open`` answer, its errors mapped as ``_Body``'s; the
         caller closes ``response.stream`` as an ``httpx.Response`` would."""
-        assert isinstance(response.stream, AsyncIterable)
-        with _mapped():
-            return b"".join([part async for part in response.stream])
+        return b"".join([part async for part in PoolTransport.parts(response)])
 
     def idle(self) -> bool:
         """No request in flight on any of the pool's connections."""
@@ -264,7 +262,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
 
     @staticmethod
     async def parts(response: httpcore.Response) -> AsyncIterator[bytes]:
-        """The body of an ``open`` answer as it arrives, its errors mapped as ``read``'s."""
+        """The body of an ``open`` answer as it arrives, its errors mapped as ``_Body``'s."""
         assert isinstance(response.stream, AsyncIterable)
         with _mapped():
             async for part in response.stream:
