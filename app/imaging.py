@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import struct
 import warnings
 import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -90,7 +92,9 @@ def _open(
     inverse DCT and the colour conversion work on the smaller image: a third of the CPU
     for the simulator's headshots, three quarters for noise, where entropy decoding is
     most of the work (docs/benchmarks.md, "Issue 15, tenth round"). The image returned
-    is then the small one; the size returned is still the header's."""
+    is then the small one; the size returned is still the header's. A PNG that is not
+    interlaced is checked by ``_check_png`` instead of decoded (its image is then not
+    loaded)."""
     if sniff(data) is None:
         other = _other(data)
         raise ImageRejected(
@@ -112,7 +116,10 @@ def _open(
             )
         if scaled and im.format == "JPEG":
             im.draft(im.mode, ((width + 7) // 8, (height + 7) // 8))
-        im.load()
+        if scaled and im.format == "PNG" and data[12:16] == b"IHDR" and data[28] == 0:
+            _check_png(data, im)
+        else:
+            im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected("pixels", f"the image has too many pixels: {e}") from None
     except ImageRejected:
@@ -126,9 +133,66 @@ def _open(
     return im, (width, height)
 
 
+# Samples per pixel by PNG colour type (greyscale, RGB, palette, grey+alpha, RGBA).
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_INFLATE_STEP = 1 << 16  # bytes of decompressed rows held at a time
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _check_png(data: bytes, im: Image.Image) -> None:
+    """A non-interlaced PNG checked whole without its pixel work (for ``inspect``).
+
+    Pillow's ``verify`` reads every chunk through ``IEND`` and checks each one's CRC
+    (which the full decode does not do for the image data). The image data is then
+    inflated (zlib checks the stream and its Adler-32) in steps of ``_INFLATE_STEP``
+    bytes, and must come to exactly ``height`` rows of the header's size, each starting
+    with a known filter type (0-4). What is left out is undoing the filters and
+    unpacking the pixels: about 60 % of a full decode's CPU for the simulator's PNGs
+    (``python -m bench.decode``). It refuses everything a full decode refuses
+    (``tests/test_imaging.py``), and a few files that a full decode accepts: a cut
+    ``IEND``, a chunk whose CRC is wrong, bytes after the end of the stream."""
+    im.verify()  # OSError / SyntaxError for a cut file or a wrong CRC: ``_open`` maps them
+    width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
+    samples = _PNG_SAMPLES.get(colour)
+    if samples is None:
+        raise ImageRejected("decode", "the image has an unknown PNG colour type")
+    stride = 1 + (width * samples * depth + 7) // 8
+    expected = stride * height
+    stream = zlib.decompressobj()
+    produced = 0
+    view = memoryview(data)
+    pos = 8
+    ended = False
+    try:
+        while not ended and pos + 8 <= len(data):
+            length, kind = struct.unpack_from(">I4s", data, pos)
+            if kind == b"IEND":
+                # ``verify`` stops at IEND's type: its CRC is checked here.
+                ended = data[pos : pos + 12] == _IEND
+                break
+            if kind == b"IDAT":
+                rest: bytes | memoryview = view[pos + 8 : pos + 8 + length]
+                while rest:
+                    rows = stream.decompress(rest, _INFLATE_STEP)
+                    rest = stream.unconsumed_tail
+                    # Each row's first byte, wherever it falls in this step's output.
+                    filters = rows[(-produced) % stride :: stride]
+                    if (filters and max(filters) > 4) or produced + len(rows) > expected:
+                        raise ImageRejected("decode", "the image data does not decode")
+                    produced += len(rows)
+                    if stream.eof and (rest or stream.unused_data):
+                        raise ImageRejected("decode", "the image data does not decode")
+            pos += 12 + length
+    except zlib.error:
+        raise ImageRejected("decode", "the image data does not decode") from None
+    if not ended or not stream.eof or produced != expected:
+        raise ImageRejected("decode", "the image data is incomplete")
+
+
 def inspect(data: bytes, *, max_pixels: int) -> ImageInfo:
     """Check that ``data`` is a whole JPEG or PNG; its facts (a JPEG is decoded at 1/8
-    scale, see ``_open``; the size is the header's)."""
+    scale, see ``_open``; a non-interlaced PNG is inflated and checked without undoing
+    its filters, see ``_check_png``; the size is the header's)."""
     im, (width, height) = _open(data, max_pixels, scaled=True)
     assert im.format in FORMATS
     return ImageInfo(
