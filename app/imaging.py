@@ -135,7 +135,7 @@ def _open(
 
 # Samples per pixel by PNG colour type (greyscale, RGB, palette, grey+alpha, RGBA).
 _PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
-_INFLATE_STEP = 1 << 16  # bytes of decompressed rows held at a time
+_INFLATE_STEP = 1 << 20  # bytes of decompressed rows held at a time
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
