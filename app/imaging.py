@@ -116,7 +116,7 @@ def _open(
             )
         if scaled and im.format == "JPEG":
             im.draft(im.mode, ((width + 7) // 8, (height + 7) // 8))
-        if scaled and im.format == "PNG" and data[12:16] == b"IHDR" and data[28] == 0:
+        if scaled and im.format == "PNG" and data[12:16] == b"IHDR" and data[28:29] == b"\x00":
             _check_png(data, im)
         else:
             im.load()
