@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Integer, String, Table, bindparam, event, insert, select
@@ -71,11 +71,47 @@ def new_delivery(task_id: str, status: str, url: str, now: datetime, *, reason: 
     )
 
 
+# An output's download: its key (task id, index) and what ``results.store_output`` needs
+# (upstream URL, storage key, attempts so far), as ``Services.claimed_outputs`` holds it.
+Handed = tuple[tuple[str, int], tuple[str, str, int]]
+
+
+@dataclass(frozen=True, eq=False)
+class OutputHandoff:
+    """This process's output loop, taking the downloads of the terminal writes that this
+    process commits: their rows are inserted already leased to it (``owner``, for
+    ``lease_s``), and after the commit ``hand`` gives it the keys. That saves the loop's
+    claim (a write and, on PostgreSQL, a commit) per task with outputs, and the wait for
+    it. ``accepting``: whether the loop runs and takes work (not before it starts, not
+    once it drains); if not, the rows are inserted free and claimed as before."""
+
+    owner: str
+    lease_s: float
+    accepting: Callable[[], bool]
+    hand: Callable[[list[Handed]], None]
+
+    def lease(self, now: datetime) -> tuple[str, datetime] | None:
+        if not self.accepting():
+            return None
+        return self.owner, now + timedelta(seconds=self.lease_s)
+
+
+_HANDOFF = "hgw_output_handoff"  # the attribute of a sessionmaker's Session class
+
+
+def output_lease(session: AsyncSession, now: datetime) -> tuple[str, datetime] | None:
+    """The lease (owner, until) to insert a terminal write's outputs with, if this
+    session's process hands them to its own output loop (``wake_after_terminal``)."""
+    handoff: OutputHandoff | None = getattr(type(session.sync_session), _HANDOFF, None)
+    return None if handoff is None else handoff.lease(now)
+
+
 def wake_after_terminal(
     sm: async_sessionmaker[AsyncSession],
     *,
     notifier: Callable[[], None],
     outputs: Callable[[], None],
+    handoff: OutputHandoff | None = None,
 ) -> None:
     """After each commit of a session of ``sm`` that recorded a terminal status with work
     for a result loop, wake that loop (``notifier`` for a delivery, ``outputs`` for
@@ -86,23 +122,38 @@ def wake_after_terminal(
 
     The hook is registered on ``sm``'s own Session class (``db.make_sessionmaker``), so
     it belongs to this process's sessionmaker; a sessionmaker without one gets no
-    wake-ups (its loops still find the work on their idle tick)."""
+    wake-ups (its loops still find the work on their idle tick).
+
+    With ``handoff``, the outputs of the terminal writes of ``sm``'s sessions go to it
+    (``OutputHandoff``) instead of waking ``outputs`` to claim them."""
     session_class = sm.kw.get("sync_session_class")
     if session_class is None or session_class is Session:
         return
+    if handoff is not None:
+        setattr(session_class, _HANDOFF, handoff)
 
     def after_commit(session: Session) -> None:
         if session.info.pop(_DELIVERY_RECORDED, False):
             notifier()
         if session.info.pop(_OUTPUTS_RECORDED, False):
             outputs()
+        handed = session.info.pop(_OUTPUTS_HANDED, None)
+        if handed:
+            assert handoff is not None
+            handoff.hand(handed)
+
+    def after_rollback(session: Session) -> None:
+        # Rolled back: the rows are not there, nothing to hand (a wake-up costs only a claim).
+        session.info.pop(_OUTPUTS_HANDED, None)
 
     event.listen(session_class, "after_commit", after_commit)
+    event.listen(session_class, "after_rollback", after_rollback)
 
 
 # Set by ``record_terminal`` in the session's ``info``: what its commit gives the loops.
 _DELIVERY_RECORDED = "terminal_delivery_recorded"
 _OUTPUTS_RECORDED = "terminal_outputs_recorded"
+_OUTPUTS_HANDED = "terminal_outputs_handed"
 
 
 _TASKS = cast(Table, Task.__table__)
@@ -154,17 +205,18 @@ async def record_terminal(
     """Inside the status change's transaction: the delivery and the downloads to do.
 
     Prebuilt Core statements, executed at once (no ORM objects to flush at commit): at
-    most one ``INSERT … SELECT`` for the delivery and one insert of the outputs. The
-    result loops are woken after the commit only if there is work for them. (On
-    PostgreSQL the terminal write of a Detail does the same inside one statement:
+    most one ``INSERT … SELECT`` for the delivery and one insert of the outputs (leased
+    to this process's output loop if it takes them: ``OutputHandoff``). The result loops
+    are woken after the commit only if there is work for them. (On PostgreSQL the
+    terminal write of a Detail does the same inside one statement:
     ``app.tasks._single.terminal``.)"""
     res = await session.execute(
         _INSERT_DELIVERY, {**delivery_params(task_id, status, now), "d_task_id": task_id}
     )
-    rows = output_rows(task_id, status, now, outputs)
+    rows = output_rows(task_id, status, now, outputs, lease=output_lease(session, now))
     if rows:
         await session.execute(_INSERT_OUTPUT, rows if len(rows) > 1 else rows[0])
-    mark_recorded(session, delivery=bool(res.rowcount), outputs=bool(rows))  # type: ignore[attr-defined]
+    mark_recorded(session, delivery=bool(res.rowcount), outputs=rows)  # type: ignore[attr-defined]
 
 
 def delivery_params(task_id: str, status: Status, now: datetime) -> dict[str, Any]:
@@ -180,12 +232,19 @@ def delivery_params(task_id: str, status: Status, now: datetime) -> dict[str, An
 
 
 def output_rows(
-    task_id: str, status: Status, now: datetime, outputs: list[dict[str, Any]] | None
+    task_id: str,
+    status: Status,
+    now: datetime,
+    outputs: list[dict[str, Any]] | None,
+    *,
+    lease: tuple[str, datetime] | None = None,
 ) -> list[dict[str, Any]]:
     """The ``task_outputs`` rows to download for a task that ``status`` ends: one per
-    output with a URL, only for ``succeeded``."""
+    output with a URL, only for ``succeeded``; leased to ``lease`` (owner, until) if
+    given (``OutputHandoff``)."""
     if status != Status.succeeded:
         return []
+    owner, until = lease if lease is not None else (None, None)
     rows: list[dict[str, Any]] = []
     for i, o in enumerate(outputs or []):
         url = o.get("upstream_url") or o.get("url")
@@ -204,14 +263,24 @@ def output_rows(
                 "attempts": 0,
                 "created_at": now,
                 "next_try_at": now,
+                "lease_owner": owner,
+                "lease_until": until,
             }
         )
     return rows
 
 
-def mark_recorded(session: AsyncSession, *, delivery: bool, outputs: bool) -> None:
-    """What the session's commit gives the result loops (``wake_after_terminal``)."""
+def mark_recorded(session: AsyncSession, *, delivery: bool, outputs: list[dict[str, Any]]) -> None:
+    """What the session's commit gives the result loops (``wake_after_terminal``): a
+    wake-up for a delivery, the output rows inserted (``output_rows``) leased to this
+    process's output loop, or a wake-up for those inserted free."""
+    info = session.sync_session.info
     if delivery:
-        session.sync_session.info[_DELIVERY_RECORDED] = True
-    if outputs:
-        session.sync_session.info[_OUTPUTS_RECORDED] = True
+        info[_DELIVERY_RECORDED] = True
+    leased = [r for r in outputs if r["lease_owner"] is not None]
+    if leased:
+        info.setdefault(_OUTPUTS_HANDED, []).extend(
+            ((r["task_id"], r["idx"]), (r["upstream_url"], r["storage_key"], 0)) for r in leased
+        )
+    if len(leased) < len(outputs):
+        info[_OUTPUTS_RECORDED] = True

@@ -167,7 +167,7 @@ _CLAIM_OUTPUTS = OUTPUT_LEASES.claim_statement(OUTPUT_LEASES.candidates()).retur
 )
 
 
-def _output_lease_s(svc: Services) -> float:
+def output_lease_s(svc: Services) -> float:
     """Long enough for one download (an output is not renewed while it runs)."""
     s = svc.ctx.settings
     return max(s.lease_s, s.output_timeout_s + 10)
@@ -184,7 +184,7 @@ async def claim_outputs(svc: Services, *, limit: int) -> list[tuple[str, int]]:
     download needs comes back with the claim and waits in ``svc.claimed_outputs``."""
     ctx = svc.ctx
     now = ctx.clock()
-    until = now + timedelta(seconds=_output_lease_s(svc))
+    until = now + timedelta(seconds=output_lease_s(svc))
     async with ctx.bookkeeping() as conn:
         rows = await conn.execute(
             _CLAIM_OUTPUTS, {"b_now": now, "b_until": until, "b_owner": ctx.owner, "b_limit": limit}

@@ -47,6 +47,7 @@ from app.outbox import (
     OUTPUTS,
     delivery_params,
     mark_recorded,
+    output_lease,
     output_rows,
 )
 from app.states import EventKind, Outcome, OutputState
@@ -297,6 +298,8 @@ def _terminal(new: Status, guard: Guard, keys: tuple[str, ...]) -> Any:
                 "attempts",
                 "created_at",
                 "next_try_at",
+                "lease_owner",
+                "lease_until",
             ],
             select(
                 moved.c.id,
@@ -305,6 +308,8 @@ def _terminal(new: Status, guard: Guard, keys: tuple[str, ...]) -> Any:
                 bindparam("o_attempts", type_=Integer()),
                 ts("o_now"),
                 ts("o_now"),
+                bindparam("o_lease_owner", type_=String()),
+                ts("o_lease_until"),
             ).select_from(moved.join(rows, true())),
         )
         .returning(OUTPUTS.c.idx)
@@ -347,22 +352,26 @@ async def terminal(
     row = event_values(
         task_id, source, now, kind, new.value, values.get("upstream_status"), message
     )
-    outs = output_rows(task_id, new, now, values.get("outputs"))
-    bound = {
-        "w_id": task_id,
-        **params,
-        **{f"v_{k}": v for k, v in values.items()},
-        **{f"e_{k}": row[k] for k in _EVENT_KEYS},
-        **delivery_params(task_id, new, now),
-        **{f"o_{k}": [o[k] for o in outs] for k, _ in _OUTPUT_ARRAYS},
-        "o_state": OutputState.pending.value,
-        "o_attempts": 0,
-        "o_now": now,
-    }
     async with ctx.reads() as session, session.begin():
-        moved, delivery, outputs = (await session.execute(stmt, bound)).one()
-        if moved:
-            mark_recorded(session, delivery=bool(delivery), outputs=bool(outputs))
+        lease = output_lease(session, now)
+        outs = output_rows(task_id, new, now, values.get("outputs"), lease=lease)
+        owner, until = lease if lease is not None else (None, None)
+        bound = {
+            "w_id": task_id,
+            **params,
+            **{f"v_{k}": v for k, v in values.items()},
+            **{f"e_{k}": row[k] for k in _EVENT_KEYS},
+            **delivery_params(task_id, new, now),
+            **{f"o_{k}": [o[k] for o in outs] for k, _ in _OUTPUT_ARRAYS},
+            "o_state": OutputState.pending.value,
+            "o_attempts": 0,
+            "o_now": now,
+            "o_lease_owner": owner,
+            "o_lease_until": until,
+        }
+        moved, delivery, _outputs = (await session.execute(stmt, bound)).one()
+        if moved:  # then every row of ``outs`` was inserted (``_outputs`` of them)
+            mark_recorded(session, delivery=bool(delivery), outputs=outs)
     if not moved:
         return False
     metrics.task_transition(new.value)

@@ -3,7 +3,7 @@
 Each is the shared ``WorkerLoop`` (app/workers/loop.py): claim due rows with a lease, act
 on each (bounded concurrency), record, repeat; woken early by ``wake()``, else every
 ``GATEWAY_WORKER_IDLE_S``. Their leases are sized to outlast one attempt (a POST, a
-download, a ``Task/InputOutputDelete``: see ``notify._lease_s``, ``results._output_lease_s``,
+download, a ``Task/InputOutputDelete``: see ``notify._lease_s``, ``results.output_lease_s``,
 ``results._erasure_lease_s``), so they need no heartbeat. On stop a loop lets running jobs
 finish (bounded) and gives its leases back.
 """
@@ -17,7 +17,7 @@ from app import metrics, notify, results
 from app.context import Ctx
 from app.db import mark_background
 from app.leases import reclaim
-from app.outbox import Services, wake_after_terminal
+from app.outbox import Handed, OutputHandoff, Services, wake_after_terminal
 from app.tasks._leases import LEASES as TASK_LEASES
 from app.workers.loop import WorkerLoop
 
@@ -83,5 +83,20 @@ def result_workers(svc: Services) -> list[WorkerLoop]:
         outputs.wake,
         eraser.wake,
     )
-    wake_after_terminal(svc.ctx.sm, notifier=notifier.wake, outputs=outputs.wake)
+
+    def hand_outputs(handed: list[Handed]) -> None:
+        svc.claimed_outputs.update(handed)
+        outputs.hand([key for key, _ in handed])
+
+    wake_after_terminal(
+        svc.ctx.sm,
+        notifier=notifier.wake,
+        outputs=outputs.wake,
+        handoff=OutputHandoff(
+            owner=svc.ctx.owner,
+            lease_s=results.output_lease_s(svc),
+            accepting=lambda: outputs.accepting,
+            hand=hand_outputs,
+        ),
+    )
     return [notifier, outputs, eraser]

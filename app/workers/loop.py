@@ -4,7 +4,9 @@ Every worker is this loop (the task scheduler, the notifier, the output download
 eraser): claim up to a batch of due rows (``app.leases``), start one job per row within a
 concurrency limit, and claim again at once while batches come back full; otherwise sleep
 until ``wake()`` (new work was committed), a job ends while every slot is taken, or
-``idle_s`` passes. Optional extras: a
+``idle_s`` passes. Work whose lease this process took with another write comes by
+``hand()`` and starts before the next claim (the output loop's downloads of this
+process's terminal writes: ``app.outbox.OutputHandoff``). Optional extras: a
 heartbeat that renews the loop's leases (``renew``) so work may outlive one lease, and a
 periodic job (``tick``).
 
@@ -16,6 +18,7 @@ lets running jobs finish until it ends, cancels the rest, and gives every lease 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import time
@@ -55,15 +58,31 @@ class WorkerLoop:
         self.grace_s = grace_s
         self._wake = asyncio.Event()
         self._full = False  # the loop sleeps with every slot taken: a free one wakes it
+        self._claim_due = True  # claim on the next turn (at start, ``wake``, each idle tick)
         self._stopping = False
         self._drain_deadline: float | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._handed: collections.deque[Any] = collections.deque()  # ``hand``: to start
         self._tracked: set[asyncio.Task[Any]] = set()  # jobs started outside the loop
         self._loop_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[Any]] = []
         self._next_tick = 0.0
 
     def wake(self) -> None:
+        """New work was committed: claim (at once, or as soon as a slot is free)."""
+        self._claim_due = True
+        self._wake.set()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the loop runs and takes work (started, not draining): ``hand``."""
+        return self._loop_task is not None and not self._stopping
+
+    def hand(self, keys: list[Any]) -> None:
+        """Work this process already holds the leases of (taken with another write, e.g.
+        the output rows of a terminal write: ``app.outbox.OutputHandoff``): started like
+        claimed keys, before the next claim, as slots are free."""
+        self._handed.extend(keys)
         self._wake.set()
 
     def start(self, after: asyncio.Future[Any] | None = None) -> None:
@@ -109,14 +128,18 @@ class WorkerLoop:
                 except Exception:
                     log.exception("%s: periodic job failed", self.name)
             free = self._concurrency - len(self._running)
-            self._full = free <= 0
+            handed = [self._handed.popleft() for _ in range(min(free, len(self._handed)))]
+            free -= len(handed)
+            # Work waits for a slot: handed keys, or a claim that is due (a job's end wakes).
+            self._full = bool(self._handed) or (self._claim_due and free <= 0)
             claimed: list[Any] = []
-            if free > 0:
+            if self._claim_due and free > 0:
+                self._claim_due = False  # handed work alone does not call for a claim
                 try:
                     claimed = await self._claim(min(self._batch, free))
                 except Exception:
                     log.exception("%s: claiming failed", self.name)
-            for key in claimed:
+            for key in handed + claimed:
                 t = asyncio.create_task(
                     self._guarded(key),
                     name=f"{self.name}:{key}",
@@ -125,11 +148,12 @@ class WorkerLoop:
                 self._running.add(t)
                 t.add_done_callback(self._done)
             if claimed and len(claimed) == min(self._batch, max(free, 0)):
+                self._claim_due = True
                 continue  # there may be more due right now
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._idle)
             except TimeoutError:
-                pass
+                self._claim_due = True
 
     async def _guarded(self, key: Any) -> None:
         try:
