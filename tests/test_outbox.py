@@ -29,10 +29,13 @@ from app.db import make_engine, make_sessionmaker, utcnow
 from app.lifecycle import Status
 from app.models import Delivery, DeliveryAttempt, Event, StoredOutput, Task
 from app.outbound import Outbound
-from app.outbox import Services, wake_after_terminal
+from app.outbox import Handed, OutputHandoff, Services, wake_after_terminal
 from app.settings import Settings
+from app.states import EventKind
 from app.store import DirectoryStore
+from app.tasks import _writes
 from tests.results_helpers import SECRET, finished_task
+from tests.rows import task_row
 
 CDN = "http://127.0.0.1:7001"
 HOOK = "http://127.0.0.1:7002/hook"
@@ -75,6 +78,10 @@ class World:
     wakes: dict[str, int] = field(
         default_factory=lambda: {"terminal_notifier": 0, "terminal_outputs": 0, "notifier": 0}
     )
+    # This process's output loop as ``OutputHandoff`` sees it: taking work or not (off
+    # unless a test turns it on), and the downloads handed to it.
+    handoff_open: bool = False
+    handed: list[Handed] = field(default_factory=list)
 
     @property
     def ctx(self) -> Ctx:
@@ -149,9 +156,21 @@ async def world(db_url: str, tmp_path: Path) -> AsyncIterator[World]:
 
         return wake
 
+    def hand(handed: list[Handed]) -> None:  # as ``workers.jobs.result_workers`` does
+        w.handed.extend(handed)
+        w.svc.claimed_outputs.update(handed)
+
     w.svc.wake_notifier = wake_notifier
     wake_after_terminal(
-        ctx.sm, notifier=waker("terminal_notifier"), outputs=waker("terminal_outputs")
+        ctx.sm,
+        notifier=waker("terminal_notifier"),
+        outputs=waker("terminal_outputs"),
+        handoff=OutputHandoff(
+            owner=ctx.owner,
+            lease_s=results.output_lease_s(svc),
+            accepting=lambda: w.handoff_open,
+            hand=hand,
+        ),
     )
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
@@ -448,3 +467,62 @@ async def test_the_claim_counts_what_runs_here(world: World) -> None:
     [fifth] = await notify.claim_due(w.svc, limit=10)
     assert fifth not in first
     assert len(w.hooks()) == 1
+
+
+async def test_a_terminal_write_hands_its_outputs_to_this_process_loop(world: World) -> None:
+    """With this process's output loop taking work (``OutputHandoff``), the terminal
+    write inserts the outputs already leased to it and hands them over after the commit:
+    no wake-up, no claim, and the download needs no read of its row."""
+    w = world
+    w.handoff_open = True
+    image = png()
+    w.answers["/a.png"] = (200, image)
+    w.statements.clear()
+    task_id = await w.output_task("a.png", webhook=False)
+    # the test's insert of the task, then the status change, its event, the delivery's
+    # statement (inserting nothing) and the outputs' insert: the lease adds none
+    assert len(w.statements) == 5, w.statements
+    row = await w.row(StoredOutput, (task_id, 0))
+    assert row.lease_owner == w.ctx.owner and row.lease_until is not None
+    lease_s = (row.lease_until - row.created_at).total_seconds()
+    assert lease_s == results.output_lease_s(w.svc)
+    assert w.handed == [((task_id, 0), (f"{CDN}/a.png", f"outputs/{task_id}/0", 0))]
+    assert w.wakes["terminal_outputs"] == 0
+    assert await results.claim_outputs(w.svc, limit=10) == []  # nobody else's to claim
+
+    w.statements.clear()
+    await results.store_output(w.svc, task_id, 0)
+    # [PostgreSQL: lock the task]; the stored row; the output rows; the task's outputs;
+    # the waiting notification made due: no claim, no read of the row first
+    assert len(w.statements) == (5 if _postgres(w) else 4), w.statements
+    assert w.statements[1 if _postgres(w) else 0] == "UPDATE task_outputs SET"
+    row = await w.row(StoredOutput, (task_id, 0))
+    assert (row.state, row.attempts, row.lease_owner) == ("stored", 1, None)
+    assert (w.data_dir / "outputs" / task_id / "0").read_bytes() == image
+
+
+async def test_a_terminal_write_rolled_back_hands_nothing(world: World) -> None:
+    """Rolled back, the leased rows are not there: the session's next commit (the same
+    session, reused) hands nothing."""
+    w = world
+    w.handoff_open = True
+    task = task_row(Status.running, now=utcnow(), client="alpha", upstream_task_id="998")
+    other = task_row(Status.running, now=utcnow(), client="alpha", upstream_task_id="997")
+    async with w.ctx.sm() as s:
+        s.add(task)
+        await s.flush()
+        assert await _writes.transition(
+            s,
+            task.id,
+            Status.succeeded,
+            kind=EventKind.progressed,
+            source="poll",
+            now=utcnow(),
+            outputs=[{"name": "a.png", "url": f"{CDN}/a.png"}],
+        )
+        await s.rollback()
+        s.add(other)
+        await s.commit()
+    assert w.handed == [] and w.svc.claimed_outputs == {}
+    assert await w.row(Task, task.id) is None
+    assert await w.row(Task, other.id) is not None

@@ -19,6 +19,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -242,15 +243,22 @@ OUTPUTS = [
 ]
 
 
+@pytest.mark.parametrize("handoff", [False, True], ids=["free", "handed"])
 @pytest.mark.parametrize("webhook", [None, "https://hooks.example.com/in"])
 async def test_a_terminal_detail_is_one_statement_with_its_outbox_rows(
-    e: Engine, webhook: str | None
+    e: Engine, webhook: str | None, handoff: bool
 ) -> None:
+    """``handed``: this process's output loop takes the downloads (``OutputHandoff``):
+    the rows are inserted leased to it, in the same one statement, and handed over."""
     wakes: Counter[str] = Counter()
+    handed: list[outbox.Handed] = []
     outbox.wake_after_terminal(
         e.ctx.sm,
         notifier=lambda: wakes.update(["notifier"]),
         outputs=lambda: wakes.update(["outputs"]),
+        handoff=outbox.OutputHandoff(
+            owner=e.ctx.owner, lease_s=70.0, accepting=lambda: handoff, hand=handed.extend
+        ),
     )
     e.wiro.on("Run", ok(taskid="9100", socketaccesstoken="sock"))
     task, _ = await tasks.submit(
@@ -283,21 +291,36 @@ async def test_a_terminal_detail_is_one_statement_with_its_outbox_rows(
                     StoredOutput.upstream_url,
                     StoredOutput.state,
                     StoredOutput.storage_key,
+                    StoredOutput.lease_owner,
+                    StoredOutput.lease_until,
+                    StoredOutput.created_at,
                 ).order_by(StoredOutput.idx)
             )
         ).all()
     assert [tuple(d) for d in deliveries] == (
         [(task.id, "task.succeeded", webhook)] if webhook else []
     )
-    assert [tuple(o) for o in outputs] == [
+    assert [tuple(o)[:5] for o in outputs] == [
         (i, o["name"], o["url"], "pending", outbox.output_key(task.id, i))
         for i, o in enumerate(OUTPUTS)
     ]
+    leases = {(o.lease_owner, o.lease_until and o.lease_until - o.created_at) for o in outputs}
+    assert leases == ({(e.ctx.owner, timedelta(seconds=70))} if handoff else {(None, None)})
+    assert handed == (
+        [
+            ((task.id, i), (o["url"], outbox.output_key(task.id, i), 0))
+            for i, o in enumerate(OUTPUTS)
+        ]
+        if handoff
+        else []
+    )
     written = await _written(e, task.id)
     assert written["status"] == "succeeded" and written["lease_owner"] is None
     assert written["events"][-1] == ("progressed", "succeeded", "task_postprocess_end", "poll")
     # The result loops are woken after the commit, only where there is work for them.
-    assert wakes == Counter({"outputs": 1, **({"notifier": 1} if webhook else {})})
+    assert wakes == Counter(
+        {**({} if handoff else {"outputs": 1}), **({"notifier": 1} if webhook else {})}
+    )
 
 
 async def test_a_terminal_write_whose_guard_fails_writes_nothing(e: Engine) -> None:

@@ -144,3 +144,43 @@ async def test_a_failed_step_before_the_first_claim_does_not_stop_the_loop() -> 
         await asyncio.wait_for(fake.done["a"].wait(), timeout=10)
     finally:
         await loop.stop()
+
+
+async def test_handed_work_starts_without_a_claim_and_waits_for_a_slot() -> None:
+    """``hand``: keys whose leases this process already took (a terminal write's outputs,
+    app.outbox.OutputHandoff) start as slots are free, and call for no claim."""
+    fake = Fake([])
+    loop = fake.loop(concurrency=2)
+    assert not loop.accepting  # not started: a terminal write inserts its rows free
+    loop.start()
+    try:
+        await _settle()
+        assert loop.accepting
+        assert fake.claims == [[]]  # the first claim, at start
+        for key in ("h1", "h2", "h3"):
+            fake.gates[key], fake.done[key] = asyncio.Event(), asyncio.Event()
+        loop.hand(["h1", "h2", "h3"])
+        await _settle()
+        assert fake.claims == [[]]  # no claim for handed work
+        assert not fake.done["h3"].is_set()
+        # Both slots are taken: "h3" waits, and a job's end starts it (still no claim).
+        fake.gates["h3"].set()
+        await _settle()
+        assert not fake.done["h3"].is_set()
+        fake.gates["h1"].set()
+        await asyncio.wait_for(fake.done["h3"].wait(), timeout=10)
+        assert fake.done["h1"].is_set()
+        assert fake.claims == [[]]
+        # A wake-up (work committed for anyone to claim) still claims, beside handed work.
+        fake.due.append("c")
+        loop.wake()
+        await _settle()
+        assert fake.claims == [[], ["c"]]
+        fake.gates["h2"].set()
+        fake.gates["c"].set()
+        await asyncio.wait_for(fake.done["c"].wait(), timeout=10)
+        await asyncio.wait_for(fake.done["h2"].wait(), timeout=10)
+        loop.drain()
+        assert not loop.accepting  # draining: later terminal writes insert their rows free
+    finally:
+        await loop.stop()
