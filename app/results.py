@@ -97,6 +97,7 @@ _SET_OUTPUTS = (
     update(_TASKS)
     .where(_T.id == bindparam("w_task"))
     .values(outputs=bindparam("v_outputs", type_=_T.outputs.type))
+    .returning(_T.webhook_url)
 )
 # The task row, locked (PostgreSQL): whoever moves an output of the task out of
 # ``pending`` takes it first, so rewrites of ``outputs`` serialise and the last one to
@@ -147,13 +148,17 @@ _NOT_STORED = (
 
 async def _rewrite_outputs(
     db: AsyncSession | AsyncConnection, task_id: str, public_url: str
-) -> bool:
-    """Rewrite the task's ``outputs`` from its rows; True if none is pending any more."""
+) -> tuple[bool, bool]:
+    """Rewrite the task's ``outputs`` from its rows: whether none is pending any more, and
+    whether the task has a ``webhook_url`` (only then can a notification wait for them:
+    the URL is set at submit and never changes, and every delivery goes to it)."""
     rows = (await db.execute(_OUTPUT_FACTS, {"w_task": task_id})).all()
-    await db.execute(
-        _SET_OUTPUTS, {"w_task": task_id, "v_outputs": [present(r, public_url) for r in rows]}
-    )
-    return all(r.state != OutputState.pending for r in rows)
+    webhook = (
+        await db.execute(
+            _SET_OUTPUTS, {"w_task": task_id, "v_outputs": [present(r, public_url) for r in rows]}
+        )
+    ).scalar_one_or_none()
+    return all(r.state != OutputState.pending for r in rows), bool(webhook)
 
 
 # ---------------------------------------------------------------- outputs: the worker
@@ -282,7 +287,9 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
             )
             stored = res.rowcount == 1
             if stored:
-                settled = await _rewrite_outputs(conn, task_id, s.public_url)
+                settled, webhook = await _rewrite_outputs(conn, task_id, s.public_url)
+                # Without a webhook no notification waits for the outputs: none to send.
+                settled = settled and webhook
             if settled and not lock:
                 # SQLite: writers are serial, so the notification can be made due in
                 # this same transaction (on PostgreSQL, after the commit: a notifier's

@@ -492,10 +492,12 @@ async def test_a_terminal_write_hands_its_outputs_to_this_process_loop(world: Wo
 
     w.statements.clear()
     await results.store_output(w.svc, task_id, 0)
-    # [PostgreSQL: lock the task]; the stored row; the output rows; the task's outputs;
-    # the waiting notification made due: no claim, no read of the row first
-    assert len(w.statements) == (5 if _postgres(w) else 4), w.statements
+    # [PostgreSQL: lock the task]; the stored row; the output rows; the task's outputs
+    # (returning its webhook_url): no claim, no read of the row first, and with no
+    # webhook_url no notification to look for
+    assert len(w.statements) == (4 if _postgres(w) else 3), w.statements
     assert w.statements[1 if _postgres(w) else 0] == "UPDATE task_outputs SET"
+    assert "UPDATE deliveries SET" not in w.statements
     row = await w.row(StoredOutput, (task_id, 0))
     assert (row.state, row.attempts, row.lease_owner) == ("stored", 1, None)
     assert (w.data_dir / "outputs" / task_id / "0").read_bytes() == image
