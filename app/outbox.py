@@ -201,22 +201,27 @@ async def record_terminal(
     now: datetime,
     *,
     outputs: list[dict[str, Any]] | None = None,
+    webhook: bool | None = None,
 ) -> None:
     """Inside the status change's transaction: the delivery and the downloads to do.
 
     Prebuilt Core statements, executed at once (no ORM objects to flush at commit): at
-    most one ``INSERT … SELECT`` for the delivery and one insert of the outputs (leased
+    most one ``INSERT … SELECT`` for the delivery (none if the caller knows the task has
+    no ``webhook_url``: ``webhook=False``) and one insert of the outputs (leased
     to this process's output loop if it takes them: ``OutputHandoff``). The result loops
     are woken after the commit only if there is work for them. (On PostgreSQL the
     terminal write of a Detail does the same inside one statement:
     ``app.tasks._single.terminal``.)"""
-    res = await session.execute(
-        _INSERT_DELIVERY, {**delivery_params(task_id, status, now), "d_task_id": task_id}
-    )
+    delivery = False
+    if webhook is not False:  # known to have one, or not known
+        res = await session.execute(
+            _INSERT_DELIVERY, {**delivery_params(task_id, status, now), "d_task_id": task_id}
+        )
+        delivery = bool(res.rowcount)  # type: ignore[attr-defined]
     rows = output_rows(task_id, status, now, outputs, lease=output_lease(session, now))
     if rows:
         await session.execute(_INSERT_OUTPUT, rows if len(rows) > 1 else rows[0])
-    mark_recorded(session, delivery=bool(res.rowcount), outputs=rows)  # type: ignore[attr-defined]
+    mark_recorded(session, delivery=delivery, outputs=rows)
 
 
 def delivery_params(task_id: str, status: Status, now: datetime) -> dict[str, Any]:

@@ -230,8 +230,9 @@ async def test_the_terminal_write_records_the_work_and_wakes_only_for_some(world
             {"name": None, "upstream_url": f"{CDN}/c", "size": "big"},
         ],
     )
-    # … the delivery's statement (inserting nothing) and one insert of both outputs
-    assert len(w.statements) == 5, w.statements
+    # … no delivery's statement (the update returned no webhook_url) and one insert of
+    # both outputs
+    assert len(w.statements) == 4, w.statements
     # Downloads and no delivery: only the output loop is woken.
     assert await w.deliveries(ok) == []
     assert (w.wakes["terminal_notifier"], w.wakes["terminal_outputs"]) == (1, 1)
@@ -479,9 +480,9 @@ async def test_a_terminal_write_hands_its_outputs_to_this_process_loop(world: Wo
     w.answers["/a.png"] = (200, image)
     w.statements.clear()
     task_id = await w.output_task("a.png", webhook=False)
-    # the test's insert of the task, then the status change, its event, the delivery's
-    # statement (inserting nothing) and the outputs' insert: the lease adds none
-    assert len(w.statements) == 5, w.statements
+    # the test's insert of the task, then the status change, its event and the outputs'
+    # insert (no webhook_url: no delivery's statement): the lease adds none
+    assert len(w.statements) == 4, w.statements
     row = await w.row(StoredOutput, (task_id, 0))
     assert row.lease_owner == w.ctx.owner and row.lease_until is not None
     lease_s = (row.lease_until - row.created_at).total_seconds()

@@ -130,6 +130,8 @@ class Guard:
 
 NO_GUARD = Guard()
 _statements: dict[tuple[Status, Status | None, Guard, tuple[str, ...]], Any] = {}
+# ``transition``'s terminal changes, ``RETURNING`` the task's webhook_url.
+_with_webhook: dict[tuple[Status, Status | None, Guard, tuple[str, ...]], Any] = {}
 
 
 def status_update(new: Status, expect: Status | None, guard: Guard, keys: tuple[str, ...]) -> Any:
@@ -186,11 +188,20 @@ async def transition(
 
     A terminal status needs an ORM session (the outbox adds its rows to it)."""
     status_values(new, now, values)
-    stmt = status_update(new, expect, guard, tuple(sorted(values)))
-    res = await db.execute(
-        stmt, {"w_id": task_id, **(params or {}), **{f"v_{k}": v for k, v in values.items()}}
-    )
-    if cast(CursorResult[Any], res).rowcount != 1:
+    key = (new, expect, guard, tuple(sorted(values)))
+    bound = {"w_id": task_id, **(params or {}), **{f"v_{k}": v for k, v in values.items()}}
+    webhook: bool | None = None
+    if new.terminal:
+        # The task's webhook_url comes back with the change: without one, the outbox
+        # need not look for it (``record_terminal``).
+        stmt = _with_webhook.get(key)
+        if stmt is None:
+            stmt = _with_webhook[key] = status_update(*key).returning(T.webhook_url)
+        moved = (await db.execute(stmt, bound)).all()
+        if len(moved) != 1:
+            return False
+        webhook = bool(moved[0].webhook_url)
+    elif cast(CursorResult[Any], await db.execute(status_update(*key), bound)).rowcount != 1:
         return False
     metrics.task_transition(new.value)
     if new.terminal:
@@ -215,7 +226,7 @@ async def transition(
     if new.terminal:
         # The notification and the output downloads commit with the change or not at all.
         assert isinstance(db, AsyncSession), "a terminal status is written in a session"
-        await record_terminal(db, task_id, new, now, outputs=values.get("outputs"))
+        await record_terminal(db, task_id, new, now, outputs=values.get("outputs"), webhook=webhook)
     return True
 
 
