@@ -139,8 +139,8 @@ def wake_after_terminal(
             outputs()
         handed = session.info.pop(_OUTPUTS_HANDED, None)
         if handed:
-            assert handoff is not None
-            handoff.hand(handed)
+            # The class's hand-off, the one whose lease the rows were inserted with.
+            getattr(session_class, _HANDOFF).hand(handed)
 
     def after_rollback(session: Session) -> None:
         # Rolled back: the rows are not there, nothing to hand (a wake-up costs only a claim).
