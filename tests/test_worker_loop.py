@@ -169,6 +169,7 @@ async def test_handed_work_starts_without_a_claim_and_waits_for_a_slot() -> None
         assert not fake.done["h3"].is_set()
         fake.gates["h1"].set()
         await asyncio.wait_for(fake.done["h3"].wait(), timeout=10)
+        await _settle()  # "h3"'s end, with a slot free, claims nothing either
         assert fake.done["h1"].is_set()
         assert fake.claims == [[]]
         # A wake-up (work committed for anyone to claim) still claims, beside handed work.
