@@ -200,20 +200,21 @@ async def record_terminal(
     status: Status,
     now: datetime,
     *,
+    webhook: bool,
     outputs: list[dict[str, Any]] | None = None,
-    webhook: bool | None = None,
 ) -> None:
     """Inside the status change's transaction: the delivery and the downloads to do.
 
     Prebuilt Core statements, executed at once (no ORM objects to flush at commit): at
-    most one ``INSERT … SELECT`` for the delivery (none if the caller knows the task has
-    no ``webhook_url``: ``webhook=False``) and one insert of the outputs (leased
+    most one ``INSERT … SELECT`` for the delivery (only if the task has a
+    ``webhook_url``: ``webhook``, which the status change returned) and one insert of the
+    outputs (leased
     to this process's output loop if it takes them: ``OutputHandoff``). The result loops
     are woken after the commit only if there is work for them. (On PostgreSQL the
     terminal write of a Detail does the same inside one statement:
     ``app.tasks._single.terminal``.)"""
     delivery = False
-    if webhook is not False:  # known to have one, or not known
+    if webhook:
         res = await session.execute(
             _INSERT_DELIVERY, {**delivery_params(task_id, status, now), "d_task_id": task_id}
         )

@@ -190,7 +190,7 @@ async def transition(
     status_values(new, now, values)
     key = (new, expect, guard, tuple(sorted(values)))
     bound = {"w_id": task_id, **(params or {}), **{f"v_{k}": v for k, v in values.items()}}
-    webhook: bool | None = None
+    webhook = False
     if new.terminal:
         # The task's webhook_url comes back with the change: without one, the outbox
         # need not look for it (``record_terminal``).
