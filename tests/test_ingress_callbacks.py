@@ -178,7 +178,8 @@ async def test_the_direct_callback_answers_as_the_declared_route(
     assert with_task.seen == [(ROUTE, 204, t1)]
 
     # Unknown: a wrong token, an unknown task, a malformed id, an over-long token.
-    for path in (cb(t1, "x" + k1[1:]), cb("tsk_01NOSUCHTASK", k1), cb("task1", k1)):
+    wrong = ("y" if k1[0] == "x" else "x") + k1[1:]  # a token of the right shape, never k1
+    for path in (cb(t1, wrong), cb("tsk_01NOSUCHTASK", k1), cb("task1", k1)):
         status, headers, body = await _both(sides, "POST", path, outcome="unknown", content=BODY)
         assert status == 404 and headers["content-type"] == "application/problem+json"
         assert b"Unknown task or token." in body
