@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
-import socket
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Iterator
 from typing import Any
@@ -33,14 +31,16 @@ class _Stream(httpcore.AsyncNetworkStream):
     TLS, which runs every record through a Python memory BIO.
 
     httpcore asks every idle connection in the pool "has the server closed it?" each time
-    it assigns a request; the answer here (readable, or no socket left: "closed") is one
-    ``poll(2)`` on a poll object made once."""
+    it assigns a request (all of them, twice per request). The answer here is what the
+    event loop has already seen of the socket, without a system call: the loop reads
+    whatever arrives into the stream's reader at once, so bytes waiting, the peer's end
+    (EOF), an error or a closing transport all mean "don't reuse". A close that reaches
+    the socket while the current step of the loop runs is seen at the next; a close can
+    race any check, as it can race the request itself."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._socket: socket.socket | None = None
-        self._poller: select.poll | None = None
 
     # httpcore's interface passes timeouts as arguments (hence the noqa: ASYNC109).
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
@@ -87,7 +87,6 @@ class _Stream(httpcore.AsyncNetworkStream):
         except BaseException:  # cancelled mid-handshake: the connection is of no use
             self._writer.close()
             raise
-        self._socket = self._poller = None
         return self
 
     def get_extra_info(self, info: str) -> Any:
@@ -102,16 +101,13 @@ class _Stream(httpcore.AsyncNetworkStream):
         return None
 
     def _readable(self) -> bool:
-        if self._poller is None:
-            self._socket = self._writer.get_extra_info("socket")
-            if self._socket is None or self._socket.fileno() < 0:
-                return True
-            self._poller = select.poll()
-            self._poller.register(self._socket, select.POLLIN)
-        assert self._socket is not None
-        if self._socket.fileno() < 0:  # closed: the descriptor may be another's by now
-            return True
-        return bool(self._poller.poll(0))
+        reader = self._reader
+        return (
+            bool(reader._buffer)  # type: ignore[attr-defined]  # no public "bytes waiting"
+            or reader.at_eof()
+            or reader.exception() is not None
+            or self._writer.is_closing()
+        )
 
 
 class _Backend(httpcore.AsyncNetworkBackend):

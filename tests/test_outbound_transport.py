@@ -117,6 +117,28 @@ async def test_the_readability_check_sees_the_close(server: Server) -> None:
     assert server.connections == 2
 
 
+async def test_bytes_on_an_idle_connection_expire_it(server: Server) -> None:
+    """A server that writes to an idle connection (a stray answer, a 408 before its close)
+    has left it in an unknown state: it is not reused, though it is still open."""
+    port = await server.start()
+    transport = PoolTransport(limits=LIMITS, trust_env=False)
+    async with httpx.AsyncClient(transport=transport) as http:
+        await http.post(f"http://127.0.0.1:{port}/x", json={})
+        (connection,) = transport._pool.connections
+        assert not connection.has_expired()
+        (writer,) = server.writers
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        for _ in range(200):  # until the client's loop has read the bytes
+            if connection.has_expired():
+                break
+            await asyncio.sleep(0.01)
+        assert connection.has_expired() and not connection.is_closed()
+        r = await http.post(f"http://127.0.0.1:{port}/x", json={})
+        assert r.status_code == 200
+    assert server.connections == 2
+
+
 async def test_errors_are_httpx_errors(server: Server) -> None:
     port = await server.start()
     await server.stop()
