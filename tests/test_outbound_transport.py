@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -66,6 +67,19 @@ class Server:
         await asyncio.sleep(0.01)  # the handlers see their connections end
 
 
+async def _until(condition: Callable[[], bool], limit_s: float = 10.0) -> None:
+    """Wait for ``condition`` (what the event loop has read from a socket), failing after
+    ``limit_s``."""
+    async with asyncio.timeout(limit_s):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def _stream_of(connection: Any) -> Any:
+    """The ``_Stream`` under one of the pool's HTTP/1.1 connections."""
+    return connection._connection._network_stream
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     s = Server()
@@ -88,14 +102,15 @@ async def test_keep_alive_connections_are_reused(server: Server) -> None:
 async def test_a_connection_the_server_closed_is_not_reused() -> None:
     server = Server(close_after=1)
     port = await server.start()
+    transport = PoolTransport(limits=LIMITS, trust_env=False)
     try:
-        async with httpx.AsyncClient(
-            transport=PoolTransport(limits=LIMITS, trust_env=False)
-        ) as http:
+        async with httpx.AsyncClient(transport=transport) as http:
             for _ in range(3):
                 r = await http.post(f"http://127.0.0.1:{port}/x", json={})
                 assert r.status_code == 200
-                await asyncio.sleep(0.05)  # the server's close reaches the idle socket
+                # The server's close reaches the idle connection (the client's loop reads
+                # its end of stream).
+                await _until(lambda: all(c.has_expired() for c in transport._pool.connections))
     finally:
         await server.stop()
     assert server.connections == 3
@@ -108,9 +123,10 @@ async def test_the_readability_check_sees_the_close(server: Server) -> None:
         await http.post(f"http://127.0.0.1:{port}/x", json={})
         (connection,) = transport._pool.connections
         assert connection.is_idle() and not connection.has_expired()
+        reader = _stream_of(connection)._reader
         for writer in server.writers:
             writer.close()
-        await asyncio.sleep(0.05)
+        await _until(reader.at_eof)  # the client's loop has read the close
         assert connection.has_expired()
         r = await http.post(f"http://127.0.0.1:{port}/x", json={})
         assert r.status_code == 200
@@ -129,10 +145,8 @@ async def test_bytes_on_an_idle_connection_expire_it(server: Server) -> None:
         (writer,) = server.writers
         writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
         await writer.drain()
-        for _ in range(200):  # until the client's loop has read the bytes
-            if connection.has_expired():
-                break
-            await asyncio.sleep(0.01)
+        reader = _stream_of(connection)._reader
+        await _until(lambda: len(reader._buffer) > 0)  # the client's loop has read them
         assert connection.has_expired() and not connection.is_closed()
         r = await http.post(f"http://127.0.0.1:{port}/x", json={})
         assert r.status_code == 200
