@@ -206,9 +206,8 @@ async def record_terminal(
     """Inside the status change's transaction: the delivery and the downloads to do.
 
     Prebuilt Core statements, executed at once (no ORM objects to flush at commit): at
-    most one ``INSERT … SELECT`` for the delivery (only if the task has a
-    ``webhook_url``: ``webhook``, which the status change returned) and one insert of the
-    outputs (leased
+    most one ``INSERT … SELECT`` for the delivery (only if the task has a ``webhook_url``:
+    ``webhook``, which the status change returned) and one insert of the outputs (leased
     to this process's output loop if it takes them: ``OutputHandoff``). The result loops
     are woken after the commit only if there is work for them. (On PostgreSQL the
     terminal write of a Detail does the same inside one statement:

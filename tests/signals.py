@@ -5,6 +5,7 @@ it wrote, a counter it bumped) and only then looks."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -17,13 +18,18 @@ from app.models import Task
 
 
 async def until(
-    cond: Callable[[], Awaitable[bool]], *, timeout: float = 15.0, what: str = "condition"
+    cond: Callable[[], Awaitable[bool] | bool], *, timeout: float = 15.0, what: str = "condition"
 ) -> None:
+    """Wait for ``cond`` (a coroutine function, or a plain one reading in-process state)."""
     deadline = time.monotonic() + timeout
-    while not await cond():
+    while not await _value(cond()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout:g}s for {what}")
         await asyncio.sleep(0.05)
+
+
+async def _value(result: Awaitable[bool] | bool) -> bool:
+    return await result if inspect.isawaitable(result) else result
 
 
 async def task_row(gw: Any, task_id: str) -> Task:

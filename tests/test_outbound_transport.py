@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from app.http_pool import PoolTransport
 from app.wiro.client import LIMITS, WiroHTTP
 from tests.loopback import read_request, self_signed
+from tests.signals import until
 
 BODY = b'{"result": true}'
 ANSWER = (
@@ -67,14 +68,6 @@ class Server:
         await asyncio.sleep(0.01)  # the handlers see their connections end
 
 
-async def _until(condition: Callable[[], bool], limit_s: float = 10.0) -> None:
-    """Wait for ``condition`` (what the event loop has read from a socket), failing after
-    ``limit_s``."""
-    async with asyncio.timeout(limit_s):
-        while not condition():
-            await asyncio.sleep(0.005)
-
-
 def _stream_of(connection: Any) -> Any:
     """The ``_Stream`` under one of the pool's HTTP/1.1 connections."""
     return connection._connection._network_stream
@@ -110,7 +103,10 @@ async def test_a_connection_the_server_closed_is_not_reused() -> None:
                 assert r.status_code == 200
                 # The server's close reaches the idle connection (the client's loop reads
                 # its end of stream).
-                await _until(lambda: all(c.has_expired() for c in transport._pool.connections))
+                await until(
+                    lambda: all(c.has_expired() for c in transport._pool.connections),
+                    what="the server's close to reach the idle connection",
+                )
     finally:
         await server.stop()
     assert server.connections == 3
@@ -126,7 +122,7 @@ async def test_the_readability_check_sees_the_close(server: Server) -> None:
         reader = _stream_of(connection)._reader
         for writer in server.writers:
             writer.close()
-        await _until(reader.at_eof)  # the client's loop has read the close
+        await until(reader.at_eof, what="the client's loop to read the close")
         assert connection.has_expired()
         r = await http.post(f"http://127.0.0.1:{port}/x", json={})
         assert r.status_code == 200
@@ -146,7 +142,7 @@ async def test_bytes_on_an_idle_connection_expire_it(server: Server) -> None:
         writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
         await writer.drain()
         reader = _stream_of(connection)._reader
-        await _until(lambda: len(reader._buffer) > 0)  # the client's loop has read them
+        await until(lambda: len(reader._buffer) > 0, what="the client's loop to read them")
         assert connection.has_expired() and not connection.is_closed()
         r = await http.post(f"http://127.0.0.1:{port}/x", json={})
         assert r.status_code == 200
