@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import event
 
-from app import clients
+from app import clients, sqlite_driver
 from app.db import make_engine, make_sessionmaker, utcnow, write
 from app.gate import EdgeGate
 from app.lifecycle import Status
@@ -335,6 +337,30 @@ async def test_callbacks_are_screened_before_the_body_and_the_write_lock(
     async with httpx.AsyncClient(timeout=30) as c:
         r = await c.post(url, content=b"{" + b" " * (limit - 2) + b"}")
         assert r.status_code == 204
+
+
+@SQLITE_ONLY
+async def test_the_screens_read_runs_on_the_loops_thread(
+    gateway: Gateway, sim: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite the screen's one read runs inline (app/sqlite_driver.py), not by a hop
+    to the connection's thread, and under the zero busy timeout (it fails at once rather
+    than wait on the loop)."""
+    url = await _finished_task_callback(gateway, sim)
+    real_run = sqlite_driver._run
+    reads: list[tuple[int, int]] = []
+
+    def run(conn: sqlite3.Connection, pending: Any, operation: str, *args: Any) -> Any:
+        if "token_hash" in operation:
+            busy = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+            reads.append((threading.get_ident(), busy))
+        return real_run(conn, pending, operation, *args)
+
+    monkeypatch.setattr(sqlite_driver, "_run", run)
+    async with httpx.AsyncClient(timeout=30) as c:
+        for _ in range(2):
+            assert (await c.post(url, content=b"{}")).status_code == 204  # a duplicate
+    assert reads == [(threading.get_ident(), 0)] * 2
 
 
 # ---------------------------------------------------------------- redirects, stats, defaults

@@ -401,6 +401,23 @@ async def test_a_write_turn_runs_on_the_loops_thread_and_reads_elsewhere_hop(
         await engine.dispose()
 
 
+async def test_an_inline_read_outside_a_write_turn_fails_fast_rather_than_wait(
+    db: tuple[AsyncEngine, Path],
+) -> None:
+    """A pooled connection's first inline read sets the zero busy timeout first (its
+    PRAGMAs set 30 s, which would stop the loop behind a lock); once only; its next hop
+    sets the timeout back."""
+    engine, _ = db
+    async with engine.connect() as conn:
+        await conn.execute(text("PRAGMA busy_timeout"))  # opened, by a hop
+        with Trips() as trips, inline():
+            for _ in range(2):
+                assert await conn.scalar(select(func.count()).select_from(ROWS)) == 0
+            busy = await conn.scalar(text("PRAGMA busy_timeout"))
+        assert (trips.inline, trips.hops, busy) == (3, 0, 0)
+        assert await conn.scalar(text("PRAGMA busy_timeout")) == BUSY_TIMEOUT_MS
+
+
 async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(
     db: tuple[AsyncEngine, Path],
 ) -> None:
