@@ -16,10 +16,6 @@ from typing import Any
 import httpcore
 import httpx
 
-# A request's head of at most this many bytes is held for its body (``_Stream.write``);
-# a body part up to this size is sent with it in one piece.
-_HOLD_BYTES = 64 * 1024
-
 
 async def _within(limit_s: float | None, awaitable: Awaitable[Any]) -> Any:
     if limit_s is None:
@@ -45,15 +41,9 @@ class _Stream(httpcore.AsyncNetworkStream):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        # A request's head, held for the body that follows (``write``).
-        self._held = b""
-        self._head_next = True
 
     # httpcore's interface passes timeouts as arguments (hence the noqa: ASYNC109).
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        self._head_next = True  # the next write is the next request's head
-        if self._held:  # a request without a body: its head goes now
-            await self.write(b"", timeout)
         try:
             data: bytes = await _within(timeout, self._reader.read(max_bytes))
         except TimeoutError:
@@ -63,25 +53,8 @@ class _Stream(httpcore.AsyncNetworkStream):
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """httpcore writes a request's head, then its body (if any), then reads. The head
-        is held and sent with the body's first part, or when the read begins: one send
-        and one wake-up of the server where there were two (they were ~8 % of the event
-        loop's samples under load, most of it the server taking the core at the send)."""
-        if self._head_next and buffer and len(buffer) <= _HOLD_BYTES:
-            self._head_next = False
-            self._held = buffer
+        if not buffer:
             return
-        self._head_next = False
-        if self._held:
-            held, self._held = self._held, b""
-            if len(buffer) <= _HOLD_BYTES:
-                buffer = held + buffer
-            else:  # not worth copying a large part for
-                await self._send(held, timeout)
-        if buffer:
-            await self._send(buffer, timeout)
-
-    async def _send(self, buffer: bytes, timeout: float | None) -> None:  # noqa: ASYNC109
         try:
             if self._writer.is_closing():
                 raise ConnectionResetError("the connection is closed")

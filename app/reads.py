@@ -20,13 +20,6 @@ and each read is copied out before it is handed on. A buffer per connection woul
 
 uvloop takes the buffered path only for a protocol that is not an ``asyncio.Protocol``,
 which uvicorn's is: hence a thin wrapper that hands each read to it as ``data_received``.
-
-**A response's head goes out with its body.** uvicorn writes a response's status line and
-headers as soon as the app starts the response, then its body: two sends, and two
-wake-ups of the caller, which reads the head, finds no body yet and waits again. The
-wrapper gives uvicorn its transport through ``HeadWithBody``, which holds a response's
-head until the next write (the body, nearly always in the same step of the loop) or
-the end of that step, whichever comes first; nothing else is held.
 """
 
 from __future__ import annotations
@@ -48,79 +41,18 @@ class _Buffer(threading.local):
 _buffer = _Buffer()
 
 
-# A response's head (uvicorn's ``STATUS_LINE``, then headers) of at most this many bytes
-# is held for its body; a body part up to this size is sent with it in one piece.
-_HOLD_BYTES = 64 * 1024
-
-
-class HeadWithBody:
-    """A transport that holds a response's head (a write that starts ``HTTP/1.1`` and ends
-    with the blank line) until the next write, which it goes out with, or until the loop
-    has run what is ready now (``call_soon``), whichever is first. Everything else is the
-    transport's own. A close sends what is held first; an abort drops it."""
-
-    __slots__ = ("_held", "_loop", "_transport")
-
-    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._held = b""
-
-    def write(self, data: Any) -> None:
-        held = self._held
-        if held:
-            self._held = b""
-            if len(data) <= _HOLD_BYTES:
-                self._transport.write(held + data)
-                return
-            self._transport.write(held)
-        elif len(data) <= _HOLD_BYTES and data[:9] == b"HTTP/1.1 " and data[-4:] == b"\r\n\r\n":
-            self._held = bytes(data)
-            self._loop.call_soon(self.flush)
-            return
-        self._transport.write(data)
-
-    def writelines(self, lines: Any) -> None:
-        self.write(b"".join(lines))
-
-    def flush(self) -> None:
-        held, self._held = self._held, b""
-        if held and not self._transport.is_closing():
-            self._transport.write(held)
-
-    def write_eof(self) -> None:
-        self.flush()
-        self._transport.write_eof()
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._held = b""
-        self._transport.abort()
-
-    def get_write_buffer_size(self) -> int:
-        return int(self._transport.get_write_buffer_size()) + len(self._held)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 class SmallReads(asyncio.BufferedProtocol):
-    """An ``HttpToolsProtocol`` (made with the same arguments, writing through
-    ``HeadWithBody``) reading ``READ_BYTES`` at a time into its thread's one buffer. Each
-    read is copied out of the buffer before it is handed on (as uvloop does with its
-    own), so the buffer is reused from one read to the next, whichever connection it was
-    for."""
+    """An ``HttpToolsProtocol`` (made with the same arguments) reading ``READ_BYTES`` at a
+    time into its thread's one buffer. Each read is copied out of the buffer before it is
+    handed on (as uvloop does with its own), so the buffer is reused from one read to the
+    next, whichever connection it was for."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.http = HttpToolsProtocol(*args, **kwargs)
         self._view = _buffer.view
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        wrapped = HeadWithBody(transport, asyncio.get_running_loop())
-        self.http.connection_made(wrapped)  # type: ignore[arg-type]
+        self.http.connection_made(transport)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.http.connection_lost(exc)
