@@ -351,7 +351,7 @@ async def test_the_screens_read_runs_on_the_loops_thread(
     reads: list[tuple[int, int]] = []
 
     def run(conn: sqlite3.Connection, pending: Any, operation: str, *args: Any) -> Any:
-        if "token_hash" in operation:
+        if operation.startswith("SELECT tasks.status_rank, task_attempts.token_hash"):
             busy = conn.execute("PRAGMA busy_timeout").fetchone()[0]
             reads.append((threading.get_ident(), busy))
         return real_run(conn, pending, operation, *args)
