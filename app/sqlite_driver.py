@@ -314,12 +314,9 @@ def _run(
 BUSY_TIMEOUT_MS = 30000  # the connections' own (app.db's PRAGMA), for every hop
 
 
-def _try_begin(conn: sqlite3.Connection, zeroed: bool) -> bool:
-    """``BEGIN IMMEDIATE`` without waiting: False when another connection holds the
-    file's write lock (nothing is then open). ``zeroed``: the busy timeout is 0 already;
-    it is left at 0 either way (the connection's next hop sets it back)."""
-    if not zeroed:
-        conn.execute("PRAGMA busy_timeout=0")
+def _try_begin(conn: sqlite3.Connection) -> bool:
+    """``BEGIN IMMEDIATE`` without waiting (the caller has set the zero busy timeout):
+    False when another connection holds the file's write lock (nothing is then open)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as error:
@@ -389,10 +386,8 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
                 if not raw.in_transaction:
                     if opens:
                         await c._begin_now(raw)
-                    elif not c._zeroed and _is_read(operation):
-                        # Fail at once rather than wait on the loop (see below).
-                        raw.execute("PRAGMA busy_timeout=0")
-                        c._zeroed = True
+                    elif _is_read(operation):
+                        c._zero(raw)  # fail at once rather than wait on the loop (below)
                 HOPS.inline += 1
                 try:
                     done, rows, c._in_tx = _run(
@@ -449,11 +444,18 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
         self._checkpoints = checkpoints  # None: an in-memory database
         self._zeroed = False  # busy timeout 0 (left so by an inline BEGIN or read)
 
+    def _zero(self, raw: sqlite3.Connection) -> None:
+        """Set the zero busy timeout for an inline trip, unless it is set already; it is
+        left so (the connection's next hop sets ``BUSY_TIMEOUT_MS`` back)."""
+        if not self._zeroed:
+            raw.execute("PRAGMA busy_timeout=0")
+            self._zeroed = True
+
     async def _begin_now(self, raw: sqlite3.Connection) -> None:
         """Open the write transaction that the inline trip about to run needs: at once
         when the file's write lock is free, else by a hop that waits for it."""
-        zeroed, self._zeroed = self._zeroed, True
-        if not _try_begin(raw, zeroed):
+        self._zero(raw)
+        if not _try_begin(raw):
             HOPS.retried += 1
             await self._hop(_begin, raw)
 

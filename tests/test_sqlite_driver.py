@@ -38,6 +38,7 @@ from app.models import Attempt, Event, Task, TaskMetadata
 from app.sqlite_driver import BUSY_TIMEOUT_MS, CHECKPOINT_EVERY, HOPS, checkpoints, inline
 from app.states import Outcome
 from app.tasks._dispatch import insert_new
+from tests.signals import until
 
 META = MetaData()
 ROWS = Table(
@@ -358,14 +359,6 @@ class Trips:
         return HOPS.retried - self.start[2]
 
 
-async def _until(check: Any, timeout: float = 10.0) -> None:
-    """Wait (on the event loop, which must therefore be free) until ``check()``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.005)
-
-
 async def test_a_write_turn_runs_on_the_loops_thread_and_reads_elsewhere_hop(
     tmp_path: Path,
 ) -> None:
@@ -434,7 +427,7 @@ async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(
     try:
         with Trips() as trips:
             task = asyncio.create_task(writer())
-            await _until(lambda: trips.retried == 1)  # the loop runs while it waits
+            await until(lambda: trips.retried == 1)  # the loop runs while it waits
             assert not task.done()
             other.execute("INSERT INTO rows (name) VALUES ('theirs')")
             other.execute("COMMIT")
@@ -494,14 +487,14 @@ async def test_cancelled_while_waiting_for_the_lock_the_connection_keeps_its_ord
     try:
         with Trips() as trips:
             task = asyncio.create_task(writer())
-            await _until(lambda: trips.retried == 1)
+            await until(lambda: trips.retried == 1)
             task.cancel()
             # The BEGIN still runs on the connection's thread once the lock is free;
             # nothing is left open after it.
             other.execute("COMMIT")
             with pytest.raises(asyncio.CancelledError):
                 await task
-        await _until(lambda: write_lock_free(path))
+        await until(lambda: write_lock_free(path))
         assert names(path) == []
         async with write(engine) as conn:  # the engine goes on writing
             await conn.execute(insert(ROWS), [{"name": "after"}])
@@ -523,7 +516,7 @@ async def test_after_a_cancelled_hop_a_connection_only_hops(db: tuple[AsyncEngin
             time.sleep(0.2)
 
         hop = asyncio.create_task(adapter._hop(slow))
-        await _until(started.is_set)
+        await until(started.is_set)
         hop.cancel()
         with pytest.raises(asyncio.CancelledError):
             await hop
@@ -548,7 +541,7 @@ async def test_checkpoints_run_off_the_loop_every_so_many_commits(
         for i in range(CHECKPOINT_EVERY):
             async with write(engine) as conn:
                 await conn.execute(insert(ROWS), [{"name": f"{n}-{i}"}])
-        await _until(lambda n=n: cps.done > done + n)  # type: ignore[misc]
+        await until(lambda n=n: cps.done > done + n)  # type: ignore[misc]
         assert cps.thread is not None and cps.thread != threading.get_ident()
         assert cps.last is not None
         busy, in_wal, checkpointed = cps.last
