@@ -197,6 +197,35 @@ class _Body(httpx.AsyncByteStream):
             await self._stream.aclose()
 
 
+class _Pool(httpcore.AsyncConnectionPool):
+    """httpcore's pool, which reclaims the connections that a cancelled request leaves
+    behind (encode/httpcore#1093, open in 1.0.9, the version pinned).
+
+    A request that is cancelled or gives up on the pool's timeout just after the pool has
+    handed it a new connection, before it has begun its exchange, leaves that connection
+    in the pool unconnected (``CONNECTING``), or connected but unused (HTTP/1.1 ``NEW``):
+    neither idle, nor closed, nor expired, so no rule of the pool ever removes it, and no
+    request can take it. Once ``max_connections`` of them pile up (a burst of pool
+    timeouts, or ``asyncio.wait_for`` around Runs under load), every request fails with
+    ``PoolTimeout`` against a healthy server until the process restarts.
+
+    Every connection that is in use belongs to a request still in the pool's queue (a
+    request leaves it on its error, or when its response is closed). So a connection that
+    no queued request holds and that is not idle, closed or expired is such an orphan:
+    each time the pool assigns requests, it is taken out and closed first."""
+
+    def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        held = {id(r.connection) for r in self._requests if r.connection is not None}
+        orphans = [
+            c
+            for c in self._connections
+            if id(c) not in held and not (c.is_idle() or c.is_closed() or c.has_expired())
+        ]
+        for connection in orphans:
+            self._connections.remove(connection)
+        return orphans + super()._assign_requests_to_connections()
+
+
 class PoolTransport(httpx.AsyncBaseTransport):
     """``httpx.AsyncHTTPTransport(trust_env=..., limits=...)`` (no proxy: HTTP/1.1 over
     httpcore's connection pool, the same TLS context, the same errors), its connections
@@ -207,7 +236,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
         self, *, limits: httpx.Limits, trust_env: bool, tls: ssl.SSLContext | None = None
     ) -> None:
         """``tls``: the context to verify servers with (httpx's default context if None)."""
-        self._pool = httpcore.AsyncConnectionPool(
+        self._pool = _Pool(
             ssl_context=tls or httpx.create_ssl_context(trust_env=trust_env),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 
-from app.http_pool import PoolTransport
+from app.http_pool import PoolTransport, _Backend
 from app.wiro.client import LIMITS, WiroHTTP
 from tests.loopback import read_request, self_signed
 from tests.signals import until
@@ -257,3 +258,93 @@ async def test_requests_arrive_whole_on_one_connection() -> None:
     assert server.requests[0].endswith(b'\r\n\r\n{"taskid":"1"}')
     assert server.requests[1].endswith(b"\r\n\r\n4\r\none,\r\n4\r\ntwo,\r\n5\r\nthree\r\n0\r\n\r\n")
     assert server.requests[2].endswith(b"\r\n\r\n" + big)
+
+
+def _get(port: int, *, pool_s: float = 5.0) -> httpcore.Request:
+    return httpcore.Request(
+        b"GET",
+        httpcore.URL(scheme=b"http", host=b"127.0.0.1", port=port, target=b"/x"),
+        headers=[(b"Host", f"127.0.0.1:{port}".encode())],
+        extensions={"timeout": {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": pool_s}},
+    )
+
+
+async def _exchange(transport: PoolTransport, request: httpcore.Request) -> bytes:
+    response = await transport.open(request)
+    try:
+        return await transport.read(response)
+    finally:
+        await response.aclose()
+
+
+async def test_a_request_cancelled_as_it_is_handed_a_new_connection_leaves_none_behind(
+    server: Server,
+) -> None:
+    """encode/httpcore#1093: a request cancelled (or timing out on the pool) just after
+    the pool handed it a new connection, before it connected, left that connection in the
+    pool for good; ``max_connections`` of them, and every request failed with
+    ``PoolTimeout``. Here the pool holds one connection: a request waits for it, is handed
+    a new one as the first answer is dropped unread (which closes the old), and is
+    cancelled before it can run. The pool is empty again, and the next request gets the
+    one slot."""
+    port = await server.start()
+    transport = PoolTransport(
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), trust_env=False
+    )
+    pool = transport._pool
+    try:
+        first = await transport.open(_get(port))
+        waiting = asyncio.create_task(_exchange(transport, _get(port)))
+        await until(lambda: any(r.is_queued() for r in pool._requests), what="the second to queue")
+        await first.aclose()  # unread: the connection closes, a new one goes to the second
+        assert [r.connection is not None for r in pool._requests] == [True]
+        waiting.cancel()  # before it runs: its connection was never connected
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert pool.connections == [] and pool._requests == []
+        assert await _exchange(transport, _get(port, pool_s=2.0)) == BODY
+    finally:
+        await transport.aclose()
+    assert server.connections == 2
+
+
+class _CancelledOnConnect(_Backend):
+    """Connects, then has the connecting request cancelled at its next await: the pool's
+    connection is open but has never carried a request (HTTP/1.1 ``NEW``)."""
+
+    def __init__(self) -> None:
+        self.streams: list[Any] = []
+
+    async def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        stream = await super().connect_tcp(*args, **kwargs)
+        self.streams.append(stream)
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        return stream
+
+
+async def test_a_request_cancelled_once_connected_leaves_no_open_connection(
+    server: Server,
+) -> None:
+    """The other orphan of #1093: cancelled between connecting and sending (at the
+    connection's state lock), the request left an open connection that no request could
+    take and nothing closed. It is closed and out of the pool at once."""
+    port = await server.start()
+    transport = PoolTransport(
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), trust_env=False
+    )
+    pool = transport._pool
+    backend = _CancelledOnConnect()
+    pool._network_backend = backend
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await _exchange(transport, _get(port))
+        (stream,) = backend.streams
+        assert stream._writer.is_closing()
+        assert pool.connections == [] and pool._requests == []
+        pool._network_backend = _Backend()
+        assert await _exchange(transport, _get(port, pool_s=2.0)) == BODY
+    finally:
+        await transport.aclose()
+    assert server.connections == 2
