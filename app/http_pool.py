@@ -16,6 +16,8 @@ from typing import Any
 import httpcore
 import httpx
 
+from app import metrics
+
 
 async def _within(limit_s: float | None, awaitable: Awaitable[Any]) -> Any:
     if limit_s is None:
@@ -212,7 +214,8 @@ class _Pool(httpcore.AsyncConnectionPool):
     Every connection that is in use belongs to a request still in the pool's queue (a
     request leaves it on its error, or when its response is closed). So a connection that
     no queued request holds and that is not idle, closed or expired is such an orphan:
-    each time the pool assigns requests, it is taken out and closed first."""
+    each time the pool assigns requests, it is taken out and closed first (and counted,
+    ``gateway_outbound_connections_reclaimed_total``)."""
 
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
         held = {id(r.connection) for r in self._requests if r.connection is not None}
@@ -221,8 +224,10 @@ class _Pool(httpcore.AsyncConnectionPool):
             for c in self._connections
             if id(c) not in held and not (c.is_idle() or c.is_closed() or c.has_expired())
         ]
-        for connection in orphans:
-            self._connections.remove(connection)
+        if orphans:
+            for connection in orphans:
+                self._connections.remove(connection)
+            metrics.outbound_connections_reclaimed(len(orphans))
         return orphans + super()._assign_requests_to_connections()
 
 

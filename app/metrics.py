@@ -125,6 +125,12 @@ LEASES_RECLAIMED = Counter(
     "instead of when the leases run out (GATEWAY_LEASE_S). By table.",
     ["table"],
 )
+OUTBOUND_RECLAIMED = Counter(
+    "gateway_outbound_connections_reclaimed",
+    "Outbound connections (to Wiro, download hosts, webhook receivers) "
+    "that a request cancelled or timed out on the pool left neither usable nor closed "
+    "(httpcore#1093), taken out of their pool and closed.",
+)
 WAITERS = Gauge(
     "gateway_waiters",
     "Requests held open waiting on a task: `Prefer: wait` calls and "
@@ -182,6 +188,10 @@ def notification_attempt(outcome: str) -> None:
 def notification_exhausted() -> None:
     """Call when a delivery is given up after its last attempt."""
     NOTIFICATIONS_EXHAUSTED.inc()
+
+
+def outbound_connections_reclaimed(count: int) -> None:
+    OUTBOUND_RECLAIMED.inc(count)
 
 
 def waiters(delta: int) -> None:

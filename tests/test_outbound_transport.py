@@ -16,6 +16,7 @@ from typing import Any
 import httpcore
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from app.http_pool import PoolTransport, _Backend
 from app.wiro.client import LIMITS, WiroHTTP
@@ -260,6 +261,10 @@ async def test_requests_arrive_whole_on_one_connection() -> None:
     assert server.requests[2].endswith(b"\r\n\r\n" + big)
 
 
+def _reclaimed() -> float:
+    return REGISTRY.get_sample_value("gateway_outbound_connections_reclaimed_total") or 0.0
+
+
 def _get(port: int, *, pool_s: float = 5.0) -> httpcore.Request:
     return httpcore.Request(
         b"GET",
@@ -292,6 +297,7 @@ async def test_a_request_cancelled_as_it_is_handed_a_new_connection_leaves_none_
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), trust_env=False
     )
     pool = transport._pool
+    reclaimed = _reclaimed()
     try:
         first = await transport.open(_get(port))
         waiting = asyncio.create_task(_exchange(transport, _get(port)))
@@ -302,6 +308,7 @@ async def test_a_request_cancelled_as_it_is_handed_a_new_connection_leaves_none_
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert pool.connections == [] and pool._requests == []
+        assert _reclaimed() == reclaimed + 1
         assert await _exchange(transport, _get(port, pool_s=2.0)) == BODY
     finally:
         await transport.aclose()
@@ -337,12 +344,14 @@ async def test_a_request_cancelled_once_connected_leaves_no_open_connection(
     pool = transport._pool
     backend = _CancelledOnConnect()
     pool._network_backend = backend
+    reclaimed = _reclaimed()
     try:
         with pytest.raises(asyncio.CancelledError):
             await _exchange(transport, _get(port))
         (stream,) = backend.streams
         assert stream._writer.is_closing()
         assert pool.connections == [] and pool._requests == []
+        assert _reclaimed() == reclaimed + 1
         pool._network_backend = _Backend()
         assert await _exchange(transport, _get(port, pool_s=2.0)) == BODY
     finally:

@@ -1,0 +1,121 @@
+"""Cancelled requests against the outbound connection pool (encode/httpcore#1093): how
+many connections each pool is left holding with no request running, and whether a calm
+request still gets one.
+
+``python -m bench.pool_churn [--rounds N] [--requests N]`` (not part of ``make bench``: it
+checks one failure, not a speed). Each round sends ``--requests`` GETs at once to a
+loopback HTTP/1.1 server through a pool of 10 connections, each request under a random
+deadline of 0-4 ms (``asyncio.timeout``, as a Run's overall budget cancels it) and a
+random pool timeout of 0.5 ms to 1 s, so that many are cancelled or time out while they
+wait for a connection, or just after they got one. Two pools, on the same network
+backend: the gateway's (``PoolTransport``, whose pool reclaims orphaned connections) and
+httpcore's own ``AsyncConnectionPool`` (1.0.9 leaves them, until every slot is taken and
+every request fails with ``PoolTimeout``). Exits non-zero if the gateway's pool is left
+holding a connection, or fails a calm request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import sys
+from typing import Any
+
+import httpcore
+import httpx
+
+from app.http_pool import PoolTransport, _Backend
+
+MAX_CONNECTIONS = 10
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        while True:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await reader.read(4096)
+                if not chunk:
+                    return
+                head += chunk
+            await asyncio.sleep(random.random() * 0.002)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+    writer.close()
+
+
+def _request(port: int, pool_s: float) -> httpcore.Request:
+    return httpcore.Request(
+        b"GET",
+        httpcore.URL(scheme=b"http", host=b"127.0.0.1", port=port, target=b"/"),
+        headers=[(b"Host", b"127.0.0.1")],
+        extensions={"timeout": {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": pool_s}},
+    )
+
+
+async def _one(pool: httpcore.AsyncConnectionPool, port: int, rng: random.Random) -> str:
+    request = _request(port, rng.choice([0.0005, 0.002, 0.01, 1.0]))
+    try:
+        async with asyncio.timeout(rng.random() * 0.004):
+            response = await pool.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        return "cancelled"
+    except httpcore.PoolTimeout:
+        return "pool timeout"
+    except httpcore.TimeoutException:
+        return "other timeout"
+    return "answered"
+
+
+async def _calm(pool: httpcore.AsyncConnectionPool, port: int) -> bool:
+    try:
+        response = await pool.handle_async_request(_request(port, 2.0))
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+    except httpcore.PoolTimeout:
+        return False
+    return True
+
+
+async def _churn(name: str, pool: httpcore.AsyncConnectionPool, port: int, args: Any) -> bool:
+    rng = random.Random(args.seed)
+    held = 0
+    for n in range(args.rounds):
+        outcomes = await asyncio.gather(*(_one(pool, port, rng) for _ in range(args.requests)))
+        held = sum(not (c.is_idle() or c.is_closed()) for c in pool.connections)
+        counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
+        print(f"{name}: round {n + 1}: {counts}; connections held with no request: {held}")
+    calm = await _calm(pool, port)
+    print(f"{name}: a calm request afterwards: {'answered' if calm else 'PoolTimeout'}")
+    await pool.aclose()
+    return calm and held == 0
+
+
+async def main(args: Any) -> int:
+    server = await asyncio.start_server(_serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=10)
+    gateway = PoolTransport(limits=limits, trust_env=False)._pool
+    ok = await _churn("gateway's pool", gateway, port, args)
+    plain = httpcore.AsyncConnectionPool(
+        max_connections=MAX_CONNECTIONS, network_backend=_Backend(), http1=True, http2=False
+    )
+    await _churn("httpcore's pool", plain, port, args)
+    server.close()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=1093)
+    sys.exit(asyncio.run(main(parser.parse_args())))
