@@ -900,3 +900,38 @@ async def test_sim_task_records_by_gateway_task(harness: Harness) -> None:
     assert len(every) == 2
     (only,) = (await h.client.get("/__sim/tasks", params={"gateway_task": "tsk_a"})).json()["tasks"]
     assert only["id"] == first and only["history"][0]["status"] == "task_queue"
+
+
+async def test_forgetting_finished_tasks_looks_once_per_slack_of_runs(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``MAX_TASKS`` the simulator forgets its oldest finished tasks, but looks for
+    them once per ``PRUNE_SLACK`` new tasks, not on every Run: with more unfinished tasks
+    than ``MAX_TASKS`` (P12's hour-long queue), a look per Run scanned them all each time
+    and slowed every Run. Finished tasks are still forgotten at the next look."""
+    from app.simulator import engine
+
+    monkeypatch.setattr(engine, "MAX_TASKS", 5)
+    monkeypatch.setattr(engine, "PRUNE_SLACK", 3)
+    sim = harness.app.state.sim
+    await sim.reset()  # its next look is past the patched limit
+    looks: list[int] = []
+    forget = engine.Simulator._forget_finished
+
+    def counted(self: Any) -> None:
+        looks.append(len(self.tasks))
+        forget(self)
+
+    monkeypatch.setattr(engine.Simulator, "_forget_finished", counted)
+    await harness.configure(queue_s=600.0)
+    ids = [await harness.run_ok() for _ in range(40)]
+    assert len(sim.tasks) == 40  # none finished: none forgotten
+    assert looks == [9, 13, 17, 21, 25, 29, 33, 37]  # once per 4th Run, not on 32 of them
+
+    for taskid in ids[:30]:
+        assert (await harness.wiro("Task/Cancel", {"taskid": taskid})).json()["result"]
+    for _ in range(4):
+        await harness.run_ok()
+    assert looks == [9, 13, 17, 21, 25, 29, 33, 37, 41]  # the 41st Run's look
+    assert set(ids[:30]).isdisjoint(sim.tasks)  # the 30 cancelled are forgotten
+    assert set(ids[30:]) <= set(sim.tasks) and len(sim.tasks) == 14
