@@ -199,23 +199,33 @@ class _Body(httpx.AsyncByteStream):
             await self._stream.aclose()
 
 
+_CLOSING: set[asyncio.Task[None]] = set()  # closes left to finish (``_Pool._release``)
+
+
 class _Pool(httpcore.AsyncConnectionPool):
-    """httpcore's pool, which reclaims the connections that a cancelled request leaves
+    """httpcore's pool, which takes back the connections that a cancelled request leaves
     behind (encode/httpcore#1093, open in 1.0.9, the version pinned).
 
-    A request that is cancelled or gives up on the pool's timeout just after the pool has
-    handed it a new connection, before it has begun its exchange, leaves that connection
-    in the pool unconnected (``CONNECTING``), or connected but unused (HTTP/1.1 ``NEW``):
-    neither idle, nor closed, nor expired, so no rule of the pool ever removes it, and no
-    request can take it. Once ``max_connections`` of them pile up (a burst of pool
-    timeouts, or ``asyncio.wait_for`` around Runs under load), every request fails with
-    ``PoolTimeout`` against a healthy server until the process restarts.
+    httpcore shields its clean-up from anyio's cancel scopes but not from asyncio's own
+    cancellation (``asyncio.timeout``, ``wait_for``, a shutdown), which lands at any
+    await, among them the one in every connection's state lock. Three points leave a
+    connection that no rule of the pool ever removes, and once ``max_connections`` of
+    them pile up, every request fails with ``PoolTimeout`` against a healthy server until
+    the process restarts:
 
-    Every connection that is in use belongs to a request still in the pool's queue (a
-    request leaves it on its error, or when its response is closed). So a connection that
-    no queued request holds and that is not idle, closed or expired is such an orphan:
-    each time the pool assigns requests, it is taken out and closed first (and counted,
-    ``gateway_outbound_connections_reclaimed_total``)."""
+    - a request cancelled (or timing out on the pool) just after the pool handed it a
+      new connection, before it connected: the connection stays ``CONNECTING``;
+    - one cancelled after connecting, before its exchange began: open and ``NEW``;
+    - one whose response is being closed when the cancellation lands: the connection
+      stays ``ACTIVE`` and the request stays in the pool's queue, holding it.
+
+    The first two are connections that no request in the queue holds, yet neither idle,
+    closed nor expired (a connection in use always belongs to a request in the queue: a
+    request leaves it on its error, or once its response is closed): each time the pool
+    assigns requests, they are taken out and closed first. The third is caught where it
+    happens: a response's close that ends with its request still in the queue takes the
+    request out and closes its connection (``_Released``). Each such connection is
+    counted (``gateway_outbound_connections_reclaimed_total``)."""
 
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
         held = {id(r.connection) for r in self._requests if r.connection is not None}
@@ -229,6 +239,48 @@ class _Pool(httpcore.AsyncConnectionPool):
                 self._connections.remove(connection)
             metrics.outbound_connections_reclaimed(len(orphans))
         return orphans + super()._assign_requests_to_connections()
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        response = await super().handle_async_request(request)
+        response.stream = _Released(response.stream, self)
+        return response
+
+    def _release(self, pool_request: Any) -> None:
+        """Take a request whose response's close was cut short out of the queue, and
+        close its connection (its state is unknown) in a task of its own."""
+        if pool_request not in self._requests:
+            return
+        self._requests.remove(pool_request)
+        closing: list[httpcore.AsyncConnectionInterface] = []
+        connection = pool_request.connection
+        if connection is not None and connection in self._connections:
+            self._connections.remove(connection)
+            closing.append(connection)
+            metrics.outbound_connections_reclaimed(1)
+        closing += self._assign_requests_to_connections()
+        task = asyncio.get_running_loop().create_task(self._close_connections(closing))
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+
+
+class _Released:
+    """A pool's response body (httpcore's ``PoolByteStream``) whose close always gives
+    its request and connection back to the pool: if a cancellation cuts the close short
+    (httpcore then never returns the connection, nor takes the request out of the queue),
+    the pool finishes the job (``_Pool._release``)."""
+
+    def __init__(self, body: Any, pool: _Pool) -> None:
+        self._body = body
+        self._pool = pool
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._body.__aiter__()  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        try:
+            await self._body.aclose()
+        finally:
+            self._pool._release(self._body._pool_request)
 
 
 class PoolTransport(httpx.AsyncBaseTransport):

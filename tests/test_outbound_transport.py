@@ -357,3 +357,31 @@ async def test_a_request_cancelled_once_connected_leaves_no_open_connection(
     finally:
         await transport.aclose()
     assert server.connections == 2
+
+
+async def test_a_response_whose_close_is_cancelled_gives_its_connection_back(
+    server: Server,
+) -> None:
+    """The third orphan: a cancellation that lands while a response is being closed (at
+    its connection's state lock) left the connection ``ACTIVE`` and the request in the
+    pool's queue for good. The request leaves the queue and the connection is closed."""
+    port = await server.start()
+    transport = PoolTransport(
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), trust_env=False
+    )
+    pool = transport._pool
+    reclaimed = _reclaimed()
+    try:
+        response = await transport.open(_get(port))
+        assert await transport.read(response) == BODY
+        closing = asyncio.create_task(response.aclose())
+        await asyncio.sleep(0)  # the close runs up to its first await, the state lock's
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert pool._requests == [] and pool.connections == []
+        assert _reclaimed() == reclaimed + 1
+        assert await _exchange(transport, _get(port, pool_s=2.0)) == BODY
+    finally:
+        await transport.aclose()
+    assert server.connections == 2
