@@ -274,6 +274,28 @@ def _get(port: int, *, pool_s: float = 5.0) -> httpcore.Request:
     )
 
 
+def _one_slot() -> PoolTransport:
+    """A pool of one connection: one it never took back would fail every later request."""
+    return PoolTransport(
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), trust_env=False
+    )
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def _all_taken_back(transport: PoolTransport, port: int, reclaimed: float) -> None:
+    """No connection and no request left in the pool, one more counted as taken back,
+    and the pool's one slot answers the next request."""
+    pool = transport._pool
+    assert pool.connections == [] and pool._requests == []
+    assert _reclaimed() == reclaimed + 1
+    assert await _exchange(transport, _get(port, pool_s=2.0)) == BODY
+
+
 async def _exchange(transport: PoolTransport, request: httpcore.Request) -> bytes:
     response = await transport.open(request)
     try:
@@ -293,9 +315,7 @@ async def test_a_request_cancelled_as_it_is_handed_a_new_connection_leaves_none_
     cancelled before it can run. The pool is empty again, and the next request gets the
     one slot."""
     port = await server.start()
-    transport = PoolTransport(
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), trust_env=False
-    )
+    transport = _one_slot()
     pool = transport._pool
     reclaimed = _reclaimed()
     try:
@@ -304,12 +324,8 @@ async def test_a_request_cancelled_as_it_is_handed_a_new_connection_leaves_none_
         await until(lambda: any(r.is_queued() for r in pool._requests), what="the second to queue")
         await first.aclose()  # unread: the connection closes, a new one goes to the second
         assert [r.connection is not None for r in pool._requests] == [True]
-        waiting.cancel()  # before it runs: its connection was never connected
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        assert pool.connections == [] and pool._requests == []
-        assert _reclaimed() == reclaimed + 1
-        assert await _exchange(transport, _get(port, pool_s=2.0)) == BODY
+        await _cancel(waiting)  # before it runs: its connection was never connected
+        await _all_taken_back(transport, port, reclaimed)
     finally:
         await transport.aclose()
     assert server.connections == 2
@@ -338,9 +354,7 @@ async def test_a_request_cancelled_once_connected_leaves_no_open_connection(
     connection's state lock), the request left an open connection that no request could
     take and nothing closed. It is closed and out of the pool at once."""
     port = await server.start()
-    transport = PoolTransport(
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), trust_env=False
-    )
+    transport = _one_slot()
     pool = transport._pool
     backend = _CancelledOnConnect()
     pool._network_backend = backend
@@ -350,10 +364,8 @@ async def test_a_request_cancelled_once_connected_leaves_no_open_connection(
             await _exchange(transport, _get(port))
         (stream,) = backend.streams
         assert stream._writer.is_closing()
-        assert pool.connections == [] and pool._requests == []
-        assert _reclaimed() == reclaimed + 1
         pool._network_backend = _Backend()
-        assert await _exchange(transport, _get(port, pool_s=2.0)) == BODY
+        await _all_taken_back(transport, port, reclaimed)
     finally:
         await transport.aclose()
     assert server.connections == 2
@@ -366,22 +378,15 @@ async def test_a_response_whose_close_is_cancelled_gives_its_connection_back(
     its connection's state lock) left the connection ``ACTIVE`` and the request in the
     pool's queue for good. The request leaves the queue and the connection is closed."""
     port = await server.start()
-    transport = PoolTransport(
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), trust_env=False
-    )
-    pool = transport._pool
+    transport = _one_slot()
     reclaimed = _reclaimed()
     try:
         response = await transport.open(_get(port))
         assert await transport.read(response) == BODY
         closing = asyncio.create_task(response.aclose())
         await asyncio.sleep(0)  # the close runs up to its first await, the state lock's
-        closing.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await closing
-        assert pool._requests == [] and pool.connections == []
-        assert _reclaimed() == reclaimed + 1
-        assert await _exchange(transport, _get(port, pool_s=2.0)) == BODY
+        await _cancel(closing)
+        await _all_taken_back(transport, port, reclaimed)
     finally:
         await transport.aclose()
     assert server.connections == 2
