@@ -13,7 +13,8 @@ backend: the gateway's (``PoolTransport``, whose pool reclaims orphaned connecti
 httpcore's own ``AsyncConnectionPool`` (1.0.9 leaves them: ``CONNECTING`` or ``NEW``
 connections, or ``ACTIVE`` ones whose request stays queued, until every slot is taken and
 every request fails with ``PoolTimeout``). Exits non-zero if the gateway's pool is left
-holding a connection or a request, or fails a calm request.
+holding a connection or a request after any round, or fails a calm request. The seed
+picks the deadlines; the timing, and so what each round leaves, varies from run to run.
 """
 
 from __future__ import annotations
@@ -93,11 +94,11 @@ async def _calm(pool: httpcore.AsyncConnectionPool, port: int) -> bool:
 
 async def _churn(name: str, pool: httpcore.AsyncConnectionPool, port: int, args: Any) -> bool:
     rng = random.Random(args.seed)
-    held = 0
+    clean = True
     for n in range(args.rounds):
         outcomes = await asyncio.gather(*(_one(pool, port, rng) for _ in range(args.requests)))
         stuck = [c for c in pool.connections if not (c.is_idle() or c.is_closed())]
-        held = len(stuck) + len(pool._requests)
+        clean = clean and not stuck and not pool._requests
         counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
         states = sorted({c.info().split(", ")[-2] if "," in c.info() else c.info() for c in stuck})
         print(
@@ -107,7 +108,7 @@ async def _churn(name: str, pool: httpcore.AsyncConnectionPool, port: int, args:
     calm = await _calm(pool, port)
     print(f"{name}: a calm request afterwards: {'answered' if calm else 'PoolTimeout'}")
     await pool.aclose()
-    return calm and held == 0
+    return calm and clean
 
 
 async def main(args: Any) -> int:
