@@ -62,15 +62,19 @@ def _request(port: int, pool_s: float) -> httpcore.Request:
     )
 
 
+async def _fetch(pool: httpcore.AsyncConnectionPool, request: httpcore.Request) -> None:
+    response = await pool.handle_async_request(request)
+    try:
+        await response.aread()
+    finally:
+        await response.aclose()
+
+
 async def _one(pool: httpcore.AsyncConnectionPool, port: int, rng: random.Random) -> str:
     request = _request(port, rng.choice([0.0005, 0.002, 0.01, 1.0]))
     try:
         async with asyncio.timeout(rng.choice([0.001, 0.004, 0.02, 0.1, 1.0])):
-            response = await pool.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
+            await _fetch(pool, request)
     except TimeoutError:
         return "cancelled"
     except httpcore.PoolTimeout:
@@ -82,11 +86,7 @@ async def _one(pool: httpcore.AsyncConnectionPool, port: int, rng: random.Random
 
 async def _calm(pool: httpcore.AsyncConnectionPool, port: int) -> bool:
     try:
-        response = await pool.handle_async_request(_request(port, 2.0))
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
+        await _fetch(pool, _request(port, 2.0))
     except httpcore.PoolTimeout:
         return False
     return True
