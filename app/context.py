@@ -41,6 +41,9 @@ class Ctx:
     turns: Turns = field(default_factory=Turns)
     # When to poll, learned from how recent tasks finished (app/pollplan.py).
     polls: PollPlan = field(default_factory=PollPlan)
+    # The tasks this process works on under its lease right now (a submit's Run, a
+    # scheduler's check): the ones the heartbeat renews (``tasks.renew_leases``).
+    working: set[str] = field(default_factory=set)
 
     _reads: async_sessionmaker[AsyncSession] | None = field(default=None, repr=False)
 

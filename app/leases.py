@@ -64,6 +64,9 @@ class Leases:
             .where(c.lease_owner == bindparam("b_owner"))
             .values(lease_until=ts("b_until"))
         )
+        # By key: the key's index finds the rows, where ``_renew`` reads the whole table
+        # (no index on ``lease_owner``: the history would fill it).
+        self._renew_keys = self._renew.where(self._key().in_(bindparam("b_keys", expanding=True)))
         self._release = (
             update(self.table)
             .where(self.held_by(bindparam("b_owner")), *self._key_equals())
@@ -185,9 +188,24 @@ class Leases:
         )
         return self._keys(rows)
 
-    async def renew(self, conn: AsyncConnection, *, owner: str, until: datetime) -> int:
-        """Extend every lease ``owner`` holds to ``until`` (the heartbeat); how many."""
-        res = await conn.execute(self._renew, {"b_owner": owner, "b_until": until})
+    async def renew(
+        self,
+        conn: AsyncConnection,
+        *,
+        owner: str,
+        until: datetime,
+        keys: Sequence[Any] | None = None,
+    ) -> int:
+        """Extend the leases ``owner`` holds to ``until`` (the heartbeat): those of
+        ``keys`` if given (found by key; the ones ``owner`` no longer holds are left
+        alone), else every one (a scan of the table); how many."""
+        params: dict[str, Any] = {"b_owner": owner, "b_until": until}
+        if keys is None:
+            res = await conn.execute(self._renew, params)
+        elif not keys:
+            return 0
+        else:
+            res = await conn.execute(self._renew_keys, {**params, "b_keys": list(keys)})
         return int(res.rowcount or 0)
 
     async def release(self, conn: AsyncConnection, key: Any, *, owner: str) -> bool:

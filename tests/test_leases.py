@@ -234,3 +234,64 @@ async def test_serve_takes_back_a_dead_holders_lease_unless_told_not_to(
             assert r.status_code == 202, r.text
             await gw.wait_terminal(r.json()["id"])
             assert not await taken()
+
+
+async def test_the_heartbeat_renews_the_leases_of_work_in_progress_only(db_url: str) -> None:
+    """``tasks.renew_leases`` extends, by key, the leases of the tasks in ``ctx.working``
+    that this process still holds: not a lease it holds with no work behind it (that one
+    runs out, as a crashed holder's does), not one another process took over."""
+    from app.tasks import renew_leases
+    from tests.test_engine_unit import engine_on
+
+    async with engine_on(db_url) as e:
+        working, idle, taken = [await e.create() for _ in range(3)]
+        leased = {t: (await e.row(t)).lease_until for t in (working, idle, taken)}
+        async with e.ctx.bookkeeping() as conn:
+            await conn.execute(
+                TASK_LEASES.table.update()
+                .where(TASK_LEASES.table.c.id == taken)
+                .values(lease_owner="another-process")
+            )
+        assert await renew_leases(e.ctx) == 0  # no work in progress: nothing to renew
+        e.ctx.working.update({working, taken})
+        e.later(5)
+        assert await renew_leases(e.ctx) == 1
+        after = {t: (await e.row(t)).lease_until for t in (working, idle, taken)}
+        assert after[working] == e.now[0] + timedelta(seconds=e.ctx.settings.lease_s)
+        assert after[idle] == leased[idle]
+        assert after[taken] == leased[taken]
+        assert (await e.row(taken)).lease_owner == "another-process"
+
+
+async def test_a_submits_run_and_a_schedulers_check_count_as_work_in_progress(
+    db_url: str,
+) -> None:
+    """The submit's Run and the scheduler's check are in ``ctx.working`` while they call
+    Wiro (so the heartbeat renews their leases however long Wiro takes), and out of it
+    once they are over."""
+    from app.workers.scheduler import Scheduler
+    from tests.test_engine_unit import engine_on, error, ok
+
+    async with engine_on(db_url) as e:
+        seen: list[set[str]] = []
+
+        def run(reply: Any) -> Any:
+            def answer(body: dict[str, Any]) -> Any:
+                seen.append(set(e.ctx.working))
+                return reply
+
+            return answer
+
+        e.wiro.on("Run", run(error(0, "Internal server error")))  # retried: stays pending
+        task = await e.submit()
+        assert seen == [{task.id}]
+        assert e.ctx.working == set()
+
+        e.later(60)
+        e.wiro.on("Run", run(ok(taskid="up-1", socketaccesstoken="sock-1")))
+        scheduler = Scheduler(e.ctx)
+        assert await scheduler._claim(10) == [task.id]
+        await scheduler._check(task.id)
+        assert seen[1:] == [{task.id}]
+        assert e.ctx.working == set()
+        assert (await e.row(task.id)).upstream_task_id == "up-1"

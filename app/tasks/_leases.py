@@ -122,12 +122,22 @@ async def claim_due(ctx: Ctx, *, limit: int) -> list[str]:
 
 
 async def renew_leases(ctx: Ctx) -> int:
-    """Extend every lease this process holds (the heartbeat): work in progress keeps its
-    task however long an upstream call takes, so the lease itself can be short and a
-    crashed process's tasks are taken over within one lease. The number renewed."""
+    """Extend the leases of the tasks this process works on (``ctx.working``: the
+    heartbeat): work in progress keeps its task however long an upstream call takes, so
+    the lease itself can be short and a crashed process's tasks are taken over within one
+    lease. By key, so its cost follows the work in progress, not the history: a
+    statement by ``lease_owner`` alone read the whole table on every beat. A lease held
+    with no work behind it (its release failed) is not renewed: it runs out, as a
+    crashed holder's does. The number renewed."""
+    keys = list(ctx.working)
+    if not keys:
+        return 0
     async with ctx.bookkeeping() as conn:
         return await LEASES.renew(
-            conn, owner=ctx.owner, until=ctx.clock() + timedelta(seconds=ctx.settings.lease_s)
+            conn,
+            owner=ctx.owner,
+            until=ctx.clock() + timedelta(seconds=ctx.settings.lease_s),
+            keys=keys,
         )
 
 
