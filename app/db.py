@@ -141,8 +141,14 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     # meets a dead connection fails (its request answers 503 / its check retries later)
     # and SQLAlchemy then invalidates the whole pool, so one failure per process follows
     # a database restart. ``pool_recycle`` retires connections before idle timeouts.
+    # No overflow: the pool keeps all 20 connections it may open. With 10 kept and 10 of
+    # overflow (the same 20 at most), every burst past 10 opened connections and closed
+    # them again as they came back, each a new server process and a round of asyncpg's
+    # type introspection: hundreds per P12 round, and more the further behind the
+    # gateway fell (docs/benchmarks.md, nineteenth round). A request past 20 waits for
+    # one, as it did before.
     return create_async_engine(
-        url, echo=echo, pool_size=10, max_overflow=10, pool_recycle=1800, hide_parameters=True
+        url, echo=echo, pool_size=20, max_overflow=0, pool_recycle=1800, hide_parameters=True
     )
 
 
