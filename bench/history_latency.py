@@ -2,7 +2,7 @@
 
 ``python -m bench.history_latency --db sqlite|postgres [-n 1000000] [--rate 20] [--count 600]``
 
-Loads bench P4's synthetic history (``bench.p4_history.rows``: ``n`` finished tasks) into
+Loads bench P4's synthetic history (``bench.p4_history.load``: ``n`` finished tasks) into
 a fresh database, starts the gateway on it, and sends ``count`` submits at a calm fixed
 ``rate`` (tasks left queued upstream): p50, p99 and the slowest answer. Periodic work
 whose cost grows with the history (the nineteenth round found the lease heartbeat
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.harness import APP_ROOT, CLIENT_KEYS, new_database, start_gateway, start_sim, task_body
 from bench.loadgen import Pool, build_request, open_loop
-from bench.p4_history import load_postgres, load_sqlite, rows
+from bench.p4_history import load
 
 
 async def measure(kind: str, n: int, rate: float, count: int) -> str:
@@ -30,13 +30,7 @@ async def measure(kind: str, n: int, rate: float, count: int) -> str:
     pool: Pool | None = None
     gw = None
     try:
-        data = await asyncio.to_thread(rows, n, kind)
-        if kind == "sqlite":
-            assert db.path is not None
-            await asyncio.to_thread(load_sqlite, str(db.path), data)
-        else:
-            await load_postgres(db.url, data)
-        del data
+        await load(db, n)
         gw = start_gateway(db=db, sim=sim, logdir=workdir, poll_initial_s=3600, poll_max_s=3600)
         pool = Pool(gw.url, max_conns=16)
         submit = build_request(

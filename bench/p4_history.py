@@ -216,15 +216,20 @@ async def load_postgres(url: str, data: list[tuple[Any, ...]]) -> None:
         await conn.close()
 
 
-async def build(run: Run, kind: str, n: int) -> tuple[Database, float]:
-    db = new_database(kind, run.workdir, f"hist{n}")
-    t0 = time.monotonic()
-    data = await asyncio.to_thread(rows, n, kind)
-    if kind == "sqlite":
+async def load(db: Database, n: int) -> None:
+    """``rows(n, …)`` loaded into the migrated, empty database ``db``."""
+    data = await asyncio.to_thread(rows, n, db.kind)
+    if db.kind == "sqlite":
         assert db.path is not None
         await asyncio.to_thread(load_sqlite, str(db.path), data)
     else:
         await load_postgres(db.url, data)
+
+
+async def build(run: Run, kind: str, n: int) -> tuple[Database, float]:
+    db = new_database(kind, run.workdir, f"hist{n}")
+    t0 = time.monotonic()
+    await load(db, n)
     return db, time.monotonic() - t0
 
 
