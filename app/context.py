@@ -8,6 +8,7 @@ on it (the dispatch turns, the poll plan), not in module globals.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -42,10 +43,25 @@ class Ctx:
     # When to poll, learned from how recent tasks finished (app/pollplan.py).
     polls: PollPlan = field(default_factory=PollPlan)
     # The tasks this process works on under its lease right now (a submit's Run, a
-    # scheduler's check): the ones the heartbeat renews (``tasks.renew_leases``).
-    working: set[str] = field(default_factory=set)
+    # scheduler's check), each with how many pieces of work: the ones the heartbeat
+    # renews (``tasks.renew_leases``). Counted, because a check may claim a task a
+    # submit has just given back before the submit's own end is recorded here.
+    working: Counter[str] = field(default_factory=Counter)
 
     _reads: async_sessionmaker[AsyncSession] | None = field(default=None, repr=False)
+
+    def work_on(self, *task_ids: str) -> None:
+        """Work under these tasks' leases begins: the heartbeat renews them until
+        ``work_done``."""
+        self.working.update(task_ids)
+
+    def work_done(self, task_id: str) -> None:
+        """One piece of work under the task's lease (``work_on``) is over."""
+        left = self.working[task_id] - 1
+        if left > 0:
+            self.working[task_id] = left
+        else:
+            self.working.pop(task_id, None)
 
     @property
     def engine(self) -> AsyncEngine:

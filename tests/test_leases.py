@@ -239,7 +239,8 @@ async def test_serve_takes_back_a_dead_holders_lease_unless_told_not_to(
 async def test_the_heartbeat_renews_the_leases_of_work_in_progress_only(db_url: str) -> None:
     """``tasks.renew_leases`` extends, by key, the leases of the tasks in ``ctx.working``
     that this process still holds: not a lease it holds with no work behind it (that one
-    runs out, as a crashed holder's does), not one another process took over."""
+    runs out, as a crashed holder's does), not one another process took over; a task
+    stays in ``ctx.working`` until every piece of work on it is over."""
     from app.tasks import renew_leases
     from tests.test_engine_unit import engine_on
 
@@ -253,7 +254,10 @@ async def test_the_heartbeat_renews_the_leases_of_work_in_progress_only(db_url: 
                 .values(lease_owner="another-process")
             )
         assert await renew_leases(e.ctx) == 0  # no work in progress: nothing to renew
-        e.ctx.working.update({working, taken})
+        # Two overlapping pieces of work on one task (a check that claimed it just as a
+        # submit gave it back): the end of one leaves the other's lease renewed.
+        e.ctx.work_on(working, taken, working)
+        e.ctx.work_done(working)
         e.later(5)
         assert await renew_leases(e.ctx) == 1
         after = {t: (await e.row(t)).lease_until for t in (working, idle, taken)}
@@ -261,6 +265,10 @@ async def test_the_heartbeat_renews_the_leases_of_work_in_progress_only(db_url: 
         assert after[idle] == leased[idle]
         assert after[taken] == leased[taken]
         assert (await e.row(taken)).lease_owner == "another-process"
+        e.ctx.work_done(working)
+        e.ctx.work_done(taken)
+        assert not e.ctx.working
+        assert await renew_leases(e.ctx) == 0
 
 
 async def test_a_submits_run_and_a_schedulers_check_count_as_work_in_progress(
@@ -285,7 +293,7 @@ async def test_a_submits_run_and_a_schedulers_check_count_as_work_in_progress(
         e.wiro.on("Run", run(error(0, "Internal server error")))  # retried: stays pending
         task = await e.submit()
         assert seen == [{task.id}]
-        assert e.ctx.working == set()
+        assert not e.ctx.working
 
         e.later(60)
         e.wiro.on("Run", run(ok(taskid="up-1", socketaccesstoken="sock-1")))
@@ -293,5 +301,5 @@ async def test_a_submits_run_and_a_schedulers_check_count_as_work_in_progress(
         assert await scheduler._claim(10) == [task.id]
         await scheduler._check(task.id)
         assert seen[1:] == [{task.id}]
-        assert e.ctx.working == set()
+        assert not e.ctx.working
         assert (await e.row(task.id)).upstream_task_id == "up-1"

@@ -169,9 +169,9 @@ async def submit(
     if not isinstance(opened, tuple):
         ctx.wake()
         return task, False
-    ctx.working.add(task.id)  # the heartbeat renews its lease until the Run is recorded
+    ctx.work_on(task.id)  # the heartbeat renews its lease until the Run is recorded
     run = asyncio.ensure_future(send_first(ctx, task, *opened, started))
-    run.add_done_callback(lambda _: ctx.working.discard(task.id))
+    run.add_done_callback(lambda _: ctx.work_done(task.id))
     ctx.track(run)
     done, _ = await asyncio.wait({run}, timeout=s.submit_wait_s)
     if run in done:

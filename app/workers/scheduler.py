@@ -43,14 +43,14 @@ class Scheduler(WorkerLoop):
     async def _claim(self, limit: int) -> list[str]:
         claimed = await tasks.claim_tasks(self.ctx, limit=limit)
         self._claimed.update(claimed)
-        self.ctx.working.update(claimed)
+        self.ctx.work_on(*claimed)
         return list(claimed)
 
     async def _check(self, task_id: str) -> None:
         try:
             await tasks.check(self.ctx, task_id, self._claimed.pop(task_id, None))
         finally:
-            self.ctx.working.discard(task_id)
+            self.ctx.work_done(task_id)
 
     def start(self, after: asyncio.Future[Any] | None = None) -> None:
         super().start(after)
