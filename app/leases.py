@@ -12,7 +12,7 @@ in one statement::
 
 The outer ``free`` is the compare-and-set that makes the claim correct on both databases;
 on PostgreSQL ``SKIP LOCKED`` also keeps replicas from queueing on one row. The holder
-renews its leases (``renew``, the heartbeat) while it works, gives one back when done
+renews its leases (``renew``, the heartbeat, by key) while it works, gives one back when done
 (``release``, usually folded into the statement that records the outcome: see
 ``FREE``/``held_by``), and all of them on a graceful shutdown (``release_all``); a
 crashed holder's rows are free again once its leases run out, or at once when a process
@@ -59,14 +59,16 @@ class Leases:
         self._composite = len(names) > 1
         self._claim = self.claim_statement(self.candidates())
         self._claim_keys = self.claim_statement(bindparam("b_keys", expanding=True))
+        # By key: the key's index finds the rows (no index has ``lease_owner``: the
+        # history would fill it, so a statement by owner alone reads the whole table).
         self._renew = (
             update(self.table)
-            .where(c.lease_owner == bindparam("b_owner"))
+            .where(
+                c.lease_owner == bindparam("b_owner"),
+                self._key().in_(bindparam("b_keys", expanding=True)),
+            )
             .values(lease_until=ts("b_until"))
         )
-        # By key: the key's index finds the rows, where ``_renew`` reads the whole table
-        # (no index on ``lease_owner``: the history would fill it).
-        self._renew_keys = self._renew.where(self._key().in_(bindparam("b_keys", expanding=True)))
         self._release = (
             update(self.table)
             .where(self.held_by(bindparam("b_owner")), *self._key_equals())
@@ -189,23 +191,15 @@ class Leases:
         return self._keys(rows)
 
     async def renew(
-        self,
-        conn: AsyncConnection,
-        *,
-        owner: str,
-        until: datetime,
-        keys: Sequence[Any] | None = None,
+        self, conn: AsyncConnection, keys: Sequence[Any], *, owner: str, until: datetime
     ) -> int:
-        """Extend the leases ``owner`` holds to ``until`` (the heartbeat): those of
-        ``keys`` if given (found by key; the ones ``owner`` no longer holds are left
-        alone), else every one (a scan of the table); how many."""
-        params: dict[str, Any] = {"b_owner": owner, "b_until": until}
-        if keys is None:
-            res = await conn.execute(self._renew, params)
-        elif not keys:
+        """Extend to ``until`` the leases of ``keys`` that ``owner`` still holds (the
+        heartbeat; the others are left alone); how many."""
+        if not keys:
             return 0
-        else:
-            res = await conn.execute(self._renew_keys, {**params, "b_keys": list(keys)})
+        res = await conn.execute(
+            self._renew, {"b_owner": owner, "b_until": until, "b_keys": list(keys)}
+        )
         return int(res.rowcount or 0)
 
     async def release(self, conn: AsyncConnection, key: Any, *, owner: str) -> bool:

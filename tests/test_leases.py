@@ -88,13 +88,16 @@ async def test_claim_renew_release_between_two_owners(db_url: str) -> None:
             assert b == [(task_id, 1)]  # a's two are held; the rest are not due
             assert await OUTPUTS.claim(conn, owner="b", now=now, until=until, limit=10) == []
             # Renew touches only the owner's own leases.
-            assert await OUTPUTS.renew(conn, owner="a", until=until + timedelta(seconds=60)) == 2
+            assert (
+                await OUTPUTS.renew(conn, a + b, owner="a", until=until + timedelta(seconds=60))
+                == 2
+            )
             # b's lease lapses (a later clock): a takes it over; b's renew finds nothing.
             later = until + timedelta(seconds=1)
             assert await OUTPUTS.claim(
                 conn, owner="a", now=later, until=later + timedelta(seconds=30), limit=10
             ) == [(task_id, 1)]
-            assert await OUTPUTS.renew(conn, owner="b", until=later) == 0
+            assert await OUTPUTS.renew(conn, b, owner="b", until=later) == 0
             # Release gives back one lease only if its owner asks.
             assert not await OUTPUTS.release(conn, (task_id, 0), owner="b")
             assert await OUTPUTS.release(conn, (task_id, 0), owner="a")

@@ -134,10 +134,7 @@ async def renew_leases(ctx: Ctx) -> int:
         return 0
     async with ctx.bookkeeping() as conn:
         return await LEASES.renew(
-            conn,
-            owner=ctx.owner,
-            until=ctx.clock() + timedelta(seconds=ctx.settings.lease_s),
-            keys=keys,
+            conn, keys, owner=ctx.owner, until=ctx.clock() + timedelta(seconds=ctx.settings.lease_s)
         )
 
 
