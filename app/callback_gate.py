@@ -42,10 +42,10 @@ async def screen(ctx: Ctx, *, task_id: str, token: str) -> Verdict:
     if not task_id.startswith("tsk_") or len(task_id) > 40 or len(token) > 128:
         return "unknown"
     h = token_hash(token)
-    # A Core connection of ``ctx.reads``' engine (autocommit on PostgreSQL), not a
+    # A Core connection (``ctx.autocommit``: on PostgreSQL one kept between uses), not a
     # session: for this one read an ORM session's set-up and close cost more than the
     # read itself.
-    async with ctx.autocommit_engine.connect() as conn:
+    async with ctx.autocommit() as conn:
         # On SQLite on the loop's thread (``inline``): one indexed read, ~0.1 ms, where a
         # hop to the connection's thread waited ~1.2 ms for its answer under load.
         with inline():

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db import utcnow, write
+from app.db import autocommit, utcnow, write
 from app.fairness import Turns
 from app.owners import new_owner
 from app.pollplan import PollPlan
@@ -75,15 +75,21 @@ class Ctx:
         for a plain Core read or a write that is one statement; ``engine`` on SQLite."""
         return cast(AsyncEngine, self.reads.kw["bind"])
 
+    def autocommit(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection of ``autocommit_engine`` for a plain Core read or a write that is
+        one statement: on PostgreSQL one the process keeps checked out between uses
+        (``app.db.autocommit``), a checkout on SQLite."""
+        return autocommit(self.engine)
+
     @asynccontextmanager
     async def bookkeeping(self) -> AsyncIterator[AsyncConnection]:
         """A connection for bookkeeping writes, one statement each (a lease claimed,
         renewed or given back; a callback's hint; a notification made due once its
-        task's outputs are settled). On PostgreSQL in autocommit: each
+        task's outputs are settled). On PostgreSQL in autocommit (``autocommit``): each
         statement commits on its own, one round trip instead of ``BEGIN``, the statement
         and ``COMMIT``. On SQLite a write transaction that takes its turn (``write``)."""
         if self.engine.dialect.name == "postgresql":
-            async with self.autocommit_engine.connect() as conn:
+            async with self.autocommit() as conn:
                 yield conn
         else:
             async with write(self.engine) as conn:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -94,6 +95,11 @@ def ts(name: str) -> BindParameter[datetime]:
     return bindparam(name, type_=UTCDateTime())
 
 
+# PostgreSQL connections older than this are closed and opened anew (``pool_recycle``,
+# and the held autocommit ones: ``autocommit``), before a server's idle timeouts.
+POOL_RECYCLE_S = 1800
+
+
 def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     """``hide_parameters``: a statement's values (token hashes, URLs, inputs) never appear
     in an exception's text, so never in a log line."""
@@ -148,7 +154,12 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     # gateway fell (docs/benchmarks.md, nineteenth round). A request past 20 waits for
     # one, as it did before.
     return create_async_engine(
-        url, echo=echo, pool_size=20, max_overflow=0, pool_recycle=1800, hide_parameters=True
+        url,
+        echo=echo,
+        pool_size=20,
+        max_overflow=0,
+        pool_recycle=POOL_RECYCLE_S,
+        hide_parameters=True,
     )
 
 
@@ -339,6 +350,114 @@ def on_turn_end(engine: AsyncEngine, hook: Callable[[dict[Any, Any]], None]) -> 
     """Run ``hook(info)`` after each SQLite write turn on ``engine``, with the ``info``
     of the connection the turn wrote on (its transaction is over by then)."""
     _turn_end_hooks.setdefault(engine.sync_engine, []).append(hook)
+
+
+# How many autocommit connections ``autocommit`` keeps checked out, per engine.
+HELD_AUTOCOMMIT = 8
+
+
+class _Held:
+    """The autocommit connections ``autocommit`` keeps between uses (PostgreSQL), each
+    checked out of the engine's pool once instead of for every statement. A checkout and
+    check-in through SQLAlchemy's asyncio pool (the autocommit option set on the way out
+    and reset on the way back) cost ~0.2 ms of CPU, about as much as the statement
+    itself (docs/benchmarks.md, twentieth round). At most ``HELD_AUTOCOMMIT``; a use
+    beyond them checks out of the pool as before. They are part of the pool's 20, not
+    beside it. ``engine.dispose()`` closes them (``close_sync``)."""
+
+    __slots__ = ("engine", "generation", "idle", "open")
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Each idle one with the generation and the time it was opened at.
+        self.idle: list[tuple[AsyncConnection, int, float]] = []
+        self.open = 0  # held connections, idle or in use
+        self.generation = 0  # the engine's ``dispose()`` calls so far
+
+    def close_sync(self) -> None:
+        """Close the idle ones from a greenlet (``engine.dispose()``); one in use is
+        closed when its use ends (it is of an older generation)."""
+        idle, self.idle = self.idle, []
+        self.generation += 1
+        self.open -= len(idle)
+        for conn, _, _ in idle:
+            if conn.sync_connection is not None:
+                with contextlib.suppress(Exception):
+                    conn.sync_connection.invalidate()
+
+
+_held: weakref.WeakKeyDictionary[Any, _Held] = weakref.WeakKeyDictionary()
+
+
+def _held_of(engine: AsyncEngine) -> _Held:
+    held = _held.get(engine.sync_engine)
+    if held is None:
+        held = _held[engine.sync_engine] = _Held(engine)
+
+        @event.listens_for(engine.sync_engine, "engine_disposed")
+        def _close_held(sync_engine: Any) -> None:
+            held.close_sync()
+
+    return held
+
+
+def _sound(conn: AsyncConnection) -> bool:
+    """Whether a held connection may serve the next use: open, valid, no transaction
+    left open."""
+    sync = conn.sync_connection
+    return not (sync is None or sync.closed or sync.invalidated or sync.in_transaction())
+
+
+@asynccontextmanager
+async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection in autocommit for statements that each commit on their own: on
+    PostgreSQL one of the held ones (``_Held``) if one is free, on SQLite (no
+    autocommit mode there: ``Ctx.autocommit_engine`` is the engine) a checkout.
+
+    A use that ends in an error rolls back what SQLAlchemy began (nothing on the server
+    in autocommit) and keeps the connection if it is still sound; a cancelled one closes
+    it, since its statement may still be running on the server."""
+    if engine.dialect.name != "postgresql":
+        async with engine.connect() as conn:
+            yield conn
+        return
+    held = _held_of(engine)
+    if held.idle:
+        conn, generation, opened = held.idle.pop()
+    elif held.open < HELD_AUTOCOMMIT:
+        generation, opened = held.generation, time.monotonic()
+        held.open += 1
+        try:
+            conn = await held.engine.connect()
+        except BaseException:
+            held.open -= 1
+            raise
+    else:
+        async with held.engine.connect() as conn:
+            yield conn
+        return
+    keep = False
+    try:
+        yield conn
+        await conn.commit()  # SQLAlchemy's own transaction; the server's committed already
+        keep = True
+    except Exception:
+        with contextlib.suppress(Exception):
+            await conn.rollback()
+            keep = True
+        raise
+    finally:
+        if (
+            keep
+            and generation == held.generation
+            and time.monotonic() - opened < POOL_RECYCLE_S  # as the pool retires its own
+            and _sound(conn)
+        ):
+            held.idle.append((conn, generation, opened))
+        else:
+            held.open -= 1
+            with contextlib.suppress(Exception):
+                await conn.close()
 
 
 # The SQLite file each engine writes, for its checkpoints (set at connect).

@@ -1,7 +1,8 @@
 """The PostgreSQL pool keeps the connections it opens (app/db.py): a burst that needs all
 of them reuses them next time instead of opening new ones. (An overflow beyond the
 pool's steady size was closed as each one came back, so every burst past it paid for new
-server processes and asyncpg's type introspection: bench P12 counted hundreds a round.)"""
+server processes and asyncpg's type introspection: bench P12 counted hundreds a round.)
+And ``autocommit`` keeps its connections checked out between uses."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
 
-from app.db import make_engine
+from app.db import HELD_AUTOCOMMIT, autocommit, make_engine
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite's pool is its own
@@ -31,5 +33,91 @@ async def test_bursts_reuse_the_pools_connections(db_url: str) -> None:
             together = asyncio.Barrier(size)
             await asyncio.wait_for(asyncio.gather(*(hold(together) for _ in range(size))), 30)
             assert len(opened) == size
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_autocommit_keeps_its_connections_between_uses(db_url: str) -> None:
+    """``autocommit`` checks a connection out of the pool once and keeps it: a hundred
+    uses one after another cost one checkout. Uses beyond ``HELD_AUTOCOMMIT`` at once
+    check out as before, and give their connections back to the pool."""
+    engine = make_engine(db_url)
+    checkouts: list[Any] = []
+    event.listen(engine.sync_engine, "checkout", lambda *args: checkouts.append(args))
+    pool = engine.pool
+    try:
+        for _ in range(100):
+            async with autocommit(engine) as conn:
+                assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+        assert len(checkouts) == 1
+        assert pool.checkedout() == 1  # type: ignore[attr-defined]  # held, idle
+
+        wide = HELD_AUTOCOMMIT + 4
+        together = asyncio.Barrier(wide)
+
+        async def hold() -> None:
+            async with autocommit(engine) as conn:
+                await conn.execute(text("SELECT 1"))
+                await together.wait()
+
+        await asyncio.wait_for(asyncio.gather(*(hold() for _ in range(wide))), 30)
+        # The one held before, 7 more held now, 4 checked out and back.
+        assert len(checkouts) == 1 + (HELD_AUTOCOMMIT - 1) + 4
+        assert pool.checkedout() == HELD_AUTOCOMMIT  # type: ignore[attr-defined]
+        # Each statement commits on its own: another connection sees the row at once.
+        async with autocommit(engine) as conn:
+            await conn.execute(text("CREATE TABLE probe (x int)"))
+            await conn.execute(text("INSERT INTO probe VALUES (1)"))
+            async with engine.connect() as other:
+                seen = (await other.execute(text("SELECT count(*) FROM probe"))).scalar_one()
+            assert seen == 1
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_autocommit_after_an_error_a_cancellation_and_a_dispose(db_url: str) -> None:
+    """A statement's error keeps the held connection (nothing is open on the server in
+    autocommit); a use cancelled mid-statement closes it, and the next use opens another;
+    ``engine.dispose()`` closes the idle ones, and a use after it opens a new one."""
+    engine = make_engine(db_url)
+    checkouts: list[Any] = []
+    event.listen(engine.sync_engine, "checkout", lambda *args: checkouts.append(args))
+    pool = engine.pool
+    try:
+        async with autocommit(engine) as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        with pytest.raises(DBAPIError):
+            async with autocommit(engine) as conn:
+                await conn.execute(text("SELECT 1 / 0"))
+        async with autocommit(engine) as conn:
+            assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one() == pid
+        assert len(checkouts) == 1
+
+        async def slow() -> None:
+            async with autocommit(engine) as conn:
+                await conn.execute(text("SELECT pg_sleep(30)"))
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(slow(), 0.5)
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+        async with autocommit(engine) as conn:
+            second = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        assert second != pid and len(checkouts) == 2
+
+        await engine.dispose()
+        async with autocommit(engine) as conn:
+            third = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        assert third != second and len(checkouts) == 3
+        async with autocommit(engine) as conn:
+            # The backend the dispose closed is gone from the server.
+            alive = (
+                await conn.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
+                    {"pid": second},
+                )
+            ).scalar_one()
+        assert alive == 0
     finally:
         await engine.dispose()

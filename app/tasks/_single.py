@@ -124,7 +124,7 @@ async def insert_fresh(
         "m_keys": list(pairs),
         "m_values": list(pairs.values()),
     }
-    async with ctx.autocommit_engine.connect() as conn:
+    async with ctx.autocommit() as conn:
         return int((await conn.execute(stmt, params)).scalar_one())
 
 
@@ -226,7 +226,7 @@ async def link_fresh(
         stmt = _links.get((guard, keys))
         if stmt is None:
             stmt = _links[(guard, keys)] = _link(guard, keys)
-        async with ctx.autocommit_engine.connect() as conn:
+        async with ctx.autocommit() as conn:
             n = (await conn.execute(stmt, bound)).scalar_one()
     else:
         three = _sqlite_links.get((guard, keys))
