@@ -48,8 +48,6 @@ class Ctx:
     # submit has just given back before the submit's own end is recorded here.
     working: Counter[str] = field(default_factory=Counter)
 
-    _reads: async_sessionmaker[AsyncSession] | None = field(default=None, repr=False)
-
     def work_on(self, *task_ids: str) -> None:
         """Work under these tasks' leases begins: the heartbeat renews them until
         ``work_done``."""
@@ -68,17 +66,11 @@ class Ctx:
         """The engine behind ``sm``, for the hot paths' plain Core transactions."""
         return cast(AsyncEngine, self.sm.kw["bind"])
 
-    @property
-    def autocommit_engine(self) -> AsyncEngine:
-        """The engine behind ``reads``: on PostgreSQL ``engine`` in autocommit (the same
-        pool; each statement its own transaction, no ``BEGIN``/``COMMIT`` round trips),
-        for a plain Core read or a write that is one statement; ``engine`` on SQLite."""
-        return cast(AsyncEngine, self.reads.kw["bind"])
-
     def autocommit(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        """A connection of ``autocommit_engine`` for a plain Core read or a write that is
-        one statement: on PostgreSQL one the process keeps checked out between uses
-        (``app.db.autocommit``), a checkout on SQLite."""
+        """A connection for a plain Core read or a write that is one statement: on
+        PostgreSQL in autocommit (each statement its own transaction, no
+        ``BEGIN``/``COMMIT`` round trips), one the process keeps checked out between
+        uses (``app.db.autocommit``); on SQLite a connection of ``engine``."""
         return autocommit(self.engine)
 
     @asynccontextmanager
@@ -95,18 +87,16 @@ class Ctx:
             async with write(self.engine) as conn:
                 yield conn
 
-    @property
-    def reads(self) -> async_sessionmaker[AsyncSession]:
-        """Sessions for reads that need no transaction: autocommit on PostgreSQL, which
-        saves the BEGIN and ROLLBACK round trips around them; ``sm`` on SQLite (reads
-        there open no transaction, and switching modes would cost thread hops)."""
-        if self._reads is None:
-            engine = self.engine
-            if engine.dialect.name == "postgresql":
-                kw = {k: v for k, v in self.sm.kw.items() if k != "bind"}
-                self._reads = async_sessionmaker(
-                    engine.execution_options(isolation_level="AUTOCOMMIT"), **kw
-                )
-            else:
-                self._reads = self.sm
-        return self._reads
+    @asynccontextmanager
+    async def reads(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads that need no transaction (or a write that is one
+        statement): on PostgreSQL bound to an ``autocommit`` connection, which saves the
+        BEGIN and ROLLBACK round trips around them and the pool's checkout; of ``sm`` on
+        SQLite (reads there open no transaction, and switching modes would cost thread
+        hops). Either way a session of ``sm``'s class, with its events."""
+        if self.engine.dialect.name == "postgresql":
+            async with self.autocommit() as conn, self.sm(bind=conn) as session:
+                yield session
+        else:
+            async with self.sm() as session:
+                yield session

@@ -375,7 +375,8 @@ class _Held:
         self.generation = 0  # the engine's ``dispose()`` calls so far
 
     def close_sync(self) -> None:
-        """Close the idle ones from a greenlet (``engine.dispose()``); one in use is
+        """Close the idle ones from a greenlet (``engine.dispose()``, or a statement that
+        met a dead connection: the pool then retires all of its own too); one in use is
         closed when its use ends (it is of an older generation)."""
         idle, self.idle = self.idle, []
         self.generation += 1
@@ -398,6 +399,14 @@ def _held_of(engine: AsyncEngine) -> _Held:
         def _close_held(sync_engine: Any) -> None:
             held.close_sync()
 
+        @event.listens_for(engine.sync_engine, "handle_error")
+        def _retire_held(context: Any) -> None:
+            # A dead connection (the server restarted, or killed its backends): the
+            # others are most likely dead too. The pool invalidates its own at once
+            # (``make_engine``: one failure per process); the held ones go with them.
+            if context.is_disconnect:
+                held.close_sync()
+
     return held
 
 
@@ -412,7 +421,7 @@ def _sound(conn: AsyncConnection) -> bool:
 async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection in autocommit for statements that each commit on their own: on
     PostgreSQL one of the held ones (``_Held``) if one is free, on SQLite (no
-    autocommit mode there: ``Ctx.autocommit_engine`` is the engine) a checkout.
+    autocommit mode there) a checkout of ``engine``.
 
     A use that ends in an error rolls back what SQLAlchemy began (nothing on the server
     in autocommit) and keeps the connection if it is still sound; a cancelled one closes
@@ -439,13 +448,16 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     keep = False
     try:
         yield conn
-        await conn.commit()  # SQLAlchemy's own transaction; the server's committed already
-        keep = True
     except Exception:
         with contextlib.suppress(Exception):
             await conn.rollback()
             keep = True
         raise
+    else:
+        # Ends SQLAlchemy's own transaction as a close would (each statement committed
+        # on the server already); a rollback, as at a close: no ``commit`` event.
+        await conn.rollback()
+        keep = True
     finally:
         if (
             keep

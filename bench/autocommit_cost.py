@@ -1,0 +1,84 @@
+"""What a one-statement autocommit write costs on PostgreSQL, by how its connection is
+had: kept between uses (``app.db.autocommit``, the gateway's way since the twentieth
+round), checked out of SQLAlchemy's pool for each statement (the way before), and a
+plain asyncpg connection with the statement prepared (the floor, not SQLAlchemy).
+
+``python -m bench.autocommit_cost`` (not part of ``make bench``; needs the PostgreSQL of
+``BENCH_PG_URL``). One migrated database, five tasks as the gateway leaves them after
+Run, each statement ``UPDATE tasks SET hint_at = … WHERE id = …`` (a callback's hint),
+the three ways alternated over rounds; CPU time of this process per statement (the
+round trip's own client-side work included), medians of the rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+from sqlalchemy import bindparam, update
+
+from app.db import autocommit, make_engine
+from app.tasks._writes import TASKS
+from bench.harness import new_database
+from bench.synth import insert_submitted_tasks
+
+STATEMENTS = 2000
+ROUNDS = 5
+SQL = "UPDATE tasks SET hint_at = $1 WHERE tasks.id = $2"
+
+
+async def main() -> None:
+    db = new_database("postgres", Path(tempfile.mkdtemp(prefix="hgw-ac-")), "autocommit")
+    engine = make_engine(db.url)
+    try:
+        ids = [tid for tid, _ in await insert_submitted_tasks(engine, 5, upstream_id="u1")]
+        stmt = update(TASKS).where(TASKS.c.id == bindparam("b_id"))
+        stmt = stmt.values(hint_at=bindparam("b_at"))
+        per_checkout = engine.execution_options(isolation_level="AUTOCOMMIT")
+        plain = await asyncpg.connect(db.url.replace("postgresql+asyncpg", "postgresql"))
+        prepared = await plain.prepare(SQL)
+
+        async def kept() -> None:
+            for i in range(STATEMENTS):
+                async with autocommit(engine) as conn:
+                    await conn.execute(stmt, {"b_id": ids[i % 5], "b_at": datetime.now(UTC)})
+
+        async def checkout_each() -> None:
+            for i in range(STATEMENTS):
+                async with per_checkout.connect() as conn:
+                    await conn.execute(stmt, {"b_id": ids[i % 5], "b_at": datetime.now(UTC)})
+
+        async def plain_asyncpg() -> None:
+            for i in range(STATEMENTS):
+                await prepared.fetch(datetime.now(UTC), ids[i % 5])
+
+        ways = {"kept": kept, "checkout": checkout_each, "asyncpg": plain_asyncpg}
+        per_statement: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(ROUNDS):
+            for name, way in ways.items():
+                t = time.process_time()
+                await way()
+                per_statement[name].append(1e6 * (time.process_time() - t) / STATEMENTS)
+        await plain.close()
+    finally:
+        await engine.dispose()
+        db.drop()
+    kept_us, each_us, raw_us = (
+        statistics.median(per_statement[n]) for n in ("kept", "checkout", "asyncpg")
+    )
+    spread = {n: f"{min(v):.0f}-{max(v):.0f}" for n, v in per_statement.items()}
+    print(
+        f"one autocommit UPDATE, CPU per statement: connection kept {kept_us:.0f} us "
+        f"({spread['kept']}), a pool checkout each {each_us:.0f} us ({spread['checkout']}), "
+        f"plain asyncpg prepared {raw_us:.0f} us ({spread['asyncpg']}); medians of {ROUNDS} "
+        f"rounds of {STATEMENTS}"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
