@@ -372,11 +372,12 @@ class _Held:
         # Each idle one with the generation and the time it was opened at.
         self.idle: list[tuple[AsyncConnection, int, float]] = []
         self.open = 0  # held connections, idle or in use
-        self.generation = 0  # the engine's ``dispose()`` calls so far
+        # Bumped by ``engine.dispose()`` and by a dead connection: a held connection of
+        # an older generation is not used again.
+        self.generation = 0
 
     def close_sync(self) -> None:
-        """Close the idle ones from a greenlet (``engine.dispose()``, or a statement that
-        met a dead connection: the pool then retires all of its own too); one in use is
+        """Close the idle ones from a greenlet (``engine.dispose()``); one in use is
         closed when its use ends (it is of an older generation)."""
         idle, self.idle = self.idle, []
         self.generation += 1
@@ -402,10 +403,11 @@ def _held_of(engine: AsyncEngine) -> _Held:
         @event.listens_for(engine.sync_engine, "handle_error")
         def _retire_held(context: Any) -> None:
             # A dead connection (the server restarted, or killed its backends): the
-            # others are most likely dead too. The pool invalidates its own at once
-            # (``make_engine``: one failure per process); the held ones go with them.
+            # others are most likely dead too. The pool then retires all of its own
+            # (``make_engine``: one failure per process), each closed when it is next
+            # checked out; the held ones go the same way (``autocommit``).
             if context.is_disconnect:
-                held.close_sync()
+                held.generation += 1
 
     return held
 
@@ -431,8 +433,17 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             yield conn
         return
     held = _held_of(engine)
-    if held.idle:
+    taken = None
+    while held.idle and taken is None:
         conn, generation, opened = held.idle.pop()
+        if generation == held.generation:
+            taken = conn
+        else:  # retired by a dead connection since
+            held.open -= 1
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+    if taken is not None:
+        conn = taken
     elif held.open < HELD_AUTOCOMMIT:
         generation, opened = held.generation, time.monotonic()
         held.open += 1

@@ -121,3 +121,38 @@ async def test_autocommit_after_an_error_a_cancellation_and_a_dispose(db_url: st
         assert alive == 0
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_dead_connection_retires_the_kept_ones(db_url: str) -> None:
+    """The server kills every backend (a restart): the first use fails, and the next
+    uses get live connections, not the other kept ones that died too (the pool's own
+    rule: one failure per process)."""
+    engine = make_engine(db_url)
+    together = asyncio.Barrier(3)
+
+    async def pid_held_together() -> int:
+        async with autocommit(engine) as conn:
+            pid = int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+            await together.wait()  # three kept connections, idle after this
+            return pid
+
+    try:
+        before = set(await asyncio.gather(*(pid_held_together() for _ in range(3))))
+        assert len(before) == 3
+        async with engine.connect() as admin:
+            await admin.execute(
+                text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:pids AS int[])) pid"),
+                {"pids": sorted(before)},
+            )
+        with pytest.raises(DBAPIError) as failed:
+            async with autocommit(engine) as conn:
+                await conn.execute(text("SELECT 1"))
+        assert failed.value.connection_invalidated
+        after = set()
+        for _ in range(3):
+            async with autocommit(engine) as conn:
+                after.add((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+        assert len(after) == 1 and not after & before  # one new connection, kept
+    finally:
+        await engine.dispose()
