@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import statistics
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from sqlalchemy import bindparam, update
 
 from app.db import autocommit, make_engine
 from app.tasks._writes import TASKS
+from bench.common import alternated_cpu
 from bench.harness import new_database
 from bench.synth import insert_submitted_tasks
 
@@ -58,12 +58,7 @@ async def main() -> None:
                 await prepared.fetch(datetime.now(UTC), ids[i % 5])
 
         ways = {"kept": kept, "checkout": checkout_each, "asyncpg": plain_asyncpg}
-        per_statement: dict[str, list[float]] = {name: [] for name in ways}
-        for _ in range(ROUNDS):
-            for name, way in ways.items():
-                t = time.process_time()
-                await way()
-                per_statement[name].append(1e6 * (time.process_time() - t) / STATEMENTS)
+        per_statement = await alternated_cpu(ways, rounds=ROUNDS, units=STATEMENTS)
         await plain.close()
     finally:
         await engine.dispose()

@@ -8,7 +8,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,26 @@ def r2(x: float | None, nd: int = 2) -> float | None:
 
 
 # ---------------------------------------------------------------- database look-ups
+
+
+async def alternated_cpu(
+    ways: Mapping[str, Callable[[], Awaitable[None]]],
+    *,
+    rounds: int,
+    units: int,
+    after: Callable[[str], None] = lambda name: None,
+) -> dict[str, list[float]]:
+    """Each of ``ways`` run in turn, ``rounds`` times over: this process's CPU in
+    microseconds per unit (each run does ``units``), by way, one figure a round.
+    ``after(name)`` runs after each run, outside the measure."""
+    per_unit: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            t = time.process_time()
+            await way()
+            per_unit[name].append(1e6 * (time.process_time() - t) / units)
+            after(name)
+    return per_unit
 
 
 def bench_engine(db: Database) -> AsyncEngine:

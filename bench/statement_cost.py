@@ -21,7 +21,6 @@ import itertools
 import sqlite3
 import statistics
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from sqlalchemy import bindparam, update
 from app.db import make_engine, write
 from app.migrate import upgrade
 from app.tasks._writes import TASKS
+from bench.common import alternated_cpu
 from bench.synth import insert_submitted_tasks
 
 PER_TURN = 5
@@ -72,14 +72,12 @@ async def main() -> None:
     stamps = itertools.cycle([now, None])
     texts = itertools.cycle([now.replace(tzinfo=None).isoformat(" "), None])
     ways = {"sqlalchemy": through_sqlalchemy, "empty": empty_turns, "plain": plain_sqlite}
-    per_turn: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(ROUNDS):
-        for name, way in ways.items():
-            t = time.process_time()
-            await way()
-            per_turn[name].append(1e6 * (time.process_time() - t) / TURNS)
-            if name != "empty":  # keep the WAL short, as the gateway's checkpoints do
-                plain.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def checkpoint(name: str) -> None:
+        if name != "empty":  # keep the WAL short, as the gateway's checkpoints do
+            plain.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    per_turn = await alternated_cpu(ways, rounds=ROUNDS, units=TURNS, after=checkpoint)
     plain.close()
     await engine.dispose()
     sa, empty, raw = (statistics.median(per_turn[n]) for n in ("sqlalchemy", "empty", "plain"))
