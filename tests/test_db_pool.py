@@ -141,10 +141,17 @@ async def test_a_dead_connection_retires_the_kept_ones(db_url: str) -> None:
         before = set(await asyncio.gather(*(pid_held_together() for _ in range(3))))
         assert len(before) == 3
         async with engine.connect() as admin:
-            await admin.execute(
-                text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:pids AS int[])) pid"),
-                {"pids": sorted(before)},
-            )
+            # With a timeout, each call returns once its backend has exited.
+            gone = (
+                await admin.execute(
+                    text(
+                        "SELECT bool_and(pg_terminate_backend(pid, 10000)) "
+                        "FROM unnest(CAST(:pids AS int[])) pid"
+                    ),
+                    {"pids": sorted(before)},
+                )
+            ).scalar_one()
+        assert gone
         with pytest.raises(DBAPIError) as failed:
             async with autocommit(engine) as conn:
                 await conn.execute(text("SELECT 1"))
