@@ -426,8 +426,9 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     autocommit mode there) a checkout of ``engine``.
 
     A use that ends in an error rolls back what SQLAlchemy began (nothing on the server
-    in autocommit) and keeps the connection if it is still sound; a cancelled one closes
-    it, since its statement may still be running on the server."""
+    in autocommit) and keeps the connection if it is still sound. One that is not kept
+    (cancelled mid-statement: SQLAlchemy has invalidated it, since its statement may
+    still be running on the server) goes back to the pool, which resets or discards it."""
     if engine.dialect.name != "postgresql":
         async with engine.connect() as conn:
             yield conn
@@ -466,9 +467,11 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         raise
     else:
         # Ends SQLAlchemy's own transaction as a close would (each statement committed
-        # on the server already); a rollback, as at a close: no ``commit`` event.
-        await conn.rollback()
-        keep = True
+        # on the server already); a rollback, as at a close: no ``commit`` event. The
+        # use succeeded: if this fails, the connection is closed, not the caller failed.
+        with contextlib.suppress(Exception):
+            await conn.rollback()
+            keep = True
     finally:
         if (
             keep
@@ -480,7 +483,7 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         else:
             held.open -= 1
             with contextlib.suppress(Exception):
-                await conn.close()
+                await conn.close()  # back to the pool
 
 
 # The SQLite file each engine writes, for its checkpoints (set at connect).

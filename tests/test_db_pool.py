@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import HELD_AUTOCOMMIT, autocommit, make_engine
 
@@ -161,5 +162,29 @@ async def test_a_dead_connection_retires_the_kept_ones(db_url: str) -> None:
             async with autocommit(engine) as conn:
                 after.add((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
         assert len(after) == 1 and not after & before  # one new connection, kept
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_use_that_succeeded_does_not_fail_at_its_end(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement committed on the server: if ending SQLAlchemy's transaction fails
+    afterwards, the connection goes back to the pool (which resets or discards it) and
+    the caller is not told the use failed."""
+    engine = make_engine(db_url)
+    try:
+
+        async def broken(self: AsyncConnection) -> None:
+            raise OSError("the end of the use failed")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(AsyncConnection, "rollback", broken)
+            async with autocommit(engine) as conn:
+                await conn.execute(text("CREATE TABLE written (x int)"))
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]  # not kept
+        async with engine.connect() as other:
+            await other.execute(text("SELECT count(*) FROM written"))  # it was committed
     finally:
         await engine.dispose()
