@@ -73,19 +73,14 @@ class Ctx:
         uses (``app.db.autocommit``); on SQLite a connection of ``engine``."""
         return autocommit(self.engine)
 
-    @asynccontextmanager
-    async def bookkeeping(self) -> AsyncIterator[AsyncConnection]:
+    def bookkeeping(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A connection for bookkeeping writes, one statement each (a lease claimed,
         renewed or given back; a callback's hint; a notification made due once its
         task's outputs are settled). On PostgreSQL in autocommit (``autocommit``): each
         statement commits on its own, one round trip instead of ``BEGIN``, the statement
         and ``COMMIT``. On SQLite a write transaction that takes its turn (``write``)."""
-        if self.engine.dialect.name == "postgresql":
-            async with self.autocommit() as conn:
-                yield conn
-        else:
-            async with write(self.engine) as conn:
-                yield conn
+        engine = self.engine
+        return autocommit(engine) if engine.dialect.name == "postgresql" else write(engine)
 
     @asynccontextmanager
     async def reads(self) -> AsyncIterator[AsyncSession]:

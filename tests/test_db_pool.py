@@ -7,129 +7,131 @@ And ``autocommit`` keeps its connections checked out between uses."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db import HELD_AUTOCOMMIT, autocommit, make_engine
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite's pool is its own
-async def test_bursts_reuse_the_pools_connections(db_url: str) -> None:
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     engine = make_engine(db_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def checkouts_of(engine: AsyncEngine) -> list[Any]:
+    """Each checkout from ``engine``'s pool from now on."""
+    checkouts: list[Any] = []
+    event.listen(engine.sync_engine, "checkout", lambda *args: checkouts.append(args))
+    return checkouts
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite's pool is its own
+async def test_bursts_reuse_the_pools_connections(engine: AsyncEngine) -> None:
     opened: list[Any] = []
     event.listen(engine.sync_engine, "connect", lambda conn, _record: opened.append(conn))
     size = engine.pool.size()  # type: ignore[attr-defined]
-    try:
 
-        async def hold(together: asyncio.Barrier) -> None:
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-                await together.wait()  # all ``size`` connections out at once
+    async def hold(together: asyncio.Barrier) -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            await together.wait()  # all ``size`` connections out at once
 
-        for _ in range(3):
-            together = asyncio.Barrier(size)
-            await asyncio.wait_for(asyncio.gather(*(hold(together) for _ in range(size))), 30)
-            assert len(opened) == size
-    finally:
-        await engine.dispose()
+    for _ in range(3):
+        together = asyncio.Barrier(size)
+        await asyncio.wait_for(asyncio.gather(*(hold(together) for _ in range(size))), 30)
+        assert len(opened) == size
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_autocommit_keeps_its_connections_between_uses(db_url: str) -> None:
+async def test_autocommit_keeps_its_connections_between_uses(engine: AsyncEngine) -> None:
     """``autocommit`` checks a connection out of the pool once and keeps it: a hundred
     uses one after another cost one checkout. Uses beyond ``HELD_AUTOCOMMIT`` at once
     check out as before, and give their connections back to the pool."""
-    engine = make_engine(db_url)
-    checkouts: list[Any] = []
-    event.listen(engine.sync_engine, "checkout", lambda *args: checkouts.append(args))
+    checkouts = checkouts_of(engine)
     pool = engine.pool
-    try:
-        for _ in range(100):
-            async with autocommit(engine) as conn:
-                assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
-        assert len(checkouts) == 1
-        assert pool.checkedout() == 1  # type: ignore[attr-defined]  # held, idle
-
-        wide = HELD_AUTOCOMMIT + 4
-        together = asyncio.Barrier(wide)
-
-        async def hold() -> None:
-            async with autocommit(engine) as conn:
-                await conn.execute(text("SELECT 1"))
-                await together.wait()
-
-        await asyncio.wait_for(asyncio.gather(*(hold() for _ in range(wide))), 30)
-        # The one held before, 7 more held now, 4 checked out and back.
-        assert len(checkouts) == 1 + (HELD_AUTOCOMMIT - 1) + 4
-        assert pool.checkedout() == HELD_AUTOCOMMIT  # type: ignore[attr-defined]
-        # Each statement commits on its own: another connection sees the row at once.
+    for _ in range(100):
         async with autocommit(engine) as conn:
-            await conn.execute(text("CREATE TABLE probe (x int)"))
-            await conn.execute(text("INSERT INTO probe VALUES (1)"))
-            async with engine.connect() as other:
-                seen = (await other.execute(text("SELECT count(*) FROM probe"))).scalar_one()
-            assert seen == 1
-    finally:
-        await engine.dispose()
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    assert len(checkouts) == 1
+    assert pool.checkedout() == 1  # type: ignore[attr-defined]  # held, idle
+
+    wide = HELD_AUTOCOMMIT + 4
+    together = asyncio.Barrier(wide)
+
+    async def hold() -> None:
+        async with autocommit(engine) as conn:
+            await conn.execute(text("SELECT 1"))
+            await together.wait()
+
+    await asyncio.wait_for(asyncio.gather(*(hold() for _ in range(wide))), 30)
+    # The one held before, 7 more held now, 4 checked out and back.
+    assert len(checkouts) == 1 + (HELD_AUTOCOMMIT - 1) + 4
+    assert pool.checkedout() == HELD_AUTOCOMMIT  # type: ignore[attr-defined]
+    # Each statement commits on its own: another connection sees the row at once.
+    async with autocommit(engine) as conn:
+        await conn.execute(text("CREATE TABLE probe (x int)"))
+        await conn.execute(text("INSERT INTO probe VALUES (1)"))
+        async with engine.connect() as other:
+            seen = (await other.execute(text("SELECT count(*) FROM probe"))).scalar_one()
+        assert seen == 1
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_autocommit_after_an_error_a_cancellation_and_a_dispose(db_url: str) -> None:
+async def test_autocommit_after_an_error_a_cancellation_and_a_dispose(engine: AsyncEngine) -> None:
     """A statement's error keeps the held connection (nothing is open on the server in
     autocommit); a use cancelled mid-statement closes it, and the next use opens another;
     ``engine.dispose()`` closes the idle ones, and a use after it opens a new one."""
-    engine = make_engine(db_url)
-    checkouts: list[Any] = []
-    event.listen(engine.sync_engine, "checkout", lambda *args: checkouts.append(args))
+    checkouts = checkouts_of(engine)
     pool = engine.pool
-    try:
+    async with autocommit(engine) as conn:
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    with pytest.raises(DBAPIError):
         async with autocommit(engine) as conn:
-            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
-        with pytest.raises(DBAPIError):
-            async with autocommit(engine) as conn:
-                await conn.execute(text("SELECT 1 / 0"))
-        async with autocommit(engine) as conn:
-            assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one() == pid
-        assert len(checkouts) == 1
+            await conn.execute(text("SELECT 1 / 0"))
+    async with autocommit(engine) as conn:
+        assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one() == pid
+    assert len(checkouts) == 1
 
-        async def slow() -> None:
-            async with autocommit(engine) as conn:
-                await conn.execute(text("SELECT pg_sleep(30)"))
+    async def slow() -> None:
+        async with autocommit(engine) as conn:
+            await conn.execute(text("SELECT pg_sleep(30)"))
 
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(slow(), 0.5)
-        assert pool.checkedout() == 0  # type: ignore[attr-defined]
-        async with autocommit(engine) as conn:
-            second = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
-        assert second != pid and len(checkouts) == 2
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(slow(), 0.5)
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    async with autocommit(engine) as conn:
+        second = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    assert second != pid and len(checkouts) == 2
 
-        await engine.dispose()
-        async with autocommit(engine) as conn:
-            third = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
-        assert third != second and len(checkouts) == 3
-        async with autocommit(engine) as conn:
-            # The backend the dispose closed is gone from the server.
-            alive = (
-                await conn.execute(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
-                    {"pid": second},
-                )
-            ).scalar_one()
-        assert alive == 0
-    finally:
-        await engine.dispose()
+    await engine.dispose()
+    async with autocommit(engine) as conn:
+        third = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    assert third != second and len(checkouts) == 3
+    async with autocommit(engine) as conn:
+        # The backend the dispose closed is gone from the server.
+        alive = (
+            await conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
+                {"pid": second},
+            )
+        ).scalar_one()
+    assert alive == 0
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_a_dead_connection_retires_the_kept_ones(db_url: str) -> None:
+async def test_a_dead_connection_retires_the_kept_ones(engine: AsyncEngine) -> None:
     """The server kills every backend (a restart): the first use fails, and the next
     uses get live connections, not the other kept ones that died too (the pool's own
     rule: one failure per process)."""
-    engine = make_engine(db_url)
     together = asyncio.Barrier(3)
 
     async def pid_held_together() -> int:
@@ -138,53 +140,46 @@ async def test_a_dead_connection_retires_the_kept_ones(db_url: str) -> None:
             await together.wait()  # three kept connections, idle after this
             return pid
 
-    try:
-        before = set(await asyncio.gather(*(pid_held_together() for _ in range(3))))
-        assert len(before) == 3
-        async with engine.connect() as admin:
-            # With a timeout, each call returns once its backend has exited.
-            gone = (
-                await admin.execute(
-                    text(
-                        "SELECT bool_and(pg_terminate_backend(pid, 10000)) "
-                        "FROM unnest(CAST(:pids AS int[])) pid"
-                    ),
-                    {"pids": sorted(before)},
-                )
-            ).scalar_one()
-        assert gone
-        with pytest.raises(DBAPIError) as failed:
-            async with autocommit(engine) as conn:
-                await conn.execute(text("SELECT 1"))
-        assert failed.value.connection_invalidated
-        after = set()
-        for _ in range(3):
-            async with autocommit(engine) as conn:
-                after.add((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
-        assert len(after) == 1 and not after & before  # one new connection, kept
-    finally:
-        await engine.dispose()
+    before = set(await asyncio.gather(*(pid_held_together() for _ in range(3))))
+    assert len(before) == 3
+    async with engine.connect() as admin:
+        # With a timeout, each call returns once its backend has exited.
+        gone = (
+            await admin.execute(
+                text(
+                    "SELECT bool_and(pg_terminate_backend(pid, 10000)) "
+                    "FROM unnest(CAST(:pids AS int[])) pid"
+                ),
+                {"pids": sorted(before)},
+            )
+        ).scalar_one()
+    assert gone
+    with pytest.raises(DBAPIError) as failed:
+        async with autocommit(engine) as conn:
+            await conn.execute(text("SELECT 1"))
+    assert failed.value.connection_invalidated
+    after = set()
+    for _ in range(3):
+        async with autocommit(engine) as conn:
+            after.add((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+    assert len(after) == 1 and not after & before  # one new connection, kept
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 async def test_a_use_that_succeeded_does_not_fail_at_its_end(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The statement committed on the server: if ending SQLAlchemy's transaction fails
     afterwards, the connection goes back to the pool (which resets or discards it) and
     the caller is not told the use failed."""
-    engine = make_engine(db_url)
-    try:
 
-        async def broken(self: AsyncConnection) -> None:
-            raise OSError("the end of the use failed")
+    async def broken(self: AsyncConnection) -> None:
+        raise OSError("the end of the use failed")
 
-        with monkeypatch.context() as patch:
-            patch.setattr(AsyncConnection, "rollback", broken)
-            async with autocommit(engine) as conn:
-                await conn.execute(text("CREATE TABLE written (x int)"))
-        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]  # not kept
-        async with engine.connect() as other:
-            await other.execute(text("SELECT count(*) FROM written"))  # it was committed
-    finally:
-        await engine.dispose()
+    with monkeypatch.context() as patch:
+        patch.setattr(AsyncConnection, "rollback", broken)
+        async with autocommit(engine) as conn:
+            await conn.execute(text("CREATE TABLE written (x int)"))
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]  # not kept
+    async with engine.connect() as other:
+        await other.execute(text("SELECT count(*) FROM written"))  # it was committed
