@@ -24,6 +24,7 @@ from app.context import Ctx
 from app.ids import sha256_hex as token_hash
 from app.lifecycle import TERMINAL_RANK
 from app.models import Attempt, Task
+from app.prepared import run
 from app.sqlite_driver import inline
 
 Verdict = Literal["unknown", "duplicate", "proceed"]
@@ -49,7 +50,7 @@ async def screen(ctx: Ctx, *, task_id: str, token: str) -> Verdict:
         # On SQLite on the loop's thread (``inline``): one indexed read, ~0.1 ms, where a
         # hop to the connection's thread waited ~1.2 ms for its answer under load.
         with inline():
-            rows = (await conn.execute(_ATTEMPTS, {"b_id": task_id})).all()
+            rows = (await run(conn, _ATTEMPTS, {"b_id": task_id})).all()
     match = None
     for row in rows:  # no early exit: constant time in the token
         if hmac.compare_digest(row.token_hash, h):

@@ -34,6 +34,7 @@ from sqlalchemy.sql import Select
 
 from app import owners
 from app.db import ts
+from app.prepared import run
 
 # The values that give a lease back, for a statement that records an outcome and
 # releases in one go.
@@ -149,7 +150,8 @@ class Leases:
         """Lease up to ``limit`` due, free rows to ``owner`` until ``until``; their keys.
         ``statement``: a prebuilt ``claim_statement`` over other candidates (its extra
         bind values in ``params``)."""
-        rows = await conn.execute(
+        rows = await run(
+            conn,
             statement if statement is not None else self._claim,
             {"b_now": now, "b_until": until, "b_owner": owner, "b_limit": limit, **params},
         )
@@ -167,8 +169,8 @@ class Leases:
     ) -> Sequence[Row[Any]]:
         """``claim`` with a prebuilt ``claim_statement`` whose ``returning`` gives more
         than the keys: the claimed rows as it returns them."""
-        res = await conn.execute(
-            statement, {"b_now": now, "b_until": until, "b_owner": owner, "b_limit": limit}
+        res = await run(
+            conn, statement, {"b_now": now, "b_until": until, "b_owner": owner, "b_limit": limit}
         )
         return res.all()
 
@@ -184,7 +186,8 @@ class Leases:
         """Lease those of ``keys`` (picked by the caller) that are still free; their keys."""
         if not keys:
             return []
-        rows = await conn.execute(
+        rows = await run(
+            conn,
             self._claim_keys,
             {"b_keys": list(keys), "b_now": now, "b_until": until, "b_owner": owner},
         )
@@ -197,22 +200,24 @@ class Leases:
         heartbeat; the others are left alone); how many."""
         if not keys:
             return 0
-        res = await conn.execute(
-            self._renew, {"b_owner": owner, "b_until": until, "b_keys": list(keys)}
+        res = await run(
+            conn, self._renew, {"b_owner": owner, "b_until": until, "b_keys": list(keys)}
         )
         return int(res.rowcount or 0)
 
     async def release(self, conn: AsyncConnection, key: Any, *, owner: str) -> bool:
         """Give back one lease, if ``owner`` still holds it."""
         values = key if self._composite else (key,)
-        res = await conn.execute(
-            self._release, {"b_owner": owner, **{f"b_key{i}": v for i, v in enumerate(values)}}
+        res = await run(
+            conn,
+            self._release,
+            {"b_owner": owner, **{f"b_key{i}": v for i, v in enumerate(values)}},
         )
         return bool(res.rowcount)
 
     async def release_all(self, conn: AsyncConnection, *, owner: str) -> int:
         """Give back every lease ``owner`` holds (graceful shutdown); how many."""
-        res = await conn.execute(self._release_all, {"b_owner": owner})
+        res = await run(conn, self._release_all, {"b_owner": owner})
         return int(res.rowcount or 0)
 
     async def holders(self, conn: AsyncConnection, like: str) -> list[str]:
@@ -224,7 +229,7 @@ class Leases:
         """Give back every lease one of ``owners`` holds (holders known dead); how many."""
         if not owners:
             return 0
-        res = await conn.execute(self._release_of, {"b_owners": list(owners)})
+        res = await run(conn, self._release_of, {"b_owners": list(owners)})
         return int(res.rowcount or 0)
 
 

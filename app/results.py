@@ -36,6 +36,7 @@ from app.lifecycle import TERMINAL_RANK, Status
 from app.models import Erasure, Event, StoredOutput, Task, Upload
 from app.outbound import OutboundError, OutboundRefused, Policy
 from app.outbox import Services
+from app.prepared import run
 from app.states import ErasureState, EventKind, OutputState
 from app.tasks import get_task
 from app.wiro import WiroError, WiroStateError
@@ -191,8 +192,10 @@ async def claim_outputs(svc: Services, *, limit: int) -> list[tuple[str, int]]:
     now = ctx.clock()
     until = now + timedelta(seconds=output_lease_s(svc))
     async with ctx.bookkeeping() as conn:
-        rows = await conn.execute(
-            _CLAIM_OUTPUTS, {"b_now": now, "b_until": until, "b_owner": ctx.owner, "b_limit": limit}
+        rows = await run(
+            conn,
+            _CLAIM_OUTPUTS,
+            {"b_now": now, "b_until": until, "b_owner": ctx.owner, "b_limit": limit},
         )
     keys: list[tuple[str, int]] = []
     for task_id, idx, url, storage_key, attempts in rows:

@@ -1,12 +1,14 @@
 """What a one-statement autocommit write costs on PostgreSQL, by how its connection is
-had: kept between uses (``app.db.autocommit``, the gateway's way since the twentieth
-round), checked out of SQLAlchemy's pool for each statement (the way before), and a
-plain asyncpg connection with the statement prepared (the floor, not SQLAlchemy).
+had and sent: kept between uses (``app.db.autocommit``, since the twentieth round) and
+sent straight to asyncpg as SQLAlchemy compiled it (``app.prepared.run``, the gateway's
+way since the twenty-first round); kept and sent through ``AsyncConnection.execute``;
+checked out of SQLAlchemy's pool for each statement (the way before both); and a plain
+asyncpg connection with the statement prepared (the floor, not SQLAlchemy).
 
 ``python -m bench.autocommit_cost`` (not part of ``make bench``; needs the PostgreSQL of
 ``BENCH_PG_URL``). One migrated database, five tasks as the gateway leaves them after
 Run, each statement ``UPDATE tasks SET hint_at = … WHERE id = …`` (a callback's hint),
-the three ways alternated over rounds; CPU time of this process per statement (the
+the four ways alternated over rounds; CPU time of this process per statement (the
 round trip's own client-side work included), medians of the rounds.
 """
 
@@ -22,6 +24,7 @@ import asyncpg
 from sqlalchemy import bindparam, update
 
 from app.db import autocommit, make_engine
+from app.prepared import run
 from app.tasks._writes import TASKS
 from bench.common import alternated_cpu
 from bench.harness import new_database
@@ -48,6 +51,11 @@ async def main() -> None:
                 async with autocommit(engine) as conn:
                     await conn.execute(stmt, {"b_id": ids[i % 5], "b_at": datetime.now(UTC)})
 
+        async def straight() -> None:
+            for i in range(STATEMENTS):
+                async with autocommit(engine) as conn:
+                    await run(conn, stmt, {"b_id": ids[i % 5], "b_at": datetime.now(UTC)})
+
         async def checkout_each() -> None:
             for i in range(STATEMENTS):
                 async with per_checkout.connect() as conn:
@@ -57,18 +65,25 @@ async def main() -> None:
             for i in range(STATEMENTS):
                 await prepared.fetch(datetime.now(UTC), ids[i % 5])
 
-        ways = {"kept": kept, "checkout": checkout_each, "asyncpg": plain_asyncpg}
+        ways = {
+            "straight": straight,
+            "kept": kept,
+            "checkout": checkout_each,
+            "asyncpg": plain_asyncpg,
+        }
         per_statement = await alternated_cpu(ways, rounds=ROUNDS, units=STATEMENTS)
         await plain.close()
     finally:
         await engine.dispose()
         db.drop()
-    kept_us, each_us, raw_us = (
-        statistics.median(per_statement[n]) for n in ("kept", "checkout", "asyncpg")
+    straight_us, kept_us, each_us, raw_us = (
+        statistics.median(per_statement[n]) for n in ("straight", "kept", "checkout", "asyncpg")
     )
     spread = {n: f"{min(v):.0f}-{max(v):.0f}" for n, v in per_statement.items()}
     print(
-        f"one autocommit UPDATE, CPU per statement: connection kept {kept_us:.0f} us "
+        f"one autocommit UPDATE, CPU per statement: connection kept, sent straight to "
+        f"asyncpg {straight_us:.0f} us ({spread['straight']}), through SQLAlchemy's "
+        f"execute {kept_us:.0f} us "
         f"({spread['kept']}), a pool checkout each {each_us:.0f} us ({spread['checkout']}), "
         f"plain asyncpg prepared {raw_us:.0f} us ({spread['asyncpg']}); medians of {ROUNDS} "
         f"rounds of {STATEMENTS}"

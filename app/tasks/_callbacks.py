@@ -17,6 +17,7 @@ from app.db import ts, unit_of_work
 from app.ids import sha256_hex
 from app.lifecycle import TERMINAL_RANK
 from app.models import Attempt, Task
+from app.prepared import run
 from app.states import Outcome
 from app.tasks._writes import TASKS, A, T, set_task
 
@@ -94,8 +95,8 @@ async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -
         return "unknown"
     now = ctx.clock()
     async with ctx.bookkeeping() as conn:
-        res = await conn.execute(
-            _CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex(token), "b_now": now}
+        res = await run(
+            conn, _CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex(token), "b_now": now}
         )
     if res.rowcount == 1:
         ctx.wake()

@@ -19,6 +19,7 @@ from app.db import ts
 from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK
 from app.models import Task
+from app.prepared import run
 from app.tasks._writes import ATTEMPTS, TASKS, T
 
 LEASES = Leases(TASKS, key="id", due="next_check_at")
@@ -157,7 +158,8 @@ async def release(
     ``after_end``, the look for an unanswered Run's upstream task, or never)."""
     now = ctx.clock()
     async with ctx.bookkeeping() as conn:
-        await conn.execute(
+        await run(
+            conn,
             _RELEASE,
             {
                 "b_id": task_id,

@@ -50,6 +50,7 @@ from app.outbox import (
     output_lease,
     output_rows,
 )
+from app.prepared import run
 from app.states import EventKind, Outcome, OutputState
 from app.tasks._writes import (
     ATTEMPTS,
@@ -125,7 +126,7 @@ async def insert_fresh(
         "m_values": list(pairs.values()),
     }
     async with ctx.autocommit() as conn:
-        return int((await conn.execute(stmt, params)).scalar_one())
+        return int((await run(conn, stmt, params)).scalar_one())
 
 
 def _event_if_moved(moved: Any) -> Any:
@@ -227,7 +228,7 @@ async def link_fresh(
         if stmt is None:
             stmt = _links[(guard, keys)] = _link(guard, keys)
         async with ctx.autocommit() as conn:
-            n = (await conn.execute(stmt, bound)).scalar_one()
+            n = (await run(conn, stmt, bound)).scalar_one()
     else:
         three = _sqlite_links.get((guard, keys))
         if three is None:

@@ -1,0 +1,234 @@
+"""One-statement autocommit work on PostgreSQL run straight on asyncpg, the statement
+compiled by SQLAlchemy once.
+
+``run(conn, stmt, params)`` is ``await conn.execute(stmt, params)`` for the hot paths'
+one-statement uses of ``Ctx.autocommit`` and ``Ctx.bookkeeping`` (a callback's screen and
+hint, the submit's insert and link, the lease claims and releases). On a PostgreSQL
+connection in autocommit it sends the statement SQLAlchemy compiled for it (its SQL, its
+bind parameters in order with their type processing, its result columns' processors)
+through the connection's own asyncpg driver: no SQLAlchemy execution context, cursor
+adapter, result object or greenlet for each statement. That costs about half of what the
+same statement costs through ``AsyncConnection.execute`` (``python -m
+bench.autocommit_cost``; docs/benchmarks.md, twenty-first round).
+
+Everything around the statement stays SQLAlchemy's:
+
+- ``before_cursor_execute`` and ``after_cursor_execute`` listeners of the engine are
+  called with the SQL and its positional parameters (no cursor or context), so statement
+  counters see these statements as before;
+- an error is translated and handled by the connection as its own would be
+  (``Connection._handle_dbapi_exception``): the same exception classes, the
+  ``handle_error`` event, a dead connection invalidated with the pool's others;
+- a cancelled statement marks its connection for replacement (the pool closes it at its
+  next checkout), where SQLAlchemy would invalidate it: it may still be running.
+
+Anything else runs through ``conn.execute`` unchanged: SQLite, a connection in a
+transaction, and a statement whose execution SQLAlchemy completes at run time (Python-side
+column defaults or ``onupdate``, expanding ``IN`` lists, parameters computed by callables,
+escaped parameter names).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import namedtuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import MultipleResultsFound, NoResultFound
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Executable
+
+
+class Result(Protocol):
+    """What the callers read of a statement's result: ``run``'s ``Ran`` or SQLAlchemy's
+    ``CursorResult``."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def all(self) -> Sequence[Any]: ...
+
+    def first(self) -> Any: ...
+
+    def scalar(self) -> Any: ...
+
+    def scalar_one(self) -> Any: ...
+
+    def scalar_one_or_none(self) -> Any: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Ran:
+    """A statement's rows (named tuples: by position or by column name) and row count."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+    def all(self) -> Sequence[Any]:
+        return self.rows
+
+    def first(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+    def scalar_one(self) -> Any:
+        if len(self.rows) != 1:
+            raise (NoResultFound if not self.rows else MultipleResultsFound)(
+                "expected exactly one row"
+            )
+        return self.rows[0][0]
+
+    def scalar_one_or_none(self) -> Any:
+        if len(self.rows) > 1:
+            raise MultipleResultsFound("expected at most one row")
+        return self.rows[0][0] if self.rows else None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+
+class _Plan:
+    """A statement as SQLAlchemy compiled it for one dialect, ready to send: its SQL,
+    each positional parameter's name, default value and bind processor; whether it
+    returns rows, and then their processors (once their types are known) and their
+    tuple class."""
+
+    __slots__ = ("binds", "processors", "returns_rows", "row", "sql", "types")
+
+    def __init__(
+        self, sql: str, binds: list[tuple[str, Any, Any]], keys: list[str], types: list[Any]
+    ) -> None:
+        self.sql = sql
+        self.binds = binds
+        self.returns_rows = bool(keys)
+        self.row: Any = namedtuple("Row", keys, rename=True) if keys else None  # type: ignore[misc]
+        self.types = types
+        self.processors: list[Any] | None = None
+
+
+# Per dialect (one per engine), per statement: a plan, or None for "run it through
+# SQLAlchemy". The statements are the modules' own, built once, so the keys stay few.
+_plans: weakref.WeakKeyDictionary[Dialect, dict[Executable, _Plan | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _plan_for(dialect: Dialect, stmt: Executable) -> _Plan | None:
+    by_stmt = _plans.get(dialect)
+    if by_stmt is None:
+        by_stmt = _plans[dialect] = {}
+    try:
+        return by_stmt[stmt]
+    except KeyError:
+        plan = by_stmt[stmt] = _compile(dialect, stmt)
+        return plan
+
+
+def _compile(dialect: Dialect, stmt: Executable) -> _Plan | None:
+    compiled: Any = stmt.compile(dialect=dialect)  # type: ignore[attr-defined]
+    if (
+        compiled.positiontup is None
+        or compiled.insert_prefetch
+        or compiled.update_prefetch
+        or compiled.literal_execute_params
+        or compiled.post_compile_params
+        or compiled.escaped_bind_names
+        or any(b.callable is not None or b.expanding for b in compiled.binds.values())
+    ):
+        return None
+    defaults = compiled.construct_params(_check=False)
+    processors = compiled._bind_processors
+    binds = [(name, defaults.get(name), processors.get(name)) for name in compiled.positiontup]
+    columns = compiled._result_columns
+    keys = [column.keyname for column in columns]
+    return _Plan(compiled.string, binds, keys, [column.type for column in columns])
+
+
+async def run(conn: AsyncConnection, stmt: Executable, params: Mapping[str, Any]) -> Result:
+    """``stmt`` with ``params`` on ``conn``: straight on asyncpg where the module
+    docstring says, else ``conn.execute``."""
+    sync = conn.sync_connection
+    if (
+        sync is None
+        or conn.dialect.name != "postgresql"
+        or sync.invalidated  # SQLAlchemy reconnects it
+        or sync.in_transaction()
+    ):
+        return await conn.execute(stmt, params)
+    fairy = sync.connection
+    adapter: Any = fairy.dbapi_connection
+    if not getattr(adapter, "autocommit", False):
+        return await conn.execute(stmt, params)
+    plan = _plan_for(conn.dialect, stmt)
+    if plan is None:
+        return await conn.execute(stmt, params)
+    args = []
+    for name, default, process in plan.binds:
+        value = params.get(name, default)
+        args.append(value if process is None else process(value))
+    dispatch = sync.dispatch
+    if dispatch.before_cursor_execute:
+        dispatch.before_cursor_execute(sync, None, plan.sql, args, None, False)
+    driver: Any = fairy.driver_connection
+    try:
+        if plan.returns_rows:
+            records = await driver.fetch(plan.sql, *args)
+            if plan.processors is None:
+                plan.processors = await _result_processors(conn.dialect, driver, plan)
+            ran = Ran(_rows(plan, records), len(records))
+        else:
+            status = await driver.execute(plan.sql, *args)
+            count = status.rpartition(" ")[2]
+            ran = Ran([], int(count) if count.isdigit() else -1)
+    except Exception as error:
+        await conn.run_sync(_handle, error, plan.sql, args)
+        raise  # not reached: ``_handle`` raises
+    except BaseException:
+        # Cancelled mid-statement: it may still run on the server. SQLAlchemy would
+        # invalidate the connection; here the pool replaces it at its next checkout.
+        fairy.invalidate(soft=True)
+        raise
+    if dispatch.after_cursor_execute:
+        dispatch.after_cursor_execute(sync, None, plan.sql, args, None, False)
+    return ran
+
+
+async def _result_processors(dialect: Dialect, driver: Any, plan: _Plan) -> list[Any]:
+    """Each result column's processor, as SQLAlchemy picks it from the column's type and
+    the type the server reports (its OID, as in the driver's cursor description)."""
+    statement = await driver.prepare(plan.sql)
+    oids = [attribute.type.oid for attribute in statement.get_attributes()]
+    return [
+        t._cached_result_processor(dialect, oid) for t, oid in zip(plan.types, oids, strict=True)
+    ]
+
+
+def _rows(plan: _Plan, records: list[Any]) -> list[Any]:
+    make = plan.row._make
+    processors = plan.processors
+    if processors is None or not any(processors):
+        return [make(r) for r in records]
+    return [
+        make(v if p is None else p(v) for p, v in zip(processors, r, strict=True)) for r in records
+    ]
+
+
+def _handle(sync: Any, error: Exception, sql: str, args: list[Any]) -> None:
+    """Raise ``error`` as SQLAlchemy's own execution would: translated by the driver's
+    adapter, then handled by the connection (``handle_error``, invalidation)."""
+    adapter = sync.connection.dbapi_connection if not sync.invalidated else None
+    try:
+        if adapter is None:
+            raise error
+        adapter._handle_exception(error)  # raises the DBAPI-level error
+    except Exception as dbapi_error:
+        sync._handle_dbapi_exception(dbapi_error, sql, args, None, None)
+        raise  # not reached: the connection raises SQLAlchemy's error

@@ -1,0 +1,262 @@
+"""``app.prepared.run``: the hot one-statement uses on PostgreSQL go straight to asyncpg
+with the statement SQLAlchemy compiled, and give what ``AsyncConnection.execute`` gives:
+the same rows (values, types, names), the same exceptions, the same events, the same
+handling of a dead or cancelled connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import String, TypeDecorator, bindparam, event, func, insert, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.callback_gate import _ATTEMPTS
+from app.db import autocommit, make_engine, make_sessionmaker, write
+from app.ids import sha256_hex
+from app.lifecycle import Status
+from app.models import Attempt
+from app.prepared import run
+from app.results import _CLAIM_OUTPUTS
+from app.states import Outcome
+from app.tasks._callbacks import _CALLBACK_DUE
+from app.tasks._leases import _CLAIM_ROWS, _READ, _RELEASE, LEASES
+from app.tasks._writes import ATTEMPTS
+from tests.rows import task_row
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(db_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def executions(engine: AsyncEngine) -> dict[str, int]:
+    """How many statements SQLAlchemy executed itself (``before_execute``) and how many
+    reached a driver at all (``before_cursor_execute``), from now on."""
+    seen = {"sqlalchemy": 0, "driver": 0}
+    sync = engine.sync_engine
+
+    def executed(*_: Any) -> None:
+        seen["sqlalchemy"] += 1
+
+    def sent(*_: Any) -> None:
+        seen["driver"] += 1
+
+    event.listen(sync, "before_execute", executed)
+    event.listen(sync, "before_cursor_execute", sent)
+    return seen
+
+
+async def a_task(engine: AsyncEngine, token: str, **columns: Any) -> str:
+    """A queued task linked to upstream task ``u1`` whose one attempt has ``token``."""
+    now = datetime.now(UTC)
+    task = task_row(Status.queued, now=now, upstream_task_id="u1", **columns)
+    async with make_sessionmaker(engine)() as s, s.begin():
+        s.add(task)
+        await s.flush()
+        s.add(
+            Attempt(
+                task_id=task.id,
+                number=1,
+                token_hash=sha256_hex(token),
+                sent_at=now,
+                outcome=Outcome.accepted,
+                upstream_task_id="u1",
+                resolved_at=now,
+            )
+        )
+    return task.id
+
+
+@pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
+async def test_the_hot_statements_go_straight_to_the_driver_on_postgres(
+    engine: AsyncEngine,
+) -> None:
+    """A callback's screen and hint, a lease given back: sent by the driver without
+    SQLAlchemy's execution on PostgreSQL, through it on SQLite; the same outcome."""
+    task_id = await a_task(engine, "tok")
+    seen = executions(engine)
+    now = datetime.now(UTC)
+    # As ``Ctx.bookkeeping`` picks: autocommit on PostgreSQL, a write turn on SQLite.
+    one_statement = autocommit if engine.dialect.name == "postgresql" else write
+    async with one_statement(engine) as conn:
+        rows = (await run(conn, _ATTEMPTS, {"b_id": task_id})).all()
+        hinted = await run(
+            conn, _CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": now}
+        )
+        wrong = await run(
+            conn, _CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex("nope"), "b_now": now}
+        )
+    assert [(r.status_rank, r.token_hash) for r in rows] == [
+        (Status.queued.rank, sha256_hex("tok"))
+    ]
+    assert (hinted.rowcount, wrong.rowcount) == (1, 0)
+    straight = engine.dialect.name == "postgresql"
+    assert seen == {"sqlalchemy": 0 if straight else 3, "driver": 3}
+    async with autocommit(engine) as conn:
+        hint_at = (
+            await conn.execute(text("SELECT hint_at FROM tasks WHERE id = :id"), {"id": task_id})
+        ).scalar_one()
+    assert hint_at is not None
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_statements_it_cannot_send_as_compiled_go_through_sqlalchemy(
+    engine: AsyncEngine,
+) -> None:
+    """An expanding ``IN`` list (the heartbeat's renewal) is completed by SQLAlchemy at
+    run time: ``run`` hands it to ``conn.execute``. So does a connection in a
+    transaction (not autocommit)."""
+    task_id = await a_task(engine, "tok")
+    seen = executions(engine)
+    until = datetime.now(UTC) + timedelta(seconds=10)
+    async with autocommit(engine) as conn:
+        renewed = await LEASES.renew(conn, [task_id], owner="me", until=until)
+    assert renewed == 0 and seen == {"sqlalchemy": 1, "driver": 1}
+    async with engine.begin() as conn:
+        await run(conn, _ATTEMPTS, {"b_id": task_id})
+    assert seen == {"sqlalchemy": 2, "driver": 2}
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_rows_come_back_as_sqlalchemy_reads_them(engine: AsyncEngine) -> None:
+    """Every column of a task (JSON, timestamps, enums, numbers), read straight and
+    through SQLAlchemy: the same values of the same types under the same names; and the
+    claim that returns them all."""
+    at = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
+    task_id = await a_task(
+        engine,
+        "tok",
+        outputs=[{"name": "0.png", "size": 3}],
+        metadata_={"user_id": "u_1"},
+        input={"background": "office"},
+        cost_usd="0.0125",
+        completed_at=at,
+        next_check_at=at,
+        webhook_url="https://hooks.example/x",
+    )
+    async with autocommit(engine) as conn:
+        straight = (await run(conn, _READ, {"b_id": task_id})).all()
+        through = (await conn.execute(_READ, {"b_id": task_id})).all()
+    assert len(straight) == len(through) == 1
+    assert straight[0]._fields == through[0]._fields
+    assert tuple(straight[0]) == tuple(through[0])
+    assert [type(v) for v in straight[0]] == [type(v) for v in through[0]]
+    assert straight[0].completed_at == at and straight[0].completed_at.tzinfo is not None
+
+    later = datetime.now(UTC) + timedelta(days=1)
+    params = {"b_now": later, "b_until": later, "b_owner": "me", "b_limit": 5}
+    async with autocommit(engine) as conn:
+        claimed = (await run(conn, _CLAIM_ROWS, params)).all()
+        read = (await conn.execute(_READ, {"b_id": task_id})).all()
+        given_back = await run(
+            conn,
+            _RELEASE,
+            {
+                "b_id": task_id,
+                "b_owner": "me",
+                "b_bump": 0,
+                "b_started": later,
+                "b_now": later,
+                "b_next": later,
+                "b_after_end": None,
+            },
+        )
+        outputs = (await run(conn, _CLAIM_OUTPUTS, params)).all()
+    assert [r.id for r in claimed] == [task_id] and claimed[0].lease_owner == "me"
+    assert claimed[0]._fields == read[0]._fields and tuple(claimed[0]) == tuple(read[0])
+    assert [type(v) for v in claimed[0]] == [type(v) for v in read[0]]
+    assert given_back.rowcount == 1 and outputs == []
+
+
+class Tagged(TypeDecorator[str]):
+    """A type whose values change on the way in and on the way out."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else f"in:{value}"
+
+    def process_result_value(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else f"{value}:out"
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_parameters_and_columns_are_processed_by_their_types(engine: AsyncEngine) -> None:
+    stmt = select(bindparam("b_v", type_=Tagged()).label("v"))
+    async with autocommit(engine) as conn:
+        straight = (await run(conn, stmt, {"b_v": "x"})).scalar_one()
+        through = (await conn.execute(stmt, {"b_v": "x"})).scalar_one()
+    assert straight == through == "in:x:out"
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_errors_are_sqlalchemys_and_keep_the_connection(engine: AsyncEngine) -> None:
+    """A duplicate key: SQLAlchemy's ``IntegrityError``, the ``handle_error`` event, and
+    the connection kept for the next use (nothing is open on the server)."""
+    task_id = await a_task(engine, "tok")
+    handled: list[Any] = []
+    event.listen(engine.sync_engine, "handle_error", handled.append)
+    duplicate = insert(ATTEMPTS).values(
+        task_id=task_id,
+        number=1,
+        token_hash="x" * 64,
+        sent_at=datetime.now(UTC),
+        outcome=Outcome.accepted,
+    )
+    async with autocommit(engine) as conn:
+        pid = (await conn.execute(select(func.pg_backend_pid()))).scalar_one()
+    with pytest.raises(IntegrityError) as failed:
+        async with autocommit(engine) as conn:
+            await run(conn, duplicate, {})
+    assert not failed.value.connection_invalidated
+    assert len(handled) == 1 and not handled[0].is_disconnect
+    async with autocommit(engine) as conn:
+        assert (await run(conn, select(func.pg_backend_pid()), {})).scalar_one() == pid
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_dead_connection_is_handled_as_sqlalchemy_handles_it(
+    engine: AsyncEngine,
+) -> None:
+    """The server ends the kept connection's backend: the statement fails with an
+    invalidated connection, and the next use gets a new, live one."""
+    async with autocommit(engine) as conn:
+        pid = (await run(conn, select(func.pg_backend_pid()), {})).scalar_one()
+    async with engine.connect() as admin:
+        # With a timeout, the call returns once the backend has exited.
+        await admin.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+    with pytest.raises(DBAPIError) as failed:
+        async with autocommit(engine) as conn:
+            await run(conn, select(func.pg_backend_pid()), {})
+    assert failed.value.connection_invalidated
+    async with autocommit(engine) as conn:
+        after = (await run(conn, select(func.pg_backend_pid()), {})).scalar_one()
+    assert after != pid
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_cancelled_statement_gives_up_its_connection(engine: AsyncEngine) -> None:
+    """Cancelled mid-statement (it may still run on the server): its connection is not
+    used again; the next use runs on another backend."""
+    async with autocommit(engine) as conn:
+        pid = (await run(conn, select(func.pg_backend_pid()), {})).scalar_one()
+
+    async def slow() -> None:
+        async with autocommit(engine) as conn:
+            await run(conn, select(func.pg_sleep(30)), {})
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(slow(), 0.5)
+    async with autocommit(engine) as conn:
+        after = (await run(conn, select(func.pg_backend_pid()), {})).scalar_one()
+    assert after != pid
