@@ -2,14 +2,16 @@
 compiled by SQLAlchemy once.
 
 ``run(conn, stmt, params)`` is ``await conn.execute(stmt, params)`` for the hot paths'
-one-statement uses of ``Ctx.autocommit`` and ``Ctx.bookkeeping`` (a callback's screen and
-hint, the submit's insert and link, the lease claims and releases). On a PostgreSQL
-connection in autocommit it sends the statement SQLAlchemy compiled for it (its SQL, its
-bind parameters in order with their type processing, its result columns' processors)
-through the connection's own asyncpg driver: no SQLAlchemy execution context, cursor
-adapter, result object or greenlet for each statement. That costs about half of what the
-same statement costs through ``AsyncConnection.execute`` (``python -m
-bench.autocommit_cost``; docs/benchmarks.md, twenty-first round).
+statements: the one-statement uses of ``Ctx.autocommit`` and ``Ctx.bookkeeping`` (a
+callback's screen and hint, the submit's insert and link, the lease claims and releases),
+the terminal write, and an output's record once stored. On a PostgreSQL connection in
+autocommit, or inside a transaction SQLAlchemy has already begun on the server, it sends
+the statement SQLAlchemy compiled for it (its SQL, its bind parameters in order with
+their type processing, its result columns' processors) through the connection's own
+asyncpg driver: no SQLAlchemy execution context, cursor adapter, result object or
+greenlet for each statement. That costs about half of what the same statement costs
+through ``AsyncConnection.execute`` (``python -m bench.autocommit_cost``;
+docs/benchmarks.md, twenty-first round).
 
 Everything around the statement stays SQLAlchemy's:
 
@@ -22,8 +24,9 @@ Everything around the statement stays SQLAlchemy's:
 - a cancelled statement marks its connection for replacement (the pool closes it at its
   next checkout), where SQLAlchemy would invalidate it: it may still be running.
 
-Anything else runs through ``conn.execute`` unchanged: SQLite, a connection in a
-transaction, and a statement whose execution SQLAlchemy completes at run time (Python-side
+Anything else runs through ``conn.execute`` unchanged: SQLite; the first statement of a
+transaction (SQLAlchemy's driver adapter sends the ``BEGIN`` with it, and tracks it for
+the commit); and a statement whose execution SQLAlchemy completes at run time (Python-side
 column defaults or ``onupdate``, expanding ``IN`` lists, parameters computed by callables,
 escaped parameter names).
 """
@@ -52,6 +55,8 @@ class Result(Protocol):
 
     def first(self) -> Any: ...
 
+    def one(self) -> Any: ...
+
     def scalar(self) -> Any: ...
 
     def scalar_one(self) -> Any: ...
@@ -76,15 +81,18 @@ class Ran:
     def first(self) -> Any:
         return self.rows[0] if self.rows else None
 
-    def scalar(self) -> Any:
-        return self.rows[0][0] if self.rows else None
-
-    def scalar_one(self) -> Any:
+    def one(self) -> Any:
         if len(self.rows) != 1:
             raise (NoResultFound if not self.rows else MultipleResultsFound)(
                 "expected exactly one row"
             )
-        return self.rows[0][0]
+        return self.rows[0]
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
 
     def scalar_one_or_none(self) -> Any:
         if len(self.rows) > 1:
@@ -156,16 +164,13 @@ async def run(conn: AsyncConnection, stmt: Executable, params: Mapping[str, Any]
     """``stmt`` with ``params`` on ``conn``: straight on asyncpg where the module
     docstring says, else ``conn.execute``."""
     sync = conn.sync_connection
-    if (
-        sync is None
-        or conn.dialect.name != "postgresql"
-        or sync.invalidated  # SQLAlchemy reconnects it
-        or sync.in_transaction()
-    ):
-        return await conn.execute(stmt, params)
+    if sync is None or conn.dialect.name != "postgresql" or sync.invalidated:
+        return await conn.execute(stmt, params)  # (an invalidated one: SQLAlchemy reconnects)
     fairy = sync.connection
     adapter: Any = fairy.dbapi_connection
-    if not getattr(adapter, "autocommit", False):
+    # Where the server's state is known: autocommit (no transaction), or the adapter's
+    # transaction begun (SQLAlchemy's own statements sent its BEGIN; its commit ends it).
+    if not (adapter.autocommit or adapter._transaction is not None):
         return await conn.execute(stmt, params)
     plan = _plan_for(conn.dialect, stmt)
     if plan is None:

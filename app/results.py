@@ -153,10 +153,13 @@ async def _rewrite_outputs(
     """Rewrite the task's ``outputs`` from its rows: whether none is pending any more, and
     whether the task has a ``webhook_url`` (only then can a notification wait for them:
     the URL is set at submit and never changes, and every delivery goes to it)."""
-    rows = (await db.execute(_OUTPUT_FACTS, {"w_task": task_id})).all()
+    conn = db if isinstance(db, AsyncConnection) else await db.connection()
+    rows = (await run(conn, _OUTPUT_FACTS, {"w_task": task_id})).all()
     webhook = (
-        await db.execute(
-            _SET_OUTPUTS, {"w_task": task_id, "v_outputs": [present(r, public_url) for r in rows]}
+        await run(
+            conn,
+            _SET_OUTPUTS,
+            {"w_task": task_id, "v_outputs": [present(r, public_url) for r in rows]},
         )
     ).scalar_one_or_none()
     return all(r.state != OutputState.pending for r in rows), bool(webhook)
@@ -275,7 +278,8 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
         async with write(ctx.engine) as conn:
             if lock:
                 await conn.execute(_LOCK_TASK, held)
-            res = await conn.execute(
+            res = await run(
+                conn,
                 _STORED,
                 {
                     **held,

@@ -127,6 +127,53 @@ async def test_statements_it_cannot_send_as_compiled_go_through_sqlalchemy(
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_in_a_transaction_the_statements_after_the_first_go_straight(
+    engine: AsyncEngine,
+) -> None:
+    """The first statement of a transaction goes through SQLAlchemy (its driver adapter
+    sends the ``BEGIN``); the next ones straight, inside the same transaction: a rollback
+    undoes them, a commit keeps them."""
+    task_id = await a_task(engine, "tok")
+    seen = executions(engine)
+    hint = {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": datetime.now(UTC)}
+    read = text("SELECT hint_at FROM tasks WHERE id = :id")
+    for outcome in ("rollback", "commit"):
+        async with engine.connect() as conn:
+            transaction = await conn.begin()
+            await run(conn, _ATTEMPTS, {"b_id": task_id})
+            assert (await run(conn, _CALLBACK_DUE, hint)).rowcount == 1
+            await getattr(transaction, outcome)()
+        async with engine.connect() as other:
+            hint_at = (await other.execute(read, {"id": task_id})).scalar_one()
+        assert (hint_at is not None) == (outcome == "commit")
+    assert seen["sqlalchemy"] == 2 + 2  # each transaction's first statement, and the reads
+    assert seen["driver"] == 3 * 2
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_an_error_in_a_transaction_rolls_all_of_it_back(engine: AsyncEngine) -> None:
+    task_id = await a_task(engine, "tok")
+    hint = {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": datetime.now(UTC)}
+    duplicate = insert(ATTEMPTS).values(
+        task_id=task_id,
+        number=1,
+        token_hash="x" * 64,
+        sent_at=datetime.now(UTC),
+        outcome=Outcome.accepted,
+    )
+    with pytest.raises(IntegrityError):
+        async with engine.begin() as conn:
+            await run(conn, _ATTEMPTS, {"b_id": task_id})
+            assert (await run(conn, _CALLBACK_DUE, hint)).rowcount == 1
+            await run(conn, duplicate, {})
+    async with engine.connect() as other:
+        hint_at = (
+            await other.execute(text("SELECT hint_at FROM tasks WHERE id = :id"), {"id": task_id})
+        ).scalar_one()
+    assert hint_at is None
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 async def test_rows_come_back_as_sqlalchemy_reads_them(engine: AsyncEngine) -> None:
     """Every column of a task (JSON, timestamps, enums, numbers), read straight and
     through SQLAlchemy: the same values of the same types under the same names; and the

@@ -370,7 +370,7 @@ async def terminal(
             "o_lease_owner": owner,
             "o_lease_until": until,
         }
-        moved, delivery, _outputs = (await session.execute(stmt, bound)).one()
+        moved, delivery, _outputs = (await run(await session.connection(), stmt, bound)).one()
         if moved:  # then every row of ``outs`` was inserted (``_outputs`` of them)
             mark_recorded(session, delivery=bool(delivery), outputs=outs)
     if not moved:
