@@ -21,14 +21,16 @@ Everything around the statement stays SQLAlchemy's:
 - an error is translated and handled by the connection as its own would be
   (``Connection._handle_dbapi_exception``): the same exception classes, the
   ``handle_error`` event, a dead connection invalidated with the pool's others;
-- a cancelled statement marks its connection for replacement (the pool closes it at its
-  next checkout), where SQLAlchemy would invalidate it: it may still be running.
+- so is a cancellation (it may still be running on the server): the connection is
+  invalidated, as SQLAlchemy's own execution does.
 
-Anything else runs through ``conn.execute`` unchanged: SQLite; the first statement of a
+Anything else runs through ``conn.execute`` unchanged: SQLite, and PostgreSQL through a
+driver other than asyncpg; the first statement of a
 transaction (SQLAlchemy's driver adapter sends the ``BEGIN`` with it, and tracks it for
 the commit); and a statement whose execution SQLAlchemy completes at run time (Python-side
 column defaults or ``onupdate``, expanding ``IN`` lists, parameters computed by callables,
-escaped parameter names).
+escaped parameter names); and a call that leaves out a required parameter (SQLAlchemy
+raises its own error for it).
 """
 
 from __future__ import annotations
@@ -105,14 +107,19 @@ class Ran:
 
 class _Plan:
     """A statement as SQLAlchemy compiled it for one dialect, ready to send: its SQL,
-    each positional parameter's name, default value and bind processor; whether it
+    each positional parameter's name, default value, bind processor and whether a value
+    must be given; whether it
     returns rows, and then their processors (once their types are known) and their
     tuple class."""
 
     __slots__ = ("binds", "processors", "returns_rows", "row", "sql", "types")
 
     def __init__(
-        self, sql: str, binds: list[tuple[str, Any, Any]], keys: list[str], types: list[Any]
+        self,
+        sql: str,
+        binds: list[tuple[str, Any, Any, bool]],
+        keys: list[str],
+        types: list[Any],
     ) -> None:
         self.sql = sql
         self.binds = binds
@@ -154,7 +161,10 @@ def _compile(dialect: Dialect, stmt: Executable) -> _Plan | None:
         return None
     defaults = compiled.construct_params(_check=False)
     processors = compiled._bind_processors
-    binds = [(name, defaults.get(name), processors.get(name)) for name in compiled.positiontup]
+    binds = [
+        (name, defaults.get(name), processors.get(name), compiled.binds[name].required)
+        for name in compiled.positiontup
+    ]
     columns = compiled._result_columns
     keys = [column.keyname for column in columns]
     return _Plan(compiled.string, binds, keys, [column.type for column in columns])
@@ -164,7 +174,8 @@ async def run(conn: AsyncConnection, stmt: Executable, params: Mapping[str, Any]
     """``stmt`` with ``params`` on ``conn``: straight on asyncpg where the module
     docstring says, else ``conn.execute``."""
     sync = conn.sync_connection
-    if sync is None or conn.dialect.name != "postgresql" or sync.invalidated:
+    dialect = conn.dialect
+    if sync is None or dialect.driver != "asyncpg" or sync.invalidated:
         return await conn.execute(stmt, params)  # (an invalidated one: SQLAlchemy reconnects)
     fairy = sync.connection
     adapter: Any = fairy.dbapi_connection
@@ -172,12 +183,17 @@ async def run(conn: AsyncConnection, stmt: Executable, params: Mapping[str, Any]
     # transaction begun (SQLAlchemy's own statements sent its BEGIN; its commit ends it).
     if not (adapter.autocommit or adapter._transaction is not None):
         return await conn.execute(stmt, params)
-    plan = _plan_for(conn.dialect, stmt)
+    plan = _plan_for(dialect, stmt)
     if plan is None:
         return await conn.execute(stmt, params)
     args = []
-    for name, default, process in plan.binds:
-        value = params.get(name, default)
+    for name, default, process, required in plan.binds:
+        if name in params:
+            value = params[name]
+        elif required:
+            return await conn.execute(stmt, params)  # which raises SQLAlchemy's error
+        else:
+            value = default
         args.append(value if process is None else process(value))
     dispatch = sync.dispatch
     if dispatch.before_cursor_execute:
@@ -187,20 +203,15 @@ async def run(conn: AsyncConnection, stmt: Executable, params: Mapping[str, Any]
         if plan.returns_rows:
             records = await driver.fetch(plan.sql, *args)
             if plan.processors is None:
-                plan.processors = await _result_processors(conn.dialect, driver, plan)
+                plan.processors = await _result_processors(dialect, driver, plan)
             ran = Ran(_rows(plan, records), len(records))
         else:
             status = await driver.execute(plan.sql, *args)
             count = status.rpartition(" ")[2]
             ran = Ran([], int(count) if count.isdigit() else -1)
-    except Exception as error:
+    except BaseException as error:
         await conn.run_sync(_handle, error, plan.sql, args)
         raise  # not reached: ``_handle`` raises
-    except BaseException:
-        # Cancelled mid-statement: it may still run on the server. SQLAlchemy would
-        # invalidate the connection; here the pool replaces it at its next checkout.
-        fairy.invalidate(soft=True)
-        raise
     if dispatch.after_cursor_execute:
         dispatch.after_cursor_execute(sync, None, plan.sql, args, None, False)
     return ran
@@ -226,14 +237,16 @@ def _rows(plan: _Plan, records: list[Any]) -> list[Any]:
     ]
 
 
-def _handle(sync: Any, error: Exception, sql: str, args: list[Any]) -> None:
-    """Raise ``error`` as SQLAlchemy's own execution would: translated by the driver's
-    adapter, then handled by the connection (``handle_error``, invalidation)."""
-    adapter = sync.connection.dbapi_connection if not sync.invalidated else None
+def _handle(sync: Any, error: BaseException, sql: str, args: list[Any]) -> None:
+    """Raise ``error`` as SQLAlchemy's own execution would: an error translated by the
+    driver's adapter first (as its cursor does), a cancellation as it is; then handled
+    by the connection (``handle_error``; a dead or cancelled connection invalidated)."""
+    if isinstance(error, Exception) and not sync.invalidated:
+        try:
+            sync.connection.dbapi_connection._handle_exception(error)  # always raises
+        except Exception as translated:
+            error = translated
     try:
-        if adapter is None:
-            raise error
-        adapter._handle_exception(error)  # raises the DBAPI-level error
-    except Exception as dbapi_error:
-        sync._handle_dbapi_exception(dbapi_error, sql, args, None, None)
-        raise  # not reached: the connection raises SQLAlchemy's error
+        raise error  # the connection's handling reads it from ``sys.exc_info()``
+    except BaseException as raised:
+        sync._handle_dbapi_exception(raised, sql, args, None, None)  # always raises

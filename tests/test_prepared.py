@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import String, TypeDecorator, bindparam, event, func, insert, select, text
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.callback_gate import _ATTEMPTS
@@ -124,6 +124,14 @@ async def test_statements_it_cannot_send_as_compiled_go_through_sqlalchemy(
     async with engine.begin() as conn:
         await run(conn, _ATTEMPTS, {"b_id": task_id})
     assert seen == {"sqlalchemy": 2, "driver": 2}
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_missing_parameter_is_sqlalchemys_error_not_a_null(engine: AsyncEngine) -> None:
+    task_id = await a_task(engine, "tok")
+    async with autocommit(engine) as conn:
+        with pytest.raises(StatementError):
+            await run(conn, _CALLBACK_DUE, {"b_id": task_id, "b_now": datetime.now(UTC)})
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
