@@ -19,7 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.db import make_engine
 from app.migrate import upgrade
 from app.settings import Settings
 from tests.procs import (
@@ -151,6 +153,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         drop_postgres_database(name)
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    """``app.db``'s engine on ``db_url``, disposed afterwards."""
+    engine = make_engine(db_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 _db_counter = __import__("itertools").count()

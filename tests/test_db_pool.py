@@ -7,7 +7,6 @@ And ``autocommit`` keeps its connections checked out between uses."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,16 +14,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.db import HELD_AUTOCOMMIT, autocommit, make_engine
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(db_url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+from app.db import HELD_AUTOCOMMIT, autocommit
 
 
 def checkouts_of(engine: AsyncEngine) -> list[Any]:

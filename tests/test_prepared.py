@@ -6,7 +6,6 @@ handling of a dead or cancelled connection."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +15,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.callback_gate import _ATTEMPTS
-from app.db import autocommit, make_engine, make_sessionmaker, write
+from app.db import autocommit, make_sessionmaker, write
 from app.ids import sha256_hex
 from app.lifecycle import Status
 from app.models import Attempt
@@ -27,15 +26,6 @@ from app.tasks._callbacks import _CALLBACK_DUE
 from app.tasks._leases import _CLAIM_ROWS, _READ, _RELEASE, LEASES
 from app.tasks._writes import ATTEMPTS
 from tests.rows import task_row
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(db_url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 def executions(engine: AsyncEngine) -> dict[str, int]:
@@ -74,6 +64,17 @@ async def a_task(engine: AsyncEngine, token: str, **columns: Any) -> str:
             )
         )
     return task.id
+
+
+def first_attempt_again(task_id: str) -> Any:
+    """An insert of the task's attempt number 1 a second time: a duplicate key."""
+    return insert(ATTEMPTS).values(
+        task_id=task_id,
+        number=1,
+        token_hash="x" * 64,
+        sent_at=datetime.now(UTC),
+        outcome=Outcome.accepted,
+    )
 
 
 @pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
@@ -162,13 +163,7 @@ async def test_in_a_transaction_the_statements_after_the_first_go_straight(
 async def test_an_error_in_a_transaction_rolls_all_of_it_back(engine: AsyncEngine) -> None:
     task_id = await a_task(engine, "tok")
     hint = {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": datetime.now(UTC)}
-    duplicate = insert(ATTEMPTS).values(
-        task_id=task_id,
-        number=1,
-        token_hash="x" * 64,
-        sent_at=datetime.now(UTC),
-        outcome=Outcome.accepted,
-    )
+    duplicate = first_attempt_again(task_id)
     with pytest.raises(IntegrityError):
         async with engine.begin() as conn:
             await run(conn, _ATTEMPTS, {"b_id": task_id})
@@ -261,13 +256,7 @@ async def test_errors_are_sqlalchemys_and_keep_the_connection(engine: AsyncEngin
     task_id = await a_task(engine, "tok")
     handled: list[Any] = []
     event.listen(engine.sync_engine, "handle_error", handled.append)
-    duplicate = insert(ATTEMPTS).values(
-        task_id=task_id,
-        number=1,
-        token_hash="x" * 64,
-        sent_at=datetime.now(UTC),
-        outcome=Outcome.accepted,
-    )
+    duplicate = first_attempt_again(task_id)
     async with autocommit(engine) as conn:
         pid = (await conn.execute(select(func.pg_backend_pid()))).scalar_one()
     with pytest.raises(IntegrityError) as failed:
