@@ -24,13 +24,16 @@ Everything around the statement stays SQLAlchemy's:
 - so is a cancellation (it may still be running on the server): the connection is
   invalidated, as SQLAlchemy's own execution does.
 
-Anything else runs through ``conn.execute`` unchanged: SQLite, and PostgreSQL through a
-driver other than asyncpg; the first statement of a
-transaction (SQLAlchemy's driver adapter sends the ``BEGIN`` with it, and tracks it for
-the commit); and a statement whose execution SQLAlchemy completes at run time (Python-side
-column defaults or ``onupdate``, expanding ``IN`` lists, parameters computed by callables,
-escaped parameter names); and a call that leaves out a required parameter (SQLAlchemy
-raises its own error for it).
+Anything else runs through ``conn.execute`` unchanged:
+
+- SQLite, and PostgreSQL through a driver other than asyncpg;
+- an engine that echoes its SQL (``echo=True``: SQLAlchemy logs it);
+- the first statement of a transaction (SQLAlchemy's driver adapter sends the ``BEGIN``
+  with it, and tracks it for the commit);
+- a statement whose execution SQLAlchemy completes at run time (Python-side column
+  defaults or ``onupdate``, expanding ``IN`` lists, parameters computed by callables,
+  escaped parameter names), and statements past ``MAX_PLANS``;
+- a call that leaves out a required parameter (SQLAlchemy raises its own error for it).
 """
 
 from __future__ import annotations
@@ -124,13 +127,16 @@ class _Plan:
         self.sql = sql
         self.binds = binds
         self.returns_rows = bool(keys)
-        self.row: Any = namedtuple("Row", keys, rename=True) if keys else None  # type: ignore[misc]
+        self.row: Any = namedtuple("Row", keys, rename=True) if keys else None
         self.types = types
         self.processors: list[Any] | None = None
 
 
 # Per dialect (one per engine), per statement: a plan, or None for "run it through
-# SQLAlchemy". The statements are the modules' own, built once, so the keys stay few.
+# SQLAlchemy". The statements are the modules' own, built once, so the keys stay few;
+# past ``MAX_PLANS`` (statements built for each call, by mistake) the rest go through
+# SQLAlchemy, whose own cache is bounded.
+MAX_PLANS = 512
 _plans: weakref.WeakKeyDictionary[Dialect, dict[Executable, _Plan | None]] = (
     weakref.WeakKeyDictionary()
 )
@@ -143,6 +149,8 @@ def _plan_for(dialect: Dialect, stmt: Executable) -> _Plan | None:
     try:
         return by_stmt[stmt]
     except KeyError:
+        if len(by_stmt) >= MAX_PLANS:
+            return None
         plan = by_stmt[stmt] = _compile(dialect, stmt)
         return plan
 
@@ -175,8 +183,9 @@ async def run(conn: AsyncConnection, stmt: Executable, params: Mapping[str, Any]
     docstring says, else ``conn.execute``."""
     sync = conn.sync_connection
     dialect = conn.dialect
-    if sync is None or dialect.driver != "asyncpg" or sync.invalidated:
-        return await conn.execute(stmt, params)  # (an invalidated one: SQLAlchemy reconnects)
+    if sync is None or dialect.driver != "asyncpg" or sync.invalidated or sync.engine.echo:
+        # (An invalidated one: SQLAlchemy reconnects it; an engine that echoes: it logs.)
+        return await conn.execute(stmt, params)
     fairy = sync.connection
     adapter: Any = fairy.dbapi_connection
     # Where the server's state is known: autocommit (no transaction), or the adapter's

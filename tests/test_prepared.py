@@ -14,8 +14,9 @@ from sqlalchemy import String, TypeDecorator, bindparam, event, func, insert, se
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import prepared
 from app.callback_gate import _ATTEMPTS
-from app.db import autocommit, make_sessionmaker, write
+from app.db import autocommit, make_engine, make_sessionmaker, write
 from app.ids import sha256_hex
 from app.lifecycle import Status
 from app.models import Attempt
@@ -174,6 +175,27 @@ async def test_an_error_in_a_transaction_rolls_all_of_it_back(engine: AsyncEngin
             await other.execute(text("SELECT hint_at FROM tasks WHERE id = :id"), {"id": task_id})
         ).scalar_one()
     assert hint_at is None
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_past_the_plans_bound_or_when_echoing_sqlalchemy_runs_them(
+    engine: AsyncEngine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_id = await a_task(engine, "tok")
+    seen = executions(engine)
+    with monkeypatch.context() as patch:
+        patch.setattr(prepared, "MAX_PLANS", 0)  # this engine's dialect has none yet
+        async with autocommit(engine) as conn:
+            assert len((await run(conn, _ATTEMPTS, {"b_id": task_id})).all()) == 1
+    assert seen == {"sqlalchemy": 1, "driver": 1}
+    echoing = make_engine(db_url, echo=True)
+    try:
+        seen = executions(echoing)
+        async with autocommit(echoing) as conn:
+            assert len((await run(conn, _ATTEMPTS, {"b_id": task_id})).all()) == 1
+        assert seen == {"sqlalchemy": 1, "driver": 1}
+    finally:
+        await echoing.dispose()
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
