@@ -1,5 +1,5 @@
-"""One-statement autocommit work on PostgreSQL run straight on asyncpg, the statement
-compiled by SQLAlchemy once.
+"""The hot statements on PostgreSQL sent straight to asyncpg, each compiled by
+SQLAlchemy once.
 
 ``run(conn, stmt, params)`` is ``await conn.execute(stmt, params)`` for the hot paths'
 statements: the one-statement uses of ``Ctx.autocommit`` and ``Ctx.bookkeeping`` (a
@@ -109,11 +109,10 @@ class Ran:
 
 
 class _Plan:
-    """A statement as SQLAlchemy compiled it for one dialect, ready to send: its SQL,
+    """A statement as SQLAlchemy compiled it for one dialect, ready to send: its SQL;
     each positional parameter's name, default value, bind processor and whether a value
-    must be given; whether it
-    returns rows, and then their processors (once their types are known) and their
-    tuple class."""
+    must be given; whether it returns rows, and then their processors (once their types
+    are known) and their tuple class."""
 
     __slots__ = ("binds", "processors", "returns_rows", "row", "sql", "types")
 

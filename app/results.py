@@ -153,15 +153,15 @@ async def _rewrite_outputs(
     """Rewrite the task's ``outputs`` from its rows: whether none is pending any more, and
     whether the task has a ``webhook_url`` (only then can a notification wait for them:
     the URL is set at submit and never changes, and every delivery goes to it)."""
-    conn = db if isinstance(db, AsyncConnection) else await db.connection()
-    rows = (await run(conn, _OUTPUT_FACTS, {"w_task": task_id})).all()
-    webhook = (
-        await run(
-            conn,
-            _SET_OUTPUTS,
-            {"w_task": task_id, "v_outputs": [present(r, public_url) for r in rows]},
-        )
-    ).scalar_one_or_none()
+    if isinstance(db, AsyncConnection):  # a stored output's record: the hot path
+        rows = (await run(db, _OUTPUT_FACTS, {"w_task": task_id})).all()
+        outputs = [present(r, public_url) for r in rows]
+        written = await run(db, _SET_OUTPUTS, {"w_task": task_id, "v_outputs": outputs})
+    else:  # an erasure's session: its own ``execute``, which flushes what it holds first
+        rows = (await db.execute(_OUTPUT_FACTS, {"w_task": task_id})).all()
+        outputs = [present(r, public_url) for r in rows]
+        written = await db.execute(_SET_OUTPUTS, {"w_task": task_id, "v_outputs": outputs})
+    webhook = written.scalar_one_or_none()
     return all(r.state != OutputState.pending for r in rows), bool(webhook)
 
 
