@@ -112,7 +112,7 @@ class _Plan:
     """A statement as SQLAlchemy compiled it for one dialect, ready to send: its SQL;
     each positional parameter's name, default value, bind processor and whether a value
     must be given; whether it returns rows, and then their processors (once their types
-    are known) and their tuple class."""
+    are known; empty when no column has one) and their tuple class."""
 
     __slots__ = ("binds", "processors", "returns_rows", "row", "sql", "types")
 
@@ -230,15 +230,16 @@ async def _result_processors(dialect: Dialect, driver: Any, plan: _Plan) -> list
     the type the server reports (its OID, as in the driver's cursor description)."""
     statement = await driver.prepare(plan.sql)
     oids = [attribute.type.oid for attribute in statement.get_attributes()]
-    return [
+    processors = [
         t._cached_result_processor(dialect, oid) for t, oid in zip(plan.types, oids, strict=True)
     ]
+    return processors if any(processors) else []  # [] when no column has one
 
 
 def _rows(plan: _Plan, records: list[Any]) -> list[Any]:
     make = plan.row._make
     processors = plan.processors
-    if processors is None or not any(processors):
+    if not processors:
         return [make(r) for r in records]
     return [
         make(v if p is None else p(v) for p, v in zip(processors, r, strict=True)) for r in records

@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import statistics
 import tempfile
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from sqlalchemy import bindparam, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import autocommit, make_engine
 from app.prepared import run
@@ -46,15 +49,15 @@ async def main() -> None:
         plain = await asyncpg.connect(db.url.replace("postgresql+asyncpg", "postgresql"))
         prepared = await plain.prepare(SQL)
 
-        async def kept() -> None:
-            for i in range(STATEMENTS):
-                async with autocommit(engine) as conn:
-                    await conn.execute(stmt, {"b_id": ids[i % 5], "b_at": datetime.now(UTC)})
+        def kept_and(send: Callable[..., Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+            """The statements on a kept connection, each sent by ``send(conn, stmt, params)``."""
 
-        async def straight() -> None:
-            for i in range(STATEMENTS):
-                async with autocommit(engine) as conn:
-                    await run(conn, stmt, {"b_id": ids[i % 5], "b_at": datetime.now(UTC)})
+            async def way() -> None:
+                for i in range(STATEMENTS):
+                    async with autocommit(engine) as conn:
+                        await send(conn, stmt, {"b_id": ids[i % 5], "b_at": datetime.now(UTC)})
+
+            return way
 
         async def checkout_each() -> None:
             for i in range(STATEMENTS):
@@ -66,8 +69,8 @@ async def main() -> None:
                 await prepared.fetch(datetime.now(UTC), ids[i % 5])
 
         ways = {
-            "straight": straight,
-            "kept": kept,
+            "straight": kept_and(run),
+            "kept": kept_and(AsyncConnection.execute),
             "checkout": checkout_each,
             "asyncpg": plain_asyncpg,
         }
