@@ -11,10 +11,9 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import DateTime, Dialect, MetaData, bindparam, event
-from sqlalchemy.engine import Result
+from sqlalchemy import CursorResult, DateTime, Dialect, MetaData, bindparam, event
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -27,6 +26,7 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeDecorator
 
+from app import prepared
 from app.sqlite_driver import BUSY_TIMEOUT_MS, Checkpoints, checkpoints_of, final, inline
 from app.sqlite_driver import deferred as deferred  # for statements `later` cannot wrap
 
@@ -533,19 +533,29 @@ async def later(db: Db, stmt: Executable, params: Any = None) -> None:
     transaction's next statement that needs a result, or as its COMMIT
     (app/sqlite_driver.py): fewer trips. Its error surfaces there and rolls the whole
     transaction back: never catch an error around ``later`` and go on with the
-    transaction."""
+    transaction. On a connection the statement goes through ``app.prepared.run``."""
     if isinstance(db, AsyncSession):
         # The ORM's own pending statements need their results: they run now, first.
         await db.flush()
     with deferred():
-        await db.execute(stmt, params)
+        await _execute(db, stmt, params)
 
 
-async def last(db: Db, stmt: Executable, params: Any = None) -> Result[Any]:
+async def last(db: Db, stmt: Executable, params: Any = None) -> prepared.Result:
     """Execute the transaction's last statement: on SQLite it and the COMMIT (and
     anything ``later`` queued) run in one trip, and the caller's commit then costs
     nothing. Nothing may be written in the transaction after it."""
     if isinstance(db, AsyncSession):
         await db.flush()
     with final():
-        return await db.execute(stmt, params)
+        return await _execute(db, stmt, params)
+
+
+async def _execute(db: Db, stmt: Executable, params: Any) -> prepared.Result:
+    """Through the session (its ORM handling of DML), or ``app.prepared.run`` on a
+    connection."""
+    if isinstance(db, AsyncSession):
+        return cast(CursorResult[Any], await db.execute(stmt, params))
+    if params is None:
+        return await db.execute(stmt)
+    return await prepared.run(db, stmt, params)

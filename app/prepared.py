@@ -48,6 +48,8 @@ from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
+from app import sqlite_driver
+
 
 class Result(Protocol):
     """What the callers read of a statement's result: ``run``'s ``Ran`` or SQLAlchemy's
@@ -109,21 +111,23 @@ class Ran:
 
 
 class _Plan:
-    """A statement as SQLAlchemy compiled it for one dialect, ready to send: its SQL;
-    each positional parameter's name, default value, bind processor and whether a value
-    must be given; whether it returns rows, and then their processors (once their types
-    are known; empty when no column has one) and their tuple class."""
+    """A statement as SQLAlchemy compiled it for one dialect and one set of parameter
+    names, ready to send: its SQL; each positional parameter's name, default value, bind
+    processor and whether a value must be given; whether it returns rows, and then their
+    processors (once their types are known; empty when no column has one) and their
+    tuple class; what ``after_cursor_execute`` listeners read of it (``_Context``)."""
 
-    __slots__ = ("binds", "processors", "returns_rows", "row", "sql", "types")
+    __slots__ = ("binds", "compiled", "processors", "returns_rows", "row", "sql", "types")
 
     def __init__(
         self,
-        sql: str,
+        compiled: Any,
         binds: list[tuple[str, Any, Any, bool]],
         keys: list[str],
         types: list[Any],
     ) -> None:
-        self.sql = sql
+        self.compiled = compiled
+        self.sql: str = compiled.string
         self.binds = binds
         self.returns_rows = bool(keys)
         self.row: Any = namedtuple("Row", keys, rename=True) if keys else None
@@ -131,31 +135,52 @@ class _Plan:
         self.processors: list[Any] | None = None
 
 
-# Per dialect (one per engine), per statement: a plan, or None for "run it through
-# SQLAlchemy". The statements are the modules' own, built once, so the keys stay few;
-# past ``MAX_PLANS`` (statements built for each call, by mistake) the rest go through
-# SQLAlchemy, whose own cache is bounded.
+class _Context:
+    """What a straight statement gives ``after_cursor_execute`` listeners for their
+    ``context`` argument: the parts of SQLAlchemy's execution context that say what ran
+    (``compiled``, ``compiled_parameters``: the parameters given, ``isinsert``,
+    ``isupdate``, ``isdelete``, ``executemany``). The SQLite wake-ups read it
+    (``app.wakeup.attach_local``: which tasks got events)."""
+
+    __slots__ = ("compiled", "compiled_parameters", "isdelete", "isinsert", "isupdate")
+    executemany = False
+
+    def __init__(self, compiled: Any, params: Mapping[str, Any]) -> None:
+        self.compiled = compiled
+        self.compiled_parameters = [params]
+        self.isinsert = compiled.isinsert
+        self.isupdate = compiled.isupdate
+        self.isdelete = compiled.isdelete
+
+
+# Per dialect (one per engine), per statement and the names of its parameters (which
+# decide the columns of an INSERT or UPDATE without explicit values, as in SQLAlchemy's
+# own compilation): a plan, or None for "run it through SQLAlchemy". The statements are
+# the modules' own, built once, so the keys stay few; past ``MAX_PLANS`` (statements
+# built for each call, by mistake) the rest go through SQLAlchemy, whose own cache is
+# bounded.
 MAX_PLANS = 512
-_plans: weakref.WeakKeyDictionary[Dialect, dict[Executable, _Plan | None]] = (
-    weakref.WeakKeyDictionary()
-)
+_plans: weakref.WeakKeyDictionary[Dialect, dict[Any, _Plan | None]] = weakref.WeakKeyDictionary()
 
 
-def _plan_for(dialect: Dialect, stmt: Executable) -> _Plan | None:
+def _plan_for(dialect: Dialect, stmt: Executable, names: tuple[str, ...]) -> _Plan | None:
     by_stmt = _plans.get(dialect)
     if by_stmt is None:
         by_stmt = _plans[dialect] = {}
+    key = (stmt, names)
     try:
-        return by_stmt[stmt]
+        return by_stmt[key]
     except KeyError:
         if len(by_stmt) >= MAX_PLANS:
             return None
-        plan = by_stmt[stmt] = _compile(dialect, stmt)
+        plan = by_stmt[key] = _compile(dialect, stmt, names)
         return plan
 
 
-def _compile(dialect: Dialect, stmt: Executable) -> _Plan | None:
-    compiled: Any = stmt.compile(dialect=dialect)  # type: ignore[attr-defined]
+def _compile(dialect: Dialect, stmt: Executable, names: tuple[str, ...]) -> _Plan | None:
+    compiled: Any = stmt.compile(  # type: ignore[attr-defined]
+        dialect=dialect, column_keys=sorted(names)
+    )
     if (
         compiled.positiontup is None
         or compiled.insert_prefetch
@@ -174,55 +199,97 @@ def _compile(dialect: Dialect, stmt: Executable) -> _Plan | None:
     ]
     columns = compiled._result_columns
     keys = [column.keyname for column in columns]
-    return _Plan(compiled.string, binds, keys, [column.type for column in columns])
+    plan = _Plan(compiled, binds, keys, [column.type for column in columns])
+    if dialect.name == "sqlite":
+        # The driver reports no column types (``cursor.description``): SQLAlchemy picks
+        # each processor from the column's type alone.
+        plan.processors = _reduced([t._cached_result_processor(dialect, None) for t in plan.types])
+    return plan
 
 
-async def run(conn: AsyncConnection, stmt: Executable, params: Mapping[str, Any]) -> Result:
-    """``stmt`` with ``params`` on ``conn``: straight on asyncpg where the module
-    docstring says, else ``conn.execute``."""
-    sync = conn.sync_connection
-    dialect = conn.dialect
-    if sync is None or dialect.driver != "asyncpg" or sync.invalidated or sync.engine.echo:
-        # (An invalidated one: SQLAlchemy reconnects it; an engine that echoes: it logs.)
-        return await conn.execute(stmt, params)
-    fairy = sync.connection
-    adapter: Any = fairy.dbapi_connection
-    # Where the server's state is known: autocommit (no transaction), or the adapter's
-    # transaction begun (SQLAlchemy's own statements sent its BEGIN; its commit ends it).
-    if not (adapter.autocommit or adapter._transaction is not None):
-        return await conn.execute(stmt, params)
-    plan = _plan_for(dialect, stmt)
-    if plan is None:
-        return await conn.execute(stmt, params)
+def _args(plan: _Plan, params: Mapping[str, Any]) -> list[Any] | None:
+    """The positional parameters to send, processed; None when a required one is
+    missing (SQLAlchemy raises its own error for that)."""
     args = []
     for name, default, process, required in plan.binds:
         if name in params:
             value = params[name]
         elif required:
-            return await conn.execute(stmt, params)  # which raises SQLAlchemy's error
+            return None
         else:
             value = default
         args.append(value if process is None else process(value))
+    return args
+
+
+async def run(conn: AsyncConnection, stmt: Executable, params: Any) -> Result:
+    """``stmt`` with ``params`` (a mapping, or a list of one) on ``conn``: straight to the
+    driver where the module docstring says, else ``conn.execute``."""
+    sync = conn.sync_connection
+    if sync is None or sync.invalidated or sync.engine.echo:
+        # (An invalidated one: SQLAlchemy reconnects it; an engine that echoes: it logs.)
+        return await conn.execute(stmt, params)
+    one = params[0] if isinstance(params, list) and len(params) == 1 else params
+    if not isinstance(one, Mapping):  # several rows (executemany), or none
+        return await conn.execute(stmt, params)
+    dialect = conn.dialect
+    adapter: Any = sync.connection.dbapi_connection
+    driver = dialect.driver
+    if driver == "asyncpg":
+        # Where the server's state is known: autocommit (no transaction), or the
+        # adapter's transaction begun (SQLAlchemy's own statements sent its BEGIN; its
+        # commit ends it).
+        if not (adapter.autocommit or adapter._transaction is not None):
+            return await conn.execute(stmt, params)
+    elif not (driver == "aiosqlite" and isinstance(adapter, sqlite_driver.Adapter)):
+        return await conn.execute(stmt, params)
+    plan = _plan_for(dialect, stmt, tuple(one))
+    if plan is None:
+        return await conn.execute(stmt, params)
+    args = _args(plan, one)
+    if args is None:
+        return await conn.execute(stmt, params)  # which raises SQLAlchemy's error
+    if driver == "aiosqlite" and not sync.in_transaction():
+        # As SQLAlchemy's execution does (its autobegin): its commit or rollback then
+        # ends whatever the driver opens (a write's ``BEGIN IMMEDIATE``).
+        sync.begin()
     dispatch = sync.dispatch
     if dispatch.before_cursor_execute:
         dispatch.before_cursor_execute(sync, None, plan.sql, args, None, False)
-    driver: Any = fairy.driver_connection
     try:
-        if plan.returns_rows:
-            records = await driver.fetch(plan.sql, *args)
-            if plan.processors is None:
-                plan.processors = await _result_processors(dialect, driver, plan)
-            ran = Ran(_rows(plan, records), len(records))
+        if driver == "aiosqlite":
+            ran = await _sqlite(adapter, plan, args)
         else:
-            status = await driver.execute(plan.sql, *args)
-            count = status.rpartition(" ")[2]
-            ran = Ran([], int(count) if count.isdigit() else -1)
+            ran = await _asyncpg(sync.connection.driver_connection, dialect, plan, args)
     except BaseException as error:
         await conn.run_sync(_handle, error, plan.sql, args)
         raise  # not reached: ``_handle`` raises
     if dispatch.after_cursor_execute:
-        dispatch.after_cursor_execute(sync, None, plan.sql, args, None, False)
+        context = _Context(plan.compiled, one)
+        dispatch.after_cursor_execute(sync, None, plan.sql, args, context, False)
     return ran
+
+
+async def _asyncpg(driver: Any, dialect: Dialect, plan: _Plan, args: list[Any]) -> Ran:
+    if plan.returns_rows:
+        records = await driver.fetch(plan.sql, *args)
+        if plan.processors is None:
+            plan.processors = await _result_processors(dialect, driver, plan)
+        return Ran(_rows(plan, records), len(records))
+    status = await driver.execute(plan.sql, *args)
+    count = status.rpartition(" ")[2]
+    return Ran([], int(count) if count.isdigit() else -1)
+
+
+async def _sqlite(adapter: Any, plan: _Plan, args: list[Any]) -> Ran:
+    """On the gateway's SQLite driver, as its cursor runs a statement (deferred, inline
+    or by a hop, per ``app.sqlite_driver``'s modes)."""
+    done, rows = await adapter.statement(plan.sql, args, False)
+    return Ran(_rows(plan, rows) if rows else [], done.rowcount)
+
+
+def _reduced(processors: list[Any]) -> list[Any]:
+    return processors if any(processors) else []  # [] when no column has one
 
 
 async def _result_processors(dialect: Dialect, driver: Any, plan: _Plan) -> list[Any]:
@@ -230,10 +297,9 @@ async def _result_processors(dialect: Dialect, driver: Any, plan: _Plan) -> list
     the type the server reports (its OID, as in the driver's cursor description)."""
     statement = await driver.prepare(plan.sql)
     oids = [attribute.type.oid for attribute in statement.get_attributes()]
-    processors = [
-        t._cached_result_processor(dialect, oid) for t, oid in zip(plan.types, oids, strict=True)
-    ]
-    return processors if any(processors) else []  # [] when no column has one
+    return _reduced(
+        [t._cached_result_processor(dialect, oid) for t, oid in zip(plan.types, oids, strict=True)]
+    )
 
 
 def _rows(plan: _Plan, records: list[Any]) -> list[Any]:

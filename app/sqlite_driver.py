@@ -367,52 +367,11 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         return None
 
     async def _go(self, operation: Any, parameters: Any, many: bool) -> Any:
-        c: _Connection = self._adapt_connection  # type: ignore[assignment]
-        mode = _honoured(_mode.get(), operation)
-        if mode == _DEFER:
-            c._pending.append((operation, parameters, many))
-            self._cursor = done = _Done()  # type: ignore[assignment]
-            self._rows = collections.deque()
-            return done
-        async with c._execute_mutex:
-            conn: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-            pending, c._pending = c._pending, []
-            # Unknown until the hop returns (it may be cancelled meanwhile).
-            c._in_tx = True
-            HOPS.n += 1
-            if c._inline and _inline.get():
-                raw = conn._conn
-                opens = pending or _is_write(operation)
-                if not raw.in_transaction:
-                    if opens:
-                        await c._begin_now(raw)
-                    elif _is_read(operation):
-                        c._zero(raw)  # fail at once rather than wait on the loop (below)
-                HOPS.inline += 1
-                try:
-                    done, rows, c._in_tx = _run(
-                        raw, pending, operation, parameters, many, mode == _FINAL
-                    )
-                except sqlite3.OperationalError as error:
-                    # A read outside a transaction, under the zero busy timeout, that
-                    # found the file locked (WAL recovery, an exclusive lock): run it
-                    # again by a hop, which waits. Nothing of it ran.
-                    if opens or raw.in_transaction or not _busy(error):
-                        raise
-                    HOPS.retried += 1
-                    done, rows, c._in_tx = await c._hop(
-                        _run, raw, [], operation, parameters, many, False
-                    )
-            else:
-                done, rows, c._in_tx = await c._hop(
-                    _run, conn._conn, pending, operation, parameters, many, mode == _FINAL
-                )
-            if mode == _FINAL and c._checkpoints is not None:
-                c._checkpoints.committed()
-            self._cursor = done  # type: ignore[assignment]
-            if rows is not None:
-                self._rows = collections.deque(rows)
-            return done
+        c: Adapter = self._adapt_connection  # type: ignore[assignment]
+        done, rows = await c.statement(operation, parameters, many)
+        self._cursor = done  # type: ignore[assignment]
+        self._rows = collections.deque(rows) if rows is not None else collections.deque()
+        return done
 
     async def _execute_async(self, operation: Any, parameters: Any) -> Any:
         return await self._go(operation, parameters, False)
@@ -421,7 +380,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         return await self._go(operation, seq_of_parameters, True)
 
 
-class _Connection(AsyncAdapt_aiosqlite_connection):
+class Adapter(AsyncAdapt_aiosqlite_connection):
     """aiosqlite's adapter with the queue of deferred statements, whether the connection
     has a transaction open (as last seen after its last trip), whether it may run trips
     inline, and the checkpoints of its file."""
@@ -458,6 +417,54 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
         if not _try_begin(raw):
             HOPS.retried += 1
             await self._hop(_begin, raw)
+
+    async def statement(
+        self, operation: str, parameters: Any, many: bool
+    ) -> tuple[_Done, list[Any] | None]:
+        """Run one statement as this driver runs them (deferred, inline or by a hop, in
+        the mode set by ``deferred``/``final``): what it left (row count, description)
+        and its rows (None: it returns none). Errors are the driver's own, untranslated
+        (the cursor, and ``app.prepared``, translate them as SQLAlchemy's adapter does)."""
+        mode = _honoured(_mode.get(), operation)
+        if mode == _DEFER:
+            self._pending.append((operation, parameters, many))
+            return _Done(), None
+        async with self._execute_mutex:
+            conn: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+            pending, self._pending = self._pending, []
+            # Unknown until the hop returns (it may be cancelled meanwhile).
+            self._in_tx = True
+            HOPS.n += 1
+            if self._inline and _inline.get():
+                raw = conn._conn
+                opens = pending or _is_write(operation)
+                if not raw.in_transaction:
+                    if opens:
+                        await self._begin_now(raw)
+                    elif _is_read(operation):
+                        self._zero(raw)  # fail at once rather than wait on the loop (below)
+                HOPS.inline += 1
+                try:
+                    done, rows, self._in_tx = _run(
+                        raw, pending, operation, parameters, many, mode == _FINAL
+                    )
+                except sqlite3.OperationalError as error:
+                    # A read outside a transaction, under the zero busy timeout, that
+                    # found the file locked (WAL recovery, an exclusive lock): run it
+                    # again by a hop, which waits. Nothing of it ran.
+                    if opens or raw.in_transaction or not _busy(error):
+                        raise
+                    HOPS.retried += 1
+                    done, rows, self._in_tx = await self._hop(
+                        _run, raw, [], operation, parameters, many, False
+                    )
+            else:
+                done, rows, self._in_tx = await self._hop(
+                    _run, conn._conn, pending, operation, parameters, many, mode == _FINAL
+                )
+            if mode == _FINAL and self._checkpoints is not None:
+                self._checkpoints.committed()
+            return done, rows
 
     async def _hop(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the connection's thread. If the wait is cancelled, the call
@@ -528,7 +535,7 @@ class _DBAPI(AsyncAdapt_aiosqlite_dbapi):
         database = str(arg[0] if arg else kw.get("database", ""))
         uri = bool(kw.get("uri", False))
         on_disk = database not in ("", ":memory:") and "mode=memory" not in database
-        return _Connection(
+        return Adapter(
             self,
             await_(connection),
             inline=inline,

@@ -23,7 +23,6 @@ from typing import Any, cast
 from sqlalchemy import (
     ARRAY,
     BigInteger,
-    CursorResult,
     Integer,
     String,
     Table,
@@ -237,7 +236,7 @@ async def link_fresh(
         async with write(ctx.engine) as db:
             await later(db, moved, bound)
             await later(db, linked, row)
-            n = cast(CursorResult[Any], await last(db, accepted, bound)).rowcount
+            n = (await last(db, accepted, bound)).rowcount
     if n != 1:
         return False
     metrics.task_transition(Status.queued.value)
