@@ -1,4 +1,5 @@
-"""What SQLAlchemy's layer costs per SQLite write statement and per write turn, against
+"""What SQLAlchemy's layer costs per SQLite write statement, what is left of it on
+``app.prepared.run``'s straight path, and per write turn, against
 the same work on a plain ``sqlite3`` connection, in one run on one migrated file.
 
 ``python -m bench.statement_cost`` (not part of ``make bench``). Three ways, alternated
@@ -9,6 +10,7 @@ turns are inline):
   ``BEGIN IMMEDIATE`` on the first write, commit) with a prebuilt
   ``UPDATE tasks SET hint_at = ? WHERE id = ?`` through ``AsyncConnection.execute`` for
   each of 5 tasks (written as the gateway leaves them after Run), each writing its row;
+- the same, each update through ``app.prepared.run`` (straight to the driver);
 - the same turn with no statement (what a turn costs by itself);
 - a plain ``sqlite3`` connection (same pragmas): ``BEGIN IMMEDIATE``, the 5 updates,
   ``COMMIT`` (the same timestamps, as SQLAlchemy stores them on SQLite).
@@ -21,13 +23,16 @@ import itertools
 import sqlite3
 import statistics
 import tempfile
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import bindparam, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import make_engine, write
 from app.migrate import upgrade
+from app.prepared import run
 from app.tasks._writes import TASKS
 from bench.common import alternated_cpu
 from bench.synth import insert_submitted_tasks
@@ -50,11 +55,14 @@ async def main() -> None:
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "wal_autocheckpoint=0"):
         plain.execute(f"PRAGMA {pragma}")
 
-    async def through_sqlalchemy() -> None:
-        for _ in range(TURNS):
-            async with write(engine) as conn:
-                for tid in ids:
-                    await conn.execute(stmt, {"b_id": tid, "b_at": next(stamps)})
+    def turns_of(send: Callable[..., Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+        async def turns() -> None:
+            for _ in range(TURNS):
+                async with write(engine) as conn:
+                    for tid in ids:
+                        await send(conn, stmt, {"b_id": tid, "b_at": next(stamps)})
+
+        return turns
 
     async def empty_turns() -> None:
         for _ in range(TURNS):
@@ -71,7 +79,12 @@ async def main() -> None:
     now = datetime.now(UTC)
     stamps = itertools.cycle([now, None])
     texts = itertools.cycle([now.replace(tzinfo=None).isoformat(" "), None])
-    ways = {"sqlalchemy": through_sqlalchemy, "empty": empty_turns, "plain": plain_sqlite}
+    ways = {
+        "sqlalchemy": turns_of(AsyncConnection.execute),
+        "straight": turns_of(run),
+        "empty": empty_turns,
+        "plain": plain_sqlite,
+    }
 
     def checkpoint(name: str) -> None:
         if name != "empty":  # keep the WAL short, as the gateway's checkpoints do
@@ -80,12 +93,15 @@ async def main() -> None:
     per_turn = await alternated_cpu(ways, rounds=ROUNDS, units=TURNS, after=checkpoint)
     plain.close()
     await engine.dispose()
-    sa, empty, raw = (statistics.median(per_turn[n]) for n in ("sqlalchemy", "empty", "plain"))
+    sa, straight, empty, raw = (
+        statistics.median(per_turn[n]) for n in ("sqlalchemy", "straight", "empty", "plain")
+    )
     print(
-        f"a write turn of {PER_TURN} updates: through SQLAlchemy {sa:.0f} us, plain sqlite3 "
-        f"{raw:.0f} us; an empty turn through SQLAlchemy {empty:.0f} us; per statement "
-        f"through SQLAlchemy {(sa - empty) / PER_TURN:.0f} us against "
-        f"{raw / PER_TURN:.0f} us plain (its turn's BEGIN and COMMIT included)"
+        f"a write turn of {PER_TURN} updates: through SQLAlchemy {sa:.0f} us, straight "
+        f"(app.prepared.run) {straight:.0f} us, plain sqlite3 {raw:.0f} us; an empty turn "
+        f"through SQLAlchemy {empty:.0f} us; per statement through SQLAlchemy "
+        f"{(sa - empty) / PER_TURN:.0f} us, straight {(straight - empty) / PER_TURN:.0f} us, "
+        f"against {raw / PER_TURN:.0f} us plain (its turn's BEGIN and COMMIT included)"
     )
 
 

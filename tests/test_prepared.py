@@ -1,7 +1,7 @@
 """``app.prepared.run``: the hot statements go straight to the driver (asyncpg, the
-gateway's SQLite driver) with the statement SQLAlchemy compiled, and give what ``AsyncConnection.execute`` gives:
-the same rows (values, types, names), the same exceptions, the same events, the same
-handling of a dead or cancelled connection."""
+gateway's SQLite driver) with the statement SQLAlchemy compiled, and give what
+``AsyncConnection.execute`` gives: the same rows (values, types, names), the same
+exceptions, the same events, the same handling of a dead or cancelled connection."""
 
 from __future__ import annotations
 
