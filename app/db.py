@@ -538,7 +538,7 @@ async def later(db: Db, stmt: Executable, params: Any = None) -> None:
         # The ORM's own pending statements need their results: they run now, first.
         await db.flush()
     with deferred():
-        await _execute(db, stmt, params)
+        await execute(db, stmt, params)
 
 
 async def last(db: Db, stmt: Executable, params: Any = None) -> prepared.Result:
@@ -548,14 +548,20 @@ async def last(db: Db, stmt: Executable, params: Any = None) -> prepared.Result:
     if isinstance(db, AsyncSession):
         await db.flush()
     with final():
-        return await _execute(db, stmt, params)
+        return await execute(db, stmt, params)
 
 
-async def _execute(db: Db, stmt: Executable, params: Any) -> prepared.Result:
-    """Through the session (its ORM handling of DML), or ``app.prepared.run`` on a
-    connection."""
-    if isinstance(db, AsyncSession):
-        return cast(CursorResult[Any], await db.execute(stmt, params))
+async def execute(db: Db, stmt: Executable, params: Any = None) -> prepared.Result:
+    """``db.execute(stmt, params)``, through ``app.prepared.run`` wherever that is the same
+    thing: on a connection, and in a session for a Core statement (one that names no ORM
+    entity, with no session-wide options or ``do_orm_execute`` listeners), which a
+    session runs on its connection as it is, without a flush."""
     if params is None:
-        return await db.execute(stmt)
+        return cast(CursorResult[Any], await db.execute(stmt))
+    if isinstance(db, AsyncSession):
+        orm = getattr(stmt, "_propagate_attrs", {}).get("compile_state_plugin") == "orm"
+        sync = db.sync_session
+        if orm or sync.execution_options or sync.dispatch.do_orm_execute:
+            return cast(CursorResult[Any], await db.execute(stmt, params))
+        return await prepared.run(await db.connection(), stmt, params)
     return await prepared.run(db, stmt, params)

@@ -22,7 +22,7 @@ from sqlalchemy import Integer, String, Table, bindparam, event, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from app.db import ts
+from app.db import execute, ts
 from app.ids import new_message_id
 from app.lifecycle import Status
 from app.models import Delivery, StoredOutput, Task
@@ -214,13 +214,15 @@ async def record_terminal(
     ``app.tasks._single.terminal``.)"""
     delivery = False
     if webhook:
-        res = await session.execute(
-            _INSERT_DELIVERY, {**delivery_params(task_id, status, now), "d_task_id": task_id}
+        res = await execute(
+            session,
+            _INSERT_DELIVERY,
+            {**delivery_params(task_id, status, now), "d_task_id": task_id},
         )
-        delivery = bool(res.rowcount)  # type: ignore[attr-defined]
+        delivery = bool(res.rowcount)
     rows = output_rows(task_id, status, now, outputs, lease=output_lease(session, now))
     if rows:
-        await session.execute(_INSERT_OUTPUT, rows if len(rows) > 1 else rows[0])
+        await execute(session, _INSERT_OUTPUT, rows if len(rows) > 1 else rows[0])
     mark_recorded(session, delivery=delivery, outputs=rows)
 
 

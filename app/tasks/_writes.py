@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, insert, update
+from sqlalchemy import ColumnElement, Table, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import metrics
 from app.db import Db as Db  # a transaction's handle, for the engine's modules
-from app.db import later
+from app.db import execute, later
 from app.lifecycle import Status
 from app.models import Attempt, Event, Task
 from app.outbox import record_terminal
@@ -197,11 +197,11 @@ async def transition(
         stmt = _with_webhook.get(key)
         if stmt is None:
             stmt = _with_webhook[key] = status_update(*key).returning(T.webhook_url)
-        moved = (await db.execute(stmt, bound)).all()
+        moved = (await execute(db, stmt, bound)).all()
         if len(moved) != 1:
             return False
         webhook = bool(moved[0].webhook_url)
-    elif cast(CursorResult[Any], await db.execute(status_update(*key), bound)).rowcount != 1:
+    elif (await execute(db, status_update(*key), bound)).rowcount != 1:
         return False
     metrics.task_transition(new.value)
     if new.terminal:
