@@ -10,16 +10,26 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import String, TypeDecorator, bindparam, event, func, insert, select, text
+from sqlalchemy import (
+    String,
+    TypeDecorator,
+    bindparam,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import prepared
 from app.callback_gate import _ATTEMPTS
-from app.db import autocommit, make_engine, make_sessionmaker, write
+from app.db import autocommit, execute, make_engine, make_sessionmaker, write
 from app.ids import sha256_hex
 from app.lifecycle import Status
-from app.models import Attempt
+from app.models import Attempt, Task
 from app.prepared import run
 from app.results import _CLAIM_OUTPUTS
 from app.states import Outcome
@@ -125,7 +135,7 @@ async def test_statements_it_cannot_send_as_compiled_go_through_sqlalchemy(
     assert seen == {"sqlalchemy": 2, "driver": 2}
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
 async def test_a_missing_parameter_is_sqlalchemys_error_not_a_null(engine: AsyncEngine) -> None:
     task_id = await a_task(engine, "tok")
     async with autocommit(engine) as conn:
@@ -157,7 +167,7 @@ async def test_in_a_transaction_the_statements_after_the_first_go_straight(
     assert seen["driver"] == 3 * 2
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
 async def test_an_error_in_a_transaction_rolls_all_of_it_back(engine: AsyncEngine) -> None:
     task_id = await a_task(engine, "tok")
     hint = {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": datetime.now(UTC)}
@@ -174,7 +184,7 @@ async def test_an_error_in_a_transaction_rolls_all_of_it_back(engine: AsyncEngin
     assert hint_at is None
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
 async def test_past_the_plans_bound_or_when_echoing_sqlalchemy_runs_them(
     engine: AsyncEngine, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -195,7 +205,7 @@ async def test_past_the_plans_bound_or_when_echoing_sqlalchemy_runs_them(
         await echoing.dispose()
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
 async def test_rows_come_back_as_sqlalchemy_reads_them(engine: AsyncEngine) -> None:
     """Every column of a task (JSON, timestamps, enums, numbers), read straight and
     through SQLAlchemy: the same values of the same types under the same names; and the
@@ -259,7 +269,7 @@ class Tagged(TypeDecorator[str]):
         return None if value is None else f"{value}:out"
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
 async def test_parameters_and_columns_are_processed_by_their_types(engine: AsyncEngine) -> None:
     stmt = select(bindparam("b_v", type_=Tagged()).label("v"))
     async with autocommit(engine) as conn:
@@ -323,3 +333,54 @@ async def test_a_cancelled_statement_gives_up_its_connection(engine: AsyncEngine
     async with autocommit(engine) as conn:
         after = (await run(conn, select(func.pg_backend_pid()), {})).scalar_one()
     assert after != pid
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_on_sqlite_a_transaction_s_first_statement_goes_straight_too(
+    engine: AsyncEngine,
+) -> None:
+    """SQLite's ``BEGIN`` is the driver's (at the first write), so even a transaction's
+    first statement goes straight; ``run`` begins SQLAlchemy's transaction as its own
+    execution would, so that the connection's commit or rollback ends what the driver
+    opened."""
+    task_id = await a_task(engine, "tok")
+    hint = {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": datetime.now(UTC)}
+    read = text("SELECT hint_at FROM tasks WHERE id = :id")
+    seen = executions(engine)
+    for outcome in ("rollback", "commit"):
+        async with engine.connect() as conn:
+            assert (await run(conn, _CALLBACK_DUE, hint)).rowcount == 1
+            assert conn.in_transaction()
+            await getattr(conn, outcome)()
+        async with engine.connect() as other:
+            hint_at = (await other.execute(read, {"id": task_id})).scalar_one()
+        assert (hint_at is not None) == (outcome == "commit")
+    assert seen == {"sqlalchemy": 2, "driver": 4}  # the reads went through SQLAlchemy
+
+
+@pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
+async def test_a_session_s_core_statements_go_straight_its_orm_ones_do_not(
+    engine: AsyncEngine,
+) -> None:
+    """``app.db.execute`` in a session: a Core statement straight on the session's
+    connection (as the session itself runs it: no flush), an ORM one through the
+    session, which keeps the objects it holds in step with it."""
+    task_id = await a_task(engine, "tok")
+    hint = {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": datetime.now(UTC)}
+    async with make_sessionmaker(engine)() as session, session.begin():
+        task = await session.get(Task, task_id)
+        assert task is not None and task.hint_at is None
+        seen = executions(engine)
+        assert (await execute(session, _CALLBACK_DUE, hint)).rowcount == 1
+        assert seen == {"sqlalchemy": 0, "driver": 1}
+        orm = update(Task).where(Task.id == task_id).values(retries=7)
+        assert (await execute(session, orm, {})).rowcount == 1
+        assert seen == {"sqlalchemy": 1, "driver": 2}
+        assert task.retries == 7  # synchronized by the session
+    async with engine.connect() as other:
+        row = (
+            await other.execute(
+                text("SELECT hint_at, retries FROM tasks WHERE id = :id"), {"id": task_id}
+            )
+        ).one()
+    assert row.hint_at is not None and row.retries == 7
