@@ -1,23 +1,35 @@
-"""The hot statements on PostgreSQL sent straight to asyncpg, each compiled by
-SQLAlchemy once.
+"""The hot statements sent straight to the driver (asyncpg, or the gateway's SQLite
+driver), each compiled by SQLAlchemy once.
 
 ``run(conn, stmt, params)`` is ``await conn.execute(stmt, params)`` for the hot paths'
 statements: the one-statement uses of ``Ctx.autocommit`` and ``Ctx.bookkeeping`` (a
 callback's screen and hint, the submit's insert and link, the lease claims and releases),
-the terminal write, and an output's record once stored. On a PostgreSQL connection in
-autocommit, or inside a transaction SQLAlchemy has already begun on the server, it sends
-the statement SQLAlchemy compiled for it (its SQL, its bind parameters in order with
-their type processing, its result columns' processors) through the connection's own
-asyncpg driver: no SQLAlchemy execution context, cursor adapter, result object or
-greenlet for each statement. That costs about half of what the same statement costs
-through ``AsyncConnection.execute`` (``python -m bench.autocommit_cost``;
-docs/benchmarks.md, twenty-first round).
+the terminal write, an output's record once stored, and every statement of
+``app.db.later``, ``last`` and ``execute`` on a connection or (a Core statement) in a
+session. It sends the statement SQLAlchemy compiled for it (its SQL, its bind parameters
+in order with their type processing, its result columns' processors) through the
+connection's own driver: no SQLAlchemy execution context, cursor adapter, result object
+or greenlet for each statement. That costs about half of what the same statement costs
+through ``AsyncConnection.execute`` on PostgreSQL (``python -m bench.autocommit_cost``),
+a third on SQLite (``python -m bench.statement_cost``; docs/benchmarks.md, twenty-first
+and twenty-second rounds).
+
+- **PostgreSQL (asyncpg):** on a connection in autocommit, or inside a transaction
+  SQLAlchemy has already begun on the server; the statement goes by
+  ``asyncpg.Connection.fetch`` or ``execute``.
+- **SQLite (``app.sqlite_driver``):** on any of its connections. SQLite's ``BEGIN`` is
+  the driver's own (at a transaction's first write), so a transaction's first statement
+  goes straight too: ``run`` begins SQLAlchemy's transaction first, as its execution
+  would, so that the connection's commit or rollback ends what the driver opens. The
+  statement runs as the driver's cursor runs one (``Adapter.statement``: deferred,
+  final, inline or by a hop).
 
 Everything around the statement stays SQLAlchemy's:
 
 - ``before_cursor_execute`` and ``after_cursor_execute`` listeners of the engine are
-  called with the SQL and its positional parameters (no cursor or context), so statement
-  counters see these statements as before;
+  called with the SQL and its positional parameters (no cursor), so statement counters
+  see these statements as before; ``after_cursor_execute`` gets a ``context`` with what
+  the SQLite wake-ups read of it (``_Context``);
 - an error is translated and handled by the connection as its own would be
   (``Connection._handle_dbapi_exception``): the same exception classes, the
   ``handle_error`` event, a dead connection invalidated with the pool's others;
@@ -26,10 +38,11 @@ Everything around the statement stays SQLAlchemy's:
 
 Anything else runs through ``conn.execute`` unchanged:
 
-- SQLite, and PostgreSQL through a driver other than asyncpg;
+- another driver;
 - an engine that echoes its SQL (``echo=True``: SQLAlchemy logs it);
-- the first statement of a transaction (SQLAlchemy's driver adapter sends the ``BEGIN``
-  with it, and tracks it for the commit);
+- on PostgreSQL, the first statement of a transaction (SQLAlchemy's driver adapter sends
+  the ``BEGIN`` with it, and tracks it for the commit);
+- several rows of parameters (``executemany``);
 - a statement whose execution SQLAlchemy completes at run time (Python-side column
   defaults or ``onupdate``, expanding ``IN`` lists, parameters computed by callables,
   escaped parameter names), and statements past ``MAX_PLANS``;
