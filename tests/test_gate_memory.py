@@ -331,7 +331,8 @@ async def test_a_streamed_response_s_head_leaves_before_its_body() -> None:
     async with small_reads_server(app) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = await reader.readuntil(b"\r\n\r\n")
+        # Held until the body (the fault this looks for), it would never come.
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         head_seen.set()
         body = await reader.readuntil(b"0\r\n\r\n")
         writer.close()
