@@ -38,28 +38,14 @@ class _Stream(httpcore.AsyncNetworkStream):
     whatever arrives into the stream's reader at once, so bytes waiting, the peer's end
     (EOF), an error or a closing transport all mean "don't reuse". A close that reaches
     the socket while the current step of the loop runs is seen at the next; a close can
-    race any check, as it can race the request itself.
-
-    A request's writes (httpcore writes its head, then each part of its body) are held
-    and sent together when the response is first read, or as soon as they would reach
-    ``SEND_AT`` bytes: one system call and one packet for a JSON call instead of one per
-    part (with ``TCP_NODELAY``, which asyncio sets, each write was a packet of its own).
-    A large part is sent as it is, not copied into the held ones. An error in that send
-    is a ``WriteError`` or ``WriteTimeout``, as it was from the write."""
-
-    SEND_AT = 64 * 1024
+    race any check, as it can race the request itself."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._held: list[bytes] = []
-        self._held_n = 0
-        self._held_timeout: float | None = None
 
     # httpcore's interface passes timeouts as arguments (hence the noqa: ASYNC109).
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        if self._held:
-            await self._send()
         try:
             data: bytes = await _within(timeout, self._reader.read(max_bytes))
         except TimeoutError:
@@ -71,32 +57,17 @@ class _Stream(httpcore.AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
         if not buffer:
             return
-        self._held_timeout = timeout
-        if self._held_n + len(buffer) < self.SEND_AT:
-            self._held.append(buffer)
-            self._held_n += len(buffer)
-        else:
-            await self._send(buffer)
-
-    async def _send(self, large: bytes = b"") -> None:
-        """What is held (under ``SEND_AT`` bytes: joined), then ``large`` as it is."""
-        held = self._held
-        self._held, self._held_n = [], 0
         try:
             if self._writer.is_closing():
                 raise ConnectionResetError("the connection is closed")
-            if held:
-                self._writer.write(held[0] if len(held) == 1 else b"".join(held))
-            if large:
-                self._writer.write(large)
-            await _within(self._held_timeout, self._writer.drain())
+            self._writer.write(buffer)
+            await _within(timeout, self._writer.drain())
         except TimeoutError:
             raise httpcore.WriteTimeout("timed out writing") from None
         except (OSError, RuntimeError) as e:
             raise httpcore.WriteError(str(e) or type(e).__name__) from e
 
     async def aclose(self) -> None:
-        self._held, self._held_n = [], 0
         self._writer.close()
 
     async def start_tls(

@@ -26,7 +26,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from app.api.results import UPLOAD_SPOOL_BYTES
 from app.gate import BodyTooLarge, EdgeGate
 from app.main import create_app
-from app.reads import HELD_BYTES, READ_BYTES, SmallReads
+from app.reads import READ_BYTES, SmallReads
 from app.settings import Settings
 from tests.procs import free_port
 
@@ -268,73 +268,3 @@ async def small_reads_server(app: Any) -> AsyncIterator[int]:
     finally:
         server.should_exit = True
         await task
-
-
-def _server_writes(monkeypatch: pytest.MonkeyPatch, port: int) -> list[int]:
-    """The sizes of the writes the server's side of each connection makes to its socket
-    transport (asyncio's), from now on."""
-    from asyncio.selector_events import _SelectorSocketTransport
-
-    writes: list[int] = []
-    write = _SelectorSocketTransport.write
-
-    def counted(self: Any, data: Any) -> None:
-        if self.get_extra_info("sockname")[1] == port:
-            writes.append(len(data))
-        write(self, data)
-
-    monkeypatch.setattr(_SelectorSocketTransport, "write", counted)
-    return writes
-
-
-async def test_a_response_leaves_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A response's head and body (two ``send`` calls, one step of the loop) reach the
-    socket in one write; a body of ``HELD_BYTES`` or more goes as it is, after the
-    head."""
-    big = b"x" * HELD_BYTES
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = big if scope["path"] == "/big" else b'{"ok":true}'
-        headers = [(b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    async with small_reads_server(app) as port:
-        writes = _server_writes(monkeypatch, port)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(11) == b'{"ok":true}'
-        small = list(writes)
-        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-        await reader.readuntil(b"\r\n\r\n")
-        assert await reader.readexactly(len(big)) == big
-        writer.close()
-    assert small == [len(head) + 11]
-    assert writes[1:] == [writes[1], len(big)] and writes[1] < 1024
-
-
-async def test_a_streamed_response_s_head_leaves_before_its_body() -> None:
-    """Held writes leave at the end of the loop's step: a head whose body is not ready
-    reaches the client (which then lets the body come)."""
-    head_seen = asyncio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await head_seen.wait()
-        await send({"type": "http.response.body", "body": b"late", "more_body": False})
-
-    async with small_reads_server(app) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        # Held until the body (the fault this looks for), it would never come.
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-        head_seen.set()
-        body = await reader.readuntil(b"0\r\n\r\n")
-        writer.close()
-    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head
-    assert body == b"4\r\nlate\r\n0\r\n\r\n"

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from app.http_pool import PoolTransport, _Backend, _Stream
+from app.http_pool import PoolTransport, _Backend
 from app.wiro.client import LIMITS, WiroHTTP
 from tests.loopback import read_request, self_signed
 from tests.signals import until
@@ -390,27 +390,3 @@ async def test_a_response_whose_close_is_cancelled_gives_its_connection_back(
     finally:
         await transport.aclose()
     assert server.connections == 2
-
-
-async def test_a_request_leaves_in_one_write(server: Server, monkeypatch: Any) -> None:
-    """A JSON call's head and body reach the socket in one write (one system call, one
-    packet); a body of ``SEND_AT`` bytes or more goes as it is, after the head."""
-    port = await server.start()
-    writes: list[int] = []
-    write = asyncio.StreamWriter.write
-
-    def counted(self: asyncio.StreamWriter, data: Any) -> None:
-        if self not in server.writers:  # the client's, not the server's answers
-            writes.append(len(data))
-        write(self, data)
-
-    monkeypatch.setattr(asyncio.StreamWriter, "write", counted)
-    big = b"x" * _Stream.SEND_AT
-    async with httpx.AsyncClient(transport=PoolTransport(limits=LIMITS, trust_env=False)) as http:
-        small = await http.post(f"http://127.0.0.1:{port}/x", json={"taskid": "1"})
-        after_small = list(writes)
-        large = await http.post(f"http://127.0.0.1:{port}/x", content=big)
-    assert (small.status_code, large.status_code) == (200, 200)
-    assert len(after_small) == 1 and after_small[0] > len(b'{"taskid":"1"}')
-    head, body = writes[1:]
-    assert body == len(big) and head < 1024
