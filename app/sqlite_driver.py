@@ -7,7 +7,9 @@ one-row statement costs about 0.35 ms here against 0.08 ms for the statement its
 P1/P2/P3, where SQLite statements were most of the gateway's time).
 
 ``OneHopCursor`` does all of it in one function on the connection's thread (open,
-execute, fetch everything, close) and keeps only the results. Server-side cursors (not
+execute, fetch everything, close) and keeps only the results. ``Adapter.statement`` is
+that one trip for one statement (in the modes below); the cursor runs through it, and so
+does ``app.prepared.run``, which sends the hot statements straight to it. Server-side cursors (not
 used by the gateway) keep SQLAlchemy's own class. Everything else (connections,
 transactions, errors, pooling) is SQLAlchemy's adapter unchanged; ``make_engine`` uses
 this for ``sqlite+aiosqlite`` URLs by passing ``module=dbapi()``.
