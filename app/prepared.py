@@ -46,7 +46,8 @@ Anything else runs through ``conn.execute`` unchanged:
 - a statement whose execution SQLAlchemy completes at run time (Python-side column
   defaults or ``onupdate``, expanding ``IN`` lists, parameters computed by callables,
   escaped parameter names), and statements past ``MAX_PLANS``;
-- a call that leaves out a required parameter (SQLAlchemy raises its own error for it).
+- a call that leaves out a required parameter, or one in a transaction SQLAlchemy has
+  deactivated but not yet rolled back (SQLAlchemy raises its own error for either).
 """
 
 from __future__ import annotations
@@ -241,6 +242,9 @@ async def run(conn: AsyncConnection, stmt: Executable, params: Any) -> Result:
     sync = conn.sync_connection
     if sync is None or sync.invalidated or sync.engine.echo:
         # (An invalidated one: SQLAlchemy reconnects it; an engine that echoes: it logs.)
+        return await conn.execute(stmt, params)
+    if not sync.in_transaction() and sync.get_transaction() is not None:
+        # A transaction SQLAlchemy has deactivated: its execution raises for it.
         return await conn.execute(stmt, params)
     one = params[0] if isinstance(params, list) and len(params) == 1 else params
     if not isinstance(one, Mapping):  # several rows (executemany), or none

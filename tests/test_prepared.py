@@ -21,7 +21,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
+from sqlalchemy.exc import DBAPIError, IntegrityError, PendingRollbackError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import prepared
@@ -384,3 +384,21 @@ async def test_a_session_s_core_statements_go_straight_its_orm_ones_do_not(
             )
         ).one()
     assert row.hint_at is not None and row.retries == 7
+
+
+@pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
+async def test_a_deactivated_transaction_is_sqlalchemys_error(engine: AsyncEngine) -> None:
+    """In a transaction SQLAlchemy has deactivated (not yet rolled back), ``run`` sends
+    nothing: SQLAlchemy raises ``PendingRollbackError``, as for its own execution."""
+    task_id = await a_task(engine, "tok")
+    async with engine.connect() as conn:
+        await conn.begin()
+        await run(conn, _ATTEMPTS, {"b_id": task_id})
+        transaction = conn.sync_connection.get_transaction()  # type: ignore[union-attr]
+        assert transaction is not None
+        transaction._deactivate_from_connection()  # SQLAlchemy's own step, by hand
+        seen = executions(engine)
+        with pytest.raises(PendingRollbackError):
+            await run(conn, _ATTEMPTS, {"b_id": task_id})
+        assert seen["driver"] == 0
+        await conn.rollback()
