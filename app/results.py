@@ -28,7 +28,7 @@ from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app import imaging, notify
-from app.db import ts, unit_of_work, write
+from app.db import execute, ts, unit_of_work, write
 from app.errors import Conflict, Gone, NotFound
 from app.ids import jitter, sha256_hex
 from app.leases import FREE, Leases
@@ -153,14 +153,11 @@ async def _rewrite_outputs(
     """Rewrite the task's ``outputs`` from its rows: whether none is pending any more, and
     whether the task has a ``webhook_url`` (only then can a notification wait for them:
     the URL is set at submit and never changes, and every delivery goes to it)."""
-    if isinstance(db, AsyncConnection):  # a stored output's record: the hot path
-        rows = (await run(db, _OUTPUT_FACTS, {"w_task": task_id})).all()
-        outputs = [present(r, public_url) for r in rows]
-        written = await run(db, _SET_OUTPUTS, {"w_task": task_id, "v_outputs": outputs})
-    else:  # an erasure's session: its own ``execute``, which flushes what it holds first
-        rows = (await db.execute(_OUTPUT_FACTS, {"w_task": task_id})).all()
-        outputs = [present(r, public_url) for r in rows]
-        written = await db.execute(_SET_OUTPUTS, {"w_task": task_id, "v_outputs": outputs})
+    # Straight to the driver on a connection (a stored output's record: the hot path) and
+    # in an erasure's session alike: both are Core statements (``app.db.execute``).
+    rows = (await execute(db, _OUTPUT_FACTS, {"w_task": task_id})).all()
+    outputs = [present(r, public_url) for r in rows]
+    written = await execute(db, _SET_OUTPUTS, {"w_task": task_id, "v_outputs": outputs})
     webhook = written.scalar_one_or_none()
     return all(r.state != OutputState.pending for r in rows), bool(webhook)
 
