@@ -11,6 +11,12 @@ folded stacks with thread names, for a flame graph or a grep).
 - ``callback``: Wiro's completion callbacks for tasks written as the gateway leaves them
   after Run (P3's), until all are terminal.
 
+Besides the CPU, per request: how long the loop's thread waited for a core while it
+could run, and how often the kernel took its core from it (``/proc``'s scheduler
+statistics: the simulator, woken by the gateway's send, runs on the same two cores), and
+the simulator's own CPU. A py-spy profile samples wall time, so a loop preempted in a
+send shows there as time in ``StreamWriter.write``; these say how much of it that is.
+
 Not part of ``make bench``: a tool for the A/B measurements of docs/benchmarks.md
 (``BENCH_APP_ROOT`` picks the checkout under test, as for ``python -m bench``). The
 fixed rate makes the CPU per request steadier between runs than the searches' figures.
@@ -42,6 +48,20 @@ from bench.harness import (
 from bench.loadgen import Pool, build_request, open_loop
 from bench.synth import insert_submitted_tasks
 from bench.throughput import _finished_upstream_task
+
+
+def loop_waits(pid: int) -> tuple[float, int]:
+    """Of ``pid``'s main thread (the event loop's): the seconds it has spent runnable but
+    waiting for a core (``/proc/PID/task/PID/schedstat``'s second field), and how often the
+    kernel took the core from it while it could still run (``nonvoluntary_ctxt_switches``:
+    another process woken on its core, such as the simulator its send just woke)."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as fh:
+        waited_ns = int(fh.read().split()[1])
+    with open(f"/proc/{pid}/task/{pid}/status") as fh:
+        switches = next(
+            int(line.split()[1]) for line in fh if line.startswith("nonvoluntary_ctxt_switches")
+        )
+    return waited_ns / 1e9, switches
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -96,12 +116,14 @@ async def measure(
             )
             time.sleep(1.0)
         before = thread_cpu(gw.pid)
+        waits_before, sim_before = loop_waits(gw.pid), sim.cpu()
         step = await open_loop(pool, reqs, rate=rate, count=n, timeout=60)
         left = 0
         if kind != "submit":
             left, _ = await wait_all_terminal(engine, 120, poll_s=0.1)
         await wait_idle(gw.cpu)
         after = thread_cpu(gw.pid)
+        waits_after, sim_after = loop_waits(gw.pid), sim.cpu()
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
@@ -117,7 +139,11 @@ async def measure(
         f"{kind} {db_kind} ({output_format} outputs) at {rate:g}/s, {n}: {step.ok} answered "
         f"2xx, p50 {step.pct(50):.1f} ms, p99 {step.pct(99):.1f} ms, {left} not terminal; "
         f"gateway CPU per request: event loop's thread {1000 * loop_s / n:.2f} ms, other threads "
-        f"{1000 * rest_s / n:.2f} ms; load average {os.getloadavg()[0]:.2f}"
+        f"{1000 * rest_s / n:.2f} ms; the loop's thread waited for a core "
+        f"{1000 * (waits_after[0] - waits_before[0]) / n:.2f} ms "
+        f"({(waits_after[1] - waits_before[1]) / n:.2f} times) per request; the simulator's "
+        f"CPU {1000 * (sim_after - sim_before) / n:.2f} ms per request; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
 
 
