@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -13,6 +24,11 @@ from app.db import Base, UTCDateTime
 
 Json = JSON().with_variant(JSONB(), "postgresql")
 TS = UTCDateTime()
+
+# The partial task indexes' conditions (migration 0023 writes the same).
+_DUE = "next_check_at IS NOT NULL"
+_KEYED = "idempotency_key IS NOT NULL"
+_UNERASED = "images_erased_at IS NULL AND completed_at IS NOT NULL"
 
 
 class Task(Base):
@@ -65,11 +81,32 @@ class Task(Base):
         Index("ix_tasks_client_id", "client", "id"),
         Index("ix_tasks_client_status_id", "client", "status", "id"),
         Index("ix_tasks_status_id", "status", "id"),
-        Index("ix_tasks_next_check_at", "next_check_at"),
-        Index("uq_tasks_client_idempotency_key", "client", "idempotency_key", unique=True),
-        Index("ix_tasks_upstream_task_id", "upstream_task_id"),
-        # The retention sweep: tasks not yet erased, oldest completion first.
-        Index("ix_tasks_images_erased_at_completed_at", "images_erased_at", "completed_at"),
+        # Partial (0023): a terminal task, due never (NULL), leaves it, so it holds the
+        # live tasks only; every query of it bounds the due time (``Leases``).
+        Index(
+            "ix_tasks_next_check_at",
+            "next_check_at",
+            sqlite_where=text(_DUE),
+            postgresql_where=text(_DUE),
+        ),
+        # Partial (migration 0023): a task without a key is in no entry of it, so its
+        # insert writes no page of it; NULL keys never collided anyway.
+        Index(
+            "uq_tasks_client_idempotency_key",
+            "client",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=text(_KEYED),
+            postgresql_where=text(_KEYED),
+        ),
+        # The retention sweep: tasks not yet erased, oldest completion first. Partial
+        # (0023): a task enters it when it completes, not at its insert.
+        Index(
+            "ix_tasks_completed_at_unerased",
+            "completed_at",
+            sqlite_where=text(_UNERASED),
+            postgresql_where=text(_UNERASED),
+        ),
     )
 
 

@@ -21,10 +21,10 @@ presentation) and ``images_erased_at``.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Select, Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app import imaging, notify
@@ -552,6 +552,22 @@ async def process_erasure(svc: Services, task_id: str) -> None:
         svc.wake_eraser()
 
 
+def due_for_erasure(cutoff: datetime, limit: int) -> Select[str]:
+    """The retention sweep's tasks: not yet erased, completed before ``cutoff``, oldest
+    completion first; served by the partial index ``ix_tasks_completed_at_unerased``
+    (migration 0023), whose condition the first two terms imply."""
+    return (
+        select(Task.id)
+        .where(
+            Task.images_erased_at.is_(None),
+            Task.completed_at < cutoff,
+            Task.status_rank >= TERMINAL_RANK,
+        )
+        .order_by(Task.completed_at)
+        .limit(limit)
+    )
+
+
 async def retention_sweep(svc: Services, *, limit: int = 100) -> int:
     """Erase what is older than ``GATEWAY_RETENTION_DAYS``; the number of items erased."""
     ctx, s = svc.ctx, svc.ctx.settings
@@ -559,18 +575,7 @@ async def retention_sweep(svc: Services, *, limit: int = 100) -> int:
         return 0
     cutoff = ctx.clock() - timedelta(days=s.retention_days)
     async with ctx.sm() as ses:
-        task_ids = (
-            await ses.scalars(
-                select(Task.id)
-                .where(
-                    Task.images_erased_at.is_(None),
-                    Task.completed_at < cutoff,
-                    Task.status_rank >= TERMINAL_RANK,
-                )
-                .order_by(Task.completed_at)
-                .limit(limit)
-            )
-        ).all()
+        task_ids = (await ses.scalars(due_for_erasure(cutoff, limit))).all()
         uploads = (
             await ses.scalars(
                 select(Upload)

@@ -14,8 +14,10 @@ folded stacks with thread names, for a flame graph or a grep).
 Besides the CPU, per request: how long the loop's thread waited for a core while it
 could run, and how often the kernel took its core from it (``/proc``'s scheduler
 statistics: the simulator, woken by the gateway's send, runs on the same two cores), and
-the simulator's own CPU. A py-spy profile samples wall time, so a loop preempted in a
-send shows there as time in ``StreamWriter.write``; these say how much of it that is.
+the simulator's own CPU; and the gateway's write system calls and bytes written per
+request (``/proc/PID/io``: the sockets' sends and SQLite's WAL frames). A py-spy profile
+samples wall time, so a loop preempted in a send shows there as time in
+``StreamWriter.write``; these say how much of it that is.
 
 Not part of ``make bench``: a tool for the A/B measurements of docs/benchmarks.md
 (``BENCH_APP_ROOT`` picks the checkout under test, as for ``python -m bench``). The
@@ -62,6 +64,16 @@ def loop_waits(pid: int) -> tuple[float, int]:
             int(line.split()[1]) for line in fh if line.startswith("nonvoluntary_ctxt_switches")
         )
     return waited_ns / 1e9, switches
+
+
+def writes(pid: int) -> tuple[int, int]:
+    """``pid``'s write system calls so far (``write``, ``pwrite64``, ``sendto``... :
+    ``/proc/PID/io``'s ``syscw``) and the bytes they wrote (``wchar``): with SQLite, a
+    commit writes each page it changed to the WAL as a frame of its own, its header and
+    its page in two ``pwrite64`` calls."""
+    with open(f"/proc/{pid}/io") as fh:
+        fields = dict(line.split(": ") for line in fh.read().splitlines())
+    return int(fields["syscw"]), int(fields["wchar"])
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -116,14 +128,14 @@ async def measure(
             )
             time.sleep(1.0)
         before = thread_cpu(gw.pid)
-        waits_before, sim_before = loop_waits(gw.pid), sim.cpu()
+        waits_before, sim_before, writes_before = loop_waits(gw.pid), sim.cpu(), writes(gw.pid)
         step = await open_loop(pool, reqs, rate=rate, count=n, timeout=60)
         left = 0
         if kind != "submit":
             left, _ = await wait_all_terminal(engine, 120, poll_s=0.1)
         await wait_idle(gw.cpu)
         after = thread_cpu(gw.pid)
-        waits_after, sim_after = loop_waits(gw.pid), sim.cpu()
+        waits_after, sim_after, writes_after = loop_waits(gw.pid), sim.cpu(), writes(gw.pid)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
@@ -142,7 +154,9 @@ async def measure(
         f"{1000 * rest_s / n:.2f} ms; the loop's thread waited for a core "
         f"{1000 * (waits_after[0] - waits_before[0]) / n:.2f} ms "
         f"({(waits_after[1] - waits_before[1]) / n:.2f} times) per request; the simulator's "
-        f"CPU {1000 * (sim_after - sim_before) / n:.2f} ms per request; "
+        f"CPU {1000 * (sim_after - sim_before) / n:.2f} ms per request; the gateway's write "
+        f"system calls {(writes_after[0] - writes_before[0]) / n:.1f} "
+        f"({(writes_after[1] - writes_before[1]) / n / 1024:.1f} KiB) per request; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
 

@@ -157,8 +157,13 @@ def _run_sync(coro: Any) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
+# The revision the benchmark's databases are migrated to (``BENCH_SCHEMA_REVISION``, for
+# an A/B of a migration: this checkout's migrations, stopped at an earlier one).
+SCHEMA_REVISION = os.environ.get("BENCH_SCHEMA_REVISION", "heads")
+
+
 def new_database(kind: str, workdir: Path, label: str, *, migrate: bool = True) -> Database:
-    """A fresh, alembic-migrated database of ``kind``."""
+    """A fresh, alembic-migrated database of ``kind`` (at ``SCHEMA_REVISION``)."""
     from app.migrate import upgrade
 
     name = f"hgw_bench_{os.getpid()}_{next(_counter)}_{label}"
@@ -172,7 +177,7 @@ def new_database(kind: str, workdir: Path, label: str, *, migrate: bool = True) 
         db = Database(kind, f"{base}/{name}", name)
     if migrate:
         with _migrate_lock:
-            _run_sync(asyncio.to_thread(upgrade, db.url))
+            _run_sync(asyncio.to_thread(upgrade, db.url, SCHEMA_REVISION))
     return db
 
 

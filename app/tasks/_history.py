@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, func, insert, select
+from sqlalchemy import Select, Table, func, insert, select
 from sqlalchemy.orm import aliased
 
 from app import cursors
@@ -37,11 +37,16 @@ async def get_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
     return visible(await load_task(ctx, task_id), task_id, client)
 
 
+def keyed(client: str, key: str) -> Select[Task]:
+    """The task a client made with ``key``: the partial unique index
+    ``uq_tasks_client_idempotency_key`` (migration 0023) serves it, ``key = ?`` implying
+    its ``idempotency_key IS NOT NULL``."""
+    return select(Task).where(Task.client == client, Task.idempotency_key == key)
+
+
 async def by_idempotency_key(ctx: Ctx, client: str, key: str) -> Task | None:
     async with ctx.reads() as s:
-        return (
-            await s.scalars(select(Task).where(Task.client == client, Task.idempotency_key == key))
-        ).first()
+        return (await s.scalars(keyed(client, key))).first()
 
 
 async def list_events(ctx: Ctx, *, task_id: str, client: str | None) -> Sequence[Event]:
