@@ -553,19 +553,11 @@ async def process_erasure(svc: Services, task_id: str) -> None:
 
 
 def due_for_erasure(cutoff: datetime, limit: int) -> Select[str]:
-    """The retention sweep's tasks: not yet erased, completed before ``cutoff``, oldest
-    completion first; served by the partial index ``ix_tasks_completed_at_unerased``
-    (migration 0023), whose condition the first two terms imply."""
-    return (
-        select(Task.id)
-        .where(
-            Task.images_erased_at.is_(None),
-            Task.completed_at < cutoff,
-            Task.status_rank >= TERMINAL_RANK,
-        )
-        .order_by(Task.completed_at)
-        .limit(limit)
-    )
+    """The retention sweep's tasks, oldest completion first: the first two terms imply
+    the condition of its partial index ``ix_tasks_completed_at_unerased`` (0023)."""
+    erased, completed = Task.images_erased_at, Task.completed_at
+    due = (erased.is_(None), completed < cutoff, Task.status_rank >= TERMINAL_RANK)
+    return select(Task.id).where(*due).order_by(completed).limit(limit)
 
 
 async def retention_sweep(svc: Services, *, limit: int = 100) -> int:

@@ -515,3 +515,25 @@ def test_0022_backfills_missing_pairs_and_drops_the_gin_index(db_url: str) -> No
     assert ("ix_tasks_metadata_gin" in down) is postgres
     upgrade(db_url)
     check(db_url)
+
+
+# ---------------------------------------------------------------- 0023: task indexes
+
+
+def test_0023_trades_four_task_indexes_and_its_downgrade_gives_them_back(db_url: str) -> None:
+    """0023 drops ``ix_tasks_upstream_task_id`` and replaces the sweep's index with a
+    partial one under a new name (the key's and the scheduler's keep their names, now
+    partial: ``tests/test_task_indexes.py``); the downgrade restores the 0022 set."""
+    downgrade(db_url, "0022")
+    _, before = asyncio.run(_pairs_and_indexes(db_url))
+    assert {"ix_tasks_upstream_task_id", "ix_tasks_images_erased_at_completed_at"} <= before
+    assert "ix_tasks_completed_at_unerased" not in before
+    upgrade(db_url, "0023")
+    _, after = asyncio.run(_pairs_and_indexes(db_url))
+    assert after == (
+        before - {"ix_tasks_upstream_task_id", "ix_tasks_images_erased_at_completed_at"}
+    ) | {"ix_tasks_completed_at_unerased"}
+    downgrade(db_url, "0022")
+    assert asyncio.run(_pairs_and_indexes(db_url))[1] == before
+    upgrade(db_url)
+    check(db_url)

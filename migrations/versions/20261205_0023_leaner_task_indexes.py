@@ -24,7 +24,10 @@ twenty-third round"): ~20 frames per submit, of which
   ``app.pollplan``), which implies the condition.
 
 Both databases run a migration in one transaction, so there is no moment without the
-idempotency key's uniqueness. The downgrade builds the four as they were.
+idempotency key's uniqueness. The previous release runs unchanged on the result: none of
+its queries reads the dropped index, and each of its queries of the partial ones implies
+their conditions. On PostgreSQL each index build holds off writes to ``tasks`` while it
+reads the table (docs/operations.md). The downgrade builds the four as they were.
 
 Revision ID: 0023
 Revises: 0022
