@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 
 from app import logs
 from app.api.direct import DirectRoute
@@ -225,3 +225,30 @@ async def test_the_direct_callback_answers_as_the_declared_route(
         )
     status, headers, _ = await _both(sides, "POST", cb(t1, k1), content=BODY)
     assert status >= 500 and headers["content-type"] == "application/problem+json"
+
+
+async def test_the_common_callback_is_one_statement_on_postgresql(
+    sides: tuple[Side, Side],
+) -> None:
+    """On PostgreSQL the screen's read carries the common callback's write
+    (``app.callback_gate``): one statement matches the token and marks the task due. On
+    SQLite the screen's read and the write stay two. Counted on the engine: the
+    statements that match a token (nothing else reads ``token_hash``)."""
+    direct, _ = sides
+    engine = direct.app.state.ctx.engine
+    ((task_id, token),) = await insert_submitted_tasks(engine, 1, upstream_id="9002")
+    matching: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "token_hash" in statement:
+            matching.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        async with httpx.AsyncClient(base_url=direct.url) as c:
+            r = await c.post(f"/callbacks/wiro/{task_id}/{token}", content=BODY)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", seen)
+    assert r.status_code == 204
+    assert await _hint_at(direct, task_id) is not None
+    assert len(matching) == (1 if engine.dialect.name == "postgresql" else 2)

@@ -33,7 +33,7 @@ from app.models import Attempt, Task
 from app.prepared import run
 from app.results import _CLAIM_OUTPUTS
 from app.states import Outcome
-from app.tasks._callbacks import _CALLBACK_DUE
+from app.tasks._callbacks import CALLBACK_DUE
 from app.tasks._leases import _CLAIM_ROWS, _READ, _RELEASE, LEASES
 from app.tasks._writes import ATTEMPTS
 from tests.rows import task_row
@@ -100,10 +100,10 @@ async def test_the_hot_statements_go_straight_to_the_driver(engine: AsyncEngine)
     async with one_statement(engine) as conn:
         rows = (await run(conn, _ATTEMPTS, {"b_id": task_id})).all()
         hinted = await run(
-            conn, _CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": now}
+            conn, CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": now}
         )
         wrong = await run(
-            conn, _CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex("nope"), "b_now": now}
+            conn, CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex("nope"), "b_now": now}
         )
     assert [(r.status_rank, r.token_hash) for r in rows] == [
         (Status.queued.rank, sha256_hex("tok"))
@@ -140,7 +140,7 @@ async def test_a_missing_parameter_is_sqlalchemys_error_not_a_null(engine: Async
     task_id = await a_task(engine, "tok")
     async with autocommit(engine) as conn:
         with pytest.raises(StatementError):
-            await run(conn, _CALLBACK_DUE, {"b_id": task_id, "b_now": datetime.now(UTC)})
+            await run(conn, CALLBACK_DUE, {"b_id": task_id, "b_now": datetime.now(UTC)})
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
@@ -158,7 +158,7 @@ async def test_in_a_transaction_the_statements_after_the_first_go_straight(
         async with engine.connect() as conn:
             transaction = await conn.begin()
             await run(conn, _ATTEMPTS, {"b_id": task_id})
-            assert (await run(conn, _CALLBACK_DUE, hint)).rowcount == 1
+            assert (await run(conn, CALLBACK_DUE, hint)).rowcount == 1
             await getattr(transaction, outcome)()
         async with engine.connect() as other:
             hint_at = (await other.execute(read, {"id": task_id})).scalar_one()
@@ -175,7 +175,7 @@ async def test_an_error_in_a_transaction_rolls_all_of_it_back(engine: AsyncEngin
     with pytest.raises(IntegrityError):
         async with engine.begin() as conn:
             await run(conn, _ATTEMPTS, {"b_id": task_id})
-            assert (await run(conn, _CALLBACK_DUE, hint)).rowcount == 1
+            assert (await run(conn, CALLBACK_DUE, hint)).rowcount == 1
             await run(conn, duplicate, {})
     async with engine.connect() as other:
         hint_at = (
@@ -349,7 +349,7 @@ async def test_on_sqlite_a_transaction_s_first_statement_goes_straight_too(
     seen = executions(engine)
     for outcome in ("rollback", "commit"):
         async with engine.connect() as conn:
-            assert (await run(conn, _CALLBACK_DUE, hint)).rowcount == 1
+            assert (await run(conn, CALLBACK_DUE, hint)).rowcount == 1
             assert conn.in_transaction()
             await getattr(conn, outcome)()
         async with engine.connect() as other:
@@ -371,7 +371,7 @@ async def test_a_session_s_core_statements_go_straight_its_orm_ones_do_not(
         task = await session.get(Task, task_id)
         assert task is not None and task.hint_at is None
         seen = executions(engine)
-        assert (await execute(session, _CALLBACK_DUE, hint)).rowcount == 1
+        assert (await execute(session, CALLBACK_DUE, hint)).rowcount == 1
         assert seen == {"sqlalchemy": 0, "driver": 1}
         orm = update(Task).where(Task.id == task_id).values(retries=7)
         assert (await execute(session, orm, {})).rowcount == 1

@@ -30,6 +30,11 @@ async def answer(
     read (``app.callback_gate``); ``body`` is read only for a callback that may change
     something."""
     verdict = await screen(ctx, task_id=task_id, token=token)
+    if verdict == "accepted":  # PostgreSQL's common callback: marked due by the screen
+        await body()  # read (and its limit kept) as on the other path, never used
+        metrics.callback(verdict)
+        ctx.wake()
+        return Response(status_code=204)
     if verdict != "proceed":
         # Answered without reading the body (at most the callback limit: the server
         # discards it and keeps the connection).

@@ -73,7 +73,7 @@ async def accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) ->
 # task's upstream task, the task not finished yet -> due now. The token is matched by its
 # SHA-256 in the index (a timing difference there tells nothing about the token itself).
 _NOW = ts("b_now")
-_CALLBACK_DUE = (
+CALLBACK_DUE = (
     update(TASKS)
     .where(
         T.id == bindparam("b_id"),
@@ -96,7 +96,7 @@ async def _accept_callback(ctx: Ctx, *, task_id: str, token: str, body: bytes) -
     now = ctx.clock()
     async with ctx.bookkeeping() as conn:
         res = await run(
-            conn, _CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex(token), "b_now": now}
+            conn, CALLBACK_DUE, {"b_id": task_id, "b_hash": sha256_hex(token), "b_now": now}
         )
     if res.rowcount == 1:
         ctx.wake()
