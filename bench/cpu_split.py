@@ -14,8 +14,9 @@ folded stacks with thread names, for a flame graph or a grep).
 Besides the CPU, per request: how long the loop's thread waited for a core while it
 could run, and how often the kernel took its core from it (``/proc``'s scheduler
 statistics: the simulator, woken by the gateway's send, runs on the same two cores), and
-the simulator's own CPU; and the gateway's write system calls and bytes written per
-request (``/proc/PID/io``: the sockets' sends and SQLite's WAL frames). A py-spy profile
+the simulator's own CPU (and PostgreSQL's backends'); and the gateway's write system
+calls and bytes written per request (``/proc/PID/io``: the sockets' sends and SQLite's
+WAL frames). A py-spy profile
 samples wall time, so a loop preempted in a send shows there as time in
 ``StreamWriter.write``; these say how much of it that is.
 
@@ -42,6 +43,8 @@ from bench.common import bench_engine, wait_all_terminal, wait_idle
 from bench.harness import (
     CLIENT_KEYS,
     cpu_seconds,
+    database_cpu,
+    database_cpu_since,
     new_database,
     start_gateway,
     start_sim,
@@ -129,6 +132,7 @@ async def measure(
             time.sleep(1.0)
         before = thread_cpu(gw.pid)
         waits_before, sim_before, writes_before = loop_waits(gw.pid), sim.cpu(), writes(gw.pid)
+        db_before = await database_cpu(engine)
         step = await open_loop(pool, reqs, rate=rate, count=n, timeout=60)
         left = 0
         if kind != "submit":
@@ -136,6 +140,7 @@ async def measure(
         await wait_idle(gw.cpu)
         after = thread_cpu(gw.pid)
         waits_after, sim_after, writes_after = loop_waits(gw.pid), sim.cpu(), writes(gw.pid)
+        db_s = database_cpu_since(db_before, await database_cpu(engine)) if db_before else None
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
@@ -154,7 +159,9 @@ async def measure(
         f"{1000 * rest_s / n:.2f} ms; the loop's thread waited for a core "
         f"{1000 * (waits_after[0] - waits_before[0]) / n:.2f} ms "
         f"({(waits_after[1] - waits_before[1]) / n:.2f} times) per request; the simulator's "
-        f"CPU {1000 * (sim_after - sim_before) / n:.2f} ms per request; the gateway's write "
+        f"CPU {1000 * (sim_after - sim_before) / n:.2f} ms per request; "
+        + (f"PostgreSQL's backends' CPU {1000 * db_s / n:.2f} ms per request; " if db_s else "")
+        + "the gateway's write "
         f"system calls {(writes_after[0] - writes_before[0]) / n:.1f} "
         f"({(writes_after[1] - writes_before[1]) / n / 1024:.1f} KiB) per request; "
         f"load average {os.getloadavg()[0]:.2f}"
