@@ -22,16 +22,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import sqlite3
 import struct
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
 import httpx
 
-from bench.harness import CLIENT_KEYS, new_database, start_gateway, start_sim, task_body
+from bench.harness import (
+    CLIENT_KEYS,
+    Database,
+    new_database,
+    start_gateway,
+    start_sim,
+    task_body,
+)
 
 WARM_UP = 50
 HEADER = 32  # the WAL file's own header
@@ -55,40 +64,52 @@ def frames(wal: bytes, start: int) -> tuple[collections.Counter[int], int, int]:
     return pages, count, commits
 
 
-def measure(n: int) -> str:
-    workdir = Path(tempfile.mkdtemp(prefix="hgw-wal-frames-"))
+@contextlib.contextmanager
+def _submitting(kind: str) -> Iterator[tuple[Database, Callable[[int], None]]]:
+    """The gateway on a fresh ``kind`` database with the simulator (tasks left queued
+    upstream), warmed up; yields the database and ``submit(n)``, n submits one after
+    another."""
+    workdir = Path(tempfile.mkdtemp(prefix="hgw-wal-"))
     sim = start_sim(workdir)
     sim.reset(queue_s=3600.0, run_s=0.5, callback_drop=0.0)
-    db = new_database("sqlite", workdir, "walframes")
-    assert db.path is not None
+    db = new_database(kind, workdir, "wal")
     gw = start_gateway(db=db, sim=sim, logdir=workdir, output_hosts="127.0.0.1,cdn.wiro.ai")
     try:
         body = task_body(sim)
         auth = {"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
         with httpx.Client(base_url=gw.url, headers=auth, timeout=30) as client:
-            for _ in range(WARM_UP):
-                client.post("/v1/tasks", json=body).raise_for_status()
-            reader = sqlite3.connect(db.path, isolation_level=None)
-            reader.execute("BEGIN")
-            reader.execute("SELECT count(*) FROM tasks").fetchone()  # the snapshot
-            wal = Path(f"{db.path}-wal")
-            start = wal.stat().st_size
-            for _ in range(n):
-                client.post("/v1/tasks", json=body).raise_for_status()
-            time.sleep(0.5)  # the last link's write turn
-            data = wal.read_bytes()
-            reader.execute("COMMIT")
-            reader.close()
-        pages, count, commits = frames(data, start)
-        with sqlite3.connect(db.path) as conn:
-            names = dict(conn.execute("SELECT pageno, name FROM dbstat"))
-        by_name: collections.Counter[str] = collections.Counter()
-        for page, k in pages.items():
-            by_name[names.get(page, "(free)")] += k
+
+            def submit(n: int) -> None:
+                for _ in range(n):
+                    client.post("/v1/tasks", json=body).raise_for_status()
+                time.sleep(0.5)  # the last link's write
+
+            submit(WARM_UP)
+            yield db, submit
     finally:
         gw.stop()
         sim.stop()
         db.drop()
+
+
+def measure(n: int) -> str:
+    with _submitting("sqlite") as (db, submit):
+        assert db.path is not None
+        reader = sqlite3.connect(db.path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM tasks").fetchone()  # the snapshot
+        wal = Path(f"{db.path}-wal")
+        start = wal.stat().st_size
+        submit(n)
+        data = wal.read_bytes()
+        reader.execute("COMMIT")
+        reader.close()
+        pages, count, commits = frames(data, start)
+        with sqlite3.connect(db.path) as conn:
+            names = dict(conn.execute("SELECT pageno, name FROM dbstat"))
+    by_name: collections.Counter[str] = collections.Counter()
+    for page, k in pages.items():
+        by_name[names.get(page, "(free)")] += k
     lines = [
         f"{n} submits: {count / n:.1f} WAL frames and {commits / n:.2f} commits per submit; "
         "frames per submit by table and index:"
@@ -106,27 +127,10 @@ async def _wal_position(url: str) -> int:
 
 
 def measure_postgres(n: int) -> str:
-    workdir = Path(tempfile.mkdtemp(prefix="hgw-wal-bytes-"))
-    sim = start_sim(workdir)
-    sim.reset(queue_s=3600.0, run_s=0.5, callback_drop=0.0)
-    db = new_database("postgres", workdir, "walbytes")
-    gw = start_gateway(db=db, sim=sim, logdir=workdir, output_hosts="127.0.0.1,cdn.wiro.ai")
-    try:
-        body = task_body(sim)
-        auth = {"Authorization": f"Bearer {CLIENT_KEYS['alpha']}"}
-        with httpx.Client(base_url=gw.url, headers=auth, timeout=30) as client:
-            for _ in range(WARM_UP):
-                client.post("/v1/tasks", json=body).raise_for_status()
-            time.sleep(0.5)
-            before = asyncio.run(_wal_position(db.url))
-            for _ in range(n):
-                client.post("/v1/tasks", json=body).raise_for_status()
-            time.sleep(0.5)
-            after = asyncio.run(_wal_position(db.url))
-    finally:
-        gw.stop()
-        sim.stop()
-        db.drop()
+    with _submitting("postgres") as (db, submit):
+        before = asyncio.run(_wal_position(db.url))
+        submit(n)
+        after = asyncio.run(_wal_position(db.url))
     return f"{n} submits: {(after - before) / n / 1024:.1f} KiB of PostgreSQL's WAL per submit"
 
 
