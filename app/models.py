@@ -89,7 +89,7 @@ class Task(Base):
             sqlite_where=text(_DUE),
             postgresql_where=text(_DUE),
         ),
-        # Partial (migration 0023): a task without a key is in no entry of it, so its
+        # Partial (0023): a task without a key is in no entry of it, so its
         # insert writes no page of it; NULL keys never collided anyway.
         Index(
             "uq_tasks_client_idempotency_key",
