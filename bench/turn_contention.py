@@ -72,7 +72,11 @@ def beside(work: Callable[[threading.Event], None] | None) -> Iterator[None]:
 
 
 async def main() -> None:
-    path = Path(tempfile.mkdtemp(prefix="hgw-turns-")) / "bench.db"
+    with tempfile.TemporaryDirectory(prefix="hgw-turns-") as workdir:
+        await _measure(Path(workdir) / "bench.db")
+
+
+async def _measure(path: Path) -> None:
     url = f"sqlite+aiosqlite:///{path}"
     await asyncio.to_thread(upgrade, url)
     engine = make_engine(url)
