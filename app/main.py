@@ -30,6 +30,7 @@ from app.hardening import insecure_public_url
 from app.migrate import head_revisions
 from app.outbound import Outbound
 from app.outbox import Services
+from app.output_process import Limits, OutputProcess
 from app.ratelimit import RateLimiter
 from app.settings import Settings
 from app.store import DirectoryStore
@@ -158,7 +159,10 @@ def create_app(
         app.state.db_gauges = metrics.DbGauges(read=lambda: stats.live_counts(ctx))
         app.state.ctx = ctx
         app.state.scheduler = scheduler
-        services = Services(ctx=ctx, store=DirectoryStore(settings.data_dir), outbound=Outbound())
+        store = DirectoryStore(settings.data_dir)
+        services = Services(ctx=ctx, store=store, outbound=Outbound())
+        if settings.output_process:
+            services.output_process = OutputProcess(Limits.of(settings), store.root)
         result_loops = result_workers(services)
         app.state.services = services
         # What wakes `Prefer: wait` and event streams: commits that wrote task events.
@@ -201,6 +205,8 @@ def create_app(
             for loop in result_loops:
                 await loop.stop()
             await services.outbound.aclose()
+            if services.output_process is not None:
+                await services.output_process.aclose()
             await http.aclose()
             await engine.dispose()
             if provider is not None:

@@ -31,6 +31,7 @@ from app.states import DeliveryStatus, OutputState
 if TYPE_CHECKING:
     from app.context import Ctx
     from app.outbound import Outbound
+    from app.output_process import OutputProcess
     from app.store import Store
 
 
@@ -43,6 +44,8 @@ class Services:
     ctx: Ctx
     store: Store
     outbound: Outbound
+    # Where outputs are downloaded, checked and written (None: here, on worker threads).
+    output_process: OutputProcess | None = None
     wake_notifier: Callable[[], None] = _noop
     wake_outputs: Callable[[], None] = _noop
     wake_eraser: Callable[[], None] = _noop

@@ -2,10 +2,11 @@
 
 Outputs: a succeeded task's outputs are recorded (``task_outputs``, in the transaction of
 the status change) and a worker downloads each one through ``app.outbound`` (only from
-``GATEWAY_OUTPUT_HOSTS``, size-capped, ``image/jpeg`` or ``image/png`` that decodes),
-keeps it in the store, and rewrites the task's ``outputs`` so ``url`` points at the
-gateway. Until then ``url`` is Wiro's; a download that keeps failing is retried per
-``GATEWAY_OUTPUT_RETRY_S`` and then given up, and never fails the task.
+``GATEWAY_OUTPUT_HOSTS``, size-capped, ``image/jpeg`` or ``image/png`` that decodes:
+``app.output_process``, optionally in a child process), keeps it in the store, and
+rewrites the task's ``outputs`` so ``url`` points at the gateway. Until then ``url`` is
+Wiro's; a download that keeps failing is retried per ``GATEWAY_OUTPUT_RETRY_S`` and then
+given up, and never fails the task.
 
 Erasure (``DELETE /v1/tasks/{id}/images`` or the retention sweep): in one transaction the
 task gets ``images_erased_at``, its outputs and its input upload (if it was one of ours)
@@ -27,23 +28,22 @@ from typing import Any, cast
 from sqlalchemy import Select, Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from app import imaging, notify
+from app import notify
 from app.db import execute, ts, unit_of_work, write
 from app.errors import Conflict, Gone, NotFound
 from app.ids import jitter, sha256_hex
 from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK, Status
 from app.models import Erasure, Event, StoredOutput, Task, Upload
-from app.outbound import OutboundError, OutboundRefused, Policy
+from app.outbound import OutboundError
 from app.outbox import Services
+from app.output_process import Limits, Permanent, fetch
 from app.prepared import run
 from app.states import ErasureState, EventKind, OutputState
 from app.tasks import get_task
 from app.wiro import WiroError, WiroStateError
 
 log = logging.getLogger(__name__)
-
-ALLOWED_TYPES = frozenset(imaging.FORMATS.values())
 
 
 def output_url(public_url: str, task_id: str, index: int) -> str:
@@ -204,47 +204,6 @@ async def claim_outputs(svc: Services, *, limit: int) -> list[tuple[str, int]]:
     return keys
 
 
-class _Permanent(Exception):
-    """A download failure that a retry will not fix."""
-
-
-async def _download(svc: Services, url: str) -> tuple[bytes, imaging.ImageInfo]:
-    s = svc.ctx.settings
-    policy = Policy(allow_private=s.allow_private_networks, hosts=s.output_host_set)
-    try:
-        resp = await svc.outbound.request(
-            "GET",
-            url,
-            policy=policy,
-            headers={"accept": "image/png, image/jpeg"},
-            timeout_s=s.output_timeout_s,
-            max_bytes=s.output_max_bytes,
-        )
-    except OutboundRefused as e:
-        raise _Permanent(str(e)) from None
-    if resp.status_code != 200:
-        why = f"the upstream answered HTTP {resp.status_code}"
-        if 300 <= resp.status_code < 400:
-            raise _Permanent(why + " (redirects are not followed)")
-        if resp.status_code in (404, 410):
-            raise _Permanent(why + " (the file is gone)")
-        raise OutboundError(why)
-    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in ALLOWED_TYPES:
-        raise _Permanent(f"content type {ctype or 'none'!r} is not image/jpeg or image/png")
-    try:
-        # The whole image is decoded (README: "the bytes must decode with Pillow").
-        info = await imaging.in_thread(
-            imaging.inspect,
-            resp.content,
-            max_pixels=s.image_max_pixels,
-            concurrency=s.image_decode_concurrency,
-        )
-    except imaging.ImageRejected as e:
-        raise _Permanent(e.message) from None
-    return resp.content, info
-
-
 async def store_output(svc: Services, task_id: str, idx: int) -> None:
     """One download attempt of an output this process has leased; records the outcome
     and gives the lease back in the same statement."""
@@ -264,13 +223,17 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     error: str | None = None
     permanent = False
     try:
-        data, info = await _download(svc, url)
-    except _Permanent as e:
+        if svc.output_process is None:
+            data, info = await fetch(svc.outbound, Limits.of(s), url)
+        else:  # downloaded, checked and written in the child (app/output_process.py)
+            data, info = None, await svc.output_process.fetch_and_store(url, storage_key)
+    except Permanent as e:
         error, permanent = str(e), True
     except OutboundError as e:
         error = str(e) or type(e).__name__
     else:
-        await svc.store.put(storage_key, data)
+        if data is not None:
+            await svc.store.put(storage_key, data)
         settled = waiting = False
         async with write(ctx.engine) as conn:
             if lock:

@@ -242,6 +242,12 @@ class Settings(BaseSettings):
     )
     output_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     output_timeout_s: float = Field(default=60.0, gt=0)
+    output_process: bool = Field(
+        default=False,
+        description="download, check and write outputs in a child process of each replica "
+        "(nice +10), off the event loop's thread and its GIL (false: on the replica's "
+        "worker threads)",
+    )
     output_retry_s: str = Field(
         default="1,5,30,120,600,1800,3600",
         description="seconds before each further output download attempt, comma-separated",

@@ -45,6 +45,7 @@ from bench.harness import (
     cpu_seconds,
     database_cpu,
     database_cpu_since,
+    descendants,
     new_database,
     start_gateway,
     start_sim,
@@ -85,6 +86,15 @@ def thread_cpu(pid: int) -> dict[int, float]:
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError):  # the thread ended meanwhile
             out[int(tid)] = cpu_seconds(pid, int(tid))
+    return out
+
+
+def _kids_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each process under ``pid`` (the output process)."""
+    out: dict[int, float] = {}
+    for kid in descendants(pid):
+        with contextlib.suppress(OSError):
+            out[kid] = cpu_seconds(kid)
     return out
 
 
@@ -131,6 +141,7 @@ async def measure(
             )
             time.sleep(1.0)
         before = thread_cpu(gw.pid)
+        kids_before = _kids_cpu(gw.pid)
         waits_before, sim_before, writes_before = loop_waits(gw.pid), sim.cpu(), writes(gw.pid)
         db_before = await database_cpu(engine)
         step = await open_loop(pool, reqs, rate=rate, count=n, timeout=60)
@@ -139,6 +150,7 @@ async def measure(
             left, _ = await wait_all_terminal(engine, 120, poll_s=0.1)
         await wait_idle(gw.cpu)
         after = thread_cpu(gw.pid)
+        kids_after = _kids_cpu(gw.pid)
         waits_after, sim_after, writes_after = loop_waits(gw.pid), sim.cpu(), writes(gw.pid)
         db_s = database_cpu_since(db_before, await database_cpu(engine)) if db_before else None
         if profiler is not None:
@@ -152,11 +164,13 @@ async def measure(
         db.drop()
     loop_s = after.get(gw.pid, 0.0) - before.get(gw.pid, 0.0)
     rest_s = sum(v - before.get(t, 0.0) for t, v in after.items() if t != gw.pid)
+    kids_s = sum(v - kids_before.get(p, 0.0) for p, v in kids_after.items())
     return (
         f"{kind} {db_kind} ({output_format} outputs) at {rate:g}/s, {n}: {step.ok} answered "
         f"2xx, p50 {step.pct(50):.1f} ms, p99 {step.pct(99):.1f} ms, {left} not terminal; "
         f"gateway CPU per request: event loop's thread {1000 * loop_s / n:.2f} ms, other threads "
-        f"{1000 * rest_s / n:.2f} ms; the loop's thread waited for a core "
+        f"{1000 * rest_s / n:.2f} ms, its output process {1000 * kids_s / n:.2f} ms; "
+        "the loop's thread waited for a core "
         f"{1000 * (waits_after[0] - waits_before[0]) / n:.2f} ms "
         f"({(waits_after[1] - waits_before[1]) / n:.2f} times) per request; the simulator's "
         f"CPU {1000 * (sim_after - sim_before) / n:.2f} ms per request; "

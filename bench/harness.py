@@ -87,13 +87,34 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid``: ``serve --workers N``'s workers and each replica's
+    output process (``app/output_process.py``)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
 def tree_cpu_seconds(pid: int, workers: list[int]) -> float:
-    """CPU time of ``pid`` and of its ``workers`` still alive (a worker that ended takes
-    its time with it: only for runs where none does)."""
+    """CPU time of ``pid``, of its ``workers`` and of every other process under it, those
+    still alive (one that ended takes its time with it: only for runs where none does)."""
     total = cpu_seconds(pid)
-    for w in workers:
+    for w in {*workers, *descendants(pid)}:
         with contextlib.suppress(OSError):
             total += cpu_seconds(w)
+    return total
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """The resident memory of ``pid`` and of every process under it."""
+    total = rss_bytes(pid)
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            total += rss_bytes(child)
     return total
 
 
@@ -231,11 +252,13 @@ class GatewayProc:
         return self.proc.pid
 
     def cpu(self) -> float:
-        """CPU seconds of the gateway: the process, plus its workers when it has some."""
+        """CPU seconds of the gateway: the process and every process under it (its
+        workers when it has some, each replica's output process)."""
         return tree_cpu_seconds(self.proc.pid, self.workers)
 
     def rss(self) -> int:
-        return rss_bytes(self.proc.pid)
+        """Resident memory of the gateway's processes, the output process included."""
+        return tree_rss_bytes(self.proc.pid)
 
     def stop(self) -> None:
         stop(self.proc)

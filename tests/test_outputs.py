@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 from sqlalchemy import select
 
@@ -74,9 +75,12 @@ async def test_outputs_outlive_the_upstream_copy(db_url: str, sim: Sim, tmp_path
         assert r.headers["content-type"].startswith("application/problem+json")
 
 
+@pytest.mark.parametrize("in_child", [True, False], ids=["output-process", "in-process"])
 async def test_downloads_are_checked_retried_and_never_fail_the_task(
-    db_url: str, sim: Sim, tmp_path: Path
+    db_url: str, sim: Sim, tmp_path: Path, in_child: bool
 ) -> None:
+    """The same outcomes whether the attempts run in the output process (the default) or
+    on the replica's own threads (``GATEWAY_OUTPUT_PROCESS=false``)."""
     good = png()
     async with (
         serve_receiver() as cdn,
@@ -87,6 +91,7 @@ async def test_downloads_are_checked_retried_and_never_fail_the_task(
             output_hosts="127.0.0.1",
             output_max_bytes=20_000,
             output_retry_s="0.1,0.1",
+            output_process=in_child,
         ) as gw,
     ):
         port = cdn.url.rsplit(":", 1)[1]
@@ -128,6 +133,8 @@ async def test_downloads_are_checked_retried_and_never_fail_the_task(
             return all(o.state != "pending" for o in rows)
 
         await until(all_settled)
+        child = gw.app.state.services.output_process
+        assert (child is not None and child.started == 1) if in_child else child is None
         rows = {name: (await outputs_of(gw, t))[0] for name, t in ids.items()}
         assert rows["flaky"].state == "stored" and rows["flaky"].attempts == 2
         assert rows["flaky"].sha256 == hashlib.sha256(good).hexdigest()
