@@ -179,7 +179,11 @@ class OutputProcess:
                 return child
             if child is not None:
                 await _reap(child)
-            child = self._child = await self._spawn()
+                self._child = None
+            try:
+                child = self._child = await self._spawn()
+            except OSError as e:  # no process to be had (limits, memory): a retry may
+                raise OutboundError(f"the output process could not start ({e})") from None
             return child
 
     async def _spawn(self) -> _Child:

@@ -128,3 +128,18 @@ async def test_the_child_ends_with_its_replica(tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     child = int(proc.stdout.split()[0])
     await _until_gone(child)
+
+
+async def test_a_child_that_cannot_start_is_a_transient_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_process(*args: object, **kwargs: object) -> None:
+        raise BlockingIOError("fork: resource temporarily unavailable")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", no_process)
+    out = OutputProcess(LIMITS, tmp_path)
+    with pytest.raises(OutboundError) as failed:
+        await out.fetch_and_store("http://127.0.0.1:9/a.png", "o/t/0")
+    assert not isinstance(failed.value, Permanent)  # retried on the schedule
+    assert out.started == 0
+    await out.aclose()
