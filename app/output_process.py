@@ -26,6 +26,7 @@ written is under the output's own key, so the next attempt rewrites it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -155,10 +156,8 @@ class _Child:
 
     def kill(self) -> None:
         if self.proc.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
-            except ProcessLookupError:
-                pass
 
 
 class OutputProcess:
@@ -170,7 +169,7 @@ class OutputProcess:
         self._child: _Child | None = None
         self._starting = asyncio.Lock()
         self._ids = count()
-        self.started = 0  # children started so far (tests, metrics of restarts)
+        self.started = 0  # children started so far (a restart shows here)
 
     async def _running(self) -> _Child:
         async with self._starting:

@@ -99,11 +99,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_cpu_seconds(pid: int, workers: list[int]) -> float:
-    """CPU time of ``pid``, of its ``workers`` and of every other process under it, those
-    still alive (one that ended takes its time with it: only for runs where none does)."""
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and of every process under it still alive (one that ended
+    takes its time with it: only for runs where none does)."""
     total = cpu_seconds(pid)
-    for w in {*workers, *descendants(pid)}:
+    for w in descendants(pid):
         with contextlib.suppress(OSError):
             total += cpu_seconds(w)
     return total
@@ -254,7 +254,7 @@ class GatewayProc:
     def cpu(self) -> float:
         """CPU seconds of the gateway: the process and every process under it (its
         workers when it has some, each replica's output process)."""
-        return tree_cpu_seconds(self.proc.pid, self.workers)
+        return tree_cpu_seconds(self.proc.pid)
 
     def rss(self) -> int:
         """Resident memory of the gateway's processes, the output process included."""
