@@ -75,19 +75,20 @@ class Leases:
             .where(self.held_by(bindparam("b_owner")), *self._key_equals())
             .values(**FREE)
         )
-        self._release_all = (
-            update(self.table).where(c.lease_owner == bindparam("b_owner")).values(**FREE)
-        )
         # Only rows that have a due time can be claimed, so only their leases matter;
-        # the bound on it (any due time) lets the due column's index find them.
+        # the bound on it (any due time) lets the due column's index find them, where a
+        # statement by ``lease_owner`` alone read the whole history. A lease left on a
+        # row without one runs out as before (nobody can claim such a row meanwhile).
+        any_due = self.due_column >= ts("b_epoch")
+        self._release_all = (
+            update(self.table).where(any_due, c.lease_owner == bindparam("b_owner")).values(**FREE)
+        )
         self._holders = (
-            select(c.lease_owner)
-            .where(self.due_column >= ts("b_epoch"), c.lease_owner.like(bindparam("b_like")))
-            .distinct()
+            select(c.lease_owner).where(any_due, c.lease_owner.like(bindparam("b_like"))).distinct()
         )
         self._release_of = (
             update(self.table)
-            .where(c.lease_owner.in_(bindparam("b_owners", expanding=True)))
+            .where(any_due, c.lease_owner.in_(bindparam("b_owners", expanding=True)))
             .values(**FREE)
         )
 
@@ -217,7 +218,7 @@ class Leases:
 
     async def release_all(self, conn: AsyncConnection, *, owner: str) -> int:
         """Give back every lease ``owner`` holds (graceful shutdown); how many."""
-        res = await run(conn, self._release_all, {"b_owner": owner})
+        res = await run(conn, self._release_all, {"b_owner": owner, "b_epoch": _EPOCH})
         return int(res.rowcount or 0)
 
     async def holders(self, conn: AsyncConnection, like: str) -> list[str]:
@@ -229,7 +230,7 @@ class Leases:
         """Give back every lease one of ``owners`` holds (holders known dead); how many."""
         if not owners:
             return 0
-        res = await run(conn, self._release_of, {"b_owners": list(owners)})
+        res = await run(conn, self._release_of, {"b_owners": list(owners), "b_epoch": _EPOCH})
         return int(res.rowcount or 0)
 
 

@@ -87,9 +87,24 @@ async def test_the_scheduler_s_claims_read_the_partial_due_index(engine: AsyncEn
     assert "ix_tasks_next_check_at" in await plan_indexes(
         engine, candidates, {"b_now": now, "b_limit": 10}
     )
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
     holders = LEASES._holders
     assert "ix_tasks_next_check_at" in await plan_indexes(
-        engine, holders, {"b_epoch": datetime(1970, 1, 1, tzinfo=UTC), "b_like": "gw-%"}
+        engine, holders, {"b_epoch": epoch, "b_like": "gw-%"}
+    )
+
+
+async def test_a_shutdown_s_and_a_restart_s_releases_read_the_partial_due_index(
+    engine: AsyncEngine,
+) -> None:
+    """Every lease of this process given back (graceful shutdown), and every lease of
+    processes found dead (``reclaim``): by the due index, not the whole history."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert "ix_tasks_next_check_at" in await plan_indexes(
+        engine, LEASES._release_all, {"b_epoch": epoch, "b_owner": "gw-1"}
+    )
+    assert "ix_tasks_next_check_at" in await plan_indexes(
+        engine, LEASES._release_of, {"b_epoch": epoch, "b_owners": ["gw-1", "gw-2"]}
     )
 
 
