@@ -39,7 +39,7 @@ class Grouped:
     def __init__(self) -> None:
         self._queue: list[_Queued] = []
         self._task: asyncio.Task[None] | None = None
-        self.groups = 0  # turns taken (tests, bench)
+        self.groups = 0  # groups written (tests)
 
     async def rowcount(self, engine: AsyncEngine, stmt: Executable, params: Any) -> int:
         loop = asyncio.get_running_loop()
