@@ -104,6 +104,54 @@ async def test_a_cancelled_waiter_never_keeps_or_loses_the_turn() -> None:
     turns.release()
 
 
+async def test_a_turn_given_back_is_free_until_its_waiter_runs() -> None:
+    turns = WriteTurns()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        await turns.acquire(background=False)
+        order.append(name)
+        turns.release()
+
+    await turns.acquire(background=True)
+    waiter = asyncio.create_task(take("waiter"))
+    later = asyncio.create_task(take("later"))
+    await _settle()
+    turns.release()  # wakes "waiter", which runs a pass later
+    assert turns.free
+    # A writer that comes meanwhile takes the turn at once ...
+    async with asyncio.timeout(5):  # (not a task of its own, as ``wait_for`` makes)
+        await turns.acquire(background=False)
+    order.append("barger")
+    await _settle()
+    # ... so the woken waiter went back to the head of its queue, ahead of "later".
+    assert order == ["barger"]
+    turns.release()
+    await asyncio.wait_for(asyncio.gather(waiter, later), timeout=5)
+    assert order == ["barger", "waiter", "later"]
+    assert turns.free
+
+
+async def test_a_woken_waiter_cancelled_wakes_the_next() -> None:
+    turns = WriteTurns()
+    got: list[str] = []
+
+    async def take(name: str) -> None:
+        await turns.acquire(background=True)
+        got.append(name)
+        turns.release()
+
+    await turns.acquire(background=False)
+    a = asyncio.create_task(take("a"))
+    b = asyncio.create_task(take("b"))
+    await _settle()
+    turns.release()  # wakes "a" ...
+    turns.release()  # (given back again by nobody: wakes no second waiter)
+    a.cancel()  # ... which is cancelled before it runs: "b" is woken instead
+    await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), timeout=5)
+    assert a.cancelled() and got == ["b"] and turns.free
+
+
 async def test_worker_writes_are_background_turns_on_sqlite(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
     try:
