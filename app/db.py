@@ -195,14 +195,15 @@ class WriteTurns:
     it, not for a queue of background work. The background is never starved: after
     ``FOREGROUND_RUN`` request turns in a row while it waits, it gets the next one.
 
-    A turn given back wakes the next waiter (FIFO within each class) but is not held for
-    it: until the waiter runs, a pass of the event loop later, the turn is free, and a
-    writer that comes meanwhile takes it at once. Its statements run inline on the
-    loop's thread, so it is usually done before the waiter runs; a waiter that finds the
-    turn taken goes back to the head of its queue. (Held for the waiter, the turn sat
-    idle for that pass on every hand-off: under load nearly every turn was handed on,
-    one a pass: ``docs/benchmarks.md``, "twenty-seventh round".) One waiter is woken at
-    a time; one cancelled after it was woken wakes the next.
+    A turn given back wakes the next waiter but is not held for it: until the waiter
+    runs, a pass of the event loop later, the turn is free, and a writer that comes
+    meanwhile takes it at once unless a request's transaction waits (or is the one
+    woken): nobody overtakes a waiting request. Its statements run inline on the loop's
+    thread, so it is usually done before the waiter runs; a waiter that finds the turn
+    taken goes back to the head of its queue. (Held for the waiter, the turn sat idle
+    for that pass on every hand-off, and under load nearly every turn was one:
+    ``docs/benchmarks.md``, "twenty-seventh round".) One waiter is woken at a time; one
+    cancelled after it was woken wakes the next.
     """
 
     FOREGROUND_RUN = 8
@@ -212,17 +213,19 @@ class WriteTurns:
         self._foreground: collections.deque[asyncio.Future[None]] = collections.deque()
         self._background: collections.deque[asyncio.Future[None]] = collections.deque()
         self._woken: asyncio.Future[None] | None = None  # woken, not yet running
+        self._woken_foreground = False
         self._run = 0  # request turns given in a row while the background waited
         self.turns = {"foreground": 0, "background": 0}  # turns taken (tests, bench)
 
     @property
     def free(self) -> bool:
-        """Whether ``acquire`` would take the turn at once."""
-        return not self._held
+        """Whether ``acquire`` would take the turn at once for any writer: nobody holds
+        it, and no request's transaction waits for it."""
+        return not (self._held or self._foreground or self._woken_foreground)
 
     async def acquire(self, *, background: bool) -> None:
         self.turns["background" if background else "foreground"] += 1
-        if not self._held:
+        if self.free:
             self._held = True
             return
         queue = self._background if background else self._foreground
@@ -233,14 +236,14 @@ class WriteTurns:
                 await fut
             except asyncio.CancelledError:
                 if fut is self._woken:  # woken, then cancelled: wake the next one
-                    self._woken = None
+                    self._woken, self._woken_foreground = None, False
                     if not self._held:
                         self._wake_next()
                 elif fut in queue:  # not yet woken
                     queue.remove(fut)
                 raise
             if fut is self._woken:
-                self._woken = None
+                self._woken, self._woken_foreground = None, False
             if not self._held:
                 self._held = True
                 return
@@ -256,16 +259,17 @@ class WriteTurns:
     def _wake_next(self) -> None:
         while True:
             if self._foreground and (self._run < self.FOREGROUND_RUN or not self._background):
-                fut = self._foreground.popleft()
+                queue = self._foreground
                 run = self._run + 1 if self._background else 0
             elif self._background:
-                fut, run = self._background.popleft(), 0
+                queue, run = self._background, 0
             else:
                 self._run = 0
                 return
+            fut = queue.popleft()
             if not fut.done():
                 self._run = run
-                self._woken = fut
+                self._woken, self._woken_foreground = fut, queue is self._foreground
                 fut.set_result(None)
                 return
 

@@ -108,20 +108,20 @@ async def test_a_turn_given_back_is_free_until_its_waiter_runs() -> None:
     turns = WriteTurns()
     order: list[str] = []
 
-    async def take(name: str) -> None:
-        await turns.acquire(background=False)
+    async def take(name: str, *, background: bool) -> None:
+        await turns.acquire(background=background)
         order.append(name)
         turns.release()
 
     await turns.acquire(background=True)
-    waiter = asyncio.create_task(take("waiter"))
-    later = asyncio.create_task(take("later"))
+    waiter = asyncio.create_task(take("waiter", background=True))
+    later = asyncio.create_task(take("later", background=True))
     await _settle()
     turns.release()  # wakes "waiter", which runs a pass later
     assert turns.free
     # A writer that comes meanwhile takes the turn at once ...
     async with asyncio.timeout(5):  # (not a task of its own, as ``wait_for`` makes)
-        await turns.acquire(background=False)
+        await turns.acquire(background=True)
     order.append("barger")
     await _settle()
     # ... so the woken waiter went back to the head of its queue, ahead of "later".
@@ -130,6 +130,30 @@ async def test_a_turn_given_back_is_free_until_its_waiter_runs() -> None:
     await asyncio.wait_for(asyncio.gather(waiter, later), timeout=5)
     assert order == ["barger", "waiter", "later"]
     assert turns.free
+
+
+async def test_nobody_overtakes_a_waiting_request() -> None:
+    turns = WriteTurns()
+    order: list[str] = []
+
+    async def take(name: str, *, background: bool) -> None:
+        await turns.acquire(background=background)
+        order.append(name)
+        turns.release()
+
+    await turns.acquire(background=True)
+    request = asyncio.create_task(take("request", background=False))
+    await _settle()
+    turns.release()  # wakes the request
+    # Free, but woken for a request: a writer that comes meanwhile waits its turn.
+    assert not turns.free
+    assert not turns._held
+    async with asyncio.timeout(5):
+        await turns.acquire(background=True)  # (suspends until the request is done)
+    order.append("background")
+    turns.release()
+    assert order == ["request", "background"]
+    await request
 
 
 async def test_a_woken_waiter_cancelled_wakes_the_next() -> None:
