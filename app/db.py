@@ -195,15 +195,7 @@ class WriteTurns:
     it, not for a queue of background work. The background is never starved: after
     ``FOREGROUND_RUN`` request turns in a row while it waits, it gets the next one.
 
-    A turn given back wakes the next waiter but is not held for it: until the waiter
-    runs, a pass of the event loop later, the turn is free, and a writer that comes
-    meanwhile takes it at once unless a request's transaction waits (or is the one
-    woken): nobody overtakes a waiting request. Its statements run inline on the loop's
-    thread, so it is usually done before the waiter runs; a waiter that finds the turn
-    taken goes back to the head of its queue. (Held for the waiter, the turn sat idle
-    for that pass on every hand-off, and under load nearly every turn was one:
-    ``docs/benchmarks.md``, "twenty-seventh round".) One waiter is woken at a time; one
-    cancelled after it was woken wakes the next.
+    FIFO within each class; a waiter cancelled after it was handed the turn passes it on.
     """
 
     FOREGROUND_RUN = 8
@@ -212,65 +204,39 @@ class WriteTurns:
         self._held = False
         self._foreground: collections.deque[asyncio.Future[None]] = collections.deque()
         self._background: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._woken: asyncio.Future[None] | None = None  # woken, not yet running
-        self._woken_foreground = False
         self._run = 0  # request turns given in a row while the background waited
         self.turns = {"foreground": 0, "background": 0}  # turns taken (tests, bench)
 
-    @property
-    def free(self) -> bool:
-        """Whether ``acquire`` would take the turn at once for any writer: nobody holds
-        it, and no request's transaction waits for it."""
-        return not (self._held or self._foreground or self._woken_foreground)
-
     async def acquire(self, *, background: bool) -> None:
         self.turns["background" if background else "foreground"] += 1
-        if self.free:
+        if not self._held and not self._foreground and not self._background:
             self._held = True
             return
-        queue = self._background if background else self._foreground
         fut = asyncio.get_running_loop().create_future()
+        queue = self._background if background else self._foreground
         queue.append(fut)
-        while True:
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut is self._woken:  # woken, then cancelled: wake the next one
-                    self._woken, self._woken_foreground = None, False
-                    if not self._held:
-                        self._wake_next()
-                elif fut in queue:  # not yet woken
-                    queue.remove(fut)
-                raise
-            if fut is self._woken:
-                self._woken, self._woken_foreground = None, False
-            if not self._held:
-                self._held = True
-                return
-            # Taken meanwhile: first in line again for the next turn.
-            fut = asyncio.get_running_loop().create_future()
-            queue.appendleft(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed the turn, then cancelled: pass it on
+            elif fut in queue:  # not yet skipped by a ``release``
+                queue.remove(fut)
+            raise
 
     def release(self) -> None:
-        self._held = False
-        if self._woken is None:
-            self._wake_next()
-
-    def _wake_next(self) -> None:
         while True:
             if self._foreground and (self._run < self.FOREGROUND_RUN or not self._background):
-                queue = self._foreground
+                fut = self._foreground.popleft()
                 run = self._run + 1 if self._background else 0
             elif self._background:
-                queue, run = self._background, 0
+                fut, run = self._background.popleft(), 0
             else:
-                self._run = 0
+                self._held, self._run = False, 0
                 return
-            fut = queue.popleft()
             if not fut.done():
                 self._run = run
-                self._woken, self._woken_foreground = fut, queue is self._foreground
-                fut.set_result(None)
+                fut.set_result(None)  # the turn passes on: ``_held`` stays True
                 return
 
 

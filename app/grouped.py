@@ -6,12 +6,9 @@ turn, ``BEGIN IMMEDIATE``, the statement, ``COMMIT`` (its WAL frames), the turn'
 hooks. Here a caller queues its statement and waits; one task per engine takes the turn
 once for everything queued, runs each statement in the one transaction, commits, and
 answers each caller with its row count. What arrives while that turn waits or runs
-goes in the next. A caller that finds the turn free and no group forming writes at once,
-alone, as it did before groups (it would otherwise wait a pass of the event loop for a
-group of one: at moderate load that doubled a callback's p50). So a caller still learns
-its row count only once it is committed (a callback's ``204`` still means its hint is
-recorded), and under load N hints cost one turn and one commit instead of N
-(``docs/benchmarks.md``, "twenty-sixth round").
+goes in the next. So a caller still learns its row count only once it is committed
+(a callback's ``204`` still means its hint is recorded), and under load N hints cost
+one turn and one commit instead of N (``docs/benchmarks.md``, "twenty-sixth round").
 
 A statement that fails fails its whole group: every caller in it gets the error, and
 nothing of the group is written (the transaction rolls back). The statements must be
@@ -28,7 +25,7 @@ from typing import Any
 from sqlalchemy import Executable
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import write, write_turns
+from app.db import write
 from app.prepared import run
 
 _Queued = tuple[Executable, Any, "asyncio.Future[int]"]
@@ -37,22 +34,14 @@ _Queued = tuple[Executable, Any, "asyncio.Future[int]"]
 class Grouped:
     """The queue of one engine's grouped writes and the task that drains it."""
 
-    __slots__ = ("_queue", "_task", "alone", "groups")
+    __slots__ = ("_queue", "_task", "groups")
 
     def __init__(self) -> None:
         self._queue: list[_Queued] = []
         self._task: asyncio.Task[None] | None = None
         self.groups = 0  # groups written (tests)
-        self.alone = 0  # writes that found the turn free and went at once (tests)
 
     async def rowcount(self, engine: AsyncEngine, stmt: Executable, params: Any) -> int:
-        if self._task is None and write_turns(engine).free:
-            # Nobody writes or waits: no group could form behind this write, and its
-            # statement runs inline on the loop's thread, so the turn is held only while
-            # it runs. (What arrives meanwhile finds the turn taken and queues.)
-            self.alone += 1
-            async with write(engine) as conn:
-                return (await run(conn, stmt, params)).rowcount
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         self._queue.append((stmt, params, fut))

@@ -1,17 +1,13 @@
 """SQLite's grouped one-statement writes (app/grouped.py): callbacks' hints that arrive
-while the turn is taken share one write turn, each caller answered with its own row
-count once committed; one that finds the turn free writes at once; a failure fails its
-whole group and nothing of it is written; nobody waits forever when the group's task is
-cancelled."""
+together share one write turn, each caller answered with its own row count once
+committed; a failure fails its whole group and nothing of it is written; nobody waits
+forever when the group's task is cancelled."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import grouped, tasks
 from app.db import write, write_turns
@@ -28,17 +24,6 @@ async def _probe_table(e: Engine) -> None:
         await conn.execute(text("CREATE TABLE hgw_grouped_probe (x INTEGER UNIQUE)"))
 
 
-@contextlib.asynccontextmanager
-async def _turn_taken(engine: AsyncEngine) -> AsyncIterator[None]:
-    """The write turn held by someone else: writes that come meanwhile queue."""
-    turns = write_turns(engine)
-    await turns.acquire(background=False)
-    try:
-        yield
-    finally:
-        turns.release()
-
-
 async def _rows(e: Engine) -> int:
     async with e.ctx.engine.connect() as conn:
         return int((await conn.execute(COUNT)).scalar_one())
@@ -48,27 +33,18 @@ async def test_callbacks_arriving_together_share_one_write_turn(eng: Engine) -> 
     eng.wiro.on("Run", ok(taskid="5150", socketaccesstoken="sock"))
     ids = [(await eng.submit()).id for _ in range(6)]
     tokens = [r["callbackUrl"].rsplit("/", 1)[1] for r in eng.wiro.sent("Run")]
+    turns = write_turns(eng.ctx.engine).turns["foreground"]
     eng.later(1)
-    engine = eng.ctx.engine
 
-    async with _turn_taken(engine):
-        turns = write_turns(engine).turns["foreground"]
-        callers = [
-            asyncio.ensure_future(
-                tasks.accept_callback(eng.ctx, task_id=task_id, token=token, body=b"{}")
-            )
+    accepted = await asyncio.gather(
+        *(
+            tasks.accept_callback(eng.ctx, task_id=task_id, token=token, body=b"{}")
             for task_id, token in zip(ids, tokens, strict=True)
-        ]
+        ),
         # A wrong token in the same group: its row count is its own (0), and it goes
         # on to the slow path, which finds no attempt.
-        callers.append(
-            asyncio.ensure_future(
-                tasks.accept_callback(eng.ctx, task_id=ids[0], token="x" * 43, body=b"{}")
-            )
-        )
-        await asyncio.sleep(0)  # each has queued its hint behind the turn
-        assert len(grouped._grouped[engine.sync_engine]._queue) == 7
-    accepted = await asyncio.gather(*callers)
+        tasks.accept_callback(eng.ctx, task_id=ids[0], token="x" * 43, body=b"{}"),
+    )
 
     assert accepted == [True] * 6 + [False]
     # One turn for the group of seven, and one for the wrong token's slow path (its
@@ -84,33 +60,27 @@ async def test_a_failing_statement_fails_its_whole_group(eng: Engine) -> None:
     await _probe_table(eng)
     engine = eng.ctx.engine
 
-    async with _turn_taken(engine):
-        callers = [
-            asyncio.ensure_future(grouped.rowcount(engine, PROBE, {"x": x})) for x in (1, 1, 2)
-        ]
-        await asyncio.sleep(0)  # each has queued its statement
-    results = await asyncio.gather(*callers, return_exceptions=True)
+    results = await asyncio.gather(
+        *(grouped.rowcount(engine, PROBE, {"x": x}) for x in (1, 1, 2)),
+        return_exceptions=True,
+    )
 
     assert [type(r).__name__ for r in results] == ["IntegrityError"] * 3
     assert await _rows(eng) == 0
     # The next group is written as usual.
-    async with _turn_taken(engine):
-        callers = [asyncio.ensure_future(grouped.rowcount(engine, PROBE, {"x": x})) for x in (1, 2)]
-        await asyncio.sleep(0)
-    assert await asyncio.gather(*callers) == [1, 1]
+    assert await asyncio.gather(*(grouped.rowcount(engine, PROBE, {"x": x}) for x in (1, 2))) == [
+        1,
+        1,
+    ]
     assert await _rows(eng) == 2
-    assert grouped._grouped[engine.sync_engine].groups == 2
 
 
 async def test_a_caller_cancelled_while_queued_leaves_the_others_answered(eng: Engine) -> None:
     await _probe_table(eng)
     engine = eng.ctx.engine
-    async with _turn_taken(engine):
-        callers = [
-            asyncio.ensure_future(grouped.rowcount(engine, PROBE, {"x": x})) for x in (1, 2, 3)
-        ]
-        await asyncio.sleep(0)  # each has queued its statement
-        callers[1].cancel()
+    callers = [asyncio.ensure_future(grouped.rowcount(engine, PROBE, {"x": x})) for x in (1, 2, 3)]
+    await asyncio.sleep(0)  # each has queued its statement
+    callers[1].cancel()
 
     assert await callers[0] == 1
     assert await callers[2] == 1
@@ -140,16 +110,3 @@ async def test_callers_are_not_left_waiting_when_the_group_is_cancelled(eng: Eng
     assert await _rows(eng) == 0
     # The engine's grouped writes go on: a new task drains the next group.
     assert await grouped.rowcount(engine, PROBE, {"x": 3}) == 1
-
-
-async def test_a_write_that_finds_the_turn_free_goes_at_once(eng: Engine) -> None:
-    await _probe_table(eng)
-    engine = eng.ctx.engine
-    turns = write_turns(engine).turns["foreground"]
-
-    assert await grouped.rowcount(engine, PROBE, {"x": 1}) == 1
-
-    group = grouped._grouped[engine.sync_engine]
-    assert (group.alone, group.groups) == (1, 0)
-    assert write_turns(engine).turns["foreground"] - turns == 1
-    assert await _rows(eng) == 1

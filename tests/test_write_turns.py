@@ -6,6 +6,7 @@ on one held connection (``_Writer``)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -102,78 +103,6 @@ async def test_a_cancelled_waiter_never_keeps_or_loses_the_turn() -> None:
     # Nothing holds the turn any more: it is taken at once.
     await asyncio.wait_for(turns.acquire(background=True), timeout=5)
     turns.release()
-
-
-async def test_a_turn_given_back_is_free_until_its_waiter_runs() -> None:
-    turns = WriteTurns()
-    order: list[str] = []
-
-    async def take(name: str, *, background: bool) -> None:
-        await turns.acquire(background=background)
-        order.append(name)
-        turns.release()
-
-    await turns.acquire(background=True)
-    waiter = asyncio.create_task(take("waiter", background=True))
-    later = asyncio.create_task(take("later", background=True))
-    await _settle()
-    turns.release()  # wakes "waiter", which runs a pass later
-    assert turns.free
-    # A writer that comes meanwhile takes the turn at once ...
-    async with asyncio.timeout(5):  # (not a task of its own, as ``wait_for`` makes)
-        await turns.acquire(background=True)
-    order.append("barger")
-    await _settle()
-    # ... so the woken waiter went back to the head of its queue, ahead of "later".
-    assert order == ["barger"]
-    turns.release()
-    await asyncio.wait_for(asyncio.gather(waiter, later), timeout=5)
-    assert order == ["barger", "waiter", "later"]
-    assert turns.free
-
-
-async def test_nobody_overtakes_a_waiting_request() -> None:
-    turns = WriteTurns()
-    order: list[str] = []
-
-    async def take(name: str, *, background: bool) -> None:
-        await turns.acquire(background=background)
-        order.append(name)
-        turns.release()
-
-    await turns.acquire(background=True)
-    request = asyncio.create_task(take("request", background=False))
-    await _settle()
-    turns.release()  # wakes the request
-    # Free, but woken for a request: a writer that comes meanwhile waits its turn.
-    assert not turns.free
-    assert not turns._held
-    async with asyncio.timeout(5):
-        await turns.acquire(background=True)  # (suspends until the request is done)
-    order.append("background")
-    turns.release()
-    assert order == ["request", "background"]
-    await request
-
-
-async def test_a_woken_waiter_cancelled_wakes_the_next() -> None:
-    turns = WriteTurns()
-    got: list[str] = []
-
-    async def take(name: str) -> None:
-        await turns.acquire(background=True)
-        got.append(name)
-        turns.release()
-
-    await turns.acquire(background=False)
-    a = asyncio.create_task(take("a"))
-    b = asyncio.create_task(take("b"))
-    await _settle()
-    turns.release()  # wakes "a" ...
-    turns.release()  # (given back again by nobody: wakes no second waiter)
-    a.cancel()  # ... which is cancelled before it runs: "b" is woken instead
-    await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), timeout=5)
-    assert a.cancelled() and got == ["b"] and turns.free
 
 
 async def test_worker_writes_are_background_turns_on_sqlite(tmp_path: Path) -> None:
@@ -348,3 +277,48 @@ async def test_a_held_connection_in_doubt_is_replaced(tmp_path: Path) -> None:
             assert other.execute("SELECT x FROM t").fetchall() == [(2,)]
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_writers_and_cancellations_at_random_never_share_or_lose_the_turn(
+    seed: int,
+) -> None:
+    """Writers of both classes, some holding the turn across passes of the loop, beside
+    waiters cancelled at random moments (before, while and after they are handed the
+    turn): one holder at a time, every writer done, and the turn free at the end."""
+    rnd = random.Random(seed)
+    turns = WriteTurns()
+    holders = 0
+    stop = False
+
+    async def writer() -> None:
+        nonlocal holders
+        for _ in range(30):
+            await turns.acquire(background=rnd.random() < 0.6)
+            holders += 1
+            assert holders == 1
+            for _ in range(rnd.choice([0, 0, 1, 2])):
+                await asyncio.sleep(0)
+            holders -= 1
+            turns.release()
+            for _ in range(rnd.choice([0, 1, 3])):
+                await asyncio.sleep(0)
+
+    async def cancelled_waiter() -> None:
+        while not stop:
+            waiter = asyncio.create_task(turns.acquire(background=rnd.random() < 0.5))
+            for _ in range(rnd.choice([0, 1, 2])):
+                await asyncio.sleep(0)
+            waiter.cancel()
+            await asyncio.wait([waiter])
+            if not waiter.cancelled():  # it had the turn before the cancel came
+                assert holders == 0
+                turns.release()
+            await asyncio.sleep(0)
+
+    cancelling = [asyncio.create_task(cancelled_waiter()) for _ in range(4)]
+    await asyncio.wait_for(asyncio.gather(*(writer() for _ in range(20))), timeout=30)
+    stop = True
+    await asyncio.wait_for(asyncio.gather(*cancelling), timeout=30)
+    # Nobody holds the turn or waits for it: it is taken at once.
+    assert (turns._held, len(turns._foreground), len(turns._background)) == (False, 0, 0)
