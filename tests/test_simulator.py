@@ -279,7 +279,10 @@ async def test_full_walk_to_success_with_real_png(harness: Harness) -> None:
     task, seen = await h.wait_terminal(body["taskid"])
     assert seen[0] in ("task_queue", "task_accept")
     assert seen == sorted(seen, key=STAGE_ORDER.index), seen
-    assert len(seen) >= 5  # polled every 10 ms over 0.4 s: most stages are visible
+    # What a poll catches depends on the machine's load; the simulator's own record does not.
+    history = await h.history(body["taskid"])
+    assert history == [s for s in STAGE_ORDER if s != "task_error"], history
+    assert set(seen) <= set(history), (seen, history)
     assert task["status"] == "task_postprocess_end"
     assert task["pexit"] == "0"
     assert task["parameters"] == {
