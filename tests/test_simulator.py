@@ -277,8 +277,7 @@ async def test_full_walk_to_success_with_real_png(harness: Harness) -> None:
     assert re.fullmatch(r"[A-Za-z0-9]{30}", body["socketaccesstoken"])
 
     task, seen = await h.wait_terminal(body["taskid"])
-    assert seen[0] in ("task_queue", "task_accept")
-    assert seen == sorted(seen, key=STAGE_ORDER.index), seen
+    assert seen == sorted(seen, key=STAGE_ORDER.index), seen  # no poll saw it go back
     # What a poll catches depends on the machine's load; the simulator's own record does not.
     history = await h.history(body["taskid"])
     assert history == [s for s in STAGE_ORDER if s != "task_error"], history
