@@ -14,9 +14,11 @@ through ``AsyncConnection.execute`` on PostgreSQL (``python -m bench.autocommit_
 a third on SQLite (``python -m bench.statement_cost``; docs/benchmarks.md, twenty-first
 and twenty-second rounds).
 
-- **PostgreSQL (asyncpg):** on a connection in autocommit, or inside a transaction
-  SQLAlchemy has already begun on the server; the statement goes by
-  ``asyncpg.Connection.fetch`` or ``execute``.
+- **PostgreSQL (asyncpg):** on a connection in autocommit, or in a transaction. A
+  transaction's first statement goes straight too: ``run`` first sends the ``BEGIN``
+  that SQLAlchemy's driver adapter would send with it (``_start_transaction``: the
+  connection's isolation level, tracked by the adapter for the commit). The statement
+  goes by ``asyncpg.Connection.fetch`` or ``execute``.
 - **SQLite (``app.sqlite_driver``):** on any of its connections. SQLite's ``BEGIN`` is
   the driver's own (at a transaction's first write), so a transaction's first statement
   goes straight too: ``run`` begins SQLAlchemy's transaction first, as its execution
@@ -40,8 +42,6 @@ Anything else runs through ``conn.execute`` unchanged:
 
 - another driver;
 - an engine that echoes its SQL (``echo=True``: SQLAlchemy logs it);
-- on PostgreSQL, the first statement of a transaction (SQLAlchemy's driver adapter sends
-  the ``BEGIN`` with it, and tracks it for the commit);
 - several rows of parameters (``executemany``);
 - a statement whose execution SQLAlchemy completes at run time (Python-side column
   defaults or ``onupdate``, expanding ``IN`` lists, parameters computed by callables,
@@ -252,12 +252,11 @@ async def run(conn: AsyncConnection, stmt: Executable, params: Any) -> Result:
     dialect = conn.dialect
     adapter: Any = sync.connection.dbapi_connection
     driver = dialect.driver
+    begin = False
     if driver == "asyncpg":
-        # Where the server's state is known: autocommit (no transaction), or the
-        # adapter's transaction begun (SQLAlchemy's own statements sent its BEGIN; its
-        # commit ends it).
-        if not (adapter.autocommit or adapter._transaction is not None):
-            return await conn.execute(stmt, params)
+        # Autocommit (no transaction), the adapter's transaction begun, or one this call
+        # begins first, as the adapter's cursor would (below).
+        begin = not adapter.autocommit and adapter._transaction is None
     elif not (driver == "aiosqlite" and isinstance(adapter, sqlite_driver.Adapter)):
         return await conn.execute(stmt, params)
     plan = _plan_for(dialect, stmt, tuple(one))
@@ -266,14 +265,21 @@ async def run(conn: AsyncConnection, stmt: Executable, params: Any) -> Result:
     args = _args(plan, one)
     if args is None:
         return await conn.execute(stmt, params)  # which raises SQLAlchemy's error
-    if driver == "aiosqlite" and not sync.in_transaction():
+    if not sync.in_transaction() and (begin or driver == "aiosqlite"):
         # As SQLAlchemy's execution does (its autobegin): its commit or rollback then
-        # ends whatever the driver opens (a write's ``BEGIN IMMEDIATE``).
+        # ends whatever the driver opens (SQLite: a write's ``BEGIN IMMEDIATE``).
         sync.begin()
     dispatch = sync.dispatch
     if dispatch.before_cursor_execute:
         dispatch.before_cursor_execute(sync, None, plan.sql, args, None, False)
     try:
+        if begin:
+            # The ``BEGIN`` the adapter's cursor sends before a transaction's first
+            # statement (its isolation level and options), tracked by the adapter, so
+            # that SQLAlchemy's commit or rollback ends it.
+            async with adapter._execute_mutex:
+                if adapter._transaction is None:
+                    await adapter._start_transaction()
         if driver == "aiosqlite":
             ran = await _sqlite(adapter, plan, args)
         else:

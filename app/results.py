@@ -237,7 +237,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
         settled = waiting = False
         async with write(ctx.engine) as conn:
             if lock:
-                await conn.execute(_LOCK_TASK, held)
+                await run(conn, _LOCK_TASK, held)
             res = await run(
                 conn,
                 _STORED,
@@ -281,7 +281,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     nxt = None if give_up else ctx.clock() + timedelta(seconds=jitter(schedule[attempts - 1]))
     async with write(ctx.engine) as conn:
         if give_up and lock:
-            await conn.execute(_LOCK_TASK, held)
+            await run(conn, _LOCK_TASK, held)
         await conn.execute(
             _NOT_STORED,
             {

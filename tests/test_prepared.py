@@ -122,17 +122,13 @@ async def test_statements_it_cannot_send_as_compiled_go_through_sqlalchemy(
     engine: AsyncEngine,
 ) -> None:
     """An expanding ``IN`` list (the heartbeat's renewal) is completed by SQLAlchemy at
-    run time: ``run`` hands it to ``conn.execute``. So does a connection in a
-    transaction (not autocommit)."""
+    run time: ``run`` hands it to ``conn.execute``."""
     task_id = await a_task(engine, "tok")
     seen = executions(engine)
     until = datetime.now(UTC) + timedelta(seconds=10)
     async with autocommit(engine) as conn:
         renewed = await LEASES.renew(conn, [task_id], owner="me", until=until)
     assert renewed == 0 and seen == {"sqlalchemy": 1, "driver": 1}
-    async with engine.begin() as conn:
-        await run(conn, _ATTEMPTS, {"b_id": task_id})
-    assert seen == {"sqlalchemy": 2, "driver": 2}
 
 
 @pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
@@ -143,28 +139,52 @@ async def test_a_missing_parameter_is_sqlalchemys_error_not_a_null(engine: Async
             await run(conn, CALLBACK_DUE, {"b_id": task_id, "b_now": datetime.now(UTC)})
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_in_a_transaction_the_statements_after_the_first_go_straight(
+@pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
+async def test_in_a_transaction_every_statement_goes_straight_the_first_included(
     engine: AsyncEngine,
 ) -> None:
-    """The first statement of a transaction goes through SQLAlchemy (its driver adapter
-    sends the ``BEGIN``); the next ones straight, inside the same transaction: a rollback
-    undoes them, a commit keeps them."""
+    """A transaction's first statement goes straight too: ``run`` begins the transaction
+    first as SQLAlchemy's execution would (on PostgreSQL the adapter's ``BEGIN``, at the
+    engine's isolation level; SQLite's is the driver's own, at the first write), so the
+    connection's commit or rollback ends it: a rollback undoes every statement, the
+    first one included, a commit keeps them."""
     task_id = await a_task(engine, "tok")
     seen = executions(engine)
     hint = {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": datetime.now(UTC)}
     read = text("SELECT hint_at FROM tasks WHERE id = :id")
+    postgres = engine.dialect.name == "postgresql"
     for outcome in ("rollback", "commit"):
         async with engine.connect() as conn:
             transaction = await conn.begin()
-            await run(conn, _ATTEMPTS, {"b_id": task_id})
             assert (await run(conn, CALLBACK_DUE, hint)).rowcount == 1
+            assert conn.in_transaction()
+            assert len((await run(conn, _ATTEMPTS, {"b_id": task_id})).all()) == 1
+            if postgres:
+                level = text("SELECT current_setting('transaction_isolation')")
+                assert (await conn.execute(level)).scalar_one() == "read committed"
             await getattr(transaction, outcome)()
         async with engine.connect() as other:
             hint_at = (await other.execute(read, {"id": task_id})).scalar_one()
         assert (hint_at is not None) == (outcome == "commit")
-    assert seen["sqlalchemy"] == 2 + 2  # each transaction's first statement, and the reads
-    assert seen["driver"] == 3 * 2
+    reads = 2 * (2 if postgres else 1)  # the other connection's, and the level's
+    assert seen == {"sqlalchemy": reads, "driver": 2 * 2 + reads}
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_on_postgres_a_transaction_begins_at_the_connection_s_isolation_level(
+    engine: AsyncEngine,
+) -> None:
+    """The ``BEGIN`` that ``run`` sends is the one the driver adapter would send: the
+    connection's isolation level, not the server's default."""
+    level = select(func.current_setting("transaction_isolation"))
+    seen = executions(engine)
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="SERIALIZABLE")
+        async with conn.begin():
+            assert (await run(conn, level, {})).all()[0][0] == "serializable"
+    async with engine.connect() as conn, conn.begin():
+        assert (await run(conn, level, {})).all()[0][0] == "read committed"
+    assert seen == {"sqlalchemy": 0, "driver": 2}
 
 
 @pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
@@ -333,29 +353,6 @@ async def test_a_cancelled_statement_gives_up_its_connection(engine: AsyncEngine
     async with autocommit(engine) as conn:
         after = (await run(conn, select(func.pg_backend_pid()), {})).scalar_one()
     assert after != pid
-
-
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-async def test_on_sqlite_a_transaction_s_first_statement_goes_straight_too(
-    engine: AsyncEngine,
-) -> None:
-    """SQLite's ``BEGIN`` is the driver's (at the first write), so even a transaction's
-    first statement goes straight; ``run`` begins SQLAlchemy's transaction as its own
-    execution would, so that the connection's commit or rollback ends what the driver
-    opened."""
-    task_id = await a_task(engine, "tok")
-    hint = {"b_id": task_id, "b_hash": sha256_hex("tok"), "b_now": datetime.now(UTC)}
-    read = text("SELECT hint_at FROM tasks WHERE id = :id")
-    seen = executions(engine)
-    for outcome in ("rollback", "commit"):
-        async with engine.connect() as conn:
-            assert (await run(conn, CALLBACK_DUE, hint)).rowcount == 1
-            assert conn.in_transaction()
-            await getattr(conn, outcome)()
-        async with engine.connect() as other:
-            hint_at = (await other.execute(read, {"id": task_id})).scalar_one()
-        assert (hint_at is not None) == (outcome == "commit")
-    assert seen == {"sqlalchemy": 2, "driver": 4}  # the reads went through SQLAlchemy
 
 
 @pytest.mark.parametrize("db_url", ["postgres", "sqlite"], indirect=True)
