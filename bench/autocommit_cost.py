@@ -10,6 +10,12 @@ asyncpg connection with the statement prepared (the floor, not SQLAlchemy).
 Run, each statement ``UPDATE tasks SET hint_at = … WHERE id = …`` (a callback's hint),
 the four ways alternated over rounds; CPU time of this process per statement (the
 round trip's own client-side work included), medians of the rounds.
+
+Then the same for a two-statement transaction (``engine.begin()``: the task's row
+locked ``FOR UPDATE``, then the hint written, as a stored output's record does): its
+first statement sent by ``run`` too, which sends the adapter's ``BEGIN`` itself (since
+the twenty-eighth round), against that first statement through SQLAlchemy's
+``execute`` (which sent the ``BEGIN`` with it before); CPU per transaction.
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.db import autocommit, make_engine
+from app.db import autocommit, make_engine, write
 from app.prepared import run
 from app.tasks._writes import TASKS
 from bench.common import alternated_cpu
@@ -76,6 +82,19 @@ async def main() -> None:
         }
         per_statement = await alternated_cpu(ways, rounds=ROUNDS, units=STATEMENTS)
         await plain.close()
+        lock = select(TASKS.c.id).where(TASKS.c.id == bindparam("b_id")).with_for_update()
+
+        def transactions(first: Callable[..., Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+            async def way() -> None:
+                for i in range(STATEMENTS):
+                    async with write(engine) as conn:
+                        await first(conn, lock, {"b_id": ids[i % 5]})
+                        await run(conn, stmt, {"b_id": ids[i % 5], "b_at": datetime.now(UTC)})
+
+            return way
+
+        begun = {"straight": transactions(run), "first_kept": transactions(AsyncConnection.execute)}
+        per_transaction = await alternated_cpu(begun, rounds=ROUNDS, units=STATEMENTS)
     finally:
         await engine.dispose()
         db.drop()
@@ -90,6 +109,16 @@ async def main() -> None:
         f"({spread['kept']}), a pool checkout each {each_us:.0f} us ({spread['checkout']}), "
         f"plain asyncpg prepared {raw_us:.0f} us ({spread['asyncpg']}); medians of {ROUNDS} "
         f"rounds of {STATEMENTS}"
+    )
+    first_us, first_kept_us = (
+        statistics.median(per_transaction[n]) for n in ("straight", "first_kept")
+    )
+    spread = {n: f"{min(v):.0f}-{max(v):.0f}" for n, v in per_transaction.items()}
+    print(
+        f"a transaction of a row lock and an UPDATE, CPU per transaction: every statement "
+        f"sent straight (BEGIN by run) {first_us:.0f} us ({spread['straight']}), the "
+        f"first through SQLAlchemy's execute {first_kept_us:.0f} us ({spread['first_kept']}); "
+        f"medians of {ROUNDS} rounds of {STATEMENTS}"
     )
 
 
