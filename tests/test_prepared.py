@@ -338,6 +338,27 @@ async def test_a_dead_connection_is_handled_as_sqlalchemy_handles_it(
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_begin_on_a_dead_connection_fails_as_a_statement_would(
+    engine: AsyncEngine,
+) -> None:
+    """The ``BEGIN`` that ``run`` sends for a transaction's first statement meets a dead
+    backend: SQLAlchemy's error with the connection invalidated, as the adapter's own
+    ``BEGIN`` would give, and the next transaction runs on a new, live one."""
+    backend = select(func.pg_backend_pid())
+    async with engine.connect() as conn:
+        async with conn.begin():
+            pid = (await run(conn, backend, {})).scalar_one()
+        async with engine.connect() as admin:
+            await admin.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+        with pytest.raises(DBAPIError) as failed:
+            async with conn.begin():
+                await run(conn, backend, {})
+    assert failed.value.connection_invalidated
+    async with engine.connect() as conn, conn.begin():
+        assert (await run(conn, backend, {})).scalar_one() != pid
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 async def test_a_cancelled_statement_gives_up_its_connection(engine: AsyncEngine) -> None:
     """Cancelled mid-statement (it may still run on the server): its connection is not
     used again; the next use runs on another backend."""
