@@ -469,8 +469,12 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         # Ends SQLAlchemy's own transaction as a close would (each statement committed
         # on the server already); a rollback, as at a close: no ``commit`` event. The
         # use succeeded: if this fails, the connection is closed, not the caller failed.
+        # Statements sent straight (``app.prepared.run``) begin none in autocommit:
+        # then there is nothing to end, and no trip through SQLAlchemy's greenlet.
         with contextlib.suppress(Exception):
-            await conn.rollback()
+            sync = conn.sync_connection
+            if sync is None or sync.get_transaction() is not None:
+                await conn.rollback()
             keep = True
     finally:
         if (

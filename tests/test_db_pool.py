@@ -10,11 +10,12 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import Integer, bindparam, event, literal_column, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db import HELD_AUTOCOMMIT, autocommit
+from app.prepared import run
 
 
 def checkouts_of(engine: AsyncEngine) -> list[Any]:
@@ -173,3 +174,30 @@ async def test_a_use_that_succeeded_does_not_fail_at_its_end(
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]  # not kept
     async with engine.connect() as other:
         await other.execute(text("SELECT count(*) FROM written"))  # it was committed
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_use_ends_what_sqlalchemy_began_and_nothing_else(engine: AsyncEngine) -> None:
+    """A use whose statements SQLAlchemy executed ends the transaction SQLAlchemy began (a
+    rollback, nothing on the server: each statement committed); one whose statements all
+    went straight to asyncpg (``app.prepared.run``) began none, and its end calls no
+    rollback at all. Either way the connection is kept, ready for the next use."""
+    rollbacks: list[Any] = []
+    event.listen(engine.sync_engine, "rollback", lambda conn: rollbacks.append(conn))
+    checkouts = checkouts_of(engine)
+    stmt = select(literal_column("1").label("one")).where(bindparam("b_x", type_=Integer) > 0)
+    for _ in range(3):
+        async with autocommit(engine) as conn:
+            assert (await run(conn, stmt, {"b_x": 1})).scalar_one() == 1
+            assert conn.sync_connection.get_transaction() is None
+    assert rollbacks == []
+    async with autocommit(engine) as conn:
+        await conn.execute(text("CREATE TABLE begun (x int)"))
+        assert conn.sync_connection.get_transaction() is not None
+        kept = conn
+    assert len(rollbacks) == 1
+    assert kept.sync_connection.get_transaction() is None
+    async with autocommit(engine) as conn:
+        assert conn is kept
+        assert (await run(conn, stmt, {"b_x": 2})).scalar_one() == 1
+    assert len(checkouts) == 1 and len(rollbacks) == 1

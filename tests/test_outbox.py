@@ -7,6 +7,7 @@ would call it, and a clock the test moves decides what is due."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text, update
 from standardwebhooks.webhooks import Webhook
 
 from app import notify, results
@@ -34,7 +35,7 @@ from app.settings import Settings
 from app.states import EventKind
 from app.store import DirectoryStore
 from app.tasks import _writes
-from tests.results_helpers import SECRET, finished_task
+from tests.results_helpers import SECRET, finished_task, until
 from tests.rows import task_row
 
 CDN = "http://127.0.0.1:7001"
@@ -268,9 +269,9 @@ async def test_an_output_is_stored_and_its_notification_sent_in_few_statements(
     keys = await results.claim_outputs(w.svc, limit=10)
     assert keys == [(task_id, 0)]
     await results.store_output(w.svc, task_id, 0)
-    # claim; [PostgreSQL: lock the task]; the stored row; the output rows; the task's
-    # outputs; the waiting notification made due
-    assert len(w.statements) == (6 if _postgres(w) else 5), w.statements
+    # claim; the stored row (PostgreSQL: with the task's lock in it); the output rows;
+    # the task's outputs; the waiting notification made due
+    assert len(w.statements) == 5, w.statements
     assert w.statements[0] == "UPDATE task_outputs SET", w.statements
     # in the claim's transaction and the download's (PostgreSQL: the claim, and the
     # notification made due after the download's commit, are each a statement in
@@ -315,6 +316,64 @@ async def test_an_output_is_stored_and_its_notification_sent_in_few_statements(
         kinds = (await s.scalars(select(Event.kind).where(Event.task_id == task_id))).all()
     assert (a.delivery_id, a.number, a.status_code, a.error) == (delivery_id, 1, 204, None)
     assert kinds[-1] == "notification_delivered"
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # its row locks
+async def test_a_stored_outputs_record_waits_for_the_tasks_lock_and_sees_what_it_guarded(
+    world: World,
+) -> None:
+    """On PostgreSQL the record of a stored output takes the task's row lock first (in the
+    statement that records the output, since the twenty-ninth round), so it waits while
+    another writer of the task's outputs holds the lock, and then sees that writer's
+    committed change: the task's ``outputs`` show both, and the notification that waited
+    for the last output is made due."""
+    w = world
+    w.answers["/a.png"] = (200, png())
+    task_id = await w.output_task("a.png", "b.png")
+    assert await results.claim_outputs(w.svc, limit=10) == [(task_id, 0), (task_id, 1)]
+    engine = w.ctx.engine
+    async with engine.connect() as other:
+        # Another writer (as another process storing output 1) holds the task's lock and
+        # has stored output 1, not yet committed.
+        await other.execute(select(Task.id).where(Task.id == task_id).with_for_update())
+        await other.execute(
+            update(StoredOutput)
+            .where(StoredOutput.task_id == task_id, StoredOutput.idx == 1)
+            .values(
+                state="stored",
+                content_type="image/png",
+                size=7,
+                sha256="b" * 64,
+                width=1,
+                height=1,
+                lease_owner=None,
+                lease_until=None,
+            )
+        )
+        pid = await other.scalar(text("SELECT pg_backend_pid()"))
+        storing = asyncio.create_task(results.store_output(w.svc, task_id, 0))
+
+        async def blocked() -> bool:
+            """The server's own record: a backend waits for ours (read in a transaction
+            of its own each time: the server keeps one view of its activity for a
+            transaction)."""
+            q = text("SELECT count(*) FROM pg_stat_activity WHERE :p = ANY(pg_blocking_pids(pid))")
+            async with engine.connect() as watcher:
+                return bool(await watcher.scalar(q, {"p": pid}))
+
+        await until(blocked)
+        assert not storing.done()
+        assert (await w.row(StoredOutput, (task_id, 0))).state == "pending"
+        await other.commit()
+    await storing
+    task = await w.row(Task, task_id)
+    assert [o["url"] for o in task.outputs] == [
+        f"{PUBLIC}/v1/tasks/{task_id}/outputs/0",
+        f"{PUBLIC}/v1/tasks/{task_id}/outputs/1",
+    ]
+    assert task.outputs[1]["sha256"] == "b" * 64
+    assert w.wakes["notifier"] == 1
+    assert len(await notify.claim_due(w.svc, limit=10)) == 1
 
 
 async def test_the_notification_waits_for_the_last_output_then_goes(world: World) -> None:
@@ -493,11 +552,11 @@ async def test_a_terminal_write_hands_its_outputs_to_this_process_loop(world: Wo
 
     w.statements.clear()
     await results.store_output(w.svc, task_id, 0)
-    # [PostgreSQL: lock the task]; the stored row; the output rows; the task's outputs
-    # (returning its webhook_url): no claim, no read of the row first, and with no
-    # webhook_url no notification to look for
-    assert len(w.statements) == (4 if _postgres(w) else 3), w.statements
-    assert w.statements[1 if _postgres(w) else 0] == "UPDATE task_outputs SET"
+    # The stored row (PostgreSQL: with the task's lock in it); the output rows; the
+    # task's outputs (returning its webhook_url): no claim, no read of the row first, and
+    # with no webhook_url no notification to look for
+    assert len(w.statements) == 3, w.statements
+    assert w.statements[0] == ("WITH locked AS" if _postgres(w) else "UPDATE task_outputs SET")
     assert "UPDATE deliveries SET" not in w.statements
     row = await w.row(StoredOutput, (task_id, 0))
     assert (row.state, row.attempts, row.lease_owner) == ("stored", 1, None)
