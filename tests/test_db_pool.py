@@ -177,27 +177,40 @@ async def test_a_use_that_succeeded_does_not_fail_at_its_end(
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_a_use_ends_what_sqlalchemy_began_and_nothing_else(engine: AsyncEngine) -> None:
+async def test_a_use_ends_what_sqlalchemy_began_and_nothing_else(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A use whose statements SQLAlchemy executed ends the transaction SQLAlchemy began (a
     rollback, nothing on the server: each statement committed); one whose statements all
-    went straight to asyncpg (``app.prepared.run``) began none, and its end calls no
-    rollback at all. Either way the connection is kept, ready for the next use."""
-    rollbacks: list[Any] = []
-    event.listen(engine.sync_engine, "rollback", lambda conn: rollbacks.append(conn))
+    went straight to asyncpg (``app.prepared.run``) began none, and its end makes no call
+    to ``rollback`` (a trip through SQLAlchemy's greenlet for nothing). Either way the
+    connection is kept, ready for the next use."""
+    calls: list[AsyncConnection] = []  # calls of ``AsyncConnection.rollback``
+    ended: list[Any] = []  # transactions SQLAlchemy rolled back
+    event.listen(engine.sync_engine, "rollback", lambda conn: ended.append(conn))
+    rollback = AsyncConnection.rollback
+
+    async def counted(self: AsyncConnection) -> None:
+        calls.append(self)
+        await rollback(self)
+
+    monkeypatch.setattr(AsyncConnection, "rollback", counted)
     checkouts = checkouts_of(engine)
     stmt = select(literal_column("1").label("one")).where(bindparam("b_x", type_=Integer) > 0)
     for _ in range(3):
         async with autocommit(engine) as conn:
             assert (await run(conn, stmt, {"b_x": 1})).scalar_one() == 1
             assert conn.sync_connection.get_transaction() is None
-    assert rollbacks == []
+    assert calls == [] and ended == []
     async with autocommit(engine) as conn:
         await conn.execute(text("CREATE TABLE begun (x int)"))
         assert conn.sync_connection.get_transaction() is not None
         kept = conn
-    assert len(rollbacks) == 1
+    assert calls == [kept] and len(ended) == 1
     assert kept.sync_connection.get_transaction() is None
     async with autocommit(engine) as conn:
         assert conn is kept
         assert (await run(conn, stmt, {"b_x": 2})).scalar_one() == 1
-    assert len(checkouts) == 1 and len(rollbacks) == 1
+        async with engine.connect() as other:  # it was committed
+            await other.execute(text("SELECT count(*) FROM begun"))
+    assert len(checkouts) == 2 and len(calls) == 1  # the one kept, and ``other``
