@@ -25,6 +25,8 @@ from typing import TypeVar
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from app import lowpriority
+
 T = TypeVar("T")
 
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png"}
@@ -263,17 +265,26 @@ _GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] 
 )
 
 
-async def in_thread(fn: Callable[..., T], data: bytes, *, max_pixels: int, concurrency: int) -> T:
+async def in_thread(
+    fn: Callable[..., T],
+    data: bytes,
+    *,
+    max_pixels: int,
+    concurrency: int,
+    background: bool = False,
+) -> T:
     """``fn(data, max_pixels=…)`` (``inspect`` or ``clean``) in the thread pool, at most
-    ``concurrency`` at once in this process (the rest wait their turn). A caller that is
-    cancelled while its decode runs keeps the slot until the thread ends: the thread
-    cannot be stopped, and its memory is still in use."""
+    ``concurrency`` at once in this process (the rest wait their turn); ``background``:
+    on the lower-priority threads (``app.lowpriority``: work no request waits on). A
+    caller that is cancelled while its decode runs keeps the slot until the thread ends:
+    the thread cannot be stopped, and its memory is still in use."""
     loop = asyncio.get_running_loop()
     gate = _GATES.get(loop)
     if gate is None:
         gate = _GATES[loop] = asyncio.Semaphore(concurrency)
     async with gate:
-        job = asyncio.ensure_future(asyncio.to_thread(fn, data, max_pixels=max_pixels))
+        to_thread = lowpriority.to_thread if background else asyncio.to_thread
+        job = asyncio.ensure_future(to_thread(fn, data, max_pixels=max_pixels))
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:

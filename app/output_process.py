@@ -85,7 +85,8 @@ async def fetch(
 ) -> tuple[bytes, imaging.ImageInfo]:
     """The output's bytes and their facts; ``Permanent`` or ``OutboundError`` if not.
     ``inline``: the decode runs on this thread (the child's: one at a time, and nothing
-    else of the replica waits on its loop), else in the thread pool."""
+    else of the replica waits on its loop), else on the replica's lower-priority threads
+    (``app.lowpriority``)."""
     policy = Policy(allow_private=limits.allow_private, hosts=frozenset(limits.hosts))
     try:
         resp = await outbound.request(
@@ -118,6 +119,7 @@ async def fetch(
                 resp.content,
                 max_pixels=limits.max_pixels,
                 concurrency=limits.decode_concurrency,
+                background=True,  # nobody waits on it: below the event loop
             )
     except imaging.ImageRejected as e:
         raise Permanent(e.message) from None

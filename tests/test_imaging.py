@@ -5,15 +5,18 @@ and report the size from the header."""
 from __future__ import annotations
 
 import io
+import os
 import random
 import struct
+import sys
+import threading
 import zlib
 from collections.abc import Callable
 
 import pytest
 from PIL import Image
 
-from app import imaging
+from app import imaging, lowpriority
 
 LIMIT = 40_000_000
 
@@ -176,3 +179,27 @@ def test_an_interlaced_png_is_decoded_whole() -> None:
     assert (info.width, info.height, info.content_type) == (50, 40, "image/png")
     for cut in (len(data) // 3, len(data) // 2, len(data) - 30):
         assert _outcome(data[:cut], scaled=True) == _outcome(data[:cut], scaled=False) == "decode"
+
+
+def _priority(data: bytes, *, max_pixels: int) -> tuple[int, str]:
+    """(As ``inspect`` is called.) The running thread's priority and name."""
+    return os.getpriority(
+        os.PRIO_PROCESS, threading.get_native_id()
+    ), threading.current_thread().name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority")
+async def test_a_background_check_runs_below_the_event_loop_and_an_upload_at_its_level() -> None:
+    """An output's check (``background``) runs on the lower-priority threads, nice
+    ``lowpriority.NICE`` above the event loop's thread (at most 19); an upload's (not
+    ``background``: its request waits for it) at the loop's own priority."""
+    loop_level = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    level, name = await imaging.in_thread(
+        _priority, b"", max_pixels=1, concurrency=2, background=True
+    )
+    assert level == min(19, loop_level + lowpriority.NICE)
+    assert name.startswith("gateway-background")
+    level, name = await imaging.in_thread(_priority, b"", max_pixels=1, concurrency=2)
+    assert level == loop_level and not name.startswith("gateway-background")
+    # The loop's thread itself is left as it was.
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_level

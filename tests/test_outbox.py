@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import io
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,7 +25,7 @@ from PIL import Image
 from sqlalchemy import event, select, text, update
 from standardwebhooks.webhooks import Webhook
 
-from app import notify, results
+from app import imaging, notify, results
 from app.context import Ctx
 from app.db import make_engine, make_sessionmaker, utcnow
 from app.lifecycle import Status
@@ -316,6 +317,28 @@ async def test_an_output_is_stored_and_its_notification_sent_in_few_statements(
         kinds = (await s.scalars(select(Event.kind).where(Event.task_id == task_id))).all()
     assert (a.delivery_id, a.number, a.status_code, a.error) == (delivery_id, 1, 204, None)
     assert kinds[-1] == "notification_delivered"
+
+
+async def test_an_outputs_check_runs_on_the_lower_priority_threads(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of a downloaded output (its whole image decoded) runs on
+    ``app.lowpriority``'s threads: no request waits on it."""
+    w = world
+    w.answers["/a.png"] = (200, png())
+    task_id = await w.output_task("a.png")
+    threads: list[str] = []
+    inspect = imaging.inspect
+
+    def recorded(data: bytes, *, max_pixels: int) -> imaging.ImageInfo:
+        threads.append(threading.current_thread().name)
+        return inspect(data, max_pixels=max_pixels)
+
+    monkeypatch.setattr(imaging, "inspect", recorded)
+    assert await results.claim_outputs(w.svc, limit=10) == [(task_id, 0)]
+    await results.store_output(w.svc, task_id, 0)
+    assert (await w.row(StoredOutput, (task_id, 0))).state == "stored"
+    assert len(threads) == 1 and threads[0].startswith("gateway-background"), threads
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # its row locks
