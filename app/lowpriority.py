@@ -14,6 +14,11 @@ round").
 An upload's check stays on the default executor at the replica's priority (its request
 waits for it), and so do the file store's writes (mostly waiting for the disk, which a
 thread's priority does not change).
+
+The GIL: a lowered thread that the kernel preempts while it holds the GIL keeps the loop
+waiting until it runs again. The check spends most of its time in Pillow's decoders and
+zlib, which let the GIL go while they work; the measurements that kept this change
+(docs/benchmarks.md) include whatever such waits cost.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ MAX_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
 def _lower() -> None:
-    """Each thread's first step: its own priority lowered (Linux only; elsewhere
-    ``setpriority`` would take the whole process down with it)."""
+    """Each thread's first step: its own priority lowered (Linux only: elsewhere
+    ``setpriority`` with a thread's id is not a thread's own priority)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             tid = threading.get_native_id()
