@@ -12,7 +12,8 @@ the four ways alternated over rounds; CPU time of this process per statement (th
 round trip's own client-side work included), medians of the rounds.
 
 Then the same for a two-statement transaction (``engine.begin()``: the task's row
-locked ``FOR UPDATE``, then the hint written, as a stored output's record does): its
+locked ``FOR UPDATE``, then the hint written, as a stored output's record did until the
+twenty-ninth round put the lock in its ``UPDATE``; a given-up output's still does): its
 first statement sent by ``run`` too, which sends the adapter's ``BEGIN`` itself (since
 the twenty-eighth round), against that first statement through SQLAlchemy's
 ``execute`` (which sent the ``BEGIN`` with it before); CPU per transaction.
