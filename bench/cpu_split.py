@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -39,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from app.percentiles import percentile
 from bench.common import bench_engine, wait_all_terminal, wait_idle
 from bench.harness import (
     CLIENT_KEYS,
@@ -165,9 +167,16 @@ async def measure(
     loop_s = after.get(gw.pid, 0.0) - before.get(gw.pid, 0.0)
     rest_s = sum(v - before.get(t, 0.0) for t, v in after.items() if t != gw.pid)
     kids_s = sum(v - kids_before.get(p, 0.0) for p, v in kids_after.items())
+
+    def first(q: float) -> float:
+        got = percentile(sorted(step.first_second_ms), q)
+        return math.nan if got is None else got
+
     return (
         f"{kind} {db_kind} ({output_format} outputs) at {rate:g}/s, {n}: {step.ok} answered "
-        f"2xx, p50 {step.pct(50):.1f} ms, p99 {step.pct(99):.1f} ms, {left} not terminal; "
+        f"2xx, p50 {step.pct(50):.1f} ms, p99 {step.pct(99):.1f} ms (of those due in the "
+        f"first second: p50 {first(0.5):.1f} ms, p99 {first(0.99):.1f} ms, max "
+        f"{first(1.0):.1f} ms), {left} not terminal; "
         f"gateway CPU per request: event loop's thread {1000 * loop_s / n:.2f} ms, other threads "
         f"{1000 * rest_s / n:.2f} ms, its output process {1000 * kids_s / n:.2f} ms; "
         "the loop's thread waited for a core "

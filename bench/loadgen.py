@@ -181,6 +181,8 @@ class Step:
     duration_s: float
     sent: int = 0
     latencies_ms: list[float] = field(default_factory=list)  # of 2xx answers
+    # Those of the requests due in the first second (a new server's cold start).
+    first_second_ms: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     errors: int = 0  # transport errors and timeouts
     non_2xx: int = 0
@@ -257,6 +259,8 @@ async def open_loop(
         step.statuses[key] = step.statuses.get(key, 0) + 1
         if 200 <= status < 300:
             step.latencies_ms.append((loop.time() - due) * 1000)
+            if due - t0 < 1.0:
+                step.first_second_ms.append(step.latencies_ms[-1])
             if keep_bodies:
                 step.bodies.append(body)
         else:
