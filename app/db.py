@@ -412,34 +412,6 @@ def _held_of(engine: AsyncEngine) -> _Held:
     return held
 
 
-async def open_held(engine: AsyncEngine) -> int:
-    """PostgreSQL: open the held autocommit connections now, all at once, so that a new
-    process's first burst does not wait for them (each a server process and asyncpg's
-    type introspection: docs/benchmarks.md, thirtieth round). How many it opened."""
-    held = _held_of(engine) if engine.dialect.name == "postgresql" else None
-    if held is None or held.open >= HELD_AUTOCOMMIT:
-        return 0
-    n, generation = HELD_AUTOCOMMIT - held.open, held.generation
-    held.open += n  # reserved, so that uses meanwhile keep within the cap
-    try:
-        opened = await asyncio.gather(
-            *(held.engine.connect() for _ in range(n)), return_exceptions=True
-        )
-    except BaseException:  # cancelled (a shutdown): the pool's dispose closes them
-        held.open -= n
-        raise
-    now, kept = time.monotonic(), 0
-    for conn in opened:
-        if isinstance(conn, AsyncConnection) and generation == held.generation:
-            held.idle.append((conn, generation, now))
-            kept += 1
-        elif isinstance(conn, AsyncConnection):  # retired meanwhile
-            with contextlib.suppress(Exception):
-                await conn.close()
-    held.open -= n - kept
-    return kept
-
-
 def _sound(conn: AsyncConnection) -> bool:
     """Whether a held connection may serve the next use: open, valid, no transaction
     left open."""

@@ -23,7 +23,7 @@ from app.api.direct import DirectRoute, declared_route
 from app.clients import Keyring
 from app.console import router as console_router
 from app.context import Ctx
-from app.db import make_engine, make_sessionmaker, open_held
+from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers, problems_in_spec
 from app.gate import EdgeGate
 from app.hardening import insecure_public_url
@@ -171,9 +171,6 @@ def create_app(
         if engine.dialect.name == "postgresql":
             listener = PgListener(settings.effective_database_url, hub)
             listener.start()
-            # Beside the start: a database that is down holds up nothing (each use
-            # opens its connection itself then, as before).
-            scheduler.run_beside(open_held(engine), name="open-held")
         else:
             attach_local(engine, hub)
         app.state.listener = listener
