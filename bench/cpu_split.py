@@ -11,10 +11,12 @@ folded stacks with thread names, for a flame graph or a grep).
 - ``callback``: Wiro's completion callbacks for tasks written as the gateway leaves them
   after Run (P3's), until all are terminal.
 
-Besides the CPU, per request: how long the loop's thread waited for a core while it
-could run, and how often the kernel took its core from it (``/proc``'s scheduler
-statistics: the simulator, woken by the gateway's send, runs on the same two cores), and
-the simulator's own CPU (and PostgreSQL's backends'); and the gateway's write system
+Besides the CPU: the answers' p50 and p99, and those of the requests due in the first
+second (a new gateway's cold start: the tool starts one per run); per request, how long
+the loop's thread waited for a core while it could run, and how often the kernel took
+its core from it (``/proc``'s scheduler statistics: the simulator, woken by the
+gateway's send, runs on the same two cores), and the simulator's own CPU (and
+PostgreSQL's backends'); and the gateway's write system
 calls and bytes written per request (``/proc/PID/io``: the sockets' sends and SQLite's
 WAL frames). A py-spy profile
 samples wall time, so a loop preempted in a send shows there as time in
