@@ -3,33 +3,13 @@ what it counts is what was sent, and "the first second" is by schedule, not by a
 
 from __future__ import annotations
 
-import asyncio
-
 from bench.loadgen import Pool, build_request, open_loop
-
-
-async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
+from tests.loopback import Server
 
 
 async def test_the_first_second_is_the_requests_due_in_it() -> None:
-    server = await asyncio.start_server(_answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    server = Server()
+    url = f"http://127.0.0.1:{await server.start()}"
     pool = Pool(url, max_conns=8)
     try:
         # 16/s: the schedule's steps (1/16 s) add up exactly, so 16 of the 40 are due
@@ -37,8 +17,7 @@ async def test_the_first_second_is_the_requests_due_in_it() -> None:
         step = await open_loop(pool, [build_request(url, path="/", body={})], rate=16, count=40)
     finally:
         pool.close()
-        server.close()
-        await server.wait_closed()
+        await server.stop()
     assert (step.sent, step.ok, step.errors, step.non_2xx) == (40, 40, 0, 0)
     assert len(step.first_second_ms) == 16
     assert all(ms >= 0 for ms in step.first_second_ms)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,54 +19,8 @@ from prometheus_client import REGISTRY
 
 from app.http_pool import PoolTransport, _Backend
 from app.wiro.client import LIMITS, WiroHTTP
-from tests.loopback import read_request, self_signed
+from tests.loopback import ANSWER, BODY, Server, read_request, self_signed
 from tests.signals import until
-
-BODY = b'{"result": true}'
-ANSWER = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-    + str(len(BODY)).encode()
-    + b"\r\n\r\n"
-    + BODY
-)
-
-
-class Server:
-    """A loopback HTTP/1.1 server answering every request on a connection with BODY;
-    ``close_after`` answers per connection, then it closes the connection (no
-    ``Connection: close``: the client finds out only from the socket)."""
-
-    def __init__(self, *, close_after: int | None = None) -> None:
-        self.close_after = close_after
-        self.connections = 0
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.writers.append(writer)
-        answered = 0
-        try:
-            while self.close_after is None or answered < self.close_after:
-                await read_request(reader)
-                writer.write(ANSWER)
-                await writer.drain()
-                answered += 1
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def start(self, ssl_context: ssl.SSLContext | None = None) -> int:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0, ssl=ssl_context)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        await asyncio.sleep(0.01)  # the handlers see their connections end
 
 
 def _stream_of(connection: Any) -> Any:
