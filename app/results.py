@@ -25,7 +25,9 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any, cast
 
+import sqlalchemy as sa
 from sqlalchemy import Select, Table, bindparam, select, update
+from sqlalchemy.dialects.postgresql import JSONB, array
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app import notify
@@ -134,13 +136,38 @@ _STORED = (
         **FREE,
     )
 )
-# PostgreSQL: the same ``UPDATE`` with the task's lock in it (one round trip instead of
-# two). The lock is a CTE the ``UPDATE``'s condition reads, so it is taken before the
-# output's row is (the order every writer of the task's outputs takes them in); the
-# outputs' read that follows is a statement of its own, whose snapshot is taken after
-# the lock was granted and so sees every other writer's committed outcome.
+# PostgreSQL: the output recorded and the task's ``outputs`` rewritten in one statement
+# in autocommit (one round trip, against BEGIN, three statements and COMMIT). The task's
+# lock is a CTE the output's ``UPDATE`` reads, so it is taken before the output's row
+# (the order every writer of the task's outputs takes them in). Only this output's item
+# is replaced, in the task's latest ``outputs`` (an ``UPDATE`` of a row changed by a
+# transaction that committed while it waited works on its newest version): a read of
+# every output's row would have the statement's snapshot, taken before the lock was
+# granted, and could miss another output stored meanwhile. The item is ``present`` of
+# the stored row: name and Wiro's URL from the row, the rest (``v_item``) from the copy.
 _LOCKED = _LOCK_TASK.cte("locked")
-_STORED_LOCKED = _STORED.where(select(_LOCKED.c.id).exists())
+_STORED_ROW = (
+    _STORED.where(select(_LOCKED.c.id).exists())
+    .returning(_O.task_id, _O.idx, _O.name, _O.upstream_url)
+    .cte("stored")
+)
+_STORED_PATCH = (
+    update(_TASKS)
+    .where(_T.id == _STORED_ROW.c.task_id)
+    .values(
+        outputs=sa.func.jsonb_set(
+            sa.type_coerce(_T.outputs, JSONB),
+            array([sa.cast(_STORED_ROW.c.idx, sa.Text)]),
+            sa.func.jsonb_build_object(
+                sa.literal_column("'name'"),
+                _STORED_ROW.c.name,
+                sa.literal_column("'upstream_url'"),
+                _STORED_ROW.c.upstream_url,
+            ).op("||")(bindparam("v_item", type_=JSONB)),
+        )
+    )
+    .returning(_T.webhook_url)
+)
 _NOT_STORED = (
     update(_OUTPUTS)
     .where(*_HELD)
@@ -241,32 +268,28 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     else:
         if data is not None:
             await svc.store.put(storage_key, data)
+        facts = {
+            **held,
+            "v_content_type": info.content_type,
+            "v_size": info.size,
+            "v_sha256": info.sha256,
+            "v_width": info.width,
+            "v_height": info.height,
+            "v_attempts": attempts,
+            "v_now": now,
+        }
         settled = waiting = False
-        async with write(ctx.engine) as conn:
-            res = await run(
-                conn,
-                _STORED_LOCKED if lock else _STORED,
-                {
-                    **held,
-                    "v_content_type": info.content_type,
-                    "v_size": info.size,
-                    "v_sha256": info.sha256,
-                    "v_width": info.width,
-                    "v_height": info.height,
-                    "v_attempts": attempts,
-                    "v_now": now,
-                },
-            )
-            stored = res.rowcount == 1
-            if stored:
-                settled, webhook = await _rewrite_outputs(conn, task_id, s.public_url)
-                # Without a webhook no notification waits for the outputs: none to send.
-                settled = settled and webhook
-            if settled and not lock:
-                # SQLite: writers are serial, so the notification can be made due in
-                # this same transaction (on PostgreSQL, after the commit: a notifier's
-                # conditional postpone running meanwhile must see the output stored).
-                waiting = await notify.bring_forward(conn, task_id, ctx.clock())
+        if lock:
+            stored, settled = await _record_stored(ctx, facts, idx)
+        else:
+            async with write(ctx.engine) as conn:
+                stored = (await run(conn, _STORED, facts)).rowcount == 1
+                if stored:
+                    none_pending, webhook = await _rewrite_outputs(conn, task_id, s.public_url)
+                    # Writers are serial: a notification waiting for the outputs (only
+                    # with a webhook) is made due in this same transaction.
+                    if none_pending and webhook:
+                        waiting = await notify.bring_forward(conn, task_id, ctx.clock())
         if not stored:
             # Erased (or given up) while downloading: leave no copy behind. Taken over
             # (this attempt outlived its lease): the file is the one the other attempt
@@ -302,6 +325,21 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
         log.warning("output not stored: %s", error[:200], extra={"task_id": task_id, "index": idx})
     if settled:
         await notify.outputs_settled(svc, task_id)
+
+
+async def _record_stored(ctx: Any, facts: dict[str, Any], idx: int) -> tuple[bool, bool]:
+    """PostgreSQL: record a stored output (``_STORED_PATCH``, in autocommit). Whether it
+    was, and whether a notification now waits for nothing: asked only of a task with a
+    webhook, by a read after the commit (of two outputs stored at once, the one committed
+    last sees both; a notifier's conditional postpone meanwhile sees the output)."""
+    item = {k: facts[f"v_{k}"] for k in ("content_type", "size", "sha256", "width", "height")}
+    item["url"] = output_url(ctx.settings.public_url, facts["w_task"], idx)
+    async with ctx.bookkeeping() as conn:
+        row = (await run(conn, _STORED_PATCH, {**facts, "v_item": item})).first()
+        if row is None or not row.webhook_url:
+            return row is not None, False
+        pending = (await run(conn, _ANY_PENDING, facts)).first()
+    return True, pending is None
 
 
 async def release_all(svc: Services, *, outputs: bool = True, erasures: bool = True) -> None:
