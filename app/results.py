@@ -280,7 +280,7 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
         }
         settled = waiting = False
         if lock:
-            stored, settled = await _record_stored(ctx, facts, idx)
+            stored, settled = await _record_stored(svc, facts, idx)
         else:
             async with write(ctx.engine) as conn:
                 stored = (await run(conn, _STORED, facts)).rowcount == 1
@@ -327,14 +327,14 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
         await notify.outputs_settled(svc, task_id)
 
 
-async def _record_stored(ctx: Any, facts: dict[str, Any], idx: int) -> tuple[bool, bool]:
+async def _record_stored(svc: Services, facts: dict[str, Any], idx: int) -> tuple[bool, bool]:
     """PostgreSQL: record a stored output (``_STORED_PATCH``, in autocommit). Whether it
     was, and whether a notification now waits for nothing: asked only of a task with a
     webhook, by a read after the commit (of two outputs stored at once, the one committed
     last sees both; a notifier's conditional postpone meanwhile sees the output)."""
     item = {k: facts[f"v_{k}"] for k in ("content_type", "size", "sha256", "width", "height")}
-    item["url"] = output_url(ctx.settings.public_url, facts["w_task"], idx)
-    async with ctx.bookkeeping() as conn:
+    item["url"] = output_url(svc.ctx.settings.public_url, facts["w_task"], idx)
+    async with svc.ctx.bookkeeping() as conn:
         row = (await run(conn, _STORED_PATCH, {**facts, "v_item": item})).first()
         if row is None or not row.webhook_url:
             return row is not None, False
