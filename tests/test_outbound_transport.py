@@ -7,6 +7,7 @@ and bodies sent whole."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import httpcore
 import httpx
 import pytest
+import uvicorn
 from prometheus_client import REGISTRY
 
 from app.http_pool import PoolTransport, _Backend
@@ -343,3 +345,18 @@ async def test_a_response_whose_close_is_cancelled_gives_its_connection_back(
     finally:
         await transport.aclose()
     assert server.connections == 2
+
+
+async def test_wiro_connections_are_retired_before_a_5_s_keep_alive_server_closes_them() -> None:
+    """A server that closes idle connections after 5 s (uvicorn's default, so the
+    simulator's; Node's too) could be closing the one a Run goes out on if the client
+    kept it as long (its 5 s start a little after the server's): the Run fails before
+    any answer and is ambiguous. Wiro's pool retires idle connections a second sooner."""
+    server_s = inspect.signature(uvicorn.Config).parameters["timeout_keep_alive"].default
+    http = WiroHTTP()
+    try:
+        assert isinstance(http.direct, PoolTransport)
+        expiry = http.direct._pool._keepalive_expiry
+        assert expiry is not None and expiry <= server_s - 1.0
+    finally:
+        await http.aclose()
