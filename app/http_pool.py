@@ -283,6 +283,15 @@ class _Released:
             self._pool._release(self._body._pool_request)
 
 
+# How long an idle keep-alive connection is kept: under the 5 s after which many servers
+# close theirs (Node's and uvicorn's default, the simulator's). At httpx's default of 5 s
+# a request could go out on a connection the server was closing (the client's 5 s start
+# a little after the server's, later still on a busy loop) and fail before any answer:
+# for a Run that is an ambiguous attempt, which waits for Task/List before it is sent
+# again; for a download or a notification, a retry.
+KEEPALIVE_EXPIRY_S = 4.0
+
+
 class PoolTransport(httpx.AsyncBaseTransport):
     """``httpx.AsyncHTTPTransport(trust_env=..., limits=...)`` (no proxy: HTTP/1.1 over
     httpcore's connection pool, the same TLS context, the same errors), its connections

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from app.http_pool import PoolTransport, send_direct
+from app.http_pool import KEEPALIVE_EXPIRY_S, PoolTransport, send_direct
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -480,7 +480,9 @@ TLS_POOLS = 64  # HTTPS names whose pools an ``Outbound`` keeps (``Outbound._poo
 def _new_pool(tls: ssl.SSLContext | None) -> PoolTransport:
     return PoolTransport(
         trust_env=False,
-        limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
+        limits=httpx.Limits(
+            max_connections=50, max_keepalive_connections=10, keepalive_expiry=KEEPALIVE_EXPIRY_S
+        ),
         tls=tls,
     )
 

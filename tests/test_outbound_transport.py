@@ -20,6 +20,7 @@ import uvicorn
 from prometheus_client import REGISTRY
 
 from app.http_pool import PoolTransport, _Backend
+from app.outbound import _new_pool
 from app.wiro.client import LIMITS, WiroHTTP
 from tests.loopback import ANSWER, BODY, Server, read_request, self_signed
 from tests.signals import until
@@ -347,16 +348,18 @@ async def test_a_response_whose_close_is_cancelled_gives_its_connection_back(
     assert server.connections == 2
 
 
-async def test_wiro_connections_are_retired_before_a_5_s_keep_alive_server_closes_them() -> None:
+async def test_idle_connections_are_retired_before_a_5_s_keep_alive_server_closes_them() -> None:
     """A server that closes idle connections after 5 s (uvicorn's default, so the
-    simulator's; Node's too) could be closing the one a Run goes out on if the client
-    kept it as long (its 5 s start a little after the server's): the Run fails before
-    any answer and is ambiguous. Wiro's pool retires idle connections a second sooner."""
+    simulator's; Node's too) could be closing the one a request goes out on if the client
+    kept it as long (its 5 s start a little after the server's): the request fails before
+    any answer (a Run is then ambiguous). Wiro's pool and the outbound pools (downloads,
+    notifications) retire idle connections a second sooner."""
     server_s = inspect.signature(uvicorn.Config).parameters["timeout_keep_alive"].default
     http = WiroHTTP()
     try:
         assert isinstance(http.direct, PoolTransport)
-        expiry = http.direct._pool._keepalive_expiry
-        assert expiry is not None and expiry <= server_s - 1.0
+        for pool in (http.direct._pool, _new_pool(None)._pool):
+            expiry = pool._keepalive_expiry
+            assert expiry is not None and expiry <= server_s - 1.0
     finally:
         await http.aclose()

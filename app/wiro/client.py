@@ -31,7 +31,7 @@ import httpx
 from pydantic import SecretStr
 
 from app import metrics, tracing
-from app.http_pool import PoolTransport, send_direct
+from app.http_pool import KEEPALIVE_EXPIRY_S, PoolTransport, send_direct
 from app.wiro.errors import (
     WiroAccessDenied,
     WiroAmbiguous,
@@ -62,14 +62,8 @@ __all__ = [
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=5.0)
 _URLS_KEPT = 64
 # A reconnect to Wiro costs a TLS handshake; more idle connections cost a readability
-# check each on every request (httpcore's pool), which is why there are not more. An
-# idle connection is retired after 4 s, before a server that closes idle connections
-# after 5 s (Node's and uvicorn's default, the simulator's) does: at httpx's default of
-# 5 s a Run could go out on a connection the server was closing (the client's 5 s
-# start a little after the server's, later still on a busy loop), fail before any
-# answer and be ambiguous, which waits for Task/List (up to GATEWAY_RUN_GRACE_UNLISTED_S
-# where it cannot tell) before it is sent again.
-KEEPALIVE_EXPIRY_S = 4.0
+# check each on every request (httpcore's pool), which is why there are not more. Idle
+# ones are retired before a server's 5 s keep-alive closes them (``KEEPALIVE_EXPIRY_S``).
 LIMITS = httpx.Limits(
     max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY_S
 )
