@@ -310,6 +310,137 @@ async def test_run_that_never_arrived_is_sent_again_after_grace(
     assert_one_terminal(evs, "succeeded")
 
 
+async def others_run(sim: Sim, n: int) -> None:
+    """``n`` tasks of the same Wiro project that the gateway did not send (another client
+    of the account), left queued upstream so they cost the simulator no image work."""
+    from app.wiro.signing import NonceSource, sign
+    from tests.conftest import SIM_KEY, SIM_SECRET
+
+    nonces = NonceSource()
+    await sim_configure(sim, queue_s=3600.0)
+    async with httpx.AsyncClient(base_url=sim.base, timeout=30) as c:
+
+        async def one() -> None:
+            nonce = str(nonces.next())
+            r = await c.post(
+                "/Run/wiro/professional-headshot",
+                json={"inputImageUrl": sim.portrait},
+                headers={
+                    "x-api-key": SIM_KEY,
+                    "x-nonce": nonce,
+                    "x-signature": sign(SIM_KEY, SIM_SECRET, nonce),
+                },
+            )
+            assert r.status_code == 200 and r.json()["result"] is True, r.text
+
+        for _ in range(0, n, 50):
+            await asyncio.gather(*(one() for _ in range(50)))
+    await sim_configure(sim, queue_s=sim.defaults["queue_s"])
+
+
+async def test_busy_task_list_is_conclusive_past_an_anchor(
+    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    """A Run that never reached Wiro, on a busy account: Task/List holds more tasks of the
+    last five minutes than a look pages through (``LIST_PAGES``), so Wiro's clock cannot end the
+    search. A task the gateway saw Wiro accept before that Run was sent (an anchor) is
+    listed below anything the Run could have started: the search ends there, conclusive,
+    and the second attempt goes out after ``GATEWAY_RUN_GRACE_S``, not after
+    ``GATEWAY_RUN_GRACE_UNLISTED_S``."""
+    from app.tasks import _dispatch
+
+    monkeypatch.setattr(_dispatch, "ANCHOR_MARGIN_S", 0.0)  # one process, one clock
+    monkeypatch.setattr(_dispatch, "LIST_PAGES", 3)  # 300 tasks, not 2,000: a quicker test
+    await others_run(sim, _dispatch.LIST_PAGE * _dispatch.LIST_PAGES + 100)
+    tx = Interposer()
+
+    async def lose_second(n: int, request: httpx.Request) -> None:
+        if n == 2:
+            raise httpx.ReadTimeout("timed out (test: never reached Wiro)", request=request)
+
+    tx.on_run = lose_second
+    async with gateway_via(
+        monkeypatch,
+        tx,
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        run_grace_s=1.0,
+        run_grace_unlisted_s=300.0,
+        wiro_connect_timeout_s=1.0,
+        wiro_read_timeout_s=1.0,
+    ) as gw:
+        [anchor] = await submit(gw, sim)
+        await eventually(lambda: _linked(gw, anchor), what="the first task accepted upstream")
+        lists_before = (await sim_stats(sim))["list_calls"]
+        [tid] = await submit(gw, sim)
+        final = await gw.wait_terminal(tid, timeout=30)
+        rows = await attempts(gw, tid)
+        lists = (await sim_stats(sim))["list_calls"] - lists_before
+        # Only Runs answered ANCHOR_MARGIN_S before an attempt was sent are its anchors.
+        [first] = await attempts(gw, anchor)
+        assert first.resolved_at is not None
+        assert await _dispatch._anchors(gw.ctx, rows[1]) == {first.upstream_task_id}
+        gap = (rows[1].sent_at - first.resolved_at).total_seconds()
+        monkeypatch.setattr(_dispatch, "ANCHOR_MARGIN_S", gap + 1.0)
+        assert await _dispatch._anchors(gw.ctx, rows[1]) == set()
+    assert final["status"] == "succeeded"
+    assert [(a.number, a.outcome) for a in rows] == [(1, "abandoned"), (2, "accepted")]
+    assert rows[0].ambiguous_at is not None
+    assert 1.0 <= (rows[1].sent_at - rows[0].ambiguous_at).total_seconds() < 300.0
+    assert lists >= 1  # it was Task/List that told (how many looks is a matter of timing)
+    assert (await sim_stats(sim))["runs_by_gateway_task"] == {anchor: 1, tid: 1}
+
+
+async def _linked(gw: Gateway, tid: str) -> bool:
+    rows = await attempts(gw, tid)
+    return bool(rows) and rows[0].upstream_task_id is not None
+
+
+@pytest.mark.parametrize("order", ["DESC", "ASC"])
+async def test_anchor_counts_only_in_a_page_in_descending_order(
+    monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
+    """An anchor says "everything above was created later" only if the page is in the
+    order asked for. A Task/List that ignored ``order`` would show the anchor among the
+    oldest tasks first: the look must then stay inconclusive (the long grace), never
+    conclude that the Run started nothing."""
+    from types import SimpleNamespace
+
+    from app.tasks import _dispatch
+    from app.wiro import UpstreamTask
+
+    now = int(time.time())
+    ids = [str(10_000 + i) for i in range(2_100)]
+    if order == "DESC":
+        ids.reverse()
+    items = [
+        UpstreamTask.from_wire(
+            {"id": i, "callbackurl": "https://other.example/hook", "createtime": str(now)}
+        )
+        for i in ids
+    ]
+    calls: list[int] = []
+
+    async def list_tasks(*, limit: int, start: int) -> list[UpstreamTask]:
+        calls.append(start)
+        return items[start : start + limit]
+
+    async def anchors(ctx: Any, attempt: Attempt) -> set[str]:
+        return {ids[150]}  # on the second page
+
+    monkeypatch.setattr(_dispatch, "_anchors", anchors)
+    ctx = SimpleNamespace(wiro=SimpleNamespace(list_tasks=list_tasks))
+    task = SimpleNamespace(id="tsk_x")
+    attempt = SimpleNamespace(sent_at=datetime.now().astimezone(), token_hash="0" * 64)
+    found, conclusive = await _dispatch._search_list(ctx, task, attempt)  # type: ignore[arg-type]
+    assert found is None
+    if order == "DESC":
+        assert conclusive and calls == [0, 100]
+    else:
+        assert not conclusive and len(calls) == _dispatch.LIST_PAGES
+
+
 @SQLITE_ONLY
 async def test_second_upstream_task_is_killed_and_recorded(
     monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path

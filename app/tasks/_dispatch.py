@@ -20,6 +20,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, select, update
@@ -399,6 +400,9 @@ def grace_end(s: Settings, attempt: Attempt, *, conclusive: bool) -> tuple[datet
 LIST_PAGE = 100  # Task/List items per page when looking for an unanswered Run
 LIST_PAGES = 20  # at most this many pages (2,000 tasks) per look
 LIST_SKEW_S = 300  # Wiro's clock may differ from ours by this much
+ANCHOR_MARGIN_S = 5.0  # the gateway's replicas' clocks may differ by this much
+ANCHORS = 50  # at most this many anchors per look ...
+ANCHOR_SCAN = 5_000  # ... among the attempts made just before the one looked for
 
 
 async def look_up(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[UpstreamTask | None, bool]:
@@ -407,9 +411,10 @@ async def look_up(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[UpstreamTask 
     Returns ``(the task if found, whether the look was conclusive)``: a callback's hint
     checked with Detail, else Wiro's tasks (``Task/List``, used by Wiro's own MCP server
     but undocumented) searched for this attempt's callback URL, page after page, newest
-    first, until the pages reach tasks created before the attempt was sent. Not
-    conclusive when Task/List is off or fails, lists tasks without their
-    ``callbackurl``, or that point is not reached within ``LIST_PAGES`` pages.
+    first, until the pages reach tasks created before the attempt was sent: by Wiro's
+    clock (``LIST_SKEW_S`` earlier), or an anchor (``_anchors``). Not conclusive when
+    Task/List is off or fails, lists tasks without their ``callbackurl``, or that point
+    is not reached within ``LIST_PAGES`` pages.
     """
     if attempt.hint_upstream_id:
         try:
@@ -427,6 +432,7 @@ async def _search_list(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[Upstream
     # Newer tasks arriving between pages only push older ones to later offsets: an item
     # may be read twice, never skipped.
     before = attempt.sent_at.timestamp() - LIST_SKEW_S
+    anchors = await _anchors(ctx, attempt)
     seen: set[str] = set()
     with_urls = False
     for page in range(LIST_PAGES):
@@ -446,7 +452,42 @@ async def _search_list(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[Upstream
         seen |= fresh
         if any(ut.create_time is not None and ut.create_time < before for ut in items):
             return None, with_urls  # older than the attempt: it would be above
+        if anchors.intersection(ut.id for ut in items) and _descending(items):
+            return None, with_urls  # created before the attempt was sent: the same
     return None, False
+
+
+async def _anchors(ctx: Ctx, attempt: Attempt) -> set[str]:
+    """Upstream tasks created before ``attempt``'s Run can have reached Wiro: those of
+    Runs answered (linked, by any replica) ``ANCHOR_MARGIN_S`` or more before it was
+    sent. Wiro numbers tasks in the order it creates them, so any task that Run started
+    is listed above them (by id, descending): once a page shows one, the search has
+    gone far enough, however many tasks the last ``LIST_SKEW_S`` brought. A busy
+    gateway reaches that point within a page or two, where Wiro's clock alone would
+    need every task of the last five minutes."""
+    cut = attempt.sent_at - timedelta(seconds=ANCHOR_MARGIN_S)
+    async with ctx.sm() as s:
+        rows = await s.scalars(
+            select(Attempt.upstream_task_id)
+            .where(
+                Attempt.id < attempt.id,
+                Attempt.id >= attempt.id - ANCHOR_SCAN,
+                Attempt.upstream_task_id.is_not(None),
+                Attempt.resolved_at < cut,
+            )
+            .order_by(Attempt.id.desc())
+            .limit(ANCHORS)
+        )
+        return {str(r) for r in rows}
+
+
+def _descending(items: Sequence[UpstreamTask]) -> bool:
+    """Whether the page is in the order asked for (numeric ids, descending), which is
+    what makes an anchor's place in it mean anything."""
+    if not all(ut.id.isdigit() for ut in items):
+        return False
+    ids = [int(ut.id) for ut in items]
+    return all(a > b for a, b in pairwise(ids))
 
 
 def unresolved(attempts: Sequence[Attempt]) -> Attempt | None:
