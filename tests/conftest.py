@@ -296,6 +296,33 @@ def task_body(sim: Sim, **input_overrides: Any) -> dict[str, Any]:
 FIGURES = ROOT / ".pytest_cache" / "hgw-figures"
 
 
+async def others_run(sim: Sim, n: int) -> None:
+    """``n`` tasks of the simulator's project that no gateway sent (another client of the
+    account), left queued upstream so they cost the simulator no image work."""
+    from app.wiro.signing import NonceSource, sign
+
+    nonces = NonceSource()
+    sim.configure(queue_s=3600.0)
+    async with httpx.AsyncClient(base_url=sim.base, timeout=30) as c:
+
+        async def one() -> None:
+            nonce = str(nonces.next())
+            r = await c.post(
+                "/Run/wiro/professional-headshot",
+                json={"inputImageUrl": sim.portrait},
+                headers={
+                    "x-api-key": SIM_KEY,
+                    "x-nonce": nonce,
+                    "x-signature": sign(SIM_KEY, SIM_SECRET, nonce),
+                },
+            )
+            assert r.status_code == 200 and r.json()["result"] is True, r.text
+
+        for done in range(0, n, 50):
+            await asyncio.gather(*(one() for _ in range(min(50, n - done))))
+    sim.configure(queue_s=sim.defaults["queue_s"])
+
+
 def report_figure(line: str) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     with open(FIGURES / f"{os.getpid()}.txt", "a") as fh:

@@ -30,7 +30,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from app.models import Attempt, Task
-from tests.conftest import Gateway, Sim, run_gateway, task_body
+from tests.conftest import Gateway, Sim, others_run, run_gateway, task_body
 from tests.signals import polled_since_now, task_row
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -308,34 +308,6 @@ async def test_run_that_never_arrived_is_sent_again_after_grace(
     assert (rows[1].sent_at - rows[0].ambiguous_at).total_seconds() >= 3.0
     assert (await sim_stats(sim))["runs_by_gateway_task"] == {tid: 1}
     assert_one_terminal(evs, "succeeded")
-
-
-async def others_run(sim: Sim, n: int) -> None:
-    """``n`` tasks of the same Wiro project that the gateway did not send (another client
-    of the account), left queued upstream so they cost the simulator no image work."""
-    from app.wiro.signing import NonceSource, sign
-    from tests.conftest import SIM_KEY, SIM_SECRET
-
-    nonces = NonceSource()
-    await sim_configure(sim, queue_s=3600.0)
-    async with httpx.AsyncClient(base_url=sim.base, timeout=30) as c:
-
-        async def one() -> None:
-            nonce = str(nonces.next())
-            r = await c.post(
-                "/Run/wiro/professional-headshot",
-                json={"inputImageUrl": sim.portrait},
-                headers={
-                    "x-api-key": SIM_KEY,
-                    "x-nonce": nonce,
-                    "x-signature": sign(SIM_KEY, SIM_SECRET, nonce),
-                },
-            )
-            assert r.status_code == 200 and r.json()["result"] is True, r.text
-
-        for _ in range(0, n, 50):
-            await asyncio.gather(*(one() for _ in range(50)))
-    await sim_configure(sim, queue_s=sim.defaults["queue_s"])
 
 
 async def test_busy_task_list_is_conclusive_past_an_anchor(

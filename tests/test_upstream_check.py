@@ -20,12 +20,14 @@ import pytest
 
 from app.settings import Settings
 from app.upstream_check import CHECKS, RUN_CHECKS, Options, check_upstream
-from tests.conftest import ROOT, SIM_DEFAULTS, SIM_KEY, SIM_SECRET, Sim
+from tests.conftest import ROOT, SIM_DEFAULTS, SIM_KEY, SIM_SECRET, Sim, others_run
 from tests.procs import bin_env, free_port, start_sim
 
 FAST = {**SIM_DEFAULTS, "queue_s": 0.1, "run_s": 0.3, "api_key": SIM_KEY,
         "api_secret": SIM_SECRET}  # fmt: skip
 FREE_CHECKS = [c for c in CHECKS if c not in RUN_CHECKS]
+# The simulator's project holds only the check's own task, if any: no order to see.
+ALL_HELD = {**dict.fromkeys(CHECKS, "held"), "task_list_order": "unknown"}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def verdicts(report: dict[str, Any]) -> dict[str, str]:
 
 async def test_everything_holds_against_the_simulator(usim: Sim) -> None:
     report = await check(usim, run=True)
-    assert verdicts(report) == dict.fromkeys(CHECKS, "held"), report
+    assert verdicts(report) == ALL_HELD, report
     assert report["ok"] is True and report["configured_mode"] == "signature"
     checks = report["checks"]
     assert checks["stages"]["data"]["seen"][-1] == "task_postprocess_end"
@@ -86,6 +88,7 @@ async def test_without_run_nothing_is_started(usim: Sim) -> None:
     assert {n: v[n] for n in FREE_CHECKS} == {
         **dict.fromkeys(FREE_CHECKS, "held"),
         "task_list_callbackurl": "unknown",
+        "task_list_order": "unknown",
     }  # no task yet
     assert {v[n] for n in RUN_CHECKS} == {"unknown"}
     assert report["ok"] is True and report["ran_task"] is False
@@ -115,7 +118,7 @@ async def test_each_deviation_is_reported_on_its_line(
     usim.configure(**knobs)
     wait = 1.0 if knobs.get("callback_drop") else 5.0
     report = await check(usim, run=True, callback_wait_s=wait)
-    assert verdicts(report) == {**dict.fromkeys(CHECKS, "held"), **expected}, report
+    assert verdicts(report) == {**ALL_HELD, **expected}, report
     assert report["ok"] is ("not_held" not in expected.values())
     data = {name: c["data"] for name, c in report["checks"].items()}
     if "omit_pexit" in knobs:
@@ -140,6 +143,21 @@ async def test_project_not_enforcing_signatures(usim: Sim) -> None:
     assert verdicts(report)["auth"] == "held"
 
 
+@pytest.mark.parametrize("ignores_order", [False, True])
+async def test_task_list_order_is_checked(usim: Sim, ignores_order: bool) -> None:
+    """With tasks on the project, Task/List's order is seen: numeric ids, descending, as
+    asked (what lets the gateway's search end at an anchor), or not."""
+    await others_run(usim, 3)
+    usim.configure(task_list_ignores_order=ignores_order)
+    report = await check(usim, run=False)
+    order = report["checks"]["task_list_order"]
+    assert order["verdict"] == ("not_held" if ignores_order else "held"), order
+    assert report["ok"] is (not ignores_order)
+    if ignores_order:
+        first = [int(i) for i in order["data"]["first_ids"]]
+        assert first == sorted(first) and len(first) == 3
+
+
 async def test_key_only_configuration_against_a_signature_project(usim: Sim) -> None:
     report = await check(usim, run=False, secret=None)
     v = verdicts(report)
@@ -153,7 +171,7 @@ async def test_key_only_configuration_against_a_key_only_project(usim: Sim) -> N
     usim.configure(api_secret="")
     report = await check(usim, run=True, secret=None)
     v = verdicts(report)
-    assert v == {**dict.fromkeys(CHECKS, "held"), "nonce": "unknown"}, report
+    assert v == {**ALL_HELD, "nonce": "unknown"}, report
     assert report["checks"]["auth_mode"]["data"]["bare_key_accepted"] is True
 
 
@@ -206,7 +224,7 @@ def test_cli_run_needs_yes_and_prints_no_secret(usim: Sim) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
-    assert set(verdicts(report).values()) == {"held"}
+    assert verdicts(report) == ALL_HELD
     (task,) = httpx.get(f"{usim.url}/__sim/tasks", timeout=5).json()["tasks"]
     token = task["detail"]["socketaccesstoken"]
     callback_token = task["detail"]["callbackurl"].rsplit("/", 1)[1]

@@ -55,6 +55,7 @@ class SimConfig(BaseSettings):
     omit_pexit: bool = False  # Detail has no "pexit" key (judge a finished task by outputs)
     task_list_enabled: bool = True  # False: Task/List answers 404 "Error parsing url."
     task_list_callbackurl: bool = True  # False: Task/List items have no "callbackurl"
+    task_list_ignores_order: bool = False  # True: Task/List is oldest first, whatever is asked
 
     # Faults.
     run_5xx_rate: Rate = 0.0

@@ -452,7 +452,7 @@ class Simulator:
         start = max(0, _int(fields.get("start"), 0))
         limit = min(1000, max(1, _int(fields.get("limit"), 20)))
         visible = [t for t in self.tasks.values() if t.fate != Fate.LOST]
-        if fields.get("order", "DESC").upper() != "ASC":
+        if fields.get("order", "DESC").upper() != "ASC" and not cfg.task_list_ignores_order:
             visible.reverse()
         now = time.monotonic()
         page = [self.wire(t, now) for t in visible[start : start + limit]]

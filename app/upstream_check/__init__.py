@@ -5,9 +5,10 @@ The gateway is built on assumptions about Wiro that only the live API can settle
 them and reports each as held / not held / unknown:
 
 - without ``--run`` (free): reachability, the credentials, the project's auth mode
-  (signature vs key only), the nonce, Task/List and whether its items carry
-  ``callbackurl``. It sends Task/Detail for a task id that does not exist and Task/List,
-  and classifies the answers (an authorization answer means "not held").
+  (signature vs key only), the nonce, Task/List, whether its items carry
+  ``callbackurl`` and whether they come by numeric id, descending. It sends Task/Detail
+  for a task id that does not exist and Task/List, and classifies the answers (an
+  authorization answer means "not held").
 - with ``--run --yes`` (ONE REAL, BILLED TASK): File/Upload of a bundled sample portrait,
   Run with a callback URL under ``GATEWAY_PUBLIC_URL`` (a temporary listener on
   ``--listen`` catches the callback), Detail until the task ends, then the Run answer's
@@ -28,6 +29,7 @@ import secrets
 import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from itertools import pairwise
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -195,9 +197,11 @@ class UpstreamCheck:
         if not answer.ok or not isinstance(items, list):
             self.c("task_list").set(NOT_HELD, f"Task/List: {_said(answer)}", **answer.summary())
             self.c("task_list_callbackurl").set(UNKNOWN, "Task/List not usable")
+            self.c("task_list_order").set(UNKNOWN, "Task/List not usable")
             return
         tasks = [t for t in items if isinstance(t, dict)]
         self.c("task_list").set(HELD, f"{len(tasks)} recent task(s) listed", items=len(tasks))
+        self._order([str(t.get("id", "")) for t in tasks])
         line = self.c("task_list_callbackurl")
         if ours is not None:
             mine = next((t for t in tasks if str(t.get("id")) == ours), None)
@@ -220,6 +224,19 @@ class UpstreamCheck:
         elif tasks:
             line.set(NOT_HELD, f"{len(tasks) - with_key} of {len(tasks)} listed tasks lack "
                                "callbackurl")  # fmt: skip
+
+    def _order(self, ids: list[str]) -> None:
+        """Whether Task/List is in the order asked for (by id, descending) with numeric
+        ids: what lets the gateway end a search at an anchor (a task accepted before
+        the lost Run was sent)."""
+        line = self.c("task_list_order")
+        if len(ids) < 2:
+            line.set(UNKNOWN, "fewer than two tasks listed: no order to see", items=len(ids))
+        elif all(i.isdigit() for i in ids) and all(int(a) > int(b) for a, b in pairwise(ids)):
+            line.set(HELD, "numeric ids, highest (newest) first", items=len(ids))
+        else:
+            line.set(NOT_HELD, "ids not numeric or not descending: the gateway's Task/List "
+                               "search ends by Wiro's clock only", first_ids=ids[:5])  # fmt: skip
 
     # -- the billed run ----------------------------------------------------------------
 

@@ -37,8 +37,9 @@ MAX_DOWNLOAD = 100 * 1024 * 1024
 # The checks, in report order; those after "upload" need --run.
 CHECKS = [
     "reachable", "auth", "auth_mode", "nonce", "task_list", "task_list_callbackurl",
-    "upload", "run_answer", "stages", "detail_pexit", "detail_outputs", "detail_totalcost",
-    "detail_callbackurl", "output_download", "callback", "callback_body", "input_output_delete",
+    "task_list_order", "upload", "run_answer", "stages", "detail_pexit", "detail_outputs",
+    "detail_totalcost", "detail_callbackurl", "output_download", "callback", "callback_body",
+    "input_output_delete",
 ]  # fmt: skip
 RUN_CHECKS = CHECKS[CHECKS.index("upload") :]
 
