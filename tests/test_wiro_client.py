@@ -32,6 +32,7 @@ from app.wiro import (
     WiroUnavailable,
     WiroValidationError,
     error_for_code,
+    ids_descending,
     parse_retry_after,
 )
 
@@ -856,3 +857,21 @@ def test_upstream_task_from_an_empty_dict() -> None:
     assert task.total_cost is None
     assert task.socket_token is None
     assert task.raw == {}
+
+
+@pytest.mark.parametrize(
+    ("ids", "expected"),
+    [
+        (["534575", "534574", "12"], True),
+        (["534574"], True),
+        ([], True),
+        (["12", "534574"], False),  # ascending
+        (["7", "7"], False),  # not strictly
+        (["534574", "abc"], False),
+        (["²", "1"], False),  # a digit to str.isdigit, not to int()
+        (["", "1"], False),
+    ],
+)
+def test_ids_descending(ids: list[str], expected: bool) -> None:
+    """Only numeric, strictly descending ids tell where Wiro lists a task (anchors)."""
+    assert ids_descending(ids) is expected

@@ -20,7 +20,6 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import bindparam, case, func, insert, select, update
@@ -51,7 +50,7 @@ from app.tasks._writes import (
     event,
     transition,
 )
-from app.wiro import RunAccepted, UpstreamTask, WiroError
+from app.wiro import RunAccepted, UpstreamTask, WiroError, ids_descending
 
 log = logging.getLogger("app.tasks")
 
@@ -452,7 +451,7 @@ async def _search_list(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[Upstream
         seen |= fresh
         if any(ut.create_time is not None and ut.create_time < before for ut in items):
             return None, with_urls  # older than the attempt: it would be above
-        if anchors.intersection(ut.id for ut in items) and _descending(items):
+        if anchors.intersection(ut.id for ut in items) and ids_descending([ut.id for ut in items]):
             return None, with_urls  # created before the attempt was sent: the same
     return None, False
 
@@ -479,15 +478,6 @@ async def _anchors(ctx: Ctx, attempt: Attempt) -> set[str]:
             .limit(ANCHORS)
         )
         return {str(r) for r in rows}
-
-
-def _descending(items: Sequence[UpstreamTask]) -> bool:
-    """Whether the page is in the order asked for (numeric ids, descending), which is
-    what makes an anchor's place in it mean anything."""
-    if not all(ut.id.isdigit() for ut in items):
-        return False
-    ids = [int(ut.id) for ut in items]
-    return all(a > b for a, b in pairwise(ids))
 
 
 def unresolved(attempts: Sequence[Attempt]) -> Attempt | None:

@@ -29,7 +29,6 @@ import secrets
 import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from itertools import pairwise
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,6 +62,7 @@ from app.upstream_check._parts import (
 )
 from app.wiro.client import WiroClient
 from app.wiro.errors import WiroError, WiroStateError
+from app.wiro.models import ids_descending
 
 __all__ = ["CHECKS", "RUN_CHECKS", "Options", "add_parser", "check_upstream", "main"]
 
@@ -232,7 +232,7 @@ class UpstreamCheck:
         line = self.c("task_list_order")
         if len(ids) < 2:
             line.set(UNKNOWN, "fewer than two tasks listed: no order to see", items=len(ids))
-        elif all(i.isdigit() for i in ids) and all(int(a) > int(b) for a, b in pairwise(ids)):
+        elif ids_descending(ids):
             line.set(HELD, "numeric ids, highest (newest) first", items=len(ids))
         else:
             line.set(NOT_HELD, "ids not numeric or not descending: the gateway's Task/List "

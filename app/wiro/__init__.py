@@ -22,7 +22,7 @@ from app.wiro.errors import (
     WiroUnavailable,
     WiroValidationError,
 )
-from app.wiro.models import RunAccepted, UpstreamOutput, UpstreamTask
+from app.wiro.models import RunAccepted, UpstreamOutput, UpstreamTask, ids_descending
 from app.wiro.signing import NonceSource, sign, verify
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "WiroUnavailable",
     "WiroValidationError",
     "error_for_code",
+    "ids_descending",
     "parse_retry_after",
     "sign",
     "verify",

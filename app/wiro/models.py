@@ -10,7 +10,9 @@ kept out of every ``repr``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 __all__ = ["RunAccepted", "UpstreamOutput", "UpstreamTask"]
@@ -139,3 +141,12 @@ class UpstreamTask:
             end_time=_time(d.get("endtime")),
             raw=dict(d),
         )
+
+
+def ids_descending(ids: Sequence[str]) -> bool:
+    """Whether Task/List's ids are numeric and strictly descending: the order asked for
+    (``sort: id, order: DESC``), in which Wiro lists a task above every task created
+    before it."""
+    return all(i.isascii() and i.isdigit() for i in ids) and all(
+        int(a) > int(b) for a, b in pairwise(ids)
+    )
