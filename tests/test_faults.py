@@ -141,6 +141,17 @@ class Interposer(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
+def never_reached(number: int) -> Callable[[int, httpx.Request], Awaitable[None]]:
+    """An ``Interposer.on_run`` for which the ``number``-th Run times out before reaching
+    the simulator: an unanswered Run that started nothing upstream."""
+
+    async def lose(n: int, request: httpx.Request) -> None:
+        if n == number:
+            raise httpx.ReadTimeout("timed out (test: never reached Wiro)", request=request)
+
+    return lose
+
+
 @contextlib.asynccontextmanager
 async def gateway_via(
     monkeypatch: pytest.MonkeyPatch,
@@ -282,12 +293,7 @@ async def test_run_that_never_arrived_is_sent_again_after_grace(
     Task/List. Only GATEWAY_RUN_GRACE_S after the Run went unanswered is a second
     attempt sent."""
     tx = Interposer()
-
-    async def lose_first(n: int, request: httpx.Request) -> None:
-        if n == 1:
-            raise httpx.ReadTimeout("timed out (test: never reached Wiro)", request=request)
-
-    tx.on_run = lose_first
+    tx.on_run = never_reached(1)
     async with gateway_via(
         monkeypatch,
         tx,
@@ -325,12 +331,7 @@ async def test_busy_task_list_is_conclusive_past_an_anchor(
     monkeypatch.setattr(_dispatch, "LIST_PAGES", 3)  # 300 tasks, not 2,000: a quicker test
     await others_run(sim, _dispatch.LIST_PAGE * _dispatch.LIST_PAGES + 100)
     tx = Interposer()
-
-    async def lose_second(n: int, request: httpx.Request) -> None:
-        if n == 2:
-            raise httpx.ReadTimeout("timed out (test: never reached Wiro)", request=request)
-
-    tx.on_run = lose_second
+    tx.on_run = never_reached(2)
     async with gateway_via(
         monkeypatch,
         tx,
