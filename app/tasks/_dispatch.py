@@ -461,9 +461,10 @@ async def _anchors(ctx: Ctx, attempt: Attempt) -> set[str]:
     Runs answered (linked, by any replica) ``ANCHOR_MARGIN_S`` or more before it was
     sent. Wiro numbers tasks in the order it creates them, so any task that Run started
     is listed above them (by id, descending): once a page shows one, the search has
-    gone far enough, however many tasks the last ``LIST_SKEW_S`` brought. A busy
-    gateway reaches that point within a page or two, where Wiro's clock alone would
-    need every task of the last five minutes."""
+    gone far enough, however many tasks the last ``LIST_SKEW_S`` brought (Wiro's clock
+    alone needs every task of those five minutes). An anchor lies as deep as the tasks
+    created since it: a page or two for a Run that just timed out, more for one whose
+    process died and is looked at when its lease has run out."""
     cut = attempt.sent_at - timedelta(seconds=ANCHOR_MARGIN_S)
     async with ctx.sm() as s:
         rows = await s.scalars(

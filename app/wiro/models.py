@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-__all__ = ["RunAccepted", "UpstreamOutput", "UpstreamTask"]
+__all__ = ["RunAccepted", "UpstreamOutput", "UpstreamTask", "ids_descending"]
 
 
 def _str(value: Any) -> str | None:
