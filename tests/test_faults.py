@@ -320,16 +320,17 @@ async def test_busy_task_list_is_conclusive_past_an_anchor(
     monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
 ) -> None:
     """A Run that never reached Wiro, on a busy account: Task/List holds more tasks of the
-    last five minutes than a look pages through (``LIST_PAGES``), so Wiro's clock cannot end the
-    search. A task the gateway saw Wiro accept before that Run was sent (an anchor) is
-    listed below anything the Run could have started: the search ends there, conclusive,
-    and the second attempt goes out after ``GATEWAY_RUN_GRACE_S``, not after
+    last five minutes than a look pages through (``LIST_PAGES_ANCHORED``), so Wiro's clock
+    cannot end the search. A task the gateway saw Wiro accept before that Run was sent
+    (an anchor) is listed below anything the Run could have started: the search ends
+    there, conclusive, and the second attempt goes out after ``GATEWAY_RUN_GRACE_S``, not after
     ``GATEWAY_RUN_GRACE_UNLISTED_S``."""
-    from app.tasks import _dispatch
+    from app.tasks import _look
 
-    monkeypatch.setattr(_dispatch, "ANCHOR_MARGIN_S", 0.0)  # one process, one clock
-    monkeypatch.setattr(_dispatch, "LIST_PAGES", 3)  # 300 tasks, not 2,000: a quicker test
-    await others_run(sim, _dispatch.LIST_PAGE * _dispatch.LIST_PAGES + 100)
+    monkeypatch.setattr(_look, "ANCHOR_MARGIN_S", 0.0)  # one process, one clock
+    monkeypatch.setattr(_look, "LIST_PAGES", 2)  # 200 tasks, not 2,000: a quicker test
+    monkeypatch.setattr(_look, "LIST_PAGES_ANCHORED", 3)  # 300, not 6,000
+    await others_run(sim, _look.LIST_PAGE * _look.LIST_PAGES_ANCHORED + 100)
     tx = Interposer()
     tx.on_run = never_reached(2)
     async with gateway_via(
@@ -353,10 +354,10 @@ async def test_busy_task_list_is_conclusive_past_an_anchor(
         # Only Runs answered ANCHOR_MARGIN_S before an attempt was sent are its anchors.
         [first] = await attempts(gw, anchor)
         assert first.resolved_at is not None
-        assert await _dispatch._anchors(gw.ctx, rows[1]) == {first.upstream_task_id}
+        assert await _look._anchors(gw.ctx, rows[1]) == {first.upstream_task_id}
         gap = (rows[1].sent_at - first.resolved_at).total_seconds()
-        monkeypatch.setattr(_dispatch, "ANCHOR_MARGIN_S", gap + 1.0)
-        assert await _dispatch._anchors(gw.ctx, rows[1]) == set()
+        monkeypatch.setattr(_look, "ANCHOR_MARGIN_S", gap + 1.0)
+        assert await _look._anchors(gw.ctx, rows[1]) == set()
     assert final["status"] == "succeeded"
     assert [(a.number, a.outcome) for a in rows] == [(1, "abandoned"), (2, "accepted")]
     assert rows[0].ambiguous_at is not None
@@ -365,53 +366,47 @@ async def test_busy_task_list_is_conclusive_past_an_anchor(
     assert (await sim_stats(sim))["runs_by_gateway_task"] == {anchor: 1, tid: 1}
 
 
+@SQLITE_ONLY
+async def test_look_that_runs_out_of_pages_is_repeated_at_the_grace_end(
+    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    """No anchor, and more tasks than a look reads: Task/List cannot tell, so the second
+    attempt waits ``GATEWAY_RUN_GRACE_UNLISTED_S``. A look that ran out of pages is not
+    repeated every 2 s meanwhile (it would only read more tasks above the same point):
+    Task/List is read once when the Run went unanswered and once at the grace's end."""
+    from app.tasks import _look
+
+    monkeypatch.setattr(_look, "LIST_PAGES", 2)  # 200 tasks, not 2,000: a quicker test
+    await others_run(sim, _look.LIST_PAGE * _look.LIST_PAGES + 100)
+    tx = Interposer()
+    tx.on_run = never_reached(1)
+    async with gateway_via(
+        monkeypatch,
+        tx,
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        run_grace_s=1.0,
+        run_grace_unlisted_s=6.0,
+        wiro_connect_timeout_s=1.0,
+        wiro_read_timeout_s=1.0,
+    ) as gw:
+        lists_before = (await sim_stats(sim))["list_calls"]
+        [tid] = await submit(gw, sim)
+        final = await gw.wait_terminal(tid, timeout=30)
+        rows = await attempts(gw, tid)
+        lists = (await sim_stats(sim))["list_calls"] - lists_before
+    assert final["status"] == "succeeded"
+    assert [(a.number, a.outcome) for a in rows] == [(1, "abandoned"), (2, "accepted")]
+    assert rows[0].ambiguous_at is not None
+    assert (rows[1].sent_at - rows[0].ambiguous_at).total_seconds() >= 6.0
+    assert lists == 2 * _look.LIST_PAGES  # two looks, not one every 2 s
+    assert (await sim_stats(sim))["runs_by_gateway_task"] == {tid: 1}
+
+
 async def _linked(gw: Gateway, tid: str) -> bool:
     rows = await attempts(gw, tid)
     return bool(rows) and rows[0].upstream_task_id is not None
-
-
-@pytest.mark.parametrize("order", ["DESC", "ASC"])
-async def test_anchor_counts_only_in_a_page_in_descending_order(
-    monkeypatch: pytest.MonkeyPatch, order: str
-) -> None:
-    """An anchor says "everything above was created later" only if the page is in the
-    order asked for. A Task/List that ignored ``order`` would show the anchor among the
-    oldest tasks first: the look must then stay inconclusive (the long grace), never
-    conclude that the Run started nothing."""
-    from types import SimpleNamespace
-
-    from app.tasks import _dispatch
-    from app.wiro import UpstreamTask
-
-    now = int(time.time())
-    ids = [str(10_000 + i) for i in range(2_100)]
-    if order == "DESC":
-        ids.reverse()
-    items = [
-        UpstreamTask.from_wire(
-            {"id": i, "callbackurl": "https://other.example/hook", "createtime": str(now)}
-        )
-        for i in ids
-    ]
-    calls: list[int] = []
-
-    async def list_tasks(*, limit: int, start: int) -> list[UpstreamTask]:
-        calls.append(start)
-        return items[start : start + limit]
-
-    async def anchors(ctx: Any, attempt: Attempt) -> set[str]:
-        return {ids[150]}  # on the second page
-
-    monkeypatch.setattr(_dispatch, "_anchors", anchors)
-    ctx = SimpleNamespace(wiro=SimpleNamespace(list_tasks=list_tasks))
-    task = SimpleNamespace(id="tsk_x")
-    attempt = SimpleNamespace(sent_at=datetime.now().astimezone(), token_hash="0" * 64)
-    found, conclusive = await _dispatch._search_list(ctx, task, attempt)  # type: ignore[arg-type]
-    assert found is None
-    if order == "DESC":
-        assert conclusive and calls == [0, 100]
-    else:
-        assert not conclusive and len(calls) == _dispatch.LIST_PAGES
 
 
 @SQLITE_ONLY

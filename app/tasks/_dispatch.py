@@ -31,13 +31,12 @@ from app.faults import crash_point
 from app.ids import jitter, sha256_hex
 from app.lifecycle import Status
 from app.models import Attempt, Task
-from app.settings import Settings
 from app.states import UNANSWERED, EventKind, Outcome
 from app.tasks._history import get_task, insert_metadata
 from app.tasks._leases import release
+from app.tasks._look import grace_end, look_up
 from app.tasks._single import insert_fresh, link_fresh
-from app.tasks._upstream import backoff, run, run_budget_s, stop_upstream, verified
-from app.tasks._upstream import url_matches as _url_matches
+from app.tasks._upstream import backoff, run, stop_upstream, verified
 from app.tasks._writes import (
     ATTEMPTS,
     INSERT_EVENT,
@@ -50,7 +49,7 @@ from app.tasks._writes import (
     event,
     transition,
 )
-from app.wiro import RunAccepted, UpstreamTask, WiroError, ids_descending
+from app.wiro import RunAccepted, WiroError
 
 log = logging.getLogger("app.tasks")
 
@@ -386,101 +385,6 @@ async def mark_ambiguous(
     attempt.outcome, attempt.ambiguous_at = Outcome.ambiguous, attempt.ambiguous_at or now
 
 
-def grace_end(s: Settings, attempt: Attempt, *, conclusive: bool) -> tuple[datetime, float]:
-    """When an unanswered Run may be given up on, and the grace it is given:
-    ``GATEWAY_RUN_GRACE_S`` from when it was known unanswered if Task/List could tell,
-    ``GATEWAY_RUN_GRACE_UNLISTED_S`` if not. (Rows from before ``ambiguous_at`` was
-    recorded count from the end of the Run's time budget.)"""
-    grace = s.run_grace_s if conclusive else s.run_grace_unlisted_s
-    since = attempt.ambiguous_at or attempt.sent_at + timedelta(seconds=run_budget_s(s))
-    return since + timedelta(seconds=grace), grace
-
-
-LIST_PAGE = 100  # Task/List items per page when looking for an unanswered Run
-LIST_PAGES = 20  # at most this many pages (2,000 tasks) per look
-LIST_SKEW_S = 300  # Wiro's clock may differ from ours by this much
-ANCHOR_MARGIN_S = 5.0  # the gateway's replicas' clocks may differ by this much
-ANCHORS = 50  # at most this many anchors per look ...
-ANCHOR_SCAN = 5_000  # ... among the attempts made just before the one looked for
-
-
-async def look_up(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[UpstreamTask | None, bool]:
-    """Look for the upstream task an unanswered attempt may have started.
-
-    Returns ``(the task if found, whether the look was conclusive)``: a callback's hint
-    checked with Detail, else Wiro's tasks (``Task/List``, used by Wiro's own MCP server
-    but undocumented) searched for this attempt's callback URL, page after page, newest
-    first, until the pages reach tasks created before the attempt was sent: by Wiro's
-    clock (``LIST_SKEW_S`` earlier), or an anchor (``_anchors``). Not conclusive when
-    Task/List is off or fails, lists tasks without their ``callbackurl``, or that point
-    is not reached within ``LIST_PAGES`` pages.
-    """
-    if attempt.hint_upstream_id:
-        try:
-            found = await verified(ctx, task.id, attempt, attempt.hint_upstream_id)
-        except WiroError:
-            found = None
-        if found is not None:
-            return found, True
-    if not ctx.settings.reconcile_with_task_list:
-        return None, False
-    return await _search_list(ctx, task, attempt)
-
-
-async def _search_list(ctx: Ctx, task: Task, attempt: Attempt) -> tuple[UpstreamTask | None, bool]:
-    # Newer tasks arriving between pages only push older ones to later offsets: an item
-    # may be read twice, never skipped.
-    before = attempt.sent_at.timestamp() - LIST_SKEW_S
-    anchors = await _anchors(ctx, attempt)
-    seen: set[str] = set()
-    with_urls = False
-    for page in range(LIST_PAGES):
-        try:
-            items = await ctx.wiro.list_tasks(limit=LIST_PAGE, start=page * LIST_PAGE)
-        except WiroError:
-            return None, False
-        for ut in items:
-            if _url_matches(ut.callback_url, task.id, attempt):
-                return ut, True
-        with_urls = with_urls or any(ut.callback_url for ut in items)
-        fresh = {ut.id for ut in items} - seen
-        if len(items) < LIST_PAGE:
-            return None, with_urls or (page == 0 and not items)  # the end of the list
-        if not fresh:
-            return None, False  # ``start`` ignored: the same page again
-        seen |= fresh
-        if any(ut.create_time is not None and ut.create_time < before for ut in items):
-            return None, with_urls  # older than the attempt: it would be above
-        if anchors.intersection(ut.id for ut in items) and ids_descending([ut.id for ut in items]):
-            return None, with_urls  # created before the attempt was sent: the same
-    return None, False
-
-
-async def _anchors(ctx: Ctx, attempt: Attempt) -> set[str]:
-    """Upstream tasks created before ``attempt``'s Run can have reached Wiro: those of
-    Runs answered (linked, by any replica) ``ANCHOR_MARGIN_S`` or more before it was
-    sent. Wiro numbers tasks in the order it creates them, so any task that Run started
-    is listed above them (by id, descending): once a page shows one, the search has
-    gone far enough, however many tasks the last ``LIST_SKEW_S`` brought (Wiro's clock
-    alone needs every task of those five minutes). An anchor lies as deep as the tasks
-    created since it: a page or two for a Run that just timed out, more for one whose
-    process died and is looked at when its lease has run out."""
-    cut = attempt.sent_at - timedelta(seconds=ANCHOR_MARGIN_S)
-    async with ctx.sm() as s:
-        rows = await s.scalars(
-            select(Attempt.upstream_task_id)
-            .where(
-                Attempt.id < attempt.id,
-                Attempt.id >= attempt.id - ANCHOR_SCAN,
-                Attempt.upstream_task_id.is_not(None),
-                Attempt.resolved_at < cut,
-            )
-            .order_by(Attempt.id.desc())
-            .limit(ANCHORS)
-        )
-        return {str(r) for r in rows}
-
-
 def unresolved(attempts: Sequence[Attempt]) -> Attempt | None:
     """The latest attempt whose Run may have started an upstream task nobody has linked."""
     for a in reversed(attempts):
@@ -559,18 +463,24 @@ async def dispatch(ctx: Ctx, task: Task, attempts: list[Attempt], step: Step) ->
                     "(its process stopped); looking for it before sending again"
                 ),
             )
-        found, conclusive = await look_up(ctx, task, last)
-        if found is not None:
-            await link(ctx, task.id, last, found.id, found.socket_token, source="dispatcher")
+        look = await look_up(ctx, task, last)
+        if look.found is not None:
+            await link(
+                ctx, task.id, last, look.found.id, look.found.socket_token, source="dispatcher"
+            )
             return now
         if last.hint_upstream_id:
             # A callback named its upstream task but Detail could not be read to verify
             # it (``reconcile_attempts`` clears a hint Wiro disproves): the only sign of
             # a task that may be running is never traded for a second Run.
             return now + timedelta(seconds=backoff(ctx, task.retries))
+        conclusive = look.conclusive
         end, grace = grace_end(s, last, conclusive=conclusive)
         if now < end:
-            return min(end, now + timedelta(seconds=min(2.0, s.poll_initial_s, grace)))
+            # A look that read all its pages is repeated slowly (a callback makes the
+            # task due at once anyway); the last one is at ``end``, before any new Run.
+            wait = look.again_s if look.exhausted else min(2.0, s.poll_initial_s, grace)
+            return min(end, now + timedelta(seconds=wait))
         why = "Task/List shows no trace of it" if conclusive else "it could not be looked up"
         if not await abandon(
             ctx,

@@ -25,15 +25,14 @@ from app.tasks._dispatch import (
     Step,
     abandon,
     dispatch,
-    grace_end,
     link,
-    look_up,
     reconcile_attempts,
     stop_extra,
     unresolved,
 )
 from app.tasks._history import get_task
 from app.tasks._leases import Claimed, read, release
+from app.tasks._look import grace_end, look_up
 from app.tasks._single import terminal
 from app.tasks._upstream import backoff, run_budget_s, stop_upstream
 from app.tasks._writes import NO_GUARD, TASKS, Guard, T, event, set_task, short, transition
@@ -363,20 +362,21 @@ async def _sweep(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> datetime 
     attempt = unresolved(attempts)
     if attempt is None:
         return None
-    found, conclusive = await look_up(ctx, task, attempt)
-    if found is not None:
-        await stop_extra(ctx, task.id, attempt, found.id)
+    look = await look_up(ctx, task, attempt)
+    if look.found is not None:
+        await stop_extra(ctx, task.id, attempt, look.found.id)
         return None
     if attempt.hint_upstream_id:  # named by a callback, not yet verifiable: keep looking
         return now + timedelta(seconds=backoff(ctx, task.retries))
+    conclusive = look.conclusive
     if (
         attempt.outcome == Outcome.sent
         and attempt.sent_at + timedelta(seconds=run_budget_s(s) + s.lease_s) > now
     ):
-        return now + timedelta(seconds=2.0)  # its Run may still be answered by its sender
+        return now + timedelta(seconds=look.again_s)  # its sender may still record it
     end, _ = grace_end(s, attempt, conclusive=conclusive)
     if now < end:
-        return min(end, now + timedelta(seconds=2.0))
+        return min(end, now + timedelta(seconds=look.again_s))
     await abandon(
         ctx,
         task.id,
@@ -404,14 +404,14 @@ async def _on_deadline(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> dat
         elif pending is None:
             note = "never accepted upstream"
         else:
-            found, conclusive = await look_up(ctx, task, pending)
-            if found is not None:
+            look = await look_up(ctx, task, pending)
+            if (found := look.found) is not None:
                 # It did start: follow it like any linked task (stopped below unless
                 # it has already finished, which is then the truth).
                 await link(ctx, task.id, pending, found.id, found.socket_token, source="timeout")
                 task = await get_task(ctx, task_id=task.id, client=None)
                 note = ""
-            elif conclusive and grace_end(s, pending, conclusive=True)[0] <= ctx.clock():
+            elif look.conclusive and grace_end(s, pending, conclusive=True)[0] <= ctx.clock():
                 note = "never started upstream (Task/List shows no trace of its Run)"
                 sweep = await _sweep(ctx, task, attempts)  # marks it abandoned
             else:
@@ -419,7 +419,7 @@ async def _on_deadline(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> dat
                     "upstream state unknown (its Run was never answered); it is looked "
                     "for and stopped if it appears"
                 )
-                sweep = ctx.clock() + timedelta(seconds=2.0)
+                sweep = ctx.clock() + timedelta(seconds=look.again_s)
     if task.upstream_task_id is not None:
         try:
             ut = await ctx.wiro.detail(task_id=task.upstream_task_id)
