@@ -316,23 +316,22 @@ async def test_run_that_never_arrived_is_sent_again_after_grace(
     assert_one_terminal(evs, "succeeded")
 
 
-async def test_busy_task_list_is_conclusive_past_an_anchor(
-    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
-) -> None:
-    """A Run that never reached Wiro, on a busy account: Task/List holds more tasks of the
-    last five minutes than a look pages through (``LIST_PAGES_ANCHORED``), so Wiro's clock
-    cannot end the search. A task the gateway saw Wiro accept before that Run was sent
-    (an anchor) is listed below anything the Run could have started: the search ends
-    there, conclusive, and the second attempt goes out after ``GATEWAY_RUN_GRACE_S``, not after
-    ``GATEWAY_RUN_GRACE_UNLISTED_S``."""
-    from app.tasks import _look
-
-    monkeypatch.setattr(_look, "ANCHOR_MARGIN_S", 0.0)  # one process, one clock
-    monkeypatch.setattr(_look, "LIST_PAGES", 2)  # 200 tasks, not 2,000: a quicker test
-    monkeypatch.setattr(_look, "LIST_PAGES_ANCHORED", 3)  # 300, not 6,000
-    await others_run(sim, _look.LIST_PAGE * _look.LIST_PAGES_ANCHORED + 100)
+@contextlib.asynccontextmanager
+async def busy_gateway(
+    monkeypatch: pytest.MonkeyPatch,
+    db_url: str,
+    sim: Sim,
+    tmp_path: Path,
+    *,
+    others: int,
+    lost: int,
+    unlisted_s: float,
+) -> AsyncIterator[Gateway]:
+    """A gateway on a project holding ``others`` tasks of another client, whose
+    ``lost``-th Run never reaches Wiro (``GATEWAY_RUN_GRACE_S`` 1 s)."""
+    await others_run(sim, others)
     tx = Interposer()
-    tx.on_run = never_reached(2)
+    tx.on_run = never_reached(lost)
     async with gateway_via(
         monkeypatch,
         tx,
@@ -340,17 +339,44 @@ async def test_busy_task_list_is_conclusive_past_an_anchor(
         sim=sim,
         data_dir=tmp_path,
         run_grace_s=1.0,
-        run_grace_unlisted_s=300.0,
+        run_grace_unlisted_s=unlisted_s,
         wiro_connect_timeout_s=1.0,
         wiro_read_timeout_s=1.0,
     ) as gw:
+        yield gw
+
+
+async def lost_run(gw: Gateway, sim: Sim) -> tuple[str, Any, list[Attempt], int]:
+    """Submit one task and wait for its end: its id, final state, attempts, and the
+    Task/List calls made meanwhile."""
+    lists_before = (await sim_stats(sim))["list_calls"]
+    [tid] = await submit(gw, sim)
+    final = await gw.wait_terminal(tid, timeout=30)
+    rows = await attempts(gw, tid)
+    return tid, final, rows, (await sim_stats(sim))["list_calls"] - lists_before
+
+
+async def test_busy_task_list_is_conclusive_past_an_anchor(
+    monkeypatch: pytest.MonkeyPatch, db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    """A Run that never reached Wiro, on a busy account: Task/List holds more tasks of the
+    last five minutes than a look pages through (``LIST_PAGES_ANCHORED``), so Wiro's clock
+    cannot end the search. A task the gateway saw Wiro accept before that Run was sent
+    (an anchor) is listed below anything the Run could have started: the search ends
+    there, conclusive, and the second attempt goes out after ``GATEWAY_RUN_GRACE_S``,
+    not after ``GATEWAY_RUN_GRACE_UNLISTED_S``."""
+    from app.tasks import _look
+
+    monkeypatch.setattr(_look, "ANCHOR_MARGIN_S", 0.0)  # one process, one clock
+    monkeypatch.setattr(_look, "LIST_PAGES", 2)  # 200 tasks, not 2,000: a quicker test
+    monkeypatch.setattr(_look, "LIST_PAGES_ANCHORED", 3)  # 300, not 6,000
+    others = _look.LIST_PAGE * _look.LIST_PAGES_ANCHORED + 100
+    async with busy_gateway(
+        monkeypatch, db_url, sim, tmp_path, others=others, lost=2, unlisted_s=300.0
+    ) as gw:
         [anchor] = await submit(gw, sim)
         await eventually(lambda: _linked(gw, anchor), what="the first task accepted upstream")
-        lists_before = (await sim_stats(sim))["list_calls"]
-        [tid] = await submit(gw, sim)
-        final = await gw.wait_terminal(tid, timeout=30)
-        rows = await attempts(gw, tid)
-        lists = (await sim_stats(sim))["list_calls"] - lists_before
+        tid, final, rows, lists = await lost_run(gw, sim)
         # Only Runs answered ANCHOR_MARGIN_S before an attempt was sent are its anchors.
         [first] = await attempts(gw, anchor)
         assert first.resolved_at is not None
@@ -377,25 +403,11 @@ async def test_look_that_runs_out_of_pages_is_repeated_at_the_grace_end(
     from app.tasks import _look
 
     monkeypatch.setattr(_look, "LIST_PAGES", 2)  # 200 tasks, not 2,000: a quicker test
-    await others_run(sim, _look.LIST_PAGE * _look.LIST_PAGES + 100)
-    tx = Interposer()
-    tx.on_run = never_reached(1)
-    async with gateway_via(
-        monkeypatch,
-        tx,
-        db_url=db_url,
-        sim=sim,
-        data_dir=tmp_path,
-        run_grace_s=1.0,
-        run_grace_unlisted_s=6.0,
-        wiro_connect_timeout_s=1.0,
-        wiro_read_timeout_s=1.0,
+    others = _look.LIST_PAGE * _look.LIST_PAGES + 100
+    async with busy_gateway(
+        monkeypatch, db_url, sim, tmp_path, others=others, lost=1, unlisted_s=6.0
     ) as gw:
-        lists_before = (await sim_stats(sim))["list_calls"]
-        [tid] = await submit(gw, sim)
-        final = await gw.wait_terminal(tid, timeout=30)
-        rows = await attempts(gw, tid)
-        lists = (await sim_stats(sim))["list_calls"] - lists_before
+        tid, final, rows, lists = await lost_run(gw, sim)
     assert final["status"] == "succeeded"
     assert [(a.number, a.outcome) for a in rows] == [(1, "abandoned"), (2, "accepted")]
     assert rows[0].ambiguous_at is not None

@@ -34,10 +34,10 @@ SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 @SQLITE_ONLY
 async def test_held_run_does_not_hold_the_caller(db_url: str, sim: Sim, tmp_path: Path) -> None:
-    """Wiro holds the Run for 20 s: the submit answers within SUBMIT_WAIT_S (default 3 s)
+    """Wiro holds the Run for 12 s: the submit answers within SUBMIT_WAIT_S (default 3 s)
     with the task pending, the Run goes on, and the task ends succeeded with one upstream
     task."""
-    sim.configure(run_hang_s=20.0)
+    sim.configure(run_hang_s=12.0)
     async with run_gateway(
         db_url=db_url, sim=sim, data_dir=tmp_path, wiro_read_timeout_s=30.0
     ) as gw:
@@ -50,7 +50,7 @@ async def test_held_run_does_not_hold_the_caller(db_url: str, sim: Sim, tmp_path
         assert r.json()["status"] == "pending"
         final = await gw.wait_terminal(tid, timeout=60)
         rows = await attempts(gw, tid)
-    # Answered long before the held Run came back (20 s), however busy the machine.
+    # Answered long before the held Run came back (12 s), however busy the machine.
     assert answered < 10.0, answered
     assert final["status"] == "succeeded" and final["outputs"]
     assert [(a.number, a.outcome) for a in rows] == [(1, "accepted")]
