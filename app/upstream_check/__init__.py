@@ -228,15 +228,16 @@ class UpstreamCheck:
     def _order(self, ids: list[str]) -> None:
         """Whether Task/List is in the order asked for (by id, descending) with numeric
         ids: what lets the gateway end a search at an anchor (a task accepted before
-        the lost Run was sent)."""
+        the lost Run was sent), or by Wiro's clock (``app.tasks._look.newest_first``)."""
         line = self.c("task_list_order")
         if len(ids) < 2:
             line.set(UNKNOWN, "fewer than two tasks listed: no order to see", items=len(ids))
         elif ids_descending(ids):
             line.set(HELD, "numeric ids, highest (newest) first", items=len(ids))
         else:
-            line.set(NOT_HELD, "ids not numeric or not descending: the gateway's Task/List "
-                               "search ends by Wiro's clock only", first_ids=ids[:5])  # fmt: skip
+            line.set(NOT_HELD, "ids not numeric or not descending: no anchor ends the "
+                               "gateway's Task/List search, nor Wiro's clock where numeric "
+                               "ids are out of order", first_ids=ids[:5])  # fmt: skip
 
     # -- the billed run ----------------------------------------------------------------
 
