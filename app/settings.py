@@ -88,7 +88,8 @@ class Settings(BaseSettings):
         default=300.0,
         ge=0,
         description="the same wait when Task/List cannot tell (reconciliation off, "
-        "failing, or listing tasks without their callbackurl)",
+        "failing, listing tasks without their callbackurl, or more newer tasks than a "
+        "look pages through)",
     )
     submit_wait_s: float = Field(
         default=3.0,
