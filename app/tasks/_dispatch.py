@@ -474,14 +474,13 @@ async def dispatch(ctx: Ctx, task: Task, attempts: list[Attempt], step: Step) ->
             # it (``reconcile_attempts`` clears a hint Wiro disproves): the only sign of
             # a task that may be running is never traded for a second Run.
             return now + timedelta(seconds=backoff(ctx, task.retries))
-        conclusive = look.conclusive
-        end, grace = grace_end(s, last, conclusive=conclusive)
+        end, grace = grace_end(s, last, conclusive=look.conclusive)
         if now < end:
             # A look that read all its pages is repeated slowly (a callback makes the
             # task due at once anyway); the last one is at ``end``, before any new Run.
-            wait = look.again_s if look.exhausted else min(2.0, s.poll_initial_s, grace)
+            wait = look.again_s if look.exhausted else min(look.again_s, s.poll_initial_s, grace)
             return min(end, now + timedelta(seconds=wait))
-        why = "Task/List shows no trace of it" if conclusive else "it could not be looked up"
+        why = "Task/List shows no trace of it" if look.conclusive else "it could not be looked up"
         if not await abandon(
             ctx,
             task.id,

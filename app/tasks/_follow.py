@@ -368,13 +368,12 @@ async def _sweep(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> datetime 
         return None
     if attempt.hint_upstream_id:  # named by a callback, not yet verifiable: keep looking
         return now + timedelta(seconds=backoff(ctx, task.retries))
-    conclusive = look.conclusive
     if (
         attempt.outcome == Outcome.sent
         and attempt.sent_at + timedelta(seconds=run_budget_s(s) + s.lease_s) > now
     ):
         return now + timedelta(seconds=look.again_s)  # its sender may still record it
-    end, _ = grace_end(s, attempt, conclusive=conclusive)
+    end, _ = grace_end(s, attempt, conclusive=look.conclusive)
     if now < end:
         return min(end, now + timedelta(seconds=look.again_s))
     await abandon(
@@ -383,7 +382,7 @@ async def _sweep(ctx: Ctx, task: Task, attempts: Sequence[Attempt]) -> datetime 
         attempt,
         (
             f"attempt {attempt.number}: no upstream task found for it "
-            f"({'Task/List shows no trace' if conclusive else 'it could not be looked up'}"
+            f"({'Task/List shows no trace' if look.conclusive else 'it could not be looked up'}"
             "); nothing to stop"
         ),
     )
