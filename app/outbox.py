@@ -13,7 +13,9 @@ the import graph, so that the status writer can call the hook without a cycle.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -30,9 +32,13 @@ from app.states import DeliveryStatus, OutputState
 
 if TYPE_CHECKING:
     from app.context import Ctx
+    from app.imaging import ImageInfo
     from app.outbound import Outbound
     from app.output_process import OutputProcess
     from app.store import Store
+
+
+log = logging.getLogger(__name__)
 
 
 def _noop() -> None:
@@ -52,6 +58,11 @@ class Services:
     # What ``results.claim_outputs`` read with the leases it took (upstream URL, storage
     # key, attempts so far), so that the download need not read its row again.
     claimed_outputs: dict[tuple[str, int], tuple[str, str, int]] = field(default_factory=dict)
+
+
+def output_url(public_url: str, task_id: str, index: int) -> str:
+    """Where the gateway serves output ``index`` of a task once it is stored."""
+    return f"{public_url}/v1/tasks/{task_id}/outputs/{index}"
 
 
 def output_key(task_id: str, index: int) -> str:
@@ -92,6 +103,10 @@ class OutputHandoff:
     lease_s: float
     accepting: Callable[[], bool]
     hand: Callable[[list[Handed]], None]
+    # Outputs copied before the terminal write (``copy_first``): one download, check and
+    # write of output (task id, index, upstream URL), and how long a Detail waits for them.
+    copy: Callable[[str, int, str], Awaitable[ImageInfo]] | None = None
+    copy_s: float = 0.0
 
     def lease(self, now: datetime) -> tuple[str, datetime] | None:
         if not self.accepting():
@@ -107,6 +122,59 @@ def output_lease(session: AsyncSession, now: datetime) -> tuple[str, datetime] |
     session's process hands them to its own output loop (``wake_after_terminal``)."""
     handoff: OutputHandoff | None = getattr(type(session.sync_session), _HANDOFF, None)
     return None if handoff is None else handoff.lease(now)
+
+
+@dataclass(frozen=True, slots=True)
+class Copies:
+    """A succeeded task's outputs stored before its terminal write (``copy_first``):
+    their facts by index, and the base of the gateway's URLs that serve them."""
+
+    facts: Mapping[int, ImageInfo]
+    public_url: str
+
+    def present(self, task_id: str, outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The task's ``outputs`` (Wiro's items) with the copied ones as
+        ``app.results.present`` shows a stored output."""
+        shown = list(outputs)
+        for i, c in self.facts.items():
+            o = outputs[i]
+            shown[i] = {
+                "name": o["name"],
+                "content_type": c.content_type,
+                "size": c.size,
+                "url": output_url(self.public_url, task_id, i),
+                "upstream_url": o["upstream_url"],
+                "sha256": c.sha256,
+                "width": c.width,
+                "height": c.height,
+            }
+        return shown
+
+
+async def copy_first(
+    sm: async_sessionmaker[AsyncSession], task_id: str, urls: Mapping[int, str]
+) -> dict[int, ImageInfo]:
+    """Download, check and store a succeeded task's outputs (index: upstream URL) before
+    its terminal write, for at most the hand-off's ``copy_s``: the facts of those stored
+    by then, by index, which the write records already stored (``output_rows``). The
+    others (failed, or still going and then cancelled) are left to the output loop, as
+    every output was before. Nothing without a hand-off that copies (no result loops in
+    this process) or with ``copy_s`` 0."""
+    handoff: OutputHandoff | None = getattr(sm.kw.get("sync_session_class"), _HANDOFF, None)
+    if handoff is None or handoff.copy is None or handoff.copy_s <= 0 or not urls:
+        return {}
+    copy = handoff.copy
+    jobs = {asyncio.ensure_future(copy(task_id, i, url)): i for i, url in urls.items()}
+    done, going = await asyncio.wait(jobs, timeout=handoff.copy_s)
+    for job in going:
+        job.cancel()
+    copies: dict[int, ImageInfo] = {}
+    for job in done:
+        if job.exception() is None:
+            copies[jobs[job]] = job.result()
+        else:  # the output loop tries again, and logs what it gives up on
+            log.debug("output not copied before the terminal write: %r", job.exception())
+    return copies
 
 
 def wake_after_terminal(
@@ -205,6 +273,7 @@ async def record_terminal(
     *,
     webhook: bool,
     outputs: list[dict[str, Any]] | None = None,
+    copies: Copies | None = None,
 ) -> None:
     """Inside the status change's transaction: the delivery and the downloads to do.
 
@@ -223,7 +292,8 @@ async def record_terminal(
             {**delivery_params(task_id, status, now), "d_task_id": task_id},
         )
         delivery = bool(res.rowcount)
-    rows = output_rows(task_id, status, now, outputs, lease=output_lease(session, now))
+    lease = output_lease(session, now)
+    rows = output_rows(task_id, status, now, outputs, lease=lease, copies=copies)
     if rows:
         await execute(session, _INSERT_OUTPUT, rows if len(rows) > 1 else rows[0])
     mark_recorded(session, delivery=delivery, outputs=rows)
@@ -248,10 +318,12 @@ def output_rows(
     outputs: list[dict[str, Any]] | None,
     *,
     lease: tuple[str, datetime] | None = None,
+    copies: Copies | None = None,
 ) -> list[dict[str, Any]]:
-    """The ``task_outputs`` rows to download for a task that ``status`` ends: one per
-    output with a URL, only for ``succeeded``; leased to ``lease`` (owner, until) if
-    given (``OutputHandoff``)."""
+    """The ``task_outputs`` rows of a task that ``status`` ends: one per output with a
+    URL, only for ``succeeded``; stored already where ``copies`` has its facts
+    (``copy_first``), else to download, leased to ``lease`` (owner, until) if given
+    (``OutputHandoff``)."""
     if status != Status.succeeded:
         return []
     owner, until = lease if lease is not None else (None, None)
@@ -260,6 +332,7 @@ def output_rows(
         url = o.get("upstream_url") or o.get("url")
         if not isinstance(url, str) or not url:
             continue
+        c = copies.facts.get(i) if copies is not None else None
         rows.append(
             {
                 "task_id": task_id,
@@ -268,13 +341,19 @@ def output_rows(
                 "upstream_url": url,
                 "upstream_content_type": (o.get("content_type") or None),
                 "upstream_size": o.get("size") if isinstance(o.get("size"), int) else None,
-                "state": OutputState.pending.value,
+                "state": (OutputState.pending if c is None else OutputState.stored).value,
                 "storage_key": output_key(task_id, i),
-                "attempts": 0,
+                "content_type": c and c.content_type,
+                "size": c and c.size,
+                "sha256": c and c.sha256,
+                "width": c and c.width,
+                "height": c and c.height,
+                "attempts": 0 if c is None else 1,
                 "created_at": now,
-                "next_try_at": now,
-                "lease_owner": owner,
-                "lease_until": until,
+                "stored_at": None if c is None else now,
+                "next_try_at": now if c is None else None,
+                "lease_owner": owner if c is None else None,
+                "lease_until": until if c is None else None,
             }
         )
     return rows
@@ -287,10 +366,11 @@ def mark_recorded(session: AsyncSession, *, delivery: bool, outputs: list[dict[s
     info = session.sync_session.info
     if delivery:
         info[_DELIVERY_RECORDED] = True
-    leased = [r for r in outputs if r["lease_owner"] is not None]
+    pending = [r for r in outputs if r["state"] == OutputState.pending]
+    leased = [r for r in pending if r["lease_owner"] is not None]
     if leased:
         info.setdefault(_OUTPUTS_HANDED, []).extend(
             ((r["task_id"], r["idx"]), (r["upstream_url"], r["storage_key"], 0)) for r in leased
         )
-    if len(leased) < len(outputs):
+    if len(leased) < len(pending):
         info[_OUTPUTS_RECORDED] = True

@@ -40,7 +40,7 @@ from typing import Any
 from app import imaging
 from app.logs import JsonFormatter
 from app.outbound import Outbound, OutboundError, OutboundRefused, Policy
-from app.store import DirectoryStore
+from app.store import DirectoryStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,23 @@ class OutputProcess:
         child, self._child = self._child, None
         if child is not None:
             await _reap(child)
+
+
+async def copy(
+    outbound: Outbound,
+    store: Store,
+    process: OutputProcess | None,
+    limits: Limits,
+    url: str,
+    key: str,
+) -> imaging.ImageInfo:
+    """Download, check and store one output under ``key``: all three in ``process`` if
+    given, else here; its facts, else ``Permanent`` or ``OutboundError``."""
+    if process is not None:
+        return await process.fetch_and_store(url, key)
+    data, info = await fetch(outbound, limits, url)
+    await store.put(key, data)
+    return info
 
 
 async def _reap(child: _Child) -> None:

@@ -38,18 +38,14 @@ from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK, Status
 from app.models import Erasure, Event, StoredOutput, Task, Upload
 from app.outbound import OutboundError
-from app.outbox import Services
-from app.output_process import Limits, Permanent, fetch
+from app.outbox import Services, output_url
+from app.output_process import Limits, Permanent, copy
 from app.prepared import run
 from app.states import ErasureState, EventKind, OutputState
 from app.tasks import get_task
 from app.wiro import WiroError, WiroStateError
 
 log = logging.getLogger(__name__)
-
-
-def output_url(public_url: str, task_id: str, index: int) -> str:
-    return f"{public_url}/v1/tasks/{task_id}/outputs/{index}"
 
 
 def present(row: Any, public_url: str, *, erased: bool = False) -> dict[str, Any]:
@@ -257,17 +253,14 @@ async def store_output(svc: Services, task_id: str, idx: int) -> None:
     error: str | None = None
     permanent = False
     try:
-        if svc.output_process is None:
-            data, info = await fetch(svc.outbound, Limits.of(s), url)
-        else:  # downloaded, checked and written in the child (app/output_process.py)
-            data, info = None, await svc.output_process.fetch_and_store(url, storage_key)
+        info = await copy(
+            svc.outbound, svc.store, svc.output_process, Limits.of(s), url, storage_key
+        )
     except Permanent as e:
         error, permanent = str(e), True
     except OutboundError as e:
         error = str(e) or type(e).__name__
     else:
-        if data is not None:
-            await svc.store.put(storage_key, data)
         facts = {
             **held,
             "v_content_type": info.content_type,

@@ -249,6 +249,14 @@ class Settings(BaseSettings):
         "(nice +10), off the event loop's thread and its GIL (false: on the replica's "
         "worker threads)",
     )
+    output_copy_first_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="how long a task that Wiro reports succeeded waits for its outputs to "
+        "be downloaded and stored before it is recorded as succeeded, so that it succeeds "
+        "with the gateway's URLs; outputs not stored by then are downloaded afterwards "
+        "(0: always afterwards)",
+    )
     output_retry_s: str = Field(
         default="1,5,30,120,600,1800,3600",
         description="seconds before each further output download attempt, comma-separated",

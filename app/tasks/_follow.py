@@ -20,6 +20,7 @@ from app.ids import jitter
 from app.leases import FREE
 from app.lifecycle import TERMINAL_RANK, UPSTREAM_DONE, ErrorCode, Status, observe
 from app.models import Attempt, Task
+from app.outbox import Copies, copy_first
 from app.states import EventKind, Outcome
 from app.tasks._dispatch import (
     Step,
@@ -253,8 +254,15 @@ async def _apply(
     (unless the status became terminal, which clears it). Returns the status afterwards
     and whether the write (with its release) happened."""
     s = ctx.settings
-    now = ctx.clock()
     obs = observe(ut.status, ut.pexit, ut.debug_error, has_outputs=bool(ut.outputs))
+    copies = None
+    if obs.status == Status.succeeded and not Status(task.status).terminal:
+        # Stored before the write that records the success, so that it shows the
+        # gateway's URLs from the start (``outbox.copy_first``; the rest come later).
+        urls = {i: o.url for i, o in enumerate(ut.outputs) if o.url}
+        if facts := await copy_first(ctx.sm, task.id, urls):
+            copies = Copies(facts, s.public_url)
+    now = ctx.clock()
     values: dict[str, Any] = {"upstream_status": ut.status, "first_miss_at": None}
     target = obs.status
     message = f"upstream status {ut.status}"
@@ -316,7 +324,14 @@ async def _apply(
             # One statement in autocommit: one round trip (app/tasks/_single.py).
             guard = held.get("guard", NO_GUARD)
             if await terminal(
-                ctx, task.id, target, guard=guard, params=params, values=values, **change
+                ctx,
+                task.id,
+                target,
+                guard=guard,
+                params=params,
+                values=values,
+                copies=copies,
+                **change,
             ):
                 return target, lease is not None
             async with ctx.reads() as ses:
@@ -325,7 +340,7 @@ async def _apply(
         # A terminal status is written in a session (the outbox adds its rows to it).
         db = unit_of_work(ctx.sm) if target.terminal else write(ctx.engine)
         async with db as conn:
-            if await transition(conn, task.id, target, **change, **held, **values):
+            if await transition(conn, task.id, target, **change, **held, copies=copies, **values):
                 return target, lease is not None
             fresh = await conn.scalar(_STATUS, {"b_id": task.id})
         return (Status(fresh) if fresh else current), False

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    case,
     exists,
     func,
     insert,
@@ -44,6 +45,7 @@ from app.outbox import (
     DELIVERIES,
     DELIVERY_COLUMNS,
     OUTPUTS,
+    Copies,
     delivery_params,
     mark_recorded,
     output_lease,
@@ -253,6 +255,13 @@ _OUTPUT_ARRAYS = (  # the columns of ``outbox.output_rows`` that differ between 
     ("upstream_content_type", String()),
     ("upstream_size", BigInteger()),
     ("storage_key", String()),
+    ("state", String()),
+    ("content_type", String()),
+    ("size", BigInteger()),
+    ("sha256", String()),
+    ("width", Integer()),
+    ("height", Integer()),
+    ("attempts", Integer()),
 )
 
 
@@ -288,15 +297,15 @@ def _terminal(new: Status, guard: Guard, keys: tuple[str, ...]) -> Any:
         .table_valued(*(k for k, _ in _OUTPUT_ARRAYS))
         .render_derived(name="o")
     )
+    stored = rows.c.state == OutputState.stored.value
     outputs = (
         insert(OUTPUTS)
         .from_select(
             [
                 "task_id",
                 *(k for k, _ in _OUTPUT_ARRAYS),
-                "state",
-                "attempts",
                 "created_at",
+                "stored_at",
                 "next_try_at",
                 "lease_owner",
                 "lease_until",
@@ -304,12 +313,12 @@ def _terminal(new: Status, guard: Guard, keys: tuple[str, ...]) -> Any:
             select(
                 moved.c.id,
                 *(rows.c[k] for k, _ in _OUTPUT_ARRAYS),
-                bindparam("o_state", type_=String()),
-                bindparam("o_attempts", type_=Integer()),
                 ts("o_now"),
-                ts("o_now"),
-                bindparam("o_lease_owner", type_=String()),
-                ts("o_lease_until"),
+                # Stored already (``outbox.copy_first``), or to download (and leased).
+                case((stored, ts("o_now"))),
+                case((stored, None), else_=ts("o_now")),
+                case((stored, None), else_=bindparam("o_lease_owner", type_=String())),
+                case((stored, None), else_=ts("o_lease_until")),
             ).select_from(moved.join(rows, true())),
         )
         .returning(OUTPUTS.c.idx)
@@ -337,6 +346,7 @@ async def terminal(
     guard: Guard,
     params: dict[str, Any],
     values: dict[str, Any],
+    copies: Copies | None = None,
 ) -> bool:
     """``transition`` to the terminal ``new`` (with ``record_terminal``'s delivery and
     outputs) as one autocommitted statement; whether the task moved (if not, nothing is
@@ -344,6 +354,9 @@ async def terminal(
     commit wakes the result loops as a terminal transaction's does."""
     assert new.terminal
     values = dict(values)
+    upstream = values.get("outputs")
+    if copies is not None and upstream:  # some stored already: shown as stored
+        values["outputs"] = copies.present(task_id, upstream)
     status_values(new, now, values)
     keys = tuple(sorted(values))
     stmt = _terminals.get((new, guard, keys))
@@ -354,7 +367,7 @@ async def terminal(
     )
     async with ctx.reads() as session, session.begin():
         lease = output_lease(session, now)
-        outs = output_rows(task_id, new, now, values.get("outputs"), lease=lease)
+        outs = output_rows(task_id, new, now, upstream, lease=lease, copies=copies)
         owner, until = lease if lease is not None else (None, None)
         bound = {
             "w_id": task_id,
@@ -363,8 +376,6 @@ async def terminal(
             **{f"e_{k}": row[k] for k in _EVENT_KEYS},
             **delivery_params(task_id, new, now),
             **{f"o_{k}": [o[k] for o in outs] for k, _ in _OUTPUT_ARRAYS},
-            "o_state": OutputState.pending.value,
-            "o_attempts": 0,
             "o_now": now,
             "o_lease_owner": owner,
             "o_lease_until": until,

@@ -23,7 +23,7 @@ from app.db import Db as Db  # a transaction's handle, for the engine's modules
 from app.db import execute, later
 from app.lifecycle import Status
 from app.models import Attempt, Event, Task
-from app.outbox import record_terminal
+from app.outbox import Copies, record_terminal
 from app.states import EventKind
 
 log = logging.getLogger("app.tasks")
@@ -180,6 +180,7 @@ async def transition(
     expect: Status | None = None,
     guard: Guard = NO_GUARD,
     params: Mapping[str, Any] | None = None,
+    copies: Copies | None = None,
     **values: Any,
 ) -> bool:
     """Move the task to ``new`` if that is forward (and, given ``expect``, only from that
@@ -187,6 +188,9 @@ async def transition(
     its one event and metric (and, terminal, the outbox's intents). True if it moved.
 
     A terminal status needs an ORM session (the outbox adds its rows to it)."""
+    upstream = values.get("outputs")
+    if copies is not None and upstream:  # some stored already: shown as stored
+        values["outputs"] = copies.present(task_id, upstream)
     status_values(new, now, values)
     key = (new, expect, guard, tuple(sorted(values)))
     bound = {"w_id": task_id, **(params or {}), **{f"v_{k}": v for k, v in values.items()}}
@@ -226,7 +230,9 @@ async def transition(
     if new.terminal:
         # The notification and the output downloads commit with the change or not at all.
         assert isinstance(db, AsyncSession), "a terminal status is written in a session"
-        await record_terminal(db, task_id, new, now, outputs=values.get("outputs"), webhook=webhook)
+        await record_terminal(
+            db, task_id, new, now, outputs=upstream, copies=copies, webhook=webhook
+        )
     return True
 
 

@@ -17,7 +17,8 @@ from app import metrics, notify, results
 from app.context import Ctx
 from app.db import mark_background
 from app.leases import reclaim
-from app.outbox import Handed, OutputHandoff, Services, wake_after_terminal
+from app.outbox import Handed, OutputHandoff, Services, output_key, wake_after_terminal
+from app.output_process import Limits, copy
 from app.tasks._leases import LEASES as TASK_LEASES
 from app.workers.loop import WorkerLoop
 
@@ -88,6 +89,7 @@ def result_workers(svc: Services) -> list[WorkerLoop]:
         svc.claimed_outputs.update(handed)
         outputs.hand([key for key, _ in handed])
 
+    limits = Limits.of(s)
     wake_after_terminal(
         svc.ctx.sm,
         notifier=notifier.wake,
@@ -97,6 +99,10 @@ def result_workers(svc: Services) -> list[WorkerLoop]:
             lease_s=results.output_lease_s(svc),
             accepting=lambda: outputs.accepting,
             hand=hand_outputs,
+            copy=lambda task_id, idx, url: copy(
+                svc.outbound, svc.store, svc.output_process, limits, url, output_key(task_id, idx)
+            ),
+            copy_s=s.output_copy_first_s,
         ),
     )
     return [notifier, outputs, eraser]
