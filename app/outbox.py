@@ -168,6 +168,8 @@ async def copy_first(
     done, going = await asyncio.wait(jobs, timeout=handoff.copy_s)
     for job in going:
         job.cancel()
+    if going:  # let the cancellations land (bounded: a job may be slow to notice)
+        await asyncio.wait(going, timeout=1.0)
     copies: dict[int, ImageInfo] = {}
     for job in done:
         if job.exception() is None:
