@@ -164,18 +164,24 @@ async def copy_first(
     if handoff is None or handoff.copy is None or handoff.copy_s <= 0 or not urls:
         return {}
     copy = handoff.copy
-    jobs = {asyncio.ensure_future(copy(task_id, i, url)): i for i, url in urls.items()}
-    done, going = await asyncio.wait(jobs, timeout=handoff.copy_s)
-    for job in going:
-        job.cancel()
-    if going:  # let the cancellations land (bounded: a job may be slow to notice)
-        await asyncio.wait(going, timeout=1.0)
     copies: dict[int, ImageInfo] = {}
-    for job in done:
-        if job.exception() is None:
-            copies[jobs[job]] = job.result()
-        else:  # the output loop tries again, and logs what it gives up on
-            log.debug("output not copied before the terminal write: %r", job.exception())
+
+    async def one(i: int, url: str) -> None:
+        try:
+            copies[i] = await copy(task_id, i, url)
+        except Exception as e:  # the output loop tries again, and logs what it gives up on
+            log.debug("output not copied before the terminal write: %r", e)
+
+    # In this task (no task of its own for the one output most have); at ``copy_s`` the
+    # copies still going are cancelled, and have ended when this returns.
+    try:
+        async with asyncio.timeout(handoff.copy_s):
+            if len(urls) == 1:
+                await one(*next(iter(urls.items())))
+            else:
+                await asyncio.gather(*(one(i, url) for i, url in urls.items()))
+    except TimeoutError:
+        pass
     return copies
 
 
