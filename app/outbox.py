@@ -4,7 +4,8 @@
 status writer, ``app.tasks._writes.transition``), so the intent commits with the change or
 not at all: exactly one notification per terminal transition, whatever the duplicates,
 replicas and crashes around it. The work itself (the POST, the downloads) happens later in
-the workers, never inside that transaction.
+the workers, never inside that transaction; only the outputs' first download may come
+before it (``copy_first``), and those stored then are recorded stored by it.
 
 ``Services`` bundles the collaborators of the result code (the task context, the store,
 the outbound client, and how to wake each worker); it lives here, below ``app.tasks`` in

@@ -1,7 +1,8 @@
 """Durable outputs and erasure.
 
 Outputs: a succeeded task's outputs are recorded (``task_outputs``, in the transaction of
-the status change) and a worker downloads each one through ``app.outbound`` (only from
+the status change), most of them already stored (``app.outbox.copy_first``), and a worker
+downloads each of the others through ``app.outbound`` (only from
 ``GATEWAY_OUTPUT_HOSTS``, size-capped, ``image/jpeg`` or ``image/png`` that decodes:
 ``app.output_process``, optionally in a child process), keeps it in the store, and
 rewrites the task's ``outputs`` so ``url`` points at the gateway. Until then ``url`` is
