@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 from sqlalchemy import select
@@ -41,9 +42,13 @@ async def _task(gw: Any, task_id: str) -> Task:
     return task
 
 
-@pytest.mark.parametrize("first_s", [10.0, 0.0], ids=["copied-first", "off"])
+@pytest.mark.parametrize(
+    ("first_s", "in_child"),
+    [(10.0, False), (10.0, True), (0.0, False)],
+    ids=["copied-first", "copied-first-by-the-output-process", "off"],
+)
 async def test_success_is_recorded_with_its_outputs_stored(
-    db_url: str, sim: Sim, tmp_path: Path, first_s: float
+    db_url: str, sim: Sim, tmp_path: Path, first_s: float, in_child: bool
 ) -> None:
     async with run_gateway(
         db_url=db_url,
@@ -51,6 +56,7 @@ async def test_success_is_recorded_with_its_outputs_stored(
         data_dir=tmp_path,
         output_hosts="127.0.0.1",
         output_copy_first_s=first_s,
+        output_process=in_child,
     ) as gw:
         r = await gw.client().post("/v1/tasks", json=task_body(sim, outputFormat="png"))
         task_id = r.json()["id"]
@@ -62,6 +68,8 @@ async def test_success_is_recorded_with_its_outputs_stored(
         assert task.status == Status.succeeded and row.state == "stored"
         assert task.outputs == [present(row, gw.url)]
         assert row.sha256 == hashlib.sha256((tmp_path / row.storage_key).read_bytes()).hexdigest()
+        child = gw.app.state.services.output_process
+        assert (child is not None and child.started == 1) if in_child else child is None
         if first_s:
             # Stored by the terminal write itself, in one download, leased to no one.
             assert row.stored_at == task.completed_at
@@ -124,11 +132,7 @@ async def test_outputs_not_stored_in_time_are_left_to_the_output_loop(
             == Status.succeeded
         )
 
-        async def settled() -> list[Any] | None:
-            rows = await outputs_of(gw, task.id)
-            return rows if all(r.state == "stored" for r in rows) else None
-
-        rows = await until(settled)
+        rows = await until(lambda: _all_stored(gw, task.id))
         done = await _task(gw, task.id)
         # Only the first was stored by the terminal write; the others by the loop after it,
         # each in its first attempt (the copy's try before the write is not counted).
@@ -207,3 +211,36 @@ def test_copies_show_as_a_stored_output() -> None:
         "width": 3,
         "height": 2,
     }
+
+
+async def test_a_cancel_that_finds_the_task_succeeded_waits_for_no_download(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    """``POST /cancel`` reads Detail itself; a success found there is recorded by the
+    request, which holds no lease and waits for no download: its output is stored by the
+    output loop afterwards."""
+    sim.configure(queue_s=0.05, run_s=0.2, callback_drop=1.0)  # no callback, no early poll
+    async with run_gateway(
+        db_url=db_url, sim=sim, data_dir=tmp_path, output_hosts="127.0.0.1", poll_initial_s=60
+    ) as gw:
+        r = await gw.client().post("/v1/tasks", json=task_body(sim, outputFormat="png"))
+        task_id, upstream_id = r.json()["id"], r.json()["upstream"]["task_id"]
+
+        async def finished_upstream() -> bool:
+            record = httpx.get(f"{sim.url}/__sim/tasks/{upstream_id}").json()
+            return record["status"] == "task_postprocess_end"
+
+        await until(finished_upstream)
+        r = await gw.client().post(f"/v1/tasks/{task_id}/cancel")
+        assert r.status_code < 300 and r.json()["status"] == "succeeded"
+        [row] = await until(lambda: _all_stored(gw, task_id))
+        task = await _task(gw, task_id)
+        events = (await gw.client().get(f"/v1/tasks/{task_id}/events")).json()["data"]
+        assert [e["source"] for e in events if e["status"] == "succeeded"] == ["cancel"]
+        assert row.stored_at > task.completed_at
+        assert task.outputs == [present(row, gw.url)]
+
+
+async def _all_stored(gw: Any, task_id: str) -> list[Any] | None:
+    rows = await outputs_of(gw, task_id)
+    return rows if rows and all(r.state == "stored" for r in rows) else None

@@ -210,9 +210,12 @@ def _outputs(ut: UpstreamTask) -> list[dict[str, Any]]:
     ]
 
 
-async def apply_detail(ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str) -> Status:
-    """Apply what one Detail says. Returns the task's status afterwards."""
-    return (await _apply(ctx, task, ut, source=source))[0]
+async def apply_detail(
+    ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str, copy: bool = True
+) -> Status:
+    """Apply what one Detail says. Returns the task's status afterwards. ``copy``: a
+    success's outputs are stored before it is recorded (``outbox.copy_first``)."""
+    return (await _apply(ctx, task, ut, source=source, copy=copy))[0]
 
 
 # The shapes of the write that applies a Detail and gives the lease back with it: only
@@ -248,7 +251,13 @@ def _update(keys: tuple[str, ...], releasing: bool) -> Any:
 
 
 async def _apply(
-    ctx: Ctx, task: Task, ut: UpstreamTask, *, source: str, lease: _Lease | None = None
+    ctx: Ctx,
+    task: Task,
+    ut: UpstreamTask,
+    *,
+    source: str,
+    lease: _Lease | None = None,
+    copy: bool = True,
 ) -> tuple[Status, bool]:
     """``apply_detail``; given ``lease``, the lease is given back in the same write
     (unless the status became terminal, which clears it). Returns the status afterwards
@@ -256,7 +265,7 @@ async def _apply(
     s = ctx.settings
     obs = observe(ut.status, ut.pexit, ut.debug_error, has_outputs=bool(ut.outputs))
     copies = None
-    if obs.status == Status.succeeded and not Status(task.status).terminal:
+    if copy and obs.status == Status.succeeded and not Status(task.status).terminal:
         # Stored before the write that records the success, so that it shows the
         # gateway's URLs from the start (``outbox.copy_first``; the rest come later).
         urls = {i: o.url for i, o in enumerate(ut.outputs) if o.url}
@@ -518,7 +527,9 @@ async def cancel_task(ctx: Ctx, *, task_id: str, client: str | None) -> Task:
     try:
         ut = await ctx.wiro.detail(task_id=task.upstream_task_id)
         task = await get_task(ctx, task_id=task_id, client=client)
-        await apply_detail(ctx, task, ut, source="cancel")
+        # A request, not a check: it holds no lease and waits for no download (a
+        # success found here is recorded with its outputs to download afterwards).
+        await apply_detail(ctx, task, ut, source="cancel", copy=False)
     except WiroError:
         pass
     # Whatever happened, a worker keeps looking until Wiro says it is over.
