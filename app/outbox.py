@@ -105,9 +105,12 @@ class OutputHandoff:
     accepting: Callable[[], bool]
     hand: Callable[[list[Handed]], None]
     # Outputs copied before the terminal write (``copy_first``): one download, check and
-    # write of output (task id, index, upstream URL), and how long a Detail waits for them.
+    # write of output (task id, index, upstream URL), how long a Detail waits for them,
+    # and how many checks may copy at once (the tasks copying now in ``copying``).
     copy: Callable[[str, int, str], Awaitable[ImageInfo]] | None = None
     copy_s: float = 0.0
+    copy_limit: int = 1
+    copying: set[str] = field(default_factory=set)
 
     def lease(self, now: datetime) -> tuple[str, datetime] | None:
         if not self.accepting():
@@ -160,10 +163,25 @@ async def copy_first(
     by then, by index, which the write records already stored (``output_rows``). The
     others (failed, or still going and then cancelled) are left to the output loop, as
     every output was before. Nothing without a hand-off that copies (no result loops in
-    this process) or with ``copy_s`` 0."""
+    this process) or with ``copy_s`` 0, and nothing while ``copy_limit`` checks are
+    copying already: a check holds one of the scheduler's slots while it copies, and a
+    burst of successes must not hold them all (its outputs go to the output loop)."""
     handoff: OutputHandoff | None = getattr(sm.kw.get("sync_session_class"), _HANDOFF, None)
     if handoff is None or handoff.copy is None or handoff.copy_s <= 0 or not urls:
         return {}
+    if len(handoff.copying) >= handoff.copy_limit or task_id in handoff.copying:
+        return {}
+    handoff.copying.add(task_id)
+    try:
+        return await _copy_all(handoff, task_id, urls)
+    finally:
+        handoff.copying.discard(task_id)
+
+
+async def _copy_all(
+    handoff: OutputHandoff, task_id: str, urls: Mapping[int, str]
+) -> dict[int, ImageInfo]:
+    assert handoff.copy is not None
     copy = handoff.copy
     copies: dict[int, ImageInfo] = {}
 

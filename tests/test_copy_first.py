@@ -170,7 +170,7 @@ async def test_copy_first_waits_at_most_its_time_and_keeps_what_was_stored() -> 
     class Maker:
         kw = {"sync_session_class": Session}
 
-    def handoff(copy_s: float) -> OutputHandoff:
+    def handoff(copy_s: float, limit: int = 4) -> OutputHandoff:
         return OutputHandoff(
             owner="me",
             lease_s=10,
@@ -178,6 +178,7 @@ async def test_copy_first_waits_at_most_its_time_and_keeps_what_was_stored() -> 
             hand=lambda _: None,
             copy=copy,
             copy_s=copy_s,
+            copy_limit=limit,
         )
 
     urls = {0: "good", 2: "slow", 3: "bad"}
@@ -189,6 +190,17 @@ async def test_copy_first_waits_at_most_its_time_and_keeps_what_was_stored() -> 
     Session.hgw_output_handoff = handoff(0.0)  # type: ignore[attr-defined]
     assert await copy_first(Maker(), "t1", urls) == {}  # type: ignore[arg-type]
     assert started == []
+
+    # While ``copy_limit`` checks copy, another copies nothing (its outputs go to the
+    # output loop); once they are done, it copies again.
+    Session.hgw_output_handoff = handoff(0.3, limit=1)  # type: ignore[attr-defined]
+    first = asyncio.ensure_future(copy_first(Maker(), "t1", {0: "slow"}))  # type: ignore[arg-type]
+    while not started:
+        await asyncio.sleep(0)
+    assert await copy_first(Maker(), "t2", {0: "good"}) == {}  # type: ignore[arg-type]
+    assert started == [0]
+    assert await first == {}
+    assert await copy_first(Maker(), "t2", {0: "good"}) == {0: "facts of 0"}  # type: ignore[arg-type]
 
 
 def test_copies_show_as_a_stored_output() -> None:

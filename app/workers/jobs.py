@@ -103,6 +103,7 @@ def result_workers(svc: Services) -> list[WorkerLoop]:
                 svc.outbound, svc.store, svc.output_process, limits, url, output_key(task_id, idx)
             ),
             copy_s=s.output_copy_first_s,
+            copy_limit=max(1, s.worker_concurrency // 2),
         ),
     )
     return [notifier, outputs, eraser]
