@@ -106,11 +106,10 @@ class OutputHandoff:
     hand: Callable[[list[Handed]], None]
     # Outputs copied before the terminal write (``copy_first``): one download, check and
     # write of output (task id, index, upstream URL), how long a Detail waits for them,
-    # and how many checks may copy at once (the tasks copying now in ``copying``).
+    # and up to how many tasks this process may be working on for a check to copy.
     copy: Callable[[str, int, str], Awaitable[ImageInfo]] | None = None
     copy_s: float = 0.0
     copy_limit: int = 1
-    copying: set[str] = field(default_factory=set)
 
     def lease(self, now: datetime) -> tuple[str, datetime] | None:
         if not self.accepting():
@@ -156,26 +155,23 @@ class Copies:
 
 
 async def copy_first(
-    sm: async_sessionmaker[AsyncSession], task_id: str, urls: Mapping[int, str]
+    sm: async_sessionmaker[AsyncSession], task_id: str, urls: Mapping[int, str], *, crowd: int
 ) -> dict[int, ImageInfo]:
     """Download, check and store a succeeded task's outputs (index: upstream URL) before
     its terminal write, for at most the hand-off's ``copy_s``: the facts of those stored
     by then, by index, which the write records already stored (``output_rows``). The
     others (failed, or still going and then cancelled) are left to the output loop, as
     every output was before. Nothing without a hand-off that copies (no result loops in
-    this process) or with ``copy_s`` 0, and nothing while ``copy_limit`` checks are
-    copying already: a check holds one of the scheduler's slots while it copies, and a
-    burst of successes must not hold them all (its outputs go to the output loop)."""
+    this process) or with ``copy_s`` 0, and nothing while the process works on more
+    than ``copy_limit`` tasks (``crowd``: ``Ctx.working``'s count, this one included). A
+    check holds one of the scheduler's slots while it copies: under a burst of
+    successes the slots go to applying Details, and the outputs to the output loop."""
     handoff: OutputHandoff | None = getattr(sm.kw.get("sync_session_class"), _HANDOFF, None)
     if handoff is None or handoff.copy is None or handoff.copy_s <= 0 or not urls:
         return {}
-    if len(handoff.copying) >= handoff.copy_limit or task_id in handoff.copying:
+    if crowd > handoff.copy_limit:
         return {}
-    handoff.copying.add(task_id)
-    try:
-        return await _copy_all(handoff, task_id, urls)
-    finally:
-        handoff.copying.discard(task_id)
+    return await _copy_all(handoff, task_id, urls)
 
 
 async def _copy_all(

@@ -183,24 +183,20 @@ async def test_copy_first_waits_at_most_its_time_and_keeps_what_was_stored() -> 
 
     urls = {0: "good", 2: "slow", 3: "bad"}
     Session.hgw_output_handoff = handoff(0.2)  # type: ignore[attr-defined]
-    got = await copy_first(Maker(), "t1", urls)  # type: ignore[arg-type]
+    got = await copy_first(Maker(), "t1", urls, crowd=1)  # type: ignore[arg-type]
     assert got == {0: "facts of 0"}
     assert sorted(started) == [0, 2, 3] and cancelled == [2]
     started.clear()
     Session.hgw_output_handoff = handoff(0.0)  # type: ignore[attr-defined]
-    assert await copy_first(Maker(), "t1", urls) == {}  # type: ignore[arg-type]
+    assert await copy_first(Maker(), "t1", urls, crowd=1) == {}  # type: ignore[arg-type]
     assert started == []
 
-    # While ``copy_limit`` checks copy, another copies nothing (its outputs go to the
-    # output loop); once they are done, it copies again.
-    Session.hgw_output_handoff = handoff(0.3, limit=1)  # type: ignore[attr-defined]
-    first = asyncio.ensure_future(copy_first(Maker(), "t1", {0: "slow"}))  # type: ignore[arg-type]
-    while not started:
-        await asyncio.sleep(0)
-    assert await copy_first(Maker(), "t2", {0: "good"}) == {}  # type: ignore[arg-type]
-    assert started == [0]
-    assert await first == {}
-    assert await copy_first(Maker(), "t2", {0: "good"}) == {0: "facts of 0"}  # type: ignore[arg-type]
+    # A process working on more than ``copy_limit`` tasks copies nothing (its outputs
+    # go to the output loop).
+    Session.hgw_output_handoff = handoff(0.3, limit=2)  # type: ignore[attr-defined]
+    assert await copy_first(Maker(), "t2", {0: "good"}, crowd=3) == {}  # type: ignore[arg-type]
+    assert started == []
+    assert await copy_first(Maker(), "t2", {0: "good"}, crowd=2) == {0: "facts of 0"}  # type: ignore[arg-type]
 
 
 def test_copies_show_as_a_stored_output() -> None:

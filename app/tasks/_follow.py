@@ -269,7 +269,7 @@ async def _apply(
         # Stored before the write that records the success, so that it shows the
         # gateway's URLs from the start (``outbox.copy_first``; the rest come later).
         urls = {i: o.url for i, o in enumerate(ut.outputs) if o.url}
-        if facts := await copy_first(ctx.sm, task.id, urls):
+        if facts := await copy_first(ctx.sm, task.id, urls, crowd=len(ctx.working)):
             copies = Copies(facts, s.public_url)
     now = ctx.clock()
     values: dict[str, Any] = {"upstream_status": ut.status, "first_miss_at": None}
