@@ -229,7 +229,12 @@ async def test_a_cancel_that_finds_the_task_succeeded_waits_for_no_download(
     output loop afterwards."""
     sim.configure(queue_s=0.05, run_s=0.2, callback_drop=1.0)  # no callback, no early poll
     async with run_gateway(
-        db_url=db_url, sim=sim, data_dir=tmp_path, output_hosts="127.0.0.1", poll_initial_s=60
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        output_hosts="127.0.0.1",
+        poll_initial_s=60,
+        poll_max_s=60,
     ) as gw:
         r = await gw.client().post("/v1/tasks", json=task_body(sim, outputFormat="png"))
         task_id, upstream_id = r.json()["id"], r.json()["upstream"]["task_id"]
