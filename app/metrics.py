@@ -125,6 +125,13 @@ LEASES_RECLAIMED = Counter(
     "instead of when the leases run out (GATEWAY_LEASE_S). By table.",
     ["table"],
 )
+OUTPUTS_COPIED_FIRST = Counter(
+    "gateway_outputs_copied_first",
+    "Outputs of a success read by a check, by what became of them before the success was "
+    "recorded (GATEWAY_OUTPUT_COPY_FIRST_S): stored, deferred (not stored in time, or "
+    "failed: the output loop downloads it), busy (not tried: the replica was busy).",
+    ["outcome"],
+)
 OUTBOUND_RECLAIMED = Counter(
     "gateway_outbound_connections_reclaimed",
     "Outbound connections (to Wiro, download hosts, webhook receivers) "

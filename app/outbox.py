@@ -25,6 +25,7 @@ from sqlalchemy import Integer, String, Table, bindparam, event, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.db import execute, ts
 from app.ids import new_message_id
 from app.lifecycle import Status
@@ -170,8 +171,12 @@ async def copy_first(
     if handoff is None or handoff.copy is None or handoff.copy_s <= 0 or not urls:
         return {}
     if crowd > handoff.copy_limit:
+        metrics.OUTPUTS_COPIED_FIRST.labels("busy").inc(len(urls))
         return {}
-    return await _copy_all(handoff, task_id, urls)
+    copies = await _copy_all(handoff, task_id, urls)
+    metrics.OUTPUTS_COPIED_FIRST.labels("stored").inc(len(copies))
+    metrics.OUTPUTS_COPIED_FIRST.labels("deferred").inc(len(urls) - len(copies))
+    return copies
 
 
 async def _copy_all(

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from app.db import unit_of_work
@@ -27,6 +28,11 @@ from tests.conftest import Sim, run_gateway, task_body
 from tests.receivers import Answer, serve_receiver
 from tests.results_helpers import outputs_of, until
 from tests.rows import task_row
+
+
+def _copied_first(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("gateway_outputs_copied_first_total", {"outcome": outcome})
+    return value or 0.0
 
 
 def png() -> bytes:
@@ -125,12 +131,14 @@ async def test_outputs_not_stored_in_time_are_left_to_the_output_loop(
                 for n in names
             ],
         }
+        before = {o: _copied_first(o) for o in ("stored", "deferred")}
         assert (
             await apply_detail(
                 gw.ctx, await _task(gw, task.id), UpstreamTask.from_wire(detail), source="poll"
             )
             == Status.succeeded
         )
+        assert {o: _copied_first(o) - before[o] for o in before} == {"stored": 1, "deferred": 2}
 
         rows = await until(lambda: _all_stored(gw, task.id))
         done = await _task(gw, task.id)
@@ -194,8 +202,9 @@ async def test_copy_first_waits_at_most_its_time_and_keeps_what_was_stored() -> 
     # A process working on more than ``copy_limit`` tasks copies nothing (its outputs
     # go to the output loop).
     Session.hgw_output_handoff = handoff(0.3, limit=2)  # type: ignore[attr-defined]
+    busy = _copied_first("busy")
     assert await copy_first(Maker(), "t2", {0: "good"}, crowd=3) == {}  # type: ignore[arg-type]
-    assert started == []
+    assert started == [] and _copied_first("busy") == busy + 1
     assert await copy_first(Maker(), "t2", {0: "good"}, crowd=2) == {0: "facts of 0"}  # type: ignore[arg-type]
 
 
