@@ -155,6 +155,15 @@ class Copies:
         return shown
 
 
+def show_copies(task_id: str, values: dict[str, Any], copies: Copies | None) -> Any:
+    """For a terminal write's ``values``: Wiro's ``outputs`` as given (what
+    ``output_rows`` reads), with ``values["outputs"]`` showing the copied ones stored."""
+    upstream = values.get("outputs")
+    if copies is not None and upstream:
+        values["outputs"] = copies.present(task_id, upstream)
+    return upstream
+
+
 async def copy_first(
     sm: async_sessionmaker[AsyncSession], task_id: str, urls: Mapping[int, str], *, crowd: int
 ) -> dict[int, ImageInfo]:
@@ -173,17 +182,18 @@ async def copy_first(
     if crowd > handoff.copy_limit:
         metrics.OUTPUTS_COPIED_FIRST.labels("busy").inc(len(urls))
         return {}
-    copies = await _copy_all(handoff, task_id, urls)
+    copies = await _copy_all(handoff.copy, handoff.copy_s, task_id, urls)
     metrics.OUTPUTS_COPIED_FIRST.labels("stored").inc(len(copies))
     metrics.OUTPUTS_COPIED_FIRST.labels("deferred").inc(len(urls) - len(copies))
     return copies
 
 
 async def _copy_all(
-    handoff: OutputHandoff, task_id: str, urls: Mapping[int, str]
+    copy: Callable[[str, int, str], Awaitable[ImageInfo]],
+    copy_s: float,
+    task_id: str,
+    urls: Mapping[int, str],
 ) -> dict[int, ImageInfo]:
-    assert handoff.copy is not None
-    copy = handoff.copy
     copies: dict[int, ImageInfo] = {}
 
     async def one(i: int, url: str) -> None:
@@ -195,7 +205,7 @@ async def _copy_all(
     # In this task (no task of its own for the one output most have); at ``copy_s`` the
     # copies still going are cancelled, and have ended when this returns.
     try:
-        async with asyncio.timeout(handoff.copy_s):
+        async with asyncio.timeout(copy_s):
             if len(urls) == 1:
                 await one(*next(iter(urls.items())))
             else:

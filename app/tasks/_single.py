@@ -50,6 +50,7 @@ from app.outbox import (
     mark_recorded,
     output_lease,
     output_rows,
+    show_copies,
 )
 from app.prepared import run
 from app.states import EventKind, Outcome, OutputState
@@ -354,9 +355,7 @@ async def terminal(
     commit wakes the result loops as a terminal transaction's does."""
     assert new.terminal
     values = dict(values)
-    upstream = values.get("outputs")
-    if copies is not None and upstream:  # some stored already: shown as stored
-        values["outputs"] = copies.present(task_id, upstream)
+    upstream = show_copies(task_id, values, copies)
     status_values(new, now, values)
     keys = tuple(sorted(values))
     stmt = _terminals.get((new, guard, keys))

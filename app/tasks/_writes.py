@@ -23,7 +23,7 @@ from app.db import Db as Db  # a transaction's handle, for the engine's modules
 from app.db import execute, later
 from app.lifecycle import Status
 from app.models import Attempt, Event, Task
-from app.outbox import Copies, record_terminal
+from app.outbox import Copies, record_terminal, show_copies
 from app.states import EventKind
 
 log = logging.getLogger("app.tasks")
@@ -188,9 +188,7 @@ async def transition(
     its one event and metric (and, terminal, the outbox's intents). True if it moved.
 
     A terminal status needs an ORM session (the outbox adds its rows to it)."""
-    upstream = values.get("outputs")
-    if copies is not None and upstream:  # some stored already: shown as stored
-        values["outputs"] = copies.present(task_id, upstream)
+    upstream = show_copies(task_id, values, copies)
     status_values(new, now, values)
     key = (new, expect, guard, tuple(sorted(values)))
     bound = {"w_id": task_id, **(params or {}), **{f"v_{k}": v for k, v in values.items()}}
