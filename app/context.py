@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -47,6 +47,10 @@ class Ctx:
     # renews (``tasks.renew_leases``). Counted, because a check may claim a task a
     # submit has just given back before the submit's own end is recorded here.
     working: Counter[str] = field(default_factory=Counter)
+    # Submits this process is answering right now (``submitting``), and what lets the
+    # background loops held back meanwhile go on (``room``; set by ``app.main``).
+    answering: int = 0
+    resume: Callable[[], None] = lambda: None
 
     def work_on(self, *task_ids: str) -> None:
         """Work under these tasks' leases begins: the heartbeat renews them until
@@ -60,6 +64,34 @@ class Ctx:
             self.working[task_id] = left
         else:
             self.working.pop(task_id, None)
+
+    @contextmanager
+    def submitting(self) -> Iterator[None]:
+        """A submit is being answered (its task recorded and its Run sent). While more
+        than ``GATEWAY_SUBMITS_FIRST_AT`` are, the background loops start fewer jobs
+        (``room``); when they are that few again, the loops held back go on."""
+        self.answering += 1
+        try:
+            yield
+        finally:
+            self.answering -= 1
+            if self.answering == self.settings.submits_first_at:
+                self.resume()
+
+    def room(self) -> int | None:
+        """How many jobs each background loop may run now: an eighth of
+        ``GATEWAY_WORKER_CONCURRENCY`` (at least one) while more submits than
+        ``GATEWAY_SUBMITS_FIRST_AT`` are being answered, else no limit but its own.
+
+        Submits first: a submit's caller waits for its answer, while a check, a download
+        or a notification waits only in the background (seconds matter to none of them).
+        Under a burst of submits their work shares one event loop; starting fewer of it
+        lets the answers through, and the backlog runs once the burst has passed. The
+        few slots left keep it moving under a load that never lets up."""
+        at = self.settings.submits_first_at
+        if at and self.answering > at:
+            return max(1, self.settings.worker_concurrency // 8)
+        return None
 
     @property
     def engine(self) -> AsyncEngine:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,7 @@ from app.store import DirectoryStore
 from app.wakeup import Hub, PgListener, attach_local
 from app.wiro import NonceSource, WiroClient, WiroHTTP
 from app.workers.jobs import reclaim_leases, result_workers
+from app.workers.loop import WorkerLoop
 from app.workers.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -58,6 +59,16 @@ which Wiro fetches, are public at unguessable URLs). Errors are
 `application/problem+json` (RFC 9457). Statuses only move forward:
 `pending → queued → running → succeeded | failed | cancelled | timed_out`.
 """
+
+
+def _resumer(loops: tuple[WorkerLoop, ...]) -> Callable[[], None]:
+    """``Ctx.resume``: the background loops held back for submits go on."""
+
+    def resume() -> None:
+        for loop in loops:
+            loop.resume()
+
+    return resume
 
 
 def begin_drain(app: FastAPI) -> None:
@@ -164,6 +175,7 @@ def create_app(
         if settings.output_process:
             services.output_process = OutputProcess(Limits.of(settings), store.root)
         result_loops = result_workers(services)
+        ctx.resume = _resumer((scheduler, *result_loops))
         app.state.services = services
         # What wakes `Prefer: wait` and event streams: commits that wrote task events.
         hub = app.state.hub = Hub(max_per_client=settings.max_waiters_per_client)

@@ -132,6 +132,12 @@ OUTPUTS_COPIED_FIRST = Counter(
     "failed: the output loop downloads it), busy (not tried: the replica was busy).",
     ["outcome"],
 )
+BACKGROUND_HELD = Counter(
+    "gateway_background_held",
+    "Times a background loop (scheduler, outputs, notifier, eraser) left due work waiting "
+    "because the replica was answering more submits than GATEWAY_SUBMITS_FIRST_AT.",
+    ["loop"],
+)
 OUTBOUND_RECLAIMED = Counter(
     "gateway_outbound_connections_reclaimed",
     "Outbound connections (to Wiro, download hosts, webhook receivers) "

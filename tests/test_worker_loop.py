@@ -4,7 +4,9 @@ a write (on SQLite a write turn), so a claim that can find nothing is work waste
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
+from app import metrics
 from app.workers.loop import WorkerLoop
 
 
@@ -38,7 +40,7 @@ class Fake:
     async def release(self) -> None:
         return None
 
-    def loop(self, *, concurrency: int) -> WorkerLoop:
+    def loop(self, *, concurrency: int, room: Callable[[], int | None] | None = None) -> WorkerLoop:
         return WorkerLoop(
             "fake",
             claim=self.claim,
@@ -48,6 +50,7 @@ class Fake:
             batch=4,
             idle_s=60.0,  # no idle tick within a test: every claim below was woken
             grace_s=1.0,
+            room=room,
         )
 
 
@@ -183,5 +186,46 @@ async def test_handed_work_starts_without_a_claim_and_waits_for_a_slot() -> None
         await asyncio.wait_for(fake.done["h2"].wait(), timeout=10)
         loop.drain()
         assert not loop.accepting  # draining: later terminal writes insert their rows free
+    finally:
+        await loop.stop()
+
+
+async def test_a_loop_with_less_room_starts_fewer_jobs_and_resumes_when_told() -> None:
+    """``room`` (``Ctx.room``: submits first): while it is smaller than the loop's own
+    concurrency the loop claims only that many; the floor keeps work moving as jobs end;
+    ``resume`` starts what was held back at once."""
+    fake = Fake(["a", "b", "c", "d", "e"])
+    room: list[int | None] = [1]
+    loop = fake.loop(concurrency=4, room=lambda: room[0])
+    held = metrics.BACKGROUND_HELD.labels("fake")
+    held_before = held._value.get()
+    loop.start()
+    try:
+        await _settle()
+        assert fake.claims == [["a"]]  # one slot of four
+        assert held._value.get() > held_before
+        fake.gates["a"].set()
+        await asyncio.wait_for(fake.done["a"].wait(), timeout=10)
+        await _settle()
+        assert fake.claims == [["a"], ["b"]]  # a job's end still frees its slot
+        # Room again, but nobody said so: nothing more starts ...
+        room[0] = None
+        await _settle()
+        assert fake.claims == [["a"], ["b"]]
+        # ... until ``resume``: the three slots left are claimed at once.
+        loop.resume()
+        await _settle()
+        assert fake.claims == [["a"], ["b"], ["c", "d", "e"]]
+        for key in "bcde":
+            fake.gates[key].set()
+        for key in "bcde":
+            await asyncio.wait_for(fake.done[key].wait(), timeout=10)
+        await _settle()
+        # Every slot was taken: the first end claimed again, and found nothing.
+        assert fake.claims == [["a"], ["b"], ["c", "d", "e"], []]
+        # A loop that was not held back has nothing to resume: no claim.
+        loop.resume()
+        await _settle()
+        assert fake.claims == [["a"], ["b"], ["c", "d", "e"], []]
     finally:
         await loop.stop()

@@ -174,7 +174,8 @@ async def submit_task(
         )
     )
     ctx.track(job)
-    task, replayed = await asyncio.shield(job)
+    with ctx.submitting():  # the background loops hold back while many are (``Ctx.room``)
+        task, replayed = await asyncio.shield(job)
     logs.bind(task_id=task.id)
     if replayed:
         response.status_code = 200

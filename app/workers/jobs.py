@@ -54,7 +54,10 @@ def result_workers(svc: Services) -> list[WorkerLoop]:
     """The three loops, wired into ``svc`` so that domain code can wake them."""
     s = svc.ctx.settings
     common: dict[str, Any] = dict(
-        concurrency=s.worker_concurrency, batch=s.worker_batch, idle_s=s.worker_idle_s
+        concurrency=s.worker_concurrency,
+        batch=s.worker_batch,
+        idle_s=s.worker_idle_s,
+        room=svc.ctx.room,
     )
     notifier = WorkerLoop(
         "notifier",

@@ -8,7 +8,9 @@ until ``wake()`` (new work was committed), a job ends while every slot is taken,
 ``hand()`` and starts before the next claim (the output loop's downloads of this
 process's terminal writes: ``app.outbox.OutputHandoff``). Optional extras: a
 heartbeat that renews the loop's leases (``renew``) so work may outlive one lease, and a
-periodic job (``tick``).
+periodic job (``tick``), and ``room``: how many jobs it may run just now, fewer than
+its own concurrency while the process puts its requests first (``Ctx.room``); a loop held
+back by it goes on when the process calls ``resume``.
 
 Shutdown: ``drain()`` stops claiming (SIGTERM) and starts the grace period; ``stop()``
 lets running jobs finish until it ends, cancels the rest, and gives every lease back
@@ -25,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from app import metrics
 from app.db import mark_background
 
 log = logging.getLogger(__name__)
@@ -47,14 +50,18 @@ class WorkerLoop:
         tick: Callable[[], Awaitable[Any]] | None = None,
         tick_every_s: float = 60.0,
         context: Callable[[Any], contextvars.Context | None] | None = None,
+        room: Callable[[], int | None] | None = None,
     ) -> None:
-        """``context``: the contextvars a job runs in (e.g. its log fields), per key."""
+        """``context``: the contextvars a job runs in (e.g. its log fields), per key.
+        ``room``: how many jobs may run just now (None: ``concurrency``)."""
         self.name = name
         self._claim, self._act, self._release = claim, act, release
         self._renew, self._renew_every = renew, renew_every_s
         self._tick, self._tick_every = tick, tick_every_s
         self._context = context
         self._concurrency, self._batch, self._idle = concurrency, batch, idle_s
+        self._room = room
+        self._held = False  # work waits for want of ``room``: ``resume`` wakes the loop
         self.grace_s = grace_s
         self._wake = asyncio.Event()
         self._full = False  # the loop sleeps with every slot taken: a free one wakes it
@@ -77,6 +84,12 @@ class WorkerLoop:
     def accepting(self) -> bool:
         """Whether the loop runs and takes work (started, not draining): ``hand``."""
         return self._loop_task is not None and not self._stopping
+
+    def resume(self) -> None:
+        """The process has room again (``room``): start what was held back."""
+        if self._held:
+            self._held = False
+            self._wake.set()
 
     def hand(self, keys: list[Any]) -> None:
         """Work this process already holds the leases of (taken with another write, e.g.
@@ -127,11 +140,16 @@ class WorkerLoop:
                     await self._tick()
                 except Exception:
                     log.exception("%s: periodic job failed", self.name)
-            free = self._concurrency - len(self._running)
+            room = None if self._room is None else self._room()
+            limit = self._concurrency if room is None else min(room, self._concurrency)
+            free = limit - len(self._running)
             handed = [self._handed.popleft() for _ in range(min(free, len(self._handed)))]
             free -= len(handed)
             # Work waits for a slot: handed keys, or a claim that is due (a job's end wakes).
             self._full = bool(self._handed) or (self._claim_due and free <= 0)
+            if self._full and limit < self._concurrency:
+                self._held = True  # ... or for ``resume``
+                metrics.BACKGROUND_HELD.labels(self.name).inc()
             claimed: list[Any] = []
             if self._claim_due and free > 0:
                 self._claim_due = False  # handed work alone does not call for a claim

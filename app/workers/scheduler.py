@@ -35,6 +35,7 @@ class Scheduler(WorkerLoop):
             batch=s.worker_batch,
             idle_s=s.worker_idle_s,
             grace_s=grace_s,
+            room=ctx.room,
         )
         self.ctx = ctx
         # The rows the claim returned, until their checks start (a check reads nothing).

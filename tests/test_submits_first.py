@@ -1,0 +1,142 @@
+"""Submits first (``Ctx.room``, ``GATEWAY_SUBMITS_FIRST_AT``): while a replica answers
+more submits than the setting at once, each of its background loops starts jobs on only
+an eighth of its slots; when the submits are that few again, the loops go on at once
+(``Ctx.resume``). The loop's own part is in ``tests/test_worker_loop.py``."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import update
+
+from app import tasks as domain
+from app.context import Ctx
+from app.models import Task
+from app.schemas import TaskCreate
+from app.settings import Settings
+from tests.conftest import Sim, run_gateway, task_body
+
+
+def _ctx(**settings: Any) -> Ctx:
+    return Ctx(settings=Settings(**settings), sm=None, wiro=None)  # type: ignore[arg-type]
+
+
+def _held(loop: str) -> float:
+    return REGISTRY.get_sample_value("gateway_background_held_total", {"loop": loop}) or 0.0
+
+
+def test_room_is_an_eighth_of_the_slots_while_more_submits_than_the_setting() -> None:
+    ctx = _ctx(submits_first_at=2, worker_concurrency=16)
+    seen = []
+    for _ in range(4):
+        seen.append(ctx.room())
+        ctx.answering += 1
+    assert seen == [None, None, None, 2]  # 0, 1, 2 answering: no limit; 3: 16 // 8
+    assert _ctx(submits_first_at=1, worker_concurrency=4, answering=0).room() is None
+    few = _ctx(submits_first_at=1, worker_concurrency=4)
+    few.answering = 2
+    assert few.room() == 1  # at least one slot: the backlog keeps moving
+    off = _ctx(submits_first_at=0)
+    off.answering = 1000
+    assert off.room() is None
+
+
+def test_submitting_counts_and_resumes_once_they_are_few_again() -> None:
+    ctx = _ctx(submits_first_at=1)
+    resumed: list[int] = []
+    ctx.resume = lambda: resumed.append(ctx.answering)
+    with ctx.submitting():
+        with ctx.submitting():
+            assert ctx.answering == 2
+            assert ctx.room() is not None
+        assert resumed == [1]  # 2 -> 1: the loops go on
+        assert ctx.room() is None
+    assert resumed == [1]  # 1 -> 0 is not the crossing
+    with pytest.raises(RuntimeError), ctx.submitting(), ctx.submitting():
+        raise RuntimeError("a submit that fails still counts down")
+    assert ctx.answering == 0 and resumed == [1, 1]
+
+
+async def test_due_tasks_wait_while_submits_are_answered(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    """Three submits whose Runs hang 2 s are answered at once past the setting (1): two
+    tasks made due meanwhile get one of the scheduler's slots (8 // 8), so one of them
+    waits, counted held; when the submits are done the loops are resumed once, and
+    every task has been sent exactly once."""
+    sim.configure(run_hang_s=2.0, callback_drop=1.0)
+    async with run_gateway(
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        submits_first_at=1,
+        worker_concurrency=8,
+        wiro_read_timeout_s=5.0,
+        lease_s=5.0,
+        run_grace_s=5.0,
+    ) as gw:
+        ctx = gw.ctx
+        # Two tasks out of the workers' sight until the submits are under way.
+        body = TaskCreate.model_validate(task_body(sim))
+        waiting = []
+        for _ in range(2):
+            task, _ = await domain.create_task(
+                ctx, client="alpha", body=body, idempotency_key=None
+            )
+            waiting.append(task.id)
+        async with ctx.sm() as s, s.begin():
+            await s.execute(
+                update(Task)
+                .where(Task.id.in_(waiting))
+                .values(next_check_at=None, lease_owner=None, lease_until=None)
+            )
+
+        seen: list[tuple[int, int | None]] = []
+        resumed: list[int] = []
+        resume = ctx.resume
+
+        def spy_resume() -> None:
+            resumed.append(ctx.answering)
+            resume()
+
+        ctx.resume = spy_resume
+        run = ctx.wiro.run
+        made_due = asyncio.Event()
+
+        async def spy_run(*args: Any, **kwargs: Any) -> Any:
+            seen.append((ctx.answering, ctx.room()))
+            if ctx.answering == 3 and not made_due.is_set():
+                made_due.set()
+                async with ctx.sm() as s, s.begin():
+                    await s.execute(
+                        update(Task)
+                        .where(Task.id.in_(waiting))
+                        .values(next_check_at=datetime.now(UTC))
+                    )
+                ctx.wake()
+            return await run(*args, **kwargs)
+
+        ctx.wiro.run = spy_run  # type: ignore[method-assign]
+        held = _held("scheduler")
+        answers = await asyncio.gather(
+            *(gw.client("alpha").post("/v1/tasks", json=task_body(sim)) for _ in range(3))
+        )
+        assert [r.status_code for r in answers] == [202, 202, 202]
+        assert made_due.is_set()
+        submitted = [r.json()["id"] for r in answers]
+        assert ctx.answering == 0 and ctx.room() is None
+        assert resumed == [1]  # 2 -> 1, once
+        assert _held("scheduler") > held  # a due task waited for a slot
+        for tid in waiting:
+            assert (await gw.wait_terminal(tid))["status"] == "succeeded"
+        # The submits' own Runs all saw the limit in force once three were answered.
+        assert (3, 1) in seen
+    stats = sim.stats()
+    assert {t: stats["runs_by_gateway_task"].get(t) for t in submitted + waiting} == {
+        t: 1 for t in submitted + waiting
+    }
