@@ -85,9 +85,7 @@ async def test_due_tasks_wait_while_submits_are_answered(
         body = TaskCreate.model_validate(task_body(sim))
         waiting = []
         for _ in range(2):
-            task, _ = await domain.create_task(
-                ctx, client="alpha", body=body, idempotency_key=None
-            )
+            task, _ = await domain.create_task(ctx, client="alpha", body=body, idempotency_key=None)
             waiting.append(task.id)
         async with ctx.sm() as s, s.begin():
             await s.execute(
