@@ -147,8 +147,8 @@ class WorkerLoop:
             free -= len(handed)
             # Work waits for a slot: handed keys, or a claim that is due (a job's end wakes).
             self._full = bool(self._handed) or (self._claim_due and free <= 0)
-            if self._full and limit < self._concurrency:
-                self._held = True  # ... or for ``resume``
+            self._held = self._full and limit < self._concurrency  # ... or for ``resume``
+            if self._held:
                 metrics.BACKGROUND_HELD.labels(self.name).inc()
             claimed: list[Any] = []
             if self._claim_due and free > 0:
