@@ -47,8 +47,9 @@ class Ctx:
     # renews (``tasks.renew_leases``). Counted, because a check may claim a task a
     # submit has just given back before the submit's own end is recorded here.
     working: Counter[str] = field(default_factory=Counter)
-    # Submits this process is answering right now (``submitting``), and what lets the
-    # background loops held back meanwhile go on (``room``; set by ``app.main``).
+    # Submits this process is answering right now (``submitting``; the background loops'
+    # ``room`` depends on it), and what wakes the loops held back meanwhile once they are
+    # few again (``resume``: set by ``app.main``).
     answering: int = 0
     resume: Callable[[], None] = lambda: None
 
