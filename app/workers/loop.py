@@ -62,6 +62,7 @@ class WorkerLoop:
         self._concurrency, self._batch, self._idle = concurrency, batch, idle_s
         self._room = room
         self._held = False  # work waits for want of ``room``: ``resume`` wakes the loop
+        self._held_count = metrics.BACKGROUND_HELD.labels(name)
         self.grace_s = grace_s
         self._wake = asyncio.Event()
         self._full = False  # the loop sleeps with every slot taken: a free one wakes it
@@ -149,7 +150,7 @@ class WorkerLoop:
             self._full = bool(self._handed) or (self._claim_due and free <= 0)
             self._held = self._full and limit < self._concurrency  # ... or for ``resume``
             if self._held:
-                metrics.BACKGROUND_HELD.labels(self.name).inc()
+                self._held_count.inc()
             claimed: list[Any] = []
             if self._claim_due and free > 0:
                 self._claim_due = False  # handed work alone does not call for a claim
