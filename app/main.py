@@ -43,6 +43,8 @@ from app.workers.scheduler import Scheduler
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
+    from app.siblings import Siblings
+
 log = logging.getLogger(__name__)
 # aiosqlite logs every statement with its parameters at DEBUG: stored tokens, hashes and
 # callers' metadata would reach the logs whenever the level is lowered.
@@ -140,9 +142,11 @@ def create_app(
     start_workers: bool = True,
     wiro_transport: httpx.AsyncBaseTransport | None = None,
     tracer_provider: TracerProvider | None = None,
+    siblings: Siblings | None = None,
 ) -> FastAPI:
     """``tracer_provider``: trace with this one (tests); by default the ``OTEL_*``
-    variables decide whether there are traces at all (app/tracing.py)."""
+    variables decide whether there are traces at all (app/tracing.py). ``siblings``: the
+    other processes of ``serve --workers N`` (app/siblings.py)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -163,7 +167,7 @@ def create_app(
                 settings.wiro_read_timeout_s, connect=settings.wiro_connect_timeout_s
             ),
         )
-        ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro)
+        ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro, siblings=siblings)
         scheduler = Scheduler(ctx, grace_s=settings.shutdown_grace_s)
         ctx.wake = scheduler.wake
         ctx.track = scheduler.track
@@ -207,7 +211,10 @@ def create_app(
             scheduler.start(after=first)
             for loop in result_loops:
                 loop.start(after=first)
-        log.info("gateway started", extra={"owner": ctx.owner})
+        started: dict[str, object] = {"owner": ctx.owner}
+        if siblings is not None:
+            started["worker_slot"] = siblings.slot
+        log.info("gateway started", extra=started)
         try:
             yield
         finally:
