@@ -24,7 +24,6 @@ from pydantic import SecretStr
 
 if TYPE_CHECKING:
     from app.settings import Settings
-    from app.siblings import Siblings
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -95,16 +94,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _supervise(settings, args.host, args.port, workers)
 
 
-def _serve_one(
-    settings: Settings,
-    host: str,
-    port: int,
-    sock: socket.socket | None = None,
-    siblings: Siblings | None = None,
-) -> int:
+def _serve_one(settings: Settings, host: str, port: int, sock: socket.socket | None = None) -> int:
     """One ``serve`` process: the app (its own owner id, engine, scheduler, workers) under
-    uvicorn, on ``sock`` when a supervisor shares its listening socket, counting its
-    submits with ``siblings`` (app/siblings.py)."""
+    uvicorn, on ``sock`` when a supervisor shares its listening socket."""
     from app.main import begin_drain, create_app
     from app.reads import SmallReads
 
@@ -112,7 +104,7 @@ def _serve_one(
     # the default disposition kills the process (exit -15/143) although it stopped
     # cleanly. Make SIGTERM end the process with 0, before and after uvicorn's handling.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    app = create_app(settings, siblings=siblings)
+    app = create_app(settings)
     # One grace period bounds the whole drain: open requests (uvicorn), then the checks
     # still running (the scheduler counts from the same SIGTERM), then leases released.
     config = uvicorn.Config(
@@ -144,29 +136,24 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
     leases: the same rules as separate replicas on one PostgreSQL, docs/operations.md).
     SIGTERM / SIGINT is passed to every worker, which drains as one process would; a
     worker that dies is replaced (its tasks' leases lapse and any replica takes them
-    over), unless it exited with an error within ``_EARLY_EXIT_S`` of its start. A
-    replacement takes the dead worker's slot on the board of submits (app/siblings.py)."""
-    from app.siblings import Board
-
+    over), unless it exited with an error within ``_EARLY_EXIT_S`` of its start."""
     log = logging.getLogger("app.cli")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
-    board = Board(workers)  # each worker's submits, counted together (app/siblings.py)
-    children: dict[int, tuple[float, int]] = {}  # pid: (started, slot)
+    children: dict[int, float] = {}
     stopping = False
     code = 0
 
-    def start(slot: int) -> None:
-        siblings = board.seat(slot)
+    def start() -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1
             try:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                status = _serve_one(settings, host, port, sock, siblings)
+                status = _serve_one(settings, host, port, sock)
             except SystemExit as e:
                 status = e.code if isinstance(e.code, int) else 0
             except BaseException:
@@ -174,7 +161,7 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
             finally:
                 logging.shutdown()
                 os._exit(status)
-        children[pid] = (time.monotonic(), slot)
+        children[pid] = time.monotonic()
 
     def stop_all(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -185,18 +172,17 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
-    for slot in range(workers):
-        start(slot)
+    for _ in range(workers):
+        start()
     log.info("serving with %d worker processes", workers, extra={"workers": workers})
     while children:
         try:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        child = children.pop(pid, None)
-        if child is None:
+        started = children.pop(pid, None)
+        if started is None:
             continue
-        started, slot = child
         exit_code = os.waitstatus_to_exitcode(status)
         if stopping:
             code = code or (exit_code if exit_code > 0 else 0)
@@ -211,7 +197,7 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
             code = exit_code
             stop_all(signal.SIGTERM, None)
         else:
-            start(slot)
+            start()
     sock.close()
     return code
 

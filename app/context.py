@@ -24,7 +24,6 @@ from app.pollplan import PollPlan
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.siblings import Siblings
     from app.wiro import WiroClient
 
 
@@ -53,9 +52,6 @@ class Ctx:
     # few again (``resume``: set by ``app.main``).
     answering: int = 0
     resume: Callable[[], None] = lambda: None
-    # The other processes of this ``serve --workers N``, whose submits count too (their
-    # work shares this machine's cores: app/siblings.py); None for a lone process.
-    siblings: Siblings | None = None
 
     def work_on(self, *task_ids: str) -> None:
         """Work under these tasks' leases begins: the heartbeat renews them until
@@ -75,19 +71,12 @@ class Ctx:
         """A submit is being answered (its task recorded and its Run sent). While more
         than ``GATEWAY_SUBMITS_FIRST_AT`` are, the background loops start fewer jobs
         (``room``); when they are that few again, the loops held back go on."""
-        siblings = self.siblings
         self.answering += 1
-        if siblings is not None:
-            siblings.publish(self.answering)
         try:
             yield
         finally:
             self.answering -= 1
-            answering = self.answering
-            if siblings is not None:
-                siblings.publish(answering)
-                answering += siblings.answering()
-            if answering == self.settings.submits_first_at:
+            if self.answering == self.settings.submits_first_at:
                 self.resume()
 
     def room(self) -> int | None:
@@ -99,18 +88,9 @@ class Ctx:
         or a notification waits only in the background (seconds matter to none of them).
         Under a burst of submits their work shares one event loop; starting fewer of it
         lets the answers through, and the backlog runs once the burst has passed. The
-        few slots left keep it moving under a load that never lets up.
-
-        The processes of one ``serve --workers N`` count their submits together
-        (``siblings``). A loop held back in one of them when another's submits fall
-        back goes on as its running jobs end (a job's end makes it ask again)."""
+        few slots left keep it moving under a load that never lets up."""
         at = self.settings.submits_first_at
-        if not at:
-            return None
-        answering = self.answering
-        if self.siblings is not None:
-            answering += self.siblings.answering()
-        if answering > at:
+        if at and self.answering > at:
             return max(1, self.settings.worker_concurrency // 8)
         return None
 

@@ -43,8 +43,6 @@ from app.workers.scheduler import Scheduler
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-    from app.siblings import Siblings
-
 log = logging.getLogger(__name__)
 # aiosqlite logs every statement with its parameters at DEBUG: stored tokens, hashes and
 # callers' metadata would reach the logs whenever the level is lowered.
@@ -142,11 +140,9 @@ def create_app(
     start_workers: bool = True,
     wiro_transport: httpx.AsyncBaseTransport | None = None,
     tracer_provider: TracerProvider | None = None,
-    siblings: Siblings | None = None,
 ) -> FastAPI:
     """``tracer_provider``: trace with this one (tests); by default the ``OTEL_*``
-    variables decide whether there are traces at all (app/tracing.py). ``siblings``: the
-    other processes of ``serve --workers N`` (app/siblings.py)."""
+    variables decide whether there are traces at all (app/tracing.py)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -167,7 +163,7 @@ def create_app(
                 settings.wiro_read_timeout_s, connect=settings.wiro_connect_timeout_s
             ),
         )
-        ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro, siblings=siblings)
+        ctx = Ctx(settings=settings, sm=make_sessionmaker(engine), wiro=wiro)
         scheduler = Scheduler(ctx, grace_s=settings.shutdown_grace_s)
         ctx.wake = scheduler.wake
         ctx.track = scheduler.track
@@ -211,10 +207,7 @@ def create_app(
             scheduler.start(after=first)
             for loop in result_loops:
                 loop.start(after=first)
-        started: dict[str, object] = {"owner": ctx.owner}
-        if siblings is not None:
-            started["worker_slot"] = siblings.slot
-        log.info("gateway started", extra=started)
+        log.info("gateway started", extra={"owner": ctx.owner})
         try:
             yield
         finally:

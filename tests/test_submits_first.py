@@ -6,7 +6,6 @@ an eighth of its slots; when the submits are that few again, the loops go on at 
 from __future__ import annotations
 
 import asyncio
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from app.context import Ctx
 from app.models import Task
 from app.schemas import TaskCreate
 from app.settings import Settings
-from app.siblings import Board
 from tests.conftest import Sim, run_gateway, task_body
 
 
@@ -62,45 +60,6 @@ def test_submitting_counts_and_resumes_once_they_are_few_again() -> None:
     with pytest.raises(RuntimeError), ctx.submitting(), ctx.submitting():
         raise RuntimeError("a submit that fails still counts down")
     assert ctx.answering == 0 and resumed == [1, 1]
-
-
-def test_the_board_is_shared_with_forked_workers() -> None:
-    """``serve --workers N``'s supervisor makes the board before it forks: a count a
-    worker publishes is what the others read, and a replacement's slot starts at 0."""
-    board = Board(3)
-    mine = board.seat(0)
-    board.seat(2).publish(4)  # a worker that died with 4 answering...
-    pid = os.fork()
-    if pid == 0:  # the forked worker
-        board.seat(1).publish(5)
-        os._exit(0)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    assert mine.answering() == 9
-    mine.publish(7)
-    assert mine.answering() == 9  # its own count is not the others'
-    replacement = board.seat(2)  # ... and its replacement
-    assert mine.answering() == 5 and replacement.answering() == 12
-
-
-def test_room_counts_the_other_workers_submits() -> None:
-    """With siblings, the setting applies to the group's submits: held back with none of
-    its own, and resumed when its own submit's end brings the group back to it."""
-    board = Board(2)
-    ctx = _ctx(submits_first_at=2, worker_concurrency=16)
-    ctx.siblings = board.seat(0)
-    other = board.seat(1)
-    resumed: list[int] = []
-    ctx.resume = lambda: resumed.append(ctx.answering)
-    other.publish(2)
-    assert ctx.room() is None  # 2: not more than the setting
-    other.publish(3)
-    assert ctx.room() == 2  # 3 of the other worker's, none of its own
-    other.publish(2)
-    with ctx.submitting():
-        assert other.answering() == 1  # what the other worker reads of this one
-        assert ctx.room() == 2
-    assert resumed == [0]  # 3 -> 2 with the other's two
-    assert other.answering() == 0 and ctx.room() is None
 
 
 async def test_due_tasks_wait_while_submits_are_answered(
