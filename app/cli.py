@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,24 +55,115 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+# After SIGTERM a ``serve`` process ends within its grace period and this much more,
+# whatever is stuck (a thread that never returns, a close that never completes): a
+# watchdog then ends it (``_watchdog``).
+SHUTDOWN_MARGIN_S = 30.0
+
+
+def _watchdog(
+    after_s: float, finished: Callable[[], bool], loop: asyncio.AbstractEventLoop | None
+) -> None:
+    """In ``after_s``, if the process still runs: one ``error`` record naming what is left
+    (``shutdown_overrun``; the event loop's tasks, each with the awaits it is in), every
+    thread's stack on stderr, and the exit: 0 if the app's shutdown had finished (leases
+    given back, connections closed; only the interpreter's own teardown was left), 1 if
+    not (its leases lapse, as after a SIGKILL). Lock-free: whatever holds a lock in the
+    stuck process, the watchdog does not wait for it."""
+
+    def fire() -> None:
+        done = finished()
+        record = logging.getLogger("app.cli").makeRecord(
+            "app.cli",
+            logging.ERROR,
+            __file__,
+            0,
+            "shutdown still running %.0fs after SIGTERM: exiting",
+            (after_s,),
+            None,
+            extra={
+                "shutdown_overrun": True,
+                "app_shutdown_finished": done,
+                "tasks_left": _tasks_left(loop),
+            },
+        )
+        handlers = logging.getLogger().handlers
+        line = handlers[0].format(record) if handlers else record.getMessage()
+        with contextlib.suppress(OSError):
+            os.write(sys.stderr.fileno(), line.encode() + b"\n")
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(0 if done else 1)
+
+    timer = threading.Timer(after_s, fire)
+    timer.daemon = True
+    timer.start()
+
+
+def _tasks_left(loop: asyncio.AbstractEventLoop | None) -> list[str]:
+    """The event loop's unfinished tasks, each as ``name: outer:line > … > inner:line``,
+    the awaits down to the one it waits on. Read from another thread while the loop is
+    stuck: best effort."""
+    if loop is None or loop.is_closed():
+        return []
+    left = []
+    try:
+        for task in asyncio.all_tasks(loop):
+            left.append(f"{task.get_name()}: {_awaits(task.get_coro())}")
+    except Exception:  # the loop changed them meanwhile
+        left.append("?")
+    return sorted(left)
+
+
+def _awaits(awaited: Any) -> str:
+    chain: list[str] = []
+    while awaited is not None and len(chain) < 64:
+        frame = next(
+            (f for k in ("cr", "ag", "gi") if (f := getattr(awaited, f"{k}_frame", None))), None
+        )
+        if frame is None:
+            break
+        chain.append(f"{frame.f_code.co_qualname}:{frame.f_lineno}")
+        following = next(
+            (
+                a
+                for k in ("cr_await", "ag_await", "gi_yieldfrom")
+                if (a := getattr(awaited, k, None))
+            ),
+            None,
+        )
+        if following is not None and not hasattr(following, "cr_frame"):
+            # ``anext(gen)``/``gen.athrow()`` (an async context manager's exit, as the
+            # lifespan's) name no generator; the manager holds it as ``gen``.
+            following = getattr(frame.f_locals.get("self"), "gen", following)
+        awaited = following
+    return " > ".join(chain[-8:]) or "?"
+
+
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server, telling the app to stop taking work the moment SIGTERM arrives
     (uvicorn notices on its next tick, then waits for open requests before the lifespan
-    shutdown; the scheduler should not claim new tasks meanwhile)."""
+    shutdown; the scheduler should not claim new tasks meanwhile), and arming the
+    watchdog that bounds the whole exit (``_watchdog``)."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None], bound_s: float) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self._bound_s = bound_s
+        self.shut_down = False  # the app's lifespan shutdown ran to its end
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
-            try:
+            loop: asyncio.AbstractEventLoop | None = None
+            with contextlib.suppress(RuntimeError):  # not serving yet: nothing to drain
                 loop = asyncio.get_running_loop()
-            except RuntimeError:
-                pass  # not serving yet: nothing to drain
-            else:
+            if loop is not None:
                 loop.call_soon_threadsafe(self._on_exit)  # we are in a signal handler
+            _watchdog(self._bound_s, lambda: self.shut_down, loop)
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        self.shut_down = not self.force_exit  # forced: uvicorn skipped the app's shutdown
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -119,7 +212,11 @@ def _serve_one(settings: Settings, host: str, port: int, sock: socket.socket | N
         access_log=False,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
-    server = _DrainingServer(config, on_exit=lambda: begin_drain(app))
+    server = _DrainingServer(
+        config,
+        on_exit=lambda: begin_drain(app),
+        bound_s=settings.shutdown_grace_s + SHUTDOWN_MARGIN_S,
+    )
     server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 3
 

@@ -251,3 +251,59 @@ async def test_sigterm_mid_run_exits_0_in_time_and_another_process_continues(
         done = await gw.wait_terminal(task_id, timeout=20)
     assert done["status"] == "succeeded"
     assert sim.stats()["runs_by_gateway_task"][task_id] == 1
+
+
+async def _serve_stuck(where: str, sim: Sim, tmp_path: Path) -> tuple[int, list[dict[str, Any]]]:
+    """``serve`` (SQLite, no grace) whose exit hangs at ``where`` (tests/stuck_serve.py),
+    SIGTERMed once: its exit code and its ``shutdown_overrun`` records."""
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
+    await asyncio.to_thread(upgrade, db_url)
+    port = free_port()
+    env = bin_env(
+        GATEWAY_ENV="test",
+        GATEWAY_DATABASE_URL=db_url,
+        GATEWAY_DATA_DIR=str(tmp_path),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        GATEWAY_API_KEYS=f"alpha={CLIENT_KEYS['alpha']}",
+        GATEWAY_SHUTDOWN_GRACE_S="0",
+        GATEWAY_LOG_LEVEL="INFO",
+    )
+    log = tmp_path / "serve.log"
+    margin = 5.0
+    proc = spawn([where, str(margin), "--port", str(port)], env, log, module="tests.stuck_serve")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        proc.send_signal(signal.SIGTERM)  # once: the watchdog, not a second signal, ends it
+        rc = await asyncio.to_thread(proc.wait, margin + 60)
+    finally:
+        stop(proc)
+    records = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    return rc, [r for r in records if r.get("shutdown_overrun")]
+
+
+async def test_an_exit_stuck_after_the_apps_shutdown_ends_0_by_the_watchdog(
+    sim: Sim, tmp_path: Path
+) -> None:
+    """The app shut down (leases given back), then the interpreter's exit waits on a thread
+    that never returns: the watchdog ends the process with 0, saying so."""
+    rc, (overrun,) = await _serve_stuck("thread", sim, tmp_path)
+    assert rc == 0
+    assert overrun["level"] == "error" and overrun["app_shutdown_finished"] is True
+    assert overrun["tasks_left"] == []  # the event loop had already closed
+
+
+async def test_an_apps_shutdown_that_never_ends_is_ended_1_by_the_watchdog(
+    sim: Sim, tmp_path: Path
+) -> None:
+    """The app's own shutdown never ends: the watchdog ends the process with 1 (its leases
+    lapse, as after a SIGKILL) and names the task it was stuck in."""
+    rc, (overrun,) = await _serve_stuck("app", sim, tmp_path)
+    assert rc == 1
+    assert overrun["app_shutdown_finished"] is False
+    awaits = [
+        [step.split(":")[0] for step in where.split(" > ")] for where in overrun["tasks_left"]
+    ]
+    assert any("stuck" in chain for chain in awaits), overrun["tasks_left"]
