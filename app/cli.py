@@ -59,6 +59,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 # whatever is stuck (a thread that never returns, a close that never completes): a
 # watchdog then ends it (``_watchdog``).
 SHUTDOWN_MARGIN_S = 30.0
+# ``serve --workers N``: a worker still running this much after its own watchdog was
+# due is killed by the supervisor.
+OVERDUE_AFTER_WATCHDOG_S = 10.0
 
 
 def _watchdog(
@@ -243,30 +246,66 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
     children: dict[int, float] = {}
     stopping = False
     code = 0
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGALRM}
+    overdue_s = settings.shutdown_grace_s + SHUTDOWN_MARGIN_S + OVERDUE_AFTER_WATCHDOG_S
 
     def start() -> None:
+        # Signals wait until each process has its own handlers: a SIGTERM landing in the
+        # new worker before its first line would run the supervisor's ``stop_all`` there.
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1
             try:
+                signal.signal(signal.SIGTERM, _exit_on_sigterm)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                # The supervisor's last look at a worker that never ended: its stacks.
+                faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
                 status = _serve_one(settings, host, port, sock)
             except SystemExit as e:
                 status = e.code if isinstance(e.code, int) else 0
             except BaseException:
                 log.exception("serve worker failed")
             finally:
-                logging.shutdown()
+                with contextlib.suppress(BaseException):  # a second SIGTERM meanwhile
+                    logging.shutdown()
                 os._exit(status)
         children[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
 
     def stop_all(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        if not stopping:
+            # Each worker's own watchdog ends it by then (``_watchdog``); this one is for
+            # a worker stuck where its own cannot act (before serving, or in C code).
+            signal.setitimer(signal.ITIMER_REAL, overdue_s)
         stopping = True
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def kill_overdue(signum: int, frame: FrameType | None) -> None:
+        nonlocal code
+        overdue = list(children)
+        for pid in overdue:
+            log.error(
+                "serve worker %d still running %.0fs after SIGTERM: killed",
+                pid,
+                overdue_s,
+                extra={"worker_overrun": True, "worker_pid": pid},
+            )
+        for pid in overdue:  # one at a time, so that their stacks do not mix
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)  # its stacks on stderr (faulthandler)
+            time.sleep(0.5)
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            code = code or 1
+
+    signal.signal(signal.SIGALRM, kill_overdue)
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
     for _ in range(workers):

@@ -3,13 +3,21 @@ tests (tests/test_shutdown.py): ``python -m tests.stuck_serve WHERE MARGIN_S ser
 
 ``WHERE``: ``thread``, a non-daemon thread that never returns, so the interpreter's exit
 waits for it after the app has shut down; ``app``, the app's own shutdown never ends
-(its scheduler's ``stop`` waits forever). ``MARGIN_S``: the watchdog's margin."""
+(its scheduler's ``stop`` waits forever); ``start`` (``--workers N``), each worker is
+stuck before it serves, deaf to SIGTERM (as in C code), after one JSON line
+``{"stuck_worker": pid}``. ``MARGIN_S``: the watchdogs' margins (the worker's own, and
+the supervisor's after it)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import sys
 import threading
+import time
+from typing import Any
 
 from app import cli
 from app.workers.loop import WorkerLoop
@@ -19,13 +27,22 @@ async def stuck(self: WorkerLoop) -> None:
     await asyncio.Event().wait()
 
 
+def stuck_start(*args: Any) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    print(json.dumps({"stuck_worker": os.getpid()}), file=sys.stderr, flush=True)
+    while True:
+        time.sleep(60)
+
+
 def main() -> int:
     where, margin, *args = sys.argv[1:]
-    cli.SHUTDOWN_MARGIN_S = float(margin)
+    cli.SHUTDOWN_MARGIN_S = cli.OVERDUE_AFTER_WATCHDOG_S = float(margin)
     if where == "thread":
         threading.Thread(target=threading.Event().wait, name="stuck", daemon=False).start()
     elif where == "app":
         WorkerLoop.stop = stuck  # type: ignore[method-assign]
+    elif where == "start":
+        cli._serve_one = stuck_start
     else:
         raise SystemExit(f"unknown WHERE {where!r}")
     return cli.main(["serve", *args])

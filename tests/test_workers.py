@@ -172,3 +172,34 @@ def test_sqlite_refuses_workers(tmp_path: Path) -> None:
         capture_output=True,
     )
     assert done.returncode == 2
+
+
+def test_a_worker_deaf_to_sigterm_is_killed_by_the_supervisor(tmp_path: Path) -> None:
+    """Workers stuck before they serve, where their own watchdog is not armed and SIGTERM
+    is blocked: the supervisor records each (``worker_overrun``), has it write its stacks
+    (SIGUSR1, faulthandler), kills it and exits 1."""
+    env = bin_env(
+        # Never connected to: the workers are stuck before they open anything.
+        GATEWAY_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:5432/unused",
+        GATEWAY_DATA_DIR=str(tmp_path),
+        GATEWAY_SHUTDOWN_GRACE_S="0",
+    )
+    log = tmp_path / "serve.log"
+    args = ["start", "1", "--port", str(free_port()), "--workers", "2"]
+    proc = spawn(args, env, log, module="tests.stuck_serve")
+    try:
+        stuck = until(
+            lambda: {int(r["stuck_worker"]) for r in log_records(log) if "stuck_worker" in r},
+            lambda pids: len(pids) == 2,
+        )
+        assert stuck == children(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(60)
+    finally:
+        stop(proc)
+    assert rc == 1
+    overruns = {int(r["worker_pid"]) for r in log_records(log) if r.get("worker_overrun")}
+    assert overruns == stuck
+    assert not [pid for pid in stuck if os.path.exists(f"/proc/{pid}")]
+    # They wrote their stacks before they were killed: the frame they were stuck in.
+    assert " in stuck_start" in log.read_text()
