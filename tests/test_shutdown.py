@@ -253,9 +253,12 @@ async def test_sigterm_mid_run_exits_0_in_time_and_another_process_continues(
     assert sim.stats()["runs_by_gateway_task"][task_id] == 1
 
 
-async def _serve_stuck(where: str, sim: Sim, tmp_path: Path) -> tuple[int, list[dict[str, Any]]]:
+async def _serve_stuck(
+    where: str, margin: float, sim: Sim, tmp_path: Path
+) -> tuple[int, list[dict[str, Any]]]:
     """``serve`` (SQLite, no grace) whose exit hangs at ``where`` (tests/stuck_serve.py),
-    SIGTERMed once: its exit code and its ``shutdown_overrun`` records."""
+    its watchdog ``margin`` s after the SIGTERM it is sent once: its exit code and its
+    ``shutdown_overrun`` records."""
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
     await asyncio.to_thread(upgrade, db_url)
     port = free_port()
@@ -272,7 +275,6 @@ async def _serve_stuck(where: str, sim: Sim, tmp_path: Path) -> tuple[int, list[
         GATEWAY_LOG_LEVEL="INFO",
     )
     log = tmp_path / "serve.log"
-    margin = 5.0
     proc = spawn([where, str(margin), "--port", str(port)], env, log, module="tests.stuck_serve")
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
@@ -289,7 +291,8 @@ async def test_an_exit_stuck_after_the_apps_shutdown_ends_0_by_the_watchdog(
 ) -> None:
     """The app shut down (leases given back), then the interpreter's exit waits on a thread
     that never returns: the watchdog ends the process with 0, saying so."""
-    rc, (overrun,) = await _serve_stuck("thread", sim, tmp_path)
+    # The app's shutdown takes a fraction of a second: 10 s leave room for a busy machine.
+    rc, (overrun,) = await _serve_stuck("thread", 10.0, sim, tmp_path)
     assert rc == 0
     assert overrun["level"] == "error" and overrun["app_shutdown_finished"] is True
     assert overrun["tasks_left"] == []  # the event loop had already closed
@@ -300,7 +303,7 @@ async def test_an_apps_shutdown_that_never_ends_is_ended_1_by_the_watchdog(
 ) -> None:
     """The app's own shutdown never ends: the watchdog ends the process with 1 (its leases
     lapse, as after a SIGKILL) and names the task it was stuck in."""
-    rc, (overrun,) = await _serve_stuck("app", sim, tmp_path)
+    rc, (overrun,) = await _serve_stuck("app", 3.0, sim, tmp_path)
     assert rc == 1
     assert overrun["app_shutdown_finished"] is False
     awaits = [
