@@ -300,7 +300,7 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)  # its stacks on stderr (faulthandler)
             time.sleep(0.5)
-        for pid in list(children):
+        for pid in overdue:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             code = code or 1
