@@ -1,12 +1,18 @@
 """``headshot-gateway serve`` with its exit made to hang, for the shutdown watchdog's
-tests (tests/test_shutdown.py): ``python -m tests.stuck_serve WHERE MARGIN_S serve-args``.
+tests (tests/test_shutdown.py, tests/test_workers.py):
+``python -m tests.stuck_serve WHERE MARGIN_S serve-args``.
 
-``WHERE``: ``thread``, a non-daemon thread that never returns, so the interpreter's exit
-waits for it after the app has shut down; ``app``, the app's own shutdown never ends
-(its scheduler's ``stop`` waits forever); ``start`` (``--workers N``), each worker is
-stuck before it serves, deaf to SIGTERM (as in C code), after one JSON line
-``{"stuck_worker": pid}``. ``MARGIN_S``: the watchdogs' margins (the worker's own, and
-the supervisor's after it)."""
+``WHERE``:
+- ``thread``: a non-daemon thread that never returns, so the interpreter's exit waits
+  for it after the app has shut down;
+- ``executor``: a job on the event loop's default executor (where the file store writes
+  and fsyncs) that never returns, so the loop's own teardown waits for it after the app
+  has shut down;
+- ``app``: the app's own shutdown never ends (its scheduler's ``stop`` waits forever);
+- ``start`` (``--workers N``): each worker is stuck before it serves, deaf to SIGTERM
+  (as in C code), after one JSON line ``{"stuck_worker": pid}``.
+
+``MARGIN_S``: the watchdogs' margins (the worker's own, and the supervisor's after it)."""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import time
 from typing import Any
 
 from app import cli
+from app import main as app_main
 from app.workers.loop import WorkerLoop
 
 
@@ -39,6 +46,14 @@ def main() -> int:
     cli.SHUTDOWN_MARGIN_S = cli.OVERDUE_AFTER_WATCHDOG_S = float(margin)
     if where == "thread":
         threading.Thread(target=threading.Event().wait, name="stuck", daemon=False).start()
+    elif where == "executor":
+        drain = app_main.begin_drain
+
+        def begin_drain(app: Any) -> None:
+            asyncio.get_running_loop().run_in_executor(None, threading.Event().wait)
+            drain(app)
+
+        app_main.begin_drain = begin_drain
     elif where == "app":
         WorkerLoop.stop = stuck  # type: ignore[method-assign]
     elif where == "start":
