@@ -57,6 +57,23 @@ CLIENT_KEYS = {
 }
 
 
+def serve_env(
+    db_url: str, sim: Sim, public_url: str, data_dir: Path, **extra: str
+) -> dict[str, str]:
+    """A ``serve`` subprocess's environment (``bin_env``): this database, data directory
+    and public URL, the simulator as Wiro, the test clients' keys, then ``extra``."""
+    return bin_env(
+        GATEWAY_DATABASE_URL=db_url,
+        GATEWAY_DATA_DIR=str(data_dir),
+        GATEWAY_WIRO_BASE_URL=sim.base,
+        GATEWAY_WIRO_API_KEY=SIM_KEY,
+        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
+        GATEWAY_PUBLIC_URL=public_url,
+        GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
+        **extra,
+    )
+
+
 @pytest.fixture(scope="session")
 def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     sim = start_sim(

@@ -19,14 +19,12 @@ from schemathesis import GenerationMode, checks
 
 from tests.conftest import (
     CLIENT_KEYS,
-    SIM_KEY,
-    SIM_SECRET,
     Sim,
-    bin_env,
     drop_postgres_database,
     free_port,
     fresh_postgres_database,
     postgres_available,
+    serve_env,
     spawn,
     stop,
     wait_http,
@@ -58,14 +56,11 @@ def live_gateway(
         db = fresh_postgres_database(pg_name)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = bin_env(
-        GATEWAY_DATABASE_URL=db,
-        GATEWAY_DATA_DIR=str(tmp),
-        GATEWAY_WIRO_BASE_URL=sim_server.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
-        GATEWAY_PUBLIC_URL=url,
-        GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
+    env = serve_env(
+        db,
+        sim_server,
+        url,
+        Path(tmp),
         GATEWAY_ADMIN_CLIENTS="root",
         GATEWAY_ENV="test",
         GATEWAY_LOG_LEVEL="WARNING",

@@ -38,12 +38,10 @@ from app.models import Attempt, Event, Task
 from app.states import EventKind
 from tests.conftest import (
     CLIENT_KEYS,
-    SIM_KEY,
-    SIM_SECRET,
     Sim,
-    bin_env,
     free_port,
     report_figure,
+    serve_env,
     spawn,
     stop,
     task_body,
@@ -67,18 +65,15 @@ POINTS = {
 }
 
 
-def serve_env(
+def crash_env(
     db_url: str, sim: Sim, public_url: str, data_dir: Path, **extra: str
 ) -> dict[str, str]:
-    return bin_env(
+    return serve_env(
+        db_url,
+        sim,
+        public_url,
+        data_dir,
         GATEWAY_ENV="test",
-        GATEWAY_DATABASE_URL=db_url,
-        GATEWAY_DATA_DIR=str(data_dir),
-        GATEWAY_WIRO_BASE_URL=sim.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
-        GATEWAY_PUBLIC_URL=public_url,
-        GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
         GATEWAY_ADMIN_CLIENTS="root",
         GATEWAY_POLL_INITIAL_S="0.5",
         GATEWAY_POLL_MAX_S="2",
@@ -202,7 +197,7 @@ async def test_crash_and_restart(point: str, db_url: str, sim: Sim, tmp_path: Pa
         sim.configure(callback_drop=1.0)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = serve_env(db_url, sim, base, tmp_path)
+    env = crash_env(db_url, sim, base, tmp_path)
     first = spawn(
         ["serve", "--port", str(port)],
         {**env, "GATEWAY_CRASH_AT": POINTS[point]},
@@ -298,15 +293,12 @@ async def test_recovery_at_default_settings_takes_seconds(
     its callback, and everything converges in seconds, no task run twice."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = bin_env(
+    env = serve_env(
+        db_url,
+        sim,
+        base,
+        tmp_path,
         GATEWAY_ENV="test",
-        GATEWAY_DATABASE_URL=db_url,
-        GATEWAY_DATA_DIR=str(tmp_path),
-        GATEWAY_WIRO_BASE_URL=sim.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
-        GATEWAY_PUBLIC_URL=base,
-        GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
         GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
         GATEWAY_LOG_LEVEL="WARNING",
     )

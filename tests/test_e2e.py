@@ -25,13 +25,11 @@ from app.models import Task
 from app.tasks import insert_metadata, new_task_id
 from tests.conftest import (
     CLIENT_KEYS,
-    SIM_KEY,
-    SIM_SECRET,
     Gateway,
     Sim,
-    bin_env,
     free_port,
     run_gateway,
+    serve_env,
     spawn,
     stop,
     task_body,
@@ -87,15 +85,12 @@ def _serve(
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = bin_env(
+    env = serve_env(
+        db_url,
+        sim,
+        url,
+        data_dir,
         GATEWAY_ENV="test",
-        GATEWAY_DATABASE_URL=db_url,
-        GATEWAY_DATA_DIR=str(data_dir),
-        GATEWAY_WIRO_BASE_URL=sim.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
-        GATEWAY_PUBLIC_URL=url,
-        GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
         GATEWAY_POLL_INITIAL_S=str(poll_initial_s),
         GATEWAY_POLL_MAX_S=str(poll_max_s),
         GATEWAY_LEASE_S="5",

@@ -12,14 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.migrate import upgrade
 from tests.conftest import (
-    CLIENT_KEYS,
-    SIM_KEY,
-    SIM_SECRET,
     Gateway,
     Sim,
-    bin_env,
     free_port,
     run_gateway,
+    serve_env,
     spawn,
     stop,
     task_body,
@@ -241,16 +238,13 @@ def test_multiprocess_mode_merges_worker_files(sim: Sim, tmp_path: Path) -> None
     upgrade(db)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = bin_env(
+    env = serve_env(
+        db,
+        sim,
+        url,
+        tmp_path,
         PROMETHEUS_MULTIPROC_DIR=str(mp),
         GATEWAY_ENV="test",
-        GATEWAY_DATABASE_URL=db,
-        GATEWAY_DATA_DIR=str(tmp_path),
-        GATEWAY_WIRO_BASE_URL=sim.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
-        GATEWAY_PUBLIC_URL=url,
-        GATEWAY_API_KEYS=f"alpha={CLIENT_KEYS['alpha']}",
         GATEWAY_LOG_LEVEL="WARNING",
     )
     proc = spawn(["serve", "--port", str(port)], env, tmp_path / "serve.log")

@@ -24,15 +24,13 @@ from app.migrate import upgrade
 from app.models import Event, Task
 from tests.conftest import (
     CLIENT_KEYS,
-    SIM_KEY,
-    SIM_SECRET,
     Sim,
-    bin_env,
     drop_postgres_database,
     free_port,
     fresh_postgres_database,
     postgres_available,
     report_figure,
+    serve_env,
     spawn,
     stop,
     task_body,
@@ -58,14 +56,11 @@ def pg_url() -> str:
 
 
 def replica_env(pg_url: str, sim: Sim, public_url: str, data_dir: Path) -> dict[str, str]:
-    return bin_env(
-        GATEWAY_DATABASE_URL=pg_url,
-        GATEWAY_DATA_DIR=str(data_dir),
-        GATEWAY_WIRO_BASE_URL=sim.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
-        GATEWAY_PUBLIC_URL=public_url,
-        GATEWAY_API_KEYS=",".join(f"{n}={k}" for n, k in CLIENT_KEYS.items()),
+    return serve_env(
+        pg_url,
+        sim,
+        public_url,
+        data_dir,
         GATEWAY_POLL_INITIAL_S="0.5",
         GATEWAY_POLL_MAX_S="2",
         GATEWAY_LEASE_S="3",

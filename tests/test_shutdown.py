@@ -27,15 +27,13 @@ from app.models import Attempt, Task
 from app.schemas import TaskCreate
 from tests.conftest import (
     CLIENT_KEYS,
-    SIM_KEY,
-    SIM_SECRET,
     Gateway,
     Sim,
-    bin_env,
     drop_postgres_database,
     free_port,
     fresh_postgres_database,
     run_gateway,
+    serve_env,
     spawn,
     stop,
     task_body,
@@ -183,15 +181,12 @@ async def test_sigterm_mid_run_exits_0_in_time_and_another_process_continues(
     sim.configure(run_hang_s=6)  # Wiro takes the Run, then answers long after the grace
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = bin_env(
+    env = serve_env(
+        db_url,
+        sim,
+        url,
+        tmp_path,
         GATEWAY_ENV="test",
-        GATEWAY_DATABASE_URL=db_url,
-        GATEWAY_DATA_DIR=str(tmp_path),
-        GATEWAY_WIRO_BASE_URL=sim.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
-        GATEWAY_PUBLIC_URL=url,
-        GATEWAY_API_KEYS=f"alpha={CLIENT_KEYS['alpha']}",
         GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
         GATEWAY_SHUTDOWN_GRACE_S=str(grace),
         GATEWAY_LEASE_S="60",
@@ -263,15 +258,12 @@ async def _serve_stuck(
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
     await asyncio.to_thread(upgrade, db_url)
     port = free_port()
-    env = bin_env(
+    env = serve_env(
+        db_url,
+        sim,
+        f"http://127.0.0.1:{port}",
+        tmp_path,
         GATEWAY_ENV="test",
-        GATEWAY_DATABASE_URL=db_url,
-        GATEWAY_DATA_DIR=str(tmp_path),
-        GATEWAY_WIRO_BASE_URL=sim.base,
-        GATEWAY_WIRO_API_KEY=SIM_KEY,
-        GATEWAY_WIRO_API_SECRET=SIM_SECRET,
-        GATEWAY_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        GATEWAY_API_KEYS=f"alpha={CLIENT_KEYS['alpha']}",
         GATEWAY_SHUTDOWN_GRACE_S="0",
         GATEWAY_LOG_LEVEL="INFO",
     )
