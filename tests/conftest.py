@@ -36,6 +36,7 @@ from tests.procs import (
     stop,
     stop_all,
     wait_http,
+    watchdog_records,
 )
 
 __all__ = [
@@ -355,6 +356,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     stop_all()  # a subprocess a failed test left running
+    # A gateway whose exit hung and was ended by a watchdog: in the run's summary, with
+    # what it was stuck in, even where its test passed.
+    for record in watchdog_records():
+        report_figure(f"shutdown watchdog fired: {record}")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -61,6 +62,7 @@ SIM_DEFAULTS: dict[str, Any] = {
 }
 
 _children: list[subprocess.Popen[bytes]] = []
+_logs: list[Path] = []  # every spawned process's log, for ``watchdog_records``
 
 
 def _ports() -> range:
@@ -137,7 +139,26 @@ def spawn(
             start_new_session=True,
         )
     _children.append(proc)
+    if module == "app.cli":  # not the watchdog's tests' hung processes (tests/stuck_serve.py)
+        _logs.append(log)
     return proc
+
+
+def watchdog_records() -> list[str]:
+    """The shutdown watchdogs' records (``shutdown_overrun``, ``worker_overrun``: app/cli.py)
+    in the logs of the processes spawned here, one JSON line each: a process whose exit
+    hung, whether or not its test noticed."""
+    found = []
+    for log in dict.fromkeys(_logs):
+        with contextlib.suppress(OSError):
+            for line in log.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and (
+                        record.get("shutdown_overrun") or record.get("worker_overrun")
+                    ):
+                        found.append(line)
+    return found
 
 
 def stop(
