@@ -16,9 +16,9 @@ second (a new gateway's cold start: the tool starts one per run); per request, h
 the loop's thread waited for a core while it could run, and how often the kernel took
 its core from it (``/proc``'s scheduler statistics: the simulator, woken by the
 gateway's send, runs on the same two cores), and the simulator's own CPU (and
-PostgreSQL's backends'); and the gateway's write system
-calls and bytes written per request (``/proc/PID/io``: the sockets' sends and SQLite's
-WAL frames). A py-spy profile
+PostgreSQL's backends'); and the gateway's write and read system calls and bytes
+written and read per request (``/proc/PID/io``: the sockets' sends and reads, SQLite's
+WAL frames and the pages it reads again). A py-spy profile
 samples wall time, so a loop preempted in a send shows there as time in
 ``StreamWriter.write``; these say how much of it that is.
 
@@ -74,14 +74,21 @@ def loop_waits(pid: int) -> tuple[float, int]:
     return waited_ns / 1e9, switches
 
 
-def writes(pid: int) -> tuple[int, int]:
+def writes(pid: int) -> tuple[int, int, int, int]:
     """``pid``'s write system calls so far (``write``, ``pwrite64``, ``sendto``... :
     ``/proc/PID/io``'s ``syscw``) and the bytes they wrote (``wchar``): with SQLite, a
     commit writes each page it changed to the WAL as a frame of its own, its header and
-    its page in two ``pwrite64`` calls."""
+    its page in two ``pwrite64`` calls; then its read system calls and the bytes they
+    read (``syscr``, ``rchar``: sockets' reads, and SQLite's pages that a connection's
+    own cache no longer holds)."""
     with open(f"/proc/{pid}/io") as fh:
         fields = dict(line.split(": ") for line in fh.read().splitlines())
-    return int(fields["syscw"]), int(fields["wchar"])
+    return (
+        int(fields["syscw"]),
+        int(fields["wchar"]),
+        int(fields["syscr"]),
+        int(fields["rchar"]),
+    )
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -188,7 +195,9 @@ async def measure(
         + (f"PostgreSQL's backends' CPU {1000 * db_s / n:.2f} ms per request; " if db_s else "")
         + "the gateway's write "
         f"system calls {(writes_after[0] - writes_before[0]) / n:.1f} "
-        f"({(writes_after[1] - writes_before[1]) / n / 1024:.1f} KiB) per request; "
+        f"({(writes_after[1] - writes_before[1]) / n / 1024:.1f} KiB) and read system calls "
+        f"{(writes_after[2] - writes_before[2]) / n:.1f} "
+        f"({(writes_after[3] - writes_before[3]) / n / 1024:.1f} KiB) per request; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
 
