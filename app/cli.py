@@ -70,9 +70,9 @@ def _watchdog(
     """In ``after_s``, if the process still runs: one ``error`` record naming what is left
     (``shutdown_overrun``; the event loop's tasks, each with the awaits it is in), every
     thread's stack on stderr, and the exit: 0 if the app's shutdown had finished (leases
-    given back, connections closed; only the interpreter's own teardown was left), 1 if
-    not (its leases lapse, as after a SIGKILL). Lock-free: whatever holds a lock in the
-    stuck process, the watchdog does not wait for it."""
+    given back, connections closed; only the event loop's or the interpreter's own
+    teardown was left), 1 if not (its leases lapse, as after a SIGKILL). Lock-free:
+    whatever holds a lock in the stuck process, the watchdog does not wait for it."""
 
     def fire() -> None:
         done = finished()
@@ -91,7 +91,10 @@ def _watchdog(
             },
         )
         handlers = logging.getLogger().handlers
-        line = handlers[0].format(record) if handlers else record.getMessage()
+        # Its filters too (the log's context, secrets scrubbed); ``tasks_left`` holds
+        # task names and code locations only.
+        line = handlers[0].format(record) if handlers and handlers[0].filter(record) else ""
+        line = line or record.getMessage()
         with contextlib.suppress(OSError):
             os.write(sys.stderr.fileno(), line.encode() + b"\n")
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
