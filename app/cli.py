@@ -204,8 +204,9 @@ def _serve_one(settings: Settings, host: str, port: int, sock: socket.socket | N
     # cleanly. Make SIGTERM end the process with 0, before and after uvicorn's handling.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     app = create_app(settings)
-    # One grace period bounds the whole drain: open requests (uvicorn), then the checks
-    # still running (the scheduler counts from the same SIGTERM), then leases released.
+    # One grace period bounds the whole drain: open requests (uvicorn), then the jobs
+    # still running (every background loop counts from the same SIGTERM), then leases
+    # released.
     config = uvicorn.Config(
         app,
         host=host,

@@ -73,13 +73,13 @@ def _resumer(loops: tuple[WorkerLoop, ...]) -> Callable[[], None]:
 
 def begin_drain(app: FastAPI) -> None:
     """Stop taking work (SIGTERM, before uvicorn's own shutdown): readiness fails, new API
-    requests get 503 (``app.gate``), the scheduler stops claiming and its grace period
-    starts. Callbacks, health and metrics still answer: a callback only marks its task
-    due, which whichever replica continues will act on."""
+    requests get 503 (``app.gate``), every background loop (the scheduler, outputs,
+    notifications, erasures) stops claiming and its grace period starts, so one grace
+    period from the SIGTERM bounds them all. Callbacks, health and metrics still answer:
+    a callback only marks its task due, which whichever replica continues will act on."""
     app.state.draining = True
-    scheduler = getattr(app.state, "scheduler", None)
-    if scheduler is not None:
-        scheduler.drain()
+    for loop in getattr(app.state, "loops", ()):
+        loop.drain()
     hub = getattr(app.state, "hub", None)
     if hub is not None:
         hub.drain()
@@ -169,13 +169,13 @@ def create_app(
         ctx.track = scheduler.track
         app.state.db_gauges = metrics.DbGauges(read=lambda: stats.live_counts(ctx))
         app.state.ctx = ctx
-        app.state.scheduler = scheduler
         store = DirectoryStore(settings.data_dir)
         services = Services(ctx=ctx, store=store, outbound=Outbound())
         if settings.output_process:
             services.output_process = OutputProcess(Limits.of(settings), store.root)
         result_loops = result_workers(services)
-        ctx.resume = _resumer((scheduler, *result_loops))
+        app.state.loops = (scheduler, *result_loops)  # what ``begin_drain`` drains
+        ctx.resume = _resumer(app.state.loops)
         app.state.services = services
         # What wakes `Prefer: wait` and event streams: commits that wrote task events.
         hub = app.state.hub = Hub(max_per_client=settings.max_waiters_per_client)

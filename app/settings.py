@@ -146,8 +146,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=8.0,
         ge=0,
-        description="on SIGTERM, how long in-flight requests and checks (upstream calls "
-        "included) may run before they are cancelled and their leases released",
+        description="on SIGTERM, how long in-flight requests and background jobs (checks "
+        "with their upstream calls, output downloads, notifications) may run before they "
+        "are cancelled and their leases released",
     )
 
     # Clients: keys, fair use, hostile input (docs/security.md).

@@ -135,7 +135,11 @@ async def test_draining_refuses_new_work_and_stops_claiming(gateway: Gateway, si
         return not loop_alive()
 
     assert loop_alive()
+    loops = gateway.app.state.loops  # the scheduler, outputs, notifications, erasures
+    assert len(loops) == 4 and all(loop.accepting for loop in loops)
     begin_drain(gateway.app)
+    # Every loop stops taking work at once: one grace period from here bounds them all.
+    assert not any(loop.accepting for loop in loops)
     assert (await wait_ready(gateway, 503))["detail"] == "shutting down"
     c = gateway.client()
     r = await c.post("/v1/tasks", json=task_body(sim))
