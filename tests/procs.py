@@ -144,20 +144,30 @@ def spawn(
     return proc
 
 
+def log_records(log: Path) -> list[dict[str, Any]]:
+    """A process's JSON log records (stack dumps and other lines skipped)."""
+    records = []
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def overruns(log: Path) -> list[dict[str, Any]]:
+    """The shutdown watchdogs' records in ``log`` (``shutdown_overrun``, ``worker_overrun``:
+    app/cli.py)."""
+    return [r for r in log_records(log) if r.get("shutdown_overrun") or r.get("worker_overrun")]
+
+
 def watchdog_records() -> list[str]:
-    """The shutdown watchdogs' records (``shutdown_overrun``, ``worker_overrun``: app/cli.py)
-    in the logs of the processes spawned here, one JSON line each: a process whose exit
-    hung, whether or not its test noticed."""
+    """The watchdogs' records (``overruns``) in the logs of the processes spawned here, one
+    JSON line each: a process whose exit hung, whether or not its test noticed."""
     found = []
     for log in dict.fromkeys(_logs):
         with contextlib.suppress(OSError):
-            for line in log.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict) and (
-                        record.get("shutdown_overrun") or record.get("worker_overrun")
-                    ):
-                        found.append(line)
+            found += [json.dumps(r) for r in overruns(log)]
     return found
 
 

@@ -39,6 +39,7 @@ from tests.conftest import (
     task_body,
     wait_http,
 )
+from tests.procs import overruns
 from tests.signals import until
 
 FIRST_REVISION = "0001"
@@ -279,8 +280,7 @@ async def _serve_stuck(
         rc = await asyncio.to_thread(proc.wait, margin + 60)
     finally:
         stop(proc)
-    records = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
-    return rc, [r for r in records if r.get("shutdown_overrun")]
+    return rc, [r for r in overruns(log) if r.get("shutdown_overrun")]
 
 
 @pytest.mark.parametrize("where", ["thread", "executor"])

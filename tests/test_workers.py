@@ -8,7 +8,6 @@ exit 0, and SQLite refuses more than one worker.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -22,16 +21,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.models import Task
-from tests.conftest import (
-    CLIENT_KEYS,
-    Sim,
-    bin_env,
-    free_port,
-    spawn,
-    stop,
-    task_body,
-    wait_http,
-)
+from tests.conftest import CLIENT_KEYS, Sim, bin_env, free_port, spawn, stop, task_body, wait_http
+from tests.procs import log_records, overruns
 from tests.test_replicas import pg_url, replica_env  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.crash
@@ -49,19 +40,6 @@ def children(pid: int) -> set[int]:
             except (OSError, ValueError, IndexError):
                 continue
     return found
-
-
-def log_records(log: Path) -> list[dict[str, object]]:
-    """The log's JSON records (stack dumps and other lines skipped)."""
-    records = []
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def started_owners(log: Path) -> list[str]:
@@ -150,10 +128,7 @@ async def test_two_workers_one_killed(pg_url: str, sim: Sim, tmp_path: Path) -> 
         # if the app's shutdown had finished, and the run's summary shows it: conftest),
         # or killed by the supervisor's (exit 1).
         rc = proc.wait(60)
-        overruns = [
-            r for r in log_records(log) if r.get("shutdown_overrun") or r.get("worker_overrun")
-        ]
-        assert rc == 0, overruns
+        assert rc == 0, overruns(log)
         assert not [pid for pid in left if os.path.exists(f"/proc/{pid}")]
     finally:
         stop(proc)
@@ -197,8 +172,8 @@ def test_a_worker_deaf_to_sigterm_is_killed_by_the_supervisor(tmp_path: Path) ->
     finally:
         stop(proc)
     assert rc == 1
-    overruns = {int(r["worker_pid"]) for r in log_records(log) if r.get("worker_overrun")}
-    assert overruns == stuck
+    killed = {int(r["worker_pid"]) for r in log_records(log) if r.get("worker_overrun")}
+    assert killed == stuck
     assert not [pid for pid in stuck if os.path.exists(f"/proc/{pid}")]
     # They wrote their stacks before they were killed: the frame they were stuck in.
     assert " in stuck_start" in log.read_text()
