@@ -233,9 +233,9 @@ class _Pool(httpcore.AsyncConnectionPool):
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
         """httpcore's rules (1.0.9) with one look at each connection where httpcore takes
         several (it counts every connection again for each idle one, then scans them all
-        twice per queued request): the pool runs this twice per request, and with the 20
-        connections a busy Wiro client keeps alive that was ~6 % of a busy event loop
-        (docs/benchmarks.md, thirty-ninth round). The orphans (above) go first and do not
+        twice per queued request): the pool runs this twice per request, and with the 4-20
+        connections the Wiro client's pool holds under task lives that was ~6 % of a busy
+        event loop (docs/benchmarks.md, thirty-ninth round). The orphans (above) go first and do not
         count; then, in order, a closed connection is dropped, an expired one closed, an
         idle one closed while the pool holds more than it keeps alive; then each queued
         request gets the first connection that can take it, else a new one below
