@@ -2,8 +2,9 @@
 own does, in one look at each connection: checked against httpcore 1.0.9's method (with
 the orphans taken out first, as the gateway did before) on random pools whose
 connections answer every question (closed? expired? idle? available? this origin?) at
-random, independently. A narrow unit test: the connections and requests are stand-ins
-with the few attributes the pool's bookkeeping reads."""
+random, independently; and each rule on a pool made for it, its outcome written out. A
+narrow unit test: the connections and requests are stand-ins with the few attributes the
+pool's bookkeeping reads."""
 
 from __future__ import annotations
 
@@ -144,21 +145,55 @@ def test_the_pool_decides_as_httpcore_does(seed: int) -> None:
     assert differing == []
 
 
-def test_the_cases_the_random_pools_must_reach() -> None:
-    """The random pools above reach each of the rules: a surplus idle connection closed,
-    a request given an existing connection, a new one, and one in place of an idle one."""
-    rng = random.Random(0)
-    seen: set[str] = set()
-    for _ in range(2000):
-        spec = _spec(rng)
-        pool, conns, requests = _build(spec)
-        closing = pool._assign_requests_to_connections()
-        names = {c.name for c in closing}
-        if any(c.idle and not (c.closed or c.expired) and c.name in names for c in conns):
-            seen.add("idle closed")
-        for r, (_, held) in zip(requests, spec.requests, strict=True):
-            if held is None and r.connection is not None:
-                seen.add("new" if r.connection.name.startswith("new") else "reused")
-                if r.connection.name.startswith("new") and len(conns) >= spec.max_connections:
-                    seen.add("replaced")
-    assert seen == {"idle closed", "new", "reused", "replaced"}
+def _chosen(
+    spec: _Spec,
+) -> tuple[list[str], list[str], list[str | None]]:
+    pool, _, requests = _build(spec)
+    return _outcome(pool, pool._assign_requests_to_connections(), requests)
+
+
+def _idle(name: str, *origins: bytes) -> dict[str, Any]:
+    return {"name": name, "idle": True, "available": True, "origins": frozenset(origins)}
+
+
+def test_each_rule_on_a_pool_made_for_it() -> None:
+    """Each of the rules once, on a pool where only it applies: what the random pools
+    above compare with httpcore, here with the expected outcome written out."""
+    # More connections than the pool keeps alive: idle ones are closed, oldest first,
+    # until it holds no more.
+    pool = [_idle("c0", b"a"), {"name": "c1"}, _idle("c2", b"a"), _idle("c3", b"a")]
+    assert _chosen(_Spec(10, 2, pool, [(b"a", 1)])) == (["c1", "c3"], ["c0", "c2"], ["c1"])
+    # A closed connection is dropped (not closed again), an expired one closed.
+    closed = {"name": "c0", "closed": True}
+    expired = {"name": "c1", "expired": True, "idle": True}
+    assert _chosen(_Spec(10, 10, [closed, expired, _idle("c2", b"a")])) == (
+        ["c2"],
+        ["c1"],
+        [],
+    )
+    # A busy connection that no request holds is an orphan: closed, and counted first.
+    orphan = {"name": "c0"}
+    held = {"name": "c1"}
+    assert _chosen(_Spec(10, 10, [orphan, held], [(b"a", 1)])) == (["c1"], ["c0"], ["c1"])
+    # A queued request takes the first connection that can take it.
+    pool = [_idle("c0", b"b"), _idle("c1", b"a"), _idle("c2", b"a")]
+    assert _chosen(_Spec(10, 10, pool, [(b"a", None)])) == (["c0", "c1", "c2"], [], ["c1"])
+    # None can: a new one, below ``max_connections``.
+    assert _chosen(_Spec(2, 10, [_idle("c0", b"b")], [(b"a", None)])) == (
+        ["c0", "new0"],
+        [],
+        ["new0"],
+    )
+    # At ``max_connections``: a new one in place of the first idle connection.
+    pool = [{"name": "c0"}, _idle("c1", b"b"), _idle("c2", b"b")]
+    assert _chosen(_Spec(3, 10, pool, [(b"b", 0), (b"a", None)])) == (
+        ["c0", "c2", "new0"],
+        ["c1"],
+        ["c0", "new0"],
+    )
+    # At ``max_connections`` with none idle: the request waits.
+    assert _chosen(_Spec(1, 10, [{"name": "c0"}], [(b"a", 0), (b"a", None)])) == (
+        ["c0"],
+        [],
+        ["c0", None],
+    )
