@@ -240,7 +240,8 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
     leases: the same rules as separate replicas on one PostgreSQL, docs/operations.md).
     SIGTERM / SIGINT is passed to every worker, which drains as one process would; a
     worker that dies is replaced (its tasks' leases lapse and any replica takes them
-    over), unless it exited with an error within ``_EARLY_EXIT_S`` of its start."""
+    over), unless it exited with an error within ``_EARLY_EXIT_S`` of its start. A worker
+    that cannot be forked (EAGAIN, ENOMEM) stops them all: exit 1 once they have ended."""
     log = logging.getLogger("app.cli")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -253,11 +254,20 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
     handled = {signal.SIGTERM, signal.SIGINT, signal.SIGALRM}
     overdue_s = settings.shutdown_grace_s + SHUTDOWN_MARGIN_S + OVERDUE_AFTER_WATCHDOG_S
 
-    def start() -> None:
+    def start() -> bool:
         # Signals wait until each process has its own handlers: a SIGTERM landing in the
         # new worker before its first line would run the supervisor's ``stop_all`` there.
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # EAGAIN / ENOMEM: no process to start
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+            log.error(
+                "serve worker could not be started (fork: %s)",
+                e.strerror,
+                extra={"worker_fork_failed": True, "errno": e.errno},
+            )
+            return False
         if pid == 0:  # the worker
             status = 1
             try:
@@ -278,6 +288,14 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
                 os._exit(status)
         children[pid] = time.monotonic()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        return True
+
+    def cannot_start() -> None:
+        # The workers already running drain and end; the supervisor exits 1 after them,
+        # not leaving them to serve on without it (its process manager starts it again).
+        nonlocal code
+        code = code or 1
+        stop_all(signal.SIGTERM, None)
 
     def stop_all(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -313,7 +331,9 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
     for _ in range(workers):
-        start()
+        if not start():
+            cannot_start()
+            break
     log.info("serving with %d worker processes", workers, extra={"workers": workers})
     while children:
         try:
@@ -336,8 +356,8 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
         if exit_code > 0 and time.monotonic() - started < _EARLY_EXIT_S:
             code = exit_code
             stop_all(signal.SIGTERM, None)
-        else:
-            start()
+        elif not start():
+            cannot_start()
     sock.close()
     return code
 

@@ -10,19 +10,25 @@ tests (tests/test_shutdown.py, tests/test_workers.py):
   has shut down;
 - ``app``: the app's own shutdown never ends (its scheduler's ``stop`` waits forever);
 - ``start`` (``--workers N``): each worker is stuck before it serves, deaf to SIGTERM
-  (as in C code), after one JSON line ``{"stuck_worker": pid}``.
+  (as in C code), after one JSON line ``{"stuck_worker": pid}``;
+- ``fork:K`` (``--workers N``): the supervisor's K-th ``os.fork`` (from 0) fails with
+  EAGAIN, and it writes ``{"forked_worker": pid}`` after each that does not; each worker
+  waits for SIGTERM and exits 0.
 
 ``MARGIN_S``: the watchdogs' margins (the worker's own, and the supervisor's after it)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import itertools
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from app import cli
@@ -39,6 +45,25 @@ def stuck_start(*args: Any) -> int:
     print(json.dumps({"stuck_worker": os.getpid()}), file=sys.stderr, flush=True)
     while True:
         time.sleep(60)
+
+
+def waiting_start(*args: Any) -> int:
+    while True:
+        signal.pause()  # until SIGTERM (the worker's handler, app/cli.py: exit 0)
+
+
+def failing_fork(k: int) -> Callable[[], int]:
+    fork, calls = os.fork, itertools.count()
+
+    def fork_or_fail() -> int:
+        if next(calls) == k:
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        pid = fork()
+        if pid:
+            print(json.dumps({"forked_worker": pid}), file=sys.stderr, flush=True)
+        return pid
+
+    return fork_or_fail
 
 
 def main() -> int:
@@ -58,6 +83,9 @@ def main() -> int:
         WorkerLoop.stop = stuck  # type: ignore[method-assign]
     elif where == "start":
         cli._serve_one = stuck_start
+    elif where.startswith("fork:"):
+        os.fork = failing_fork(int(where.removeprefix("fork:")))
+        cli._serve_one = waiting_start
     else:
         raise SystemExit(f"unknown WHERE {where!r}")
     return cli.main(["serve", *args])

@@ -8,6 +8,7 @@ exit 0, and SQLite refuses more than one worker.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import subprocess
@@ -49,14 +50,15 @@ def started_owners(log: Path) -> list[str]:
     ]
 
 
-def until(read, ok, timeout: float = 30.0):
-    """``read()`` once ``ok`` of it holds."""
+def until(read, ok, timeout: float = 60.0, log: Path | None = None):
+    """``read()`` once ``ok`` of it holds; on a timeout, the last value and ``log``'s text
+    (a busy machine starts processes slowly: the bound is generous, the wait is on data)."""
     deadline = time.monotonic() + timeout
     while True:
         value = read()
         if ok(value):
             return value
-        assert time.monotonic() < deadline, value
+        assert time.monotonic() < deadline, (value, log.read_text() if log else None)
         time.sleep(0.1)
 
 
@@ -165,6 +167,7 @@ def test_a_worker_deaf_to_sigterm_is_killed_by_the_supervisor(tmp_path: Path) ->
         stuck = until(
             lambda: {int(r["stuck_worker"]) for r in log_records(log) if "stuck_worker" in r},
             lambda pids: len(pids) == 2,
+            log=log,
         )
         assert stuck == children(proc.pid)
         os.kill(proc.pid, signal.SIGTERM)
@@ -177,3 +180,44 @@ def test_a_worker_deaf_to_sigterm_is_killed_by_the_supervisor(tmp_path: Path) ->
     assert not [pid for pid in stuck if os.path.exists(f"/proc/{pid}")]
     # They wrote their stacks before they were killed: the frame they were stuck in.
     assert " in stuck_start" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("failing_fork", "killed"),
+    [(0, False), (1, False), (2, True)],
+    ids=["first-worker", "second-worker", "replacement"],
+)
+def test_a_worker_that_cannot_be_forked_stops_the_supervisor(
+    tmp_path: Path, failing_fork: int, killed: bool
+) -> None:
+    """``os.fork`` failing (EAGAIN, as at a process limit) at the first worker, the second,
+    or the one replacing a killed worker: the supervisor records it (``worker_fork_failed``),
+    SIGTERMs the workers it has, and exits 1 once they have ended: none serves on without
+    it."""
+    env = bin_env(
+        GATEWAY_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:5432/unused",
+        GATEWAY_DATA_DIR=str(tmp_path),
+        GATEWAY_SHUTDOWN_GRACE_S="0",
+    )
+    log = tmp_path / "serve.log"
+    args = [f"fork:{failing_fork}", "1", "--port", str(free_port()), "--workers", "2"]
+    proc = spawn(args, env, log, module="tests.stuck_serve")
+    try:
+        if killed:
+            first = until(lambda: forked_workers(log), lambda pids: len(pids) == 2, log=log)
+            os.kill(min(first), signal.SIGKILL)
+        rc = proc.wait(60)
+    finally:
+        stop(proc)
+    assert rc == 1, log.read_text()
+    failed = [r for r in log_records(log) if r.get("worker_fork_failed")]
+    assert [r["errno"] for r in failed] == [errno.EAGAIN]
+    started = forked_workers(log)
+    assert len(started) == failing_fork
+    # Each ended on its SIGTERM before the supervisor exited, none by its overdue kill.
+    assert not [pid for pid in started if os.path.exists(f"/proc/{pid}")]
+    assert not overruns(log)
+
+
+def forked_workers(log: Path) -> set[int]:
+    return {int(r["forked_worker"]) for r in log_records(log) if "forked_worker" in r}
