@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx._transports.default as httpx_transports
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -49,6 +51,28 @@ __all__ = [
     "stop",
     "wait_http",
 ]  # the harness, for the tests that import it from here
+
+# The tests' own httpx clients (thousands, most of them one per request, nearly all to
+# plain HTTP over loopback) would each build httpx's default TLS context, reading
+# certifi's whole CA bundle: ~36 ms apiece, a third of some tests' time. They share one
+# per environment, as the gateway's pools share theirs (``app.outbound.default_tls``); a
+# context or a client certificate passed in is used as given.
+_build_ssl_context = httpx_transports.create_ssl_context
+_ssl_contexts: dict[tuple[str | None, str | None] | None, ssl.SSLContext] = {}
+
+
+def _shared_ssl_context(
+    verify: Any = True, cert: Any = None, trust_env: bool = True
+) -> ssl.SSLContext:
+    if verify is not True or cert is not None:
+        return _build_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+    env = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")) if trust_env else None
+    if env not in _ssl_contexts:
+        _ssl_contexts[env] = _build_ssl_context(verify=True, trust_env=trust_env)
+    return _ssl_contexts[env]
+
+
+httpx_transports.create_ssl_context = _shared_ssl_context
 
 SIM_KEY, SIM_SECRET = "test-sim-key", "test-sim-secret"
 CLIENT_KEYS = {
