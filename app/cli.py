@@ -334,7 +334,8 @@ def _supervise(settings: Settings, host: str, port: int, workers: int) -> int:
         if not start():
             cannot_start()
             break
-    log.info("serving with %d worker processes", workers, extra={"workers": workers})
+    else:
+        log.info("serving with %d worker processes", workers, extra={"workers": workers})
     while children:
         try:
             pid, status = os.wait()

@@ -217,6 +217,9 @@ def test_a_worker_that_cannot_be_forked_stops_the_supervisor(
     # Each ended on its SIGTERM before the supervisor exited, none by its overdue kill.
     assert not [pid for pid in started if os.path.exists(f"/proc/{pid}")]
     assert not overruns(log)
+    # "serving" only once every worker of the start was forked.
+    serving = [r for r in log_records(log) if r.get("logger") == "app.cli" and "workers" in r]
+    assert len(serving) == (failing_fork >= 2)
 
 
 def forked_workers(log: Path) -> set[int]:
