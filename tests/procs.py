@@ -102,7 +102,9 @@ def free_port() -> int:
     raise RuntimeError(f"no free loopback port in {ports}")
 
 
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until ``url`` answers below 500 (a process started: on a busy machine its imports
+    alone can take many seconds, so the bound is generous), or ``proc`` has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -276,7 +278,7 @@ def start_sim(
         cwd=cwd,
     )
     try:
-        wait_http(f"{url}/__sim/config", timeout=30.0, proc=proc)
+        wait_http(f"{url}/__sim/config", proc=proc)
     except BaseException:
         stop(proc)
         raise
