@@ -110,7 +110,13 @@ def _kids_cpu(pid: int) -> dict[int, float]:
 
 
 async def measure(
-    kind: str, db_kind: str, rate: float, n: int, spy: str | None, output_format: str
+    kind: str,
+    db_kind: str,
+    rate: float,
+    n: int,
+    spy: str | None,
+    output_format: str,
+    spy_sim: str | None = None,
 ) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="hgw-cpu-split-"))
     sim = start_sim(workdir)
@@ -120,6 +126,7 @@ async def measure(
     engine = bench_engine(db)
     pool = Pool(gw.url, max_conns=64)
     profiler: subprocess.Popen[bytes] | None = None
+    sim_profiler: subprocess.Popen[bytes] | None = None
     try:
         body = task_body(sim)
         body["input"]["outputFormat"] = output_format
@@ -150,6 +157,15 @@ async def measure(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
+        if spy_sim:
+            spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            args = ["record", "-p", str(sim.proc.pid), "-o", spy_sim, "-f", "raw", "-r", "250"]
+            sim_profiler = subprocess.Popen(
+                [spy_bin, *args, "--nonblocking", "--threads"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        if spy or spy_sim:
             time.sleep(1.0)
         before = thread_cpu(gw.pid)
         kids_before = _kids_cpu(gw.pid)
@@ -164,9 +180,10 @@ async def measure(
         kids_after = _kids_cpu(gw.pid)
         waits_after, sim_after, writes_after = loop_waits(gw.pid), sim.cpu(), writes(gw.pid)
         db_s = database_cpu_since(db_before, await database_cpu(engine)) if db_before else None
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(timeout=60)
+        for p in (profiler, sim_profiler):
+            if p is not None:
+                p.send_signal(signal.SIGINT)
+                p.wait(timeout=60)
     finally:
         pool.close()
         await engine.dispose()
@@ -209,6 +226,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=100.0, help="requests per second")
     p.add_argument("-n", type=int, default=2000, help="requests")
     p.add_argument("--spy", help="write a py-spy profile (raw, with threads) here")
+    p.add_argument("--spy-sim", help="the same of the simulator's process")
     p.add_argument(
         "--output-format",
         choices=["png", "jpeg"],
@@ -216,7 +234,7 @@ def main() -> None:
         help="the tasks' outputFormat (submit, life; the benchmark's tasks ask for png)",
     )
     a = p.parse_args()
-    print(asyncio.run(measure(a.kind, a.db, a.rate, a.n, a.spy, a.output_format)), flush=True)
+    print(asyncio.run(measure(a.kind, a.db, a.rate, a.n, a.spy, a.output_format, a.spy_sim)), flush=True)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,14 @@ class _Conn:
     def is_idle(self) -> bool:
         return self.idle
 
+    looks: int = 0  # questions asked of it (is it available? this origin?)
+
     def is_available(self) -> bool:
+        self.looks += 1
         return self.available
 
     def can_handle_request(self, origin: Any) -> bool:
+        self.looks += 1
         return bool(origin in self.origins)
 
 
@@ -195,3 +199,23 @@ def test_each_rule_on_a_pool_made_for_it() -> None:
         [],
         ["c0", None],
     )
+
+
+def test_a_backlog_costs_one_look_per_connection() -> None:
+    """Every connection busy at ``max_connections`` and a backlog queued: the first queued
+    request of each origin looks at each connection once; the rest of its origin wait
+    without another look (httpcore's own looks at each connection for each of them)."""
+    busy = [{"name": f"c{i}", "origins": frozenset([b"a"])} for i in range(50)]
+    held = [(b"a", i) for i in range(50)]
+    backlog = [(b"a", None)] * 300 + [(b"b", None)] * 100
+    spec = _Spec(50, 10, busy, held + backlog)
+    pool, requests = _build(spec)
+    assert pool._assign_requests_to_connections() == []
+    assert [r.connection for r in requests[50:]] == [None] * 400
+    looks = sum(c.looks for c in pool._connections)  # type: ignore[attr-defined]
+    # Origin a: "this origin?" and "available?" of each connection; b: the first only.
+    assert looks == 50 * 2 + 50
+    theirs, their_requests = _build(spec)
+    _httpcore_s(theirs)
+    assert [r.connection for r in their_requests[50:]] == [None] * 400
+    assert sum(c.looks for c in theirs._connections) > 100 * looks  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from app.http_pool import KEEPALIVE_EXPIRY_S, PoolTransport
 from app.simulator import images
 from app.simulator.callbacks import CALLBACK_TIMEOUT_S, Callbacks
 from app.simulator.config import SimConfig
@@ -56,6 +57,11 @@ from app.simulator.wire import (
 __all__ = ["MAX_UPLOAD_BYTES", "RunOutcome", "Simulator", "WiroFail", "normalize_fields"]
 
 log = logging.getLogger("app.simulator")
+# httpx's default limits; idle connections retired before the gateway's server (uvicorn,
+# 5 s) closes them, as the gateway's own clients do.
+_LIMITS = httpx.Limits(
+    max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY_S
+)
 
 MAX_TASKS = 20_000  # oldest finished tasks are forgotten beyond this
 PRUNE_SLACK = 500  # Runs between two looks for finished tasks to forget (``_prune_tasks``)
@@ -126,8 +132,14 @@ class Simulator:
     @property
     def http(self) -> httpx.AsyncClient:
         if self._http is None:
+            # The gateway's transport (``app.http_pool``): httpx's own pool looks at each
+            # connection for each queued request on every assignment, and with callbacks
+            # queued behind a slow gateway that took ~30 % of the simulator's CPU, on the
+            # cores the gateway under test shares (docs/benchmarks.md, forty-first round).
             self._http = httpx.AsyncClient(
-                timeout=CALLBACK_TIMEOUT_S, headers={"user-agent": "wiro-simulator"}
+                transport=PoolTransport(limits=_LIMITS, trust_env=True),
+                timeout=CALLBACK_TIMEOUT_S,
+                headers={"user-agent": "wiro-simulator"},
             )
             self._owns_http = True
         return self._http
