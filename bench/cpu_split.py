@@ -1,7 +1,8 @@
 """The gateway's CPU per request at one fixed offered rate, split between its event loop's
 thread and the rest (decode threads, aiosqlite's, the file store's), read from
 ``/proc/PID/task``; optionally with a py-spy profile of the run (``--spy FILE``, raw
-folded stacks with thread names, for a flame graph or a grep).
+folded stacks with thread names, for a flame graph or a grep), and one of the
+simulator's process (``--spy-sim FILE``).
 
 ``python -m bench.cpu_split submit|life|callback --db sqlite|postgres [--rate R] [-n N]``
 
@@ -234,7 +235,10 @@ def main() -> None:
         help="the tasks' outputFormat (submit, life; the benchmark's tasks ask for png)",
     )
     a = p.parse_args()
-    print(asyncio.run(measure(a.kind, a.db, a.rate, a.n, a.spy, a.output_format, a.spy_sim)), flush=True)
+    print(
+        asyncio.run(measure(a.kind, a.db, a.rate, a.n, a.spy, a.output_format, a.spy_sim)),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
