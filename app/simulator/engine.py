@@ -134,7 +134,7 @@ class Simulator:
         if self._http is None:
             # The gateway's transport (``app.http_pool``): httpx's own pool looks at each
             # connection for each queued request on every assignment, and with callbacks
-            # queued behind a slow gateway that took ~30 % of the simulator's CPU, on the
+            # queued behind a slow gateway that was ~30 % of the simulator's samples, on the
             # cores the gateway under test shares (docs/benchmarks.md, forty-first round).
             self._http = httpx.AsyncClient(
                 transport=PoolTransport(limits=_LIMITS, trust_env=True),
