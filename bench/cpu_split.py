@@ -110,6 +110,17 @@ def _kids_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def _profile(pid: int, out: str) -> subprocess.Popen[bytes]:
+    """py-spy recording ``pid`` into ``out`` (raw folded stacks, with threads) until SIGINT."""
+    spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    args = ["record", "-p", str(pid), "-o", out, "-f", "raw", "-r", "250"]
+    return subprocess.Popen(
+        [spy_bin, *args, "--nonblocking", "--threads"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 async def measure(
     kind: str,
     db_kind: str,
@@ -126,8 +137,7 @@ async def measure(
     gw = start_gateway(db=db, sim=sim, logdir=workdir, output_hosts="127.0.0.1,cdn.wiro.ai")
     engine = bench_engine(db)
     pool = Pool(gw.url, max_conns=64)
-    profiler: subprocess.Popen[bytes] | None = None
-    sim_profiler: subprocess.Popen[bytes] | None = None
+    profiler = sim_profiler = None
     try:
         body = task_body(sim)
         body["input"]["outputFormat"] = output_format
@@ -150,22 +160,8 @@ async def measure(
         if kind != "submit":
             await wait_all_terminal(engine, 120, poll_s=0.1)
         await wait_idle(gw.cpu)
-        if spy:
-            spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-            args = ["record", "-p", str(gw.pid), "-o", spy, "-f", "raw", "-r", "250"]
-            profiler = subprocess.Popen(
-                [spy_bin, *args, "--nonblocking", "--threads"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        if spy_sim:
-            spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-            args = ["record", "-p", str(sim.proc.pid), "-o", spy_sim, "-f", "raw", "-r", "250"]
-            sim_profiler = subprocess.Popen(
-                [spy_bin, *args, "--nonblocking", "--threads"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        profiler = _profile(gw.pid, spy) if spy else None
+        sim_profiler = _profile(sim.proc.pid, spy_sim) if spy_sim else None
         if spy or spy_sim:
             time.sleep(1.0)
         before = thread_cpu(gw.pid)
