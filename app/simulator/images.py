@@ -161,6 +161,28 @@ _cache: OrderedDict[tuple[str, str, str, str], RenderedImage] = OrderedDict()
 _cache_lock = threading.Lock()  # render_cached runs in worker threads
 
 
+def _key(
+    data: bytes, background: str, aspect_ratio: str, output_format: str
+) -> tuple[str, str, str, str]:
+    return (hashlib.sha256(data).hexdigest(), background, aspect_ratio, output_format)
+
+
+def cached(
+    data: bytes, *, background: str, aspect_ratio: str, output_format: str
+) -> RenderedImage | None:
+    """What ``render_cached`` holds for these arguments already, or None (no rendering:
+    cheap enough for the event loop, so that a hit costs no thread hop)."""
+    return _hit(_key(data, background, aspect_ratio, output_format))
+
+
+def _hit(key: tuple[str, str, str, str]) -> RenderedImage | None:
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+        return hit
+
+
 def render_cached(
     data: bytes, *, background: str, aspect_ratio: str, output_format: str
 ) -> RenderedImage:
@@ -169,12 +191,10 @@ def render_cached(
     Benchmarks submit the same sample over and over; without this the simulator's
     rendering, not the gateway, would set the pace.
     """
-    key = (hashlib.sha256(data).hexdigest(), background, aspect_ratio, output_format)
-    with _cache_lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
+    key = _key(data, background, aspect_ratio, output_format)
+    hit = _hit(key)
+    if hit is not None:
+        return hit
     rendered = render_headshot(
         data, background=background, aspect_ratio=aspect_ratio, output_format=output_format
     )
