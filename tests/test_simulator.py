@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from app.api.direct import DirectRoute
 from app.simulator import SimConfig, create_sim_app
 from app.wiro.signing import NonceSource, sign
 from tests.procs import free_port
@@ -937,3 +938,56 @@ async def test_forgetting_finished_tasks_looks_once_per_slack_of_runs(
     assert looks == [9, 13, 17, 21, 25, 29, 33, 37, 41]  # the 41st Run's look
     assert set(ids[:30]).isdisjoint(sim.tasks)  # the 30 cancelled are forgotten
     assert set(ids[30:]) <= set(sim.tasks) and len(sim.tasks) == 14
+
+
+async def test_direct_routes_answer_as_the_declared_ones() -> None:
+    """Run, Detail and an output's download go around FastAPI's routing (``DirectRoute``);
+    the same requests to an app without those routes get the same answers."""
+    config = SimConfig(api_key=KEY, api_secret=SECRET, public_url=BASE, queue_s=0, run_s=0)
+    direct = create_sim_app(config)
+    declared = create_sim_app(config)
+    declared.router.routes = [r for r in declared.router.routes if not isinstance(r, DirectRoute)]
+    served = {r.declared.path for r in direct.router.routes if isinstance(r, DirectRoute)}
+    assert served == {"/v1/Run/{owner}/{model}", "/v1/Task/Detail", "/cdn/{folder}/{name}"}
+
+    async def answers(app: Any) -> list[tuple[int, str, Any]]:
+        nonces = NonceSource()
+
+        def signed(secret: str = SECRET) -> dict[str, str]:
+            nonce = str(nonces.next())
+            return {"x-api-key": KEY, "x-nonce": nonce, "x-signature": sign(KEY, secret, nonce)}
+
+        out: list[tuple[int, str, Any]] = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+
+            def keep(r: httpx.Response, shape: Callable[[Any], Any] = lambda body: body) -> None:
+                kind = r.headers.get("content-type", "")
+                out.append((r.status_code, kind, shape(r.json() if "json" in kind else r.text)))
+
+            run = {"inputImageUrl": f"{BASE}/samples/portrait.jpg", "outputFormat": "png"}
+            keep(await c.post(RUN, json=run, headers=signed(secret="wrong")))
+            keep(await c.post(RUN, data={"inputImageUrl": "x"}, headers=signed()), sorted)
+            r = await c.post(RUN, json=run, headers=signed())
+            keep(r, sorted)
+            taskid = r.json()["taskid"]
+            for _ in range(200):  # the task's driver renders its output
+                detail = await c.post("/v1/Task/Detail", json={"taskid": taskid}, headers=signed())
+                (task,) = detail.json()["tasklist"]
+                if task["outputs"]:
+                    break
+                await asyncio.sleep(0.02)
+            keep(detail, lambda body: sorted(body["tasklist"][0]))
+            url = httpx.URL(task["outputs"][0]["url"])
+            download = await c.get(url.path)
+            out.append(
+                (download.status_code, download.headers["content-type"], len(download.content))
+            )
+            keep(await c.get("/cdn/nothing/here.png"))
+            keep(await c.post("/v1/Task/Detail", json={"taskid": "1"}, headers=signed()))
+            keep(await c.get("/v1/Task/Detail"))  # another method: the declared route's 405
+        await app.state.sim.aclose()
+        return out
+
+    got, expected = await answers(direct), await answers(declared)
+    assert got == expected
+    assert [status for status, _, _ in got] == [401, 200, 200, 200, 200, 404, 200, 404]

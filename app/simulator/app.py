@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from app.api.direct import DirectRoute, declared_route
 from app.simulator.config import SimConfig
 from app.simulator.engine import MAX_UPLOAD_BYTES, Simulator
 from app.simulator.wire import WiroFail, normalize_fields, parsing_url
@@ -91,6 +92,34 @@ async def run(
 @wiro.post("/Task/Detail")
 async def task_detail(request: Request, sim: Simulator = Depends(wiro_auth)) -> JSONBody:
     return sim.detail(await read_fields(request))
+
+
+# The routes every task life calls (Run, Detail, an output's download), answered in plain
+# ASGI ahead of FastAPI's routing (``app.api.direct``): its request handling and
+# dependency solving were about a third of the simulator's CPU per task life, on the
+# cores that the gateway under test shares (docs/benchmarks.md, forty-second round).
+# Each calls its declared endpoint, so both ways answer alike.
+
+
+async def _run_direct(scope: Scope, receive: Receive, send: Send) -> None:
+    request = Request(scope, receive)
+    sim = await wiro_auth(request)
+    params = scope["path_params"]
+    response = await run(params["owner"], params["model"], request, sim)
+    await response(scope, receive, send)
+
+
+async def _detail_direct(scope: Scope, receive: Receive, send: Send) -> None:
+    request = Request(scope, receive)
+    body = await task_detail(request, await wiro_auth(request))
+    await JSONResponse(body)(scope, receive, send)
+
+
+async def _cdn_direct(scope: Scope, receive: Receive, send: Send) -> None:
+    params = scope["path_params"]
+    sim = sim_of(Request(scope))
+    response = await cdn_output(params["folder"], params["name"], sim)
+    await response(scope, receive, send)
 
 
 @wiro.post("/Task/Cancel")
@@ -250,4 +279,11 @@ def create_sim_app(
     app.include_router(wiro)
     app.include_router(public)
     app.include_router(control)
+    for endpoint, method, handler in (
+        (run, "POST", _run_direct),
+        (task_detail, "POST", _detail_direct),
+        (cdn_output, "GET", _cdn_direct),
+    ):
+        declared = declared_route([*wiro.routes, *public.routes], endpoint)
+        app.router.routes.insert(0, DirectRoute(declared, method, handler))
     return app
