@@ -119,7 +119,8 @@ class Callbacks:
     async def _send(self, url: str, body: dict[str, Any]) -> int:
         """POST one callback; its answer's status. Through the simulator's own pool
         straight (``PoolTransport.open``: httpx's Request, Response and client layers were
-        ~half of a callback's CPU), else through the client it was given (tests)."""
+        ~half of a callback's CPU; no proxy from the environment either, the gateway is
+        called directly), else through the client it was given (tests)."""
         content, kind = self._encoded(body)
         pool = self.sim.pool
         if pool is None:
