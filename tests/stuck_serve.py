@@ -36,13 +36,20 @@ from app import main as app_main
 from app.workers.loop import WorkerLoop
 
 
+def record(fields: dict[str, Any]) -> None:
+    """One JSON line on stderr in a single ``write``: the workers share the log file, and
+    ``print`` writes the text and its newline apart, so two workers' lines could run into
+    one (``{"stuck_worker": 1}{"stuck_worker": 2}``) that no JSON reader parses."""
+    os.write(sys.stderr.fileno(), (json.dumps(fields) + "\n").encode())
+
+
 async def stuck(self: WorkerLoop) -> None:
     await asyncio.Event().wait()
 
 
 def stuck_start(*args: Any) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    print(json.dumps({"stuck_worker": os.getpid()}), file=sys.stderr, flush=True)
+    record({"stuck_worker": os.getpid()})
     while True:
         time.sleep(60)
 
@@ -60,7 +67,7 @@ def failing_fork(k: int) -> Callable[[], int]:
             raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
         pid = fork()
         if pid:
-            print(json.dumps({"forked_worker": pid}), file=sys.stderr, flush=True)
+            record({"forked_worker": pid})
         return pid
 
     return fork_or_fail
