@@ -18,12 +18,12 @@ import io
 import struct
 import warnings
 import weakref
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from zlib_ng import zlib_ng
 
 from app import lowpriority
 
@@ -139,6 +139,9 @@ def _open(
 _PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 _INFLATE_STEP = 1 << 20  # bytes of decompressed rows held at a time
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+# zlib-ng's inflate is zlib's, about 2.5 times as fast on the simulator's PNGs
+# (docs/benchmarks.md, forty-third round). Its stub declares ``error`` as an instance.
+_INFLATE_ERROR = cast(type[Exception], zlib_ng.error)
 
 
 def _check_png(data: bytes, im: Image.Image) -> None:
@@ -146,7 +149,7 @@ def _check_png(data: bytes, im: Image.Image) -> None:
 
     Pillow's ``verify`` reads every chunk through ``IEND`` and checks each one's CRC
     (which the full decode does not do for the image data). The image data is then
-    inflated (zlib checks the stream and its Adler-32) in steps of ``_INFLATE_STEP``
+    inflated by zlib-ng (which checks the stream and its Adler-32) in steps of ``_INFLATE_STEP``
     bytes, and must come to exactly ``height`` rows of the header's size, each starting
     with a known filter type (0-4). What is left out is undoing the filters and
     unpacking the pixels: about 60 % of a full decode's CPU for the simulator's PNGs
@@ -160,7 +163,7 @@ def _check_png(data: bytes, im: Image.Image) -> None:
         raise ImageRejected("decode", "the image has an unknown PNG colour type")
     stride = 1 + (width * samples * depth + 7) // 8
     expected = stride * height
-    stream = zlib.decompressobj()
+    stream = zlib_ng.decompressobj()
     produced = 0
     view = memoryview(data)
     pos = 8
@@ -185,7 +188,7 @@ def _check_png(data: bytes, im: Image.Image) -> None:
                     if stream.eof and (rest or stream.unused_data):
                         raise ImageRejected("decode", "the image data does not decode")
             pos += 12 + length
-    except zlib.error:
+    except _INFLATE_ERROR:
         raise ImageRejected("decode", "the image data does not decode") from None
     if not ended or not stream.eof or produced != expected:
         raise ImageRejected("decode", "the image data is incomplete")

@@ -140,7 +140,17 @@ def test_a_png_check_refuses_what_a_full_decode_refuses(
         rows[stride * 3] = 7
         return bytes(rows)
 
+    def flipped_stream(k: int) -> bytes:
+        """The deflate stream itself changed (a byte in its middle third, the CRCs made
+        right again): only the inflate's own checks (its codes, its Adler-32) see it."""
+        chunks = _chunks(data)
+        stream = bytearray(b"".join(d for t, d in chunks if t == b"IDAT"))
+        stream[len(stream) // 3 + k * len(stream) // 30] ^= 0x5A
+        before = [c for c in chunks if c[0] != b"IDAT" and c[0] != b"IEND"]
+        return _png([*before, (b"IDAT", bytes(stream)), (b"IEND", b"")])
+
     crafted = [
+        *(flipped_stream(k) for k in range(10)),
         _with_rows(data, bad_filter),
         _with_rows(data, lambda rows, stride: bytes(rows[:-stride])),
         _with_rows(data, lambda rows, stride: bytes(rows + rows[-stride:])),
