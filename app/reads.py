@@ -11,7 +11,10 @@ connection; what the app reads is unchanged, only in smaller pieces. (64 KiB rea
 128 KiB per connection, left the 32 uploads of P9 at 7-11 MiB over the idle process;
 16 KiB reads at 5-7 MiB. The extra reads of a 10 MiB upload, 640 instead of 160, cost
 ~5 us each: 9.6 against 7.3 ms of CPU to take in the body, beside the hundreds of ms
-its decode and re-encode take.)
+its decode and re-encode take.) A connection also stops reading once more than
+``UNREAD_BYTES`` (16 KiB) of its body wait for the app, not 64 KiB: at most 32 KiB held
+per connection, and each of the app's messages (a copy of what was held) as small
+(docs/benchmarks.md, forty-third round).
 
 One buffer serves every connection of a thread's event loop: a loop fills it and hands
 it on in one go (``get_buffer``, the read, ``buffer_updated``, with nothing in between),
@@ -31,6 +34,9 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 READ_BYTES = 16 * 1024
+# Body read from a connection and not yet taken by the app, past which the connection
+# stops reading (uvicorn's own mark, ``HIGH_WATER_LIMIT``, is 64 KiB).
+UNREAD_BYTES = 16 * 1024
 
 
 class _Buffer(threading.local):
@@ -70,4 +76,8 @@ class SmallReads(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.http.data_received(bytes(self._view[:nbytes]))
+        http = self.http
+        http.data_received(bytes(self._view[:nbytes]))
+        cycle = http.cycle
+        if cycle is not None and len(cycle.body) > UNREAD_BYTES:
+            http.flow.pause_reading()  # the app's next ``receive`` resumes it

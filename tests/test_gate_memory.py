@@ -26,7 +26,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from app.api.results import UPLOAD_SPOOL_BYTES
 from app.gate import BodyTooLarge, EdgeGate
 from app.main import create_app
-from app.reads import READ_BYTES, SmallReads
+from app.reads import READ_BYTES, UNREAD_BYTES, SmallReads
 from app.settings import Settings
 from tests.procs import free_port
 
@@ -169,19 +169,20 @@ async def test_an_uploads_file_is_spooled_to_disk_past_64_kib() -> None:
         assert upload._in_memory is False
 
 
-async def test_the_server_holds_one_small_read_past_uvicorns_mark() -> None:
+async def test_the_server_stops_reading_one_small_read_past_its_mark() -> None:
     """With ``SmallReads``, what uvicorn holds of a body the app has not asked for is at
-    most one read (``READ_BYTES``, 16 KiB) past its 64 KiB mark: the app waits until the
-    client has pushed 1 MiB (so the kernel has far more than one read waiting), then
-    every message it gets is at most that. uvicorn's own protocol reads 256 KB at a time
-    here."""
-    pushed = asyncio.Event()
+    most one read (``READ_BYTES``, 16 KiB) past ``UNREAD_BYTES`` (16 KiB; uvicorn's own
+    mark is 64 KiB, and its own protocol reads 256 KB at a time). The app waits until
+    the server has stopped reading the connection (its flow control paused, with 4 MiB
+    pushed, so the kernel has far more waiting), then takes the body: the server held at
+    most 32 KiB of it, and no message the app gets is larger."""
+    app_may_read = asyncio.Event()
     sizes: list[int] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        await pushed.wait()
+        await app_may_read.wait()
         while True:
             message = await receive()
             sizes.append(len(message.get("body", b"")))
@@ -190,20 +191,30 @@ async def test_the_server_holds_one_small_read_past_uvicorns_mark() -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    async with small_reads_server(app) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async with small_reads_server(app) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.config.port)
         total = 4 * 1024 * 1024
         writer.write(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
-        chunk = b"\0" * (64 * 1024)
-        for i in range(total // len(chunk)):
-            writer.write(chunk)
-            await writer.drain()
-            if i == 16:
-                pushed.set()
+        writer.write(b"\0" * total)  # buffered by the client's transport as needed
+        (http,) = await _until(lambda: list(server.server_state.connections))
+        await _until(lambda: http.cycle is not None and http.flow.read_paused)
+        held = len(http.cycle.body)
+        app_may_read.set()
         assert (await reader.readline()).startswith(b"HTTP/1.1 204")
         writer.close()
+    assert UNREAD_BYTES < held <= 32 * 1024
+    assert UNREAD_BYTES + READ_BYTES == 32 * 1024 < HIGH_WATER_LIMIT
     assert sum(sizes) == total
-    assert max(sizes) <= HIGH_WATER_LIMIT + READ_BYTES
+    assert max(sizes) <= 32 * 1024
+
+
+async def _until(read: Any, timeout: float = 30.0) -> Any:
+    """``read()`` once it is truthy (a state that, once reached, lasts)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := read()):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    return value
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -244,8 +255,8 @@ def test_connections_read_at_once_each_get_their_own_bytes(loop: str) -> None:
         return status
 
     async def main() -> list[bytes]:
-        async with small_reads_server(app) as port:
-            return await asyncio.gather(*(upload(port, n) for n in range(1, 9)))
+        async with small_reads_server(app) as server:
+            return await asyncio.gather(*(upload(server.config.port, n) for n in range(1, 9)))
 
     factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
@@ -255,8 +266,9 @@ def test_connections_read_at_once_each_get_their_own_bytes(loop: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def small_reads_server(app: Any) -> AsyncIterator[int]:
-    """uvicorn serving ``app`` through ``SmallReads`` on a free port, on the running loop."""
+async def small_reads_server(app: Any) -> AsyncIterator[uvicorn.Server]:
+    """uvicorn serving ``app`` through ``SmallReads`` on a free port, on the running loop
+    (its port: ``server.config.port``)."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", http=SmallReads)  # type: ignore[arg-type]
     server = uvicorn.Server(config)
@@ -264,7 +276,7 @@ async def small_reads_server(app: Any) -> AsyncIterator[int]:
     try:
         while not server.started:
             await asyncio.sleep(0.01)
-        yield port
+        yield server
     finally:
         server.should_exit = True
         await task
