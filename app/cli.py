@@ -211,8 +211,8 @@ def _serve_one(settings: Settings, host: str, port: int, sock: socket.socket | N
         app,
         host=host,
         port=port,
-        # httptools fed 16 KiB reads, a connection's reads paused past 16 KiB of body
-        # not yet taken: at most 32 KiB held per connection, not ~320 KB (app/reads.py).
+        # httptools fed 16 KiB reads, a connection's reads paused past 32 KiB of body
+        # not yet taken: at most 48 KiB held per connection, not ~320 KB (app/reads.py).
         http=cast("type[asyncio.Protocol]", SmallReads),
         log_config=None,
         log_level=settings.log_level.lower(),

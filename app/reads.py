@@ -12,9 +12,11 @@ connection; what the app reads is unchanged, only in smaller pieces. (64 KiB rea
 16 KiB reads at 5-7 MiB. The extra reads of a 10 MiB upload, 640 instead of 160, cost
 ~5 us each: 9.6 against 7.3 ms of CPU to take in the body, beside the hundreds of ms
 its decode and re-encode take.) A connection also stops reading once more than
-``UNREAD_BYTES`` (16 KiB) of its body wait for the app, not 64 KiB: at most 32 KiB held
-per connection, and each of the app's messages (a copy of what was held) as small
-(docs/benchmarks.md, forty-third round).
+``UNREAD_BYTES`` (32 KiB) of its body wait for the app, not 64 KiB: at most 48 KiB held
+per connection, and each of the app's messages (a copy of what was held) as small. P9's
+waves of 32 uploads went from 5-9 MiB over the idle process to ~3-4.5 MiB, and the
+over-limit wave's answers took ~15 % longer (more, smaller messages); a 16 KiB mark saved
+no more memory and took ~50 % longer (docs/benchmarks.md, forty-third round).
 
 One buffer serves every connection of a thread's event loop: a loop fills it and hands
 it on in one go (``get_buffer``, the read, ``buffer_updated``, with nothing in between),
@@ -36,7 +38,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 READ_BYTES = 16 * 1024
 # Body read from a connection and not yet taken by the app, past which the connection
 # stops reading (uvicorn's own mark, ``HIGH_WATER_LIMIT``, is 64 KiB).
-UNREAD_BYTES = 16 * 1024
+UNREAD_BYTES = 32 * 1024
 
 
 class _Buffer(threading.local):
