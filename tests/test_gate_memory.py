@@ -175,7 +175,7 @@ async def test_the_server_stops_reading_one_small_read_past_its_mark() -> None:
     mark is 64 KiB, and its own protocol reads 256 KB at a time). The app waits until
     the server has stopped reading the connection (its flow control paused, with 4 MiB
     pushed, so the kernel has far more waiting), then takes the body: the server held at
-    most 32 KiB of it, and no message the app gets is larger."""
+    most 48 KiB of it, and no message the app gets is larger."""
     app_may_read = asyncio.Event()
     sizes: list[int] = []
 
