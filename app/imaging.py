@@ -151,9 +151,9 @@ def _check_png(data: bytes, im: Image.Image) -> None:
     (which the full decode does not do for the image data). The image data is then
     inflated by zlib-ng (which checks the stream and its Adler-32) in steps of
     ``_INFLATE_STEP`` bytes, and must come to exactly ``height`` rows of the header's
-    size, each starting with a known filter type (0-4). What is left out is undoing the filters and
-    unpacking the pixels: about 80 % of a full decode's CPU for the simulator's PNGs
-    (``python -m bench.decode``). It refuses everything a full decode refuses
+    size, each starting with a known filter type (0-4). What is left out is undoing the
+    filters and unpacking the pixels: about 80 % of a full decode's CPU for the
+    simulator's PNGs (``python -m bench.decode``). It refuses everything a full decode refuses
     (``tests/test_imaging.py``), and a few files that a full decode accepts: a cut
     ``IEND``, a chunk whose CRC is wrong, bytes after the end of the stream."""
     im.verify()  # OSError / SyntaxError for a cut file or a wrong CRC: ``_open`` maps them

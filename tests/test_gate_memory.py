@@ -29,6 +29,7 @@ from app.main import create_app
 from app.reads import READ_BYTES, UNREAD_BYTES, SmallReads
 from app.settings import Settings
 from tests.procs import free_port
+from tests.signals import until
 
 
 class Chunk(bytearray):
@@ -196,8 +197,14 @@ async def test_the_server_stops_reading_one_small_read_past_its_mark() -> None:
         total = 4 * 1024 * 1024
         writer.write(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
         writer.write(b"\0" * total)  # buffered by the client's transport as needed
-        (http,) = await _until(lambda: list(server.server_state.connections))
-        await _until(lambda: http.cycle is not None and http.flow.read_paused)
+        connections = server.server_state.connections
+        await until(lambda: len(connections) == 1, timeout=30, what="the connection")
+        (http,) = connections
+        await until(
+            lambda: http.cycle is not None and http.flow.read_paused,
+            timeout=30,
+            what="the connection's reads paused",
+        )
         held = len(http.cycle.body)
         app_may_read.set()
         assert (await reader.readline()).startswith(b"HTTP/1.1 204")
@@ -206,15 +213,6 @@ async def test_the_server_stops_reading_one_small_read_past_its_mark() -> None:
     assert UNREAD_BYTES + READ_BYTES == 48 * 1024 < HIGH_WATER_LIMIT
     assert sum(sizes) == total
     assert max(sizes) <= 48 * 1024
-
-
-async def _until(read: Any, timeout: float = 30.0) -> Any:
-    """``read()`` once it is truthy (a state that, once reached, lasts)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := read()):
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.01)
-    return value
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
