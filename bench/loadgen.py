@@ -10,20 +10,41 @@ request waits for one, and the wait counts too).
 The client is a few dozen lines over ``asyncio.open_connection`` rather than httpx so it
 costs little CPU on a 2-core machine shared with the servers it measures; its own CPU
 time is recorded (``time.process_time``) with every run.
+
+The generator must not pause either: a step runs with what the benchmark's process held
+before it collected and frozen (``quiet_collector``), so the cycle collector's full
+collections during the step walk only the step's own objects. Before, one walked the whole
+process (90-150 ms on this machine, seen as ``max_lag_ms``), and every request in flight
+was read that much late: a step could fail on the generator's pause alone, on any target
+(docs/benchmarks.md, "forty-fourth round").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from app.percentiles import percentile
+
+
+@contextlib.contextmanager
+def quiet_collector() -> Iterator[None]:
+    """Collect what is garbage now, then freeze the rest until the block ends: the cycle
+    collector's passes inside the block walk only objects made inside it."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def build_request(
@@ -243,7 +264,19 @@ async def open_loop(
         count = max(1, int(rate * duration_s))
     step = Step(rate=rate, duration_s=count / rate)
     get = requests if callable(requests) else (lambda i: requests[i % len(requests)])
-    interval = 1.0 / rate
+    with quiet_collector():
+        return await _open_loop(pool, get, step, count, timeout, keep_bodies)
+
+
+async def _open_loop(
+    pool: Pool,
+    get: Callable[[int], bytes],
+    step: Step,
+    count: int,
+    timeout: float,
+    keep_bodies: bool,
+) -> Step:
+    interval = 1.0 / step.rate
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
     cpu0, t0 = time.process_time(), loop.time() + 0.01

@@ -3,6 +3,8 @@ what it counts is what was sent, and "the first second" is by schedule, not by a
 
 from __future__ import annotations
 
+import gc
+
 from bench.loadgen import Pool, build_request, open_loop
 from tests.loopback import Server
 
@@ -22,3 +24,31 @@ async def test_the_first_second_is_the_requests_due_in_it() -> None:
     assert len(step.first_second_ms) == 16
     assert all(ms >= 0 for ms in step.first_second_ms)
     assert set(step.first_second_ms) <= set(step.latencies_ms)
+
+
+async def test_a_step_runs_with_the_process_heap_frozen() -> None:
+    """The generator's own full collections would walk everything the benchmark holds
+    and stall every request in flight; during a step they walk only the step's objects."""
+    held = [[i] for i in range(10)]  # made before the step; lists are always tracked
+    assert gc.is_tracked(held[-1])
+    server = Server()
+    url = f"http://127.0.0.1:{await server.start()}"
+    pool = Pool(url, max_conns=4)
+    raw = build_request(url, path="/", body={})
+    seen: list[tuple[int, bool]] = []
+
+    def request(i: int) -> bytes:
+        seen.append((gc.get_freeze_count(), any(o is held[-1] for o in gc.get_objects())))
+        return raw
+
+    gc.unfreeze()
+    try:
+        step = await open_loop(pool, request, rate=50, count=5)
+    finally:
+        pool.close()
+        await server.stop()
+    assert step.ok == 5
+    assert len(seen) == 5
+    assert all(frozen > 0 and not tracked for frozen, tracked in seen)
+    assert gc.get_freeze_count() == 0  # given back when the step ends
+    assert any(o is held[-1] for o in gc.get_objects())
