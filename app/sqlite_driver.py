@@ -61,12 +61,14 @@ py-spy profile under load: docs/benchmarks.md, "Issue 15, eighth round").
 file with two ``fsync`` calls: inline, that would stop the event loop. ``app.db`` turns
 them off; the driver counts each file's commits (``Checkpoints``) and, after every
 ``CHECKPOINT_EVERY``, ``app.db`` runs a checkpoint on a thread of the loop's default
-executor, with a connection of its own, in a background write turn (no writer of this
-process goes on meanwhile). It is a RESTART checkpoint that waits up to
-``CHECKPOINT_WAIT_S`` for readers to leave the WAL, so that the next transaction starts
-the WAL over: a PASSIVE one, with readers always about, left the WAL growing (15-56 MB
-after 4,500 transactions where SQLite's own kept it under 5). Readers go on meanwhile,
-and the last connection to close still checkpoints the rest as SQLite always does.
+executor, with a connection of its own, in two steps: a PASSIVE one (``copy_ahead``)
+while the process's writers go on, which does the copying and the sync, then, in a
+background write turn (no writer of this process goes on meanwhile), a RESTART one that
+takes in what was written since and waits up to ``CHECKPOINT_WAIT_S`` for readers to
+leave the WAL, so that the next transaction starts the WAL over: PASSIVE ones alone,
+with readers always about, left the WAL growing (15-56 MB after 4,500 transactions where
+SQLite's own kept it under 5). Readers go on meanwhile, and the last connection to close
+still checkpoints the rest as SQLite always does.
 
 Connections are opened with ``check_same_thread=False`` for the inline trips;
 aiosqlite's thread and the loop never use one at once (SQLAlchemy gives a connection to
@@ -141,6 +143,8 @@ class Checkpoints:
         self.done = 0
         self.last: tuple[int, int, int] | None = None
         self.thread: int | None = None
+        self.ahead_done = 0
+        self.ahead: tuple[int, int, int] | None = None
 
     def committed(self) -> None:
         self.commits += 1
@@ -149,22 +153,37 @@ class Checkpoints:
     def due(self) -> bool:
         return self.commits >= CHECKPOINT_EVERY and not self.running
 
+    def copy_ahead(self) -> None:
+        """One PASSIVE checkpoint (blocking: on a thread, outside any write turn): it
+        copies the WAL's frames into the database file and syncs it while this process's
+        writers go on, so that ``run``, in the write turn, has only the frames written
+        since to copy. It waits for nobody; ``ahead`` is its result."""
+        row = self._checkpoint("PASSIVE")
+        if row is not None:
+            self.ahead = row
+            self.ahead_done += 1
+
     def run(self) -> None:
         """One RESTART checkpoint, with a connection of its own (blocking: on a thread)."""
         self.commits = 0
+        row = self._checkpoint("RESTART")
+        if row is not None:
+            self.last, self.thread = row, threading.get_ident()
+            self.done += 1
+
+    def _checkpoint(self, mode: str) -> tuple[int, int, int] | None:
         try:
             # Never create the file (a test's directory may be gone by now).
             if not self.uri and not os.path.exists(self.database):
-                return
+                return None
             conn = sqlite3.connect(self.database, uri=self.uri, timeout=CHECKPOINT_WAIT_S)
             try:
-                row = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                row = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
             finally:
                 conn.close()
-            self.last, self.thread = (row[0], row[1], row[2]), threading.get_ident()
-            self.done += 1
+            return (row[0], row[1], row[2])
         except sqlite3.Error:
-            pass  # busy or gone: the next one will do
+            return None  # busy or gone: the next one will do
 
 
 _checkpoints: dict[tuple[str, bool], Checkpoints] = {}

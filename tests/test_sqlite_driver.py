@@ -32,7 +32,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped
 
 from app import sqlite_driver
-from app.db import deferred, last, later, make_engine, make_sessionmaker, unit_of_work, write
+from app.db import (
+    deferred,
+    last,
+    later,
+    make_engine,
+    make_sessionmaker,
+    unit_of_work,
+    write,
+    write_turns,
+)
 from app.lifecycle import Status
 from app.models import Attempt, Event, Task, TaskMetadata
 from app.sqlite_driver import BUSY_TIMEOUT_MS, CHECKPOINT_EVERY, HOPS, checkpoints, inline
@@ -551,3 +560,31 @@ async def test_checkpoints_run_off_the_loop_every_so_many_commits(
     assert frames[0] >= CHECKPOINT_EVERY - 1  # each transaction wrote a page or more
     assert frames[2] <= frames[0] + 10  # started over, not grown
     assert len(names(path)) == 3 * CHECKPOINT_EVERY
+
+
+async def test_a_checkpoint_copies_without_the_write_turn_and_restarts_in_it(
+    db: tuple[AsyncEngine, Path],
+) -> None:
+    """The copying (a PASSIVE checkpoint) runs while a writer holds the process's write
+    turn; only the RESTART that takes in the rest and starts the WAL over waits for it."""
+    engine, path = db
+    cps = checkpoints(str(path))
+    turns = write_turns(engine)
+    ahead, done = cps.ahead_done, cps.done
+    for i in range(CHECKPOINT_EVERY):
+        async with write(engine) as conn:
+            await conn.execute(insert(ROWS), [{"name": f"r-{i}"}])
+    assert cps.running  # due after the last commit's turn: started, not yet run
+    queued = turns.turns["background"]
+    await turns.acquire(background=False)  # a writer holds the turn from here
+    try:
+        await until(lambda: cps.ahead_done > ahead, what="the copy, the turn held")
+        assert cps.ahead is not None
+        busy, in_wal, copied = cps.ahead
+        assert busy == 0 and copied == in_wal >= CHECKPOINT_EVERY - 1
+        await until(lambda: turns.turns["background"] > queued, what="the RESTART queued")
+        assert cps.done == done  # it waits for the turn
+    finally:
+        turns.release()
+    await until(lambda: cps.done > done and not cps.running, what="the RESTART, then its end")
+    assert cps.last is not None and cps.last[0] == 0
