@@ -291,12 +291,13 @@ def start_sim(
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, port: int) -> AsyncIterator[Any]:
+async def serving(app: Any, port: int, *, server_class: Any = None) -> AsyncIterator[Any]:
     """Serve the ASGI ``app`` under uvicorn on a loopback ``port`` in this event loop
-    (its lifespan included) until the block ends; yields the ``uvicorn.Server``."""
+    (its lifespan included) until the block ends; yields the server (a
+    ``uvicorn.Server``, or of ``server_class``)."""
     import uvicorn
 
-    server = uvicorn.Server(
+    server = (server_class or uvicorn.Server)(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
     task = asyncio.create_task(server.serve())

@@ -9,7 +9,6 @@ collector (``gc.unfreeze``) when it ends.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +20,7 @@ import uvicorn
 from app.cli import _Server
 from app.main import create_app
 from app.settings import Settings
-from tests.procs import free_port
-from tests.signals import until
+from tests.procs import free_port, serving
 
 
 class Node:
@@ -39,20 +37,6 @@ def unfrozen() -> Iterator[None]:
     gc.unfreeze()
 
 
-async def _started(server: _Server) -> asyncio.Task[None]:
-    task = asyncio.create_task(server.serve())
-    await until(lambda: server.started or task.done(), timeout=30, what="the server's start")
-    if task.done():
-        task.result()
-        raise RuntimeError("the server stopped before it started")
-    return task
-
-
-async def _stop(server: _Server, task: asyncio.Task[None]) -> None:
-    server.should_exit = True
-    await task
-
-
 @pytest.mark.usefixtures("unfrozen")
 async def test_a_started_server_freezes_what_it_holds(tmp_path: Path) -> None:
     settings = Settings(
@@ -60,11 +44,8 @@ async def test_a_started_server_freezes_what_it_holds(tmp_path: Path) -> None:
     )
     app = create_app(settings, start_workers=False)
     tracked_before = len(gc.get_objects())
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
-    server = _Server(config)
     assert gc.get_freeze_count() == 0
-    task = await _started(server)
-    try:
+    async with serving(app, free_port(), server_class=_Server):
         # Everything the collector tracked before the start (the app among it) and what
         # the lifespan made is frozen; nothing of it is walked by a collection now.
         assert gc.get_freeze_count() >= tracked_before
@@ -74,8 +55,6 @@ async def test_a_started_server_freezes_what_it_holds(tmp_path: Path) -> None:
         a.other, b.other = b, a
         del a, b
         assert gc.collect() >= 2
-    finally:
-        await _stop(server, task)
 
 
 @pytest.mark.usefixtures("unfrozen")
