@@ -52,6 +52,10 @@ class Ctx:
     # few again (``resume``: set by ``app.main``).
     answering: int = 0
     resume: Callable[[], None] = lambda: None
+    # Whether the event loop's thread is short of time (``app.loopload``; set by
+    # ``app.main``): the hold above needs it too, so submits waiting on a slow Run do
+    # not hold the background back while the loop idles.
+    loop_busy: Callable[[], bool] = lambda: True
 
     def work_on(self, *task_ids: str) -> None:
         """Work under these tasks' leases begins: the heartbeat renews them until
@@ -82,7 +86,8 @@ class Ctx:
     def room(self) -> int | None:
         """How many jobs each background loop may run now: an eighth of
         ``GATEWAY_WORKER_CONCURRENCY`` (at least one) while more submits than
-        ``GATEWAY_SUBMITS_FIRST_AT`` are being answered, else no limit but its own.
+        ``GATEWAY_SUBMITS_FIRST_AT`` are being answered and the event loop is busy
+        (``loop_busy``), else no limit but its own.
 
         Submits first: a submit's caller waits for its answer, while a check, a download
         or a notification waits only in the background (seconds matter to none of them).
@@ -90,7 +95,7 @@ class Ctx:
         lets the answers through, and the backlog runs once the burst has passed. The
         few slots left keep it moving under a load that never lets up."""
         at = self.settings.submits_first_at
-        if at and self.answering > at:
+        if at and self.answering > at and self.loop_busy():
             return max(1, self.settings.worker_concurrency // 8)
         return None
 

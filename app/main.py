@@ -27,6 +27,7 @@ from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers, problems_in_spec
 from app.gate import EdgeGate
 from app.hardening import insecure_public_url
+from app.loopload import LoopLoad
 from app.migrate import head_revisions
 from app.outbound import Outbound
 from app.outbox import Services
@@ -176,6 +177,8 @@ def create_app(
         result_loops = result_workers(services)
         app.state.loops = (scheduler, *result_loops)  # what ``begin_drain`` drains
         ctx.resume = _resumer(app.state.loops)
+        load = app.state.loop_load = LoopLoad(on_calm=lambda: ctx.resume())
+        ctx.loop_busy = load.busy
         app.state.services = services
         # What wakes `Prefer: wait` and event streams: commits that wrote task events.
         hub = app.state.hub = Hub(max_per_client=settings.max_waiters_per_client)
@@ -207,10 +210,12 @@ def create_app(
             scheduler.start(after=first)
             for loop in result_loops:
                 loop.start(after=first)
+        load.start()
         log.info("gateway started", extra={"owner": ctx.owner})
         try:
             yield
         finally:
+            load.stop()
             await scheduler.stop()
             if listener is not None:
                 await listener.stop()

@@ -135,7 +135,8 @@ OUTPUTS_COPIED_FIRST = Counter(
 BACKGROUND_HELD = Counter(
     "gateway_background_held",
     "Times a background loop (scheduler, outputs, notifier, eraser) left due work waiting "
-    "because the replica was answering more submits than GATEWAY_SUBMITS_FIRST_AT.",
+    "because the replica was answering more submits than GATEWAY_SUBMITS_FIRST_AT with "
+    "its event loop busy.",
     ["loop"],
 )
 OUTBOUND_RECLAIMED = Counter(

@@ -128,10 +128,10 @@ class Settings(BaseSettings):
     submits_first_at: int = Field(
         default=8,
         ge=0,
-        description="while a replica answers more submits than this at once, its background "
-        "loops (task checks, output downloads, notifications, erasures) start new jobs on "
-        "only an eighth of GATEWAY_WORKER_CONCURRENCY's slots each, so the submits get the "
-        "event loop first (0: never)",
+        description="while a replica answers more submits than this at once and its event "
+        "loop is busy, its background loops (task checks, output downloads, notifications, "
+        "erasures) start new jobs on only an eighth of GATEWAY_WORKER_CONCURRENCY's slots "
+        "each, so the submits get the event loop first (0: never)",
     )
     body_limit_bytes: int = 64 * 1024
     callback_body_limit_bytes: int = Field(

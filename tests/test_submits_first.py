@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import update
@@ -20,6 +21,7 @@ from app.models import Task
 from app.schemas import TaskCreate
 from app.settings import Settings
 from tests.conftest import Sim, run_gateway, task_body
+from tests.signals import until
 
 
 def _ctx(**settings: Any) -> Ctx:
@@ -44,6 +46,9 @@ def test_room_is_an_eighth_of_the_slots_while_more_submits_than_the_setting() ->
     off = _ctx(submits_first_at=0)
     off.answering = 1000
     assert off.room() is None
+    calm = _ctx(submits_first_at=2, worker_concurrency=16, answering=3)
+    calm.loop_busy = lambda: False
+    assert calm.room() is None  # many submits, but the loop has time: no hold
 
 
 def test_submitting_counts_and_resumes_once_they_are_few_again() -> None:
@@ -120,6 +125,11 @@ async def test_due_tasks_wait_while_submits_are_answered(
             return await run(*args, **kwargs)
 
         ctx.wiro.run = spy_run  # type: ignore[method-assign]
+        # The loop idles while these Runs hang, and the hold needs a busy loop too
+        # (``app.loopload``): stand in for one here (the real probe stopped, so that its
+        # readings neither decide nor resume); the next test has the real probe.
+        gw.app.state.loop_load.stop()
+        ctx.loop_busy = lambda: True
         held = _held("scheduler")
         answers = await asyncio.gather(
             *(gw.client("alpha").post("/v1/tasks", json=task_body(sim)) for _ in range(3))
@@ -138,3 +148,58 @@ async def test_due_tasks_wait_while_submits_are_answered(
     assert {t: stats["runs_by_gateway_task"].get(t) for t in submitted + waiting} == {
         t: 1 for t in submitted + waiting
     }
+
+
+async def test_submits_waiting_on_a_slow_upstream_do_not_hold_the_background(
+    db_url: str, sim: Sim, tmp_path: Path
+) -> None:
+    """The same three hanging Runs past the same setting, with the gateway's own probe of
+    its event loop (``app.loopload``), which idles meanwhile: the two tasks made due are
+    both sent at once, not one after the other. Held to one slot, the second would wait
+    for the first's Run to hang its 2 s, and the submits would be answered before it."""
+    sim.configure(run_hang_s=2.0, callback_drop=1.0)
+    async with run_gateway(
+        db_url=db_url,
+        sim=sim,
+        data_dir=tmp_path,
+        submits_first_at=1,
+        worker_concurrency=8,
+        wiro_read_timeout_s=5.0,
+        lease_s=5.0,
+        run_grace_s=5.0,
+    ) as gw:
+        ctx = gw.ctx
+        body = TaskCreate.model_validate(task_body(sim))
+        waiting = []
+        for _ in range(2):
+            task, _ = await domain.create_task(ctx, client="alpha", body=body, idempotency_key=None)
+            waiting.append(task.id)
+        async with ctx.sm() as s, s.begin():
+            await s.execute(
+                update(Task)
+                .where(Task.id.in_(waiting))
+                .values(next_check_at=None, lease_owner=None, lease_until=None)
+            )
+        submits = [
+            asyncio.ensure_future(gw.client("alpha").post("/v1/tasks", json=task_body(sim)))
+            for _ in range(3)
+        ]
+        await until(lambda: ctx.answering == 3, timeout=10, what="three submits in their Runs")
+        await until(lambda: not ctx.loop_busy(), timeout=10, what="the probe to read a calm loop")
+        held = _held("scheduler")
+        async with ctx.sm() as s, s.begin():
+            await s.execute(
+                update(Task).where(Task.id.in_(waiting)).values(next_check_at=datetime.now(UTC))
+            )
+        ctx.wake()
+
+        async def both_sent() -> bool:
+            async with httpx.AsyncClient() as client:
+                runs = (await client.get(f"{sim.url}/__sim/stats")).json()["runs_by_gateway_task"]
+            return all(runs.get(t) for t in waiting)
+
+        await until(both_sent, timeout=10, what="both due tasks' Runs at the simulator")
+        assert ctx.answering == 3  # the submits' Runs still hang
+        assert _held("scheduler") == held
+        answers = await asyncio.gather(*submits)
+        assert [r.status_code for r in answers] == [202, 202, 202]
