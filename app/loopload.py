@@ -72,10 +72,10 @@ class LoopLoad:
         self._handle = asyncio.get_running_loop().call_later(WINDOW_S, self._tick)
 
     def _tick(self) -> None:
+        self._arm()  # first: a reading that fails leaves the probe running
         was = self.busy()
         now, used = time.monotonic(), self._clock()
         self.share = (used - self._last[1]) / max(now - self._last[0], 1e-6)
         self._last = (now, used)
-        self._arm()
         if was and not self.busy():
             self._on_calm()

@@ -43,3 +43,25 @@ async def test_a_loop_that_keeps_working_is_busy_and_calm_once_it_waits() -> Non
 def test_without_schedstat_the_probe_counts_the_thread_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loopload, "_SCHEDSTAT", "/nonexistent/schedstat")
     assert loopload._pick_clock() is time.thread_time
+
+
+async def test_a_reading_that_fails_leaves_the_probe_running() -> None:
+    load = LoopLoad()
+    calls: list[int] = []
+
+    def flaky() -> float:
+        calls.append(1)
+        if len(calls) == 2:  # the first tick's reading (the first is ``start``'s)
+            raise OSError("schedstat went away")
+        return time.thread_time()
+
+    load._clock = flaky
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda loop, context: None)  # the failed tick's report
+    load.start()
+    try:
+        await until(lambda: len(calls) >= 4, timeout=10, what="the probe to read on")
+    finally:
+        load.stop()
+        loop.set_exception_handler(handler)
