@@ -32,6 +32,40 @@ def _held(loop: str) -> float:
     return REGISTRY.get_sample_value("gateway_background_held_total", {"loop": loop}) or 0.0
 
 
+# Three submits' Runs hang past a setting of 1, on a scheduler of 8 slots (1 when held).
+_HANGING: dict[str, Any] = dict(
+    submits_first_at=1,
+    worker_concurrency=8,
+    wiro_read_timeout_s=5.0,
+    lease_s=5.0,
+    run_grace_s=5.0,
+)
+
+
+async def _out_of_sight(ctx: Ctx, sim: Sim) -> list[str]:
+    """Two tasks recorded, out of the workers' sight until ``_make_due``."""
+    body = TaskCreate.model_validate(task_body(sim))
+    waiting = []
+    for _ in range(2):
+        task, _ = await domain.create_task(ctx, client="alpha", body=body, idempotency_key=None)
+        waiting.append(task.id)
+    async with ctx.sm() as s, s.begin():
+        await s.execute(
+            update(Task)
+            .where(Task.id.in_(waiting))
+            .values(next_check_at=None, lease_owner=None, lease_until=None)
+        )
+    return waiting
+
+
+async def _make_due(ctx: Ctx, task_ids: list[str]) -> None:
+    async with ctx.sm() as s, s.begin():
+        await s.execute(
+            update(Task).where(Task.id.in_(task_ids)).values(next_check_at=datetime.now(UTC))
+        )
+    ctx.wake()
+
+
 def test_room_is_an_eighth_of_the_slots_while_more_submits_than_the_setting() -> None:
     ctx = _ctx(submits_first_at=2, worker_concurrency=16)
     seen = []
@@ -75,29 +109,9 @@ async def test_due_tasks_wait_while_submits_are_answered(
     waits, counted held; when the submits are done the loops are resumed once, and
     every task has been sent exactly once."""
     sim.configure(run_hang_s=2.0, callback_drop=1.0)
-    async with run_gateway(
-        db_url=db_url,
-        sim=sim,
-        data_dir=tmp_path,
-        submits_first_at=1,
-        worker_concurrency=8,
-        wiro_read_timeout_s=5.0,
-        lease_s=5.0,
-        run_grace_s=5.0,
-    ) as gw:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, **_HANGING) as gw:
         ctx = gw.ctx
-        # Two tasks out of the workers' sight until the submits are under way.
-        body = TaskCreate.model_validate(task_body(sim))
-        waiting = []
-        for _ in range(2):
-            task, _ = await domain.create_task(ctx, client="alpha", body=body, idempotency_key=None)
-            waiting.append(task.id)
-        async with ctx.sm() as s, s.begin():
-            await s.execute(
-                update(Task)
-                .where(Task.id.in_(waiting))
-                .values(next_check_at=None, lease_owner=None, lease_until=None)
-            )
+        waiting = await _out_of_sight(ctx, sim)
 
         seen: list[tuple[int, int | None]] = []
         resumed: list[int] = []
@@ -115,13 +129,7 @@ async def test_due_tasks_wait_while_submits_are_answered(
             seen.append((ctx.answering, ctx.room()))
             if ctx.answering == 3 and not made_due.is_set():
                 made_due.set()
-                async with ctx.sm() as s, s.begin():
-                    await s.execute(
-                        update(Task)
-                        .where(Task.id.in_(waiting))
-                        .values(next_check_at=datetime.now(UTC))
-                    )
-                ctx.wake()
+                await _make_due(ctx, waiting)
             return await run(*args, **kwargs)
 
         ctx.wiro.run = spy_run  # type: ignore[method-assign]
@@ -158,28 +166,9 @@ async def test_submits_waiting_on_a_slow_upstream_do_not_hold_the_background(
     both sent at once, not one after the other. Held to one slot, the second would wait
     for the first's Run to hang its 2 s, and the submits would be answered before it."""
     sim.configure(run_hang_s=2.0, callback_drop=1.0)
-    async with run_gateway(
-        db_url=db_url,
-        sim=sim,
-        data_dir=tmp_path,
-        submits_first_at=1,
-        worker_concurrency=8,
-        wiro_read_timeout_s=5.0,
-        lease_s=5.0,
-        run_grace_s=5.0,
-    ) as gw:
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, **_HANGING) as gw:
         ctx = gw.ctx
-        body = TaskCreate.model_validate(task_body(sim))
-        waiting = []
-        for _ in range(2):
-            task, _ = await domain.create_task(ctx, client="alpha", body=body, idempotency_key=None)
-            waiting.append(task.id)
-        async with ctx.sm() as s, s.begin():
-            await s.execute(
-                update(Task)
-                .where(Task.id.in_(waiting))
-                .values(next_check_at=None, lease_owner=None, lease_until=None)
-            )
+        waiting = await _out_of_sight(ctx, sim)
         submits = [
             asyncio.ensure_future(gw.client("alpha").post("/v1/tasks", json=task_body(sim)))
             for _ in range(3)
@@ -187,11 +176,7 @@ async def test_submits_waiting_on_a_slow_upstream_do_not_hold_the_background(
         await until(lambda: ctx.answering == 3, timeout=10, what="three submits in their Runs")
         await until(lambda: not ctx.loop_busy(), timeout=10, what="the probe to read a calm loop")
         held = _held("scheduler")
-        async with ctx.sm() as s, s.begin():
-            await s.execute(
-                update(Task).where(Task.id.in_(waiting)).values(next_check_at=datetime.now(UTC))
-            )
-        ctx.wake()
+        await _make_due(ctx, waiting)
 
         async def both_sent() -> bool:
             async with httpx.AsyncClient() as client:
