@@ -84,7 +84,7 @@ class Ctx:
                 self.resume()
 
     def room(self) -> int | None:
-        """How many jobs each background loop may run now: an eighth of
+        """How many jobs each background loop may run now: a sixteenth of
         ``GATEWAY_WORKER_CONCURRENCY`` (at least one) while more submits than
         ``GATEWAY_SUBMITS_FIRST_AT`` are being answered and the event loop is busy
         (``loop_busy``), else no limit but its own.
@@ -96,7 +96,7 @@ class Ctx:
         few slots left keep it moving under a load that never lets up."""
         at = self.settings.submits_first_at
         if at and self.answering > at and self.loop_busy():
-            return max(1, self.settings.worker_concurrency // 8)
+            return max(1, self.settings.worker_concurrency // 16)
         return None
 
     @property

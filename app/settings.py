@@ -130,8 +130,8 @@ class Settings(BaseSettings):
         ge=0,
         description="while a replica answers more submits than this at once and its event "
         "loop is busy, its background loops (task checks, output downloads, notifications, "
-        "erasures) start new jobs on only an eighth of GATEWAY_WORKER_CONCURRENCY's slots "
-        "each, so the submits get the event loop first (0: never)",
+        "erasures) start new jobs on only a sixteenth of GATEWAY_WORKER_CONCURRENCY's slots "
+        "each (at least one), so the submits get the event loop first (0: never)",
     )
     body_limit_bytes: int = 64 * 1024
     callback_body_limit_bytes: int = Field(

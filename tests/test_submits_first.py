@@ -1,7 +1,7 @@
 """Submits first (``Ctx.room``, ``GATEWAY_SUBMITS_FIRST_AT``): while a replica answers
 more submits than the setting at once, each of its background loops starts jobs on only
-an eighth of its slots; when the submits are that few again, the loops go on at once
-(``Ctx.resume``). The loop's own part is in ``tests/test_worker_loop.py``."""
+a sixteenth of its slots (at least one); when the submits are that few again, the loops
+go on at once (``Ctx.resume``). The loop's own part is in ``tests/test_worker_loop.py``."""
 
 from __future__ import annotations
 
@@ -66,14 +66,17 @@ async def _make_due(ctx: Ctx, task_ids: list[str]) -> None:
     ctx.wake()
 
 
-def test_room_is_an_eighth_of_the_slots_while_more_submits_than_the_setting() -> None:
-    ctx = _ctx(submits_first_at=2, worker_concurrency=16)
+def test_room_is_a_sixteenth_of_the_slots_while_more_submits_than_the_setting() -> None:
+    ctx = _ctx(submits_first_at=2, worker_concurrency=32)
     seen = []
     for _ in range(4):
         seen.append(ctx.room())
         ctx.answering += 1
-    assert seen == [None, None, None, 2]  # 0, 1, 2 answering: no limit; 3: 16 // 8
+    assert seen == [None, None, None, 2]  # 0, 1, 2 answering: no limit; 3: 32 // 16
     assert _ctx(submits_first_at=1, worker_concurrency=4, answering=0).room() is None
+    default = _ctx(submits_first_at=1, worker_concurrency=16)
+    default.answering = 2
+    assert default.room() == 1  # the default's 16 slots: one each
     few = _ctx(submits_first_at=1, worker_concurrency=4)
     few.answering = 2
     assert few.room() == 1  # at least one slot: the backlog keeps moving
@@ -105,7 +108,7 @@ async def test_due_tasks_wait_while_submits_are_answered(
     db_url: str, sim: Sim, tmp_path: Path
 ) -> None:
     """Three submits whose Runs hang 2 s are answered at once past the setting (1): two
-    tasks made due meanwhile get one of the scheduler's slots (8 // 8), so one of them
+    tasks made due meanwhile get one of the scheduler's slots (8 // 16, at least one), so one of them
     waits, counted held; when the submits are done the loops are resumed once, and
     every task has been sent exactly once."""
     sim.configure(run_hang_s=2.0, callback_drop=1.0)
