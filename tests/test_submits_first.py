@@ -108,9 +108,9 @@ async def test_due_tasks_wait_while_submits_are_answered(
     db_url: str, sim: Sim, tmp_path: Path
 ) -> None:
     """Three submits whose Runs hang 2 s are answered at once past the setting (1): two
-    tasks made due meanwhile get one of the scheduler's slots (8 // 16, at least one), so one of them
-    waits, counted held; when the submits are done the loops are resumed once, and
-    every task has been sent exactly once."""
+    tasks made due meanwhile get one of the scheduler's slots (8 // 16, at least one),
+    so one of them waits, counted held; when the submits are done the loops are resumed
+    once, and every task has been sent exactly once."""
     sim.configure(run_hang_s=2.0, callback_drop=1.0)
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, **_HANGING) as gw:
         ctx = gw.ctx
