@@ -42,6 +42,17 @@ _HANGING: dict[str, Any] = dict(
 )
 
 
+def _pin_probe(gw: Any, share: float) -> None:
+    """Stop the app's own load probe (``app.loopload``) and pin its reading at ``share``
+    (1.0 busy, 0.0 calm), so that neither a crowded machine's readings nor its ``on_calm``
+    decide; the hold still asks that probe. What the probe reads is
+    ``tests/test_loopload.py``'s part."""
+    load = gw.app.state.loop_load
+    assert gw.ctx.loop_busy == load.busy  # the hold asks the app's own probe
+    load.stop()
+    load.share = share
+
+
 async def _out_of_sight(ctx: Ctx, sim: Sim) -> list[str]:
     """Two tasks recorded, out of the workers' sight until ``_make_due``."""
     body = TaskCreate.model_validate(task_body(sim))
@@ -137,10 +148,9 @@ async def test_due_tasks_wait_while_submits_are_answered(
 
         ctx.wiro.run = spy_run  # type: ignore[method-assign]
         # The loop idles while these Runs hang, and the hold needs a busy loop too
-        # (``app.loopload``): stand in for one here (the real probe stopped, so that its
-        # readings neither decide nor resume); the next test has the real probe.
-        gw.app.state.loop_load.stop()
-        ctx.loop_busy = lambda: True
+        # (``app.loopload``): the probe's reading is pinned at busy; the next test pins
+        # it at calm.
+        _pin_probe(gw, 1.0)
         held = _held("scheduler")
         answers = await asyncio.gather(
             *(gw.client("alpha").post("/v1/tasks", json=task_body(sim)) for _ in range(3))
@@ -169,17 +179,13 @@ async def test_submits_waiting_on_a_slow_upstream_do_not_hold_the_background(
     both sent at once, not one after the other. Held to one slot, the second would wait
     for the first's Run to hang its 2 s, and the submits would be answered before it.
 
-    The probe's reading is pinned at calm (its timer stopped): it counts time waiting for
-    a core as busy, so on a crowded machine a real reading could say busy and the hold
-    would rightly engage. What the probe reads is ``tests/test_loopload.py``'s part;
-    here it is how the app wires the probe's answer into the hold."""
+    The reading is pinned (``_pin_probe``): the probe counts time waiting for a core as
+    busy, so on a crowded machine a real reading could say busy and the hold would
+    rightly engage."""
     sim.configure(run_hang_s=2.0, callback_drop=1.0)
     async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path, **_HANGING) as gw:
         ctx = gw.ctx
-        load = gw.app.state.loop_load
-        assert ctx.loop_busy == load.busy  # the hold asks the app's own probe
-        load.stop()
-        load.share = 0.0
+        _pin_probe(gw, 0.0)
         waiting = await _out_of_sight(ctx, sim)
         submits = [
             asyncio.ensure_future(gw.client("alpha").post("/v1/tasks", json=task_body(sim)))
