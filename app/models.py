@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -18,7 +19,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, configure_mappers, mapped_column
+from sqlalchemy.orm.instrumentation import manager_of_class
 
 from app.db import Base, UTCDateTime
 
@@ -337,3 +339,29 @@ class Erasure(Base):
     lease_until: Mapped[datetime | None] = mapped_column(TS)
 
     __table_args__ = (Index("ix_erasures_next_try_at", "next_try_at"),)
+
+
+_Row = TypeVar("_Row", bound=Base)
+_names: dict[type[Any], frozenset[str]] = {}  # each class's attribute names, for ``detached``
+
+
+def detached(cls: type[_Row], values: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> _Row:
+    """An instance of ``cls`` with ``values`` (by attribute name) put straight into its
+    dict, as the ORM's loader fills one: no instrumented attribute sets, each with its
+    events, as ``cls(**values)`` makes (the two objects of a submit cost 220 Python calls
+    that way: docs/benchmarks.md, "forty-eighth round"). For objects that are read, and
+    changed, but never added to a session (a claimed task's snapshot; a submit's task
+    and first attempt, which Core statements write). An attribute left out reads None;
+    a name that is not an attribute is refused, as the constructor refuses it."""
+    mapper = cls.__mapper__
+    if not mapper.configured:  # a fresh process whose first ORM use this is
+        configure_mappers()
+    if isinstance(values, Mapping):
+        names = _names.get(cls)
+        if names is None:
+            names = _names[cls] = frozenset(mapper.attrs.keys())
+        if not names >= values.keys():  # as ``cls(**values)`` refuses them
+            raise TypeError(f"{sorted(values.keys() - names)!r}: not attributes of {cls.__name__}")
+    row: _Row = manager_of_class(cls).new_instance()
+    row.__dict__.update(values)
+    return row

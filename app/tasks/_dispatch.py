@@ -30,7 +30,7 @@ from app.fairness import dispatch_turn, in_flight, may_dispatch
 from app.faults import crash_point
 from app.ids import jitter, sha256_hex
 from app.lifecycle import Status
-from app.models import Attempt, Task
+from app.models import Attempt, Task, detached
 from app.states import UNANSWERED, EventKind, Outcome
 from app.tasks._history import get_task, insert_metadata
 from app.tasks._leases import release
@@ -186,14 +186,18 @@ async def open_attempt(
                     task.attempt = number
     # The attempt is committed: from here a crash leaves a "sent" attempt, never a
     # silent second Run.
-    return Attempt(
-        id=attempt_id,
-        upstream_task_id=None,
-        hint_upstream_id=None,
-        resolved_at=None,
-        ambiguous_at=None,
-        **row,
-    ), token
+    attempt = detached(
+        Attempt,
+        dict(
+            id=attempt_id,
+            upstream_task_id=None,
+            hint_upstream_id=None,
+            resolved_at=None,
+            ambiguous_at=None,
+            **row,
+        ),
+    )
+    return attempt, token
 
 
 # ---------------------------------------------------------------- Run and the link

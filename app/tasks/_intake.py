@@ -17,7 +17,7 @@ from app.errors import Conflict, InvalidRequest
 from app.faults import crash_point
 from app.ids import id_time, new_task_id, sha256_hex
 from app.lifecycle import Status
-from app.models import Task
+from app.models import Task, detached
 from app.schemas import TaskCreate
 from app.tasks._dispatch import insert_new, open_attempt, send_first
 from app.tasks._history import by_idempotency_key, get_task
@@ -54,27 +54,30 @@ def _prepare(
     # created_at is the id's own millisecond: history sorted by id is sorted by
     # created_at too, within a millisecond and across replicas alike.
     now = id_time(task_id)
-    task = Task(
-        id=task_id,
-        client=client,
-        model=body.model,
-        status=Status.pending.value,
-        status_rank=Status.pending.rank,
-        input=inputs,
-        metadata_=body.metadata or {},
-        webhook_url=body.webhook_url,
-        idempotency_key=idempotency_key,
-        request_hash=rhash,
-        attempt=0,
-        outputs=[],
-        created_at=now,
-        updated_at=now,
-        deadline_at=now + timedelta(seconds=ctx.settings.task_timeout_s),
-        next_check_at=now,
-        lease_owner=ctx.owner,
-        lease_until=now + timedelta(seconds=ctx.settings.lease_s),
-        retries=0,
-        traceparent=tracing.new_task(task_id),  # tracing (app/tracing.py): None when off
+    task = detached(
+        Task,
+        dict(
+            id=task_id,
+            client=client,
+            model=body.model,
+            status=Status.pending.value,
+            status_rank=Status.pending.rank,
+            input=inputs,
+            metadata_=body.metadata or {},
+            webhook_url=body.webhook_url,
+            idempotency_key=idempotency_key,
+            request_hash=rhash,
+            attempt=0,
+            outputs=[],
+            created_at=now,
+            updated_at=now,
+            deadline_at=now + timedelta(seconds=ctx.settings.task_timeout_s),
+            next_check_at=now,
+            lease_owner=ctx.owner,
+            lease_until=now + timedelta(seconds=ctx.settings.lease_s),
+            retries=0,
+            traceparent=tracing.new_task(task_id),  # tracing (app/tracing.py): None when off
+        ),
     )  # the columns left out read as None on this unsaved object (and in the insert)
     return task, rhash
 

@@ -11,14 +11,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, bindparam, case, exists, literal_column, select, update
-from sqlalchemy.orm import configure_mappers
-from sqlalchemy.orm.instrumentation import manager_of_class
 
 from app.context import Ctx
 from app.db import ts
 from app.leases import FREE, Leases
 from app.lifecycle import TERMINAL_RANK
-from app.models import Task
+from app.models import Task, detached
 from app.prepared import run
 from app.tasks._writes import ATTEMPTS, TASKS, T
 
@@ -51,20 +49,13 @@ _HINTED = (
 _COLUMNS = list(TASKS.c)
 _CLAIM_ROWS = LEASES.claim_statement(LEASES.candidates(), returning=(*_COLUMNS, _HINTED))
 _READ = select(*_COLUMNS, _HINTED).where(T.id == bindparam("b_id"))
-_MAPPER = Task.__mapper__
-_MANAGER = manager_of_class(Task)
-_ATTRS = [_MAPPER.get_property_by_column(c).key for c in _COLUMNS]
+_ATTRS = [Task.__mapper__.get_property_by_column(c).key for c in _COLUMNS]
 
 
 def _snapshot(row: Sequence[Any]) -> Claimed:
-    """A ``Task`` filled from a row of all its columns (as the ORM's loader fills one:
-    the values straight into the instance's dict; a fraction of ``Task(**values)``).
-    Detached: it is read, never added to a session."""
-    if not _MAPPER.configured:  # a fresh process whose first ORM use this is
-        configure_mappers()
-    task = _MANAGER.new_instance()
-    task.__dict__.update(zip(_ATTRS, row, strict=False))
-    return Claimed(task, bool(row[-1]))
+    """A ``Task`` filled from a row of all its columns (``detached``). Detached: it is
+    read, never added to a session."""
+    return Claimed(detached(Task, zip(_ATTRS, row, strict=False)), bool(row[-1]))
 
 
 async def claim_tasks(ctx: Ctx, *, limit: int) -> dict[str, Claimed]:
