@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app import logs
 from app.settings import Settings
@@ -99,6 +101,64 @@ def test_secrets_are_scrubbed_from_messages_extras_and_tracebacks(capture) -> No
     assert out[5]["msg"] == "connecting to postgresql+asyncpg://gw:[redacted]@db:5432/gw"
     assert out[6]["level"] == "error" and "RuntimeError" in out[6]["exc"]
     assert "[redacted]" in out[6]["exc"]
+
+
+def _every_pass(redactor: logs.Redactor, text: str) -> str:
+    """What ``scrub`` made of every text before its shortcut: the known secrets, then
+    each pattern, always."""
+    if redactor._known is not None:
+        text = redactor._known.sub(logs.REDACTED, text)
+    for pattern, repl in logs._PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+# Pieces that make texts the patterns match, nearly match, or match only by other
+# letters (the long s and the Kelvin sign match "s" and "k" case-blind), and plain ones.
+_PIECES = [
+    CLIENT_KEY,
+    WIRO_SECRET,
+    CLIENT_KEY[:-1],
+    "Bearer ",
+    "bEaReR\t",
+    "bearer",
+    "whsec_",
+    "WHSEC_abc",
+    "/callbacks/wiro/",
+    "tsk_01/",
+    "{token}",
+    "X-Api-Key: ",
+    "x-signature=",
+    "x-nonce",
+    "x-\u017fignature: ",
+    "x-api-\u212aey=",
+    "https://",
+    "user:pw@",
+    "://",
+    "@",
+    "'",
+    '"',
+    " ",
+    "\u00e9",
+    "tsk_01M995P8YS0Y1Y5C120Z9D5TDH",
+    "POST /v1/tasks 202",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=6)), max_size=8))
+def test_the_scrubs_shortcut_leaves_what_every_pass_would(pieces: list[str]) -> None:
+    """``Redactor.scrub`` skips its substitutions for ASCII text without a known secret
+    or a pattern's word: whatever the text, the result is what all of them give."""
+    redactor = logs.Redactor([CLIENT_KEY, WIRO_SECRET])
+    text = "".join(pieces)
+    assert redactor.scrub(text) == _every_pass(redactor, text)
+
+
+def test_each_pattern_has_its_word_for_the_shortcut() -> None:
+    """A pattern added without the word it needs in ``_NEEDS`` would be skipped."""
+    for pattern, _ in logs._PATTERNS:
+        assert any(word in pattern.pattern.lower() for word in logs._NEEDS), pattern.pattern
 
 
 async def test_json_lines_carry_the_context(capture) -> None:
