@@ -240,6 +240,7 @@ def create_app(
         dependencies=[Depends(_log_task_id)],
         # ``/v1/tasks/`` is a 404, not a redirect to a URL built from the Host header.
         redirect_slashes=False,
+        telemetry=tracing.NO_NATIVE_TELEMETRY,  # the gateway traces with its own provider
     )
     app.state.draining = False
     app.state.settings = settings

@@ -32,6 +32,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from fastapi.telemetry import TelemetryConfig
 from starlette.types import Scope
 
 from app import logs
@@ -41,6 +42,20 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
 log = logging.getLogger(__name__)
+
+# FastAPI's own OpenTelemetry (``FastAPI(telemetry=...)``, since FastAPI 0.142), off: it
+# traces through the process-wide providers, which the gateway never installs, but which
+# ``opentelemetry-instrument`` or FastAPI's OTLP auto-configuration would (the latter on
+# ``OTEL_EXPORTER_OTLP_ENDPOINT``, the variable that turns our tracing on, in 0.142's
+# default; on ``FASTAPI_OTEL_AUTO_CONFIGURE=true`` since). Its server span carries
+# ``url.path``: a callback's token. Off, it also costs a request nothing (its check for a
+# configured provider, three provider lookups: ~6 µs a request, before any middleware).
+NO_NATIVE_TELEMETRY: TelemetryConfig = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "auto_configure": False,
+}
 
 TASK_ID = "hgw.task_id"
 WIRO_TASK_ID = "hgw.wiro_task_id"

@@ -2,8 +2,9 @@
 Run (P1's floor).
 
 ``/insert``: same database, same engine settings as the gateway (``app.db.make_engine``),
-same server (uvicorn with its defaults, no access log), one transaction with one INSERT
-per request. Run as ``python -m bench.baseline --port P`` with ``BENCH_DATABASE_URL`` set.
+same server (uvicorn with its defaults, no access log), FastAPI's native telemetry off
+as the gateway has it, one transaction with one INSERT per request. Run as
+``python -m bench.baseline --port P`` with ``BENCH_DATABASE_URL`` set.
 
 ``/relay`` (``--relay``, with ``BENCH_WIRO_BASE``, ``BENCH_WIRO_KEY`` and
 ``BENCH_WIRO_SECRET`` set): what any gateway on this stack must do for a submit and
@@ -36,6 +37,7 @@ from sqlalchemy.sql.expression import Executable
 
 from app import prepared
 from app.db import autocommit, last, make_engine, make_sessionmaker, ts, unit_of_work, utcnow, write
+from app.tracing import NO_NATIVE_TELEMETRY
 
 MODEL = "wiro/professional-headshot"
 
@@ -59,7 +61,9 @@ def create_baseline_app(database_url: str) -> FastAPI:
         yield
         await engine.dispose()
 
-    app = FastAPI(lifespan=lifespan)
+    # FastAPI's native telemetry off, as the gateway has it (app/tracing.py): a floor
+    # never pays for what the gateway skips.
+    app = FastAPI(lifespan=lifespan, telemetry=NO_NATIVE_TELEMETRY)
 
     @app.post("/insert", status_code=201)
     async def insert_one(body: dict[str, Any], request: Request) -> JSONResponse:
@@ -136,7 +140,9 @@ def create_relay_app(
         if engine is not None:
             await engine.dispose()
 
-    app = FastAPI(lifespan=lifespan)
+    # FastAPI's native telemetry off, as the gateway has it (app/tracing.py): a floor
+    # never pays for what the gateway skips.
+    app = FastAPI(lifespan=lifespan, telemetry=NO_NATIVE_TELEMETRY)
 
     async def run(request: Request, task_id: str, inputs: dict[str, str]) -> str:
         base = str(request.base_url).rstrip("/")

@@ -14,10 +14,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from app import tracing
 from app.models import Task
+from tests import signals
 from tests.conftest import CLIENT_KEYS, SIM_KEY, SIM_SECRET, Sim, run_gateway, task_body
 from tests.receivers import serve_receiver
 from tests.results_helpers import SECRET, until
@@ -221,3 +223,35 @@ def test_the_service_name_comes_from_the_environment(monkeypatch: pytest.MonkeyP
     assert provider is not None
     assert provider.resource.attributes["service.name"] == "edge-gw"
     provider.shutdown()
+
+
+def _requests_to(route: str) -> float:
+    return sum(
+        REGISTRY.get_sample_value(
+            "gateway_http_requests_total", {"method": "POST", "route": route, "status": status}
+        )
+        or 0.0
+        for status in ("202", "204")
+    )
+
+
+async def test_a_process_wide_provider_gets_nothing_of_the_gateway(
+    db_url: str, sim: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the gateway's own provider traces it. A process-wide one (what
+    ``opentelemetry-instrument`` or FastAPI's own OTLP auto-configuration installs) gets
+    no span of FastAPI's native telemetry either, whose server span would carry the
+    request's path: a callback's token."""
+    provider, exporter = _exporter()
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)  # as set_tracer_provider does
+    assert trace.get_tracer_provider() is provider
+    callbacks = "/callbacks/wiro/{task_id}/{token}"
+    before = _requests_to(callbacks)
+    async with run_gateway(db_url=db_url, sim=sim, data_dir=tmp_path) as gw:
+        r = await gw.client().post("/v1/tasks", json=task_body(sim))
+        assert r.status_code == 202, r.text
+        # Wiro's callback has been answered: its request is over, span and all.
+        await signals.until(
+            lambda: _requests_to(callbacks) > before, timeout=20, what="Wiro's callback answered"
+        )
+    assert exporter.get_finished_spans() == ()

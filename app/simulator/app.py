@@ -25,6 +25,7 @@ from app.api.direct import DirectRoute, declared_route
 from app.simulator.config import SimConfig
 from app.simulator.engine import MAX_UPLOAD_BYTES, Simulator
 from app.simulator.wire import WiroFail, normalize_fields, parsing_url
+from app.tracing import NO_NATIVE_TELEMETRY
 
 JSONBody = dict[str, Any]
 
@@ -272,7 +273,12 @@ def create_sim_app(
         yield
         await sim.aclose()
 
-    app = FastAPI(title="Wiro simulator", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="Wiro simulator",
+        version="1",
+        lifespan=lifespan,
+        telemetry=NO_NATIVE_TELEMETRY,  # as the gateway's (app/tracing.py)
+    )
     app.state.sim = sim
     app.add_exception_handler(WiroFail, _wiro_fail)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -84,7 +84,15 @@ class RunOutcome:
 
 
 def _token(n: int = 30) -> str:
-    return "".join(secrets.choice(_TOKEN_CHARS) for _ in range(n))
+    """``n`` characters of ``_TOKEN_CHARS``, each text equally likely: one draw below
+    62**n written in base 62 (one ``getrandom`` call, where a ``secrets.choice`` per
+    character made one each: ~55 µs of every Run's CPU)."""
+    value = secrets.randbelow(len(_TOKEN_CHARS) ** n)
+    chars = []
+    for _ in range(n):
+        value, digit = divmod(value, len(_TOKEN_CHARS))
+        chars.append(_TOKEN_CHARS[digit])
+    return "".join(chars)
 
 
 def _safe_name(name: str) -> str:
