@@ -200,7 +200,12 @@ def test_a_worker_that_cannot_be_forked_stops_the_supervisor(
         GATEWAY_SHUTDOWN_GRACE_S="0",
     )
     log = tmp_path / "serve.log"
-    args = [f"fork:{failing_fork}", "1", "--port", str(free_port()), "--workers", "2"]
+    # Margins of 10 s: the supervisor's overdue kill comes 20 s after its SIGTERM, which
+    # only a worker that never ends waits for. With 1 s (2 s in all), both cases that
+    # start a worker failed once in a full local run on a slow hour, the case that starts
+    # none passed: a worker forked on a crowded machine may not run its SIGTERM handler
+    # within 2 s (not reproduced since, even beside busy loops).
+    args = [f"fork:{failing_fork}", "10", "--port", str(free_port()), "--workers", "2"]
     proc = spawn(args, env, log, module="tests.stuck_serve")
     try:
         if killed:
