@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any, cast
 import uvicorn
 from pydantic import SecretStr
 
-from app.reads import SmallReads
-
 if TYPE_CHECKING:
     from app.settings import Settings
 
@@ -214,6 +212,7 @@ def _serve_one(settings: Settings, host: str, port: int, sock: socket.socket | N
     """One ``serve`` process: the app (its own owner id, engine, scheduler, workers) under
     uvicorn, on ``sock`` when a supervisor shares its listening socket."""
     from app.main import begin_drain, create_app
+    from app.reads import SmallReads
 
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal, which under
     # the default disposition kills the process (exit -15/143) although it stopped
@@ -391,7 +390,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             create_sim_app(config),
             host=args.host,
             port=args.port,
-            http=cast("type[asyncio.Protocol]", SmallReads),  # as ``serve``: app/reads.py
             log_level="warning",
             access_log=False,
         )
@@ -480,7 +478,6 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 create_sim_app(sim_config),
                 host=args.host,
                 port=args.sim_port,
-                http=cast("type[asyncio.Protocol]", SmallReads),
                 log_level="warning",
                 log_config=None,
             )
@@ -490,7 +487,6 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 create_app(settings),
                 host=args.host,
                 port=args.port,
-                http=cast("type[asyncio.Protocol]", SmallReads),
                 log_level="warning",
                 log_config=None,
             )

@@ -82,9 +82,12 @@ class _Stream(httpcore.AsyncNetworkStream):
         try:
             if self._writer.is_closing():
                 raise ConnectionResetError("the connection is closed")
-            if held:
-                self._writer.writelines((held, buffer))  # one system call, no copy (uvloop)
-            else:
+            if not held:
+                self._writer.write(buffer)
+            elif len(buffer) <= HOLD_BYTES:
+                self._writer.write(held + buffer)
+            else:  # not worth a copy of a large body
+                self._writer.write(held)
                 self._writer.write(buffer)
             await _within(timeout, self._writer.drain())
         except TimeoutError:

@@ -25,13 +25,6 @@ and each read is copied out before it is handed on. A buffer per connection woul
 
 uvloop takes the buffered path only for a protocol that is not an ``asyncio.Protocol``,
 which uvicorn's is: hence a thin wrapper that hands each read to it as ``data_received``.
-
-Writes: uvicorn writes a response's head when the app starts the response and its body
-when the app sends it, two ``send`` system calls and the client woken twice for every
-answer. The protocol gets the transport through ``OneSend``, which holds a response's
-head until the next write (the body, in the same step of the event loop for every plain
-response) and sends both at once; a head with nothing after it in that step (a stream's
-first event not yet there) leaves when the step ends.
 """
 
 from __future__ import annotations
@@ -56,59 +49,6 @@ class _Buffer(threading.local):
 _buffer = _Buffer()
 
 
-# A response's head (uvicorn's status line) longer than this is sent at once (``OneSend``).
-HEAD_BYTES = 16 * 1024
-
-
-class OneSend:
-    """A connection's transport as uvicorn's protocol sees it: a response's head waits for
-    the next write and goes out with it in one ``write``; one the same step of the event
-    loop does not follow is sent as the step ends (``call_soon``). Every other call is
-    the transport's own. A closing connection sends what it holds first."""
-
-    __slots__ = ("_held", "_loop", "_transport")
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._held = b""
-        self._loop = asyncio.get_running_loop()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._held:
-            held, self._held = self._held, b""
-            self._transport.writelines((held, data))  # one system call, no copy (uvloop)
-        elif data[:9] == b"HTTP/1.1 " and len(data) <= HEAD_BYTES:
-            self._held = bytes(data)
-            self._loop.call_soon(self._send_held)
-        else:
-            self._transport.write(data)
-
-    def _send_held(self) -> None:
-        if self._held:
-            held, self._held = self._held, b""
-            if not self._transport.is_closing():
-                self._transport.write(held)
-
-    def close(self) -> None:
-        self._send_held()
-        self._transport.close()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-    def __getattr__(self, name: str) -> Any:  # abort, set_protocol...: the transport's own
-        return getattr(self._transport, name)
-
-
 class SmallReads(asyncio.BufferedProtocol):
     """An ``HttpToolsProtocol`` (made with the same arguments) reading ``READ_BYTES`` at a
     time into its thread's one buffer. Each read is copied out of the buffer before it is
@@ -120,7 +60,7 @@ class SmallReads(asyncio.BufferedProtocol):
         self._view = _buffer.view
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.http.connection_made(OneSend(transport))  # type: ignore[arg-type]
+        self.http.connection_made(transport)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.http.connection_lost(exc)

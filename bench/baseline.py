@@ -2,10 +2,9 @@
 Run (P1's floor).
 
 ``/insert``: same database, same engine settings as the gateway (``app.db.make_engine``),
-same server (uvicorn with the gateway's protocol, ``app.reads.SmallReads``, no access
-log), FastAPI's native telemetry off as the gateway has it, one transaction with one
-INSERT per request. Run as ``python -m bench.baseline --port P`` with
-``BENCH_DATABASE_URL`` set.
+same server (uvicorn with its defaults, no access log), FastAPI's native telemetry off
+as the gateway has it, one transaction with one INSERT per request. Run as
+``python -m bench.baseline --port P`` with ``BENCH_DATABASE_URL`` set.
 
 ``/relay`` (``--relay``, with ``BENCH_WIRO_BASE``, ``BENCH_WIRO_KEY`` and
 ``BENCH_WIRO_SECRET`` set): what any gateway on this stack must do for a submit and
@@ -38,7 +37,6 @@ from sqlalchemy.sql.expression import Executable
 
 from app import prepared
 from app.db import autocommit, last, make_engine, make_sessionmaker, ts, unit_of_work, utcnow, write
-from app.reads import SmallReads
 from app.tracing import NO_NATIVE_TELEMETRY
 
 MODEL = "wiro/professional-headshot"
@@ -195,7 +193,6 @@ def main() -> None:
         else create_baseline_app(env["BENCH_DATABASE_URL"]),
         host=args.host,
         port=args.port,
-        http=SmallReads,  # type: ignore[arg-type]  # the gateway's protocol (app/reads.py)
         log_level="warning",
         access_log=False,
     )
