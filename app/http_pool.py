@@ -26,10 +26,6 @@ async def _within(limit_s: float | None, awaitable: Awaitable[Any]) -> Any:
         return await awaitable
 
 
-# A write of at most this many bytes waits for the next write or read (``_Stream``).
-HOLD_BYTES = 16 * 1024
-
-
 class _Stream(httpcore.AsyncNetworkStream):
     """One connection of the pool, on asyncio's own streams (its TLS too), in place of
     httpcore's anyio backend: the same bytes and httpcore's error classes, without anyio's
@@ -42,27 +38,14 @@ class _Stream(httpcore.AsyncNetworkStream):
     whatever arrives into the stream's reader at once, so bytes waiting, the peer's end
     (EOF), an error or a closing transport all mean "don't reuse". A close that reaches
     the socket while the current step of the loop runs is seen at the next; a close can
-    race any check, as it can race the request itself.
-
-    httpcore writes a request's head and its body in separate calls: two system calls,
-    and the server woken twice, on the same cores, for one request. So a small write is
-    held and goes out with the next one, or before the next read: the head and a JSON
-    body in one ``send``. httpcore always reads the answer once the request is written,
-    so nothing held waits longer than the request's own last write."""
+    race any check, as it can race the request itself."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._held = b""  # a small write not sent yet (``write``)
 
     # httpcore's interface passes timeouts as arguments (hence the noqa: ASYNC109).
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        if self._held:
-            held, self._held = self._held, b""
-            # A connection closed meanwhile: the read below finds its end or its error,
-            # as httpcore reads on after a failed write.
-            if not self._writer.is_closing():
-                self._writer.write(held)
         try:
             data: bytes = await _within(timeout, self._reader.read(max_bytes))
         except TimeoutError:
@@ -74,21 +57,10 @@ class _Stream(httpcore.AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
         if not buffer:
             return
-        held = self._held
-        if not held and len(buffer) <= HOLD_BYTES:
-            self._held = buffer
-            return
-        self._held = b""
         try:
             if self._writer.is_closing():
                 raise ConnectionResetError("the connection is closed")
-            if not held:
-                self._writer.write(buffer)
-            elif len(buffer) <= HOLD_BYTES:
-                self._writer.write(held + buffer)
-            else:  # not worth a copy of a large body
-                self._writer.write(held)
-                self._writer.write(buffer)
+            self._writer.write(buffer)
             await _within(timeout, self._writer.drain())
         except TimeoutError:
             raise httpcore.WriteTimeout("timed out writing") from None
@@ -96,7 +68,6 @@ class _Stream(httpcore.AsyncNetworkStream):
             raise httpcore.WriteError(str(e) or type(e).__name__) from e
 
     async def aclose(self) -> None:
-        self._held = b""
         self._writer.close()
 
     async def start_tls(
@@ -134,8 +105,7 @@ class _Stream(httpcore.AsyncNetworkStream):
     def _readable(self) -> bool:
         reader = self._reader
         return (
-            bool(self._held)  # a request left half-written
-            or bool(reader._buffer)  # type: ignore[attr-defined]  # no public "bytes waiting"
+            bool(reader._buffer)  # type: ignore[attr-defined]  # no public "bytes waiting"
             or reader.at_eof()
             or reader.exception() is not None
             or self._writer.is_closing()

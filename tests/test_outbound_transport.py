@@ -217,53 +217,6 @@ async def test_requests_arrive_whole_on_one_connection() -> None:
     assert server.requests[2].endswith(b"\r\n\r\n" + big)
 
 
-class _CountingWriter:
-    """A connection's ``StreamWriter`` that keeps what each ``write`` call was given."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-        self.writer.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.writer, name)
-
-
-async def test_a_request_s_head_and_small_body_leave_in_one_write() -> None:
-    """One system call, so one wake-up of the server, per small request (``_Stream``'s
-    held write); a large body leaves after its head, without a copy of both."""
-    server = Recorder()
-    port = await server.start()
-    url = f"http://127.0.0.1:{port}/x"
-    transport = PoolTransport(limits=LIMITS, trust_env=False)
-    big = b"y" * (1 << 20)
-    try:
-        async with httpx.AsyncClient(transport=transport) as http:
-            assert (await http.post(url, json={"first": 1})).status_code == 200
-            (connection,) = transport._pool.connections
-            stream = _stream_of(connection)
-            counting = stream._writer = _CountingWriter(stream._writer)
-            assert (await http.post(url, content=b'{"taskid":"1"}')).status_code == 200
-            assert len(counting.writes) == 1
-            assert counting.writes[0] == server.requests[1]
-            counting.writes.clear()
-            assert (await http.get(url)).status_code == 200  # a head alone, sent by the read
-            assert counting.writes == [server.requests[2]]
-            counting.writes.clear()
-            assert (await http.post(url, content=big)).status_code == 200
-            assert [len(w) for w in counting.writes] == [
-                len(server.requests[3]) - len(big),
-                len(big),
-            ]
-    finally:
-        await server.stop()
-    assert server.connections == 1
-    assert server.requests[3].endswith(b"\r\n\r\n" + big)
-
-
 def _reclaimed() -> float:
     return REGISTRY.get_sample_value("gateway_outbound_connections_reclaimed_total") or 0.0
 
