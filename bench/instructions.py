@@ -110,6 +110,7 @@ def count(target: str, db_kind: str, n: int, warm: int) -> float:
             BENCH_DATABASE_URL=db.url,
         )
         cwd = ROOT
+    env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts from run to run
     out = workdir / "callgrind.out"
     with open(workdir / f"{target}.log", "wb") as log:
         proc = subprocess.Popen(
