@@ -102,6 +102,15 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
 from sqlalchemy.util import EMPTY_DICT
 from sqlalchemy.util.concurrency import await_
 
+# sqlite3 binds an int, a float or a str as it is, but sends None and bytes through its
+# adapter lookup, which for each one formats an AttributeError (the protocol object has
+# no ``__adapt__``) and drops it: ~0.47 against 0.29 us a parameter for None, 0.67
+# against 0.41 for bytes, and a submit binds dozens of NULLs. Registered as themselves,
+# they are found at the lookup's first step and bound as before (NULL, BLOB). This is
+# the sqlite3 module's own table, for the whole process; the values bound are the same.
+for _type in (type(None), bytes):
+    sqlite3.register_adapter(_type, lambda value: value)
+
 _NOW, _DEFER, _FINAL = 0, 1, 2
 _mode: contextvars.ContextVar[int] = contextvars.ContextVar("hgw_sqlite_mode", default=_NOW)
 _inline: contextvars.ContextVar[bool] = contextvars.ContextVar("hgw_sqlite_inline", default=False)

@@ -588,3 +588,28 @@ async def test_a_checkpoint_copies_without_the_write_turn_and_restarts_in_it(
         turns.release()
     await until(lambda: cps.done > done and not cps.running, what="the RESTART, then its end")
     assert cps.last is not None and cps.last[0] == 0
+
+
+async def test_bound_values_keep_their_sqlite_types(db: tuple[AsyncEngine, Path]) -> None:
+    """None and bytes, which the driver registers as their own sqlite3 adapters (to skip
+    the adapter lookup's AttributeError), are still bound as NULL and BLOB, beside the
+    types sqlite3 binds directly."""
+    engine, _ = db
+    values = {"n": None, "b": b"\x00\xffbytes", "s": "text", "i": 7, "f": 1.5}
+    query = text(
+        "SELECT :n, typeof(:n), :b, typeof(:b), :s, typeof(:s), :i, typeof(:i), :f, typeof(:f)"
+    )
+    async with engine.connect() as conn:
+        row = (await conn.execute(query, values)).one()
+    assert tuple(row) == (
+        None,
+        "null",
+        b"\x00\xffbytes",
+        "blob",
+        "text",
+        "text",
+        7,
+        "integer",
+        1.5,
+        "real",
+    )
