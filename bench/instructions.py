@@ -15,7 +15,11 @@ requests (200) sent one after another, and off again. Targets (``--only`` picks 
 - ``durable``: ``bench.baseline --relay``'s ``/relay/durable``, a row committed before
   the same Run and its upstream id after it (P1's and P12's durable floor);
 - ``relay``: ``/relay``, the Run alone through the gateway's client;
-- ``insert``: ``bench.baseline``'s one-insert endpoint (P2's and P12's yardstick).
+- ``insert``: ``bench.baseline``'s one-insert endpoint (P2's and P12's yardstick);
+- ``callback``: Wiro's completion callback for a task written as the gateway leaves it
+  after Run (P3's load), and the whole life it starts (Detail, the terminal write, the
+  output downloaded, checked and stored, on any of the process's threads): counting
+  stops once every task is terminal (not in the default set; ``--only callback``).
 
 Only the target process's own user-space instructions count: not the kernel's (system
 calls, the loopback's sends), not the simulator's, not PostgreSQL's. Instructions are
@@ -30,6 +34,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import shutil
 import subprocess
@@ -41,6 +46,7 @@ from typing import Any
 
 import httpx
 
+from bench.common import bench_engine, wait_all_terminal
 from bench.harness import (
     APP_ROOT,
     CLIENT_KEYS,
@@ -52,9 +58,12 @@ from bench.harness import (
     start_sim,
     task_body,
 )
+from bench.synth import insert_submitted_tasks
+from bench.throughput import _finished_upstream_task
 from tests.procs import bin_env, free_port, stop, wait_http
 
 TARGETS = ("gateway", "durable", "relay", "insert")
+EXTRA = ("callback",)
 _PATHS = {
     "gateway": "/v1/tasks",
     "durable": "/relay/durable",
@@ -70,7 +79,7 @@ def _command(target: str, port: int, out: Path) -> list[str]:
         "--instr-atstart=no",
         f"--callgrind-out-file={out}",
     ]
-    if target == "gateway":
+    if target in ("gateway", "callback"):
         return [*valgrind, sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
     relay = [] if target == "insert" else ["--relay"]
     return [*valgrind, sys.executable, "-m", "bench.baseline", "--port", str(port), *relay]
@@ -93,13 +102,16 @@ def count(target: str, db_kind: str, n: int, warm: int) -> float:
     """Instructions per request of ``target`` (one of ``TARGETS``)."""
     workdir = Path(tempfile.mkdtemp(prefix="hgw-instructions-"))
     sim = start_sim(workdir)
-    sim.reset(queue_s=3600.0, run_s=0.5, callback_drop=0.0)
+    # Submits' tasks stay queued upstream; a callback's life needs its task finished.
+    sim.reset(queue_s=0.2 if target == "callback" else 3600.0, run_s=0.5, callback_drop=0.0)
     db = new_database(db_kind, workdir, f"instr_{target}")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     headers: dict[str, str] = {}
-    if target == "gateway":
-        env = bin_env(**gateway_env(db=db, sim=sim, public_url=url, data_dir=workdir))
+    if target in ("gateway", "callback"):
+        # The simulator's outputs are on 127.0.0.1 (as ``bench.cpu_split`` allows them).
+        hosts = {"output_hosts": "127.0.0.1,cdn.wiro.ai"} if target == "callback" else {}
+        env = bin_env(**gateway_env(db=db, sim=sim, public_url=url, data_dir=workdir, **hosts))
         headers["Authorization"] = f"Bearer {CLIENT_KEYS['alpha']}"
         cwd = APP_ROOT
     else:  # the floors from this checkout, whichever the gateway runs from
@@ -123,6 +135,9 @@ def count(target: str, db_kind: str, n: int, warm: int) -> float:
         )
     try:
         wait_http(f"{url}/healthz", timeout=300.0, proc=proc)
+        if target == "callback":
+            asyncio.run(_callbacks(proc.pid, db, sim, url, n, warm))
+            return _counted(proc, out, n, target)
         body: Any = task_body(sim)
         path = _PATHS[target]
         with httpx.Client(base_url=url, timeout=120.0) as http:
@@ -138,16 +153,54 @@ def count(target: str, db_kind: str, n: int, warm: int) -> float:
             for _ in range(n):
                 send()
             _callgrind(proc.pid, "-i", "off")
-        _callgrind(proc.pid, "-d")
+        return _counted(proc, out, n, target)
     finally:
         stop(proc)
         sim.stop()
         db.drop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# Where ``--keep`` copies callgrind's files (for ``callgrind_annotate``), if anywhere.
+KEEP: Path | None = None
+
+
+def _counted(proc: subprocess.Popen[bytes], out: Path, n: int, target: str) -> float:
+    """Instructions per request from callgrind's dump of ``proc``, which then ends."""
+    _callgrind(proc.pid, "-d")
+    stop(proc)
     total = _totals(out)
-    shutil.rmtree(workdir, ignore_errors=True)
+    if KEEP is not None:
+        KEEP.mkdir(parents=True, exist_ok=True)
+        for part in out.parent.glob(out.name + "*"):
+            shutil.copy(part, KEEP / f"{target}.{part.name}")
     if not total:
         raise RuntimeError(f"{target}: callgrind counted nothing")
     return total / n
+
+
+async def _callbacks(pid: int, db: Any, sim: Any, url: str, n: int, warm: int) -> None:
+    """``warm`` callbacks and their task lives, then ``n`` counted, one after another,
+    the count stopped once every task is terminal."""
+    engine = bench_engine(db)
+    try:
+        upstream_id, callback = await _finished_upstream_task(sim, url)
+        async with httpx.AsyncClient(base_url=url, timeout=120.0) as http:
+            for count_it, size in ((False, warm), (True, n)):
+                rows = await insert_submitted_tasks(engine, size, upstream_id=upstream_id)
+                if count_it:
+                    _callgrind(pid, "-i", "on")
+                for task_id, token in rows:
+                    r = await http.post(f"/callbacks/wiro/{task_id}/{token}", content=callback)
+                    if r.status_code >= 300:
+                        raise RuntimeError(f"callback: {r.status_code} {r.text[:200]}")
+                left, _ = await wait_all_terminal(engine, 600, poll_s=0.2)
+                if count_it:
+                    _callgrind(pid, "-i", "off")
+                if left:
+                    raise RuntimeError(f"callback: {left} tasks not terminal")
+    finally:
+        await engine.dispose()
 
 
 def main() -> None:
@@ -156,13 +209,16 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--warm", type=int, default=30)
     parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
+    parser.add_argument("--keep", type=Path, help="copy callgrind's files into this directory")
     args = parser.parse_args()
+    global KEEP
+    KEEP = args.keep
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("needs valgrind (Debian's package valgrind)")
     counts: dict[str, float] = {}
     for target in args.only.split(","):
-        if target not in TARGETS:
-            sys.exit(f"unknown target {target!r}: one of {', '.join(TARGETS)}")
+        if target not in TARGETS + EXTRA:
+            sys.exit(f"unknown target {target!r}: one of {', '.join(TARGETS + EXTRA)}")
         started = time.monotonic()
         counts[target] = count(target, args.db, args.n, args.warm)
         print(
