@@ -1,7 +1,7 @@
 """Instructions per request, counted by valgrind's callgrind: the gateway's submit beside
-the floors of P12 and P1, one request at a time. The counts are the same from run to run
-(within ~1 %) whatever else the machine is doing, so a change of a few microseconds per
-submit, far inside a timed run's spread, shows here.
+the floors of P12 and P1, one request at a time. At the same N the counts repeat within
+~1 % whatever else the machine is doing, so a change of a few microseconds per submit,
+far inside a timed run's spread, shows here.
 
 ``python -m bench.instructions [--db sqlite|postgres] [-n N] [--warm W] [--only NAMES]``
 
@@ -25,10 +25,9 @@ Only the target process's own user-space instructions count: not the kernel's (s
 calls, the loopback's sends), not the simulator's, not PostgreSQL's. Instructions are
 not time (a ``vsprintf`` runs many cheap ones, a cache miss costs without one), so an
 A/B read here is confirmed in a timed run before it is claimed; what this gives is a
-steady sign and size for changes too small for a timed run to see. Under valgrind a
-Python process runs ~30-50 times slower; every request here still answers well inside
-its timeouts. Not part of ``make bench``: a tool for the A/B measurements of
-docs/benchmarks.md.
+steady sign and size for changes too small for a timed run to see. Counted, a submit
+takes ~60 ms instead of ~3; every request here still answers well inside its timeouts.
+Not part of ``make bench``: a tool for the A/B measurements of docs/benchmarks.md.
 """
 
 from __future__ import annotations
