@@ -97,8 +97,9 @@ def _totals(out: Path) -> int:
     return total
 
 
-def count(target: str, db_kind: str, n: int, warm: int) -> float:
-    """Instructions per request of ``target`` (one of ``TARGETS``)."""
+def count(target: str, db_kind: str, n: int, warm: int, keep: Path | None = None) -> float:
+    """Instructions per request of ``target`` (one of ``TARGETS``); ``keep``: a directory
+    to copy callgrind's files into (for ``callgrind_annotate``)."""
     workdir = Path(tempfile.mkdtemp(prefix="hgw-instructions-"))
     sim = start_sim(workdir)
     # Submits' tasks stay queued upstream; a callback's life needs its task finished.
@@ -136,7 +137,7 @@ def count(target: str, db_kind: str, n: int, warm: int) -> float:
         wait_http(f"{url}/healthz", timeout=300.0, proc=proc)
         if target == "callback":
             asyncio.run(_callbacks(proc.pid, db, sim, url, n, warm))
-            return _counted(proc, out, n, target)
+            return _counted(proc, out, n, target, keep)
         body: Any = task_body(sim)
         path = _PATHS[target]
         with httpx.Client(base_url=url, timeout=120.0) as http:
@@ -152,7 +153,7 @@ def count(target: str, db_kind: str, n: int, warm: int) -> float:
             for _ in range(n):
                 send()
             _callgrind(proc.pid, "-i", "off")
-        return _counted(proc, out, n, target)
+        return _counted(proc, out, n, target, keep)
     finally:
         stop(proc)
         sim.stop()
@@ -160,19 +161,17 @@ def count(target: str, db_kind: str, n: int, warm: int) -> float:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-# Where ``--keep`` copies callgrind's files (for ``callgrind_annotate``), if anywhere.
-KEEP: Path | None = None
-
-
-def _counted(proc: subprocess.Popen[bytes], out: Path, n: int, target: str) -> float:
+def _counted(
+    proc: subprocess.Popen[bytes], out: Path, n: int, target: str, keep: Path | None
+) -> float:
     """Instructions per request from callgrind's dump of ``proc``, which then ends."""
     _callgrind(proc.pid, "-d")
     stop(proc)
     total = _totals(out)
-    if KEEP is not None:
-        KEEP.mkdir(parents=True, exist_ok=True)
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
         for part in out.parent.glob(out.name + "*"):
-            shutil.copy(part, KEEP / f"{target}.{part.name}")
+            shutil.copy(part, keep / f"{target}.{part.name}")
     if not total:
         raise RuntimeError(f"{target}: callgrind counted nothing")
     return total / n
@@ -210,8 +209,6 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
     parser.add_argument("--keep", type=Path, help="copy callgrind's files into this directory")
     args = parser.parse_args()
-    global KEEP
-    KEEP = args.keep
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("needs valgrind (Debian's package valgrind)")
     counts: dict[str, float] = {}
@@ -219,7 +216,7 @@ def main() -> None:
         if target not in TARGETS + EXTRA:
             sys.exit(f"unknown target {target!r}: one of {', '.join(TARGETS + EXTRA)}")
         started = time.monotonic()
-        counts[target] = count(target, args.db, args.n, args.warm)
+        counts[target] = count(target, args.db, args.n, args.warm, args.keep)
         print(
             f"{target} ({args.db}): {counts[target] / 1e6:.3f} M instructions per request "
             f"({args.n} requests, {time.monotonic() - started:.0f} s)",
