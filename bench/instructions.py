@@ -19,7 +19,14 @@ requests (200) sent one after another, and off again. Targets (``--only`` picks 
 - ``callback``: Wiro's completion callback for a task written as the gateway leaves it
   after Run (P3's load), and the whole life it starts (Detail, the terminal write, the
   output downloaded, checked and stored, on any of the process's threads): counting
-  stops once every task is terminal (not in the default set; ``--only callback``).
+  stops once every task is terminal (not in the default set; ``--only callback``);
+- ``history``: ``GET /v1/tasks?limit=50``, a page of 50 tasks (submitted first, left
+  queued), the history's first page (P4's; not in the default set).
+
+Each count is printed in all and for the event loop's thread alone (callgrind's
+``--separate-threads=yes``; the loop runs on the main thread): the loop's thread is what
+a single process's throughput runs out of, while the rest (a callback life's output
+check, at nice +10) runs beside it on a second core.
 
 Only the target process's own user-space instructions count: not the kernel's (system
 calls, the loopback's sends), not the simulator's, not PostgreSQL's. Instructions are
@@ -40,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +70,9 @@ from bench.throughput import _finished_upstream_task
 from tests.procs import bin_env, free_port, stop, wait_http
 
 TARGETS = ("gateway", "durable", "relay", "insert")
-EXTRA = ("callback",)
+EXTRA = ("callback", "history")
+_GATEWAY = ("gateway", "callback", "history")
+HISTORY_PAGE = 50  # tasks per page read by the ``history`` target (the API's default)
 _PATHS = {
     "gateway": "/v1/tasks",
     "durable": "/relay/durable",
@@ -76,9 +86,10 @@ def _command(target: str, port: int, out: Path) -> list[str]:
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
+        "--separate-threads=yes",
         f"--callgrind-out-file={out}",
     ]
-    if target in ("gateway", "callback"):
+    if target in _GATEWAY:
         return [*valgrind, sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
     relay = [] if target == "insert" else ["--relay"]
     return [*valgrind, sys.executable, "-m", "bench.baseline", "--port", str(port), *relay]
@@ -88,16 +99,32 @@ def _callgrind(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def _totals(out: Path) -> int:
-    """The instructions counted in every part callgrind wrote for one process."""
-    total = 0
+def _totals(out: Path) -> dict[int, int]:
+    """The instructions counted in every part callgrind wrote for one process, by thread
+    (``--separate-threads=yes`` writes one file per thread and dump, each naming its
+    thread; 1 is the process's main thread, where ``serve`` and the baselines run the
+    event loop)."""
+    by_thread: dict[int, int] = {}
     for part in out.parent.glob(out.name + "*"):
-        found = re.search(r"^totals: (\d+)", part.read_text(errors="replace"), re.M)
-        total += int(found.group(1)) if found else 0
-    return total
+        text = part.read_text(errors="replace")
+        found = re.search(r"^totals: (\d+)", text, re.M)
+        thread = re.search(r"^thread: (\d+)", text, re.M)
+        tid = int(thread.group(1)) if thread else 1
+        by_thread[tid] = by_thread.get(tid, 0) + (int(found.group(1)) if found else 0)
+    return by_thread
 
 
-def count(target: str, db_kind: str, n: int, warm: int, keep: Path | None = None) -> float:
+@dataclass(frozen=True)
+class Counted:
+    """Instructions per request: in all, and of them on the event loop's thread (the
+    rest ran on the process's other threads: an output's check, the file store's,
+    WAL checkpoints)."""
+
+    total: float
+    loop: float
+
+
+def count(target: str, db_kind: str, n: int, warm: int, keep: Path | None = None) -> Counted:
     """Instructions per request of ``target`` (one of ``TARGETS``); ``keep``: a directory
     to copy callgrind's files into (for ``callgrind_annotate``)."""
     workdir = Path(tempfile.mkdtemp(prefix="hgw-instructions-"))
@@ -108,7 +135,7 @@ def count(target: str, db_kind: str, n: int, warm: int, keep: Path | None = None
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     headers: dict[str, str] = {}
-    if target in ("gateway", "callback"):
+    if target in _GATEWAY:
         # The simulator's outputs are on 127.0.0.1 (as ``bench.cpu_split`` allows them).
         hosts = {"output_hosts": "127.0.0.1,cdn.wiro.ai"} if target == "callback" else {}
         env = bin_env(**gateway_env(db=db, sim=sim, public_url=url, data_dir=workdir, **hosts))
@@ -139,7 +166,7 @@ def count(target: str, db_kind: str, n: int, warm: int, keep: Path | None = None
             asyncio.run(_callbacks(proc.pid, db, sim, url, n, warm))
             return _counted(proc, out, n, target, keep)
         body: Any = task_body(sim)
-        path = _PATHS[target]
+        path = _PATHS[target if target != "history" else "gateway"]
         with httpx.Client(base_url=url, timeout=120.0) as http:
 
             def send() -> None:
@@ -147,6 +174,15 @@ def count(target: str, db_kind: str, n: int, warm: int, keep: Path | None = None
                 if r.status_code not in (200, 201, 202):
                     raise RuntimeError(f"{target}: {r.status_code} {r.text[:200]}")
 
+            def page() -> None:
+                r = http.get("/v1/tasks", params={"limit": HISTORY_PAGE}, headers=headers)
+                if r.status_code != 200 or len(r.json()["data"]) != HISTORY_PAGE:
+                    raise RuntimeError(f"{target}: {r.status_code} {r.text[:200]}")
+
+            if target == "history":  # a page's worth of tasks to read, then warm reads
+                for _ in range(HISTORY_PAGE):
+                    send()
+                send = page
             for _ in range(warm):
                 send()
             _callgrind(proc.pid, "-i", "on")
@@ -163,18 +199,19 @@ def count(target: str, db_kind: str, n: int, warm: int, keep: Path | None = None
 
 def _counted(
     proc: subprocess.Popen[bytes], out: Path, n: int, target: str, keep: Path | None
-) -> float:
+) -> Counted:
     """Instructions per request from callgrind's dump of ``proc``, which then ends."""
     _callgrind(proc.pid, "-d")
     stop(proc)
-    total = _totals(out)
+    by_thread = _totals(out)
+    total = sum(by_thread.values())
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         for part in out.parent.glob(out.name + "*"):
             shutil.copy(part, keep / f"{target}.{part.name}")
     if not total:
         raise RuntimeError(f"{target}: callgrind counted nothing")
-    return total / n
+    return Counted(total / n, by_thread.get(1, 0) / n)
 
 
 async def _callbacks(pid: int, db: Any, sim: Any, url: str, n: int, warm: int) -> None:
@@ -211,24 +248,25 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("needs valgrind (Debian's package valgrind)")
-    counts: dict[str, float] = {}
+    counts: dict[str, Counted] = {}
     for target in args.only.split(","):
         if target not in TARGETS + EXTRA:
             sys.exit(f"unknown target {target!r}: one of {', '.join(TARGETS + EXTRA)}")
         started = time.monotonic()
-        counts[target] = count(target, args.db, args.n, args.warm, args.keep)
+        c = counts[target] = count(target, args.db, args.n, args.warm, args.keep)
         print(
-            f"{target} ({args.db}): {counts[target] / 1e6:.3f} M instructions per request "
+            f"{target} ({args.db}): {c.total / 1e6:.3f} M instructions per request, "
+            f"{c.loop / 1e6:.3f} M of them on the event loop's thread "
             f"({args.n} requests, {time.monotonic() - started:.0f} s)",
             flush=True,
         )
     if "gateway" in counts:
+        gw = counts["gateway"].total
         for floor in ("durable", "relay", "insert"):
             if floor in counts:
                 print(
-                    f"gateway / {floor}: {counts['gateway'] / counts[floor]:.2f} "
-                    f"(the gateway's own on top: "
-                    f"{(counts['gateway'] - counts[floor]) / 1e6:.3f} M)"
+                    f"gateway / {floor}: {gw / counts[floor].total:.2f} "
+                    f"(the gateway's own on top: {(gw - counts[floor].total) / 1e6:.3f} M)"
                 )
 
 

@@ -1,7 +1,8 @@
 """``app.db.UTCDateTime`` on SQLite: its one-step bind processor writes exactly the text
 that ``process_bind_param`` followed by SQLite's DATETIME formatting writes (the stored
-text is compared as text in every index and every ``<=`` on a due time), and a row
-round-trips to the same aware datetime."""
+text is compared as text in every index and every ``<=`` on a due time), its one-step
+result processor reads what SQLite DATETIME's parsing followed by
+``process_result_value`` reads, and a row round-trips to the same aware datetime."""
 
 from __future__ import annotations
 
@@ -53,6 +54,48 @@ def test_the_sqlite_text_is_what_sqlalchemy_would_write() -> None:
     assert process(None) is None
     with pytest.raises(ValueError):
         process(datetime(2026, 1, 1))  # naive
+
+
+def _read_composed(text: str) -> datetime:
+    """What SQLAlchemy makes of stored ``text`` without the override: SQLite DATETIME's
+    result processor, then the decorator's own step."""
+    dialect = sqlite.dialect()
+    t = UTCDateTime()
+    parsed = t.impl_instance.dialect_impl(dialect).result_processor(dialect, None)(text)
+    value = t.process_result_value(parsed, dialect)
+    assert value is not None
+    return value
+
+
+def test_the_sqlite_read_is_what_sqlalchemy_would_read() -> None:
+    process = UTCDateTime().result_processor(sqlite.dialect(), None)
+    assert process is not None
+    write = UTCDateTime().bind_processor(sqlite.dialect())
+    assert write is not None
+    texts = [write(v) for v in _samples()] + [
+        "2026-12-04 19:00:00",  # CURRENT_TIMESTAMP's shape: no microseconds
+        "2026-12-04T19:00:00.000001",
+        "2026-12-04",
+        "2026-12-04 21:00:00+02:00",  # a zone of its own: converted, not replaced
+        "2026-12-04 19:00:00Z",
+    ]
+    for text in texts:
+        got = process(text)
+        assert got == _read_composed(text) and got.tzinfo is UTC, text
+    assert process(None) is None
+    with pytest.raises(ValueError):
+        process("not a time")
+
+
+def test_aware_utc_results_come_back_as_they_are() -> None:
+    t, dialect = UTCDateTime(), postgresql.asyncpg.dialect()  # type: ignore[attr-defined]
+    aware = datetime(2026, 12, 4, 19, 0, tzinfo=UTC)
+    assert t.process_result_value(aware, dialect) is aware
+    other = datetime(2026, 12, 4, 21, 0, tzinfo=timezone(timedelta(hours=2)))
+    naive = datetime(2026, 12, 4, 19, 0)
+    for value in (other, naive):
+        got = t.process_result_value(value, dialect)
+        assert got == aware and got is not None and got.tzinfo is UTC
 
 
 def test_other_dialects_keep_sqlalchemys_processing() -> None:
