@@ -10,10 +10,9 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, DateTime, Dialect, MetaData, bindparam, event
+from sqlalchemy import CursorResult, MetaData, event
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -23,12 +22,13 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.sql import Executable
-from sqlalchemy.sql.elements import BindParameter
-from sqlalchemy.types import TypeDecorator
 
 from app import prepared
 from app.sqlite_driver import BUSY_TIMEOUT_MS, Checkpoints, checkpoints_of, final, inline
 from app.sqlite_driver import deferred as deferred  # for statements `later` cannot wrap
+from app.timestamps import UTCDateTime as UTCDateTime
+from app.timestamps import ts as ts
+from app.timestamps import utcnow as utcnow
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -41,99 +41,6 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC timestamps on every database.
-
-    PostgreSQL stores ``timestamptz``; SQLite has no time zones, so values are stored
-    as naive UTC and given their zone back on the way out.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
-        """On SQLite, ``process_bind_param`` and SQLite's own DATETIME formatting in one
-        step: the same text (``tests/test_db_types.py``) for half the CPU, on every
-        timestamp of every statement (docs/benchmarks.md, fourteenth round)."""
-        if dialect.name == "sqlite":
-            return _sqlite_text
-        return super().bind_processor(dialect)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None or value.tzinfo is UTC:
-            return value
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
-        """On SQLite, the stored text read straight into an aware UTC datetime: one
-        ``fromisoformat`` of the text with its zone added, 0.18 against 1.1 us for
-        SQLite DATETIME's ``fromisoformat`` followed by ``replace(tzinfo=UTC)`` (whose
-        keyword parsing is most of it), on every timestamp of every row read."""
-        if dialect.name == "sqlite":
-            return _sqlite_datetime
-        return super().result_processor(dialect, coltype)
-
-
-def _sqlite_datetime(value: str | None) -> datetime | None:
-    """SQLite's stored text (naive UTC, as ``_sqlite_text`` writes it) as an aware UTC
-    datetime; text of another shape (a zone of its own, a date alone, which
-    ``fromisoformat`` reads with the zone dropped) takes the two-step way."""
-    if value is None:
-        return None
-    try:
-        parsed = _fromisoformat(value + "+00:00")
-        if parsed.tzinfo is UTC:
-            return parsed
-    except ValueError:
-        pass
-    parsed = _fromisoformat(value)
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-
-
-_fromisoformat = datetime.fromisoformat
-
-
-def _sqlite_text(value: datetime | None) -> str | None:
-    """A UTC timestamp as SQLite's DATETIME stores it: naive UTC, microseconds always."""
-    if value is None:
-        return None
-    if value.tzinfo is not UTC:
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(UTC)
-    # ``isoformat``'s text without "+00:00", by %-formatting: 0.75 against 1.2 us (its C
-    # code goes through ``vsprintf``), on every timestamp of every statement.
-    return _SQLITE_TEXT % (
-        value.year,
-        value.month,
-        value.day,
-        value.hour,
-        value.minute,
-        value.second,
-        value.microsecond,
-    )
-
-
-_SQLITE_TEXT = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
-
-
-def ts(name: str) -> BindParameter[datetime]:
-    """A bind parameter for a timestamp (UTC on both databases), for prebuilt statements."""
-    return bindparam(name, type_=UTCDateTime())
 
 
 # PostgreSQL connections older than this are closed and opened anew (``pool_recycle``,

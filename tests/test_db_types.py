@@ -1,7 +1,7 @@
-"""``app.db.UTCDateTime`` on SQLite: its one-step bind processor writes exactly the text
-that ``process_bind_param`` followed by SQLite's DATETIME formatting writes (the stored
-text is compared as text in every index and every ``<=`` on a due time), its one-step
-result processor reads what SQLite DATETIME's parsing followed by
+"""``app.timestamps.UTCDateTime`` on SQLite: its one-step bind processor writes exactly
+the text that ``process_bind_param`` followed by SQLite's DATETIME formatting writes (the
+stored text is compared as text in every index and every ``<=`` on a due time), its
+one-step result processor reads what SQLite DATETIME's parsing followed by
 ``process_result_value`` reads, and a row round-trips to the same aware datetime."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from sqlalchemy import Column, Integer, MetaData, Table, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.db import UTCDateTime
+from app.timestamps import UTCDateTime
 
 
 def _composed(value: datetime) -> str:
