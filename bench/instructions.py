@@ -75,6 +75,7 @@ _GATEWAY = ("gateway", "callback", "history")
 HISTORY_PAGE = 50  # tasks per page read by the ``history`` target (the API's default)
 _PATHS = {
     "gateway": "/v1/tasks",
+    "history": "/v1/tasks",  # the tasks its page reads
     "durable": "/relay/durable",
     "relay": "/relay",
     "insert": "/insert",
@@ -166,7 +167,7 @@ def count(target: str, db_kind: str, n: int, warm: int, keep: Path | None = None
             asyncio.run(_callbacks(proc.pid, db, sim, url, n, warm))
             return _counted(proc, out, n, target, keep)
         body: Any = task_body(sim)
-        path = _PATHS[target if target != "history" else "gateway"]
+        path = _PATHS[target]
         with httpx.Client(base_url=url, timeout=120.0) as http:
 
             def send() -> None:
@@ -179,15 +180,16 @@ def count(target: str, db_kind: str, n: int, warm: int, keep: Path | None = None
                 if r.status_code != 200 or len(r.json()["data"]) != HISTORY_PAGE:
                     raise RuntimeError(f"{target}: {r.status_code} {r.text[:200]}")
 
-            if target == "history":  # a page's worth of tasks to read, then warm reads
+            request = send
+            if target == "history":  # a page's worth of tasks to read, then the reads
                 for _ in range(HISTORY_PAGE):
                     send()
-                send = page
+                request = page
             for _ in range(warm):
-                send()
+                request()
             _callgrind(proc.pid, "-i", "on")
             for _ in range(n):
-                send()
+                request()
             _callgrind(proc.pid, "-i", "off")
         return _counted(proc, out, n, target, keep)
     finally:
