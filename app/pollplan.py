@@ -40,7 +40,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import select, union_all, update
@@ -51,6 +51,7 @@ from app.lifecycle import Status
 from app.models import Task
 from app.percentiles import percentile
 from app.settings import Settings
+from app.timestamps import as_utc
 
 
 class _Ctx(Protocol):
@@ -210,7 +211,7 @@ def _ts(value: datetime | str | None) -> datetime | None:
         return None
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return as_utc(value)
 
 
 async def pull_forward(ctx: _Ctx) -> int:

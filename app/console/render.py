@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -10,6 +10,8 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup, escape
 from starlette.responses import HTMLResponse, Response
+
+from app.timestamps import as_utc
 
 HERE = Path(__file__).resolve().parent
 STATIC = {  # the only assets: read once, served by the app itself
@@ -41,9 +43,7 @@ def secure(response: Response, *, cache: bool = False) -> Response:
 
 
 def utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return None if value is None else as_utc(value)
 
 
 def time_tag(value: datetime | None) -> Markup:
